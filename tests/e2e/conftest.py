@@ -1,0 +1,7 @@
+"""Fixtures for end-to-end tests: real kube-apiserver + etcd, real sshd, real brokers."""
+
+pytest_plugins = [
+    "tests.e2e.plugins.controlplane",
+    "tests.e2e.plugins.vms",
+    "tests.e2e.plugins.brokers",
+]

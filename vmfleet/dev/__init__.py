@@ -1,0 +1,1 @@
+"""The local environment: control plane, brokers and sshd "VMs" as background processes."""
