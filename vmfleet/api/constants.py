@@ -1,0 +1,125 @@
+"""Names shared by the controller, the workers, the CLI and the chart.
+
+Nothing here imports anything of ours: every part of vmfleet reads its names from here
+instead of spelling them again.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+GROUP: Final = "vmfleet.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = f"{GROUP}/{VERSION}"
+
+VM_KIND: Final = "RemoteVM"
+VM_PLURAL: Final = "remotevms"
+VM_SINGULAR: Final = "remotevm"
+VM_SHORT_NAMES: Final = ("rvm",)
+
+COMMAND_KIND: Final = "RemoteCommand"
+COMMAND_PLURAL: Final = "remotecommands"
+COMMAND_SINGULAR: Final = "remotecommand"
+COMMAND_SHORT_NAMES: Final = ("rcmd",)
+
+CATEGORIES: Final = ("vmfleet",)
+
+# Celery task names (the controller sends by name; it never imports remote_tasks).
+TASK_EXECUTE: Final = "remote_tasks.execute_on_vm"
+TASK_CHECK_VM: Final = "remote_tasks.check_vm_status"
+TRANSFER_QUEUE: Final = "vmfleet.transfers"
+
+# Labels and annotations.
+LABEL_PREFIX: Final = GROUP
+LABEL_VM: Final = f"{GROUP}/vm"
+LABEL_COMPONENT: Final = "app.kubernetes.io/component"
+LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
+LABEL_NAME: Final = "app.kubernetes.io/name"
+MANAGED_BY: Final = "vmfleet"
+FINALIZER: Final = f"{GROUP}/cancel-remote-processes"
+
+# Worker runtimes.
+RUNTIME_PROCESS: Final = "Process"
+RUNTIME_DEPLOYMENT: Final = "Deployment"
+WORKER_DEPLOYMENT_PREFIX: Final = "vmfleet-worker-"
+WORKER_SERVICE_ACCOUNT: Final = "vmfleet-worker"
+CREDENTIALS_MOUNT_PATH: Final = "/var/run/secrets/vmfleet.io/ssh"
+SECRET_KEY_PRIVATE_KEY: Final = "ssh-privatekey"
+SECRET_KEY_PASSPHRASE: Final = "passphrase"
+SECRET_TYPE_SSH_AUTH: Final = "kubernetes.io/ssh-auth"
+
+# Host key policies.
+HOST_KEY_PINNED: Final = "Pinned"
+HOST_KEY_TOFU: Final = "TrustOnFirstUse"
+
+
+class Phase:
+    """``RemoteCommand.status.phase`` and ``status.results[].phase``."""
+
+    PENDING: Final = "Pending"
+    QUEUED: Final = "Queued"  # results only: sent to the VM's queue, not yet claimed
+    RUNNING: Final = "Running"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+    CANCELLED: Final = "Cancelled"
+
+    TERMINAL: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+
+class Condition:
+    """Condition types of both kinds."""
+
+    # RemoteCommand (as a Job has), plus Finished: true in every end state.
+    COMPLETE: Final = "Complete"
+    FAILED: Final = "Failed"
+    FINISHED: Final = "Finished"
+    # RemoteVM
+    READY: Final = "Ready"
+    REACHABLE: Final = "Reachable"
+    HOST_KEY_VERIFIED: Final = "HostKeyVerified"
+    DISK_PRESSURE: Final = "DiskPressure"
+    MEMORY_PRESSURE: Final = "MemoryPressure"
+    WORKERS_READY: Final = "WorkersReady"
+
+
+class Reason:
+    """``status.results[].reason`` and condition reasons: named, never free text."""
+
+    COMPLETED: Final = "Completed"
+    EXIT_CODE: Final = "ExitCode"
+    TIMEOUT: Final = "Timeout"
+    DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+    TRANSPORT_ERROR: Final = "TransportError"
+    AUTH_FAILED: Final = "AuthFailed"
+    HOST_KEY_MISMATCH: Final = "HostKeyMismatch"
+    WORKER_LOST: Final = "WorkerLost"
+    CANCELLED: Final = "Cancelled"
+    VM_NOT_FOUND: Final = "VMNotFound"
+    CREDENTIALS_INVALID: Final = "CredentialsInvalid"
+    INVALID_SPEC: Final = "InvalidSpec"
+    NO_TARGETS: Final = "NoTargets"
+    QUEUED: Final = "Queued"
+    RUNNING: Final = "Running"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+
+
+ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_NAME_RE: Final = re.compile(ENV_NAME_PATTERN)
+# Kubernetes object names that are also safe inside a queue name.
+DNS_LABEL_PATTERN: Final = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+QUEUE_PATTERN: Final = r"^[A-Za-z0-9_.:-]+$"
+
+
+def is_env_name(name: str) -> bool:
+    return bool(_ENV_NAME_RE.match(name))
+
+
+def default_queue(namespace: str, vm: str) -> str:
+    """The Celery queue of a RemoteVM when ``spec.queue`` is not set."""
+    return f"vmfleet.{namespace}.{vm}"
+
+
+def worker_deployment_name(vm: str) -> str:
+    return f"{WORKER_DEPLOYMENT_PREFIX}{vm}"

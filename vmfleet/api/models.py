@@ -1,0 +1,456 @@
+"""The vmfleet API (group ``vmfleet.io``, version ``v1alpha1``): the single source of truth.
+
+Each field is defined once here, with its description, default and bounds; the CRDs in
+``crds/`` are generated from these models (``vmfleet crds generate``) and CI fails when
+they drift. Field names are snake_case in Python and camelCase on the wire.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .constants import (
+    DNS_LABEL_PATTERN,
+    ENV_NAME_PATTERN,
+    HOST_KEY_PINNED,
+    HOST_KEY_TOFU,
+    QUEUE_PATTERN,
+    Phase,
+    is_env_name,
+)
+
+# Bounds keep every CEL rule's estimated cost inside the API server's budget and every
+# object far below etcd's size limit.
+MAX_NAME = 253
+MAX_COMMAND = 64 * 1024
+MAX_ARG = 4096
+MAX_SCRIPT = 256 * 1024
+MAX_STDIN = 256 * 1024
+MAX_PATH = 4096
+MAX_ITEMS = 256
+MAX_OUTPUT_BYTES = 256 * 1024
+MAX_MESSAGE = 32 * 1024
+
+K8sName = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=DNS_LABEL_PATTERN)]
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class ApiModel(BaseModel):
+    """Spec models: camelCase on the wire, unknown fields refused (as the API server does)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON body as the API server stores it (camelCase, no unset optionals)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class StatusModel(ApiModel):
+    """Status models tolerate fields written by newer versions."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", use_enum_values=True
+    )
+
+
+# --------------------------------------------------------------------------- shared
+
+
+class ConditionStatus(str, Enum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class ObjectCondition(StatusModel):
+    """A condition in the Kubernetes style (as ``metav1.Condition``)."""
+
+    type: str = Field(max_length=316, description="Type of the condition, e.g. Complete or Ready.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str | None = Field(
+        None, max_length=1024, description="One CamelCase word saying why the condition is set."
+    )
+    message: str | None = Field(None, max_length=MAX_MESSAGE, description="Details for a person.")
+    last_transition_time: str | None = Field(
+        None, description="When the status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = Field(None, ge=0)
+
+
+class LocalObjectReference(ApiModel):
+    name: K8sName = Field(description="Name of the object in the same namespace.")
+
+
+class LabelSelectorRequirement(ApiModel):
+    key: str = Field(min_length=1, max_length=317)
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(None, max_length=MAX_ITEMS)
+
+
+class LabelSelector(ApiModel):
+    """A label selector over RemoteVMs (as in Deployments and Jobs)."""
+
+    match_labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=64, description="Labels a RemoteVM must all have."
+    )
+    match_expressions: list[LabelSelectorRequirement] | None = Field(
+        None, max_length=64, description="Requirements a RemoteVM must all meet."
+    )
+
+
+# --------------------------------------------------------------------------- RemoteVM
+
+
+class Autoscale(ApiModel):
+    min_replicas: int = Field(0, ge=0, le=100, description="Fewest workers; 0 scales to zero when idle.")
+    max_replicas: int = Field(1, ge=1, le=100, description="Most workers.")
+    target_backlog_per_replica: int = Field(
+        4, ge=1, le=10000, description="Queued plus running commands one worker should carry."
+    )
+    scale_down_delay_seconds: int = Field(
+        300, ge=0, le=86400, description="Idle time before workers are removed."
+    )
+
+
+class WorkersSpec(ApiModel):
+    """How many Celery workers serve this VM's queue."""
+
+    replicas: int | None = Field(None, ge=0, le=100, description="A fixed number of workers.")
+    autoscale: Autoscale | None = Field(None, description="Size the workers to the queue backlog.")
+    resources: dict[str, Any] | None = Field(
+        None,
+        description="Resource requests and limits of worker pods (a core/v1 ResourceRequirements).",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> WorkersSpec:
+        if self.replicas is not None and self.autoscale is not None:
+            raise ValueError("set workers.replicas or workers.autoscale, not both")
+        return self
+
+
+class HealthCheck(ApiModel):
+    period_seconds: int = Field(60, ge=5, le=86400, description="Seconds between health probes.")
+    timeout_seconds: int = Field(10, ge=1, le=600, description="A probe that takes longer fails.")
+
+
+class ProxyJump(ApiModel):
+    vm: K8sName = Field(description="A RemoteVM in the same namespace used as the SSH bastion.")
+
+
+class RemoteVMSpec(ApiModel):
+    """A VM reachable over SSH. Nothing is installed on it."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.hostKeyPolicy != 'Pinned' || (has(self.hostKeys) && size(self.hostKeys) > 0)",
+                    "hostKeyPolicy Pinned needs hostKeys: list the VM's public host keys "
+                    "(ssh-keyscan output lines), or set hostKeyPolicy: TrustOnFirstUse",
+                    ".hostKeys",
+                ),
+            ]
+        },
+    )
+
+    host: str = Field(
+        min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9.:_\[\]-]+$",
+        description="DNS name or IP address of the VM.",
+    )
+    port: int = Field(22, ge=1, le=65535, description="SSH port.")
+    user: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+        description="Remote user commands run as.",
+    )
+    credentials_secret_ref: LocalObjectReference = Field(
+        alias="credentialsSecretRef",
+        description="Secret of type kubernetes.io/ssh-auth with key ssh-privatekey "
+        "(and optionally passphrase). Keys are never in the RemoteVM itself.",
+    )
+    host_key_policy: Literal["Pinned", "TrustOnFirstUse"] = Field(
+        HOST_KEY_PINNED,
+        description="Pinned: only the keys in hostKeys are accepted. TrustOnFirstUse: the first "
+        "key seen is recorded in status.hostKey and enforced from then on. A key that does not "
+        "match is refused, never added.",
+    )
+    host_keys: list[Annotated[str, Field(min_length=1, max_length=16384)]] | None = Field(
+        None, max_length=16, description="The VM's OpenSSH public host key lines."
+    )
+    queue: str | None = Field(
+        None, min_length=1, max_length=MAX_NAME, pattern=QUEUE_PATTERN,
+        description="Celery queue of this VM (default vmfleet.<namespace>.<name>).",
+    )
+    max_concurrent_commands: int = Field(
+        2, ge=1, le=256, description="SSH channels in use on this VM at once."
+    )
+    workers: WorkersSpec | None = Field(None, description="Worker sizing (default: 1 replica).")
+    health_check: HealthCheck = Field(default_factory=HealthCheck, description="Health probes.")
+    connect_timeout_seconds: int = Field(30, ge=1, le=600, description="SSH connect timeout.")
+    proxy_jump: ProxyJump | None = Field(None, description="Connect through a bastion RemoteVM.")
+    paused: bool = Field(False, description="Stop dispatching; queued commands wait.")
+    description: str | None = Field(None, max_length=1024, description="Free text for people.")
+
+
+class VMFacts(StatusModel):
+    hostname: str | None = None
+    os: str | None = None
+    kernel: str | None = None
+    uptime_seconds: float | None = None
+    load1: float | None = None
+    load5: float | None = None
+    load15: float | None = None
+    memory_total_bytes: int | None = None
+    memory_available_bytes: int | None = None
+    root_disk_total_bytes: int | None = None
+    root_disk_used_bytes: int | None = None
+    last_probe_time: str | None = None
+    probe_latency_seconds: float | None = None
+
+
+class VMWorkersStatus(StatusModel):
+    runtime: str | None = Field(None, description="Process or Deployment.")
+    deployment: str | None = None
+    replicas: int | None = None
+    ready_replicas: int | None = None
+    queue: str | None = None
+    queue_depth: int | None = None
+
+
+class HostKeyStatus(StatusModel):
+    fingerprint: str | None = Field(None, description="SHA256 fingerprint of the key seen.")
+    key_type: str | None = None
+    public_key: str | None = Field(None, max_length=16384, description="Recorded key (TOFU).")
+    recorded_time: str | None = None
+
+
+class RemoteVMStatus(StatusModel):
+    conditions: list[ObjectCondition] | None = Field(
+        None, max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    host_key: HostKeyStatus | None = None
+    facts: VMFacts | None = None
+    workers: VMWorkersStatus | None = None
+    observed_generation: int | None = None
+
+
+# --------------------------------------------------------------------------- RemoteCommand
+
+
+class FileLocation(ApiModel):
+    vm: K8sName = Field(description="RemoteVM name (same namespace).")
+    path: str = Field(min_length=1, max_length=MAX_PATH, description="Absolute path on that VM.")
+
+
+class TransferSpec(ApiModel):
+    """Copy one file from a VM to one or more VMs over SFTP (no shell)."""
+
+    from_: FileLocation = Field(alias="from", description="Source file.")
+    to: list[FileLocation] = Field(min_length=1, max_length=64, description="Destinations.")
+    mode: str | None = Field(
+        None, pattern=r"^0?[0-7]{3,4}$", max_length=5, description="Octal file mode, e.g. 0644."
+    )
+    create_dirs: bool = Field(False, description="Create missing parent directories.")
+    overwrite: Literal["Always", "Never", "IfDifferent"] = Field(
+        "Always", description="What to do when the destination exists."
+    )
+
+
+class Retries(ApiModel):
+    limit: int = Field(0, ge=0, le=100, description="Extra attempts after the first.")
+    backoff_seconds: int = Field(60, ge=0, le=86400, description="Wait before a retry.")
+    on_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = Field(
+        default_factory=list, max_length=256,
+        description="Exit codes that are retried; transport errors always are (within limit).",
+    )
+
+
+class OutputSpec(ApiModel):
+    max_bytes: int = Field(
+        16384, ge=0, le=MAX_OUTPUT_BYTES,
+        description="Tail of stdout and of stderr kept in status (each).",
+    )
+
+
+_ACTIONS = "[has(self.command), has(self.argv), has(self.script), has(self.transfer)]"
+
+
+class RemoteCommandSpec(ApiModel):
+    """A command (or file transfer) to run on one VM or on every VM a selector matches."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"{_ACTIONS}.filter(x, x).size() == 1",
+                    "exactly one action must be set: command, argv, script or transfer",
+                ),
+                cel(
+                    "has(self.transfer) || (has(self.vm) != has(self.selector))",
+                    "exactly one target must be set: vm or selector",
+                ),
+                cel(
+                    "!has(self.transfer) || (!has(self.vm) && !has(self.selector))",
+                    "a transfer names its VMs in transfer.from and transfer.to; "
+                    "do not set vm or selector",
+                ),
+            ]
+        },
+    )
+
+    vm: K8sName | None = Field(None, description="Target: one RemoteVM (same namespace).")
+    selector: LabelSelector | None = Field(
+        None, description="Target: every RemoteVM of the namespace that matches."
+    )
+    command: str | None = Field(
+        None, min_length=1, max_length=MAX_COMMAND,
+        description="A shell line run by the remote user's shell (sh -c).",
+    )
+    argv: list[Annotated[str, Field(max_length=MAX_ARG)]] | None = Field(
+        None, min_length=1, max_length=MAX_ITEMS,
+        description="A program and its arguments; each item is quoted before it reaches the shell.",
+    )
+    script: str | None = Field(
+        None, min_length=1, max_length=MAX_SCRIPT, description="A script fed to sh -s on stdin."
+    )
+    transfer: TransferSpec | None = Field(None, description="Copy a file between VMs over SFTP.")
+    env: dict[str, Annotated[str, Field(max_length=MAX_ARG)]] | None = Field(
+        None, max_length=MAX_ITEMS,
+        description="Environment variables for the command; names must match "
+        + ENV_NAME_PATTERN + ".",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    f"self.all(k, k.matches('{ENV_NAME_PATTERN}'))",
+                    "env names must be letters, digits and underscores, not starting with a digit",
+                )
+            ]
+        },
+    )
+    working_dir: str | None = Field(
+        None, min_length=1, max_length=MAX_PATH, description="Directory the command starts in."
+    )
+    stdin: str | None = Field(None, max_length=MAX_STDIN, description="Text fed to stdin.")
+    timeout_seconds: int | None = Field(
+        None, ge=1, le=7 * 86400,
+        description="Per attempt; on expiry the remote process group is terminated.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, le=30 * 86400, description="For the whole command, all attempts included."
+    )
+    retries: Retries = Field(default_factory=Retries, description="Retry policy.")
+    success_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=256,
+        description="Exit codes that count as success.",
+    )
+    max_parallel: int | None = Field(None, ge=1, le=10000, description="VMs running at once.")
+    max_failures: int | None = Field(
+        None, ge=0, le=10000, description="Stop starting new VMs after this many failed."
+    )
+    output: OutputSpec = Field(default_factory=OutputSpec, description="Output kept in status.")
+    ttl_seconds_after_finished: int | None = Field(
+        None, ge=0, le=365 * 86400, description="Delete the object this long after it finished."
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str] | None) -> dict[str, str] | None:
+        for name in env or {}:
+            if not is_env_name(name):
+                raise ValueError(
+                    f"env name {name!r} is invalid: use letters, digits and underscores, "
+                    "not starting with a digit"
+                )
+        return env
+
+    @model_validator(mode="after")
+    def _one_of(self) -> RemoteCommandSpec:
+        actions = [a for a in ("command", "argv", "script", "transfer") if getattr(self, a) is not None]
+        if len(actions) != 1:
+            raise ValueError("exactly one action must be set: command, argv, script or transfer")
+        if self.transfer is not None:
+            if self.vm is not None or self.selector is not None:
+                raise ValueError("a transfer names its VMs in transfer.from and transfer.to")
+        elif (self.vm is None) == (self.selector is None):
+            raise ValueError("exactly one target must be set: vm or selector")
+        return self
+
+    @property
+    def action(self) -> str:
+        for name in ("command", "argv", "script", "transfer"):
+            if getattr(self, name) is not None:
+                return name
+        raise AssertionError("validated spec has an action")
+
+
+class CommandSummary(StatusModel):
+    targets: int = 0
+    pending: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+
+
+class TargetResult(StatusModel):
+    """The result on one VM. Workers write only their own VM's entry."""
+
+    vm: str = Field(max_length=MAX_NAME, description="RemoteVM name.")
+    host: str | None = Field(None, max_length=MAX_NAME)
+    phase: Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled"] = Phase.PENDING
+    attempt: int = Field(1, ge=0, description="Current attempt, from 1.")
+    exit_code: int | None = Field(None, description="Exit code of the last attempt.")
+    reason: str | None = Field(None, max_length=128, description="Named reason, e.g. ExitCode.")
+    message: str | None = Field(None, max_length=MAX_MESSAGE)
+    stdout: str | None = Field(None, description="Tail of stdout (output.maxBytes).")
+    stderr: str | None = Field(None, description="Tail of stderr (output.maxBytes).")
+    stdout_bytes: int | None = Field(None, ge=0, description="Exact stdout size in bytes.")
+    stderr_bytes: int | None = Field(None, ge=0, description="Exact stderr size in bytes.")
+    output_truncated: bool | None = Field(None, description="True when a tail was cut.")
+    dispatch_time: str | None = Field(None, description="When the attempt was sent to the queue.")
+    start_time: str | None = None
+    completion_time: str | None = None
+    worker: str | None = Field(None, max_length=MAX_NAME, description="Worker that ran it.")
+
+
+class RemoteCommandStatus(StatusModel):
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] | None = None
+    target: str | None = Field(None, max_length=1024, description="What the command runs on.")
+    completions: str | None = Field(None, max_length=64, description="succeeded/targets.")
+    conditions: list[ObjectCondition] | None = Field(
+        None, max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    start_time: str | None = None
+    completion_time: str | None = None
+    summary: CommandSummary | None = None
+    results: list[TargetResult] | None = Field(
+        None, max_length=10000,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["vm"]},
+    )
+    observed_generation: int | None = None
