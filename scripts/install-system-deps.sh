@@ -33,6 +33,25 @@ else
     exit 1
 fi
 
+# Leave no system service running or enabled (policy-rc.d covers invoke-rc.d, but a
+# postinst may still enable units, e.g. epmd.socket from erlang-base).
+disable_system_services() {
+    local svc unit now
+    for svc in "${SERVICES[@]}"; do
+        if command -v systemctl >/dev/null 2>&1; then
+            # Without a running systemd, `disable` still removes the unit symlinks offline.
+            now=()
+            if [ -d /run/systemd/system ]; then now=(--now); fi
+            for unit in "$svc.service" "$svc.socket"; do
+                "${SUDO[@]}" systemctl disable "${now[@]}" "$unit" >/dev/null 2>&1 || true
+            done
+        fi
+        if command -v update-rc.d >/dev/null 2>&1 && [ -e "/etc/init.d/$svc" ]; then
+            "${SUDO[@]}" update-rc.d -f "$svc" disable >/dev/null 2>&1 || true
+        fi
+    done
+}
+
 missing=()
 for pkg in "${PACKAGES[@]}"; do
     status="$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)"
@@ -42,6 +61,7 @@ for pkg in "${PACKAGES[@]}"; do
 done
 
 if [ "${#missing[@]}" -eq 0 ]; then
+    disable_system_services
     echo "install-system-deps: all present (${PACKAGES[*]})"
     exit 0
 fi
@@ -75,21 +95,8 @@ export DEBIAN_FRONTEND=noninteractive
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     "${missing[@]}"
 
-# Leave no system service running or enabled (policy-rc.d covers invoke-rc.d, but a
-# postinst may start a daemon directly, e.g. epmd via rabbitmq's maintainer scripts).
-for svc in "${SERVICES[@]}"; do
-    if command -v systemctl >/dev/null 2>&1; then
-        # Without a running systemd, `disable` still removes the unit symlinks offline.
-        now=()
-        if [ -d /run/systemd/system ]; then now=(--now); fi
-        for unit in "$svc.service" "$svc.socket"; do
-            "${SUDO[@]}" systemctl disable "${now[@]}" "$unit" >/dev/null 2>&1 || true
-        done
-    fi
-    if command -v update-rc.d >/dev/null 2>&1 && [ -e "/etc/init.d/$svc" ]; then
-        "${SUDO[@]}" update-rc.d -f "$svc" disable >/dev/null 2>&1 || true
-    fi
-done
+disable_system_services
+
 # Daemons started by a postinst outside the init system: stop only the system-wide ones
 # (run by the packages' system users, or the system sshd/rabbitmq by their pid files).
 for user in rabbitmq redis epmd; do
