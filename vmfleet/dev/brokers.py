@@ -1,0 +1,317 @@
+"""Celery brokers for the local environment and the e2e tests: real Redis and RabbitMQ.
+
+Both run as the current user from a work directory of their own, listen on
+``127.0.0.1`` only, on free ports, and are started directly (never through systemd or
+the packages' init scripts; ``scripts/install-system-deps.sh`` installs them without
+starting anything).
+
+* ``RedisServer``: append-only file (``appendfsync everysec``) in the work directory, so
+  queued messages survive ``restart()`` (and a ``kill()`` loses at most ~1 s).
+* ``RabbitMQServer``: a standalone node with its own epmd (started by us on a free
+  loopback port), Erlang cookie, mnesia and log directories in the work directory, no
+  plugins. Durable queues and persistent messages (Celery's defaults) survive
+  ``restart()``. The guest user is allowed, from loopback only (RabbitMQ's default).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+from pathlib import Path
+
+from vmfleet.dev.proc import ManagedProcess, free_port, port_open, wait_until
+
+REDIS_SERVER = "redis-server"
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # not /usr/sbin's su wrapper
+EPMD = "epmd"
+
+LOOPBACK = "127.0.0.1"
+
+
+def _which(program: str) -> str:
+    path = program if os.path.isabs(program) else shutil.which(program)
+    if not path or not os.access(path, os.X_OK):
+        raise FileNotFoundError(
+            f"{program} not found: run scripts/install-system-deps.sh to install it"
+        )
+    return path
+
+
+def redis_ping(host: str, port: int, timeout: float = 1.0) -> bool:
+    """True when a Redis server answers PING with PONG (a loading server does not)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(b"PING\r\n")
+        return sock.recv(64).startswith(b"+PONG")
+
+
+class RedisServer:
+    """A redis-server on 127.0.0.1 with its data in ``workdir``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        persistent: bool = True,
+        name: str = "redis",
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.host = LOOPBACK
+        self.port = port if port is not None else free_port(self.host)
+        self.persistent = persistent
+        self.name = name
+        self._process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "redis.conf"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "redis.log"
+
+    def _write_config(self) -> Path:
+        lines = [
+            "# vmfleet dev Redis (generated; rewritten at every start)",
+            f"bind {self.host}",
+            f"port {self.port}",
+            "protected-mode yes",
+            "daemonize no",
+            'logfile ""',  # stdout, captured in redis.log
+            "loglevel notice",
+            f'dir "{self.workdir}"',
+            'save ""',  # no RDB snapshots; the AOF below is the persistence
+            f"appendonly {'yes' if self.persistent else 'no'}",
+            "appendfsync everysec",
+            'appenddirname "appendonly"',
+            "databases 16",
+            "",
+        ]
+        self.config_path.write_text("\n".join(lines))
+        return self.config_path
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    def start(self, timeout: float = 30) -> RedisServer:
+        if self.running():
+            return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        self._process = ManagedProcess(
+            self.name, [_which(REDIS_SERVER), str(self.config_path)], self.log_path, cwd=self.workdir
+        )
+        self._process.start()
+        process = self._process
+
+        def ready() -> bool:
+            process.check_running()
+            return redis_ping(self.host, self.port)
+
+        try:
+            wait_until(ready, timeout, interval=0.05, what=f"redis on {self.host}:{self.port}")
+        except Exception:
+            self.kill()
+            raise
+        return self
+
+    def stop(self, grace: float = 15.0) -> None:
+        """Shut down cleanly (TERM: Redis flushes its AOF), then KILL after ``grace``."""
+        if self._process is not None:
+            self._process.stop(grace)
+            self._process = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crashed broker."""
+        if self._process is not None:
+            self._process.signal(signal.SIGKILL)
+            self._process.stop(grace=5)
+            self._process = None
+
+    def restart(self, timeout: float = 30) -> RedisServer:
+        self.stop()
+        return self.start(timeout)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"RedisServer({self.url})"
+
+
+def amqp_ready(url: str, timeout: float = 2.0) -> bool:
+    """True when an AMQP connection to ``url`` opens (and logs in)."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=timeout) as conn:
+        conn.ensure_connection(max_retries=1)
+        return bool(conn.connected)
+
+
+class RabbitMQServer:
+    """A standalone RabbitMQ node on 127.0.0.1 with everything in ``workdir``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        dist_port: int | None = None,
+        epmd_port: int | None = None,
+        name: str = "rabbitmq",
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.host = LOOPBACK
+        self.port = port if port is not None else free_port(self.host)
+        self.dist_port = dist_port if dist_port is not None else free_port(self.host)
+        self.epmd_port = epmd_port if epmd_port is not None else free_port(self.host)
+        self.name = name
+        # Fixed for the life of this object: mnesia data is kept per node name, so a
+        # restarted node finds its durable queues again.
+        self.nodename = f"vmfleet-{self.port}@localhost"
+        self._epmd: ManagedProcess | None = None
+        self._process: ManagedProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@{self.host}:{self.port}//"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "rabbitmq.log"
+
+    def _env(self) -> dict[str, str]:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("RABBITMQ_", "ERL_")) and k not in ("HOME",)
+        }
+        w = self.workdir
+        env.update(
+            {
+                "HOME": str(w / "home"),  # .erlang.cookie lives here
+                "RABBITMQ_NODENAME": self.nodename,
+                "RABBITMQ_USE_LONGNAME": "false",
+                "RABBITMQ_NODE_IP_ADDRESS": self.host,
+                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "ERL_EPMD_ADDRESS": self.host,
+                "ERL_EPMD_PORT": str(self.epmd_port),
+                "RABBITMQ_CONF_ENV_FILE": str(w / "rabbitmq-env.conf"),
+                "RABBITMQ_CONFIG_FILE": str(w / "rabbitmq.conf"),
+                "RABBITMQ_ADVANCED_CONFIG_FILE": str(w / "advanced.config"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(w / "enabled_plugins"),
+                "RABBITMQ_MNESIA_BASE": str(w / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(w / "log"),
+                "RABBITMQ_LOGS": "-",  # console, captured in rabbitmq.log
+                "RABBITMQ_PID_FILE": str(w / "rabbitmq.pid"),
+                # The Erlang distribution listener (dist port) on loopback only too.
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            }
+        )
+        return env
+
+    def _write_config(self) -> None:
+        w = self.workdir
+        for sub in ("home", "mnesia", "log"):
+            (w / sub).mkdir(parents=True, exist_ok=True)
+        (w / "rabbitmq-env.conf").write_text("# vmfleet: everything is set in the environment\n")
+        (w / "enabled_plugins").write_text("[].\n")  # no management or other plugins
+        (w / "advanced.config").write_text("[].\n")
+        (w / "rabbitmq.conf").write_text(
+            "\n".join(
+                [
+                    "# vmfleet dev RabbitMQ (generated; rewritten at every start)",
+                    f"listeners.tcp.default = {self.host}:{self.port}",
+                    "loopback_users.guest = true",
+                    "log.console = true",
+                    "log.console.level = info",
+                    "log.file = false",
+                    "disk_free_limit.absolute = 50MB",
+                    "",
+                ]
+            )
+        )
+
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    def start(self, timeout: float = 90) -> RabbitMQServer:
+        if self.running():
+            return self
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        env = self._env()
+        # Our own epmd, in our own process group, so stop() can end it (an epmd that
+        # erl starts by itself daemonizes and would outlive the node).
+        self._epmd = ManagedProcess(
+            f"{self.name}-epmd",
+            [_which(EPMD), "-address", self.host, "-port", str(self.epmd_port)],
+            self.workdir / "epmd.log",
+            env=env,
+        )
+        self._epmd.start()
+        epmd = self._epmd
+        try:
+            wait_until(
+                lambda: epmd.check_running() or port_open(self.host, self.epmd_port),
+                10,
+                interval=0.05,
+                what=f"epmd on {self.host}:{self.epmd_port}",
+            )
+            self._process = ManagedProcess(
+                self.name, [_which(RABBITMQ_SERVER)], self.log_path, env=env, cwd=self.workdir
+            )
+            self._process.start()
+            process = self._process
+
+            def ready() -> bool:
+                process.check_running()
+                return port_open(self.host, self.port) and amqp_ready(self.url)
+
+            wait_until(ready, timeout, interval=0.25, what=f"RabbitMQ on {self.host}:{self.port}")
+        except Exception:
+            self.kill()
+            raise
+        return self
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop the node cleanly (TERM), then KILL after ``grace``; then its epmd."""
+        if self._process is not None:
+            self._process.stop(grace)
+            self._process = None
+        if self._epmd is not None:
+            self._epmd.stop(5)
+            self._epmd = None
+
+    def kill(self) -> None:
+        """SIGKILL the node and its epmd: a crashed broker."""
+        for attr in ("_process", "_epmd"):
+            proc: ManagedProcess | None = getattr(self, attr)
+            if proc is not None:
+                proc.signal(signal.SIGKILL)
+                proc.stop(grace=5)
+                setattr(self, attr, None)
+
+    def restart(self, timeout: float = 90) -> RabbitMQServer:
+        self.stop()
+        return self.start(timeout)
+
+    def __enter__(self) -> RabbitMQServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"RabbitMQServer({self.url}, node={self.nodename})"
+
+
+__all__ = ["RabbitMQServer", "RedisServer", "amqp_ready", "redis_ping"]
