@@ -1,0 +1,57 @@
+"""The controller's settings (from the environment) and the clients built from them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubernetes.client import AppsV1Api
+
+from vmfleet.api import constants as c
+from vmfleet.celeryconf import broker_url
+from vmfleet.kube import Kube
+
+from .dispatch import Dispatcher
+from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
+
+RUNTIME_ENV = "VMFLEET_WORKER_RUNTIME"
+
+
+@dataclass
+class Context:
+    kube: Kube
+    dispatcher: Dispatcher
+    runtime: Runtime
+
+    @classmethod
+    def from_environment(cls) -> Context:
+        kube = Kube()
+        url = broker_url()
+        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        runtime_name = os.environ.get(
+            RUNTIME_ENV, c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS
+        )
+        runtime: Runtime
+        if runtime_name == c.RUNTIME_PROCESS:
+            log_dir = Path(os.environ.get("VMFLEET_WORKER_LOG_DIR", ".vmfleet/workers"))
+            runtime = ProcessRuntime(url, log_dir)
+        elif runtime_name == c.RUNTIME_DEPLOYMENT:
+            runtime = DeploymentRuntime(
+                AppsV1Api(kube.api_client),
+                DeploymentSettings(
+                    image=os.environ.get("VMFLEET_WORKER_IMAGE", "vmfleet:0.1.0"),
+                    broker_url=url,
+                    broker_secret_name=os.environ.get("VMFLEET_BROKER_SECRET_NAME") or None,
+                    broker_secret_key=os.environ.get("VMFLEET_BROKER_SECRET_KEY", "url"),
+                    service_account=os.environ.get(
+                        "VMFLEET_WORKER_SERVICE_ACCOUNT", c.WORKER_SERVICE_ACCOUNT
+                    ),
+                ),
+            )
+        else:
+            raise ValueError(
+                f"{RUNTIME_ENV}={runtime_name!r} is not a worker runtime: "
+                f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
+            )
+        return cls(kube=kube, dispatcher=Dispatcher(url), runtime=runtime)

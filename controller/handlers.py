@@ -1,0 +1,74 @@
+"""kopf handlers: thin, each parses the object and calls one reconcile function."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from vmfleet.api import constants as c
+from vmfleet.api.constants import Phase
+
+from .commands import reconcile_command
+from .context import Context
+from .vms import reconcile_vm
+
+COMMANDS = dict(group=c.GROUP, version=c.VERSION, plural=c.COMMAND_PLURAL)
+VMS = dict(group=c.GROUP, version=c.VERSION, plural=c.VM_PLURAL)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Our CRDs have structural schemas: kopf keeps its bookkeeping in annotations.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=c.GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = 32
+    settings.watching.server_timeout = 270
+    memo.ctx = Context.from_environment()
+
+
+@kopf.on.cleanup()
+def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    ctx: Context | None = getattr(memo, "ctx", None)
+    if ctx is not None:
+        ctx.runtime.shutdown()
+        ctx.dispatcher.close()
+
+
+# --------------------------------------------------------------------------- RemoteVM
+
+
+@kopf.on.resume(**VMS)
+@kopf.on.create(**VMS)
+@kopf.on.update(**VMS, field="spec")
+def vm_changed(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
+    patch.status["workers"] = reconcile_vm(memo.ctx, dict(body))
+    patch.status["observedGeneration"] = body.metadata.get("generation")
+
+
+@kopf.on.delete(**VMS, optional=True)
+def vm_deleted(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.ctx.runtime.remove(namespace, name)
+
+
+# --------------------------------------------------------------------------- RemoteCommand
+
+
+def _unfinished(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") not in Phase.TERMINAL
+
+
+@kopf.on.event(**COMMANDS)
+def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    if event["type"] == "DELETED":
+        return
+    reconcile_command(memo.ctx, event["object"])
+
+
+@kopf.timer(**COMMANDS, interval=15, initial_delay=15, when=_unfinished)
+def command_timer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    reconcile_command(memo.ctx, dict(body))

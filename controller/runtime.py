@@ -1,0 +1,284 @@
+"""Worker runtimes: where a VM's Celery workers run. One sizing logic, two runtimes.
+
+- ``Deployment``: a Deployment ``vmfleet-worker-<vm>`` owned by the RemoteVM, with only
+  that VM's credentials Secret mounted (read-only).
+- ``Process``: the same worker command as local processes of the controller (one machine,
+  dev and tests), the single-machine setup of the original guide without systemd.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubernetes.client import AppsV1Api
+
+from vmfleet.api import constants as c
+from vmfleet.api.models import RemoteVMSpec
+from vmfleet.celeryconf import BROKER_URL_ENV
+from vmfleet.dev.proc import ManagedProcess
+
+log = logging.getLogger("controller.runtime")
+
+
+def desired_replicas(spec: RemoteVMSpec) -> int:
+    """Worker count before backlog scaling: fixed replicas, else the autoscale floor (>= 1)."""
+    workers = spec.workers
+    if workers is None:
+        return 1
+    if workers.replicas is not None:
+        return workers.replicas
+    if workers.autoscale is not None:
+        return max(1, workers.autoscale.min_replicas)
+    return 1
+
+
+def worker_argv(queue: str, concurrency: int, node_name: str) -> list[str]:
+    """The worker command, the same in both runtimes."""
+    return [
+        "celery", "-A", "remote_tasks", "worker",
+        "-Q", queue,
+        "--pool", "threads",
+        "--concurrency", str(concurrency),
+        "-n", node_name,
+        "--without-gossip", "--without-mingle",
+        "--loglevel", "INFO",
+    ]
+
+
+def label_value(value: str) -> str:
+    """A label value (max 63 characters) that still identifies ``value``."""
+    if len(value) <= 63:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:8]
+    return f"{value[:54].rstrip('-.')}-{digest}"
+
+
+@dataclass
+class VMRef:
+    namespace: str
+    name: str
+    uid: str
+    spec: RemoteVMSpec
+
+    @property
+    def queue(self) -> str:
+        return self.spec.queue or c.default_queue(self.namespace, self.name)
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class Runtime(Protocol):
+    name: str
+
+    def ensure(self, vm: VMRef) -> dict[str, Any]: ...
+
+    def remove(self, namespace: str, name: str) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- Deployment
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    image: str
+    broker_url: str
+    broker_secret_name: str | None = None
+    broker_secret_key: str = "url"
+    service_account: str = c.WORKER_SERVICE_ACCOUNT
+    image_pull_policy: str = "IfNotPresent"
+
+
+def worker_labels(vm_name: str) -> dict[str, str]:
+    return {
+        c.LABEL_NAME: "vmfleet",
+        c.LABEL_COMPONENT: "worker",
+        c.LABEL_MANAGED_BY: c.MANAGED_BY,
+        c.LABEL_VM: label_value(vm_name),
+    }
+
+
+def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) -> dict[str, Any]:
+    """The Deployment of one VM's workers (pure; applied with server-side apply)."""
+    name = c.worker_deployment_name(vm.name)
+    labels = worker_labels(vm.name)
+    if settings.broker_secret_name:
+        broker_env: dict[str, Any] = {
+            "name": BROKER_URL_ENV,
+            "valueFrom": {"secretKeyRef": {"name": settings.broker_secret_name,
+                                           "key": settings.broker_secret_key}},
+        }
+    else:
+        broker_env = {"name": BROKER_URL_ENV, "value": settings.broker_url}
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": worker_argv(vm.queue, vm.spec.max_concurrent_commands, f"{name}@%h"),
+        "env": [
+            broker_env,
+            {"name": "VMFLEET_CREDENTIALS_DIR", "value": c.CREDENTIALS_MOUNT_PATH},
+            {"name": "VMFLEET_VM", "value": vm.key},
+        ],
+        "volumeMounts": [
+            {"name": "ssh-credentials", "mountPath": c.CREDENTIALS_MOUNT_PATH, "readOnly": True}
+        ],
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    if vm.spec.workers is not None and vm.spec.workers.resources:
+        container["resources"] = vm.spec.workers.resources
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": name,
+            "namespace": vm.namespace,
+            "labels": labels,
+            "ownerReferences": [{
+                "apiVersion": c.API_VERSION,
+                "kind": c.VM_KIND,
+                "name": vm.name,
+                "uid": vm.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }],
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": settings.service_account,
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [container],
+                    "volumes": [{
+                        "name": "ssh-credentials",
+                        "secret": {"secretName": vm.spec.credentials_secret_ref.name,
+                                   "defaultMode": 0o400},
+                    }],
+                },
+            },
+        },
+    }
+
+
+class DeploymentRuntime:
+    name = c.RUNTIME_DEPLOYMENT
+
+    def __init__(self, apps: AppsV1Api, settings: DeploymentSettings) -> None:
+        self.apps = apps
+        self.settings = settings
+
+    def ensure(self, vm: VMRef) -> dict[str, Any]:
+        replicas = desired_replicas(vm.spec)
+        body = worker_deployment(vm, self.settings, replicas)
+        applied = self.apps.patch_namespaced_deployment(
+            body["metadata"]["name"], vm.namespace, body,
+            field_manager="vmfleet-controller", force=True,
+            _content_type="application/apply-patch+yaml",
+        )
+        return {
+            "runtime": self.name,
+            "deployment": body["metadata"]["name"],
+            "queue": vm.queue,
+            "replicas": replicas,
+            "readyReplicas": (applied.status.ready_replicas or 0) if applied.status else 0,
+        }
+
+    def remove(self, namespace: str, name: str) -> None:
+        """Nothing to do: the Deployment is owned by the RemoteVM and garbage collected."""
+
+    def shutdown(self) -> None:
+        """Deployments outlive the controller."""
+
+
+# --------------------------------------------------------------------------- Process
+
+
+@dataclass
+class _LocalWorkers:
+    fingerprint: str
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+
+class ProcessRuntime:
+    """Workers as child processes of the controller (stopped when it stops)."""
+
+    name = c.RUNTIME_PROCESS
+
+    def __init__(self, broker_url: str, log_dir: Path, python: str = sys.executable) -> None:
+        self.broker_url = broker_url
+        self.log_dir = log_dir
+        self.python = python
+        self._lock = threading.Lock()
+        self._workers: dict[str, _LocalWorkers] = {}
+
+    def _argv(self, vm: VMRef, index: int) -> list[str]:
+        node = f"{c.worker_deployment_name(vm.name)}-{index}.{vm.namespace}@%h"
+        argv = worker_argv(vm.queue, vm.spec.max_concurrent_commands, node)
+        return [self.python, "-m", *argv]
+
+    def _env(self, vm: VMRef) -> dict[str, str]:
+        env = dict(os.environ)
+        env[BROKER_URL_ENV] = self.broker_url
+        env["VMFLEET_VM"] = vm.key
+        env.pop("VMFLEET_CREDENTIALS_DIR", None)  # read the VM's own Secret through the API
+        return env
+
+    def ensure(self, vm: VMRef) -> dict[str, Any]:
+        replicas = desired_replicas(vm.spec)
+        fingerprint = hashlib.sha256(repr((self._argv(vm, 0), self.broker_url)).encode()).hexdigest()
+        with self._lock:
+            current = self._workers.get(vm.key)
+            if current is not None and current.fingerprint != fingerprint:
+                self._stop(current)
+                current = None
+            if current is None:
+                current = self._workers[vm.key] = _LocalWorkers(fingerprint)
+            current.processes = [p for p in current.processes if p.running()]
+            while len(current.processes) < replicas:
+                index = len(current.processes)
+                log_path = self.log_dir / f"{vm.namespace}.{vm.name}.{index}.log"
+                proc = ManagedProcess(f"worker {vm.key}#{index}", self._argv(vm, index), log_path,
+                                      env=self._env(vm)).start()
+                log.info("Started worker process %s for RemoteVM %s (queue %s)", proc.pid, vm.key,
+                         vm.queue)
+                current.processes.append(proc)
+            while len(current.processes) > replicas:
+                current.processes.pop().stop()
+            running = len(current.processes)
+        return {"runtime": self.name, "queue": vm.queue, "replicas": replicas,
+                "readyReplicas": running}
+
+    def remove(self, namespace: str, name: str) -> None:
+        with self._lock:
+            current = self._workers.pop(f"{namespace}/{name}", None)
+            if current is not None:
+                self._stop(current)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            for current in self._workers.values():
+                self._stop(current)
+            self._workers.clear()
+
+    @staticmethod
+    def _stop(workers: _LocalWorkers) -> None:
+        for proc in workers.processes:
+            proc.stop(grace=15)
+        workers.processes.clear()

@@ -1,0 +1,61 @@
+"""Which RemoteVMs a RemoteCommand runs on, and what its status says about them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmfleet.api.constants import Phase, Reason, default_queue
+from vmfleet.api.models import LabelSelector, RemoteCommandSpec
+
+
+def label_selector_string(selector: LabelSelector) -> str:
+    """The API's ``labelSelector`` query for a selector (as kubectl spells it)."""
+    parts = [f"{key}={value}" for key, value in sorted((selector.match_labels or {}).items())]
+    for req in selector.match_expressions or []:
+        values = ",".join(req.values or [])
+        if req.operator == "In":
+            parts.append(f"{req.key} in ({values})")
+        elif req.operator == "NotIn":
+            parts.append(f"{req.key} notin ({values})")
+        elif req.operator == "Exists":
+            parts.append(req.key)
+        else:
+            parts.append(f"!{req.key}")
+    return ",".join(parts)
+
+
+def describe_target(spec: RemoteCommandSpec) -> str:
+    """The TARGET printer column."""
+    if spec.transfer is not None:
+        to = ",".join(sorted({loc.vm for loc in spec.transfer.to}))
+        return f"{spec.transfer.from_.vm} -> {to}"
+    if spec.vm is not None:
+        return spec.vm
+    assert spec.selector is not None
+    return label_selector_string(spec.selector) or "all VMs"
+
+
+def vm_queue(vm: dict[str, Any]) -> str:
+    meta = vm["metadata"]
+    return str(vm["spec"].get("queue") or default_queue(meta["namespace"], meta["name"]))
+
+
+def initial_results(
+    names: list[str], vms: dict[str, dict[str, Any]], now: str
+) -> list[dict[str, Any]]:
+    """One result entry per target VM: Queued for dispatch, or Failed when the VM is missing."""
+    results = []
+    for name in names:
+        vm = vms.get(name)
+        if vm is None:
+            results.append({
+                "vm": name, "phase": Phase.FAILED, "attempt": 1, "reason": Reason.VM_NOT_FOUND,
+                "message": f"RemoteVM {name} does not exist in this namespace",
+                "completionTime": now,
+            })
+        else:
+            results.append({
+                "vm": name, "host": vm["spec"].get("host"), "phase": Phase.QUEUED, "attempt": 1,
+                "dispatchTime": now,
+            })
+    return results

@@ -1,0 +1,10 @@
+"""The worker side: the Celery app, its tasks and the SSH layer.
+
+Run a worker for one VM's queue with
+``celery -A remote_tasks worker -Q vmfleet.<namespace>.<vm> --pool threads``.
+"""
+
+from .app import app
+from . import tasks as tasks  # registers the tasks with the app
+
+__all__ = ["app"]

@@ -1,0 +1,48 @@
+"""JSON Patches that make each attempt run at most once.
+
+A worker claims its VM's result entry with ``test`` operations on the expected vm, phase
+and attempt: two deliveries of one message cannot both pass them. The final write tests
+that the entry is still this worker's running attempt.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vmfleet.api.constants import Phase
+
+Patch = list[dict[str, Any]]
+
+
+def result_index(status: dict[str, Any] | None, vm: str) -> int | None:
+    for index, entry in enumerate((status or {}).get("results") or []):
+        if entry.get("vm") == vm:
+            return index
+    return None
+
+
+def claim_patch(index: int, vm: str, attempt: int, worker: str, now: str) -> Patch:
+    base = f"/status/results/{index}"
+    return [
+        {"op": "test", "path": f"{base}/vm", "value": vm},
+        {"op": "test", "path": f"{base}/phase", "value": Phase.QUEUED},
+        {"op": "test", "path": f"{base}/attempt", "value": attempt},
+        {"op": "replace", "path": f"{base}/phase", "value": Phase.RUNNING},
+        {"op": "add", "path": f"{base}/startTime", "value": now},
+        {"op": "add", "path": f"{base}/worker", "value": worker},
+    ]
+
+
+def finish_patch(index: int, vm: str, attempt: int, worker: str, fields: dict[str, Any]) -> Patch:
+    """Write the attempt's outcome, only if the entry is still this worker's running attempt."""
+    base = f"/status/results/{index}"
+    patch: Patch = [
+        {"op": "test", "path": f"{base}/vm", "value": vm},
+        {"op": "test", "path": f"{base}/phase", "value": Phase.RUNNING},
+        {"op": "test", "path": f"{base}/attempt", "value": attempt},
+        {"op": "test", "path": f"{base}/worker", "value": worker},
+    ]
+    for key, value in fields.items():
+        if value is not None:
+            patch.append({"op": "add", "path": f"{base}/{key}", "value": value})
+    return patch

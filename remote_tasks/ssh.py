@@ -1,0 +1,333 @@
+"""The SSH layer: one authenticated connection per VM per worker process, a channel per command.
+
+There is no per-host lock around commands: paramiko multiplexes channels over one
+transport, so commands on one VM run side by side (the VM's ``maxConcurrentCommands`` is
+the worker's concurrency). Host keys are always verified against the pinned keys; a key
+that does not match is refused and never added anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import paramiko
+
+from .output import StreamTail
+
+log = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 30
+READ_CHUNK = 64 * 1024
+
+
+class SSHError(Exception):
+    """Base of the errors that end an attempt before or while the command runs."""
+
+    reason = "TransportError"
+
+
+class TransportError(SSHError):
+    reason = "TransportError"
+
+
+class ChannelOpenFailed(TransportError):
+    """No channel could be opened: the command never started, so trying again is safe."""
+
+
+class AuthFailed(SSHError):
+    reason = "AuthFailed"
+
+
+class HostKeyMismatch(SSHError):
+    reason = "HostKeyMismatch"
+
+
+class CredentialsInvalid(SSHError):
+    reason = "CredentialsInvalid"
+
+
+# An OpenSSH host key type and the key types paramiko may negotiate to get it.
+_NEGOTIATED_TYPES = {
+    "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"),
+}
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """``SHA256:...`` as ``ssh-keygen -l`` prints it."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class PinnedKey:
+    key_type: str
+    blob: bytes
+
+    @classmethod
+    def parse(cls, line: str) -> PinnedKey:
+        """Parse an OpenSSH public key line (``type base64 [comment]``, or known_hosts style)."""
+        fields = line.split()
+        # known_hosts lines start with the host pattern(s); skip to the key type.
+        while fields and not (fields[0].startswith(("ssh-", "ecdsa-", "sk-"))):
+            fields = fields[1:]
+        if len(fields) < 2:
+            raise CredentialsInvalid(f"host key {line[:40]!r}... is not an OpenSSH public key line")
+        try:
+            blob = base64.b64decode(fields[1], validate=True)
+        except ValueError as exc:
+            raise CredentialsInvalid(f"host key of type {fields[0]} is not valid base64") from exc
+        return cls(fields[0], blob)
+
+
+@dataclass(frozen=True)
+class SSHTarget:
+    """Everything needed to reach one VM. ``key`` identifies a pooled connection."""
+
+    host: str
+    port: int
+    user: str
+    private_key: str = field(repr=False)
+    host_keys: tuple[str, ...]
+    passphrase: str | None = field(default=None, repr=False)
+    connect_timeout: float = 30.0
+
+    @property
+    def address(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
+    """Load an OpenSSH or PEM private key of any type paramiko supports."""
+    errors = []
+    for key_class in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return key_class.from_private_key(io.StringIO(text), password=passphrase)
+        except paramiko.PasswordRequiredException as exc:
+            raise CredentialsInvalid(
+                "the private key is encrypted: add its passphrase to the Secret (key 'passphrase')"
+            ) from exc
+        except (paramiko.SSHException, ValueError) as exc:
+            errors.append(f"{key_class.__name__}: {exc}")
+    raise CredentialsInvalid(
+        "ssh-privatekey is not a private key paramiko can read (or the passphrase is wrong)"
+    )
+
+
+@dataclass
+class ExecResult:
+    exit_code: int | None
+    stdout: StreamTail
+    stderr: StreamTail
+    started: float
+    finished: float
+    signal: str | None = None
+
+
+class Connection:
+    """One authenticated SSH transport to one VM."""
+
+    def __init__(self, target: SSHTarget) -> None:
+        self.target = target
+        self.transport: paramiko.Transport | None = None
+        self.server_key: paramiko.PKey | None = None
+
+    def open(self) -> Connection:
+        target = self.target
+        pinned = [PinnedKey.parse(line) for line in target.host_keys]
+        if not pinned:
+            raise HostKeyMismatch("no host keys are pinned for this VM: refusing to connect")
+        pkey = load_private_key(target.private_key, target.passphrase)
+        try:
+            sock = socket.create_connection((target.host, target.port), timeout=target.connect_timeout)
+        except OSError as exc:
+            raise TransportError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
+        transport = paramiko.Transport(sock)
+        try:
+            options = transport.get_security_options()
+            wanted: list[str] = []
+            for key in pinned:
+                for name in _NEGOTIATED_TYPES.get(key.key_type, (key.key_type,)):
+                    if name in options.key_types and name not in wanted:
+                        wanted.append(name)
+            if wanted:
+                options.key_types = tuple(wanted)
+            transport.start_client(timeout=target.connect_timeout)
+            server_key = transport.get_remote_server_key()
+            if not any(
+                key.blob == server_key.asbytes() for key in pinned
+            ):
+                raise HostKeyMismatch(
+                    f"host key {server_key.get_name()} {fingerprint(server_key)} of "
+                    f"{target.host}:{target.port} does not match the pinned keys; not connecting"
+                )
+            self.server_key = server_key
+            try:
+                transport.auth_publickey(target.user, pkey)
+            except paramiko.AuthenticationException as exc:
+                raise AuthFailed(
+                    f"{target.user}@{target.host} refused the key from the credentials Secret: {exc}"
+                ) from exc
+            transport.set_keepalive(KEEPALIVE_SECONDS)
+        except SSHError:
+            transport.close()
+            raise
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            transport.close()
+            raise TransportError(f"SSH handshake with {target.host}:{target.port} failed: {exc}") from exc
+        self.transport = transport
+        return self
+
+    @property
+    def active(self) -> bool:
+        return self.transport is not None and self.transport.is_active()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def run(
+        self,
+        line: str,
+        stdin: bytes | None,
+        max_bytes: int,
+        on_stdout: Callable[[str], None] | None = None,
+        on_stderr: Callable[[str], None] | None = None,
+    ) -> ExecResult:
+        """Run ``line`` on a new channel and collect its output until it exits."""
+        assert self.transport is not None
+        out = StreamTail(max_bytes, on_stdout)
+        err = StreamTail(max_bytes, on_stderr)
+        try:
+            chan = self.transport.open_session(timeout=self.target.connect_timeout)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ChannelOpenFailed(f"cannot open a channel to {self.target.host}: {exc}") from exc
+        started = time.time()
+        try:
+            chan.exec_command(line)
+            writer = None
+            if stdin:
+                writer = threading.Thread(target=_feed_stdin, args=(chan, stdin), daemon=True)
+                writer.start()
+            else:
+                chan.shutdown_write()
+            while True:
+                select.select([chan], [], [], 1.0)
+                while chan.recv_ready():
+                    out.feed(chan.recv(READ_CHUNK))
+                while chan.recv_stderr_ready():
+                    err.feed(chan.recv_stderr(READ_CHUNK))
+                if chan.exit_status_ready() and chan.eof_received:
+                    if not chan.recv_ready() and not chan.recv_stderr_ready():
+                        break
+                if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    break
+                if not self.transport.is_active():
+                    raise TransportError(f"connection to {self.target.host} broke during the command")
+            status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise TransportError(f"connection to {self.target.host} broke: {exc}") from exc
+        finally:
+            out.close()
+            err.close()
+            chan.close()
+        return ExecResult(
+            exit_code=status if status >= 0 else None,
+            stdout=out,
+            stderr=err,
+            started=started,
+            finished=time.time(),
+        )
+
+
+def _feed_stdin(chan: paramiko.Channel, data: bytes) -> None:
+    try:
+        chan.sendall(data)
+        chan.shutdown_write()
+    except (OSError, paramiko.SSHException):
+        pass  # the command exited before reading all of stdin
+
+
+class ConnectionPool:
+    """One live connection per VM target, shared by all threads of the worker process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: dict[SSHTarget, Connection] = {}
+        self._connecting: dict[SSHTarget, threading.Lock] = {}
+
+    def get(self, target: SSHTarget) -> Connection:
+        with self._lock:
+            conn = self._connections.get(target)
+            if conn is not None and conn.active:
+                return conn
+            gate = self._connecting.setdefault(target, threading.Lock())
+        # Only connecting is serialised (per target); commands never are.
+        with gate:
+            with self._lock:
+                conn = self._connections.get(target)
+                if conn is not None and conn.active:
+                    return conn
+            fresh = Connection(target).open()
+            log.info("Connected to %s (host key %s)", target.address,
+                     fingerprint(fresh.server_key) if fresh.server_key else "?")
+            with self._lock:
+                stale = self._connections.get(target)
+                self._connections[target] = fresh
+            if stale is not None:
+                stale.close()
+            return fresh
+
+    def discard(self, target: SSHTarget) -> None:
+        with self._lock:
+            conn = self._connections.pop(target, None)
+        if conn is not None:
+            conn.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            conns = list(self._connections.values())
+            self._connections.clear()
+        for conn in conns:
+            conn.close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(1 for conn in self._connections.values() if conn.active)
+
+
+def run_command(
+    pool: ConnectionPool,
+    target: SSHTarget,
+    line: str,
+    stdin: bytes | None,
+    max_bytes: int,
+    on_stdout: Callable[[str], None] | None = None,
+    on_stderr: Callable[[str], None] | None = None,
+) -> ExecResult:
+    """Run on a pooled connection.
+
+    A pooled connection found dead when the channel is opened is replaced once: the
+    command had not started. A connection that breaks while the command runs is never
+    retried here (that would run it twice); the attempt ends with ``TransportError``.
+    """
+    for attempt in (1, 2):
+        conn = pool.get(target)
+        try:
+            return conn.run(line, stdin, max_bytes, on_stdout, on_stderr)
+        except ChannelOpenFailed:
+            pool.discard(target)
+            if attempt == 2:
+                raise
+        except TransportError:
+            pool.discard(target)
+            raise
+    raise AssertionError("unreachable")

@@ -1,0 +1,34 @@
+"""Celery settings shared by the controller (which only sends) and the workers."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+BROKER_URL_ENV = "VMFLEET_BROKER_URL"
+
+
+def broker_url() -> str:
+    return os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL)
+
+
+def celery_config(url: str | None = None) -> dict[str, Any]:
+    return {
+        "broker_url": url or broker_url(),
+        "broker_connection_retry_on_startup": True,
+        # Results live in the RemoteCommand's status, not in a result backend.
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        # A message is acknowledged after the task ran: a worker killed mid-command leaves
+        # it to be redelivered, and the claim in the status makes the redelivery a no-op.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "task_create_missing_queues": True,
+    }

@@ -1,0 +1,76 @@
+"""The ``vmfleet`` command (also installed as the kubectl plugin ``kubectl-vmfleet``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def _crds(args: argparse.Namespace) -> int:
+    from vmfleet.api import crdgen
+
+    root = Path(args.root) if args.root else None
+    if args.action == "generate":
+        for path in crdgen.generate(root):
+            print(f"Wrote {path}")
+        return 0
+    problems = crdgen.check(root)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print("The CRD manifests do not reflect the current API: run `vmfleet crds generate` "
+              "(or `make crds`) and commit the result.", file=sys.stderr)
+        return 1
+    print("CRDs are current.")
+    return 0
+
+
+def _controller(args: argparse.Namespace) -> int:
+    argv = [sys.executable, "-m", "kopf", "run", "-m", "controller", *args.kopf_args]
+    if not any(a in ("-A", "--all-namespaces") or a.startswith(("-n", "--namespace"))
+               for a in args.kopf_args):
+        argv.append("--all-namespaces")
+    os.execv(sys.executable, argv)
+    return 0  # not reached
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from vmfleet.dev import env
+
+    if args.action == "up":
+        return env.up(vms=args.vms, broker=args.broker)
+    if args.action == "down":
+        return env.down()
+    return env.status()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmfleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    crds = sub.add_parser("crds", help="generate or check the CRDs from the API models")
+    crds.add_argument("action", choices=["generate", "check"])
+    crds.add_argument("--root", help="repository root (default: this checkout)")
+    crds.set_defaults(func=_crds)
+
+    ctl = sub.add_parser("controller", help="run the controller (kopf run -m controller)")
+    ctl.add_argument("kopf_args", nargs=argparse.REMAINDER, help="passed to kopf run")
+    ctl.set_defaults(func=_controller)
+
+    dev = sub.add_parser("dev", help="the local environment (control plane, broker, sshd VMs)")
+    dev.add_argument("action", choices=["up", "down", "status"])
+    dev.add_argument("--vms", type=int, default=3, help="number of sshd VMs (default 3)")
+    dev.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
+    dev.set_defaults(func=_dev)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
