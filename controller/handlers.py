@@ -14,8 +14,8 @@ from .commands import reconcile_command
 from .context import Context
 from .vms import reconcile_vm
 
-COMMANDS = dict(group=c.GROUP, version=c.VERSION, plural=c.COMMAND_PLURAL)
-VMS = dict(group=c.GROUP, version=c.VERSION, plural=c.VM_PLURAL)
+COMMANDS = (c.GROUP, c.VERSION, c.COMMAND_PLURAL)
+VMS = (c.GROUP, c.VERSION, c.VM_PLURAL)
 
 
 @kopf.on.startup()
@@ -42,17 +42,17 @@ def shutdown(memo: kopf.Memo, **_: Any) -> None:
 # --------------------------------------------------------------------------- RemoteVM
 
 
-@kopf.on.resume(**VMS)
-@kopf.on.create(**VMS)
-@kopf.on.update(**VMS, field="spec")
+@kopf.on.resume(*VMS)
+@kopf.on.create(*VMS)
+@kopf.on.update(*VMS, field="spec")
 def vm_changed(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
     patch.status["workers"] = reconcile_vm(memo.ctx, dict(body))
     patch.status["observedGeneration"] = body.metadata.get("generation")
 
 
-@kopf.on.delete(**VMS, optional=True)
-def vm_deleted(name: str, namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.ctx.runtime.remove(namespace, name)
+@kopf.on.delete(*VMS, optional=True)
+def vm_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    memo.ctx.runtime.remove(namespace or "", name)
 
 
 # --------------------------------------------------------------------------- RemoteCommand
@@ -62,13 +62,13 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") not in Phase.TERMINAL
 
 
-@kopf.on.event(**COMMANDS)
+@kopf.on.event(*COMMANDS)
 def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     if event["type"] == "DELETED":
         return
-    reconcile_command(memo.ctx, event["object"])
+    reconcile_command(memo.ctx, dict(event["object"]))
 
 
-@kopf.timer(**COMMANDS, interval=15, initial_delay=15, when=_unfinished)
+@kopf.timer(*COMMANDS, interval=15, initial_delay=15, when=_unfinished)
 def command_timer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     reconcile_command(memo.ctx, dict(body))

@@ -203,7 +203,7 @@ class CommandExecutor:
                 Reason.CREDENTIALS_INVALID,
                 f"cannot read Secret {namespace}/{secret_name}: {exc.reason} ({exc.status})",
             ) from exc
-        key = data.get(c.SECRET_KEY_PRIVATE_KEY)
+        key = data.get(c.SECRET_KEY_PRIVATE_KEY, "")
         if not key:
             raise AttemptFailed(
                 Reason.CREDENTIALS_INVALID,

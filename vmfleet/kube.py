@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
 import kubernetes
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
@@ -43,28 +43,26 @@ class Kube:
         content_type = (
             "application/json-patch+json" if isinstance(patch, list) else "application/merge-patch+json"
         )
-        result: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
+        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object_status(
             c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name, patch,
             _content_type=content_type,
-        )
-        return result
+        ))
 
     # RemoteVM
     def get_vm(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._get(c.VM_PLURAL, namespace, name)
 
     def list_vms(self, namespace: str, label_selector: str | None = None) -> list[dict[str, Any]]:
-        result = self.custom.list_namespaced_custom_object(
+        result = cast(dict[str, Any], self.custom.list_namespaced_custom_object(
             c.GROUP, c.VERSION, namespace, c.VM_PLURAL, label_selector=label_selector or ""
-        )
+        ))
         return list(result.get("items", []))
 
     def patch_vm_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        result: dict[str, Any] = self.custom.patch_namespaced_custom_object_status(
+        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object_status(
             c.GROUP, c.VERSION, namespace, c.VM_PLURAL, name, patch,
             _content_type="application/merge-patch+json",
-        )
-        return result
+        ))
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's data, base64-decoded to text."""
@@ -78,10 +76,9 @@ class Kube:
 
     def _get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            obj: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            return cast(dict[str, Any], self.custom.get_namespaced_custom_object(
                 c.GROUP, c.VERSION, namespace, plural, name
-            )
-            return obj
+            ))
         except ApiException as exc:
             if exc.status == 404:
                 return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .constants import (
@@ -38,9 +38,9 @@ MAX_MESSAGE = 32 * 1024
 K8sName = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=DNS_LABEL_PATTERN)]
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> JsonValue:
     """One ``x-kubernetes-validations`` entry."""
-    entry = {"rule": rule, "message": message}
+    entry: dict[str, JsonValue] = {"rule": rule, "message": message}
     if field_path:
         entry["fieldPath"] = field_path
     return entry
@@ -206,7 +206,7 @@ class RemoteVMSpec(ApiModel):
         2, ge=1, le=256, description="SSH channels in use on this VM at once."
     )
     workers: WorkersSpec | None = Field(None, description="Worker sizing (default: 1 replica).")
-    health_check: HealthCheck = Field(default_factory=HealthCheck, description="Health probes.")
+    health_check: HealthCheck = Field(default_factory=lambda: HealthCheck(), description="Health probes.")
     connect_timeout_seconds: int = Field(30, ge=1, le=600, description="SSH connect timeout.")
     proxy_jump: ProxyJump | None = Field(None, description="Connect through a bastion RemoteVM.")
     paused: bool = Field(False, description="Stop dispatching; queued commands wait.")
@@ -364,7 +364,7 @@ class RemoteCommandSpec(ApiModel):
     active_deadline_seconds: int | None = Field(
         None, ge=1, le=30 * 86400, description="For the whole command, all attempts included."
     )
-    retries: Retries = Field(default_factory=Retries, description="Retry policy.")
+    retries: Retries = Field(default_factory=lambda: Retries(), description="Retry policy.")
     success_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = Field(
         default_factory=lambda: [0], min_length=1, max_length=256,
         description="Exit codes that count as success.",
@@ -373,7 +373,7 @@ class RemoteCommandSpec(ApiModel):
     max_failures: int | None = Field(
         None, ge=0, le=10000, description="Stop starting new VMs after this many failed."
     )
-    output: OutputSpec = Field(default_factory=OutputSpec, description="Output kept in status.")
+    output: OutputSpec = Field(default_factory=lambda: OutputSpec(), description="Output kept in status.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=365 * 86400, description="Delete the object this long after it finished."
     )

@@ -1,0 +1,67 @@
+# vmfleet — the two commands a newcomer runs are `make demo` and `make test`.
+# Both install what a fresh machine lacks (Debian packages, the Go build of the local
+# control plane, a virtualenv at .venv with the project) before they do their job.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VMFLEET := $(VENV)/bin/vmfleet
+PYTEST_ARGS ?=
+VMS ?= 3
+
+.PHONY: help setup system-deps venv controlplane crds crds-check typecheck \
+        test test-unit test-e2e demo dev-up dev-down clean
+
+help:
+	@echo "make demo       start the local environment and run the original guide's flow"
+	@echo "make test       unit and end-to-end tests (real kube-apiserver, sshd, Redis, RabbitMQ)"
+	@echo "make dev-down   stop the local environment"
+	@echo "make crds       regenerate crds/ from vmfleet/api/models.py"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+system-deps:
+	bash scripts/install-system-deps.sh
+
+controlplane:
+	bash tests/e2e/controlplane/build.sh
+
+setup: system-deps venv controlplane
+
+crds: venv
+	$(VMFLEET) crds generate
+
+crds-check: venv
+	$(VMFLEET) crds check
+
+typecheck: venv
+	$(PY) -m mypy
+
+test-unit: venv
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e -q -ra $(PYTEST_ARGS)
+
+test: setup crds-check
+	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+
+dev-up: setup
+	$(VMFLEET) dev up --vms $(VMS)
+
+dev-down: venv
+	$(VMFLEET) dev down
+
+demo: setup
+	$(VMFLEET) dev up --vms $(VMS)
+	$(VMFLEET) dev demo
+
+clean: dev-down
+	rm -rf .vmfleet
