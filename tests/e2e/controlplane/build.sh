@@ -54,8 +54,8 @@ fi
 mkdir -p "$cache_root/controlplane"
 # One build at a time per cache (parallel test sessions, two shells).
 exec 9>"$cache_root/controlplane/.build.lock"
-if command -v flock >/dev/null 2>&1; then
-    echo "build.sh: waiting for the build lock ($cache_root/controlplane/.build.lock)" >&2
+if command -v flock >/dev/null 2>&1 && ! flock -n 9; then
+    echo "build.sh: another build is running; waiting for it" >&2
     flock 9
 fi
 if built; then
@@ -85,10 +85,12 @@ for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ldflags+=" -X $pkg.gitMajor=$major"
     ldflags+=" -X $pkg.gitMinor=$minor"
     ldflags+=" -X $pkg.gitTreeState=archive"
+    ldflags+=" -X $pkg.gitCommit="
     ldflags+=" -X $pkg.buildDate=${build_date:-1970-01-01T00:00:00Z}"
 done
 
 tmp_dir="$(mktemp -d "$cache_root/controlplane/.tmp.XXXXXX")"
+chmod 755 "$tmp_dir"
 trap 'rm -rf "$tmp_dir"' EXIT
 
 "$GO" build \

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -66,6 +67,10 @@ func main() {
 	// plugin handling); make it look as if they had been run under their own name.
 	os.Args = append([]string{name}, args...)
 
+	if name != "kubectl" {
+		exitWithParent()
+	}
+
 	switch name {
 	case "etcd":
 		os.Exit(runEtcd(args))
@@ -88,6 +93,36 @@ func main() {
 // kubeVersion is stamped by build.sh with -ldflags -X (as are the version variables
 // of k8s.io/component-base/version and k8s.io/client-go/pkg/version).
 var kubeVersion = "unknown"
+
+// parentPIDEnv, when set to the pid of the process that started a server component,
+// makes the component stop (SIGTERM to itself, so the normal graceful shutdown runs)
+// once that parent is gone. Test runs set it so that a killed test session leaves no
+// control plane behind; a long-lived dev environment leaves it unset.
+const parentPIDEnv = "VMFLEET_CONTROLPLANE_PARENT_PID"
+
+func exitWithParent() {
+	v := os.Getenv(parentPIDEnv)
+	if v == "" {
+		return
+	}
+	os.Unsetenv(parentPIDEnv)
+	want, err := strconv.Atoi(v)
+	if err != nil || want <= 1 {
+		fmt.Fprintf(os.Stderr, "ignoring %s=%q: not a process id\n", parentPIDEnv, v)
+		return
+	}
+	go func() {
+		for {
+			if os.Getppid() != want {
+				fmt.Fprintf(os.Stderr, "parent process %d is gone; shutting down\n", want)
+				_ = syscall.Kill(os.Getpid(), syscall.SIGTERM)
+				time.Sleep(30 * time.Second)
+				os.Exit(1)
+			}
+			time.Sleep(time.Second)
+		}
+	}()
+}
 
 func isCommand(name string) bool {
 	switch name {
