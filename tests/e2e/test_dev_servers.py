@@ -14,11 +14,13 @@ from kombu import Connection
 
 from vmfleet.dev.brokers import RabbitMQServer, RedisServer
 from vmfleet.dev.proc import port_open, wait_until
-from vmfleet.dev.sshd import SshdVM, is_root, wait_for_port_closed
+from vmfleet.dev.sshd import SshdVM, namespaces_supported, wait_for_port_closed
 
 pytestmark = pytest.mark.e2e
 
-needs_root = pytest.mark.skipif(not is_root(), reason="per-VM namespaces need root")
+needs_namespaces = pytest.mark.skipif(
+    not namespaces_supported(), reason="per-VM namespaces need root and unshare"
+)
 
 
 # -- sshd VMs ---------------------------------------------------------------------
@@ -38,7 +40,7 @@ def test_each_vm_answers_with_pinned_host_key(vms: list[SshdVM]) -> None:
         finally:
             client.close()
         assert user == vm.user
-        if is_root():
+        if vm.isolated:
             assert hostname == vm.name
 
 
@@ -111,17 +113,17 @@ def test_restart_keeps_address_and_keys(make_vm: Callable[..., SshdVM]) -> None:
     assert vm.run("true")[0] == 0
 
 
-def test_kill_is_a_crashed_vm(make_vm: Callable[..., SshdVM]) -> None:
-    vm = make_vm()
+@pytest.mark.parametrize("isolate", [None, False], ids=["default", "no-namespaces"])
+def test_kill_is_a_crashed_vm(make_vm: Callable[..., SshdVM], isolate: bool | None) -> None:
+    vm = make_vm(isolate=isolate)
     marker = f"{uuid.uuid4().int % 10**6}.25"  # a sleep no one else runs
     client = vm.ssh_client()
     client.exec_command(f"sleep {marker}")
     wait_until(lambda: _pgrep(f"sleep {marker}"), 10, what="remote sleep to start")
     vm.kill()
     wait_for_port_closed(vm.host, vm.port)
-    if is_root():
-        # The VM's processes die with it (own PID namespace).
-        wait_until(lambda: not _pgrep(f"sleep {marker}"), 10, what="remote sleep to die")
+    # The VM's processes die with it (own PID namespace; else found through /proc).
+    wait_until(lambda: not _pgrep(f"sleep {marker}"), 10, what="remote sleep to die")
     transport = client.get_transport()
     wait_until(lambda: transport is None or not transport.is_active(), 10, what="connection to drop")
     client.close()
@@ -129,7 +131,19 @@ def test_kill_is_a_crashed_vm(make_vm: Callable[..., SshdVM]) -> None:
     assert vm.run("true")[0] == 0
 
 
-@needs_root
+def test_a_vm_started_elsewhere_is_stopped_through_its_pid_file(
+    make_vm: Callable[..., SshdVM],
+) -> None:
+    vm = make_vm()
+    # Another process (e.g. `vmfleet dev down`) knows only the work dir and address.
+    other = SshdVM(vm.name, vm.workdir, address=vm.host, port=vm.port)
+    assert other.host_public_keys == vm.host_public_keys, "keys are reused from the work dir"
+    other.stop()
+    wait_for_port_closed(vm.host, vm.port)
+    assert not vm.pid_file.exists()
+
+
+@needs_namespaces
 def test_vms_have_private_tmp(vms: list[SshdVM]) -> None:
     vm1, vm2 = vms[0], vms[1]
     name = f"/tmp/vmfleet-{uuid.uuid4().hex}"
@@ -169,6 +183,14 @@ def test_celery_message_round_trip(broker: RedisServer | RabbitMQServer) -> None
     queue = f"vmfleet.test.{uuid.uuid4().hex[:8]}"
     task_id = _send_task(broker.url, queue, "hello")
     assert _receive(broker.url, queue) == (task_id, "hello")
+
+
+def test_redis_started_elsewhere_is_stopped_through_its_pid_file(
+    make_redis: Callable[..., RedisServer],
+) -> None:
+    redis = make_redis()
+    RedisServer(redis.workdir, port=redis.port).stop()
+    wait_for_port_closed(redis.host, redis.port)
 
 
 def test_redis_keeps_queued_message_across_restart(make_redis: Callable[..., RedisServer]) -> None:

@@ -21,7 +21,14 @@ import signal
 import socket
 from pathlib import Path
 
-from vmfleet.dev.proc import ManagedProcess, free_port, port_open, wait_until
+from vmfleet.dev.proc import (
+    ManagedProcess,
+    free_port,
+    port_open,
+    stop_pid_file,
+    wait_until,
+    write_pid_file,
+)
 
 REDIS_SERVER = "redis-server"
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # not /usr/sbin's su wrapper
@@ -75,6 +82,11 @@ class RedisServer:
     def log_path(self) -> Path:
         return self.workdir / "redis.log"
 
+    @property
+    def pid_file(self) -> Path:
+        """The running server's process group, so another process can stop it."""
+        return self.workdir / "redis.pgid"
+
     def _write_config(self) -> Path:
         lines = [
             "# vmfleet dev Redis (generated; rewritten at every start)",
@@ -102,11 +114,13 @@ class RedisServer:
         if self.running():
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
+        stop_pid_file(self.pid_file)  # a stale server of this work dir
         self._write_config()
         self._process = ManagedProcess(
             self.name, [_which(REDIS_SERVER), str(self.config_path)], self.log_path, cwd=self.workdir
         )
         self._process.start()
+        write_pid_file(self._process, self.pid_file)
         process = self._process
 
         def ready() -> bool:
@@ -121,10 +135,12 @@ class RedisServer:
         return self
 
     def stop(self, grace: float = 15.0) -> None:
-        """Shut down cleanly (TERM: Redis flushes its AOF), then KILL after ``grace``."""
+        """Shut down cleanly (TERM: Redis flushes its AOF), then KILL after ``grace``.
+        Without a process of its own, stops the one recorded in ``pid_file``."""
         if self._process is not None:
             self._process.stop(grace)
             self._process = None
+        stop_pid_file(self.pid_file, grace)
 
     def kill(self) -> None:
         """SIGKILL: a crashed broker."""
@@ -132,6 +148,7 @@ class RedisServer:
             self._process.signal(signal.SIGKILL)
             self._process.stop(grace=5)
             self._process = None
+        stop_pid_file(self.pid_file, grace=0)
 
     def restart(self, timeout: float = 30) -> RedisServer:
         self.stop()
@@ -149,7 +166,7 @@ class RedisServer:
 
 def amqp_ready(url: str, timeout: float = 2.0) -> bool:
     """True when an AMQP connection to ``url`` opens (and logs in)."""
-    from kombu import Connection
+    from kombu.connection import Connection
 
     with Connection(url, connect_timeout=timeout) as conn:
         conn.ensure_connection(max_retries=1)
@@ -186,6 +203,11 @@ class RabbitMQServer:
     @property
     def log_path(self) -> Path:
         return self.workdir / "rabbitmq.log"
+
+    @property
+    def pid_files(self) -> tuple[Path, Path]:
+        """The node's and its epmd's process groups (stopped in that order)."""
+        return (self.workdir / "rabbitmq.pgid", self.workdir / "epmd.pgid")
 
     def _env(self) -> dict[str, str]:
         env = {
@@ -247,6 +269,8 @@ class RabbitMQServer:
         if self.running():
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
+        for pid_file in self.pid_files:  # a stale node of this work dir
+            stop_pid_file(pid_file, 30)
         self._write_config()
         env = self._env()
         # Our own epmd, in our own process group, so stop() can end it (an epmd that
@@ -258,10 +282,16 @@ class RabbitMQServer:
             env=env,
         )
         self._epmd.start()
+        write_pid_file(self._epmd, self.pid_files[1])
         epmd = self._epmd
         try:
+
+            def epmd_ready() -> bool:
+                epmd.check_running()
+                return port_open(self.host, self.epmd_port)
+
             wait_until(
-                lambda: epmd.check_running() or port_open(self.host, self.epmd_port),
+                epmd_ready,
                 10,
                 interval=0.05,
                 what=f"epmd on {self.host}:{self.epmd_port}",
@@ -270,6 +300,7 @@ class RabbitMQServer:
                 self.name, [_which(RABBITMQ_SERVER)], self.log_path, env=env, cwd=self.workdir
             )
             self._process.start()
+            write_pid_file(self._process, self.pid_files[0])
             process = self._process
 
             def ready() -> bool:
@@ -283,13 +314,17 @@ class RabbitMQServer:
         return self
 
     def stop(self, grace: float = 30.0) -> None:
-        """Stop the node cleanly (TERM), then KILL after ``grace``; then its epmd."""
+        """Stop the node cleanly (TERM), then KILL after ``grace``; then its epmd. Without
+        processes of its own, stops the ones recorded in ``pid_files``."""
         if self._process is not None:
             self._process.stop(grace)
             self._process = None
         if self._epmd is not None:
             self._epmd.stop(5)
             self._epmd = None
+        node_pid_file, epmd_pid_file = self.pid_files
+        stop_pid_file(node_pid_file, grace)
+        stop_pid_file(epmd_pid_file, 5)
 
     def kill(self) -> None:
         """SIGKILL the node and its epmd: a crashed broker."""
@@ -299,6 +334,8 @@ class RabbitMQServer:
                 proc.signal(signal.SIGKILL)
                 proc.stop(grace=5)
                 setattr(self, attr, None)
+        for pid_file in self.pid_files:
+            stop_pid_file(pid_file, grace=0)
 
     def restart(self, timeout: float = 90) -> RabbitMQServer:
         self.stop()

@@ -135,3 +135,54 @@ class ManagedProcess:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot), or None if it is gone or a
+    zombie. With the PID, it names one process even if the PID is reused later."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()  # fields from 3 (state) on
+    if fields[0] == b"Z":
+        return None
+    return fields[19].decode()  # field 22: starttime
+
+
+def write_pid_file(process: ManagedProcess, pid_file: Path) -> None:
+    """Record a started process (its group leader's PID and start time) so that another
+    process — e.g. ``vmfleet dev down`` — can stop it with ``stop_pid_file``."""
+    pid_file.write_text(f"{process.pid}\n{_proc_start_time(process.pid) or ''}\n")
+
+
+def stop_pid_file(pid_file: Path, grace: float = 10.0) -> bool:
+    """Stop the process group recorded by ``write_pid_file``: TERM, then KILL after
+    ``grace`` seconds. Returns False if it was not running. A PID that now belongs to
+    another process (reused) is left alone. The file is removed."""
+    try:
+        pid_text, start_time = pid_file.read_text().splitlines()[:2]
+        pid = int(pid_text)
+    except (OSError, ValueError):
+        return False
+
+    def alive() -> bool:
+        return bool(start_time) and _proc_start_time(pid) == start_time
+
+    was_running = alive()
+    if was_running:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            wait_until(lambda: not alive(), grace, interval=0.05, what=f"pid {pid} to exit")
+        except TimeoutError:
+            pass
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    pid_file.unlink(missing_ok=True)
+    return was_running

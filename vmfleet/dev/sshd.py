@@ -16,7 +16,8 @@ When running as root, each VM also gets its own namespaces (``unshare``, util-li
   directories under ``vm.root`` on the host: ``vm.host_path("/tmp/x")`` is where
   ``/tmp/x`` "on the VM" lives. The rest of the filesystem is shared with the host.
 
-Not root (a developer's laptop): plain sshd processes, no namespaces. ``hostname``
+Not root (a developer's laptop), or where namespaces are forbidden (an unprivileged
+container): plain sshd processes, no namespaces. ``hostname``
 prints the machine's hostname on every VM, all VMs share one filesystem
 (``vm.isolated`` is False, ``vm.root`` is None and ``host_path`` is the identity), and
 ``kill()``/``stop()`` end sshd and the session processes found under it.
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from vmfleet.dev.proc import ManagedProcess, free_port, wait_until
+from vmfleet.dev.proc import ManagedProcess, free_port, stop_pid_file, wait_until, write_pid_file
 
 if TYPE_CHECKING:  # paramiko is imported lazily: only the helpers need it
     import paramiko
@@ -65,6 +66,31 @@ exec "$@"
 
 def is_root() -> bool:
     return os.geteuid() == 0
+
+
+_UNSHARE_FLAGS = ["--uts", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child", "--mount-proc"]
+_namespaces_ok: bool | None = None
+
+
+def namespaces_supported() -> bool:
+    """True when this process may create the per-VM namespaces (root, and not in a
+    container that forbids it). Probed once."""
+    global _namespaces_ok
+    if _namespaces_ok is None:
+        if not is_root() or shutil.which(UNSHARE) is None:
+            _namespaces_ok = False
+        else:
+            try:
+                probe = subprocess.run(
+                    [UNSHARE, *_UNSHARE_FLAGS, "true"],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=10,
+                )
+                _namespaces_ok = probe.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                _namespaces_ok = False
+    return _namespaces_ok
 
 
 def current_user() -> str:
@@ -136,8 +162,8 @@ class SshdVM:
         key_passphrase: str | None = None,
         isolate: bool | None = None,
     ) -> None:
-        """``workdir`` is this VM's own directory (created). ``isolate`` (namespaces)
-        defaults to True when root; it needs root and is refused otherwise."""
+        """``workdir`` is this VM's own directory (created). ``isolate`` (per-VM
+        namespaces) defaults to True when they can be made (root, ``unshare`` allowed)."""
         self.name = name
         self.workdir = Path(workdir).resolve()
         self.host = address
@@ -145,9 +171,9 @@ class SshdVM:
         self.user = user or current_user()
         self.key_passphrase = key_passphrase
         if isolate is None:
-            isolate = is_root()
-        if isolate and not is_root():
-            raise ValueError("per-VM namespaces (isolate=True) need root")
+            isolate = namespaces_supported()
+        elif isolate and not namespaces_supported():
+            raise ValueError("per-VM namespaces (isolate=True) need root and unshare(1)")
         self.isolated = isolate
         self.root: Path | None = self.workdir / "root" if isolate else None
         self._process: ManagedProcess | None = None
@@ -163,6 +189,11 @@ class SshdVM:
     @property
     def log_path(self) -> Path:
         return self.workdir / "sshd.log"
+
+    @property
+    def pid_file(self) -> Path:
+        """The running sshd's process group, so another process can stop it."""
+        return self.workdir / "sshd.pgid"
 
     @property
     def user_key_path(self) -> Path:
@@ -268,7 +299,8 @@ class SshdVM:
             f"ListenAddress {self.host}:{self.port}",
             "AddressFamily inet",
             f"HostKey {host_key}",
-            f"PidFile {base}/sshd.pid",
+            # In a PID namespace sshd's own pid file would say "1": see pid_file.
+            f"PidFile {base}/sshd.pid" if not self.isolated else "PidFile none",
             f"AuthorizedKeysFile {base}/authorized_keys",
             f"AllowUsers {self.user}",
             "PubkeyAuthentication yes",
@@ -303,14 +335,7 @@ class SshdVM:
             return sshd
         return [
             UNSHARE,
-            "--uts",
-            "--mount",
-            "--propagation",
-            "private",
-            "--pid",
-            "--fork",
-            "--kill-child",
-            "--mount-proc",
+            *_UNSHARE_FLAGS,
             "sh",
             "-c",
             _NS_SETUP,
@@ -337,10 +362,12 @@ class SshdVM:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
             if self.isolated:
                 Path(_NS_VMDIR).mkdir(mode=0o700, exist_ok=True)
+        stop_pid_file(self.pid_file)  # a stale sshd of this work dir (e.g. a crashed dev up)
         self._prune_old_host_keys()
         self._write_config()
         self._process = ManagedProcess(f"sshd-{self.name}", self._argv(), self.log_path)
         self._process.start()
+        write_pid_file(self._process, self.pid_file)
         process = self._process
 
         def ready() -> bool:
@@ -375,21 +402,26 @@ class SshdVM:
                 pass
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop sshd and end every session on the VM."""
+        """Stop sshd and end every session on the VM. Without a process of its own
+        (another process started it), stops the one recorded in ``pid_file``."""
         if self._process is None:
+            stop_pid_file(self.pid_file, grace)
             return
         self._kill_sessions()
         self._process.stop(grace)
         self._process = None
+        self.pid_file.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """SIGKILL sshd (and with it everything on the VM): a crashed VM."""
         if self._process is None:
+            stop_pid_file(self.pid_file, grace=0)
             return
         self._kill_sessions()
         self._process.signal(signal.SIGKILL)
         self._process.stop(grace=5)
         self._process = None
+        self.pid_file.unlink(missing_ok=True)
 
     def restart(self, timeout: float = 30) -> SshdVM:
         self.stop()
@@ -515,6 +547,7 @@ __all__ = [
     "SshdVM",
     "current_user",
     "is_root",
+    "namespaces_supported",
     "read_ssh_banner",
     "start_vms",
     "stop_vms",
