@@ -22,7 +22,7 @@ from kubernetes.client import AppsV1Api
 from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
-from vmfleet.dev.proc import ManagedProcess
+from vmfleet.dev.proc import ManagedProcess, stop_pid_file, write_pid_file
 
 log = logging.getLogger("controller.runtime")
 
@@ -256,11 +256,15 @@ class ProcessRuntime:
                 log_path = self.log_dir / f"{vm.namespace}.{vm.name}.{index}.log"
                 proc = ManagedProcess(f"worker {vm.key}#{index}", self._argv(vm, index), log_path,
                                       env=self._env(vm)).start()
+                # Recorded so that `vmfleet dev down` can stop workers a killed controller left.
+                write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started worker process %s for RemoteVM %s (queue %s)", proc.pid, vm.key,
                          vm.queue)
                 current.processes.append(proc)
             while len(current.processes) > replicas:
-                current.processes.pop().stop()
+                extra = current.processes.pop()
+                extra.stop(grace=15)
+                stop_pid_file(extra.log_path.with_suffix(".pgid"), grace=0)
             running = len(current.processes)
         return {"runtime": self.name, "queue": vm.queue, "replicas": replicas,
                 "readyReplicas": running}
@@ -281,4 +285,5 @@ class ProcessRuntime:
     def _stop(workers: _LocalWorkers) -> None:
         for proc in workers.processes:
             proc.stop(grace=15)
+            stop_pid_file(proc.log_path.with_suffix(".pgid"), grace=0)
         workers.processes.clear()

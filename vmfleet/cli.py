@@ -43,6 +43,8 @@ def _dev(args: argparse.Namespace) -> int:
         return env.up(vms=args.vms, broker=args.broker)
     if args.action == "down":
         return env.down()
+    if args.action == "demo":
+        return env.demo()
     return env.status()
 
 
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl.set_defaults(func=_controller)
 
     dev = sub.add_parser("dev", help="the local environment (control plane, broker, sshd VMs)")
-    dev.add_argument("action", choices=["up", "down", "status"])
+    dev.add_argument("action", choices=["up", "down", "status", "demo"])
     dev.add_argument("--vms", type=int, default=3, help="number of sshd VMs (default 3)")
     dev.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
     dev.set_defaults(func=_dev)
