@@ -338,7 +338,7 @@ class ControlPlane:
             self.server + path,
             headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json, */*"},
         )
-        with urllib.request.urlopen(request, timeout=timeout, context=self._ssl_context()) as response:
+        with _open(request, timeout, self._ssl_context()) as response:
             body: bytes = response.read()
             return body
 
@@ -458,7 +458,7 @@ class ControlPlane:
             raise
 
     def _etcd_healthy(self) -> bool:
-        with urllib.request.urlopen(f"{self.etcd_url}/health", timeout=5) as response:
+        with _open(f"{self.etcd_url}/health", 5) as response:
             return bool(json.loads(response.read()).get("health") == "true")
 
     def _kcm_healthy(self) -> bool:
@@ -468,7 +468,7 @@ class ControlPlane:
         context.verify_mode = ssl.CERT_NONE
         url = f"https://127.0.0.1:{self.controller_manager_port}/healthz"
         try:
-            with urllib.request.urlopen(url, timeout=5, context=context) as response:
+            with _open(url, 5, context) as response:
                 return bool(response.read().strip() == b"ok")
         except urllib.error.HTTPError:
             return False
@@ -640,6 +640,17 @@ class ControlPlane:
             f'{tokens[ADMIN_USER]},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
             f"{tokens[CONTROLLER_MANAGER_USER]},{CONTROLLER_MANAGER_USER},{CONTROLLER_MANAGER_USER}\n",
         )
+
+
+def _open(
+    url: str | urllib.request.Request, timeout: float, context: ssl.SSLContext | None = None
+) -> Any:
+    """urlopen without proxies: the control plane is on 127.0.0.1, whatever
+    ``http_proxy``/``https_proxy`` say."""
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    return urllib.request.build_opener(*handlers).open(url, timeout=timeout)
 
 
 def _unique_port(taken: set[int]) -> int:
