@@ -20,7 +20,10 @@ def load_api_client() -> ApiClient:
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     else:
-        kubernetes.config.load_kube_config(client_configuration=configuration)
+        # $KUBECONFIG is read now, not when the kubernetes package was imported.
+        kubernetes.config.load_kube_config(
+            config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
+        )
     return ApiClient(configuration)
 
 

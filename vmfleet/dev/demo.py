@@ -52,11 +52,12 @@ def _wait(kube: Kube, namespace: str, names: list[str], timeout: float = 120) ->
 def _rows(title: str, obj: dict[str, Any]) -> list[list[str]]:
     rows = []
     for result in obj["status"].get("results", []):
-        output = (result.get("stdout") or result.get("message") or "").strip().splitlines()
-        first = output[0] if output else ""
-        more = f" (+{len(output) - 1} lines)" if len(output) > 1 else ""
+        lines = (result.get("stdout") or result.get("message") or "").strip().splitlines()
+        output = " | ".join(" ".join(line.split()) for line in lines)
+        if len(output) > 90:
+            output = output[:87] + "..."
         rows.append([title, result["vm"], result["phase"],
-                     str(result.get("exitCode", "-")), _duration(result), first[:70] + more])
+                     str(result.get("exitCode", "-")), _duration(result), output])
     return rows
 
 
