@@ -195,6 +195,25 @@ def test_kubeconfig_fixture_verifies_tls(controlplane: ControlPlane, kubeconfig:
     assert oct(kubeconfig.stat().st_mode & 0o777) == "0o600"
 
 
+def test_python_kubernetes_client_uses_the_kubeconfig(
+    controlplane: ControlPlane, kubeconfig: Path, namespace: str
+) -> None:
+    """What the controller and the workers do: load the kubeconfig, verify TLS."""
+    from kubernetes import client, config
+
+    api_client = config.new_client_from_config(config_file=str(kubeconfig))
+    try:
+        core = client.CoreV1Api(api_client)
+        names = {ns.metadata.name for ns in core.list_namespace().items}
+        assert {"default", "kube-system", namespace} <= names
+        core.create_namespaced_config_map(
+            namespace, {"metadata": {"name": "from-python"}, "data": {"k": "v"}}
+        )
+        assert exists(controlplane, "configmap", "from-python", "-n", namespace)
+    finally:
+        api_client.close()
+
+
 # -- process handling ------------------------------------------------------------------
 
 

@@ -193,6 +193,7 @@ class ControlPlane:
         env = dict(os.environ if base is None else base)
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["KUBERC"] = "off"  # no user preferences (~/.kube/kuberc) in our kubectl runs
+        env["KUBECACHEDIR"] = str(self.workdir / "kube-cache")  # not ~/.kube/cache
         return env
 
     # -- lifecycle ---------------------------------------------------------------
