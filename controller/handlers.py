@@ -50,9 +50,14 @@ def vm_changed(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) ->
     patch.status["observedGeneration"] = body.metadata.get("generation")
 
 
-@kopf.on.delete(*VMS, optional=True)
-def vm_deleted(name: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
-    memo.ctx.runtime.remove(namespace or "", name)
+@kopf.on.event(*VMS)
+def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    # No finalizer: Deployments are garbage collected with their RemoteVM, and local
+    # worker processes end with the controller, so a deletion missed while it was down
+    # leaves nothing behind.
+    if event["type"] == "DELETED":
+        meta = event["object"]["metadata"]
+        memo.ctx.runtime.remove(meta["namespace"], meta["name"])
 
 
 # --------------------------------------------------------------------------- RemoteCommand

@@ -415,6 +415,7 @@ class CommandSummary(StatusModel):
     running: int = 0
     succeeded: int = 0
     failed: int = 0
+    cancelled: int = 0
 
 
 class TargetResult(StatusModel):
