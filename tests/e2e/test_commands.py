@@ -175,3 +175,31 @@ def test_workers_of_a_deleted_vm_stop(ns: Namespace, make_vm, controller_dir):
     ns.k("delete", "rvm", "shortlived")
     wait_until(lambda: "Warm shutdown" in log.read_text() or "Cold shutdown" in log.read_text(),
                timeout=60, what="the worker of the deleted RemoteVM to stop")
+
+
+def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis_server,
+                                                    controller_dir):
+    """Extra copies of the dispatch message (as a broker redelivery makes) are claimed away."""
+    from controller.dispatch import Dispatcher
+    from vmfleet.api.envelope import Envelope
+
+    vm = make_vm("once")
+    ns.add_vms([vm])
+    runs = "/tmp/vmfleet-runs"
+    ns.run("once", vm="once", command=f"echo ran >> {runs}; sleep 1")
+    obj = wait_until(lambda: (ns.get("rcmd", "once").get("status") or {}).get("results") and
+                     ns.get("rcmd", "once"), timeout=30, what="the dispatch")
+    envelope = Envelope(namespace=str(ns), name="once", uid=obj["metadata"]["uid"], vm="once",
+                        attempt=1, dispatch_time="", spec=obj["spec"])
+    dispatcher = Dispatcher(redis_server.url)
+    try:
+        for _ in range(3):
+            dispatcher.send(envelope, f"vmfleet.{ns}.once")
+    finally:
+        dispatcher.close()
+    ns.wait("remotecommand/once", "Complete")
+    log = controller_dir / "workers" / f"{ns}.once.0.log"
+    wait_until(lambda: log.read_text().count(f"Skipped RemoteCommand {ns}/once") == 3,
+               timeout=30, what="the three duplicates to be skipped")
+    assert vm.host_path(runs).read_text() == "ran\n"
+    assert log.read_text().count(f"Claimed RemoteCommand {ns}/once") == 1
