@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end tests: real kube-apiserver + etcd, real sshd, real brokers."""
+"""Fixtures for end-to-end tests (real kube-apiserver + etcd, sshd, brokers), loaded lazily."""
 
 pytest_plugins = [
     "tests.e2e.plugins.controlplane",
