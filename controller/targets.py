@@ -28,7 +28,7 @@ def describe_target(spec: RemoteCommandSpec) -> str:
     """The TARGET printer column."""
     if spec.transfer is not None:
         to = ",".join(sorted({loc.vm for loc in spec.transfer.to}))
-        return f"{spec.transfer.from_.vm} -> {to}"
+        return f"{spec.transfer.from_.vm or spec.transfer.from_.describe()} -> {to}"
     if spec.vm is not None:
         return spec.vm
     assert spec.selector is not None

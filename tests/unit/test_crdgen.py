@@ -42,7 +42,9 @@ def test_command_crd_rules_and_defaults():
     props = spec["properties"]
     assert props["successExitCodes"]["default"] == [0]
     assert props["output"]["default"] == {"maxBytes": 16384}
-    assert props["transfer"]["properties"]["from"]["required"] == ["vm", "path"]
+    source = props["transfer"]["properties"]["from"]
+    assert set(source["properties"]) == {"vm", "path", "configMapKeyRef", "secretKeyRef"}
+    assert any("size() == 1" in rule["rule"] for rule in source["x-kubernetes-validations"])
     results = _schema(crd)["properties"]["status"]["properties"]["results"]
     assert results["x-kubernetes-list-type"] == "map"
     assert results["x-kubernetes-list-map-keys"] == ["vm"]

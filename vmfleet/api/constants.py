@@ -28,6 +28,8 @@ CATEGORIES: Final = ("vmfleet",)
 # Celery task names (the controller sends by name; it never imports remote_tasks).
 TASK_EXECUTE: Final = "remote_tasks.execute_on_vm"
 TASK_CHECK_VM: Final = "remote_tasks.check_vm_status"
+TASK_TRANSFER: Final = "remote_tasks.transfer_file"
+TASK_TRANSFER_CLEANUP: Final = "remote_tasks.clean_transfer"
 TRANSFER_QUEUE: Final = "vmfleet.transfers"
 
 # Labels and annotations.
@@ -103,6 +105,12 @@ class Reason:
     RUNNING: Final = "Running"
     SUCCEEDED: Final = "Succeeded"
     FAILED: Final = "Failed"
+    # File transfers
+    SOURCE_NOT_FOUND: Final = "SourceNotFound"
+    DESTINATION_NOT_FOUND: Final = "DestinationNotFound"
+    PERMISSION_DENIED: Final = "PermissionDenied"
+    DESTINATION_EXISTS: Final = "DestinationExists"
+    CHECKSUM_MISMATCH: Final = "ChecksumMismatch"
 
 
 ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"

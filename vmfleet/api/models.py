@@ -261,21 +261,120 @@ class RemoteVMStatus(StatusModel):
 
 class FileLocation(ApiModel):
     vm: K8sName = Field(description="RemoteVM name (same namespace).")
-    path: str = Field(min_length=1, max_length=MAX_PATH, description="Absolute path on that VM.")
+    path: str = Field(
+        min_length=1, max_length=MAX_PATH, pattern=r"^/",
+        description="Absolute path on that VM. Copied literally: never seen by a shell.",
+    )
+
+
+class KeySelector(ApiModel):
+    """One key of a ConfigMap or Secret in the same namespace."""
+
+    name: K8sName = Field(description="Name of the ConfigMap or Secret (same namespace).")
+    key: str = Field(
+        min_length=1, max_length=MAX_NAME, pattern=r"^[-._a-zA-Z0-9]+$", description="The key."
+    )
+
+
+class TransferSource(ApiModel):
+    """Where a transfer reads from: a file on a VM, or one key of a ConfigMap or Secret."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "[has(self.vm), has(self.configMapKeyRef), has(self.secretKeyRef)]"
+                    ".filter(x, x).size() == 1",
+                    "transfer.from needs exactly one source: vm (with path), configMapKeyRef "
+                    "or secretKeyRef",
+                ),
+                cel("has(self.vm) == has(self.path)", "transfer.from.vm and .path go together"),
+            ]
+        },
+    )
+
+    vm: K8sName | None = Field(None, description="RemoteVM holding the source file.")
+    path: str | None = Field(
+        None, min_length=1, max_length=MAX_PATH, pattern=r"^/",
+        description="Absolute path of the source file on that VM.",
+    )
+    config_map_key_ref: KeySelector | None = Field(
+        None, description="Copy the value of this ConfigMap key (data or binaryData)."
+    )
+    secret_key_ref: KeySelector | None = Field(
+        None, description="Copy the value of this Secret key. Its content is never logged."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TransferSource:
+        sources = [self.vm is not None, self.config_map_key_ref is not None,
+                   self.secret_key_ref is not None]
+        if sum(sources) != 1:
+            raise ValueError("transfer.from needs exactly one source: vm (with path), "
+                             "configMapKeyRef or secretKeyRef")
+        if (self.vm is None) != (self.path is None):
+            raise ValueError("transfer.from.vm and transfer.from.path go together")
+        return self
+
+    def describe(self) -> str:
+        """``vm1:/path``, ``configMap/name/key`` or ``secret/name/key``."""
+        if self.config_map_key_ref is not None:
+            return f"configMap/{self.config_map_key_ref.name}/{self.config_map_key_ref.key}"
+        if self.secret_key_ref is not None:
+            return f"secret/{self.secret_key_ref.name}/{self.secret_key_ref.key}"
+        return f"{self.vm}:{self.path}"
 
 
 class TransferSpec(ApiModel):
-    """Copy one file from a VM to one or more VMs over SFTP (no shell)."""
+    """Copy one file to one or more VMs over SFTP (no shell), streamed and verified."""
 
-    from_: FileLocation = Field(alias="from", description="Source file.")
-    to: list[FileLocation] = Field(min_length=1, max_length=64, description="Destinations.")
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        use_enum_values=True,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.to.all(a, self.to.exists_one(b, b.vm == a.vm))",
+                    "each destination VM may appear once in transfer.to",
+                    ".to",
+                ),
+            ]
+        },
+    )
+
+    from_: TransferSource = Field(alias="from", description="Source file.")
+    to: list[FileLocation] = Field(
+        min_length=1, max_length=64, description="Destinations, at most one per VM."
+    )
     mode: str | None = Field(
-        None, pattern=r"^0?[0-7]{3,4}$", max_length=5, description="Octal file mode, e.g. 0644."
+        None, pattern=r"^0?[0-7]{3,4}$", max_length=5,
+        description="Octal file mode, e.g. 0644 (default: the source file's mode, else 0644).",
     )
     create_dirs: bool = Field(False, description="Create missing parent directories.")
     overwrite: Literal["Always", "Never", "IfDifferent"] = Field(
-        "Always", description="What to do when the destination exists."
+        "Always",
+        description="What to do when the destination exists: replace it (atomically), fail "
+        "with DestinationExists, or replace it only when size or sha256 differ.",
     )
+    verify: bool = Field(
+        False, description="Re-read each destination after writing and compare its sha256."
+    )
+
+    @field_validator("to")
+    @classmethod
+    def _one_per_vm(cls, to: list[FileLocation]) -> list[FileLocation]:
+        seen: set[str] = set()
+        for loc in to:
+            if loc.vm in seen:
+                raise ValueError(f"each destination VM may appear once in transfer.to ({loc.vm})")
+            seen.add(loc.vm)
+        return to
 
 
 class Retries(ApiModel):
@@ -418,6 +517,24 @@ class CommandSummary(StatusModel):
     cancelled: int = 0
 
 
+class TransferResult(StatusModel):
+    """What a transfer wrote to one destination VM."""
+
+    source: str | None = Field(None, max_length=MAX_PATH + MAX_NAME, description="vm:path, "
+                               "configMap/name/key or secret/name/key.")
+    path: str | None = Field(None, max_length=MAX_PATH, description="Destination path.")
+    bytes: int | None = Field(None, ge=0, description="Bytes written (so far, while running).")
+    total_bytes: int | None = Field(None, ge=0, description="Size of the source.")
+    sha256: str | None = Field(None, max_length=64, description="sha256 of the bytes written.")
+    duration_seconds: float | None = Field(None, ge=0)
+    bytes_per_second: float | None = Field(None, ge=0, description="Throughput of the copy.")
+    verified: bool | None = Field(None, description="True when the destination was re-read.")
+    unchanged: bool | None = Field(
+        None, description="True when overwrite IfDifferent found the same content (not copied)."
+    )
+    update_time: str | None = Field(None, description="Last progress report of the worker.")
+
+
 class TargetResult(StatusModel):
     """The result on one VM. Workers write only their own VM's entry."""
 
@@ -437,6 +554,7 @@ class TargetResult(StatusModel):
     start_time: str | None = None
     completion_time: str | None = None
     worker: str | None = Field(None, max_length=MAX_NAME, description="Worker that ran it.")
+    transfer: TransferResult | None = Field(None, description="File transfers: what was copied.")
 
 
 class RemoteCommandStatus(StatusModel):
