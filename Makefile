@@ -10,7 +10,7 @@ VMFLEET := $(VENV)/bin/vmfleet
 PYTEST_ARGS ?=
 VMS ?= 3
 
-.PHONY: help setup system-deps venv controlplane crds crds-check typecheck \
+.PHONY: help setup system-deps venv controlplane helm crds crds-check typecheck \
         test test-unit test-e2e demo dev-up dev-down clean
 
 help:
@@ -33,7 +33,10 @@ system-deps:
 controlplane:
 	bash tests/e2e/controlplane/build.sh
 
-setup: system-deps venv controlplane
+helm:
+	bash scripts/install-helm.sh
+
+setup: system-deps venv controlplane helm
 
 crds: venv
 	$(VMFLEET) crds generate

@@ -7,8 +7,10 @@ from typing import Any
 
 import kopf
 
+from vmfleet import metrics
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase
+from vmfleet.celeryconf import broker_url
 
 from .commands import reconcile_command
 from .context import Context
@@ -29,6 +31,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 32
     settings.watching.server_timeout = 270
     memo.ctx = Context.from_environment()
+    metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
 
 
 @kopf.on.cleanup()
@@ -45,13 +48,16 @@ def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(*VMS)
 @kopf.on.create(*VMS)
 @kopf.on.update(*VMS, field="spec")
+@metrics.counts_errors(c.VM_KIND)
 def vm_changed(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
     patch.status["workers"] = reconcile_vm(memo.ctx, dict(body))
+    metrics.observe_workers(body.metadata["namespace"], body.metadata["name"], patch.status["workers"])
     patch.status["observedGeneration"] = body.metadata.get("generation")
 
 
 @kopf.on.event(*VMS)
 def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    metrics.observe_vm(event["object"], deleted=event["type"] == "DELETED")
     # No finalizer: Deployments are garbage collected with their RemoteVM, and local
     # worker processes end with the controller, so a deletion missed while it was down
     # leaves nothing behind.
@@ -68,6 +74,7 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
 
 
 @kopf.on.event(*COMMANDS)
+@metrics.counts_errors(c.COMMAND_KIND)
 def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     if event["type"] == "DELETED":
         return
@@ -75,5 +82,6 @@ def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.timer(*COMMANDS, interval=15, initial_delay=15, when=_unfinished)
+@metrics.counts_errors(c.COMMAND_KIND)
 def command_timer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     reconcile_command(memo.ctx, dict(body))

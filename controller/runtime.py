@@ -22,7 +22,8 @@ from kubernetes.client import AppsV1Api
 from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
-from vmfleet.dev.proc import ManagedProcess, stop_pid_file, write_pid_file
+from vmfleet.dev.proc import ManagedProcess, free_port, stop_pid_file, write_pid_file
+from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 
 log = logging.getLogger("controller.runtime")
 
@@ -238,6 +239,8 @@ class ProcessRuntime:
         env[BROKER_URL_ENV] = self.broker_url
         env["VMFLEET_VM"] = vm.key
         env.pop("VMFLEET_CREDENTIALS_DIR", None)  # read the VM's own Secret through the API
+        # Local workers share the machine: each its own metrics port, or none if ours is off.
+        env[METRICS_PORT_ENV] = str(free_port()) if os.environ.get(METRICS_PORT_ENV) != "0" else "0"
         return env
 
     def ensure(self, vm: VMRef) -> dict[str, Any]:

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from celery import Celery
+from typing import Any
 
+from celery import Celery, signals
+
+from vmfleet import metrics
 from vmfleet.celeryconf import celery_config
 
 app = Celery("remote_tasks")
 app.conf.update(celery_config())
+
+
+@signals.worker_init.connect
+def serve_metrics(**_: Any) -> None:
+    """The worker's /metrics (VMFLEET_METRICS_PORT, default 9808, 0 = off)."""
+    metrics.start_worker_metrics()

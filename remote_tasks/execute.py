@@ -19,6 +19,7 @@ from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Envelope, now_rfc3339
 from vmfleet.api.models import RemoteCommandSpec, RemoteVMSpec
 from vmfleet.kube import ApiException, Kube
+from vmfleet import metrics
 
 from . import claims
 from .shell import InvalidCommand, build_invocation
@@ -124,6 +125,7 @@ class CommandExecutor:
             raise
         log.info("Claimed RemoteCommand %s on %s (attempt %s)", envelope.ref, envelope.vm,
                  envelope.attempt)
+        started = metrics.command_claimed(envelope.dispatch_time)
         host: str | None = None
         try:
             spec = RemoteCommandSpec.model_validate(obj["spec"])
@@ -143,6 +145,8 @@ class CommandExecutor:
         )
         log.info("Finished RemoteCommand %s on %s: %s (%s)", envelope.ref, envelope.vm,
                  outcome.phase, outcome.reason)
+        metrics.command_finished(envelope.namespace, envelope.vm, outcome.phase, outcome.reason,
+                                 started)
         return outcome.phase
 
     def run(self, envelope: Envelope, spec: RemoteCommandSpec, target: SSHTarget) -> Outcome:

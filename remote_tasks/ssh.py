@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import paramiko
 
+from vmfleet import metrics
+
 from .output import StreamTail
 
 log = logging.getLogger(__name__)
@@ -263,6 +265,7 @@ class ConnectionPool:
         self._lock = threading.Lock()
         self._connections: dict[SSHTarget, Connection] = {}
         self._connecting: dict[SSHTarget, threading.Lock] = {}
+        metrics.track_pool(self)
 
     def get(self, target: SSHTarget) -> Connection:
         with self._lock:
@@ -276,7 +279,8 @@ class ConnectionPool:
                 conn = self._connections.get(target)
                 if conn is not None and conn.active:
                     return conn
-            fresh = Connection(target).open()
+            with metrics.ssh_connecting():
+                fresh = Connection(target).open()
             log.info("Connected to %s (host key %s)", target.address,
                      fingerprint(fresh.server_key) if fresh.server_key else "?")
             with self._lock:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages vmfleet's local environment and e2e tests need:
 # OpenSSH (the fake "VMs"), Redis and RabbitMQ (the brokers), util-linux (unshare),
-# procps (pgrep/ps), iproute2 (ss).
+# procps (pgrep/ps), iproute2 (ss), prometheus (the server and promtool, for the metrics
+# e2e tests and `promtool check rules` on the chart's alerts).
 #
 # Idempotent: does nothing when everything is present; runs `apt-get update` once, only
 # when something is missing. System services are neither started nor left enabled:
@@ -20,9 +21,10 @@ PACKAGES=(
     procps
     iproute2
     ca-certificates
+    prometheus
 )
 # Services that a package's postinst may have started or enabled.
-SERVICES=(ssh redis-server rabbitmq-server epmd)
+SERVICES=(ssh redis-server rabbitmq-server epmd prometheus)
 
 if [ "$(id -u)" -eq 0 ]; then
     SUDO=()
@@ -99,7 +101,7 @@ disable_system_services
 
 # Daemons started by a postinst outside the init system: stop only the system-wide ones
 # (run by the packages' system users, or the system sshd/rabbitmq by their pid files).
-for user in rabbitmq redis epmd; do
+for user in rabbitmq redis epmd prometheus; do
     if id "$user" >/dev/null 2>&1; then
         "${SUDO[@]}" pkill -TERM -u "$user" >/dev/null 2>&1 || true
     fi

@@ -116,6 +116,7 @@ def start_controller(
         "VMFLEET_WORKER_RUNTIME": runtime,
         "VMFLEET_WORKER_LOG_DIR": str(workdir / "workers"),
         "PYTHONUNBUFFERED": "1",
+        "VMFLEET_METRICS_PORT": "0",  # several controllers at once: metrics only when asked
     })
     env.pop("KUBERNETES_SERVICE_HOST", None)
     env.update(extra_env or {})
