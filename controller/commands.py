@@ -21,6 +21,7 @@ from vmfleet.kube import ApiException
 from .context import Context
 from .fold import changed, fold, set_condition
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
+from .transfers import reconcile_transfer, start_transfer
 
 log = logging.getLogger("controller.commands")
 
@@ -39,6 +40,8 @@ def reconcile_command(ctx: Context, body: dict[str, Any]) -> None:
     if status.get("results") is None:
         start(ctx, body, spec)
         return
+    if spec.transfer is not None and reconcile_transfer(ctx, body, spec):
+        return  # lost attempts were handled: the next event folds the new entries
     folded = fold(status["results"], status, now_rfc3339())
     if changed(status, folded):
         ctx.kube.patch_command_status(namespace, name, {"status": folded})
@@ -52,7 +55,7 @@ def start(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec) -> None:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     if spec.transfer is not None:
-        reject(ctx, body, "file transfers are not available in this version of vmfleet")
+        start_transfer(ctx, body, spec)
         return
     now = now_rfc3339()
     if spec.vm is not None:

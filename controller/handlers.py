@@ -31,6 +31,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 32
     settings.watching.server_timeout = 270
     memo.ctx = Context.from_environment()
+    ensure_transfer_worker = getattr(memo.ctx.runtime, "ensure_transfer_worker", None)
+    if ensure_transfer_worker is not None:
+        ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers
     metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubernetes.client import AppsV1Api
+from kubernetes.client.exceptions import ApiException
 
 from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteVMSpec
@@ -26,6 +27,9 @@ from vmfleet.dev.proc import ManagedProcess, free_port, stop_pid_file, write_pid
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 
 log = logging.getLogger("controller.runtime")
+
+# The VM's maxConcurrentCommands, shared by all its workers (a semaphore in the broker).
+MAX_CONCURRENT_ENV = "VMFLEET_MAX_CONCURRENT_COMMANDS"
 
 
 def desired_replicas(spec: RemoteVMSpec) -> int:
@@ -51,6 +55,16 @@ def worker_argv(queue: str, concurrency: int, node_name: str) -> list[str]:
         "--without-gossip", "--without-mingle",
         "--loglevel", "INFO",
     ]
+
+
+TRANSFER_CONCURRENCY = 4
+TRANSFER_NODE = "vmfleet-transfers"
+
+
+def transfer_worker_argv(concurrency: int = TRANSFER_CONCURRENCY,
+                         node_name: str = f"{TRANSFER_NODE}@%h") -> list[str]:
+    """The shared transfer worker (queue ``vmfleet.transfers``): every VM's transfers."""
+    return worker_argv(c.TRANSFER_QUEUE, concurrency, node_name)
 
 
 def label_value(value: str) -> str:
@@ -80,7 +94,9 @@ class VMRef:
 class Runtime(Protocol):
     name: str
 
-    def ensure(self, vm: VMRef) -> dict[str, Any]: ...
+    def ensure(self, vm: VMRef, replicas: int | None = None) -> dict[str, Any]: ...
+
+    def current_replicas(self, vm: VMRef) -> int: ...
 
     def remove(self, namespace: str, name: str) -> None: ...
 
@@ -130,6 +146,7 @@ def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) ->
             broker_env,
             {"name": "VMFLEET_CREDENTIALS_DIR", "value": c.CREDENTIALS_MOUNT_PATH},
             {"name": "VMFLEET_VM", "value": vm.key},
+            {"name": MAX_CONCURRENT_ENV, "value": str(vm.spec.max_concurrent_commands)},
         ],
         "volumeMounts": [
             {"name": "ssh-credentials", "mountPath": c.CREDENTIALS_MOUNT_PATH, "readOnly": True}
@@ -185,8 +202,9 @@ class DeploymentRuntime:
         self.apps = apps
         self.settings = settings
 
-    def ensure(self, vm: VMRef) -> dict[str, Any]:
-        replicas = desired_replicas(vm.spec)
+    def ensure(self, vm: VMRef, replicas: int | None = None) -> dict[str, Any]:
+        """Apply the Deployment with ``replicas`` (from the autoscaler; default: the spec's)."""
+        replicas = desired_replicas(vm.spec) if replicas is None else replicas
         body = worker_deployment(vm, self.settings, replicas)
         applied = self.apps.patch_namespaced_deployment(
             body["metadata"]["name"], vm.namespace, body,
@@ -201,14 +219,30 @@ class DeploymentRuntime:
             "readyReplicas": (applied.status.ready_replicas or 0) if applied.status else 0,
         }
 
+    def current_replicas(self, vm: VMRef) -> int:
+        try:
+            dep = self.apps.read_namespaced_deployment(c.worker_deployment_name(vm.name),
+                                                       vm.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return 0
+            raise
+        return int(dep.spec.replicas or 0) if dep.spec else 0
+
     def remove(self, namespace: str, name: str) -> None:
         """Nothing to do: the Deployment is owned by the RemoteVM and garbage collected."""
+
+    def ensure_transfer_worker(self) -> None:
+        """Nothing to do: the Helm chart runs the transfer worker (``transfer_worker_argv``)."""
 
     def shutdown(self) -> None:
         """Deployments outlive the controller."""
 
 
 # --------------------------------------------------------------------------- Process
+
+
+_TRANSFERS_KEY = "*transfers"  # never a namespace/name key
 
 
 @dataclass
@@ -238,13 +272,20 @@ class ProcessRuntime:
         env = dict(os.environ)
         env[BROKER_URL_ENV] = self.broker_url
         env["VMFLEET_VM"] = vm.key
+        env[MAX_CONCURRENT_ENV] = str(vm.spec.max_concurrent_commands)
         env.pop("VMFLEET_CREDENTIALS_DIR", None)  # read the VM's own Secret through the API
         # Local workers share the machine: each its own metrics port, or none if ours is off.
         env[METRICS_PORT_ENV] = str(free_port()) if os.environ.get(METRICS_PORT_ENV) != "0" else "0"
         return env
 
-    def ensure(self, vm: VMRef) -> dict[str, Any]:
-        replicas = desired_replicas(vm.spec)
+    def current_replicas(self, vm: VMRef) -> int:
+        with self._lock:
+            current = self._workers.get(vm.key)
+            return sum(1 for p in current.processes if p.running()) if current else 0
+
+    def ensure(self, vm: VMRef, replicas: int | None = None) -> dict[str, Any]:
+        """Run ``replicas`` worker processes (from the autoscaler; default: the spec's)."""
+        replicas = desired_replicas(vm.spec) if replicas is None else replicas
         fingerprint = hashlib.sha256(repr((self._argv(vm, 0), self.broker_url)).encode()).hexdigest()
         with self._lock:
             current = self._workers.get(vm.key)
@@ -271,6 +312,24 @@ class ProcessRuntime:
             running = len(current.processes)
         return {"runtime": self.name, "queue": vm.queue, "replicas": replicas,
                 "readyReplicas": running}
+
+    def ensure_transfer_worker(self, concurrency: int = TRANSFER_CONCURRENCY) -> int:
+        """Run the shared transfer worker (restarted if it died); returns its pid."""
+        argv = [self.python, "-m", *transfer_worker_argv(concurrency, f"{TRANSFER_NODE}-0@%h")]
+        with self._lock:
+            current = self._workers.setdefault(_TRANSFERS_KEY, _LocalWorkers("transfers"))
+            current.processes = [p for p in current.processes if p.running()]
+            if not current.processes:
+                log_path = self.log_dir / "transfers.0.log"
+                env = dict(os.environ)
+                env[BROKER_URL_ENV] = self.broker_url
+                env.pop("VMFLEET_CREDENTIALS_DIR", None)  # it reaches every VM: keys via the API
+                proc = ManagedProcess("transfer worker", argv, log_path, env=env).start()
+                write_pid_file(proc, log_path.with_suffix(".pgid"))
+                log.info("Started transfer worker process %s (queue %s)", proc.pid,
+                         c.TRANSFER_QUEUE)
+                current.processes.append(proc)
+            return current.processes[0].pid
 
     def remove(self, namespace: str, name: str) -> None:
         with self._lock:

@@ -18,17 +18,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import paramiko
 
 from vmfleet import metrics
 
 from .output import StreamTail
+from .shell import parse_marker, terminate_line
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 30
 READ_CHUNK = 64 * 1024
+TICK_SECONDS = 0.5
+DEFAULT_KILL_GRACE = 3.0
+SFTP_WINDOW = 8 * 1024 * 1024
 
 
 class SSHError(Exception):
@@ -39,6 +44,10 @@ class SSHError(Exception):
 
 class TransportError(SSHError):
     reason = "TransportError"
+
+    def __init__(self, message: str, pgid: int | None = None) -> None:
+        super().__init__(message)
+        self.pgid = pgid  # the remote process group, if the command had started
 
 
 class ChannelOpenFailed(TransportError):
@@ -101,6 +110,11 @@ class SSHTarget:
     host_keys: tuple[str, ...]
     passphrase: str | None = field(default=None, repr=False)
     connect_timeout: float = 30.0
+    # TrustOnFirstUse with no key recorded yet: accept the key the VM offers (the caller
+    # records it in status.hostKey; once recorded it is pinned like any other).
+    trust_on_first_use: bool = False
+    # proxyJump: reach this VM through a direct-tcpip channel of the bastion's connection.
+    jump: SSHTarget | None = None
 
     @property
     def address(self) -> str:
@@ -124,6 +138,22 @@ def load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
     )
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """When an attempt must end, and the reason it then ends with."""
+
+    at: float  # time.monotonic()
+    reason: str
+
+    def expired(self, now: float) -> str | None:
+        return self.reason if now >= self.at else None
+
+    @classmethod
+    def earliest(cls, *deadlines: Deadline | None) -> Deadline | None:
+        present = [d for d in deadlines if d is not None]
+        return min(present, key=lambda d: d.at) if present else None
+
+
 @dataclass
 class ExecResult:
     exit_code: int | None
@@ -131,27 +161,48 @@ class ExecResult:
     stderr: StreamTail
     started: float
     finished: float
-    signal: str | None = None
+    pgid: int | None = None
+    ended_by: str | None = None  # the reason the attempt was terminated, if it was
 
 
 class Connection:
     """One authenticated SSH transport to one VM."""
 
-    def __init__(self, target: SSHTarget) -> None:
+    def __init__(self, target: SSHTarget, pool: ConnectionPool | None = None) -> None:
         self.target = target
+        self.pool = pool  # where a bastion's connection comes from (proxyJump)
         self.transport: paramiko.Transport | None = None
         self.server_key: paramiko.PKey | None = None
+
+    def _socket(self) -> socket.socket | paramiko.Channel:
+        """A TCP connection to the VM, or a direct-tcpip channel through its bastion."""
+        target = self.target
+        if target.jump is None:
+            try:
+                return socket.create_connection((target.host, target.port),
+                                                timeout=target.connect_timeout)
+            except OSError as exc:
+                raise TransportError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
+        # The bastion's own host key is verified when its pooled connection opens.
+        bastion = (self.pool or ConnectionPool()).get(target.jump)
+        assert bastion.transport is not None
+        try:
+            return bastion.transport.open_channel(
+                "direct-tcpip", (target.host, target.port), ("127.0.0.1", 0),
+                timeout=target.connect_timeout,
+            )
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise TransportError(
+                f"bastion {target.jump.address} cannot reach {target.host}:{target.port}: {exc}"
+            ) from exc
 
     def open(self) -> Connection:
         target = self.target
         pinned = [PinnedKey.parse(line) for line in target.host_keys]
-        if not pinned:
+        if not pinned and not target.trust_on_first_use:
             raise HostKeyMismatch("no host keys are pinned for this VM: refusing to connect")
         pkey = load_private_key(target.private_key, target.passphrase)
-        try:
-            sock = socket.create_connection((target.host, target.port), timeout=target.connect_timeout)
-        except OSError as exc:
-            raise TransportError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
+        sock = self._socket()
         transport = paramiko.Transport(sock)
         try:
             options = transport.get_security_options()
@@ -164,7 +215,7 @@ class Connection:
                 options.key_types = tuple(wanted)
             transport.start_client(timeout=target.connect_timeout)
             server_key = transport.get_remote_server_key()
-            if not any(
+            if pinned and not any(
                 key.blob == server_key.asbytes() for key in pinned
             ):
                 raise HostKeyMismatch(
@@ -196,6 +247,21 @@ class Connection:
         if self.transport is not None:
             self.transport.close()
 
+    def sftp(self, window_size: int = SFTP_WINDOW) -> paramiko.SFTPClient:
+        """An SFTP session on a new channel of this pooled connection; the caller closes it.
+
+        No shell is involved: paths sent over SFTP are data. The larger channel window lets
+        pipelined reads and writes keep the link busy (memory stays bounded by the window).
+        """
+        assert self.transport is not None
+        try:
+            client = paramiko.SFTPClient.from_transport(self.transport, window_size=window_size)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise ChannelOpenFailed(f"cannot open an SFTP session to {self.target.host}: {exc}") from exc
+        if client is None:
+            raise ChannelOpenFailed(f"cannot open an SFTP session to {self.target.host}")
+        return client
+
     def run(
         self,
         line: str,
@@ -203,8 +269,21 @@ class Connection:
         max_bytes: int,
         on_stdout: Callable[[str], None] | None = None,
         on_stderr: Callable[[str], None] | None = None,
+        *,
+        nonce: str | None = None,
+        deadline: Deadline | None = None,
+        on_started: Callable[[int], None] | None = None,
+        tick: Callable[[], str | None] | None = None,
+        kill_grace: float = DEFAULT_KILL_GRACE,
     ) -> ExecResult:
-        """Run ``line`` on a new channel and collect its output until it exits."""
+        """Run ``line`` on a new channel and collect its output until it exits.
+
+        With ``nonce`` the line is expected to come from ``shell.wrap``: its first stdout
+        line reports the remote process group, which is passed to ``on_started`` and not
+        kept as output. The attempt is ended (process group terminated: TERM, grace, KILL)
+        when ``deadline`` passes or when ``tick`` (called about once a second) returns a
+        reason.
+        """
         assert self.transport is not None
         out = StreamTail(max_bytes, on_stdout)
         err = StreamTail(max_bytes, on_stderr)
@@ -213,18 +292,41 @@ class Connection:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ChannelOpenFailed(f"cannot open a channel to {self.target.host}: {exc}") from exc
         started = time.time()
+        pgid: int | None = None
+        head = bytearray() if nonce is not None else None
+        ended_by: str | None = None
+        give_up_at: float | None = None
+        next_tick = time.monotonic() + TICK_SECONDS
+
+        def feed_stdout(data: bytes) -> None:
+            nonlocal head, pgid
+            if head is None:
+                out.feed(data)
+                return
+            head += data
+            newline = head.find(b"\n")
+            if newline < 0 and len(head) < 256:
+                return
+            first, rest = bytes(head[: newline + 1]), bytes(head[newline + 1 :])
+            head = None
+            assert nonce is not None
+            pgid = parse_marker(first, nonce) if newline >= 0 else None
+            if pgid is None:
+                out.feed(first)  # not our marker: keep every byte
+            elif on_started is not None:
+                on_started(pgid)
+            out.feed(rest)
+
         try:
             chan.exec_command(line)
-            writer = None
             if stdin:
-                writer = threading.Thread(target=_feed_stdin, args=(chan, stdin), daemon=True)
-                writer.start()
+                threading.Thread(target=_feed_stdin, args=(chan, stdin), daemon=True).start()
             else:
                 chan.shutdown_write()
             while True:
-                select.select([chan], [], [], 1.0)
+                select.select([chan], [], [], TICK_SECONDS)
                 while chan.recv_ready():
-                    out.feed(chan.recv(READ_CHUNK))
+                    feed_stdout(chan.recv(READ_CHUNK))
                 while chan.recv_stderr_ready():
                     err.feed(chan.recv_stderr(READ_CHUNK))
                 if chan.exit_status_ready() and chan.eof_received:
@@ -233,11 +335,31 @@ class Connection:
                 if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
                     break
                 if not self.transport.is_active():
-                    raise TransportError(f"connection to {self.target.host} broke during the command")
+                    raise TransportError(
+                        f"connection to {self.target.host} broke during the command", pgid=pgid
+                    )
+                now = time.monotonic()
+                if ended_by is None:
+                    reason = deadline.expired(now) if deadline is not None else None
+                    if reason is None and tick is not None and now >= next_tick:
+                        next_tick = now + TICK_SECONDS
+                        reason = tick()
+                    if reason is not None:
+                        ended_by = reason
+                        give_up_at = now + kill_grace + 10
+                        if pgid is not None:
+                            self.terminate(pgid, kill_grace)
+                        else:
+                            chan.close()
+                elif give_up_at is not None and now > give_up_at:
+                    chan.close()
+                    break
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise TransportError(f"connection to {self.target.host} broke: {exc}") from exc
+            raise TransportError(f"connection to {self.target.host} broke: {exc}", pgid=pgid) from exc
         finally:
+            if head:
+                out.feed(bytes(head))
             out.close()
             err.close()
             chan.close()
@@ -247,7 +369,21 @@ class Connection:
             stderr=err,
             started=started,
             finished=time.time(),
+            pgid=pgid,
+            ended_by=ended_by,
         )
+
+    def terminate(self, pgid: int, grace: float = DEFAULT_KILL_GRACE) -> None:
+        """End a remote process group: TERM, up to ``grace`` seconds, then KILL."""
+        assert self.transport is not None
+        chan = self.transport.open_session(timeout=self.target.connect_timeout)
+        try:
+            chan.settimeout(grace + 15)
+            chan.exec_command(terminate_line(pgid, grace))
+            chan.shutdown_write()
+            chan.recv_exit_status()
+        finally:
+            chan.close()
 
 
 def _feed_stdin(chan: paramiko.Channel, data: bytes) -> None:
@@ -280,7 +416,7 @@ class ConnectionPool:
                 if conn is not None and conn.active:
                     return conn
             with metrics.ssh_connecting():
-                fresh = Connection(target).open()
+                fresh = Connection(target, self).open()
             log.info("Connected to %s (host key %s)", target.address,
                      fingerprint(fresh.server_key) if fresh.server_key else "?")
             with self._lock:
@@ -316,8 +452,9 @@ def run_command(
     max_bytes: int,
     on_stdout: Callable[[str], None] | None = None,
     on_stderr: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> ExecResult:
-    """Run on a pooled connection.
+    """Run on a pooled connection (``options`` as for ``Connection.run``).
 
     A pooled connection found dead when the channel is opened is replaced once: the
     command had not started. A connection that breaks while the command runs is never
@@ -326,7 +463,7 @@ def run_command(
     for attempt in (1, 2):
         conn = pool.get(target)
         try:
-            return conn.run(line, stdin, max_bytes, on_stdout, on_stderr)
+            return conn.run(line, stdin, max_bytes, on_stdout, on_stderr, **options)
         except ChannelOpenFailed:
             pool.discard(target)
             if attempt == 2:

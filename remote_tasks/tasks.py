@@ -8,11 +8,19 @@ from typing import Any
 
 from celery import Task
 
-from vmfleet.api.constants import TASK_EXECUTE
+from vmfleet.api.constants import (
+    TASK_CHECK_VM,
+    TASK_EXECUTE,
+    TASK_TERMINATE,
+    TASK_TRANSFER,
+    TASK_TRANSFER_CLEANUP,
+)
 from vmfleet.api.envelope import Envelope
 
 from .app import app
 from .execute import CommandExecutor
+from .health import HealthChecker
+from .transfer import TransferExecutor
 
 
 @functools.cache
@@ -25,3 +33,38 @@ def executor() -> CommandExecutor:
 def execute_on_vm(self: Task, envelope: dict[str, Any]) -> str:
     worker = self.request.hostname or socket.gethostname()
     return executor().execute(Envelope.from_message(envelope), worker)
+
+
+@app.task(name=TASK_TERMINATE, acks_late=True)
+def terminate_attempt(namespace: str, vm: str, pgid: int) -> bool:
+    """End the remote process group of an attempt whose worker was lost or cancelled."""
+    return executor().terminate_attempt(namespace, vm, int(pgid))
+
+
+@functools.cache
+def health_checker() -> HealthChecker:
+    return HealthChecker(executor())
+
+
+@app.task(name=TASK_CHECK_VM, bind=True, acks_late=False, ignore_result=True)
+def check_vm_status(self: Task, message: dict[str, Any]) -> str:
+    """Probe the VM (hard timeout) and write status.lastProbe, facts and hostKey."""
+    worker = self.request.hostname or socket.gethostname()
+    return health_checker().check(message, worker)
+
+
+@functools.cache
+def transfers() -> TransferExecutor:
+    return TransferExecutor(executor())
+
+
+@app.task(name=TASK_TRANSFER, bind=True, acks_late=True)
+def transfer_file(self: Task, envelope: dict[str, Any]) -> str:
+    worker = self.request.hostname or socket.gethostname()
+    return transfers().execute(Envelope.from_message(envelope), worker)
+
+
+@app.task(name=TASK_TRANSFER_CLEANUP, acks_late=True)
+def clean_transfer(envelope: dict[str, Any]) -> int:
+    """Remove the temporary files a lost transfer attempt left on one destination."""
+    return transfers().clean(Envelope.from_message(envelope))

@@ -1,0 +1,373 @@
+"""File transfers between VMs end to end: real sshd VMs, real controller, the shared worker.
+
+The big-file size is 64 MiB by default; ``VMFLEET_E2E_BIG=1`` runs the 1 GiB version of
+the issue (slow: about a minute on two cores).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.fleet import Namespace, assert_no_tracebacks, start_controller, unique_namespace
+from vmfleet.dev.proc import wait_until
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1024 * 1024
+BIG = 1024 * MiB if os.environ.get("VMFLEET_E2E_BIG") == "1" else 64 * MiB
+
+
+def write_random(path: Path, size: int) -> str:
+    """A file of ``size`` random bytes; returns its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    block = os.urandom(MiB)
+    with path.open("wb") as fh:
+        for i in range(size // MiB):
+            chunk = block[i % 251:] + block[: i % 251]  # differs per MiB, cheap to make
+            digest.update(chunk)
+            fh.write(chunk)
+        rest = os.urandom(size % MiB)
+        digest.update(rest)
+        fh.write(rest)
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(4 * MiB):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def transfer_worker_pid(controller_dir: Path) -> int:
+    pid_file = controller_dir / "workers" / "transfers.0.pgid"
+    wait_until(pid_file.exists, timeout=60, what="the transfer worker to start")
+    return int(pid_file.read_text().split()[0])
+
+
+class RssSampler:
+    """Samples a process's resident memory until stopped; keeps the peak."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.peak = rss_bytes(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.start
+
+
+def results_by_vm(obj: dict) -> dict[str, dict]:
+    return {entry["vm"]: entry for entry in obj["status"]["results"]}
+
+
+def listing(vm, directory: str) -> list[str]:
+    return sorted(os.listdir(vm.host_path(directory)))
+
+
+@pytest.fixture
+def tmpdir_on(ns: Namespace, vms) -> Iterator[str]:
+    """A directory name private to this test, removed from every VM afterwards."""
+    directory = f"/tmp/xfer-{ns}"
+    yield directory
+    import shutil
+
+    for vm in vms:
+        shutil.rmtree(vm.host_path(directory), ignore_errors=True)
+
+
+def test_big_file_to_two_vms_is_identical_and_memory_bounded(
+    ns: Namespace, vms, controller_dir: Path, tmpdir_on: str
+):
+    vm1, vm2, vm3 = vms
+    ns.add_vms(vms)
+    src = f"{tmpdir_on}/src.bin"
+    expected = write_random(vm1.host_path(src), BIG)
+    pid = transfer_worker_pid(controller_dir)
+    dst = f"{tmpdir_on}/copy/big.bin"
+    with RssSampler(pid) as rss:
+        ns.run("big", transfer={
+            "from": {"vm": "vm1", "path": src},
+            "to": [{"vm": "vm2", "path": dst}, {"vm": "vm3", "path": dst}],
+            "createDirs": True, "mode": "0640"})
+        obj = ns.finished("big", timeout=600)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["target"] == "vm1 -> vm2,vm3"
+    results = results_by_vm(obj)
+    assert sorted(results) == ["vm2", "vm3"]
+    for vm in (vm2, vm3):
+        entry = results[vm.name]
+        assert (entry["phase"], entry["reason"]) == ("Succeeded", "Completed")
+        transfer = entry["transfer"]
+        assert transfer["bytes"] == BIG
+        assert transfer["sha256"] == expected
+        assert transfer["source"] == f"vm1:{src}"
+        assert transfer["path"] == dst
+        assert transfer["bytesPerSecond"] > 0
+        path = vm.host_path(dst)
+        assert sha256_file(path) == expected
+        assert path.stat().st_mode & 0o777 == 0o640
+        assert listing(vm, f"{tmpdir_on}/copy") == ["big.bin"]  # no temporary file left
+    assert not vm1.host_path(dst).exists()  # private /tmp: the copy is on vm2 and vm3 only
+    # Read once, written twice: the worker's memory does not grow with the file.
+    assert rss.growth < 64 * MiB, f"transfer worker RSS grew by {rss.growth / MiB:.1f} MiB"
+    seconds = max(results[v]["transfer"]["durationSeconds"] for v in ("vm2", "vm3"))
+    print(f"\n{BIG / MiB:.0f} MiB vm1 -> vm2+vm3 in {seconds:.1f}s: "
+          f"{BIG / MiB / seconds:.1f} MiB/s per destination; worker RSS "
+          f"{rss.start / MiB:.1f} MiB -> peak {rss.peak / MiB:.1f} MiB "
+          f"(+{rss.growth / MiB:.1f} MiB)")
+    assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")
+
+
+HOSTILE = [
+    "with space.txt",
+    "quote'\"s.txt",
+    "$(touch HACKED).txt",
+    "semi;touch HACKED2",
+    "new\nline",
+    "-rf",
+    "--help",
+    "`id`",
+]
+
+
+def test_hostile_names_copy_literally_and_create_nothing_else(ns: Namespace, vms, tmpdir_on: str):
+    vm1, vm2, _ = vms
+    ns.add_vms(vms[:2])
+    for i, name in enumerate(HOSTILE):
+        src = vm1.host_path(f"{tmpdir_on}/src/{name}")
+        src.parent.mkdir(parents=True, exist_ok=True)
+        src.write_bytes(f"content {i}\n".encode())
+    before_vm1 = sorted(os.listdir(vm1.host_path("/tmp")))
+    for i, name in enumerate(HOSTILE):
+        ns.run(f"hostile-{i}", transfer={
+            "from": {"vm": "vm1", "path": f"{tmpdir_on}/src/{name}"},
+            "to": [{"vm": "vm2", "path": f"{tmpdir_on}/dst/{name}"}], "createDirs": True})
+    for i, name in enumerate(HOSTILE):
+        obj = ns.finished(f"hostile-{i}")
+        assert obj["status"]["phase"] == "Succeeded", (name, obj["status"])
+        assert vm2.host_path(f"{tmpdir_on}/dst/{name}").read_bytes() == f"content {i}\n".encode()
+    assert listing(vm2, f"{tmpdir_on}/dst") == sorted(HOSTILE)
+    assert listing(vm1, f"{tmpdir_on}/src") == sorted(HOSTILE)
+    assert sorted(os.listdir(vm1.host_path("/tmp"))) == before_vm1
+    for vm in (vm1, vm2):
+        for marker in ("HACKED", "HACKED2"):
+            assert not vm.host_path(f"/tmp/{marker}").exists()
+            assert not vm.host_path(f"{tmpdir_on}/{marker}").exists()
+        _, out, _ = vm.run("ls -A ~")
+        assert b"HACKED" not in out
+
+
+def test_reader_never_sees_a_partial_file(ns: Namespace, vms, tmpdir_on: str):
+    vm1, vm2, _ = vms
+    ns.add_vms(vms[:2])
+    size = 32 * MiB
+    old = b"old\n" * 1000
+    dst = vm2.host_path(f"{tmpdir_on}/watched.bin")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(old)
+    new_sha = write_random(vm1.host_path(f"{tmpdir_on}/new.bin"), size)
+    seen: dict[str, int] = {}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            data = dst.read_bytes()
+            state = "old" if data == old else (
+                "new" if len(data) == size and hashlib.sha256(data).hexdigest() == new_sha
+                else f"partial:{len(data)}")
+            seen[state] = seen.get(state, 0) + 1
+
+    reader = threading.Thread(target=watch, daemon=True)
+    reader.start()
+    try:
+        ns.run("swap", transfer={"from": {"vm": "vm1", "path": f"{tmpdir_on}/new.bin"},
+                                 "to": [{"vm": "vm2", "path": f"{tmpdir_on}/watched.bin"}]})
+        obj = ns.finished("swap", timeout=300)
+        wait_until(lambda: seen.get("new", 0) > 0, timeout=10, what="the reader to see the copy")
+    finally:
+        stop.set()
+        reader.join()
+    assert obj["status"]["phase"] == "Succeeded"
+    assert set(seen) == {"old", "new"}, seen
+    assert seen["old"] > 1
+
+
+def test_failures_name_their_reason_and_path(ns: Namespace, vms, tmpdir_on: str):
+    vm1, vm2, _ = vms
+    ns.add_vms(vms[:2])
+    src = f"{tmpdir_on}/here.txt"
+    vm1.host_path(src).parent.mkdir(parents=True, exist_ok=True)
+    vm1.host_path(src).write_bytes(b"here\n")
+    taken = f"{tmpdir_on}/taken.txt"
+    vm2.host_path(taken).parent.mkdir(parents=True, exist_ok=True)
+    vm2.host_path(taken).write_bytes(b"keep me\n")
+    cases = {
+        "missing": ({"vm": "vm1", "path": f"{tmpdir_on}/nope.txt"}, "/tmp/ok.txt", {},
+                    "SourceNotFound", f"{tmpdir_on}/nope.txt"),
+        "unwritable": ({"vm": "vm1", "path": src}, "/sys/vmfleet-denied.txt", {},
+                       "PermissionDenied", "/sys/vmfleet-denied.txt"),
+        "never": ({"vm": "vm1", "path": src}, taken, {"overwrite": "Never"},
+                  "DestinationExists", taken),
+        "nodir": ({"vm": "vm1", "path": src}, f"{tmpdir_on}/a/b/c.txt", {},
+                  "DestinationNotFound", f"{tmpdir_on}/a/b/c.txt"),
+    }
+    for name, (source, dst, extra, _, _) in cases.items():
+        ns.run(name, transfer={"from": source, "to": [{"vm": "vm2", "path": dst}], **extra})
+    for name, (_, _, _, reason, path) in cases.items():
+        obj = ns.finished(name)
+        (entry,) = obj["status"]["results"]
+        assert obj["status"]["phase"] == "Failed", name
+        assert (entry["phase"], entry["reason"]) == ("Failed", reason), (name, entry)
+        assert path in entry["message"], (name, entry["message"])
+        failed = {c["type"]: c for c in obj["status"]["conditions"]}["Failed"]
+        assert failed["reason"] == reason
+    assert vm2.host_path(taken).read_bytes() == b"keep me\n"
+    assert listing(vm2, tmpdir_on) == ["taken.txt"]
+    assert not vm2.host_path("/tmp/ok.txt").exists()
+
+
+def test_overwrite_if_different_and_verify(ns: Namespace, vms, tmpdir_on: str):
+    vm1, vm2, vm3 = vms
+    ns.add_vms(vms)
+    src = vm1.host_path(f"{tmpdir_on}/conf")
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(b"same\n")
+    for vm, content in ((vm2, b"same\n"), (vm3, b"diff\n")):
+        vm.host_path(tmpdir_on).mkdir(parents=True, exist_ok=True)
+        vm.host_path(f"{tmpdir_on}/conf").write_bytes(content)
+    ns.run("ifdiff", transfer={"from": {"vm": "vm1", "path": f"{tmpdir_on}/conf"},
+                               "to": [{"vm": "vm2", "path": f"{tmpdir_on}/conf"},
+                                      {"vm": "vm3", "path": f"{tmpdir_on}/conf"}],
+                               "overwrite": "IfDifferent", "verify": True})
+    obj = ns.finished("ifdiff")
+    results = results_by_vm(obj)
+    assert obj["status"]["phase"] == "Succeeded"
+    assert results["vm2"]["transfer"].get("unchanged") is True
+    assert results["vm3"]["transfer"].get("unchanged") is None
+    assert results["vm3"]["transfer"]["verified"] is True
+    assert results["vm3"]["transfer"]["sha256"] == hashlib.sha256(b"same\n").hexdigest()
+    assert vm3.host_path(f"{tmpdir_on}/conf").read_bytes() == b"same\n"
+
+
+def test_source_from_a_secret_key_is_never_logged(ns: Namespace, vms, controller_dir: Path,
+                                                  tmpdir_on: str):
+    _, vm2, _ = vms
+    ns.add_vms(vms[1:2])
+    token = "s3cr3t-" + os.urandom(8).hex()
+    ns.kubectl.apply({"apiVersion": "v1", "kind": "Secret",
+                      "metadata": {"name": "api-token", "namespace": str(ns)},
+                      "stringData": {"token": token}})
+    ns.kubectl.apply({"apiVersion": "v1", "kind": "ConfigMap",
+                      "metadata": {"name": "scripts", "namespace": str(ns)},
+                      "data": {"process.sh": "#!/bin/sh\necho processing \"$@\"\n"}})
+    ns.run("secret", transfer={"from": {"secretKeyRef": {"name": "api-token", "key": "token"}},
+                               "to": [{"vm": "vm2", "path": f"{tmpdir_on}/token"}],
+                               "createDirs": True})
+    ns.run("script", transfer={"from": {"configMapKeyRef": {"name": "scripts", "key": "process.sh"}},
+                               "to": [{"vm": "vm2", "path": f"{tmpdir_on}/process.sh"}],
+                               "createDirs": True, "mode": "0755"})
+    for name in ("secret", "script"):
+        assert ns.finished(name)["status"]["phase"] == "Succeeded"
+    token_file = vm2.host_path(f"{tmpdir_on}/token")
+    assert token_file.read_text() == token
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    code, out, _ = vm2.run(f"{tmpdir_on}/process.sh a b")
+    assert (code, out) == (0, b"processing a b\n")
+    logs = "".join(p.read_text(errors="replace") for p in controller_dir.rglob("*.log"))
+    assert token not in logs
+    assert token not in str(ns.get("rcmd", "secret"))
+
+
+def test_invalid_transfers_are_refused(ns: Namespace):
+    both = {"from": {"vm": "vm1", "path": "/a", "secretKeyRef": {"name": "s", "key": "k"}},
+            "to": [{"vm": "vm2", "path": "/b"}]}
+    twice = {"from": {"vm": "vm1", "path": "/a"},
+             "to": [{"vm": "vm2", "path": "/b"}, {"vm": "vm2", "path": "/c"}]}
+    relative = {"from": {"vm": "vm1", "path": "a"}, "to": [{"vm": "vm2", "path": "/b"}]}
+    for spec, message in ((both, "exactly one source"), (twice, "may appear once"),
+                          (relative, "spec.transfer.from.path")):
+        proc = ns.kubectl.apply(ns.command("bad", transfer=spec), check=False)
+        assert proc.returncode != 0
+        assert message in proc.stderr
+
+
+# --------------------------------------------------------------------------- worker killed
+
+
+@pytest.fixture
+def lost_controller(controlplane, kubectl, crds, redis_server, tmp_path) -> Iterator[tuple]:
+    """A controller of our own that declares a silent transfer worker lost after 6s."""
+    ns = Namespace(kubectl, unique_namespace("xferlost")).create()
+    proc = start_controller(controlplane.kubeconfig, redis_server.url, tmp_path, [ns.name],
+                            extra_env={"VMFLEET_TRANSFER_LOST_SECONDS": "6"})
+    try:
+        yield ns, tmp_path, proc
+    finally:
+        proc.stop(grace=30)
+        ns.delete()
+
+
+def test_killed_worker_leaves_no_partial_file_and_the_retry_succeeds(
+    lost_controller, make_vm
+):
+    ns, workdir, controller = lost_controller
+    src_vm, dst_vm = make_vm("ksrc"), make_vm("kdst")
+    ns.add_vms([src_vm, dst_vm])
+    size = 256 * MiB
+    expected = write_random(src_vm.host_path("/tmp/kill.bin"), size)
+    pid = transfer_worker_pid(workdir)
+    ns.run("killed", transfer={"from": {"vm": "ksrc", "path": "/tmp/kill.bin"},
+                               "to": [{"vm": "kdst", "path": "/tmp/out/kill.bin"}],
+                               "createDirs": True},
+           retries={"limit": 1, "backoffSeconds": 0})
+
+    def copying() -> bool:
+        d = dst_vm.host_path("/tmp/out")
+        return d.exists() and any(p.name.startswith(".kill.bin.vmfleet-") and p.stat().st_size > 0
+                                  for p in d.iterdir())
+
+    wait_until(copying, timeout=60, interval=0.02, what="the copy to start")
+    os.killpg(pid, signal.SIGKILL)
+    first = ns.get("rcmd", "killed")["status"]["results"][0]
+    assert first["phase"] == "Running" and first["attempt"] == 1
+    obj = ns.finished("killed", timeout=240)
+    (entry,) = obj["status"]["results"]
+    assert obj["status"]["phase"] == "Succeeded", entry
+    assert entry["attempt"] == 2
+    assert sha256_file(dst_vm.host_path("/tmp/out/kill.bin")) == expected
+    assert sorted(os.listdir(dst_vm.host_path("/tmp/out"))) == ["kill.bin"]  # no temp left
+    log = (workdir / "controller.log").read_text()
+    assert "lost during attempt 1; retrying" in log
+    assert transfer_worker_pid(workdir) != pid  # the controller started a new worker
+    controller.check_running()
