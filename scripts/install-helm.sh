@@ -55,12 +55,26 @@ echo "install-helm.sh: building helm $HELM_VERSION into $out_dir (first time on 
 tmp_dir="$(mktemp -d "$cache_root/helm/.tmp.XXXXXX")"
 trap 'rm -rf "$tmp_dir"' EXIT
 
+# Stamp versions as helm's Makefile does: helm's own, and the Kubernetes version that
+# `helm template`/`lint` assume (client-go v0.N.x -> Kubernetes 1.N), else it says 1.20.
+gomod="$("$GO" mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",$/\1/p')"
+client_go="$(awk '$1 == "k8s.io/client-go" {print $2; exit}' "$gomod")"
+if [[ ! "$client_go" =~ ^v0\.([0-9]+)\. ]]; then
+    echo "install-helm.sh: cannot find helm's k8s.io/client-go version in $gomod" >&2
+    exit 1
+fi
+k8s_minor="${BASH_REMATCH[1]}"
+ldflags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+for pkg in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ldflags+=" -X $pkg.k8sVersionMajor=1 -X $pkg.k8sVersionMinor=$k8s_minor"
+done
+
 # `go install pkg@version` builds in module mode from the released module, ignoring any
-# go.mod around us. Stamp the version as helm's Makefile does.
+# go.mod around us.
 GOBIN="$tmp_dir" "$GO" install \
     -p "${VMFLEET_HELM_JOBS:-2}" \
     -trimpath \
-    -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" \
+    -ldflags "$ldflags" \
     "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
 
 reported="$("$tmp_dir/helm" version --template '{{.Version}}')"
