@@ -66,6 +66,26 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--vms", type=int, default=3, help="number of sshd VMs (default 3)")
     dev.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
     dev.set_defaults(func=_dev)
+
+    from vmfleet import exec as exec_, show  # argument definitions only; light imports
+
+    run = sub.add_parser(
+        "exec", help="run a command on a VM (or on every VM of -l SELECTOR), like kubectl exec",
+        description="Run COMMAND on a RemoteVM through a RemoteCommand and exit with its exit "
+        "code (255: it could not run). Examples: vmfleet exec vm1 -- df -h /; "
+        "vmfleet exec -l role=web -- uptime",
+    )
+    exec_.add_arguments(run)
+    run.set_defaults(func=exec_.main)
+
+    get = sub.add_parser("get", help="list RemoteVMs or RemoteCommands (as kubectl get)")
+    show.add_get_arguments(get)
+    get.set_defaults(func=show.main_get)
+
+    describe = sub.add_parser(
+        "describe", help="one RemoteVM or RemoteCommand with conditions, results and events")
+    show.add_describe_arguments(describe)
+    describe.set_defaults(func=show.main_describe)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any, cast
 
 import kubernetes
@@ -11,7 +12,7 @@ from kubernetes.client.exceptions import ApiException
 
 from .api import constants as c
 
-__all__ = ["ApiException", "Kube", "load_api_client"]
+__all__ = ["ApiException", "Kube", "context_namespace", "load_api_client"]
 
 
 def load_api_client() -> ApiClient:
@@ -25,6 +26,26 @@ def load_api_client() -> ApiClient:
             config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
         )
     return ApiClient(configuration)
+
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def context_namespace() -> str:
+    """The namespace of the kubeconfig's current context (in a pod: the pod's), else default."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        try:
+            with open(SERVICE_ACCOUNT_NAMESPACE) as f:
+                return f.read().strip() or "default"
+        except OSError:
+            return "default"
+    try:
+        _, current = kubernetes.config.list_kube_config_contexts(
+            config_file=os.environ.get("KUBECONFIG") or None
+        )
+    except (kubernetes.config.ConfigException, OSError):
+        return "default"
+    return str(((current or {}).get("context") or {}).get("namespace") or "default")
 
 
 class Kube:
@@ -49,6 +70,65 @@ class Kube:
         return cast(dict[str, Any], self.custom.patch_namespaced_custom_object_status(
             c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name, patch,
             _content_type=content_type,
+        ))
+
+    def create_command(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        return cast(dict[str, Any], self.custom.create_namespaced_custom_object(
+            c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, body
+        ))
+
+    def delete_command(self, namespace: str, name: str) -> bool:
+        """Delete (background propagation); False when it was already gone."""
+        try:
+            self.custom.delete_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name,
+                propagation_policy="Background",
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def list_commands(
+        self, namespace: str, label_selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        result = cast(dict[str, Any], self.custom.list_namespaced_custom_object(
+            c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, label_selector=label_selector or ""
+        ))
+        return list(result.get("items", []))
+
+    def watch_command(
+        self, namespace: str, name: str, resource_version: str | None, timeout_seconds: int = 60
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Watch one RemoteCommand: yields (event type, object) until the server ends the
+        watch after ``timeout_seconds``. An expired resourceVersion raises ApiException 410."""
+        watch = kubernetes.watch.Watch()
+        kwargs: dict[str, Any] = {
+            "field_selector": f"metadata.name={name}",
+            "timeout_seconds": timeout_seconds,
+            "_request_timeout": timeout_seconds + 30,
+        }
+        if resource_version:
+            kwargs["resource_version"] = resource_version
+        try:
+            for event in watch.stream(
+                self.custom.list_namespaced_custom_object,
+                c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, **kwargs,
+            ):
+                yield str(event["type"]), cast(dict[str, Any], event["raw_object"])
+        finally:
+            watch.stop()
+
+    def list_events(self, namespace: str, kind: str, name: str) -> list[dict[str, Any]]:
+        """core/v1 Events about one object, oldest first, as plain dicts (camelCase)."""
+        events = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind={kind},involvedObject.name={name}"
+        )
+        items = cast(list[dict[str, Any]], self.api_client.sanitize_for_serialization(events.items))
+        return sorted(items, key=lambda e: str(
+            e.get("lastTimestamp") or e.get("eventTime")
+            or (e.get("metadata") or {}).get("creationTimestamp") or ""
         ))
 
     # RemoteVM

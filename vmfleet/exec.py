@@ -1,0 +1,628 @@
+"""``vmfleet exec``: run a command on a VM (or on every VM a selector matches) from a terminal.
+
+It creates a RemoteCommand with ``argv`` (each item quoted by the worker), watches that
+one object until every VM's result is final, prints each VM's output as it was (stdout to
+stdout, stderr to stderr; prefixed with ``[vm]`` when fanning out) and exits with the
+remote exit code. Transport failures (the command never ran or its connection broke)
+exit 255 with a message saying what went wrong. Ctrl-C deletes the RemoteCommand, which
+cancels it on the VMs.
+
+The pure parts (argument handling, the object built, exit codes, line prefixes, the
+progress line) are functions here and are tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, TextIO
+
+from .api import constants as c
+from .api.constants import Phase, Reason
+from .api.models import MAX_ARG, MAX_ITEMS, MAX_OUTPUT_BYTES, MAX_STDIN
+
+# A finished exec object is deleted by exec itself; the TTL covers an exec that was killed.
+DEFAULT_TTL_SECONDS = 120
+# Output kept in status for a fan-out is shared out so the object stays far below etcd's
+# size limit (1.5 MiB): about 1 MiB for all VMs' stdout and stderr tails together.
+FAN_OUT_OUTPUT_BUDGET = 1024 * 1024
+MIN_FAN_OUT_MAX_BYTES = 256
+LABEL_CREATED_BY = "app.kubernetes.io/created-by"
+CREATED_BY = "vmfleet-exec"
+
+# Exit codes that are not a remote exit status.
+EXIT_TRANSPORT = 255  # the command did not run or its connection broke (as ssh does)
+EXIT_TIMEOUT = 124  # timeoutSeconds or activeDeadlineSeconds expired (as timeout(1) does)
+EXIT_CANCELLED = 130  # cancelled (Ctrl-C, or someone deleted the RemoteCommand)
+EXIT_USAGE = 2
+
+TRANSPORT_REASONS = frozenset({
+    Reason.TRANSPORT_ERROR, Reason.AUTH_FAILED, Reason.HOST_KEY_MISMATCH, Reason.VM_NOT_FOUND,
+    Reason.CREDENTIALS_INVALID, Reason.WORKER_LOST, Reason.INVALID_SPEC, Reason.NO_TARGETS,
+})
+TIMEOUT_REASONS = frozenset({Reason.TIMEOUT, Reason.DEADLINE_EXCEEDED})
+
+
+class UsageError(ValueError):
+    """The command line cannot be turned into a RemoteCommand."""
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``vmfleet exec``."""
+    _add_options(parser)
+    parser.add_argument("words", nargs=argparse.REMAINDER, metavar="VM -- COMMAND [ARG...]",
+                        help="the RemoteVM (not with -l), then -- and the command with its arguments")
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``vmfleet exec`` (also parsed again after the VM name)."""
+    parser.add_argument("-n", "--namespace",
+                        help="namespace of the RemoteVMs (default: the kubeconfig context's, "
+                        "else default)")
+    parser.add_argument("-l", "--selector",
+                        help="run on every RemoteVM matching this label selector "
+                        "(e.g. role=web,zone in (a,b)); output lines are prefixed with the VM")
+    parser.add_argument("--timeout", type=int, metavar="SECONDS",
+                        help="end the remote command after this long (spec.timeoutSeconds)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the RemoteCommand afterwards (default: delete it)")
+    parser.add_argument("-e", "--env", action="append", default=None, metavar="NAME=VALUE",
+                        help="environment variable for the command (repeatable)")
+    parser.add_argument("-w", "--workdir", help="directory the command starts in")
+    parser.add_argument("-i", "--stdin", action="store_true",
+                        help="send this process's stdin to the command (up to 256 KiB)")
+    parser.add_argument("--max-bytes", type=int, metavar="BYTES",
+                        help="tail of stdout and of stderr kept per VM (default: as much as "
+                        f"fits, up to {MAX_OUTPUT_BYTES})")
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
+
+
+@dataclass(frozen=True)
+class ExecOptions:
+    argv: list[str]
+    vm: str | None = None
+    selector: str | None = None
+    namespace: str | None = None
+    timeout: int | None = None
+    keep: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    stdin: bool = False
+    max_bytes: int | None = None
+    kubeconfig: str | None = None
+
+
+def options_from_args(args: argparse.Namespace) -> ExecOptions:
+    """Resolve ``VM [options] -- COMMAND...`` as kubectl exec does.
+
+    argparse stops at the first positional (the VM), so options given after it are parsed
+    here again; everything after ``--`` is the command, untouched.
+    """
+    words: list[str] = list(args.words or [])
+    if "--" in words:
+        split = words.index("--")
+        before, command = words[:split], words[split + 1:]
+        if before:
+            again = argparse.ArgumentParser(prog="vmfleet exec", add_help=False)
+            _add_options(again)
+            again.add_argument("vm", nargs="?")
+            again.set_defaults(**{k: v for k, v in vars(args).items() if k != "words"})
+            try:
+                parsed, extra = again.parse_known_args(before)
+            except SystemExit as exc:
+                raise UsageError(f"cannot parse {' '.join(before)!r}") from exc
+            if extra:
+                raise UsageError(f"unexpected arguments before --: {' '.join(extra)}")
+            args = parsed
+            vm = parsed.vm
+        else:
+            vm = None
+    elif args.selector:
+        vm, command = None, words
+    else:
+        vm, command = (words[0], words[1:]) if words else (None, [])
+
+    if args.selector and vm:
+        raise UsageError(f"give a VM name ({vm}) or -l SELECTOR, not both")
+    if not args.selector and not vm:
+        raise UsageError("name a RemoteVM (vmfleet exec VM -- COMMAND) or a selector (-l)")
+    if not command:
+        raise UsageError("no command: put it after --, e.g. vmfleet exec vm1 -- df -h /")
+    if len(command) > MAX_ITEMS:
+        raise UsageError(f"the command has {len(command)} arguments; at most {MAX_ITEMS} are allowed")
+    for arg in command:
+        if len(arg) > MAX_ARG:
+            raise UsageError(f"an argument is {len(arg)} characters long; at most {MAX_ARG} are "
+                             "allowed (use a script RemoteCommand for long text)")
+    if args.timeout is not None and args.timeout < 1:
+        raise UsageError("--timeout must be at least 1 second")
+    if args.max_bytes is not None and not 0 <= args.max_bytes <= MAX_OUTPUT_BYTES:
+        raise UsageError(f"--max-bytes must be between 0 and {MAX_OUTPUT_BYTES}")
+    env = {}
+    for item in args.env or []:
+        name, sep, value = item.partition("=")
+        if not sep or not c.is_env_name(name):
+            raise UsageError(f"--env {item!r}: use NAME=VALUE with a name of letters, digits "
+                             "and underscores, not starting with a digit")
+        env[name] = value
+    return ExecOptions(
+        argv=command, vm=vm, selector=args.selector, namespace=args.namespace,
+        timeout=args.timeout, keep=args.keep, env=env, workdir=args.workdir, stdin=args.stdin,
+        max_bytes=args.max_bytes, kubeconfig=args.kubeconfig,
+    )
+
+
+# --------------------------------------------------------------------------- the object
+
+
+def parse_selector(text: str) -> dict[str, Any]:
+    """A kubectl label selector string as a LabelSelector object.
+
+    ``a=b``, ``a==b``, ``a!=b``, ``a in (x,y)``, ``a notin (x,y)``, ``a``, ``!a``,
+    separated by commas.
+    """
+    terms: list[str] = []
+    depth, start = 0, 0
+    for i, ch in enumerate(text):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            terms.append(text[start:i])
+            start = i + 1
+    terms.append(text[start:])
+    labels: dict[str, str] = {}
+    expressions: list[dict[str, Any]] = []
+    for raw in terms:
+        term = raw.strip()
+        if not term:
+            raise UsageError(f"selector {text!r} has an empty term")
+        words = term.split(None, 1)
+        if len(words) == 2 and words[1].split(None, 1)[0] in ("in", "notin"):
+            key = words[0]
+            op, rest = words[1].split(None, 1) if " " in words[1].strip() else (words[1], "")
+            rest = rest.strip()
+            if not (rest.startswith("(") and rest.endswith(")")):
+                raise UsageError(f"selector term {term!r}: write {key} {op} (value1,value2)")
+            values = [v.strip() for v in rest[1:-1].split(",") if v.strip()]
+            expressions.append({"key": key, "operator": "In" if op == "in" else "NotIn",
+                                "values": values})
+        elif "!=" in term:
+            key, value = (part.strip() for part in term.split("!=", 1))
+            expressions.append({"key": key, "operator": "NotIn", "values": [value]})
+        elif "=" in term:
+            key, value = (part.strip() for part in term.replace("==", "=", 1).split("=", 1))
+            labels[key] = value
+        elif term.startswith("!"):
+            expressions.append({"key": term[1:].strip(), "operator": "DoesNotExist"})
+        else:
+            expressions.append({"key": term, "operator": "Exists"})
+    for key in list(labels) + [e["key"] for e in expressions]:
+        if not key or any(ch in key for ch in " ()=!,"):
+            raise UsageError(f"selector {text!r}: {key!r} is not a label key")
+    selector: dict[str, Any] = {}
+    if labels:
+        selector["matchLabels"] = labels
+    if expressions:
+        selector["matchExpressions"] = expressions
+    return selector
+
+
+def output_max_bytes(targets: int, requested: int | None = None) -> int:
+    """Bytes of each stream's tail kept per VM: as much as the API allows for one VM, a
+    share of ~1 MiB for a fan-out (2 streams per VM)."""
+    if requested is not None:
+        return requested
+    if targets <= 1:
+        return MAX_OUTPUT_BYTES
+    return max(MIN_FAN_OUT_MAX_BYTES, min(MAX_OUTPUT_BYTES, FAN_OUT_OUTPUT_BUDGET // (2 * targets)))
+
+
+def generate_name(vm: str | None) -> str:
+    return f"exec-{vm[:40].rstrip('-')}-" if vm else "exec-"
+
+
+def build_command(options: ExecOptions, namespace: str, targets: int = 1,
+                  stdin: str | None = None) -> dict[str, Any]:
+    """The RemoteCommand ``vmfleet exec`` creates."""
+    spec: dict[str, Any] = {}
+    if options.selector:
+        spec["selector"] = parse_selector(options.selector)
+    else:
+        spec["vm"] = options.vm
+    spec["argv"] = list(options.argv)
+    if options.env:
+        spec["env"] = dict(options.env)
+    if options.workdir:
+        spec["workingDir"] = options.workdir
+    if stdin is not None:
+        spec["stdin"] = stdin
+    if options.timeout is not None:
+        spec["timeoutSeconds"] = options.timeout
+    spec["output"] = {"maxBytes": output_max_bytes(targets, options.max_bytes)}
+    if not options.keep:
+        spec["ttlSecondsAfterFinished"] = DEFAULT_TTL_SECONDS
+    return {
+        "apiVersion": c.API_VERSION,
+        "kind": c.COMMAND_KIND,
+        "metadata": {
+            "generateName": generate_name(options.vm),
+            "namespace": namespace,
+            "labels": {LABEL_CREATED_BY: CREATED_BY},
+        },
+        "spec": spec,
+    }
+
+
+# --------------------------------------------------------------------------- results
+
+
+def exit_code_for(result: dict[str, Any]) -> int:
+    """The exit code ``vmfleet exec`` reports for one VM's final result."""
+    phase, reason, code = result.get("phase"), result.get("reason"), result.get("exitCode")
+    if phase == Phase.SUCCEEDED:
+        return int(code or 0)
+    if phase == Phase.CANCELLED or reason == Reason.CANCELLED:
+        return EXIT_CANCELLED
+    if reason in TIMEOUT_REASONS:
+        return EXIT_TIMEOUT
+    if code is not None and reason not in TRANSPORT_REASONS:
+        return int(code) if int(code) != 0 else 1
+    return EXIT_TRANSPORT
+
+
+def fan_out_exit_code(results: Sequence[dict[str, Any]]) -> int:
+    """0 when every VM succeeded; else the largest of the VMs' exit codes (at least 1)."""
+    failed = [exit_code_for(r) for r in results if r.get("phase") != Phase.SUCCEEDED]
+    return max([1, *failed]) if failed else 0
+
+
+def failure_message(result: dict[str, Any]) -> str | None:
+    """A line for stderr when a VM's result is not just the command's own exit status."""
+    phase, reason = result.get("phase"), result.get("reason")
+    if phase == Phase.SUCCEEDED or reason == Reason.EXIT_CODE:
+        return None
+    vm = result.get("vm", "?")
+    detail = result.get("message") or ""
+    if reason in TRANSPORT_REASONS or (reason is None and result.get("exitCode") is None):
+        what = "the command did not run or its connection broke"
+        if reason == Reason.WORKER_LOST:
+            what = "the worker running the command was lost"
+        return f"vmfleet: {vm}: {reason or 'Failed'}: {detail or what}"
+    if reason in TIMEOUT_REASONS:
+        return f"vmfleet: {vm}: {reason}: {detail or 'the command took too long and was ended'}"
+    if phase == Phase.CANCELLED or reason == Reason.CANCELLED:
+        return f"vmfleet: {vm}: cancelled{': ' + detail if detail else ''}"
+    if reason == Reason.EXIT_CODE or result.get("exitCode") is not None:
+        return None
+    return f"vmfleet: {vm}: {reason}: {detail}" if detail else f"vmfleet: {vm}: {reason}"
+
+
+def truncation_notices(result: dict[str, Any]) -> list[str]:
+    """Say which streams were cut to their tail in status (the worker's log has all)."""
+    if not result.get("outputTruncated"):
+        return []
+    notes = []
+    vm = result.get("vm", "?")
+    for stream in ("stdout", "stderr"):
+        total = result.get(f"{stream}Bytes")
+        kept = len((result.get(stream) or "").encode())
+        if total is not None and total > kept:
+            notes.append(f"vmfleet: {vm}: {stream} was truncated: showing the last {kept} of "
+                         f"{total} bytes (the full output is in the worker's log)")
+    if not notes:
+        notes.append(f"vmfleet: {vm}: output was truncated (the full output is in the worker's log)")
+    return notes
+
+
+def prefix_lines(prefix: str, text: str) -> str:
+    """Every line of ``text`` with ``prefix`` in front; the last line always ends in \\n."""
+    if not text:
+        return ""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return "".join(f"{prefix}{line}\n" for line in lines)
+
+
+def is_final(result: dict[str, Any]) -> bool:
+    return result.get("phase") in Phase.TERMINAL
+
+
+def command_failure(obj: dict[str, Any]) -> str:
+    """Why a command ended without any per-VM result (e.g. no VM matched, invalid spec)."""
+    status = obj.get("status") or {}
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == "Failed" and condition.get("message"):
+            return str(condition["message"])
+    return f"the RemoteCommand ended {status.get('phase', 'without a result')}"
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress:
+    """One status line on stderr while a fan-out runs; silent when stderr is not a terminal."""
+
+    def __init__(self, stream: TextIO, enabled: bool | None = None) -> None:
+        self.stream = stream
+        self.enabled = stream.isatty() if enabled is None else enabled
+        self.shown = ""
+
+    @staticmethod
+    def text(results: Sequence[dict[str, Any]]) -> str:
+        total = len(results)
+        done = sum(1 for r in results if is_final(r))
+        failed = sum(1 for r in results if is_final(r) and r.get("phase") != Phase.SUCCEEDED)
+        running = sum(1 for r in results if r.get("phase") == Phase.RUNNING)
+        text = f"vmfleet: {done}/{total} done, {failed} failed"
+        if running:
+            text += f", {running} running"
+        return text
+
+    def update(self, results: Sequence[dict[str, Any]]) -> None:
+        if not self.enabled or len(results) < 2:
+            return
+        text = self.text(results)
+        if text != self.shown:
+            self.stream.write(f"\r\033[K{text}")
+            self.stream.flush()
+            self.shown = text
+
+    def clear(self) -> None:
+        if self.enabled and self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = ""
+
+
+# --------------------------------------------------------------------------- printing
+
+
+class Printer:
+    """Writes each VM's output once, when its result is final."""
+
+    def __init__(self, out: TextIO, err: TextIO, prefixed: bool, progress: Progress) -> None:
+        self.out, self.err = out, err
+        self.prefixed = prefixed
+        self.progress = progress
+        self.printed: set[str] = set()
+
+    def show(self, results: Sequence[dict[str, Any]]) -> None:
+        fresh = [r for r in results if is_final(r) and r.get("vm") not in self.printed]
+        if fresh:
+            self.progress.clear()
+        for result in sorted(fresh, key=lambda r: str(r.get("vm"))):
+            self.printed.add(str(result.get("vm")))
+            self.write(result)
+        self.progress.update(results)
+
+    def write(self, result: dict[str, Any]) -> None:
+        stdout, stderr = result.get("stdout") or "", result.get("stderr") or ""
+        if self.prefixed:
+            prefix = f"[{result.get('vm')}] "
+            stdout, stderr = prefix_lines(prefix, stdout), prefix_lines(prefix, stderr)
+        self.out.write(stdout)
+        self.out.flush()
+        self.err.write(stderr)
+        for line in truncation_notices(result):
+            self.err.write(line + "\n")
+        message = failure_message(result)
+        if message:
+            self.err.write(message + "\n")
+        self.err.flush()
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Interrupted(Exception):
+    """Ctrl-C, SIGTERM or SIGHUP while the command ran."""
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP raise Interrupted (main thread only), restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _interrupt)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def watch_until_done(kube: Any, namespace: str, name: str, resource_version: str | None,
+                     on_update: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+    """Follow one RemoteCommand with a watch until ``on_update`` returns True.
+
+    Returns that object, or None when the RemoteCommand was deleted. A watch the server
+    ends is resumed from the last resourceVersion; an expired one (410) starts again
+    from a fresh read.
+    """
+    from .kube import ApiException
+
+    while True:
+        try:
+            for kind, obj in kube.watch_command(namespace, name, resource_version):
+                if kind == "DELETED":
+                    return None
+                resource_version = obj["metadata"].get("resourceVersion") or resource_version
+                if kind in ("ADDED", "MODIFIED") and on_update(obj):
+                    return obj
+        except ApiException as exc:
+            if exc.status != 410:
+                raise
+            fresh = kube.get_command(namespace, name)
+            if fresh is None:
+                return None
+            resource_version = fresh["metadata"]["resourceVersion"]
+            if on_update(fresh):
+                return fresh
+
+
+def done(obj: dict[str, Any]) -> bool:
+    """Every VM's result is final (or the command ended with no result at all)."""
+    status = obj.get("status") or {}
+    results = status.get("results")
+    if results:
+        return all(is_final(r) for r in results)
+    return status.get("phase") in Phase.TERMINAL
+
+
+def count_targets(kube: Any, namespace: str, options: ExecOptions) -> int:
+    if not options.selector:
+        return 1
+    from .kube import ApiException
+
+    try:
+        return len(kube.list_vms(namespace, options.selector))
+    except ApiException as exc:
+        if exc.status == 400:
+            raise UsageError(f"invalid selector {options.selector!r}: {exc.reason}") from exc
+        raise
+
+
+def cancel(kube: Any, namespace: str, name: str, err: TextIO, wait: float = 60.0) -> None:
+    """Delete the RemoteCommand (its finalizer stops the remote processes) and wait a
+    little for that to finish; a second Ctrl-C stops waiting."""
+    err.write(f"vmfleet: interrupted: deleting RemoteCommand {namespace}/{name}, "
+              "which cancels it on the VMs\n")
+    err.flush()
+    if not kube.delete_command(namespace, name):
+        return
+    deadline = time.monotonic() + wait
+    try:
+        while time.monotonic() < deadline:
+            if kube.get_command(namespace, name) is None:
+                return
+            time.sleep(0.2)
+        err.write(f"vmfleet: RemoteCommand {namespace}/{name} is still being cancelled\n")
+    except Interrupted:
+        err.write(f"vmfleet: not waiting for RemoteCommand {namespace}/{name} to be cancelled\n")
+
+
+def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None,
+        err: TextIO | None = None, stdin: TextIO | None = None,
+        progress: bool | None = None) -> int:
+    """Create the RemoteCommand, follow it, print its output; returns the exit code."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    if options.kubeconfig:
+        os.environ["KUBECONFIG"] = options.kubeconfig
+    from .kube import ApiException, Kube, context_namespace
+
+    namespace = options.namespace or context_namespace()
+    try:
+        kube = kube or Kube()
+        targets = count_targets(kube, namespace, options)
+    except UsageError as exc:
+        err.write(f"vmfleet exec: {exc}\n")
+        return EXIT_USAGE
+    if options.selector and targets == 0:
+        err.write(f"vmfleet exec: no RemoteVM in namespace {namespace} matches {options.selector!r}\n")
+        return 1
+    text_in = None
+    if options.stdin:
+        text_in = (stdin or sys.stdin).read(MAX_STDIN + 1)
+        if len(text_in.encode()) > MAX_STDIN:
+            err.write(f"vmfleet exec: stdin is larger than {MAX_STDIN} bytes\n")
+            return EXIT_USAGE
+    body = build_command(options, namespace, targets, text_in)
+    try:
+        created = kube.create_command(namespace, body)
+    except ApiException as exc:
+        err.write(f"vmfleet exec: cannot create the RemoteCommand in namespace {namespace}: "
+                  f"{_api_message(exc)}\n")
+        return EXIT_TRANSPORT
+    name = created["metadata"]["name"]
+    printer = Printer(out, err, prefixed=bool(options.selector), progress=Progress(err, progress))
+
+    def on_update(obj: dict[str, Any]) -> bool:
+        printer.show((obj.get("status") or {}).get("results") or [])
+        return done(obj)
+
+    try:
+        with interrupts_raise():
+            final = watch_until_done(kube, namespace, name, created["metadata"]["resourceVersion"],
+                                     on_update)
+    except Interrupted:
+        printer.progress.clear()
+        with interrupts_raise():
+            cancel(kube, namespace, name, err)
+        return EXIT_CANCELLED
+    finally:
+        printer.progress.clear()
+    if final is None:
+        err.write(f"vmfleet exec: RemoteCommand {namespace}/{name} was deleted before it finished\n")
+        return EXIT_CANCELLED
+    if options.keep:
+        err.write(f"vmfleet exec: kept RemoteCommand {namespace}/{name}\n")
+    else:
+        kube.delete_command(namespace, name)
+    results = (final.get("status") or {}).get("results") or []
+    if not results:
+        err.write(f"vmfleet exec: {command_failure(final)}\n")
+        return EXIT_TRANSPORT
+    if options.selector:
+        failed = [r for r in results if r.get("phase") != Phase.SUCCEEDED]
+        if failed:
+            names = ", ".join(str(r.get("vm")) for r in failed)
+            err.write(f"vmfleet exec: failed on {len(failed)} of {len(results)} VMs: {names}\n")
+        return fan_out_exit_code(results)
+    return exit_code_for(results[0])
+
+
+def _api_message(exc: Any) -> str:
+    import json
+
+    try:
+        return str(json.loads(exc.body).get("message") or exc.reason)
+    except (TypeError, ValueError, AttributeError):
+        return f"{exc.status} {exc.reason}"
+
+
+def main(args: argparse.Namespace) -> int:
+    """``vmfleet exec`` (wired in vmfleet.cli)."""
+    try:
+        options = options_from_args(args)
+    except UsageError as exc:
+        print(f"vmfleet exec: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    import kubernetes
+    import urllib3
+
+    from .kube import ApiException
+
+    try:
+        return run(options)
+    except KeyboardInterrupt:  # before the RemoteCommand existed
+        print("vmfleet exec: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except ApiException as exc:
+        print(f"vmfleet exec: the Kubernetes API refused a request: {_api_message(exc)}",
+              file=sys.stderr)
+        return EXIT_TRANSPORT
+    except (kubernetes.config.ConfigException, OSError, urllib3.exceptions.HTTPError) as exc:
+        print(f"vmfleet exec: cannot reach the Kubernetes API: {exc} "
+              "(set KUBECONFIG or --kubeconfig)", file=sys.stderr)
+        return EXIT_TRANSPORT
