@@ -326,10 +326,12 @@ def test_invalid_transfers_are_refused(ns: Namespace):
 
 
 @pytest.fixture
-def lost_controller(controlplane, kubectl, crds, redis_server, tmp_path) -> Iterator[tuple]:
-    """A controller of our own that declares a silent transfer worker lost after 6s."""
+def lost_controller(controlplane, kubectl, crds, make_redis, tmp_path) -> Iterator[tuple]:
+    """A controller of our own (own broker: its own transfer worker is the only consumer of
+    ``vmfleet.transfers``) that declares a silent transfer worker lost after 6s."""
     ns = Namespace(kubectl, unique_namespace("xferlost")).create()
-    proc = start_controller(controlplane.kubeconfig, redis_server.url, tmp_path, [ns.name],
+    redis = make_redis()
+    proc = start_controller(controlplane.kubeconfig, redis.url, tmp_path, [ns.name],
                             extra_env={"VMFLEET_TRANSFER_LOST_SECONDS": "6"})
     try:
         yield ns, tmp_path, proc
