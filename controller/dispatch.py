@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 
 from vmfleet.api.constants import TASK_EXECUTE
@@ -15,7 +17,10 @@ class Dispatcher:
         self.app.conf.update(celery_config(broker_url))
 
     def send(self, envelope: Envelope, queue: str) -> None:
-        self.app.send_task(TASK_EXECUTE, args=[envelope.to_message()], queue=queue)
+        self.send_task(TASK_EXECUTE, [envelope.to_message()], queue)
+
+    def send_task(self, name: str, args: list[Any], queue: str) -> None:
+        self.app.send_task(name, args=args, queue=queue)
 
     def close(self) -> None:
         self.app.close()

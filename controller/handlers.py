@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -12,9 +13,9 @@ from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase
 from vmfleet.celeryconf import broker_url
 
-from .commands import reconcile_command
+from .commands import expire_command, reconcile_command, request_termination
 from .context import Context
-from .vms import reconcile_vm
+from .vms import forget_vm, observe_vm, reconcile_vm, tick_vm
 
 COMMANDS = (c.GROUP, c.VERSION, c.COMMAND_PLURAL)
 VMS = (c.GROUP, c.VERSION, c.VM_PLURAL)
@@ -23,6 +24,7 @@ VMS = (c.GROUP, c.VERSION, c.VM_PLURAL)
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Our CRDs have structural schemas: kopf keeps its bookkeeping in annotations.
+    settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=c.GROUP, key="last-handled-configuration"
@@ -67,6 +69,25 @@ def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     if event["type"] == "DELETED":
         meta = event["object"]["metadata"]
         memo.ctx.runtime.remove(meta["namespace"], meta["name"])
+        forget_vm(memo.ctx, meta["namespace"], meta["name"])
+
+
+# Scaling and health: one tick per RemoteVM (probes go out every healthCheck.periodSeconds).
+VM_TICK_SECONDS = float(os.environ.get("VMFLEET_VM_TICK_SECONDS", "2"))
+
+
+@kopf.timer(*VMS, interval=VM_TICK_SECONDS, initial_delay=1, sharp=False)
+@metrics.counts_errors(c.VM_KIND)
+def vm_tick(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    tick_vm(memo.ctx, dict(body))
+
+
+@kopf.on.event(*VMS)
+@metrics.counts_errors(c.VM_KIND)
+def vm_observed(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A probe result written by a worker: fold it into conditions now, not at the next tick."""
+    if event["type"] != "DELETED" and event.get("object"):
+        observe_vm(memo.ctx, dict(event["object"]))
 
 
 # --------------------------------------------------------------------------- RemoteCommand
@@ -79,12 +100,34 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
 @kopf.on.event(*COMMANDS)
 @metrics.counts_errors(c.COMMAND_KIND)
 def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    if event["type"] == "DELETED":
-        return
-    reconcile_command(memo.ctx, dict(event["object"]))
+    obj = event["object"]
+    if event["type"] == "DELETED" or obj.get("metadata", {}).get("deletionTimestamp"):
+        return  # deletion is command_deleted's
+    reconcile_command(memo.ctx, dict(obj))
 
 
-@kopf.timer(*COMMANDS, interval=15, initial_delay=15, when=_unfinished)
+@kopf.timer(*COMMANDS, interval=5, initial_delay=5, when=_unfinished)
 @metrics.counts_errors(c.COMMAND_KIND)
 def command_timer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    reconcile_command(memo.ctx, dict(body))
+    if not body.metadata.get("deletionTimestamp"):
+        reconcile_command(memo.ctx, dict(body))
+
+
+@kopf.on.delete(*COMMANDS)
+def command_deleted(body: kopf.Body, memo: kopf.Memo, retry: int, **_: Any) -> None:
+    """Cancel: what has not started never runs; running attempts are terminated (the
+    workers see the deletion in their heartbeat; lost ones are terminated by the
+    controller), and the object goes once every entry has ended."""
+    if retry == 0:
+        request_termination(memo.ctx, dict(body))
+    if not reconcile_command(memo.ctx, dict(body), deleting=True):
+        raise kopf.TemporaryError("waiting for running attempts to be terminated", delay=2)
+
+
+def _finished_with_ttl(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    return spec.get("ttlSecondsAfterFinished") is not None and status.get("phase") in Phase.TERMINAL
+
+
+@kopf.timer(*COMMANDS, interval=2, when=_finished_with_ttl)
+def command_ttl(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    expire_command(memo.ctx, dict(body))

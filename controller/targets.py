@@ -41,9 +41,10 @@ def vm_queue(vm: dict[str, Any]) -> str:
 
 
 def initial_results(
-    names: list[str], vms: dict[str, dict[str, Any]], now: str
+    names: list[str], vms: dict[str, dict[str, Any]], now: str, phase: str = Phase.QUEUED
 ) -> list[dict[str, Any]]:
-    """One result entry per target VM: Queued for dispatch, or Failed when the VM is missing."""
+    """One result entry per target VM (``phase``: Queued when dispatched at once, or Pending
+    for the scheduler), or Failed when the VM is missing."""
     results = []
     for name in names:
         vm = vms.get(name)
@@ -54,8 +55,8 @@ def initial_results(
                 "completionTime": now,
             })
         else:
-            results.append({
-                "vm": name, "host": vm["spec"].get("host"), "phase": Phase.QUEUED, "attempt": 1,
-                "dispatchTime": now,
-            })
+            entry = {"vm": name, "host": vm["spec"].get("host"), "phase": phase, "attempt": 1}
+            if phase == Phase.QUEUED:
+                entry["dispatchTime"] = now
+            results.append(entry)
     return results

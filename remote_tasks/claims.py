@@ -7,6 +7,7 @@ that the entry is still this worker's running attempt.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from vmfleet.api.constants import Phase
@@ -33,8 +34,15 @@ def claim_patch(index: int, vm: str, attempt: int, worker: str, now: str) -> Pat
     ]
 
 
-def finish_patch(index: int, vm: str, attempt: int, worker: str, fields: dict[str, Any]) -> Patch:
-    """Write the attempt's outcome, only if the entry is still this worker's running attempt."""
+def finish_patch(
+    index: int, vm: str, attempt: int, worker: str, fields: dict[str, Any],
+    remove: Iterable[str] = (),
+) -> Patch:
+    """Write to the entry, only if it is still this worker's running attempt.
+
+    Used for the outcome and for heartbeats; ``remove`` names fields known to be present
+    that must go (e.g. the pgid of an attempt that ended).
+    """
     base = f"/status/results/{index}"
     patch: Patch = [
         {"op": "test", "path": f"{base}/vm", "value": vm},
@@ -45,4 +53,7 @@ def finish_patch(index: int, vm: str, attempt: int, worker: str, fields: dict[st
     for key, value in fields.items():
         if value is not None:
             patch.append({"op": "add", "path": f"{base}/{key}", "value": value})
+    for key in remove:
+        if fields.get(key) is None:
+            patch.append({"op": "remove", "path": f"{base}/{key}"})
     return patch

@@ -8,27 +8,44 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import uuid
+from datetime import timedelta
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import paramiko
 from pydantic import ValidationError
 
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason
-from vmfleet.api.envelope import Envelope, now_rfc3339
+from vmfleet.api.envelope import Envelope, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteCommandSpec, RemoteVMSpec
 from vmfleet.kube import ApiException, Kube
+from vmfleet.policy import backoff_seconds, should_retry
 from vmfleet import metrics
 
 from . import claims
 from .shell import InvalidCommand, build_invocation
-from .ssh import ConnectionPool, CredentialsInvalid, ExecResult, SSHError, SSHTarget, run_command
+from .ssh import (
+    ConnectionPool,
+    CredentialsInvalid,
+    Deadline,
+    ExecResult,
+    SSHError,
+    SSHTarget,
+    TransportError,
+    run_command,
+)
 
 log = logging.getLogger("remote_tasks")
 output_log = logging.getLogger("remote_tasks.output")
 
 CREDENTIALS_DIR_ENV = "VMFLEET_CREDENTIALS_DIR"
+HEARTBEAT_SECONDS = float(os.environ.get("VMFLEET_HEARTBEAT_SECONDS", "5"))
+KILL_GRACE = float(os.environ.get("VMFLEET_KILL_GRACE_SECONDS", "3"))
+LOST = "Lost"  # an attempt the controller declared lost while it still ran
 
 
 class AttemptFailed(Exception):
@@ -84,6 +101,105 @@ def judge(result: ExecResult, success_exit_codes: list[int]) -> Outcome:
     )
 
 
+@dataclass(frozen=True)
+class AttemptDeadlines:
+    attempt: Deadline | None
+    overall: Deadline | None
+
+
+def attempt_deadlines(spec: RemoteCommandSpec, command_start: str | None) -> AttemptDeadlines:
+    """timeoutSeconds from now, and activeDeadlineSeconds from the command's startTime."""
+    now = time.monotonic()
+    per_attempt = (
+        Deadline(now + spec.timeout_seconds, Reason.TIMEOUT) if spec.timeout_seconds else None
+    )
+    overall = None
+    if spec.active_deadline_seconds and command_start:
+        started = parse_rfc3339(command_start).timestamp()
+        remaining = started + spec.active_deadline_seconds - time.time()
+        overall = Deadline(now + remaining, Reason.DEADLINE_EXCEEDED)
+    return AttemptDeadlines(per_attempt, overall)
+
+
+# Fields of a result entry that belong to one attempt and go when it ends.
+_ATTEMPT_FIELDS = ("pgid", "processMarker", "heartbeatTime", "lostPgid", "lostMarker", "retryAfter")
+
+
+class Attempt:
+    """A claimed attempt: writes to its own result entry, only while it still owns it."""
+
+    def __init__(self, kube: Kube, envelope: Envelope, index: int, worker: str,
+                 entry: dict[str, Any]) -> None:
+        self.kube = kube
+        self.envelope = envelope
+        self.index = index
+        self.worker = worker
+        self.entry = entry
+        self.present = {key for key, value in entry.items() if value is not None}
+        self.lost = False
+        self.deleting = False
+        self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+
+    def _patch(self, fields: dict[str, Any], remove: tuple[str, ...] = ()) -> dict[str, Any]:
+        gone = tuple(key for key in remove if key in self.present and fields.get(key) is None)
+        obj = self.kube.patch_command_status(
+            self.envelope.namespace, self.envelope.name,
+            claims.finish_patch(self.index, self.envelope.vm, self.envelope.attempt, self.worker,
+                                fields, remove=gone),
+        )
+        self.present |= {key for key, value in fields.items() if value is not None}
+        self.present -= set(gone)
+        if obj.get("metadata", {}).get("deletionTimestamp"):
+            self.deleting = True
+        return obj
+
+    def started(self, pgid: int, nonce: str) -> None:
+        """Record the remote process group as soon as the command runs."""
+        try:
+            self._patch({"pgid": pgid, "processMarker": nonce, "heartbeatTime": now_rfc3339()},
+                        remove=("lostPgid", "lostMarker"))
+        except ApiException as exc:
+            self._lost_or_log(exc)
+
+    def tick(self) -> str | None:
+        """Heartbeat; returns a reason to end the attempt (cancelled, or taken over)."""
+        if self.lost:
+            return LOST
+        if self.deleting:
+            return Reason.CANCELLED
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return None
+        self._next_heartbeat = now + HEARTBEAT_SECONDS
+        try:
+            self._patch({"heartbeatTime": now_rfc3339()})
+        except ApiException as exc:
+            if exc.status == 404:
+                return Reason.CANCELLED
+            self._lost_or_log(exc)
+            return LOST if self.lost else None
+        return Reason.CANCELLED if self.deleting else None
+
+    def finish(self, fields: dict[str, Any]) -> None:
+        remove = tuple(key for key, value in fields.items() if value is None) + _ATTEMPT_FIELDS
+        try:
+            self._patch(fields, remove=remove)
+        except ApiException as exc:
+            if exc.status in (404, 409, 422):
+                log.warning("Could not write the result of %s on %s attempt %s: %s",
+                            self.envelope.ref, self.envelope.vm, self.envelope.attempt,
+                            "the object is gone" if exc.status == 404 else "the attempt was taken over")
+                return
+            raise
+
+    def _lost_or_log(self, exc: ApiException) -> None:
+        if exc.status == 422:
+            self.lost = True  # the controller declared this attempt lost meanwhile
+        else:
+            log.warning("Heartbeat of %s on %s failed: %s", self.envelope.ref, self.envelope.vm,
+                        exc.reason)
+
+
 class CommandExecutor:
     """Everything one worker process needs to run attempts: the API and the SSH pool."""
 
@@ -111,6 +227,9 @@ class CommandExecutor:
                 envelope.ref, envelope.vm, envelope.attempt, entry.get("phase", "unknown"),
             )
             return "duplicate"
+        if obj["metadata"].get("deletionTimestamp"):
+            log.info("Skipped RemoteCommand %s on %s: it is being deleted", envelope.ref, envelope.vm)
+            return "cancelled"
         assert index is not None
         try:
             self.kube.patch_command_status(
@@ -125,47 +244,123 @@ class CommandExecutor:
             raise
         log.info("Claimed RemoteCommand %s on %s (attempt %s)", envelope.ref, envelope.vm,
                  envelope.attempt)
-        started = metrics.command_claimed(envelope.dispatch_time)
+        attempt = Attempt(self.kube, envelope, index, worker, entry)
         host: str | None = None
+        spec: RemoteCommandSpec | None = None
         try:
             spec = RemoteCommandSpec.model_validate(obj["spec"])
             target = self.resolve_target(envelope.namespace, envelope.vm)
             host = target.host
-            outcome = self.run(envelope, spec, target)
+            outcome = self.run(envelope, spec, target, attempt, obj.get("status") or {})
         except AttemptFailed as failed:
             outcome = Outcome(Phase.FAILED, failed.reason, failed.message)
         except ValidationError as exc:
             outcome = Outcome(Phase.FAILED, Reason.INVALID_SPEC, f"invalid spec: {exc}")
-        fields = outcome.fields(now_rfc3339())
+        if attempt.lost:
+            log.warning("Stopped RemoteCommand %s on %s attempt %s: the attempt was taken over "
+                        "(marked lost); its result is not written", envelope.ref, envelope.vm,
+                        envelope.attempt)
+            return "lost"
+        now = now_rfc3339()
+        fields = outcome.fields(now)
         if host is not None:
             fields["host"] = host
-        self.kube.patch_command_status(
-            envelope.namespace, envelope.name,
-            claims.finish_patch(index, envelope.vm, envelope.attempt, worker, fields),
-        )
-        log.info("Finished RemoteCommand %s on %s: %s (%s)", envelope.ref, envelope.vm,
-                 outcome.phase, outcome.reason)
-        metrics.command_finished(envelope.namespace, envelope.vm, outcome.phase, outcome.reason,
-                                 started)
-        return outcome.phase
+        if (
+            spec is not None
+            and outcome.phase == Phase.FAILED
+            and not attempt.deleting
+            and should_retry(spec, envelope.attempt, outcome.reason, outcome.exit_code)
+        ):
+            delay = backoff_seconds(spec, envelope.attempt)
+            fields.update(
+                phase=Phase.PENDING,
+                attempt=envelope.attempt + 1,
+                retryAfter=(parse_rfc3339(now) + timedelta(seconds=delay)).isoformat(
+                    timespec="milliseconds").replace("+00:00", "Z"),
+                completionTime=None,
+                message=f"attempt {envelope.attempt} failed ({outcome.reason}): "
+                f"{outcome.message or outcome.reason}; next attempt after {delay:.0f}s",
+            )
+        attempt.finish(fields)
+        log.info("Finished RemoteCommand %s on %s attempt %s: %s (%s)", envelope.ref, envelope.vm,
+                 envelope.attempt, fields["phase"], outcome.reason)
+        return str(fields["phase"])
 
-    def run(self, envelope: Envelope, spec: RemoteCommandSpec, target: SSHTarget) -> Outcome:
+    def run(
+        self, envelope: Envelope, spec: RemoteCommandSpec, target: SSHTarget, attempt: Attempt,
+        status: dict[str, Any],
+    ) -> Outcome:
+        nonce = uuid.uuid4().hex
         try:
-            invocation = build_invocation(spec)
+            invocation = build_invocation(spec, nonce)
         except InvalidCommand as exc:
             return Outcome(Phase.FAILED, Reason.INVALID_SPEC, str(exc))
+        deadlines = attempt_deadlines(spec, status.get("startTime"))
+        if deadlines.overall is not None and deadlines.overall.expired(time.monotonic()):
+            return Outcome(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
+                           f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed "
+                           "before this attempt could start")
+        lost_pgid = attempt.entry.get("lostPgid")
         prefix = f"[{envelope.ref} {envelope.vm}"
         try:
+            if lost_pgid:
+                # The previous attempt's worker was lost: its processes end before this starts.
+                self.pool.get(target).terminate(int(lost_pgid), KILL_GRACE,
+                                                attempt.entry.get("lostMarker"))
+                log.info("Terminated process group %s of the lost attempt of %s on %s",
+                         lost_pgid, envelope.ref, envelope.vm)
             result = run_command(
                 self.pool, target, invocation.line, invocation.stdin, spec.output.max_bytes,
                 on_stdout=lambda line: output_log.info("%s stdout] %s", prefix, line),
                 on_stderr=lambda line: output_log.info("%s stderr] %s", prefix, line),
+                nonce=nonce,
+                deadline=Deadline.earliest(deadlines.attempt, deadlines.overall),
+                on_started=attempt.started,
+                tick=attempt.tick,
+                kill_grace=KILL_GRACE,
             )
+        except TransportError as exc:
+            if exc.pgid is not None:
+                self.terminate(target, exc.pgid, exc.nonce)
+            return Outcome(Phase.FAILED, exc.reason, str(exc))
         except SSHError as exc:
             return Outcome(Phase.FAILED, exc.reason, str(exc))
+        if result.ended_by == Reason.TIMEOUT:
+            return Outcome(Phase.FAILED, Reason.TIMEOUT,
+                           f"timed out after {spec.timeout_seconds}s; the remote process group "
+                           "was terminated", None, result)
+        if result.ended_by == Reason.DEADLINE_EXCEEDED:
+            return Outcome(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
+                           f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed; the "
+                           "remote process group was terminated", None, result)
+        if result.ended_by == Reason.CANCELLED:
+            return Outcome(Phase.CANCELLED, Reason.CANCELLED,
+                           "cancelled: the RemoteCommand was deleted; the remote process group "
+                           "was terminated", None, result)
         return judge(result, spec.success_exit_codes)
 
-    def resolve_target(self, namespace: str, vm_name: str) -> SSHTarget:
+    def terminate(self, target: SSHTarget, pgid: int, nonce: str | None) -> bool:
+        """Best effort: end a remote process group over a fresh connection."""
+        self.pool.discard(target)
+        try:
+            self.pool.get(target).terminate(pgid, KILL_GRACE, nonce)
+        except (SSHError, OSError, paramiko.SSHException) as exc:
+            log.warning("Could not terminate process group %s on %s: %s", pgid, target.address, exc)
+            return False
+        log.info("Terminated process group %s on %s", pgid, target.address)
+        return True
+
+    def terminate_attempt(self, namespace: str, vm: str, pgid: int, nonce: str | None) -> bool:
+        """Task body: end the process group of a lost attempt on one VM."""
+        try:
+            target = self.resolve_target(namespace, vm)
+        except AttemptFailed as failed:
+            log.warning("Could not terminate process group %s on %s/%s: %s", pgid, namespace, vm,
+                        failed.message)
+            return False
+        return self.terminate(target, pgid, nonce)
+
+    def resolve_target(self, namespace: str, vm_name: str, bastion_of: str | None = None) -> SSHTarget:
         vm = self.kube.get_vm(namespace, vm_name)
         if vm is None:
             raise AttemptFailed(Reason.VM_NOT_FOUND, f"RemoteVM {namespace}/{vm_name} does not exist")
@@ -173,12 +368,15 @@ class CommandExecutor:
             spec = RemoteVMSpec.model_validate(vm["spec"])
         except ValidationError as exc:
             raise AttemptFailed(Reason.INVALID_SPEC, f"RemoteVM {vm_name} is invalid: {exc}") from exc
-        private_key, passphrase = self.credentials(namespace, spec.credentials_secret_ref.name)
+        private_key, passphrase = self.credentials(namespace, spec.credentials_secret_ref.name,
+                                                   bastion=bastion_of is not None)
         host_keys = tuple(spec.host_keys or ())
         if spec.host_key_policy == c.HOST_KEY_TOFU:
             recorded = ((vm.get("status") or {}).get("hostKey") or {}).get("publicKey")
             host_keys = (recorded,) if recorded else host_keys
         return SSHTarget(
+            trust_on_first_use=spec.host_key_policy == c.HOST_KEY_TOFU and not host_keys,
+            jump=self.resolve_bastion(namespace, vm_name, spec, bastion_of),
             host=spec.host,
             port=spec.port,
             user=spec.user,
@@ -188,11 +386,30 @@ class CommandExecutor:
             connect_timeout=float(spec.connect_timeout_seconds),
         )
 
-    def credentials(self, namespace: str, secret_name: str) -> tuple[str, str | None]:
-        """The private key and passphrase: from the mounted Secret, else read through the API."""
+    def resolve_bastion(
+        self, namespace: str, vm_name: str, spec: RemoteVMSpec, bastion_of: str | None
+    ) -> SSHTarget | None:
+        """The bastion's target for ``spec.proxyJump`` (one hop; its own keys verified)."""
+        if spec.proxy_jump is None:
+            return None
+        if bastion_of is not None or spec.proxy_jump.vm == vm_name:
+            raise AttemptFailed(
+                Reason.INVALID_SPEC,
+                f"RemoteVM {vm_name} cannot be reached: proxyJump supports one bastion hop "
+                f"(bastion {spec.proxy_jump.vm} must not use proxyJump itself)",
+            )
+        return self.resolve_target(namespace, spec.proxy_jump.vm, bastion_of=vm_name)
+
+    def credentials(
+        self, namespace: str, secret_name: str, bastion: bool = False
+    ) -> tuple[str, str | None]:
+        """The private key and passphrase: from the mounted Secret, else read through the API.
+
+        A bastion's Secret is mounted in the ``bastion`` directory beside the VM's own."""
         if self.credentials_dir is not None:
-            key_file = self.credentials_dir / c.SECRET_KEY_PRIVATE_KEY
-            phrase_file = self.credentials_dir / c.SECRET_KEY_PASSPHRASE
+            directory = self.credentials_dir / "bastion" if bastion else self.credentials_dir
+            key_file = directory / c.SECRET_KEY_PRIVATE_KEY
+            phrase_file = directory / c.SECRET_KEY_PASSPHRASE
             try:
                 key = key_file.read_text()
             except OSError as exc:

@@ -27,6 +27,61 @@ class RemoteInvocation:
     stdin: bytes | None
 
 
+PGID_MARKER = "vmfleet-pgid"
+
+
+def marker_for(nonce: str) -> str:
+    """The first line the wrapper prints: ``vmfleet-pgid:<nonce> <pgid>``."""
+    if not nonce.isalnum():
+        raise InvalidCommand("the marker nonce must be alphanumeric")
+    return f"{PGID_MARKER}:{nonce}"
+
+
+def wrap(body: str, nonce: str) -> str:
+    """Run ``body`` in a POSIX sh that first reports its process group.
+
+    sshd makes the login shell of an exec request a session and process group leader;
+    ``exec sh`` keeps that process, so ``$$`` is the group of everything the command
+    starts. Terminating ``-$$`` ends the command and its children, whatever the login
+    shell is.
+    """
+    script = f"printf '%s %s\\n' {marker_for(nonce)} \"$$\"; {body}"
+    return "exec sh -c " + shlex.quote(script)
+
+
+def parse_marker(first_line: bytes, nonce: str) -> int | None:
+    """The pgid from the wrapper's first stdout line, or None if it is not ours."""
+    try:
+        label, pgid = first_line.decode("ascii").strip().split(" ")
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if label != marker_for(nonce) or not pgid.isdigit() or int(pgid) < 2:
+        return None
+    return int(pgid)
+
+
+def terminate_line(pgid: int, grace_seconds: float, nonce: str | None = None) -> str:
+    """TERM a remote process group, wait up to ``grace_seconds``, then KILL what is left.
+
+    With ``nonce``, nothing is signalled unless the group leader is still the attempt's
+    wrapper (its command line carries the marker): a recycled process id is left alone.
+    """
+    if pgid < 2:
+        raise InvalidCommand(f"refusing to signal process group {pgid}")
+    ticks = max(int(grace_seconds * 10), 1)
+    check = ""
+    if nonce is not None:
+        marker = marker_for(nonce)
+        check = (f"if [ -r /proc/{pgid}/cmdline ]; then "
+                 f"grep -q -F {marker} /proc/{pgid}/cmdline 2>/dev/null || exit 0; fi; ")
+    script = check + (
+        f"kill -s TERM -- -{pgid} 2>/dev/null || exit 0; i=0; "
+        f"while kill -s 0 -- -{pgid} 2>/dev/null && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done; "
+        f"kill -s KILL -- -{pgid} 2>/dev/null; exit 0"
+    )
+    return "exec sh -c " + shlex.quote(script)
+
+
 def quote_argv(argv: Sequence[str]) -> str:
     if not argv:
         raise InvalidCommand("argv must name a program")
@@ -46,8 +101,12 @@ def env_prefix(env: Mapping[str, str] | None) -> str:
     return " ".join(parts) + " " if parts else ""
 
 
-def build_invocation(spec: RemoteCommandSpec) -> RemoteInvocation:
-    """Turn a command, argv or script spec into the exec line and stdin."""
+def build_invocation(spec: RemoteCommandSpec, nonce: str | None = None) -> RemoteInvocation:
+    """Turn a command, argv or script spec into the exec line and stdin.
+
+    With ``nonce``, the line is wrapped (``wrap``) so that its first stdout line reports
+    the remote process group.
+    """
     if spec.command is not None:
         program = "sh -c " + shlex.quote(spec.command)
         stdin = spec.stdin
@@ -64,4 +123,6 @@ def build_invocation(spec: RemoteCommandSpec) -> RemoteInvocation:
     line = env_prefix(spec.env) + program
     if spec.working_dir is not None:
         line = f"cd -- {shlex.quote(spec.working_dir)} && {line}"
+    if nonce is not None:
+        line = wrap(line, nonce)
     return RemoteInvocation(line=line, stdin=stdin.encode() if stdin is not None else None)

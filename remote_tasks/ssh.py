@@ -45,9 +45,10 @@ class SSHError(Exception):
 class TransportError(SSHError):
     reason = "TransportError"
 
-    def __init__(self, message: str, pgid: int | None = None) -> None:
+    def __init__(self, message: str, pgid: int | None = None, nonce: str | None = None) -> None:
         super().__init__(message)
         self.pgid = pgid  # the remote process group, if the command had started
+        self.nonce = nonce
 
 
 class ChannelOpenFailed(TransportError):
@@ -272,7 +273,7 @@ class Connection:
         *,
         nonce: str | None = None,
         deadline: Deadline | None = None,
-        on_started: Callable[[int], None] | None = None,
+        on_started: Callable[[int, str], None] | None = None,
         tick: Callable[[], str | None] | None = None,
         kill_grace: float = DEFAULT_KILL_GRACE,
     ) -> ExecResult:
@@ -314,7 +315,7 @@ class Connection:
             if pgid is None:
                 out.feed(first)  # not our marker: keep every byte
             elif on_started is not None:
-                on_started(pgid)
+                on_started(pgid, nonce)
             out.feed(rest)
 
         try:
@@ -336,7 +337,8 @@ class Connection:
                     break
                 if not self.transport.is_active():
                     raise TransportError(
-                        f"connection to {self.target.host} broke during the command", pgid=pgid
+                        f"connection to {self.target.host} broke during the command", pgid=pgid,
+                        nonce=nonce,
                     )
                 now = time.monotonic()
                 if ended_by is None:
@@ -348,7 +350,7 @@ class Connection:
                         ended_by = reason
                         give_up_at = now + kill_grace + 10
                         if pgid is not None:
-                            self.terminate(pgid, kill_grace)
+                            self.terminate(pgid, kill_grace, nonce)
                         else:
                             chan.close()
                 elif give_up_at is not None and now > give_up_at:
@@ -356,7 +358,9 @@ class Connection:
                     break
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
         except (paramiko.SSHException, OSError, EOFError) as exc:
-            raise TransportError(f"connection to {self.target.host} broke: {exc}", pgid=pgid) from exc
+            raise TransportError(
+                f"connection to {self.target.host} broke: {exc}", pgid=pgid, nonce=nonce
+            ) from exc
         finally:
             if head:
                 out.feed(bytes(head))
@@ -373,13 +377,14 @@ class Connection:
             ended_by=ended_by,
         )
 
-    def terminate(self, pgid: int, grace: float = DEFAULT_KILL_GRACE) -> None:
-        """End a remote process group: TERM, up to ``grace`` seconds, then KILL."""
+    def terminate(self, pgid: int, grace: float = DEFAULT_KILL_GRACE, nonce: str | None = None) -> None:
+        """End a remote process group: TERM, up to ``grace`` seconds, then KILL (only if
+        its leader still carries the ``nonce`` marker, when one is given)."""
         assert self.transport is not None
         chan = self.transport.open_session(timeout=self.target.connect_timeout)
         try:
             chan.settimeout(grace + 15)
-            chan.exec_command(terminate_line(pgid, grace))
+            chan.exec_command(terminate_line(pgid, grace, nonce))
             chan.shutdown_write()
             chan.recv_exit_status()
         finally:

@@ -16,10 +16,12 @@ from vmfleet.api.constants import (
     TASK_TRANSFER_CLEANUP,
 )
 from vmfleet.api.envelope import Envelope
+from vmfleet.celeryconf import broker_url
 
 from .app import app
 from .execute import CommandExecutor
 from .health import HealthChecker
+from .slots import vm_slot
 from .transfer import TransferExecutor
 
 
@@ -32,13 +34,16 @@ def executor() -> CommandExecutor:
 @app.task(name=TASK_EXECUTE, bind=True, acks_late=True)
 def execute_on_vm(self: Task, envelope: dict[str, Any]) -> str:
     worker = self.request.hostname or socket.gethostname()
-    return executor().execute(Envelope.from_message(envelope), worker)
+    message = Envelope.from_message(envelope)
+    # One of the VM's maxConcurrentCommands slots, across all its worker replicas.
+    with vm_slot(broker_url(), message.namespace, message.vm, worker):
+        return executor().execute(message, worker)
 
 
 @app.task(name=TASK_TERMINATE, acks_late=True)
-def terminate_attempt(namespace: str, vm: str, pgid: int) -> bool:
+def terminate_attempt(namespace: str, vm: str, pgid: int, marker: str | None = None) -> bool:
     """End the remote process group of an attempt whose worker was lost or cancelled."""
-    return executor().terminate_attempt(namespace, vm, int(pgid))
+    return executor().terminate_attempt(namespace, vm, int(pgid), marker)
 
 
 @functools.cache

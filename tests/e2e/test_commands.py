@@ -169,8 +169,8 @@ def test_workers_of_a_deleted_vm_stop(ns: Namespace, make_vm, controller_dir):
     ns.run("touch", vm="shortlived", command="true")
     ns.wait("remotecommand/touch", "Complete")
     status = ns.get("rvm", "shortlived")["status"]["workers"]
-    assert status == {"runtime": "Process", "queue": f"vmfleet.{ns}.shortlived", "replicas": 1,
-                      "readyReplicas": 1}
+    assert {k: status[k] for k in ("runtime", "queue", "replicas", "readyReplicas")} == {
+        "runtime": "Process", "queue": f"vmfleet.{ns}.shortlived", "replicas": 1, "readyReplicas": 1}
     log = controller_dir / "workers" / f"{ns}.shortlived.0.log"
     ns.k("delete", "rvm", "shortlived")
     wait_until(lambda: "Warm shutdown" in log.read_text() or "Cold shutdown" in log.read_text(),

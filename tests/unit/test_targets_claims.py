@@ -67,3 +67,8 @@ def test_finish_requires_own_running_attempt_and_skips_none():
 def test_result_index():
     status = {"results": [{"vm": "a"}, {"vm": "b"}]}
     assert (result_index(status, "b"), result_index(status, "c"), result_index(None, "a")) == (1, None, None)
+
+
+def test_initial_results_pending_for_the_scheduler():
+    results = initial_results(["vm1"], {"vm1": {"spec": {"host": "h"}}}, "T", phase="Pending")
+    assert results == [{"vm": "vm1", "host": "h", "phase": "Pending", "attempt": 1}]

@@ -28,6 +28,7 @@ CATEGORIES: Final = ("vmfleet",)
 # Celery task names (the controller sends by name; it never imports remote_tasks).
 TASK_EXECUTE: Final = "remote_tasks.execute_on_vm"
 TASK_CHECK_VM: Final = "remote_tasks.check_vm_status"
+TASK_TERMINATE: Final = "remote_tasks.terminate_attempt"
 TASK_TRANSFER: Final = "remote_tasks.transfer_file"
 TASK_TRANSFER_CLEANUP: Final = "remote_tasks.clean_transfer"
 TRANSFER_QUEUE: Final = "vmfleet.transfers"
@@ -97,6 +98,7 @@ class Reason:
     HOST_KEY_MISMATCH: Final = "HostKeyMismatch"
     WORKER_LOST: Final = "WorkerLost"
     CANCELLED: Final = "Cancelled"
+    MAX_FAILURES: Final = "MaxFailuresReached"
     VM_NOT_FOUND: Final = "VMNotFound"
     CREDENTIALS_INVALID: Final = "CredentialsInvalid"
     INVALID_SPEC: Final = "InvalidSpec"

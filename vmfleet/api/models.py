@@ -245,6 +245,20 @@ class HostKeyStatus(StatusModel):
     recorded_time: str | None = None
 
 
+class ProbeStatus(StatusModel):
+    """The outcome of the last health probe, as the worker that ran it reported it."""
+
+    time: str | None = Field(None, description="When the probe ended (RFC 3339).")
+    succeeded: bool | None = Field(None, description="True when the VM answered every check.")
+    reason: str | None = Field(
+        None, max_length=128, description="Named reason: Completed, Timeout, TransportError, "
+        "AuthFailed, HostKeyMismatch, CredentialsInvalid, ..."
+    )
+    message: str | None = Field(None, max_length=MAX_MESSAGE)
+    latency_seconds: float | None = Field(None, description="How long the probe took.")
+    worker: str | None = Field(None, max_length=MAX_NAME, description="Worker that ran it.")
+
+
 class RemoteVMStatus(StatusModel):
     conditions: list[ObjectCondition] | None = Field(
         None, max_length=32,
@@ -252,6 +266,9 @@ class RemoteVMStatus(StatusModel):
     )
     host_key: HostKeyStatus | None = None
     facts: VMFacts | None = None
+    last_probe: ProbeStatus | None = Field(
+        None, description="Written by the worker that probed the VM; folded into conditions."
+    )
     workers: VMWorkersStatus | None = None
     observed_generation: int | None = None
 
@@ -554,6 +571,20 @@ class TargetResult(StatusModel):
     start_time: str | None = None
     completion_time: str | None = None
     worker: str | None = Field(None, max_length=MAX_NAME, description="Worker that ran it.")
+    pgid: int | None = Field(
+        None, ge=1, description="Remote process group of the running attempt (terminated on "
+        "timeout, cancellation or a lost worker)."
+    )
+    process_marker: str | None = Field(
+        None, max_length=64, description="Marker in the command line of the attempt's process "
+        "group leader: a terminate checks it, so a recycled process id is never signalled."
+    )
+    heartbeat_time: str | None = Field(None, description="Last sign of life of the running attempt.")
+    retry_after: str | None = Field(None, description="The next attempt starts after this time.")
+    lost_pgid: int | None = Field(
+        None, ge=1, description="Process group of a lost attempt, terminated before the next one."
+    )
+    lost_marker: str | None = Field(None, max_length=64, description="processMarker of that attempt.")
     transfer: TransferResult | None = Field(None, description="File transfers: what was copied.")
 
 

@@ -1,0 +1,187 @@
+"""What the controller does next with a RemoteCommand's result entries (pure).
+
+``plan(...)`` looks at the entries and returns the changes to make — each guarded by the
+entry's expected phase and attempt, so a worker writing at the same time wins cleanly —
+plus the attempts to dispatch and the remote process groups to terminate:
+
+- start Pending entries (first attempts, and retries whose ``retryAfter`` passed) while
+  fewer than ``maxParallel`` run;
+- stop starting new VMs once ``maxFailures`` have failed (the rest end Cancelled);
+- fail entries that did not start before ``activeDeadlineSeconds``;
+- end attempts whose worker stopped heartbeating (``WorkerLost``, or a retry when the
+  spec allows) and terminate their process groups;
+- resend dispatches that no worker claimed for a long time (the claim makes it safe);
+- on deletion, cancel what has not started and wait for what runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from vmfleet.api.constants import Phase, Reason
+from vmfleet.api.envelope import parse_rfc3339
+from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.policy import backoff_seconds, should_retry
+
+
+@dataclass(frozen=True)
+class Timing:
+    lost_after: float = 30.0  # seconds without a heartbeat before a running attempt is lost
+    redispatch_after: float = 300.0  # seconds a Queued attempt waits before it is sent again
+
+
+@dataclass
+class Change:
+    index: int
+    vm: str
+    expect_phase: str
+    expect_attempt: int
+    set: dict[str, Any]
+    remove: tuple[str, ...] = ()
+
+
+@dataclass
+class Plan:
+    changes: list[Change] = field(default_factory=list)
+    dispatch: list[tuple[str, int]] = field(default_factory=list)  # (vm, attempt)
+    terminate: list[tuple[str, int, str | None]] = field(default_factory=list)  # (vm, pgid, marker)
+
+    def __bool__(self) -> bool:
+        return bool(self.changes or self.dispatch or self.terminate)
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _ended(entry: dict[str, Any], phase: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
+    return {"phase": phase, "reason": reason, "message": message, "completionTime": rfc3339(now)}
+
+
+def _present(entry: dict[str, Any], *keys: str) -> tuple[str, ...]:
+    return tuple(key for key in keys if entry.get(key) is not None)
+
+
+def plan(
+    spec: RemoteCommandSpec,
+    status: dict[str, Any],
+    now: datetime,
+    *,
+    queues: dict[str, str | None],
+    deleting: bool = False,
+    timing: Timing = Timing(),
+    paused: frozenset[str] = frozenset(),
+) -> Plan:
+    """The next step for ``status.results``. ``queues`` maps VM names to their queue
+    (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched."""
+    out = Plan()
+    results: list[dict[str, Any]] = [dict(e) for e in status.get("results") or []]
+    started = parse_rfc3339(status["startTime"]) if status.get("startTime") else now
+    deadline_passed = bool(
+        spec.active_deadline_seconds
+        and now >= started + timedelta(seconds=spec.active_deadline_seconds)
+    )
+
+    def change(index: int, entry: dict[str, Any], new: dict[str, Any], remove: tuple[str, ...] = ()) -> None:
+        out.changes.append(Change(index, entry["vm"], entry["phase"], entry.get("attempt", 1), new, remove))
+        entry.update(new)
+        for key in remove:
+            entry.pop(key, None)
+
+    for index, entry in enumerate(results):
+        phase = entry.get("phase", Phase.PENDING)
+        attempt = int(entry.get("attempt", 1))
+        if phase == Phase.RUNNING:
+            beat = entry.get("heartbeatTime") or entry.get("startTime")
+            if beat and now - parse_rfc3339(beat) > timedelta(seconds=timing.lost_after):
+                pgid = entry.get("pgid")
+                marker = entry.get("processMarker")
+                if pgid:
+                    out.terminate.append((entry["vm"], int(pgid), marker))
+                worker = entry.get("worker", "its worker")
+                message = f"{worker} stopped reporting during attempt {attempt}"
+                if pgid:
+                    message += f"; process group {pgid} is terminated"
+                remove = _present(entry, "pgid", "processMarker", "heartbeatTime")
+                if not deleting and not deadline_passed and should_retry(spec, attempt, Reason.WORKER_LOST, None):
+                    delay = backoff_seconds(spec, attempt)
+                    new = {"phase": Phase.PENDING, "attempt": attempt + 1, "reason": Reason.WORKER_LOST,
+                           "message": f"{message}; next attempt after {delay:.0f}s",
+                           "retryAfter": rfc3339(now + timedelta(seconds=delay))}
+                    if pgid:
+                        new["lostPgid"] = int(pgid)
+                        if marker:
+                            new["lostMarker"] = marker
+                    change(index, entry, new, remove)
+                elif deleting:
+                    change(index, entry, _ended(entry, Phase.CANCELLED, Reason.CANCELLED, message, now), remove)
+                else:
+                    change(index, entry, _ended(entry, Phase.FAILED, Reason.WORKER_LOST, message, now), remove)
+        elif phase in (Phase.PENDING, Phase.QUEUED):
+            remove = _present(entry, "retryAfter", "lostPgid", "lostMarker")
+            if deleting:
+                change(index, entry, _ended(entry, Phase.CANCELLED, Reason.CANCELLED,
+                                            "cancelled before it ran: the RemoteCommand was deleted", now),
+                       remove)
+            elif deadline_passed:
+                change(index, entry, _ended(entry, Phase.FAILED, Reason.DEADLINE_EXCEEDED,
+                                            f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) "
+                                            "passed before it ran", now), remove)
+            elif entry["vm"] in queues and queues[entry["vm"]] is None:
+                change(index, entry, _ended(entry, Phase.FAILED, Reason.VM_NOT_FOUND,
+                                            f"RemoteVM {entry['vm']} does not exist in this namespace", now),
+                       remove)
+
+    if deleting:
+        return out
+
+    failed = sum(1 for e in results if e.get("phase") == Phase.FAILED)
+    if spec.max_failures is not None and failed and failed >= spec.max_failures:
+        for index, entry in enumerate(results):
+            if entry.get("phase") == Phase.PENDING and int(entry.get("attempt", 1)) == 1:
+                change(index, entry, _ended(entry, Phase.CANCELLED, Reason.MAX_FAILURES,
+                                            f"not started: {failed} VMs failed "
+                                            f"(maxFailures {spec.max_failures})", now))
+
+    active = sum(1 for e in results if e.get("phase") in (Phase.QUEUED, Phase.RUNNING))
+    capacity = (spec.max_parallel - active) if spec.max_parallel else len(results)
+    for index, entry in enumerate(results):
+        phase = entry.get("phase")
+        vm = entry["vm"]
+        attempt = int(entry.get("attempt", 1))
+        if phase == Phase.PENDING and capacity > 0 and vm not in paused and queues.get(vm):
+            after = entry.get("retryAfter")
+            if after and parse_rfc3339(after) > now:
+                continue
+            change(index, entry, {"phase": Phase.QUEUED, "dispatchTime": rfc3339(now)},
+                   _present(entry, "retryAfter"))
+            out.dispatch.append((vm, attempt))
+            capacity -= 1
+        elif phase == Phase.QUEUED and queues.get(vm) and vm not in paused:
+            sent = entry.get("dispatchTime")
+            if sent and now - parse_rfc3339(sent) > timedelta(seconds=timing.redispatch_after):
+                change(index, entry, {"dispatchTime": rfc3339(now)})
+                out.dispatch.append((vm, attempt))
+    return out
+
+
+def json_patch(changes: list[Change]) -> list[dict[str, Any]]:
+    """One JSON Patch for all changes; each guarded by its entry's vm, phase and attempt."""
+    ops: list[dict[str, Any]] = []
+    for ch in changes:
+        base = f"/status/results/{ch.index}"
+        ops += [
+            {"op": "test", "path": f"{base}/vm", "value": ch.vm},
+            {"op": "test", "path": f"{base}/phase", "value": ch.expect_phase},
+            {"op": "test", "path": f"{base}/attempt", "value": ch.expect_attempt},
+        ]
+        ops += [{"op": "add", "path": f"{base}/{key}", "value": value} for key, value in ch.set.items()]
+        ops += [{"op": "remove", "path": f"{base}/{key}"} for key in ch.remove]
+    return ops
+
+
+def pending_vms(status: dict[str, Any]) -> set[str]:
+    """VMs whose entries may be dispatched now (their queue must be looked up)."""
+    return {e["vm"] for e in status.get("results") or [] if e.get("phase") in (Phase.PENDING, Phase.QUEUED)}
