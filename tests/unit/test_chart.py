@@ -1,0 +1,290 @@
+"""charts/vmfleet rendered with the real helm (built by scripts/install-helm.sh): lint,
+template for the default values and each ci/*-values.yaml, and what the objects say."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "vmfleet"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+VALUE_SETS = [None, *CI_VALUES]
+IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in CI_VALUES)]
+
+
+@functools.cache
+def helm_binary() -> str:
+    """The project's helm (cached per machine; built from its Go module the first time)."""
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "install-helm.sh")],
+                          capture_output=True, text=True, timeout=900, check=True)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def render(values: Path | None = None, *sets: str, namespace: str = "fleet") -> list[dict[str, Any]]:
+    return yaml.safe_load(_render(values, sets, namespace))  # a fresh copy per test
+
+
+@functools.cache
+def _render(values: Path | None, sets: tuple[str, ...], namespace: str) -> str:
+    args = ["template", "rel", str(CHART), "--namespace", namespace]
+    if values is not None:
+        args += ["-f", str(values)]
+    for s in sets:
+        args += ["--set", s]
+    return yaml.safe_dump([d for d in yaml.safe_load_all(helm(*args).stdout) if d])
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None,
+         namespace: str | None = None) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind
+            and (name is None or d["metadata"]["name"] == name)
+            and (namespace is None or d["metadata"].get("namespace") == namespace)]
+
+
+def rules_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = doc["rules"]
+    return rules
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=IDS)
+def test_lint_strict(values):
+    args = ["lint", str(CHART), "--strict", "--namespace", "fleet"]
+    if values is not None:
+        args += ["-f", str(values)]
+    proc = helm(*args)
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("values", VALUE_SETS, ids=IDS)
+def test_every_object_is_named_and_labelled_from_the_helpers(values):
+    docs = render(values)
+    assert docs
+    for doc in docs:
+        meta = doc["metadata"]
+        where = f"{doc['kind']}/{meta['name']}"
+        assert meta["name"].startswith("rel-vmfleet"), where
+        labels = meta["labels"]
+        assert labels["app.kubernetes.io/name"] == "vmfleet", where
+        assert labels["app.kubernetes.io/instance"] == "rel", where
+        assert labels["app.kubernetes.io/managed-by"] == "Helm", where
+        assert labels["helm.sh/chart"] == "vmfleet-0.1.0", where
+        assert "app.kubernetes.io/component" in labels, where
+        if doc["kind"] in ("Deployment",):
+            selector = doc["spec"]["selector"]["matchLabels"]
+            assert "helm.sh/chart" not in selector and "app.kubernetes.io/version" not in selector
+            assert selector.items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_default_objects():
+    docs = render()
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+    assert kinds == sorted([
+        "ClusterRole/rel-vmfleet-crd-reader",
+        "ClusterRoleBinding/rel-vmfleet-crd-reader",
+        "Deployment/rel-vmfleet-broker",
+        "Deployment/rel-vmfleet-controller",
+        "Deployment/rel-vmfleet-transfer-worker",
+        "Role/rel-vmfleet-controller",
+        "Role/rel-vmfleet-transfer-worker",
+        "Role/rel-vmfleet-worker",
+        "RoleBinding/rel-vmfleet-controller",
+        "RoleBinding/rel-vmfleet-transfer-worker",
+        "RoleBinding/rel-vmfleet-worker",
+        "Service/rel-vmfleet-broker",
+        "Service/rel-vmfleet-controller",
+        "Service/rel-vmfleet-transfer-worker",
+        "Service/rel-vmfleet-worker-metrics",
+        "ServiceAccount/rel-vmfleet-controller",
+        "ServiceAccount/rel-vmfleet-transfer-worker",
+        "ServiceAccount/rel-vmfleet-worker",
+    ])
+    # Off by default: prometheus-operator kinds and the dashboard.
+    assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
+    assert not find(docs, "ConfigMap")
+
+
+def test_controller_deployment():
+    docs = render()
+    (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert deploy["spec"]["replicas"] == 1
+    assert pod["serviceAccountName"] == "rel-vmfleet-controller"
+    assert container["command"] == ["vmfleet", "controller"]
+    assert "--standalone" in container["args"]
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    assert "--namespace=fleet" in container["args"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 9807, "health": 8080}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["VMFLEET_BROKER_URL"]["value"] == "redis://rel-vmfleet-broker.fleet.svc:6379/0"
+    assert env["VMFLEET_WORKER_RUNTIME"]["value"] == "Deployment"
+    assert env["VMFLEET_WORKER_IMAGE"]["value"] == container["image"] == "vmfleet:0.1.0"
+    assert env["VMFLEET_WORKER_SERVICE_ACCOUNT"]["value"] == "rel-vmfleet-worker"
+    assert env["VMFLEET_METRICS_PORT"]["value"] == "9807"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_one_image_for_controller_and_workers():
+    docs = render()
+    (controller,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    (transfer,) = find(docs, "Deployment", "rel-vmfleet-transfer-worker")
+    image = controller["spec"]["template"]["spec"]["containers"][0]["image"]
+    (worker,) = transfer["spec"]["template"]["spec"]["containers"]
+    assert worker["image"] == image
+    assert worker["args"][:4] == ["celery", "-A", "remote_tasks", "worker"]
+    assert worker["args"][worker["args"].index("-Q") + 1] == "vmfleet.transfers"
+
+
+def test_worker_roles_read_no_secret_and_create_nothing():
+    docs = render()
+    (role,) = find(docs, "Role", "rel-vmfleet-worker")
+    for rule in rules_of(role):
+        assert "secrets" not in rule["resources"]
+        assert not {"create", "delete", "list", "watch", "update"} & set(rule["verbs"])
+    (controller,) = find(docs, "Role", "rel-vmfleet-controller")
+    assert all("secrets" not in r["resources"] and "pods" not in r["resources"]
+               for r in rules_of(controller))
+    (transfer,) = find(docs, "Role", "rel-vmfleet-transfer-worker")
+    secret_rules = [r for r in rules_of(transfer) if "secrets" in r["resources"]]
+    assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+
+
+def test_cluster_wide_and_several_namespaces():
+    docs = render(CHART / "ci" / "clusterwide-values.yaml")
+    (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--all-namespaces" in args and not [a for a in args if a.startswith("--namespace")]
+    assert find(docs, "ClusterRole", "rel-vmfleet-controller")
+    assert find(docs, "ClusterRoleBinding", "rel-vmfleet-controller")
+    assert not find(docs, "Role", "rel-vmfleet-controller")
+    for ns in ("vmfleet-ci-a", "vmfleet-ci-b"):
+        assert find(docs, "ServiceAccount", "rel-vmfleet-worker", ns)
+        assert find(docs, "Role", "rel-vmfleet-worker", ns)
+        (transfer,) = find(docs, "Role", "rel-vmfleet-transfer-worker", ns)
+        (secrets,) = [r for r in rules_of(transfer) if "secrets" in r["resources"]]
+        assert secrets["resourceNames"] == ["vm1-ssh", "vm2-ssh"]
+
+
+def test_external_broker_from_a_secret():
+    docs = render(CHART / "ci" / "external-broker-values.yaml")
+    assert not find(docs, "Deployment", "rel-vmfleet-broker")
+    assert not find(docs, "Deployment", "rel-vmfleet-transfer-worker")
+    (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["VMFLEET_BROKER_URL"]["valueFrom"] == {
+        "secretKeyRef": {"name": "vmfleet-broker", "key": "url"}}
+    assert env["VMFLEET_BROKER_SECRET_NAME"]["value"] == "vmfleet-broker"
+    assert env["VMFLEET_BROKER_SECRET_KEY"]["value"] == "url"
+    assert container["image"] == "registry.example.com/platform/vmfleet:0.1.0"
+
+
+def test_external_broker_needs_its_secret():
+    proc = helm("template", "rel", str(CHART), "--set", "broker.bundled.enabled=false", check=False)
+    assert proc.returncode != 0
+    assert "broker.external.existingSecret is required" in proc.stderr
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("image.pullPolicy=Sometimes", "value must be one of"),
+    ("metrics.controllerPort=0", "minimum"),
+    ("watchNamespaces={Not_A_Namespace}", "watchNamespaces"),
+    ("unknownKey=1", "additional properties"),
+])
+def test_schema_rejects_bad_values(setting, message):
+    proc = helm("template", "rel", str(CHART), "--set", setting, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_monitoring_objects():
+    docs = render(CHART / "ci" / "monitoring-values.yaml")
+    (rule,) = find(docs, "PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((CHART / "files/alerts/vmfleet.rules.yaml").read_text())
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {"VmfleetVMDown", "VmfleetCommandFailureRatioHigh", "VmfleetQueueBacklogGrowing",
+            "VmfleetWorkerReplicasNotReady", "VmfleetHostKeyMismatch"} <= alerts
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    services = [d for d in find(docs, "Service")
+                if d["metadata"]["labels"].get("vmfleet.io/metrics") == "true"]
+    assert {s["metadata"]["name"] for s in services} == {
+        "rel-vmfleet-controller", "rel-vmfleet-worker-metrics", "rel-vmfleet-transfer-worker"}
+    for service in services:
+        assert service["metadata"]["labels"].items() >= monitor["spec"]["selector"]["matchLabels"].items()
+        assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
+    (dashboard,) = find(docs, "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["vmfleet.json"]) == json.loads(
+        (CHART / "files/dashboards/vmfleet.json").read_text())
+
+
+def test_worker_metrics_service_selects_the_controllers_worker_pods():
+    from controller.runtime import worker_labels
+
+    (service,) = find(render(), "Service", "rel-vmfleet-worker-metrics")
+    assert service["spec"]["selector"].items() <= worker_labels("vm1").items()
+    assert service["spec"]["ports"][0]["targetPort"] == 9808
+
+
+def test_every_value_is_documented():
+    """prometheus-community style: each value (or the section holding it) has a `# --` comment."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    entries: list[tuple[int, str, bool]] = []  # (indent, path, documented)
+    comment: list[str] = []
+    stack: list[tuple[int, str]] = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            comment.append(stripped)
+            continue
+        match = re.match(r"^( *)([A-Za-z][\w.-]*):", line)
+        if not match:
+            if not stripped:
+                comment = []
+            continue
+        indent = len(match.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([p for _, p in stack] + [match.group(2)])
+        stack.append((indent, match.group(2)))
+        entries.append((indent, path, any(c.startswith("# --") for c in comment)))
+        comment = []
+
+    def ok(path: str, documented: bool) -> bool:
+        if documented or any(p.startswith(path + ".") and d for _, p, d in entries if p == path):
+            return True
+        children = [(p, d) for _, p, d in entries if p.startswith(path + ".")
+                    and "." not in p[len(path) + 1:]]
+        return bool(children) and all(ok(p, d) for p, d in children)
+
+    undocumented = [p for indent, p, d in entries if indent == 0 and not ok(p, d)]
+    assert not undocumented, f"values without a `# --` comment: {undocumented}"
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert {p for i, p, _ in entries if i == 0} == set(values)
+
+
+def test_chart_crds_are_the_generated_ones():
+    for path in sorted((REPO / "crds").glob("*.yaml")):
+        assert (CHART / "crds" / path.name).read_text() == path.read_text(), path.name
