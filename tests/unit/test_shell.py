@@ -54,3 +54,55 @@ def test_quoted_argv_reaches_the_program_literally(hostile):
     out = subprocess.run(["sh", "-c", line], capture_output=True, check=True).stdout
     assert out.split(b"\0")[:2] == [hostile.encode(), b"x"]
     assert shlex.split(line)[2] == hostile
+
+
+def test_wrapped_line_reports_its_process_group_first():
+    from remote_tasks.shell import parse_marker
+
+    invocation = build_invocation(spec(command="echo hi", workingDir="/"), nonce="abc123")
+    proc = subprocess.run(["setsid", "sh", "-c", invocation.line], capture_output=True, check=True)
+    first, rest = proc.stdout.split(b"\n", 1)
+    pgid = parse_marker(first + b"\n", "abc123")
+    assert pgid is not None and pgid > 1
+    assert rest == b"hi\n"
+    assert parse_marker(first, "other") is None
+    assert parse_marker(b"vmfleet-pgid:abc123 1\n", "abc123") is None  # never group 1
+
+
+def test_terminate_line_checks_the_marker_before_signalling():
+    from remote_tasks.shell import terminate_line
+
+    line = terminate_line(4242, 1.5, nonce="abc123")
+    assert "grep -q -F vmfleet-pgid:abc123 /proc/4242/cmdline" in line
+    assert "kill -s TERM -- -4242" in line and "kill -s KILL -- -4242" in line
+    with pytest.raises(InvalidCommand):
+        terminate_line(1, 1)
+
+
+def test_terminate_line_ends_a_group_that_ignores_term():
+    import signal
+    import time
+
+    from remote_tasks.shell import terminate_line
+
+    victim = subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 60 & sleep 60"],
+                              start_new_session=True)
+    time.sleep(0.2)
+    subprocess.run(["sh", "-c", terminate_line(victim.pid, 0.5)], check=True, timeout=10)
+    assert victim.wait(timeout=5) == -signal.SIGKILL
+    assert live_members(victim.pid) == []
+
+
+def live_members(pgid):
+    """Processes of the group that are not zombies (an unreaped child counts for killpg)."""
+    from pathlib import Path
+
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(stat.parent.name)
+    return members

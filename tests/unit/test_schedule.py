@@ -1,0 +1,163 @@
+"""The controller's scheduling of attempts (pure) and the retry policy."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from controller.schedule import Timing, json_patch, plan
+from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.policy import backoff_seconds, should_retry
+
+NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
+
+
+def ts(seconds_ago: float) -> str:
+    return (NOW - timedelta(seconds=seconds_ago)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def spec(**fields):
+    return RemoteCommandSpec.model_validate({"selector": {}, "command": "true", **fields})
+
+
+def entries(*phases, **extra):
+    return [{"vm": f"vm{i}", "phase": p, "attempt": 1, **extra} for i, p in enumerate(phases)]
+
+
+def status(results, started=0):
+    return {"startTime": ts(started), "results": results}
+
+
+def queues(n):
+    return {f"vm{i}": f"q{i}" for i in range(n)}
+
+
+def test_first_attempts_start_up_to_max_parallel():
+    p = plan(spec(maxParallel=3), status(entries(*["Pending"] * 5)), NOW, queues=queues(5))
+    assert p.dispatch == [("vm0", 1), ("vm1", 1), ("vm2", 1)]
+    assert [c.set["phase"] for c in p.changes] == ["Queued"] * 3
+
+
+def test_running_ones_count_against_max_parallel():
+    results = entries("Running", "Queued", "Succeeded", "Pending", "Pending")
+    p = plan(spec(maxParallel=3), status(results), NOW, queues=queues(5))
+    assert p.dispatch == [("vm3", 1)]
+
+
+def test_without_max_parallel_everything_starts():
+    p = plan(spec(), status(entries(*["Pending"] * 4)), NOW, queues=queues(4))
+    assert len(p.dispatch) == 4
+
+
+def test_max_failures_cancels_what_has_not_started():
+    results = entries("Failed", "Running", "Pending", "Pending")
+    results[3]["attempt"] = 2  # a retry of a started VM continues
+    p = plan(spec(maxFailures=1), status(results), NOW, queues=queues(4))
+    cancelled = {c.vm: c.set for c in p.changes if c.set.get("phase") == "Cancelled"}
+    assert list(cancelled) == ["vm2"]
+    assert cancelled["vm2"]["reason"] == "MaxFailuresReached"
+    assert cancelled["vm2"]["message"] == "not started: 1 VMs failed (maxFailures 1)"
+    assert p.dispatch == [("vm3", 2)]
+
+
+def test_retry_waits_for_retry_after():
+    results = entries("Pending", "Pending")
+    results[0].update(attempt=2, retryAfter=ts(-10))  # 10 s in the future
+    results[1].update(attempt=2, retryAfter=ts(1), lostPgid=77)
+    p = plan(spec(), status(results), NOW, queues=queues(2))
+    assert p.dispatch == [("vm1", 2)]
+    (change,) = p.changes
+    assert change.remove == ("retryAfter",)  # lostPgid stays for the next attempt to terminate
+
+
+def test_lost_worker_is_retried_when_allowed_and_its_group_terminated():
+    results = entries("Running", pgid=4242, processMarker="abc", heartbeatTime=ts(60), worker="w1")
+    p = plan(spec(retries={"limit": 1, "backoffSeconds": 5}), status(results), NOW,
+             queues=queues(1), timing=Timing(lost_after=30))
+    assert p.terminate == [("vm0", 4242, "abc")]
+    (change,) = p.changes
+    assert change.set["phase"] == "Pending" and change.set["attempt"] == 2
+    assert change.set["reason"] == "WorkerLost"
+    assert (change.set["lostPgid"], change.set["lostMarker"]) == (4242, "abc")
+    assert change.set["retryAfter"] == ts(-5)
+    assert set(change.remove) == {"pgid", "processMarker", "heartbeatTime"}
+
+
+def test_lost_worker_without_retries_fails():
+    results = entries("Running", pgid=9, heartbeatTime=ts(60))
+    p = plan(spec(), status(results), NOW, queues=queues(1), timing=Timing(lost_after=30))
+    (change,) = p.changes
+    assert (change.set["phase"], change.set["reason"]) == ("Failed", "WorkerLost")
+    assert "process group 9 is terminated" in change.set["message"]
+
+
+def test_live_worker_is_left_alone():
+    results = entries("Running", pgid=9, heartbeatTime=ts(5))
+    assert not plan(spec(), status(results), NOW, queues=queues(1), timing=Timing(lost_after=30))
+
+
+def test_deadline_fails_what_did_not_start():
+    results = entries("Pending", "Queued", "Running", heartbeatTime=ts(1))
+    p = plan(spec(activeDeadlineSeconds=10), status(results, started=11), NOW, queues=queues(3))
+    assert {c.vm: c.set["reason"] for c in p.changes} == {"vm0": "DeadlineExceeded",
+                                                           "vm1": "DeadlineExceeded"}
+    assert p.dispatch == []
+
+
+def test_deleting_cancels_unstarted_and_waits_for_running():
+    results = entries("Pending", "Queued", "Running", "Succeeded", heartbeatTime=ts(1))
+    p = plan(spec(), status(results), NOW, queues=queues(4), deleting=True)
+    assert {c.vm: c.set["phase"] for c in p.changes} == {"vm0": "Cancelled", "vm1": "Cancelled"}
+    assert p.dispatch == [] and p.terminate == []
+
+
+def test_paused_and_missing_vms_get_nothing_dispatched():
+    p = plan(spec(), status(entries("Pending", "Pending")), NOW,
+             queues={"vm0": "q0", "vm1": None}, paused=frozenset({"vm0"}))
+    assert p.dispatch == []
+    (change,) = p.changes
+    assert (change.vm, change.set["reason"]) == ("vm1", "VMNotFound")
+
+
+def test_unclaimed_dispatch_is_sent_again():
+    results = entries("Queued", "Queued")
+    results[0]["dispatchTime"] = ts(400)
+    results[1]["dispatchTime"] = ts(10)
+    p = plan(spec(), status(results), NOW, queues=queues(2), timing=Timing(redispatch_after=300))
+    assert p.dispatch == [("vm0", 1)]
+
+
+def test_json_patch_guards_each_change():
+    results = entries("Pending")
+    ops = json_patch(plan(spec(), status(results), NOW, queues=queues(1)).changes)
+    assert ops[:3] == [
+        {"op": "test", "path": "/status/results/0/vm", "value": "vm0"},
+        {"op": "test", "path": "/status/results/0/phase", "value": "Pending"},
+        {"op": "test", "path": "/status/results/0/attempt", "value": 1},
+    ]
+    assert {"op": "add", "path": "/status/results/0/phase", "value": "Queued"} in ops
+
+
+@pytest.mark.parametrize(
+    ("retries", "attempt", "reason", "exit_code", "expected"),
+    [
+        ({"limit": 0}, 1, "TransportError", None, False),
+        ({"limit": 1}, 1, "TransportError", None, True),
+        ({"limit": 1}, 2, "TransportError", None, False),
+        ({"limit": 3}, 1, "AuthFailed", None, True),
+        ({"limit": 3}, 1, "WorkerLost", None, True),
+        ({"limit": 3}, 1, "HostKeyMismatch", None, False),
+        ({"limit": 3}, 1, "Timeout", None, False),
+        ({"limit": 3}, 1, "ExitCode", 3, False),
+        ({"limit": 3, "onExitCodes": [3]}, 1, "ExitCode", 3, True),
+        ({"limit": 3, "onExitCodes": [3]}, 4, "ExitCode", 3, False),
+    ],
+)
+def test_should_retry(retries, attempt, reason, exit_code, expected):
+    assert should_retry(spec(retries=retries), attempt, reason, exit_code) is expected
+
+
+def test_backoff_doubles_and_is_capped():
+    s = spec(retries={"limit": 20, "backoffSeconds": 10})
+    assert [backoff_seconds(s, n) for n in (1, 2, 3)] == [10, 20, 40]
+    assert backoff_seconds(s, 15) == 3600
+    assert backoff_seconds(spec(retries={"backoffSeconds": 0}), 3) == 0
