@@ -1,0 +1,314 @@
+"""RemoteVM health as status: send probes, fold what the workers saw into conditions.
+
+Every ``healthCheck.periodSeconds`` the controller sends ``remote_tasks.check_vm_status``
+by name to the VM's own queue (it expires after one period, so probes never pile up).
+The worker that runs it writes ``status.lastProbe``, ``status.facts`` and
+``status.hostKey``; ``fold_conditions`` (pure) turns them into the conditions
+``Reachable``, ``HostKeyVerified``, ``DiskPressure``, ``MemoryPressure``,
+``WorkersReady`` and ``Ready``, as a Node's are.
+
+A VM scaled to zero has no worker to probe it: it is not woken for health checks (that
+would keep it from ever being idle); its conditions say so once the last probe is stale.
+
+A host key that stops matching sets ``HostKeyVerified=False``, pauses the VM
+(``spec.paused``, annotated with why: no command is dispatched to it) and posts a
+Warning Event. An unreachable VM posts a Warning Event too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, cast
+
+from vmfleet.api import constants as c
+from vmfleet.api.constants import Condition, Reason
+from vmfleet.api.envelope import now_rfc3339, parse_rfc3339
+from vmfleet.api.models import RemoteVMSpec
+from vmfleet.kube import ApiException, Kube
+
+from .fold import set_condition
+
+log = logging.getLogger("controller.health")
+
+PAUSED_BY_ANNOTATION = f"{c.GROUP}/paused-by"
+REASON_NOT_PROBED = "NotProbed"
+REASON_PROBE_OVERDUE = "ProbeOverdue"
+REASON_SCALED_TO_ZERO = "ScaledToZero"
+
+Conditions = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a VM is under pressure (controller settings, from the environment)."""
+
+    disk_used_ratio: float = 0.90  # DiskPressure when the root filesystem is this full
+    memory_available_ratio: float = 0.10  # MemoryPressure when less than this is available
+
+    @classmethod
+    def from_environment(cls) -> Thresholds:
+        return cls(
+            disk_used_ratio=float(os.environ.get("VMFLEET_DISK_PRESSURE_RATIO", "0.90")),
+            memory_available_ratio=float(
+                os.environ.get("VMFLEET_MEMORY_PRESSURE_AVAILABLE_RATIO", "0.10")
+            ),
+        )
+
+
+# --------------------------------------------------------------------------- pure
+
+
+def _condition(conditions: Conditions, type_: str) -> dict[str, Any]:
+    for cond in conditions:
+        if cond.get("type") == type_:
+            return cond
+    return {}
+
+
+def probe_age(status: dict[str, Any], now: datetime) -> float | None:
+    probe = status.get("lastProbe") or {}
+    if not probe.get("time"):
+        return None
+    return (now - parse_rfc3339(str(probe["time"]))).total_seconds()
+
+
+def fold_conditions(
+    spec: RemoteVMSpec, status: dict[str, Any], now: str, thresholds: Thresholds = Thresholds()
+) -> Conditions:
+    """The RemoteVM's conditions from its last probe, facts and workers (pure)."""
+    previous: Conditions = list(status.get("conditions") or [])
+    conditions = previous
+    probe = status.get("lastProbe") or {}
+    facts = status.get("facts") or {}
+    workers = status.get("workers") or {}
+    replicas = int(workers.get("replicas") or 0)
+    ready_replicas = int(workers.get("readyReplicas") or 0)
+    age = probe_age(status, parse_rfc3339(now))
+    period = spec.health_check.period_seconds
+    stale = age is not None and age > 2 * period + spec.health_check.timeout_seconds + 5
+
+    def put(type_: str, value: str, reason: str, message: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(conditions, type_, value, reason, message, now)
+
+    # Reachable
+    if age is None:
+        why = (REASON_SCALED_TO_ZERO, "no worker runs while the VM is scaled to zero: not probed") \
+            if replicas == 0 else (REASON_NOT_PROBED, "waiting for the first health probe")
+        put(Condition.REACHABLE, "Unknown", *why)
+    elif stale:
+        if replicas == 0:
+            put(Condition.REACHABLE, "Unknown", REASON_SCALED_TO_ZERO,
+                f"no worker runs while the VM is scaled to zero; last probed {probe.get('time')}")
+        else:
+            put(Condition.REACHABLE, "Unknown", REASON_PROBE_OVERDUE,
+                f"no health probe result since {probe.get('time')} (period {period}s)")
+    elif probe.get("succeeded"):
+        put(Condition.REACHABLE, "True", Reason.COMPLETED,
+            f"answered the health probe in {probe.get('latencySeconds')}s")
+    else:
+        put(Condition.REACHABLE, "False", str(probe.get("reason") or Reason.TRANSPORT_ERROR),
+            str(probe.get("message") or "the health probe failed"))
+
+    # HostKeyVerified: only a probe that got as far as the key exchange says anything.
+    key = status.get("hostKey") or {}
+    if probe.get("reason") == Reason.HOST_KEY_MISMATCH:
+        put(Condition.HOST_KEY_VERIFIED, "False", Reason.HOST_KEY_MISMATCH,
+            str(probe.get("message") or "the VM's host key does not match"))
+    elif probe.get("succeeded") or probe.get("reason") == Reason.AUTH_FAILED:
+        how = "recorded on first use" if spec.host_key_policy == c.HOST_KEY_TOFU else "pinned"
+        put(Condition.HOST_KEY_VERIFIED, "True", "HostKeyMatched",
+            f"host key {key.get('fingerprint', '?')} matches the {how} key")
+    elif not _condition(conditions, Condition.HOST_KEY_VERIFIED):
+        put(Condition.HOST_KEY_VERIFIED, "Unknown", REASON_NOT_PROBED, "not verified yet")
+
+    # Pressure, from the facts of a fresh successful probe.
+    reachable = _condition(conditions, Condition.REACHABLE).get("status") == "True"
+    disk_total, disk_used = facts.get("rootDiskTotalBytes"), facts.get("rootDiskUsedBytes")
+    if reachable and disk_total:
+        ratio = float(disk_used or 0) / float(disk_total)
+        if ratio >= thresholds.disk_used_ratio:
+            put(Condition.DISK_PRESSURE, "True", "RootDiskFull",
+                f"root filesystem {ratio:.0%} used (threshold {thresholds.disk_used_ratio:.0%})")
+        else:
+            put(Condition.DISK_PRESSURE, "False", "RootDiskHasSpace",
+                f"root filesystem {ratio:.0%} used")
+    else:
+        put(Condition.DISK_PRESSURE, "Unknown", REASON_NOT_PROBED, "no fresh disk usage")
+    mem_total, mem_avail = facts.get("memoryTotalBytes"), facts.get("memoryAvailableBytes")
+    if reachable and mem_total:
+        ratio = float(mem_avail or 0) / float(mem_total)
+        if ratio < thresholds.memory_available_ratio:
+            put(Condition.MEMORY_PRESSURE, "True", "MemoryLow",
+                f"{ratio:.0%} of memory available (threshold {thresholds.memory_available_ratio:.0%})")
+        else:
+            put(Condition.MEMORY_PRESSURE, "False", "MemoryAvailable",
+                f"{ratio:.0%} of memory available")
+    else:
+        put(Condition.MEMORY_PRESSURE, "Unknown", REASON_NOT_PROBED, "no fresh memory usage")
+
+    # WorkersReady
+    if replicas == 0 and workers:
+        put(Condition.WORKERS_READY, "True", REASON_SCALED_TO_ZERO,
+            "no workers needed: the queue is idle (a dispatch wakes one)")
+    elif workers:
+        if ready_replicas >= replicas:
+            put(Condition.WORKERS_READY, "True", "WorkersRunning",
+                f"{ready_replicas}/{replicas} workers ready")
+        else:
+            put(Condition.WORKERS_READY, "False", "WorkersStarting",
+                f"{ready_replicas}/{replicas} workers ready")
+
+    # Ready: reachable, the right host, no pressure.
+    blocking = []
+    for type_, good in ((Condition.REACHABLE, "True"), (Condition.HOST_KEY_VERIFIED, "True"),
+                        (Condition.DISK_PRESSURE, "False"), (Condition.MEMORY_PRESSURE, "False")):
+        cond = _condition(conditions, type_)
+        if cond.get("status") != good:
+            blocking.append(cond)
+    if not blocking:
+        put(Condition.READY, "True", "VMReady", "reachable, host key verified, no pressure")
+    else:
+        first = blocking[0]
+        value = "Unknown" if first.get("status") == "Unknown" else "False"
+        put(Condition.READY, value, str(first.get("reason") or "NotReady"),
+            f"{first.get('type')}: {first.get('message')}")
+    return conditions
+
+
+def transitions(old: Conditions, new: Conditions) -> list[tuple[str, str]]:
+    """Warning Events ``(reason, message)`` for conditions that just turned bad."""
+    events = []
+    for type_, bad in ((Condition.HOST_KEY_VERIFIED, "False"), (Condition.REACHABLE, "False")):
+        before, after = _condition(old, type_), _condition(new, type_)
+        if after.get("status") == bad and before.get("status") != bad:
+            reason = Reason.HOST_KEY_MISMATCH if type_ == Condition.HOST_KEY_VERIFIED \
+                else "Unreachable"
+            events.append((reason, str(after.get("message") or "")))
+    return events
+
+
+def conditions_changed(old: Conditions, new: Conditions) -> bool:
+    return sorted(map(repr, old)) != sorted(map(repr, new))
+
+
+def probe_message(namespace: str, name: str, uid: str, spec: RemoteVMSpec) -> dict[str, Any]:
+    return {"namespace": namespace, "vm": name, "uid": uid,
+            "timeoutSeconds": spec.health_check.timeout_seconds, "sentTime": now_rfc3339()}
+
+
+# --------------------------------------------------------------------------- effects
+
+
+Sender = Callable[[str, dict[str, Any], str, float], None]  # (task, message, queue, expires)
+
+
+class HealthMonitor:
+    """Sends probes when due, applies folded conditions, posts Events, pauses on mismatch."""
+
+    def __init__(self, kube: Kube, send: Sender, thresholds: Thresholds | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.kube = kube
+        self.send = send
+        self.thresholds = thresholds or Thresholds.from_environment()
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._sent: dict[str, float] = {}
+        self._vm_locks: dict[str, threading.Lock] = {}
+
+    def maybe_probe(self, body: dict[str, Any], spec: RemoteVMSpec, queue: str) -> bool:
+        """Send a probe if one is due and a worker is there to run it."""
+        meta = body["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        workers = (body.get("status") or {}).get("workers") or {}
+        if not int(workers.get("replicas") or 0):
+            return False
+        now = self.clock()
+        period = float(spec.health_check.period_seconds)
+        with self._lock:
+            last = self._sent.get(key)
+            if last is not None and now - last < period:
+                return False
+            self._sent[key] = now
+        message = probe_message(meta["namespace"], meta["name"], meta["uid"], spec)
+        self.send(c.TASK_CHECK_VM, message, queue, period)
+        return True
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._sent.pop(f"{namespace}/{name}", None)
+            self._vm_locks.pop(f"{namespace}/{name}", None)
+
+    def apply(self, body: dict[str, Any], spec: RemoteVMSpec) -> None:
+        """Write the folded conditions if they differ (re-read under a per-VM lock, so two
+        triggers never post one Event twice)."""
+        status = body.get("status") or {}
+        folded = fold_conditions(spec, status, now_rfc3339(), self.thresholds)
+        if not conditions_changed(status.get("conditions") or [], folded):
+            return
+        meta = body["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        with self._lock:
+            vm_lock = self._vm_locks.setdefault(f"{namespace}/{name}", threading.Lock())
+        with vm_lock:
+            fresh = self.kube.get_vm(namespace, name)
+            if fresh is None:
+                return
+            status = fresh.get("status") or {}
+            old = list(status.get("conditions") or [])
+            folded = fold_conditions(spec, status, now_rfc3339(), self.thresholds)
+            if not conditions_changed(old, folded):
+                return
+            self.kube.patch_vm_status(namespace, name, {"status": {"conditions": folded}})
+            for reason, message in transitions(old, folded):
+                self.post_warning(fresh, reason, message)
+                if reason == Reason.HOST_KEY_MISMATCH:
+                    self.pause(fresh, reason)
+
+    def pause(self, vm: dict[str, Any], reason: str) -> None:
+        meta = vm["metadata"]
+        if (vm.get("spec") or {}).get("paused"):
+            return
+        self.kube.custom.patch_namespaced_custom_object(
+            c.GROUP, c.VERSION, meta["namespace"], c.VM_PLURAL, meta["name"],
+            {"metadata": {"annotations": {PAUSED_BY_ANNOTATION: reason}}, "spec": {"paused": True}},
+            _content_type="application/merge-patch+json",
+        )
+        log.warning("Paused RemoteVM %s/%s: %s (set spec.paused=false to resume once the host "
+                    "key is trusted again)", meta["namespace"], meta["name"], reason)
+
+    def post_warning(self, vm: dict[str, Any], reason: str, message: str) -> None:
+        meta = vm["metadata"]
+        now = now_rfc3339()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": c.API_VERSION, "kind": c.VM_KIND,
+                               "name": meta["name"], "namespace": meta["namespace"],
+                               "uid": meta["uid"]},
+            "type": "Warning",
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+            "source": {"component": "vmfleet-controller"},
+            "reportingComponent": "vmfleet-controller",
+        }
+        try:
+            self.kube.core.create_namespaced_event(meta["namespace"], cast(Any, event))
+        except ApiException as exc:
+            log.warning("Could not post Event %s for RemoteVM %s/%s: %s", reason,
+                        meta["namespace"], meta["name"], exc.reason)
+        log.warning("RemoteVM %s/%s: %s: %s", meta["namespace"], meta["name"], reason, message)
+
+
+__all__ = ["HealthMonitor", "Thresholds", "conditions_changed", "fold_conditions",
+           "probe_message", "transitions"]

@@ -1,0 +1,220 @@
+"""Worker scaling: desired replicas from the VM queue's backlog. One logic, both runtimes.
+
+Pure part: ``recommend`` (backlog -> replicas, clamped to minReplicas..maxReplicas) and
+``stabilize`` (scale up at once; scale down only to the highest recommendation of the
+last ``scaleDownDelaySeconds``, as the HorizontalPodAutoscaler's stabilization window
+does). ``Autoscaler`` keeps the recent recommendations per VM in memory; after a
+controller restart it starts from the current replica count, so nothing is scaled down
+before a full delay has passed.
+
+Backlog is queue depth (read through kombu, so Redis and RabbitMQ both work) plus the
+commands running on the VM. A dispatch to a VM at zero replicas wakes it at once
+(``Autoscaler.wake``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmfleet.api.constants import Phase
+from vmfleet.api.models import WorkersSpec
+
+log = logging.getLogger("controller.scaling")
+
+
+# --------------------------------------------------------------------------- pure
+
+
+def recommend(workers: WorkersSpec | None, backlog: int) -> int:
+    """Replicas for this backlog: fixed ``replicas``; else ceil(backlog / target), clamped."""
+    if workers is None:
+        return 1
+    if workers.replicas is not None:
+        return workers.replicas
+    auto = workers.autoscale
+    if auto is None:
+        return 1
+    wanted = math.ceil(max(0, backlog) / auto.target_backlog_per_replica)
+    return max(auto.min_replicas, min(auto.max_replicas, wanted))
+
+
+def stabilize(history: list[tuple[float, int]], now: float, delay: float) -> int:
+    """The highest recommendation within ``delay`` seconds before ``now``.
+
+    ``history`` holds ``(time, replicas)`` pairs, the newest last; the newest counts
+    whatever its age, so an increase applies at once and a decrease only after ``delay``.
+    """
+    if not history:
+        return 0
+    newest = history[-1][1]
+    window = [n for t, n in history if now - t <= delay]
+    return max([newest, *window])
+
+
+def prune(history: list[tuple[float, int]], now: float, delay: float) -> list[tuple[float, int]]:
+    """Drop recommendations older than the window, keeping the newest one."""
+    kept = [(t, n) for t, n in history if now - t <= delay]
+    return kept if kept else history[-1:]
+
+
+def running_commands(commands: list[dict[str, Any]], vm: str) -> tuple[int, int]:
+    """``(queued, running)`` result entries for ``vm`` across RemoteCommands of its namespace."""
+    queued = running = 0
+    for obj in commands:
+        for entry in (obj.get("status") or {}).get("results") or []:
+            if entry.get("vm") != vm:
+                continue
+            if entry.get("phase") == Phase.RUNNING:
+                running += 1
+            elif entry.get("phase") == Phase.QUEUED:
+                queued += 1
+    return queued, running
+
+
+@dataclass(frozen=True)
+class Decision:
+    replicas: int
+    recommended: int
+    backlog: int
+    queue_depth: int
+    running: int
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass
+class _VMState:
+    history: list[tuple[float, int]] = field(default_factory=list)
+    last: int | None = None  # the replicas last decided
+
+
+class Autoscaler:
+    """Per-VM recommendation history (in memory) around the pure functions."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._vms: dict[str, _VMState] = {}
+
+    def decide(
+        self, key: str, workers: WorkersSpec | None, queue_depth: int, running: int, current: int
+    ) -> Decision:
+        now = self.clock()
+        backlog = queue_depth + running
+        recommended = recommend(workers, backlog)
+        if workers is None or workers.autoscale is None:
+            return Decision(recommended, recommended, backlog, queue_depth, running)
+        delay = float(workers.autoscale.scale_down_delay_seconds)
+        with self._lock:
+            state = self._vms.setdefault(key, _VMState())
+            if not state.history:
+                # First look (or after a restart): what runs now is kept for one delay.
+                state.history.append((now, current))
+            state.history.append((now, recommended))
+            state.history = prune(state.history, now, delay)
+            replicas = stabilize(state.history, now, delay)
+        auto = workers.autoscale
+        replicas = max(auto.min_replicas, min(auto.max_replicas, replicas))
+        with self._lock:
+            state.last = replicas
+        return Decision(replicas, recommended, backlog, queue_depth, running)
+
+    def wake(self, key: str, workers: WorkersSpec | None) -> int:
+        """A command was dispatched: at least one worker, now (and for one delay)."""
+        if workers is None or workers.autoscale is None:
+            return recommend(workers, 1)
+        floor = max(1, min(workers.autoscale.max_replicas, workers.autoscale.min_replicas or 1))
+        with self._lock:
+            state = self._vms.setdefault(key, _VMState())
+            state.history.append((self.clock(), floor))
+            state.last = floor
+        return floor
+
+    def last(self, key: str) -> int | None:
+        """The replicas last decided for this VM (None: not seen yet)."""
+        with self._lock:
+            state = self._vms.get(key)
+            return state.last if state is not None else None
+
+    def forget(self, key: str) -> None:
+        with self._lock:
+            self._vms.pop(key, None)
+
+
+# --------------------------------------------------------------------------- broker
+
+
+class QueueDepth:
+    """Ready messages in a queue, through kombu: the same call for Redis and RabbitMQ.
+
+    A queue nobody declared yet (no message ever sent) holds nothing: 0.
+    """
+
+    def __init__(self, broker_url: str, timeout: float = 3.0) -> None:
+        self.broker_url = broker_url
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._conn: Any = None
+
+    def _connection(self) -> Any:
+        from kombu.connection import Connection
+
+        if self._conn is None:
+            self._conn = Connection(self.broker_url, connect_timeout=self.timeout,
+                                    transport_options={"socket_timeout": self.timeout})
+            self._conn.ensure_connection(max_retries=1)
+        return self._conn
+
+    def __call__(self, queue: str) -> int:
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    conn = self._connection()
+                    channel = conn.channel()
+                except Exception:  # noqa: BLE001 - reconnect once, then report the error
+                    self.close_locked()
+                    if attempt == 2:
+                        raise
+                    continue
+                try:
+                    return int(channel.queue_declare(queue, passive=True).message_count)
+                except Exception as exc:  # noqa: BLE001
+                    if _not_found(exc):
+                        return 0
+                    self.close_locked()
+                    if attempt == 2:
+                        raise
+                finally:
+                    try:
+                        channel.close()
+                    except Exception:  # noqa: BLE001
+                        pass
+        raise AssertionError("unreachable")
+
+    def close_locked(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.release()
+            except Exception:  # noqa: BLE001
+                pass
+            self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_locked()
+
+
+def _not_found(exc: Exception) -> bool:
+    code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
+    return code == 404 or "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower()
+
+
+__all__ = ["Autoscaler", "Decision", "QueueDepth", "prune", "recommend", "running_commands",
+           "stabilize"]

@@ -1,0 +1,431 @@
+"""Health probes of a VM: the body of ``remote_tasks.check_vm_status``.
+
+One SSH exec runs a small fixed script (no user input in it) that prints the same
+things the original guide's health check looked at — hostname, uptime, root disk usage,
+memory, load average — plus OS and kernel, each section behind a marker line. Pure
+parsers turn that text into the numbers of ``status.facts``.
+
+The probe has a hard deadline (``healthCheck.timeoutSeconds``): connecting, opening
+the channel and reading are all bounded, and a probe that never returns (a hung
+filesystem under ``df``) ends as ``Timeout`` while the worker thread moves on.
+The worker writes ``status.lastProbe``, ``status.facts`` and ``status.hostKey``; the
+controller folds them into conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import select
+import shlex
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paramiko
+
+from vmfleet.api.constants import Reason
+from vmfleet.api.envelope import now_rfc3339
+from vmfleet.kube import ApiException
+
+from .execute import AttemptFailed, CommandExecutor
+from .ssh import ConnectionPool, HostKeyMismatch, SSHError, SSHTarget, fingerprint
+
+log = logging.getLogger("remote_tasks.health")
+
+MARKER = "@@vmfleet-probe:"
+MAX_PROBE_OUTPUT = 256 * 1024
+REASON_PROBE_FAILED = "ProbeFailed"
+
+# Fixed text: nothing from a spec is formatted into it.
+PROBE_SCRIPT = f"""\
+LC_ALL=C; export LC_ALL
+m() {{ printf '\\n{MARKER}%s@@\\n' "$1"; }}
+m hostname; hostname 2>/dev/null || cat /proc/sys/kernel/hostname
+m uptime; cat /proc/uptime
+m loadavg; cat /proc/loadavg
+m meminfo; cat /proc/meminfo 2>/dev/null || free -b
+m df; df -P -k /
+m os-release; cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release 2>/dev/null
+m uname; uname -sr
+m end
+"""
+
+
+def probe_line(timeout_seconds: int) -> str:
+    """The exec line: the script under ``timeout -s KILL`` where the VM has it, so a hung
+    command does not linger on the VM either (killed a little after the worker gave up)."""
+    script = shlex.quote(PROBE_SCRIPT)
+    limit = max(1, int(timeout_seconds)) + 2
+    return (
+        f"if command -v timeout >/dev/null 2>&1; then exec timeout -s KILL {limit} sh -c {script}; "
+        f"else exec sh -c {script}; fi"
+    )
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+class ProbeParseError(ValueError):
+    """The VM's answer is not what the probe script prints."""
+
+
+def split_sections(text: str) -> dict[str, str]:
+    """``{section: body}`` from the probe output (bodies stripped)."""
+    sections: dict[str, str] = {}
+    current: str | None = None
+    lines: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(MARKER) and line.endswith("@@"):
+            if current is not None:
+                sections[current] = "\n".join(lines).strip()
+            current = line[len(MARKER):-2]
+            lines = []
+        elif current is not None:
+            lines.append(line)
+    if current is not None:
+        sections[current] = "\n".join(lines).strip()
+    return sections
+
+
+def parse_hostname(text: str) -> str | None:
+    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    return first or None
+
+
+def parse_uptime(text: str) -> float:
+    """``/proc/uptime``: seconds since boot (first field)."""
+    try:
+        return float(text.split()[0])
+    except (IndexError, ValueError) as exc:
+        raise ProbeParseError(f"uptime: unexpected {text[:80]!r}") from exc
+
+
+def parse_loadavg(text: str) -> tuple[float, float, float]:
+    """``/proc/loadavg``: the 1, 5 and 15 minute load averages."""
+    fields = text.split()
+    try:
+        return float(fields[0]), float(fields[1]), float(fields[2])
+    except (IndexError, ValueError) as exc:
+        raise ProbeParseError(f"loadavg: unexpected {text[:80]!r}") from exc
+
+
+def parse_meminfo(text: str) -> tuple[int, int]:
+    """``/proc/meminfo`` (or ``free -b``): total and available memory in bytes."""
+    if text.lstrip().startswith(("total", "Mem:")) or "\nMem:" in text:
+        return parse_free(text)
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if not parts or not parts[0].isdigit():
+            continue
+        scale = 1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1
+        values[name.strip()] = int(parts[0]) * scale
+    if "MemTotal" not in values:
+        raise ProbeParseError("meminfo: no MemTotal line")
+    available = values.get("MemAvailable")
+    if available is None:  # kernels before 3.14
+        available = sum(values.get(k, 0) for k in ("MemFree", "Buffers", "Cached"))
+    return values["MemTotal"], available
+
+
+def parse_free(text: str) -> tuple[int, int]:
+    """``free -b``: total and available (or free, on old procps) bytes of the Mem: line."""
+    lines = text.strip().splitlines()
+    header = lines[0].split() if lines else []
+    for line in lines:
+        if line.startswith("Mem:"):
+            numbers = line.split()[1:]
+            try:
+                row = {name: int(value) for name, value in zip(header, numbers, strict=False)}
+            except ValueError as exc:
+                raise ProbeParseError(f"free: unexpected {line[:80]!r}") from exc
+            if "total" not in row:
+                raise ProbeParseError("free: no total column")
+            return row["total"], row.get("available", row.get("free", 0))
+    raise ProbeParseError("free: no Mem: line")
+
+
+def parse_df(text: str) -> tuple[int, int]:
+    """``df -P -k /``: total and used bytes of the root filesystem.
+
+    Read from the right: the device name may contain spaces, the numbers never do.
+    """
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if len(lines) < 2:
+        raise ProbeParseError(f"df: unexpected {text[:80]!r}")
+    fields = lines[-1].split()
+    try:
+        total_k, used_k = int(fields[-5]), int(fields[-4])
+    except (IndexError, ValueError) as exc:
+        raise ProbeParseError(f"df: unexpected {lines[-1][:80]!r}") from exc
+    return total_k * 1024, used_k * 1024
+
+
+def parse_os_release(text: str) -> str | None:
+    """``/etc/os-release``: PRETTY_NAME, else NAME and VERSION."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        try:
+            parsed = shlex.split(value)
+        except ValueError:
+            parsed = [value]
+        values[key.strip()] = parsed[0] if parsed else ""
+    if values.get("PRETTY_NAME"):
+        return values["PRETTY_NAME"]
+    name = " ".join(v for v in (values.get("NAME"), values.get("VERSION")) if v)
+    return name or None
+
+
+def parse_uname(text: str) -> str | None:
+    """``uname -sr``: e.g. ``Linux 6.1.0-18-amd64``."""
+    return text.strip().splitlines()[0].strip() if text.strip() else None
+
+
+@dataclass
+class Facts:
+    hostname: str | None = None
+    os: str | None = None
+    kernel: str | None = None
+    uptime_seconds: float | None = None
+    load1: float | None = None
+    load5: float | None = None
+    load15: float | None = None
+    memory_total_bytes: int | None = None
+    memory_available_bytes: int | None = None
+    root_disk_total_bytes: int | None = None
+    root_disk_used_bytes: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def wire(self) -> dict[str, Any]:
+        """camelCase fields for ``status.facts`` (unknown ones left out)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "problems":
+                continue
+            value = getattr(self, f.name)
+            if value is not None:
+                head, *rest = f.name.split("_")
+                out[head + "".join(part.title() for part in rest)] = value
+        return out
+
+
+def parse_probe(text: str) -> Facts:
+    """Every section the VM answered; a section it could not answer is listed in ``problems``."""
+    sections = split_sections(text)
+    if "end" not in sections:
+        raise ProbeParseError("the probe output ended early (no end marker)")
+    facts = Facts()
+
+    def section(name: str, apply: Callable[[str], None]) -> None:
+        body = sections.get(name, "")
+        if not body:
+            facts.problems.append(f"{name}: no output")
+            return
+        try:
+            apply(body)
+        except ProbeParseError as exc:
+            facts.problems.append(str(exc))
+
+    def set_load(body: str) -> None:
+        facts.load1, facts.load5, facts.load15 = parse_loadavg(body)
+
+    def set_memory(body: str) -> None:
+        facts.memory_total_bytes, facts.memory_available_bytes = parse_meminfo(body)
+
+    def set_disk(body: str) -> None:
+        facts.root_disk_total_bytes, facts.root_disk_used_bytes = parse_df(body)
+
+    section("hostname", lambda body: setattr(facts, "hostname", parse_hostname(body)))
+    section("uptime", lambda body: setattr(facts, "uptime_seconds", parse_uptime(body)))
+    section("loadavg", set_load)
+    section("meminfo", set_memory)
+    section("df", set_disk)
+    section("os-release", lambda body: setattr(facts, "os", parse_os_release(body)))
+    section("uname", lambda body: setattr(facts, "kernel", parse_uname(body)))
+    return facts
+
+
+# --------------------------------------------------------------------------- probing
+
+
+@dataclass
+class ProbeResult:
+    succeeded: bool
+    reason: str
+    message: str
+    latency_seconds: float
+    facts: Facts | None = None
+    server_key: paramiko.PKey | None = None
+
+
+class ProbeTimeout(Exception):
+    pass
+
+
+def _exec_with_deadline(transport: paramiko.Transport, line: str, deadline: float,
+                        holder: dict[str, paramiko.Channel]) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise ProbeTimeout()
+    chan = transport.open_session(timeout=remaining)
+    holder["chan"] = chan
+    try:
+        chan.exec_command(line)
+        chan.shutdown_write()
+        out = bytearray()
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ProbeTimeout()
+            select.select([chan], [], [], min(0.5, remaining))
+            while chan.recv_ready():
+                data = chan.recv(65536)
+                if len(out) < MAX_PROBE_OUTPUT:
+                    out += data
+            while chan.recv_stderr_ready():
+                chan.recv_stderr(65536)  # not needed; drained so the VM never blocks
+            if chan.exit_status_ready() and chan.eof_received and not chan.recv_ready():
+                return bytes(out)
+            if chan.closed and not chan.recv_ready():
+                return bytes(out)
+            if not transport.is_active():
+                raise paramiko.SSHException("the connection broke during the probe")
+    finally:
+        chan.close()
+
+
+def probe_vm(pool: ConnectionPool, target: SSHTarget, timeout_seconds: float) -> ProbeResult:
+    """Probe one VM within ``timeout_seconds`` in all (connect included), whatever happens."""
+    started = time.monotonic()
+    deadline = started + timeout_seconds
+    # The probe's own connection (connect bounded by the probe's timeout): a hung probe
+    # never holds up the commands' connection, and vice versa.
+    probe_target = dataclasses.replace(
+        target, connect_timeout=min(target.connect_timeout, float(timeout_seconds))
+    )
+    holder: dict[str, paramiko.Channel] = {}
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            conn = pool.get(probe_target)
+            outcome["key"] = conn.server_key
+            assert conn.transport is not None
+            outcome["output"] = _exec_with_deadline(
+                conn.transport, probe_line(int(timeout_seconds)), deadline, holder
+            )
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work, name="vmfleet-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_seconds + 0.5)
+    latency = round(time.monotonic() - started, 3)
+    if thread.is_alive() or isinstance(outcome.get("error"), ProbeTimeout):
+        chan = holder.get("chan")
+        if chan is not None:
+            chan.close()
+        else:
+            pool.discard(probe_target)  # stuck connecting: a fresh connection next time
+        return ProbeResult(False, Reason.TIMEOUT,
+                           f"the health probe did not finish within {timeout_seconds:g}s", latency)
+    error = outcome.get("error")
+    if isinstance(error, HostKeyMismatch):
+        return ProbeResult(False, error.reason, str(error), latency)
+    if isinstance(error, SSHError):
+        pool.discard(probe_target)
+        return ProbeResult(False, error.reason, str(error), latency)
+    if isinstance(error, (paramiko.SSHException, OSError, EOFError)):
+        pool.discard(probe_target)
+        return ProbeResult(False, Reason.TRANSPORT_ERROR,
+                           f"the probe of {target.host}:{target.port} failed: {error}", latency)
+    if error is not None:
+        raise error
+    key = outcome.get("key")
+    text = bytes(outcome.get("output", b"")).decode("utf-8", errors="replace")
+    try:
+        facts = parse_probe(text)
+    except ProbeParseError as exc:
+        return ProbeResult(False, REASON_PROBE_FAILED, str(exc), latency, server_key=key)
+    message = "; ".join(facts.problems) if facts.problems else "the VM answered every check"
+    return ProbeResult(True, Reason.COMPLETED, message, latency, facts, key)
+
+
+def host_key_status(key: paramiko.PKey, now: str, record: bool) -> dict[str, Any]:
+    """``status.hostKey`` for the key seen (with the key itself when TOFU records it)."""
+    status: dict[str, Any] = {"fingerprint": fingerprint(key), "keyType": key.get_name()}
+    if record:
+        status["publicKey"] = f"{key.get_name()} {key.get_base64()}"
+        status["recordedTime"] = now
+    return status
+
+
+def probe_status(result: ProbeResult, now: str, worker: str) -> dict[str, Any]:
+    """``status.lastProbe``."""
+    return {
+        "time": now,
+        "succeeded": result.succeeded,
+        "reason": result.reason,
+        "message": result.message[:4096],
+        "latencySeconds": result.latency_seconds,
+        "worker": worker,
+    }
+
+
+class HealthChecker:
+    """The body of ``remote_tasks.check_vm_status``: probe, then write what was seen."""
+
+    def __init__(self, executor: CommandExecutor) -> None:
+        self.executor = executor
+
+    def check(self, message: dict[str, Any], worker: str) -> str:
+        namespace, name = str(message["namespace"]), str(message["vm"])
+        timeout = float(message.get("timeoutSeconds") or 10)
+        kube = self.executor.kube
+        vm = kube.get_vm(namespace, name)
+        if vm is None or (message.get("uid") and vm["metadata"].get("uid") != message["uid"]):
+            return "gone"
+        try:
+            target = self.executor.resolve_target(namespace, name)
+        except AttemptFailed as failed:
+            result = ProbeResult(False, failed.reason, failed.message, 0.0)
+        else:
+            result = probe_vm(self.executor.pool, target, timeout)
+        now = now_rfc3339()
+        status: dict[str, Any] = {"lastProbe": probe_status(result, now, worker)}
+        patch: dict[str, Any] = {"status": status}
+        if result.facts is not None:
+            status["facts"] = {**result.facts.wire(), "lastProbeTime": now,
+                               "probeLatencySeconds": result.latency_seconds}
+        if result.server_key is not None:
+            record = target.trust_on_first_use
+            status["hostKey"] = host_key_status(result.server_key, now, record)
+            if record:
+                # Recorded once: a concurrent probe that recorded first makes this one fail.
+                patch["metadata"] = {"resourceVersion": vm["metadata"]["resourceVersion"]}
+                log.info("Recorded host key %s of RemoteVM %s/%s (TrustOnFirstUse)",
+                         fingerprint(result.server_key), namespace, name)
+        try:
+            kube.patch_vm_status(namespace, name, patch)
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return "conflict"
+            raise
+        log.info("Probed RemoteVM %s/%s: %s (%s, %.3fs)", namespace, name,
+                 "up" if result.succeeded else "down", result.reason, result.latency_seconds)
+        return result.reason
+
+
+__all__ = [
+    "HealthChecker", 
+    "Facts", "ProbeParseError", "ProbeResult", "host_key_status", "parse_df", "parse_free",
+    "parse_hostname", "parse_loadavg", "parse_meminfo", "parse_os_release", "parse_probe",
+    "parse_uname", "parse_uptime", "probe_line", "probe_status", "probe_vm", "split_sections",
+]
