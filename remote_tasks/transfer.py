@@ -45,9 +45,12 @@ from .ssh import SSHError, SSHTarget
 log = logging.getLogger("remote_tasks.transfer")
 
 WINDOW = 8 * 1024 * 1024  # bytes requested from the source at once
-READ_BLOCK = 256 * 1024  # what one readv item asks for (paramiko splits it into 32 KiB requests)
+# One SFTP request's worth (paramiko's largest): blocks are handed on exactly as they
+# arrive, never joined, so every buffer is the same small size and the allocator reuses
+# them instead of fragmenting (bigger joined blocks made the worker's RSS creep).
+READ_BLOCK = 32 * 1024
 PREFETCH_REQUESTS = 64  # SFTP read requests in flight
-WRITE_BUFFER = 256 * 1024
+WRITE_BUFFER = 0  # unbuffered: each block becomes one pipelined SFTP write
 PROGRESS_SECONDS = 2.0  # how often a running transfer reports bytes (and proves it is alive)
 TEMP_MARK = ".vmfleet-"
 
@@ -504,12 +507,19 @@ class TransferExecutor:
                 "source": source.description, "path": dest.path, "bytes": dest.written,
                 "totalBytes": source.size, "updateTime": now_rfc3339()}})
             try:
-                self.kube.patch_command_status(envelope.namespace, envelope.name, patch)
+                obj = self.kube.patch_command_status(envelope.namespace, envelope.name, patch)
             except ApiException as exc:
                 if exc.status not in (404, 409, 422):
                     raise
                 lost += 1
                 dest.failure = TransferFailed(Reason.CANCELLED, "no longer this worker's attempt")
+                self.discard(dest)
+                continue
+            if (obj or {}).get("metadata", {}).get("deletionTimestamp"):
+                # Deleted while running (a finalizer keeps it for us): stop and say so.
+                dest.failure = TransferFailed(
+                    Reason.CANCELLED, f"cancelled: the RemoteCommand was deleted; {dest.path} on "
+                    f"{dest.vm} was left as it was")
                 self.discard(dest)
         if lost and not any(dest.active for dest in dests):
             raise Aborted()
@@ -587,7 +597,8 @@ class TransferExecutor:
     def _finish_failed(self, envelope: Envelope, worker: str, index: int, vm: str, attempt: int,
                        failure: TransferFailed, transfer: dict[str, Any] | None) -> None:
         dest = Destination(vm, "", index, attempt, "")
-        self._finish(envelope, worker, dest, Phase.FAILED, failure.reason, failure.message,
+        phase = Phase.CANCELLED if failure.reason == Reason.CANCELLED else Phase.FAILED
+        self._finish(envelope, worker, dest, phase, failure.reason, failure.message,
                      transfer or {})
 
     # ---------------------------------------------------------------- cleanup task

@@ -373,3 +373,20 @@ def test_killed_worker_leaves_no_partial_file_and_the_retry_succeeds(
     assert "lost during attempt 1; retrying" in log
     assert transfer_worker_pid(workdir) != pid  # the controller started a new worker
     controller.check_running()
+
+
+def test_deleting_a_running_transfer_leaves_no_temporary_file(ns: Namespace, vms,
+                                                              tmpdir_on: str):
+    vm1, vm2, _ = vms
+    ns.add_vms(vms[:2])
+    write_random(vm1.host_path(f"{tmpdir_on}/cancel.bin"), 256 * MiB)
+    out = vm2.host_path(f"{tmpdir_on}/out")
+    ns.run("cancel", transfer={"from": {"vm": "vm1", "path": f"{tmpdir_on}/cancel.bin"},
+                               "to": [{"vm": "vm2", "path": f"{tmpdir_on}/out/cancel.bin"}],
+                               "createDirs": True})
+    wait_until(lambda: out.exists() and any(p.stat().st_size > 0 for p in out.iterdir()),
+               timeout=60, interval=0.02, what="the copy to start")
+    ns.k("delete", "rcmd", "cancel", "--wait=false")
+    wait_until(lambda: not list(out.iterdir()), timeout=30,
+               what="the temporary file to be removed")
+    assert not (out / "cancel.bin").exists()

@@ -53,6 +53,10 @@ def _rows(title: str, obj: dict[str, Any]) -> list[list[str]]:
     rows = []
     for result in obj["status"].get("results", []):
         lines = (result.get("stdout") or result.get("message") or "").strip().splitlines()
+        if result.get("transfer") and result["phase"] == Phase.SUCCEEDED:
+            t = result["transfer"]
+            lines = [f"{t['source']} -> {result['vm']}:{t['path']}, {t['bytes']} bytes, "
+                     f"sha256 {t['sha256'][:12]}{', verified' if t.get('verified') else ''}"]
         output = " | ".join(" ".join(line.split()) for line in lines)
         if len(output) > 90:
             output = output[:87] + "..."
@@ -68,6 +72,9 @@ def _duration(result: dict[str, Any]) -> str:
         return "-"
     seconds = (parse_rfc3339(result["completionTime"]) - parse_rfc3339(result["dispatchTime"]))
     return f"{seconds.total_seconds() * 1000:.0f} ms"
+
+
+_DEMO_DIR = "/tmp/vmfleet-demo"
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -94,6 +101,19 @@ def run(namespace: str = "default", vms: list[str] | None = None) -> int:
         [Step("parallel: hostname && date", f"demo-{run_id}-p1", {"vm": first, "command": "hostname && date"}),
          Step("parallel: df -h", f"demo-{run_id}-p2", {"vm": second, "argv": ["df", "-h"]}),
          Step("parallel: ps aux | wc -l", f"demo-{run_id}-p3", {"vm": third, "command": "ps aux | wc -l"})],
+        # The guide's file transfer, as a RemoteCommand: over SFTP, no shell, verified.
+        [Step("create a file on " + first, f"demo-{run_id}-mkfile",
+              {"vm": first, "script": f"mkdir -p {_DEMO_DIR}\n"
+               f"echo \"written on $(hostname) at $(date -u +%FT%TZ)\" > {_DEMO_DIR}/hello.txt\n"})],
+        [Step(f"transfer {first} -> {second}", f"demo-{run_id}-transfer",
+              {"transfer": {"from": {"vm": first, "path": f"{_DEMO_DIR}/hello.txt"},
+                            "to": [{"vm": second, "path": f"{_DEMO_DIR}/hello-copy.txt"}],
+                            "createDirs": True, "verify": True}})],
+        [Step("read it back on " + second, f"demo-{run_id}-readback",
+              {"vm": second, "argv": ["cat", f"{_DEMO_DIR}/hello-copy.txt"]})],
+        [Step("clean up", f"demo-{run_id}-cleanup1", {"vm": first, "argv": ["rm", "-rf", _DEMO_DIR]}),
+         *([Step("clean up", f"demo-{run_id}-cleanup2",
+                 {"vm": second, "argv": ["rm", "-rf", _DEMO_DIR]})] if second != first else [])],
     ]
     rows: list[list[str]] = []
     failed = 0
