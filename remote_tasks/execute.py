@@ -333,7 +333,13 @@ class CommandExecutor:
             return Outcome(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                            f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed; the "
                            "remote process group was terminated", None, result)
-        if result.ended_by == Reason.CANCELLED:
+        if result.ended_by is None and result.exit_code is None and not attempt.deleting:
+            # Killed by a signal: the controller terminates the group when the command is
+            # deleted, sometimes before our heartbeat saw the deletion.
+            current = self.kube.get_command(envelope.namespace, envelope.name)
+            if current is None or current["metadata"].get("deletionTimestamp"):
+                attempt.deleting = True
+        if result.ended_by == Reason.CANCELLED or (result.ended_by is None and attempt.deleting):
             return Outcome(Phase.CANCELLED, Reason.CANCELLED,
                            "cancelled: the RemoteCommand was deleted; the remote process group "
                            "was terminated", None, result)

@@ -1,0 +1,256 @@
+"""RemoteCommand semantics with faults: fan-out limits, timeouts that kill, retries,
+cancellation, lost workers — checked on the VMs themselves, not from our bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.fleet import REPO, Namespace, assert_no_tracebacks
+from vmfleet.dev.proc import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every VM sees at the same path (outside the VMs' private /tmp)."""
+    path = REPO / ".vmfleet" / "e2e-shared" / uuid.uuid4().hex[:8]
+    path.mkdir(parents=True)
+    path.chmod(0o777)
+    return path
+
+
+def remote_processes(vm, needle: str) -> list[str]:
+    """Processes on the VM whose command line contains ``needle`` (not zombies)."""
+    _, out, _ = vm.run("ps -eo stat=,args=")
+    return [line for line in out.decode().splitlines()
+            if needle in line and not line.strip().startswith("Z") and "ps -eo" not in line]
+
+
+def entry(ns: Namespace, name: str, vm: str | None = None) -> dict:
+    results = (ns.get("rcmd", name).get("status") or {}).get("results") or []
+    return next((r for r in results if vm is None or r["vm"] == vm), {})
+
+
+def max_overlap(intervals: list[tuple[int, int]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def test_fan_out_respects_max_parallel_on_the_vms(ns: Namespace, make_vm, shared_dir):
+    fleet = [make_vm(f"fan{i}") for i in range(10)]
+    ns.add_vms(fleet, labels={"role": "fan"})
+    log = shared_dir / "intervals"
+    ns.run("fan", selector={"matchLabels": {"role": "fan"}}, maxParallel=3,
+           script=f"s=$(date +%s%N); sleep 1; echo \"$(hostname) $s $(date +%s%N)\" >> {log}\n")
+    obj = ns.finished("fan", timeout=180)
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["completions"] == "10/10"
+    lines = [line.split() for line in log.read_text().splitlines()]
+    assert sorted(host for host, *_ in lines) == sorted(vm.name for vm in fleet)
+    peak = max_overlap([(int(start), int(end)) for _, start, end in lines])
+    assert peak == 3, f"{peak} ran at once"
+
+
+def test_max_failures_stops_starting_new_vms(ns: Namespace, make_vm):
+    fleet = [make_vm(f"mf{i}") for i in range(4)]
+    ns.add_vms(fleet, labels={"role": "mf"})
+    ns.run("mf", selector={"matchLabels": {"role": "mf"}}, maxParallel=1, maxFailures=1,
+           command="exit 7")
+    obj = ns.finished("mf", timeout=120)
+    results = {r["vm"]: r for r in obj["status"]["results"]}
+    assert obj["status"]["phase"] == "Failed"
+    assert [r["reason"] for r in results.values()].count("ExitCode") == 1
+    cancelled = [r for r in results.values() if r["phase"] == "Cancelled"]
+    assert len(cancelled) == 3
+    assert all(r["reason"] == "MaxFailuresReached" for r in cancelled)
+
+
+@pytest.mark.parametrize(
+    ("kind", "action"),
+    [
+        ("sleep", {"argv": ["sleep", "600"]}),
+        ("stubborn", {"script": "trap '' TERM\n(trap '' TERM; sleep 601) &\nsleep 602\n"}),
+    ],
+)
+def test_timeout_terminates_the_remote_process_group(ns: Namespace, make_vm, kind, action):
+    vm = make_vm(f"to-{kind}")
+    ns.add_vms([vm])
+    ns.run("slow", vm=vm.name, timeoutSeconds=2, **action)
+    obj = ns.finished("slow", timeout=60)
+    result = obj["status"]["results"][0]
+    assert (obj["status"]["phase"], result["reason"]) == ("Failed", "Timeout")
+    assert "timed out after 2s" in result["message"]
+    assert "pgid" not in result
+    elapsed = (_t(result["completionTime"]) - _t(result["startTime"]))
+    assert 2 <= elapsed < 10
+    assert remote_processes(vm, "sleep 60") == []
+
+
+def _t(stamp: str) -> float:
+    from vmfleet.api.envelope import parse_rfc3339
+
+    return parse_rfc3339(stamp).timestamp()
+
+
+def test_active_deadline_ends_the_command(ns: Namespace, make_vm):
+    vm = make_vm("deadline")
+    ns.add_vms([vm])
+    ns.run("late", vm=vm.name, activeDeadlineSeconds=2, argv=["sleep", "603"])
+    obj = ns.finished("late", timeout=60)
+    assert obj["status"]["results"][0]["reason"] == "DeadlineExceeded"
+    assert remote_processes(vm, "sleep 603") == []
+
+
+def test_transport_errors_are_retried_until_the_vm_is_back(ns: Namespace, make_vm):
+    vm = make_vm("flaky")
+    ns.add_vms([vm])
+    vm.stop()
+    runs = "/tmp/vmfleet-runs"
+    ns.run("retry", vm=vm.name, retries={"limit": 10, "backoffSeconds": 1},
+           command=f"echo ran >> {runs}")
+    wait_until(lambda: entry(ns, "retry").get("attempt", 1) >= 2, timeout=60,
+               what="a second attempt after the refused connection")
+    first = entry(ns, "retry")
+    assert first["reason"] == "TransportError"
+    assert "attempt 1 failed (TransportError)" in first["message"]
+    vm.start()
+    obj = ns.finished("retry", timeout=90)
+    result = obj["status"]["results"][0]
+    assert obj["status"]["phase"] == "Succeeded"
+    assert result["attempt"] >= 2
+    assert (result["reason"], result["exitCode"]) == ("Completed", 0)
+    assert "message" not in result
+    assert vm.host_path(runs).read_text() == "ran\n"
+
+
+def test_exit_codes_listed_in_on_exit_codes_are_retried(ns: Namespace, make_vm):
+    vm = make_vm("exitretry")
+    ns.add_vms([vm])
+    count = "/tmp/vmfleet-count"
+    ns.run("again", vm=vm.name, retries={"limit": 2, "backoffSeconds": 0, "onExitCodes": [9]},
+           command=f"echo x >> {count}; [ $(wc -l < {count}) -ge 3 ] || exit 9")
+    obj = ns.finished("again", timeout=60)
+    result = obj["status"]["results"][0]
+    assert (obj["status"]["phase"], result["attempt"], result["exitCode"]) == ("Succeeded", 3, 0)
+    assert vm.host_path(count).read_text() == "x\nx\nx\n"
+
+
+def watch_until_deleted(ns: Namespace, name: str, timeout: int = 60) -> list[dict]:
+    """Every version of the object the API server showed until it was deleted."""
+    proc = subprocess.Popen(
+        [ns.kubectl.binary, f"--kubeconfig={ns.kubectl.kubeconfig}", "-n", str(ns), "get",
+         "rcmd", name, "--watch", "--output-watch-events", "-o", "json"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    return proc  # type: ignore[return-value]
+
+
+def test_deleting_a_running_command_cancels_it_and_ends_the_remote_process(ns: Namespace, make_vm):
+    vm = make_vm("cancel")
+    ns.add_vms([vm])
+    ns.run("victim", vm=vm.name, argv=["sleep", "604"])
+    wait_until(lambda: entry(ns, "victim").get("pgid"), timeout=60, what="the command to run")
+    assert remote_processes(vm, "sleep 604")
+    watcher = subprocess.Popen(
+        [ns.kubectl.binary, f"--kubeconfig={ns.kubectl.kubeconfig}", "-n", str(ns), "get",
+         "rcmd", "victim", "--watch", "--output-watch-events", "-o", "json"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        ns.k("delete", "rcmd", "victim", "--wait=true", "--timeout=60s", timeout=90)
+    finally:
+        watcher.send_signal(signal.SIGTERM)
+    out, _ = watcher.communicate(timeout=10)
+    decoder, events, pos = json.JSONDecoder(), [], 0
+    while pos < len(out.strip()):
+        event, end = decoder.raw_decode(out, pos)
+        events.append(event)
+        pos = end
+        while pos < len(out) and out[pos].isspace():
+            pos += 1
+    phases = [(e["object"].get("status") or {}).get("phase") for e in events]
+    assert "Cancelled" in phases, phases
+    last = events[-1]["object"]
+    assert last["status"]["phase"] == "Cancelled"
+    assert last["status"]["results"][0]["phase"] == "Cancelled"
+    assert remote_processes(vm, "sleep 604") == []
+
+
+def test_deleting_a_queued_command_never_runs_it(ns: Namespace, make_vm):
+    vm = make_vm("paused")
+    ns.add_vms([vm], paused=True)
+    runs = "/tmp/vmfleet-never"
+    ns.run("queued", vm=vm.name, command=f"touch {runs}")
+    wait_until(lambda: entry(ns, "queued").get("phase") == "Pending", timeout=30,
+               what="the command to wait for the paused VM")
+    ns.k("delete", "rcmd", "queued", "--timeout=60s", timeout=90)
+    ns.kubectl.apply({"apiVersion": "vmfleet.io/v1alpha1", "kind": "RemoteVM",
+                      "metadata": {"name": vm.name, "namespace": str(ns)},
+                      "spec": {**ns.get("rvm", vm.name)["spec"], "paused": False}})
+    ns.run("after", vm=vm.name, command="true")
+    ns.wait("remotecommand/after", "Complete")
+    assert not vm.host_path(runs).exists()
+
+
+def test_ttl_deletes_a_finished_command(ns: Namespace, vms):
+    ns.add_vms(vms[:1])
+    ns.run("short-lived", vm="vm1", command="true", ttlSecondsAfterFinished=1)
+    wait_until(lambda: ns.k("get", "rcmd", "short-lived", check=False).returncode != 0,
+               timeout=60, what="the TTL to delete the command")
+
+
+def test_env_working_dir_and_stdin(ns: Namespace, vms):
+    ns.add_vms(vms[:1])
+    ns.run("env", vm="vm1", workingDir="/etc", stdin="from stdin\n",
+           env={"GREETING": "it's $(not run) `here`"},
+           command='pwd; printf "%s\\n" "$GREETING"; cat')
+    ns.wait("remotecommand/env", "Complete")
+    assert entry(ns, "env")["stdout"] == "/etc\nit's $(not run) `here`\nfrom stdin\n"
+
+
+def _worker_pid(controller_dir: Path, ns: Namespace, vm: str) -> int:
+    pgid_file = controller_dir / "workers" / f"{ns}.{vm}.0.pgid"
+    return int(pgid_file.read_text().split()[0])
+
+
+@pytest.mark.parametrize("limit", [0, 1])
+def test_killed_worker_ends_worker_lost_or_retries(ns: Namespace, make_vm, controller_dir, limit):
+    vm = make_vm(f"lost{limit}")
+    ns.add_vms([vm])
+    starts = "/tmp/vmfleet-starts"
+    # The first attempt hangs; a later one finishes at once.
+    ns.run("lost", vm=vm.name, retries={"limit": limit, "backoffSeconds": 0},
+           script=f"echo start >> {starts}\n[ $(wc -l < {starts}) -gt 1 ] || sleep 605\n")
+    wait_until(lambda: entry(ns, "lost").get("pgid"), timeout=60, what="the first attempt")
+    first_pgid = entry(ns, "lost")["pgid"]
+    os.kill(_worker_pid(controller_dir, ns, vm.name), signal.SIGKILL)
+    obj = ns.finished("lost", timeout=120)
+    result = obj["status"]["results"][0]
+    wait_until(lambda: remote_processes(vm, "sleep 605") == [], timeout=30,
+               what=f"process group {first_pgid} of the lost attempt to be terminated")
+    attempts = vm.host_path(starts).read_text().count("start")
+    if limit == 0:
+        assert (obj["status"]["phase"], result["reason"]) == ("Failed", "WorkerLost")
+        assert f"process group {first_pgid} is terminated" in result["message"]
+        assert attempts == 1
+    else:
+        assert obj["status"]["phase"] == "Succeeded"
+        assert result["attempt"] == 2
+        assert attempts == 2
+
+
+def test_no_tracebacks_in_controller_or_workers(controller_dir):
+    assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")
