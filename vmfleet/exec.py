@@ -43,6 +43,7 @@ EXIT_TRANSPORT = 255  # the command did not run or its connection broke (as ssh 
 EXIT_TIMEOUT = 124  # timeoutSeconds or activeDeadlineSeconds expired (as timeout(1) does)
 EXIT_CANCELLED = 130  # cancelled (Ctrl-C, or someone deleted the RemoteCommand)
 EXIT_USAGE = 2
+WATCH_WINDOW_SECONDS = 15  # each watch request; between two, exec may print a waiting hint
 
 TRANSPORT_REASONS = frozenset({
     Reason.TRANSPORT_ERROR, Reason.AUTH_FAILED, Reason.HOST_KEY_MISMATCH, Reason.VM_NOT_FOUND,
@@ -452,18 +453,20 @@ def interrupts_raise() -> Iterator[None]:
 
 
 def watch_until_done(kube: Any, namespace: str, name: str, resource_version: str | None,
-                     on_update: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
+                     on_update: Callable[[dict[str, Any]], bool],
+                     on_idle: Callable[[], None] | None = None) -> dict[str, Any] | None:
     """Follow one RemoteCommand with a watch until ``on_update`` returns True.
 
     Returns that object, or None when the RemoteCommand was deleted. A watch the server
-    ends is resumed from the last resourceVersion; an expired one (410) starts again
-    from a fresh read.
+    ends (every WATCH_WINDOW_SECONDS; then ``on_idle`` is called) is resumed from the last
+    resourceVersion; an expired one (410) starts again from a fresh read.
     """
     from .kube import ApiException
 
     while True:
         try:
-            for kind, obj in kube.watch_command(namespace, name, resource_version):
+            for kind, obj in kube.watch_command(namespace, name, resource_version,
+                                                WATCH_WINDOW_SECONDS):
                 if kind == "DELETED":
                     return None
                 resource_version = obj["metadata"].get("resourceVersion") or resource_version
@@ -478,6 +481,29 @@ def watch_until_done(kube: Any, namespace: str, name: str, resource_version: str
             resource_version = fresh["metadata"]["resourceVersion"]
             if on_update(fresh):
                 return fresh
+        if on_idle is not None:
+            on_idle()
+
+
+def waiting_hint(obj: dict[str, Any], namespace: str, waited: float) -> tuple[str, str] | None:
+    """(kind, text) of a hint when a command has not got anywhere after ``waited`` seconds."""
+    status = obj.get("status") or {}
+    name = obj["metadata"]["name"]
+    results = status.get("results")
+    if not results:
+        if status.get("phase") in Phase.TERMINAL:
+            return None
+        return ("undispatched",
+                f"vmfleet exec: still waiting after {waited:.0f}s: RemoteCommand {namespace}/{name} "
+                f"has not been dispatched; is the vmfleet controller running and watching "
+                f"namespace {namespace}?")
+    queued = [str(r.get("vm")) for r in results if r.get("phase") in (Phase.PENDING, Phase.QUEUED)]
+    if not queued:
+        return None
+    shown = ", ".join(queued[:5]) + (f" and {len(queued) - 5} more" if len(queued) > 5 else "")
+    return ("queued",
+            f"vmfleet exec: still queued after {waited:.0f}s on {shown}: no worker has taken "
+            f"it yet (vmfleet describe vm {queued[0]} -n {namespace} shows the VM's workers)")
 
 
 def done(obj: dict[str, Any]) -> bool:
@@ -557,14 +583,29 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
     name = created["metadata"]["name"]
     printer = Printer(out, err, prefixed=bool(options.selector), progress=Progress(err, progress))
 
+    started = time.monotonic()
+    latest: dict[str, Any] = created
+    hinted: set[str] = set()
+
     def on_update(obj: dict[str, Any]) -> bool:
+        nonlocal latest
+        latest = obj
         printer.show((obj.get("status") or {}).get("results") or [])
         return done(obj)
+
+    def on_idle() -> None:
+        # Only for a person at a terminal: scripts get stderr as the command wrote it.
+        hint = waiting_hint(latest, namespace, time.monotonic() - started)
+        if printer.progress.enabled and hint and hint[0] not in hinted:
+            hinted.add(hint[0])
+            printer.progress.clear()
+            err.write(hint[1] + "\n")
+            err.flush()
 
     try:
         with interrupts_raise():
             final = watch_until_done(kube, namespace, name, created["metadata"]["resourceVersion"],
-                                     on_update)
+                                     on_update, on_idle)
     except Interrupted:
         printer.progress.clear()
         with interrupts_raise():

@@ -90,6 +90,11 @@ def test_kubectl_vmfleet_exec(ns: Namespace, vms, controlplane):
                           capture_output=True, text=True, timeout=120, env=env)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "a b|$HOME|;|'|", "")
 
+    # -i sends our stdin
+    proc = subprocess.run([*kubectl[:-1], "-i", "--", "wc", "-c"], input="hello\n",
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "6", "")
+
     # a tail only: said on stderr
     proc = subprocess.run([*kubectl[:-1], "--max-bytes", "1000", "--",
                            "sh", "-c", "head -c 5000 /dev/zero | tr '\\0' a"],

@@ -272,7 +272,7 @@ class FakeKube:
         self.created.append(body)
         return {"metadata": {"name": "exec-vm1-abcde", "resourceVersion": "10"}}
 
-    def watch_command(self, namespace: str, name: str, rv: str | None):  # type: ignore[no-untyped-def]
+    def watch_command(self, namespace: str, name: str, rv: str | None, timeout: int):  # type: ignore[no-untyped-def]
         self.watched_from.append(rv)
         batch = self.events.pop(0)
         for kind, obj in batch:
@@ -375,3 +375,50 @@ def test_interrupt_deletes_the_command():
     assert code == 130
     assert kube.deleted == ["exec-vm1-abcde"]
     assert "interrupted: deleting RemoteCommand default/exec-vm1-abcde" in err
+
+
+def test_waiting_hints():
+    assert ex.waiting_hint(obj_with(11, None), "ops", 15.2) == (
+        "undispatched", "vmfleet exec: still waiting after 15s: RemoteCommand ops/exec-vm1-abcde "
+        "has not been dispatched; is the vmfleet controller running and watching namespace ops?")
+    queued = obj_with(12, [result("vm1", phase="Queued"), result("vm2", phase="Running")])
+    assert ex.waiting_hint(queued, "ops", 30) == (
+        "queued", "vmfleet exec: still queued after 30s on vm1: no worker has taken it yet "
+        "(vmfleet describe vm vm1 -n ops shows the VM's workers)")
+    assert ex.waiting_hint(obj_with(13, [result("vm1", phase="Running")]), "ops", 30) is None
+    assert ex.waiting_hint(obj_with(13, None, phase="Failed"), "ops", 30) is None
+
+
+def test_a_hint_is_printed_once_and_only_on_a_terminal():
+    final = result(phase="Succeeded", exitCode=0, reason="Completed")
+    windows = [[], [], [("MODIFIED", obj_with(12, [final]))]]  # two idle watch windows
+    for tty, expected in ((False, 0), (True, 1)):
+        kube = FakeKube([list(w) for w in windows])
+        err = Tty() if tty else io.StringIO()
+        code = ex.run(options("vm1", "--", "true"), kube=kube, out=io.StringIO(), err=err)
+        assert code == 0
+        assert err.getvalue().count("has not been dispatched") == expected
+
+
+def test_default_namespace_comes_from_the_kubeconfig_context(tmp_path, monkeypatch):
+    from vmfleet.kube import context_namespace
+
+    config = tmp_path / "config"
+    config.write_text("""
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: t}}]
+contexts:
+- {name: with-ns, context: {cluster: c, user: u, namespace: ops}}
+- {name: without, context: {cluster: c, user: u}}
+current-context: with-ns
+""")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    assert context_namespace() == "ops"
+    config.write_text(config.read_text().replace("current-context: with-ns",
+                                                 "current-context: without"))
+    assert context_namespace() == "default"
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    assert context_namespace() == "default"
