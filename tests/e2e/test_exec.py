@@ -95,6 +95,16 @@ def test_kubectl_vmfleet_exec(ns: Namespace, vms, controlplane):
                           capture_output=True, text=True, timeout=120, env=env)
     assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, "6", "")
 
+    # a VM that does not exist, and a command that outlives --timeout
+    proc = subprocess.run([*kubectl[:-2], "no-such-vm", "--", "true"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stdout) == (255, "")
+    assert proc.stderr.startswith("vmfleet: no-such-vm: VMNotFound: "), proc.stderr
+    proc = subprocess.run([*kubectl[:-1], "--timeout", "1", "--", "sh", "-c", "echo started; sleep 30"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert (proc.returncode, proc.stdout) == (124, "started\n"), proc.stderr
+    assert proc.stderr.startswith("vmfleet: vm1: Timeout: "), proc.stderr
+
     # a tail only: said on stderr
     proc = subprocess.run([*kubectl[:-1], "--max-bytes", "1000", "--",
                            "sh", "-c", "head -c 5000 /dev/zero | tr '\\0' a"],
