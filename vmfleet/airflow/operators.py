@@ -1,0 +1,389 @@
+"""RemoteCommandOperator and RemoteFileTransferOperator: create a RemoteCommand, defer
+to RemoteCommandTrigger until it has finished, return its results to XCom."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, cast
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from vmfleet.api import constants as c
+from vmfleet.api.models import RemoteCommandSpec
+
+from .connection import KubeSettings
+from .naming import ANNOTATION_SPEC_HASH, TaskIdentity, command_name, spec_hash
+from .results import failure_message, is_finished, results_of
+from .triggers import EVENT_DELETED, EVENT_FINISHED, RemoteCommandTrigger
+
+__all__ = ["RemoteCommandOperator", "RemoteFileTransferOperator"]
+
+
+def _identity(context: Any) -> TaskIdentity:
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", -1)
+    return TaskIdentity(
+        dag_id=ti.dag_id, task_id=ti.task_id, run_id=ti.run_id,
+        map_index=-1 if map_index is None else int(map_index),
+        try_number=int(ti.try_number or 1),
+    )
+
+
+class _RemoteCommandBase(BaseOperator):
+    """What every vmfleet operator shares: where the cluster is, create-or-attach, defer."""
+
+    ui_color = "#d8eefa"
+
+    def __init__(
+        self,
+        *,
+        namespace: str | None = None,
+        kubernetes_conn_id: str | None = None,
+        config_file: str | None = None,
+        cluster_context: str | None = None,
+        in_cluster: bool | None = None,
+        deferrable: bool = True,
+        watch_timeout_seconds: int = 300,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.namespace = namespace
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.config_file = config_file
+        self.cluster_context = cluster_context
+        self.in_cluster = in_cluster
+        self.deferrable = deferrable
+        self.watch_timeout_seconds = watch_timeout_seconds
+        self._command_ref: tuple[str, str] | None = None
+
+    # ------------------------------------------------------------------ to override
+    def build_spec(self) -> dict[str, Any]:
+        """The RemoteCommand spec (camelCase, as the API stores it), templates rendered."""
+        raise NotImplementedError
+
+    def deferral_timeout(self) -> timedelta | None:
+        return self.execution_timeout
+
+    def finish(self, namespace: str, name: str, status: dict[str, Any]) -> Any:
+        """Turn the finished command's status into the task's return value (or raise)."""
+        self.log_output(status)
+        message = failure_message(namespace, name, status)
+        if message:
+            raise AirflowException(message)
+        self.log.info("RemoteCommand %s/%s succeeded", namespace, name)
+        return results_of(status)
+
+    # ------------------------------------------------------------------ shared
+    @property
+    def kube_settings(self) -> KubeSettings:
+        return KubeSettings(
+            kubernetes_conn_id=self.kubernetes_conn_id, config_file=self.config_file,
+            cluster_context=self.cluster_context, in_cluster=self.in_cluster,
+        )
+
+    def validated_spec(self) -> dict[str, Any]:
+        try:
+            return RemoteCommandSpec.model_validate(self.build_spec()).wire()
+        except ValueError as exc:
+            raise AirflowException(f"Task {self.task_id} builds an invalid RemoteCommand: {exc}") from exc
+
+    def log_output(self, status: dict[str, Any]) -> None:
+        for vm, result in results_of(status).items():
+            duration = result["duration_seconds"]
+            self.log.info(
+                "%s (%s): %s, exit code %s%s", vm, result["host"] or "?",
+                result["reason"] or result["phase"], result["exit_code"],
+                f", {duration} s" if duration is not None else "",
+            )
+            for stream in ("stdout", "stderr"):
+                if result[stream]:
+                    self.log.info("%s %s:\n%s", vm, stream, result[stream].rstrip("\n"))
+
+    def execute(self, context: Any) -> Any:
+        settings = self.kube_settings
+        namespace = settings.namespace(self.namespace)
+        identity = _identity(context)
+        name = command_name(identity)
+        self._command_ref = (namespace, name)
+        spec = self.validated_spec()
+        obj = self._create_or_attach(settings, namespace, name, identity, spec)
+        if is_finished(obj):
+            return self.finish(namespace, name, obj.get("status") or {})
+        trigger = RemoteCommandTrigger(
+            name=name, namespace=namespace, **settings.to_kwargs(),
+            watch_timeout_seconds=self.watch_timeout_seconds,
+        )
+        if not self.deferrable:
+            event = asyncio.run(_first_event(trigger))
+            return self.execute_complete(context, event)
+        self.defer(trigger=trigger, method_name="execute_complete", timeout=self.deferral_timeout())
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        namespace, name = event["namespace"], event["name"]
+        self._command_ref = (namespace, name)
+        if event.get("event") == EVENT_DELETED:
+            raise AirflowException(
+                f"RemoteCommand {namespace}/{name} was deleted before it finished "
+                "(cancelled by someone, or its namespace went away)"
+            )
+        if event.get("event") != EVENT_FINISHED:
+            raise AirflowException(f"Unexpected event for RemoteCommand {namespace}/{name}: {event!r}")
+        return self.finish(namespace, name, event.get("command_status") or {})
+
+    def on_kill(self) -> None:
+        """Deleting the RemoteCommand cancels it (the controller stops the remote processes)."""
+        if self._command_ref is None:
+            return
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        namespace, name = self._command_ref
+        try:
+            with self.kube_settings.api_client() as api_client:
+                CustomObjectsApi(api_client).delete_namespaced_custom_object(
+                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name
+                )
+            self.log.info("Deleted RemoteCommand %s/%s (task killed)", namespace, name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def _create_or_attach(
+        self, settings: KubeSettings, namespace: str, name: str, identity: TaskIdentity,
+        spec: dict[str, Any],
+    ) -> dict[str, Any]:
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        digest = spec_hash(spec)
+        body = {
+            "apiVersion": c.API_VERSION,
+            "kind": c.COMMAND_KIND,
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "labels": identity.labels(),
+                "annotations": {**identity.annotations(), ANNOTATION_SPEC_HASH: digest},
+            },
+            "spec": spec,
+        }
+        with settings.api_client() as api_client:
+            api = CustomObjectsApi(api_client)
+            try:
+                created = cast(dict[str, Any], api.create_namespaced_custom_object(
+                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, body
+                ))
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise AirflowException(
+                        f"Creating RemoteCommand {namespace}/{name} failed: "
+                        f"{exc.status} {exc.reason}: {exc.body}"
+                    ) from exc
+            else:
+                self.log.info("Created RemoteCommand %s/%s (%s)", namespace, name,
+                              _describe_target(spec))
+                return created
+            existing = cast(dict[str, Any], api.get_namespaced_custom_object(
+                c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name
+            ))
+        annotations = existing.get("metadata", {}).get("annotations") or {}
+        if not identity.matches(annotations):
+            raise AirflowException(
+                f"RemoteCommand {namespace}/{name} exists but was not created by this task "
+                f"instance ({identity.dag_id}.{identity.task_id}, run {identity.run_id}); "
+                "delete it or rename the task"
+            )
+        if annotations.get(ANNOTATION_SPEC_HASH) != digest:
+            raise AirflowException(
+                f"RemoteCommand {namespace}/{name} was created by an earlier run of this task try "
+                "with a different spec; clear the task (a new try creates a new RemoteCommand) "
+                "or delete the object"
+            )
+        self.log.info(
+            "Re-attached to RemoteCommand %s/%s (phase %s): created by an earlier run of this "
+            "task try, so the command is not started again", namespace, name,
+            (existing.get("status") or {}).get("phase") or "Pending",
+        )
+        return existing
+
+
+async def _first_event(trigger: RemoteCommandTrigger) -> dict[str, Any]:
+    """Wait in the worker (``deferrable=False``) with the trigger's own watch."""
+    async for event in trigger.run():
+        payload: dict[str, Any] = event.payload
+        return payload
+    raise AirflowException(f"Watch on RemoteCommand {trigger.namespace}/{trigger.name} ended early")
+
+
+def _describe_target(spec: dict[str, Any]) -> str:
+    if "transfer" in spec:
+        t = spec["transfer"]
+        to = ", ".join(f"{d['vm']}:{d['path']}" for d in t["to"])
+        return f"transfer {t['from']['vm']}:{t['from']['path']} -> {to}"
+    if "vm" in spec:
+        return f"on {spec['vm']}"
+    return f"on VMs matching {spec.get('selector')}"
+
+
+class RemoteCommandOperator(_RemoteCommandBase):
+    """Run a command on one RemoteVM (``vm``) or on every RemoteVM a label selector matches.
+
+    Exactly one of ``command`` (a shell line for ``sh -c``), ``argv`` (each item quoted)
+    or ``script`` (fed to ``sh -s``). The task creates one RemoteCommand per try, named
+    from the dag id, task id, run id, map index and try number; a task that restarts
+    within the same try re-attaches to it. It then defers to
+    :class:`~vmfleet.airflow.triggers.RemoteCommandTrigger` and returns ``{vm: result}``
+    (``host``, ``exit_code``, ``stdout``, ``stderr``, ``success``, ``reason``,
+    ``start_time``, ``completion_time``, ``duration_seconds``, …). A command that fails on
+    any VM fails the task with that VM's message and stderr.
+
+    :param command_retries: the RemoteCommand's ``spec.retries``
+        (``{"limit", "backoffSeconds", "onExitCodes"}``): retries on the VM side, within
+        one task try. The operator's ``retries`` stays Airflow's own.
+    :param namespace: where the RemoteCommand is created (default: the connection's
+        namespace, else ``"default"``).
+    :param config_file / cluster_context / in_cluster / kubernetes_conn_id: how to reach
+        Kubernetes, as in the cncf-kubernetes provider.
+    :param deferrable: wait in the triggerer (default) or in the worker.
+    """
+
+    template_fields: Sequence[str] = (
+        "vm", "selector", "command", "argv", "script", "env", "working_dir", "stdin", "namespace",
+    )
+    template_fields_renderers = {"script": "bash", "command": "bash", "env": "json"}
+
+    def __init__(
+        self,
+        *,
+        vm: str | None = None,
+        selector: dict[str, Any] | None = None,
+        command: str | None = None,
+        argv: list[str] | None = None,
+        script: str | None = None,
+        env: dict[str, str] | None = None,
+        working_dir: str | None = None,
+        stdin: str | None = None,
+        timeout_seconds: int | None = None,
+        active_deadline_seconds: int | None = None,
+        command_retries: dict[str, Any] | None = None,
+        success_exit_codes: list[int] | None = None,
+        max_parallel: int | None = None,
+        max_failures: int | None = None,
+        output_max_bytes: int | None = None,
+        ttl_seconds_after_finished: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (vm is None) == (selector is None):
+            raise ValueError(f"{self.task_id}: set exactly one target: vm or selector")
+        if sum(x is not None for x in (command, argv, script)) != 1:
+            raise ValueError(f"{self.task_id}: set exactly one of command, argv or script")
+        self.vm = vm
+        self.selector = selector
+        self.command = command
+        self.argv = argv
+        self.script = script
+        self.env = env
+        self.working_dir = working_dir
+        self.stdin = stdin
+        self.timeout_seconds = timeout_seconds
+        self.active_deadline_seconds = active_deadline_seconds
+        self.command_retries = command_retries
+        self.success_exit_codes = success_exit_codes
+        self.max_parallel = max_parallel
+        self.max_failures = max_failures
+        self.output_max_bytes = output_max_bytes
+        self.ttl_seconds_after_finished = ttl_seconds_after_finished
+
+    def build_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "vm": self.vm,
+            "selector": self.selector,
+            "command": self.command,
+            "argv": [str(a) for a in self.argv] if self.argv is not None else None,
+            "script": self.script,
+            "env": {str(k): str(v) for k, v in self.env.items()} if self.env else None,
+            "workingDir": self.working_dir,
+            "stdin": self.stdin,
+            "timeoutSeconds": self.timeout_seconds,
+            "activeDeadlineSeconds": self.active_deadline_seconds,
+            "retries": self.command_retries,
+            "successExitCodes": self.success_exit_codes,
+            "maxParallel": self.max_parallel,
+            "maxFailures": self.max_failures,
+            "output": {"maxBytes": self.output_max_bytes} if self.output_max_bytes is not None else None,
+            "ttlSecondsAfterFinished": self.ttl_seconds_after_finished,
+        }
+        return {k: v for k, v in spec.items() if v is not None}
+
+
+class RemoteFileTransferOperator(_RemoteCommandBase):
+    """Copy a file from one RemoteVM to others over SFTP (a RemoteCommand with ``transfer``).
+
+    ``dest_path`` defaults to ``source_path``; ``dest_vm`` may be one name or a list.
+    Returns ``{"from": {"vm", "path"}, "to": [{"vm", "path"}, …], "results": {vm: result}}``.
+    """
+
+    template_fields: Sequence[str] = (
+        "source_vm", "source_path", "dest_vm", "dest_path", "mode", "namespace",
+    )
+
+    def __init__(
+        self,
+        *,
+        source_vm: str,
+        source_path: str,
+        dest_vm: str | list[str],
+        dest_path: str | None = None,
+        mode: str | None = None,
+        create_dirs: bool = False,
+        overwrite: str = "Always",
+        timeout_seconds: int | None = None,
+        command_retries: dict[str, Any] | None = None,
+        ttl_seconds_after_finished: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source_vm = source_vm
+        self.source_path = source_path
+        self.dest_vm = dest_vm
+        self.dest_path = dest_path
+        self.mode = mode
+        self.create_dirs = create_dirs
+        self.overwrite = overwrite
+        self.timeout_seconds = timeout_seconds
+        self.command_retries = command_retries
+        self.ttl_seconds_after_finished = ttl_seconds_after_finished
+
+    def _destinations(self) -> list[dict[str, str]]:
+        vms = [self.dest_vm] if isinstance(self.dest_vm, str) else list(self.dest_vm)
+        path = self.dest_path or self.source_path
+        return [{"vm": vm, "path": path} for vm in vms]
+
+    def build_spec(self) -> dict[str, Any]:
+        transfer: dict[str, Any] = {
+            "from": {"vm": self.source_vm, "path": self.source_path},
+            "to": self._destinations(),
+            "createDirs": self.create_dirs,
+            "overwrite": self.overwrite,
+        }
+        if self.mode is not None:
+            transfer["mode"] = str(self.mode)
+        spec: dict[str, Any] = {
+            "transfer": transfer,
+            "timeoutSeconds": self.timeout_seconds,
+            "retries": self.command_retries,
+            "ttlSecondsAfterFinished": self.ttl_seconds_after_finished,
+        }
+        return {k: v for k, v in spec.items() if v is not None}
+
+    def finish(self, namespace: str, name: str, status: dict[str, Any]) -> Any:
+        results = super().finish(namespace, name, status)
+        return {
+            "from": {"vm": self.source_vm, "path": self.source_path},
+            "to": self._destinations(),
+            "results": results,
+        }
