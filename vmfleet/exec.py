@@ -43,6 +43,7 @@ EXIT_TRANSPORT = 255  # the command did not run or its connection broke (as ssh 
 EXIT_TIMEOUT = 124  # timeoutSeconds or activeDeadlineSeconds expired (as timeout(1) does)
 EXIT_CANCELLED = 130  # cancelled (Ctrl-C, or someone deleted the RemoteCommand)
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
 WATCH_WINDOW_SECONDS = 15  # each watch request; between two, exec may print a waiting hint
 
 TRANSPORT_REASONS = frozenset({
@@ -611,6 +612,12 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
         with interrupts_raise():
             cancel(kube, namespace, name, err)
         return EXIT_CANCELLED
+    except BrokenPipeError:
+        # Whoever read our output went away (e.g. `| head`): stop the remote command too.
+        kube.delete_command(namespace, name)
+        if out is sys.stdout:  # no second BrokenPipeError when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     finally:
         printer.progress.clear()
     if final is None:

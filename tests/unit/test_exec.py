@@ -422,3 +422,14 @@ current-context: with-ns
     assert context_namespace() == "default"
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     assert context_namespace() == "default"
+
+
+def test_a_closed_output_pipe_deletes_the_command():
+    class ClosedPipe(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    final = result(phase="Succeeded", exitCode=0, reason="Completed", stdout="lots\n")
+    kube = FakeKube([[("MODIFIED", obj_with(12, [final]))]])
+    code = ex.run(options("vm1", "--", "yes"), kube=kube, out=ClosedPipe(), err=io.StringIO())
+    assert code == 141 and kube.deleted == ["exec-vm1-abcde"]
