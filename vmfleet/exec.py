@@ -137,6 +137,8 @@ def options_from_args(args: argparse.Namespace) -> ExecOptions:
 
     if args.selector and vm:
         raise UsageError(f"give a VM name ({vm}) or -l SELECTOR, not both")
+    if args.selector:
+        parse_selector(args.selector)  # refused here, before anything is created
     if not args.selector and not vm:
         raise UsageError("name a RemoteVM (vmfleet exec VM -- COMMAND) or a selector (-l)")
     if not command:

@@ -58,6 +58,7 @@ def test_options_after_the_vm_keep_those_given_before():
         (["vm1", "--max-bytes", str(MAX_OUTPUT_BYTES + 1), "--", "ls"], "--max-bytes"),
         (["vm1", "--bogus", "--", "ls"], "unexpected arguments before --: --bogus"),
         (["vm1", "extra", "--", "ls"], "unexpected arguments before --: extra"),
+        (["-l", "zone in a", "--", "ls"], "selector term 'zone in a'"),
     ],
 )
 def test_usage_errors(argv, message):
