@@ -13,7 +13,8 @@ app = Celery("remote_tasks")
 app.conf.update(celery_config())
 
 
-@signals.worker_init.connect
+@signals.worker_ready.connect
 def serve_metrics(**_: Any) -> None:
-    """The worker's /metrics (VMFLEET_METRICS_PORT, default 9808, 0 = off)."""
+    """The worker's /metrics (VMFLEET_METRICS_PORT, default 9808, 0 = off), once its
+    logging is set up (worker_init comes before it, and the log line would be lost)."""
     metrics.start_worker_metrics()

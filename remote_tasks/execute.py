@@ -244,6 +244,7 @@ class CommandExecutor:
             raise
         log.info("Claimed RemoteCommand %s on %s (attempt %s)", envelope.ref, envelope.vm,
                  envelope.attempt)
+        started = metrics.command_claimed(envelope.dispatch_time)
         attempt = Attempt(self.kube, envelope, index, worker, entry)
         host: str | None = None
         spec: RemoteCommandSpec | None = None
@@ -284,6 +285,8 @@ class CommandExecutor:
         attempt.finish(fields)
         log.info("Finished RemoteCommand %s on %s attempt %s: %s (%s)", envelope.ref, envelope.vm,
                  envelope.attempt, fields["phase"], outcome.reason)
+        metrics.command_finished(envelope.namespace, envelope.vm, outcome.phase, outcome.reason,
+                                 started)
         return str(fields["phase"])
 
     def run(
