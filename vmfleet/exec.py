@@ -395,6 +395,15 @@ class Progress:
 # --------------------------------------------------------------------------- printing
 
 
+def write(stream: TextIO, text: str) -> None:
+    """Write output text; characters the terminal's encoding lacks become '?', never a crash."""
+    try:
+        stream.write(text)
+    except UnicodeEncodeError:
+        encoding = stream.encoding or "utf-8"
+        stream.write(text.encode(encoding, errors="replace").decode(encoding))
+
+
 class Printer:
     """Writes each VM's output once, when its result is final."""
 
@@ -418,14 +427,14 @@ class Printer:
         if self.prefixed:
             prefix = f"[{result.get('vm')}] "
             stdout, stderr = prefix_lines(prefix, stdout), prefix_lines(prefix, stderr)
-        self.out.write(stdout)
+        write(self.out, stdout)
         self.out.flush()
-        self.err.write(stderr)
+        write(self.err, stderr)
         for line in truncation_notices(result):
-            self.err.write(line + "\n")
+            write(self.err, line + "\n")
         message = failure_message(result)
         if message:
-            self.err.write(message + "\n")
+            write(self.err, message + "\n")
         self.err.flush()
 
 

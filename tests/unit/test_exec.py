@@ -434,3 +434,12 @@ def test_a_closed_output_pipe_deletes_the_command():
     kube = FakeKube([[("MODIFIED", obj_with(12, [final]))]])
     code = ex.run(options("vm1", "--", "yes"), kube=kube, out=ClosedPipe(), err=io.StringIO())
     assert code == 141 and kube.deleted == ["exec-vm1-abcde"]
+
+
+def test_output_the_terminal_cannot_encode_is_replaced_not_a_crash():
+    raw = io.BytesIO()
+    latin1 = io.TextIOWrapper(raw, encoding="latin-1")
+    printer = ex.Printer(latin1, io.StringIO(), prefixed=False, progress=ex.Progress(io.StringIO()))
+    printer.show([result(phase="Succeeded", exitCode=0, stdout="caf\u00e9 \ufffd\n")])
+    latin1.flush()
+    assert raw.getvalue() == b"caf\xe9 ?\n"
