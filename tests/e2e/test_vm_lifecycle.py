@@ -180,7 +180,7 @@ def test_trust_on_first_use_records_then_refuses_a_new_key(ns: Namespace, make_v
 
     # Paused: a new command is not dispatched.
     ns.run("while-paused", vm="tofu", command="echo should-not-run")
-    with pytest.raises(AssertionError):
+    with pytest.raises(TimeoutError):
         wait_until(lambda: ns.get("rcmd", "while-paused").get("status", {}).get("phase")
                    not in (None, "Pending"), timeout=6, what="a dispatch")
     # Unpaused by a person without trusting the new key: the command is refused.
