@@ -30,5 +30,7 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
         "broker_transport_options": {"visibility_timeout": 3600},
+        # AMQP: notice a dead broker connection in seconds, not minutes (default 120 s).
+        "broker_heartbeat": 10,
         "task_create_missing_queues": True,
     }
