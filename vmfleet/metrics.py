@@ -79,6 +79,11 @@ SSH_ERRORS = Counter(
     "HostKeyMismatch, CredentialsInvalid, ...).",
     ["kind"],
 )
+# The kinds of vmfleet's SSH layer start at 0, so that rate() and increase() see the first one.
+SSH_ERROR_KINDS = ("TransportError", "ChannelOpenFailed", "AuthFailed", "HostKeyMismatch",
+                   "CredentialsInvalid")
+for _kind in SSH_ERROR_KINDS:
+    SSH_ERRORS.labels(_kind)
 
 # ----------------------------------------------------------------------------- controller
 
@@ -242,6 +247,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def counts_errors(kind: str) -> Callable[[F], F]:
     """Decorate a handler: count its exceptions in ``vmfleet_reconcile_errors_total{kind}``."""
+
+    RECONCILE_ERRORS.labels(kind)  # exported at 0 from the start
 
     def decorate(func: F) -> F:
         @functools.wraps(func)
