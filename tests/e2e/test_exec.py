@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.fleet import Namespace, assert_no_tracebacks
+from vmfleet.cli import main
 from vmfleet.dev.proc import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -41,7 +42,16 @@ def no_commands_left(ns: Namespace) -> bool:
 
 
 def test_exec_prints_both_streams_and_exits_with_the_remote_code(ns: Namespace, vms, controlplane,
-                                                                  controller_dir):
+                                                                  controller_dir, capsys,
+                                                                  monkeypatch):
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        """get and describe in this process (exec runs as its own process above)."""
+        monkeypatch.setenv("KUBECONFIG", str(controlplane.kubeconfig))
+        capsys.readouterr()
+        code = main(list(args))
+        captured = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
     ns.add_vms(vms[:1])
     proc = vmfleet(controlplane, "exec", "-n", str(ns), "vm1", "--",
                    "sh", "-c", "echo out; echo err >&2; exit 4")
@@ -53,25 +63,25 @@ def test_exec_prints_both_streams_and_exits_with_the_remote_code(ns: Namespace, 
     kept = vmfleet(controlplane, "exec", "--keep", "-n", str(ns), "vm1", "--", "sh", "-c", "exit 4")
     assert kept.returncode == 4
     name = re.search(r"kept RemoteCommand \S+/(exec-vm1-\w+)", kept.stderr).group(1)  # type: ignore[union-attr]
-    ours = vmfleet(controlplane, "get", "commands", "-n", str(ns)).stdout.splitlines()
+    ours = cli("get", "commands", "-n", str(ns)).stdout.splitlines()
     theirs = ns.k("get", "rcmd").stdout.splitlines()
     assert [line.split()[:-1] for line in ours] == [line.split()[:-1] for line in theirs]
     assert ours[1].split()[:4] == [name, "vm1", "Failed", "0/1"]
-    ours = vmfleet(controlplane, "get", "vms", "-n", str(ns)).stdout.splitlines()
+    ours = cli("get", "vms", "-n", str(ns)).stdout.splitlines()
     theirs = ns.k("get", "rvm").stdout.splitlines()
     assert [line.split()[:-1] for line in ours] == [line.split()[:-1] for line in theirs]
 
-    described = vmfleet(controlplane, "describe", "command", name, "-n", str(ns))
+    described = cli("describe", "command", name, "-n", str(ns))
     assert described.returncode == 0, described.stderr
     lines = described.stdout.splitlines()
     assert "Action:" in described.stdout and "argv: sh -c 'exit 4'" in described.stdout
     assert lines[lines.index("Results:") + 2].split()[:5] == ["vm1", "Failed", "1", "4", "ExitCode"]
     assert any(line.split()[:3] == ["Failed", "True", "ExitCode"] for line in lines)
-    described = vmfleet(controlplane, "describe", "vm", "vm1", "-n", str(ns))
+    described = cli("describe", "vm", "vm1", "-n", str(ns))
     assert described.returncode == 0, described.stderr
-    assert f"root@{vms[0].host}:" in described.stdout or "@" in described.stdout
+    assert f"@{vms[0].host}:{vms[0].port}\n" in described.stdout  # Address: user@host:port
     assert name in described.stdout  # recent commands on this VM
-    missing = vmfleet(controlplane, "describe", "command", "nope", "-n", str(ns))
+    missing = cli("describe", "command", "nope", "-n", str(ns))
     assert missing.returncode == 1
     assert f"RemoteCommand 'nope' not found in namespace {ns}" in missing.stderr
     assert_no_tracebacks(controller_dir / "controller.log")
