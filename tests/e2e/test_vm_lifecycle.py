@@ -41,6 +41,19 @@ def warning_events(ns: Namespace, vm: str, reason: str) -> list[dict]:
     return [e for e in events["items"] if e["type"] == "Warning"]
 
 
+def all_finished(ns: Namespace, prefix: str, count: int, timeout: float) -> list[dict]:
+    """Wait (one list per poll) until ``count`` RemoteCommands named ``prefix*`` finished."""
+
+    def finished() -> list[dict] | None:
+        items = [o for o in ns.kubectl.get_json("-n", ns.name, "rcmd")["items"]
+                 if o["metadata"]["name"].startswith(prefix)]
+        done = [o for o in items if (o.get("status") or {}).get("phase") in
+                ("Succeeded", "Failed", "Cancelled")]
+        return done if len(done) == count else None
+
+    return wait_until(finished, timeout=timeout, interval=1, what=f"{count} {prefix}* commands")
+
+
 def fingerprint(public_key_line: str) -> str:
     blob = base64.b64decode(public_key_line.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
@@ -64,7 +77,7 @@ def worker_pids(queue: str) -> list[int]:
 # --------------------------------------------------------------------------- health
 
 
-def test_facts_match_the_vm_and_conditions_flip(ns: Namespace, make_vm, controller_dir):
+def test_facts_match_the_vm_conditions_flip_and_a_hung_probe_times_out(ns: Namespace, make_vm, controller_dir):
     vm = make_vm("health")
     ns.add_vms([vm], healthCheck=FAST_HEALTH)
     ns.wait("rvm/health", "Ready", timeout=60)
@@ -108,35 +121,32 @@ def test_facts_match_the_vm_and_conditions_flip(ns: Namespace, make_vm, controll
     vm.start()
     ns.wait("rvm/health", "Ready", timeout=60)
     assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")
+    if vm.isolated:
+        hung_probe_times_out(ns, vm, "health")
 
 
-def test_a_hung_probe_times_out_and_the_worker_goes_on(ns: Namespace, make_vm):
-    vm = make_vm("hang")
-    if not vm.isolated:
-        pytest.skip("needs per-VM mount namespaces (root) to hang df on one VM only")
-    ns.add_vms([vm], healthCheck=FAST_HEALTH)
-    ns.wait("rvm/hang", "Ready", timeout=60)
-
+def hung_probe_times_out(ns: Namespace, vm, name: str) -> None:
+    """A probe that never returns ends as Timeout; the worker goes on running commands."""
     # A hung filesystem: df never returns, on this VM only (its own mount namespace).
     hang = vm.host_path("/tmp/hung-df")
     hang.write_text("#!/bin/sh\nexec sleep 3600\n")
     hang.chmod(0o755)
     assert vm.run("mount --bind /tmp/hung-df /usr/bin/df")[0] == 0
     try:
-        ns.wait("rvm/hang", "Reachable=False", timeout=60)
-        reachable = condition(ns, "hang", "Reachable")
+        ns.wait("rvm/" + name, "Reachable=False", timeout=60)
+        reachable = condition(ns, name, "Reachable")
         assert reachable["reason"] == "Timeout"
         assert "within 3s" in reachable["message"]
-        probe = status_of(ns, "hang")["lastProbe"]
+        probe = status_of(ns, name)["lastProbe"]
         assert FAST_HEALTH["timeoutSeconds"] <= probe["latencySeconds"] < FAST_HEALTH["timeoutSeconds"] + 1.5
 
         # The worker is not stuck: it still runs commands on the VM.
-        ns.run("still-works", vm="hang", command="echo alive")
+        ns.run("still-works", vm=name, command="echo alive")
         obj = ns.finished("still-works", timeout=60)
         assert obj["status"]["results"][0]["stdout"] == "alive\n"
     finally:
         vm.run("umount /usr/bin/df")
-    ns.wait("rvm/hang", "Ready", timeout=60)
+    ns.wait("rvm/" + name, "Ready", timeout=60)
     # The remote side of the hung probe was killed too (timeout -s KILL on the VM).
     wait_until(lambda: b"sleep 3600" not in vm.run("ps -eo args")[1], timeout=30,
                what="the hung df to be killed on the VM")
@@ -204,7 +214,7 @@ def test_a_command_through_a_bastion(ns: Namespace, make_vm):
         hosts.write_text(f"127.0.0.1 localhost\n{inner.host} inner.vmfleet-e2e.internal\n")
         assert bastion.run("mount --bind /tmp/hosts /etc/hosts")[0] == 0
         inner_host = "inner.vmfleet-e2e.internal"
-    ns.add_vms([bastion])
+    ns.add_vms([bastion], workers={"replicas": 0})  # reached through, never run on
     secret, rvm = vm_manifests(inner, ns.name, proxyJump={"vm": "bastion"})
     rvm["spec"]["host"] = inner_host
     ns.kubectl.apply(secret, rvm)
@@ -219,6 +229,7 @@ def test_a_command_through_a_bastion(ns: Namespace, make_vm):
     secret, bad = vm_manifests(bastion, ns.name, healthCheck=FAST_HEALTH)
     bad["metadata"]["name"] = "bad-bastion"
     bad["spec"]["hostKeys"] = inner.host_public_keys  # not the bastion's key
+    bad["spec"]["workers"] = {"replicas": 0}
     secret2, behind = vm_manifests(inner, ns.name, proxyJump={"vm": "bad-bastion"},
                                    healthCheck=FAST_HEALTH)
     behind["metadata"]["name"] = "behind-bad"
@@ -255,8 +266,8 @@ def test_autoscale_to_zero_and_back(ns: Namespace, make_vm, controller_dir):
 
     wait_until(three_workers, timeout=90, interval=0.5, what="3 worker processes")
     assert status_of(ns, "scale")["workers"]["replicas"] == 3
-    for i in range(50):
-        ns.wait(f"remotecommand/job-{i}", "Complete", timeout=120)
+    done = all_finished(ns, "job-", 50, timeout=120)
+    assert {o["status"]["phase"] for o in done} == {"Succeeded"}
     assert len(worker_pids(queue)) <= 3
 
     # Drained: back to zero after the delay.
@@ -313,11 +324,9 @@ def test_max_concurrent_commands_holds_across_replicas(ns: Namespace, make_vm, c
     script = ("s=$(date +%s.%N); sleep 1.5; e=$(date +%s.%N); "
               "echo \"$s $e\" >> /tmp/vmfleet-conc.log")
     ns.kubectl.apply(*[ns.command(f"c-{i}", vm="conc", command=script) for i in range(8)])
-    workers = set()
-    for i in range(8):
-        obj = ns.finished(f"c-{i}", timeout=120)
-        assert obj["status"]["phase"] == "Succeeded"
-        workers.add(obj["status"]["results"][0]["worker"])
+    done = all_finished(ns, "c-", 8, timeout=120)
+    assert {o["status"]["phase"] for o in done} == {"Succeeded"}
+    workers = {o["status"]["results"][0]["worker"] for o in done}
     spans = [tuple(map(float, line.split()))
              for line in vm.run("cat /tmp/vmfleet-conc.log")[1].decode().splitlines()]
     assert len(spans) == 8
