@@ -30,6 +30,8 @@ log = logging.getLogger("controller.runtime")
 
 # The VM's maxConcurrentCommands, shared by all its workers (a semaphore in the broker).
 MAX_CONCURRENT_ENV = "VMFLEET_MAX_CONCURRENT_COMMANDS"
+# A proxyJump bastion's Secret: beside the VM's own (the worker reads "<dir>-bastion").
+BASTION_CREDENTIALS_MOUNT_PATH = f"{c.CREDENTIALS_MOUNT_PATH}-bastion"
 
 
 def desired_replicas(spec: RemoteVMSpec) -> int:
@@ -81,6 +83,8 @@ class VMRef:
     name: str
     uid: str
     spec: RemoteVMSpec
+    # proxyJump: the bastion RemoteVM's credentials Secret, mounted beside the VM's own.
+    bastion_secret: str | None = None
 
     @property
     def queue(self) -> str:
@@ -150,7 +154,8 @@ def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) ->
         ],
         "volumeMounts": [
             {"name": "ssh-credentials", "mountPath": c.CREDENTIALS_MOUNT_PATH, "readOnly": True}
-        ],
+        ] + ([{"name": "bastion-ssh-credentials", "mountPath": BASTION_CREDENTIALS_MOUNT_PATH,
+               "readOnly": True}] if vm.bastion_secret else []),
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
@@ -188,7 +193,10 @@ def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) ->
                         "name": "ssh-credentials",
                         "secret": {"secretName": vm.spec.credentials_secret_ref.name,
                                    "defaultMode": 0o400},
-                    }],
+                    }] + ([{
+                        "name": "bastion-ssh-credentials",
+                        "secret": {"secretName": vm.bastion_secret, "defaultMode": 0o400},
+                    }] if vm.bastion_secret else []),
                 },
             },
         },

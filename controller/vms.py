@@ -43,6 +43,16 @@ def vm_ref(body: dict[str, Any]) -> VMRef:
     return VMRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], spec=spec)
 
 
+def resolve_ref(ctx: Context, body: dict[str, Any]) -> VMRef:
+    """``vm_ref`` plus the bastion's Secret name (its workers mount it too)."""
+    vm = vm_ref(body)
+    if vm.spec.proxy_jump is not None:
+        bastion = ctx.kube.get_vm(vm.namespace, vm.spec.proxy_jump.vm)
+        secret = ((bastion or {}).get("spec") or {}).get("credentialsSecretRef") or {}
+        vm.bastion_secret = secret.get("name") or None
+    return vm
+
+
 @dataclass
 class Fleet:
     """What the controller remembers about RemoteVMs between calls (per Context)."""
@@ -107,7 +117,7 @@ def decide(ctx: Context, vm: VMRef, current: int) -> Decision:
 
 def reconcile_vm(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     """Ensure the workers; return the ``status.workers`` block."""
-    vm = vm_ref(body)
+    vm = resolve_ref(ctx, body)
     decision = decide(ctx, vm, ctx.runtime.current_replicas(vm))
     workers = ctx.runtime.ensure(vm, decision.replicas)
     workers["queueDepth"] = decision.queue_depth
@@ -119,7 +129,7 @@ def reconcile_vm(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
 
 def tick_vm(ctx: Context, body: dict[str, Any]) -> None:
     """The RemoteVM timer: scale to the backlog, send a probe when due, fold conditions."""
-    vm = vm_ref(body)
+    vm = resolve_ref(ctx, body)
     f = fleet(ctx)
     status = body.get("status") or {}
     previous = dict(status.get("workers") or {})
@@ -174,7 +184,7 @@ def wake_for_dispatch(ctx: Context, namespace: str, name: str) -> None:
         body = ctx.kube.get_vm(namespace, name)
         if body is None:
             return
-        vm = vm_ref(body)
+        vm = resolve_ref(ctx, body)
         f.refs[key] = vm
         if vm.spec.workers is None or vm.spec.workers.autoscale is None:
             return

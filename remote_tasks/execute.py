@@ -414,9 +414,10 @@ class CommandExecutor:
     ) -> tuple[str, str | None]:
         """The private key and passphrase: from the mounted Secret, else read through the API.
 
-        A bastion's Secret is mounted in the ``bastion`` directory beside the VM's own."""
+        A bastion's Secret is mounted beside the VM's own, in ``<dir>-bastion``."""
         if self.credentials_dir is not None:
-            directory = self.credentials_dir / "bastion" if bastion else self.credentials_dir
+            directory = (self.credentials_dir.with_name(self.credentials_dir.name + "-bastion")
+                         if bastion else self.credentials_dir)
             key_file = directory / c.SECRET_KEY_PRIVATE_KEY
             phrase_file = directory / c.SECRET_KEY_PASSPHRASE
             try:
