@@ -14,6 +14,7 @@ from vmfleet.api.constants import (
     TASK_TERMINATE,
     TASK_TRANSFER,
     TASK_TRANSFER_CLEANUP,
+    TRANSFER_QUEUE,
 )
 from vmfleet.api.envelope import Envelope
 from vmfleet.celeryconf import broker_url
@@ -58,9 +59,14 @@ def check_vm_status(self: Task, message: dict[str, Any]) -> str:
     return health_checker().check(message, worker)
 
 
+def _requeue_transfer(envelope: Envelope, countdown: float | None) -> None:
+    app.send_task(TASK_TRANSFER, args=[envelope.to_message()], queue=TRANSFER_QUEUE,
+                  countdown=countdown)
+
+
 @functools.cache
 def transfers() -> TransferExecutor:
-    return TransferExecutor(executor())
+    return TransferExecutor(executor(), requeue=_requeue_transfer)
 
 
 @app.task(name=TASK_TRANSFER, bind=True, acks_late=True)

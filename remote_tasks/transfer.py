@@ -33,7 +33,7 @@ from typing import Any
 import paramiko
 from pydantic import ValidationError
 
-from vmfleet.api.constants import Phase, Reason
+from vmfleet.api.constants import SECRET_TYPE_SSH_AUTH, Phase, Reason
 from vmfleet.api.envelope import Envelope, now_rfc3339
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource, TransferSpec
 from vmfleet.kube import ApiException
@@ -44,7 +44,10 @@ from .ssh import SSHError, SSHTarget
 
 log = logging.getLogger("remote_tasks.transfer")
 
-WINDOW = 8 * 1024 * 1024  # bytes requested from the source at once
+# Bytes requested from the source at once, and the source channel's SSH window: together
+# they bound what a transfer buffers (measured: ~35 MiB of Python objects at 8 MiB each).
+WINDOW = 4 * 1024 * 1024
+SOURCE_CHANNEL_WINDOW = 4 * 1024 * 1024
 # One SFTP request's worth (paramiko's largest): blocks are handed on exactly as they
 # arrive, never joined, so every buffer is the same small size and the allocator reuses
 # them instead of fragmenting (bigger joined blocks made the worker's RSS creep).
@@ -53,6 +56,8 @@ PREFETCH_REQUESTS = 64  # SFTP read requests in flight
 WRITE_BUFFER = 0  # unbuffered: each block becomes one pipelined SFTP write
 PROGRESS_SECONDS = 2.0  # how often a running transfer reports bytes (and proves it is alive)
 TEMP_MARK = ".vmfleet-"
+# Failures worth another attempt (within retries.limit): the link, not the request.
+RETRYABLE = frozenset({Reason.TRANSPORT_ERROR})
 
 
 class TransferFailed(Exception):
@@ -207,11 +212,17 @@ class Source:
 class TransferExecutor:
     """Runs transfer attempts with the command executor's API client and SSH pool."""
 
-    def __init__(self, commands: CommandExecutor, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        commands: CommandExecutor,
+        clock: Callable[[], float] = time.monotonic,
+        requeue: Callable[[Envelope, float | None], None] | None = None,
+    ) -> None:
         self.commands = commands
         self.kube = commands.kube
         self.pool = commands.pool
         self.clock = clock
+        self.requeue = requeue  # sends a retry attempt (countdown seconds) to the queue
 
     # ---------------------------------------------------------------- claim
 
@@ -328,6 +339,10 @@ class TransferExecutor:
                 assert dest.failure is not None
                 outcome = Phase.FAILED
                 fields.update(bytes=dest.written, totalBytes=source.size if source else None)
+                if (dest.failure.reason in RETRYABLE and dest.attempt <= spec.retries.limit
+                        and self.requeue is not None):
+                    self._retry(envelope, worker, dest, spec, dest.failure, fields)
+                    continue
                 self._finish_failed(envelope, worker, dest.index, dest.vm, dest.attempt,
                                     dest.failure, fields)
         return outcome
@@ -349,7 +364,7 @@ class TransferExecutor:
     def _vm_source(self, namespace: str, vm: str, path: str) -> Source:
         target = self._target(namespace, vm)
         try:
-            sftp = self.pool.get(target).sftp()
+            sftp = self.pool.get(target).sftp(window_size=SOURCE_CHANNEL_WINDOW)
         except SSHError as exc:
             self.pool.discard(target)
             raise classify(exc, vm, path, writing=False) from exc
@@ -403,6 +418,13 @@ class TransferExecutor:
                                          f"ConfigMap {namespace}/{ref.name} has no key {ref.key}")
             else:
                 secret = self.kube.core.read_namespaced_secret(ref.name, namespace)
+                if secret.type == SECRET_TYPE_SSH_AUTH:
+                    # The transfer worker may read VMs' keys; a user who may create commands
+                    # must not be able to copy one onto a VM and read it there.
+                    raise TransferFailed(
+                        Reason.PERMISSION_DENIED,
+                        f"Secret {namespace}/{ref.name} is of type {SECRET_TYPE_SSH_AUTH} (SSH "
+                        "credentials of a VM): vmfleet never copies SSH credentials")
                 if not secret.data or ref.key not in secret.data:
                     raise TransferFailed(Reason.SOURCE_NOT_FOUND,
                                          f"Secret {namespace}/{ref.name} has no key {ref.key}")
@@ -600,6 +622,38 @@ class TransferExecutor:
         phase = Phase.CANCELLED if failure.reason == Reason.CANCELLED else Phase.FAILED
         self._finish(envelope, worker, dest, phase, failure.reason, failure.message,
                      transfer or {})
+
+    def _retry(self, envelope: Envelope, worker: str, dest: Destination, spec: RemoteCommandSpec,
+               failure: TransferFailed, transfer: dict[str, Any]) -> None:
+        """Queue the next attempt of this destination (transport errors, within retries.limit)."""
+        assert self.requeue is not None
+        if dest.target is not None:
+            self.pool.discard(dest.target)
+        now = now_rfc3339()
+        base = f"/status/results/{dest.index}"
+        backoff = spec.retries.backoff_seconds
+        patch = claims.finish_patch(dest.index, dest.vm, dest.attempt, worker, {})
+        patch += [
+            {"op": "replace", "path": f"{base}/phase", "value": Phase.QUEUED},
+            {"op": "replace", "path": f"{base}/attempt", "value": dest.attempt + 1},
+            {"op": "add", "path": f"{base}/reason", "value": failure.reason},
+            {"op": "add", "path": f"{base}/message", "value":
+                f"attempt {dest.attempt} failed: {failure.message}; retrying in {backoff}s"},
+            {"op": "add", "path": f"{base}/dispatchTime", "value": now},
+            {"op": "add", "path": f"{base}/transfer",
+             "value": {k: v for k, v in transfer.items() if v is not None}},
+        ]
+        try:
+            self.kube.patch_command_status(envelope.namespace, envelope.name, patch)
+        except ApiException as exc:
+            if exc.status not in (404, 409, 422):
+                raise
+            return
+        self.requeue(Envelope(namespace=envelope.namespace, name=envelope.name, uid=envelope.uid,
+                              vm=dest.vm, attempt=dest.attempt + 1, dispatch_time=now,
+                              spec=envelope.spec), float(backoff) or None)
+        log.info("Transfer %s to %s: attempt %s failed (%s); retrying in %ss", envelope.ref,
+                 dest.vm, dest.attempt, failure.reason, backoff)
 
     # ---------------------------------------------------------------- cleanup task
 

@@ -409,3 +409,27 @@ def test_deleting_a_running_transfer_leaves_no_temporary_file(ns: Namespace, vms
     wait_until(lambda: not list(out.iterdir()), timeout=30,
                what="the temporary file to be removed")
     assert not (out / "cancel.bin").exists()
+
+
+def test_a_broken_connection_is_retried_and_the_lost_temp_removed(ns: Namespace, vms, make_vm,
+                                                                   tmpdir_on: str):
+    vm1 = vms[0]
+    dst_vm = make_vm("flaky")
+    ns.add_vms([vm1, dst_vm])
+    expected = write_random(vm1.host_path(f"{tmpdir_on}/flaky.bin"), 256 * MiB)
+    out = dst_vm.host_path("/tmp/out")
+    ns.run("flaky", transfer={"from": {"vm": "vm1", "path": f"{tmpdir_on}/flaky.bin"},
+                              "to": [{"vm": "flaky", "path": "/tmp/out/flaky.bin"}],
+                              "createDirs": True},
+           retries={"limit": 3, "backoffSeconds": 2})
+    wait_until(lambda: out.exists() and any(p.stat().st_size > 0 for p in out.iterdir()),
+               timeout=60, interval=0.02, what="the copy to start")
+    dst_vm.kill()  # the VM goes away mid-copy: every session on it ends
+    dst_vm.start()
+    obj = ns.finished("flaky", timeout=240)
+    (entry,) = obj["status"]["results"]
+    assert obj["status"]["phase"] == "Succeeded", entry
+    assert entry["attempt"] >= 2
+    assert entry["transfer"]["sha256"] == expected
+    assert sha256_file(out / "flaky.bin") == expected
+    assert sorted(p.name for p in out.iterdir()) == ["flaky.bin"]  # attempt 1's temp is gone
