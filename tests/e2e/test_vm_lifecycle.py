@@ -201,6 +201,31 @@ def test_trust_on_first_use_records_then_refuses_a_new_key(ns: Namespace, make_v
     assert_no_tracebacks(controller_dir / "controller.log")
 
 
+def test_credentials_with_a_passphrase_and_a_missing_or_malformed_secret(ns: Namespace, make_vm):
+    vm = make_vm("phrase", key_passphrase="correct horse battery")
+    secret, rvm = vm_manifests(vm, ns.name, healthCheck=FAST_HEALTH)
+    assert "passphrase" in secret["stringData"]
+    _, broken = vm_manifests(vm, ns.name, healthCheck=FAST_HEALTH)
+    broken["metadata"]["name"] = "no-secret"
+    broken["spec"]["credentialsSecretRef"] = {"name": "no-such-secret"}
+    ns.kubectl.apply(secret, rvm, broken)
+    ns.wait("rvm/phrase", "Ready", timeout=60)
+
+    ns.wait("rvm/no-secret", "Reachable=False", timeout=60)
+    reachable = condition(ns, "no-secret", "Reachable")
+    assert reachable["reason"] == "CredentialsInvalid"
+    assert "cannot read Secret" in reachable["message"] and "no-such-secret" in reachable["message"]
+
+    # The Secret appears, but holds no key: a clear message again, never a crash loop.
+    ns.kubectl.apply({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/ssh-auth",
+                      "metadata": {"name": "no-such-secret", "namespace": ns.name},
+                      "stringData": {"ssh-privatekey": "not a key"}})
+    wait_until(lambda: "not a private key" in condition(ns, "no-secret", "Reachable").get("message", ""),
+               timeout=60, what="the malformed key reported")
+    assert condition(ns, "no-secret", "Reachable")["reason"] == "CredentialsInvalid"
+    assert condition(ns, "phrase", "Ready")["status"] == "True"
+
+
 # --------------------------------------------------------------------------- bastion
 
 
