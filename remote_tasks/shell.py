@@ -120,9 +120,17 @@ def build_invocation(spec: RemoteCommandSpec, nonce: str | None = None) -> Remot
         stdin = spec.script
     else:
         raise InvalidCommand(f"action {spec.action!r} is not a command")
+    for what, text in [("command", spec.command), ("workingDir", spec.working_dir),
+                       *(("argv", a) for a in spec.argv or ()),
+                       *((f"env {k}", v) for k, v in (spec.env or {}).items())]:
+        if text is not None and "\0" in text:
+            # An SSH exec request is a C string on the server: a NUL would cut the line.
+            raise InvalidCommand(f"{what} contains a NUL character, which no remote program can receive")
     line = env_prefix(spec.env) + program
     if spec.working_dir is not None:
-        line = f"cd -- {shlex.quote(spec.working_dir)} && {line}"
+        # "./" keeps a relative directory literal: cd treats "-" as $OLDPWD and searches CDPATH.
+        wd = spec.working_dir if spec.working_dir.startswith("/") else "./" + spec.working_dir
+        line = f"cd -- {shlex.quote(wd)} && {line}"
     if nonce is not None:
         line = wrap(line, nonce)
     return RemoteInvocation(line=line, stdin=stdin.encode() if stdin is not None else None)

@@ -123,7 +123,8 @@ QUEUE_PATTERN: Final = r"^[A-Za-z0-9_.:-]+$"
 
 
 def is_env_name(name: str) -> bool:
-    return bool(_ENV_NAME_RE.match(name))
+    # fullmatch: with match, ``$`` also matches before a trailing newline ("A\n").
+    return bool(_ENV_NAME_RE.fullmatch(name))
 
 
 def default_queue(namespace: str, vm: str) -> str:
