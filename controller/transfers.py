@@ -8,7 +8,8 @@ shared queue ``vmfleet.transfers``. A worker claims the entries and copies the f
 entry whose worker stopped reporting progress (killed, node lost) for
 ``VMFLEET_TRANSFER_LOST_SECONDS`` is retried as the next attempt when ``retries.limit``
 allows (the new attempt removes the lost attempt's temporary file first), else it ends
-``WorkerLost`` and a cleanup task removes the temporary file.
+``WorkerLost`` and a cleanup task removes the temporary file. (Transport errors seen by a
+live worker are retried by the worker itself, within the same limit.)
 """
 
 from __future__ import annotations
