@@ -148,6 +148,7 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
             ("patch", rcmd, "status"), ("patch", rvm, "status"),
             ("create", "deployments.apps", None), ("patch", "deployments.apps", None),
             ("delete", "deployments.apps", None), ("create", "events", None),
+            ("delete", rcmd, None),
         ]:
             assert can_i(kubectl, controller, verb, resource, ns, sub), (verb, resource, sub)
         for verb, resource, namespace in [
@@ -178,6 +179,7 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
 
         # The transfer worker reads VMs' keys (both ends of a copy): get, never list.
         assert can_i(kubectl, transfer, "get", "secrets", ns)
+        assert can_i(kubectl, transfer, "get", "configmaps", ns)
         assert not can_i(kubectl, transfer, "list", "secrets", ns)
         assert not can_i(kubectl, transfer, "get", "secrets", other)
         assert not can_i(kubectl, transfer, "create", "pods", ns)

@@ -167,6 +167,8 @@ def test_worker_roles_read_no_secret_and_create_nothing():
     (transfer,) = find(docs, "Role", "rel-vmfleet-transfer-worker")
     secret_rules = [r for r in rules_of(transfer) if "secrets" in r["resources"]]
     assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
+    core = [r for r in rules_of(transfer) if r["apiGroups"] == [""]]
+    assert {v for r in core for v in r["verbs"]} == {"get"}
 
 
 def test_cluster_wide_and_several_namespaces():

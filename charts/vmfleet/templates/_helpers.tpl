@@ -102,8 +102,12 @@ vmfleet.io/metrics: "true"
 {{/* What the controller may do with vmfleet objects, worker Deployments and Events. */}}
 {{- define "vmfleet.controllerRules" -}}
 - apiGroups: [vmfleet.io]
-  resources: [remotevms, remotecommands]
+  resources: [remotevms]
   verbs: [get, list, watch, patch, update]
+# delete: ttlSecondsAfterFinished
+- apiGroups: [vmfleet.io]
+  resources: [remotecommands]
+  verbs: [get, list, watch, patch, update, delete]
 - apiGroups: [vmfleet.io]
   resources: [remotevms/status, remotecommands/status]
   verbs: [get, patch, update]
