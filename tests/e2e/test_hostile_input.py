@@ -7,6 +7,7 @@ the VM literally, and nothing else may happen there (no file appears in the VM's
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -34,10 +35,10 @@ def tmp_listing(vm: SshdVM) -> set[str]:
     return {p.name for p in vm.host_path("/tmp").iterdir()}
 
 
-def result(ns: Namespace, name: str) -> dict:  # type: ignore[type-arg]
+def result(ns: Namespace, name: str) -> dict[str, Any]:
     obj = ns.finished(name, timeout=60)
     (entry,) = obj["status"]["results"]
-    return entry  # type: ignore[no-any-return]
+    return entry
 
 
 def test_hostile_argv_env_and_working_dir_arrive_literally(
