@@ -9,6 +9,11 @@ PY := $(VENV)/bin/python
 VMFLEET := $(VENV)/bin/vmfleet
 PYTEST_ARGS ?=
 VMS ?= 3
+# Airflow (the `airflow` extra) gets its own virtualenv so its dependency pins cannot
+# break .venv; the Airflow tests run from it.
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
+AIRFLOW_TESTS := tests/unit/test_airflow_operators.py tests/e2e/test_airflow_dags.py
 
 .PHONY: help setup system-deps venv controlplane helm crds crds-check typecheck \
         test test-unit test-e2e demo dev-up dev-down clean
@@ -17,6 +22,7 @@ help:
 	@echo "make demo       start the local environment and run the original guide's flow"
 	@echo "make test       unit and end-to-end tests (real kube-apiserver, sshd, Redis, RabbitMQ)"
 	@echo "make dev-down   stop the local environment"
+	@echo "make test-airflow  the Airflow operators and DAGs (from .venv-airflow, real Airflow 3)"
 	@echo "make crds       regenerate crds/ from vmfleet/api/models.py"
 
 $(VENV)/.installed: pyproject.toml
@@ -27,6 +33,15 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+.PHONY: airflow-venv test-airflow
+$(AIRFLOW_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/pip install --quiet -e '.[airflow,dev]'
+	touch $@
+
+airflow-venv: $(AIRFLOW_VENV)/.installed
+
 system-deps:
 	bash scripts/install-system-deps.sh
 
@@ -36,7 +51,7 @@ controlplane:
 helm:
 	bash scripts/install-helm.sh
 
-setup: system-deps venv controlplane helm
+setup: system-deps venv controlplane helm airflow-venv
 
 crds: venv
 	$(VMFLEET) crds generate
@@ -55,6 +70,10 @@ test-e2e: setup
 
 test: setup crds-check
 	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
+	$(AIRFLOW_PY) -m pytest $(AIRFLOW_TESTS) -q -ra $(PYTEST_ARGS)
+
+test-airflow: setup
+	$(AIRFLOW_PY) -m pytest $(AIRFLOW_TESTS) -q -ra $(PYTEST_ARGS)
 
 dev-up: setup
 	$(VMFLEET) dev up --vms $(VMS)

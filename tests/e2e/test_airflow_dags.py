@@ -107,13 +107,17 @@ class AirflowEnv:
             self.argv(dag_file, dag_id, logical_date, conf or {}), env=env, cwd=REPO,
             capture_output=True, text=True, timeout=timeout,
         )
-        log = proc.stdout + proc.stderr
-        if os.environ.get("VMFLEET_TEST_DAG_LOGS"):
-            print(log)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("DAGRUN-RESULT ")]
-        assert proc.returncode == 0 and lines, f"dag.test() of {dag_id} crashed:\n{log[-6000:]}"
-        result = json.loads(lines[-1].removeprefix("DAGRUN-RESULT "))
-        return DagRun(log=log, **result)
+        return dag_run_result(dag_id, proc.returncode, proc.stdout + proc.stderr)
+
+
+def dag_run_result(dag_id: str, returncode: int | None, log: str) -> DagRun:
+    """The outcome the RUNNER printed on its last line."""
+    if os.environ.get("VMFLEET_TEST_DAG_LOGS"):
+        print(log)
+    lines = [ln for ln in log.splitlines() if ln.startswith("DAGRUN-RESULT ")]
+    assert returncode == 0 and lines, f"dag.test() of {dag_id} crashed:\n{log[-6000:]}"
+    result = json.loads(lines[-1].removeprefix("DAGRUN-RESULT "))
+    return DagRun(log=log, **result)
 
 
 _dates = iter(range(1, 86_400))
@@ -158,24 +162,9 @@ def commands_in(ns: Namespace) -> list[dict[str, Any]]:
     return items
 
 
-def transfers_supported(ns: Namespace) -> bool:
-    """Whether this controller runs file transfers (they landed in a separate issue)."""
-    name = f"probe-{uuid.uuid4().hex[:6]}"
-    ns.run(name, transfer={"from": {"vm": "vm1", "path": "/tmp/.vmfleet-probe"},
-                           "to": [{"vm": "vm2", "path": "/tmp/.vmfleet-probe"}]})
-    obj = ns.finished(name, timeout=60)
-    ns.k("delete", "remotecommand", name, "--wait=false")
-    messages = " ".join(c.get("message") or "" for c in obj["status"].get("conditions") or [])
-    messages += " ".join(r.get("message") or "" for r in obj["status"].get("results") or [])
-    return "not available" not in messages
-
-
 def test_remote_vm_execution_dag_succeeds(airflow: AirflowEnv, ns: Namespace, vms, kubeconfig,
                                           controller_dir):
     ns.add_vms(vms)
-    if not transfers_supported(ns):
-        pytest.xfail("the controller refuses file transfers (not landed yet): the DAG's "
-                     "file_transfer_test needs them")
     run = airflow.run(airflow.for_namespace(ns, kubeconfig), airflow.dags / "remote_vm_execution.py",
                       "remote_vm_execution")
 
@@ -197,7 +186,7 @@ def test_remote_vm_execution_dag_succeeds(airflow: AirflowEnv, ns: Namespace, vm
     for vm in vms[:2]:
         assert not vm.host_path("/tmp/test_file.txt").exists()
         assert not vm.host_path("/tmp/received_file.txt").exists()
-    # One RemoteCommand per task instance, all Succeeded (the transfer probe aside).
+    # One RemoteCommand per task instance, all Succeeded.
     phases = [c["status"]["phase"] for c in commands_in(ns)
               if c["metadata"].get("labels", {}).get("vmfleet.io/created-by") == "airflow"]
     assert phases == ["Succeeded"] * 12
@@ -217,9 +206,6 @@ def test_remote_ftp_processing_dag_writes_processed_files_on_vm3(
     airflow: AirflowEnv, ns: Namespace, vms, kubeconfig, controller_dir
 ):
     ns.add_vms(vms)
-    if not transfers_supported(ns):
-        pytest.xfail("the controller refuses file transfers (not landed yet): the DAG's "
-                     "transfer_files needs them")
     vm2, vm3 = vms[1], vms[2]
     sources = ["/tmp/in/sample1.txt", "/tmp/bon/in/sample3.txt", "/tmp/in/never-arrives.txt"]
     for path, text in ((sources[0], "first sample\n"), (sources[1], "third sample\n")):
@@ -306,15 +292,18 @@ def test_a_task_restarted_within_its_try_reattaches_instead_of_running_again(
 ):
     vm1 = vms[0]
     ns.add_vms(vms[:1])
-    counter = f"/tmp/reattach-{uuid.uuid4().hex[:6]}.count"
-    dag_id = f"reattach_{uuid.uuid4().hex[:6]}"
-    dag_file = _single_task_dag(airflow, dag_id, ns, kubeconfig,
-                                f"echo started >> {counter}; sleep 4; echo finished")
+    tag = uuid.uuid4().hex[:6]
+    counter, go = f"/tmp/reattach-{tag}.count", f"/tmp/reattach-{tag}.go"
+    dag_id = f"reattach_{tag}"
+    # Counts its executions on the VM, then waits until the test lets it finish.
+    dag_file = _single_task_dag(
+        airflow, dag_id, ns, kubeconfig,
+        f"echo started >> {counter}; while [ ! -e {go} ]; do sleep 0.2; done; echo finished")
     logical_date = _new_logical_date()
+    argv = airflow.argv(dag_file, dag_id, logical_date, {})
 
     # First worker: creates the RemoteCommand, then dies while the command runs.
-    first = ManagedProcess("dag-test-1", airflow.argv(dag_file, dag_id, logical_date, {}),
-                           tmp_path / "first.log", env=airflow.env, cwd=REPO)
+    first = ManagedProcess("dag-test-1", argv, tmp_path / "first.log", env=airflow.env, cwd=REPO)
     killed_runs.append(first.start())
 
     def running() -> bool:
@@ -326,11 +315,20 @@ def test_a_task_restarted_within_its_try_reattaches_instead_of_running_again(
     first.signal(9)
     first.proc.wait(10)  # type: ignore[union-attr]
 
-    # The same task try runs again (same dag, task, run id, map index, try number).
-    run = airflow.run(airflow.env, dag_file, dag_id, logical_date=logical_date)
+    # The same task try runs again (same dag, task, run id, map index, try number): it
+    # finds the command still running, re-attaches and defers to the trigger.
+    second = ManagedProcess("dag-test-2", argv, tmp_path / "second.log", env=airflow.env, cwd=REPO)
+    killed_runs.append(second.start())
+    wait_until(lambda: "Re-attached to RemoteCommand" in second.log_path.read_text(), timeout=120,
+               what="the restarted task to re-attach")
+    vm1.host_path(go).write_text("")
+    wait_until(lambda: not second.running(), timeout=120, what="the restarted DAG run to end")
+    run = dag_run_result(dag_id, second.proc.returncode,  # type: ignore[union-attr]
+                         second.log_path.read_text())
 
     assert run.state == "success", run.log[-6000:]
-    assert "Re-attached to RemoteCommand" in run.log
+    assert "(phase Running): created by an earlier run of this task try" in run.log
+    assert "[DAG TEST] running trigger in line" in run.log
     assert run.xcom("remote[-1]")["vm1"]["stdout"] == "finished\n"
     assert vm1.host_path(counter).read_text() == "started\n"  # ran once on the VM
     names = sorted(c["metadata"]["name"] for c in commands_in(ns))

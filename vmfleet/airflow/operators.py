@@ -324,6 +324,8 @@ class RemoteFileTransferOperator(_RemoteCommandBase):
     """Copy a file from one RemoteVM to others over SFTP (a RemoteCommand with ``transfer``).
 
     ``dest_path`` defaults to ``source_path``; ``dest_vm`` may be one name or a list.
+    ``mode``, ``create_dirs``, ``overwrite`` (``Always``, ``Never``, ``IfDifferent``) and
+    ``verify`` (re-read and compare sha256) are the API's ``spec.transfer`` fields.
     Returns ``{"from": {"vm", "path"}, "to": [{"vm", "path"}, …], "results": {vm: result}}``.
     """
 
@@ -341,6 +343,7 @@ class RemoteFileTransferOperator(_RemoteCommandBase):
         mode: str | None = None,
         create_dirs: bool = False,
         overwrite: str = "Always",
+        verify: bool = False,
         timeout_seconds: int | None = None,
         command_retries: dict[str, Any] | None = None,
         ttl_seconds_after_finished: int | None = None,
@@ -354,6 +357,7 @@ class RemoteFileTransferOperator(_RemoteCommandBase):
         self.mode = mode
         self.create_dirs = create_dirs
         self.overwrite = overwrite
+        self.verify = verify
         self.timeout_seconds = timeout_seconds
         self.command_retries = command_retries
         self.ttl_seconds_after_finished = ttl_seconds_after_finished
@@ -370,6 +374,8 @@ class RemoteFileTransferOperator(_RemoteCommandBase):
             "createDirs": self.create_dirs,
             "overwrite": self.overwrite,
         }
+        if self.verify:
+            transfer["verify"] = True
         if self.mode is not None:
             transfer["mode"] = str(self.mode)
         spec: dict[str, Any] = {
