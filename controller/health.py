@@ -237,7 +237,12 @@ class HealthMonitor:
                 return False
             self._sent[key] = now
         message = probe_message(meta["namespace"], meta["name"], meta["uid"], spec)
-        self.send(c.TASK_CHECK_VM, message, queue, period)
+        try:
+            self.send(c.TASK_CHECK_VM, message, queue, period)
+        except Exception as exc:  # noqa: BLE001 - the broker is down: conditions go stale
+            log.warning("Could not send a health probe for RemoteVM %s to queue %s: %s", key,
+                        queue, exc)
+            return False
         return True
 
     def forget(self, namespace: str, name: str) -> None:

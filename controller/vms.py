@@ -74,7 +74,9 @@ def fleet(ctx: Context) -> Fleet:
         found = _fleets.get(id(ctx))
         if found is None:
             def send(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
-                ctx.dispatcher.app.send_task(task, args=[message], queue=queue, expires=expires)
+                # No retries: a probe that cannot be sent now is sent at the next period.
+                ctx.dispatcher.app.send_task(task, args=[message], queue=queue, expires=expires,
+                                             retry=False)
 
             found = _fleets[id(ctx)] = Fleet(
                 autoscaler=Autoscaler(),
