@@ -158,6 +158,7 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
         ]:
             assert not can_i(kubectl, controller, verb, resource, namespace), (verb, resource, namespace)
         assert can_i(kubectl, controller, "list", "customresourcedefinitions.apiextensions.k8s.io", ns)
+        assert can_i(kubectl, controller, "watch", "namespaces", ns)  # kopf observes them
         assert not can_i(kubectl, controller, "create", "customresourcedefinitions.apiextensions.k8s.io", ns)
 
         # A VM's worker: read its command and VM, write their status. Its key is mounted by
@@ -218,3 +219,87 @@ def test_cluster_wide_controller_and_per_namespace_workers(helm, kubectl, crds, 
             assert kubectl(*args, check=False).stdout.strip() == "no"
     finally:
         helm("uninstall", release, "--namespace", ns, check=False)
+
+
+def service_account_kubeconfig(kubectl: Kubectl, admin: Path, namespace: str, account: str,
+                               path: Path) -> Path:
+    """A kubeconfig that authenticates as a ServiceAccount (a token from the TokenRequest API)."""
+    token = kubectl("create", "token", account, "-n", namespace, "--duration=1h").stdout.strip()
+    config = yaml.safe_load(admin.read_text())
+    config["users"] = [{"name": account, "user": {"token": token}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = account
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
+    helm, kubectl, controlplane, namespaces, redis_server, vms, tmp_path
+):
+    """Not only can-i: the real controller and a real worker, each authenticated as its
+    ServiceAccount, take a RemoteCommand from creation to Succeeded. The worker has its
+    VM's key as a mounted file (as in its Deployment) and no Secret permission."""
+    from tests.e2e.fleet import Namespace, assert_no_tracebacks, start_controller
+    from vmfleet.dev.manifests import vm_manifests
+    from vmfleet.dev.proc import ManagedProcess, wait_until
+
+    ns_name = f"chart-run-{uuid.uuid4().hex[:6]}"
+    namespaces(ns_name)
+    ns = Namespace(kubectl, ns_name)
+    release = f"r{uuid.uuid4().hex[:5]}"
+    controller = worker = None
+    try:
+        helm("install", release, str(CHART), "--namespace", ns_name,
+             "--set", "transferWorker.enabled=false")
+        controller_kc = service_account_kubeconfig(
+            kubectl, controlplane.kubeconfig, ns_name, f"{release}-vmfleet-controller",
+            tmp_path / "controller.kubeconfig")
+        worker_kc = service_account_kubeconfig(
+            kubectl, controlplane.kubeconfig, ns_name, f"{release}-vmfleet-worker",
+            tmp_path / "worker.kubeconfig")
+        controller = start_controller(
+            controller_kc, redis_server.url, tmp_path, [ns_name], runtime="Deployment",
+            extra_env={"VMFLEET_WORKER_IMAGE": "vmfleet:0.1.0",
+                       "VMFLEET_WORKER_SERVICE_ACCOUNT": f"{release}-vmfleet-worker"})
+        vm = vms[0]
+        kubectl.apply(*vm_manifests(vm, ns_name))
+        deployment = wait_until(
+            lambda: kubectl.get_json("-n", ns_name, "deployment", "vmfleet-worker-vm1"),
+            timeout=60, what="the worker Deployment made by the controller")
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["serviceAccountName"] == f"{release}-vmfleet-worker"
+
+        # The worker as its Deployment would run it: the Secret's files mounted, its own token.
+        key_dir = tmp_path / "ssh"
+        key_dir.mkdir(mode=0o700)
+        (key_dir / "ssh-privatekey").write_text(vm.user_private_key_pem)
+        import os
+        import sys
+
+        from tests.e2e.fleet import REPO
+
+        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+        env.update(KUBECONFIG=str(worker_kc), VMFLEET_BROKER_URL=redis_server.url,
+                   VMFLEET_CREDENTIALS_DIR=str(key_dir), VMFLEET_METRICS_PORT="0",
+                   VMFLEET_VM=f"{ns_name}/vm1", PYTHONUNBUFFERED="1")
+        container = pod["containers"][0]
+        worker = ManagedProcess("worker", [sys.executable, "-m", *container["args"]],
+                                tmp_path / "worker.log", env=env, cwd=REPO).start()
+
+        ns.run("hello", vm="vm1", argv=["echo", "via the chart's RBAC"])
+        obj = wait_until(
+            lambda: (o := ns.get("rcmd", "hello")).get("status", {}).get("phase") in
+            ("Succeeded", "Failed") and o,
+            timeout=90, interval=0.5, what="the RemoteCommand to finish")
+        (result,) = obj["status"]["results"]
+        assert obj["status"]["phase"] == "Succeeded", result
+        assert result["stdout"] == "via the chart's RBAC\n"
+        logs = (tmp_path / "controller.log").read_text() + (tmp_path / "worker.log").read_text()
+        assert "Forbidden" not in logs and " 403" not in logs
+        assert_no_tracebacks(tmp_path / "controller.log", tmp_path / "worker.log")
+    finally:
+        if worker is not None:
+            worker.stop(grace=15)
+        if controller is not None:
+            controller.stop(grace=30)
+        helm("uninstall", release, "--namespace", ns_name, check=False)

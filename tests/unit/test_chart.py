@@ -94,8 +94,8 @@ def test_default_objects():
     docs = render()
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
     assert kinds == sorted([
-        "ClusterRole/rel-vmfleet-crd-reader",
-        "ClusterRoleBinding/rel-vmfleet-crd-reader",
+        "ClusterRole/rel-vmfleet-cluster-reader",
+        "ClusterRoleBinding/rel-vmfleet-cluster-reader",
         "Deployment/rel-vmfleet-broker",
         "Deployment/rel-vmfleet-controller",
         "Deployment/rel-vmfleet-transfer-worker",
