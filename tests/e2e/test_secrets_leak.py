@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -135,3 +136,47 @@ def test_no_secret_reaches_logs_events_status_or_metrics(
     final = logs_of([tmp_path / "controller.log", *sorted((tmp_path / "workers").glob("*.log"))])
     for what, marker in {**markers, "env value": env_value}.items():
         assert marker not in final, f"the {what} appears in a log"
+
+
+# --------------------------------------------------------------------------- who can read keys
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def can_i(kubectl: Kubectl, namespace: str, verb: str, resource: str, *who: str) -> bool:
+    proc = kubectl("auth", "can-i", verb, resource, "-n", namespace, *who, check=False)
+    return proc.stdout.strip() == "yes"
+
+
+def test_security_md_team_role_runs_commands_but_reads_no_key(kubectl: Kubectl, leak_ns: Namespace) -> None:
+    """The Role in SECURITY.md, applied as written: commands yes, keys and VM changes no."""
+    text = (REPO / "SECURITY.md").read_text()
+    (block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    manifest = textwrap.dedent(block).replace("namespace: team-a", f"namespace: {leak_ns}")
+    kubectl("apply", "-f", "-", input=manifest)
+    alice = ("--as=alice", "--as-group=team-a")
+    rcmd, rvm = "remotecommands.vmfleet.io", "remotevms.vmfleet.io"
+    for verb, resource in [("create", rcmd), ("delete", rcmd), ("watch", rcmd), ("get", rvm),
+                           ("list", rvm)]:
+        assert can_i(kubectl, leak_ns.name, verb, resource, *alice), (verb, resource)
+    for verb, resource in [("get", "secrets"), ("list", "secrets"), ("watch", "secrets"),
+                           ("patch", rvm), ("create", rvm), ("patch", f"{rvm}/status"),
+                           ("patch", f"{rcmd}/status"), ("create", "pods"),
+                           ("create", "deployments.apps"), ("create", "pods/exec")]:
+        assert not can_i(kubectl, leak_ns.name, verb, resource, *alice), (verb, resource)
+    # Only in the team's namespace.
+    assert not can_i(kubectl, "default", "create", rcmd, *alice)
+
+
+def test_local_default_service_account_has_no_vmfleet_or_secret_rights(
+    kubectl: Kubectl, leak_ns: Namespace
+) -> None:
+    """The local environment's workers run as the developer; a pod of the namespace (its
+    default ServiceAccount) may neither read the keys nor create or change commands."""
+    sa = f"--as=system:serviceaccount:{leak_ns}:default"
+    for verb, resource in [("get", "secrets"), ("list", "secrets"),
+                           ("create", "remotecommands.vmfleet.io"),
+                           ("patch", "remotecommands.vmfleet.io/status"),
+                           ("get", "remotevms.vmfleet.io"), ("patch", "remotevms.vmfleet.io/status"),
+                           ("create", "pods")]:
+        assert not can_i(kubectl, leak_ns.name, verb, resource, sa), (verb, resource)
