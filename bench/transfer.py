@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -62,11 +61,24 @@ class LocalCommands:
                          host_keys=tuple(sshd.host_public_keys))
 
 
-def rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+def rss(pid: int | str = "self") -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and its children (scp runs two ssh processes)."""
+    total = rss(pid)
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(tree_rss(int(child)) for child in children)
 
 
 class Peak:
@@ -129,6 +141,7 @@ def run_vmfleet(commands: LocalCommands, dests: list[str], run: int) -> tuple[fl
 def run_scp(vms: dict[str, SshdVM], dests: list[str], run: int, known_hosts: Path,
             legacy: bool) -> tuple[float, int]:
     src = vms["vm1"]
+    peak = 0
     started = time.perf_counter()
     for vm in dests:
         dst = vms[vm]
@@ -138,10 +151,14 @@ def run_scp(vms: dict[str, SshdVM], dests: list[str], run: int, known_hosts: Pat
                 "-i", str(src.user_key_path), "-i", str(dst.user_key_path),
                 f"scp://{src.user}@{src.host}:{src.port}//tmp/bench/src.bin",
                 f"scp://{dst.user}@{dst.host}:{dst.port}//tmp/bench/scp-{run}.bin"]
-        subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        while proc.poll() is None:
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.05)
+        if proc.returncode != 0:
+            raise RuntimeError(f"scp exited {proc.returncode}")
     seconds = time.perf_counter() - started
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return seconds, peak_kib * 1024
+    return seconds, peak
 
 
 def main() -> int:
