@@ -55,8 +55,8 @@ def _rows(title: str, obj: dict[str, Any]) -> list[list[str]]:
         lines = (result.get("stdout") or result.get("message") or "").strip().splitlines()
         if result.get("transfer") and result["phase"] == Phase.SUCCEEDED:
             t = result["transfer"]
-            lines = [f"{t['source']} -> {result['vm']}:{t['path']}, {t['bytes']} bytes, "
-                     f"sha256 {t['sha256'][:12]}{', verified' if t.get('verified') else ''}"]
+            lines = [f"{t['bytes']} bytes to {t['path']}, sha256 {t['sha256'][:12]}"
+                     f"{', verified' if t.get('verified') else ''}"]
         output = " | ".join(" ".join(line.split()) for line in lines)
         if len(output) > 90:
             output = output[:87] + "..."
