@@ -63,6 +63,13 @@ class Fleet:
     lock: threading.Lock = field(default_factory=threading.Lock)
     commands: dict[str, tuple[float, list[dict[str, Any]]]] = field(default_factory=dict)
     refs: dict[str, VMRef] = field(default_factory=dict)
+    scale_locks: dict[str, threading.RLock] = field(default_factory=dict)
+
+    def scaling(self, key: str) -> threading.RLock:
+        """Held while one VM's replicas are decided and applied: the timer and a wake on
+        dispatch never undo each other."""
+        with self.lock:
+            return self.scale_locks.setdefault(key, threading.RLock())
 
 
 _fleets: dict[int, Fleet] = {}
@@ -120,8 +127,9 @@ def decide(ctx: Context, vm: VMRef, current: int) -> Decision:
 def reconcile_vm(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
     """Ensure the workers; return the ``status.workers`` block."""
     vm = resolve_ref(ctx, body)
-    decision = decide(ctx, vm, ctx.runtime.current_replicas(vm))
-    workers = ctx.runtime.ensure(vm, decision.replicas)
+    with fleet(ctx).scaling(vm.key):
+        decision = decide(ctx, vm, ctx.runtime.current_replicas(vm))
+        workers = ctx.runtime.ensure(vm, decision.replicas)
     workers["queueDepth"] = decision.queue_depth
     fleet(ctx).refs[vm.key] = vm
     if not vm.spec.paused:
@@ -135,18 +143,19 @@ def tick_vm(ctx: Context, body: dict[str, Any]) -> None:
     f = fleet(ctx)
     status = body.get("status") or {}
     previous = dict(status.get("workers") or {})
-    current = ctx.runtime.current_replicas(vm)
-    decision = decide(ctx, vm, current)
-    if decision.replicas != current or previous.get("replicas") != decision.replicas:
-        workers = ctx.runtime.ensure(vm, decision.replicas)
-        if decision.replicas != current:
-            log.info("Scaled workers of RemoteVM %s from %s to %s (backlog %s: %s queued, %s "
-                     "running)", vm.key, current, decision.replicas, decision.backlog,
-                     decision.queue_depth, decision.running)
-    else:
-        workers = {**previous, "replicas": decision.replicas}
-        if ctx.runtime.name == "Process":
-            workers["readyReplicas"] = current
+    with f.scaling(vm.key):
+        current = ctx.runtime.current_replicas(vm)
+        decision = decide(ctx, vm, current)
+        if decision.replicas != current or previous.get("replicas") != decision.replicas:
+            workers = ctx.runtime.ensure(vm, decision.replicas)
+            if decision.replicas != current:
+                log.info("Scaled workers of RemoteVM %s from %s to %s (backlog %s: %s queued, "
+                         "%s running)", vm.key, current, decision.replicas, decision.backlog,
+                         decision.queue_depth, decision.running)
+        else:
+            workers = {**previous, "replicas": decision.replicas}
+            if ctx.runtime.name == "Process":
+                workers["readyReplicas"] = current
     workers["queueDepth"] = decision.queue_depth
     if workers != previous:
         ctx.kube.patch_vm_status(vm.namespace, vm.name, {"status": {"workers": workers}})
@@ -190,10 +199,11 @@ def wake_for_dispatch(ctx: Context, namespace: str, name: str) -> None:
         f.refs[key] = vm
         if vm.spec.workers is None or vm.spec.workers.autoscale is None:
             return
-        if ctx.runtime.current_replicas(vm) > 0:
-            return
-        replicas = f.autoscaler.wake(key, vm.spec.workers)
-        workers = ctx.runtime.ensure(vm, replicas)
+        with f.scaling(key):
+            if ctx.runtime.current_replicas(vm) > 0:
+                return
+            replicas = f.autoscaler.wake(key, vm.spec.workers)
+            workers = ctx.runtime.ensure(vm, replicas)
         ctx.kube.patch_vm_status(namespace, name, {"status": {"workers": workers}})
         log.info("Woke workers of RemoteVM %s for a dispatch (%s replica)", key, replicas)
     except Exception as exc:  # noqa: BLE001 - the timer scales up anyway; never fail a dispatch
