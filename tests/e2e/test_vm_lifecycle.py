@@ -364,3 +364,29 @@ def test_max_concurrent_commands_holds_across_replicas(ns: Namespace, make_vm, c
     assert most == 2, f"{most} commands ran at once on the VM"
     assert len(workers) >= 2, workers  # the replicas shared the work
     assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")
+
+
+def test_a_dead_workers_slot_expires(redis_server):
+    """The VM-wide semaphore on real Redis: a lease nobody renews (its worker died) frees
+    its slot by itself; a live holder keeps it by renewing."""
+    from remote_tasks.slots import VMSlots, slots_key
+
+    slots = VMSlots(redis_server.url, lease_seconds=1.5)
+    key = slots_key("e2e-slots", "vm1")
+    slots.client.delete(key)
+    assert slots.try_acquire(key, "dead-worker", 2)
+    assert slots.try_acquire(key, "live-worker", 2)
+    assert not slots.try_acquire(key, "waiting", 2)
+    assert slots.held(key) == 2
+
+    def renewed_and_acquired() -> bool:
+        assert slots.renew(key, "live-worker")  # the live holder keeps renewing
+        return slots.try_acquire(key, "waiting", 2)
+
+    started = time.monotonic()
+    wait_until(renewed_and_acquired, timeout=10, interval=0.3, what="the dead lease to expire")
+    assert 1.0 < time.monotonic() - started < 5
+    assert not slots.renew(key, "dead-worker")  # gone for good
+    slots.release(key, "waiting")
+    slots.release(key, "live-worker")
+    assert slots.held(key) == 0
