@@ -267,3 +267,16 @@ def test_transitions_warn_once_when_conditions_turn_bad():
     assert transitions(good, bad) == [("HostKeyMismatch", "key changed"),
                                       ("Unreachable", "key changed")]
     assert transitions(bad, bad) == []
+
+
+def test_demo_health_rows_come_from_status():
+    from vmfleet.dev.demo import health_rows
+
+    vm = {"metadata": {"name": "vm1"}, "status": {
+        "conditions": [{"type": "Ready", "status": "True"}],
+        "facts": {"hostname": "vm1", "load1": 0.5, "memoryAvailableBytes": 2**31,
+                  "rootDiskUsedBytes": 25, "rootDiskTotalBytes": 100, "uptimeSeconds": 7200}}}
+    assert health_rows([vm, {"metadata": {"name": "vm2"}}]) == [
+        ["vm1", "True", "vm1", "0.5", "2.0 GiB", "25%", "2.0 h"],
+        ["vm2", "?", "-", "-", "-", "-", "-"],
+    ]

@@ -84,6 +84,33 @@ def print_table(rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
+def health_rows(vms: list[dict[str, Any]]) -> list[list[str]]:
+    """One row per RemoteVM from its status (the health probes' facts and conditions)."""
+    rows = []
+    for vm in vms:
+        status = vm.get("status") or {}
+        facts = status.get("facts") or {}
+        ready = next((cond.get("status", "?") for cond in status.get("conditions") or []
+                      if cond.get("type") == "Ready"), "?")
+        mem = facts.get("memoryAvailableBytes")
+        disk, total = facts.get("rootDiskUsedBytes"), facts.get("rootDiskTotalBytes")
+        rows.append([
+            vm["metadata"]["name"], ready, str(facts.get("hostname", "-")),
+            str(facts.get("load1", "-")),
+            f"{mem / 2**30:.1f} GiB" if mem is not None else "-",
+            f"{disk / total:.0%}" if disk is not None and total else "-",
+            f"{facts['uptimeSeconds'] / 3600:.1f} h" if facts.get("uptimeSeconds") else "-",
+        ])
+    return rows
+
+
+def print_health(rows: list[list[str]]) -> None:
+    header = ["VM", "READY", "HOSTNAME", "LOAD1", "MEM FREE", "DISK USED", "UPTIME"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
 def run(namespace: str = "default", vms: list[str] | None = None) -> int:
     kube = Kube()
     vm_names = vms or sorted(item["metadata"]["name"] for item in kube.list_vms(namespace))
@@ -135,6 +162,10 @@ def run(namespace: str = "default", vms: list[str] | None = None) -> int:
                         c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, step.name)
                 except Exception:  # noqa: BLE001 - best-effort cleanup of demo objects
                     pass
+    print()
+    print("Health, from each RemoteVM's status (kubectl get rvm):")
+    print_health(health_rows([item for item in kube.list_vms(namespace)
+                              if item["metadata"]["name"] in vm_names]))
     print()
     print_table(rows)
     print()
