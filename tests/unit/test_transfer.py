@@ -212,3 +212,186 @@ def test_lost_attempt_is_retried_or_ends_worker_lost_only_if_still_that_attempt(
     assert (values["phase"], values["reason"], values["completionTime"]) == (
         "Failed", "WorkerLost", "T")
     assert "temporary file is removed" in values["message"]
+
+
+# --------------------------------------------------------------------------- the executor, with fakes
+
+import stat as _stat  # noqa: E402
+
+from remote_tasks.ssh import SSHTarget  # noqa: E402
+from vmfleet.api.envelope import Envelope  # noqa: E402
+
+
+class Attrs:
+    def __init__(self, mode: int, size: int) -> None:
+        self.st_mode, self.st_size = mode, size
+
+
+class FakeSFTP:
+    """A VM's filesystem as paramiko's SFTPClient shows it (only what transfers use)."""
+
+    def __init__(self, files: dict[str, bytes], broken: bool = False) -> None:
+        self.files = files
+        self.dirs = {"/", "/tmp", "/srv"}
+        self.broken = broken
+        self.bytes_read = 0
+
+    def stat(self, path):
+        if path in self.dirs:
+            return Attrs(_stat.S_IFDIR | 0o755, 0)
+        if path not in self.files:
+            raise FileNotFoundError(errno.ENOENT, "No such file")
+        return Attrs(_stat.S_IFREG | 0o644, len(self.files[path]))
+
+    def open(self, path, mode, bufsize=-1):
+        if "r" in mode:
+            sftp, data = self, self.files[path]
+
+            class Reader(FakeFile):
+                def readv(self, chunks, max_concurrent_prefetch_requests=None):
+                    for block in FakeFile.readv(self, chunks):
+                        sftp.bytes_read += len(block)
+                        yield block
+
+                def close(self):
+                    pass
+            return Reader(data)
+        if self.broken:
+            raise EOFError()
+        self.files[path] = b""
+        sftp = self
+
+        class Writer:
+            def set_pipelined(self, on):
+                pass
+
+            def write(self, data):
+                sftp.files[path] += data
+
+            def close(self):
+                pass
+        return Writer()
+
+    def chmod(self, path, mode):
+        pass
+
+    def posix_rename(self, old, new):
+        self.files[new] = self.files.pop(old)
+
+    rename = posix_rename
+
+    def remove(self, path):
+        if path not in self.files:
+            raise FileNotFoundError(errno.ENOENT, "No such file")
+        del self.files[path]
+
+    def mkdir(self, path):
+        self.dirs.add(path)
+
+    def close(self):
+        pass
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.patches: list = []
+
+    def patch_command_status(self, namespace, name, patch):
+        self.patches.append(patch)
+        return {}
+
+
+class FakePool:
+    def __init__(self, vms: dict[str, FakeSFTP]) -> None:
+        self.vms = vms
+        self.discarded: list[str] = []
+
+    def get(self, target):
+        sftp = self.vms[target.host]
+        return type("Conn", (), {"sftp": lambda self, window_size=None: sftp})()
+
+    def discard(self, target):
+        self.discarded.append(target.host)
+
+
+class FakeCommands:
+    def __init__(self, vms: dict[str, FakeSFTP]) -> None:
+        self.kube = FakeKube()
+        self.pool = FakePool(vms)
+
+    def resolve_target(self, namespace, vm):
+        return SSHTarget(host=vm, port=22, user="u", private_key="k", host_keys=("k",))
+
+
+def run_transfer(vms, retries=0, requeued=None, **transfer):
+    body = {"from": {"vm": "vm1", "path": "/tmp/src"},
+            "to": [{"vm": "vm2", "path": "/srv/dst"}, {"vm": "vm3", "path": "/srv/dst"}]}
+    body.update(transfer)
+    s = RemoteCommandSpec.model_validate({"transfer": body, "retries": {"limit": retries,
+                                                                        "backoffSeconds": 5}})
+    commands = FakeCommands(vms)
+    executor = t.TransferExecutor(commands,  # type: ignore[arg-type]
+                                  requeue=(lambda env, countdown: requeued.append((env, countdown)))
+                                  if requeued is not None else None)
+    envelope = Envelope("ns", "copy", "uid-1", "vm2", 1, "", s.wire())
+    outcome = executor.run(envelope, "w", s, [(0, {"vm": "vm2", "attempt": 1}),
+                                              (1, {"vm": "vm3", "attempt": 1})])
+    return outcome, commands
+
+
+def written(patch) -> dict:
+    return {op["path"].rsplit("/", 1)[1]: op["value"] for op in patch if op["op"] != "test"}
+
+
+def test_the_source_is_read_once_for_every_destination():
+    data = bytes(range(256)) * 40000  # ~10 MiB: several windows
+    vms = {"vm1": FakeSFTP({"/tmp/src": data}), "vm2": FakeSFTP({}), "vm3": FakeSFTP({})}
+    outcome, commands = run_transfer(vms)
+    assert outcome == "Succeeded"
+    assert vms["vm1"].bytes_read == len(data)
+    for vm in ("vm2", "vm3"):
+        assert vms[vm].files == {"/srv/dst": data}  # and no temporary file
+    results = [written(p) for p in commands.kube.patches if written(p).get("phase")]
+    assert [r["phase"] for r in results] == ["Succeeded", "Succeeded"]
+    assert results[0]["transfer"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert results[0]["transfer"]["bytes"] == len(data)
+    assert results[0]["transfer"]["source"] == "vm1:/tmp/src"
+
+
+def test_one_broken_destination_does_not_stop_the_others():
+    vms = {"vm1": FakeSFTP({"/tmp/src": b"x" * 1000}), "vm2": FakeSFTP({}, broken=True),
+           "vm3": FakeSFTP({})}
+    outcome, commands = run_transfer(vms)
+    assert outcome == "Failed"
+    by_phase = {written(p)["phase"]: written(p) for p in commands.kube.patches}
+    assert by_phase["Failed"]["reason"] == "TransportError"
+    assert "/srv/dst" in by_phase["Failed"]["message"]
+    assert by_phase["Succeeded"]["transfer"]["bytes"] == 1000
+    assert vms["vm3"].files == {"/srv/dst": b"x" * 1000}
+
+
+def test_a_transport_error_is_requeued_as_the_next_attempt_within_the_limit():
+    vms = {"vm1": FakeSFTP({"/tmp/src": b"x"}), "vm2": FakeSFTP({}, broken=True),
+           "vm3": FakeSFTP({})}
+    requeued: list = []
+    _, commands = run_transfer(vms, retries=1, requeued=requeued)
+    ((envelope, countdown),) = requeued
+    assert (envelope.vm, envelope.attempt, countdown) == ("vm2", 2, 5.0)
+    retry = next(written(p) for p in commands.kube.patches if written(p).get("phase") == "Queued")
+    assert retry["attempt"] == 2
+    assert retry["reason"] == "TransportError"
+    assert "retrying in 5s" in retry["message"]
+    assert commands.pool.discarded == ["vm2"]  # the next attempt reconnects
+
+
+def test_overwrite_never_and_missing_source():
+    vms = {"vm1": FakeSFTP({"/tmp/src": b"new"}), "vm2": FakeSFTP({"/srv/dst": b"old"}),
+           "vm3": FakeSFTP({})}
+    _, commands = run_transfer(vms, overwrite="Never")
+    reasons = sorted(written(p)["reason"] for p in commands.kube.patches)
+    assert reasons == ["Completed", "DestinationExists"]
+    assert vms["vm2"].files == {"/srv/dst": b"old"}
+    _, commands = run_transfer(vms, **{"from": {"vm": "vm1", "path": "/tmp/none"}})
+    failures = [written(p) for p in commands.kube.patches]
+    assert {f["reason"] for f in failures} == {"SourceNotFound"}
+    assert all("/tmp/none" in f["message"] for f in failures)
