@@ -390,3 +390,26 @@ def test_a_dead_workers_slot_expires(redis_server):
     slots.release(key, "waiting")
     slots.release(key, "live-worker")
     assert slots.held(key) == 0
+
+
+@pytest.mark.parametrize("broker", ["redis_server", "rabbitmq_server"])
+def test_queue_depth_through_kombu(broker, request):
+    """The autoscaler's queue depth: the same kombu call for Redis and RabbitMQ."""
+    from celery import Celery
+
+    from controller.scaling import QueueDepth
+    from vmfleet.celeryconf import celery_config
+
+    url = request.getfixturevalue(broker).url
+    queue = unique_namespace("vmfleet.e2e-depth")
+    depth = QueueDepth(url)
+    app = Celery("e2e-depth", set_as_current=False)
+    app.conf.update(celery_config(url))
+    try:
+        assert depth(queue) == 0  # nobody declared it yet
+        for i in range(3):
+            app.send_task("remote_tasks.nothing", args=[i], queue=queue)
+        wait_until(lambda: depth(queue) == 3, timeout=10, what="a depth of 3")
+    finally:
+        app.close()
+        depth.close()
