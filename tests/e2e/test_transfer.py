@@ -359,37 +359,50 @@ def lost_controller(controlplane, kubectl, crds, make_redis, tmp_path) -> Iterat
         ns.delete()
 
 
-def test_killed_worker_leaves_no_partial_file_and_the_retry_succeeds(
-    lost_controller, make_vm
-):
+def test_killed_worker_leaves_no_partial_file_retried_or_worker_lost(lost_controller, make_vm):
+    """Two transfers are copying when the worker is SIGKILLed: the one allowed a retry
+    succeeds on attempt 2, the other ends WorkerLost; neither leaves a temporary file."""
     ns, workdir, controller = lost_controller
     src_vm, dst_vm = make_vm("ksrc"), make_vm("kdst")
     ns.add_vms([src_vm, dst_vm])
-    size = 256 * MiB
+    size = 192 * MiB
     expected = write_random(src_vm.host_path("/tmp/kill.bin"), size)
     pid = transfer_worker_pid(workdir)
-    ns.run("killed", transfer={"from": {"vm": "ksrc", "path": "/tmp/kill.bin"},
-                               "to": [{"vm": "kdst", "path": "/tmp/out/kill.bin"}],
+    for name, limit in (("retried", 1), ("lost", 0)):
+        ns.run(name, transfer={"from": {"vm": "ksrc", "path": "/tmp/kill.bin"},
+                               "to": [{"vm": "kdst", "path": f"/tmp/{name}/kill.bin"}],
                                "createDirs": True},
-           retries={"limit": 1, "backoffSeconds": 0})
+               retries={"limit": limit, "backoffSeconds": 0})
 
-    def copying() -> bool:
-        d = dst_vm.host_path("/tmp/out")
+    def copying(name: str) -> bool:
+        d = dst_vm.host_path(f"/tmp/{name}")
         return d.exists() and any(p.name.startswith(".kill.bin.vmfleet-") and p.stat().st_size > 0
                                   for p in d.iterdir())
 
-    wait_until(copying, timeout=60, interval=0.02, what="the copy to start")
+    wait_until(lambda: copying("retried") and copying("lost"), timeout=60, interval=0.02,
+               what="both copies to start")
     os.killpg(pid, signal.SIGKILL)
-    first = ns.get("rcmd", "killed")["status"]["results"][0]
-    assert first["phase"] == "Running" and first["attempt"] == 1
-    obj = ns.finished("killed", timeout=240)
+    for name in ("retried", "lost"):
+        first = ns.get("rcmd", name)["status"]["results"][0]
+        assert first["phase"] == "Running" and first["attempt"] == 1
+
+    obj = ns.finished("retried", timeout=240)
     (entry,) = obj["status"]["results"]
     assert obj["status"]["phase"] == "Succeeded", entry
     assert entry["attempt"] == 2
-    assert sha256_file(dst_vm.host_path("/tmp/out/kill.bin")) == expected
-    assert sorted(os.listdir(dst_vm.host_path("/tmp/out"))) == ["kill.bin"]  # no temp left
+    assert entry["transfer"]["sha256"] == expected
+    assert sha256_file(dst_vm.host_path("/tmp/retried/kill.bin")) == expected
+    assert sorted(os.listdir(dst_vm.host_path("/tmp/retried"))) == ["kill.bin"]  # no temp
+
+    obj = ns.finished("lost", timeout=120)
+    (entry,) = obj["status"]["results"]
+    assert (obj["status"]["phase"], entry["reason"]) == ("Failed", "WorkerLost"), entry
+    wait_until(lambda: not os.listdir(dst_vm.host_path("/tmp/lost")), timeout=60,
+               what="the cleanup task to remove the lost attempt's temporary file")
+
     log = (workdir / "controller.log").read_text()
     assert "lost during attempt 1; retrying" in log
+    assert "lost during attempt 1; failed (WorkerLost)" in log
     assert transfer_worker_pid(workdir) != pid  # the controller started a new worker
     controller.check_running()
 
