@@ -239,9 +239,13 @@ class TransferExecutor:
                      envelope.vm, envelope.attempt, entry.get("phase", "unknown"))
             return "duplicate"
         assert own is not None
-        # Claim our entry and every other destination still waiting: one read serves all.
-        batch = [(i, e) for i, e in enumerate(results) if e.get("phase") == Phase.QUEUED]
-        claimed = self._claim(envelope, worker, batch) or self._claim(envelope, worker, [(own, entry)])
+        # First attempts: claim our entry and every other destination still waiting, so one
+        # read of the source serves all. Retries (which may wait for a backoff) go alone.
+        batch = [(i, e) for i, e in enumerate(results)
+                 if e.get("phase") == Phase.QUEUED and e.get("attempt") == 1
+                 and envelope.attempt == 1]
+        claimed = ((batch and self._claim(envelope, worker, batch))
+                   or self._claim(envelope, worker, [(own, entry)]))
         if not claimed:
             log.info("Skipped transfer %s to %s: claimed by another delivery", envelope.ref,
                      envelope.vm)
