@@ -138,7 +138,7 @@ def hung_probe_times_out(ns: Namespace, vm, name: str) -> None:
         assert reachable["reason"] == "Timeout"
         assert "within 3s" in reachable["message"]
         probe = status_of(ns, name)["lastProbe"]
-        assert FAST_HEALTH["timeoutSeconds"] <= probe["latencySeconds"] < FAST_HEALTH["timeoutSeconds"] + 1.5
+        assert FAST_HEALTH["timeoutSeconds"] <= probe["latencySeconds"] < FAST_HEALTH["timeoutSeconds"] + 2.5
 
         # The worker is not stuck: it still runs commands on the VM.
         ns.run("still-works", vm=name, command="echo alive")
@@ -385,7 +385,7 @@ def test_a_dead_workers_slot_expires(redis_server):
 
     started = time.monotonic()
     wait_until(renewed_and_acquired, timeout=10, interval=0.3, what="the dead lease to expire")
-    assert 1.0 < time.monotonic() - started < 5
+    assert 1.0 < time.monotonic() - started < 8  # 1.5 s lease; slack for a loaded machine
     assert not slots.renew(key, "dead-worker")  # gone for good
     slots.release(key, "waiting")
     slots.release(key, "live-worker")
