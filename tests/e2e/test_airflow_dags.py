@@ -334,3 +334,70 @@ def test_a_task_restarted_within_its_try_reattaches_instead_of_running_again(
     names = sorted(c["metadata"]["name"] for c in commands_in(ns))
     assert len(names) == 2 and any(n.startswith(f"{dag_id.replace('_', '-')}-remote-") for n in names)
     assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")
+
+
+KILL_RUNNER = textwrap.dedent("""
+    import sys, time
+    from airflow.sdk.exceptions import TaskDeferred
+    from vmfleet.airflow import RemoteCommandOperator
+
+    kubeconfig, namespace, command = sys.argv[1:4]
+
+    class TI:  # what the operator reads of its task instance
+        dag_id, task_id, run_id, map_index, try_number = "killed", "remote", "manual__1", -1, 1
+
+    op = RemoteCommandOperator(task_id="remote", vm="vm1", command=command,
+                               config_file=kubeconfig, namespace=namespace)
+    try:
+        op.execute({"ti": TI()})
+    except TaskDeferred as deferred:
+        print("DEFERRED", deferred.trigger.serialize()[1]["name"], flush=True)
+    sys.stdin.readline()  # the test says when to kill
+    op.on_kill()
+    print("KILLED", flush=True)
+""")
+
+
+def test_killing_the_task_deletes_its_remote_command_and_stops_the_remote_process(
+    airflow: AirflowEnv, ns: Namespace, vms, kubeconfig, controller_dir, tmp_path
+):
+    vm1 = vms[0]
+    ns.add_vms(vms[:1])
+    marker = f"/tmp/killed-{uuid.uuid4().hex[:6]}"
+    command = f"echo $$ > {marker}; exec sleep 300"
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", KILL_RUNNER, str(kubeconfig), str(ns), command],
+            env=airflow.env, cwd=REPO, stdin=subprocess.PIPE, stdout=log,
+            stderr=subprocess.STDOUT, text=True,
+        )
+    try:
+        assert proc.stdin is not None
+
+        def deferred() -> str | None:
+            assert proc.poll() is None, f"the task process exited:\n{log_path.read_text()[-4000:]}"
+            lines = [ln for ln in log_path.read_text().splitlines() if ln.startswith("DEFERRED ")]
+            return lines[0].split()[1] if lines else None
+
+        name = wait_until(deferred, timeout=90, what="the task to defer")
+        wait_until(lambda: vm1.host_path(marker).exists() and vm1.host_path(marker).read_text(),
+                   timeout=60, what="the remote command to start")
+        pid = vm1.host_path(marker).read_text().strip()
+        assert vm1.run(f"kill -0 {pid}")[0] == 0
+
+        proc.stdin.write("\n")  # now kill the task
+        proc.stdin.close()
+        assert proc.wait(60) == 0, log_path.read_text()[-4000:]
+        assert "KILLED" in log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    # Deleting cancels: the remote process ends and the object goes once it is Cancelled.
+    wait_until(lambda: vm1.run(f"kill -0 {pid}")[0] != 0, timeout=60,
+               what="the remote process to be terminated")
+    wait_until(lambda: ns.k("get", "remotecommand", name, check=False).returncode != 0,
+               timeout=60, what=f"RemoteCommand {name} to be deleted")
+    assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")

@@ -263,3 +263,48 @@ def test_in_cluster_cannot_be_combined_with_a_kubeconfig(tmp_path):
     config = _kubeconfig(tmp_path / "kc", {"dev": "https://127.0.0.1:6443"})
     with pytest.raises(ValueError, match="in_cluster cannot be combined"):
         KubeSettings(in_cluster=True, config_file=str(config)).api_client()
+
+
+# ------------------------------------------------------------------------------ results
+
+FOUND = {"phase": "Succeeded", "results": [
+    {"vm": "vm2", "phase": "Succeeded", "exitCode": 0, "reason": "Completed",
+     "stdout": "/in/a.txt\n/in/c d.txt\n"}]}
+NOT_FOUND = {"phase": "Failed", "results": [
+    {"vm": "vm2", "phase": "Failed", "exitCode": NOT_FOUND_EXIT_CODE, "reason": "ExitCode",
+     "stderr": "none of the 2 paths appeared within 60s\n"}]}
+
+
+def test_the_sensor_returns_the_files_found_and_times_out_with_airflows_exception():
+    from airflow.sdk.exceptions import AirflowSensorTimeout
+
+    sensor = RemoteFileSensor(task_id="s", vm="vm2", paths=["/in/a.txt", "/in/c d.txt"],
+                              poke_interval=5, timeout=60)
+    assert sensor.finish("ops", "s", FOUND) == ["/in/a.txt", "/in/c d.txt"]
+    with pytest.raises(AirflowSensorTimeout, match=r"appeared on vm2 within 60 s"):
+        sensor.finish("ops", "s", NOT_FOUND)
+
+
+def test_the_trigger_event_becomes_the_tasks_result_or_failure():
+    op = RemoteCommandOperator(task_id="t", vm="vm2", command="ls /in")
+    event = {"event": "finished", "name": "c", "namespace": "ops", "phase": "Succeeded",
+             "command_status": FOUND}
+    result = op.execute_complete({}, event)
+    assert result["vm2"]["stdout"] == "/in/a.txt\n/in/c d.txt\n"
+    assert result["vm2"]["success"] is True
+    failed = {**event, "phase": "Failed", "command_status": NOT_FOUND}
+    with pytest.raises(AirflowException, match=r"(?s)on vm2: ExitCode \(exit code 99\).*appeared within"):
+        op.execute_complete({}, failed)
+    with pytest.raises(AirflowException, match="was deleted before it finished"):
+        op.execute_complete({}, {"event": "deleted", "name": "c", "namespace": "ops"})
+
+
+def test_the_transfer_operator_returns_where_the_file_went():
+    op = RemoteFileTransferOperator(task_id="c", source_vm="vm2", source_path="/in/a.txt",
+                                    dest_vm="vm3")
+    status = {"phase": "Succeeded", "results": [{"vm": "vm3", "phase": "Succeeded",
+                                                 "reason": "Completed"}]}
+    out = op.finish("ops", "c", status)
+    assert out["from"] == {"vm": "vm2", "path": "/in/a.txt"}
+    assert out["to"] == [{"vm": "vm3", "path": "/in/a.txt"}]
+    assert out["results"]["vm3"]["success"] is True
