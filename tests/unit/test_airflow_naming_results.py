@@ -160,3 +160,19 @@ def test_long_stderr_is_cut_to_its_tail_in_the_message():
 def test_finished_phases(phase, finished):
     assert is_finished({"status": {"phase": phase}}) is finished
     assert is_finished(None) is False
+
+
+def test_boundaries_airflow_only_in_vmfleet_airflow_and_no_kopf_there():
+    """vmfleet's core never imports Airflow; vmfleet.airflow and the DAGs never import kopf."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    imports = re.compile(r"^\s*(?:from|import)\s+(airflow|kopf)\b", re.MULTILINE)
+    for path in sorted((repo / "vmfleet").rglob("*.py")):
+        found = set(imports.findall(path.read_text()))
+        if "airflow" in path.relative_to(repo / "vmfleet").parts[:1]:
+            assert "kopf" not in found, path
+        else:
+            assert not found & {"airflow", "kopf"}, path
+    for path in sorted((repo / "dags").glob("*.py")):
+        assert "kopf" not in set(imports.findall(path.read_text())), path

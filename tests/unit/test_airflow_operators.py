@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -308,3 +309,13 @@ def test_the_transfer_operator_returns_where_the_file_went():
     assert out["from"] == {"vm": "vm2", "path": "/in/a.txt"}
     assert out["to"] == [{"vm": "vm3", "path": "/in/a.txt"}]
     assert out["results"]["vm3"]["success"] is True
+
+
+def test_importing_the_operators_loads_no_kopf():
+    code = ("import sys; import vmfleet.airflow as m; m.RemoteCommandOperator; m.RemoteFileSensor; "
+            "import dags.remote_ftp_processing; print(sorted(n for n in sys.modules if n == 'kopf' "
+            "or n.startswith('kopf.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
