@@ -210,7 +210,7 @@ def test_hostile_names_copy_literally_and_create_nothing_else(ns: Namespace, vms
 def test_reader_never_sees_a_partial_file(ns: Namespace, vms, tmpdir_on: str):
     vm1, vm2, _ = vms
     ns.add_vms(vms[:2])
-    size = 32 * MiB
+    size = 16 * MiB
     old = b"old\n" * 1000
     dst = vm2.host_path(f"{tmpdir_on}/watched.bin")
     dst.parent.mkdir(parents=True, exist_ok=True)
