@@ -24,6 +24,7 @@ help:
 	@echo "make dev-down   stop the local environment"
 	@echo "make test-airflow  the Airflow operators and DAGs (from .venv-airflow, real Airflow 3)"
 	@echo "make crds       regenerate crds/ from vmfleet/api/models.py"
+	@echo "make soak       10,000 commands over 20 VMs with faults injected (SOAK_ARGS=...)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +85,11 @@ dev-down: venv
 demo: setup
 	$(VMFLEET) dev up --vms $(VMS)
 	$(VMFLEET) dev demo
+
+# Not part of `make test`: 10,000 commands over 20 VMs under chaos (bench/soak.py --help).
+.PHONY: soak
+soak: setup
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean: dev-down
 	rm -rf .vmfleet

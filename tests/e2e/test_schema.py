@@ -8,6 +8,8 @@ kubectl's message must name what is wrong.
 from __future__ import annotations
 
 import copy
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -109,10 +111,8 @@ def apply_strict(kubectl: Kubectl, namespace: str, kind: str, name: str,
 
 
 @pytest.fixture(scope="module")
-def schema_ns(kubectl: Kubectl, crds: None) -> Any:
+def schema_ns(kubectl: Kubectl, crds: None) -> Iterator[str]:
     """A namespace no controller watches: only the API server judges these objects."""
-    import uuid
-
     name = f"schema-{uuid.uuid4().hex[:8]}"
     kubectl("create", "namespace", name)
     yield name
