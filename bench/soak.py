@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -156,6 +157,10 @@ def command_body(namespace: str, name: str, vm: str, sleep: float) -> dict[str, 
     }
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--commands", type=int, default=10000)
@@ -169,6 +174,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    # SIGTERM (e.g. from `timeout`) stops everything started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
 
     run_id = uuid.uuid4().hex[:6]
     workdir = REPO / ".vmfleet" / f"soak-{run_id}"
