@@ -92,6 +92,14 @@ def up(vms: int = 3, broker: str = "redis") -> int:
                  f"crd/{c.VM_PLURAL}.{c.GROUP}", f"crd/{c.COMMAND_PLURAL}.{c.GROUP}")
         objects = [obj for vm in machines for obj in vm_manifests(vm, NAMESPACE, labels={"fleet": "dev"})]
         _kubectl(kubectl, kubeconfig, "apply", "-f", "-", input=yaml.safe_dump_all(objects))
+        # The control plane keeps its data between runs: drop VMs of an earlier, larger fleet.
+        current = {m.name for m in machines}
+        listed = json.loads(_kubectl(kubectl, kubeconfig, "get", "rvm", "-n", NAMESPACE, "-l",
+                                     "fleet=dev", "-o", "json"))["items"]
+        stale = sorted(item["metadata"]["name"] for item in listed
+                       if item["metadata"]["name"] not in current)
+        if stale:
+            _kubectl(kubectl, kubeconfig, "delete", "rvm", "-n", NAMESPACE, *stale)
 
         print("Starting the controller (Process runtime)...")
         env = dict(os.environ)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.fleet import REPO, Kubectl, Namespace, start_controller, unique_namespace
-from vmfleet.dev.proc import ManagedProcess
+from vmfleet.dev.proc import ManagedProcess, wait_until
 
 E2E_PREFIX = "e2e"
 
@@ -21,8 +21,13 @@ def kubectl(controlplane) -> Kubectl:  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def crds(kubectl: Kubectl) -> None:
     kubectl("apply", "-f", str(REPO / "crds"))
-    kubectl("wait", "--for=condition=Established", "crd/remotevms.vmfleet.io",
-            "crd/remotecommands.vmfleet.io", "--timeout=60s")
+    # Right after apply, `kubectl wait` can fail before the CRDs have a status: retry it.
+    wait_until(
+        lambda: kubectl("wait", "--for=condition=Established", "crd/remotevms.vmfleet.io",
+                        "crd/remotecommands.vmfleet.io", "--timeout=60s", check=False,
+                        timeout=90).returncode == 0,
+        timeout=120, interval=1, what="the CRDs to be established",
+    )
 
 
 @pytest.fixture(scope="session")
