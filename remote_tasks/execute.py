@@ -369,7 +369,11 @@ class CommandExecutor:
             return False
         return self.terminate(target, pgid, nonce)
 
-    def resolve_target(self, namespace: str, vm_name: str, bastion_of: str | None = None) -> SSHTarget:
+    def resolve_target(
+        self, namespace: str, vm_name: str, bastion_of: str | None = None, first_use: bool = False
+    ) -> SSHTarget:
+        """How to reach a VM. ``first_use``: a TrustOnFirstUse VM with no recorded key may be
+        connected to (the health probe, which records the key); otherwise it is refused."""
         vm = self.kube.get_vm(namespace, vm_name)
         if vm is None:
             raise AttemptFailed(Reason.VM_NOT_FOUND, f"RemoteVM {namespace}/{vm_name} does not exist")
@@ -383,6 +387,14 @@ class CommandExecutor:
         if spec.host_key_policy == c.HOST_KEY_TOFU:
             recorded = ((vm.get("status") or {}).get("hostKey") or {}).get("publicKey")
             host_keys = (recorded,) if recorded else host_keys
+            if not host_keys and not first_use:
+                # Only the health probe may connect to an unknown key: it records it (once,
+                # under a resourceVersion precondition) and every later connection checks it.
+                raise AttemptFailed(
+                    Reason.TRANSPORT_ERROR,
+                    f"RemoteVM {vm_name} uses TrustOnFirstUse and its host key is not recorded "
+                    "yet: the first health probe records it (status.hostKey); retry after that",
+                )
         return SSHTarget(
             trust_on_first_use=spec.host_key_policy == c.HOST_KEY_TOFU and not host_keys,
             jump=self.resolve_bastion(namespace, vm_name, spec, bastion_of),

@@ -393,7 +393,7 @@ class HealthChecker:
         if vm is None or (message.get("uid") and vm["metadata"].get("uid") != message["uid"]):
             return "gone"
         try:
-            target = self.executor.resolve_target(namespace, name)
+            target = self.executor.resolve_target(namespace, name, first_use=True)
         except AttemptFailed as failed:
             result = ProbeResult(False, failed.reason, failed.message, 0.0)
         else:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from remote_tasks.execute import CommandExecutor
+import pytest
+
+from remote_tasks.execute import AttemptFailed, CommandExecutor
 from remote_tasks.health import HealthChecker
 from remote_tasks.ssh import ConnectionPool
 from vmfleet.kube import ApiException
@@ -83,7 +85,11 @@ def test_tofu_without_a_recorded_key_trusts_the_first_one_then_pins_it():
     del spec["hostKeys"]
     kube = FakeKube({"vm1": {**VM, "spec": spec}}, {"vm1-ssh": {"ssh-privatekey": "k1"}})
     executor = CommandExecutor(kube, ConnectionPool())  # type: ignore[arg-type]
-    first = executor.resolve_target("ops", "vm1")
+    # A command never connects to an unrecorded key; only the probe (which records it) does.
+    with pytest.raises(AttemptFailed, match="its host key is not recorded yet") as refused:
+        executor.resolve_target("ops", "vm1")
+    assert refused.value.reason == "TransportError"
+    first = executor.resolve_target("ops", "vm1", first_use=True)
     assert (first.trust_on_first_use, first.host_keys) == (True, ())
     kube.vms["vm1"] = {**VM, "spec": spec, "status": {"hostKey": {"publicKey": "ssh-ed25519 CCCC"}}}
     later = executor.resolve_target("ops", "vm1")
