@@ -103,9 +103,7 @@ class Fleet:
 
     def stop(self) -> None:
         """Stop everything this run started (each step even if an earlier one failed)."""
-        steps = [lambda: self.controller.stop(grace=30) if self.controller else None,
-                 lambda: [stop_pid_file(p, grace=5) for p in
-                          (self.workdir / "controller" / "workers").glob("*.pgid")],
+        steps = [lambda: self.stop_controller() if self.controller else None,
                  lambda: stop_vms(self.vms), self.redis.stop, self.cp.stop]
         for step in steps:
             try:
@@ -123,9 +121,18 @@ class Fleet:
         stop_pid_file(victim, grace=0)
         return f"killed worker {victim.stem}"
 
-    def restart_controller(self) -> str:
+    def stop_controller(self) -> None:
+        """Stop the controller, then any worker it did not stop in time.
+
+        The Process runtime stops its workers one after the other (up to 15 s each) when
+        the controller exits; one killed before it is done leaves the rest running."""
         assert self.controller is not None
-        self.controller.stop(grace=30)
+        self.controller.stop(grace=60)
+        for pid_file in (self.workdir / "controller" / "workers").glob("*.pgid"):
+            stop_pid_file(pid_file, grace=5)
+
+    def restart_controller(self) -> str:
+        self.stop_controller()
         self.start_controller()
         return "restarted the controller"
 
