@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -346,14 +347,19 @@ class ProcessRuntime:
                 self._stop(current)
 
     def shutdown(self) -> None:
+        """Stop every local worker: all are asked to finish at once (warm shutdown), so
+        the controller's own grace period covers them together, not one after another."""
         with self._lock:
-            for current in self._workers.values():
-                self._stop(current)
+            self._stop(*self._workers.values())
             self._workers.clear()
 
     @staticmethod
-    def _stop(workers: _LocalWorkers) -> None:
-        for proc in workers.processes:
+    def _stop(*groups: _LocalWorkers) -> None:
+        processes = [proc for workers in groups for proc in workers.processes]
+        for proc in processes:
+            proc.signal(signal.SIGTERM)
+        for proc in processes:
             proc.stop(grace=15)
             stop_pid_file(proc.log_path.with_suffix(".pgid"), grace=0)
-        workers.processes.clear()
+        for workers in groups:
+            workers.processes.clear()

@@ -356,6 +356,13 @@ class Connection:
                 elif give_up_at is not None and now > give_up_at:
                     chan.close()
                     break
+            if not chan.exit_status_ready() and ended_by is None and self._settles_dead():
+                # The connection died (e.g. sshd restarted) before the command reported an
+                # exit status: a transport error, retried within the spec's limit.
+                raise TransportError(
+                    f"connection to {self.target.host} broke before the command exited",
+                    pgid=pgid, nonce=nonce,
+                )
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise TransportError(
@@ -376,6 +383,17 @@ class Connection:
             pgid=pgid,
             ended_by=ended_by,
         )
+
+    def _settles_dead(self, within: float = 1.0) -> bool:
+        """Whether the transport turns out dead. paramiko closes a dead transport's
+        channels before it marks the transport inactive, so a channel that closed without
+        an exit status waits a moment: a dead connection (sshd gone) is a transport error,
+        a live one means the command was killed by a signal."""
+        assert self.transport is not None
+        deadline = time.monotonic() + within
+        while self.transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return not self.transport.is_active()
 
     def terminate(self, pgid: int, grace: float = DEFAULT_KILL_GRACE, nonce: str | None = None) -> None:
         """End a remote process group: TERM, up to ``grace`` seconds, then KILL (only if

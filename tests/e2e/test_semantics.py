@@ -254,3 +254,4 @@ def test_killed_worker_ends_worker_lost_or_retries(ns: Namespace, make_vm, contr
 
 def test_no_tracebacks_in_controller_or_workers(controller_dir):
     assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")
+
