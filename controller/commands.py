@@ -40,6 +40,19 @@ TIMING = schedule.Timing(
 
 def reconcile_command(ctx: Context, body: dict[str, Any], *, deleting: bool = False) -> bool:
     """Move the command on; returns True once every result entry has ended."""
+    try:
+        return _reconcile(ctx, body, deleting=deleting)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        # A watch event can arrive after the object was deleted (e.g. `vmfleet exec`
+        # deletes its command as soon as it has the result): nothing is left to do.
+        meta = body["metadata"]
+        log.debug("RemoteCommand %s/%s is gone", meta.get("namespace"), meta.get("name"))
+        return True
+
+
+def _reconcile(ctx: Context, body: dict[str, Any], *, deleting: bool) -> bool:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     status: dict[str, Any] = body.get("status") or {}

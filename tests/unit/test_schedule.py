@@ -161,3 +161,24 @@ def test_backoff_doubles_and_is_capped():
     assert [backoff_seconds(s, n) for n in (1, 2, 3)] == [10, 20, 40]
     assert backoff_seconds(s, 15) == 3600
     assert backoff_seconds(spec(retries={"backoffSeconds": 0}), 3) == 0
+
+
+def test_reconcile_of_a_deleted_command_is_quiet():
+    """A stale watch event for a command deleted meanwhile ends without an error."""
+    from types import SimpleNamespace
+
+    from controller.commands import reconcile_command
+    from vmfleet.kube import ApiException
+
+    class GoneKube:
+        def get_vm(self, namespace, name):
+            return None
+
+        def patch_command_status(self, namespace, name, patch):
+            raise ApiException(status=404, reason="Not Found")
+
+    body = {"metadata": {"namespace": "ns", "name": "gone", "uid": "u", "resourceVersion": "1"},
+            "spec": {"vm": "vm1", "command": "true"},
+            "status": {"startTime": ts(5), "results": [{"vm": "vm1", "phase": "Succeeded", "attempt": 1}]}}
+    ctx = SimpleNamespace(kube=GoneKube(), dispatcher=None)
+    assert reconcile_command(ctx, body) is True
