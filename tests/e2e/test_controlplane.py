@@ -16,7 +16,7 @@ from typing import TypeVar
 import pytest
 
 from vmfleet.dev.controlplane import ControlPlane, KubectlError, kubernetes_version
-from vmfleet.dev.proc import port_open
+from vmfleet.dev.proc import port_open, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -25,14 +25,7 @@ T = TypeVar("T")
 
 def poll(predicate: Callable[[], T], timeout: float, what: str) -> T:
     """Poll until ``predicate`` returns something truthy; fail the test on the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.2)
+    return wait_until(predicate, timeout, interval=0.2, what=what)
 
 
 def exists(cp: ControlPlane, *args: str) -> bool:
@@ -266,12 +259,12 @@ def test_components_exit_with_their_parent(controlplane: ControlPlane, tmp_path:
     """A test session that is killed leaves no control plane behind."""
     script = textwrap.dedent(
         """
-        import json, sys, time
+        import json, signal, sys
         from pathlib import Path
         from vmfleet.dev.controlplane import ControlPlane
         cp = ControlPlane(Path(sys.argv[1]), Path(sys.argv[2]), exit_with_parent=True).start()
         print(json.dumps({n: p.pid for n, p in cp.processes.items()}), flush=True)
-        time.sleep(600)
+        signal.pause()  # until the test kills this parent
         """
     )
     parent = subprocess.Popen(

@@ -46,15 +46,21 @@ def cel(rule: str, message: str, field_path: str | None = None) -> JsonValue:
     return entry
 
 
+def api_config(*rules: JsonValue) -> ConfigDict:
+    """Model config of spec objects: camelCase on the wire, unknown fields refused, and
+    ``rules`` (``cel(...)`` entries) as the object's ``x-kubernetes-validations``."""
+    config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", use_enum_values=True
+    )
+    if rules:
+        config["json_schema_extra"] = {"x-kubernetes-validations": list(rules)}
+    return config
+
+
 class ApiModel(BaseModel):
     """Spec models: camelCase on the wire, unknown fields refused (as the API server does)."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=True,
-    )
+    model_config = api_config()
 
     def wire(self) -> dict[str, Any]:
         """The JSON body as the API server stores it (camelCase, no unset optionals)."""
@@ -158,21 +164,13 @@ class ProxyJump(ApiModel):
 class RemoteVMSpec(ApiModel):
     """A VM reachable over SSH. Nothing is installed on it."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=True,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.hostKeyPolicy != 'Pinned' || (has(self.hostKeys) && size(self.hostKeys) > 0)",
-                    "hostKeyPolicy Pinned needs hostKeys: list the VM's public host keys "
-                    "(ssh-keyscan output lines), or set hostKeyPolicy: TrustOnFirstUse",
-                    ".hostKeys",
-                ),
-            ]
-        },
+    model_config = api_config(
+        cel(
+            "self.hostKeyPolicy != 'Pinned' || (has(self.hostKeys) && size(self.hostKeys) > 0)",
+            "hostKeyPolicy Pinned needs hostKeys: list the VM's public host keys "
+            "(ssh-keyscan output lines), or set hostKeyPolicy: TrustOnFirstUse",
+            ".hostKeys",
+        ),
     )
 
     host: str = Field(
@@ -296,22 +294,14 @@ class KeySelector(ApiModel):
 class TransferSource(ApiModel):
     """Where a transfer reads from: a file on a VM, or one key of a ConfigMap or Secret."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=True,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "[has(self.vm), has(self.configMapKeyRef), has(self.secretKeyRef)]"
-                    ".filter(x, x).size() == 1",
-                    "transfer.from needs exactly one source: vm (with path), configMapKeyRef "
-                    "or secretKeyRef",
-                ),
-                cel("has(self.vm) == has(self.path)", "transfer.from.vm and .path go together"),
-            ]
-        },
+    model_config = api_config(
+        cel(
+            "[has(self.vm), has(self.configMapKeyRef), has(self.secretKeyRef)]"
+            ".filter(x, x).size() == 1",
+            "transfer.from needs exactly one source: vm (with path), configMapKeyRef "
+            "or secretKeyRef",
+        ),
+        cel("has(self.vm) == has(self.path)", "transfer.from.vm and .path go together"),
     )
 
     vm: K8sName | None = Field(None, description="RemoteVM holding the source file.")
@@ -349,20 +339,12 @@ class TransferSource(ApiModel):
 class TransferSpec(ApiModel):
     """Copy one file to one or more VMs over SFTP (no shell), streamed and verified."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=True,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    "self.to.all(a, self.to.exists_one(b, b.vm == a.vm))",
-                    "each destination VM may appear once in transfer.to",
-                    ".to",
-                ),
-            ]
-        },
+    model_config = api_config(
+        cel(
+            "self.to.all(a, self.to.exists_one(b, b.vm == a.vm))",
+            "each destination VM may appear once in transfer.to",
+            ".to",
+        ),
     )
 
     from_: TransferSource = Field(alias="from", description="Source file.")
@@ -416,28 +398,20 @@ _ACTIONS = "[has(self.command), has(self.argv), has(self.script), has(self.trans
 class RemoteCommandSpec(ApiModel):
     """A command (or file transfer) to run on one VM or on every VM a selector matches."""
 
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        populate_by_name=True,
-        extra="forbid",
-        use_enum_values=True,
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                cel(
-                    f"{_ACTIONS}.filter(x, x).size() == 1",
-                    "exactly one action must be set: command, argv, script or transfer",
-                ),
-                cel(
-                    "has(self.transfer) || (has(self.vm) != has(self.selector))",
-                    "exactly one target must be set: vm or selector",
-                ),
-                cel(
-                    "!has(self.transfer) || (!has(self.vm) && !has(self.selector))",
-                    "a transfer names its VMs in transfer.from and transfer.to; "
-                    "do not set vm or selector",
-                ),
-            ]
-        },
+    model_config = api_config(
+        cel(
+            f"{_ACTIONS}.filter(x, x).size() == 1",
+            "exactly one action must be set: command, argv, script or transfer",
+        ),
+        cel(
+            "has(self.transfer) || (has(self.vm) != has(self.selector))",
+            "exactly one target must be set: vm or selector",
+        ),
+        cel(
+            "!has(self.transfer) || (!has(self.vm) && !has(self.selector))",
+            "a transfer names its VMs in transfer.from and transfer.to; "
+            "do not set vm or selector",
+        ),
     )
 
     vm: K8sName | None = Field(None, description="Target: one RemoteVM (same namespace).")
