@@ -18,7 +18,7 @@ AIRFLOW_TESTS := tests/unit/test_airflow_operators.py tests/e2e/test_airflow_dag
 # ~150 packages); `make test` then runs the Airflow tests only where it exists.
 WITH_AIRFLOW ?= 1
 
-.PHONY: help setup system-deps venv controlplane helm crds crds-check typecheck \
+.PHONY: help setup setup-core system-deps venv controlplane helm crds crds-check typecheck \
         test test-unit test-e2e demo dev-up dev-down clean
 
 help:
@@ -55,7 +55,10 @@ controlplane:
 helm:
 	bash scripts/install-helm.sh
 
-setup: system-deps venv controlplane helm $(if $(filter 1,$(WITH_AIRFLOW)),airflow-venv)
+# What the local environment needs (make demo, dev-up, soak); the tests need all of setup.
+setup-core: system-deps venv controlplane
+
+setup: setup-core helm $(if $(filter 1,$(WITH_AIRFLOW)),airflow-venv)
 
 crds: venv
 	$(VMFLEET) crds generate
@@ -80,19 +83,19 @@ test: setup crds-check
 test-airflow: setup
 	$(AIRFLOW_PY) -m pytest $(AIRFLOW_TESTS) -q -ra $(PYTEST_ARGS)
 
-dev-up: setup
+dev-up: setup-core
 	$(VMFLEET) dev up --vms $(VMS)
 
 dev-down: venv
 	$(VMFLEET) dev down
 
-demo: setup
+demo: setup-core
 	$(VMFLEET) dev up --vms $(VMS)
 	$(VMFLEET) dev demo
 
 # Not part of `make test`: 10,000 commands over 20 VMs under chaos (bench/soak.py --help).
 .PHONY: soak
-soak: setup
+soak: setup-core
 	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean: dev-down
