@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any
 
 from celery import Celery, signals
 
 from vmfleet import metrics
 from vmfleet.celeryconf import celery_config
+
+log = logging.getLogger("remote_tasks")
 
 app = Celery("remote_tasks")
 app.conf.update(celery_config())
@@ -18,3 +22,22 @@ def serve_metrics(**_: Any) -> None:
     """The worker's /metrics (VMFLEET_METRICS_PORT, default 9808, 0 = off), once its
     logging is set up (worker_init comes before it, and the log line would be lost)."""
     metrics.start_worker_metrics()
+
+
+def _quiet_prefetch_failures(args: threading.ExceptHookArgs) -> None:
+    """paramiko reads SFTP files ahead in a thread of its own; when a VM's connection
+    drops mid-transfer that thread dies with an OSError while the transfer itself fails
+    over to a retry. Say so in one line; any other thread's exception keeps its traceback."""
+    if (
+        args.thread is not None
+        and "_prefetch_thread" in args.thread.name
+        and isinstance(args.exc_value, OSError | EOFError)
+    ):
+        log.warning("SFTP read-ahead stopped: %s (the transfer attempt reports the error)",
+                    args.exc_value)
+        return
+    _default_excepthook(args)
+
+
+_default_excepthook = threading.excepthook
+threading.excepthook = _quiet_prefetch_failures
