@@ -18,7 +18,7 @@ from kubernetes.client import V1DeleteOptions, V1Preconditions
 from pydantic import ValidationError
 
 from vmfleet.api import constants as c
-from vmfleet.api.constants import TASK_TERMINATE, Phase, Reason
+from vmfleet.api.constants import TASK_TERMINATE, Phase, Reason, default_queue
 from vmfleet.api.envelope import Envelope, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.kube import ApiException
@@ -119,7 +119,7 @@ def advance(
 
 def _queue(ctx: Context, namespace: str, vm: str) -> str:
     obj = ctx.kube.get_vm(namespace, vm)
-    return vm_queue(obj) if obj is not None else vm_queue({"metadata": {"namespace": namespace, "name": vm}, "spec": {}})
+    return vm_queue(obj) if obj is not None else default_queue(namespace, vm)
 
 
 def send(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec, vm: str, attempt: int, queue: str) -> None:

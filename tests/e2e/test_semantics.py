@@ -148,16 +148,6 @@ def test_exit_codes_listed_in_on_exit_codes_are_retried(ns: Namespace, make_vm):
     assert vm.host_path(count).read_text() == "x\nx\nx\n"
 
 
-def watch_until_deleted(ns: Namespace, name: str, timeout: int = 60) -> list[dict]:
-    """Every version of the object the API server showed until it was deleted."""
-    proc = subprocess.Popen(
-        [ns.kubectl.binary, f"--kubeconfig={ns.kubectl.kubeconfig}", "-n", str(ns), "get",
-         "rcmd", name, "--watch", "--output-watch-events", "-o", "json"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    return proc  # type: ignore[return-value]
-
-
 def test_deleting_a_running_command_cancels_it_and_ends_the_remote_process(ns: Namespace, make_vm):
     vm = make_vm("cancel")
     ns.add_vms([vm])
