@@ -1,0 +1,74 @@
+"""vmfleet benchmarks, side by side with the peers users would pick instead.
+
+    make bench            # every scenario, full size (see bench/README.md)
+    make bench QUICK=1    # fewer rounds and commands, under 10 minutes
+    .venv/bin/python bench/run.py --only one_vm_seq,one_vm_conc8 --quick
+
+Starts real sshd VMs on loopback addresses (and the local control plane, Redis and the
+controller for the end-to-end scenarios), runs each scenario for vmfleet and its peers in
+alternation, prints a markdown table (median and p95 over rounds, ratio to vmfleet) and
+writes ``bench/results/latest.json``, ``latest.md`` and ``performance.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.harness import RESULTS, SCENARIOS, Bench, collect_versions, markdown_table, write_outputs  # noqa: E402
+
+# Scenario modules, in the order they run; each lists the scenario ids it measures.
+MODULES = ("bench.scenarios.ssh_layer", "bench.scenarios.fanout", "bench.scenarios.latency",
+           "bench.scenarios.throughput", "bench.scenarios.memory", "bench.scenarios.scale")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", default=os.environ.get("QUICK") == "1",
+                        help="fewer rounds and commands (make bench QUICK=1)")
+    parser.add_argument("--only", default="", help=f"comma-separated scenario ids of {', '.join(SCENARIOS)}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.json/.md/.png go")
+    parser.add_argument("--workdir", type=Path, default=None, help="servers' files (default: a temp dir)")
+    args = parser.parse_args(argv)
+    only = {s for s in args.only.split(",") if s}
+    unknown = only - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}; known: {', '.join(SCENARIOS)}")
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmfleet-bench-"))
+    bench = Bench(quick=args.quick, workdir=workdir)
+    bench.versions = collect_versions()
+    bench._shared["loadavg"] = os.getloadavg()
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    print(f"vmfleet bench{' (quick)' if args.quick else ''}: workdir {workdir}, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
+    try:
+        for name in MODULES:
+            module = importlib.import_module(name)
+            wanted = [s for s in module.SCENARIOS if not only or s in only]
+            if not wanted:
+                continue
+            print(f"\n== {', '.join(wanted)} ({name})", flush=True)
+            module.run(bench, wanted)
+    finally:
+        bench.close()
+    path = write_outputs(bench, started, args.out)
+    print(f"\n{markdown_table(bench.rows)}\n")
+    for scenario, system, why in bench.skipped:
+        print(f"skipped {scenario} / {system}: {why}")
+    print(f"{path} and latest.json written; {time.monotonic() - t0:.0f} s in all", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
