@@ -62,37 +62,54 @@ def check_exit(system: str, code: int | None, detail: object = "") -> None:
 # or, for asyncssh, ``batch(n, concurrency) -> (wall, latencies)``; ``close()``.
 
 
+def vmfleet_target(vm: SshdVM) -> Any:
+    """The ``SSHTarget`` the worker resolves for this VM (its host key pinned)."""
+    from remote_tasks.ssh import SSHTarget
+
+    return SSHTarget(host=vm.host, port=vm.port, user=vm.user, private_key=vm.user_private_key_pem,
+                     host_keys=tuple(vm.host_public_keys))
+
+
+def vmfleet_run(pool: Any, target: Any, spec: Any, system: str = "vmfleet_ssh") -> None:
+    """One attempt's SSH work as ``CommandExecutor.run`` does it, minus the Kubernetes API:
+    the wrapped line (process-group marker) with a fresh nonce, ``run_command`` on the pool."""
+    from remote_tasks.shell import build_invocation
+    from remote_tasks.ssh import run_command
+
+    nonce = uuid.uuid4().hex
+    invocation = build_invocation(spec, nonce)
+    started: list[int] = []
+    result = run_command(
+        pool, target, invocation.line, invocation.stdin, spec.output.max_bytes,
+        on_stdout=lambda line: None, on_stderr=lambda line: None,
+        nonce=nonce, deadline=None,
+        on_started=lambda pgid, _nonce: started.append(pgid),
+        tick=lambda: None, kill_grace=3.0,
+    )
+    check_exit(system, result.exit_code, result.stderr.text())
+    if not started:
+        raise CommandFailed(f"{system}: the process-group marker was not seen")
+
+
+def true_spec(vm_name: str) -> Any:
+    from vmfleet.api.models import RemoteCommandSpec
+
+    return RemoteCommandSpec.model_validate({"vm": vm_name, "command": COMMAND})
+
+
 class VmfleetSSH:
-    """vmfleet's SSH layer as ``CommandExecutor.run`` calls it, minus the Kubernetes API."""
+    """vmfleet's SSH layer on one VM: one pool, its connection opened before timing."""
 
     def __init__(self, vm: SshdVM) -> None:
-        from remote_tasks.ssh import ConnectionPool, SSHTarget
-        from vmfleet.api.models import RemoteCommandSpec
+        from remote_tasks.ssh import ConnectionPool
 
         self.pool = ConnectionPool()
-        self.target = SSHTarget(host=vm.host, port=vm.port, user=vm.user,
-                                private_key=vm.user_private_key_pem,
-                                host_keys=tuple(vm.host_public_keys))
-        self.spec = RemoteCommandSpec.model_validate({"vm": vm.name, "command": COMMAND})
+        self.target = vmfleet_target(vm)
+        self.spec = true_spec(vm.name)
         self.pool.get(self.target)  # warm: the worker's pooled connection is long-lived
 
     def one(self) -> None:
-        from remote_tasks.shell import build_invocation
-        from remote_tasks.ssh import run_command
-
-        nonce = uuid.uuid4().hex
-        invocation = build_invocation(self.spec, nonce)
-        started: list[int] = []
-        result = run_command(
-            self.pool, self.target, invocation.line, invocation.stdin, self.spec.output.max_bytes,
-            on_stdout=lambda line: None, on_stderr=lambda line: None,
-            nonce=nonce, deadline=None,
-            on_started=lambda pgid, _nonce: started.append(pgid),
-            tick=lambda: None, kill_grace=3.0,
-        )
-        check_exit("vmfleet_ssh", result.exit_code, result.stderr.text())
-        if not started:
-            raise CommandFailed("vmfleet_ssh: the process-group marker was not seen")
+        vmfleet_run(self.pool, self.target, self.spec)
 
     def close(self) -> None:
         self.pool.close_all()
