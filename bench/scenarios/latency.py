@@ -1,0 +1,344 @@
+"""e2e_latency: one command at a time on one VM, from "submit" to "done" as the caller sees it.
+
+Each round runs N ``true`` commands back to back (the next starts when the previous one
+is seen done) for each system in turn; every system is warm (its first commands are not
+timed). Metrics per round: ``p50_ms``/``p95_ms``/``p99_ms`` over the N commands and
+``commands_per_s`` (N over the round's wall time).
+
+* ``vmfleet``: create a RemoteCommand (``vm: vm1``) through the API server → the shared
+  watch sees it ``Succeeded`` (controller, Redis, the VM's Celery worker with its pooled
+  connection, and every status write in between). The breakdown of where the time goes
+  (from the status timestamps) is printed and goes into the row note.
+* ``guide_send_task``: the original guide's way (``bench/guide_app.py``): a prefork
+  ``celery worker --concurrency 2`` on the same Redis (another DB), the caller does
+  ``send_task('remote_tasks.execute_on_vm', ['vm1', 'true'], queue='vm1_queue').get()``;
+  the task opens a new paramiko connection per command (host key pinned instead of the
+  guide's AutoAddPolicy). Done = ``.get()`` returned ``exit_code`` 0.
+* ``airflow_sshoperator``: Airflow 3 ``dag.test()`` of a one-task SSHOperator DAG
+  (``bench/airflow_ssh_runner.py`` in ``.venv-airflow``, sqlite metadata DB, connection
+  from ``AIRFLOW_CONN_VM1_SSH`` with the host key pinned). Done = ``dag.test()`` returned
+  with the task in ``success``. Fewer runs per round: Airflow is slow.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from bench.fixtures import NAMESPACE, REPO, Cluster, cluster, vm_pool
+from bench.harness import Bench, alternate, latency_metrics, record_all
+from vmfleet.api.constants import COMMAND_PLURAL, GROUP, VERSION, Condition, Phase
+from vmfleet.dev.proc import ManagedProcess
+from vmfleet.dev.sshd import SshdVM
+
+SCENARIOS = ("e2e_latency",)
+AIRFLOW_VENV = REPO / ".venv-airflow"
+TIMEOUT = 120.0
+# The moments of one vmfleet command, in order: (key, what it is). All but the first and
+# the last are timestamps written into the status (milliseconds; the controller and the
+# worker run on this machine, one clock). See _breakdown.
+POINTS = (
+    ("create", "the bench sent the create"),
+    ("startTime", "controller handled the create event (status.startTime stamp)"),
+    ("dispatch", "controller sent the Celery task (results[0].dispatchTime stamp)"),
+    ("claim", "worker got the task, read the command, stamped its claim (results[0].startTime)"),
+    ("started", "claim PATCH done, VM resolved, channel open on the pooled connection, remote "
+                "pgid known (results[0].heartbeatTime stamp, seen before the result removes it)"),
+    ("done", "the command exited, the worker stamped the result (results[0].completionTime)"),
+    ("folded", "controller folded it (Finished condition lastTransitionTime stamp)"),
+    ("watch seen", "the controller's phase PATCH reached the bench's watch (Succeeded)"),
+)
+
+
+def run(bench: Bench, wanted: list[str]) -> None:
+    fleet = cluster(bench)
+    vm = vm_pool(bench, 1)[0]
+    fleet.register([vm])
+    n = 40 if bench.quick else 200
+    n_airflow = 10 if bench.quick else 40
+    rounds = bench.rounds(full=3, quick=1)
+
+    stages: dict[str, list[float]] = {}
+    systems: dict[str, Callable[[], dict[str, float]]] = {
+        "vmfleet": _vmfleet(fleet, vm, n, stages),
+        "guide_send_task": _guide(bench, fleet, vm, n),
+    }
+    notes = {
+        "vmfleet": f"{n} sequential `true` per round, warm",
+        "guide_send_task": f"{n} sequential `true` per round; prefork worker --concurrency 2, "
+                           "new SSH connection per command, host key pinned (guide: AutoAddPolicy)",
+    }
+    airflow = _airflow(bench, vm, n_airflow)
+    if airflow is not None:
+        systems["airflow_sshoperator"] = airflow
+        notes["airflow_sshoperator"] = (f"{n_airflow} sequential dag.test() per round (fewer than {n}: "
+                                        "Airflow is slow); SSHOperator, host key pinned, sqlite DB; "
+                                        "in-process, no scheduler or executor: a lower bound")
+    measured = alternate(rounds, systems)
+    if stages:
+        keys = [k for k in _stage_keys() if k in stages]
+        notes["vmfleet"] += "; median ms per stage: " + ", ".join(
+            f"{k} {statistics.median(stages[k]) * 1000:.1f}" for k in keys)
+        print("  vmfleet: where the time of one command goes (ms, over "
+              f"{max(len(v) for v in stages.values())} commands):", flush=True)
+        for k in keys:
+            values = stages[k]
+            print(f"    {k:28} median {statistics.median(values) * 1000:7.1f}  "
+                  f"p95 {_p95(values) * 1000:7.1f}  (n={len(values)})", flush=True)
+        for key, what in POINTS:
+            print(f"      {key}: {what}", flush=True)
+    record_all(bench, "e2e_latency", measured, notes)
+
+
+def _p95(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[max(0, int(len(ordered) * 0.95 + 0.5) - 1)]
+
+
+# --------------------------------------------------------------------------- vmfleet
+
+
+def _vmfleet(fleet: Cluster, vm: SshdVM, n: int, stages: dict[str, list[float]]
+             ) -> Callable[[], dict[str, float]]:
+    recorder = _Recorder(fleet)
+
+    def one(name: str) -> tuple[float, float, float]:
+        """(perf create time, perf seen time, wall create time)"""
+        wall = time.time()
+        t0 = fleet.create(name, vm=vm.name, command="true")
+        t1, phase = fleet.watcher.wait([name], TIMEOUT)[name]
+        if phase != Phase.SUCCEEDED:
+            raise RuntimeError(f"{name}: {phase}")
+        return t0, t1, wall
+
+    tag = uuid.uuid4().hex[:6]
+    for i in range(5):  # warm-up: the worker's connection is open
+        one(f"lat-warm-{tag}-{i}")
+    fleet.delete_all_commands()
+    counter = iter(range(1_000_000))
+
+    def measure() -> dict[str, float]:
+        r = next(counter)
+        times: dict[str, tuple[float, float, float]] = {}
+        start = time.perf_counter()
+        for i in range(n):
+            name = f"lat-{tag}-{r}-{i}"
+            times[name] = one(name)
+        wall = time.perf_counter() - start
+        _breakdown(fleet, recorder, times, stages)
+        fleet.delete_all_commands()
+        return {**latency_metrics([t1 - t0 for t0, t1, _ in times.values()]),
+                "commands_per_s": n / wall}
+
+    return measure
+
+
+class _Recorder:
+    """A second watch over the namespace's RemoteCommands: per command, the first
+    ``results[0].heartbeatTime`` written (the worker removes it with the result)."""
+
+    def __init__(self, fleet: Cluster) -> None:
+        self.fleet = fleet
+        self.heartbeat: dict[str, str] = {}
+        threading.Thread(target=self._run, daemon=True, name="latency-recorder").start()
+
+    def _run(self) -> None:
+        from kubernetes import watch
+
+        rv = ""
+        while True:
+            try:
+                for event in watch.Watch().stream(
+                        self.fleet.kube.custom.list_namespaced_custom_object, GROUP, VERSION,
+                        NAMESPACE, COMMAND_PLURAL, resource_version=rv or None,
+                        timeout_seconds=60, allow_watch_bookmarks=True):
+                    obj = event["object"]
+                    rv = obj["metadata"].get("resourceVersion", rv)
+                    if event["type"] == "BOOKMARK":
+                        continue
+                    name = obj["metadata"]["name"]
+                    status = obj.get("status") or {}
+                    result = (status.get("results") or [{}])[0]
+                    if result.get("heartbeatTime"):
+                        self.heartbeat.setdefault(name, result["heartbeatTime"])
+            except Exception as exc:  # a 410 Gone or a dropped stream: watch again
+                if "410" in str(exc):
+                    rv = ""
+                time.sleep(0.1)
+
+
+def _ts(value: str | None) -> float | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
+
+
+def _stage_keys() -> list[str]:
+    keys = [k for k, _ in POINTS]
+    return [f"{a}→{b}" for i, a in enumerate(keys) for b in keys[i + 1:]]
+
+
+def _breakdown(fleet: Cluster, recorder: _Recorder, times: dict[str, tuple[float, float, float]],
+               stages: dict[str, list[float]]) -> None:
+    """Stage durations of each command between consecutive known moments (POINTS): the
+    wall-clock create time, the status timestamps and the moment the bench's watch saw
+    the command Succeeded. A moment missing from a command joins its two stages."""
+    listed: dict[str, Any] = fleet.kube.custom.list_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, COMMAND_PLURAL)
+    for obj in listed["items"]:
+        name = obj["metadata"]["name"]
+        if name not in times:
+            continue
+        t0, t1, wall0 = times[name]
+        status = obj.get("status") or {}
+        result = (status.get("results") or [{}])[0]
+        finished = next((c.get("lastTransitionTime") for c in status.get("conditions") or []
+                         if c.get("type") == Condition.FINISHED), None)
+        moments = {
+            "create": wall0,
+            "startTime": _ts(status.get("startTime")),
+            "dispatch": _ts(result.get("dispatchTime")),
+            "claim": _ts(result.get("startTime")),
+            "started": _ts(recorder.heartbeat.get(name)),
+            "done": _ts(result.get("completionTime")),
+            "folded": _ts(finished),
+            "watch seen": wall0 + (t1 - t0),
+        }
+        known = [(k, v) for k, v in moments.items() if v is not None]
+        for (a, ta), (b, tb) in zip(known, known[1:], strict=False):
+            stages.setdefault(f"{a}→{b}", []).append(tb - ta)
+
+
+# --------------------------------------------------------------------------- the guide
+
+
+def _guide(bench: Bench, fleet: Cluster, vm: SshdVM, n: int) -> Callable[[], dict[str, float]]:
+    broker = fleet.redis.url.rsplit("/", 1)[0] + "/1"
+    targets = {"vm1": {"host": vm.host, "port": vm.port, "username": vm.user,
+                       "ssh_key": str(vm.user_key_path), "known_hosts": str(vm.known_hosts_path),
+                       "queue": "vm1_queue"}}
+    os.environ["GUIDE_BROKER_URL"] = broker
+    os.environ["GUIDE_TARGET_VMS"] = json.dumps(targets)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    workdir = bench.workdir / "guide"
+    # The guide's systemd unit: celery -A airflow.tasks.remote_tasks worker
+    #   --queues vm1_queue,default --hostname vm1_worker --concurrency 2   (prefork)
+    worker = ManagedProcess(
+        "guide-worker",
+        [str(Path(sys.executable).with_name("celery")), "-A", "bench.guide_app", "worker",
+         "--queues", "vm1_queue,default", "--hostname", "vm1_worker@%h", "--concurrency", "2",
+         "--loglevel", "WARNING"],
+        workdir / "worker.log", env=env, cwd=REPO,
+    )
+    from bench import guide_app
+
+    def stop(w: ManagedProcess) -> None:
+        # While Redis still runs: finished results unsubscribe now, not in __del__ at exit
+        # (which would retry a stopped Redis for minutes).
+        gc.collect()
+        guide_app.app.close()
+        w.stop(grace=10)
+
+    bench.shared("guide_worker", worker.start, stop)
+
+    def one() -> float:
+        start = time.perf_counter()
+        result = guide_app.app.send_task("remote_tasks.execute_on_vm", args=["vm1", "true"],
+                                         queue="vm1_queue")
+        out = result.get(timeout=TIMEOUT)
+        elapsed = time.perf_counter() - start
+        if out.get("exit_code") != 0:
+            raise RuntimeError(f"guide task: {out}")
+        result.forget()
+        return elapsed
+
+    first = time.monotonic()
+    while True:  # the worker is up when a task comes back
+        try:
+            one()
+            break
+        except Exception:
+            if time.monotonic() - first > 60:
+                raise
+    for _ in range(4):
+        one()
+
+    def measure() -> dict[str, float]:
+        start = time.perf_counter()
+        seconds = [one() for _ in range(n)]
+        wall = time.perf_counter() - start
+        return {**latency_metrics(seconds), "commands_per_s": n / wall}
+
+    return measure
+
+
+# --------------------------------------------------------------------------- Airflow
+
+
+def _airflow(bench: Bench, vm: SshdVM, n: int) -> Callable[[], dict[str, float]] | None:
+    python = AIRFLOW_VENV / "bin" / "python"
+    if not python.exists():
+        bench.skip("e2e_latency", "airflow_sshoperator",
+                   f"{python} is missing (make airflow-venv)")
+        return None
+    home = bench.workdir / "airflow"
+    dags = home / "dags"
+    dags.mkdir(parents=True, exist_ok=True)
+    conn_id = "vm1_ssh"
+    dag_id = "bench_ssh_true"
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from airflow_ssh_runner import DAG_TEMPLATE
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    dag_file = dags / f"{dag_id}.py"
+    dag_file.write_text(DAG_TEMPLATE.format(dag_id=dag_id, conn_id=conn_id))
+    conn = {"conn_type": "ssh", "host": vm.host, "port": vm.port, "login": vm.user,
+            "extra": {"key_file": str(vm.user_key_path), "host_key": vm.host_public_keys[0],
+                      "no_host_key_check": "false"}}
+    # As tests/e2e/test_airflow_dags.py: own AIRFLOW_HOME, sqlite DB, no examples.
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AIRFLOW", "GUIDE_")) and k not in ("KUBECONFIG",)}
+    env.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__HOSTNAME_CALLABLE": "socket.gethostname",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+        f"AIRFLOW_CONN_{conn_id.upper()}": json.dumps(conn),
+        "PYTHONPATH": str(REPO),
+        "NO_PROXY": "*",
+    })
+    print("  airflow: db migrate ...", flush=True)
+    proc = subprocess.run([str(python), "-m", "airflow", "db", "migrate"], env=env, cwd=home,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        bench.skip("e2e_latency", "airflow_sshoperator",
+                   f"airflow db migrate failed: {(proc.stderr or proc.stdout)[-300:]}")
+        return None
+    runner = REPO / "bench" / "airflow_ssh_runner.py"
+
+    def measure() -> dict[str, float]:
+        done = subprocess.run([str(python), str(runner), str(dag_file), dag_id, str(n), "1"],
+                              env=env, cwd=home, capture_output=True, text=True,
+                              timeout=60 + 60 * n)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("SSHOP-RESULT ")]
+        if done.returncode != 0 or not lines:
+            (bench.workdir / "airflow-runner.log").write_text(done.stdout + done.stderr)
+            raise RuntimeError(f"airflow runner failed ({done.returncode}): "
+                               f"{(done.stderr or done.stdout)[-1500:]}")
+        seconds = json.loads(lines[-1].removeprefix("SSHOP-RESULT "))["seconds"]
+        # commands/s over the timed dag.test() calls only (not the interpreter start-up).
+        return {**latency_metrics(seconds), "commands_per_s": len(seconds) / sum(seconds)}
+
+    return measure
