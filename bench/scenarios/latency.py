@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench.fixtures import NAMESPACE, REPO, Cluster, cluster, vm_pool
 from bench.harness import Bench, alternate, latency_metrics, record_all
@@ -45,20 +46,30 @@ from vmfleet.dev.sshd import SshdVM
 SCENARIOS = ("e2e_latency",)
 AIRFLOW_VENV = REPO / ".venv-airflow"
 TIMEOUT = 120.0
-# The moments of one vmfleet command, in order: (key, what it is). All but the first and
-# the last are timestamps written into the status (milliseconds; the controller and the
-# worker run on this machine, one clock). See _breakdown.
-POINTS = (
-    ("create", "the bench sent the create"),
-    ("startTime", "controller handled the create event (status.startTime stamp)"),
-    ("dispatch", "controller sent the Celery task (results[0].dispatchTime stamp)"),
-    ("claim", "worker got the task, read the command, stamped its claim (results[0].startTime)"),
-    ("started", "claim PATCH done, VM resolved, channel open on the pooled connection, remote "
-                "pgid known (results[0].heartbeatTime stamp, seen before the result removes it)"),
-    ("done", "the command exited, the worker stamped the result (results[0].completionTime)"),
-    ("folded", "controller folded it (Finished condition lastTransitionTime stamp)"),
-    ("watch seen", "the controller's phase PATCH reached the bench's watch (Succeeded)"),
+# Where the time of one vmfleet command goes: (from, to, what happens in between), between
+# moments known for each command: "create" (the bench sent it), status stamps (startTime,
+# results[0].dispatchTime / startTime ("claim") / heartbeatTime ("started", kept by a
+# second watch since the result write removes it) / completionTime ("done"), the Finished
+# condition's lastTransitionTime ("folded")), the millisecond times of log lines of the
+# controller and the worker ("... log"; one machine, one clock) and "watch seen" (the
+# bench's watch saw Succeeded). See _breakdown.
+INTERVALS = (
+    ("create", "startTime", "API server create + the controller's watch event, until it stamps"),
+    ("startTime", "dispatch", "the controller decides to dispatch"),
+    ("dispatch", "received log", "controller's status write and publish + Redis + the worker's "
+                                 "consumer, until Celery logs 'received'"),
+    ("dispatch", "dispatched log", "(the controller: dispatch stamp until it logs 'Dispatched')"),
+    ("received log", "claim", "the worker's handler starts and GETs the command"),
+    ("claim", "claimed log", "the claim PATCH"),
+    ("claim", "started", "(claim until the 'started' write's stamp, when present)"),
+    ("claimed log", "done", "resolving the VM + the SSH exec of `true` on the pooled connection"),
+    ("done", "folded", "the terminal phase computed (0: in the worker's result write)"),
+    ("done", "finished log", "the worker's result PATCH"),
+    ("done", "watch seen", "the result write + the bench's watch event"),
+    ("create", "watch seen", "all of it"),
 )
+_LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
+_LOG_EVENT = re.compile(r"(Dispatched|Claimed|Finished) RemoteCommand " + NAMESPACE + r"/(\S+)")
 
 
 def run(bench: Bench, wanted: list[str]) -> None:
@@ -70,34 +81,39 @@ def run(bench: Bench, wanted: list[str]) -> None:
     rounds = bench.rounds(full=3, quick=1)
 
     stages: dict[str, list[float]] = {}
-    systems: dict[str, Callable[[], dict[str, float]]] = {
-        "vmfleet": _vmfleet(fleet, vm, n, stages),
-        "guide_send_task": _guide(bench, fleet, vm, n),
+    setups: dict[str, Callable[[], Callable[[], dict[str, float]] | None]] = {
+        "vmfleet": lambda: _vmfleet(fleet, vm, n, stages),
+        "guide_send_task": lambda: _guide(bench, fleet, vm, n),
+        "airflow_sshoperator": lambda: _airflow(bench, vm, n_airflow),
     }
+    systems: dict[str, Callable[[], dict[str, float]]] = {}
+    for system, setup in setups.items():
+        try:  # a system that cannot start (or fails its warm-up) is skipped, the rest run
+            measure = setup()
+        except Exception as exc:
+            bench.skip("e2e_latency", system, f"setup or warm-up failed: {exc!r}"[:500])
+            continue
+        if measure is not None:
+            systems[system] = measure
     notes = {
         "vmfleet": f"{n} sequential `true` per round, warm",
         "guide_send_task": f"{n} sequential `true` per round; prefork worker --concurrency 2, "
                            "new SSH connection per command, host key pinned (guide: AutoAddPolicy)",
+        "airflow_sshoperator": f"{n_airflow} sequential dag.test() per round (fewer than {n}: "
+                               "Airflow is slow); SSHOperator, host key pinned, sqlite DB; "
+                               "in-process, no scheduler or executor: a lower bound",
     }
-    airflow = _airflow(bench, vm, n_airflow)
-    if airflow is not None:
-        systems["airflow_sshoperator"] = airflow
-        notes["airflow_sshoperator"] = (f"{n_airflow} sequential dag.test() per round (fewer than {n}: "
-                                        "Airflow is slow); SSHOperator, host key pinned, sqlite DB; "
-                                        "in-process, no scheduler or executor: a lower bound")
     measured = alternate(rounds, systems)
     if stages:
-        keys = [k for k in _stage_keys() if k in stages]
-        notes["vmfleet"] += "; median ms per stage: " + ", ".join(
+        keys = [f"{a}→{b}" for a, b, _ in INTERVALS if f"{a}→{b}" in stages]
+        notes["vmfleet"] += "; median ms: " + ", ".join(
             f"{k} {statistics.median(stages[k]) * 1000:.1f}" for k in keys)
-        print("  vmfleet: where the time of one command goes (ms, over "
-              f"{max(len(v) for v in stages.values())} commands):", flush=True)
-        for k in keys:
-            values = stages[k]
-            print(f"    {k:28} median {statistics.median(values) * 1000:7.1f}  "
-                  f"p95 {_p95(values) * 1000:7.1f}  (n={len(values)})", flush=True)
-        for key, what in POINTS:
-            print(f"      {key}: {what}", flush=True)
+        print("  vmfleet: where the time of one command goes (ms over n commands):", flush=True)
+        for a, b, what in INTERVALS:
+            values = stages.get(f"{a}→{b}")
+            if values:
+                print(f"    {a + '→' + b:28} median {statistics.median(values) * 1000:6.1f}  "
+                      f"p95 {_p95(values) * 1000:6.1f}  n={len(values):<4} {what}", flush=True)
     record_all(bench, "e2e_latency", measured, notes)
 
 
@@ -119,7 +135,11 @@ def _vmfleet(fleet: Cluster, vm: SshdVM, n: int, stages: dict[str, list[float]]
         t0 = fleet.create(name, vm=vm.name, command="true")
         t1, phase = fleet.watcher.wait([name], TIMEOUT)[name]
         if phase != Phase.SUCCEEDED:
-            raise RuntimeError(f"{name}: {phase}")
+            obj = cast(dict[str, Any], fleet.kube.custom.get_namespaced_custom_object(
+                GROUP, VERSION, NAMESPACE, COMMAND_PLURAL, name))
+            result = ((obj.get("status") or {}).get("results") or [{}])[0]
+            raise RuntimeError(f"RemoteCommand {name} {phase}: {result.get('reason')}: "
+                               f"{result.get('message')}")
         return t0, t1, wall
 
     tag = uuid.uuid4().hex[:6]
@@ -182,18 +202,45 @@ def _ts(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
 
 
-def _stage_keys() -> list[str]:
-    keys = [k for k, _ in POINTS]
-    return [f"{a}→{b}" for i, a in enumerate(keys) for b in keys[i + 1:]]
+def _log_moments(fleet: Cluster) -> dict[str, dict[str, float]]:
+    """{command: {"dispatched log"/"received log"/"claimed log"/"finished log": wall time}}
+    from the controller's and the workers' logs (their local-time millisecond stamps). A
+    worker's "received" line names no command: it is the last one before "Claimed <name>"
+    (commands run one at a time here)."""
+    out: dict[str, dict[str, float]] = {}
+    files = [fleet.workdir / "controller" / "controller.log", *sorted(fleet.worker_dir.glob("*.log"))]
+    for path in files:
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        received: float | None = None
+        for line in lines:
+            stamp = _LOG_TIME.match(line)
+            if stamp is None:
+                continue
+            when = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if "Task remote_tasks.execute_on_vm[" in line and line.rstrip().endswith("received"):
+                received = when
+                continue
+            event = _LOG_EVENT.search(line)
+            if event is None:
+                continue
+            verb, name = event.group(1), event.group(2)
+            mine = out.setdefault(name, {})
+            mine.setdefault(f"{verb.lower()} log", when)
+            if verb == "Claimed" and received is not None:
+                mine.setdefault("received log", received)
+    return out
 
 
 def _breakdown(fleet: Cluster, recorder: _Recorder, times: dict[str, tuple[float, float, float]],
                stages: dict[str, list[float]]) -> None:
-    """Stage durations of each command between consecutive known moments (POINTS): the
-    wall-clock create time, the status timestamps and the moment the bench's watch saw
-    the command Succeeded. A moment missing from a command joins its two stages."""
-    listed: dict[str, Any] = fleet.kube.custom.list_namespaced_custom_object(
-        GROUP, VERSION, NAMESPACE, COMMAND_PLURAL)
+    """The INTERVALS of each command of a round, from its status, the logs and the bench's
+    times; an interval with a moment the command lacks is left out."""
+    listed = cast(dict[str, Any], fleet.kube.custom.list_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, COMMAND_PLURAL))
+    logs = _log_moments(fleet)
     for obj in listed["items"]:
         name = obj["metadata"]["name"]
         if name not in times:
@@ -203,7 +250,7 @@ def _breakdown(fleet: Cluster, recorder: _Recorder, times: dict[str, tuple[float
         result = (status.get("results") or [{}])[0]
         finished = next((c.get("lastTransitionTime") for c in status.get("conditions") or []
                          if c.get("type") == Condition.FINISHED), None)
-        moments = {
+        moments: dict[str, float | None] = {
             "create": wall0,
             "startTime": _ts(status.get("startTime")),
             "dispatch": _ts(result.get("dispatchTime")),
@@ -212,10 +259,12 @@ def _breakdown(fleet: Cluster, recorder: _Recorder, times: dict[str, tuple[float
             "done": _ts(result.get("completionTime")),
             "folded": _ts(finished),
             "watch seen": wall0 + (t1 - t0),
+            **logs.get(name, {}),
         }
-        known = [(k, v) for k, v in moments.items() if v is not None]
-        for (a, ta), (b, tb) in zip(known, known[1:], strict=False):
-            stages.setdefault(f"{a}→{b}", []).append(tb - ta)
+        for start, end, _ in INTERVALS:
+            t_start, t_end = moments.get(start), moments.get(end)
+            if t_start is not None and t_end is not None:
+                stages.setdefault(f"{start}→{end}", []).append(t_end - t_start)
 
 
 # --------------------------------------------------------------------------- the guide
