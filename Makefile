@@ -28,6 +28,7 @@ help:
 	@echo "make test-airflow  the Airflow operators and DAGs (from .venv-airflow, real Airflow 3)"
 	@echo "make crds       regenerate crds/ from vmfleet/api/models.py"
 	@echo "make soak       10,000 commands over 20 VMs with faults injected (SOAK_ARGS=...)"
+	@echo "make bench      benchmarks side by side with Ansible, parallel-ssh, asyncssh, ssh, Airflow (QUICK=1: <10 min)"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +93,24 @@ dev-down: venv
 demo: setup-core
 	$(VMFLEET) dev up --vms $(VMS)
 	$(VMFLEET) dev demo
+
+# Benchmarks, side by side with the peers (bench/README.md): `make bench`, or
+# `make bench QUICK=1` (under 10 minutes). Not part of `make test`.
+QUICK ?= 0
+BENCH_ARGS ?=
+.PHONY: bench bench-setup
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e '.[bench,dev]'
+	touch $@
+
+$(AIRFLOW_VENV)/.bench-installed: pyproject.toml $(AIRFLOW_VENV)/.installed
+	$(AIRFLOW_VENV)/bin/pip install --quiet apache-airflow-providers-ssh
+	touch $@
+
+bench-setup: setup-core $(VENV)/.bench-installed airflow-venv $(AIRFLOW_VENV)/.bench-installed
+
+bench: bench-setup
+	$(PY) bench/run.py $(if $(filter 1,$(QUICK)),--quick) $(BENCH_ARGS)
 
 # Not part of `make test`: 10,000 commands over 20 VMs under chaos (bench/soak.py --help).
 .PHONY: soak

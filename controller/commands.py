@@ -26,7 +26,7 @@ from vmfleet.kube import ApiException
 from . import schedule
 from .context import Context
 from .vms import wake_for_dispatch
-from .fold import changed, fold, set_condition
+from vmfleet.fold import changed, fold, set_condition
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
 from .transfers import reconcile_transfer, start_transfer
 
@@ -92,7 +92,7 @@ def advance(
     """Apply ``schedule.plan``; returns the status as it is afterwards."""
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    vms = {vm: ctx.kube.get_vm(namespace, vm) for vm in sorted(schedule.pending_vms(status))}
+    vms = {vm: ctx.vms.get(namespace, vm) for vm in sorted(schedule.pending_vms(status))}
     queues = {vm: (vm_queue(obj) if obj is not None else None) for vm, obj in vms.items()}
     paused = frozenset(vm for vm, obj in vms.items() if obj and obj["spec"].get("paused"))
     step = schedule.plan(spec, status, datetime.now(UTC), queues=queues, deleting=deleting,
@@ -118,7 +118,7 @@ def advance(
 
 
 def _queue(ctx: Context, namespace: str, vm: str) -> str:
-    obj = ctx.kube.get_vm(namespace, vm)
+    obj = ctx.vms.get(namespace, vm)
     return vm_queue(obj) if obj is not None else default_queue(namespace, vm)
 
 
@@ -143,7 +143,7 @@ def start(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec) -> None:
         return
     now = now_rfc3339()
     if spec.vm is not None:
-        found_vm = ctx.kube.get_vm(namespace, spec.vm)
+        found_vm = ctx.vms.get(namespace, spec.vm)
         vms = {spec.vm: found_vm} if found_vm is not None else {}
         names = [spec.vm]
     else:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from kubernetes.client import AppsV1Api
 
@@ -18,11 +19,42 @@ from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runt
 RUNTIME_ENV = "VMFLEET_WORKER_RUNTIME"
 
 
+class VMCache:
+    """RemoteVMs as the controller's own watch last saw them.
+
+    Dispatching reads a command's VM from here instead of a GET per command; a VM the
+    watch has not brought yet is read from the API (and kept).
+    """
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._vms: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def seen(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        self._vms[(meta["namespace"], meta["name"])] = obj
+
+    def gone(self, namespace: str, name: str) -> None:
+        self._vms.pop((namespace, name), None)
+
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        obj = self._vms.get((namespace, name))
+        if obj is None:
+            obj = self.kube.get_vm(namespace, name)
+            if obj is not None:
+                self._vms.setdefault((namespace, name), obj)
+        return obj
+
+
 @dataclass
 class Context:
     kube: Kube
     dispatcher: Dispatcher
     runtime: Runtime
+    vms: VMCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vms = VMCache(self.kube)
 
     @classmethod
     def from_environment(cls) -> Context:

@@ -21,12 +21,24 @@ COMMANDS = (c.GROUP, c.VERSION, c.COMMAND_PLURAL)
 VMS = (c.GROUP, c.VERSION, c.VM_PLURAL)
 
 
+class LastHandledConfiguration(kopf.AnnotationsDiffBaseStorage):
+    """kopf's record of the last handled spec (an annotation), except on RemoteCommands.
+
+    A RemoteCommand's spec is immutable (a CEL rule), so there is never a change to detect
+    and no handler that needs the record: not writing it saves an API write per command.
+    """
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        if body.get("kind") != c.COMMAND_KIND:
+            super().store(body=body, patch=patch, essence=essence)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Our CRDs have structural schemas: kopf keeps its bookkeeping in annotations.
     settings.persistence.finalizer = c.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=c.GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = LastHandledConfiguration(
         prefix=c.GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING
@@ -63,11 +75,14 @@ def vm_changed(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) ->
 @kopf.on.event(*VMS)
 def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     metrics.observe_vm(event["object"], deleted=event["type"] == "DELETED")
+    if event["type"] != "DELETED" and event.get("object"):
+        memo.ctx.vms.seen(dict(event["object"]))
     # No finalizer: Deployments are garbage collected with their RemoteVM, and local
     # worker processes end with the controller, so a deletion missed while it was down
     # leaves nothing behind.
     if event["type"] == "DELETED":
         meta = event["object"]["metadata"]
+        memo.ctx.vms.gone(meta["namespace"], meta["name"])
         memo.ctx.runtime.remove(meta["namespace"], meta["name"])
         forget_vm(memo.ctx, meta["namespace"], meta["name"])
 

@@ -32,7 +32,7 @@ from vmfleet.api.envelope import now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.kube import ApiException, Kube
 
-from .fold import set_condition
+from vmfleet.fold import set_condition
 
 log = logging.getLogger("controller.health")
 

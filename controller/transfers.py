@@ -31,7 +31,7 @@ from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.kube import ApiException
 
 from .context import Context
-from .fold import fold
+from vmfleet.fold import fold
 from .targets import describe_target, initial_results
 
 log = logging.getLogger("controller.transfers")

@@ -3,6 +3,10 @@
 A worker claims its VM's result entry with ``test`` operations on the expected vm, phase
 and attempt: two deliveries of one message cannot both pass them. The final write tests
 that the entry is still this worker's running attempt.
+
+When the entry is the command's only one (a single-VM command), the same patch also
+writes the folded command fields (``vmfleet.fold``): phase, summary, conditions. The
+controller's own fold then has nothing to change.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vmfleet.api.constants import Phase
+from vmfleet.fold import fold
 
 Patch = list[dict[str, Any]]
 
@@ -57,3 +62,15 @@ def finish_patch(
         if fields.get(key) is None:
             patch.append({"op": "remove", "path": f"{base}/{key}"})
     return patch
+
+
+def fold_ops(status: dict[str, Any] | None, entry: dict[str, Any], now: str) -> Patch:
+    """For a command whose only result entry will be ``entry``: its folded fields as ops.
+
+    ``status`` is the command's status as read before the patch (its conditions and
+    completionTime are kept). Commands with several entries are folded by the controller.
+    """
+    if len((status or {}).get("results") or []) != 1:
+        return []
+    folded = fold([entry], status, now)
+    return [{"op": "add", "path": f"/status/{key}", "value": value} for key, value in folded.items()]

@@ -33,6 +33,7 @@ from .ssh import (
     CredentialsInvalid,
     Deadline,
     ExecResult,
+    NotStarted,
     SSHError,
     SSHTarget,
     TransportError,
@@ -44,6 +45,9 @@ output_log = logging.getLogger("remote_tasks.output")
 
 CREDENTIALS_DIR_ENV = "VMFLEET_CREDENTIALS_DIR"
 HEARTBEAT_SECONDS = float(os.environ.get("VMFLEET_HEARTBEAT_SECONDS", "5"))
+# How long a resolved target (the RemoteVM and its key) is reused by the next commands
+# before it is read again: saves two API reads per command on a busy VM.
+TARGET_CACHE_SECONDS = float(os.environ.get("VMFLEET_TARGET_CACHE_SECONDS", "5"))
 KILL_GRACE = float(os.environ.get("VMFLEET_KILL_GRACE_SECONDS", "3"))
 LOST = "Lost"  # an attempt the controller declared lost while it still ran
 
@@ -121,48 +125,107 @@ def attempt_deadlines(spec: RemoteCommandSpec, command_start: str | None) -> Att
     return AttemptDeadlines(per_attempt, overall)
 
 
+# Outcomes after which the next attempt reads its RemoteVM and key again.
+_CONNECTION_REASONS = frozenset({Reason.HOST_KEY_MISMATCH, Reason.AUTH_FAILED,
+                                 Reason.TRANSPORT_ERROR, Reason.CREDENTIALS_INVALID})
+
 # Fields of a result entry that belong to one attempt and go when it ends.
 _ATTEMPT_FIELDS = ("pgid", "processMarker", "heartbeatTime", "lostPgid", "lostMarker", "retryAfter")
 
 
 class Attempt:
-    """A claimed attempt: writes to its own result entry, only while it still owns it."""
+    """One delivery's attempt: it claims the VM's result entry, then writes only to it,
+    only while it still owns it.
+
+    The claim is a single JSON Patch: ``claim`` once the remote wrapper reported its
+    process group (the SSH layer's gate), or ``finish`` for an attempt that ended before
+    the command could start (claim and outcome at once).
+    """
 
     def __init__(self, kube: Kube, envelope: Envelope, index: int, worker: str,
-                 entry: dict[str, Any]) -> None:
+                 entry: dict[str, Any], status: dict[str, Any] | None = None) -> None:
         self.kube = kube
         self.envelope = envelope
         self.index = index
         self.worker = worker
-        self.entry = entry
-        self.present = {key for key, value in entry.items() if value is not None}
+        self.entry = entry  # as read before the claim
+        self.status = status or {}  # likewise: for folding a single-VM command
+        self.current = {key: value for key, value in entry.items() if value is not None}
+        self.present = set(self.current)
+        self.claimed = False
+        self.claim_lost = False  # another delivery claimed it, or the command is gone
         self.lost = False
         self.deleting = False
+        self.claimed_at = 0.0
         self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
 
-    def _patch(self, fields: dict[str, Any], remove: tuple[str, ...] = ()) -> dict[str, Any]:
+    def _claim_ops(self, fields: dict[str, Any], remove: tuple[str, ...]) -> claims.Patch:
+        now = now_rfc3339()
+        after = {**self.current, "phase": Phase.RUNNING, "startTime": now, "worker": self.worker}
+        ops = claims.claim_patch(self.index, self.envelope.vm, self.envelope.attempt, self.worker, now)
+        base = f"/status/results/{self.index}"
+        for key, value in fields.items():
+            if value is not None:
+                ops.append({"op": "add", "path": f"{base}/{key}", "value": value})
+                after[key] = value
+        for key in remove:
+            if key in self.present and fields.get(key) is None:
+                ops.append({"op": "remove", "path": f"{base}/{key}"})
+                after.pop(key, None)
+        self.current = after
+        return ops + claims.fold_ops(self.status, after, now)
+
+    def claim(self, pgid: int | None, nonce: str) -> bool:
+        """The gate: claim the attempt with its remote process group; False if it is not ours."""
+        fields = {"pgid": pgid, "processMarker": nonce if pgid is not None else None,
+                  "heartbeatTime": now_rfc3339()}
+        before = dict(self.current)
+        try:
+            obj = self.kube.patch_command_status(
+                self.envelope.namespace, self.envelope.name,
+                self._claim_ops(fields, remove=("lostPgid", "lostMarker")),
+            )
+        except ApiException as exc:
+            self.current = before
+            if exc.status in (404, 409, 422):
+                self.claim_lost = True
+                log.info("Skipped RemoteCommand %s on %s: %s", self.envelope.ref, self.envelope.vm,
+                         "it no longer exists" if exc.status == 404 else "claimed by another delivery")
+                return False
+            raise
+        self._claimed(obj)
+        return True
+
+    def _claimed(self, obj: dict[str, Any]) -> None:
+        self.claimed = True
+        self.present = set(self.current)
+        self.claimed_at = metrics.command_claimed(self.envelope.dispatch_time)
+        self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+        if obj.get("metadata", {}).get("deletionTimestamp"):
+            self.deleting = True
+        log.info("Claimed RemoteCommand %s on %s (attempt %s)", self.envelope.ref,
+                 self.envelope.vm, self.envelope.attempt)
+
+    def _patch(self, fields: dict[str, Any], remove: tuple[str, ...] = (), *,
+               fold: bool = False) -> dict[str, Any]:
         gone = tuple(key for key in remove if key in self.present and fields.get(key) is None)
-        obj = self.kube.patch_command_status(
-            self.envelope.namespace, self.envelope.name,
-            claims.finish_patch(self.index, self.envelope.vm, self.envelope.attempt, self.worker,
-                                fields, remove=gone),
-        )
-        self.present |= {key for key, value in fields.items() if value is not None}
-        self.present -= set(gone)
+        after = {key: value for key, value in {**self.current, **fields}.items()
+                 if value is not None and key not in gone}
+        patch = claims.finish_patch(self.index, self.envelope.vm, self.envelope.attempt,
+                                    self.worker, fields, remove=gone)
+        if fold:
+            patch += claims.fold_ops(self.status, after, now_rfc3339())
+        obj = self.kube.patch_command_status(self.envelope.namespace, self.envelope.name, patch)
+        self.current = after
+        self.present = set(after)
         if obj.get("metadata", {}).get("deletionTimestamp"):
             self.deleting = True
         return obj
 
-    def started(self, pgid: int, nonce: str) -> None:
-        """Record the remote process group as soon as the command runs."""
-        try:
-            self._patch({"pgid": pgid, "processMarker": nonce, "heartbeatTime": now_rfc3339()},
-                        remove=("lostPgid", "lostMarker"))
-        except ApiException as exc:
-            self._lost_or_log(exc)
-
     def tick(self) -> str | None:
         """Heartbeat; returns a reason to end the attempt (cancelled, or taken over)."""
+        if not self.claimed:
+            return None
         if self.lost:
             return LOST
         if self.deleting:
@@ -180,17 +243,34 @@ class Attempt:
             return LOST if self.lost else None
         return Reason.CANCELLED if self.deleting else None
 
-    def finish(self, fields: dict[str, Any]) -> None:
+    def finish(self, fields: dict[str, Any]) -> bool:
+        """Write the outcome (claiming the attempt first if it ended before it started);
+        False if the attempt was not this delivery's to write."""
         remove = tuple(key for key, value in fields.items() if value is None) + _ATTEMPT_FIELDS
+        if not self.claimed:
+            try:
+                obj = self.kube.patch_command_status(self.envelope.namespace, self.envelope.name,
+                                                     self._claim_ops(fields, remove))
+            except ApiException as exc:
+                if exc.status in (404, 409, 422):
+                    self.claim_lost = True
+                    log.info("Skipped RemoteCommand %s on %s: %s", self.envelope.ref,
+                             self.envelope.vm, "it no longer exists" if exc.status == 404
+                             else "claimed by another delivery")
+                    return False
+                raise
+            self._claimed(obj)
+            return True
         try:
-            self._patch(fields, remove=remove)
+            self._patch(fields, remove=remove, fold=True)
         except ApiException as exc:
             if exc.status in (404, 409, 422):
                 log.warning("Could not write the result of %s on %s attempt %s: %s",
                             self.envelope.ref, self.envelope.vm, self.envelope.attempt,
                             "the object is gone" if exc.status == 404 else "the attempt was taken over")
-                return
+                return False
             raise
+        return True
 
     def _lost_or_log(self, exc: ApiException) -> None:
         if exc.status == 422:
@@ -207,6 +287,17 @@ class CommandExecutor:
         self.kube = kube
         self.pool = pool
         self.credentials_dir = credentials_dir
+        self._targets: dict[tuple[str, str], tuple[float, SSHTarget]] = {}
+
+    def command_target(self, namespace: str, vm: str) -> SSHTarget:
+        """``resolve_target`` for running commands, reused for ``TARGET_CACHE_SECONDS``."""
+        now = time.monotonic()
+        cached = self._targets.get((namespace, vm))
+        if cached is not None and now - cached[0] < TARGET_CACHE_SECONDS:
+            return cached[1]
+        target = self.resolve_target(namespace, vm)
+        self._targets[(namespace, vm)] = (now, target)
+        return target
 
     @classmethod
     def from_environment(cls) -> CommandExecutor:
@@ -231,32 +322,22 @@ class CommandExecutor:
             log.info("Skipped RemoteCommand %s on %s: it is being deleted", envelope.ref, envelope.vm)
             return "cancelled"
         assert index is not None
-        try:
-            self.kube.patch_command_status(
-                envelope.namespace, envelope.name,
-                claims.claim_patch(index, envelope.vm, envelope.attempt, worker, now_rfc3339()),
-            )
-        except ApiException as exc:
-            if exc.status in (409, 422):
-                log.info("Skipped RemoteCommand %s on %s: claimed by another delivery",
-                         envelope.ref, envelope.vm)
-                return "duplicate"
-            raise
-        log.info("Claimed RemoteCommand %s on %s (attempt %s)", envelope.ref, envelope.vm,
-                 envelope.attempt)
-        started = metrics.command_claimed(envelope.dispatch_time)
-        attempt = Attempt(self.kube, envelope, index, worker, entry)
+        attempt = Attempt(self.kube, envelope, index, worker, entry, obj.get("status") or {})
         host: str | None = None
         spec: RemoteCommandSpec | None = None
         try:
             spec = RemoteCommandSpec.model_validate(obj["spec"])
-            target = self.resolve_target(envelope.namespace, envelope.vm)
+            target = self.command_target(envelope.namespace, envelope.vm)
             host = target.host
             outcome = self.run(envelope, spec, target, attempt, obj.get("status") or {})
+        except NotStarted:
+            return "duplicate"  # another delivery claimed it (or the command is gone)
         except AttemptFailed as failed:
             outcome = Outcome(Phase.FAILED, failed.reason, failed.message)
         except ValidationError as exc:
             outcome = Outcome(Phase.FAILED, Reason.INVALID_SPEC, f"invalid spec: {exc}")
+        if outcome.reason in _CONNECTION_REASONS:
+            self._targets.pop((envelope.namespace, envelope.vm), None)  # read the VM afresh
         if attempt.lost:
             log.warning("Stopped RemoteCommand %s on %s attempt %s: the attempt was taken over "
                         "(marked lost); its result is not written", envelope.ref, envelope.vm,
@@ -282,11 +363,12 @@ class CommandExecutor:
                 message=f"attempt {envelope.attempt} failed ({outcome.reason}): "
                 f"{outcome.message or outcome.reason}; next attempt after {delay:.0f}s",
             )
-        attempt.finish(fields)
+        if not attempt.finish(fields) and attempt.claim_lost:
+            return "duplicate"
         log.info("Finished RemoteCommand %s on %s attempt %s: %s (%s)", envelope.ref, envelope.vm,
                  envelope.attempt, fields["phase"], outcome.reason)
         metrics.command_finished(envelope.namespace, envelope.vm, outcome.phase, outcome.reason,
-                                 started)
+                                 attempt.claimed_at)
         return str(fields["phase"])
 
     def run(
@@ -318,7 +400,7 @@ class CommandExecutor:
                 on_stderr=lambda line: output_log.info("%s stderr] %s", prefix, line),
                 nonce=nonce,
                 deadline=Deadline.earliest(deadlines.attempt, deadlines.overall),
-                on_started=attempt.started,
+                gate=attempt.claim,
                 tick=attempt.tick,
                 kill_grace=KILL_GRACE,
             )

@@ -37,15 +37,26 @@ def marker_for(nonce: str) -> str:
     return f"{PGID_MARKER}:{nonce}"
 
 
+GO = b"go\n"
+
+
 def wrap(body: str, nonce: str) -> str:
-    """Run ``body`` in a POSIX sh that first reports its process group.
+    """Run ``body`` in a POSIX sh that first reports its process group, then waits for a go.
 
     sshd makes the login shell of an exec request a session and process group leader;
     ``exec sh`` keeps that process, so ``$$`` is the group of everything the command
     starts. Terminating ``-$$`` ends the command and its children, whatever the login
     shell is.
+
+    The wrapper then reads one line from stdin and runs ``body`` only if it is ``go``
+    (``GO``): the worker claims the attempt, process group included, in a single API
+    write between the two, and a delivery that loses the claim closes the channel, so its
+    wrapper exits without running anything. ``read`` takes exactly that line from the
+    pipe; the rest of stdin is the command's.
     """
-    script = f"printf '%s %s\\n' {marker_for(nonce)} \"$$\"; {body}"
+    script = (f"printf '%s %s\\n' {marker_for(nonce)} \"$$\"; "
+              f"IFS= read -r vmfleet_go && [ \"$vmfleet_go\" = go ] || exit 0; unset vmfleet_go; "
+              f"{body}")
     return "exec sh -c " + shlex.quote(script)
 
 

@@ -25,7 +25,7 @@ import paramiko
 from vmfleet import metrics
 
 from .output import StreamTail
-from .shell import parse_marker, terminate_line
+from .shell import GO, parse_marker, terminate_line
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ class TransportError(SSHError):
         super().__init__(message)
         self.pgid = pgid  # the remote process group, if the command had started
         self.nonce = nonce
+
+
+class NotStarted(Exception):
+    """The gate refused: the wrapper was told nothing and exited without running the command."""
 
 
 class ChannelOpenFailed(TransportError):
@@ -273,17 +277,20 @@ class Connection:
         *,
         nonce: str | None = None,
         deadline: Deadline | None = None,
-        on_started: Callable[[int, str], None] | None = None,
+        gate: Callable[[int | None, str], bool] | None = None,
         tick: Callable[[], str | None] | None = None,
         kill_grace: float = DEFAULT_KILL_GRACE,
     ) -> ExecResult:
         """Run ``line`` on a new channel and collect its output until it exits.
 
         With ``nonce`` the line is expected to come from ``shell.wrap``: its first stdout
-        line reports the remote process group, which is passed to ``on_started`` and not
-        kept as output. The attempt is ended (process group terminated: TERM, grace, KILL)
-        when ``deadline`` passes or when ``tick`` (called about once a second) returns a
-        reason.
+        line reports the remote process group (not kept as output) and the wrapper waits
+        for a go. ``gate(pgid, nonce)`` is called once, then: True sends the go (then
+        ``stdin``), False closes the channel and raises ``NotStarted``. If the channel ends
+        before the wrapper reported (the login shell failed, say), the gate is never
+        called. The attempt is ended (process group terminated: TERM,
+        grace, KILL) when ``deadline`` passes or when ``tick`` (called about twice a second)
+        returns a reason.
         """
         assert self.transport is not None
         out = StreamTail(max_bytes, on_stdout)
@@ -295,9 +302,28 @@ class Connection:
         started = time.time()
         pgid: int | None = None
         head = bytearray() if nonce is not None else None
+        gated = nonce is not None  # the gate is still to be called
+        refused = False
         ended_by: str | None = None
         give_up_at: float | None = None
         next_tick = time.monotonic() + TICK_SECONDS
+
+        def start() -> None:
+            if stdin:
+                threading.Thread(target=_feed_stdin, args=(chan, stdin), daemon=True).start()
+            else:
+                chan.shutdown_write()
+
+        def open_gate() -> None:
+            nonlocal gated, refused
+            assert nonce is not None
+            gated = False
+            if gate is not None and not gate(pgid, nonce):
+                refused = True
+                chan.close()
+                return
+            chan.sendall(GO)
+            start()
 
         def feed_stdout(data: bytes) -> None:
             nonlocal head, pgid
@@ -314,17 +340,14 @@ class Connection:
             pgid = parse_marker(first, nonce) if newline >= 0 else None
             if pgid is None:
                 out.feed(first)  # not our marker: keep every byte
-            elif on_started is not None:
-                on_started(pgid, nonce)
             out.feed(rest)
+            open_gate()
 
         try:
             chan.exec_command(line)
-            if stdin:
-                threading.Thread(target=_feed_stdin, args=(chan, stdin), daemon=True).start()
-            else:
-                chan.shutdown_write()
-            while True:
+            if not gated:
+                start()
+            while not refused:
                 select.select([chan], [], [], TICK_SECONDS)
                 while chan.recv_ready():
                     feed_stdout(chan.recv(READ_CHUNK))
@@ -356,6 +379,8 @@ class Connection:
                 elif give_up_at is not None and now > give_up_at:
                     chan.close()
                     break
+            if refused:
+                raise NotStarted(f"the command on {self.target.host} was not started (gate refused)")
             if not chan.exit_status_ready() and ended_by is None and self._settles_dead():
                 # The connection died (e.g. sshd restarted) before the command reported an
                 # exit status: a transport error, retried within the spec's limit.

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from remote_tasks.shell import InvalidCommand, build_invocation, env_prefix, parse_marker, quote_argv
+from remote_tasks.shell import GO, InvalidCommand, build_invocation, env_prefix, parse_marker, quote_argv
 from remote_tasks.transfer import TEMP_MARK, TransferExecutor, TransferFailed, temp_path
 from vmfleet.api.constants import ENV_NAME_PATTERN, SECRET_TYPE_SSH_AUTH, is_env_name
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource
@@ -88,7 +88,7 @@ def test_wrapped_argv_reports_its_group_and_nothing_else_leaks(items: list[str])
     with scratch() as tmp:
         cwd = Path(tmp)
         line = build_invocation(spec(argv=["printf", "%s\\0", *items]), nonce="abc123").line
-        first, _, rest = run_sh(line, cwd).partition(b"\n")
+        first, _, rest = run_sh(line, cwd, stdin=GO).partition(b"\n")
         assert parse_marker(first + b"\n", "abc123") is not None
         assert rest.split(b"\0")[:-1] == [item.encode() for item in items]
         assert list(cwd.iterdir()) == []
@@ -105,7 +105,7 @@ def test_a_hostile_program_name_is_looked_up_literally(program: str) -> None:
     with scratch() as tmp:
         cwd = Path(tmp)
         line = build_invocation(spec(argv=[program, "x"]), nonce="n0").line
-        proc = subprocess.run(["/bin/sh", "-c", line], capture_output=True, cwd=cwd,
+        proc = subprocess.run(["/bin/sh", "-c", line], input=GO, capture_output=True, cwd=cwd,
                               env={"PATH": "/nonexistent"}, timeout=20)
         assert proc.returncode in (126, 127), (program, proc.stderr)
         assert list(cwd.iterdir()) == []

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from remote_tasks.shell import InvalidCommand, build_invocation, env_prefix, quote_argv
+from remote_tasks.shell import GO, InvalidCommand, build_invocation, env_prefix, quote_argv
 from vmfleet.api.models import RemoteCommandSpec
 
 
@@ -60,7 +60,8 @@ def test_wrapped_line_reports_its_process_group_first():
     from remote_tasks.shell import parse_marker
 
     invocation = build_invocation(spec(command="echo hi", workingDir="/"), nonce="abc123")
-    proc = subprocess.run(["setsid", "sh", "-c", invocation.line], capture_output=True, check=True)
+    proc = subprocess.run(["setsid", "sh", "-c", invocation.line], input=GO + b"stdin follows\n",
+                          capture_output=True, check=True)
     first, rest = proc.stdout.split(b"\n", 1)
     pgid = parse_marker(first + b"\n", "abc123")
     assert pgid is not None and pgid > 1
@@ -106,3 +107,23 @@ def live_members(pgid):
         if int(fields[2]) == pgid and fields[0] != "Z":
             members.append(stat.parent.name)
     return members
+
+
+@pytest.mark.parametrize("told", [b"", b"no\n", b"go on\n"])
+def test_the_wrapped_command_runs_only_after_the_go(tmp_path, told):
+    """A delivery that loses the claim closes the channel (EOF): nothing of the command runs."""
+    from remote_tasks.shell import parse_marker
+
+    invocation = build_invocation(spec(command="touch ran"), nonce="abc123")
+    proc = subprocess.run(["sh", "-c", invocation.line], input=told, capture_output=True,
+                          cwd=tmp_path, check=True)
+    assert parse_marker(proc.stdout, "abc123") is not None
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_go_line_is_not_part_of_the_commands_stdin(tmp_path):
+    invocation = build_invocation(spec(command="cat", stdin="hello\nworld\n"), nonce="abc123")
+    assert invocation.stdin is not None
+    proc = subprocess.run(["sh", "-c", invocation.line], input=GO + invocation.stdin,
+                          capture_output=True, cwd=tmp_path, check=True)
+    assert proc.stdout.split(b"\n", 1)[1] == b"hello\nworld\n"

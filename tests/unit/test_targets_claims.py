@@ -3,7 +3,8 @@
 import pytest
 
 from controller.targets import describe_target, initial_results, label_selector_string
-from remote_tasks.claims import claim_patch, finish_patch, result_index
+from remote_tasks.claims import claim_patch, finish_patch, fold_ops, result_index
+from vmfleet.fold import changed, fold
 from vmfleet.api.models import LabelSelector, RemoteCommandSpec
 
 
@@ -72,3 +73,31 @@ def test_result_index():
 def test_initial_results_pending_for_the_scheduler():
     results = initial_results(["vm1"], {"vm1": {"spec": {"host": "h"}}}, "T", phase="Pending")
     assert results == [{"vm": "vm1", "host": "h", "phase": "Pending", "attempt": 1}]
+
+
+def _apply(status, ops):
+    out = dict(status)
+    for op in ops:
+        assert op["op"] == "add" and op["path"].startswith("/status/")
+        out[op["path"].removeprefix("/status/")] = op["value"]
+    return out
+
+
+def test_a_single_vm_command_is_folded_by_its_worker_so_the_controller_writes_nothing():
+    queued = {"vm": "vm1", "phase": "Queued", "attempt": 1}
+    status = {"startTime": "t0", "results": [queued], "phase": "Pending",
+              "summary": {"targets": 1, "pending": 1}, "conditions": []}
+    running = _apply(status, fold_ops(status, {**queued, "phase": "Running"}, "t1"))
+    assert running["phase"] == "Running" and running["summary"]["running"] == 1
+    done_entry = {**queued, "phase": "Succeeded", "exitCode": 0, "completionTime": "t2"}
+    done = _apply(running, fold_ops(running, done_entry, "t2"))
+    assert done["phase"] == "Succeeded" and done["completions"] == "1/1"
+    assert done["completionTime"] == "t2"
+    assert [c["type"] for c in done["conditions"]] == ["Complete", "Finished"]
+    # What the controller folds from the same entry later (any time) changes nothing.
+    assert not changed(done, fold([done_entry], done, "t9"))
+
+
+def test_commands_with_several_vms_are_folded_by_the_controller_only():
+    status = {"results": [{"vm": "vm1", "phase": "Queued"}, {"vm": "vm2", "phase": "Queued"}]}
+    assert fold_ops(status, {"vm": "vm1", "phase": "Running"}, "t1") == []

@@ -1,7 +1,9 @@
 """Fold the per-VM results of a RemoteCommand into its phase, summary and conditions.
 
-Pure: ``fold(results, previous_status, now)`` returns the status fields the controller owns.
-Workers write only ``results``; the controller writes only what this returns.
+Pure: ``fold(results, previous_status, now)`` returns the command-level status fields.
+The controller writes them; a worker writes them too, in the same JSON Patch as its
+result entry, when that entry is the command's only one (a single-VM command): the
+controller's fold then finds nothing to change, which saves a write and a round trip.
 """
 
 from __future__ import annotations
