@@ -7,8 +7,9 @@ timed). Metrics per round: ``p50_ms``/``p95_ms``/``p99_ms`` over the N commands 
 
 * ``vmfleet``: create a RemoteCommand (``vm: vm1``) through the API server → the shared
   watch sees it ``Succeeded`` (controller, Redis, the VM's Celery worker with its pooled
-  connection, and every status write in between). The breakdown of where the time goes
-  (from the status timestamps) is printed and goes into the row note.
+  connection, and every status write in between). Where the time goes (INTERVALS, from
+  the status stamps and the controller's and worker's log lines) is printed and goes
+  into the row note.
 * ``guide_send_task``: the original guide's way (``bench/guide_app.py``): a prefork
   ``celery worker --concurrency 2`` on the same Redis (another DB), the caller does
   ``send_task('remote_tasks.execute_on_vm', ['vm1', 'true'], queue='vm1_queue').get()``;
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from bench.fixtures import NAMESPACE, REPO, Cluster, cluster, vm_pool
-from bench.harness import Bench, alternate, latency_metrics, record_all
+from bench.harness import Bench, alternate, latency_metrics, percentile, record_all
 from vmfleet.api.constants import COMMAND_PLURAL, GROUP, VERSION, Condition, Phase
 from vmfleet.dev.proc import ManagedProcess
 from vmfleet.dev.sshd import SshdVM
@@ -113,13 +114,8 @@ def run(bench: Bench, wanted: list[str]) -> None:
             values = stages.get(f"{a}→{b}")
             if values:
                 print(f"    {a + '→' + b:28} median {statistics.median(values) * 1000:6.1f}  "
-                      f"p95 {_p95(values) * 1000:6.1f}  n={len(values):<4} {what}", flush=True)
+                      f"p95 {percentile(values, 95) * 1000:6.1f}  n={len(values):<4} {what}", flush=True)
     record_all(bench, "e2e_latency", measured, notes)
-
-
-def _p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, int(len(ordered) * 0.95 + 0.5) - 1)]
 
 
 # --------------------------------------------------------------------------- vmfleet
@@ -275,9 +271,8 @@ def _guide(bench: Bench, fleet: Cluster, vm: SshdVM, n: int) -> Callable[[], dic
     targets = {"vm1": {"host": vm.host, "port": vm.port, "username": vm.user,
                        "ssh_key": str(vm.user_key_path), "known_hosts": str(vm.known_hosts_path),
                        "queue": "vm1_queue"}}
-    os.environ["GUIDE_BROKER_URL"] = broker
-    os.environ["GUIDE_TARGET_VMS"] = json.dumps(targets)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "GUIDE_BROKER_URL": broker, "GUIDE_TARGET_VMS": json.dumps(targets),
+           "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     workdir = bench.workdir / "guide"
     # The guide's systemd unit: celery -A airflow.tasks.remote_tasks worker
     #   --queues vm1_queue,default --hostname vm1_worker --concurrency 2   (prefork)
@@ -289,6 +284,9 @@ def _guide(bench: Bench, fleet: Cluster, vm: SshdVM, n: int) -> Callable[[], dic
         workdir / "worker.log", env=env, cwd=REPO,
     )
     from bench import guide_app
+
+    # The caller's side of the same app (the module read no GUIDE_* variables here).
+    guide_app.app.conf.update(broker_url=broker, result_backend=broker)
 
     def stop(w: ManagedProcess) -> None:
         # While Redis still runs: finished results unsubscribe now, not in __del__ at exit
