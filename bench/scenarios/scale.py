@@ -125,11 +125,13 @@ class BigFleet:
         self.kubectl("create", "namespace", NAMESPACE)
         self.kube = Kube(api_client(self.cp.kubeconfig))
         self.create_vms()
+        before = self.requests()
         t0 = time.monotonic()
         self.start_controller()
         self.wait_reconciled(t0)
         self.cold_seconds = time.monotonic() - t0
         print(f"  cold reconcile of {self.n} RemoteVMs: {self.cold_seconds:.1f} s", flush=True)
+        self.show_requests(before, "the cold reconcile")
         for _ in range(restart_rounds):
             self.restart_seconds.append(self.restart())
             print(f"  restart reconcile: {self.restart_seconds[-1]:.1f} s", flush=True)
@@ -175,7 +177,7 @@ class BigFleet:
                 left += 1
         return left
 
-    def wait_reconciled(self, t0: float, timeout: float = 1800) -> None:
+    def wait_reconciled(self, t0: float, timeout: float = 1200) -> None:
         shown = [t0]
 
         def done() -> bool:
@@ -206,10 +208,36 @@ class BigFleet:
         """Stop the controller, clear the status, start it; seconds until all re-reconciled."""
         self.stop_controller()
         self.clear_status()
+        before = self.requests()
         t0 = time.monotonic()
         self.start_controller()
         self.wait_reconciled(t0)
-        return time.monotonic() - t0
+        seconds = time.monotonic() - t0
+        self.show_requests(before, "the restart")
+        return seconds
+
+    def requests(self) -> dict[str, float]:
+        """API requests served so far, by verb and resource (the API server's /metrics)."""
+        totals: dict[str, float] = {}
+        for line in self.kubectl("get", "--raw", "/metrics").splitlines():
+            if not line.startswith("apiserver_request_total{"):
+                continue
+            labels, value = line.rsplit(" ", 1)
+            fields = dict(part.split("=", 1) for part in labels[24:-1].split(",") if "=" in part)
+            if fields.get("component", '"apiserver"') != '"apiserver"':
+                continue
+            resource = fields.get("resource", "").strip('"')
+            sub = fields.get("subresource", "").strip('"')
+            key = f"{fields.get('verb', '').strip(chr(34))} {resource}{'/' + sub if sub else ''}"
+            totals[key] = totals.get(key, 0.0) + float(value)
+        return totals
+
+    def show_requests(self, before: dict[str, float], what: str) -> None:
+        after = self.requests()
+        delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        top = sorted(((v, k) for k, v in delta.items() if v >= self.n / 2), reverse=True)[:8]
+        print(f"    API requests during {what}: "
+              + ", ".join(f"{k} {v:.0f}" for v, k in top), flush=True)
 
     def deployments(self) -> int:
         out = self.kubectl("get", "deployments", "-n", NAMESPACE, "-o", "name")
