@@ -9,8 +9,8 @@ Systems (see bench/README.md for what each stands for):
 
 - ``vmfleet_ssh``: ``remote_tasks.ssh.run_command`` on one ``ConnectionPool``, the line
   built by ``remote_tasks.shell.build_invocation`` with a fresh nonce (the process-group
-  wrapper and marker the worker sends), ``on_started``/``tick`` callbacks as the worker
-  passes them (here no-ops: no API). 8 threads share the pool: one channel per command
+  wrapper and marker the worker sends; the worker's claim is the ``gate`` that sends the
+  wrapper its go, here always won: no API), ``tick`` as the worker passes it (a no-op). 8 threads share the pool: one channel per command
   on one connection.
 - ``guide_baseline``: the original guide's ``SSHExecutor.execute_command`` rebuilt here: a
   new ``paramiko.SSHClient`` connection per command, under a per-host ``threading.Lock``.
@@ -72,22 +72,26 @@ def vmfleet_target(vm: SshdVM) -> Any:
 
 def vmfleet_run(pool: Any, target: Any, spec: Any, system: str = "vmfleet_ssh") -> None:
     """One attempt's SSH work as ``CommandExecutor.run`` does it, minus the Kubernetes API:
-    the wrapped line (process-group marker) with a fresh nonce, ``run_command`` on the pool."""
+    the wrapped line with a fresh nonce, ``run_command`` on the pool; the wrapper reports
+    its process group, ``gate`` (the worker's claim, here always won) sends the go."""
     from remote_tasks.shell import build_invocation
     from remote_tasks.ssh import run_command
 
     nonce = uuid.uuid4().hex
     invocation = build_invocation(spec, nonce)
-    started: list[int] = []
+    started: list[int | None] = []
+
+    def gate(pgid: int | None, _nonce: str) -> bool:
+        started.append(pgid)
+        return True
+
     result = run_command(
         pool, target, invocation.line, invocation.stdin, spec.output.max_bytes,
         on_stdout=lambda line: None, on_stderr=lambda line: None,
-        nonce=nonce, deadline=None,
-        on_started=lambda pgid, _nonce: started.append(pgid),
-        tick=lambda: None, kill_grace=3.0,
+        nonce=nonce, deadline=None, gate=gate, tick=lambda: None, kill_grace=3.0,
     )
     check_exit(system, result.exit_code, result.stderr.text())
-    if not started:
+    if not started or started[0] is None:
         raise CommandFailed(f"{system}: the process-group marker was not seen")
 
 
