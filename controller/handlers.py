@@ -116,15 +116,21 @@ def _unfinished(status: kopf.Status, **_: Any) -> bool:
 @metrics.counts_errors(c.COMMAND_KIND)
 def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event["object"]
-    if event["type"] == "DELETED" or obj.get("metadata", {}).get("deletionTimestamp"):
+    meta = obj.get("metadata", {})
+    if event["type"] == "DELETED" or meta.get("deletionTimestamp"):
         return  # deletion is command_deleted's
+    if c.FINALIZER not in (meta.get("finalizers") or ()):
+        # kopf adds the finalizer at the end of this cycle, with a resourceVersion test:
+        # writing the status now would make that patch fail (and be retried, two wasted
+        # writes). The finalizer's own event starts the command.
+        return
     reconcile_command(memo.ctx, dict(obj))
 
 
 @kopf.timer(*COMMANDS, interval=5, initial_delay=5, when=_unfinished)
 @metrics.counts_errors(c.COMMAND_KIND)
 def command_timer(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if not body.metadata.get("deletionTimestamp"):
+    if not body.metadata.get("deletionTimestamp") and c.FINALIZER in body.metadata.get("finalizers", ()):
         reconcile_command(memo.ctx, dict(body))
 
 

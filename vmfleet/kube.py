@@ -25,6 +25,9 @@ def load_api_client() -> ApiClient:
         kubernetes.config.load_kube_config(
             config_file=os.environ.get("KUBECONFIG") or None, client_configuration=configuration
         )
+    # Controllers call from many threads (kopf's sync handlers, Celery worker threads):
+    # a pool smaller than that discards connections and makes a TLS handshake per request.
+    configuration.connection_pool_maxsize = int(os.environ.get("VMFLEET_API_CONNECTIONS", "32"))
     return ApiClient(configuration)
 
 
