@@ -9,14 +9,20 @@ creates the next, until N commands are done (2,000; QUICK=1: 300). Metrics:
 * ``writes_per_command``: mutating requests (POST, PUT, PATCH, DELETE) the API server
   counted during the window (its own ``apiserver_request_total``), over N. The create
   itself is one of them. The note says how they split by resource.
+
+It also prints (and notes) the CPU milliseconds each component spent per command (from
+/proc: the workers, the controller, the API server with etcd, the VMs' sshd with the
+sessions and commands they ran, Redis, this client): on 2 cores, the sum bounds the rate.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 from bench.fixtures import cluster, vm_pool
 from bench.harness import Bench, latency_metrics
@@ -53,6 +59,48 @@ def run(bench: Bench, wanted: list[str]) -> None:
                      if metric == "writes_per_command" else f"{total} commands")
 
 
+# Which process a CPU second belongs to, by its command line (first match wins).
+COMPONENTS = (
+    ("worker", "celery"), ("controller", "kopf"), ("apiserver+etcd", "controlplane"),
+    ("sshd (VMs)", "sshd"), ("redis", "redis-server"),
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system, with reaped children: sshd's sessions and the commands
+    they ran) of this benchmark's own processes (it and its descendants), by component."""
+    stats: dict[int, tuple[int, float, str]] = {}  # pid: (ppid, seconds, cmdline)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is the state (field 3 of stat): ppid is field 4, utime..cstime 14..17.
+        stats[int(proc.name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]) / CLK_TCK, cmdline)
+    me = os.getpid()
+    ours = {me}
+    grew = True
+    while grew:
+        grew = False
+        for pid, (ppid, _, _) in stats.items():
+            if ppid in ours and pid not in ours:
+                ours.add(pid)
+                grew = True
+    out: dict[str, float] = {}
+    for pid in ours:
+        if pid not in stats:
+            continue
+        _, seconds, cmdline = stats[pid]
+        name = "bench client" if pid == me else next(
+            (n for n, pattern in COMPONENTS if pattern in cmdline), "other")
+        out[name] = out.get(name, 0.0) + seconds
+    return out
+
+
 def _round(fleet, vm_names: list[str], total: int) -> tuple[dict[str, float], str]:
     tag = uuid.uuid4().hex[:6]
     counter = iter(range(total))
@@ -79,6 +127,7 @@ def _round(fleet, vm_names: list[str], total: int) -> tuple[dict[str, float], st
                 phases[phase] += 1
 
     before = fleet.write_requests()
+    cpu_before = cpu_seconds()
     start = time.perf_counter()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(IN_FLIGHT)]
     for t in threads:
@@ -86,6 +135,7 @@ def _round(fleet, vm_names: list[str], total: int) -> tuple[dict[str, float], st
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    cpu_after = cpu_seconds()
     after = fleet.write_requests()
     if errors:
         raise RuntimeError(f"{len(errors)} commands failed to finish: {errors[0]!r}")
@@ -97,4 +147,9 @@ def _round(fleet, vm_names: list[str], total: int) -> tuple[dict[str, float], st
     split = ", ".join(f"{k} {v / total:.2f}" for k, v in sorted(delta.items(), key=lambda kv: -kv[1]))
     metrics = {"commands_per_s": total / wall, **latency_metrics(latencies),
                "writes_per_command": writes / total}
-    return metrics, f"per command: {split}"
+    cpu = {k: cpu_after[k] - cpu_before.get(k, 0.0) for k in cpu_after}
+    cpu_split = ", ".join(f"{k} {v / total * 1000:.1f}" for k, v in
+                          sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0)
+    print(f"  CPU ms per command: {cpu_split} (all: {sum(cpu.values()) / total * 1000:.1f}; "
+          f"{os.cpu_count()} cores give {os.cpu_count() * 1000:.0f} CPU ms per second)", flush=True)
+    return metrics, f"writes per command: {split}; CPU ms per command: {cpu_split}"

@@ -53,7 +53,8 @@ def test_fan_out_respects_max_parallel_on_the_vms(ns: Namespace, make_vm, shared
     ns.add_vms(fleet, labels={"role": "fan"})
     log = shared_dir / "intervals"
     ns.run("fan", selector={"matchLabels": {"role": "fan"}}, maxParallel=3,
-           script=f"s=$(date +%s%N); sleep 1; echo \"$(hostname) $s $(date +%s%N)\" >> {log}\n")
+           # Long enough that three overlap even when dispatches lag on a loaded machine.
+           script=f"s=$(date +%s%N); sleep 3; echo \"$(hostname) $s $(date +%s%N)\" >> {log}\n")
     obj = ns.finished("fan", timeout=180)
     status = obj["status"]
     assert status["phase"] == "Succeeded", status
