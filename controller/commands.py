@@ -113,7 +113,7 @@ def advance(
         log.info("Asked the workers of %s to terminate process group %s of RemoteCommand %s/%s",
                  vm, pgid, namespace, name)
     for vm, attempt in step.dispatch:
-        send(ctx, body, spec, vm, attempt, queues[vm] or "")
+        send(ctx, body, spec, status, vm, attempt, queues[vm] or "")
     return status
 
 
@@ -122,11 +122,18 @@ def _queue(ctx: Context, namespace: str, vm: str) -> str:
     return vm_queue(obj) if obj is not None else default_queue(namespace, vm)
 
 
-def send(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec, vm: str, attempt: int, queue: str) -> None:
+def send(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec, status: dict[str, Any],
+         vm: str, attempt: int, queue: str) -> None:
+    """Send one attempt; ``status`` is the command's status as written (the dispatch recorded)."""
     meta = body["metadata"]
+    results = status.get("results") or []
+    index = next(i for i, entry in enumerate(results) if entry.get("vm") == vm)
+    entry = results[index]
     envelope = Envelope(
         namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], vm=vm,
         attempt=attempt, dispatch_time=now_rfc3339(), spec=spec.wire(),
+        index=index, targets=len(results), command_start=status.get("startTime"),
+        lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
     )
     ctx.dispatcher.send(envelope, queue)
     wake_for_dispatch(ctx, meta["namespace"], vm)  # a VM scaled to zero gets a worker now
@@ -178,7 +185,7 @@ def start(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec) -> None:
             return  # changed meanwhile: the next event brings the newer object
         raise
     for target, attempt in step.dispatch:
-        send(ctx, body, spec, target, attempt, queues[target] or "")
+        send(ctx, body, spec, status, target, attempt, queues[target] or "")
 
 
 def fold_cancelled(folded: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:

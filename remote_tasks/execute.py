@@ -162,7 +162,9 @@ class Attempt:
     def _claim_ops(self, fields: dict[str, Any], remove: tuple[str, ...]) -> claims.Patch:
         now = now_rfc3339()
         after = {**self.current, "phase": Phase.RUNNING, "startTime": now, "worker": self.worker}
-        ops = claims.claim_patch(self.index, self.envelope.vm, self.envelope.attempt, self.worker, now)
+        ops = [{"op": "test", "path": "/metadata/uid", "value": self.envelope.uid},
+               *claims.claim_patch(self.index, self.envelope.vm, self.envelope.attempt,
+                                   self.worker, now)]
         base = f"/status/results/{self.index}"
         for key, value in fields.items():
             if value is not None:
@@ -194,7 +196,7 @@ class Attempt:
                 return False
             raise
         self._claimed(obj)
-        return True
+        return not self.deleting  # deleted meanwhile: claimed, but never started
 
     def _claimed(self, obj: dict[str, Any]) -> None:
         self.claimed = True
@@ -306,32 +308,47 @@ class CommandExecutor:
 
     def execute(self, envelope: Envelope, worker: str) -> str:
         """Run the attempt if this delivery wins the claim. Returns what happened, for logs."""
-        obj = self.kube.get_command(envelope.namespace, envelope.name)
-        if obj is None or obj["metadata"].get("uid") != envelope.uid:
-            log.info("Skipped RemoteCommand %s on %s: it no longer exists", envelope.ref, envelope.vm)
-            return "gone"
-        index = claims.result_index(obj.get("status"), envelope.vm)
-        entry = obj["status"]["results"][index] if index is not None else {}
-        if entry.get("phase") != Phase.QUEUED or entry.get("attempt") != envelope.attempt:
-            log.info(
-                "Skipped RemoteCommand %s on %s attempt %s: already %s",
-                envelope.ref, envelope.vm, envelope.attempt, entry.get("phase", "unknown"),
-            )
-            return "duplicate"
-        if obj["metadata"].get("deletionTimestamp"):
-            log.info("Skipped RemoteCommand %s on %s: it is being deleted", envelope.ref, envelope.vm)
-            return "cancelled"
-        assert index is not None
-        attempt = Attempt(self.kube, envelope, index, worker, entry, obj.get("status") or {})
+        if envelope.index is not None:
+            # The envelope says where the attempt's entry is: no read before the claim
+            # (whose test operations check uid, vm, phase and attempt).
+            index = envelope.index
+            entry = {"vm": envelope.vm, "phase": Phase.QUEUED, "attempt": envelope.attempt,
+                     "lostPgid": envelope.lost_pgid, "lostMarker": envelope.lost_marker}
+            status: dict[str, Any] = {"startTime": envelope.command_start,
+                                      "results": [entry] * max(envelope.targets, 1)}
+            spec_body = envelope.spec
+        else:
+            obj = self.kube.get_command(envelope.namespace, envelope.name)
+            if obj is None or obj["metadata"].get("uid") != envelope.uid:
+                log.info("Skipped RemoteCommand %s on %s: it no longer exists", envelope.ref, envelope.vm)
+                return "gone"
+            found = claims.result_index(obj.get("status"), envelope.vm)
+            entry = obj["status"]["results"][found] if found is not None else {}
+            if entry.get("phase") != Phase.QUEUED or entry.get("attempt") != envelope.attempt:
+                log.info(
+                    "Skipped RemoteCommand %s on %s attempt %s: already %s",
+                    envelope.ref, envelope.vm, envelope.attempt, entry.get("phase", "unknown"),
+                )
+                return "duplicate"
+            if obj["metadata"].get("deletionTimestamp"):
+                log.info("Skipped RemoteCommand %s on %s: it is being deleted", envelope.ref, envelope.vm)
+                return "cancelled"
+            assert found is not None
+            index, status, spec_body = found, obj.get("status") or {}, obj["spec"]
+        attempt = Attempt(self.kube, envelope, index, worker, entry, status)
         host: str | None = None
         spec: RemoteCommandSpec | None = None
         try:
-            spec = RemoteCommandSpec.model_validate(obj["spec"])
+            spec = RemoteCommandSpec.model_validate(spec_body)
             target = self.command_target(envelope.namespace, envelope.vm)
             host = target.host
-            outcome = self.run(envelope, spec, target, attempt, obj.get("status") or {})
+            outcome = self.run(envelope, spec, target, attempt, status)
         except NotStarted:
-            return "duplicate"  # another delivery claimed it (or the command is gone)
+            if not attempt.claimed:
+                return "duplicate"  # another delivery claimed it (or the command is gone)
+            # Claimed, but the command is being deleted: it never started.
+            outcome = Outcome(Phase.CANCELLED, Reason.CANCELLED,
+                              "cancelled before it started: the RemoteCommand was deleted")
         except AttemptFailed as failed:
             outcome = Outcome(Phase.FAILED, failed.reason, failed.message)
         except ValidationError as exc:

@@ -101,3 +101,15 @@ def test_a_single_vm_command_is_folded_by_its_worker_so_the_controller_writes_no
 def test_commands_with_several_vms_are_folded_by_the_controller_only():
     status = {"results": [{"vm": "vm1", "phase": "Queued"}, {"vm": "vm2", "phase": "Queued"}]}
     assert fold_ops(status, {"vm": "vm1", "phase": "Running"}, "t1") == []
+
+
+def test_the_envelope_carries_what_the_worker_claims_with_and_old_messages_still_parse():
+    from vmfleet.api.envelope import Envelope
+
+    new = Envelope("ns", "c", "uid-1", "vm2", 2, "t0", {"command": "true"}, index=1, targets=3,
+                   command_start="t-1", lost_pgid=4242, lost_marker="abc")
+    assert Envelope.from_message(new.to_message()) == new
+    old = {"namespace": "ns", "name": "c", "uid": "uid-1", "vm": "vm2", "attempt": 2,
+           "dispatch_time": "t0", "spec": {"command": "true"}}
+    parsed = Envelope.from_message(old)
+    assert parsed.index is None and parsed.lost_pgid is None  # the worker reads the command
