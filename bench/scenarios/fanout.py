@@ -109,8 +109,8 @@ class Vmfleet:
 
     def check(self, name: str, phase: str) -> None:
         """Succeeded, summary.succeeded == 50, every result exit 0 on attempt 1."""
-        obj = self.cluster.kube.custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE,
-                                                                    COMMAND_PLURAL, name)
+        obj: dict[str, Any] = self.cluster.kube.custom.get_namespaced_custom_object(  # type: ignore[assignment]
+            GROUP, VERSION, NAMESPACE, COMMAND_PLURAL, name)
         status = obj.get("status") or {}
         summary = status.get("summary") or {}
         if phase != "Succeeded" or summary.get("succeeded") != N_VMS:
