@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,12 +78,32 @@ def _reconcile(ctx: Context, body: dict[str, Any], *, deleting: bool) -> bool:
     folded = fold(results, status, now_rfc3339())
     if deleting and all(e.get("phase") in Phase.TERMINAL for e in results):
         folded = fold_cancelled(folded, status)
-    if changed(status, folded):
+    if changed(status, folded) and not _coalesced(ctx, meta["uid"], status, folded, len(results)):
         ctx.kube.patch_command_status(namespace, name, {"status": folded})
         if folded["phase"] in Phase.TERMINAL:
             log.info("RemoteCommand %s/%s %s (%s)", namespace, name, folded["phase"],
                      folded["completions"])
     return all(e.get("phase") in Phase.TERMINAL for e in results)
+
+
+# While a fan-out runs, its summary is written at most this often (the phase at once):
+# 50 workers finishing together would otherwise cost 50 writes to one object.
+FOLD_INTERVAL = float(os.environ.get("VMFLEET_FOLD_INTERVAL_SECONDS", "1"))
+
+
+def _coalesced(ctx: Context, uid: str, status: dict[str, Any], folded: dict[str, Any],
+               targets: int) -> bool:
+    """Whether to skip writing a fold now: only counts changed, on a command with several
+    VMs, and the last write was under ``FOLD_INTERVAL`` ago (the 5 s timer catches up)."""
+    now = time.monotonic()
+    if targets > 1 and folded["phase"] == status.get("phase") and folded["phase"] not in Phase.TERMINAL:
+        if now - ctx.fold_written.get(uid, 0.0) < FOLD_INTERVAL:
+            return True
+    if folded["phase"] in Phase.TERMINAL:
+        ctx.fold_written.pop(uid, None)
+    else:
+        ctx.fold_written[uid] = now
+    return False
 
 
 def advance(
@@ -134,6 +155,7 @@ def send(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec, status: di
         attempt=attempt, dispatch_time=now_rfc3339(), spec=spec.wire(),
         index=index, targets=len(results), command_start=status.get("startTime"),
         lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
+        entry_keys=tuple(sorted(key for key, value in entry.items() if value is not None)),
     )
     ctx.dispatcher.send(envelope, queue)
     wake_for_dispatch(ctx, meta["namespace"], vm)  # a VM scaled to zero gets a worker now

@@ -52,6 +52,8 @@ class Context:
     dispatcher: Dispatcher
     runtime: Runtime
     vms: VMCache = field(init=False)
+    # When each running fan-out's fold was last written (commands.FOLD_INTERVAL).
+    fold_written: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.vms = VMCache(self.kube)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import time
 import uuid
 from datetime import timedelta
@@ -133,6 +134,15 @@ _CONNECTION_REASONS = frozenset({Reason.HOST_KEY_MISMATCH, Reason.AUTH_FAILED,
 _ATTEMPT_FIELDS = ("pgid", "processMarker", "heartbeatTime", "lostPgid", "lostMarker", "retryAfter")
 
 
+# A claim or result write the API server could not finish (a 5xx: e.g. etcd timing out
+# while 50 workers write one fan-out's object at once) is tried again this many times.
+WRITE_TRIES = int(os.environ.get("VMFLEET_WRITE_TRIES", "8"))
+
+
+def _server_side(exc: ApiException) -> bool:
+    return exc.status is None or exc.status == 0 or exc.status >= 500 or exc.status == 429
+
+
 class Attempt:
     """One delivery's attempt: it claims the VM's result entry, then writes only to it,
     only while it still owns it.
@@ -151,13 +161,43 @@ class Attempt:
         self.entry = entry  # as read before the claim
         self.status = status or {}  # likewise: for folding a single-VM command
         self.current = {key: value for key, value in entry.items() if value is not None}
-        self.present = set(self.current)
+        # Fields the entry has: what the attempt read, or what the envelope lists.
+        self.present = set(self.current) | set(envelope.entry_keys)
         self.claimed = False
         self.claim_lost = False  # another delivery claimed it, or the command is gone
         self.lost = False
         self.deleting = False
         self.claimed_at = 0.0
         self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+
+    def _write(self, patch: claims.Patch, landed: str) -> dict[str, Any]:
+        """Apply a JSON Patch, again after a server-side error (jittered backoff).
+
+        A retry that fails its ``test`` operations (422) may mean the first try did land
+        before the error: if the entry shows this attempt's ``landed`` phase, written by
+        this worker, it did, and the object is returned; else the 422 stands.
+        """
+        delay = 0.2
+        for attempt_no in range(1, WRITE_TRIES + 1):
+            try:
+                return self.kube.patch_command_status(self.envelope.namespace, self.envelope.name,
+                                                      patch)
+            except ApiException as exc:
+                if exc.status == 422 and attempt_no > 1:
+                    obj = self.kube.get_command(self.envelope.namespace, self.envelope.name)
+                    results = ((obj or {}).get("status") or {}).get("results") or []
+                    entry = results[self.index] if self.index < len(results) else {}
+                    if (obj is not None and entry.get("worker") == self.worker
+                            and entry.get("attempt") == self.envelope.attempt
+                            and entry.get("phase") == landed):
+                        return obj
+                if not _server_side(exc) or attempt_no == WRITE_TRIES:
+                    raise
+                log.warning("Writing %s on %s failed (%s %s); trying again in %.1fs",
+                            self.envelope.ref, self.envelope.vm, exc.status, exc.reason, delay)
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(delay * 2, 5.0)
+        raise AssertionError("unreachable")
 
     def _claim_ops(self, fields: dict[str, Any], remove: tuple[str, ...]) -> claims.Patch:
         now = now_rfc3339()
@@ -170,25 +210,26 @@ class Attempt:
             if value is not None:
                 ops.append({"op": "add", "path": f"{base}/{key}", "value": value})
                 after[key] = value
+        gone = set()
         for key in remove:
             if key in self.present and fields.get(key) is None:
                 ops.append({"op": "remove", "path": f"{base}/{key}"})
                 after.pop(key, None)
+                gone.add(key)
         self.current = after
+        self.present = (self.present | set(after)) - gone
         return ops + claims.fold_ops(self.status, after, now)
 
     def claim(self, pgid: int | None, nonce: str) -> bool:
         """The gate: claim the attempt with its remote process group; False if it is not ours."""
         fields = {"pgid": pgid, "processMarker": nonce if pgid is not None else None,
                   "heartbeatTime": now_rfc3339()}
-        before = dict(self.current)
+        before = dict(self.current), set(self.present)
         try:
-            obj = self.kube.patch_command_status(
-                self.envelope.namespace, self.envelope.name,
-                self._claim_ops(fields, remove=("lostPgid", "lostMarker")),
-            )
+            obj = self._write(self._claim_ops(fields, remove=("lostPgid", "lostMarker")),
+                              landed=Phase.RUNNING)
         except ApiException as exc:
-            self.current = before
+            self.current, self.present = before
             if exc.status in (404, 409, 422):
                 self.claim_lost = True
                 log.info("Skipped RemoteCommand %s on %s: %s", self.envelope.ref, self.envelope.vm,
@@ -200,7 +241,6 @@ class Attempt:
 
     def _claimed(self, obj: dict[str, Any]) -> None:
         self.claimed = True
-        self.present = set(self.current)
         self.claimed_at = metrics.command_claimed(self.envelope.dispatch_time)
         self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
         if obj.get("metadata", {}).get("deletionTimestamp"):
@@ -217,9 +257,9 @@ class Attempt:
                                     self.worker, fields, remove=gone)
         if fold:
             patch += claims.fold_ops(self.status, after, now_rfc3339())
-        obj = self.kube.patch_command_status(self.envelope.namespace, self.envelope.name, patch)
+        obj = self._write(patch, landed=str(after.get("phase")))
         self.current = after
-        self.present = set(after)
+        self.present = (self.present | set(after)) - set(gone)
         if obj.get("metadata", {}).get("deletionTimestamp"):
             self.deleting = True
         return obj
@@ -251,8 +291,7 @@ class Attempt:
         remove = tuple(key for key, value in fields.items() if value is None) + _ATTEMPT_FIELDS
         if not self.claimed:
             try:
-                obj = self.kube.patch_command_status(self.envelope.namespace, self.envelope.name,
-                                                     self._claim_ops(fields, remove))
+                obj = self._write(self._claim_ops(fields, remove), landed=str(fields["phase"]))
             except ApiException as exc:
                 if exc.status in (404, 409, 422):
                     self.claim_lost = True

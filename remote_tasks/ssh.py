@@ -184,10 +184,15 @@ class Connection:
         target = self.target
         if target.jump is None:
             try:
-                return socket.create_connection((target.host, target.port),
+                sock = socket.create_connection((target.host, target.port),
                                                 timeout=target.connect_timeout)
             except OSError as exc:
                 raise TransportError(f"cannot connect to {target.host}:{target.port}: {exc}") from exc
+            # SSH sends small packets and waits for replies (channel open, exec, the go):
+            # with Nagle's algorithm each waits for the peer's delayed ACK, ~40 ms. OpenSSH
+            # sets this too.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
         # The bastion's own host key is verified when its pooled connection opens.
         bastion = (self.pool or ConnectionPool()).get(target.jump)
         assert bastion.transport is not None

@@ -180,5 +180,24 @@ def test_reconcile_of_a_deleted_command_is_quiet():
     body = {"metadata": {"namespace": "ns", "name": "gone", "uid": "u", "resourceVersion": "1"},
             "spec": {"vm": "vm1", "command": "true"},
             "status": {"startTime": ts(5), "results": [{"vm": "vm1", "phase": "Succeeded", "attempt": 1}]}}
-    ctx = SimpleNamespace(kube=GoneKube(), dispatcher=None)
+    ctx = SimpleNamespace(kube=GoneKube(), dispatcher=None, fold_written={})
     assert reconcile_command(ctx, body) is True
+
+
+def test_a_running_fan_outs_counts_are_written_at_most_once_a_second_its_phase_at_once(monkeypatch):
+    from types import SimpleNamespace
+
+    from controller import commands
+
+    clock = [100.0]
+    monkeypatch.setattr(commands.time, "monotonic", lambda: clock[0])
+    ctx = SimpleNamespace(fold_written={})
+    running = {"phase": "Running"}
+    assert not commands._coalesced(ctx, "u", running, {"phase": "Running"}, targets=50)
+    clock[0] += 0.3
+    assert commands._coalesced(ctx, "u", running, {"phase": "Running"}, targets=50)
+    assert not commands._coalesced(ctx, "u", running, {"phase": "Succeeded"}, targets=50)
+    assert "u" not in ctx.fold_written  # forgotten once finished
+    clock[0] += 0.1
+    assert not commands._coalesced(ctx, "v", running, {"phase": "Running"}, targets=1)
+    assert not commands._coalesced(ctx, "v", running, {"phase": "Running"}, targets=1)

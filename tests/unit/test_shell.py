@@ -127,3 +127,21 @@ def test_the_go_line_is_not_part_of_the_commands_stdin(tmp_path):
     proc = subprocess.run(["sh", "-c", invocation.line], input=GO + invocation.stdin,
                           capture_output=True, cwd=tmp_path, check=True)
     assert proc.stdout.split(b"\n", 1)[1] == b"hello\nworld\n"
+
+
+def test_connections_to_vms_disable_nagle():
+    """Without TCP_NODELAY every channel open waited ~40 ms for a delayed ACK."""
+    import socket
+
+    from remote_tasks.ssh import Connection, SSHTarget
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        conn = Connection(SSHTarget(host="127.0.0.1", port=port, user="u", private_key="",
+                                    host_keys=()))
+        sock = conn._socket()
+        try:
+            assert isinstance(sock, socket.socket)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        finally:
+            sock.close()

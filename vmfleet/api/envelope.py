@@ -35,6 +35,7 @@ class Envelope:
     command_start: str | None = None
     lost_pgid: int | None = None
     lost_marker: str | None = None
+    entry_keys: tuple[str, ...] = ()  # the fields the entry has (a previous attempt's go)
 
     def to_message(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +54,7 @@ class Envelope:
             command_start=message.get("command_start"),
             lost_pgid=int(lost_pgid) if lost_pgid is not None else None,
             lost_marker=message.get("lost_marker"),
+            entry_keys=tuple(message.get("entry_keys") or ()),
         )
 
     @property
