@@ -66,8 +66,11 @@ def shutdown(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.create(*VMS)
 @kopf.on.update(*VMS, field="spec")
 @metrics.counts_errors(c.VM_KIND)
-def vm_changed(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, **_: Any) -> None:
-    patch.status["workers"] = reconcile_vm(memo.ctx, dict(body))
+def vm_changed(body: kopf.Body, memo: kopf.Memo, patch: kopf.Patch, old: Any = None,
+               **_: Any) -> None:
+    # On a spec update, ``old`` is the previous spec (None on create and resume).
+    unpaused = bool(isinstance(old, dict) and old.get("paused"))
+    patch.status["workers"] = reconcile_vm(memo.ctx, dict(body), unpaused=unpaused)
     metrics.observe_workers(body.metadata["namespace"], body.metadata["name"], patch.status["workers"])
     patch.status["observedGeneration"] = body.metadata.get("generation")
 

@@ -124,15 +124,18 @@ def decide(ctx: Context, vm: VMRef, current: int) -> Decision:
     return f.autoscaler.decide(vm.key, workers, max(depth, queued), running, current)
 
 
-def reconcile_vm(ctx: Context, body: dict[str, Any]) -> dict[str, Any]:
-    """Ensure the workers; return the ``status.workers`` block."""
+def reconcile_vm(ctx: Context, body: dict[str, Any], *, unpaused: bool = False) -> dict[str, Any]:
+    """Ensure the workers; return the ``status.workers`` block. ``unpaused``: the spec
+    just changed from paused, so the commands waiting for the VM move on now."""
     vm = resolve_ref(ctx, body)
     with fleet(ctx).scaling(vm.key):
         decision = decide(ctx, vm, ctx.runtime.current_replicas(vm))
         workers = ctx.runtime.ensure(vm, decision.replicas)
     workers["queueDepth"] = decision.queue_depth
     fleet(ctx).refs[vm.key] = vm
-    if not vm.spec.paused:
+    if unpaused and not vm.spec.paused:
+        # Only then: listing every command of the namespace for each of 1,000 VMs when
+        # the controller starts cost a gigabyte (their own timers move them on anyway).
         resume_commands(ctx, vm)
     return workers
 
