@@ -1,7 +1,7 @@
 """What every benchmark scenario shares: the record of a run, statistics and the outputs.
 
 A scenario is a module in ``bench/scenarios/`` with ``SCENARIOS`` (the ids it measures)
-and ``run(bench: Bench) -> None``; it measures each system in alternation (round 1 of
+and ``run(bench: Bench, wanted: list[str]) -> None`` (``wanted``: the ids asked for); it measures each system in alternation (round 1 of
 every system, then round 2, ...) and records one value per round with
 ``bench.record(scenario, system, metric, values)``. The table shows the median and p95
 over the rounds, and the ratio of each system's median to the reference system of that
@@ -189,13 +189,14 @@ def markdown_table(rows: Sequence[Row]) -> str:
     order = {s: i for i, s in enumerate(SCENARIOS)}
     sysorder = {s: i for i, s in enumerate(SYSTEMS)}
     metorder = {m: i for i, m in enumerate(METRICS)}
-    lines = ["| scenario | system | metric | median | p95 | rounds | × vmfleet |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| scenario | system | metric | median | p95 | rounds | × vmfleet | note |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
     for row in sorted(rows, key=lambda r: (order[r.scenario], metorder[r.metric], sysorder[r.system])):
         r = ratio(row, rows)
+        note = row.note.replace("|", "/")
         lines.append(
             f"| {row.scenario} | {row.system} | {row.metric} | {_fmt(row.value)} | {_fmt(row.p95)} "
-            f"| {row.rounds} | {'' if r is None else f'{r:.2f}'} |"
+            f"| {row.rounds} | {'' if r is None else f'{r:.2f}'} | {note} |"
         )
     return "\n".join(lines)
 
