@@ -27,7 +27,10 @@ from vmfleet.kube import ApiException, Kube
 from vmfleet.policy import backoff_seconds, should_retry
 from vmfleet import metrics
 
+from vmfleet.celeryconf import broker_url
+
 from . import claims
+from .slots import write_turn
 from .shell import InvalidCommand, build_invocation
 from .ssh import (
     ConnectionPool,
@@ -160,6 +163,7 @@ class Attempt:
         self.worker = worker
         self.entry = entry  # as read before the claim
         self.status = status or {}  # likewise: for folding a single-VM command
+        self.fan_out = len(self.status.get("results") or []) > 1  # writes take turns
         self.current = {key: value for key, value in entry.items() if value is not None}
         # Fields the entry has: what the attempt read, or what the envelope lists.
         self.present = set(self.current) | set(envelope.entry_keys)
@@ -180,6 +184,10 @@ class Attempt:
         delay = 0.2
         for attempt_no in range(1, WRITE_TRIES + 1):
             try:
+                if self.fan_out:
+                    with write_turn(broker_url(), self.envelope.uid):
+                        return self.kube.patch_command_status(
+                            self.envelope.namespace, self.envelope.name, patch)
                 return self.kube.patch_command_status(self.envelope.namespace, self.envelope.name,
                                                       patch)
             except ApiException as exc:

@@ -60,10 +60,10 @@ INTERVALS = (
     ("dispatch", "received log", "controller's status write and publish + Redis + the worker's "
                                  "consumer, until Celery logs 'received'"),
     ("dispatch", "dispatched log", "(the controller: dispatch stamp until it logs 'Dispatched')"),
-    ("received log", "claim", "the worker's handler starts and GETs the command"),
+    ("received log", "claim", "the worker's handler starts, opens a channel on the pooled "
+                              "connection and starts the wrapper, which reports its process group"),
     ("claim", "claimed log", "the claim PATCH"),
-    ("claim", "started", "(claim until the 'started' write's stamp, when present)"),
-    ("claimed log", "done", "resolving the VM + the SSH exec of `true` on the pooled connection"),
+    ("claimed log", "done", "the go to the wrapper, `true` runs and exits"),
     ("done", "folded", "the terminal phase computed (0: in the worker's result write)"),
     ("done", "finished log", "the worker's result PATCH"),
     ("done", "watch seen", "the result write + the bench's watch event"),
