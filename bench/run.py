@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -24,7 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.harness import RESULTS, SCENARIOS, Bench, collect_versions, markdown_table, write_outputs  # noqa: E402
+from bench.harness import (  # noqa: E402
+    RESULTS, SCENARIOS, Bench, Row, collect_versions, markdown_table, write_outputs,
+)
 
 # Scenario modules, in the order they run, and the scenario ids each measures.
 MODULES = {
@@ -37,6 +40,21 @@ MODULES = {
 }
 
 
+def previous_rows(out: Path) -> list[Row]:
+    """The rows of an earlier run's latest.json (a quick run's notes say so)."""
+    try:
+        doc = json.loads((out / "latest.json").read_text())
+    except (OSError, ValueError):
+        return []
+    rows = []
+    for r in doc.get("rows", []):
+        note = r.get("note", "")
+        if doc.get("quick") and not note.startswith("QUICK"):
+            note = f"QUICK run {doc.get('date', '')}; {note}"
+        rows.append(Row(r["scenario"], r["system"], r["metric"], r["value"], r["p95"], r["rounds"], note))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", default=os.environ.get("QUICK") == "1",
@@ -44,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help=f"comma-separated scenario ids of {', '.join(SCENARIOS)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where latest.json/.md/.png go")
     parser.add_argument("--workdir", type=Path, default=None, help="servers' files (default: a temp dir)")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the other scenarios' rows of the existing latest.json "
+                             "(re-run some scenarios, one table)")
     args = parser.parse_args(argv)
     only = {s for s in args.only.split(",") if s}
     unknown = only - set(SCENARIOS)
@@ -68,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
             module.run(bench, wanted)
     finally:
         bench.close()
+    if args.update:
+        ran = {row.scenario for row in bench.rows}
+        for row in previous_rows(args.out):
+            if row.scenario not in ran:
+                bench.rows.append(row)
     path = write_outputs(bench, started, args.out)
     print(f"\n{markdown_table(bench.rows)}\n")
     for scenario, system, why in bench.skipped:

@@ -13,8 +13,8 @@
   tasks module importing paramiko, summed over the process group. RSS counts pages the
   prefork children share with the parent once per process, as ``ps``/``top`` do.
 - **vmfleet_controller**: ``kopf run -m controller`` with the Deployment runtime, on the
-  fleet of ``scale`` (``BigFleet``: 1,000 RemoteVMs; quick: 200) plus 10,000 RemoteCommands
-  (quick: 2,000) that are already finished: created while the controller is stopped,
+  fleet of ``scale`` (``BigFleet``: 1,000 RemoteVMs; quick: 100) plus 10,000 RemoteCommands
+  (quick: 1,000) that are already finished: created while the controller is stopped,
   given a terminal status through the status subresource, then the controller is
   started. *catch-up peak*: the peak from its start until every RemoteVM is reconciled
   again (its status fields are cleared first, as in ``scale``) and every RemoteCommand
@@ -311,7 +311,7 @@ def busy_frames(pid: int) -> str:
 
 def controller_rows(bench: Bench) -> None:
     fleet = big_fleet(bench)
-    total = 2000 if bench.quick else 10000
+    total = 1000 if bench.quick else 10000
     limit = 300 if bench.quick else 900  # seconds to catch up before reporting what it reached
     fleet.stop_controller()
     add_finished_commands(fleet, total)

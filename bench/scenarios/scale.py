@@ -41,7 +41,7 @@ SCENARIOS = ("scale_vms",)
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "bigfleet"
 THREADS = 16
-FULL_VMS, QUICK_VMS = 1000, 200
+FULL_VMS, QUICK_VMS = 1000, 100
 # What the controller runs with in production (as bench.fixtures.PRODUCTION).
 PRODUCTION = {"VMFLEET_HEARTBEAT_SECONDS": "5", "VMFLEET_WORKER_LOST_SECONDS": "30",
               "VMFLEET_KILL_GRACE_SECONDS": "3", "VMFLEET_WORKER_IMAGE": "vmfleet:bench"}
