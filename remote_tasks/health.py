@@ -31,7 +31,7 @@ from vmfleet.api.envelope import now_rfc3339
 from vmfleet.kube import ApiException
 
 from .execute import AttemptFailed, CommandExecutor
-from .ssh import ConnectionPool, HostKeyMismatch, SSHError, SSHTarget, fingerprint
+from .ssh import ConnectionPool, HostKeyMismatch, SSHError, SSHTarget, fingerprint, shutdown_write
 
 log = logging.getLogger("remote_tasks.health")
 
@@ -278,7 +278,7 @@ def _exec_with_deadline(transport: paramiko.Transport, line: str, deadline: floa
     holder["chan"] = chan
     try:
         chan.exec_command(line)
-        chan.shutdown_write()
+        shutdown_write(chan)
         out = bytearray()
         while True:
             remaining = deadline - time.monotonic()

@@ -40,7 +40,7 @@ def marker_for(nonce: str) -> str:
 GO = b"go\n"
 
 
-def wrap(body: str, nonce: str) -> str:
+def wrap(body: str, nonce: str, stdin: bool = True) -> str:
     """Run ``body`` in a POSIX sh that first reports its process group, then waits for a go.
 
     sshd makes the login shell of an exec request a session and process group leader;
@@ -52,11 +52,12 @@ def wrap(body: str, nonce: str) -> str:
     (``GO``): the worker claims the attempt, process group included, in a single API
     write between the two, and a delivery that loses the claim closes the channel, so its
     wrapper exits without running anything. ``read`` takes exactly that line from the
-    pipe; the rest of stdin is the command's.
+    pipe; the rest of stdin is the command's. Without ``stdin``, the command reads
+    /dev/null (the worker sends no EOF after the go).
     """
     script = (f"printf '%s %s\\n' {marker_for(nonce)} \"$$\"; "
               f"IFS= read -r vmfleet_go && [ \"$vmfleet_go\" = go ] || exit 0; unset vmfleet_go; "
-              f"{body}")
+              f"{'' if stdin else 'exec </dev/null; '}{body}")
     return "exec sh -c " + shlex.quote(script)
 
 
@@ -143,5 +144,5 @@ def build_invocation(spec: RemoteCommandSpec, nonce: str | None = None) -> Remot
         wd = spec.working_dir if spec.working_dir.startswith("/") else "./" + spec.working_dir
         line = f"cd -- {shlex.quote(wd)} && {line}"
     if nonce is not None:
-        line = wrap(line, nonce)
+        line = wrap(line, nonce, stdin=stdin is not None)
     return RemoteInvocation(line=line, stdin=stdin.encode() if stdin is not None else None)

@@ -316,8 +316,11 @@ class Connection:
         def start() -> None:
             if stdin:
                 threading.Thread(target=_feed_stdin, args=(chan, stdin), daemon=True).start()
-            else:
-                chan.shutdown_write()
+            elif nonce is None:
+                shutdown_write(chan)
+            # A wrapped command without stdin reads /dev/null (shell.wrap): no EOF is sent,
+            # which could otherwise race with the server closing the channel of a command
+            # that ended at once.
 
         def open_gate() -> None:
             nonlocal gated, refused
@@ -433,17 +436,33 @@ class Connection:
         try:
             chan.settimeout(grace + 15)
             chan.exec_command(terminate_line(pgid, grace, nonce))
-            chan.shutdown_write()
+            shutdown_write(chan)
             chan.recv_exit_status()
         finally:
             chan.close()
 
 
+def shutdown_write(chan: paramiko.Channel) -> None:
+    """Send EOF on ``chan`` unless it is already closed.
+
+    ``Channel.shutdown_write`` checks nothing: an EOF sent after the server closed the
+    channel makes OpenSSH drop the whole connection, every channel on it. The check here
+    narrows that race to the moment between it and the send (paramiko sends outside the
+    channel's lock); the wrapped commands without stdin need no EOF at all.
+    """
+    with chan.lock:
+        if chan.closed or chan.eof_sent or chan.transport is None:
+            return
+        message = chan._send_eof()  # type: ignore[attr-defined]
+    if message is not None:
+        chan.transport._send_user_message(message)  # type: ignore[attr-defined]
+
+
 def _feed_stdin(chan: paramiko.Channel, data: bytes) -> None:
     try:
         chan.sendall(data)
-        chan.shutdown_write()
-    except (OSError, paramiko.SSHException):
+        shutdown_write(chan)
+    except (OSError, EOFError, paramiko.SSHException):
         pass  # the command exited before reading all of stdin
 
 

@@ -145,3 +145,20 @@ def test_connections_to_vms_disable_nagle():
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         finally:
             sock.close()
+
+
+def test_a_wrapped_command_without_stdin_reads_dev_null_so_no_eof_is_needed(tmp_path):
+    """The worker sends only the go: an EOF after it could race the server's close."""
+    invocation = build_invocation(spec(command="cat; echo done"), nonce="abc123")
+    assert invocation.stdin is None
+    proc = subprocess.Popen(["sh", "-c", invocation.line], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(GO)
+    proc.stdin.flush()  # stdin stays open: without /dev/null, cat would wait for ever
+    try:
+        assert proc.wait(timeout=10) == 0
+        assert proc.stdout.read().split(b"\n", 1)[1] == b"done\n"
+    finally:
+        proc.stdin.close()
+        proc.kill()
