@@ -32,9 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import paramiko
 
 from bench.fixtures import vm_pool
+from bench.guide_app import SSHExecutor
 from bench.harness import Bench, alternate, latency_metrics, record_all
 from vmfleet.dev.sshd import SshdVM
 
@@ -120,7 +120,8 @@ class VmfleetSSH:
 
 
 class GuideBaseline:
-    """The guide's ``SSHExecutor``: a connection per command under a per-host lock.
+    """The guide's ``SSHExecutor`` (``bench.guide_app``, also what guide_send_task's worker
+    runs): a connection per command under a per-host lock.
 
     Same code shape as the guide (``SSHClient``, ``connect(key_filename=...)``,
     ``exec_command``, read stdout and stderr, ``recv_exit_status``, close); the host key
@@ -130,36 +131,13 @@ class GuideBaseline:
 
     def __init__(self, vm: SshdVM) -> None:
         self.vm = vm
-        self._connections: dict[str, Any] = {}  # as in the guide: declared, never used
-        self._locks: dict[str, threading.Lock] = {}
         self.known_hosts = str(vm.known_hosts_path)
-
-    def execute_command(self, host: str, port: int, username: str, ssh_key: str,
-                        command: str, timeout: int = 30) -> dict[str, Any]:
-        if host not in self._locks:
-            self._locks[host] = threading.Lock()
-        with self._locks[host]:
-            try:
-                ssh = paramiko.SSHClient()
-                ssh.load_host_keys(self.known_hosts)  # pinned, instead of AutoAddPolicy
-                ssh.set_missing_host_key_policy(paramiko.RejectPolicy())
-                ssh.connect(hostname=host, port=port, username=username, key_filename=ssh_key,
-                            timeout=timeout)
-                stdin, stdout, stderr = ssh.exec_command(command, timeout=timeout)
-                output = stdout.read().decode("utf-8").strip()
-                error = stderr.read().decode("utf-8").strip()
-                exit_code = stdout.channel.recv_exit_status()
-                ssh.close()
-                return {"host": host, "command": command, "exit_code": exit_code,
-                        "output": output, "error": error, "success": exit_code == 0,
-                        "timestamp": time.time()}
-            except Exception as e:
-                return {"host": host, "command": command, "exit_code": -1, "output": "",
-                        "error": str(e), "success": False, "timestamp": time.time()}
+        self.executor = SSHExecutor()  # the one guide_send_task's worker runs
 
     def one(self) -> None:
         vm = self.vm
-        result = self.execute_command(vm.host, vm.port, vm.user, str(vm.user_key_path), COMMAND)
+        result = self.executor.execute_command(vm.host, vm.user, str(vm.user_key_path), COMMAND,
+                                               port=vm.port, known_hosts=self.known_hosts)
         check_exit("guide_baseline", result["exit_code"], result["error"])
 
     def close(self) -> None:
