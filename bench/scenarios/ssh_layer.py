@@ -32,7 +32,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-
 from bench.fixtures import vm_pool
 from bench.guide_app import SSHExecutor
 from bench.harness import Bench, alternate, latency_metrics, record_all
