@@ -174,12 +174,13 @@ class Attempt:
         self.claimed_at = 0.0
         self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
 
-    def _write(self, patch: claims.Patch, landed: str) -> dict[str, Any]:
+    def _write(self, patch: claims.Patch, landed: dict[str, Any]) -> dict[str, Any]:
         """Apply a JSON Patch, again after a server-side error (jittered backoff).
 
         A retry that fails its ``test`` operations (422) may mean the first try did land
-        before the error: if the entry shows this attempt's ``landed`` phase, written by
-        this worker, it did, and the object is returned; else the 422 stands.
+        before the error: if the entry, written by this worker, shows the ``landed``
+        fields (phase and attempt as this patch sets them), it did, and the object is
+        returned; else the 422 stands.
         """
         delay = 0.2
         for attempt_no in range(1, WRITE_TRIES + 1):
@@ -195,9 +196,8 @@ class Attempt:
                     obj = self.kube.get_command(self.envelope.namespace, self.envelope.name)
                     results = ((obj or {}).get("status") or {}).get("results") or []
                     entry = results[self.index] if self.index < len(results) else {}
-                    if (obj is not None and entry.get("worker") == self.worker
-                            and entry.get("attempt") == self.envelope.attempt
-                            and entry.get("phase") == landed):
+                    if obj is not None and entry.get("worker") == self.worker and all(
+                            entry.get(key) == value for key, value in landed.items()):
                         return obj
                 if not _server_side(exc) or attempt_no == WRITE_TRIES:
                     raise
@@ -206,6 +206,12 @@ class Attempt:
             time.sleep(delay * random.uniform(0.5, 1.5))
             delay = min(delay * 2, 5.0)
         raise AssertionError("unreachable")
+
+    def _landed(self, entry: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What the entry shows once a patch leading to ``entry`` (default: the current
+        state) has landed."""
+        entry = self.current if entry is None else entry
+        return {"phase": entry.get("phase"), "attempt": entry.get("attempt")}
 
     def _claim_ops(self, fields: dict[str, Any], remove: tuple[str, ...]) -> claims.Patch:
         now = now_rfc3339()
@@ -235,7 +241,7 @@ class Attempt:
         before = dict(self.current), set(self.present)
         try:
             obj = self._write(self._claim_ops(fields, remove=("lostPgid", "lostMarker")),
-                              landed=Phase.RUNNING)
+                              landed=self._landed())
         except ApiException as exc:
             self.current, self.present = before
             if exc.status in (404, 409, 422):
@@ -265,7 +271,7 @@ class Attempt:
                                     self.worker, fields, remove=gone)
         if fold:
             patch += claims.fold_ops(self.status, after, now_rfc3339())
-        obj = self._write(patch, landed=str(after.get("phase")))
+        obj = self._write(patch, landed=self._landed(after))
         self.current = after
         self.present = (self.present | set(after)) - set(gone)
         if obj.get("metadata", {}).get("deletionTimestamp"):
@@ -299,7 +305,7 @@ class Attempt:
         remove = tuple(key for key, value in fields.items() if value is None) + _ATTEMPT_FIELDS
         if not self.claimed:
             try:
-                obj = self._write(self._claim_ops(fields, remove), landed=str(fields["phase"]))
+                obj = self._write(self._claim_ops(fields, remove), landed=self._landed())
             except ApiException as exc:
                 if exc.status in (404, 409, 422):
                     self.claim_lost = True

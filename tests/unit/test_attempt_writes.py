@@ -88,3 +88,15 @@ def test_a_deleted_command_is_claimed_but_never_started():
     a = attempt(kube)
     assert a.claim(4242, "n0") is False
     assert a.claimed and a.deleting
+
+
+def test_a_result_that_landed_before_the_timeout_is_recognised_also_when_it_schedules_a_retry():
+    kube = FlakyKube([{"metadata": {}}])
+    a = attempt(kube)
+    assert a.claim(4242, "n0")
+    # The result write (a retry: Pending, attempt 2) times out but did land.
+    kube.answers = [ApiException(status=504), ApiException(status=422)]
+    kube.stored = {"metadata": {}, "status": {"results": [
+        {"vm": "vm1", "phase": "Pending", "attempt": 2, "worker": "w1"}]}}
+    assert a.finish({"phase": "Pending", "attempt": 2, "reason": "TransportError",
+                     "retryAfter": "t", "completionTime": None}) is True
