@@ -1,269 +1,412 @@
-"""RemoteCommand reconciliation: resolve targets, schedule attempts, fold results into status.
+"""RemoteCommands as the controller holds them: the only writer of their status.
 
-One idempotent function, called for every watch event and by a timer while the command
-is not finished. The controller writes ``results`` once in full (the initial entries,
-with a resourceVersion precondition); after that it changes entries only with JSON
-Patches guarded by each entry's phase and attempt (``schedule.plan``), and writes the
-folded fields (phase, summary, conditions) with a merge patch that never touches results.
+The controller keeps each unfinished command's status in memory (``Tracked``): the
+watch brings new commands, the workers' reports (``vmfleet.state``) and the scheduler
+(``schedule.plan``) change the copy, and ``Writer`` writes what changed, batched:
+everything that arrived for one command within a short window goes out in one patch.
+A change says how soon it must be written (``Urgency``): a result at once, a claim or
+a dispatch within a few tens of milliseconds (so a short command's claim and result
+usually travel in one write), progress every few seconds. Reports are acknowledged
+only when the write carrying them has landed.
+
+Finished commands are dropped from memory (a ``ttlSecondsAfterFinished`` keeps a small
+expiry record); deleting a command needs no finalizer: the watch's DELETED event cancels
+its attempts through Redis, and a controller that was down when it happened cancels
+it at start (``vmfleet.state`` keeps the set of live commands).
 """
 
 from __future__ import annotations
 
+import copy
+import heapq
 import logging
-import os
+import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes.client import V1DeleteOptions, V1Preconditions
 from pydantic import ValidationError
 
 from vmfleet.api import constants as c
-from vmfleet.api.constants import TASK_TERMINATE, Phase, Reason, default_queue
-from vmfleet.api.envelope import Envelope, now_rfc3339, parse_rfc3339
+from vmfleet.api.constants import (
+    TASK_EXECUTE,
+    TASK_TERMINATE,
+    TASK_TRANSFER_CLEANUP,
+    Phase,
+    Reason,
+)
+from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.kube import ApiException
+from vmfleet.fold import fold, set_condition
+from vmfleet.state import State, attempt_member
 
 from . import schedule
-from .context import Context
-from .vms import wake_for_dispatch
-from vmfleet.fold import changed, fold, set_condition
+from .reports import FINISHED, PROGRESS, apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
-from .transfers import reconcile_transfer, start_transfer
+from .transfers import initial_transfer_results, send_transfer
 
 log = logging.getLogger("controller.commands")
 
-TIMING = schedule.Timing(
-    lost_after=float(os.environ.get("VMFLEET_WORKER_LOST_SECONDS", "30")),
-    redispatch_after=float(os.environ.get("VMFLEET_REDISPATCH_SECONDS", "300")),
-)
+
+@dataclass(frozen=True)
+class Urgency:
+    """How soon a change must be written (seconds)."""
+
+    start: float = 0.05  # initial entries: a quick command's claim and result join them
+    claimed: float = 0.1
+    progress: float = 2.0
+    finished: float = 0.0
+    per_target: float = 0.002  # a fan-out's results wait this much longer per VM (capped)
+    fan_out_cap: float = 0.25
 
 
-def reconcile_command(ctx: Context, body: dict[str, Any], *, deleting: bool = False) -> bool:
-    """Move the command on; returns True once every result entry has ended."""
-    try:
-        return _reconcile(ctx, body, deleting=deleting)
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        # A watch event can arrive after the object was deleted (e.g. `vmfleet exec`
-        # deletes its command as soon as it has the result): nothing is left to do.
-        meta = body["metadata"]
-        log.debug("RemoteCommand %s/%s is gone", meta.get("namespace"), meta.get("name"))
-        return True
+@dataclass
+class Tracked:
+    """One unfinished RemoteCommand: its status as wanted now and as last written."""
+
+    namespace: str
+    name: str
+    uid: str
+    spec: RemoteCommandSpec
+    status: dict[str, Any]
+    written: dict[str, Any] | None
+    ttl: int | None = None
+    due: float | None = None  # monotonic time by which ``status`` must be written
+    acks: list[str] = field(default_factory=list)  # reports carried by the next write
+    failures: int = 0
+    lock: threading.RLock = field(default_factory=threading.RLock)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def finished(self) -> bool:
+        return self.status.get("phase") in Phase.TERMINAL
+
+    def want(self, delay: float, now: float | None = None) -> None:
+        at = (time.monotonic() if now is None else now) + delay
+        self.due = at if self.due is None else min(self.due, at)
 
 
-def _reconcile(ctx: Context, body: dict[str, Any], *, deleting: bool) -> bool:
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    status: dict[str, Any] = body.get("status") or {}
-    if status.get("phase") in Phase.TERMINAL and not deleting:
-        return True
-    try:
-        spec = RemoteCommandSpec.model_validate(body.get("spec") or {})
-    except ValidationError as exc:
-        reject(ctx, body, f"the spec is invalid: {exc.errors()[0].get('msg', exc)}")
-        return True
-    if status.get("results") is None:
-        if deleting:
-            return True  # nothing was dispatched
-        start(ctx, body, spec)
-        return False
-    if spec.transfer is not None:
-        if reconcile_transfer(ctx, body, spec):
-            return False  # lost attempts were handled: the next event folds the new entries
-    else:
-        status = advance(ctx, body, spec, status, deleting=deleting)
-    results = status["results"]
-    folded = fold(results, status, now_rfc3339())
-    if deleting and all(e.get("phase") in Phase.TERMINAL for e in results):
-        folded = fold_cancelled(folded, status)
-    if changed(status, folded) and not _coalesced(ctx, meta["uid"], status, folded, len(results)):
-        ctx.kube.patch_command_status(namespace, name, {"status": folded})
-        if folded["phase"] in Phase.TERMINAL:
-            log.info("RemoteCommand %s/%s %s (%s)", namespace, name, folded["phase"],
-                     folded["completions"])
-    return all(e.get("phase") in Phase.TERMINAL for e in results)
+# The hooks the command logic needs from the rest of the controller.
+Sender = Callable[[str, list[Any], str], None]  # (task, args, queue)
+VMLookup = Callable[[str, str], dict[str, Any] | None]
+VMLister = Callable[[str, str], list[dict[str, Any]]]  # (namespace, label selector)
+TargetOf = Callable[[dict[str, Any]], Target]
+Wake = Callable[[str, str], None]  # a dispatch to a VM that may be at zero replicas
+Delete = Callable[[str, str, str], None]  # (uid, namespace, name): ttlSecondsAfterFinished
 
 
-# While a fan-out runs, its summary is written at most this often (the phase at once):
-# 50 workers finishing together would otherwise cost 50 writes to one object.
-FOLD_INTERVAL = float(os.environ.get("VMFLEET_FOLD_INTERVAL_SECONDS", "1"))
+class Commands:
+    """Every unfinished command of the watched namespaces, and what to do with them."""
 
+    def __init__(self, state: State, send: Sender, get_vm: VMLookup, list_vms: VMLister,
+                 target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing = schedule.Timing(),
+                 urgency: Urgency = Urgency()) -> None:
+        self.state = state
+        self.send = send
+        self.get_vm = get_vm
+        self.list_vms = list_vms
+        self.target_of = target_of
+        self.wake = wake
+        self.delete = delete
+        self.timing = timing
+        self.urgency = urgency
+        self._lock = threading.Lock()
+        self._tracked: dict[str, Tracked] = {}
+        self._expiries: list[tuple[float, str, str, str]] = []  # (wall time, uid, ns, name)
+        self._expiring: set[str] = set()
+        self.changed = threading.Condition()
 
-def _coalesced(ctx: Context, uid: str, status: dict[str, Any], folded: dict[str, Any],
-               targets: int) -> bool:
-    """Whether to skip writing a fold now: only counts changed, on a command with several
-    VMs, and the last write was under ``FOLD_INTERVAL`` ago (the 5 s timer catches up)."""
-    now = time.monotonic()
-    if targets > 1 and folded["phase"] == status.get("phase") and folded["phase"] not in Phase.TERMINAL:
-        if now - ctx.fold_written.get(uid, 0.0) < FOLD_INTERVAL:
-            return True
-    if folded["phase"] in Phase.TERMINAL:
-        ctx.fold_written.pop(uid, None)
-    else:
-        ctx.fold_written[uid] = now
-    return False
+    # ------------------------------------------------------------------ the watch
 
-
-def advance(
-    ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec, status: dict[str, Any],
-    *, deleting: bool = False,
-) -> dict[str, Any]:
-    """Apply ``schedule.plan``; returns the status as it is afterwards."""
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    vms = {vm: ctx.vms.get(namespace, vm) for vm in sorted(schedule.pending_vms(status))}
-    queues = {vm: (vm_queue(obj) if obj is not None else None) for vm, obj in vms.items()}
-    paused = frozenset(vm for vm, obj in vms.items() if obj and obj["spec"].get("paused"))
-    step = schedule.plan(spec, status, datetime.now(UTC), queues=queues, deleting=deleting,
-                         timing=TIMING, paused=paused)
-    if not step:
-        return status
-    if step.changes:
+    def observe(self, obj: dict[str, Any]) -> None:
+        """A RemoteCommand from the watch (or the start-up list)."""
+        meta = obj["metadata"]
+        uid = meta["uid"]
+        with self._lock:
+            if uid in self._tracked:
+                return  # ours: the event is the echo of a write (or older than our copy)
+        status = obj.get("status") or {}
+        spec_body = obj.get("spec") or {}
+        if status.get("phase") in Phase.TERMINAL:
+            self._expire_later(uid, meta["namespace"], meta["name"], spec_body, status)
+            return
         try:
-            updated = ctx.kube.patch_command_status(namespace, name, schedule.json_patch(step.changes))
-        except ApiException as exc:
-            if exc.status in (409, 422):
-                return status  # a worker wrote meanwhile: the next event plans again
-            raise
-        status = updated.get("status") or status
-    for vm, pgid, marker in step.terminate:
-        ctx.dispatcher.send_task(TASK_TERMINATE, [namespace, vm, pgid, marker],
-                                 queues.get(vm) or _queue(ctx, namespace, vm))
-        log.info("Asked the workers of %s to terminate process group %s of RemoteCommand %s/%s",
-                 vm, pgid, namespace, name)
-    for vm, attempt in step.dispatch:
-        send(ctx, body, spec, status, vm, attempt, queues[vm] or "")
-    return status
+            spec = RemoteCommandSpec.model_validate(spec_body)
+        except ValidationError as exc:
+            self._reject(obj, f"the spec is invalid: {exc.errors()[0].get('msg', exc)}")
+            return
+        tracked = Tracked(meta["namespace"], meta["name"], uid, spec,
+                          copy.deepcopy(status), copy.deepcopy(status) if status else None,
+                          ttl=spec.ttl_seconds_after_finished)
+        with self._lock:
+            if uid in self._tracked:
+                return
+            self._tracked[uid] = tracked
+        with tracked.lock:
+            if tracked.status.get("results") is None:
+                self.start(tracked)
+            else:
+                self.advance(tracked)
+        self._notify()
 
+    def deleted(self, obj: dict[str, Any]) -> list[str]:
+        """The command is gone: cancel what runs or waits. Returns reports to acknowledge."""
+        uid = obj["metadata"]["uid"]
+        with self._lock:
+            tracked = self._tracked.pop(uid, None)
+            self._expiring.discard(uid)
+        if tracked is None:
+            return []
+        with tracked.lock:
+            acks, tracked.acks = tracked.acks, []
+            running = [e["vm"] for e in tracked.status.get("results") or []
+                       if e.get("phase") not in Phase.TERMINAL]
+        if running:
+            self.state.cancel(uid)
+            log.info("Cancelled RemoteCommand %s on %s: it was deleted", tracked.ref,
+                     ", ".join(running))
+        else:
+            self.state.finished(uid)
+        return acks
 
-def _queue(ctx: Context, namespace: str, vm: str) -> str:
-    obj = ctx.vms.get(namespace, vm)
-    return vm_queue(obj) if obj is not None else default_queue(namespace, vm)
+    def get(self, uid: str) -> Tracked | None:
+        with self._lock:
+            return self._tracked.get(uid)
 
+    def uids(self) -> set[str]:
+        with self._lock:
+            return set(self._tracked)
 
-def send(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec, status: dict[str, Any],
-         vm: str, attempt: int, queue: str) -> None:
-    """Send one attempt; ``status`` is the command's status as written (the dispatch recorded)."""
-    meta = body["metadata"]
-    results = status.get("results") or []
-    index = next(i for i, entry in enumerate(results) if entry.get("vm") == vm)
-    entry = results[index]
-    envelope = Envelope(
-        namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], vm=vm,
-        attempt=attempt, dispatch_time=now_rfc3339(), spec=spec.wire(),
-        index=index, targets=len(results), command_start=status.get("startTime"),
-        lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
-        entry_keys=tuple(sorted(key for key, value in entry.items() if value is not None)),
-    )
-    ctx.dispatcher.send(envelope, queue)
-    wake_for_dispatch(ctx, meta["namespace"], vm)  # a VM scaled to zero gets a worker now
-    log.info("Dispatched RemoteCommand %s/%s to %s (attempt %s, queue %s)", meta["namespace"],
-             meta["name"], vm, attempt, queue)
+    def tracked(self) -> list[Tracked]:
+        with self._lock:
+            return list(self._tracked.values())
 
+    def forget(self, tracked: Tracked) -> None:
+        """Written in an end state: no longer held."""
+        with self._lock:
+            if self._tracked.get(tracked.uid) is tracked:
+                del self._tracked[tracked.uid]
+        self.state.finished(tracked.uid)
+        if tracked.ttl is not None:
+            finished = tracked.status.get("completionTime") or now_rfc3339()
+            self._schedule_expiry(tracked.uid, tracked.namespace, tracked.name, finished, tracked.ttl)
 
-def start(ctx: Context, body: dict[str, Any], spec: RemoteCommandSpec) -> None:
-    """Write the initial result entries, then send the first attempts."""
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    if spec.transfer is not None:
-        start_transfer(ctx, body, spec)
-        return
-    now = now_rfc3339()
-    if spec.vm is not None:
-        found_vm = ctx.vms.get(namespace, spec.vm)
-        vms = {spec.vm: found_vm} if found_vm is not None else {}
-        names = [spec.vm]
-    else:
-        assert spec.selector is not None
-        found = ctx.kube.list_vms(namespace, label_selector_string(spec.selector))
-        vms = {item["metadata"]["name"]: item for item in found}
-        names = sorted(vms)
-    status: dict[str, Any] = {
-        "startTime": now, "results": initial_results(names, vms, now, phase=Phase.PENDING)
-    }
-    queues: dict[str, str | None] = {
-        vm: vm_queue(obj) for vm, obj in vms.items() if obj is not None
-    }
-    paused = frozenset(vm for vm, obj in vms.items() if obj and obj["spec"].get("paused"))
-    step = schedule.plan(spec, status, datetime.now(UTC), queues=queues, timing=TIMING, paused=paused)
-    results = status["results"]
-    for change in step.changes:
-        results[change.index].update(change.set)
-        for key in change.remove:
-            results[change.index].pop(key, None)
-    status.update(
-        target=describe_target(spec),
-        observedGeneration=meta.get("generation"),
-        **fold(results, body.get("status"), now),
-    )
-    try:
-        ctx.kube.patch_command_status(
-            namespace, name, {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
+    # ------------------------------------------------------------------ reports
+
+    def apply(self, report: dict[str, Any], report_id: str) -> bool:
+        """Fold a worker's report into its command; False when there is nothing to write
+        (stale, or the command is gone): acknowledge it at once."""
+        tracked = self.get(str(report.get("uid")))
+        if tracked is None:
+            if report.get("event") not in (FINISHED, PROGRESS) and report.get("uid"):
+                # A claim for a command that no longer exists: make sure it stops.
+                self.state.cancel(str(report["uid"]))
+            return False
+        with tracked.lock:
+            results = tracked.status.get("results") or []
+            index = next((i for i, e in enumerate(results) if e.get("vm") == report.get("vm")), None)
+            if index is None:
+                return False
+            new = apply_attempt_report(tracked.spec, results[index], report, datetime.now(UTC))
+            if new is None:
+                return False
+            results[index] = new
+            event = report.get("event")
+            if event == FINISHED:
+                n = len(results)
+                delay = min(self.urgency.finished + self.urgency.per_target * (n - 1),
+                            self.urgency.fan_out_cap) if n > 1 else self.urgency.finished
+            elif event == PROGRESS:
+                delay = self.urgency.progress
+            else:
+                delay = self.urgency.claimed
+            tracked.acks.append(report_id)
+            if event == FINISHED:
+                self.advance(tracked, refold=True)  # capacity freed, a retry to schedule
+            self._refold(tracked)
+            tracked.want(delay)
+        self._notify()
+        return True
+
+    # ------------------------------------------------------------------ scheduling
+
+    def start(self, tracked: Tracked) -> None:
+        """The initial result entries, and the first attempts sent."""
+        spec = tracked.spec
+        now = now_rfc3339()
+        if spec.transfer is not None:
+            vms = {name: vm for name in _transfer_vms(spec)
+                   if (vm := self.get_vm(tracked.namespace, name)) is not None}
+            results = initial_transfer_results(spec, vms, now)
+            for entry in results:
+                if entry["phase"] == Phase.QUEUED:
+                    entry["phase"] = Phase.PENDING
+                    entry.pop("dispatchTime", None)
+        elif spec.vm is not None:
+            found = self.get_vm(tracked.namespace, spec.vm)
+            results = initial_results([spec.vm], {spec.vm: found} if found else {}, now,
+                                      phase=Phase.PENDING)
+        else:
+            assert spec.selector is not None
+            found_vms = {vm["metadata"]["name"]: vm for vm in
+                         self.list_vms(tracked.namespace, label_selector_string(spec.selector))}
+            results = initial_results(sorted(found_vms), found_vms, now, phase=Phase.PENDING)
+        tracked.status = {"startTime": now, "results": results, "target": describe_target(spec)}
+        self.advance(tracked)
+        self._refold(tracked)
+        tracked.want(self.urgency.start)
+
+    def advance(self, tracked: Tracked, *, lost: frozenset[str] = frozenset(),
+                refold: bool = False) -> None:
+        """Apply ``schedule.plan`` to the copy and send what it dispatches."""
+        status = tracked.status
+        if status.get("phase") in Phase.TERMINAL:
+            return
+        vms = {vm: self.get_vm(tracked.namespace, vm) for vm in sorted(schedule.pending_vms(status))}
+        queues = {vm: (vm_queue(obj) if obj is not None else None) for vm, obj in vms.items()}
+        paused = frozenset(vm for vm, obj in vms.items() if obj and obj["spec"].get("paused"))
+        step = schedule.plan(tracked.spec, status, datetime.now(UTC), queues=queues,
+                             timing=self.timing, paused=paused, lost=lost)
+        if not step:
+            return
+        results = status["results"]
+        for change in step.changes:
+            results[change.index].update(change.set)
+            for key in change.remove:
+                results[change.index].pop(key, None)
+        if tracked.spec.transfer is not None and lost:
+            for entry in results:  # the lost attempts' temporary files go
+                if entry["vm"] in lost:
+                    attempt = int(entry.get("attempt") or 1)
+                    lost_attempt = attempt - 1 if entry.get("phase") == Phase.PENDING else attempt
+                    send_transfer(self, tracked, entry, lost_attempt, task=TASK_TRANSFER_CLEANUP)
+        for vm, pgid, marker in step.terminate:
+            obj = self.get_vm(tracked.namespace, vm)
+            if obj is not None:
+                self.send(TASK_TERMINATE, [self.target_of(obj).to_message(), pgid, marker],
+                          vm_queue(obj))
+                log.info("Asked the workers of %s to terminate process group %s of RemoteCommand "
+                         "%s", vm, pgid, tracked.ref)
+        for vm, attempt in step.dispatch:
+            self._dispatch(tracked, vm, attempt, vms.get(vm))
+        if step.changes:
+            self._refold(tracked)
+            tracked.want(0.0 if not step.dispatch else self.urgency.start)
+
+    def _dispatch(self, tracked: Tracked, vm: str, attempt: int, obj: dict[str, Any] | None) -> None:
+        if obj is None:
+            return
+        entry = next(e for e in tracked.status["results"] if e.get("vm") == vm)
+        if tracked.spec.transfer is not None:
+            send_transfer(self, tracked, entry, attempt)
+            return
+        envelope = Envelope(
+            namespace=tracked.namespace, name=tracked.name, uid=tracked.uid, vm=vm,
+            attempt=attempt, dispatch_time=now_rfc3339(), spec=tracked.spec.wire(),
+            target=self.target_of(obj), command_start=tracked.status.get("startTime"),
+            lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
         )
-    except ApiException as exc:
-        if exc.status == 409:
-            return  # changed meanwhile: the next event brings the newer object
-        raise
-    for target, attempt in step.dispatch:
-        send(ctx, body, spec, status, target, attempt, queues[target] or "")
+        self.state.sent(tracked.uid)
+        self.send(TASK_EXECUTE, [envelope.to_message()], vm_queue(obj))
+        self.wake(tracked.namespace, vm)  # a VM scaled to zero gets a worker now
+        log.info("Dispatched RemoteCommand %s to %s (attempt %s, queue %s)", tracked.ref, vm,
+                 attempt, vm_queue(obj))
+
+    def _refold(self, tracked: Tracked) -> None:
+        results = tracked.status.get("results") or []
+        tracked.status.update(fold(results, tracked.status, now_rfc3339()))
+
+    def tick(self) -> None:
+        """The controller loop: time-based moves (retries due, deadlines, lost workers,
+        resent dispatches) and expired TTLs."""
+        stale = self._stale_heartbeats()
+        for tracked in self.tracked():
+            with tracked.lock:
+                lost = frozenset(
+                    e["vm"] for e in tracked.status.get("results") or []
+                    if e.get("phase") == Phase.RUNNING
+                    and attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1)) in stale)
+                self.advance(tracked, lost=lost)
+        for member in stale:
+            self.state.forget_heartbeat(member)  # declared lost now, or its command is gone
+        self._expire()
+
+    def _stale_heartbeats(self) -> set[str]:
+        try:
+            return self.state.stale_heartbeats(self.timing.lost_after)
+        except Exception as exc:  # noqa: BLE001 - Redis restarting: nobody is declared lost
+            log.warning("Could not read heartbeats: %s", exc)
+            return set()
+
+    # ------------------------------------------------------------------ TTL
+
+    def _expire_later(self, uid: str, namespace: str, name: str, spec: dict[str, Any],
+                      status: dict[str, Any]) -> None:
+        ttl = spec.get("ttlSecondsAfterFinished")
+        if ttl is None:
+            return
+        finished = status.get("completionTime") or now_rfc3339()
+        self._schedule_expiry(uid, namespace, name, finished, int(ttl))
+
+    def _schedule_expiry(self, uid: str, namespace: str, name: str, finished: str, ttl: int) -> None:
+        at = parse_rfc3339(finished).timestamp() + ttl
+        with self._lock:
+            if uid in self._expiring:
+                return
+            self._expiring.add(uid)
+            heapq.heappush(self._expiries, (at, uid, namespace, name))
+
+    def expiring(self) -> int:
+        with self._lock:
+            return len(self._expiries)
+
+    def _expire(self) -> None:
+        now = time.time()
+        due: list[tuple[float, str, str, str]] = []
+        with self._lock:
+            while self._expiries and self._expiries[0][0] <= now:
+                item = heapq.heappop(self._expiries)
+                self._expiring.discard(item[1])
+                due.append(item)
+        for _, uid, namespace, name in due:
+            self.delete(uid, namespace, name)
+
+    # ------------------------------------------------------------------ misc
+
+    def _reject(self, obj: dict[str, Any], message: str) -> None:
+        """A command that can never run: tracked in its end state, written once."""
+        meta = obj["metadata"]
+        now = now_rfc3339()
+        previous = obj.get("status") or {}
+        conditions = set_condition(list(previous.get("conditions") or []), "Failed", "True",
+                                   Reason.INVALID_SPEC, message, now)
+        conditions = set_condition(conditions, "Finished", "True", Phase.FAILED, message, now)
+        spec = RemoteCommandSpec.model_construct()
+        tracked = Tracked(meta["namespace"], meta["name"], meta["uid"], spec,
+                          {**previous, "phase": Phase.FAILED, "conditions": conditions,
+                           "completionTime": now, "startTime": previous.get("startTime") or now},
+                          previous or None)
+        tracked.want(0.0)
+        with self._lock:
+            self._tracked.setdefault(meta["uid"], tracked)
+        log.warning("RemoteCommand %s/%s failed: %s", meta["namespace"], meta["name"], message)
+
+    def _notify(self) -> None:
+        with self.changed:
+            self.changed.notify_all()
 
 
-def fold_cancelled(folded: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
-    """A deleted command ends Cancelled, whatever its entries ended as."""
-    now = now_rfc3339()
-    conditions = [c for c in folded["conditions"] if c["type"] not in ("Complete", "Failed", "Finished")]
-    message = "the RemoteCommand was deleted; running attempts were terminated"
-    conditions = set_condition(conditions, "Finished", "True", Phase.CANCELLED, message, now)
-    return {**folded, "phase": Phase.CANCELLED, "conditions": conditions,
-            "completionTime": previous.get("completionTime") or now}
+def _transfer_vms(spec: RemoteCommandSpec) -> list[str]:
+    assert spec.transfer is not None
+    names = [loc.vm for loc in spec.transfer.to]
+    if spec.transfer.from_.vm:
+        names.append(spec.transfer.from_.vm)
+    return names
 
 
-def reject(ctx: Context, body: dict[str, Any], message: str) -> None:
-    """End a command that can never run, saying why."""
-    meta = body["metadata"]
-    now = now_rfc3339()
-    previous = body.get("status") or {}
-    conditions = set_condition(list(previous.get("conditions") or []), "Failed", "True",
-                               Reason.INVALID_SPEC, message, now)
-    conditions = set_condition(conditions, "Finished", "True", Phase.FAILED, message, now)
-    ctx.kube.patch_command_status(meta["namespace"], meta["name"], {"status": {
-        "phase": Phase.FAILED, "conditions": conditions, "completionTime": now,
-        "startTime": previous.get("startTime") or now,
-    }})
-    log.warning("RemoteCommand %s/%s failed: %s", meta["namespace"], meta["name"], message)
-
-
-def request_termination(ctx: Context, body: dict[str, Any]) -> None:
-    """Ask the VMs' workers to end the running attempts now (they also notice the deletion
-    at their next heartbeat; the marker check makes a late request harmless)."""
-    meta = body["metadata"]
-    for entry in (body.get("status") or {}).get("results") or []:
-        if entry.get("phase") == Phase.RUNNING and entry.get("pgid"):
-            ctx.dispatcher.send_task(
-                TASK_TERMINATE,
-                [meta["namespace"], entry["vm"], int(entry["pgid"]), entry.get("processMarker")],
-                _queue(ctx, meta["namespace"], entry["vm"]),
-            )
-
-
-def expire_command(ctx: Context, body: dict[str, Any]) -> None:
-    """Delete a finished command ``ttlSecondsAfterFinished`` after its completion."""
-    meta, spec, status = body["metadata"], body.get("spec") or {}, body.get("status") or {}
-    ttl, finished = spec.get("ttlSecondsAfterFinished"), status.get("completionTime")
-    if ttl is None or not finished or meta.get("deletionTimestamp"):
-        return
-    if (datetime.now(UTC) - parse_rfc3339(finished)).total_seconds() < ttl:
-        return
-    try:
-        ctx.kube.custom.delete_namespaced_custom_object(
-            c.GROUP, c.VERSION, meta["namespace"], c.COMMAND_PLURAL, meta["name"],
-            body=V1DeleteOptions(preconditions=V1Preconditions(uid=meta["uid"])),
-        )
-    except ApiException as exc:
-        if exc.status not in (404, 409):
-            raise
-        return
-    log.info("Deleted RemoteCommand %s/%s: ttlSecondsAfterFinished (%ss) passed", meta["namespace"],
-             meta["name"], ttl)
+__all__ = ["Commands", "Tracked", "Urgency"]

@@ -1,49 +1,39 @@
-"""The controller's settings (from the environment) and the clients built from them."""
+"""The controller's settings (from the environment) and the parts built from them."""
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kubernetes.client import AppsV1Api
+from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions
 
 from vmfleet.api import constants as c
 from vmfleet.celeryconf import broker_url
-from vmfleet.kube import Kube
+from vmfleet.kube import ApiException, Kube
+from vmfleet.state import State, state_url
 
+from . import schedule
+from .commands import Commands
 from .dispatch import Dispatcher
+from .health import HealthMonitor
+from .loop import Loop, ReportReader, Writer
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
+from .scaling import QueueDepth
+from .vms import Fleet, entry_counts, kombu_queue_depths, redis_queue_depths
+
+log = logging.getLogger("controller")
 
 RUNTIME_ENV = "VMFLEET_WORKER_RUNTIME"
+NAMESPACES_ENV = "VMFLEET_WATCH_NAMESPACES"
 
-
-class VMCache:
-    """RemoteVMs as the controller's own watch last saw them.
-
-    Dispatching reads a command's VM from here instead of a GET per command; a VM the
-    watch has not brought yet is read from the API (and kept).
-    """
-
-    def __init__(self, kube: Kube) -> None:
-        self.kube = kube
-        self._vms: dict[tuple[str, str], dict[str, Any]] = {}
-
-    def seen(self, obj: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        self._vms[(meta["namespace"], meta["name"])] = obj
-
-    def gone(self, namespace: str, name: str) -> None:
-        self._vms.pop((namespace, name), None)
-
-    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
-        obj = self._vms.get((namespace, name))
-        if obj is None:
-            obj = self.kube.get_vm(namespace, name)
-            if obj is not None:
-                self._vms.setdefault((namespace, name), obj)
-        return obj
+TIMING = schedule.Timing(
+    lost_after=float(os.environ.get("VMFLEET_WORKER_LOST_SECONDS", "30")),
+    redispatch_after=float(os.environ.get("VMFLEET_REDISPATCH_SECONDS", "300")),
+)
 
 
 @dataclass
@@ -51,17 +41,17 @@ class Context:
     kube: Kube
     dispatcher: Dispatcher
     runtime: Runtime
-    vms: VMCache = field(init=False)
-    # When each running fan-out's fold was last written (commands.FOLD_INTERVAL).
-    fold_written: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.vms = VMCache(self.kube)
+    state: State
+    commands: Commands
+    fleet: Fleet
+    loop: Loop
+    namespaces: tuple[str, ...] = ()  # empty: every namespace
 
     @classmethod
     def from_environment(cls) -> Context:
         kube = Kube()
         url = broker_url()
+        state = State(state_url(url))
         in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
         runtime_name = os.environ.get(
             RUNTIME_ENV, c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS
@@ -69,7 +59,7 @@ class Context:
         runtime: Runtime
         if runtime_name == c.RUNTIME_PROCESS:
             log_dir = Path(os.environ.get("VMFLEET_WORKER_LOG_DIR", ".vmfleet/workers"))
-            runtime = ProcessRuntime(url, log_dir)
+            runtime = ProcessRuntime(url, log_dir, read_secret=kube.read_secret)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),
@@ -78,9 +68,7 @@ class Context:
                     broker_url=url,
                     broker_secret_name=os.environ.get("VMFLEET_BROKER_SECRET_NAME") or None,
                     broker_secret_key=os.environ.get("VMFLEET_BROKER_SECRET_KEY", "url"),
-                    service_account=os.environ.get(
-                        "VMFLEET_WORKER_SERVICE_ACCOUNT", c.WORKER_SERVICE_ACCOUNT
-                    ),
+                    state_url=os.environ.get("VMFLEET_STATE_URL") or None,
                 ),
             )
         else:
@@ -88,4 +76,47 @@ class Context:
                 f"{RUNTIME_ENV}={runtime_name!r} is not a worker runtime: "
                 f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
             )
-        return cls(kube=kube, dispatcher=Dispatcher(url), runtime=runtime)
+        dispatcher = Dispatcher(url)
+
+        def send_probe(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
+            # No retries: a probe that cannot be sent now is sent at the next period.
+            dispatcher.app.send_task(task, args=[message], queue=queue, expires=expires, retry=False)
+
+        if url.startswith(("redis://", "rediss://", "unix://")):
+            depths = redis_queue_depths(State(url).client)
+        else:
+            depths = kombu_queue_depths(QueueDepth(url))
+        fleet_box: list[Fleet] = []
+        commands = Commands(
+            state, dispatcher.send_task,
+            get_vm=lambda ns, name: fleet_box[0].get(ns, name),
+            list_vms=lambda ns, selector: fleet_box[0].list_vms(ns, selector),
+            target_of=lambda obj: fleet_box[0].target_of(obj),
+            wake=lambda ns, name: fleet_box[0].wake(ns, name),
+            delete=lambda uid, ns, name: delete_expired(kube, uid, ns, name),
+            timing=TIMING,
+        )
+        fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe), depths,
+                      counts=lambda: entry_counts(commands.tracked()))
+        fleet_box.append(fleet)
+        writer = Writer(kube, state, commands)
+        consumer = os.environ.get("POD_NAME") or socket.gethostname()
+        reader = ReportReader(state, commands, consumer, fleet.on_probe)
+        loop = Loop(writer, reader, [commands.tick, fleet.tick])
+        namespaces = tuple(n for n in os.environ.get(NAMESPACES_ENV, "").split(",") if n)
+        return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
+                   commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)
+
+
+def delete_expired(kube: Kube, uid: str, namespace: str, name: str) -> None:
+    """Delete a finished command whose ttlSecondsAfterFinished passed (this very object)."""
+    try:
+        kube.custom.delete_namespaced_custom_object(
+            c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name,
+            body=V1DeleteOptions(preconditions=V1Preconditions(uid=uid)),
+        )
+    except ApiException as exc:
+        if exc.status not in (404, 409):
+            raise
+        return
+    log.info("Deleted RemoteCommand %s/%s: ttlSecondsAfterFinished passed", namespace, name)

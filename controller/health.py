@@ -2,8 +2,8 @@
 
 Every ``healthCheck.periodSeconds`` the controller sends ``remote_tasks.check_vm_status``
 by name to the VM's own queue (it expires after one period, so probes never pile up).
-The worker that runs it writes ``status.lastProbe``, ``status.facts`` and
-``status.hostKey``; ``fold_conditions`` (pure) turns them into the conditions
+The worker that runs it reports ``lastProbe``, ``facts`` and ``hostKey``; the controller
+writes them, and ``fold_conditions`` (pure) turns them into the conditions
 ``Reachable``, ``HostKeyVerified``, ``DiskPressure``, ``MemoryPressure``,
 ``WorkersReady`` and ``Ready``, as a Node's are.
 
@@ -28,7 +28,7 @@ from typing import Any, cast
 
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Condition, Reason
-from vmfleet.api.envelope import now_rfc3339, parse_rfc3339
+from vmfleet.api.envelope import Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.kube import ApiException, Kube
 
@@ -198,9 +198,11 @@ def conditions_changed(old: Conditions, new: Conditions) -> bool:
     return sorted(map(repr, old)) != sorted(map(repr, new))
 
 
-def probe_message(namespace: str, name: str, uid: str, spec: RemoteVMSpec) -> dict[str, Any]:
+def probe_message(namespace: str, name: str, uid: str, spec: RemoteVMSpec,
+                  target: Target | None = None) -> dict[str, Any]:
     return {"namespace": namespace, "vm": name, "uid": uid,
-            "timeoutSeconds": spec.health_check.timeout_seconds, "sentTime": now_rfc3339()}
+            "timeoutSeconds": spec.health_check.timeout_seconds, "sentTime": now_rfc3339(),
+            "target": target.to_message() if target is not None else None}
 
 
 # --------------------------------------------------------------------------- effects
@@ -210,7 +212,7 @@ Sender = Callable[[str, dict[str, Any], str, float], None]  # (task, message, qu
 
 
 class HealthMonitor:
-    """Sends probes when due, applies folded conditions, posts Events, pauses on mismatch."""
+    """Sends probes when due, posts Events, pauses a VM on a host key mismatch."""
 
     def __init__(self, kube: Kube, send: Sender, thresholds: Thresholds | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -222,7 +224,8 @@ class HealthMonitor:
         self._sent: dict[str, float] = {}
         self._vm_locks: dict[str, threading.Lock] = {}
 
-    def maybe_probe(self, body: dict[str, Any], spec: RemoteVMSpec, queue: str) -> bool:
+    def maybe_probe(self, body: dict[str, Any], spec: RemoteVMSpec, queue: str,
+                    target: Target | None = None) -> bool:
         """Send a probe if one is due and a worker is there to run it."""
         meta = body["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
@@ -236,7 +239,7 @@ class HealthMonitor:
             if last is not None and now - last < period:
                 return False
             self._sent[key] = now
-        message = probe_message(meta["namespace"], meta["name"], meta["uid"], spec)
+        message = probe_message(meta["namespace"], meta["name"], meta["uid"], spec, target)
         try:
             self.send(c.TASK_CHECK_VM, message, queue, period)
         except Exception as exc:  # noqa: BLE001 - the broker is down: conditions go stale
@@ -249,32 +252,6 @@ class HealthMonitor:
         with self._lock:
             self._sent.pop(f"{namespace}/{name}", None)
             self._vm_locks.pop(f"{namespace}/{name}", None)
-
-    def apply(self, body: dict[str, Any], spec: RemoteVMSpec) -> None:
-        """Write the folded conditions if they differ (re-read under a per-VM lock, so two
-        triggers never post one Event twice)."""
-        status = body.get("status") or {}
-        folded = fold_conditions(spec, status, now_rfc3339(), self.thresholds)
-        if not conditions_changed(status.get("conditions") or [], folded):
-            return
-        meta = body["metadata"]
-        namespace, name = meta["namespace"], meta["name"]
-        with self._lock:
-            vm_lock = self._vm_locks.setdefault(f"{namespace}/{name}", threading.Lock())
-        with vm_lock:
-            fresh = self.kube.get_vm(namespace, name)
-            if fresh is None:
-                return
-            status = fresh.get("status") or {}
-            old = list(status.get("conditions") or [])
-            folded = fold_conditions(spec, status, now_rfc3339(), self.thresholds)
-            if not conditions_changed(old, folded):
-                return
-            self.kube.patch_vm_status(namespace, name, {"status": {"conditions": folded}})
-            for reason, message in transitions(old, folded):
-                self.post_warning(fresh, reason, message)
-                if reason == Reason.HOST_KEY_MISMATCH:
-                    self.pause(fresh, reason)
 
     def pause(self, vm: dict[str, Any], reason: str) -> None:
         meta = vm["metadata"]

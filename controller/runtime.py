@@ -1,7 +1,8 @@
 """Worker runtimes: where a VM's Celery workers run. One sizing logic, two runtimes.
 
-- ``Deployment``: a Deployment ``vmfleet-worker-<vm>`` owned by the RemoteVM, with only
-  that VM's credentials Secret mounted (read-only).
+- ``Deployment``: a Deployment ``vmfleet-worker-<vm>`` owned by the RemoteVM (or
+  ``vmfleet-pool-<pool>`` for the VMs of a ``workerPool``), with only those VMs'
+  credentials Secrets mounted (read-only) and no Kubernetes credentials at all.
 - ``Process``: the same worker command as local processes of the controller (one machine,
   dev and tests), the single-machine setup of the original guide without systemd.
 """
@@ -16,13 +17,14 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from kubernetes.client import AppsV1Api
 from kubernetes.client.exceptions import ApiException
 
 from vmfleet.api import constants as c
-from vmfleet.api.models import RemoteVMSpec
+from vmfleet.api.models import Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
 from vmfleet.dev.proc import ManagedProcess, free_port, stop_pid_file, write_pid_file
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
@@ -35,9 +37,8 @@ MAX_CONCURRENT_ENV = "VMFLEET_MAX_CONCURRENT_COMMANDS"
 BASTION_CREDENTIALS_MOUNT_PATH = f"{c.CREDENTIALS_MOUNT_PATH}-bastion"
 
 
-def desired_replicas(spec: RemoteVMSpec) -> int:
+def desired_replicas(workers: WorkersSpec | None) -> int:
     """Worker count before backlog scaling: fixed replicas, else the autoscale floor (>= 1)."""
-    workers = spec.workers
     if workers is None:
         return 1
     if workers.replicas is not None:
@@ -95,15 +96,75 @@ class VMRef:
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def group(self) -> str:
+        """The worker group's key: its pool, else the VM itself."""
+        if self.spec.worker_pool:
+            return f"{self.namespace}/pool:{self.spec.worker_pool}"
+        return self.key
+
+
+@dataclass
+class WorkerGroup:
+    """The VMs one worker Deployment serves: one VM, or every VM of a pool."""
+
+    namespace: str
+    vms: list[VMRef]
+    pool: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/pool:{self.pool}" if self.pool else self.vms[0].key
+
+    @property
+    def deployment(self) -> str:
+        return c.pool_deployment_name(self.pool) if self.pool else c.worker_deployment_name(self.vms[0].name)
+
+    @property
+    def queues(self) -> list[str]:
+        return sorted({vm.queue for vm in self.vms})
+
+    @property
+    def concurrency(self) -> int:
+        """Threads: every VM's maxConcurrentCommands (the slots hold each VM's limit)."""
+        return max(1, min(256, sum(vm.spec.max_concurrent_commands for vm in self.vms)))
+
+    @property
+    def secrets(self) -> list[str]:
+        names = {vm.spec.credentials_secret_ref.name for vm in self.vms}
+        names |= {vm.bastion_secret for vm in self.vms if vm.bastion_secret}
+        return sorted(names)
+
+    @property
+    def workers(self) -> WorkersSpec | None:
+        """The pool's sizing from its VMs' ``workers`` (the largest floor and ceiling)."""
+        specs = [vm.spec.workers for vm in self.vms if vm.spec.workers is not None]
+        if not specs:
+            return None
+        fixed = [w.replicas for w in specs if w.replicas is not None]
+        autos = [w.autoscale for w in specs if w.autoscale is not None]
+        if not autos:
+            return WorkersSpec(replicas=max(fixed), resources=specs[0].resources)
+        return WorkersSpec(autoscale=Autoscale(
+            min_replicas=max([a.min_replicas for a in autos] + fixed),
+            max_replicas=max([a.max_replicas for a in autos] + fixed),
+            target_backlog_per_replica=min(a.target_backlog_per_replica for a in autos),
+            scale_down_delay_seconds=max(a.scale_down_delay_seconds for a in autos),
+        ), resources=specs[0].resources)
+
+
+def single(vm: VMRef) -> WorkerGroup:
+    return WorkerGroup(vm.namespace, [vm], vm.spec.worker_pool)
+
 
 class Runtime(Protocol):
     name: str
 
-    def ensure(self, vm: VMRef, replicas: int | None = None) -> dict[str, Any]: ...
+    def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]: ...
 
-    def current_replicas(self, vm: VMRef) -> int: ...
+    def current_replicas(self, group: WorkerGroup) -> int: ...
 
-    def remove(self, namespace: str, name: str) -> None: ...
+    def remove(self, group_key: str) -> None: ...
 
     def shutdown(self) -> None: ...
 
@@ -117,23 +178,33 @@ class DeploymentSettings:
     broker_url: str
     broker_secret_name: str | None = None
     broker_secret_key: str = "url"
-    service_account: str = c.WORKER_SERVICE_ACCOUNT
+    state_url: str | None = None
     image_pull_policy: str = "IfNotPresent"
 
 
-def worker_labels(vm_name: str) -> dict[str, str]:
-    return {
+def worker_labels(group: WorkerGroup) -> dict[str, str]:
+    labels = {
         c.LABEL_NAME: "vmfleet",
         c.LABEL_COMPONENT: "worker",
         c.LABEL_MANAGED_BY: c.MANAGED_BY,
-        c.LABEL_VM: label_value(vm_name),
     }
+    if group.pool:
+        labels[c.LABEL_POOL] = label_value(group.pool)
+    else:
+        labels[c.LABEL_VM] = label_value(group.vms[0].name)
+    return labels
 
 
-def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) -> dict[str, Any]:
-    """The Deployment of one VM's workers (pure; applied with server-side apply)."""
-    name = c.worker_deployment_name(vm.name)
-    labels = worker_labels(vm.name)
+SPEC_HASH_ANNOTATION = f"{c.GROUP}/spec-hash"
+
+
+def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas: int) -> dict[str, Any]:
+    """The Deployment of one worker group (pure; applied with server-side apply).
+
+    The pods hold no Kubernetes credentials (``automountServiceAccountToken: false``):
+    they mount only their VMs' credentials Secrets, each at ``<mount>/<secret name>``."""
+    name = group.deployment
+    labels = worker_labels(group)
     if settings.broker_secret_name:
         broker_env: dict[str, Any] = {
             "name": BROKER_URL_ENV,
@@ -142,104 +213,152 @@ def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) ->
         }
     else:
         broker_env = {"name": BROKER_URL_ENV, "value": settings.broker_url}
+    env: list[dict[str, Any]] = [
+        broker_env,
+        {"name": "VMFLEET_CREDENTIALS_DIR", "value": c.CREDENTIALS_MOUNT_PATH},
+    ]
+    if settings.state_url:
+        env.append({"name": "VMFLEET_STATE_URL", "value": settings.state_url})
+    mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
+               "readOnly": True} for secret in group.secrets]
+    volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o400}}
+               for secret in group.secrets]
     container: dict[str, Any] = {
         "name": "worker",
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "args": worker_argv(vm.queue, vm.spec.max_concurrent_commands, f"{name}@%h"),
-        "env": [
-            broker_env,
-            {"name": "VMFLEET_CREDENTIALS_DIR", "value": c.CREDENTIALS_MOUNT_PATH},
-            {"name": "VMFLEET_VM", "value": vm.key},
-            {"name": MAX_CONCURRENT_ENV, "value": str(vm.spec.max_concurrent_commands)},
-        ],
-        "volumeMounts": [
-            {"name": "ssh-credentials", "mountPath": c.CREDENTIALS_MOUNT_PATH, "readOnly": True}
-        ] + ([{"name": "bastion-ssh-credentials", "mountPath": BASTION_CREDENTIALS_MOUNT_PATH,
-               "readOnly": True}] if vm.bastion_secret else []),
+        "args": worker_argv(",".join(group.queues), group.concurrency, f"{name}@%h"),
+        "env": env,
+        "volumeMounts": mounts,
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    if vm.spec.workers is not None and vm.spec.workers.resources:
-        container["resources"] = vm.spec.workers.resources
-    return {
+    workers = group.workers
+    if workers is not None and workers.resources:
+        container["resources"] = workers.resources
+    template_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": volumes,
+    }
+    body: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {
             "name": name,
-            "namespace": vm.namespace,
+            "namespace": group.namespace,
             "labels": labels,
+            # Owned by its VMs: garbage collected with the last of them.
             "ownerReferences": [{
                 "apiVersion": c.API_VERSION,
                 "kind": c.VM_KIND,
                 "name": vm.name,
                 "uid": vm.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }],
+                "controller": group.pool is None,
+                "blockOwnerDeletion": False,
+            } for vm in sorted(group.vms, key=lambda v: v.name)],
         },
         "spec": {
             "replicas": replicas,
             "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "serviceAccountName": settings.service_account,
-                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [container],
-                    "volumes": [{
-                        "name": "ssh-credentials",
-                        "secret": {"secretName": vm.spec.credentials_secret_ref.name,
-                                   "defaultMode": 0o400},
-                    }] + ([{
-                        "name": "bastion-ssh-credentials",
-                        "secret": {"secretName": vm.bastion_secret, "defaultMode": 0o400},
-                    }] if vm.bastion_secret else []),
-                },
-            },
+            "template": {"metadata": {"labels": labels}, "spec": template_spec},
         },
     }
+    digest = hashlib.sha256(repr(sorted(_flatten(body["metadata"]["ownerReferences"]))).encode()
+                            + repr(body["spec"]["template"]).encode()).hexdigest()[:16]
+    body["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
+    return body
+
+
+def _flatten(refs: list[dict[str, Any]]) -> list[str]:
+    return [f"{r['name']}:{r['uid']}" for r in refs]
+
+
+def _volume(secret: str) -> str:
+    return "ssh-" + hashlib.sha256(secret.encode()).hexdigest()[:12]
+
+
+@dataclass
+class ObservedDeployment:
+    replicas: int
+    ready: int
+    spec_hash: str | None
+
+
+class DeploymentCache:
+    """The worker Deployments as the controller's watch last saw them (no reads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[tuple[str, str], ObservedDeployment] = {}
+
+    def seen(self, obj: dict[str, Any]) -> None:
+        meta = obj.get("metadata") or {}
+        spec, status = obj.get("spec") or {}, obj.get("status") or {}
+        observed = ObservedDeployment(
+            replicas=int(spec.get("replicas") or 0),
+            ready=int(status.get("readyReplicas") or 0),
+            spec_hash=(meta.get("annotations") or {}).get(SPEC_HASH_ANNOTATION),
+        )
+        with self._lock:
+            self._items[(meta["namespace"], meta["name"])] = observed
+
+    def gone(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._items.pop((namespace, name), None)
+
+    def get(self, namespace: str, name: str) -> ObservedDeployment | None:
+        with self._lock:
+            return self._items.get((namespace, name))
 
 
 class DeploymentRuntime:
     name = c.RUNTIME_DEPLOYMENT
 
-    def __init__(self, apps: AppsV1Api, settings: DeploymentSettings) -> None:
+    def __init__(self, apps: AppsV1Api, settings: DeploymentSettings,
+                 cache: DeploymentCache | None = None) -> None:
         self.apps = apps
         self.settings = settings
+        self.cache = cache or DeploymentCache()
 
-    def ensure(self, vm: VMRef, replicas: int | None = None) -> dict[str, Any]:
-        """Apply the Deployment with ``replicas`` (from the autoscaler; default: the spec's)."""
-        replicas = desired_replicas(vm.spec) if replicas is None else replicas
-        body = worker_deployment(vm, self.settings, replicas)
-        applied = self.apps.patch_namespaced_deployment(
-            body["metadata"]["name"], vm.namespace, body,
-            field_manager="vmfleet-controller", force=True,
-            _content_type="application/apply-patch+yaml",
-        )
+    def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
+        """Apply the group's Deployment with ``replicas``, unless the watch shows it as
+        wanted already (a restarted controller writes nothing)."""
+        body = worker_deployment(group, self.settings, replicas)
+        seen = self.cache.get(group.namespace, group.deployment)
+        wanted_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        ready = seen.ready if seen is not None else 0
+        if seen is None or seen.replicas != replicas or seen.spec_hash != wanted_hash:
+            applied = self.apps.patch_namespaced_deployment(
+                group.deployment, group.namespace, body,
+                field_manager="vmfleet-controller", force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+            ready = (applied.status.ready_replicas or 0) if applied.status else 0
+            self.cache.seen(self.apps.api_client.sanitize_for_serialization(applied))
         return {
             "runtime": self.name,
-            "deployment": body["metadata"]["name"],
-            "queue": vm.queue,
+            "deployment": group.deployment,
+            "queue": ",".join(group.queues),
             "replicas": replicas,
-            "readyReplicas": (applied.status.ready_replicas or 0) if applied.status else 0,
+            "readyReplicas": ready,
         }
 
-    def current_replicas(self, vm: VMRef) -> int:
-        try:
-            dep = self.apps.read_namespaced_deployment(c.worker_deployment_name(vm.name),
-                                                       vm.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return 0
-            raise
-        return int(dep.spec.replicas or 0) if dep.spec else 0
+    def current_replicas(self, group: WorkerGroup) -> int:
+        seen = self.cache.get(group.namespace, group.deployment)
+        return seen.replicas if seen is not None else 0
 
-    def remove(self, namespace: str, name: str) -> None:
-        """Nothing to do: the Deployment is owned by the RemoteVM and garbage collected."""
+    def ready_replicas(self, group: WorkerGroup) -> int:
+        seen = self.cache.get(group.namespace, group.deployment)
+        return seen.ready if seen is not None else 0
+
+    def remove(self, group_key: str) -> None:
+        """Nothing to do: the Deployment is owned by its RemoteVMs and garbage collected."""
 
     def ensure_transfer_worker(self) -> None:
         """Nothing to do: the Helm chart runs the transfer worker (``transfer_worker_argv``)."""
@@ -253,6 +372,8 @@ class DeploymentRuntime:
 
 _TRANSFERS_KEY = "*transfers"  # never a namespace/name key
 
+SecretReader = Callable[[str, str], dict[str, str]]  # (namespace, name) -> data
+
 
 @dataclass
 class _LocalWorkers:
@@ -261,65 +382,101 @@ class _LocalWorkers:
 
 
 class ProcessRuntime:
-    """Workers as child processes of the controller (stopped when it stops)."""
+    """Workers as child processes of the controller (stopped when it stops).
+
+    Like a pod, a local worker reads its VMs' keys from files: the controller writes each
+    Secret it needs under ``<state dir>/credentials/<namespace>/<secret>/`` (mode 0600,
+    directories 0700), the layout a worker pod's mounts have."""
 
     name = c.RUNTIME_PROCESS
 
-    def __init__(self, broker_url: str, log_dir: Path, python: str = sys.executable) -> None:
+    def __init__(self, broker_url: str, log_dir: Path, python: str = sys.executable,
+                 read_secret: SecretReader | None = None,
+                 credentials_dir: Path | None = None) -> None:
         self.broker_url = broker_url
         self.log_dir = log_dir
         self.python = python
+        self.read_secret = read_secret
+        self.credentials_dir = credentials_dir or log_dir.parent / "credentials"
         self._lock = threading.Lock()
         self._workers: dict[str, _LocalWorkers] = {}
 
-    def _argv(self, vm: VMRef, index: int) -> list[str]:
-        node = f"{c.worker_deployment_name(vm.name)}-{index}.{vm.namespace}@%h"
-        argv = worker_argv(vm.queue, vm.spec.max_concurrent_commands, node)
+    def _argv(self, group: WorkerGroup, index: int) -> list[str]:
+        node = f"{group.deployment}-{index}.{group.namespace}@%h"
+        argv = worker_argv(",".join(group.queues), group.concurrency, node)
         return [self.python, "-m", *argv]
 
-    def _env(self, vm: VMRef) -> dict[str, str]:
+    def _env(self, group: WorkerGroup) -> dict[str, str]:
         env = dict(os.environ)
         env[BROKER_URL_ENV] = self.broker_url
-        env["VMFLEET_VM"] = vm.key
-        env[MAX_CONCURRENT_ENV] = str(vm.spec.max_concurrent_commands)
-        env.pop("VMFLEET_CREDENTIALS_DIR", None)  # read the VM's own Secret through the API
+        env["VMFLEET_CREDENTIALS_DIR"] = str(self.credentials_dir / group.namespace)
+        for name in ("KUBECONFIG", "VMFLEET_VM", MAX_CONCURRENT_ENV):
+            env.pop(name, None)  # a worker holds no Kubernetes credentials
         # Local workers share the machine: each its own metrics port, or none if ours is off.
         env[METRICS_PORT_ENV] = str(free_port()) if os.environ.get(METRICS_PORT_ENV) != "0" else "0"
         return env
 
-    def current_replicas(self, vm: VMRef) -> int:
+    def write_credentials(self, namespace: str, secrets: list[str]) -> None:
+        """The Secrets' keys as files, as a pod would have them mounted."""
+        if self.read_secret is None:
+            return
+        for secret in secrets:
+            directory = self.credentials_dir / namespace / secret
+            try:
+                data = self.read_secret(namespace, secret)
+            except Exception as exc:  # noqa: BLE001 - the worker reports CredentialsInvalid
+                log.warning("Could not read Secret %s/%s for local workers: %s", namespace, secret,
+                            getattr(exc, "reason", exc))
+                continue
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(directory.parent, 0o700)
+            for key, value in data.items():
+                if "/" in key or key.startswith("."):
+                    continue
+                path = directory / key
+                tmp = path.with_name(f".{key}.tmp")
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(value)
+                os.replace(tmp, path)
+
+    def current_replicas(self, group: WorkerGroup) -> int:
         with self._lock:
-            current = self._workers.get(vm.key)
+            current = self._workers.get(group.key)
             return sum(1 for p in current.processes if p.running()) if current else 0
 
-    def ensure(self, vm: VMRef, replicas: int | None = None) -> dict[str, Any]:
-        """Run ``replicas`` worker processes (from the autoscaler; default: the spec's)."""
-        replicas = desired_replicas(vm.spec) if replicas is None else replicas
-        fingerprint = hashlib.sha256(repr((self._argv(vm, 0), self.broker_url)).encode()).hexdigest()
+    ready_replicas = current_replicas
+
+    def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
+        """Run ``replicas`` worker processes for the group."""
+        fingerprint = hashlib.sha256(repr((self._argv(group, 0), self.broker_url)).encode()).hexdigest()
+        if replicas:
+            self.write_credentials(group.namespace, group.secrets)
         with self._lock:
-            current = self._workers.get(vm.key)
+            current = self._workers.get(group.key)
             if current is not None and current.fingerprint != fingerprint:
                 self._stop(current)
                 current = None
             if current is None:
-                current = self._workers[vm.key] = _LocalWorkers(fingerprint)
+                current = self._workers[group.key] = _LocalWorkers(fingerprint)
             current.processes = [p for p in current.processes if p.running()]
             while len(current.processes) < replicas:
                 index = len(current.processes)
-                log_path = self.log_dir / f"{vm.namespace}.{vm.name}.{index}.log"
-                proc = ManagedProcess(f"worker {vm.key}#{index}", self._argv(vm, index), log_path,
-                                      env=self._env(vm)).start()
+                who = f"pool-{group.pool}" if group.pool else group.vms[0].name
+                log_path = self.log_dir / f"{group.namespace}.{who}.{index}.log"
+                proc = ManagedProcess(f"worker {group.key}#{index}", self._argv(group, index),
+                                      log_path, env=self._env(group)).start()
                 # Recorded so that `vmfleet dev down` can stop workers a killed controller left.
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
-                log.info("Started worker process %s for RemoteVM %s (queue %s)", proc.pid, vm.key,
-                         vm.queue)
+                log.info("Started worker process %s for %s (queues %s)", proc.pid, group.key,
+                         ",".join(group.queues))
                 current.processes.append(proc)
             while len(current.processes) > replicas:
                 extra = current.processes.pop()
                 extra.stop(grace=15)
                 stop_pid_file(extra.log_path.with_suffix(".pgid"), grace=0)
             running = len(current.processes)
-        return {"runtime": self.name, "queue": vm.queue, "replicas": replicas,
+        return {"runtime": self.name, "queue": ",".join(group.queues), "replicas": replicas,
                 "readyReplicas": running}
 
     def ensure_transfer_worker(self, concurrency: int = TRANSFER_CONCURRENCY) -> int:
@@ -340,9 +497,9 @@ class ProcessRuntime:
                 current.processes.append(proc)
             return current.processes[0].pid
 
-    def remove(self, namespace: str, name: str) -> None:
+    def remove(self, group_key: str) -> None:
         with self._lock:
-            current = self._workers.pop(f"{namespace}/{name}", None)
+            current = self._workers.pop(group_key, None)
             if current is not None:
                 self._stop(current)
 

@@ -8,10 +8,13 @@ plus the attempts to dispatch and the remote process groups to terminate:
   fewer than ``maxParallel`` run;
 - stop starting new VMs once ``maxFailures`` have failed (the rest end Cancelled);
 - fail entries that did not start before ``activeDeadlineSeconds``;
-- end attempts whose worker stopped heartbeating (``WorkerLost``, or a retry when the
-  spec allows) and terminate their process groups;
-- resend dispatches that no worker claimed for a long time (the claim makes it safe);
-- on deletion, cancel what has not started and wait for what runs.
+- end attempts whose worker stopped heartbeating (``lost``: their heartbeat in Redis is
+  stale) as ``WorkerLost``, or a retry when the spec allows, and terminate their
+  process groups;
+- resend dispatches that no worker claimed for a long time (the claim makes it safe).
+
+The controller applies the changes to its own copy of the status (it is the only
+writer) and writes them with the next batch.
 """
 
 from __future__ import annotations
@@ -70,12 +73,13 @@ def plan(
     now: datetime,
     *,
     queues: dict[str, str | None],
-    deleting: bool = False,
     timing: Timing = Timing(),
     paused: frozenset[str] = frozenset(),
+    lost: frozenset[str] = frozenset(),
 ) -> Plan:
     """The next step for ``status.results``. ``queues`` maps VM names to their queue
-    (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched."""
+    (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched;
+    ``lost`` VMs' running attempts stopped heartbeating."""
     out = Plan()
     results: list[dict[str, Any]] = [dict(e) for e in status.get("results") or []]
     started = parse_rfc3339(status["startTime"]) if status.get("startTime") else now
@@ -94,8 +98,7 @@ def plan(
         phase = entry.get("phase", Phase.PENDING)
         attempt = int(entry.get("attempt", 1))
         if phase == Phase.RUNNING:
-            beat = entry.get("heartbeatTime") or entry.get("startTime")
-            if beat and now - parse_rfc3339(beat) > timedelta(seconds=timing.lost_after):
+            if entry["vm"] in lost:
                 pgid = entry.get("pgid")
                 marker = entry.get("processMarker")
                 if pgid:
@@ -105,7 +108,7 @@ def plan(
                 if pgid:
                     message += f"; process group {pgid} is terminated"
                 remove = _present(entry, "pgid", "processMarker", "heartbeatTime")
-                if not deleting and not deadline_passed and should_retry(spec, attempt, Reason.WORKER_LOST, None):
+                if not deadline_passed and should_retry(spec, attempt, Reason.WORKER_LOST, None):
                     delay = backoff_seconds(spec, attempt)
                     new = {"phase": Phase.PENDING, "attempt": attempt + 1, "reason": Reason.WORKER_LOST,
                            "message": f"{message}; next attempt after {delay:.0f}s",
@@ -115,17 +118,11 @@ def plan(
                         if marker:
                             new["lostMarker"] = marker
                     change(index, entry, new, remove)
-                elif deleting:
-                    change(index, entry, _ended(entry, Phase.CANCELLED, Reason.CANCELLED, message, now), remove)
                 else:
                     change(index, entry, _ended(entry, Phase.FAILED, Reason.WORKER_LOST, message, now), remove)
         elif phase in (Phase.PENDING, Phase.QUEUED):
             remove = _present(entry, "retryAfter", "lostPgid", "lostMarker")
-            if deleting:
-                change(index, entry, _ended(entry, Phase.CANCELLED, Reason.CANCELLED,
-                                            "cancelled before it ran: the RemoteCommand was deleted", now),
-                       remove)
-            elif deadline_passed:
+            if deadline_passed:
                 change(index, entry, _ended(entry, Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                                             f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) "
                                             "passed before it ran", now), remove)
@@ -133,9 +130,6 @@ def plan(
                 change(index, entry, _ended(entry, Phase.FAILED, Reason.VM_NOT_FOUND,
                                             f"RemoteVM {entry['vm']} does not exist in this namespace", now),
                        remove)
-
-    if deleting:
-        return out
 
     failed = sum(1 for e in results if e.get("phase") == Phase.FAILED)
     if spec.max_failures is not None and failed and failed >= spec.max_failures:

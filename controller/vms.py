@@ -1,229 +1,414 @@
-"""RemoteVM reconciliation: workers sized to the backlog, health folded into status, pause.
+"""RemoteVMs as the controller holds them: workers sized to the backlog, health as status.
 
-- ``reconcile_vm`` (create/update/resume) and ``tick_vm`` (a timer) size the VM's
-  workers with the autoscaler (``scaling``) and apply them through the runtime; the
-  timer also sends health probes when due and folds their results (``health``).
-- ``wake_for_dispatch``: a command sent to a VM at zero replicas starts a worker at once.
-- ``paused``: the command scheduler dispatches nothing to a paused VM; unpausing moves
-  the commands waiting for it on at once (``resume_commands``).
+``Fleet`` keeps every RemoteVM the watch brought (and the worker Deployments, through
+their own watch): no reads per tick. The controller loop calls ``tick`` once a second:
+
+- each worker group (a VM, or the VMs of one ``workerPool``) is sized from its queues'
+  depth plus the commands running on its VMs (``scaling``), and applied through the
+  runtime only when that changes;
+- health probes go out every ``healthCheck.periodSeconds`` to VMs that have a worker;
+- conditions are folded (``health.fold_conditions``) and the status is written only
+  when something in it changed.
+
+A probe's report (``on_probe``) is written at once, with the conditions it changes. A
+dispatch to a VM at zero replicas wakes its group (``wake``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
-import kopf
 from pydantic import ValidationError
 
-from vmfleet.api.constants import Phase
+from vmfleet import metrics
+from vmfleet.api import constants as c
+from vmfleet.api.constants import Phase, Reason
+from vmfleet.api.envelope import Target, now_rfc3339
 from vmfleet.api.models import RemoteVMSpec
-from vmfleet.celeryconf import broker_url
-from vmfleet.kube import ApiException
+from vmfleet.kube import ApiException, Kube
 
-from .context import Context
-from .health import HealthMonitor
-from .runtime import VMRef
-from .scaling import Autoscaler, Decision, QueueDepth, running_commands
+from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
+from .runtime import Runtime, VMRef, WorkerGroup
+from .scaling import Autoscaler, Decision
 
 log = logging.getLogger("controller.vms")
 
-COMMANDS_CACHE_SECONDS = 1.0
+QueueDepthReader = Callable[[list[str]], dict[str, int]]
+Counts = Callable[[], dict[tuple[str, str], tuple[int, int]]]  # (ns, vm) -> (queued, running)
 
 
-def vm_ref(body: dict[str, Any]) -> VMRef:
+def vm_ref(body: dict[str, Any]) -> VMRef | None:
     meta = body["metadata"]
     try:
         spec = RemoteVMSpec.model_validate(body.get("spec") or {})
     except ValidationError as exc:
-        raise kopf.PermanentError(f"RemoteVM spec is invalid: {exc}") from exc
+        log.warning("RemoteVM %s/%s is invalid: %s", meta.get("namespace"), meta.get("name"), exc)
+        return None
     return VMRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], spec=spec)
 
 
-def resolve_ref(ctx: Context, body: dict[str, Any]) -> VMRef:
-    """``vm_ref`` plus the bastion's Secret name (its workers mount it too)."""
-    vm = vm_ref(body)
-    if vm.spec.proxy_jump is not None:
-        bastion = ctx.kube.get_vm(vm.namespace, vm.spec.proxy_jump.vm)
-        secret = ((bastion or {}).get("spec") or {}).get("credentialsSecretRef") or {}
-        vm.bastion_secret = secret.get("name") or None
-    return vm
-
-
-@dataclass
 class Fleet:
-    """What the controller remembers about RemoteVMs between calls (per Context)."""
+    """Every RemoteVM of the watched namespaces, its workers and its health."""
 
-    autoscaler: Autoscaler
-    queue_depth: QueueDepth
-    health: HealthMonitor
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    commands: dict[str, tuple[float, list[dict[str, Any]]]] = field(default_factory=dict)
-    refs: dict[str, VMRef] = field(default_factory=dict)
-    scale_locks: dict[str, threading.RLock] = field(default_factory=dict)
+    def __init__(self, kube: Kube, runtime: Runtime, health: HealthMonitor,
+                 queue_depths: QueueDepthReader, counts: Counts,
+                 autoscaler: Autoscaler | None = None) -> None:
+        self.kube = kube
+        self.runtime = runtime
+        self.health = health
+        self.queue_depths = queue_depths
+        self.counts = counts
+        self.autoscaler = autoscaler or Autoscaler()
+        self._lock = threading.RLock()
+        self._vms: dict[tuple[str, str], dict[str, Any]] = {}
+        self._applied: dict[str, int] = {}  # group key -> replicas applied
+        self._groups_of: dict[str, str] = {}  # vm key -> group key
+        self._scale_locks: dict[str, threading.Lock] = {}
 
-    def scaling(self, key: str) -> threading.RLock:
-        """Held while one VM's replicas are decided and applied: the timer and a wake on
-        dispatch never undo each other."""
-        with self.lock:
-            return self.scale_locks.setdefault(key, threading.RLock())
+    # ------------------------------------------------------------------ the watch
 
+    def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            return self._vms.get((namespace, name))
 
-_fleets: dict[int, Fleet] = {}
-_fleets_lock = threading.Lock()
+    def list_vms(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """RemoteVMs of a namespace matching a label selector (through the API: the
+        server evaluates selectors exactly as kubectl does)."""
+        items = self.kube.list_vms(namespace, selector)
+        for item in items:
+            self.seen(item, reconcile=False)
+        return items
 
-
-def fleet(ctx: Context) -> Fleet:
-    with _fleets_lock:
-        found = _fleets.get(id(ctx))
-        if found is None:
-            def send(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
-                # No retries: a probe that cannot be sent now is sent at the next period.
-                ctx.dispatcher.app.send_task(task, args=[message], queue=queue, expires=expires,
-                                             retry=False)
-
-            found = _fleets[id(ctx)] = Fleet(
-                autoscaler=Autoscaler(),
-                queue_depth=QueueDepth(broker_url()),
-                health=HealthMonitor(ctx.kube, send),
-            )
-        return found
-
-
-def _commands(ctx: Context, f: Fleet, namespace: str) -> list[dict[str, Any]]:
-    """The namespace's RemoteCommands, listed at most once per second for all its VMs."""
-    now = time.monotonic()
-    with f.lock:
-        cached = f.commands.get(namespace)
-        if cached is not None and now - cached[0] < COMMANDS_CACHE_SECONDS:
-            return cached[1]
-    items = ctx.kube.list_commands(namespace)
-    with f.lock:
-        f.commands[namespace] = (now, items)
-    return items
-
-
-def decide(ctx: Context, vm: VMRef, current: int) -> Decision:
-    """Replicas for the VM's backlog: queue depth (kombu) + commands running on it."""
-    f = fleet(ctx)
-    workers = vm.spec.workers
-    if workers is None or workers.autoscale is None:
-        return f.autoscaler.decide(vm.key, workers, 0, 0, current)
-    try:
-        depth = f.queue_depth(vm.queue)
-    except Exception as exc:  # noqa: BLE001 - the broker is down: keep what runs
-        log.warning("Could not read the depth of queue %s: %s; keeping %s workers", vm.queue,
-                    exc, current)
-        return Decision(current, current, 0, 0, 0)
-    queued, running = running_commands(_commands(ctx, f, vm.namespace), vm.name)
-    # Messages a worker has reserved but not started are in neither count: the API's
-    # Queued entries cover them.
-    return f.autoscaler.decide(vm.key, workers, max(depth, queued), running, current)
-
-
-def reconcile_vm(ctx: Context, body: dict[str, Any], *, unpaused: bool = False) -> dict[str, Any]:
-    """Ensure the workers; return the ``status.workers`` block. ``unpaused``: the spec
-    just changed from paused, so the commands waiting for the VM move on now."""
-    vm = resolve_ref(ctx, body)
-    with fleet(ctx).scaling(vm.key):
-        decision = decide(ctx, vm, ctx.runtime.current_replicas(vm))
-        workers = ctx.runtime.ensure(vm, decision.replicas)
-    workers["queueDepth"] = decision.queue_depth
-    fleet(ctx).refs[vm.key] = vm
-    if unpaused and not vm.spec.paused:
-        # Only then: listing every command of the namespace for each of 1,000 VMs when
-        # the controller starts cost a gigabyte (their own timers move them on anyway).
-        resume_commands(ctx, vm)
-    return workers
-
-
-def tick_vm(ctx: Context, body: dict[str, Any]) -> None:
-    """The RemoteVM timer: scale to the backlog, send a probe when due, fold conditions."""
-    vm = resolve_ref(ctx, body)
-    f = fleet(ctx)
-    status = body.get("status") or {}
-    previous = dict(status.get("workers") or {})
-    with f.scaling(vm.key):
-        current = ctx.runtime.current_replicas(vm)
-        decision = decide(ctx, vm, current)
-        if decision.replicas != current or previous.get("replicas") != decision.replicas:
-            workers = ctx.runtime.ensure(vm, decision.replicas)
-            if decision.replicas != current:
-                log.info("Scaled workers of RemoteVM %s from %s to %s (backlog %s: %s queued, "
-                         "%s running)", vm.key, current, decision.replicas, decision.backlog,
-                         decision.queue_depth, decision.running)
-        else:
-            workers = {**previous, "replicas": decision.replicas}
-            if ctx.runtime.name == "Process":
-                workers["readyReplicas"] = current
-    workers["queueDepth"] = decision.queue_depth
-    if workers != previous:
-        ctx.kube.patch_vm_status(vm.namespace, vm.name, {"status": {"workers": workers}})
-        status = {**status, "workers": workers}
-    body = {**body, "status": status}
-    f.health.maybe_probe(body, vm.spec, vm.queue)
-    f.health.apply(body, vm.spec)
-
-
-def observe_vm(ctx: Context, body: dict[str, Any]) -> None:
-    """A watch event: fold a new probe result into conditions at once."""
-    try:
-        vm = vm_ref(body)
-    except kopf.PermanentError:
-        return
-    fleet(ctx).health.apply(body, vm.spec)
-
-
-def forget_vm(ctx: Context, namespace: str, name: str) -> None:
-    f = fleet(ctx)
-    f.autoscaler.forget(f"{namespace}/{name}")
-    f.refs.pop(f"{namespace}/{name}", None)
-    f.health.forget(namespace, name)
-
-
-def wake_for_dispatch(ctx: Context, namespace: str, name: str) -> None:
-    """A command was sent to this VM's queue: if it has no worker, start one now."""
-    f = fleet(ctx)
-    key = f"{namespace}/{name}"
-    try:
-        known = f.refs.get(key)
-        if known is not None and (
-            known.spec.workers is None or known.spec.workers.autoscale is None
-            or f.autoscaler.last(key) != 0
-        ):
-            return  # workers run (or the VM is not autoscaled): nothing to wake
-        body = ctx.kube.get_vm(namespace, name)
-        if body is None:
+    def seen(self, obj: dict[str, Any], *, reconcile: bool = True) -> None:
+        meta = obj["metadata"]
+        key = (meta["namespace"], meta["name"])
+        with self._lock:
+            previous = self._vms.get(key)
+            self._vms[key] = obj
+        metrics.observe_vm(obj)
+        if not reconcile:
             return
-        vm = resolve_ref(ctx, body)
-        f.refs[key] = vm
-        if vm.spec.workers is None or vm.spec.workers.autoscale is None:
+        old_gen = (previous or {}).get("metadata", {}).get("generation")
+        if previous is None or old_gen != meta.get("generation"):
+            self.reconcile(obj, previous)
+
+    def gone(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        key = f"{meta['namespace']}/{meta['name']}"
+        with self._lock:
+            self._vms.pop((meta["namespace"], meta["name"]), None)
+            group = self._groups_of.pop(key, None)
+        metrics.observe_vm(obj, deleted=True)
+        self.autoscaler.forget(key)
+        self.health.forget(meta["namespace"], meta["name"])
+        if group is not None:
+            remaining = self.group(group)
+            if remaining is None:
+                self.runtime.remove(group)
+                with self._lock:
+                    self._applied.pop(group, None)
+            else:
+                self.scale(remaining, force=True)
+
+    # ------------------------------------------------------------------ targets
+
+    def ref(self, obj: dict[str, Any]) -> VMRef | None:
+        vm = vm_ref(obj)
+        if vm is not None and vm.spec.proxy_jump is not None:
+            bastion = self.get(vm.namespace, vm.spec.proxy_jump.vm)
+            secret = ((bastion or {}).get("spec") or {}).get("credentialsSecretRef") or {}
+            vm.bastion_secret = secret.get("name") or None
+        return vm
+
+    def target_of(self, obj: dict[str, Any], *, bastion_of: str | None = None) -> Target:
+        """How a worker reaches the VM (the envelope's ``Target``)."""
+        meta, spec = obj["metadata"], obj.get("spec") or {}
+        recorded = ((obj.get("status") or {}).get("hostKey") or {}).get("publicKey")
+        tofu = spec.get("hostKeyPolicy") == c.HOST_KEY_TOFU
+        keys = ((recorded,) if recorded else tuple(spec.get("hostKeys") or ())) if tofu \
+            else tuple(spec.get("hostKeys") or ())
+        bastion = None
+        jump = (spec.get("proxyJump") or {}).get("vm")
+        if jump and bastion_of is None:
+            found = self.get(meta["namespace"], jump)
+            if found is not None and jump != meta["name"]:
+                bastion = self.target_of(found, bastion_of=meta["name"])
+        return Target(
+            vm=meta["name"], host=str(spec.get("host")), port=int(spec.get("port") or 22),
+            user=str(spec.get("user")), secret=str((spec.get("credentialsSecretRef") or {}).get("name")),
+            host_keys=keys, trust_on_first_use=tofu and not keys,
+            connect_timeout=float(spec.get("connectTimeoutSeconds") or 30),
+            allow_become=bool(spec.get("allowBecome")),
+            max_concurrent=int(spec.get("maxConcurrentCommands") or 2),
+            bastion=bastion,
+        )
+
+    # ------------------------------------------------------------------ groups
+
+    def group(self, key: str) -> WorkerGroup | None:
+        """The worker group ``key`` (a VM key, or ``<namespace>/pool:<name>``)."""
+        namespace, _, rest = key.partition("/")
+        with self._lock:
+            objs = list(self._vms.values())
+        refs = []
+        for obj in objs:
+            if obj["metadata"]["namespace"] != namespace:
+                continue
+            ref = self.ref(obj)
+            if ref is not None and ref.group == key:
+                refs.append(ref)
+        if not refs:
+            return None
+        refs.sort(key=lambda r: r.name)
+        pool = rest[len("pool:"):] if rest.startswith("pool:") else None
+        return WorkerGroup(namespace, refs, pool)
+
+    def groups(self) -> list[WorkerGroup]:
+        with self._lock:
+            objs = list(self._vms.values())
+        by_key: dict[str, list[VMRef]] = {}
+        for obj in objs:
+            ref = self.ref(obj)
+            if ref is not None:
+                by_key.setdefault(ref.group, []).append(ref)
+        groups = []
+        for key, refs in sorted(by_key.items()):
+            refs.sort(key=lambda r: r.name)
+            pool = refs[0].spec.worker_pool
+            groups.append(WorkerGroup(refs[0].namespace, refs, pool))
+        return groups
+
+    def _scale_lock(self, key: str) -> threading.Lock:
+        with self._lock:
+            return self._scale_locks.setdefault(key, threading.Lock())
+
+    def reconcile(self, obj: dict[str, Any], previous: dict[str, Any] | None) -> None:
+        """A new or changed RemoteVM: its group's Deployment (or processes) now."""
+        ref = self.ref(obj)
+        if ref is None:
             return
-        with f.scaling(key):
-            if ctx.runtime.current_replicas(vm) > 0:
+        with self._lock:
+            old_group = self._groups_of.get(ref.key)
+            self._groups_of[ref.key] = ref.group
+        if old_group is not None and old_group != ref.group:
+            left = self.group(old_group)
+            if left is None:
+                self.runtime.remove(old_group)
+            else:
+                self.scale(left, force=True)
+        group = self.group(ref.group)
+        if group is not None:
+            self.scale(group, force=True)
+
+    def decide(self, group: WorkerGroup, current: int,
+               counts: dict[tuple[str, str], tuple[int, int]],
+               depths: dict[str, int]) -> Decision:
+        workers = group.workers
+        if workers is None or workers.autoscale is None:
+            return self.autoscaler.decide(group.key, workers, 0, 0, current)
+        depth = sum(depths.get(q, 0) for q in group.queues)
+        queued = sum(counts.get((group.namespace, vm.name), (0, 0))[0] for vm in group.vms)
+        running = sum(counts.get((group.namespace, vm.name), (0, 0))[1] for vm in group.vms)
+        # Messages a worker reserved but has not started are in neither count: the
+        # Queued entries cover them.
+        return self.autoscaler.decide(group.key, workers, max(depth, queued), running, current)
+
+    def scale(self, group: WorkerGroup, *, force: bool = False,
+              counts: dict[tuple[str, str], tuple[int, int]] | None = None,
+              depths: dict[str, int] | None = None) -> None:
+        with self._scale_lock(group.key):
+            current = self.runtime.current_replicas(group)
+            if counts is None:
+                counts = self.counts()
+            if depths is None:
+                depths = self._depths(group.queues) if _autoscaled(group) else {}
+                if depths is None:
+                    return
+            decision = self.decide(group, current, counts, depths)
+            with self._lock:
+                applied = self._applied.get(group.key)
+            if force or applied != decision.replicas or current != decision.replicas:
+                workers = self.runtime.ensure(group, decision.replicas)
+                with self._lock:
+                    self._applied[group.key] = decision.replicas
+                if decision.replicas != current:
+                    log.info("Scaled workers of %s from %s to %s (backlog %s: %s queued, %s "
+                             "running)", group.key, current, decision.replicas, decision.backlog,
+                             decision.queue_depth, decision.running)
+            for vm in group.vms:
+                self.write_workers(vm, group, decision)
+
+    def _depths(self, queues: list[str]) -> dict[str, int] | None:
+        try:
+            return self.queue_depths(queues)
+        except Exception as exc:  # noqa: BLE001 - the broker is down: keep what runs
+            log.warning("Could not read the depth of queues %s: %s; keeping the workers",
+                        ",".join(queues), exc)
+            return None
+
+    def wake(self, namespace: str, name: str) -> None:
+        """A command was sent to this VM's queue: if its group has no worker, start one."""
+        obj = self.get(namespace, name)
+        ref = self.ref(obj) if obj is not None else None
+        if ref is None:
+            return
+        group = self.group(ref.group)
+        if group is None or not _autoscaled(group):
+            return
+        try:
+            with self._scale_lock(group.key):
+                if self.runtime.current_replicas(group) > 0:
+                    return
+                replicas = self.autoscaler.wake(group.key, group.workers)
+                self.runtime.ensure(group, replicas)
+                with self._lock:
+                    self._applied[group.key] = replicas
+            log.info("Woke workers of %s for a dispatch (%s replica)", group.key, replicas)
+        except Exception as exc:  # noqa: BLE001 - the loop scales up anyway; never fail a dispatch
+            log.warning("Could not wake the workers of %s: %s", group.key, exc)
+
+    # ------------------------------------------------------------------ status
+
+    def write_workers(self, vm: VMRef, group: WorkerGroup, decision: Decision) -> None:
+        obj = self.get(vm.namespace, vm.name)
+        if obj is None:
+            return
+        status = obj.get("status") or {}
+        workers: dict[str, Any] = {
+            "runtime": self.runtime.name,
+            "queue": vm.queue,
+            "replicas": decision.replicas,
+            "readyReplicas": getattr(self.runtime, "ready_replicas", self.runtime.current_replicas)(group),
+            "queueDepth": decision.queue_depth,
+        }
+        if self.runtime.name == c.RUNTIME_DEPLOYMENT:
+            workers["deployment"] = group.deployment
+        if group.pool:
+            workers["pool"] = group.pool
+        metrics.observe_workers(vm.namespace, vm.name, workers)
+        self.write_status(obj, {"workers": workers,
+                                "observedGeneration": obj["metadata"].get("generation")})
+
+    def write_status(self, obj: dict[str, Any], fields: dict[str, Any]) -> None:
+        """Merge ``fields`` into the VM's status, fold its conditions, and write what changed."""
+        meta = obj["metadata"]
+        status = dict(obj.get("status") or {})
+        new = {**status, **fields}
+        ref = vm_ref(obj)
+        if ref is not None:
+            new["conditions"] = fold_conditions(ref.spec, new, now_rfc3339(), self.health.thresholds)
+        changed = {k: v for k, v in new.items() if status.get(k) != v
+                   and not (k == "conditions" and not conditions_changed(status.get(k) or [], v))}
+        if not changed:
+            return
+        try:
+            self.kube.patch_vm_status(meta["namespace"], meta["name"], {"status": changed})
+        except ApiException as exc:
+            if exc.status == 404:
                 return
-            replicas = f.autoscaler.wake(key, vm.spec.workers)
-            workers = ctx.runtime.ensure(vm, replicas)
-        ctx.kube.patch_vm_status(namespace, name, {"status": {"workers": workers}})
-        log.info("Woke workers of RemoteVM %s for a dispatch (%s replica)", key, replicas)
-    except Exception as exc:  # noqa: BLE001 - the timer scales up anyway; never fail a dispatch
-        log.warning("Could not wake the workers of RemoteVM %s: %s", key, exc)
+            raise
+        with self._lock:
+            current = self._vms.get((meta["namespace"], meta["name"]))
+            if current is not None and current["metadata"].get("uid") == meta.get("uid"):
+                self._vms[(meta["namespace"], meta["name"])] = {**current, "status": new}
+        if "conditions" in changed:
+            for reason, message in transitions(status.get("conditions") or [], new["conditions"]):
+                self.health.post_warning(obj, reason, message)
+                if reason == Reason.HOST_KEY_MISMATCH:
+                    self.health.pause(obj, reason)
+
+    def on_probe(self, report: dict[str, Any]) -> bool:
+        """A worker's probe result: written with the conditions it changes."""
+        obj = self.get(str(report.get("namespace")), str(report.get("vm")))
+        if obj is None or (report.get("uid") and obj["metadata"].get("uid") != report["uid"]):
+            return False
+        fields = dict(report.get("status") or {})
+        host_key = fields.get("hostKey") or {}
+        recorded = ((obj.get("status") or {}).get("hostKey") or {}).get("publicKey")
+        if host_key.get("publicKey"):
+            if recorded:  # recorded once: a later first-use probe records nothing
+                fields["hostKey"] = {**(obj.get("status") or {}).get("hostKey", {})}
+            else:
+                log.info("Recorded host key %s of RemoteVM %s/%s (TrustOnFirstUse)",
+                         host_key.get("fingerprint"), obj["metadata"]["namespace"],
+                         obj["metadata"]["name"])
+        elif recorded:
+            fields["hostKey"] = {**host_key, "publicKey": recorded,
+                                 "recordedTime": (obj.get("status") or {}).get("hostKey", {}).get("recordedTime")}
+            fields["hostKey"] = {k: v for k, v in fields["hostKey"].items() if v is not None}
+        self.write_status(obj, fields)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+
+    def tick(self) -> None:
+        """Scale every group, send the probes that are due, fold conditions."""
+        counts = self.counts()
+        groups = self.groups()
+        queues = sorted({q for g in groups if _autoscaled(g) for q in g.queues})
+        depths = self._depths(queues) if queues else {}
+        for group in groups:
+            try:
+                if depths is None and _autoscaled(group):
+                    continue
+                self.scale(group, counts=counts, depths=depths or {})
+            except Exception as exc:  # noqa: BLE001 - one group's error must not stop the rest
+                metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
+                log.warning("Could not scale the workers of %s: %s", group.key, exc)
+            for vm in group.vms:
+                obj = self.get(vm.namespace, vm.name)
+                if obj is None:
+                    continue
+                self.health.maybe_probe(obj, vm.spec, vm.queue, self.target_of(obj))
+                try:
+                    self.write_status(obj, {})
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("Could not write the status of RemoteVM %s: %s", vm.key, exc)
 
 
-def resume_commands(ctx: Context, vm: VMRef) -> None:
-    """The VM is not paused (maybe just unpaused): move on the commands waiting for it now,
-    rather than at their next timer."""
-    from .commands import reconcile_command  # commands imports this module
+def _autoscaled(group: WorkerGroup) -> bool:
+    workers = group.workers
+    return workers is not None and workers.autoscale is not None
 
-    try:
-        commands = ctx.kube.list_commands(vm.namespace)
-    except ApiException as exc:
-        log.warning("Could not list RemoteCommands of %s: %s", vm.namespace, exc.reason)
-        return
-    for obj in commands:
-        results = (obj.get("status") or {}).get("results") or []
-        if any(e.get("vm") == vm.name and e.get("phase") == Phase.PENDING for e in results):
-            reconcile_command(ctx, obj)
+
+def entry_counts(tracked: list[Any]) -> dict[tuple[str, str], tuple[int, int]]:
+    """``(queued, running)`` result entries per VM over the controller's commands."""
+    counts: dict[tuple[str, str], list[int]] = {}
+    for command in tracked:
+        for entry in command.status.get("results") or []:
+            phase = entry.get("phase")
+            if phase not in (Phase.QUEUED, Phase.RUNNING):
+                continue
+            slot = counts.setdefault((command.namespace, entry["vm"]), [0, 0])
+            slot[0 if phase == Phase.QUEUED else 1] += 1
+    return {key: (v[0], v[1]) for key, v in counts.items()}
+
+
+def redis_queue_depths(client: Any) -> QueueDepthReader:
+    """Queue depth of Celery's Redis transport: the list and its priority lists, one
+    round trip for every queue (a kombu call per queue costs a thousand calls a tick)."""
+    suffixes = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+    def read(queues: list[str]) -> dict[str, int]:
+        pipe = client.pipeline(transaction=False)
+        for queue in queues:
+            for suffix in suffixes:
+                pipe.llen(queue + suffix)
+        values = pipe.execute()
+        return {queue: sum(int(v) for v in values[i * 4:(i + 1) * 4])
+                for i, queue in enumerate(queues)}
+
+    return read
+
+
+def kombu_queue_depths(depth: Callable[[str], int]) -> QueueDepthReader:
+    def read(queues: list[str]) -> dict[str, int]:
+        return {queue: depth(queue) for queue in queues}
+
+    return read
+
+
+__all__ = ["Fleet", "entry_counts", "kombu_queue_depths", "redis_queue_depths", "vm_ref"]

@@ -8,8 +8,8 @@ parsers turn that text into the numbers of ``status.facts``.
 The probe has a hard deadline (``healthCheck.timeoutSeconds``): connecting, opening
 the channel and reading are all bounded, and a probe that never returns (a hung
 filesystem under ``df``) ends as ``Timeout`` while the worker thread moves on.
-The worker writes ``status.lastProbe``, ``status.facts`` and ``status.hostKey``; the
-controller folds them into conditions.
+The worker reports what it saw (``status.lastProbe``, ``facts``, ``hostKey``); the
+controller writes it and folds it into conditions.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ from typing import Any
 import paramiko
 
 from vmfleet.api.constants import Reason
-from vmfleet.api.envelope import now_rfc3339
-from vmfleet.kube import ApiException
+from vmfleet.api.envelope import Target, now_rfc3339
 
 from .execute import AttemptFailed, CommandExecutor
 from .ssh import ConnectionPool, HostKeyMismatch, SSHError, SSHTarget, fingerprint, shutdown_write
@@ -380,7 +379,8 @@ def probe_status(result: ProbeResult, now: str, worker: str) -> dict[str, Any]:
 
 
 class HealthChecker:
-    """The body of ``remote_tasks.check_vm_status``: probe, then write what was seen."""
+    """The body of ``remote_tasks.check_vm_status``: probe, then report what was seen
+    (the controller writes ``status.lastProbe``, ``facts`` and ``hostKey``)."""
 
     def __init__(self, executor: CommandExecutor) -> None:
         self.executor = executor
@@ -388,36 +388,29 @@ class HealthChecker:
     def check(self, message: dict[str, Any], worker: str) -> str:
         namespace, name = str(message["namespace"]), str(message["vm"])
         timeout = float(message.get("timeoutSeconds") or 10)
-        kube = self.executor.kube
-        vm = kube.get_vm(namespace, name)
-        if vm is None or (message.get("uid") and vm["metadata"].get("uid") != message["uid"]):
-            return "gone"
-        try:
-            target = self.executor.resolve_target(namespace, name, first_use=True)
-        except AttemptFailed as failed:
-            result = ProbeResult(False, failed.reason, failed.message, 0.0)
+        target = Target.from_message(message["target"]) if message.get("target") else None
+        record = False
+        if target is None:
+            result = ProbeResult(False, Reason.INVALID_SPEC, "the probe names no target", 0.0)
         else:
-            result = probe_vm(self.executor.pool, target, timeout)
+            try:
+                ssh_target = self.executor.ssh_target(target, first_use=True)
+            except AttemptFailed as failed:
+                result = ProbeResult(False, failed.reason, failed.message, 0.0)
+            else:
+                record = ssh_target.trust_on_first_use
+                result = probe_vm(self.executor.pool, ssh_target, timeout)
         now = now_rfc3339()
         status: dict[str, Any] = {"lastProbe": probe_status(result, now, worker)}
-        patch: dict[str, Any] = {"status": status}
         if result.facts is not None:
             status["facts"] = {**result.facts.wire(), "lastProbeTime": now,
                                "probeLatencySeconds": result.latency_seconds}
         if result.server_key is not None:
-            record = target.trust_on_first_use
             status["hostKey"] = host_key_status(result.server_key, now, record)
-            if record:
-                # Recorded once: a concurrent probe that recorded first makes this one fail.
-                patch["metadata"] = {"resourceVersion": vm["metadata"]["resourceVersion"]}
-                log.info("Recorded host key %s of RemoteVM %s/%s (TrustOnFirstUse)",
-                         fingerprint(result.server_key), namespace, name)
-        try:
-            kube.patch_vm_status(namespace, name, patch)
-        except ApiException as exc:
-            if exc.status in (404, 409):
-                return "conflict"
-            raise
+        self.executor.state.report({
+            "kind": "probe", "namespace": namespace, "vm": name, "uid": message.get("uid"),
+            "worker": worker, "time": now, "status": status,
+        })
         log.info("Probed RemoteVM %s/%s: %s (%s, %.3fs)", namespace, name,
                  "up" if result.succeeded else "down", result.reason, result.latency_seconds)
         return result.reason

@@ -149,9 +149,13 @@ def from_environment(broker_url: str) -> VMSlots | None:
 
 
 @contextmanager
-def vm_slot(broker_url: str, namespace: str, vm: str, worker: str) -> Iterator[None]:
-    """Hold one of the VM's ``maxConcurrentCommands`` slots (no-op without a limit or Redis)."""
-    limit_text = os.environ.get(MAX_CONCURRENT_ENV)
+def vm_slot(broker_url: str, namespace: str, vm: str, worker: str,
+            limit: int | None = None) -> Iterator[None]:
+    """Hold one of the VM's ``maxConcurrentCommands`` slots (no-op without a limit or Redis).
+
+    ``limit`` comes with the message (a pool's worker serves VMs with different limits);
+    else ``VMFLEET_MAX_CONCURRENT_COMMANDS``."""
+    limit_text = str(limit) if limit else os.environ.get(MAX_CONCURRENT_ENV)
     slots = from_environment(broker_url) if limit_text else None
     if slots is None or not limit_text:
         yield

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import socket
+import threading
 from typing import Any
 
-from celery import Task
+from celery import Task, signals
 
 from vmfleet.api.constants import (
     TASK_CHECK_VM,
@@ -14,9 +15,8 @@ from vmfleet.api.constants import (
     TASK_TERMINATE,
     TASK_TRANSFER,
     TASK_TRANSFER_CLEANUP,
-    TRANSFER_QUEUE,
 )
-from vmfleet.api.envelope import Envelope
+from vmfleet.api.envelope import Envelope, Target
 from vmfleet.celeryconf import broker_url
 
 from .app import app
@@ -26,10 +26,26 @@ from .slots import vm_slot
 from .transfer import TransferExecutor
 
 
+_stop = threading.Event()
+
+
 @functools.cache
 def executor() -> CommandExecutor:
-    """One executor (API client and SSH pool) per worker process, shared by its threads."""
-    return CommandExecutor.from_environment()
+    """One executor (Redis and the SSH pool) per worker process, shared by its threads;
+    it listens for cancels from the start."""
+    found = CommandExecutor.from_environment()
+    found.listen_for_cancels(_stop)
+    return found
+
+
+@signals.worker_ready.connect
+def _start_listening(**_: Any) -> None:
+    executor()  # cancels reach a worker that has not run anything yet
+
+
+@signals.worker_shutdown.connect
+def _stop_listening(**_: Any) -> None:
+    _stop.set()
 
 
 @app.task(name=TASK_EXECUTE, bind=True, acks_late=True)
@@ -37,14 +53,15 @@ def execute_on_vm(self: Task, envelope: dict[str, Any]) -> str:
     worker = self.request.hostname or socket.gethostname()
     message = Envelope.from_message(envelope)
     # One of the VM's maxConcurrentCommands slots, across all its worker replicas.
-    with vm_slot(broker_url(), message.namespace, message.vm, worker):
+    limit = message.target.max_concurrent if message.target else None
+    with vm_slot(broker_url(), message.namespace, message.vm, worker, limit):
         return executor().execute(message, worker)
 
 
 @app.task(name=TASK_TERMINATE, acks_late=True)
-def terminate_attempt(namespace: str, vm: str, pgid: int, marker: str | None = None) -> bool:
-    """End the remote process group of an attempt whose worker was lost or cancelled."""
-    return executor().terminate_attempt(namespace, vm, int(pgid), marker)
+def terminate_attempt(target: dict[str, Any], pgid: int, marker: str | None = None) -> bool:
+    """End the remote process group of an attempt whose worker was lost."""
+    return executor().terminate_attempt(Target.from_message(target), int(pgid), marker)
 
 
 @functools.cache
@@ -54,19 +71,15 @@ def health_checker() -> HealthChecker:
 
 @app.task(name=TASK_CHECK_VM, bind=True, acks_late=False, ignore_result=True)
 def check_vm_status(self: Task, message: dict[str, Any]) -> str:
-    """Probe the VM (hard timeout) and write status.lastProbe, facts and hostKey."""
+    """Probe the VM (hard timeout) and report status.lastProbe, facts and hostKey."""
     worker = self.request.hostname or socket.gethostname()
     return health_checker().check(message, worker)
 
 
-def _requeue_transfer(envelope: Envelope, countdown: float | None) -> None:
-    app.send_task(TASK_TRANSFER, args=[envelope.to_message()], queue=TRANSFER_QUEUE,
-                  countdown=countdown)
-
-
 @functools.cache
 def transfers() -> TransferExecutor:
-    return TransferExecutor(executor(), requeue=_requeue_transfer)
+    """Transfers share the executor's Redis and SSH pool; the controller sends retries."""
+    return TransferExecutor(executor())
 
 
 @app.task(name=TASK_TRANSFER, bind=True, acks_late=True)

@@ -1,19 +1,35 @@
 """File transfers between VMs: streamed SFTP to SFTP, atomic, verified, memory-bounded.
 
-One delivery of ``remote_tasks.transfer_file`` claims its destination's result entry, and
-with it every other destination still ``Queued`` (one JSON Patch with ``test`` operations,
-as commands are claimed), so the source is read once and written to every destination.
+The controller sends one message per destination VM to ``vmfleet.transfers``; it
+carries, in ``Envelope.targets``, how to reach the source VM and the destination (by VM
+name). The delivery claims its destination's attempt in Redis (``State.claim``). On a
+first attempt it also claims, one by one, every *other* destination named in
+``targets``, so that one read of the source serves them all (their own messages then find
+the claims taken and run nothing): the controller must therefore name there only
+destinations whose first attempt it has sent (Queued), never one held back by fan-out
+limits. A retry (attempt 2 and later) goes alone.
+
+The worker writes no status: it reports ``claimed``, ``progress`` (bytes copied, every
+``PROGRESS_SECONDS``) and ``finished`` per destination to the controller's report stream,
+renews each destination's heartbeat, and stops when its command is cancelled (deleted).
+Which failures run again is the controller's decision (``vmfleet.policy``).
 
 Per destination: write to a temporary name beside the target (``.<name>.vmfleet-<tag>``,
 derived from the command's uid, the VM and the attempt, so a later attempt or the cleanup
 task can remove what a lost attempt left), set the mode, optionally re-read it, then
 rename it over the target (``posix-rename@openssh.com``; plain ``rename``, which never
-replaces, for ``overwrite: Never``). Readers see the old file or the whole new one.
+replaces, for ``overwrite: Never``). Readers see the old file or the whole new one; a
+failed or cancelled attempt removes its temporary file.
 
 Memory: the source is read in windows of ``WINDOW`` bytes (paramiko prefetch, many read
 requests in flight), each chunk hashed and written (pipelined) to every destination before
 the next window is requested, so a transfer holds at most about one window plus the SSH
 channel windows, whatever the file size. Paths only ever travel as SFTP strings.
+
+Keys: the transfer worker reaches every VM. A VM's key is read from its Secret mounted
+at ``<credentials dir>/<secret name>/``, else through the Kubernetes API (the one
+component besides the controller that still reads Secrets; the same client reads
+ConfigMap and Secret sources). The Kubernetes client is created on first use only.
 """
 
 from __future__ import annotations
@@ -25,22 +41,27 @@ import hashlib
 import logging
 import posixpath
 import stat
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paramiko
 from pydantic import ValidationError
 
+from vmfleet.api import constants as c
 from vmfleet.api.constants import SECRET_TYPE_SSH_AUTH, Phase, Reason
-from vmfleet.api.envelope import Envelope, now_rfc3339
+from vmfleet.api.envelope import Envelope, Target, now_rfc3339
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource, TransferSpec
-from vmfleet.kube import ApiException
+from vmfleet.state import CANCELLED, CLAIMED
 
-from . import claims
-from .execute import AttemptFailed, CommandExecutor
+from .execute import HEARTBEAT_SECONDS, Attempt, AttemptFailed, CommandExecutor, report_body
 from .ssh import SSHError, SSHTarget
+
+if TYPE_CHECKING:
+    from vmfleet.kube import Kube
 
 log = logging.getLogger("remote_tasks.transfer")
 
@@ -54,10 +75,10 @@ SOURCE_CHANNEL_WINDOW = 4 * 1024 * 1024
 READ_BLOCK = 32 * 1024
 PREFETCH_REQUESTS = 64  # SFTP read requests in flight
 WRITE_BUFFER = 0  # unbuffered: each block becomes one pipelined SFTP write
-PROGRESS_SECONDS = 2.0  # how often a running transfer reports bytes (and proves it is alive)
+PROGRESS_SECONDS = 5.0  # how often a running transfer reports the bytes it copied
 TEMP_MARK = ".vmfleet-"
-# Failures worth another attempt (within retries.limit): the link, not the request.
-RETRYABLE = frozenset({Reason.TRANSPORT_ERROR})
+# Failures after which the next attempt must reconnect (the pooled connection is dropped).
+RECONNECT = frozenset({Reason.TRANSPORT_ERROR, Reason.AUTH_FAILED})
 
 
 class TransferFailed(Exception):
@@ -68,7 +89,7 @@ class TransferFailed(Exception):
 
 
 class Aborted(Exception):
-    """The entry is no longer ours (deleted, cancelled or taken over): stop, leave nothing."""
+    """The command was cancelled (deleted): stop, remove the temporary files."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -151,10 +172,13 @@ def remove_quietly(sftp: paramiko.SFTPClient, path: str) -> bool:
         return False
 
 
-def sha256_of(sftp: paramiko.SFTPClient, path: str, size: int) -> str:
+def sha256_of(sftp: paramiko.SFTPClient, path: str, size: int,
+              tick: Callable[[], None] = lambda: None) -> str:
+    """The file's sha256, read in windows; ``tick`` is called per block (heartbeats)."""
     digest = hashlib.sha256()
     with sftp.open(path, "rb") as fh:
         for chunk in read_windows(fh, size):
+            tick()
             digest.update(chunk)
     return digest.hexdigest()
 
@@ -177,11 +201,10 @@ def read_windows(fh: paramiko.SFTPFile, size: int) -> Iterator[bytes]:
 
 @dataclass
 class Destination:
-    """One destination VM of this attempt."""
+    """One destination VM of this delivery (its own attempt, claimed in Redis)."""
 
     vm: str
     path: str
-    index: int  # of its result entry
     attempt: int
     temp: str
     target: SSHTarget | None = None
@@ -191,12 +214,13 @@ class Destination:
     failure: TransferFailed | None = None
     unchanged: bool = False
     verified: bool = False
+    done: bool = False  # renamed into place
     finished_at: float = 0.0
-    last_report: float = field(default_factory=time.monotonic)
+    reported: bool = False  # its ``finished`` report is sent
 
     @property
     def active(self) -> bool:
-        return self.failure is None and not self.unchanged
+        return self.failure is None and not self.unchanged and not self.done
 
 
 @dataclass
@@ -209,164 +233,280 @@ class Source:
     close: Callable[[], None] = lambda: None
 
 
+@dataclass
+class Run:
+    """One delivery's transfer: what it claimed, and when it next beats and reports."""
+
+    envelope: Envelope
+    worker: str
+    spec: RemoteCommandSpec
+    transfer: TransferSpec
+    dests: list[Destination]
+    cancel: Attempt  # registered with the executor's Cancels: a published cancel marks it
+    started: float
+    next_beat: float
+    next_progress: float
+    source: Source | None = None
+    digest: str = ""
+
+    @property
+    def unreported(self) -> list[Destination]:
+        return [dest for dest in self.dests if not dest.reported]
+
+
+class _Keys(CommandExecutor):
+    """The command executor's ``ssh_target`` (host keys, TrustOnFirstUse, one bastion hop)
+    with one difference: a Secret not mounted in this worker is read through the API.
+
+    Built per transfer for its namespace; it holds only what ``ssh_target`` and
+    ``credentials`` use (no Redis, pool or cancels of its own)."""
+
+    def __init__(self, executor: CommandExecutor, namespace: str,
+                 kube: Callable[[], Kube]) -> None:
+        # No super().__init__(): only the credentials directory is borrowed.
+        self.credentials_dir = executor.credentials_dir
+        self.namespace = namespace
+        self._kube = kube
+
+    def credentials(self, secret_name: str) -> tuple[str, str | None]:
+        if (self.credentials_dir / secret_name / c.SECRET_KEY_PRIVATE_KEY).exists():
+            return super().credentials(secret_name)
+        from kubernetes.client.exceptions import ApiException
+
+        ref = f"{self.namespace}/{secret_name}"
+        try:
+            data = self._kube().read_secret(self.namespace, secret_name)
+        except ApiException as exc:
+            reason = Reason.TRANSPORT_ERROR if (exc.status or 0) >= 500 else Reason.CREDENTIALS_INVALID
+            raise AttemptFailed(reason, f"Secret {ref} is not mounted in this worker and "
+                                f"reading it failed: {exc.reason} ({exc.status})") from exc
+        except Exception as exc:  # noqa: BLE001 - no kubeconfig, API server unreachable
+            raise AttemptFailed(Reason.TRANSPORT_ERROR, f"Secret {ref} is not mounted in this "
+                                f"worker and the Kubernetes API cannot be reached: {exc}") from exc
+        key = data.get(c.SECRET_KEY_PRIVATE_KEY, "")
+        if not key.strip():
+            raise AttemptFailed(Reason.CREDENTIALS_INVALID,
+                                f"Secret {ref} has no key {c.SECRET_KEY_PRIVATE_KEY!r}")
+        return key, (data.get(c.SECRET_KEY_PASSPHRASE) or "").strip() or None
+
+
+def _default_kube() -> Kube:
+    from vmfleet.kube import Kube
+
+    return Kube()
+
+
 class TransferExecutor:
-    """Runs transfer attempts with the command executor's API client and SSH pool."""
+    """Runs transfer attempts with the command executor's Redis state and SSH pool."""
 
     def __init__(
         self,
-        commands: CommandExecutor,
+        executor: CommandExecutor,
         clock: Callable[[], float] = time.monotonic,
-        requeue: Callable[[Envelope, float | None], None] | None = None,
+        kube: Callable[[], Kube] = _default_kube,
     ) -> None:
-        self.commands = commands
-        self.kube = commands.kube
-        self.pool = commands.pool
+        self.executor = executor
+        self.state = executor.state
+        self.pool = executor.pool
         self.clock = clock
-        self.requeue = requeue  # sends a retry attempt (countdown seconds) to the queue
+        self._make_kube = kube
+        self._kube: Kube | None = None
+        self._kube_lock = threading.Lock()
+
+    @property
+    def kube(self) -> Kube:
+        """The Kubernetes client (Secrets not mounted, ConfigMap/Secret sources), made once."""
+        with self._kube_lock:
+            if self._kube is None:
+                self._kube = self._make_kube()
+            return self._kube
 
     # ---------------------------------------------------------------- claim
 
     def execute(self, envelope: Envelope, worker: str) -> str:
-        obj = self.kube.get_command(envelope.namespace, envelope.name)
-        if obj is None or obj["metadata"].get("uid") != envelope.uid:
-            log.info("Skipped transfer %s to %s: it no longer exists", envelope.ref, envelope.vm)
-            return "gone"
-        results = (obj.get("status") or {}).get("results") or []
-        own = claims.result_index(obj.get("status"), envelope.vm)
-        entry = results[own] if own is not None else {}
-        if entry.get("phase") != Phase.QUEUED or entry.get("attempt") != envelope.attempt:
-            log.info("Skipped transfer %s to %s attempt %s: already %s", envelope.ref,
-                     envelope.vm, envelope.attempt, entry.get("phase", "unknown"))
-            return "duplicate"
-        assert own is not None
-        # First attempts: claim our entry and every other destination still waiting, so one
-        # read of the source serves all. Retries (which may wait for a backoff) go alone.
-        batch = [(i, e) for i, e in enumerate(results)
-                 if e.get("phase") == Phase.QUEUED and e.get("attempt") == 1
-                 and envelope.attempt == 1]
-        claimed = ((batch and self._claim(envelope, worker, batch))
-                   or self._claim(envelope, worker, [(own, entry)]))
-        if not claimed:
-            log.info("Skipped transfer %s to %s: claimed by another delivery", envelope.ref,
-                     envelope.vm)
-            return "duplicate"
-        log.info("Claimed transfer %s to %s", envelope.ref,
-                 ", ".join(f"{e['vm']} (attempt {e['attempt']})" for _, e in claimed))
-        try:
-            spec = RemoteCommandSpec.model_validate(obj["spec"])
-        except ValidationError as exc:
-            failure = TransferFailed(Reason.INVALID_SPEC, f"invalid spec: {exc}")
-            for index, e in claimed:
-                self._finish_failed(envelope, worker, index, e["vm"], e["attempt"], failure, None)
-            return Phase.FAILED
-        assert spec.transfer is not None
-        return self.run(envelope, worker, spec, claimed)
+        """Claim this message's destination (and, on a first attempt, the envelope's other
+        destinations), copy, and report each. Returns what happened, for logs."""
+        cancel = Attempt(self.state, envelope, worker)
+        with self.executor.cancels.running(cancel):
+            return self._execute(envelope, worker, cancel)
 
-    def _claim(
-        self, envelope: Envelope, worker: str, batch: list[tuple[int, dict[str, Any]]]
-    ) -> list[tuple[int, dict[str, Any]]]:
-        now = now_rfc3339()
-        patch: claims.Patch = []
-        for index, e in batch:
-            patch += claims.claim_patch(index, e["vm"], e["attempt"], worker, now)
+    def _execute(self, envelope: Envelope, worker: str, cancel: Attempt) -> str:
+        # The claim's holder is this delivery, not just this worker: a worker's threads
+        # (or a redelivery to it) must not win a claim another of its deliveries holds.
+        holder = f"{worker}/{uuid.uuid4().hex[:12]}"
         try:
-            self.kube.patch_command_status(envelope.namespace, envelope.name, patch)
-        except ApiException as exc:
-            if exc.status in (404, 409, 422):
-                return []
-            raise
-        return batch
+            spec = RemoteCommandSpec.model_validate(envelope.spec)
+            if spec.transfer is None:
+                raise ValueError("the spec has no transfer")
+        except (ValidationError, ValueError) as exc:
+            return self._reject(envelope, worker, holder, cancel, f"invalid spec: {exc}")
+        transfer = spec.transfer
+        locations = {loc.vm: loc for loc in transfer.to}
+        own = locations.get(envelope.vm)
+        if own is None:
+            return self._reject(envelope, worker, holder, cancel,
+                                f"{envelope.vm} is not a destination of this transfer")
+        if not self._claim(envelope, envelope.vm, holder, cancel):
+            return "cancelled" if cancel.cancelled else "duplicate"
+        wanted: list[FileLocation] = [own]
+        if envelope.attempt == 1:
+            # Every other destination the controller sent with this one: one read serves all.
+            wanted += [loc for loc in transfer.to
+                       if loc.vm != envelope.vm and loc.vm in envelope.targets
+                       and self._claim(envelope, loc.vm, holder, cancel)]
+        now = now_rfc3339()
+        dests = []
+        for loc in wanted:
+            dests.append(Destination(loc.vm, loc.path, envelope.attempt,
+                                     temp_path(loc.path, envelope.uid, loc.vm, envelope.attempt)))
+            target = self._find_target(envelope, loc.vm)
+            self._report(envelope, worker, "claimed", loc.vm, {
+                "phase": Phase.RUNNING, "startTime": now, "worker": worker, "heartbeatTime": now,
+                "host": target.host if target else None,
+                "transfer": {"source": transfer.from_.describe(), "path": loc.path},
+            })
+        log.info("Claimed transfer %s to %s (attempt %s)", envelope.ref,
+                 ", ".join(dest.vm for dest in dests), envelope.attempt)
+        started = self.clock()
+        run = Run(envelope, worker, spec, transfer, dests, cancel, started,
+                  next_beat=started + HEARTBEAT_SECONDS, next_progress=started + PROGRESS_SECONDS)
+        return self.run(run)
+
+    def _claim(self, envelope: Envelope, vm: str, holder: str, cancel: Attempt) -> bool:
+        result = self.state.claim(envelope.uid, vm, envelope.attempt, holder)
+        if result == CLAIMED:
+            return True
+        if result == CANCELLED:
+            cancel.cancelled = True
+        log.info("Skipped transfer %s to %s attempt %s: %s", envelope.ref, vm, envelope.attempt,
+                 "it was deleted" if result == CANCELLED else "claimed by another delivery")
+        return False
+
+    def _reject(self, envelope: Envelope, worker: str, holder: str, cancel: Attempt,
+                message: str) -> str:
+        """The message cannot run (the controller validated the spec: rare): fail its entry."""
+        if not self._claim(envelope, envelope.vm, holder, cancel):
+            return "cancelled" if cancel.cancelled else "duplicate"
+        dest = Destination(envelope.vm, "", envelope.attempt, "",
+                           failure=TransferFailed(Reason.INVALID_SPEC, message))
+        self._finish(envelope, worker, dest, {})
+        return Phase.FAILED
 
     # ---------------------------------------------------------------- run
 
-    def run(
-        self, envelope: Envelope, worker: str, spec: RemoteCommandSpec,
-        claimed: list[tuple[int, dict[str, Any]]],
-    ) -> str:
-        transfer = spec.transfer
-        assert transfer is not None
-        locations = {loc.vm: loc for loc in transfer.to}
-        dests = []
-        for index, e in claimed:
-            loc: FileLocation | None = locations.get(e["vm"])
-            if loc is None:
-                continue
-            dests.append(Destination(e["vm"], loc.path, index, e["attempt"],
-                                     temp_path(loc.path, envelope.uid, e["vm"], e["attempt"])))
-        deadline = (self.clock() + spec.timeout_seconds) if spec.timeout_seconds else None
-        started = self.clock()
-        source: Source | None = None
-        digest = ""
+    def run(self, run: Run) -> str:
+        envelope, transfer, dests = run.envelope, run.transfer, run.dests
+        deadline = (run.started + run.spec.timeout_seconds) if run.spec.timeout_seconds else None
         try:
-            source = self.open_source(envelope.namespace, transfer.from_)
+            self.tick(run)  # cancelled meanwhile?
+            run.source = self.open_source(envelope, transfer.from_, lambda: self.tick(run))
             for dest in dests:
-                self.prepare(envelope, dest, transfer, source)
+                self.prepare(run, dest)
+                self.flush(run)
             if any(dest.active for dest in dests):
-                digest = self.stream(envelope, worker, source, dests, deadline, started)
+                run.digest = self.stream(run, deadline)
             elif any(dest.unchanged for dest in dests):
-                digest = source.digest()
+                run.digest = run.source.digest()
             for dest in dests:
                 if dest.active:
-                    self.complete(dest, transfer, source, digest)
+                    self.complete(run, dest)
+                    self.flush(run)
         except Aborted:
-            log.info("Stopped transfer %s: it was deleted, cancelled or taken over", envelope.ref)
+            log.info("Stopped transfer %s: the RemoteCommand was deleted", envelope.ref)
             for dest in dests:
-                self.discard(dest)
-            return "aborted"
-        except TransferFailed as failure:  # the source: every destination fails alike
+                if dest.active:
+                    self.discard(dest)
+                    dest.failure = TransferFailed(
+                        Reason.CANCELLED, f"cancelled: the RemoteCommand was deleted; {dest.path} "
+                        f"on {dest.vm} was left as it was")
+        except TransferFailed as failure:  # the source or the deadline: every destination alike
             for dest in dests:
-                dest.failure = dest.failure or failure
+                if dest.active:
+                    dest.failure = failure
         finally:
-            if source is not None:
-                source.close()
+            if run.source is not None:
+                run.source.close()
             for dest in dests:
-                if dest.fh is not None or dest.failure is not None:
+                if dest.fh is not None or (dest.failure is not None and not dest.reported):
                     self.discard(dest)
                 if dest.sftp is not None:
                     dest.sftp.close()
-        outcome = Phase.SUCCEEDED
+                    dest.sftp = None
+        self.flush(run, every=True)
         for dest in dests:
-            duration = (dest.finished_at or self.clock()) - started
-            fields = {
-                "source": source.description if source else transfer.from_.describe(),
-                "path": dest.path,
-                "durationSeconds": round(duration, 3),
-            }
-            if dest.failure is None and source is not None:
-                fields.update(bytes=source.size, totalBytes=source.size, sha256=digest,
-                              bytesPerSecond=throughput(dest.written, duration),
-                              verified=dest.verified or None, unchanged=dest.unchanged or None)
-                self._finish(envelope, worker, dest, Phase.SUCCEEDED, Reason.COMPLETED,
-                             "unchanged: the destination already had the same content"
-                             if dest.unchanged else None, fields)
-            else:
-                assert dest.failure is not None
-                outcome = Phase.FAILED
-                fields.update(bytes=dest.written, totalBytes=source.size if source else None)
-                if (dest.failure.reason in RETRYABLE and dest.attempt <= spec.retries.limit
-                        and self.requeue is not None):
-                    self._retry(envelope, worker, dest, spec, dest.failure, fields)
-                    continue
-                self._finish_failed(envelope, worker, dest.index, dest.vm, dest.attempt,
-                                    dest.failure, fields)
-        return outcome
+            if dest.failure is not None and dest.failure.reason in RECONNECT and dest.target:
+                self.pool.discard(dest.target)  # the next attempt reconnects
+        phases = {self._phase(dest) for dest in dests}
+        for phase in (Phase.CANCELLED, Phase.FAILED):
+            if phase in phases:
+                return phase
+        return Phase.SUCCEEDED
+
+    def tick(self, run: Run) -> None:
+        """Called for every block copied or hashed: heartbeats, progress, cancels."""
+        if run.cancel.cancelled:
+            raise Aborted()
+        now = self.clock()
+        if now >= run.next_beat:
+            run.next_beat = now + HEARTBEAT_SECONDS
+            env = run.envelope
+            for dest in run.unreported:
+                try:
+                    if self.state.heartbeat(env.uid, dest.vm, dest.attempt):
+                        run.cancel.cancelled = True
+                except Exception as exc:  # noqa: BLE001 - Redis restarting: the next beat may land
+                    log.warning("Heartbeat of transfer %s to %s failed: %s", env.ref, dest.vm, exc)
+            if run.cancel.cancelled:
+                raise Aborted()
+        if now >= run.next_progress and run.source is not None:
+            run.next_progress = now + PROGRESS_SECONDS
+            self.progress(run, run.source)
+
+    def progress(self, run: Run, source: Source) -> None:
+        """Report the bytes each running destination has so far (best effort)."""
+        now = now_rfc3339()
+        for dest in run.dests:
+            if dest.reported or not dest.active:
+                continue
+            try:
+                self._report(run.envelope, run.worker, "progress", dest.vm, {
+                    "heartbeatTime": now,
+                    "transfer": {"source": source.description, "path": dest.path,
+                                 "bytes": dest.written, "totalBytes": source.size,
+                                 "updateTime": now}})
+            except Exception as exc:  # noqa: BLE001 - the next report carries the count
+                log.warning("Progress of transfer %s to %s not reported: %s", run.envelope.ref,
+                            dest.vm, exc)
 
     # ---------------------------------------------------------------- source
 
-    def open_source(self, namespace: str, source: TransferSource) -> Source:
+    def open_source(self, envelope: Envelope, source: TransferSource,
+                    tick: Callable[[], None] = lambda: None) -> Source:
         if source.vm is not None:
             assert source.path is not None
-            return self._vm_source(namespace, source.vm, source.path)
-        return self._object_source(namespace, source)
+            return self._vm_source(envelope, source.vm, source.path, tick)
+        return self._object_source(envelope.namespace, source)
 
-    def _target(self, namespace: str, vm: str) -> SSHTarget:
+    def _find_target(self, envelope: Envelope, vm: str) -> Target | None:
+        target = envelope.targets.get(vm)
+        if target is None and envelope.target is not None and envelope.target.vm == vm:
+            target = envelope.target
+        return target
+
+    def ssh_target(self, envelope: Envelope, vm: str) -> SSHTarget:
+        """How to reach ``vm``: its ``Target`` from the envelope, its key mounted or read."""
+        target = self._find_target(envelope, vm)
+        if target is None:
+            raise TransferFailed(Reason.VM_NOT_FOUND,
+                                 f"the message does not say how to reach RemoteVM {vm}")
         try:
-            return self.commands.resolve_target(namespace, vm)
+            return _Keys(self.executor, envelope.namespace, lambda: self.kube).ssh_target(target)
         except AttemptFailed as failed:
             raise TransferFailed(failed.reason, failed.message) from failed
 
-    def _vm_source(self, namespace: str, vm: str, path: str) -> Source:
-        target = self._target(namespace, vm)
+    def _vm_source(self, envelope: Envelope, vm: str, path: str,
+                   tick: Callable[[], None]) -> Source:
+        target = self.ssh_target(envelope, vm)
         try:
             sftp = self.pool.get(target).sftp(window_size=SOURCE_CHANNEL_WINDOW)
         except SSHError as exc:
@@ -396,6 +536,7 @@ class TransferExecutor:
         def digest() -> str:
             h = hashlib.sha256()
             for chunk in chunks():
+                tick()
                 h.update(chunk)
             return h.hexdigest()
 
@@ -407,6 +548,8 @@ class TransferExecutor:
                       close)
 
     def _object_source(self, namespace: str, source: TransferSource) -> Source:
+        from kubernetes.client.exceptions import ApiException
+
         ref = source.config_map_key_ref or source.secret_key_ref
         assert ref is not None
         kind = "ConfigMap" if source.config_map_key_ref is not None else "Secret"
@@ -453,11 +596,12 @@ class TransferExecutor:
 
     # ---------------------------------------------------------------- destinations
 
-    def prepare(self, envelope: Envelope, dest: Destination, transfer: TransferSpec,
-                source: Source) -> None:
-        """Connect, apply createDirs and overwrite, remove lost attempts' temps, open the temp."""
+    def prepare(self, run: Run, dest: Destination) -> None:
+        """Connect, apply createDirs and overwrite, remove earlier attempts' temps, open the temp."""
+        envelope, transfer, source = run.envelope, run.transfer, run.source
+        assert source is not None
         try:
-            dest.target = self._target(envelope.namespace, dest.vm)
+            dest.target = self.ssh_target(envelope, dest.vm)
             try:
                 dest.sftp = self.pool.get(dest.target).sftp()
             except SSHError:
@@ -484,8 +628,10 @@ class TransferExecutor:
                         Reason.DESTINATION_EXISTS,
                         f"destination {dest.path} already exists on {dest.vm} (overwrite: Never)")
                 if transfer.overwrite == "IfDifferent" and existing.st_size == source.size:
-                    if sha256_of(sftp, dest.path, source.size) == source.digest():
+                    seen = sha256_of(sftp, dest.path, source.size, lambda: self.tick(run))
+                    if seen == source.digest():
                         dest.unchanged = True
+                        dest.finished_at = self.clock()
                         return
             if transfer.create_dirs and directory:
                 ensure_dirs(sftp, directory)
@@ -494,13 +640,13 @@ class TransferExecutor:
         except (OSError, paramiko.SSHException, EOFError, SSHError, TransferFailed) as exc:
             dest.failure = classify(exc, dest.vm, dest.path, writing=True)
 
-    def stream(self, envelope: Envelope, worker: str, source: Source, dests: list[Destination],
-               deadline: float | None, started: float) -> str:
+    def stream(self, run: Run, deadline: float | None) -> str:
+        source = run.source
+        assert source is not None
         digest = hashlib.sha256()
-        next_report = self.clock() + PROGRESS_SECONDS
         for chunk in source.chunks():
             digest.update(chunk)
-            for dest in dests:
+            for dest in run.dests:
                 if not dest.active:
                     continue
                 assert dest.fh is not None
@@ -509,51 +655,20 @@ class TransferExecutor:
                     dest.written += len(chunk)
                 except (OSError, paramiko.SSHException, EOFError) as exc:
                     dest.failure = classify(exc, dest.vm, dest.path, writing=True)
-            if not any(dest.active for dest in dests):
+                    self.flush(run)  # its temp goes and the controller hears of it now
+            if not any(dest.active for dest in run.dests):
                 break
-            now = self.clock()
-            if deadline is not None and now > deadline:
+            if deadline is not None and self.clock() > deadline:
                 raise TransferFailed(Reason.TIMEOUT,
                                      f"the transfer of {source.description} did not finish "
                                      "within timeoutSeconds")
-            if now >= next_report:
-                next_report = now + PROGRESS_SECONDS
-                self.report(envelope, worker, source, dests)
+            self.tick(run)
         return digest.hexdigest()
 
-    def report(self, envelope: Envelope, worker: str, source: Source,
-               dests: list[Destination]) -> None:
-        """Write progress into each running entry; an entry no longer ours stops the copy."""
-        lost = 0
-        for dest in dests:
-            if not dest.active:
-                continue
-            patch = claims.finish_patch(dest.index, dest.vm, dest.attempt, worker, {})
-            patch.append({"op": "add", "path": f"/status/results/{dest.index}/transfer", "value": {
-                "source": source.description, "path": dest.path, "bytes": dest.written,
-                "totalBytes": source.size, "updateTime": now_rfc3339()}})
-            try:
-                obj = self.kube.patch_command_status(envelope.namespace, envelope.name, patch)
-            except ApiException as exc:
-                if exc.status not in (404, 409, 422):
-                    raise
-                lost += 1
-                dest.failure = TransferFailed(Reason.CANCELLED, "no longer this worker's attempt")
-                self.discard(dest)
-                continue
-            if (obj or {}).get("metadata", {}).get("deletionTimestamp"):
-                # Deleted while running (a finalizer keeps it for us): stop and say so.
-                dest.failure = TransferFailed(
-                    Reason.CANCELLED, f"cancelled: the RemoteCommand was deleted; {dest.path} on "
-                    f"{dest.vm} was left as it was")
-                self.discard(dest)
-        if lost and not any(dest.active for dest in dests):
-            raise Aborted()
-
-    def complete(self, dest: Destination, transfer: TransferSpec, source: Source,
-                 digest: str) -> None:
+    def complete(self, run: Run, dest: Destination) -> None:
         """Close the temp, set its mode, verify, and rename it over the target."""
-        assert dest.sftp is not None and dest.fh is not None
+        transfer, source = run.transfer, run.source
+        assert dest.sftp is not None and dest.fh is not None and source is not None
         sftp = dest.sftp
         try:
             dest.fh.close()  # waits for every pipelined write's status
@@ -565,11 +680,11 @@ class TransferExecutor:
                                      f"{dest.path} on {dest.vm}: wrote {size} bytes, "
                                      f"the source has {source.size}")
             if transfer.verify:
-                seen = sha256_of(sftp, dest.temp, source.size)
-                if seen != digest:
+                seen = sha256_of(sftp, dest.temp, source.size, lambda: self.tick(run))
+                if seen != run.digest:
                     raise TransferFailed(Reason.CHECKSUM_MISMATCH,
                                          f"{dest.path} on {dest.vm}: sha256 {seen} read back "
-                                         f"differs from the source's {digest}")
+                                         f"differs from the source's {run.digest}")
                 dest.verified = True
             if transfer.overwrite == "Never":
                 try:
@@ -585,6 +700,7 @@ class TransferExecutor:
                         "(overwrite: Never)") from exc
             else:
                 sftp.posix_rename(dest.temp, dest.path)
+            dest.done = True
             dest.finished_at = self.clock()
         except (OSError, paramiko.SSHException, EOFError, TransferFailed) as exc:
             dest.failure = classify(exc, dest.vm, dest.path, writing=True)
@@ -597,67 +713,67 @@ class TransferExecutor:
             except (OSError, paramiko.SSHException, EOFError):
                 pass
             dest.fh = None
-        if dest.sftp is not None:
+        if dest.sftp is not None and dest.temp:
             remove_quietly(dest.sftp, dest.temp)
 
     # ---------------------------------------------------------------- results
 
-    def _finish(self, envelope: Envelope, worker: str, dest: Destination, phase: str, reason: str,
-                message: str | None, transfer: dict[str, Any]) -> None:
-        fields = {"phase": phase, "reason": reason, "message": message,
-                  "completionTime": now_rfc3339(),
-                  "host": dest.target.host if dest.target else None,
-                  "transfer": {k: v for k, v in transfer.items() if v is not None}}
-        try:
-            self.kube.patch_command_status(
-                envelope.namespace, envelope.name,
-                claims.finish_patch(dest.index, dest.vm, dest.attempt, worker, fields))
-        except ApiException as exc:
-            if exc.status not in (404, 409, 422):
-                raise
-            log.info("Did not record transfer %s to %s: the entry is no longer ours",
-                     envelope.ref, dest.vm)
-            return
-        log.info("Finished transfer %s to %s: %s (%s)", envelope.ref, dest.vm, phase, reason)
+    def flush(self, run: Run, every: bool = False) -> None:
+        """Report each destination that ended (failed now; with ``every``: all of them)."""
+        for dest in run.unreported:
+            if not every and dest.failure is None:
+                continue
+            if dest.failure is not None:
+                self.discard(dest)
+            self._finish(run.envelope, run.worker, dest, self._result(run, dest))
 
-    def _finish_failed(self, envelope: Envelope, worker: str, index: int, vm: str, attempt: int,
-                       failure: TransferFailed, transfer: dict[str, Any] | None) -> None:
-        dest = Destination(vm, "", index, attempt, "")
-        phase = Phase.CANCELLED if failure.reason == Reason.CANCELLED else Phase.FAILED
-        self._finish(envelope, worker, dest, phase, failure.reason, failure.message,
-                     transfer or {})
+    def _result(self, run: Run, dest: Destination) -> dict[str, Any]:
+        source = run.source
+        duration = (dest.finished_at or self.clock()) - run.started
+        fields: dict[str, Any] = {
+            "source": source.description if source else run.transfer.from_.describe(),
+            "path": dest.path,
+            "durationSeconds": round(duration, 3),
+        }
+        if dest.failure is None and source is not None:
+            fields.update(bytes=source.size, totalBytes=source.size, sha256=run.digest,
+                          bytesPerSecond=throughput(dest.written, duration),
+                          verified=dest.verified or None, unchanged=dest.unchanged or None)
+        else:
+            fields.update(bytes=dest.written, totalBytes=source.size if source else None)
+        return fields
 
-    def _retry(self, envelope: Envelope, worker: str, dest: Destination, spec: RemoteCommandSpec,
-               failure: TransferFailed, transfer: dict[str, Any]) -> None:
-        """Queue the next attempt of this destination (transport errors, within retries.limit)."""
-        assert self.requeue is not None
-        if dest.target is not None:
-            self.pool.discard(dest.target)
-        now = now_rfc3339()
-        base = f"/status/results/{dest.index}"
-        backoff = spec.retries.backoff_seconds
-        patch = claims.finish_patch(dest.index, dest.vm, dest.attempt, worker, {})
-        patch += [
-            {"op": "replace", "path": f"{base}/phase", "value": Phase.QUEUED},
-            {"op": "replace", "path": f"{base}/attempt", "value": dest.attempt + 1},
-            {"op": "add", "path": f"{base}/reason", "value": failure.reason},
-            {"op": "add", "path": f"{base}/message", "value":
-                f"attempt {dest.attempt} failed: {failure.message}; retrying in {backoff}s"},
-            {"op": "add", "path": f"{base}/dispatchTime", "value": now},
-            {"op": "add", "path": f"{base}/transfer",
-             "value": {k: v for k, v in transfer.items() if v is not None}},
-        ]
-        try:
-            self.kube.patch_command_status(envelope.namespace, envelope.name, patch)
-        except ApiException as exc:
-            if exc.status not in (404, 409, 422):
-                raise
-            return
-        self.requeue(Envelope(namespace=envelope.namespace, name=envelope.name, uid=envelope.uid,
-                              vm=dest.vm, attempt=dest.attempt + 1, dispatch_time=now,
-                              spec=envelope.spec), float(backoff) or None)
-        log.info("Transfer %s to %s: attempt %s failed (%s); retrying in %ss", envelope.ref,
-                 dest.vm, dest.attempt, failure.reason, backoff)
+    @staticmethod
+    def _phase(dest: Destination) -> str:
+        if dest.failure is None:
+            return Phase.SUCCEEDED
+        return Phase.CANCELLED if dest.failure.reason == Reason.CANCELLED else Phase.FAILED
+
+    def _finish(self, envelope: Envelope, worker: str, dest: Destination,
+                transfer: dict[str, Any]) -> None:
+        """Report the destination's outcome and end its heartbeats."""
+        phase = self._phase(dest)
+        if dest.failure is None:
+            reason = Reason.COMPLETED
+            message = ("unchanged: the destination already had the same content"
+                       if dest.unchanged else None)
+        else:
+            reason, message = dest.failure.reason, dest.failure.message
+        self._report(envelope, worker, "finished", dest.vm, {
+            "phase": phase, "reason": reason, "message": message, "worker": worker,
+            "completionTime": now_rfc3339(),
+            "host": dest.target.host if dest.target else None,
+            "transfer": {k: v for k, v in transfer.items() if v is not None} or None,
+        })
+        dest.reported = True
+        self.state.release(envelope.uid, dest.vm, dest.attempt)
+        log.info("Finished transfer %s to %s attempt %s: %s (%s)", envelope.ref, dest.vm,
+                 dest.attempt, phase, reason)
+
+    def _report(self, envelope: Envelope, worker: str, event: str, vm: str,
+                fields: dict[str, Any]) -> None:
+        self.state.report(report_body(envelope, worker, event, fields, vm=vm,
+                                      attempt=envelope.attempt))
 
     # ---------------------------------------------------------------- cleanup task
 
@@ -668,7 +784,12 @@ class TransferExecutor:
         loc = next((loc for loc in spec.transfer.to if loc.vm == envelope.vm), None)
         if loc is None:
             return 0
-        target = self._target(envelope.namespace, envelope.vm)
+        try:
+            target = self.ssh_target(envelope, envelope.vm)
+        except TransferFailed as failed:
+            log.warning("Could not remove the temporary files of transfer %s on %s: %s",
+                        envelope.ref, envelope.vm, failed.message)
+            return 0
         sftp = self.pool.get(target).sftp()
         try:
             removed = sum(

@@ -252,8 +252,9 @@ class _Core:
 
 def _source_from_secret(secret_type: str) -> Any:
     secret = SimpleNamespace(type=secret_type, data={"ssh-privatekey": "a2V5", "token": "dG9r"})
-    commands = SimpleNamespace(kube=SimpleNamespace(core=_Core(secret)), pool=None)
-    executor = TransferExecutor(commands)  # type: ignore[arg-type]
+    commands = SimpleNamespace(state=None, pool=None)
+    executor = TransferExecutor(commands,  # type: ignore[arg-type]
+                                kube=lambda: SimpleNamespace(core=_Core(secret)))  # type: ignore[arg-type,return-value]
     key = "ssh-privatekey" if secret_type == SECRET_TYPE_SSH_AUTH else "token"
     source = TransferSource.model_validate({"secretKeyRef": {"name": "vm1-ssh", "key": key}})
     return executor._object_source("team-a", source)

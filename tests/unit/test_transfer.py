@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
-from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import ValidationError
 
 from controller.runtime import transfer_worker_argv
-from controller.transfers import initial_transfer_results, lost_patch, stale
+from controller.status import checked_entry
+from controller.transfers import initial_transfer_results
 from remote_tasks import transfer as t
 from remote_tasks.ssh import AuthFailed
 from vmfleet.api.constants import TASK_TRANSFER, TRANSFER_QUEUE
@@ -181,45 +181,17 @@ def test_a_secret_source_needs_no_source_vm():
     assert results[0]["transfer"]["source"] == "secret/tok/k"
 
 
-def _iso(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def test_stale_running_entries():
-    now = datetime(2026, 1, 1, tzinfo=UTC)
-    old, fresh = _iso(now - timedelta(seconds=100)), _iso(now - timedelta(seconds=5))
-    assert stale({"phase": "Running", "startTime": old}, now, 60)
-    assert not stale({"phase": "Running", "startTime": old, "transfer": {"updateTime": fresh}},
-                     now, 60)
-    assert not stale({"phase": "Queued", "startTime": old}, now, 60)
-    assert not stale({"phase": "Succeeded", "startTime": old}, now, 60)
-
-
-def test_lost_attempt_is_retried_or_ends_worker_lost_only_if_still_that_attempt():
-    entry = {"vm": "vm2", "phase": "Running", "attempt": 1, "worker": "w@h"}
-    retry = lost_patch(3, entry, retry=True, now="T")
-    tests = [op for op in retry if op["op"] == "test"]
-    assert tests == [
-        {"op": "test", "path": "/status/results/3/vm", "value": "vm2"},
-        {"op": "test", "path": "/status/results/3/phase", "value": "Running"},
-        {"op": "test", "path": "/status/results/3/attempt", "value": 1},
-    ]
-    values = {op["path"].rsplit("/", 1)[1]: op["value"] for op in retry if op["op"] != "test"}
-    assert values["phase"] == "Queued" and values["attempt"] == 2
-    assert values["reason"] == "WorkerLost"
-    final = lost_patch(3, entry, retry=False, now="T")
-    values = {op["path"].rsplit("/", 1)[1]: op["value"] for op in final if op["op"] != "test"}
-    assert (values["phase"], values["reason"], values["completionTime"]) == (
-        "Failed", "WorkerLost", "T")
-    assert "temporary file is removed" in values["message"]
-
-
 # --------------------------------------------------------------------------- the executor, with fakes
 
 import stat as _stat  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
-from remote_tasks.ssh import SSHTarget  # noqa: E402
-from vmfleet.api.envelope import Envelope  # noqa: E402
+from kubernetes.client.exceptions import ApiException  # noqa: E402
+
+from remote_tasks.execute import CommandExecutor  # noqa: E402
+from vmfleet.api.envelope import Envelope, Target  # noqa: E402
+
+SRC, DST = "/tmp/src", "/srv/dst"
 
 
 class Attrs:
@@ -228,13 +200,20 @@ class Attrs:
 
 
 class FakeSFTP:
-    """A VM's filesystem as paramiko's SFTPClient shows it (only what transfers use)."""
+    """A VM's filesystem as paramiko's SFTPClient shows it (only what transfers use).
 
-    def __init__(self, files: dict[str, bytes], broken: bool = False) -> None:
+    ``fail_after``: a write past that many bytes breaks the connection; ``corrupt``: every
+    byte written lands flipped (a disk that lies)."""
+
+    def __init__(self, files: dict[str, bytes], broken: bool = False,
+                 fail_after: int | None = None, corrupt: bool = False) -> None:
         self.files = files
         self.dirs = {"/", "/tmp", "/srv"}
         self.broken = broken
+        self.fail_after = fail_after
+        self.corrupt = corrupt
         self.bytes_read = 0
+        self.opened_for_writing: list[str] = []
 
     def stat(self, path):
         if path in self.dirs:
@@ -255,10 +234,19 @@ class FakeSFTP:
 
                 def close(self):
                     pass
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    return False
             return Reader(data)
         if self.broken:
             raise EOFError()
+        if (path.rsplit("/", 1)[0] or "/") not in self.dirs:
+            raise FileNotFoundError(errno.ENOENT, "No such file")
         self.files[path] = b""
+        self.opened_for_writing.append(path)
         sftp = self
 
         class Writer:
@@ -266,7 +254,9 @@ class FakeSFTP:
                 pass
 
             def write(self, data):
-                sftp.files[path] += data
+                if sftp.fail_after is not None and len(sftp.files[path]) + len(data) > sftp.fail_after:
+                    raise OSError("Socket is closed")
+                sftp.files[path] += bytes(b ^ 0xFF for b in data) if sftp.corrupt else data
 
             def close(self):
                 pass
@@ -278,7 +268,10 @@ class FakeSFTP:
     def posix_rename(self, old, new):
         self.files[new] = self.files.pop(old)
 
-    rename = posix_rename
+    def rename(self, old, new):
+        if new in self.files:
+            raise OSError("Failure")
+        self.posix_rename(old, new)
 
     def remove(self, path):
         if path not in self.files:
@@ -292,21 +285,14 @@ class FakeSFTP:
         pass
 
 
-class FakeKube:
-    def __init__(self) -> None:
-        self.patches: list = []
-
-    def patch_command_status(self, namespace, name, patch):
-        self.patches.append(patch)
-        return {}
-
-
 class FakePool:
     def __init__(self, vms: dict[str, FakeSFTP]) -> None:
         self.vms = vms
         self.discarded: list[str] = []
+        self.keys: dict[str, str] = {}
 
     def get(self, target):
+        self.keys[target.host] = target.private_key
         sftp = self.vms[target.host]
         return type("Conn", (), {"sftp": lambda self, window_size=None: sftp})()
 
@@ -314,84 +300,397 @@ class FakePool:
         self.discarded.append(target.host)
 
 
-class FakeCommands:
-    def __init__(self, vms: dict[str, FakeSFTP]) -> None:
-        self.kube = FakeKube()
+class FakeState:
+    """Redis as vmfleet.state uses it: SET NX claims with their holder, cancels, reports."""
+
+    def __init__(self, cancel_after_beats: int | None = None) -> None:
+        self.claims: dict[tuple[str, str, int], str] = {}
+        self.cancelled_uids: set[str] = set()
+        self.reports: list[dict] = []
+        self.beats: list[tuple[str, int]] = []
+        self.released: list[tuple[str, int]] = []
+        self.cancel_after_beats = cancel_after_beats
+
+    def claim(self, uid, vm, attempt, worker):
+        if uid in self.cancelled_uids:
+            return "cancelled"
+        holder = self.claims.setdefault((uid, vm, attempt), worker)
+        return "claimed" if holder == worker else "taken"
+
+    def heartbeat(self, uid, vm, attempt):
+        self.beats.append((vm, attempt))
+        if self.cancel_after_beats is not None and len(self.beats) >= self.cancel_after_beats:
+            self.cancelled_uids.add(uid)
+        return uid in self.cancelled_uids
+
+    def release(self, uid, vm, attempt):
+        self.released.append((vm, attempt))
+
+    def report(self, body):
+        self.reports.append(body)
+        return str(len(self.reports))
+
+    def cancelled(self, uid):
+        return uid in self.cancelled_uids
+
+    def events(self, event: str, vm: str | None = None) -> list[dict]:
+        return [r for r in self.reports if r["event"] == event and vm in (None, r["vm"])]
+
+    def finished(self) -> dict[str, dict]:
+        """The finished report's fields per destination (each reported once)."""
+        done = self.events("finished")
+        assert len({r["vm"] for r in done}) == len(done), "a destination finished twice"
+        return {r["vm"]: r["fields"] for r in done}
+
+
+class Clock:
+    """Monotonic time that moves ``step`` seconds per reading; ``at`` runs hooks by reading."""
+
+    def __init__(self, step: float = 0.0, at: dict | None = None) -> None:
+        self.now, self.step, self.calls, self.at = 1000.0, step, 0, at or {}
+
+    def __call__(self) -> float:
+        self.calls += 1
+        if self.calls in self.at:
+            self.at[self.calls]()
+        self.now += self.step
+        return self.now
+
+
+def no_kube():
+    raise AssertionError("the Kubernetes API was used although every key is mounted")
+
+
+def target(vm: str) -> Target:
+    return Target(vm=vm, host=vm, port=22, user="u", secret=f"{vm}-key", host_keys=("k",))
+
+
+class Fleet:
+    """Three VMs' filesystems, their mounted keys, Redis, and a TransferExecutor."""
+
+    def __init__(self, tmp_path, vms: dict[str, FakeSFTP], state: FakeState | None = None,
+                 clock: Clock | None = None, kube=no_kube, mounted=("vm1", "vm2", "vm3")) -> None:
+        for vm in mounted:
+            (tmp_path / f"{vm}-key").mkdir(parents=True)
+            (tmp_path / f"{vm}-key" / "ssh-privatekey").write_text(f"key of {vm}")
+        self.vms = vms
+        self.state = state or FakeState()
         self.pool = FakePool(vms)
+        self.commands = CommandExecutor(self.state, self.pool, tmp_path)  # type: ignore[arg-type]
+        self.clock = clock or Clock()
+        self.executor = t.TransferExecutor(self.commands, clock=self.clock, kube=kube)
 
-    def resolve_target(self, namespace, vm):
-        return SSHTarget(host=vm, port=22, user="u", private_key="k", host_keys=("k",))
+    def envelope(self, vm="vm2", attempt=1, targets=("vm1", "vm2", "vm3"), retries=0,
+                 timeout=None, **transfer) -> Envelope:
+        body = {"from": {"vm": "vm1", "path": SRC},
+                "to": [{"vm": "vm2", "path": DST}, {"vm": "vm3", "path": DST}]}
+        body.update(transfer)
+        s = RemoteCommandSpec.model_validate({"transfer": body, "timeoutSeconds": timeout,
+                                              "retries": {"limit": retries, "backoffSeconds": 5}})
+        return Envelope("ns", "copy", "uid-1", vm, attempt, "", s.wire(),
+                        targets={name: target(name) for name in targets})
 
-
-def run_transfer(vms, retries=0, requeued=None, **transfer):
-    body = {"from": {"vm": "vm1", "path": "/tmp/src"},
-            "to": [{"vm": "vm2", "path": "/srv/dst"}, {"vm": "vm3", "path": "/srv/dst"}]}
-    body.update(transfer)
-    s = RemoteCommandSpec.model_validate({"transfer": body, "retries": {"limit": retries,
-                                                                        "backoffSeconds": 5}})
-    commands = FakeCommands(vms)
-    executor = t.TransferExecutor(commands,  # type: ignore[arg-type]
-                                  requeue=(lambda env, countdown: requeued.append((env, countdown)))
-                                  if requeued is not None else None)
-    envelope = Envelope("ns", "copy", "uid-1", "vm2", 1, "", s.wire())
-    outcome = executor.run(envelope, "w", s, [(0, {"vm": "vm2", "attempt": 1}),
-                                              (1, {"vm": "vm3", "attempt": 1})])
-    return outcome, commands
+    def run(self, worker="w", **kwargs) -> str:
+        return self.executor.execute(self.envelope(**kwargs), worker)
 
 
-def written(patch) -> dict:
-    return {op["path"].rsplit("/", 1)[1]: op["value"] for op in patch if op["op"] != "test"}
+def temps(sftp: FakeSFTP) -> list[str]:
+    return [path for path in sftp.files if t.TEMP_MARK in path]
 
 
-def test_the_source_is_read_once_for_every_destination():
-    data = bytes(range(256)) * 40000  # ~10 MiB: several windows
-    vms = {"vm1": FakeSFTP({"/tmp/src": data}), "vm2": FakeSFTP({}), "vm3": FakeSFTP({})}
-    outcome, commands = run_transfer(vms)
-    assert outcome == "Succeeded"
-    assert vms["vm1"].bytes_read == len(data)
+def three(src: bytes, **dests) -> dict[str, FakeSFTP]:
+    vms = {"vm1": FakeSFTP({SRC: src}), "vm2": FakeSFTP({}), "vm3": FakeSFTP({})}
+    vms.update(dests)
+    return vms
+
+
+BIG = bytes(range(256)) * 40000  # ~10 MiB: several windows, ~300 blocks
+
+
+def test_the_source_is_read_once_for_every_destination(tmp_path):
+    fleet = Fleet(tmp_path, three(BIG))
+    assert fleet.run() == "Succeeded"
+    assert fleet.vms["vm1"].bytes_read == len(BIG)
     for vm in ("vm2", "vm3"):
-        assert vms[vm].files == {"/srv/dst": data}  # and no temporary file
-    results = [written(p) for p in commands.kube.patches if written(p).get("phase")]
-    assert [r["phase"] for r in results] == ["Succeeded", "Succeeded"]
-    assert results[0]["transfer"]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert results[0]["transfer"]["bytes"] == len(data)
-    assert results[0]["transfer"]["source"] == "vm1:/tmp/src"
+        assert fleet.vms[vm].files == {DST: BIG}  # and no temporary file
+    claimed = {r["vm"]: r for r in fleet.state.events("claimed")}
+    assert set(claimed) == {"vm2", "vm3"}
+    for report in claimed.values():
+        assert (report["kind"], report["uid"], report["attempt"], report["worker"]) == (
+            "attempt", "uid-1", 1, "w")
+        assert report["fields"]["phase"] == "Running"
+        assert report["fields"]["host"] == report["vm"]
+        assert report["fields"]["transfer"] == {"source": "vm1:/tmp/src", "path": DST}
+    results = fleet.state.finished()
+    assert {vm: r["phase"] for vm, r in results.items()} == {"vm2": "Succeeded", "vm3": "Succeeded"}
+    assert results["vm2"]["reason"] == "Completed"
+    assert results["vm2"]["transfer"]["sha256"] == hashlib.sha256(BIG).hexdigest()
+    assert results["vm2"]["transfer"]["bytes"] == len(BIG)
+    assert results["vm2"]["transfer"]["source"] == "vm1:/tmp/src"
+    assert sorted(fleet.state.released) == [("vm2", 1), ("vm3", 1)]
+    # Each destination is reported claimed before finished; the worker decides no retry.
+    order = [(r["vm"], r["event"]) for r in fleet.state.reports if r["event"] != "progress"]
+    assert order.index(("vm3", "claimed")) < order.index(("vm3", "finished"))
+    assert {r["attempt"] for r in fleet.state.reports} == {1}
+    assert fleet.pool.keys == {"vm1": "key of vm1", "vm2": "key of vm2", "vm3": "key of vm3"}
 
 
-def test_one_broken_destination_does_not_stop_the_others():
-    vms = {"vm1": FakeSFTP({"/tmp/src": b"x" * 1000}), "vm2": FakeSFTP({}, broken=True),
-           "vm3": FakeSFTP({})}
-    outcome, commands = run_transfer(vms)
-    assert outcome == "Failed"
-    by_phase = {written(p)["phase"]: written(p) for p in commands.kube.patches}
-    assert by_phase["Failed"]["reason"] == "TransportError"
-    assert "/srv/dst" in by_phase["Failed"]["message"]
-    assert by_phase["Succeeded"]["transfer"]["bytes"] == 1000
-    assert vms["vm3"].files == {"/srv/dst": b"x" * 1000}
+def test_the_other_destinations_message_and_a_redelivery_run_nothing_twice(tmp_path):
+    fleet = Fleet(tmp_path, three(b"x" * 1000))
+    assert fleet.run() == "Succeeded"
+    reports = len(fleet.state.reports)
+    fleet.vms["vm2"].files[DST] = b"changed since"
+    # vm3's own message, and vm2's message delivered again, to the same worker.
+    assert fleet.run(vm="vm3") == "duplicate"
+    assert fleet.run(vm="vm2") == "duplicate"
+    assert fleet.vms["vm1"].bytes_read == 1000
+    assert fleet.vms["vm2"].files == {DST: b"changed since"}
+    assert len(fleet.state.reports) == reports
 
 
-def test_a_transport_error_is_requeued_as_the_next_attempt_within_the_limit():
-    vms = {"vm1": FakeSFTP({"/tmp/src": b"x"}), "vm2": FakeSFTP({}, broken=True),
-           "vm3": FakeSFTP({})}
-    requeued: list = []
-    _, commands = run_transfer(vms, retries=1, requeued=requeued)
-    ((envelope, countdown),) = requeued
-    assert (envelope.vm, envelope.attempt, countdown) == ("vm2", 2, 5.0)
-    retry = next(written(p) for p in commands.kube.patches if written(p).get("phase") == "Queued")
-    assert retry["attempt"] == 2
-    assert retry["reason"] == "TransportError"
-    assert "retrying in 5s" in retry["message"]
-    assert commands.pool.discarded == ["vm2"]  # the next attempt reconnects
+def test_a_claim_held_by_another_delivery_copies_nothing(tmp_path):
+    fleet = Fleet(tmp_path, three(b"x" * 1000))
+    fleet.state.claims[("uid-1", "vm2", 1)] = "other-worker"
+    assert fleet.run() == "duplicate"
+    assert fleet.vms["vm1"].bytes_read == 0
+    assert fleet.vms["vm2"].files == {} and fleet.vms["vm3"].files == {}
+    assert fleet.state.reports == []
+    assert ("uid-1", "vm3", 1) not in fleet.state.claims  # a duplicate claims nothing else
 
 
-def test_overwrite_never_and_missing_source():
-    vms = {"vm1": FakeSFTP({"/tmp/src": b"new"}), "vm2": FakeSFTP({"/srv/dst": b"old"}),
-           "vm3": FakeSFTP({})}
-    _, commands = run_transfer(vms, overwrite="Never")
-    reasons = sorted(written(p)["reason"] for p in commands.kube.patches)
-    assert reasons == ["Completed", "DestinationExists"]
-    assert vms["vm2"].files == {"/srv/dst": b"old"}
-    _, commands = run_transfer(vms, **{"from": {"vm": "vm1", "path": "/tmp/none"}})
-    failures = [written(p) for p in commands.kube.patches]
+def test_a_deleted_command_is_never_started(tmp_path):
+    fleet = Fleet(tmp_path, three(b"x"))
+    fleet.state.cancelled_uids.add("uid-1")
+    assert fleet.run() == "cancelled"
+    assert fleet.vms["vm1"].bytes_read == 0 and fleet.state.reports == []
+
+
+def test_only_destinations_the_message_can_reach_join_the_batch(tmp_path):
+    fleet = Fleet(tmp_path, three(b"x"))
+    assert fleet.run(targets=("vm1", "vm2")) == "Succeeded"
+    assert set(fleet.state.finished()) == {"vm2"}
+    assert fleet.vms["vm3"].files == {}
+    assert ("uid-1", "vm3", 1) not in fleet.state.claims  # its own message will claim it
+
+
+def test_a_retry_goes_alone_and_removes_the_earlier_attempts_temporary_file(tmp_path):
+    lost = t.temp_path(DST, "uid-1", "vm2", 1)
+    fleet = Fleet(tmp_path, three(b"new", vm2=FakeSFTP({lost: b"half"})))
+    assert fleet.run(attempt=2) == "Succeeded"
+    assert fleet.vms["vm2"].files == {DST: b"new"}
+    assert list(fleet.state.finished()) == ["vm2"]
+    assert {r["attempt"] for r in fleet.state.reports} == {2}
+    assert fleet.vms["vm3"].files == {}
+
+
+def test_one_broken_destination_does_not_stop_the_others(tmp_path):
+    fleet = Fleet(tmp_path, three(b"x" * 1000, vm2=FakeSFTP({}, broken=True)))
+    assert fleet.run(retries=3) == "Failed"
+    results = fleet.state.finished()
+    assert results["vm2"]["phase"] == "Failed"
+    assert results["vm2"]["reason"] == "TransportError"
+    assert DST in results["vm2"]["message"]
+    assert results["vm3"]["phase"] == "Succeeded"
+    assert results["vm3"]["transfer"]["bytes"] == 1000
+    assert fleet.vms["vm3"].files == {DST: b"x" * 1000}
+    # The controller decides the retry: the worker reports the failure and nothing else.
+    assert {r["attempt"] for r in fleet.state.reports} == {1}
+    assert not [r for r in fleet.state.reports if r["fields"].get("phase") == "Queued"]
+    assert fleet.pool.discarded == ["vm2"]  # the next attempt reconnects
+    assert sorted(fleet.state.released) == [("vm2", 1), ("vm3", 1)]
+
+
+def test_a_write_that_fails_midway_removes_the_partial_file(tmp_path):
+    fleet = Fleet(tmp_path, three(BIG, vm2=FakeSFTP({DST: b"old"}, fail_after=len(BIG) // 2)))
+    assert fleet.run() == "Failed"
+    vm2 = fleet.vms["vm2"]
+    assert vm2.opened_for_writing == [t.temp_path(DST, "uid-1", "vm2", 1)]
+    assert vm2.files == {DST: b"old"}  # the partial temporary file is gone, the target kept
+    result = fleet.state.finished()["vm2"]
+    assert result["reason"] == "TransportError"
+    assert 0 < result["transfer"]["bytes"] <= len(BIG) // 2
+    assert result["transfer"]["totalBytes"] == len(BIG)
+    assert fleet.vms["vm3"].files == {DST: BIG}
+    # The failure is reported as soon as it happens, before the other copy ends.
+    order = [(r["vm"], r["event"]) for r in fleet.state.reports if r["event"] == "finished"]
+    assert order == [("vm2", "finished"), ("vm3", "finished")]
+
+
+def test_overwrite_never_and_missing_source(tmp_path):
+    fleet = Fleet(tmp_path / "a", three(b"new", vm2=FakeSFTP({DST: b"old"})))
+    fleet.run(overwrite="Never")
+    results = fleet.state.finished()
+    assert (results["vm2"]["reason"], results["vm3"]["reason"]) == ("DestinationExists", "Completed")
+    assert fleet.vms["vm2"].files == {DST: b"old"}
+    fleet = Fleet(tmp_path / "b", three(b"new"))
+    fleet.run(**{"from": {"vm": "vm1", "path": "/tmp/none"}})
+    failures = fleet.state.finished().values()
     assert {f["reason"] for f in failures} == {"SourceNotFound"}
     assert all("/tmp/none" in f["message"] for f in failures)
+
+
+def test_overwrite_if_different_leaves_the_same_content_alone(tmp_path):
+    fleet = Fleet(tmp_path, three(b"same", vm2=FakeSFTP({DST: b"same"}),
+                                  vm3=FakeSFTP({DST: b"diff"})))
+    assert fleet.run(overwrite="IfDifferent") == "Succeeded"
+    results = fleet.state.finished()
+    assert results["vm2"]["transfer"]["unchanged"] is True
+    assert "unchanged" in results["vm2"]["message"]
+    assert fleet.vms["vm2"].opened_for_writing == []
+    assert "unchanged" not in results["vm3"]["transfer"]
+    assert fleet.vms["vm3"].files == {DST: b"same"}
+
+
+def test_verify_reads_back_and_a_mismatch_keeps_the_target(tmp_path):
+    fleet = Fleet(tmp_path, three(b"payload", vm2=FakeSFTP({DST: b"old"}, corrupt=True)))
+    assert fleet.run(verify=True) == "Failed"
+    results = fleet.state.finished()
+    assert results["vm2"]["reason"] == "ChecksumMismatch"
+    assert fleet.vms["vm2"].files == {DST: b"old"}
+    assert results["vm3"]["transfer"]["verified"] is True
+    assert fleet.vms["vm3"].files == {DST: b"payload"}
+
+
+def test_create_dirs(tmp_path):
+    deep = "/srv/new/deep/dst"
+    to = [{"vm": "vm2", "path": deep}]
+    fleet = Fleet(tmp_path / "a", three(b"x"))
+    assert fleet.run(to=to) == "Failed"
+    result = fleet.state.finished()["vm2"]
+    assert result["reason"] == "DestinationNotFound" and "createDirs" in result["message"]
+    fleet = Fleet(tmp_path / "b", three(b"x"))
+    assert fleet.run(to=to, createDirs=True) == "Succeeded"
+    assert {"/srv/new", "/srv/new/deep"} <= fleet.vms["vm2"].dirs
+    assert fleet.vms["vm2"].files == {deep: b"x"}
+
+
+def test_progress_and_heartbeats_every_few_seconds(tmp_path):
+    clock = Clock(step=0.25)
+    fleet = Fleet(tmp_path, three(BIG), clock=clock)
+    assert fleet.run() == "Succeeded"
+    progress = fleet.state.events("progress", "vm2")
+    assert len(progress) >= 2
+    seen = [p["fields"]["transfer"]["bytes"] for p in progress]
+    assert seen == sorted(seen) and 0 < seen[-1] < len(BIG)
+    for report in progress:
+        fields = report["fields"]
+        assert fields["heartbeatTime"] == fields["transfer"]["updateTime"]
+        assert fields["transfer"]["totalBytes"] == len(BIG)
+        assert fields["transfer"]["path"] == DST
+    elapsed = clock.now - 1000.0
+    assert len(progress) <= elapsed / t.PROGRESS_SECONDS + 1  # throttled
+    beats = [vm for vm, _ in fleet.state.beats]
+    assert beats.count("vm2") >= 2 and beats.count("vm2") == beats.count("vm3")
+
+
+def test_a_cancel_seen_by_a_heartbeat_stops_and_removes_every_temporary_file(tmp_path):
+    fleet = Fleet(tmp_path, three(BIG, vm3=FakeSFTP({DST: b"old"})), clock=Clock(step=0.25),
+                  state=FakeState(cancel_after_beats=3))
+    assert fleet.run() == "Cancelled"
+    assert fleet.vms["vm1"].bytes_read < len(BIG)  # stopped in the middle
+    assert fleet.vms["vm2"].opened_for_writing and fleet.vms["vm2"].files == {}
+    assert fleet.vms["vm3"].files == {DST: b"old"}
+    results = fleet.state.finished()
+    assert {r["phase"] for r in results.values()} == {"Cancelled"}
+    assert {r["reason"] for r in results.values()} == {"Cancelled"}
+    assert "left as it was" in results["vm3"]["message"]
+    assert sorted(fleet.state.released) == [("vm2", 1), ("vm3", 1)]
+
+
+def test_a_published_cancel_stops_the_copy_at_once(tmp_path):
+    holder: list = []
+    clock = Clock(at={40: lambda: holder[0].commands.cancels.cancel("uid-1")})
+    fleet = Fleet(tmp_path, three(BIG), clock=clock)
+    holder.append(fleet)
+    assert fleet.run() == "Cancelled"
+    assert fleet.state.beats == []  # the clock never moved: no heartbeat told it
+    assert temps(fleet.vms["vm2"]) == [] and fleet.vms["vm2"].files == {}
+    assert {r["phase"] for r in fleet.state.finished().values()} == {"Cancelled"}
+
+
+def test_a_timeout_fails_every_destination_and_removes_the_temporary_files(tmp_path):
+    fleet = Fleet(tmp_path, three(BIG), clock=Clock(step=0.25))
+    assert fleet.run(timeout=5) == "Failed"
+    results = fleet.state.finished()
+    assert {r["reason"] for r in results.values()} == {"Timeout"}
+    assert fleet.vms["vm2"].files == {} and fleet.vms["vm3"].files == {}
+
+
+class FakeKube:
+    """The Secrets and ConfigMaps the transfer worker reads through the API."""
+
+    def __init__(self, secrets=None, config_maps=None) -> None:
+        self.secrets, self.config_maps = secrets or {}, config_maps or {}
+        self.read: list[tuple[str, str]] = []
+        self.core = SimpleNamespace(read_namespaced_secret=self._secret,
+                                    read_namespaced_config_map=self._config_map)
+
+    def read_secret(self, namespace, name):
+        self.read.append((namespace, name))
+        if name not in self.secrets:
+            raise ApiException(status=403, reason="Forbidden")
+        return self.secrets[name]
+
+    def _secret(self, name, namespace):
+        if name not in self.secrets:
+            raise ApiException(status=404, reason="Not Found")
+        return self.secrets[name]
+
+    def _config_map(self, name, namespace):
+        if name not in self.config_maps:
+            raise ApiException(status=404, reason="Not Found")
+        return self.config_maps[name]
+
+
+def test_a_key_not_mounted_is_read_from_its_secret_through_the_api(tmp_path):
+    kube = FakeKube(secrets={"vm2-key": {"ssh-privatekey": "api key of vm2"}})
+    fleet = Fleet(tmp_path, three(b"x"), kube=lambda: kube, mounted=("vm1", "vm3"))
+    assert fleet.run() == "Succeeded"
+    assert kube.read == [("ns", "vm2-key")]
+    assert fleet.pool.keys["vm2"] == "api key of vm2"
+    assert fleet.pool.keys["vm3"] == "key of vm3"
+
+
+def test_a_key_that_cannot_be_read_fails_that_destination(tmp_path):
+    kube = FakeKube()
+    fleet = Fleet(tmp_path, three(b"x"), kube=lambda: kube, mounted=("vm1", "vm3"))
+    assert fleet.run() == "Failed"
+    result = fleet.state.finished()["vm2"]
+    assert result["reason"] == "CredentialsInvalid"
+    assert "ns/vm2-key" in result["message"] and "Forbidden" in result["message"]
+    assert fleet.state.finished()["vm3"]["phase"] == "Succeeded"
+
+
+def test_config_map_sources_and_ssh_credentials_are_never_copied(tmp_path):
+    kube = FakeKube(
+        config_maps={"scripts": SimpleNamespace(data={"run.sh": "echo hi\n"}, binary_data=None)},
+        secrets={"vm-key": SimpleNamespace(type="kubernetes.io/ssh-auth",
+                                           data={"k": "c2VjcmV0"})})
+    fleet = Fleet(tmp_path / "a", three(b""), kube=lambda: kube)
+    source = {"configMapKeyRef": {"name": "scripts", "key": "run.sh"}}
+    assert fleet.run(targets=("vm2", "vm3"), **{"from": source}) == "Succeeded"
+    assert fleet.vms["vm2"].files == {DST: b"echo hi\n"}
+    fleet = Fleet(tmp_path / "b", three(b""), kube=lambda: kube)
+    source = {"secretKeyRef": {"name": "vm-key", "key": "k"}}
+    assert fleet.run(targets=("vm2", "vm3"), **{"from": source}) == "Failed"
+    assert {r["reason"] for r in fleet.state.finished().values()} == {"PermissionDenied"}
+    assert fleet.vms["vm2"].files == {}
+
+
+def test_cleanup_removes_every_attempts_temporary_file_on_one_destination(tmp_path):
+    left = {t.temp_path(DST, "uid-1", "vm2", n): b"half" for n in (1, 2)}
+    fleet = Fleet(tmp_path, three(b"", vm2=FakeSFTP({**left, DST: b"kept"})))
+    assert fleet.executor.clean(fleet.envelope(vm="vm2", attempt=2, targets=("vm2",))) == 2
+    assert fleet.vms["vm2"].files == {DST: b"kept"}
+    assert fleet.state.reports == []
+
+
+def test_every_reported_field_is_one_the_status_has(tmp_path):
+    """The controller writes what workers report: each field must exist in the CRD's models."""
+    fleet = Fleet(tmp_path, three(BIG, vm2=FakeSFTP({}, fail_after=len(BIG) // 2)),
+                  clock=Clock(step=0.25))
+    fleet.run(verify=True)
+    events = {r["event"] for r in fleet.state.reports}
+    assert events == {"claimed", "progress", "finished"}
+    for report in fleet.state.reports:
+        checked_entry({"vm": report["vm"], "attempt": report["attempt"], **report["fields"]})

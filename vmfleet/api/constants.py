@@ -36,6 +36,7 @@ TRANSFER_QUEUE: Final = "vmfleet.transfers"
 # Labels and annotations.
 LABEL_PREFIX: Final = GROUP
 LABEL_VM: Final = f"{GROUP}/vm"
+LABEL_POOL: Final = f"{GROUP}/pool"
 LABEL_COMPONENT: Final = "app.kubernetes.io/component"
 LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 LABEL_NAME: Final = "app.kubernetes.io/name"
@@ -134,3 +135,10 @@ def default_queue(namespace: str, vm: str) -> str:
 
 def worker_deployment_name(vm: str) -> str:
     return f"{WORKER_DEPLOYMENT_PREFIX}{vm}"
+
+
+POOL_DEPLOYMENT_PREFIX: Final = "vmfleet-pool-"
+
+
+def pool_deployment_name(pool: str) -> str:
+    return f"{POOL_DEPLOYMENT_PREFIX}{pool}"

@@ -1,19 +1,65 @@
-"""The small message the controller sends to a VM's queue for one attempt on one VM."""
+"""The small message the controller sends to a VM's queue for one attempt on one VM.
+
+The worker reads nothing of the cluster: the envelope carries how to reach the VM
+(``Target``, built by the controller from the RemoteVM) and the worker reads the key
+from the VM's credentials Secret, mounted at ``<credentials dir>/<secret name>/``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 
 def now_rfc3339() -> str:
     """UTC time with milliseconds, as written into status fields."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return rfc3339(datetime.now(UTC))
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_rfc3339(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to reach one VM, from its RemoteVM (no secret material: the Secret's name)."""
+
+    vm: str
+    host: str
+    port: int
+    user: str
+    secret: str
+    host_keys: tuple[str, ...] = ()
+    # TrustOnFirstUse with no key recorded yet: only a health probe may connect (and
+    # report the key it saw, which the controller records).
+    trust_on_first_use: bool = False
+    connect_timeout: float = 30.0
+    allow_become: bool = False
+    # maxConcurrentCommands: SSH channels in use on this VM at once, across its workers.
+    max_concurrent: int = 0
+    bastion: Target | None = None
+
+    def to_message(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any]) -> Target:
+        bastion = message.get("bastion")
+        return cls(
+            vm=str(message["vm"]), host=str(message["host"]), port=int(message["port"]),
+            user=str(message["user"]), secret=str(message["secret"]),
+            host_keys=tuple(message.get("host_keys") or ()),
+            trust_on_first_use=bool(message.get("trust_on_first_use")),
+            connect_timeout=float(message.get("connect_timeout") or 30.0),
+            allow_become=bool(message.get("allow_become")),
+            max_concurrent=int(message.get("max_concurrent") or 0),
+            bastion=cls.from_message(bastion) if bastion else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -25,36 +71,35 @@ class Envelope:
     attempt: int
     dispatch_time: str
     spec: dict[str, Any]
-    # What the worker needs to claim without reading the command first (the claim's
-    # ``test`` operations check it): the VM's position in ``status.results``, how many
-    # entries there are, the command's startTime, and the process group of a lost
-    # previous attempt to terminate first. Messages without ``index`` make the worker
-    # read the command.
-    index: int | None = None
-    targets: int = 0
+    target: Target | None = None
+    # activeDeadlineSeconds counts from the command's startTime.
     command_start: str | None = None
+    # The process group of a lost previous attempt, terminated before this one starts.
     lost_pgid: int | None = None
     lost_marker: str | None = None
-    entry_keys: tuple[str, ...] = ()  # the fields the entry has (a previous attempt's go)
+    # Transfers: every VM the copy touches (source and destinations), by name.
+    targets: dict[str, Target] = field(default_factory=dict)
 
     def to_message(self) -> dict[str, Any]:
-        return asdict(self)
+        message = asdict(self)
+        message["target"] = self.target.to_message() if self.target else None
+        message["targets"] = {k: v.to_message() for k, v in self.targets.items()}
+        return message
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Envelope:
         fields = {k: message[k] for k in ("namespace", "name", "uid", "vm", "attempt")}
-        index = message.get("index")
         lost_pgid = message.get("lost_pgid")
+        target = message.get("target")
         return cls(
             **fields,
             dispatch_time=str(message.get("dispatch_time", "")),
             spec=dict(message.get("spec") or {}),
-            index=int(index) if index is not None else None,
-            targets=int(message.get("targets") or 0),
+            target=Target.from_message(target) if target else None,
             command_start=message.get("command_start"),
             lost_pgid=int(lost_pgid) if lost_pgid is not None else None,
             lost_marker=message.get("lost_marker"),
-            entry_keys=tuple(message.get("entry_keys") or ()),
+            targets={k: Target.from_message(v) for k, v in (message.get("targets") or {}).items()},
         )
 
     @property

@@ -204,6 +204,12 @@ class RemoteVMSpec(ApiModel):
         2, ge=1, le=256, description="SSH channels in use on this VM at once."
     )
     workers: WorkersSpec | None = Field(None, description="Worker sizing (default: 1 replica).")
+    worker_pool: str | None = Field(
+        None, min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="RemoteVMs naming the same pool share one worker Deployment "
+        "(vmfleet-pool-<pool>) that consumes all their queues, sized on their summed backlog; "
+        "maxConcurrentCommands still holds per VM. Unset: the VM has workers of its own.",
+    )
     health_check: HealthCheck = Field(default_factory=lambda: HealthCheck(), description="Health probes.")
     connect_timeout_seconds: int = Field(30, ge=1, le=600, description="SSH connect timeout.")
     proxy_jump: ProxyJump | None = Field(None, description="Connect through a bastion RemoteVM.")

@@ -1,0 +1,238 @@
+"""The controller's threads: the reports reader, the status writer and the loop.
+
+- ``ReportReader`` reads the workers' reports (``vmfleet.state``), first those a previous
+  controller read but never acknowledged, and folds them into ``Commands`` (or hands
+  probe reports to the fleet). Reports that change nothing are acknowledged at once.
+- ``Writer`` writes each command whose copy is due (``Tracked.due``), several at once,
+  one patch per command carrying everything that arrived for it; only then are the
+  reports it carries acknowledged. A command written in an end state is let go.
+- ``Loop`` ticks once a second over the controller's own caches: commands (retries,
+  deadlines, lost workers, TTLs) and the fleet (scaling, probes, conditions). There is
+  no kopf timer per object.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from vmfleet import metrics
+from vmfleet.api import constants as c
+from vmfleet.kube import ApiException, Kube
+from vmfleet.state import State
+
+from .commands import Commands, Tracked
+from .status import UnknownField, status_patch
+
+log = logging.getLogger("controller.loop")
+
+
+class Writer:
+    """Writes due commands' status; the only code that writes RemoteCommand status."""
+
+    def __init__(self, kube: Kube, state: State, commands: Commands, threads: int = 8) -> None:
+        self.kube = kube
+        self.state = state
+        self.commands = commands
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmfleet-write")
+        self.writes = 0
+
+    def due(self, now: float) -> tuple[list[Tracked], float | None]:
+        """Commands due now, and when the next one is."""
+        ready, soonest = [], None
+        for tracked in self.commands.tracked():
+            due = tracked.due
+            if due is None:
+                continue
+            if due <= now:
+                ready.append(tracked)
+            elif soonest is None or due < soonest:
+                soonest = due
+        return ready, soonest
+
+    def flush(self, now: float | None = None) -> float | None:
+        """Write every due command (in parallel); returns when the next is due."""
+        ready, soonest = self.due(time.monotonic() if now is None else now)
+        if ready:
+            list(self.pool.map(self.write, ready))
+        return soonest
+
+    def write(self, tracked: Tracked) -> None:
+        with tracked.lock:
+            desired = copy.deepcopy(tracked.status)
+            acks = list(tracked.acks)
+            tracked.due = None
+            try:
+                patch = status_patch(tracked.written, desired)
+            except (UnknownField, ValueError) as exc:
+                log.error("Not writing RemoteCommand %s: %s", tracked.ref, exc)
+                patch = None
+        if patch is not None:
+            try:
+                self.kube.patch_command_status(tracked.namespace, tracked.name, patch)
+                self.writes += 1
+            except ApiException as exc:
+                if exc.status == 404:
+                    self.commands.deleted({"metadata": {"uid": tracked.uid}})
+                    self.state.ack(acks)
+                    return
+                tracked.failures += 1
+                delay = min(0.2 * 2 ** tracked.failures, 10.0)
+                log.warning("Writing the status of RemoteCommand %s failed (%s %s); trying again "
+                            "in %.1fs", tracked.ref, exc.status, exc.reason, delay)
+                metrics.RECONCILE_ERRORS.labels(c.COMMAND_KIND).inc()
+                with tracked.lock:
+                    tracked.want(delay)
+                    if exc.status == 422:
+                        tracked.written = None  # write it whole next time
+                return
+            except Exception as exc:  # noqa: BLE001 - the API server is away: try again
+                tracked.failures += 1
+                log.warning("Writing the status of RemoteCommand %s failed: %s", tracked.ref, exc)
+                with tracked.lock:
+                    tracked.want(min(0.2 * 2 ** tracked.failures, 10.0))
+                return
+        with tracked.lock:
+            tracked.failures = 0
+            tracked.written = desired
+            tracked.acks = tracked.acks[len(acks):]
+            done = tracked.status == desired and tracked.finished and not tracked.acks
+        try:
+            self.state.ack(acks)
+        except Exception as exc:  # noqa: BLE001 - redelivered later and applied as a no-op
+            log.warning("Could not acknowledge %s reports: %s", len(acks), exc)
+        if done:
+            self.commands.forget(tracked)
+            log.info("RemoteCommand %s %s (%s)", tracked.ref, desired.get("phase"),
+                     desired.get("completions"))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class ReportReader:
+    """Reads the reports stream and applies each report."""
+
+    def __init__(self, state: State, commands: Commands, consumer: str,
+                 on_probe: Callable[[dict[str, Any]], bool]) -> None:
+        self.state = state
+        self.commands = commands
+        self.consumer = consumer
+        self.on_probe = on_probe
+
+    def apply(self, report_id: str, body: dict[str, Any]) -> None:
+        kind = body.get("kind")
+        if kind == "attempt":
+            if self.commands.apply(body, report_id):
+                return  # acknowledged with its write
+        elif kind == "probe":
+            try:
+                self.on_probe(body)
+            except Exception as exc:  # noqa: BLE001 - left pending: read again later
+                log.warning("Could not apply the probe of %s/%s: %s", body.get("namespace"),
+                            body.get("vm"), exc)
+                return
+        self.state.ack([report_id])
+
+    def catch_up(self) -> int:
+        """Reports a previous controller read but did not acknowledge."""
+        count = 0
+        for report in self.state.pending_reports(self.consumer):
+            self.apply(report.id, report.body)
+            count += 1
+        if count:
+            log.info("Picked up %s reports a previous controller left unacknowledged", count)
+        return count
+
+    def run(self, stop: threading.Event) -> None:
+        self.state.ensure_group()
+        self.catch_up()
+        idle_since: float | None = None
+        while not stop.is_set():
+            try:
+                reports = self.state.read_reports(self.consumer, block_ms=200)
+            except Exception as exc:  # noqa: BLE001 - Redis restarting
+                log.warning("Reading reports failed: %s; trying again", exc)
+                stop.wait(1.0)
+                try:
+                    self.state.ensure_group()
+                    self.catch_up()
+                except Exception:  # noqa: BLE001
+                    pass
+                continue
+            for report in reports:
+                self.apply(report.id, report.body)
+            if reports:
+                idle_since = None
+                with self.commands.changed:
+                    self.commands.changed.notify_all()
+            elif idle_since is None:
+                idle_since = time.monotonic()
+
+
+class Loop:
+    """The three threads, started and stopped together."""
+
+    def __init__(self, writer: Writer, reader: ReportReader, ticks: list[Callable[[], None]],
+                 tick_seconds: float = 1.0) -> None:
+        self.writer = writer
+        self.reader = reader
+        self.ticks = ticks
+        self.tick_seconds = tick_seconds
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for name, target in (("vmfleet-reports", self._read), ("vmfleet-writer", self._write),
+                             ("vmfleet-loop", self._tick)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _read(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self.reader.run(self.stop)
+            except Exception:  # noqa: BLE001
+                log.exception("The reports reader failed; starting it again")
+                self.stop.wait(1.0)
+
+    def _write(self) -> None:
+        changed = self.writer.commands.changed
+        while not self.stop.is_set():
+            try:
+                soonest = self.writer.flush()
+            except Exception:  # noqa: BLE001
+                log.exception("Writing statuses failed")
+                soonest = None
+            wait = 0.5 if soonest is None else max(0.0, soonest - time.monotonic())
+            if wait > 0:
+                with changed:
+                    changed.wait(min(wait, 0.5))
+
+    def _tick(self) -> None:
+        while not self.stop.wait(self.tick_seconds):
+            for tick in self.ticks:
+                try:
+                    tick()
+                except Exception:  # noqa: BLE001
+                    log.exception("The controller loop failed in %s", getattr(tick, "__name__", tick))
+
+    def close(self) -> None:
+        self.stop.set()
+        with self.writer.commands.changed:
+            self.writer.commands.changed.notify_all()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        try:
+            self.writer.flush(now=float("inf"))  # what is still owed goes out before we stop
+        finally:
+            self.writer.close()
+
+
+__all__ = ["Loop", "ReportReader", "Writer"]
