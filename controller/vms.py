@@ -71,6 +71,17 @@ class Fleet:
     # ------------------------------------------------------------------ the watch
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The RemoteVM as the watch last saw it; one the watch has not brought yet (just
+        created) is read from the API."""
+        with self._lock:
+            found = self._vms.get((namespace, name))
+        if found is None:
+            found = self.kube.get_vm(namespace, name)
+            if found is not None:
+                self.seen(found)
+        return found
+
+    def cached(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
             return self._vms.get((namespace, name))
 
@@ -273,7 +284,7 @@ class Fleet:
     # ------------------------------------------------------------------ status
 
     def write_workers(self, vm: VMRef, group: WorkerGroup, decision: Decision) -> None:
-        obj = self.get(vm.namespace, vm.name)
+        obj = self.cached(vm.namespace, vm.name)
         if obj is None:
             return
         status = obj.get("status") or {}
@@ -322,7 +333,7 @@ class Fleet:
 
     def on_probe(self, report: dict[str, Any]) -> bool:
         """A worker's probe result: written with the conditions it changes."""
-        obj = self.get(str(report.get("namespace")), str(report.get("vm")))
+        obj = self.cached(str(report.get("namespace")), str(report.get("vm")))
         if obj is None or (report.get("uid") and obj["metadata"].get("uid") != report["uid"]):
             return False
         fields = dict(report.get("status") or {})
@@ -359,7 +370,7 @@ class Fleet:
                 metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
                 log.warning("Could not scale the workers of %s: %s", group.key, exc)
             for vm in group.vms:
-                obj = self.get(vm.namespace, vm.name)
+                obj = self.cached(vm.namespace, vm.name)
                 if obj is None:
                     continue
                 self.health.maybe_probe(obj, vm.spec, vm.queue, self.target_of(obj))

@@ -231,11 +231,12 @@ class Attempt:
     def finish(self, fields: dict[str, Any]) -> bool:
         """Report the outcome (claiming first if it ended before it started); False if the
         attempt was not this delivery's."""
-        if not self.claimed and not self._claim():
+        started = self.claimed
+        if not started and not self._claim():
             return False
         env = self.envelope
         fields = {"worker": self.worker, **fields}
-        if "startTime" not in fields:
+        if not started:  # ended before it could start: no claim report carried a startTime
             fields.setdefault("startTime", fields.get("completionTime"))
         self.report("finished", fields)
         self.state.release(env.uid, env.vm, env.attempt)
@@ -305,8 +306,8 @@ class CommandExecutor:
         except OSError as exc:
             raise AttemptFailed(
                 Reason.CREDENTIALS_INVALID,
-                f"cannot read the key of Secret {secret_name} at {key_file}: {exc.strerror} "
-                "(is the Secret mounted in this worker?)",
+                f"cannot read Secret {secret_name}: {key_file}: {exc.strerror} "
+                "(does the Secret exist, and is it mounted in this worker?)",
             ) from exc
         if not key.strip():
             raise AttemptFailed(Reason.CREDENTIALS_INVALID,

@@ -4,6 +4,7 @@ cancellation, lost workers — checked on the VMs themselves, not from our bookk
 from __future__ import annotations
 
 import json
+import time
 import os
 import signal
 import subprocess
@@ -150,34 +151,20 @@ def test_exit_codes_listed_in_on_exit_codes_are_retried(ns: Namespace, make_vm):
 
 
 def test_deleting_a_running_command_cancels_it_and_ends_the_remote_process(ns: Namespace, make_vm):
+    """No finalizer: the object goes at once; the cancel reaches the worker through Redis
+    and the remote process is killed within a few seconds (``make bench`` cancel_latency
+    measures how few)."""
     vm = make_vm("cancel")
     ns.add_vms([vm])
     ns.run("victim", vm=vm.name, argv=["sleep", "604"])
     wait_until(lambda: entry(ns, "victim").get("pgid"), timeout=60, what="the command to run")
     assert remote_processes(vm, "sleep 604")
-    watcher = subprocess.Popen(
-        [ns.kubectl.binary, f"--kubeconfig={ns.kubectl.kubeconfig}", "-n", str(ns), "get",
-         "rcmd", "victim", "--watch", "--output-watch-events", "-o", "json"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    try:
-        ns.k("delete", "rcmd", "victim", "--wait=true", "--timeout=60s", timeout=90)
-    finally:
-        watcher.send_signal(signal.SIGTERM)
-    out, _ = watcher.communicate(timeout=10)
-    decoder, events, pos = json.JSONDecoder(), [], 0
-    while pos < len(out.strip()):
-        event, end = decoder.raw_decode(out, pos)
-        events.append(event)
-        pos = end
-        while pos < len(out) and out[pos].isspace():
-            pos += 1
-    phases = [(e["object"].get("status") or {}).get("phase") for e in events]
-    assert "Cancelled" in phases, phases
-    last = events[-1]["object"]
-    assert last["status"]["phase"] == "Cancelled"
-    assert last["status"]["results"][0]["phase"] == "Cancelled"
-    assert remote_processes(vm, "sleep 604") == []
+    assert not ns.get("rcmd", "victim")["metadata"].get("finalizers")
+    began = time.monotonic()
+    ns.k("delete", "rcmd", "victim", "--wait=true", "--timeout=10s", timeout=30)
+    assert time.monotonic() - began < 10
+    wait_until(lambda: remote_processes(vm, "sleep 604") == [], timeout=10,
+               what="the remote process to be killed")
 
 
 def test_deleting_a_queued_command_never_runs_it(ns: Namespace, make_vm):
