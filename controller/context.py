@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kubernetes.client import AppsV1Api
 
+from vmfleet import settings
 from vmfleet.api import constants as c
-from vmfleet.celeryconf import broker_url
 from vmfleet.kube import Kube
 
 from .dispatch import Dispatcher
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
 
-RUNTIME_ENV = "VMFLEET_WORKER_RUNTIME"
+RUNTIME_ENV = settings.env_of("worker_runtime")
 
 
 class VMCache:
@@ -60,27 +59,23 @@ class Context:
 
     @classmethod
     def from_environment(cls) -> Context:
+        """The controller's start: its settings are read here, once (a bad value stops it)."""
+        conf = settings.load()
         kube = Kube()
-        url = broker_url()
-        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        runtime_name = os.environ.get(
-            RUNTIME_ENV, c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS
-        )
+        url = conf.broker_url
+        runtime_name = conf.worker_runtime or c.RUNTIME_PROCESS
         runtime: Runtime
         if runtime_name == c.RUNTIME_PROCESS:
-            log_dir = Path(os.environ.get("VMFLEET_WORKER_LOG_DIR", ".vmfleet/workers"))
-            runtime = ProcessRuntime(url, log_dir)
+            runtime = ProcessRuntime(url, Path(conf.worker_log_dir))
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),
                 DeploymentSettings(
-                    image=os.environ.get("VMFLEET_WORKER_IMAGE", "vmfleet:0.1.0"),
+                    image=conf.worker_image,
                     broker_url=url,
-                    broker_secret_name=os.environ.get("VMFLEET_BROKER_SECRET_NAME") or None,
-                    broker_secret_key=os.environ.get("VMFLEET_BROKER_SECRET_KEY", "url"),
-                    service_account=os.environ.get(
-                        "VMFLEET_WORKER_SERVICE_ACCOUNT", c.WORKER_SERVICE_ACCOUNT
-                    ),
+                    broker_secret_name=conf.broker_secret_name,
+                    broker_secret_key=conf.broker_secret_key,
+                    service_account=conf.worker_service_account,
                 ),
             )
         else:

@@ -18,7 +18,6 @@ Warning Event. An unreachable VM posts a Warning Event too.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Condition, Reason
 from vmfleet.api.envelope import now_rfc3339, parse_rfc3339
@@ -53,12 +53,9 @@ class Thresholds:
 
     @classmethod
     def from_environment(cls) -> Thresholds:
-        return cls(
-            disk_used_ratio=float(os.environ.get("VMFLEET_DISK_PRESSURE_RATIO", "0.90")),
-            memory_available_ratio=float(
-                os.environ.get("VMFLEET_MEMORY_PRESSURE_AVAILABLE_RATIO", "0.10")
-            ),
-        )
+        conf = settings.current()
+        return cls(disk_used_ratio=conf.disk_pressure_ratio,
+                   memory_available_ratio=conf.memory_pressure_available_ratio)
 
 
 # --------------------------------------------------------------------------- pure

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from kubernetes.client import AppsV1Api
 from kubernetes.client.exceptions import ApiException
 
+from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
@@ -30,7 +31,9 @@ from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 log = logging.getLogger("controller.runtime")
 
 # The VM's maxConcurrentCommands, shared by all its workers (a semaphore in the broker).
-MAX_CONCURRENT_ENV = "VMFLEET_MAX_CONCURRENT_COMMANDS"
+MAX_CONCURRENT_ENV = settings.env_of("max_concurrent_commands")
+CREDENTIALS_DIR_ENV = settings.env_of("credentials_dir")
+VM_ENV = settings.env_of("vm")
 # A proxyJump bastion's Secret: beside the VM's own (the worker reads "<dir>-bastion").
 BASTION_CREDENTIALS_MOUNT_PATH = f"{c.CREDENTIALS_MOUNT_PATH}-bastion"
 
@@ -149,8 +152,8 @@ def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) ->
         "args": worker_argv(vm.queue, vm.spec.max_concurrent_commands, f"{name}@%h"),
         "env": [
             broker_env,
-            {"name": "VMFLEET_CREDENTIALS_DIR", "value": c.CREDENTIALS_MOUNT_PATH},
-            {"name": "VMFLEET_VM", "value": vm.key},
+            {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
+            {"name": VM_ENV, "value": vm.key},
             {"name": MAX_CONCURRENT_ENV, "value": str(vm.spec.max_concurrent_commands)},
         ],
         "volumeMounts": [
@@ -280,11 +283,12 @@ class ProcessRuntime:
     def _env(self, vm: VMRef) -> dict[str, str]:
         env = dict(os.environ)
         env[BROKER_URL_ENV] = self.broker_url
-        env["VMFLEET_VM"] = vm.key
+        env[VM_ENV] = vm.key
         env[MAX_CONCURRENT_ENV] = str(vm.spec.max_concurrent_commands)
-        env.pop("VMFLEET_CREDENTIALS_DIR", None)  # read the VM's own Secret through the API
+        env.pop(CREDENTIALS_DIR_ENV, None)  # read the VM's own Secret through the API
         # Local workers share the machine: each its own metrics port, or none if ours is off.
-        env[METRICS_PORT_ENV] = str(free_port()) if os.environ.get(METRICS_PORT_ENV) != "0" else "0"
+        metrics_on = settings.current().metrics_port != 0
+        env[METRICS_PORT_ENV] = str(free_port()) if metrics_on else "0"
         return env
 
     def current_replicas(self, vm: VMRef) -> int:
@@ -332,7 +336,7 @@ class ProcessRuntime:
                 log_path = self.log_dir / "transfers.0.log"
                 env = dict(os.environ)
                 env[BROKER_URL_ENV] = self.broker_url
-                env.pop("VMFLEET_CREDENTIALS_DIR", None)  # it reaches every VM: keys via the API
+                env.pop(CREDENTIALS_DIR_ENV, None)  # it reaches every VM: keys via the API
                 proc = ManagedProcess("transfer worker", argv, log_path, env=env).start()
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started transfer worker process %s (queue %s)", proc.pid,

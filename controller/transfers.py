@@ -15,10 +15,10 @@ live worker are retried by the worker itself, within the same limit.)
 from __future__ import annotations
 
 import logging
-import os
 from datetime import datetime
 from typing import Any
 
+from vmfleet import settings
 from vmfleet.api.constants import (
     TASK_TRANSFER,
     TASK_TRANSFER_CLEANUP,
@@ -36,12 +36,11 @@ from .targets import describe_target, initial_results
 
 log = logging.getLogger("controller.transfers")
 
-LOST_SECONDS_ENV = "VMFLEET_TRANSFER_LOST_SECONDS"
-DEFAULT_LOST_SECONDS = 90.0
+LOST_SECONDS_ENV = settings.env_of("transfer_lost_seconds")
 
 
 def lost_after() -> float:
-    return float(os.environ.get(LOST_SECONDS_ENV, DEFAULT_LOST_SECONDS))
+    return settings.current().transfer_lost_seconds
 
 
 def initial_transfer_results(

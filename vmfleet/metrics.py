@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 import weakref
@@ -32,12 +31,15 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vmfleet import settings as settings_
+from vmfleet.settings import CONTROLLER_METRICS_PORT as CONTROLLER_PORT
+from vmfleet.settings import WORKER_METRICS_PORT as WORKER_PORT
+from vmfleet.settings import Settings
+
 log = logging.getLogger("vmfleet.metrics")
 
-PORT_ENV = "VMFLEET_METRICS_PORT"
-ADDRESS_ENV = "VMFLEET_METRICS_ADDRESS"
-CONTROLLER_PORT = 9807
-WORKER_PORT = 9808
+PORT_ENV = settings_.env_of("metrics_port")
+ADDRESS_ENV = settings_.env_of("metrics_address")
 
 prometheus_client.disable_created_metrics()
 
@@ -135,24 +137,15 @@ METRIC_NAMES: tuple[str, ...] = (
 # ----------------------------------------------------------------------------- HTTP
 
 
-def metrics_port(default: int) -> int:
-    """The port from ``VMFLEET_METRICS_PORT`` (``0`` turns the endpoint off)."""
-    raw = os.environ.get(PORT_ENV, "").strip()
-    if not raw:
-        return default
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ValueError(f"{PORT_ENV}={raw!r} is not a port number (use 0 to turn metrics off)") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{PORT_ENV}={raw!r} is not a port number (use 0 to turn metrics off)")
-    return port
+def metrics_port(default: int, settings: Settings | None = None) -> int:
+    """The port from ``VMFLEET_METRICS_PORT`` (``0`` turns the endpoint off), else ``default``."""
+    return (settings or settings_.current()).metrics_port_or(default)
 
 
-def metrics_address() -> str:
-    """All interfaces in a cluster (Prometheus scrapes the pod IP), loopback elsewhere."""
-    default = "0.0.0.0" if os.environ.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
-    return os.environ.get(ADDRESS_ENV, "").strip() or default
+def metrics_address(settings: Settings | None = None) -> str:
+    """``VMFLEET_METRICS_ADDRESS``: by default all interfaces in a cluster (Prometheus
+    scrapes the pod IP), loopback elsewhere."""
+    return (settings or settings_.current()).metrics_address or "127.0.0.1"
 
 
 _server_lock = threading.Lock()
