@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vmfleet import settings as settings_
+from vmfleet.queues import QueueDepth
 from vmfleet.settings import CONTROLLER_METRICS_PORT as CONTROLLER_PORT
 from vmfleet.settings import WORKER_METRICS_PORT as WORKER_PORT
 from vmfleet.settings import Settings
@@ -327,29 +328,9 @@ QueueSizer = Callable[[list[str]], dict[str, int]]
 
 
 def broker_queue_sizer(broker_url: str, timeout: float = 3.0) -> QueueSizer:
-    """Ready messages per queue, through kombu (Redis and RabbitMQ alike)."""
-
-    def sizes(queues: list[str]) -> dict[str, int]:
-        from kombu.connection import Connection
-
-        found: dict[str, int] = {}
-        with Connection(broker_url, connect_timeout=timeout,
-                        transport_options={"socket_timeout": timeout}) as conn:
-            conn.ensure_connection(max_retries=1)
-            for queue in queues:
-                channel = conn.channel()
-                try:
-                    found[queue] = int(channel.queue_declare(queue, passive=True).message_count)
-                except Exception:  # noqa: BLE001 - a queue nobody declared yet holds nothing
-                    found[queue] = 0
-                finally:
-                    try:
-                        channel.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-        return found
-
-    return sizes
+    """Ready messages per queue (``vmfleet.queues.QueueDepth``, the autoscaler's reading):
+    a queue that could not be read has no sample (logged), never a 0."""
+    return QueueDepth(broker_url, timeout).sizes
 
 
 class QueueDepthCollector(Collector):
