@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 import weakref
+from datetime import UTC, datetime
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -32,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from vmfleet import settings as settings_
+from vmfleet.api.times import parse_rfc3339
 from vmfleet.queues import QueueDepth
 from vmfleet.settings import CONTROLLER_METRICS_PORT as CONTROLLER_PORT
 from vmfleet.settings import WORKER_METRICS_PORT as WORKER_PORT
@@ -189,9 +191,7 @@ def command_claimed(dispatch_time: str) -> float:
     """Observe the queue wait of a claimed attempt; return the start for its duration."""
     if dispatch_time:
         try:
-            from datetime import UTC, datetime
-
-            sent = datetime.fromisoformat(dispatch_time.replace("Z", "+00:00"))
+            sent = parse_rfc3339(dispatch_time)
             COMMAND_QUEUE_WAIT.observe(max(0.0, (datetime.now(UTC) - sent).total_seconds()))
         except ValueError:
             log.debug("Ignored an unparsable dispatch time %r", dispatch_time)

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+# The status time helpers live in .times; importable from here too (older imports).
+from .times import now_rfc3339, parse_rfc3339, rfc3339
 
-def now_rfc3339() -> str:
-    """UTC time with milliseconds, as written into status fields."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_rfc3339(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+__all__ = ["Envelope", "now_rfc3339", "parse_rfc3339", "rfc3339"]
 
 
 @dataclass(frozen=True)
