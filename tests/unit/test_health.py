@@ -27,7 +27,7 @@ from remote_tasks.health import (
     split_sections,
 )
 from remote_tasks.ssh import SSHTarget
-from vmfleet.api.models import RemoteVMSpec
+from vmfleet.api.models import RemoteVMSpec, VMFacts
 
 DF = """\
 Filesystem     1024-blocks     Used Available Capacity Mounted on
@@ -111,8 +111,9 @@ def test_parse_probe_whole_output():
     text = probe_output(hostname="vm1\n", uptime="100.5 20.0\n", loadavg="0.5 0.25 0.125 1/2 3\n",
                         meminfo=MEMINFO, df=DF, os_release='PRETTY_NAME="Debian 12"\n',
                         uname="Linux 6.1.0\n", end="")
-    facts = parse_probe(text)
-    assert facts.problems == []
+    facts, problems = parse_probe(text)
+    assert problems == []
+    assert isinstance(facts, VMFacts)
     assert facts.wire() == {
         "hostname": "vm1", "os": "Debian 12", "kernel": "Linux 6.1.0", "uptimeSeconds": 100.5,
         "load1": 0.5, "load5": 0.25, "load15": 0.125,
@@ -122,11 +123,11 @@ def test_parse_probe_whole_output():
 
 
 def test_parse_probe_keeps_what_it_can_and_lists_problems():
-    facts = parse_probe(probe_output(hostname="vm1", uptime="x", df="", end=""))
+    facts, problems = parse_probe(probe_output(hostname="vm1", uptime="x", df="", end=""))
     assert facts.hostname == "vm1"
     assert facts.uptime_seconds is None
-    assert any(p.startswith("uptime") for p in facts.problems)
-    assert "df: no output" in facts.problems
+    assert any(p.startswith("uptime") for p in problems)
+    assert "df: no output" in problems
 
 
 def test_parse_probe_without_end_marker_is_an_error():
