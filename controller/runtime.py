@@ -25,7 +25,7 @@ from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
-from vmfleet.dev.proc import ManagedProcess, free_port, stop_pid_file, write_pid_file
+from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, write_pid_file
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 
 log = logging.getLogger("controller.runtime")
