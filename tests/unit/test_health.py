@@ -281,3 +281,26 @@ def test_demo_health_rows_come_from_status():
         ["vm1", "True", "vm1", "0.5", "2.0 GiB", "25%", "2.0 h"],
         ["vm2", "?", "-", "-", "-", "-", "-"],
     ]
+
+
+def test_each_condition_has_its_own_pure_verdict():
+    from controller import health as h
+
+    never = h.Observed(probe={}, facts={}, workers={}, host_key={}, age=None, stale=False)
+    assert h.reachable_verdict(never, 30) == ("Unknown", "ScaledToZero",
+                                              "no worker runs while the VM is scaled to zero: not probed")
+    assert h.host_key_verdict(never, "Pinned", known=False) == ("Unknown", "NotProbed", "not verified yet")
+    assert h.host_key_verdict(never, "Pinned", known=True) is None  # kept as it was
+    assert h.workers_ready_verdict(never) is None
+    assert h.disk_pressure_verdict({"rootDiskTotalBytes": 10, "rootDiskUsedBytes": 9}, True, 0.9)[:2] == (
+        "True", "RootDiskFull")
+    assert h.disk_pressure_verdict({"rootDiskTotalBytes": 10, "rootDiskUsedBytes": 9}, False, 0.9)[0] == "Unknown"
+    assert h.memory_pressure_verdict({"memoryTotalBytes": 10, "memoryAvailableBytes": 5}, True, 0.1) == (
+        "False", "MemoryAvailable", "50% of memory available")
+    starting = h.Observed(probe={}, facts={}, workers={"replicas": 2, "readyReplicas": 1}, host_key={},
+                          age=1.0, stale=False)
+    assert h.workers_ready_verdict(starting) == ("False", "WorkersStarting", "1/2 workers ready")
+    conditions = [{"type": "Reachable", "status": "True"},
+                  {"type": "HostKeyVerified", "status": "False", "reason": "HostKeyMismatch", "message": "m"},
+                  {"type": "DiskPressure", "status": "Unknown", "reason": "NotProbed", "message": "n"}]
+    assert h.ready_verdict(conditions) == ("False", "HostKeyMismatch", "HostKeyVerified: m")
