@@ -11,8 +11,8 @@ from typing import Any
 
 from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions
 
+from vmfleet import settings
 from vmfleet.api import constants as c
-from vmfleet.celeryconf import broker_url
 from vmfleet.kube import ApiException, Kube
 from vmfleet.state import State, state_url
 
@@ -27,13 +27,7 @@ from .vms import Fleet, entry_counts, kombu_queue_depths, redis_queue_depths
 
 log = logging.getLogger("controller")
 
-RUNTIME_ENV = "VMFLEET_WORKER_RUNTIME"
-NAMESPACES_ENV = "VMFLEET_WATCH_NAMESPACES"
-
-TIMING = schedule.Timing(
-    lost_after=float(os.environ.get("VMFLEET_WORKER_LOST_SECONDS", "30")),
-    redispatch_after=float(os.environ.get("VMFLEET_REDISPATCH_SECONDS", "300")),
-)
+RUNTIME_ENV = settings.env_of("worker_runtime")
 
 
 @dataclass
@@ -49,26 +43,26 @@ class Context:
 
     @classmethod
     def from_environment(cls) -> Context:
+        """The controller's start: its settings are read here, once (a bad value stops it)."""
+        conf = settings.load()
         kube = Kube()
-        url = broker_url()
+        url = conf.broker_url
         state = State(state_url(url))
         in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        runtime_name = os.environ.get(
-            RUNTIME_ENV, c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS
-        )
+        runtime_name = conf.worker_runtime or (
+            c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
         runtime: Runtime
         if runtime_name == c.RUNTIME_PROCESS:
-            log_dir = Path(os.environ.get("VMFLEET_WORKER_LOG_DIR", ".vmfleet/workers"))
-            runtime = ProcessRuntime(url, log_dir, read_secret=kube.read_secret)
+            runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),
                 DeploymentSettings(
-                    image=os.environ.get("VMFLEET_WORKER_IMAGE", "vmfleet:0.1.0"),
+                    image=conf.worker_image,
                     broker_url=url,
-                    broker_secret_name=os.environ.get("VMFLEET_BROKER_SECRET_NAME") or None,
-                    broker_secret_key=os.environ.get("VMFLEET_BROKER_SECRET_KEY", "url"),
-                    state_url=os.environ.get("VMFLEET_STATE_URL") or None,
+                    broker_secret_name=conf.broker_secret_name,
+                    broker_secret_key=conf.broker_secret_key,
+                    state_url=conf.state_url,
                 ),
             )
         else:
@@ -94,7 +88,8 @@ class Context:
             target_of=lambda obj: fleet_box[0].target_of(obj),
             wake=lambda ns, name: fleet_box[0].wake(ns, name),
             delete=lambda uid, ns, name: delete_expired(kube, uid, ns, name),
-            timing=TIMING,
+            timing=schedule.Timing(lost_after=conf.worker_lost_seconds,
+                                   redispatch_after=conf.redispatch_seconds),
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe), depths,
                       counts=lambda: entry_counts(commands.tracked()))
@@ -103,7 +98,7 @@ class Context:
         consumer = os.environ.get("POD_NAME") or socket.gethostname()
         reader = ReportReader(state, commands, consumer, fleet.on_probe)
         loop = Loop(writer, reader, [commands.tick, fleet.tick])
-        namespaces = tuple(n for n in os.environ.get(NAMESPACES_ENV, "").split(",") if n)
+        namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n)
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)
 

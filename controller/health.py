@@ -18,7 +18,6 @@ Warning Event. An unreachable VM posts a Warning Event too.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Condition, Reason
 from vmfleet.api.envelope import Target, now_rfc3339, parse_rfc3339
@@ -53,12 +53,9 @@ class Thresholds:
 
     @classmethod
     def from_environment(cls) -> Thresholds:
-        return cls(
-            disk_used_ratio=float(os.environ.get("VMFLEET_DISK_PRESSURE_RATIO", "0.90")),
-            memory_available_ratio=float(
-                os.environ.get("VMFLEET_MEMORY_PRESSURE_AVAILABLE_RATIO", "0.10")
-            ),
-        )
+        conf = settings.current()
+        return cls(disk_used_ratio=conf.disk_pressure_ratio,
+                   memory_available_ratio=conf.memory_pressure_available_ratio)
 
 
 # --------------------------------------------------------------------------- pure
@@ -78,107 +75,146 @@ def probe_age(status: dict[str, Any], now: datetime) -> float | None:
     return (now - parse_rfc3339(str(probe["time"]))).total_seconds()
 
 
+Verdict = tuple[str, str, str]  # a condition's status, reason and message
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a RemoteVM's status says about it, as the conditions read it."""
+
+    probe: dict[str, Any]
+    facts: dict[str, Any]
+    workers: dict[str, Any]
+    host_key: dict[str, Any]
+    age: float | None  # seconds since the last probe (None: never probed)
+    stale: bool  # the last probe is older than two periods and a timeout
+
+    @property
+    def replicas(self) -> int:
+        return int(self.workers.get("replicas") or 0)
+
+    @property
+    def ready_replicas(self) -> int:
+        return int(self.workers.get("readyReplicas") or 0)
+
+    @classmethod
+    def of(cls, spec: RemoteVMSpec, status: dict[str, Any], now: str) -> Observed:
+        age = probe_age(status, parse_rfc3339(now))
+        check = spec.health_check
+        return cls(
+            probe=status.get("lastProbe") or {}, facts=status.get("facts") or {},
+            workers=status.get("workers") or {}, host_key=status.get("hostKey") or {}, age=age,
+            stale=age is not None and age > 2 * check.period_seconds + check.timeout_seconds + 5,
+        )
+
+
+def reachable_verdict(seen: Observed, period: int) -> Verdict:
+    probe = seen.probe
+    if seen.age is None:
+        if seen.replicas == 0:
+            return ("Unknown", REASON_SCALED_TO_ZERO,
+                    "no worker runs while the VM is scaled to zero: not probed")
+        return "Unknown", REASON_NOT_PROBED, "waiting for the first health probe"
+    if seen.stale:
+        if seen.replicas == 0:
+            return ("Unknown", REASON_SCALED_TO_ZERO,
+                    f"no worker runs while the VM is scaled to zero; last probed {probe.get('time')}")
+        return ("Unknown", REASON_PROBE_OVERDUE,
+                f"no health probe result since {probe.get('time')} (period {period}s)")
+    if probe.get("succeeded"):
+        return "True", Reason.COMPLETED, f"answered the health probe in {probe.get('latencySeconds')}s"
+    return ("False", str(probe.get("reason") or Reason.TRANSPORT_ERROR),
+            str(probe.get("message") or "the health probe failed"))
+
+
+def host_key_verdict(seen: Observed, policy: str, known: bool) -> Verdict | None:
+    """Only a probe that got as far as the key exchange says anything (None: keep the
+    condition as it is, once there is one)."""
+    probe = seen.probe
+    if probe.get("reason") == Reason.HOST_KEY_MISMATCH:
+        return ("False", Reason.HOST_KEY_MISMATCH,
+                str(probe.get("message") or "the VM's host key does not match"))
+    if probe.get("succeeded") or probe.get("reason") == Reason.AUTH_FAILED:
+        how = "recorded on first use" if policy == c.HOST_KEY_TOFU else "pinned"
+        return ("True", "HostKeyMatched",
+                f"host key {seen.host_key.get('fingerprint', '?')} matches the {how} key")
+    if not known:
+        return "Unknown", REASON_NOT_PROBED, "not verified yet"
+    return None
+
+
+def disk_pressure_verdict(facts: dict[str, Any], reachable: bool, limit: float) -> Verdict:
+    """From the facts of a fresh successful probe."""
+    total, used = facts.get("rootDiskTotalBytes"), facts.get("rootDiskUsedBytes")
+    if not (reachable and total):
+        return "Unknown", REASON_NOT_PROBED, "no fresh disk usage"
+    ratio = float(used or 0) / float(total)
+    if ratio >= limit:
+        return "True", "RootDiskFull", f"root filesystem {ratio:.0%} used (threshold {limit:.0%})"
+    return "False", "RootDiskHasSpace", f"root filesystem {ratio:.0%} used"
+
+
+def memory_pressure_verdict(facts: dict[str, Any], reachable: bool, limit: float) -> Verdict:
+    """From the facts of a fresh successful probe."""
+    total, available = facts.get("memoryTotalBytes"), facts.get("memoryAvailableBytes")
+    if not (reachable and total):
+        return "Unknown", REASON_NOT_PROBED, "no fresh memory usage"
+    ratio = float(available or 0) / float(total)
+    if ratio < limit:
+        return "True", "MemoryLow", f"{ratio:.0%} of memory available (threshold {limit:.0%})"
+    return "False", "MemoryAvailable", f"{ratio:.0%} of memory available"
+
+
+def workers_ready_verdict(seen: Observed) -> Verdict | None:
+    """None while the VM has no workers status yet."""
+    if not seen.workers:
+        return None
+    replicas, ready = seen.replicas, seen.ready_replicas
+    if replicas == 0:
+        return ("True", REASON_SCALED_TO_ZERO,
+                "no workers needed: the queue is idle (a dispatch wakes one)")
+    if ready >= replicas:
+        return "True", "WorkersRunning", f"{ready}/{replicas} workers ready"
+    return "False", "WorkersStarting", f"{ready}/{replicas} workers ready"
+
+
+READY_NEEDS = ((Condition.REACHABLE, "True"), (Condition.HOST_KEY_VERIFIED, "True"),
+               (Condition.DISK_PRESSURE, "False"), (Condition.MEMORY_PRESSURE, "False"))
+
+
+def ready_verdict(conditions: Conditions) -> Verdict:
+    """Reachable, the right host, no pressure; else the first condition that is not."""
+    blocking = [cond for type_, good in READY_NEEDS
+                if (cond := _condition(conditions, type_)).get("status") != good]
+    if not blocking:
+        return "True", "VMReady", "reachable, host key verified, no pressure"
+    first = blocking[0]
+    value = "Unknown" if first.get("status") == "Unknown" else "False"
+    return value, str(first.get("reason") or "NotReady"), f"{first.get('type')}: {first.get('message')}"
+
+
 def fold_conditions(
     spec: RemoteVMSpec, status: dict[str, Any], now: str, thresholds: Thresholds = Thresholds()
 ) -> Conditions:
     """The RemoteVM's conditions from its last probe, facts and workers (pure)."""
-    previous: Conditions = list(status.get("conditions") or [])
-    conditions = previous
-    probe = status.get("lastProbe") or {}
-    facts = status.get("facts") or {}
-    workers = status.get("workers") or {}
-    replicas = int(workers.get("replicas") or 0)
-    ready_replicas = int(workers.get("readyReplicas") or 0)
-    age = probe_age(status, parse_rfc3339(now))
-    period = spec.health_check.period_seconds
-    stale = age is not None and age > 2 * period + spec.health_check.timeout_seconds + 5
+    seen = Observed.of(spec, status, now)
+    conditions: Conditions = list(status.get("conditions") or [])
 
-    def put(type_: str, value: str, reason: str, message: str) -> None:
+    def put(type_: str, verdict: Verdict | None) -> None:
         nonlocal conditions
-        conditions = set_condition(conditions, type_, value, reason, message, now)
+        if verdict is not None:
+            conditions = set_condition(conditions, type_, *verdict, now)
 
-    # Reachable
-    if age is None:
-        why = (REASON_SCALED_TO_ZERO, "no worker runs while the VM is scaled to zero: not probed") \
-            if replicas == 0 else (REASON_NOT_PROBED, "waiting for the first health probe")
-        put(Condition.REACHABLE, "Unknown", *why)
-    elif stale:
-        if replicas == 0:
-            put(Condition.REACHABLE, "Unknown", REASON_SCALED_TO_ZERO,
-                f"no worker runs while the VM is scaled to zero; last probed {probe.get('time')}")
-        else:
-            put(Condition.REACHABLE, "Unknown", REASON_PROBE_OVERDUE,
-                f"no health probe result since {probe.get('time')} (period {period}s)")
-    elif probe.get("succeeded"):
-        put(Condition.REACHABLE, "True", Reason.COMPLETED,
-            f"answered the health probe in {probe.get('latencySeconds')}s")
-    else:
-        put(Condition.REACHABLE, "False", str(probe.get("reason") or Reason.TRANSPORT_ERROR),
-            str(probe.get("message") or "the health probe failed"))
-
-    # HostKeyVerified: only a probe that got as far as the key exchange says anything.
-    key = status.get("hostKey") or {}
-    if probe.get("reason") == Reason.HOST_KEY_MISMATCH:
-        put(Condition.HOST_KEY_VERIFIED, "False", Reason.HOST_KEY_MISMATCH,
-            str(probe.get("message") or "the VM's host key does not match"))
-    elif probe.get("succeeded") or probe.get("reason") == Reason.AUTH_FAILED:
-        how = "recorded on first use" if spec.host_key_policy == c.HOST_KEY_TOFU else "pinned"
-        put(Condition.HOST_KEY_VERIFIED, "True", "HostKeyMatched",
-            f"host key {key.get('fingerprint', '?')} matches the {how} key")
-    elif not _condition(conditions, Condition.HOST_KEY_VERIFIED):
-        put(Condition.HOST_KEY_VERIFIED, "Unknown", REASON_NOT_PROBED, "not verified yet")
-
-    # Pressure, from the facts of a fresh successful probe.
+    put(Condition.REACHABLE, reachable_verdict(seen, spec.health_check.period_seconds))
+    put(Condition.HOST_KEY_VERIFIED, host_key_verdict(
+        seen, spec.host_key_policy, known=bool(_condition(conditions, Condition.HOST_KEY_VERIFIED))))
     reachable = _condition(conditions, Condition.REACHABLE).get("status") == "True"
-    disk_total, disk_used = facts.get("rootDiskTotalBytes"), facts.get("rootDiskUsedBytes")
-    if reachable and disk_total:
-        ratio = float(disk_used or 0) / float(disk_total)
-        if ratio >= thresholds.disk_used_ratio:
-            put(Condition.DISK_PRESSURE, "True", "RootDiskFull",
-                f"root filesystem {ratio:.0%} used (threshold {thresholds.disk_used_ratio:.0%})")
-        else:
-            put(Condition.DISK_PRESSURE, "False", "RootDiskHasSpace",
-                f"root filesystem {ratio:.0%} used")
-    else:
-        put(Condition.DISK_PRESSURE, "Unknown", REASON_NOT_PROBED, "no fresh disk usage")
-    mem_total, mem_avail = facts.get("memoryTotalBytes"), facts.get("memoryAvailableBytes")
-    if reachable and mem_total:
-        ratio = float(mem_avail or 0) / float(mem_total)
-        if ratio < thresholds.memory_available_ratio:
-            put(Condition.MEMORY_PRESSURE, "True", "MemoryLow",
-                f"{ratio:.0%} of memory available (threshold {thresholds.memory_available_ratio:.0%})")
-        else:
-            put(Condition.MEMORY_PRESSURE, "False", "MemoryAvailable",
-                f"{ratio:.0%} of memory available")
-    else:
-        put(Condition.MEMORY_PRESSURE, "Unknown", REASON_NOT_PROBED, "no fresh memory usage")
-
-    # WorkersReady
-    if replicas == 0 and workers:
-        put(Condition.WORKERS_READY, "True", REASON_SCALED_TO_ZERO,
-            "no workers needed: the queue is idle (a dispatch wakes one)")
-    elif workers:
-        if ready_replicas >= replicas:
-            put(Condition.WORKERS_READY, "True", "WorkersRunning",
-                f"{ready_replicas}/{replicas} workers ready")
-        else:
-            put(Condition.WORKERS_READY, "False", "WorkersStarting",
-                f"{ready_replicas}/{replicas} workers ready")
-
-    # Ready: reachable, the right host, no pressure.
-    blocking = []
-    for type_, good in ((Condition.REACHABLE, "True"), (Condition.HOST_KEY_VERIFIED, "True"),
-                        (Condition.DISK_PRESSURE, "False"), (Condition.MEMORY_PRESSURE, "False")):
-        cond = _condition(conditions, type_)
-        if cond.get("status") != good:
-            blocking.append(cond)
-    if not blocking:
-        put(Condition.READY, "True", "VMReady", "reachable, host key verified, no pressure")
-    else:
-        first = blocking[0]
-        value = "Unknown" if first.get("status") == "Unknown" else "False"
-        put(Condition.READY, value, str(first.get("reason") or "NotReady"),
-            f"{first.get('type')}: {first.get('message')}")
+    put(Condition.DISK_PRESSURE,
+        disk_pressure_verdict(seen.facts, reachable, thresholds.disk_used_ratio))
+    put(Condition.MEMORY_PRESSURE,
+        memory_pressure_verdict(seen.facts, reachable, thresholds.memory_available_ratio))
+    put(Condition.WORKERS_READY, workers_ready_verdict(seen))
+    put(Condition.READY, ready_verdict(conditions))
     return conditions
 
 

@@ -23,18 +23,19 @@ from typing import Any, Protocol
 from kubernetes.client import AppsV1Api
 from kubernetes.client.exceptions import ApiException
 
+from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.models import Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
-from vmfleet.dev.proc import ManagedProcess, free_port, stop_pid_file, write_pid_file
+from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, write_pid_file
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 
 log = logging.getLogger("controller.runtime")
 
 # The VM's maxConcurrentCommands, shared by all its workers (a semaphore in the broker).
-MAX_CONCURRENT_ENV = "VMFLEET_MAX_CONCURRENT_COMMANDS"
-# A proxyJump bastion's Secret: beside the VM's own (the worker reads "<dir>-bastion").
-BASTION_CREDENTIALS_MOUNT_PATH = f"{c.CREDENTIALS_MOUNT_PATH}-bastion"
+MAX_CONCURRENT_ENV = settings.env_of("max_concurrent_commands")
+CREDENTIALS_DIR_ENV = settings.env_of("credentials_dir")
+STATE_URL_ENV = settings.env_of("state_url")
 
 
 def desired_replicas(workers: WorkersSpec | None) -> int:
@@ -215,10 +216,10 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
         broker_env = {"name": BROKER_URL_ENV, "value": settings.broker_url}
     env: list[dict[str, Any]] = [
         broker_env,
-        {"name": "VMFLEET_CREDENTIALS_DIR", "value": c.CREDENTIALS_MOUNT_PATH},
+        {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
     ]
     if settings.state_url:
-        env.append({"name": "VMFLEET_STATE_URL", "value": settings.state_url})
+        env.append({"name": STATE_URL_ENV, "value": settings.state_url})
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
     volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o400}}
@@ -409,11 +410,12 @@ class ProcessRuntime:
     def _env(self, group: WorkerGroup) -> dict[str, str]:
         env = dict(os.environ)
         env[BROKER_URL_ENV] = self.broker_url
-        env["VMFLEET_CREDENTIALS_DIR"] = str(self.credentials_dir / group.namespace)
-        for name in ("KUBECONFIG", "VMFLEET_VM", MAX_CONCURRENT_ENV):
+        env[CREDENTIALS_DIR_ENV] = str(self.credentials_dir / group.namespace)
+        for name in ("KUBECONFIG", MAX_CONCURRENT_ENV):
             env.pop(name, None)  # a worker holds no Kubernetes credentials
         # Local workers share the machine: each its own metrics port, or none if ours is off.
-        env[METRICS_PORT_ENV] = str(free_port()) if os.environ.get(METRICS_PORT_ENV) != "0" else "0"
+        metrics_on = settings.current().metrics_port != 0
+        env[METRICS_PORT_ENV] = str(free_port()) if metrics_on else "0"
         return env
 
     def write_credentials(self, namespace: str, secrets: list[str]) -> None:
@@ -489,7 +491,7 @@ class ProcessRuntime:
                 log_path = self.log_dir / "transfers.0.log"
                 env = dict(os.environ)
                 env[BROKER_URL_ENV] = self.broker_url
-                env.pop("VMFLEET_CREDENTIALS_DIR", None)  # it reaches every VM: keys via the API
+                env.pop(CREDENTIALS_DIR_ENV, None)  # it reaches every VM: keys via the API
                 proc = ManagedProcess("transfer worker", argv, log_path, env=env).start()
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started transfer worker process %s (queue %s)", proc.pid,

@@ -7,7 +7,8 @@ does). ``Autoscaler`` keeps the recent recommendations per VM in memory; after a
 controller restart it starts from the current replica count, so nothing is scaled down
 before a full delay has passed.
 
-Backlog is queue depth (read through kombu, so Redis and RabbitMQ both work) plus the
+Backlog is queue depth (``vmfleet.queues.QueueDepth``, through kombu, so Redis and
+RabbitMQ both work) plus the
 commands running on the VM. A dispatch to a VM at zero replicas wakes it at once
 (``Autoscaler.wake``).
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 from vmfleet.api.constants import Phase
 from vmfleet.api.models import WorkersSpec
+from vmfleet.queues import QueueDepth  # re-exported: the autoscaler's backlog source
 
 log = logging.getLogger("controller.scaling")
 
@@ -146,74 +148,6 @@ class Autoscaler:
     def forget(self, key: str) -> None:
         with self._lock:
             self._vms.pop(key, None)
-
-
-# --------------------------------------------------------------------------- broker
-
-
-class QueueDepth:
-    """Ready messages in a queue, through kombu: the same call for Redis and RabbitMQ.
-
-    A queue nobody declared yet (no message ever sent) holds nothing: 0.
-    """
-
-    def __init__(self, broker_url: str, timeout: float = 3.0) -> None:
-        self.broker_url = broker_url
-        self.timeout = timeout
-        self._lock = threading.Lock()
-        self._conn: Any = None
-
-    def _connection(self) -> Any:
-        from kombu.connection import Connection
-
-        if self._conn is None:
-            self._conn = Connection(self.broker_url, connect_timeout=self.timeout,
-                                    transport_options={"socket_timeout": self.timeout})
-            self._conn.ensure_connection(max_retries=1)
-        return self._conn
-
-    def __call__(self, queue: str) -> int:
-        with self._lock:
-            for attempt in (1, 2):
-                try:
-                    conn = self._connection()
-                    channel = conn.channel()
-                except Exception:  # noqa: BLE001 - reconnect once, then report the error
-                    self.close_locked()
-                    if attempt == 2:
-                        raise
-                    continue
-                try:
-                    return int(channel.queue_declare(queue, passive=True).message_count)
-                except Exception as exc:  # noqa: BLE001
-                    if _not_found(exc):
-                        return 0
-                    self.close_locked()
-                    if attempt == 2:
-                        raise
-                finally:
-                    try:
-                        channel.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-        raise AssertionError("unreachable")
-
-    def close_locked(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.release()
-            except Exception:  # noqa: BLE001
-                pass
-            self._conn = None
-
-    def close(self) -> None:
-        with self._lock:
-            self.close_locked()
-
-
-def _not_found(exc: Exception) -> bool:
-    code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
-    return code == 404 or "NOT_FOUND" in str(exc) or "no queue" in str(exc).lower()
 
 
 __all__ = ["Autoscaler", "Decision", "QueueDepth", "prune", "recommend", "running_commands",

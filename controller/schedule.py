@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vmfleet.api.constants import Phase, Reason
-from vmfleet.api.envelope import parse_rfc3339
+from vmfleet.api.times import parse_rfc3339, rfc3339
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.policy import backoff_seconds, should_retry
 
@@ -53,10 +53,6 @@ class Plan:
 
     def __bool__(self) -> bool:
         return bool(self.changes or self.dispatch or self.terminate)
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _ended(entry: dict[str, Any], phase: str, reason: str, message: str, now: datetime) -> dict[str, Any]:

@@ -8,13 +8,14 @@ from typing import Any
 
 from celery import Celery, signals
 
-from vmfleet import metrics
+from vmfleet import metrics, settings
 from vmfleet.celeryconf import celery_config
 
 log = logging.getLogger("remote_tasks")
 
+# The worker's settings, read once at start: a bad VMFLEET_* value stops it here, named.
 app = Celery("remote_tasks")
-app.conf.update(celery_config())
+app.conf.update(celery_config(settings.current().broker_url))
 
 
 @signals.worker_ready.connect

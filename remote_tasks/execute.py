@@ -9,7 +9,6 @@ are reported to the controller, which alone writes the RemoteCommand's status.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -22,7 +21,7 @@ from typing import Any
 import paramiko
 from pydantic import ValidationError
 
-from vmfleet import metrics
+from vmfleet import metrics, settings
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
@@ -45,9 +44,14 @@ from .ssh import (
 log = logging.getLogger("remote_tasks")
 output_log = logging.getLogger("remote_tasks.output")
 
-CREDENTIALS_DIR_ENV = "VMFLEET_CREDENTIALS_DIR"
-HEARTBEAT_SECONDS = float(os.environ.get("VMFLEET_HEARTBEAT_SECONDS", "5"))
-KILL_GRACE = float(os.environ.get("VMFLEET_KILL_GRACE_SECONDS", "3"))
+
+
+def _heartbeat_seconds() -> float:
+    return settings.current().heartbeat_seconds
+
+
+def _kill_grace() -> float:
+    return settings.current().kill_grace_seconds
 
 
 class AttemptFailed(Exception):
@@ -179,7 +183,7 @@ class Attempt:
         self.claim_lost = False  # another delivery claimed it, or the command is gone
         self.cancelled = False
         self.claimed_at = 0.0
-        self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+        self._next_heartbeat = time.monotonic() + _heartbeat_seconds()
 
     def _claim(self) -> bool:
         env = self.envelope
@@ -192,7 +196,7 @@ class Attempt:
             return False
         self.claimed = True
         self.claimed_at = metrics.command_claimed(env.dispatch_time)
-        self._next_heartbeat = time.monotonic() + HEARTBEAT_SECONDS
+        self._next_heartbeat = time.monotonic() + _heartbeat_seconds()
         log.info("Claimed RemoteCommand %s on %s (attempt %s)", env.ref, env.vm, env.attempt)
         return True
 
@@ -219,7 +223,7 @@ class Attempt:
             return Reason.CANCELLED
         now = time.monotonic()
         if now >= self._next_heartbeat:
-            self._next_heartbeat = now + HEARTBEAT_SECONDS
+            self._next_heartbeat = now + _heartbeat_seconds()
             env = self.envelope
             try:
                 if self.state.heartbeat(env.uid, env.vm, env.attempt):
@@ -254,11 +258,11 @@ class CommandExecutor:
 
     @classmethod
     def from_environment(cls) -> CommandExecutor:
-        from vmfleet.celeryconf import broker_url
         from vmfleet.state import state_url
 
-        directory = os.environ.get(CREDENTIALS_DIR_ENV) or c.CREDENTIALS_MOUNT_PATH
-        return cls(State(state_url(broker_url())), ConnectionPool(), Path(directory))
+        conf = settings.current()
+        directory = conf.credentials_dir or c.CREDENTIALS_MOUNT_PATH
+        return cls(State(state_url(conf.broker_url)), ConnectionPool(), Path(directory))
 
     def listen_for_cancels(self, stop: threading.Event) -> None:
         self.state.listen_cancels(self.cancels.cancel, stop)
@@ -364,7 +368,7 @@ class CommandExecutor:
         try:
             if envelope.lost_pgid:
                 # The previous attempt's worker was lost: its processes end before this starts.
-                self.pool.get(target).terminate(envelope.lost_pgid, KILL_GRACE, envelope.lost_marker)
+                self.pool.get(target).terminate(envelope.lost_pgid, _kill_grace(), envelope.lost_marker)
                 log.info("Terminated process group %s of the lost attempt of %s on %s",
                          envelope.lost_pgid, envelope.ref, envelope.vm)
             result = run_command(
@@ -375,7 +379,7 @@ class CommandExecutor:
                 deadline=Deadline.earliest(deadlines.attempt, deadlines.overall),
                 gate=attempt.claim,
                 tick=attempt.tick,
-                kill_grace=KILL_GRACE,
+                kill_grace=_kill_grace(),
             )
         except TransportError as exc:
             if exc.pgid is not None:
@@ -404,7 +408,7 @@ class CommandExecutor:
         """Best effort: end a remote process group over a fresh connection."""
         self.pool.discard(target)
         try:
-            self.pool.get(target).terminate(pgid, KILL_GRACE, nonce)
+            self.pool.get(target).terminate(pgid, _kill_grace(), nonce)
         except (SSHError, OSError, paramiko.SSHException) as exc:
             log.warning("Could not terminate process group %s on %s: %s", pgid, target.address, exc)
             return False

@@ -21,13 +21,15 @@ import shlex
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import paramiko
 
 from vmfleet.api.constants import Reason
-from vmfleet.api.envelope import Target, now_rfc3339
+from vmfleet.api.envelope import Target
+from vmfleet.api.models import VMFacts
+from vmfleet.api.times import now_rfc3339
 
 from .execute import AttemptFailed, CommandExecutor
 from .ssh import ConnectionPool, HostKeyMismatch, SSHError, SSHTarget, fingerprint, shutdown_write
@@ -187,68 +189,52 @@ def parse_uname(text: str) -> str | None:
     return text.strip().splitlines()[0].strip() if text.strip() else None
 
 
-@dataclass
-class Facts:
-    hostname: str | None = None
-    os: str | None = None
-    kernel: str | None = None
-    uptime_seconds: float | None = None
-    load1: float | None = None
-    load5: float | None = None
-    load15: float | None = None
-    memory_total_bytes: int | None = None
-    memory_available_bytes: int | None = None
-    root_disk_total_bytes: int | None = None
-    root_disk_used_bytes: int | None = None
-    problems: list[str] = field(default_factory=list)
+class Probed(NamedTuple):
+    """What the VM answered: the facts of ``status.facts`` and each section it could not
+    answer (empty: every check answered)."""
 
-    def wire(self) -> dict[str, Any]:
-        """camelCase fields for ``status.facts`` (unknown ones left out)."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name == "problems":
-                continue
-            value = getattr(self, f.name)
-            if value is not None:
-                head, *rest = f.name.split("_")
-                out[head + "".join(part.title() for part in rest)] = value
-        return out
+    facts: VMFacts
+    problems: list[str]
 
 
-def parse_probe(text: str) -> Facts:
+def parse_probe(text: str) -> Probed:
     """Every section the VM answered; a section it could not answer is listed in ``problems``."""
     sections = split_sections(text)
     if "end" not in sections:
         raise ProbeParseError("the probe output ended early (no end marker)")
-    facts = Facts()
+    values: dict[str, Any] = {}
+    problems: list[str] = []
 
-    def section(name: str, apply: Callable[[str], None]) -> None:
+    def section(name: str, apply: Callable[[str], dict[str, Any]]) -> None:
         body = sections.get(name, "")
         if not body:
-            facts.problems.append(f"{name}: no output")
+            problems.append(f"{name}: no output")
             return
         try:
-            apply(body)
+            values.update(apply(body))
         except ProbeParseError as exc:
-            facts.problems.append(str(exc))
+            problems.append(str(exc))
 
-    def set_load(body: str) -> None:
-        facts.load1, facts.load5, facts.load15 = parse_loadavg(body)
+    def load(body: str) -> dict[str, Any]:
+        load1, load5, load15 = parse_loadavg(body)
+        return {"load1": load1, "load5": load5, "load15": load15}
 
-    def set_memory(body: str) -> None:
-        facts.memory_total_bytes, facts.memory_available_bytes = parse_meminfo(body)
+    def memory(body: str) -> dict[str, Any]:
+        total, available = parse_meminfo(body)
+        return {"memory_total_bytes": total, "memory_available_bytes": available}
 
-    def set_disk(body: str) -> None:
-        facts.root_disk_total_bytes, facts.root_disk_used_bytes = parse_df(body)
+    def disk(body: str) -> dict[str, Any]:
+        total, used = parse_df(body)
+        return {"root_disk_total_bytes": total, "root_disk_used_bytes": used}
 
-    section("hostname", lambda body: setattr(facts, "hostname", parse_hostname(body)))
-    section("uptime", lambda body: setattr(facts, "uptime_seconds", parse_uptime(body)))
-    section("loadavg", set_load)
-    section("meminfo", set_memory)
-    section("df", set_disk)
-    section("os-release", lambda body: setattr(facts, "os", parse_os_release(body)))
-    section("uname", lambda body: setattr(facts, "kernel", parse_uname(body)))
-    return facts
+    section("hostname", lambda body: {"hostname": parse_hostname(body)})
+    section("uptime", lambda body: {"uptime_seconds": parse_uptime(body)})
+    section("loadavg", load)
+    section("meminfo", memory)
+    section("df", disk)
+    section("os-release", lambda body: {"os": parse_os_release(body)})
+    section("uname", lambda body: {"kernel": parse_uname(body)})
+    return Probed(VMFacts(**values), problems)
 
 
 # --------------------------------------------------------------------------- probing
@@ -260,7 +246,7 @@ class ProbeResult:
     reason: str
     message: str
     latency_seconds: float
-    facts: Facts | None = None
+    facts: VMFacts | None = None
     server_key: paramiko.PKey | None = None
 
 
@@ -350,10 +336,10 @@ def probe_vm(pool: ConnectionPool, target: SSHTarget, timeout_seconds: float) ->
     key = outcome.get("key")
     text = bytes(outcome.get("output", b"")).decode("utf-8", errors="replace")
     try:
-        facts = parse_probe(text)
+        facts, problems = parse_probe(text)
     except ProbeParseError as exc:
         return ProbeResult(False, REASON_PROBE_FAILED, str(exc), latency, server_key=key)
-    message = "; ".join(facts.problems) if facts.problems else "the VM answered every check"
+    message = "; ".join(problems) if problems else "the VM answered every check"
     return ProbeResult(True, Reason.COMPLETED, message, latency, facts, key)
 
 
@@ -403,8 +389,8 @@ class HealthChecker:
         now = now_rfc3339()
         status: dict[str, Any] = {"lastProbe": probe_status(result, now, worker)}
         if result.facts is not None:
-            status["facts"] = {**result.facts.wire(), "lastProbeTime": now,
-                               "probeLatencySeconds": result.latency_seconds}
+            status["facts"] = result.facts.model_copy(update={
+                "last_probe_time": now, "probe_latency_seconds": result.latency_seconds}).wire()
         if result.server_key is not None:
             status["hostKey"] = host_key_status(result.server_key, now, record)
         self.executor.state.report({
@@ -418,7 +404,7 @@ class HealthChecker:
 
 __all__ = [
     "HealthChecker", 
-    "Facts", "ProbeParseError", "ProbeResult", "host_key_status", "parse_df", "parse_free",
+    "ProbeParseError", "Probed", "ProbeResult", "host_key_status", "parse_df", "parse_free",
     "parse_hostname", "parse_loadavg", "parse_meminfo", "parse_os_release", "parse_probe",
     "parse_uname", "parse_uptime", "probe_line", "probe_status", "probe_vm", "split_sections",
 ]

@@ -17,7 +17,6 @@ one replica, or point ``VMFLEET_SLOTS_URL`` at a Redis.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import threading
 import time
@@ -26,10 +25,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from vmfleet import settings
+
 log = logging.getLogger("remote_tasks.slots")
 
-SLOTS_URL_ENV = "VMFLEET_SLOTS_URL"
-MAX_CONCURRENT_ENV = "VMFLEET_MAX_CONCURRENT_COMMANDS"
+SLOTS_URL_ENV = settings.env_of("slots_url")
+MAX_CONCURRENT_ENV = settings.env_of("max_concurrent_commands")
 LEASE_SECONDS = 30.0
 RENEW_SECONDS = 5.0
 POLL_SECONDS = 0.2
@@ -66,7 +67,7 @@ def slots_key(namespace: str, vm: str) -> str:
 
 def slots_url(broker_url: str) -> str | None:
     """The Redis that holds the semaphore, if there is one."""
-    explicit = os.environ.get(SLOTS_URL_ENV)
+    explicit = settings.current().slots_url
     if explicit:
         return explicit
     if broker_url.startswith(("redis://", "rediss://", "unix://")):
@@ -154,14 +155,14 @@ def vm_slot(broker_url: str, namespace: str, vm: str, worker: str,
     """Hold one of the VM's ``maxConcurrentCommands`` slots (no-op without a limit or Redis).
 
     ``limit`` comes with the message (a pool's worker serves VMs with different limits);
-    else ``VMFLEET_MAX_CONCURRENT_COMMANDS``."""
-    limit_text = str(limit) if limit else os.environ.get(MAX_CONCURRENT_ENV)
-    slots = from_environment(broker_url) if limit_text else None
-    if slots is None or not limit_text:
+    else the worker's ``VMFLEET_MAX_CONCURRENT_COMMANDS``."""
+    limit = limit or settings.current().max_concurrent_commands
+    slots = from_environment(broker_url) if limit else None
+    if slots is None or not limit:
         yield
         return
     try:
-        context = slots.slot(slots_key(namespace, vm), int(limit_text), worker)
+        context = slots.slot(slots_key(namespace, vm), limit, worker)
         context.__enter__()
     except Exception as exc:  # noqa: BLE001 - Redis unreachable: run rather than stall
         log.warning("Could not take a slot for %s/%s (%s): running without the VM-wide limit",

@@ -51,13 +51,14 @@ from typing import TYPE_CHECKING, Any
 import paramiko
 from pydantic import ValidationError
 
+from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.constants import SECRET_TYPE_SSH_AUTH, Phase, Reason
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource, TransferSpec
 from vmfleet.state import CANCELLED, CLAIMED
 
-from .execute import HEARTBEAT_SECONDS, Attempt, AttemptFailed, CommandExecutor, report_body
+from .execute import Attempt, AttemptFailed, CommandExecutor, report_body
 from .ssh import SSHError, SSHTarget
 
 if TYPE_CHECKING:
@@ -369,7 +370,7 @@ class TransferExecutor:
                  ", ".join(dest.vm for dest in dests), envelope.attempt)
         started = self.clock()
         run = Run(envelope, worker, spec, transfer, dests, cancel, started,
-                  next_beat=started + HEARTBEAT_SECONDS, next_progress=started + PROGRESS_SECONDS)
+                  next_beat=started + settings.current().heartbeat_seconds, next_progress=started + PROGRESS_SECONDS)
         return self.run(run)
 
     def _claim(self, envelope: Envelope, vm: str, holder: str, cancel: Attempt) -> bool:
@@ -448,7 +449,7 @@ class TransferExecutor:
             raise Aborted()
         now = self.clock()
         if now >= run.next_beat:
-            run.next_beat = now + HEARTBEAT_SECONDS
+            run.next_beat = now + settings.current().heartbeat_seconds
             env = run.envelope
             for dest in run.unreported:
                 try:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
-BROKER_URL_ENV = "VMFLEET_BROKER_URL"
+from vmfleet import settings
+from vmfleet.settings import DEFAULT_BROKER_URL
+
+BROKER_URL_ENV = settings.env_of("broker_url")
+
+__all__ = ["BROKER_URL_ENV", "DEFAULT_BROKER_URL", "broker_url", "celery_config"]
 
 
 def broker_url() -> str:
-    return os.environ.get(BROKER_URL_ENV, DEFAULT_BROKER_URL)
+    return settings.current().broker_url
 
 
 def celery_config(url: str | None = None) -> dict[str, Any]:

@@ -27,6 +27,38 @@ def _crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> int:
+    from vmfleet import settings, settingsdoc
+
+    root = Path(args.root) if args.root else None
+    if args.markdown:
+        print(settingsdoc.markdown(), end="")
+        return 0
+    if args.write:
+        for path in settingsdoc.write(root):
+            print(f"Wrote {path}")
+        return 0
+    if args.check:
+        problems = settingsdoc.check(root)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print("The settings docs do not reflect vmfleet/settings.py: run `vmfleet settings "
+                  "--write` and commit the result.", file=sys.stderr)
+            return 1
+        print("Settings docs are current.")
+        return 0
+    try:
+        current = settings.Settings.from_environment()
+    except settings.SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    for doc in settings.documented():
+        value = getattr(current, doc.name)
+        print(f"{doc.env}={'' if value is None else value}  # {doc.reader}")
+    return 0
+
+
 def _controller(args: argparse.Namespace) -> int:
     argv = [sys.executable, "-m", "kopf", "run", "-m", "controller", *args.kopf_args]
     if not any(a in ("-A", "--all-namespaces") or a.startswith(("-n", "--namespace"))
@@ -56,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_argument("action", choices=["generate", "check"])
     crds.add_argument("--root", help="repository root (default: this checkout)")
     crds.set_defaults(func=_crds)
+
+    conf = sub.add_parser(
+        "settings", help="the VMFLEET_* settings: their values here, or their docs",
+        description="Without options: the value of every setting in this environment "
+        "(exit 1 naming each bad value).")
+    mode = conf.add_mutually_exclusive_group()
+    mode.add_argument("--markdown", action="store_true", help="print the README's table")
+    mode.add_argument("--write", action="store_true",
+                      help="rewrite the generated parts of README.md and the chart's values.yaml")
+    mode.add_argument("--check", action="store_true", help="exit 1 if those parts are out of date")
+    conf.add_argument("--root", help="repository root (default: this checkout)")
+    conf.set_defaults(func=_settings)
 
     ctl = sub.add_parser("controller", help="run the controller (kopf run -m controller)")
     ctl.add_argument("kopf_args", nargs=argparse.REMAINDER, help="passed to kopf run")

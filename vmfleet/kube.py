@@ -10,6 +10,7 @@ import kubernetes
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
+from . import settings
 from .api import constants as c
 
 __all__ = ["ApiException", "Kube", "context_namespace", "load_api_client"]
@@ -27,7 +28,7 @@ def load_api_client() -> ApiClient:
         )
     # Controllers call from many threads (kopf's sync handlers, Celery worker threads):
     # a pool smaller than that discards connections and makes a TLS handshake per request.
-    configuration.connection_pool_maxsize = int(os.environ.get("VMFLEET_API_CONNECTIONS", "32"))
+    configuration.connection_pool_maxsize = settings.current().api_connections
     return ApiClient(configuration)
 
 

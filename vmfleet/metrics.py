@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import threading
 import time
 import weakref
+from datetime import UTC, datetime
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -32,12 +32,17 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vmfleet import settings as settings_
+from vmfleet.api.times import parse_rfc3339
+from vmfleet.queues import QueueDepth
+from vmfleet.settings import CONTROLLER_METRICS_PORT as CONTROLLER_PORT
+from vmfleet.settings import WORKER_METRICS_PORT as WORKER_PORT
+from vmfleet.settings import Settings
+
 log = logging.getLogger("vmfleet.metrics")
 
-PORT_ENV = "VMFLEET_METRICS_PORT"
-ADDRESS_ENV = "VMFLEET_METRICS_ADDRESS"
-CONTROLLER_PORT = 9807
-WORKER_PORT = 9808
+PORT_ENV = settings_.env_of("metrics_port")
+ADDRESS_ENV = settings_.env_of("metrics_address")
 
 prometheus_client.disable_created_metrics()
 
@@ -135,24 +140,15 @@ METRIC_NAMES: tuple[str, ...] = (
 # ----------------------------------------------------------------------------- HTTP
 
 
-def metrics_port(default: int) -> int:
-    """The port from ``VMFLEET_METRICS_PORT`` (``0`` turns the endpoint off)."""
-    raw = os.environ.get(PORT_ENV, "").strip()
-    if not raw:
-        return default
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ValueError(f"{PORT_ENV}={raw!r} is not a port number (use 0 to turn metrics off)") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"{PORT_ENV}={raw!r} is not a port number (use 0 to turn metrics off)")
-    return port
+def metrics_port(default: int, settings: Settings | None = None) -> int:
+    """The port from ``VMFLEET_METRICS_PORT`` (``0`` turns the endpoint off), else ``default``."""
+    return (settings or settings_.current()).metrics_port_or(default)
 
 
-def metrics_address() -> str:
-    """All interfaces in a cluster (Prometheus scrapes the pod IP), loopback elsewhere."""
-    default = "0.0.0.0" if os.environ.get("KUBERNETES_SERVICE_HOST") else "127.0.0.1"
-    return os.environ.get(ADDRESS_ENV, "").strip() or default
+def metrics_address(settings: Settings | None = None) -> str:
+    """``VMFLEET_METRICS_ADDRESS``: by default all interfaces in a cluster (Prometheus
+    scrapes the pod IP), loopback elsewhere."""
+    return (settings or settings_.current()).metrics_address or "127.0.0.1"
 
 
 _server_lock = threading.Lock()
@@ -195,9 +191,7 @@ def command_claimed(dispatch_time: str) -> float:
     """Observe the queue wait of a claimed attempt; return the start for its duration."""
     if dispatch_time:
         try:
-            from datetime import UTC, datetime
-
-            sent = datetime.fromisoformat(dispatch_time.replace("Z", "+00:00"))
+            sent = parse_rfc3339(dispatch_time)
             COMMAND_QUEUE_WAIT.observe(max(0.0, (datetime.now(UTC) - sent).total_seconds()))
         except ValueError:
             log.debug("Ignored an unparsable dispatch time %r", dispatch_time)
@@ -334,29 +328,9 @@ QueueSizer = Callable[[list[str]], dict[str, int]]
 
 
 def broker_queue_sizer(broker_url: str, timeout: float = 3.0) -> QueueSizer:
-    """Ready messages per queue, through kombu (Redis and RabbitMQ alike)."""
-
-    def sizes(queues: list[str]) -> dict[str, int]:
-        from kombu.connection import Connection
-
-        found: dict[str, int] = {}
-        with Connection(broker_url, connect_timeout=timeout,
-                        transport_options={"socket_timeout": timeout}) as conn:
-            conn.ensure_connection(max_retries=1)
-            for queue in queues:
-                channel = conn.channel()
-                try:
-                    found[queue] = int(channel.queue_declare(queue, passive=True).message_count)
-                except Exception:  # noqa: BLE001 - a queue nobody declared yet holds nothing
-                    found[queue] = 0
-                finally:
-                    try:
-                        channel.close()
-                    except Exception:  # noqa: BLE001
-                        pass
-        return found
-
-    return sizes
+    """Ready messages per queue (``vmfleet.queues.QueueDepth``, the autoscaler's reading):
+    a queue that could not be read has no sample (logged), never a 0."""
+    return QueueDepth(broker_url, timeout).sizes
 
 
 class QueueDepthCollector(Collector):

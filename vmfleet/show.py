@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .api import constants as c
-from .api.envelope import parse_rfc3339
+from .api.times import parse_rfc3339
 
 KINDS = {
     "vms": "vm", "vm": "vm", c.VM_PLURAL: "vm", c.VM_SINGULAR: "vm", "rvm": "vm",

@@ -31,16 +31,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vmfleet import settings
+
 log = logging.getLogger("vmfleet.state")
 
-STATE_URL_ENV = "VMFLEET_STATE_URL"
+STATE_URL_ENV = settings.env_of("state_url")
 REPORTS = "vmfleet:reports"
 GROUP = "controller"
 HEARTBEATS = "vmfleet:heartbeats"
@@ -79,7 +80,8 @@ return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 def state_url(broker_url: str) -> str:
     """The Redis of the shared state: ``VMFLEET_STATE_URL``, else a Redis broker's URL."""
-    explicit = os.environ.get(STATE_URL_ENV) or os.environ.get("VMFLEET_SLOTS_URL")
+    conf = settings.current()
+    explicit = conf.state_url or conf.slots_url
     if explicit:
         return explicit
     if broker_url.startswith(("redis://", "rediss://", "unix://")):

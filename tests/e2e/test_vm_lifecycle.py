@@ -397,7 +397,7 @@ def test_queue_depth_through_kombu(broker, request):
     """The autoscaler's queue depth: the same kombu call for Redis and RabbitMQ."""
     from celery import Celery
 
-    from controller.scaling import QueueDepth
+    from vmfleet.queues import QueueDepth
     from vmfleet.celeryconf import celery_config
 
     url = request.getfixturevalue(broker).url

@@ -27,7 +27,7 @@ from remote_tasks.health import (
     split_sections,
 )
 from remote_tasks.ssh import SSHTarget
-from vmfleet.api.models import RemoteVMSpec
+from vmfleet.api.models import RemoteVMSpec, VMFacts
 
 DF = """\
 Filesystem     1024-blocks     Used Available Capacity Mounted on
@@ -111,8 +111,9 @@ def test_parse_probe_whole_output():
     text = probe_output(hostname="vm1\n", uptime="100.5 20.0\n", loadavg="0.5 0.25 0.125 1/2 3\n",
                         meminfo=MEMINFO, df=DF, os_release='PRETTY_NAME="Debian 12"\n',
                         uname="Linux 6.1.0\n", end="")
-    facts = parse_probe(text)
-    assert facts.problems == []
+    facts, problems = parse_probe(text)
+    assert problems == []
+    assert isinstance(facts, VMFacts)
     assert facts.wire() == {
         "hostname": "vm1", "os": "Debian 12", "kernel": "Linux 6.1.0", "uptimeSeconds": 100.5,
         "load1": 0.5, "load5": 0.25, "load15": 0.125,
@@ -122,11 +123,11 @@ def test_parse_probe_whole_output():
 
 
 def test_parse_probe_keeps_what_it_can_and_lists_problems():
-    facts = parse_probe(probe_output(hostname="vm1", uptime="x", df="", end=""))
+    facts, problems = parse_probe(probe_output(hostname="vm1", uptime="x", df="", end=""))
     assert facts.hostname == "vm1"
     assert facts.uptime_seconds is None
-    assert any(p.startswith("uptime") for p in facts.problems)
-    assert "df: no output" in facts.problems
+    assert any(p.startswith("uptime") for p in problems)
+    assert "df: no output" in problems
 
 
 def test_parse_probe_without_end_marker_is_an_error():
@@ -280,3 +281,26 @@ def test_demo_health_rows_come_from_status():
         ["vm1", "True", "vm1", "0.5", "2.0 GiB", "25%", "2.0 h"],
         ["vm2", "?", "-", "-", "-", "-", "-"],
     ]
+
+
+def test_each_condition_has_its_own_pure_verdict():
+    from controller import health as h
+
+    never = h.Observed(probe={}, facts={}, workers={}, host_key={}, age=None, stale=False)
+    assert h.reachable_verdict(never, 30) == ("Unknown", "ScaledToZero",
+                                              "no worker runs while the VM is scaled to zero: not probed")
+    assert h.host_key_verdict(never, "Pinned", known=False) == ("Unknown", "NotProbed", "not verified yet")
+    assert h.host_key_verdict(never, "Pinned", known=True) is None  # kept as it was
+    assert h.workers_ready_verdict(never) is None
+    assert h.disk_pressure_verdict({"rootDiskTotalBytes": 10, "rootDiskUsedBytes": 9}, True, 0.9)[:2] == (
+        "True", "RootDiskFull")
+    assert h.disk_pressure_verdict({"rootDiskTotalBytes": 10, "rootDiskUsedBytes": 9}, False, 0.9)[0] == "Unknown"
+    assert h.memory_pressure_verdict({"memoryTotalBytes": 10, "memoryAvailableBytes": 5}, True, 0.1) == (
+        "False", "MemoryAvailable", "50% of memory available")
+    starting = h.Observed(probe={}, facts={}, workers={"replicas": 2, "readyReplicas": 1}, host_key={},
+                          age=1.0, stale=False)
+    assert h.workers_ready_verdict(starting) == ("False", "WorkersStarting", "1/2 workers ready")
+    conditions = [{"type": "Reachable", "status": "True"},
+                  {"type": "HostKeyVerified", "status": "False", "reason": "HostKeyMismatch", "message": "m"},
+                  {"type": "DiskPressure", "status": "Unknown", "reason": "NotProbed", "message": "n"}]
+    assert h.ready_verdict(conditions) == ("False", "HostKeyMismatch", "HostKeyVerified: m")

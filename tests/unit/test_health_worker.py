@@ -94,3 +94,25 @@ def test_tofu_without_a_recorded_key_trusts_the_first_one_then_pins_it():
     kube.vms["vm1"] = {**VM, "spec": spec, "status": {"hostKey": {"publicKey": "ssh-ed25519 CCCC"}}}
     later = executor.resolve_target("ops", "vm1")
     assert (later.trust_on_first_use, later.host_keys) == (False, ("ssh-ed25519 CCCC",))
+
+
+def test_facts_are_written_from_the_api_model(monkeypatch):
+    from types import SimpleNamespace
+
+    from remote_tasks import health
+    from vmfleet.api.models import VMFacts
+
+    kube = FakeKube({"vm1": VM})
+    checker = HealthChecker(CommandExecutor(kube, ConnectionPool()))  # type: ignore[arg-type]
+    monkeypatch.setattr(checker.executor, "resolve_target",
+                        lambda *a, **k: SimpleNamespace(trust_on_first_use=False))
+    facts = VMFacts(hostname="vm1", load1=0.5, memory_total_bytes=1024)
+    monkeypatch.setattr(health, "probe_vm", lambda *a: health.ProbeResult(
+        True, "Completed", "the VM answered every check", 0.25, facts))
+    assert checker.check({"namespace": "ops", "vm": "vm1", "uid": "u1"}, "w1") == "Completed"
+    ((_, patch),) = kube.patches
+    written = patch["status"]["facts"]
+    assert written == {"hostname": "vm1", "load1": 0.5, "memoryTotalBytes": 1024,
+                       "lastProbeTime": patch["status"]["lastProbe"]["time"],
+                       "probeLatencySeconds": 0.25}
+    assert VMFacts.model_validate(written).last_probe_time == written["lastProbeTime"]

@@ -1,4 +1,4 @@
-"""vmfleet.metrics: the names of DESIGN.md, bounded labels, and what each helper records."""
+"""vmfleet.metrics: the names the README lists, bounded labels, and what each helper records."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from vmfleet import metrics
+from vmfleet.settings import Settings
 
-DESIGN = Path(__file__).resolve().parents[3] / "shared" / "DESIGN.md"  # shared/ beside the repo
+README = Path(__file__).resolve().parents[2] / "README.md"
 ALLOWED_LABELS = {"namespace", "vm", "result", "reason", "queue", "kind", "state", "le"}
 
 
@@ -36,9 +37,9 @@ def exported_families() -> dict[str, set[str]]:
 
 def test_metric_names_are_the_contracts():
     assert len(set(metrics.METRIC_NAMES)) == 13
-    if DESIGN.exists():
-        section = DESIGN.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
-        assert set(re.findall(r"vmfleet_[a-z0-9_]+", section)) == set(metrics.METRIC_NAMES)
+    # The README's metrics paragraph is the contract users read: the same names, no more.
+    section = README.read_text().split("**Metrics.**", 1)[1].split("\n\n", 1)[0]
+    assert set(re.findall(r"vmfleet_[a-z0-9_]+", section)) == set(metrics.METRIC_NAMES)
     metrics.register_queue_depth(lambda queues: {q: 0 for q in queues})
     text = generate_latest(REGISTRY).decode()
     declared = set(re.findall(r"^# TYPE (vmfleet_[a-z0-9_]+) ", text, re.M))
@@ -193,27 +194,23 @@ def test_queue_depth_is_read_at_scrape_time_and_a_broken_broker_gives_no_samples
 @pytest.mark.parametrize("raw, default, expected", [
     (None, 9807, 9807), ("", 9808, 9808), ("0", 9807, 0), ("12345", 9807, 12345),
 ])
-def test_metrics_port_from_the_environment(monkeypatch, raw, default, expected):
-    if raw is None:
-        monkeypatch.delenv(metrics.PORT_ENV, raising=False)
-    else:
-        monkeypatch.setenv(metrics.PORT_ENV, raw)
-    assert metrics.metrics_port(default) == expected
+def test_metrics_port_from_the_environment(raw, default, expected):
+    environ = {} if raw is None else {metrics.PORT_ENV: raw}
+    assert metrics.metrics_port(default, Settings.from_environment(environ)) == expected
 
 
 @pytest.mark.parametrize("raw", ["http", "-1", "70000"])
-def test_a_bad_port_says_what_to_do(monkeypatch, raw):
-    monkeypatch.setenv(metrics.PORT_ENV, raw)
+def test_a_bad_port_says_what_to_do(raw):
     with pytest.raises(ValueError, match="use 0 to turn metrics off"):
-        metrics.metrics_port(9807)
+        Settings.from_environment({metrics.PORT_ENV: raw})
 
 
-def test_address_is_loopback_outside_a_cluster(monkeypatch):
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    monkeypatch.delenv(metrics.ADDRESS_ENV, raising=False)
-    assert metrics.metrics_address() == "127.0.0.1"
-    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
-    assert metrics.metrics_address() == "0.0.0.0"
+def test_address_is_loopback_outside_a_cluster():
+    assert metrics.metrics_address(Settings.from_environment({})) == "127.0.0.1"
+    in_cluster = Settings.from_environment({"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    assert metrics.metrics_address(in_cluster) == "0.0.0.0"
+    chosen = Settings.from_environment({metrics.ADDRESS_ENV: "127.0.0.2"})
+    assert metrics.metrics_address(chosen) == "127.0.0.2"
 
 
 def test_port_zero_serves_nothing():

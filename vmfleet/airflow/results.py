@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from vmfleet.api.constants import Phase
 from vmfleet.api.models import RemoteCommandStatus, TargetResult
+from vmfleet.api.times import parse_rfc3339
 
 __all__ = ["CommandFailed", "failure_message", "is_finished", "result_of", "results_of"]
 
@@ -26,8 +26,7 @@ def _duration(start: str | None, end: str | None) -> float | None:
     if not start or not end:
         return None
     try:
-        a = datetime.fromisoformat(start.replace("Z", "+00:00"))
-        b = datetime.fromisoformat(end.replace("Z", "+00:00"))
+        a, b = parse_rfc3339(start), parse_rfc3339(end)
     except ValueError:
         return None
     return round((b - a).total_seconds(), 3)

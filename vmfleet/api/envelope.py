@@ -8,21 +8,11 @@ from the VM's credentials Secret, mounted at ``<credentials dir>/<secret name>/`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+# The status time helpers live in .times; importable from here too (older imports).
+from .times import now_rfc3339, parse_rfc3339, rfc3339
 
-def now_rfc3339() -> str:
-    """UTC time with milliseconds, as written into status fields."""
-    return rfc3339(datetime.now(UTC))
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_rfc3339(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True)
@@ -105,3 +95,6 @@ class Envelope:
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+__all__ = ["Envelope", "Target", "now_rfc3339", "parse_rfc3339", "rfc3339"]

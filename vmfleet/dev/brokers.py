@@ -21,7 +21,7 @@ import signal
 import socket
 from pathlib import Path
 
-from vmfleet.dev.proc import (
+from vmfleet.procs import (
     ManagedProcess,
     free_port,
     port_open,

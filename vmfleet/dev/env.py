@@ -23,7 +23,7 @@ from vmfleet.api import constants as c
 from vmfleet.dev.brokers import RabbitMQServer, RedisServer
 from vmfleet.dev.controlplane import ControlPlane
 from vmfleet.dev.manifests import vm_manifests
-from vmfleet.dev.proc import ManagedProcess, stop_pid_file, wait_until, write_pid_file
+from vmfleet.procs import ManagedProcess, stop_pid_file, wait_until, write_pid_file
 from vmfleet.dev.sshd import start_vms
 
 NAMESPACE = "default"

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from vmfleet.dev.proc import ManagedProcess, free_port, stop_pid_file, wait_until, write_pid_file
+from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, wait_until, write_pid_file
 
 if TYPE_CHECKING:  # paramiko is imported lazily: only the helpers need it
     import paramiko

@@ -1,0 +1,167 @@
+"""vmfleet.settings: every VMFLEET_* variable, typed, read once; the docs generated from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vmfleet import cli, settings, settingsdoc
+from vmfleet.settings import Settings, SettingsError
+
+REPO = Path(__file__).resolve().parents[2]
+PRODUCT = [REPO / "vmfleet", REPO / "controller", REPO / "remote_tasks"]
+
+
+def test_an_empty_environment_gives_the_defaults():
+    conf = Settings.from_environment({})
+    assert conf.broker_url == "redis://127.0.0.1:6379/0"
+    assert conf.heartbeat_seconds == 5.0
+    assert conf.worker_lost_seconds == 30.0
+    assert conf.redispatch_seconds == 300.0
+    assert conf.write_tries == 8
+    assert conf.api_connections == 32
+    assert conf.max_concurrent_commands is None
+    assert conf.slots_url is None
+    assert conf.worker_runtime == "Process"
+    assert conf.metrics_address == "127.0.0.1"
+    assert conf.metrics_port is None
+    assert conf.metrics_port_or(9807) == 9807
+
+
+def test_in_a_cluster_the_defaults_are_the_clusters():
+    conf = Settings.from_environment({"KUBERNETES_SERVICE_HOST": "10.0.0.1"})
+    assert conf.worker_runtime == "Deployment"
+    assert conf.metrics_address == "0.0.0.0"
+
+
+def test_values_are_typed():
+    conf = Settings.from_environment({
+        "VMFLEET_HEARTBEAT_SECONDS": "1.5", "VMFLEET_WRITE_TRIES": " 3 ",
+        "VMFLEET_MAX_CONCURRENT_COMMANDS": "4", "VMFLEET_METRICS_PORT": "0",
+        "VMFLEET_WORKER_RUNTIME": "Deployment", "VMFLEET_SLOTS_URL": "redis://r:6379/1",
+        "VMFLEET_BROKER_SECRET_NAME": "",  # empty: the default
+    })
+    assert (conf.heartbeat_seconds, conf.write_tries, conf.max_concurrent_commands) == (1.5, 3, 4)
+    assert conf.metrics_port == 0 and conf.metrics_port_or(9807) == 0
+    assert conf.worker_runtime == "Deployment"
+    assert conf.slots_url == "redis://r:6379/1"
+    assert conf.broker_secret_name is None
+
+
+@pytest.mark.parametrize("env, raw, message", [
+    ("VMFLEET_HEARTBEAT_SECONDS", "x", "VMFLEET_HEARTBEAT_SECONDS='x' is not a number"),
+    ("VMFLEET_HEARTBEAT_SECONDS", "nan", "VMFLEET_HEARTBEAT_SECONDS='nan' is not a finite number"),
+    ("VMFLEET_WORKER_LOST_SECONDS", "-1",
+     "VMFLEET_WORKER_LOST_SECONDS='-1' is out of range: use a value at least 0"),
+    ("VMFLEET_WRITE_TRIES", "2.5", "VMFLEET_WRITE_TRIES='2.5' is not a whole number"),
+    ("VMFLEET_WRITE_TRIES", "0", "VMFLEET_WRITE_TRIES='0' is out of range: use a value at least 1"),
+    ("VMFLEET_DISK_PRESSURE_RATIO", "90",
+     "VMFLEET_DISK_PRESSURE_RATIO='90' is out of range: use a value between 0 and 1"),
+    ("VMFLEET_METRICS_PORT", "http",
+     "VMFLEET_METRICS_PORT='http' is not a whole number (use 0 to turn metrics off)"),
+    ("VMFLEET_METRICS_PORT", "70000", "VMFLEET_METRICS_PORT='70000' is out of range: use a value "
+     "between 0 and 65535 (use 0 to turn metrics off)"),
+    ("VMFLEET_WORKER_RUNTIME", "Pod", "VMFLEET_WORKER_RUNTIME='Pod' is not one of Process, Deployment"),
+])
+def test_a_bad_value_is_named(env, raw, message):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_environment({env: raw})
+    assert str(caught.value) == message
+
+
+def test_every_bad_value_is_named_at_once():
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_environment({"VMFLEET_HEARTBEAT_SECONDS": "x", "VMFLEET_WRITE_TRIES": "y"})
+    assert str(caught.value) == ("VMFLEET_HEARTBEAT_SECONDS='x' is not a number; "
+                                 "VMFLEET_WRITE_TRIES='y' is not a whole number")
+
+
+def test_the_process_reads_once_and_keeps_it(monkeypatch):
+    monkeypatch.setenv("VMFLEET_HEARTBEAT_SECONDS", "7")
+    try:
+        assert settings.load().heartbeat_seconds == 7
+        monkeypatch.setenv("VMFLEET_HEARTBEAT_SECONDS", "9")
+        assert settings.current().heartbeat_seconds == 7  # read at start, not per use
+        settings.use(Settings(heartbeat_seconds=2))
+        assert settings.current().heartbeat_seconds == 2
+        settings.use(None)
+        assert settings.current().heartbeat_seconds == 9
+    finally:
+        settings.use(None)
+
+
+def test_every_setting_is_documented_with_its_reader():
+    names = [f.metadata["env"] for f in dataclasses.fields(Settings)]
+    assert len(names) == len(set(names)) == 25
+    for f in dataclasses.fields(Settings):
+        assert f.metadata["reader"] in settings.READERS
+        doc = f.metadata["doc"]
+        assert doc.endswith(".") and "\n" not in doc and len(doc) < 160, f.name
+        assert settings.env_of(f.name) == f.metadata["env"]
+
+
+def _literals(paths: list[Path]) -> set[str]:
+    found: set[str] = set()
+    for root in paths:
+        for path in root.rglob("*.py"):
+            if "dev" in path.relative_to(REPO).parts[1:2] or path.name == "settings.py":
+                continue  # the dev kit: not product settings; settings.py names those
+            found |= set(re.findall(r"[\"'](VMFLEET_[A-Z0-9_]+)[\"']", path.read_text()))
+    return found
+
+
+def test_every_variable_the_product_names_is_a_setting():
+    declared = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    named = _literals(PRODUCT) - declared
+    assert named == set(), f"read but not declared in vmfleet/settings.py: {sorted(named)}"
+
+
+def test_every_variable_the_chart_sets_is_a_setting():
+    declared = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    templates = REPO / "charts" / "vmfleet" / "templates"
+    named = {n for p in templates.iterdir() for n in re.findall(r"name: (VMFLEET_[A-Z0-9_]+)",
+                                                               p.read_text())}
+    assert named and named <= declared, sorted(named - declared)
+
+
+def test_readme_and_chart_docs_are_current():
+    assert settingsdoc.check() == []
+    readme = (REPO / "README.md").read_text()
+    for d in settings.documented():
+        assert f"| `{d.env}` | {d.reader} | {d.default} |" in readme
+    assert "`VMFLEET_DEV_DIR`" in readme and "`VMFLEET_E2E_*`" in readme
+    values = (REPO / "charts" / "vmfleet" / "values.yaml").read_text()
+    assert "# VMFLEET_WORKER_LOST_SECONDS (default 30)" in values
+    assert "VMFLEET_HEARTBEAT_SECONDS" not in values  # a worker's: the controller sets those
+
+
+def test_drift_is_found_and_written(tmp_path):
+    for name in ("README.md", "charts/vmfleet/values.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, tmp_path / name)
+    assert settingsdoc.check(tmp_path) == []
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text().replace("| `VMFLEET_WRITE_TRIES` | worker | `8` |",
+                                                 "| `VMFLEET_WRITE_TRIES` | worker | `9` |"))
+    assert settingsdoc.check(tmp_path) == [f"{readme} does not match vmfleet/settings.py"]
+    assert cli.main(["settings", "--check", "--root", str(tmp_path)]) == 1
+    assert settingsdoc.write(tmp_path) == [readme]
+    assert settingsdoc.check(tmp_path) == []
+    assert readme.read_text() == (REPO / "README.md").read_text()
+    readme.write_text("no markers\n")
+    assert "has no" in settingsdoc.check(tmp_path)[0]
+
+
+def test_cli_shows_the_values_or_names_the_bad_one(monkeypatch, capsys):
+    monkeypatch.setenv("VMFLEET_KILL_GRACE_SECONDS", "1")
+    assert cli.main(["settings"]) == 0
+    assert "VMFLEET_KILL_GRACE_SECONDS=1.0  # worker\n" in capsys.readouterr().out
+    monkeypatch.setenv("VMFLEET_KILL_GRACE_SECONDS", "soon")
+    assert cli.main(["settings"]) == 1
+    assert "VMFLEET_KILL_GRACE_SECONDS='soon' is not a number" in capsys.readouterr().err
+    assert cli.main(["settings", "--markdown"]) == 0
+    assert capsys.readouterr().out == settingsdoc.markdown()

@@ -1,0 +1,280 @@
+"""vmfleet's settings: every ``VMFLEET_*`` environment variable the product reads, once.
+
+Each setting is one field of :class:`Settings`, with its variable, type, default, who
+reads it (the controller, the workers, or both) and a one-line description. The
+controller and the workers read the environment once at start
+(:func:`load`); code asks :func:`current` instead of ``os.environ``. A bad value stops
+the process at start with an error that names the variable ("VMFLEET_HEARTBEAT_SECONDS='x'
+is not a number"), not at the first command.
+
+The README's settings table and the chart's notes on them are generated from here
+(:mod:`vmfleet.settingsdoc`: ``vmfleet settings --write``; ``vmfleet settings --check``
+and a unit test fail when they drift).
+
+Not product settings: the local environment's and the tests' variables
+(``VMFLEET_DEV_DIR``, ``VMFLEET_E2E_*``, ``VMFLEET_CONTROLPLANE_*``, ``VMFLEET_CACHE_DIR``,
+``VMFLEET_HELM_*``, ``VMFLEET_TEST_*``) are read by the dev kit and the test suite only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal
+
+from vmfleet.api.constants import RUNTIME_DEPLOYMENT, RUNTIME_PROCESS, WORKER_SERVICE_ACCOUNT
+
+Reader = Literal["controller", "worker", "both"]
+CONTROLLER: Final = "controller"
+WORKER: Final = "worker"
+BOTH: Final = "both"
+READERS: Final = (CONTROLLER, WORKER, BOTH)
+
+CONTROLLER_METRICS_PORT: Final = 9807
+WORKER_METRICS_PORT: Final = 9808
+DEFAULT_BROKER_URL: Final = "redis://127.0.0.1:6379/0"
+
+#: Variables of the dev kit and the tests (prefixes): documented as not product settings.
+NOT_PRODUCT_SETTINGS: Final = ("VMFLEET_DEV_DIR", "VMFLEET_E2E_", "VMFLEET_CONTROLPLANE_",
+                               "VMFLEET_CACHE_DIR", "VMFLEET_HELM_", "VMFLEET_TEST_")
+
+
+class SettingsError(ValueError):
+    """A ``VMFLEET_*`` variable holds a value vmfleet cannot use."""
+
+
+def setting(env: str, default: Any, reader: Reader, doc: str, *,
+            minimum: float | None = None, maximum: float | None = None,
+            choices: tuple[str, ...] = (), default_doc: str | None = None,
+            hint: str = "") -> Any:
+    """A field of :class:`Settings` read from ``env``.
+
+    ``default_doc`` describes a default that depends on where the process runs (the
+    field's default is then None and :meth:`Settings.from_environment` fills it in);
+    ``hint`` ends the error about a bad value (what to do).
+    """
+    return field(default=default, metadata={
+        "env": env, "reader": reader, "doc": doc, "minimum": minimum, "maximum": maximum,
+        "choices": choices, "default_doc": default_doc, "hint": hint,
+    })
+
+
+@dataclass(frozen=True)
+class Settings:
+    # ------------------------------------------------------------------ both
+    broker_url: str = setting(
+        "VMFLEET_BROKER_URL", DEFAULT_BROKER_URL, BOTH,
+        "Celery broker (`redis://…` or `amqp://…`); the chart sets it from `broker.*`.")
+    metrics_port: int | None = setting(
+        "VMFLEET_METRICS_PORT", None, BOTH,
+        "Port of `/metrics`; `0` turns it off (chart: `metrics.controllerPort`, "
+        "`metrics.workerPort`).",
+        minimum=0, maximum=65535, hint="use 0 to turn metrics off",
+        default_doc=f"{CONTROLLER_METRICS_PORT} (controller), {WORKER_METRICS_PORT} (worker)")
+    metrics_address: str | None = setting(
+        "VMFLEET_METRICS_ADDRESS", None, BOTH,
+        "Address `/metrics` listens on.",
+        default_doc="`0.0.0.0` in a cluster, else `127.0.0.1`")
+    state_url: str | None = setting(
+        "VMFLEET_STATE_URL", None, BOTH,
+        "Redis holding claims, heartbeats, reports, cancels and the VMs' slots (default: "
+        "the broker, which must then be Redis).")
+    api_connections: int = setting(
+        "VMFLEET_API_CONNECTIONS", 32, BOTH,
+        "Pooled HTTP connections to the Kubernetes API server per process.", minimum=1)
+    # ------------------------------------------------------------------ controller
+    worker_runtime: str | None = setting(
+        "VMFLEET_WORKER_RUNTIME", None, CONTROLLER,
+        "Where workers run: `Deployment` (one per RemoteVM) or `Process` (local child "
+        "processes; dev and tests). Chart: `controller.workerRuntime`.",
+        choices=(RUNTIME_PROCESS, RUNTIME_DEPLOYMENT),
+        default_doc="`Deployment` in a cluster, else `Process`")
+    watch_namespaces: str | None = setting(
+        "VMFLEET_WATCH_NAMESPACES", None, CONTROLLER,
+        "Comma-separated namespaces the controller lists at start (unset: every namespace); "
+        "the chart sets it with `watchNamespaces`.")
+    worker_image: str = setting(
+        "VMFLEET_WORKER_IMAGE", "vmfleet:0.1.0", CONTROLLER,
+        "Image of the worker Deployments (the chart sets its own image).")
+    broker_secret_name: str | None = setting(
+        "VMFLEET_BROKER_SECRET_NAME", None, CONTROLLER,
+        "Secret holding the broker URL, referenced by the worker Deployments instead of the "
+        "URL itself (chart: `broker.external.existingSecret`).")
+    broker_secret_key: str = setting(
+        "VMFLEET_BROKER_SECRET_KEY", "url", CONTROLLER,
+        "Key of the broker URL in that Secret (chart: `broker.external.secretKey`).")
+    worker_log_dir: str = setting(
+        "VMFLEET_WORKER_LOG_DIR", ".vmfleet/workers", CONTROLLER,
+        "`Process` runtime: where the worker processes' logs go.")
+    worker_lost_seconds: float = setting(
+        "VMFLEET_WORKER_LOST_SECONDS", 30.0, CONTROLLER,
+        "A running attempt whose heartbeat is older than this is lost (retried or failed).",
+        minimum=0)
+    redispatch_seconds: float = setting(
+        "VMFLEET_REDISPATCH_SECONDS", 300.0, CONTROLLER,
+        "A queued attempt no worker claimed within this is sent again.", minimum=0)
+    disk_pressure_ratio: float = setting(
+        "VMFLEET_DISK_PRESSURE_RATIO", 0.90, CONTROLLER,
+        "`DiskPressure` when the VM's root filesystem is at least this full.",
+        minimum=0, maximum=1)
+    memory_pressure_available_ratio: float = setting(
+        "VMFLEET_MEMORY_PRESSURE_AVAILABLE_RATIO", 0.10, CONTROLLER,
+        "`MemoryPressure` when less than this fraction of the VM's memory is available.",
+        minimum=0, maximum=1)
+    # ------------------------------------------------------------------ worker
+    heartbeat_seconds: float = setting(
+        "VMFLEET_HEARTBEAT_SECONDS", 5.0, WORKER,
+        "How often a worker reports that a running attempt is alive.", minimum=0)
+    kill_grace_seconds: float = setting(
+        "VMFLEET_KILL_GRACE_SECONDS", 3.0, WORKER,
+        "On timeout or cancel: TERM, then KILL of the remote process group after this.",
+        minimum=0)
+    slots_url: str | None = setting(
+        "VMFLEET_SLOTS_URL", None, WORKER,
+        "Redis holding the VM-wide `maxConcurrentCommands` semaphore (default: the broker, "
+        "if it is Redis).")
+    max_concurrent_commands: int | None = setting(
+        "VMFLEET_MAX_CONCURRENT_COMMANDS", None, WORKER,
+        "Set by the controller: the VM's `maxConcurrentCommands` (no VM-wide limit if unset).",
+        minimum=1)
+    credentials_dir: str | None = setting(
+        "VMFLEET_CREDENTIALS_DIR", None, WORKER,
+        "Where the workers' VMs' credentials Secrets are mounted, one folder per Secret "
+        "(set by the controller).", default_doc="`/var/run/secrets/vmfleet.io/ssh`")
+
+    # ------------------------------------------------------------------ reading
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Every setting from ``environ`` (default: ``os.environ``); an unset or empty
+        variable keeps its default. Raises :class:`SettingsError` naming each bad value."""
+        environ = os.environ if environ is None else environ
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for f in dataclasses.fields(cls):
+            raw = environ.get(f.metadata["env"], "").strip()
+            if not raw:
+                continue
+            try:
+                values[f.name] = _parse(f, hints[f.name], raw)
+            except SettingsError as exc:
+                hint = f.metadata["hint"]
+                problems.append(f"{exc} ({hint})" if hint else str(exc))
+        if problems:
+            raise SettingsError("; ".join(problems))
+        in_cluster = bool(environ.get("KUBERNETES_SERVICE_HOST"))
+        values.setdefault("worker_runtime", RUNTIME_DEPLOYMENT if in_cluster else RUNTIME_PROCESS)
+        values.setdefault("metrics_address", "0.0.0.0" if in_cluster else "127.0.0.1")
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def metrics_port_or(self, default: int) -> int:
+        """The metrics port, or the role's ``default`` when ``VMFLEET_METRICS_PORT`` is unset."""
+        return default if self.metrics_port is None else self.metrics_port
+
+
+def env_of(name: str) -> str:
+    """The variable of the field ``name`` of :class:`Settings`."""
+    for f in dataclasses.fields(Settings):
+        if f.name == name:
+            return str(f.metadata["env"])
+    raise KeyError(name)
+
+
+def _parse(f: dataclasses.Field[Any], hint: Any, raw: str) -> Any:
+    env = f.metadata["env"]
+    kinds = {t for t in typing.get_args(hint) if t is not type(None)} or {hint}
+    (kind,) = kinds
+    value: Any
+    if kind is int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SettingsError(f"{env}={raw!r} is not a whole number") from None
+    elif kind is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise SettingsError(f"{env}={raw!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SettingsError(f"{env}={raw!r} is not a finite number")
+    else:
+        value = raw
+    minimum, maximum, choices = f.metadata["minimum"], f.metadata["maximum"], f.metadata["choices"]
+    if minimum is not None and value < minimum or maximum is not None and value > maximum:
+        bounds = (f"between {minimum:g} and {maximum:g}" if minimum is not None and maximum is not None
+                  else f"at least {minimum:g}" if minimum is not None else f"at most {maximum:g}")
+        raise SettingsError(f"{env}={raw!r} is out of range: use a value {bounds}")
+    if choices and value not in choices:
+        raise SettingsError(f"{env}={raw!r} is not one of {', '.join(choices)}")
+    return value
+
+
+# ---------------------------------------------------------------------- the process's
+
+
+_lock = threading.Lock()
+_current: Settings | None = None
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the environment (at start) and keep the result for :func:`current`."""
+    global _current
+    loaded = Settings.from_environment(environ)
+    with _lock:
+        _current = loaded
+    return loaded
+
+
+def current() -> Settings:
+    """The settings read at start (read now if nothing loaded them yet)."""
+    with _lock:
+        if _current is not None:
+            return _current
+    return load()
+
+
+def use(settings: Settings | None) -> None:
+    """Replace the process's settings (tests); None: read the environment again on next use."""
+    global _current
+    with _lock:
+        _current = settings
+
+
+# ---------------------------------------------------------------------- documentation
+
+
+@dataclass(frozen=True)
+class Doc:
+    name: str  # the field of Settings
+    env: str
+    reader: str
+    default: str
+    doc: str
+
+
+def documented() -> list[Doc]:
+    """Every setting, controller first, then both, then worker (the table's order)."""
+    order = {CONTROLLER: 0, BOTH: 1, WORKER: 2}
+    docs = []
+    for f in dataclasses.fields(Settings):
+        meta = f.metadata
+        if meta["default_doc"] is not None:
+            default = meta["default_doc"]
+        elif f.default is None:
+            default = "unset"
+        else:
+            default = f"`{f.default:g}`" if isinstance(f.default, float) else f"`{f.default}`"
+        docs.append(Doc(f.name, meta["env"], meta["reader"], default, meta["doc"]))
+    return sorted(docs, key=lambda d: order[d.reader])
+
+
+__all__ = ["BOTH", "CONTROLLER", "WORKER", "Doc", "Settings", "SettingsError", "current",
+           "documented", "env_of", "load", "use"]
