@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
-from vmfleet.api.constants import RUNTIME_DEPLOYMENT, RUNTIME_PROCESS, WORKER_SERVICE_ACCOUNT
+from vmfleet.api.constants import RUNTIME_DEPLOYMENT, RUNTIME_PROCESS
 
 Reader = Literal["controller", "worker", "both"]
 CONTROLLER: Final = "controller"

@@ -48,9 +48,6 @@ app.kubernetes.io/part-of: vmfleet
 {{- default (include "vmfleet.componentName" (dict "root" . "component" "controller")) .Values.controller.serviceAccount.name -}}
 {{- end -}}
 
-{{- define "vmfleet.workerServiceAccount" -}}
-{{- default (include "vmfleet.componentName" (dict "root" . "component" "worker")) .Values.workers.serviceAccount.name -}}
-{{- end -}}
 
 {{- define "vmfleet.transferServiceAccount" -}}
 {{- include "vmfleet.componentName" (dict "root" . "component" "transfer-worker") -}}
@@ -122,12 +119,4 @@ vmfleet.io/metrics: "true"
   verbs: [create, patch]
 {{- end -}}
 
-{{/* What every worker (per-VM and transfer) may do with vmfleet objects. */}}
-{{- define "vmfleet.workerRules" -}}
-- apiGroups: [vmfleet.io]
-  resources: [remotecommands, remotevms]
-  verbs: [get]
-- apiGroups: [vmfleet.io]
-  resources: [remotecommands/status, remotevms/status]
-  verbs: [get, patch]
-{{- end -}}
+
