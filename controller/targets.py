@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason, default_queue
+from vmfleet.api.envelope import Target
 from vmfleet.api.models import LabelSelector, RemoteCommandSpec
 
 
@@ -60,3 +62,22 @@ def initial_results(
                 entry["dispatchTime"] = now
             results.append(entry)
     return results
+
+
+def vm_target(obj: dict[str, Any], bastion: Target | None = None) -> Target:
+    """How a worker reaches a RemoteVM (pure): address, user, the host keys to accept (a
+    TrustOnFirstUse VM's recorded key), the Secret's name, its limits."""
+    meta, spec = obj["metadata"], obj.get("spec") or {}
+    recorded = ((obj.get("status") or {}).get("hostKey") or {}).get("publicKey")
+    tofu = spec.get("hostKeyPolicy") == c.HOST_KEY_TOFU
+    keys = (recorded,) if tofu and recorded else tuple(spec.get("hostKeys") or ())
+    return Target(
+        vm=meta["name"], host=str(spec.get("host")), port=int(spec.get("port") or 22),
+        user=str(spec.get("user")),
+        secret=str((spec.get("credentialsSecretRef") or {}).get("name")),
+        host_keys=keys, trust_on_first_use=tofu and not keys,
+        connect_timeout=float(spec.get("connectTimeoutSeconds") or 30),
+        allow_become=bool(spec.get("allowBecome")),
+        max_concurrent=int(spec.get("maxConcurrentCommands") or 2),
+        bastion=bastion,
+    )

@@ -30,6 +30,7 @@ from vmfleet.api.envelope import Target, now_rfc3339
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.kube import ApiException, Kube
 
+from .targets import vm_target
 from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
 from .runtime import Runtime, VMRef, WorkerGroup
 from .scaling import Autoscaler, Decision
@@ -134,28 +135,14 @@ class Fleet:
             vm.bastion_secret = secret.get("name") or None
         return vm
 
-    def target_of(self, obj: dict[str, Any], *, bastion_of: str | None = None) -> Target:
-        """How a worker reaches the VM (the envelope's ``Target``)."""
-        meta, spec = obj["metadata"], obj.get("spec") or {}
-        recorded = ((obj.get("status") or {}).get("hostKey") or {}).get("publicKey")
-        tofu = spec.get("hostKeyPolicy") == c.HOST_KEY_TOFU
-        keys = ((recorded,) if recorded else tuple(spec.get("hostKeys") or ())) if tofu \
-            else tuple(spec.get("hostKeys") or ())
+    def target_of(self, obj: dict[str, Any]) -> Target:
+        """How a worker reaches the VM (the envelope's ``Target``), bastion included."""
+        jump = ((obj.get("spec") or {}).get("proxyJump") or {}).get("vm")
         bastion = None
-        jump = (spec.get("proxyJump") or {}).get("vm")
-        if jump and bastion_of is None:
-            found = self.get(meta["namespace"], jump)
-            if found is not None and jump != meta["name"]:
-                bastion = self.target_of(found, bastion_of=meta["name"])
-        return Target(
-            vm=meta["name"], host=str(spec.get("host")), port=int(spec.get("port") or 22),
-            user=str(spec.get("user")), secret=str((spec.get("credentialsSecretRef") or {}).get("name")),
-            host_keys=keys, trust_on_first_use=tofu and not keys,
-            connect_timeout=float(spec.get("connectTimeoutSeconds") or 30),
-            allow_become=bool(spec.get("allowBecome")),
-            max_concurrent=int(spec.get("maxConcurrentCommands") or 2),
-            bastion=bastion,
-        )
+        if jump and jump != obj["metadata"]["name"]:
+            found = self.get(obj["metadata"]["namespace"], jump)
+            bastion = vm_target(found) if found is not None else None
+        return vm_target(obj, bastion)
 
     # ------------------------------------------------------------------ groups
 

@@ -323,13 +323,16 @@ class CommandExecutor:
 
     def execute(self, envelope: Envelope, worker: str) -> str:
         """Run the attempt if this delivery wins the claim. Returns what happened, for logs."""
+        if envelope.target is None:
+            # Not from a controller of this version: claiming it would end the attempt.
+            log.error("Dropped a message for RemoteCommand %s on %s: it names no target (sent "
+                      "by an older controller?)", envelope.ref, envelope.vm)
+            return "invalid"
         attempt = Attempt(self.state, envelope, worker)
         spec: RemoteCommandSpec | None = None
         with self.cancels.running(attempt):
             try:
                 spec = RemoteCommandSpec.model_validate(envelope.spec)
-                if envelope.target is None:
-                    raise AttemptFailed(Reason.INVALID_SPEC, "the message names no target VM")
                 target = self.ssh_target(envelope.target)
                 outcome = self.run(envelope, spec, target, attempt)
             except NotStarted:

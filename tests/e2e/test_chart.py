@@ -124,7 +124,7 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
     try:
         helm("install", release, str(CHART), "--namespace", ns)
         manifest = [d for d in yaml.safe_load_all(helm("get", "manifest", release, "-n", ns).stdout) if d]
-        assert len(manifest) == 18
+        assert len(manifest) == 15  # no worker ServiceAccount, Role or RoleBinding
         for doc in manifest:
             kind, name = doc["kind"], doc["metadata"]["name"]
             args = ["get", kind, name, "-o", "name"]
@@ -161,22 +161,11 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
         assert can_i(kubectl, controller, "watch", "namespaces", ns)  # kopf observes them
         assert not can_i(kubectl, controller, "create", "customresourcedefinitions.apiextensions.k8s.io", ns)
 
-        # A VM's worker: read its command and VM, write their status. Its key is mounted by
-        # the kubelet: it cannot read any Secret, nor start pods, nor change specs.
-        for verb, resource, sub in [
-            ("get", rcmd, None), ("get", rvm, None),
-            ("patch", rcmd, "status"), ("patch", rvm, "status"),
-        ]:
-            assert can_i(kubectl, worker, verb, resource, ns, sub), (verb, resource, sub)
-        for verb, resource, sub in [
-            ("get", "secrets", None), ("list", "secrets", None), ("create", "pods", None),
-            ("create", rcmd, None), ("delete", rcmd, None), ("patch", rcmd, None),
-            ("update", rvm, None), ("list", rcmd, None), ("get", "deployments.apps", None),
-            ("get", "configmaps", None),
-        ]:
-            assert not can_i(kubectl, worker, verb, resource, ns, sub), (verb, resource, sub)
-        assert not can_i(kubectl, worker, "get", rcmd, other)
-        assert not can_i(kubectl, worker, "patch", rcmd, other, "status")
+        # Workers get no ServiceAccount, Role or token at all: the chart creates none.
+        accounts = kubectl("get", "serviceaccount", "-n", ns, "-o", "name").stdout.split()
+        assert f"serviceaccount/{release}-vmfleet-worker" not in accounts
+        roles = kubectl("get", "role", "-n", ns, "-o", "name").stdout.split()
+        assert not [r for r in roles if r.endswith("-vmfleet-worker")], roles
 
         # The transfer worker reads VMs' keys (both ends of a copy): get, never list.
         assert can_i(kubectl, transfer, "get", "secrets", ns)
@@ -184,6 +173,8 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
         assert not can_i(kubectl, transfer, "list", "secrets", ns)
         assert not can_i(kubectl, transfer, "get", "secrets", other)
         assert not can_i(kubectl, transfer, "create", "pods", ns)
+        assert not can_i(kubectl, transfer, "patch", rcmd, ns, "status")  # it only reports
+        assert not can_i(kubectl, transfer, "get", rcmd, ns)
     finally:
         helm("uninstall", release, "--namespace", ns, check=False)
     assert not kubectl("get", "clusterrole", "-l", f"app.kubernetes.io/instance={release}",
@@ -209,9 +200,8 @@ def test_cluster_wide_controller_and_per_namespace_workers(helm, kubectl, crds, 
             assert not can_i(kubectl, controller, "get", "secrets", namespace)
         assert can_i(kubectl, controller, "list", "namespaces", ns)
         for namespace in spec["watchNamespaces"]:
-            worker = f"system:serviceaccount:{namespace}:{release}-vmfleet-worker"
-            assert can_i(kubectl, worker, "patch", "remotecommands.vmfleet.io", namespace, "status")
-            assert not can_i(kubectl, worker, "get", "secrets", namespace)
+            accounts = kubectl("get", "serviceaccount", "-n", namespace, "-o", "name").stdout.split()
+            assert f"serviceaccount/{release}-vmfleet-worker" not in accounts  # workers: no token
             transfer = f"system:serviceaccount:{ns}:{release}-vmfleet-transfer-worker"
             args = ["auth", "can-i", "get", "secrets/vm1-ssh", f"--as={transfer}", "-n", namespace]
             assert kubectl(*args, check=False).stdout.strip() == "yes"
@@ -236,9 +226,9 @@ def service_account_kubeconfig(kubectl: Kubectl, admin: Path, namespace: str, ac
 def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
     helm, kubectl, controlplane, namespaces, redis_server, vms, tmp_path
 ):
-    """Not only can-i: the real controller and a real worker, each authenticated as its
-    ServiceAccount, take a RemoteCommand from creation to Succeeded. The worker has its
-    VM's key as a mounted file (as in its Deployment) and no Secret permission."""
+    """Not only can-i: the real controller, authenticated as its ServiceAccount, and a real
+    worker with no Kubernetes credentials at all take a RemoteCommand from creation to
+    Succeeded. The worker has its VM's key as a mounted file (as in its Deployment)."""
     from tests.e2e.fleet import Namespace, assert_no_tracebacks, start_controller
     from vmfleet.dev.manifests import vm_manifests
     from vmfleet.dev.proc import ManagedProcess, wait_until
@@ -254,34 +244,38 @@ def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
         controller_kc = service_account_kubeconfig(
             kubectl, controlplane.kubeconfig, ns_name, f"{release}-vmfleet-controller",
             tmp_path / "controller.kubeconfig")
-        worker_kc = service_account_kubeconfig(
-            kubectl, controlplane.kubeconfig, ns_name, f"{release}-vmfleet-worker",
-            tmp_path / "worker.kubeconfig")
         controller = start_controller(
             controller_kc, redis_server.url, tmp_path, [ns_name], runtime="Deployment",
             extra_env={"VMFLEET_WORKER_IMAGE": "vmfleet:0.1.0",
-                       "VMFLEET_WORKER_SERVICE_ACCOUNT": f"{release}-vmfleet-worker"})
+                       "VMFLEET_WATCH_NAMESPACES": ns_name})
         vm = vms[0]
         kubectl.apply(*vm_manifests(vm, ns_name))
         deployment = wait_until(
             lambda: kubectl.get_json("-n", ns_name, "deployment", "vmfleet-worker-vm1"),
             timeout=60, what="the worker Deployment made by the controller")
         pod = deployment["spec"]["template"]["spec"]
-        assert pod["serviceAccountName"] == f"{release}-vmfleet-worker"
+        assert pod["automountServiceAccountToken"] is False
+        assert "serviceAccountName" not in pod
+        mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        secret = vm_manifests(vm, ns_name)[0]["metadata"]["name"]
+        assert mounts == {f"/var/run/secrets/vmfleet.io/ssh/{secret}"}
 
-        # The worker as its Deployment would run it: the Secret's files mounted, its own token.
+        # The worker as its Deployment would run it: the Secret's files mounted, no
+        # kubeconfig, no token, no API server address.
         key_dir = tmp_path / "ssh"
-        key_dir.mkdir(mode=0o700)
-        (key_dir / "ssh-privatekey").write_text(vm.user_private_key_pem)
+        (key_dir / secret).mkdir(parents=True, mode=0o700)
+        (key_dir / secret / "ssh-privatekey").write_text(vm.user_private_key_pem)
         import os
         import sys
 
         from tests.e2e.fleet import REPO
 
-        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
-        env.update(KUBECONFIG=str(worker_kc), VMFLEET_BROKER_URL=redis_server.url,
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
+        env.update(KUBECONFIG=str(tmp_path / "no-such-kubeconfig"),
+                   VMFLEET_BROKER_URL=redis_server.url, HOME=str(tmp_path),
                    VMFLEET_CREDENTIALS_DIR=str(key_dir), VMFLEET_METRICS_PORT="0",
-                   VMFLEET_VM=f"{ns_name}/vm1", PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1")
         container = pod["containers"][0]
         worker = ManagedProcess("worker", [sys.executable, "-m", *container["args"]],
                                 tmp_path / "worker.log", env=env, cwd=REPO).start()

@@ -181,6 +181,7 @@ def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis
                                                     controller_dir):
     """Extra copies of the dispatch message (as a broker redelivery makes) are claimed away."""
     from controller.dispatch import Dispatcher
+    from controller.targets import vm_target
     from vmfleet.api.envelope import Envelope
 
     vm = make_vm("once")
@@ -190,7 +191,8 @@ def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis
     obj = wait_until(lambda: (ns.get("rcmd", "once").get("status") or {}).get("results") and
                      ns.get("rcmd", "once"), timeout=30, what="the dispatch")
     envelope = Envelope(namespace=str(ns), name="once", uid=obj["metadata"]["uid"], vm="once",
-                        attempt=1, dispatch_time="", spec=obj["spec"])
+                        attempt=1, dispatch_time="", spec=obj["spec"],
+                        target=vm_target(ns.get("rvm", "once")))
     dispatcher = Dispatcher(redis_server.url)
     try:
         for _ in range(3):

@@ -101,17 +101,14 @@ def test_default_objects():
         "Deployment/rel-vmfleet-transfer-worker",
         "Role/rel-vmfleet-controller",
         "Role/rel-vmfleet-transfer-worker",
-        "Role/rel-vmfleet-worker",
         "RoleBinding/rel-vmfleet-controller",
         "RoleBinding/rel-vmfleet-transfer-worker",
-        "RoleBinding/rel-vmfleet-worker",
         "Service/rel-vmfleet-broker",
         "Service/rel-vmfleet-controller",
         "Service/rel-vmfleet-transfer-worker",
         "Service/rel-vmfleet-worker-metrics",
         "ServiceAccount/rel-vmfleet-controller",
         "ServiceAccount/rel-vmfleet-transfer-worker",
-        "ServiceAccount/rel-vmfleet-worker",
     ])
     # Off by default: prometheus-operator kinds and the dashboard.
     assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
@@ -137,7 +134,7 @@ def test_controller_deployment():
     assert env["VMFLEET_BROKER_URL"]["value"] == "redis://rel-vmfleet-broker.fleet.svc:6379/0"
     assert env["VMFLEET_WORKER_RUNTIME"]["value"] == "Deployment"
     assert env["VMFLEET_WORKER_IMAGE"]["value"] == container["image"] == "vmfleet:0.1.0"
-    assert env["VMFLEET_WORKER_SERVICE_ACCOUNT"]["value"] == "rel-vmfleet-worker"
+    assert "VMFLEET_WORKER_SERVICE_ACCOUNT" not in env  # worker pods hold no API credentials
     assert env["VMFLEET_METRICS_PORT"]["value"] == "9807"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -155,12 +152,10 @@ def test_one_image_for_controller_and_workers():
     assert worker["args"][worker["args"].index("-Q") + 1] == "vmfleet.transfers"
 
 
-def test_worker_roles_read_no_secret_and_create_nothing():
+def test_vm_workers_get_no_account_or_role_and_the_controller_reads_no_secret():
     docs = render()
-    (role,) = find(docs, "Role", "rel-vmfleet-worker")
-    for rule in rules_of(role):
-        assert "secrets" not in rule["resources"]
-        assert not {"create", "delete", "list", "watch", "update"} & set(rule["verbs"])
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        assert not find(docs, kind, "rel-vmfleet-worker")  # their pods mount no token
     (controller,) = find(docs, "Role", "rel-vmfleet-controller")
     assert all("secrets" not in r["resources"] and "pods" not in r["resources"]
                for r in rules_of(controller))
@@ -180,8 +175,8 @@ def test_cluster_wide_and_several_namespaces():
     assert find(docs, "ClusterRoleBinding", "rel-vmfleet-controller")
     assert not find(docs, "Role", "rel-vmfleet-controller")
     for ns in ("vmfleet-ci-a", "vmfleet-ci-b"):
-        assert find(docs, "ServiceAccount", "rel-vmfleet-worker", ns)
-        assert find(docs, "Role", "rel-vmfleet-worker", ns)
+        assert not find(docs, "ServiceAccount", "rel-vmfleet-worker", ns)
+        assert not find(docs, "Role", "rel-vmfleet-worker", ns)
         (transfer,) = find(docs, "Role", "rel-vmfleet-transfer-worker", ns)
         (secrets,) = [r for r in rules_of(transfer) if "secrets" in r["resources"]]
         assert secrets["resourceNames"] == ["vm1-ssh", "vm2-ssh"]
@@ -243,10 +238,15 @@ def test_monitoring_objects():
 
 
 def test_worker_metrics_service_selects_the_controllers_worker_pods():
-    from controller.runtime import worker_labels
+    from controller.runtime import VMRef, WorkerGroup, worker_labels
+    from vmfleet.api.models import RemoteVMSpec
 
+    spec = RemoteVMSpec.model_validate({"host": "h", "user": "u",
+                                        "credentialsSecretRef": {"name": "s"}, "hostKeys": ["k"]})
+    vm = VMRef("fleet", "vm1", "u1", spec)
     (service,) = find(render(), "Service", "rel-vmfleet-worker-metrics")
-    assert service["spec"]["selector"].items() <= worker_labels("vm1").items()
+    for group in (WorkerGroup("fleet", [vm]), WorkerGroup("fleet", [vm], pool="web")):
+        assert service["spec"]["selector"].items() <= worker_labels(group).items()
     assert service["spec"]["ports"][0]["targetPort"] == 9808
 
 

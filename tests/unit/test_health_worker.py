@@ -1,118 +1,144 @@
-"""The worker side of health checks and bastions: what is written, which key is read."""
+"""The worker side of health checks and bastions: what is reported, which key is read.
+
+The worker holds no Kubernetes client: the probe message carries the VM's ``Target`` and
+the keys come from the Secrets mounted under the credentials directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from remote_tasks import health
 from remote_tasks.execute import AttemptFailed, CommandExecutor
 from remote_tasks.health import HealthChecker
 from remote_tasks.ssh import ConnectionPool
-from vmfleet.kube import ApiException
+from vmfleet.api.envelope import Target
+from vmfleet.api.models import VMFacts
 
-VM = {
-    "metadata": {"name": "vm1", "namespace": "ops", "uid": "u1", "resourceVersion": "7"},
-    "spec": {"host": "10.0.0.5", "user": "rocky", "credentialsSecretRef": {"name": "vm1-ssh"},
-             "hostKeys": ["ssh-ed25519 AAAA"]},
-}
+VM = Target("vm1", "10.0.0.5", 22, "rocky", "vm1-ssh", host_keys=("ssh-ed25519 AAAA",))
 
 
-class FakeKube:
-    def __init__(self, vms, secrets=None):
-        self.vms = vms
-        self.secrets = secrets or {}
-        self.patches = []
+class FakeState:
+    """Collects what a worker reports (vmfleet.state.State.report)."""
 
-    def get_vm(self, namespace, name):
-        return self.vms.get(name)
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
 
-    def read_secret(self, namespace, name):
-        if name not in self.secrets:
-            raise ApiException(status=404, reason="Not Found")
-        return self.secrets[name]
-
-    def patch_vm_status(self, namespace, name, patch):
-        self.patches.append((name, patch))
-        return {}
+    def report(self, body: dict[str, Any]) -> str:
+        self.reports.append(body)
+        return f"{len(self.reports)}-0"
 
 
-def test_a_missing_secret_is_reported_as_a_probe_result_not_a_crash():
-    kube = FakeKube({"vm1": VM})
-    checker = HealthChecker(CommandExecutor(kube, ConnectionPool()))  # type: ignore[arg-type]
-    assert checker.check({"namespace": "ops", "vm": "vm1", "uid": "u1"}, "w1") == "CredentialsInvalid"
-    ((name, patch),) = kube.patches
-    probe = patch["status"]["lastProbe"]
-    assert (name, probe["succeeded"], probe["reason"], probe["worker"]) == (
-        "vm1", False, "CredentialsInvalid", "w1")
-    assert "cannot read Secret ops/vm1-ssh" in probe["message"]
-    assert "facts" not in patch["status"]  # the last known facts stay
+def secrets(root: Path, **keys: str | tuple[str, str]) -> Path:
+    """Secrets as a pod has them mounted: ``<root>/<secret>/ssh-privatekey`` (+ passphrase)."""
+    for name, value in keys.items():
+        key, phrase = value if isinstance(value, tuple) else (value, None)
+        (root / name).mkdir()
+        (root / name / "ssh-privatekey").write_text(key)
+        if phrase is not None:
+            (root / name / "passphrase").write_text(phrase + "\n")
+    return root
 
 
-def test_a_probe_for_a_replaced_vm_is_dropped():
-    kube = FakeKube({"vm1": VM})
-    checker = HealthChecker(CommandExecutor(kube, ConnectionPool()))  # type: ignore[arg-type]
-    assert checker.check({"namespace": "ops", "vm": "vm1", "uid": "other"}, "w1") == "gone"
-    assert kube.patches == []
+def executor(credentials: Path, state: FakeState | None = None) -> CommandExecutor:
+    return CommandExecutor(state or FakeState(), ConnectionPool(), credentials)  # type: ignore[arg-type]
 
 
-def test_a_bastion_key_is_read_from_the_sibling_mount(tmp_path):
-    own = tmp_path / "ssh"
-    (tmp_path / "ssh").mkdir()
-    (own / "ssh-privatekey").write_text("own key")
-    (tmp_path / "ssh-bastion").mkdir()
-    (tmp_path / "ssh-bastion" / "ssh-privatekey").write_text("bastion key")
-    (tmp_path / "ssh-bastion" / "passphrase").write_text("secret\n")
-    executor = CommandExecutor(FakeKube({}), ConnectionPool(), own)  # type: ignore[arg-type]
-    assert executor.credentials("ops", "x") == ("own key", None)
-    assert executor.credentials("ops", "y", bastion=True) == ("bastion key", "secret")
+def probe(target: Target | None, uid: str = "u1") -> dict[str, Any]:
+    return {"namespace": "ops", "vm": "vm1", "uid": uid, "timeoutSeconds": 5,
+            "target": target.to_message() if target else None}
 
 
-def test_a_bastion_target_is_resolved_with_its_own_keys():
-    bastion = {"metadata": {"name": "b", "namespace": "ops", "uid": "u2"},
-               "spec": {**VM["spec"], "host": "10.0.0.1", "credentialsSecretRef": {"name": "b-ssh"},
-                        "hostKeys": ["ssh-ed25519 BBBB"]}}
-    inner = {**VM, "spec": {**VM["spec"], "proxyJump": {"vm": "b"}}}
-    kube = FakeKube({"vm1": inner, "b": bastion},
-                    {"vm1-ssh": {"ssh-privatekey": "k1"}, "b-ssh": {"ssh-privatekey": "k2"}})
-    target = CommandExecutor(kube, ConnectionPool()).resolve_target("ops", "vm1")  # type: ignore[arg-type]
+def test_a_missing_secret_is_reported_as_a_probe_result_not_a_crash(tmp_path: Path) -> None:
+    state = FakeState()
+    checker = HealthChecker(executor(tmp_path, state))
+    assert checker.check(probe(VM), "w1") == "CredentialsInvalid"
+    (report,) = state.reports
+    assert (report["kind"], report["namespace"], report["vm"], report["uid"]) == (
+        "probe", "ops", "vm1", "u1")
+    last = report["status"]["lastProbe"]
+    assert (last["succeeded"], last["reason"], last["worker"]) == (False, "CredentialsInvalid", "w1")
+    assert "cannot read Secret vm1-ssh" in last["message"]
+    assert "is it mounted in this worker?" in last["message"]
+    assert "facts" not in report["status"]  # the last known facts stay
+
+
+def test_the_report_names_the_vm_uid_so_the_controller_can_drop_a_replaced_vms_probe(
+        tmp_path: Path) -> None:
+    state = FakeState()
+    HealthChecker(executor(tmp_path, state)).check(probe(VM, uid="other"), "w1")
+    assert state.reports[0]["uid"] == "other"
+
+
+def test_a_probe_without_a_target_is_reported_invalid(tmp_path: Path) -> None:
+    state = FakeState()
+    assert HealthChecker(executor(tmp_path, state)).check(probe(None), "w1") == "InvalidSpec"
+    assert state.reports[0]["status"]["lastProbe"]["message"] == "the probe names no target"
+
+
+def test_keys_are_read_from_each_secrets_own_mount(tmp_path: Path) -> None:
+    ex = executor(secrets(tmp_path, **{"vm1-ssh": "own key", "b-ssh": ("bastion key", "secret")}))
+    assert ex.credentials("vm1-ssh") == ("own key", None)
+    assert ex.credentials("b-ssh") == ("bastion key", "secret")
+
+
+def test_an_empty_key_is_invalid_credentials(tmp_path: Path) -> None:
+    ex = executor(secrets(tmp_path, **{"vm1-ssh": "  \n"}))
+    with pytest.raises(AttemptFailed, match="Secret vm1-ssh has an empty 'ssh-privatekey'") as caught:
+        ex.ssh_target(VM)
+    assert caught.value.reason == "CredentialsInvalid"
+
+
+def test_a_bastion_target_is_resolved_with_its_own_keys(tmp_path: Path) -> None:
+    bastion = Target("b", "10.0.0.1", 22, "jump", "b-ssh", host_keys=("ssh-ed25519 BBBB",))
+    inner = Target("vm1", "10.0.0.5", 22, "rocky", "vm1-ssh", host_keys=("ssh-ed25519 AAAA",),
+                   bastion=bastion)
+    ex = executor(secrets(tmp_path, **{"vm1-ssh": "k1", "b-ssh": "k2"}))
+    target = ex.ssh_target(inner)
     assert target.jump is not None
-    assert (target.jump.host, target.jump.private_key, target.jump.host_keys) == (
-        "10.0.0.1", "k2", ("ssh-ed25519 BBBB",))
+    assert (target.jump.host, target.jump.user, target.jump.private_key, target.jump.host_keys) == (
+        "10.0.0.1", "jump", "k2", ("ssh-ed25519 BBBB",))
     assert (target.private_key, target.host_keys) == ("k1", ("ssh-ed25519 AAAA",))
 
 
-def test_tofu_without_a_recorded_key_trusts_the_first_one_then_pins_it():
-    spec = {**VM["spec"], "hostKeyPolicy": "TrustOnFirstUse"}
-    del spec["hostKeys"]
-    kube = FakeKube({"vm1": {**VM, "spec": spec}}, {"vm1-ssh": {"ssh-privatekey": "k1"}})
-    executor = CommandExecutor(kube, ConnectionPool())  # type: ignore[arg-type]
+def test_a_bastion_behind_a_bastion_is_refused(tmp_path: Path) -> None:
+    outer = Target("o", "10.0.0.9", 22, "u", "b-ssh")
+    middle = Target("b", "10.0.0.1", 22, "u", "b-ssh", bastion=outer)
+    ex = executor(secrets(tmp_path, **{"vm1-ssh": "k1", "b-ssh": "k2"}))
+    with pytest.raises(AttemptFailed, match="proxyJump supports one bastion hop"):
+        ex.ssh_target(Target("vm1", "h", 22, "u", "vm1-ssh", bastion=middle))
+
+
+def test_tofu_without_a_recorded_key_trusts_the_first_one_then_pins_it(tmp_path: Path) -> None:
+    ex = executor(secrets(tmp_path, **{"vm1-ssh": "k1"}))
+    unrecorded = Target("vm1", "10.0.0.5", 22, "rocky", "vm1-ssh", trust_on_first_use=True)
     # A command never connects to an unrecorded key; only the probe (which records it) does.
     with pytest.raises(AttemptFailed, match="its host key is not recorded yet") as refused:
-        executor.resolve_target("ops", "vm1")
+        ex.ssh_target(unrecorded)
     assert refused.value.reason == "TransportError"
-    first = executor.resolve_target("ops", "vm1", first_use=True)
+    first = ex.ssh_target(unrecorded, first_use=True)
     assert (first.trust_on_first_use, first.host_keys) == (True, ())
-    kube.vms["vm1"] = {**VM, "spec": spec, "status": {"hostKey": {"publicKey": "ssh-ed25519 CCCC"}}}
-    later = executor.resolve_target("ops", "vm1")
-    assert (later.trust_on_first_use, later.host_keys) == (False, ("ssh-ed25519 CCCC",))
+    # Once recorded, the controller sends the key in the Target: pinned, for both.
+    recorded = Target("vm1", "10.0.0.5", 22, "rocky", "vm1-ssh", host_keys=("ssh-ed25519 CCCC",),
+                      trust_on_first_use=True)
+    for later in (ex.ssh_target(recorded), ex.ssh_target(recorded, first_use=True)):
+        assert (later.trust_on_first_use, later.host_keys) == (False, ("ssh-ed25519 CCCC",))
 
 
-def test_facts_are_written_from_the_api_model(monkeypatch):
-    from types import SimpleNamespace
-
-    from remote_tasks import health
-    from vmfleet.api.models import VMFacts
-
-    kube = FakeKube({"vm1": VM})
-    checker = HealthChecker(CommandExecutor(kube, ConnectionPool()))  # type: ignore[arg-type]
-    monkeypatch.setattr(checker.executor, "resolve_target",
-                        lambda *a, **k: SimpleNamespace(trust_on_first_use=False))
+def test_facts_are_reported_from_the_api_model(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    state = FakeState()
+    checker = HealthChecker(executor(secrets(tmp_path, **{"vm1-ssh": "k1"}), state))
     facts = VMFacts(hostname="vm1", load1=0.5, memory_total_bytes=1024)
     monkeypatch.setattr(health, "probe_vm", lambda *a: health.ProbeResult(
         True, "Completed", "the VM answered every check", 0.25, facts))
-    assert checker.check({"namespace": "ops", "vm": "vm1", "uid": "u1"}, "w1") == "Completed"
-    ((_, patch),) = kube.patches
-    written = patch["status"]["facts"]
-    assert written == {"hostname": "vm1", "load1": 0.5, "memoryTotalBytes": 1024,
-                       "lastProbeTime": patch["status"]["lastProbe"]["time"],
-                       "probeLatencySeconds": 0.25}
-    assert VMFacts.model_validate(written).last_probe_time == written["lastProbeTime"]
+    assert checker.check(probe(VM), "w1") == "Completed"
+    (report,) = state.reports
+    reported = report["status"]["facts"]
+    assert reported == {"hostname": "vm1", "load1": 0.5, "memoryTotalBytes": 1024,
+                        "lastProbeTime": report["status"]["lastProbe"]["time"],
+                        "probeLatencySeconds": 0.25}
+    assert VMFacts.model_validate(reported).last_probe_time == reported["lastProbeTime"]
+    assert report["status"]["lastProbe"]["succeeded"] is True

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from controller.runtime import DeploymentSettings, VMRef, worker_deployment
+from typing import Any
+
+from controller.runtime import DeploymentSettings, VMRef, single, worker_deployment
 from vmfleet.api.models import RemoteVMSpec
 
+MOUNT = "/var/run/secrets/vmfleet.io/ssh"
 
-def vm(bastion_secret=None, **spec):
+
+def vm(bastion_secret: str | None = None, **spec: Any) -> VMRef:
     body = {"host": "10.0.0.5", "user": "rocky", "credentialsSecretRef": {"name": "vm1-ssh"},
             "hostKeys": ["ssh-ed25519 AAAA"], **spec}
     return VMRef("ops", "vm1", "uid-1", RemoteVMSpec.model_validate(body), bastion_secret)
 
 
-def pod(ref, replicas=1):
-    dep = worker_deployment(ref, DeploymentSettings("img:1", "redis://b"), replicas)
+def pod(ref: VMRef, replicas: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    dep = worker_deployment(single(ref), DeploymentSettings("img:1", "redis://b"), replicas)
     return dep, dep["spec"]["template"]["spec"]
 
 
@@ -23,21 +27,23 @@ def test_replicas_come_from_the_caller_including_zero():
         assert dep["spec"]["replicas"] == replicas
 
 
-def test_workers_know_the_vm_wide_concurrency_limit():
+def test_worker_threads_follow_the_vms_concurrency_limit():
     _, spec = pod(vm(maxConcurrentCommands=5))
-    assert {"name": "VMFLEET_MAX_CONCURRENT_COMMANDS", "value": "5"} in spec["containers"][0]["env"]
+    args = spec["containers"][0]["args"]
+    assert args[args.index("--concurrency") + 1] == "5"
+    # The limit itself travels in each message's Target (the slots), not in the pod's env.
+    assert not [e for e in spec["containers"][0]["env"] if e["name"] == "VMFLEET_MAX_CONCURRENT_COMMANDS"]
 
 
 def test_a_bastion_secret_is_mounted_beside_the_vms_own():
     _, spec = pod(vm("bastion-ssh", proxyJump={"vm": "bastion"}))
-    assert spec["volumes"][1] == {"name": "bastion-ssh-credentials",
-                                  "secret": {"secretName": "bastion-ssh", "defaultMode": 0o400}}
-    assert spec["containers"][0]["volumeMounts"][1] == {
-        "name": "bastion-ssh-credentials", "mountPath": "/var/run/secrets/vmfleet.io/ssh-bastion",
-        "readOnly": True}
+    secrets = sorted(v["secret"]["secretName"] for v in spec["volumes"])
+    assert secrets == ["bastion-ssh", "vm1-ssh"]
+    paths = sorted(m["mountPath"] for m in spec["containers"][0]["volumeMounts"])
+    assert paths == [f"{MOUNT}/bastion-ssh", f"{MOUNT}/vm1-ssh"]
 
 
 def test_without_a_bastion_only_the_vms_own_secret():
     _, spec = pod(vm())
-    assert [v["name"] for v in spec["volumes"]] == ["ssh-credentials"]
+    assert [v["secret"]["secretName"] for v in spec["volumes"]] == ["vm1-ssh"]
     assert len(spec["containers"][0]["volumeMounts"]) == 1

@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from controller.schedule import Timing, json_patch, plan
+from controller.schedule import Timing, plan
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.policy import backoff_seconds, should_retry
 
@@ -72,27 +72,43 @@ def test_retry_waits_for_retry_after():
 def test_lost_worker_is_retried_when_allowed_and_its_group_terminated():
     results = entries("Running", pgid=4242, processMarker="abc", heartbeatTime=ts(60), worker="w1")
     p = plan(spec(retries={"limit": 1, "backoffSeconds": 5}), status(results), NOW,
-             queues=queues(1), timing=Timing(lost_after=30))
+             queues=queues(1), lost=frozenset({"vm0"}))
     assert p.terminate == [("vm0", 4242, "abc")]
     (change,) = p.changes
     assert change.set["phase"] == "Pending" and change.set["attempt"] == 2
     assert change.set["reason"] == "WorkerLost"
+    assert change.set["message"] == ("w1 stopped reporting during attempt 1; process group 4242 "
+                                     "is terminated; next attempt after 5s")
     assert (change.set["lostPgid"], change.set["lostMarker"]) == (4242, "abc")
     assert change.set["retryAfter"] == ts(-5)
     assert set(change.remove) == {"pgid", "processMarker", "heartbeatTime"}
+    assert p.dispatch == []  # the retry waits for its retryAfter
 
 
 def test_lost_worker_without_retries_fails():
-    results = entries("Running", pgid=9, heartbeatTime=ts(60))
-    p = plan(spec(), status(results), NOW, queues=queues(1), timing=Timing(lost_after=30))
+    results = entries("Running", pgid=9)
+    p = plan(spec(), status(results), NOW, queues=queues(1), lost=frozenset({"vm0"}))
     (change,) = p.changes
     assert (change.set["phase"], change.set["reason"]) == ("Failed", "WorkerLost")
     assert "process group 9 is terminated" in change.set["message"]
+    assert p.terminate == [("vm0", 9, None)]
 
 
-def test_live_worker_is_left_alone():
-    results = entries("Running", pgid=9, heartbeatTime=ts(5))
-    assert not plan(spec(), status(results), NOW, queues=queues(1), timing=Timing(lost_after=30))
+def test_a_lost_attempt_past_the_deadline_is_not_retried():
+    results = entries("Running", pgid=9)
+    p = plan(spec(retries={"limit": 3}, activeDeadlineSeconds=10), status(results, started=11),
+             NOW, queues=queues(1), lost=frozenset({"vm0"}))
+    (change,) = p.changes
+    assert (change.set["phase"], change.set["reason"]) == ("Failed", "WorkerLost")
+
+
+def test_only_the_lost_vms_attempts_end():
+    """A heartbeat's age is Redis's business now: a Running entry not named lost stays,
+    however old the heartbeatTime it carries."""
+    results = entries("Running", "Running", pgid=9, heartbeatTime=ts(3600))
+    p = plan(spec(), status(results), NOW, queues=queues(2), lost=frozenset({"vm1"}))
+    assert [c.vm for c in p.changes] == ["vm1"]
+    assert not plan(spec(), status(results), NOW, queues=queues(2))
 
 
 def test_deadline_fails_what_did_not_start():
@@ -101,13 +117,6 @@ def test_deadline_fails_what_did_not_start():
     assert {c.vm: c.set["reason"] for c in p.changes} == {"vm0": "DeadlineExceeded",
                                                            "vm1": "DeadlineExceeded"}
     assert p.dispatch == []
-
-
-def test_deleting_cancels_unstarted_and_waits_for_running():
-    results = entries("Pending", "Queued", "Running", "Succeeded", heartbeatTime=ts(1))
-    p = plan(spec(), status(results), NOW, queues=queues(4), deleting=True)
-    assert {c.vm: c.set["phase"] for c in p.changes} == {"vm0": "Cancelled", "vm1": "Cancelled"}
-    assert p.dispatch == [] and p.terminate == []
 
 
 def test_paused_and_missing_vms_get_nothing_dispatched():
@@ -124,17 +133,6 @@ def test_unclaimed_dispatch_is_sent_again():
     results[1]["dispatchTime"] = ts(10)
     p = plan(spec(), status(results), NOW, queues=queues(2), timing=Timing(redispatch_after=300))
     assert p.dispatch == [("vm0", 1)]
-
-
-def test_json_patch_guards_each_change():
-    results = entries("Pending")
-    ops = json_patch(plan(spec(), status(results), NOW, queues=queues(1)).changes)
-    assert ops[:3] == [
-        {"op": "test", "path": "/status/results/0/vm", "value": "vm0"},
-        {"op": "test", "path": "/status/results/0/phase", "value": "Pending"},
-        {"op": "test", "path": "/status/results/0/attempt", "value": 1},
-    ]
-    assert {"op": "add", "path": "/status/results/0/phase", "value": "Queued"} in ops
 
 
 @pytest.mark.parametrize(
@@ -161,43 +159,3 @@ def test_backoff_doubles_and_is_capped():
     assert [backoff_seconds(s, n) for n in (1, 2, 3)] == [10, 20, 40]
     assert backoff_seconds(s, 15) == 3600
     assert backoff_seconds(spec(retries={"backoffSeconds": 0}), 3) == 0
-
-
-def test_reconcile_of_a_deleted_command_is_quiet():
-    """A stale watch event for a command deleted meanwhile ends without an error."""
-    from types import SimpleNamespace
-
-    from controller.commands import reconcile_command
-    from vmfleet.kube import ApiException
-
-    class GoneKube:
-        def get_vm(self, namespace, name):
-            return None
-
-        def patch_command_status(self, namespace, name, patch):
-            raise ApiException(status=404, reason="Not Found")
-
-    body = {"metadata": {"namespace": "ns", "name": "gone", "uid": "u", "resourceVersion": "1"},
-            "spec": {"vm": "vm1", "command": "true"},
-            "status": {"startTime": ts(5), "results": [{"vm": "vm1", "phase": "Succeeded", "attempt": 1}]}}
-    ctx = SimpleNamespace(kube=GoneKube(), dispatcher=None, fold_written={})
-    assert reconcile_command(ctx, body) is True
-
-
-def test_a_running_fan_outs_counts_are_written_at_most_once_a_second_its_phase_at_once(monkeypatch):
-    from types import SimpleNamespace
-
-    from controller import commands
-
-    clock = [100.0]
-    monkeypatch.setattr(commands.time, "monotonic", lambda: clock[0])
-    ctx = SimpleNamespace(fold_written={})
-    running = {"phase": "Running"}
-    assert not commands._coalesced(ctx, "u", running, {"phase": "Running"}, targets=50)
-    clock[0] += 0.3
-    assert commands._coalesced(ctx, "u", running, {"phase": "Running"}, targets=50)
-    assert not commands._coalesced(ctx, "u", running, {"phase": "Succeeded"}, targets=50)
-    assert "u" not in ctx.fold_written  # forgotten once finished
-    clock[0] += 0.1
-    assert not commands._coalesced(ctx, "v", running, {"phase": "Running"}, targets=1)
-    assert not commands._coalesced(ctx, "v", running, {"phase": "Running"}, targets=1)

@@ -22,7 +22,7 @@ def test_an_empty_environment_gives_the_defaults():
     assert conf.heartbeat_seconds == 5.0
     assert conf.worker_lost_seconds == 30.0
     assert conf.redispatch_seconds == 300.0
-    assert conf.write_tries == 8
+    assert conf.state_url is None and conf.watch_namespaces is None
     assert conf.api_connections == 32
     assert conf.max_concurrent_commands is None
     assert conf.slots_url is None
@@ -40,15 +40,17 @@ def test_in_a_cluster_the_defaults_are_the_clusters():
 
 def test_values_are_typed():
     conf = Settings.from_environment({
-        "VMFLEET_HEARTBEAT_SECONDS": "1.5", "VMFLEET_WRITE_TRIES": " 3 ",
+        "VMFLEET_HEARTBEAT_SECONDS": "1.5", "VMFLEET_API_CONNECTIONS": " 3 ",
         "VMFLEET_MAX_CONCURRENT_COMMANDS": "4", "VMFLEET_METRICS_PORT": "0",
         "VMFLEET_WORKER_RUNTIME": "Deployment", "VMFLEET_SLOTS_URL": "redis://r:6379/1",
+        "VMFLEET_STATE_URL": "redis://s:6379/2", "VMFLEET_WATCH_NAMESPACES": "a,b",
         "VMFLEET_BROKER_SECRET_NAME": "",  # empty: the default
     })
-    assert (conf.heartbeat_seconds, conf.write_tries, conf.max_concurrent_commands) == (1.5, 3, 4)
+    assert (conf.heartbeat_seconds, conf.api_connections, conf.max_concurrent_commands) == (1.5, 3, 4)
     assert conf.metrics_port == 0 and conf.metrics_port_or(9807) == 0
     assert conf.worker_runtime == "Deployment"
     assert conf.slots_url == "redis://r:6379/1"
+    assert (conf.state_url, conf.watch_namespaces) == ("redis://s:6379/2", "a,b")
     assert conf.broker_secret_name is None
 
 
@@ -57,8 +59,9 @@ def test_values_are_typed():
     ("VMFLEET_HEARTBEAT_SECONDS", "nan", "VMFLEET_HEARTBEAT_SECONDS='nan' is not a finite number"),
     ("VMFLEET_WORKER_LOST_SECONDS", "-1",
      "VMFLEET_WORKER_LOST_SECONDS='-1' is out of range: use a value at least 0"),
-    ("VMFLEET_WRITE_TRIES", "2.5", "VMFLEET_WRITE_TRIES='2.5' is not a whole number"),
-    ("VMFLEET_WRITE_TRIES", "0", "VMFLEET_WRITE_TRIES='0' is out of range: use a value at least 1"),
+    ("VMFLEET_API_CONNECTIONS", "2.5", "VMFLEET_API_CONNECTIONS='2.5' is not a whole number"),
+    ("VMFLEET_API_CONNECTIONS", "0",
+     "VMFLEET_API_CONNECTIONS='0' is out of range: use a value at least 1"),
     ("VMFLEET_DISK_PRESSURE_RATIO", "90",
      "VMFLEET_DISK_PRESSURE_RATIO='90' is out of range: use a value between 0 and 1"),
     ("VMFLEET_METRICS_PORT", "http",
@@ -75,9 +78,9 @@ def test_a_bad_value_is_named(env, raw, message):
 
 def test_every_bad_value_is_named_at_once():
     with pytest.raises(SettingsError) as caught:
-        Settings.from_environment({"VMFLEET_HEARTBEAT_SECONDS": "x", "VMFLEET_WRITE_TRIES": "y"})
-    assert str(caught.value) == ("VMFLEET_HEARTBEAT_SECONDS='x' is not a number; "
-                                 "VMFLEET_WRITE_TRIES='y' is not a whole number")
+        Settings.from_environment({"VMFLEET_HEARTBEAT_SECONDS": "x", "VMFLEET_API_CONNECTIONS": "y"})
+    assert str(caught.value) == ("VMFLEET_API_CONNECTIONS='y' is not a whole number; "
+                                 "VMFLEET_HEARTBEAT_SECONDS='x' is not a number")
 
 
 def test_the_process_reads_once_and_keeps_it(monkeypatch):
@@ -96,7 +99,7 @@ def test_the_process_reads_once_and_keeps_it(monkeypatch):
 
 def test_every_setting_is_documented_with_its_reader():
     names = [f.metadata["env"] for f in dataclasses.fields(Settings)]
-    assert len(names) == len(set(names)) == 25
+    assert len(names) == len(set(names)) == 20
     for f in dataclasses.fields(Settings):
         assert f.metadata["reader"] in settings.READERS
         doc = f.metadata["doc"]
@@ -145,8 +148,8 @@ def test_drift_is_found_and_written(tmp_path):
         shutil.copy(REPO / name, tmp_path / name)
     assert settingsdoc.check(tmp_path) == []
     readme = tmp_path / "README.md"
-    readme.write_text(readme.read_text().replace("| `VMFLEET_WRITE_TRIES` | worker | `8` |",
-                                                 "| `VMFLEET_WRITE_TRIES` | worker | `9` |"))
+    readme.write_text(readme.read_text().replace("| `VMFLEET_API_CONNECTIONS` | both | `32` |",
+                                                 "| `VMFLEET_API_CONNECTIONS` | both | `33` |"))
     assert settingsdoc.check(tmp_path) == [f"{readme} does not match vmfleet/settings.py"]
     assert cli.main(["settings", "--check", "--root", str(tmp_path)]) == 1
     assert settingsdoc.write(tmp_path) == [readme]
@@ -165,3 +168,12 @@ def test_cli_shows_the_values_or_names_the_bad_one(monkeypatch, capsys):
     assert "VMFLEET_KILL_GRACE_SECONDS='soon' is not a number" in capsys.readouterr().err
     assert cli.main(["settings", "--markdown"]) == 0
     assert capsys.readouterr().out == settingsdoc.markdown()
+
+
+def test_the_settings_of_worker_writes_and_per_object_timers_are_gone():
+    declared = {f.metadata["env"] for f in dataclasses.fields(Settings)}
+    gone = {"VMFLEET_WORKER_SERVICE_ACCOUNT", "VMFLEET_FOLD_INTERVAL_SECONDS",
+            "VMFLEET_VM_TICK_SECONDS", "VMFLEET_TRANSFER_LOST_SECONDS",
+            "VMFLEET_TARGET_CACHE_SECONDS", "VMFLEET_WRITE_TRIES", "VMFLEET_VM"}
+    assert declared & gone == set()
+    assert {"VMFLEET_STATE_URL", "VMFLEET_WATCH_NAMESPACES"} <= declared

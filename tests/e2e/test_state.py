@@ -1,0 +1,139 @@
+"""vmfleet.state against a real Redis: the exactly-once claim, cancels, the reports
+stream that loses nothing across a controller's death, and heartbeats that go stale."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from vmfleet.dev.brokers import RedisServer
+from vmfleet.procs import wait_until
+from vmfleet.state import CANCELLED, CLAIMED, GROUP, REPORTS, TAKEN, State, attempt_member
+
+
+@pytest.fixture
+def redis_url(make_redis: Callable[..., RedisServer]) -> str:
+    """A Redis of the test's own: the reports stream and its consumer group are global."""
+    return make_redis().url
+
+
+@pytest.fixture
+def state(redis_url: str) -> Iterator[State]:
+    s = State(redis_url)
+    yield s
+    s.client.close()
+
+
+def uid() -> str:
+    return f"uid-{uuid.uuid4().hex[:8]}"
+
+
+def test_of_workers_racing_for_one_attempt_exactly_one_wins(redis_url: str) -> None:
+    workers = [State(redis_url) for _ in range(8)]  # one client (and connection) each
+    for round_ in range(10):
+        command = uid()
+        start = threading.Barrier(len(workers))
+        answers: dict[str, str] = {}
+
+        def claim(index: int, s: State) -> None:
+            start.wait(timeout=10)
+            answers[f"w{index}"] = s.claim(command, "vm1", 1, f"w{index}")
+
+        threads = [threading.Thread(target=claim, args=(i, s)) for i, s in enumerate(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        winners = [w for w, answer in answers.items() if answer == CLAIMED]
+        assert len(answers) == len(workers), round_
+        assert len(winners) == 1, answers
+        assert sorted(answers.values()) == [CLAIMED] + [TAKEN] * (len(workers) - 1)
+        # The winner is recorded and a redelivery to the winner itself never runs it again.
+        assert workers[0].claim(command, "vm1", 1, winners[0]) == TAKEN
+        # Another attempt (a retry) or another VM is a separate claim.
+        assert workers[0].claim(command, "vm1", 2, "w0") == CLAIMED
+        assert workers[0].claim(command, "vm2", 1, "w0") == CLAIMED
+    for s in workers:
+        s.client.close()
+
+
+def test_a_cancelled_command_is_never_claimed_and_running_attempts_hear_it(state: State) -> None:
+    command = uid()
+    assert state.claim(command, "vm1", 1, "w1") == CLAIMED
+    state.sent(command)
+    heard: list[str] = []
+    stop = threading.Event()
+    listener = state.listen_cancels(heard.append, stop)
+    try:
+        # The listener subscribes in its own thread: publish until it has heard one.
+        wait_until(lambda: state.cancel(command) or command in heard, timeout=10,
+                   what="the cancel to be published to listeners")
+    finally:
+        stop.set()
+        listener.join(timeout=5)
+    assert state.cancelled(command)
+    assert state.heartbeat(command, "vm1", 1) is True  # the running attempt ends at its tick
+    assert state.claim(command, "vm2", 1, "w2") == CANCELLED
+    assert state.claim(command, "vm1", 2, "w1") == CANCELLED  # no retry either
+    assert command not in state.live()
+    other = uid()
+    assert not state.cancelled(other) and state.claim(other, "vm1", 1, "w1") == CLAIMED
+
+
+def test_a_report_a_dead_controller_read_is_picked_up_by_the_next_one(redis_url: str) -> None:
+    worker, first = State(redis_url), State(redis_url)
+    first.ensure_group()
+    first.ensure_group()  # idempotent: a restarted controller creates it again
+    ids = [worker.report({"kind": "attempt", "event": "finished", "uid": "u", "vm": f"vm{i}"})
+           for i in range(3)]
+    read = first.read_reports("controller-a", block_ms=1000)
+    assert [r.id for r in read] == ids
+    assert [r.body["vm"] for r in read] == ["vm0", "vm1", "vm2"]
+    first.ack([ids[0]])  # its write landed; the other two were still being written...
+    first.client.close()  # ...when controller-a died
+
+    second = State(redis_url)
+    second.ensure_group()
+    assert second.read_reports("controller-b", block_ms=100) == []  # nothing new
+    pending = list(second.pending_reports("controller-b"))
+    assert [r.id for r in pending] == ids[1:]
+    assert [r.body for r in pending] == [{"kind": "attempt", "event": "finished", "uid": "u",
+                                          "vm": f"vm{i}"} for i in (1, 2)]
+    second.ack([r.id for r in pending])
+    assert list(second.pending_reports("controller-b")) == []
+    assert second.client.xlen(REPORTS) == 0  # acknowledged reports are deleted
+    assert second.client.xpending(REPORTS, GROUP)["pending"] == 0
+    worker.client.close()
+    second.client.close()
+
+
+def test_heartbeats_go_stale_unless_renewed_and_end_with_the_attempt(state: State) -> None:
+    command = uid()
+    member = attempt_member(command, "vm1", 1)
+    assert state.claim(command, "vm1", 1, "w1") == CLAIMED  # the claim is the first beat
+    assert member not in state.stale_heartbeats(60)
+    wait_until(lambda: member in state.stale_heartbeats(0.3), timeout=10,
+               what="the heartbeat to be older than 0.3s")
+    assert state.heartbeat(command, "vm1", 1) is False  # renewed; not cancelled
+    assert member not in state.stale_heartbeats(0.3)
+    state.release(command, "vm1", 1)
+    assert state.heartbeat(command, "vm1", 1) is False  # XX: a released attempt is not re-added
+    assert member not in state.stale_heartbeats(0)
+    # The controller forgets a member it declared lost.
+    lost = uid()
+    state.claim(lost, "vm1", 1, "w1")
+    wait_until(lambda: attempt_member(lost, "vm1", 1) in state.stale_heartbeats(0.2), timeout=10,
+               what="the second heartbeat to go stale")
+    state.forget_heartbeat(attempt_member(lost, "vm1", 1))
+    assert attempt_member(lost, "vm1", 1) not in state.stale_heartbeats(0)
+
+
+def test_live_commands_are_those_sent_and_not_finished(state: State) -> None:
+    running, done = uid(), uid()
+    state.sent(running)
+    state.sent(done)
+    state.finished(done)
+    assert state.live() == {running}

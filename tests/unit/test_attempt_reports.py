@@ -1,0 +1,147 @@
+"""An attempt claims in Redis at the gate and reports only what it owns (no Kubernetes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from remote_tasks import execute
+from remote_tasks.execute import Attempt
+from vmfleet import settings
+from vmfleet.api.envelope import Envelope, Target
+from vmfleet.state import CANCELLED, CLAIMED, TAKEN
+
+
+class FakeState:
+    """vmfleet.state.State as one attempt sees it: a scripted claim answer, collected reports."""
+
+    def __init__(self, claim: str = CLAIMED, cancelled_at_beat: bool = False) -> None:
+        self.answer = claim
+        self.cancelled_at_beat = cancelled_at_beat
+        self.claims: list[tuple[str, str, int, str]] = []
+        self.reports: list[dict[str, Any]] = []
+        self.beats = 0
+        self.released: list[tuple[str, str, int]] = []
+
+    def claim(self, uid: str, vm: str, attempt: int, worker: str) -> str:
+        self.claims.append((uid, vm, attempt, worker))
+        return self.answer
+
+    def heartbeat(self, uid: str, vm: str, attempt: int) -> bool:
+        self.beats += 1
+        return self.cancelled_at_beat
+
+    def report(self, body: dict[str, Any]) -> str:
+        self.reports.append(body)
+        return f"{len(self.reports)}-0"
+
+    def release(self, uid: str, vm: str, attempt: int) -> None:
+        self.released.append((uid, vm, attempt))
+
+
+ENVELOPE = Envelope("ns", "c", "uid-1", "vm1", 2, "", {"command": "true"},
+                    target=Target("vm1", "h", 22, "u", "vm1-ssh"))
+
+
+@pytest.fixture(autouse=True)
+def fast_heartbeats() -> Any:
+    settings.use(settings.Settings(heartbeat_seconds=0))
+    yield
+    settings.use(None)
+
+
+def attempt(state: FakeState) -> Attempt:
+    return Attempt(state, ENVELOPE, "w1")  # type: ignore[arg-type]
+
+
+def test_the_claim_is_taken_once_in_redis_and_reported_with_the_process_group() -> None:
+    state = FakeState()
+    a = attempt(state)
+    assert a.claim(4242, "n0") is True
+    assert state.claims == [("uid-1", "vm1", 2, "w1")]
+    (report,) = state.reports
+    assert {k: report[k] for k in ("kind", "event", "namespace", "name", "uid", "vm", "attempt",
+                                   "worker")} == {
+        "kind": "attempt", "event": "claimed", "namespace": "ns", "name": "c", "uid": "uid-1",
+        "vm": "vm1", "attempt": 2, "worker": "w1"}
+    fields = report["fields"]
+    assert (fields["phase"], fields["pgid"], fields["processMarker"], fields["worker"]) == (
+        "Running", 4242, "n0", "w1")
+    assert fields["startTime"] == fields["heartbeatTime"]
+
+
+def test_no_process_group_means_no_marker_in_the_report() -> None:
+    state = FakeState()
+    attempt(state).claim(None, "n0")
+    assert "pgid" not in state.reports[0]["fields"]
+    assert "processMarker" not in state.reports[0]["fields"]
+
+
+def test_a_claim_taken_by_another_delivery_runs_nothing_and_reports_nothing() -> None:
+    state = FakeState(claim=TAKEN)
+    a = attempt(state)
+    assert a.claim(4242, "n0") is False
+    assert (a.claim_lost, a.claimed, a.cancelled) == (True, False, False)
+    assert a.finish({"phase": "Failed", "reason": "TransportError"}) is False
+    assert state.reports == [] and state.released == []
+
+
+def test_a_deleted_command_is_never_started() -> None:
+    state = FakeState(claim=CANCELLED)
+    a = attempt(state)
+    assert a.claim(4242, "n0") is False
+    assert (a.claim_lost, a.cancelled) == (True, True)
+    assert state.reports == []
+
+
+def test_the_outcome_is_reported_and_the_heartbeat_released() -> None:
+    state = FakeState()
+    a = attempt(state)
+    a.claim(4242, "n0")
+    assert a.finish({"phase": "Succeeded", "reason": "Completed", "exitCode": 0,
+                     "completionTime": "t9", "message": None}) is True
+    finished = state.reports[-1]
+    assert finished["event"] == "finished"
+    assert finished["fields"] == {"worker": "w1", "phase": "Succeeded", "reason": "Completed",
+                                  "exitCode": 0, "completionTime": "t9"}  # no nulls
+    assert state.claims == [("uid-1", "vm1", 2, "w1")]  # not claimed again
+    assert state.released == [("uid-1", "vm1", 2)]
+
+
+def test_an_attempt_that_ended_before_it_started_claims_first_and_gets_a_start_time() -> None:
+    state = FakeState()
+    a = attempt(state)
+    assert a.finish({"phase": "Failed", "reason": "TransportError", "completionTime": "t3"}) is True
+    assert len(state.claims) == 1
+    (finished,) = state.reports  # no separate claim report
+    assert finished["fields"]["startTime"] == "t3"
+
+
+def test_a_heartbeat_that_finds_the_command_cancelled_ends_the_attempt() -> None:
+    state = FakeState(cancelled_at_beat=True)
+    a = attempt(state)
+    assert a.tick() is None  # not claimed yet: nothing to renew
+    assert state.beats == 0
+    a.claim(4242, "n0")
+    assert a.tick() == "Cancelled"
+    assert state.beats == 1
+
+
+def test_a_live_command_keeps_beating() -> None:
+    state = FakeState()
+    a = attempt(state)
+    a.claim(4242, "n0")
+    assert [a.tick(), a.tick()] == [None, None]
+    assert state.beats == 2
+
+
+def test_a_published_cancel_marks_the_running_attempts_of_that_command() -> None:
+    cancels = execute.Cancels()
+    a, b = attempt(FakeState()), Attempt(FakeState(), Envelope(  # type: ignore[arg-type]
+        "ns", "d", "uid-2", "vm1", 1, "", {}), "w1")
+    with cancels.running(a), cancels.running(b):
+        cancels.cancel("uid-1")
+        assert (a.cancelled, b.cancelled) == (True, False)
+    cancels.cancel("uid-2")  # ended meanwhile: nothing to mark
+    assert b.cancelled is False

@@ -1,0 +1,270 @@
+"""controller.commands: the controller's in-memory RemoteCommands, with hand fakes for
+Redis (State), the Celery sender and the RemoteVM cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from controller.commands import Commands, Tracked
+from controller.status import status_patch
+from vmfleet.api.constants import TASK_EXECUTE, TASK_TERMINATE
+from vmfleet.api.envelope import Envelope, Target
+
+
+class FakeState:
+    """The controller's side of vmfleet.state.State."""
+
+    def __init__(self) -> None:
+        self.live: set[str] = set()
+        self.cancelled: list[str] = []
+        self.stale: set[str] = set()
+        self.forgotten: list[str] = []
+
+    def sent(self, uid: str) -> None:
+        self.live.add(uid)
+
+    def finished(self, uid: str) -> None:
+        self.live.discard(uid)
+
+    def cancel(self, uid: str) -> None:
+        self.cancelled.append(uid)
+        self.live.discard(uid)
+
+    def stale_heartbeats(self, older_than_seconds: float) -> set[str]:
+        return set(self.stale)
+
+    def forget_heartbeat(self, member: str) -> None:
+        self.forgotten.append(member)
+        self.stale.discard(member)
+
+
+def vm(name: str, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": name, "uid": f"uid-{name}"},
+            "spec": {"host": f"10.0.0.{name[-1]}", "user": "u",
+                     "credentialsSecretRef": {"name": f"{name}-ssh"}, **spec}}
+
+
+class Fleet:
+    """Records what the commands send, and answers VM lookups from a dict."""
+
+    def __init__(self, *names: str) -> None:
+        self.vms = {name: vm(name) for name in names}
+        self.sent: list[tuple[str, list[Any], str]] = []
+        self.woken: list[str] = []
+        self.deleted: list[tuple[str, str, str]] = []
+
+    def commands(self, state: FakeState) -> Commands:
+        return Commands(
+            state, self.send,  # type: ignore[arg-type]
+            get_vm=lambda ns, name: self.vms.get(name),
+            list_vms=lambda ns, selector: [self.vms[n] for n in sorted(self.vms)],
+            target_of=lambda obj: Target(obj["metadata"]["name"], obj["spec"]["host"], 22, "u",
+                                         obj["spec"]["credentialsSecretRef"]["name"]),
+            wake=lambda ns, name: self.woken.append(name),
+            delete=lambda uid, ns, name: self.deleted.append((uid, ns, name)),
+        )
+
+    def send(self, task: str, args: list[Any], queue: str) -> None:
+        self.sent.append((task, args, queue))
+
+    def envelopes(self) -> list[Envelope]:
+        return [Envelope.from_message(args[0]) for task, args, _ in self.sent if task == TASK_EXECUTE]
+
+
+def command(uid: str = "c-uid", **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"namespace": "ns", "name": "c", "uid": uid},
+            "spec": {"command": "true", **spec}}
+
+
+def report(event: str, vm: str, attempt: int = 1, uid: str = "c-uid", **fields: Any) -> dict[str, Any]:
+    return {"kind": "attempt", "event": event, "namespace": "ns", "name": "c", "uid": uid,
+            "vm": vm, "attempt": attempt, "worker": "w1", "fields": fields}
+
+
+def finished(vm: str, attempt: int = 1, **fields: Any) -> dict[str, Any]:
+    values = {"phase": "Succeeded", "reason": "Completed", "exitCode": 0,
+              "completionTime": "2026-11-23T12:00:05.000Z", **fields}
+    return report("finished", vm, attempt, **values)
+
+
+def phases(tracked: Tracked) -> dict[str, str]:
+    return {e["vm"]: e["phase"] for e in tracked.status["results"]}
+
+
+@pytest.fixture
+def state() -> FakeState:
+    return FakeState()
+
+
+def test_a_new_command_gets_its_entries_queued_and_its_attempt_dispatched(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1"))
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    (entry,) = tracked.status["results"]
+    assert (entry["vm"], entry["phase"], entry["attempt"], entry["host"]) == ("vm1", "Queued", 1,
+                                                                               "10.0.0.1")
+    assert entry["dispatchTime"]
+    assert tracked.status["target"] == "vm1" and tracked.status["startTime"]
+    assert tracked.written is None and tracked.due is not None  # to be written, whole
+    (envelope,) = fleet.envelopes()
+    assert (envelope.uid, envelope.vm, envelope.attempt) == ("c-uid", "vm1", 1)
+    assert envelope.target is not None and envelope.target.secret == "vm1-ssh"
+    assert envelope.command_start == tracked.status["startTime"]
+    assert fleet.sent[0][2] == "vmfleet.ns.vm1"
+    assert state.live == {"c-uid"} and fleet.woken == ["vm1"]
+    # What the writer will send is accepted by the status models.
+    assert status_patch(None, tracked.status) == {"status": tracked.status}
+
+
+def test_an_echo_of_our_own_write_changes_nothing(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1"))
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    commands.observe({**command(vm="vm1"), "status": {"phase": "Pending"}})
+    assert commands.get("c-uid") is tracked and len(fleet.sent) == 1
+
+
+def test_a_missing_vm_fails_its_entry_and_sends_nothing(state: FakeState) -> None:
+    fleet = Fleet()
+    commands = fleet.commands(state)
+    commands.observe(command(vm="ghost"))
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    assert tracked.status["results"][0]["reason"] == "VMNotFound"
+    assert tracked.status["phase"] == "Failed" and fleet.sent == []
+
+
+def test_max_parallel_holds_and_a_result_frees_the_next_vm(state: FakeState) -> None:
+    fleet = Fleet("vm1", "vm2", "vm3")
+    commands = fleet.commands(state)
+    commands.observe(command(selector={}, maxParallel=1))
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    assert phases(tracked) == {"vm1": "Queued", "vm2": "Pending", "vm3": "Pending"}
+    assert [e.vm for e in fleet.envelopes()] == ["vm1"]
+    assert commands.apply(report("claimed", "vm1", phase="Running", startTime="t1"), "1-0")
+    assert [e.vm for e in fleet.envelopes()] == ["vm1"]  # still one at a time
+    assert commands.apply(finished("vm1"), "2-0")
+    assert phases(tracked) == {"vm1": "Succeeded", "vm2": "Queued", "vm3": "Pending"}
+    assert [e.vm for e in fleet.envelopes()] == ["vm1", "vm2"]
+    assert tracked.acks == ["1-0", "2-0"]  # acknowledged once the write lands
+    assert tracked.status["completions"] == "1/3" and tracked.status["phase"] == "Running"
+
+
+def test_a_stale_or_repeated_report_is_acknowledged_at_once(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1"))
+    assert commands.apply(finished("vm1"), "1-0") is True
+    assert commands.apply(finished("vm1"), "2-0") is False  # the same result again
+    assert commands.apply(report("claimed", "vm1", 1, phase="Running"), "3-0") is False
+    assert commands.apply(finished("vm9"), "4-0") is False  # no such entry
+    tracked = commands.get("c-uid")
+    assert tracked is not None and tracked.acks == ["1-0"]
+
+
+def test_deleting_a_running_command_cancels_it_through_redis(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1"))
+    commands.apply(report("claimed", "vm1", phase="Running", pgid=42), "1-0")
+    acks = commands.deleted(command())
+    assert acks == ["1-0"] and state.cancelled == ["c-uid"]
+    assert commands.get("c-uid") is None
+
+
+def test_deleting_a_finished_command_cancels_nothing(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1"))
+    commands.apply(finished("vm1"), "1-0")
+    commands.deleted(command())
+    assert state.cancelled == [] and state.live == set()
+    assert commands.deleted(command()) == []  # a second DELETED event: nothing held
+
+
+def test_a_claim_for_an_unknown_command_cancels_it(state: FakeState) -> None:
+    commands = Fleet("vm1").commands(state)
+    assert commands.apply(report("claimed", "vm1", uid="gone", phase="Running"), "1-0") is False
+    assert state.cancelled == ["gone"]
+    assert commands.apply(finished("vm1") | {"uid": "gone2"}, "2-0") is False
+    assert state.cancelled == ["gone"]  # a result needs no cancel: nothing runs
+
+
+def test_a_lost_worker_fails_the_attempt_without_retries(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1"))
+    commands.apply(report("claimed", "vm1", phase="Running", worker="w1", pgid=42,
+                          processMarker="m"), "1-0")
+    state.stale = {"c-uid/vm1/1"}
+    commands.tick()
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    (entry,) = tracked.status["results"]
+    assert (entry["phase"], entry["reason"]) == ("Failed", "WorkerLost")
+    assert entry["message"] == "w1 stopped reporting during attempt 1; process group 42 is terminated"
+    assert tracked.status["phase"] == "Failed"
+    terminate = [(args[1:], queue) for task, args, queue in fleet.sent if task == TASK_TERMINATE]
+    assert terminate == [([42, "m"], "vmfleet.ns.vm1")]
+    assert state.forgotten == ["c-uid/vm1/1"]
+
+
+def test_a_lost_worker_is_retried_with_the_lost_process_group(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1", retries={"limit": 1, "backoffSeconds": 0}))
+    commands.apply(report("claimed", "vm1", phase="Running", pgid=42, processMarker="m"), "1-0")
+    state.stale = {"c-uid/vm1/1"}
+    commands.tick()
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    (entry,) = tracked.status["results"]
+    assert (entry["phase"], entry["attempt"], entry["reason"]) == ("Pending", 2, "WorkerLost")
+    assert [e.attempt for e in fleet.envelopes()] == [1]
+    commands.tick()  # the next loop turn sends the retry (its backoff is 0)
+    assert (entry["phase"], entry["attempt"], entry["lostPgid"]) == ("Queued", 2, 42)
+    retry = fleet.envelopes()[-1]
+    assert (retry.attempt, retry.lost_pgid, retry.lost_marker) == (2, 42, "m")
+
+
+def test_a_live_heartbeat_is_left_alone(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1"))
+    commands.apply(report("claimed", "vm1", phase="Running", pgid=42), "1-0")
+    state.stale = {"other-uid/vm1/1"}  # another command's: not ours to end
+    commands.tick()
+    tracked = commands.get("c-uid")
+    assert tracked is not None and phases(tracked) == {"vm1": "Running"}
+
+
+def test_a_finished_command_is_forgotten_and_expires_after_its_ttl(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1", ttlSecondsAfterFinished=0))
+    commands.apply(finished("vm1", completionTime="2026-01-01T00:00:00.000Z"), "1-0")
+    tracked = commands.get("c-uid")
+    assert tracked is not None and tracked.finished
+    commands.forget(tracked)
+    assert commands.get("c-uid") is None and state.live == set()
+    assert commands.expiring() == 1
+    commands.tick()
+    assert fleet.deleted == [("c-uid", "ns", "c")]
+    assert commands.expiring() == 0
+
+
+def test_an_invalid_spec_is_failed_once_without_dispatching(state: FakeState) -> None:
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1", timeoutSeconds=-5))
+    tracked = commands.get("c-uid")
+    assert tracked is not None and tracked.status["phase"] == "Failed"
+    (failed,) = [c for c in tracked.status["conditions"] if c["type"] == "Failed"]
+    assert failed["reason"] == "InvalidSpec" and fleet.sent == []
