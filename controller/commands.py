@@ -310,6 +310,7 @@ class Commands:
             attempt=attempt, dispatch_time=now_rfc3339(), spec=tracked.spec.wire(),
             target=self.target_of(obj), command_start=tracked.status.get("startTime"),
             lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
+            scope=self.state.scope,
         )
         self.state.sent(tracked.uid)
         self.send(TASK_EXECUTE, [envelope.to_message()], vm_queue(obj))

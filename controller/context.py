@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ class Context:
         conf = settings.load()
         kube = Kube()
         url = conf.broker_url
-        state = State(state_url(url))
+        state = State(state_url(url), scope=controller_scope(conf.controller_id))
         in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
         runtime_name = conf.worker_runtime or (
             c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
@@ -91,7 +93,7 @@ class Context:
             timing=schedule.Timing(lost_after=conf.worker_lost_seconds,
                                    redispatch_after=conf.redispatch_seconds),
         )
-        fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe), depths,
+        fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
         fleet_box.append(fleet)
         writer = Writer(kube, state, commands)
@@ -101,6 +103,24 @@ class Context:
         namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n)
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)
+
+
+def controller_scope(configured: str | None, argv: list[str] | None = None) -> str:
+    """This controller's scope in Redis: ``VMFLEET_CONTROLLER_ID``, else derived from the
+    namespaces ``kopf run`` was given (the same on every restart, different for two
+    controllers watching different namespaces)."""
+    if configured:
+        return configured
+    args = list(sys.argv if argv is None else argv)
+    namespaces = []
+    for i, arg in enumerate(args):
+        if arg in ("-n", "--namespace") and i + 1 < len(args):
+            namespaces.append(args[i + 1])
+        elif arg.startswith("--namespace="):
+            namespaces.append(arg.split("=", 1)[1])
+    if not namespaces:
+        return "cluster"
+    return "ns-" + hashlib.sha256(",".join(sorted(namespaces)).encode()).hexdigest()[:12]
 
 
 def delete_expired(kube: Kube, uid: str, namespace: str, name: str) -> None:

@@ -235,10 +235,10 @@ def conditions_changed(old: Conditions, new: Conditions) -> bool:
 
 
 def probe_message(namespace: str, name: str, uid: str, spec: RemoteVMSpec,
-                  target: Target | None = None) -> dict[str, Any]:
+                  target: Target | None = None, scope: str = "default") -> dict[str, Any]:
     return {"namespace": namespace, "vm": name, "uid": uid,
             "timeoutSeconds": spec.health_check.timeout_seconds, "sentTime": now_rfc3339(),
-            "target": target.to_message() if target is not None else None}
+            "target": target.to_message() if target is not None else None, "scope": scope}
 
 
 # --------------------------------------------------------------------------- effects
@@ -251,8 +251,9 @@ class HealthMonitor:
     """Sends probes when due, posts Events, pauses a VM on a host key mismatch."""
 
     def __init__(self, kube: Kube, send: Sender, thresholds: Thresholds | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, scope: str = "default") -> None:
         self.kube = kube
+        self.scope = scope
         self.send = send
         self.thresholds = thresholds or Thresholds.from_environment()
         self.clock = clock
@@ -275,7 +276,8 @@ class HealthMonitor:
             if last is not None and now - last < period:
                 return False
             self._sent[key] = now
-        message = probe_message(meta["namespace"], meta["name"], meta["uid"], spec, target)
+        message = probe_message(meta["namespace"], meta["name"], meta["uid"], spec, target,
+                                self.scope)
         try:
             self.send(c.TASK_CHECK_VM, message, queue, period)
         except Exception as exc:  # noqa: BLE001 - the broker is down: conditions go stale

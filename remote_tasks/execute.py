@@ -187,7 +187,7 @@ class Attempt:
 
     def _claim(self) -> bool:
         env = self.envelope
-        result = self.state.claim(env.uid, env.vm, env.attempt, self.worker)
+        result = self.state.claim(env.uid, env.vm, env.attempt, self.worker, env.scope)
         if result != CLAIMED:
             self.claim_lost = True
             self.cancelled = result == CANCELLED
@@ -201,7 +201,8 @@ class Attempt:
         return True
 
     def report(self, event: str, fields: dict[str, Any]) -> None:
-        self.state.report(report_body(self.envelope, self.worker, event, fields))
+        self.state.report(report_body(self.envelope, self.worker, event, fields),
+                          self.envelope.scope)
 
     def claim(self, pgid: int | None, nonce: str) -> bool:
         """The gate: claim the attempt once the remote wrapper reported its process group;
@@ -226,7 +227,7 @@ class Attempt:
             self._next_heartbeat = now + _heartbeat_seconds()
             env = self.envelope
             try:
-                if self.state.heartbeat(env.uid, env.vm, env.attempt):
+                if self.state.heartbeat(env.uid, env.vm, env.attempt, env.scope):
                     self.cancelled = True
             except Exception as exc:  # noqa: BLE001 - Redis restarting: the next beat may land
                 log.warning("Heartbeat of %s on %s failed: %s", env.ref, env.vm, exc)
@@ -243,7 +244,7 @@ class Attempt:
         if not started:  # ended before it could start: no claim report carried a startTime
             fields.setdefault("startTime", fields.get("completionTime"))
         self.report("finished", fields)
-        self.state.release(env.uid, env.vm, env.attempt)
+        self.state.release(env.uid, env.vm, env.attempt, env.scope)
         return True
 
 

@@ -396,7 +396,7 @@ class HealthChecker:
         self.executor.state.report({
             "kind": "probe", "namespace": namespace, "vm": name, "uid": message.get("uid"),
             "worker": worker, "time": now, "status": status,
-        })
+        }, str(message.get("scope") or "default"))
         log.info("Probed RemoteVM %s/%s: %s (%s, %.3fs)", namespace, name,
                  "up" if result.succeeded else "down", result.reason, result.latency_seconds)
         return result.reason

@@ -374,7 +374,7 @@ class TransferExecutor:
         return self.run(run)
 
     def _claim(self, envelope: Envelope, vm: str, holder: str, cancel: Attempt) -> bool:
-        result = self.state.claim(envelope.uid, vm, envelope.attempt, holder)
+        result = self.state.claim(envelope.uid, vm, envelope.attempt, holder, envelope.scope)
         if result == CLAIMED:
             return True
         if result == CANCELLED:
@@ -453,7 +453,7 @@ class TransferExecutor:
             env = run.envelope
             for dest in run.unreported:
                 try:
-                    if self.state.heartbeat(env.uid, dest.vm, dest.attempt):
+                    if self.state.heartbeat(env.uid, dest.vm, dest.attempt, env.scope):
                         run.cancel.cancelled = True
                 except Exception as exc:  # noqa: BLE001 - Redis restarting: the next beat may land
                     log.warning("Heartbeat of transfer %s to %s failed: %s", env.ref, dest.vm, exc)
@@ -767,14 +767,14 @@ class TransferExecutor:
             "transfer": {k: v for k, v in transfer.items() if v is not None} or None,
         })
         dest.reported = True
-        self.state.release(envelope.uid, dest.vm, dest.attempt)
+        self.state.release(envelope.uid, dest.vm, dest.attempt, envelope.scope)
         log.info("Finished transfer %s to %s attempt %s: %s (%s)", envelope.ref, dest.vm,
                  dest.attempt, phase, reason)
 
     def _report(self, envelope: Envelope, worker: str, event: str, vm: str,
                 fields: dict[str, Any]) -> None:
         self.state.report(report_body(envelope, worker, event, fields, vm=vm,
-                                      attempt=envelope.attempt))
+                                      attempt=envelope.attempt), envelope.scope)
 
     # ---------------------------------------------------------------- cleanup task
 

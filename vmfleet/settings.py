@@ -93,6 +93,11 @@ class Settings:
         "processes; dev and tests). Chart: `controller.workerRuntime`.",
         choices=(RUNTIME_PROCESS, RUNTIME_DEPLOYMENT),
         default_doc="`Deployment` in a cluster, else `Process`")
+    controller_id: str | None = setting(
+        "VMFLEET_CONTROLLER_ID", None, CONTROLLER,
+        "This controller's scope in Redis (its reports stream, heartbeats, live set): "
+        "controllers sharing one Redis need different ones (the chart sets the release).",
+        default_doc="derived from the namespaces it watches")
     watch_namespaces: str | None = setting(
         "VMFLEET_WATCH_NAMESPACES", None, CONTROLLER,
         "Comma-separated namespaces the controller lists at start (unset: every namespace); "

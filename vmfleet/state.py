@@ -8,10 +8,10 @@ a worker, controller or broker restart, lives here:
   (``SET NX`` in a Lua script that also checks the cancel key): two deliveries of one
   message can never both run the attempt, a redelivery after a worker crash finds the
   claim taken, and a command deleted before its claim is never started.
-- **Heartbeats**: the sorted set ``vmfleet:heartbeats`` scores each running attempt
+- **Heartbeats**: the sorted set ``vmfleet:heartbeats:<scope>`` scores each running attempt
   with the Redis server's time of its last sign of life (set at the claim, renewed by
   the worker). The controller declares an attempt lost when its score is stale.
-- **Reports**: the stream ``vmfleet:reports``. Workers append claims, progress and
+- **Reports**: the stream ``vmfleet:reports:<scope>`` (one per controller). Workers append claims, progress and
   results; the controller reads them in the consumer group ``controller``, folds them
   into status writes, and acknowledges (and deletes) an entry only once the write that
   carries it has landed. Entries a dead controller had read but not acknowledged stay
@@ -19,7 +19,7 @@ a worker, controller or broker restart, lives here:
 - **Cancels**: ``vmfleet:cancel:<uid>`` (read at the claim and with each heartbeat)
   plus a message on the channel ``vmfleet:cancels``, which every worker process
   listens to, so a deleted command's processes are killed within a second.
-- **Live commands**: the set ``vmfleet:live`` of command uids with attempts sent. A
+- **Live commands**: the set ``vmfleet:live:<scope>`` of command uids with attempts sent. A
   controller that starts cancels the members whose RemoteCommand no longer exists (it
   was deleted while no controller ran).
 
@@ -42,10 +42,8 @@ from vmfleet import settings
 log = logging.getLogger("vmfleet.state")
 
 STATE_URL_ENV = settings.env_of("state_url")
-REPORTS = "vmfleet:reports"
 GROUP = "controller"
-HEARTBEATS = "vmfleet:heartbeats"
-LIVE = "vmfleet:live"
+DEFAULT_SCOPE = "default"
 CANCELS = "vmfleet:cancels"
 CLAIM_TTL_SECONDS = 7 * 24 * 3600
 CANCEL_TTL_SECONDS = 24 * 3600
@@ -92,6 +90,18 @@ def state_url(broker_url: str) -> str:
     )
 
 
+def reports_key(scope: str) -> str:
+    return f"vmfleet:reports:{scope}"
+
+
+def heartbeats_key(scope: str) -> str:
+    return f"vmfleet:heartbeats:{scope}"
+
+
+def live_key(scope: str) -> str:
+    return f"vmfleet:live:{scope}"
+
+
 def attempt_member(uid: str, vm: str, attempt: int) -> str:
     return f"{uid}/{vm}/{attempt}"
 
@@ -113,12 +123,17 @@ class Report:
 
 
 class State:
-    """A Redis client with the scripts above; thread-safe (redis-py pools connections)."""
+    """A Redis client with the scripts above; thread-safe (redis-py pools connections).
 
-    def __init__(self, url: str) -> None:
+    ``scope`` is the controller's: several controllers (releases watching different
+    namespaces) can share one Redis, each with its own reports stream, heartbeats and
+    live set. A worker writes into the scope its message names (``Envelope.scope``)."""
+
+    def __init__(self, url: str, scope: str = DEFAULT_SCOPE) -> None:
         import redis
 
         self.url = url
+        self.scope = scope
         self.client: Any = redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=10,
                                                 health_check_interval=30)
         self._claim = self.client.register_script(_CLAIM)
@@ -127,26 +142,27 @@ class State:
 
     # ------------------------------------------------------------------ workers
 
-    def claim(self, uid: str, vm: str, attempt: int, worker: str) -> str:
+    def claim(self, uid: str, vm: str, attempt: int, worker: str,
+              scope: str = DEFAULT_SCOPE) -> str:
         """``claimed`` (ours now), ``taken`` (by any delivery before, even one of this
         worker's: a redelivery after a crash never runs the attempt again) or ``cancelled``."""
         member = attempt_member(uid, vm, attempt)
-        result = self._claim(keys=[claim_key(uid, vm, attempt), cancel_key(uid), HEARTBEATS],
+        result = self._claim(keys=[claim_key(uid, vm, attempt), cancel_key(uid), heartbeats_key(scope)],
                              args=[worker, CLAIM_TTL_SECONDS, member])
         return result.decode() if isinstance(result, bytes) else str(result)
 
-    def heartbeat(self, uid: str, vm: str, attempt: int) -> bool:
+    def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE) -> bool:
         """Renew the attempt's heartbeat; True when its command was cancelled."""
-        return bool(self._beat(keys=[HEARTBEATS, cancel_key(uid)],
+        return bool(self._beat(keys=[heartbeats_key(scope), cancel_key(uid)],
                                args=[attempt_member(uid, vm, attempt)]))
 
-    def release(self, uid: str, vm: str, attempt: int) -> None:
+    def release(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE) -> None:
         """The attempt ended (its result is reported): no more heartbeats expected."""
-        self.client.zrem(HEARTBEATS, attempt_member(uid, vm, attempt))
+        self.client.zrem(heartbeats_key(scope), attempt_member(uid, vm, attempt))
 
-    def report(self, body: dict[str, Any]) -> str:
-        """Append a report for the controller; returns its stream id."""
-        entry_id = self.client.xadd(REPORTS, {"r": json.dumps(body, separators=(",", ":"))})
+    def report(self, body: dict[str, Any], scope: str = DEFAULT_SCOPE) -> str:
+        """Append a report for the controller of ``scope``; returns its stream id."""
+        entry_id = self.client.xadd(reports_key(scope), {"r": json.dumps(body, separators=(",", ":"))})
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
     def cancelled(self, uid: str) -> bool:
@@ -187,36 +203,36 @@ class State:
 
     def sent(self, uid: str) -> None:
         """An attempt of this command was sent: it is live until ``finished``."""
-        self.client.sadd(LIVE, uid)
+        self.client.sadd(live_key(self.scope), uid)
 
     def finished(self, uid: str) -> None:
-        self.client.srem(LIVE, uid)
+        self.client.srem(live_key(self.scope), uid)
 
     def live(self) -> set[str]:
-        return {m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(LIVE)}
+        return {m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(live_key(self.scope))}
 
     def cancel(self, uid: str) -> None:
         """The command is gone: its unclaimed attempts never start, running ones are killed."""
         pipe = self.client.pipeline(transaction=False)
         pipe.set(cancel_key(uid), "1", ex=CANCEL_TTL_SECONDS)
         pipe.publish(CANCELS, uid)
-        pipe.srem(LIVE, uid)
+        pipe.srem(live_key(self.scope), uid)
         pipe.execute()
 
     def stale_heartbeats(self, older_than_seconds: float) -> set[str]:
         """Members (``uid/vm/attempt``) whose last heartbeat is older than that."""
         cutoff = self.now_ms() - int(older_than_seconds * 1000)
         return {m.decode() if isinstance(m, bytes) else str(m)
-                for m in self.client.zrangebyscore(HEARTBEATS, "-inf", cutoff)}
+                for m in self.client.zrangebyscore(heartbeats_key(self.scope), "-inf", cutoff)}
 
     def forget_heartbeat(self, member: str) -> None:
-        self.client.zrem(HEARTBEATS, member)
+        self.client.zrem(heartbeats_key(self.scope), member)
 
     def ensure_group(self) -> None:
         import redis
 
         try:
-            self.client.xgroup_create(REPORTS, GROUP, id="0", mkstream=True)
+            self.client.xgroup_create(reports_key(self.scope), GROUP, id="0", mkstream=True)
         except redis.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -225,7 +241,7 @@ class State:
         """Reports read but never acknowledged by any controller (one that died), now ours."""
         start = "0-0"
         while True:
-            reply = self.client.xautoclaim(REPORTS, GROUP, consumer, min_idle_time=0,
+            reply = self.client.xautoclaim(reports_key(self.scope), GROUP, consumer, min_idle_time=0,
                                            start_id=start, count=count)
             start, entries = reply[0], reply[1]
             yield from _reports(entries)
@@ -233,7 +249,7 @@ class State:
                 return
 
     def read_reports(self, consumer: str, block_ms: int, count: int = 1000) -> list[Report]:
-        reply = self.client.xreadgroup(GROUP, consumer, {REPORTS: ">"}, count=count,
+        reply = self.client.xreadgroup(GROUP, consumer, {reports_key(self.scope): ">"}, count=count,
                                        block=block_ms)
         reports: list[Report] = []
         for _stream, entries in reply or []:
@@ -245,8 +261,8 @@ class State:
         if not ids:
             return
         pipe = self.client.pipeline(transaction=False)
-        pipe.xack(REPORTS, GROUP, *ids)
-        pipe.xdel(REPORTS, *ids)
+        pipe.xack(reports_key(self.scope), GROUP, *ids)
+        pipe.xdel(reports_key(self.scope), *ids)
         pipe.execute()
 
 

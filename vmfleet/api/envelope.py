@@ -69,6 +69,8 @@ class Envelope:
     lost_marker: str | None = None
     # Transfers: every VM the copy touches (source and destinations), by name.
     targets: dict[str, Target] = field(default_factory=dict)
+    # The sending controller's scope: where the worker reports (vmfleet.state).
+    scope: str = "default"
 
     def to_message(self) -> dict[str, Any]:
         message = asdict(self)
@@ -90,6 +92,7 @@ class Envelope:
             lost_pgid=int(lost_pgid) if lost_pgid is not None else None,
             lost_marker=message.get("lost_marker"),
             targets={k: Target.from_message(v) for k, v in (message.get("targets") or {}).items()},
+            scope=str(message.get("scope") or "default"),
         )
 
     @property

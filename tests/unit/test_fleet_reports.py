@@ -1,0 +1,157 @@
+"""The controller side of probes and worker credentials: Fleet.on_probe writes what a
+worker reported (once per change), ProcessRuntime writes Secrets as a pod would mount
+them, and the Deployment runtime writes nothing the watch shows as wanted already."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from controller.health import HealthMonitor
+from controller.runtime import (
+    DeploymentCache,
+    DeploymentRuntime,
+    DeploymentSettings,
+    ProcessRuntime,
+    VMRef,
+    WorkerGroup,
+    worker_deployment,
+)
+from controller.vms import Fleet
+from vmfleet.api.models import RemoteVMSpec
+
+SPEC = {"host": "10.0.0.5", "user": "rocky", "credentialsSecretRef": {"name": "vm1-ssh"},
+        "hostKeyPolicy": "TrustOnFirstUse"}
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.vm_patches: list[tuple[str, dict[str, Any]]] = []
+
+    def patch_vm_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        self.vm_patches.append((name, patch))
+        return {}
+
+    def get_vm(self, namespace: str, name: str) -> None:
+        return None
+
+
+class NoRuntime:
+    name = "Process"
+
+    def current_replicas(self, group: WorkerGroup) -> int:
+        return 0
+
+
+def fleet(kube: FakeKube) -> Fleet:
+    health = HealthMonitor(kube, lambda *a: None)  # type: ignore[arg-type]
+    return Fleet(kube, NoRuntime(), health, lambda queues: {}, lambda: {})  # type: ignore[arg-type]
+
+
+def probe(uid: str = "u1", **status: Any) -> dict[str, Any]:
+    last = {"time": "2026-11-23T12:00:00.000Z", "succeeded": True, "reason": "Completed",
+            "message": "the VM answered every check", "latencySeconds": 0.1, "worker": "w1"}
+    return {"kind": "probe", "namespace": "ops", "vm": "vm1", "uid": uid,
+            "status": {"lastProbe": last, **status}}
+
+
+def vm_object() -> dict[str, Any]:
+    return {"metadata": {"namespace": "ops", "name": "vm1", "uid": "u1", "generation": 1},
+            "spec": SPEC, "status": {"workers": {"replicas": 1, "readyReplicas": 1}}}
+
+
+def test_a_probe_is_written_with_its_conditions_and_a_replaced_vms_probe_is_dropped() -> None:
+    kube = FakeKube()
+    f = fleet(kube)
+    f.seen(vm_object(), reconcile=False)
+    assert f.on_probe(probe(uid="an-older-vm1")) is False
+    assert kube.vm_patches == []
+    assert f.on_probe(probe()) is True
+    ((name, patch),) = kube.vm_patches
+    assert name == "vm1" and patch["status"]["lastProbe"]["worker"] == "w1"
+    reachable = [c for c in patch["status"]["conditions"] if c["type"] == "Reachable"]
+    assert reachable and reachable[0]["status"] == "True"
+    assert f.on_probe(probe()) is True
+    assert len(kube.vm_patches) == 1  # the same status again: nothing written
+
+
+def test_trust_on_first_use_records_the_first_key_only() -> None:
+    kube = FakeKube()
+    f = fleet(kube)
+    f.seen(vm_object(), reconcile=False)
+    first = {"fingerprint": "SHA256:one", "keyType": "ssh-ed25519",
+             "publicKey": "ssh-ed25519 ONE", "recordedTime": "t1"}
+    f.on_probe(probe(hostKey=first))
+    assert kube.vm_patches[-1][1]["status"]["hostKey"] == first
+    later = {"fingerprint": "SHA256:two", "keyType": "ssh-ed25519",
+             "publicKey": "ssh-ed25519 TWO", "recordedTime": "t2"}
+    f.on_probe(probe(hostKey=later))
+    cached = f.cached("ops", "vm1")
+    assert cached is not None and cached["status"]["hostKey"]["publicKey"] == "ssh-ed25519 ONE"
+    assert f.target_of(cached).host_keys == ("ssh-ed25519 ONE",)  # what workers pin now
+
+
+def group(*names: str) -> WorkerGroup:
+    refs = [VMRef("ops", n, f"u-{n}", RemoteVMSpec.model_validate(
+        {**SPEC, "credentialsSecretRef": {"name": f"{n}-ssh"}, "workerPool": "p"})) for n in names]
+    return WorkerGroup("ops", refs, pool="p")
+
+
+def test_local_workers_read_their_keys_from_files_only_the_owner_can_read(tmp_path: Path) -> None:
+    secrets = {"vm1-ssh": {"ssh-privatekey": "KEY1", "passphrase": "pw", "../escape": "x"},
+               "vm2-ssh": {"ssh-privatekey": "KEY2"}}
+    runtime = ProcessRuntime("redis://b", tmp_path / "logs",
+                             read_secret=lambda ns, name: secrets[name],
+                             credentials_dir=tmp_path / "credentials")
+    runtime.write_credentials("ops", group("vm1", "vm2").secrets)
+    root = tmp_path / "credentials" / "ops"
+    assert (root / "vm1-ssh" / "ssh-privatekey").read_text() == "KEY1"
+    assert (root / "vm1-ssh" / "passphrase").read_text() == "pw"
+    assert (root / "vm2-ssh" / "ssh-privatekey").read_text() == "KEY2"
+    assert sorted(p.name for p in (root / "vm1-ssh").iterdir()) == ["passphrase", "ssh-privatekey"]
+    assert stat.S_IMODE((root / "vm1-ssh" / "ssh-privatekey").stat().st_mode) == 0o600
+    assert stat.S_IMODE((root / "vm1-ssh").stat().st_mode) == 0o700
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    env = runtime._env(group("vm1"))
+    assert env["VMFLEET_CREDENTIALS_DIR"] == str(root)
+    assert "KUBECONFIG" not in env  # a worker holds no Kubernetes credentials
+
+
+class Applied:
+    """What the API server answers to an apply (the client's model, by its attributes)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.status = SimpleNamespace(ready_replicas=0)
+
+
+class FakeApps:
+    def __init__(self) -> None:
+        self.applied: list[dict[str, Any]] = []
+        self.api_client = self
+
+    def patch_namespaced_deployment(self, name: str, namespace: str, body: dict[str, Any],
+                                    **_: Any) -> Applied:
+        self.applied.append(body)
+        return Applied(body)
+
+    def sanitize_for_serialization(self, obj: Applied) -> dict[str, Any]:
+        return obj.body
+
+
+def test_the_deployment_runtime_applies_only_what_the_watch_does_not_show(tmp_path: Path) -> None:
+    settings = DeploymentSettings("img:1", "redis://b")
+    cache = DeploymentCache()
+    apps = FakeApps()
+    runtime = DeploymentRuntime(apps, settings, cache)  # type: ignore[arg-type]
+    pool = group("vm1", "vm2")
+    cache.seen(worker_deployment(pool, settings, 2))  # a restarted controller's start-up list
+    runtime.ensure(pool, 2)
+    assert apps.applied == []
+    runtime.ensure(pool, 3)
+    assert [d["spec"]["replicas"] for d in apps.applied] == [3]
+    runtime.ensure(group("vm1", "vm2", "vm3"), 3)  # a VM joined the pool: its Secret mounts
+    assert len(apps.applied) == 2
+    assert runtime.current_replicas(pool) == 3
