@@ -157,21 +157,6 @@ def plan(
     return out
 
 
-def json_patch(changes: list[Change]) -> list[dict[str, Any]]:
-    """One JSON Patch for all changes; each guarded by its entry's vm, phase and attempt."""
-    ops: list[dict[str, Any]] = []
-    for ch in changes:
-        base = f"/status/results/{ch.index}"
-        ops += [
-            {"op": "test", "path": f"{base}/vm", "value": ch.vm},
-            {"op": "test", "path": f"{base}/phase", "value": ch.expect_phase},
-            {"op": "test", "path": f"{base}/attempt", "value": ch.expect_attempt},
-        ]
-        ops += [{"op": "add", "path": f"{base}/{key}", "value": value} for key, value in ch.set.items()]
-        ops += [{"op": "remove", "path": f"{base}/{key}"} for key in ch.remove]
-    return ops
-
-
 def pending_vms(status: dict[str, Any]) -> set[str]:
     """VMs whose entries may be dispatched now (their queue must be looked up)."""
     return {e["vm"] for e in status.get("results") or [] if e.get("phase") in (Phase.PENDING, Phase.QUEUED)}

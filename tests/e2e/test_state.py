@@ -11,7 +11,16 @@ import pytest
 
 from vmfleet.dev.brokers import RedisServer
 from vmfleet.procs import wait_until
-from vmfleet.state import CANCELLED, CLAIMED, GROUP, REPORTS, TAKEN, State, attempt_member
+from vmfleet.state import (
+    CANCELLED,
+    CLAIMED,
+    DEFAULT_SCOPE,
+    GROUP,
+    TAKEN,
+    State,
+    attempt_member,
+    reports_key,
+)
 
 
 @pytest.fixture
@@ -67,10 +76,12 @@ def test_a_cancelled_command_is_never_claimed_and_running_attempts_hear_it(state
     heard: list[str] = []
     stop = threading.Event()
     listener = state.listen_cancels(heard.append, stop)
+    def cancel_and_hear() -> bool:
+        state.cancel(command)  # published again until the listener (subscribing in its
+        return command in heard  # own thread) has heard it once
+
     try:
-        # The listener subscribes in its own thread: publish until it has heard one.
-        wait_until(lambda: state.cancel(command) or command in heard, timeout=10,
-                   what="the cancel to be published to listeners")
+        wait_until(cancel_and_hear, timeout=10, what="the cancel to be published to listeners")
     finally:
         stop.set()
         listener.join(timeout=5)
@@ -104,8 +115,9 @@ def test_a_report_a_dead_controller_read_is_picked_up_by_the_next_one(redis_url:
                                           "vm": f"vm{i}"} for i in (1, 2)]
     second.ack([r.id for r in pending])
     assert list(second.pending_reports("controller-b")) == []
-    assert second.client.xlen(REPORTS) == 0  # acknowledged reports are deleted
-    assert second.client.xpending(REPORTS, GROUP)["pending"] == 0
+    stream = reports_key(DEFAULT_SCOPE)
+    assert second.client.xlen(stream) == 0  # acknowledged reports are deleted
+    assert second.client.xpending(stream, GROUP)["pending"] == 0
     worker.client.close()
     second.client.close()
 
@@ -137,3 +149,21 @@ def test_live_commands_are_those_sent_and_not_finished(state: State) -> None:
     state.sent(done)
     state.finished(done)
     assert state.live() == {running}
+
+
+def test_controllers_sharing_one_redis_keep_their_reports_and_heartbeats_apart(redis_url: str) -> None:
+    a, b, worker = State(redis_url, scope="a"), State(redis_url, scope="b"), State(redis_url)
+    a.ensure_group()
+    b.ensure_group()
+    command = uid()
+    assert worker.claim(command, "vm1", 1, "w1", scope="b") == CLAIMED
+    worker.report({"kind": "attempt", "uid": command}, scope="b")
+    assert a.read_reports("controller-a", block_ms=100) == []
+    assert [r.body["uid"] for r in b.read_reports("controller-b", block_ms=1000)] == [command]
+    member = attempt_member(command, "vm1", 1)
+    assert member not in a.stale_heartbeats(0)  # not a's attempt: never declared lost by a
+    assert member in b.stale_heartbeats(0)
+    a.sent(command)
+    assert b.live() == set() and a.live() == {command}
+    for s in (a, b, worker):
+        s.client.close()

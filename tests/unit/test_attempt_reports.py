@@ -23,25 +23,30 @@ class FakeState:
         self.reports: list[dict[str, Any]] = []
         self.beats = 0
         self.released: list[tuple[str, str, int]] = []
+        self.scopes: set[str] = set()  # where the worker wrote (the sending controller's)
 
-    def claim(self, uid: str, vm: str, attempt: int, worker: str) -> str:
+    def claim(self, uid: str, vm: str, attempt: int, worker: str, scope: str = "default") -> str:
+        self.scopes.add(scope)
         self.claims.append((uid, vm, attempt, worker))
         return self.answer
 
-    def heartbeat(self, uid: str, vm: str, attempt: int) -> bool:
+    def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = "default") -> bool:
+        self.scopes.add(scope)
         self.beats += 1
         return self.cancelled_at_beat
 
-    def report(self, body: dict[str, Any]) -> str:
+    def report(self, body: dict[str, Any], scope: str = "default") -> str:
+        self.scopes.add(scope)
         self.reports.append(body)
         return f"{len(self.reports)}-0"
 
-    def release(self, uid: str, vm: str, attempt: int) -> None:
+    def release(self, uid: str, vm: str, attempt: int, scope: str = "default") -> None:
+        self.scopes.add(scope)
         self.released.append((uid, vm, attempt))
 
 
 ENVELOPE = Envelope("ns", "c", "uid-1", "vm1", 2, "", {"command": "true"},
-                    target=Target("vm1", "h", 22, "u", "vm1-ssh"))
+                    target=Target("vm1", "h", 22, "u", "vm1-ssh"), scope="release-a")
 
 
 @pytest.fixture(autouse=True)
@@ -107,6 +112,7 @@ def test_the_outcome_is_reported_and_the_heartbeat_released() -> None:
                                   "exitCode": 0, "completionTime": "t9"}  # no nulls
     assert state.claims == [("uid-1", "vm1", 2, "w1")]  # not claimed again
     assert state.released == [("uid-1", "vm1", 2)]
+    assert state.scopes == {"release-a"}  # claim, reports and release: the sender's scope
 
 
 def test_an_attempt_that_ended_before_it_started_claims_first_and_gets_a_start_time() -> None:

@@ -16,7 +16,8 @@ from vmfleet.api.envelope import Envelope, Target
 class FakeState:
     """The controller's side of vmfleet.state.State."""
 
-    def __init__(self) -> None:
+    def __init__(self, scope: str = "default") -> None:
+        self.scope = scope
         self.live: set[str] = set()
         self.cancelled: list[str] = []
         self.stale: set[str] = set()

@@ -21,6 +21,7 @@ from controller.runtime import (
 )
 from controller.vms import Fleet
 from vmfleet.api.models import RemoteVMSpec
+from vmfleet.api.times import now_rfc3339
 
 SPEC = {"host": "10.0.0.5", "user": "rocky", "credentialsSecretRef": {"name": "vm1-ssh"},
         "hostKeyPolicy": "TrustOnFirstUse"}
@@ -51,7 +52,7 @@ def fleet(kube: FakeKube) -> Fleet:
 
 
 def probe(uid: str = "u1", **status: Any) -> dict[str, Any]:
-    last = {"time": "2026-11-23T12:00:00.000Z", "succeeded": True, "reason": "Completed",
+    last = {"time": now_rfc3339(), "succeeded": True, "reason": "Completed",
             "message": "the VM answered every check", "latencySeconds": 0.1, "worker": "w1"}
     return {"kind": "probe", "namespace": "ops", "vm": "vm1", "uid": uid,
             "status": {"lastProbe": last, **status}}
@@ -68,12 +69,13 @@ def test_a_probe_is_written_with_its_conditions_and_a_replaced_vms_probe_is_drop
     f.seen(vm_object(), reconcile=False)
     assert f.on_probe(probe(uid="an-older-vm1")) is False
     assert kube.vm_patches == []
-    assert f.on_probe(probe()) is True
+    report = probe()
+    assert f.on_probe(report) is True
     ((name, patch),) = kube.vm_patches
     assert name == "vm1" and patch["status"]["lastProbe"]["worker"] == "w1"
     reachable = [c for c in patch["status"]["conditions"] if c["type"] == "Reachable"]
     assert reachable and reachable[0]["status"] == "True"
-    assert f.on_probe(probe()) is True
+    assert f.on_probe(report) is True  # redelivered after a controller restart
     assert len(kube.vm_patches) == 1  # the same status again: nothing written
 
 

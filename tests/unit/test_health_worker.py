@@ -25,8 +25,10 @@ class FakeState:
 
     def __init__(self) -> None:
         self.reports: list[dict[str, Any]] = []
+        self.scopes: list[str] = []
 
-    def report(self, body: dict[str, Any]) -> str:
+    def report(self, body: dict[str, Any], scope: str = "default") -> str:
+        self.scopes.append(scope)
         self.reports.append(body)
         return f"{len(self.reports)}-0"
 
@@ -79,7 +81,8 @@ def test_a_probe_without_a_target_is_reported_invalid(tmp_path: Path) -> None:
 
 
 def test_keys_are_read_from_each_secrets_own_mount(tmp_path: Path) -> None:
-    ex = executor(secrets(tmp_path, **{"vm1-ssh": "own key", "b-ssh": ("bastion key", "secret")}))
+    keys: dict[str, str | tuple[str, str]] = {"vm1-ssh": "own key", "b-ssh": ("bastion key", "secret")}
+    ex = executor(secrets(tmp_path, **keys))
     assert ex.credentials("vm1-ssh") == ("own key", None)
     assert ex.credentials("b-ssh") == ("bastion key", "secret")
 
@@ -142,3 +145,11 @@ def test_facts_are_reported_from_the_api_model(tmp_path: Path,
                         "probeLatencySeconds": 0.25}
     assert VMFacts.model_validate(reported).last_probe_time == reported["lastProbeTime"]
     assert report["status"]["lastProbe"]["succeeded"] is True
+
+
+def test_a_probe_is_reported_to_the_scope_of_the_controller_that_sent_it(tmp_path: Path) -> None:
+    state = FakeState()
+    checker = HealthChecker(executor(tmp_path, state))
+    checker.check({**probe(VM), "scope": "release-a"}, "w1")
+    checker.check(probe(VM), "w1")
+    assert state.scopes == ["release-a", "default"]

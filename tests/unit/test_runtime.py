@@ -39,7 +39,7 @@ def mounts(dep: dict[str, Any]) -> dict[str, str]:
     return {secret_of[m["name"]]: m["mountPath"] for m in container["volumeMounts"]}
 
 
-def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token():
+def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
     dep = worker_deployment(single(vm(maxConcurrentCommands=4)), SETTINGS, 1)
     assert dep["metadata"]["name"] == "vmfleet-worker-vm1"
     assert dep["metadata"]["ownerReferences"] == [{
@@ -62,7 +62,7 @@ def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token():
     assert dep["metadata"]["labels"]["vmfleet.io/vm"] == "vm1"
 
 
-def test_a_pool_is_one_deployment_for_all_its_queues_and_secrets():
+def test_a_pool_is_one_deployment_for_all_its_queues_and_secrets() -> None:
     refs = [vm(f"vm{i}", workerPool="web", maxConcurrentCommands=2) for i in (3, 1, 2)]
     group = WorkerGroup("ops", sorted(refs, key=lambda r: r.name), pool="web")
     dep = worker_deployment(group, SETTINGS, 2)
@@ -80,14 +80,14 @@ def test_a_pool_is_one_deployment_for_all_its_queues_and_secrets():
     assert "vmfleet.io/vm" not in dep["metadata"]["labels"]
 
 
-def test_a_pool_pod_mounts_only_its_own_vms_secrets():
+def test_a_pool_pod_mounts_only_its_own_vms_secrets() -> None:
     web = WorkerGroup("ops", [vm("vm1", workerPool="web")], pool="web")
     db = WorkerGroup("ops", [vm("vm2", workerPool="db")], pool="db")
     assert set(mounts(worker_deployment(web, SETTINGS, 1))) == {"vm1-ssh"}
     assert set(mounts(worker_deployment(db, SETTINGS, 1))) == {"vm2-ssh"}
 
 
-def test_a_changed_group_changes_the_spec_hash():
+def test_a_changed_group_changes_the_spec_hash() -> None:
     one = worker_deployment(WorkerGroup("ops", [vm("vm1")], pool="p"), SETTINGS, 1)
     two = worker_deployment(WorkerGroup("ops", [vm("vm1"), vm("vm2")], pool="p"), SETTINGS, 1)
     rescaled = worker_deployment(WorkerGroup("ops", [vm("vm1")], pool="p"), SETTINGS, 3)
@@ -96,7 +96,7 @@ def test_a_changed_group_changes_the_spec_hash():
     assert one["metadata"]["annotations"][key] == rescaled["metadata"]["annotations"][key]
 
 
-def test_broker_url_from_secret():
+def test_broker_url_from_secret() -> None:
     settings = DeploymentSettings("img", "ignored", broker_secret_name="broker", broker_secret_key="u")
     env = pod_of(worker_deployment(single(vm(queue="custom")), settings, 1))["containers"][0]["env"]
     assert env[0] == {"name": "VMFLEET_BROKER_URL",
@@ -104,13 +104,13 @@ def test_broker_url_from_secret():
     assert "ignored" not in repr(env)
 
 
-def test_a_separate_state_redis_is_passed_on():
+def test_a_separate_state_redis_is_passed_on() -> None:
     settings = DeploymentSettings("img", "amqp://b", state_url="redis://state:6379/0")
     env = pod_of(worker_deployment(single(vm()), settings, 1))["containers"][0]["env"]
     assert {"name": "VMFLEET_STATE_URL", "value": "redis://state:6379/0"} in env
 
 
-def test_desired_replicas():
+def test_desired_replicas() -> None:
     assert desired_replicas(None) == 1
     assert desired_replicas(WorkersSpec(replicas=3)) == 3
     assert desired_replicas(WorkersSpec(replicas=0)) == 0
@@ -118,7 +118,7 @@ def test_desired_replicas():
         {"autoscale": {"minReplicas": 2, "maxReplicas": 4}})) == 2
 
 
-def test_a_pool_is_sized_by_the_largest_floor_and_ceiling_of_its_vms():
+def test_a_pool_is_sized_by_the_largest_floor_and_ceiling_of_its_vms() -> None:
     refs = [vm("vm1", workerPool="p", workers={"autoscale": {"minReplicas": 0, "maxReplicas": 2}}),
             vm("vm2", workerPool="p", workers={"autoscale": {"minReplicas": 1, "maxReplicas": 5}})]
     workers = WorkerGroup("ops", refs, pool="p").workers
@@ -126,7 +126,7 @@ def test_a_pool_is_sized_by_the_largest_floor_and_ceiling_of_its_vms():
     assert (workers.autoscale.min_replicas, workers.autoscale.max_replicas) == (1, 5)
 
 
-def test_label_value_is_bounded_and_distinct():
+def test_label_value_is_bounded_and_distinct() -> None:
     long_a, long_b = "a" * 70, "a" * 69 + "b"
     assert len(label_value(long_a)) <= 63
     assert label_value(long_a) != label_value(long_b)

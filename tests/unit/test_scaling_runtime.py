@@ -21,13 +21,13 @@ def pod(ref: VMRef, replicas: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
     return dep, dep["spec"]["template"]["spec"]
 
 
-def test_replicas_come_from_the_caller_including_zero():
+def test_replicas_come_from_the_caller_including_zero() -> None:
     for replicas in (0, 1, 3):
         dep, _ = pod(vm(workers={"autoscale": {"minReplicas": 0, "maxReplicas": 3}}), replicas)
         assert dep["spec"]["replicas"] == replicas
 
 
-def test_worker_threads_follow_the_vms_concurrency_limit():
+def test_worker_threads_follow_the_vms_concurrency_limit() -> None:
     _, spec = pod(vm(maxConcurrentCommands=5))
     args = spec["containers"][0]["args"]
     assert args[args.index("--concurrency") + 1] == "5"
@@ -35,7 +35,7 @@ def test_worker_threads_follow_the_vms_concurrency_limit():
     assert not [e for e in spec["containers"][0]["env"] if e["name"] == "VMFLEET_MAX_CONCURRENT_COMMANDS"]
 
 
-def test_a_bastion_secret_is_mounted_beside_the_vms_own():
+def test_a_bastion_secret_is_mounted_beside_the_vms_own() -> None:
     _, spec = pod(vm("bastion-ssh", proxyJump={"vm": "bastion"}))
     secrets = sorted(v["secret"]["secretName"] for v in spec["volumes"])
     assert secrets == ["bastion-ssh", "vm1-ssh"]
@@ -43,7 +43,7 @@ def test_a_bastion_secret_is_mounted_beside_the_vms_own():
     assert paths == [f"{MOUNT}/bastion-ssh", f"{MOUNT}/vm1-ssh"]
 
 
-def test_without_a_bastion_only_the_vms_own_secret():
+def test_without_a_bastion_only_the_vms_own_secret() -> None:
     _, spec = pod(vm())
     assert [v["secret"]["secretName"] for v in spec["volumes"]] == ["vm1-ssh"]
     assert len(spec["containers"][0]["volumeMounts"]) == 1

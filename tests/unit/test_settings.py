@@ -99,7 +99,7 @@ def test_the_process_reads_once_and_keeps_it(monkeypatch):
 
 def test_every_setting_is_documented_with_its_reader():
     names = [f.metadata["env"] for f in dataclasses.fields(Settings)]
-    assert len(names) == len(set(names)) == 20
+    assert len(names) == len(set(names)) == 21
     for f in dataclasses.fields(Settings):
         assert f.metadata["reader"] in settings.READERS
         doc = f.metadata["doc"]
@@ -176,4 +176,4 @@ def test_the_settings_of_worker_writes_and_per_object_timers_are_gone():
             "VMFLEET_VM_TICK_SECONDS", "VMFLEET_TRANSFER_LOST_SECONDS",
             "VMFLEET_TARGET_CACHE_SECONDS", "VMFLEET_WRITE_TRIES", "VMFLEET_VM"}
     assert declared & gone == set()
-    assert {"VMFLEET_STATE_URL", "VMFLEET_WATCH_NAMESPACES"} <= declared
+    assert {"VMFLEET_STATE_URL", "VMFLEET_WATCH_NAMESPACES", "VMFLEET_CONTROLLER_ID"} <= declared

@@ -311,22 +311,22 @@ class FakeState:
         self.released: list[tuple[str, int]] = []
         self.cancel_after_beats = cancel_after_beats
 
-    def claim(self, uid, vm, attempt, worker):
+    def claim(self, uid, vm, attempt, worker, scope="default"):
         if uid in self.cancelled_uids:
             return "cancelled"
         holder = self.claims.setdefault((uid, vm, attempt), worker)
         return "claimed" if holder == worker else "taken"
 
-    def heartbeat(self, uid, vm, attempt):
+    def heartbeat(self, uid, vm, attempt, scope="default"):
         self.beats.append((vm, attempt))
         if self.cancel_after_beats is not None and len(self.beats) >= self.cancel_after_beats:
             self.cancelled_uids.add(uid)
         return uid in self.cancelled_uids
 
-    def release(self, uid, vm, attempt):
+    def release(self, uid, vm, attempt, scope="default"):
         self.released.append((vm, attempt))
 
-    def report(self, body):
+    def report(self, body, scope="default"):
         self.reports.append(body)
         return str(len(self.reports))
 
