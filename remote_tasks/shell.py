@@ -49,8 +49,8 @@ def wrap(body: str, nonce: str, stdin: bool = True) -> str:
     shell is.
 
     The wrapper then reads one line from stdin and runs ``body`` only if it is ``go``
-    (``GO``): the worker claims the attempt, process group included, in a single API
-    write between the two, and a delivery that loses the claim closes the channel, so its
+    (``GO``): the worker claims the attempt in Redis between the two (and
+    reports the process group), and a delivery that loses the claim closes the channel, so its
     wrapper exits without running anything. ``read`` takes exactly that line from the
     pipe; the rest of stdin is the command's. Without ``stdin``, the command reads
     /dev/null (the worker sends no EOF after the go).

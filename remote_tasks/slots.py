@@ -178,36 +178,4 @@ def vm_slot(broker_url: str, namespace: str, vm: str, worker: str,
         context.__exit__(None, None, None)
 
 
-# Workers of one fan-out take turns writing its RemoteCommand: 50 concurrent patches of
-# one object make the API server retry each against the others' writes (quadratic work;
-# on 2 cores claims timed out with 504 after 30 s). A turn is short; it expires by itself.
-TURN_SECONDS = 5.0
-TURN_WAIT_SECONDS = 15.0
-
-
-@contextmanager
-def write_turn(broker_url: str, uid: str) -> Iterator[None]:
-    """Hold the write turn of the RemoteCommand ``uid`` (no-op without Redis; a turn not
-    had within ``TURN_WAIT_SECONDS`` writes anyway: the API server still orders writes)."""
-    slots = from_environment(broker_url)
-    lock: Any = None
-    if slots is not None:
-        try:
-            lock = slots.client.lock(f"vmfleet:turn:{uid}", timeout=TURN_SECONDS, sleep=0.02,
-                                     blocking_timeout=TURN_WAIT_SECONDS)
-            if not lock.acquire():
-                lock = None
-        except Exception as exc:  # noqa: BLE001 - Redis unreachable: write without a turn
-            log.debug("No write turn for %s: %s", uid, exc)
-            lock = None
-    try:
-        yield
-    finally:
-        if lock is not None:
-            try:
-                lock.release()
-            except Exception as exc:  # noqa: BLE001 - it expires by itself
-                log.debug("Could not release the write turn of %s: %s", uid, exc)
-
-
-__all__ = ["VMSlots", "slots_key", "slots_url", "vm_slot", "write_turn"]
+__all__ = ["VMSlots", "slots_key", "slots_url", "vm_slot"]
