@@ -46,6 +46,21 @@ def vm_pool(bench: Bench, n: int) -> list[SshdVM]:
     return pool[:n]
 
 
+class Alias:
+    """Another RemoteVM name for an sshd VM of the pool (its own queue and worker)."""
+
+    def __init__(self, name: str, vm: SshdVM) -> None:
+        self.name = name
+        self._vm = vm
+
+    @property
+    def vm(self) -> SshdVM:
+        return self._vm
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._vm, attr)
+
+
 class Watcher:
     """A watch over the namespace's RemoteCommands: the moment each reached a terminal phase."""
 
@@ -157,7 +172,7 @@ class Cluster:
             raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr}")
         return proc.stdout
 
-    def register(self, vms: Sequence[SshdVM], labels: dict[str, str] | None = None,
+    def register(self, vms: Sequence[Any], labels: dict[str, str] | None = None,
                  **spec: Any) -> None:
         """RemoteVMs (and their Secrets) for ``vms``; waits until each has a ready worker."""
         new = [vm for vm in vms if vm.name not in self.registered]

@@ -28,22 +28,23 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
 SCENARIOS = (
-    "one_vm_seq", "one_vm_conc8", "fanout50_cold", "fanout50_warm",
-    "e2e_latency", "throughput", "memory", "scale_vms",
+    "one_vm_seq", "one_vm_conc8", "fanout50_cold", "fanout50_warm", "fanout200_warm",
+    "e2e_latency", "throughput", "cancel_latency", "memory", "scale_vms",
 )
 SYSTEMS = (
-    "vmfleet", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
+    "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
     "guide_send_task", "ssh_controlpersist", "asyncssh", "ansible", "parallel_ssh",
     "airflow_sshoperator",
 )
 METRICS = ("commands_per_s", "wall_s", "p50_ms", "p95_ms", "p99_ms", "writes_per_command",
+           "writes_per_vm",
            "rss_mb", "seconds")
 # Lower is better for every metric but commands_per_s.
 HIGHER_IS_BETTER = {"commands_per_s"}
 # The system every other row of a scenario is compared with (ratio = value / reference).
 REFERENCE = {
     "one_vm_seq": "vmfleet_ssh", "one_vm_conc8": "vmfleet_ssh",
-    "fanout50_cold": "vmfleet", "fanout50_warm": "vmfleet",
+    "fanout50_cold": "vmfleet", "fanout50_warm": "vmfleet", "fanout200_warm": "vmfleet",
     "e2e_latency": "vmfleet", "throughput": "vmfleet",
 }
 
@@ -263,6 +264,7 @@ HEADLINES = (
     ("one_vm_conc8", "commands_per_s", "one VM, 8 at once\ncommands/s (higher is better)"),
     ("fanout50_warm", "wall_s", "fan-out to 50 VMs, warm\nwall seconds (lower is better)"),
     ("fanout50_cold", "wall_s", "fan-out to 50 VMs, cold\nwall seconds (lower is better)"),
+    ("fanout200_warm", "wall_s", "fan-out to 200 VMs, warm\nwall seconds (lower is better)"),
     ("e2e_latency", "p50_ms", "create → Succeeded seen\np50 ms (lower is better)"),
     ("throughput", "commands_per_s", "throughput, 10 VMs\ncommands/s (higher is better)"),
 )

@@ -1,7 +1,7 @@
 """vmfleet benchmarks, side by side with the peers users would pick instead.
 
     make bench            # every scenario, full size (see bench/README.md)
-    make bench QUICK=1    # fewer rounds and commands, under 10 minutes
+    make bench QUICK=1    # fewer rounds and commands (fanout200_warm still starts 400 workers)
     .venv/bin/python bench/run.py --only one_vm_seq,one_vm_conc8 --quick
 
 Starts real sshd VMs on loopback addresses (and the local control plane, Redis and the
@@ -35,8 +35,11 @@ MODULES = {
     "bench.scenarios.fanout": ("fanout50_cold", "fanout50_warm"),
     "bench.scenarios.latency": ("e2e_latency",),
     "bench.scenarios.throughput": ("throughput",),
+    "bench.scenarios.cancel": ("cancel_latency",),
     "bench.scenarios.memory": ("memory",),
     "bench.scenarios.scale": ("scale_vms",),
+    # Last: its 200 worker processes (per-VM mode) stay until the run ends.
+    "bench.scenarios.fanout200": ("fanout200_warm",),
 }
 
 

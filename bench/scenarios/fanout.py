@@ -42,6 +42,11 @@ ROUND_TIMEOUT = 420.0
 SSH_CONNECTED = re.compile(r"Connected to \S+@[\d.]+:\d+ \(host key ")
 
 
+def command_writes(c: Cluster) -> float:
+    """Mutating requests on RemoteCommands (object and status) the API server served so far."""
+    return sum(v for k, v in c.write_requests().items() if k.startswith("remotecommands"))
+
+
 def restart_sshds(vms: Sequence[SshdVM]) -> float:
     """Restart every VM's sshd (in parallel): every open SSH connection to them ends."""
     start = time.perf_counter()
@@ -54,23 +59,30 @@ def restart_sshds(vms: Sequence[SshdVM]) -> float:
 
 
 class Vmfleet:
-    """The whole of vmfleet: API server, controller, 50 Celery workers (Process runtime)."""
+    """The whole of vmfleet: API server, controller, a Celery worker per VM (Process
+    runtime), or one worker process for all of them when ``spec`` names a ``workerPool``."""
 
-    def __init__(self, bench: Bench, vms: Sequence[SshdVM]) -> None:
+    def __init__(self, bench: Bench, vms: Sequence[Any], label: dict[str, str] | None = None,
+                 prefix: str = "fanout50", **spec: Any) -> None:
         self.vms = vms
+        self.label = label or LABEL
+        self.prefix = prefix
         self.cluster: Cluster = cluster(bench)
         names = [vm.name for vm in vms]
-        print(f"  registering {len(vms)} RemoteVMs (a Celery worker each; minutes on 2 cores) ...",
-              flush=True)
+        how = f"pool {spec['workerPool']}: one worker process" if spec.get("workerPool") \
+            else "a Celery worker each; minutes on 2 cores"
+        print(f"  registering {len(vms)} RemoteVMs ({how}) ...", flush=True)
         t0 = time.monotonic()
         try:
-            self.cluster.register(vms, labels=LABEL)
+            self.cluster.register(vms, labels=self.label, **spec)
         except TimeoutError:
             self.cluster.wait_workers_ready(names, timeout=WORKERS_READY_TIMEOUT)
         # VMs another scenario registered first lack the label.
-        self.cluster.kubectl("label", "--overwrite", "-n", NAMESPACE, "remotevms", *names,
-                             *(f"{k}={v}" for k, v in LABEL.items()))
-        print(f"  workers of {len(vms)} VMs ready after {time.monotonic() - t0:.0f} s", flush=True)
+        for i in range(0, len(names), 100):
+            self.cluster.kubectl("label", "--overwrite", "-n", NAMESPACE, "remotevms",
+                                 *names[i:i + 100], *(f"{k}={v}" for k, v in self.label.items()))
+        self.ready_seconds = time.monotonic() - t0
+        print(f"  workers of {len(vms)} VMs ready after {self.ready_seconds:.0f} s", flush=True)
         self.count = 0
         self.reconnects: list[int] = []  # per cold round: connections the workers opened
 
@@ -90,11 +102,14 @@ class Vmfleet:
             restart_sshds(self.vms)
             before = self.connections_logged()
         self.count += 1
-        name = f"fanout50-{'cold' if cold else 'warm'}-{self.count}-{uuid.uuid4().hex[:5]}"
-        t0 = c.create(name, selector={"matchLabels": LABEL}, command=COMMAND)
+        name = f"{self.prefix}-{'cold' if cold else 'warm'}-{self.count}-{uuid.uuid4().hex[:5]}"
+        writes_before = command_writes(c)
+        t0 = c.create(name, selector={"matchLabels": self.label}, command=COMMAND)
         try:
             t_end, phase = c.watcher.wait([name], timeout=ROUND_TIMEOUT)[name]
             wall = t_end - t0
+            # The write that carried the end state is the controller's last for this command.
+            writes = command_writes(c) - writes_before
             self.check(name, phase)
         finally:
             c.kube.custom.delete_namespaced_custom_object(GROUP, VERSION, NAMESPACE, COMMAND_PLURAL,
@@ -105,19 +120,20 @@ class Vmfleet:
             self.reconnects.append(opened)
             print(f"    vmfleet cold round {self.count}: workers opened {opened} SSH connections "
                   f"(sshds restarted before the round)", flush=True)
-        return {"wall_s": wall}
+        return {"wall_s": wall, "writes_per_vm": writes / len(self.vms)}
 
     def check(self, name: str, phase: str) -> None:
-        """Succeeded, summary.succeeded == 50, every result exit 0 on attempt 1."""
+        """Succeeded, summary.succeeded == all VMs, every result exit 0 on attempt 1."""
+        n = len(self.vms)
         obj: dict[str, Any] = self.cluster.kube.custom.get_namespaced_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, NAMESPACE, COMMAND_PLURAL, name)
         status = obj.get("status") or {}
         summary = status.get("summary") or {}
-        if phase != "Succeeded" or summary.get("succeeded") != N_VMS:
+        if phase != "Succeeded" or summary.get("succeeded") != n:
             raise CommandFailed(f"vmfleet: {name} ended {phase} with summary {summary}")
         results = status.get("results") or []
         bad = [r for r in results if r.get("exitCode") != 0 or r.get("attempt") != 1]
-        if len(results) != N_VMS or bad:
+        if len(results) != n or bad:
             raise CommandFailed(f"vmfleet: {name}: {len(results)} results, not exit 0 on attempt 1: "
                                 f"{bad[:3]}")
 
@@ -189,6 +205,7 @@ class Ansible:
 
     def __init__(self, vms: Sequence[SshdVM], workdir: Path) -> None:
         self.vms = vms
+        self.forks = len(vms)
         self.dir = workdir / "ansible"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.binary = Path(sys.executable).with_name("ansible")
@@ -207,7 +224,7 @@ class Ansible:
             "gathering = explicit\n"
             "retry_files_enabled = False\n"
             "interpreter_python = auto_silent\n"
-            "forks = 50\n"
+            f"forks = {self.forks}\n"
             "[ssh_connection]\n"
             # ssh_args stays the default (-C -o ControlMaster=auto -o ControlPersist=60s).
             f"ssh_common_args = -F /dev/null -o UserKnownHostsFile={known_hosts} "
@@ -224,14 +241,14 @@ class Ansible:
         control_dir.mkdir(parents=True, exist_ok=True)
         env = {**self.env, "ANSIBLE_SSH_CONTROL_PATH_DIR": str(control_dir)}
         argv = [str(self.binary), "all", "-i", str(self.inventory), "-m", "raw", "-a", COMMAND,
-                "-f", str(N_VMS)]
+                "-f", str(self.forks)]
         start = time.perf_counter()
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600,
                               stdin=subprocess.DEVNULL, cwd=self.dir)
         wall = time.perf_counter() - start
         ok = set(ANSIBLE_OK.findall(done.stdout))
-        if done.returncode != 0 or len(ok) != N_VMS:
-            raise CommandFailed(f"ansible: exit {done.returncode}, {len(ok)} of {N_VMS} CHANGED rc=0; "
+        if done.returncode != 0 or len(ok) != len(self.vms):
+            raise CommandFailed(f"ansible: exit {done.returncode}, {len(ok)} of {len(self.vms)} CHANGED rc=0; "
                                 f"{(done.stdout + done.stderr)[-1500:]}")
         return wall
 
@@ -252,8 +269,8 @@ class Ansible:
             finally:
                 self.exit_masters(control_dir)
         alive = len(self.masters(self.warm_dir))
-        if alive != N_VMS:
-            print(f"    ansible warm: {alive} of {N_VMS} ControlPersist masters alive before the round",
+        if alive != len(self.vms):
+            print(f"    ansible warm: {alive} of {len(self.vms)} ControlPersist masters alive before the round",
                   flush=True)
         return {"wall_s": self.run_once(self.warm_dir)}
 
@@ -281,7 +298,7 @@ class ParallelSSH:
     def new_client(self) -> Any:
         from pssh.clients import ParallelSSHClient
 
-        return ParallelSSHClient(self.hosts, host_config=self.host_config, pool_size=N_VMS,
+        return ParallelSSHClient(self.hosts, host_config=self.host_config, pool_size=len(self.hosts),
                                  num_retries=1, timeout=60, allow_agent=False)
 
     def run_once(self, client: Any) -> float:
@@ -291,7 +308,7 @@ class ParallelSSH:
         wall = time.perf_counter() - start
         bad = [(o.host, o.exit_code, o.exception) for o in output
                if o.exception is not None or o.exit_code != 0]
-        if len(output) != N_VMS or bad:
+        if len(output) != len(self.hosts) or bad:
             raise CommandFailed(f"parallel_ssh: {len(output)} outputs, failed: {bad[:3]}")
         return wall
 

@@ -7,7 +7,8 @@ timed). Metrics per round: ``p50_ms``/``p95_ms``/``p99_ms`` over the N commands 
 
 * ``vmfleet``: create a RemoteCommand (``vm: vm1``) through the API server → the shared
   watch sees it ``Succeeded`` (controller, Redis, the VM's Celery worker with its pooled
-  connection, and every status write in between). Where the time goes (INTERVALS, from
+  connection, its claim and result reports through Redis, and the controller's status
+  write, the only one). Where the time goes (INTERVALS, from
   the status stamps and the controller's and worker's log lines) is printed and goes
   into the row note.
 * ``guide_send_task``: the original guide's way (``bench/guide_app.py``): a prefork
@@ -30,7 +31,6 @@ import re
 import statistics
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -49,28 +49,37 @@ AIRFLOW_VENV = REPO / ".venv-airflow"
 TIMEOUT = 120.0
 # Where the time of one vmfleet command goes: (from, to, what happens in between), between
 # moments known for each command: "create" (the bench sent it), status stamps (startTime,
-# results[0].dispatchTime / startTime ("claim") / heartbeatTime ("started", kept by a
-# second watch since the result write removes it) / completionTime ("done"), the Finished
-# condition's lastTransitionTime ("folded")), the millisecond times of log lines of the
-# controller and the worker ("... log"; one machine, one clock) and "watch seen" (the
-# bench's watch saw Succeeded). See _breakdown.
+# results[0].dispatchTime / completionTime ("done"), the Finished condition's
+# lastTransitionTime ("folded")), the millisecond times of log lines of the controller
+# and the worker ("... log"; one machine, one clock) and "watch seen" (the bench's watch
+# saw Succeeded). The controller is the only writer of the status: the worker claims in
+# Redis and reports its claim and result through the Redis stream; the controller writes
+# them (usually in one patch) and logs "RemoteCommand ns/name Succeeded" once the write
+# landed and its reports are acknowledged ("written log"). See _breakdown.
 INTERVALS = (
     ("create", "startTime", "API server create + the controller's watch event, until it stamps"),
     ("startTime", "dispatch", "the controller decides to dispatch"),
-    ("dispatch", "received log", "controller's status write and publish + Redis + the worker's "
-                                 "consumer, until Celery logs 'received'"),
-    ("dispatch", "dispatched log", "(the controller: dispatch stamp until it logs 'Dispatched')"),
-    ("received log", "claim", "the worker's handler starts, opens a channel on the pooled "
-                              "connection and starts the wrapper, which reports its process group"),
-    ("claim", "claimed log", "the claim PATCH"),
-    ("claimed log", "done", "the go to the wrapper, `true` runs and exits"),
-    ("done", "folded", "the terminal phase computed (0: in the worker's result write)"),
-    ("done", "finished log", "the worker's result PATCH"),
-    ("done", "watch seen", "the result write + the bench's watch event"),
+    ("dispatch", "dispatched log", "the controller publishes the task (Redis)"),
+    ("dispatch", "received log", "publish + Redis + the worker's consumer, until Celery logs "
+                                 "'received'"),
+    ("received log", "claimed log", "the worker's handler starts, opens a channel on the pooled "
+                                    "connection, the wrapper reports its process group, the "
+                                    "claim in Redis (SET NX)"),
+    ("claimed log", "done", "the claim report (XADD), the go to the wrapper, `true` runs and "
+                            "exits"),
+    ("done", "finished log", "the worker's result report (XADD)"),
+    ("finished log", "written log", "the controller reads the stream, folds claim + result, "
+                                    "its status PATCH lands"),
+    ("done", "folded", "the terminal phase computed by the controller (its clock)"),
+    ("written log", "watch seen", "the bench's watch event (the line is logged after the PATCH "
+                                  "response and the Redis ack: often negative)"),
+    ("done", "watch seen", "report, status write and the bench's watch event"),
     ("create", "watch seen", "all of it"),
 )
 _LOG_TIME = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 _LOG_EVENT = re.compile(r"(Dispatched|Claimed|Finished) RemoteCommand " + NAMESPACE + r"/(\S+)")
+# The controller's line once the status write of an end state landed (controller.loop).
+_LOG_WRITTEN = re.compile(r"\] RemoteCommand " + NAMESPACE + r"/(\S+) (Succeeded|Failed|Cancelled) \(")
 
 
 def run(bench: Bench, wanted: list[str]) -> None:
@@ -123,8 +132,6 @@ def run(bench: Bench, wanted: list[str]) -> None:
 
 def _vmfleet(fleet: Cluster, vm: SshdVM, n: int, stages: dict[str, list[float]]
              ) -> Callable[[], dict[str, float]]:
-    recorder = _Recorder(fleet)
-
     def one(name: str) -> tuple[float, float, float]:
         """(perf create time, perf seen time, wall create time)"""
         wall = time.time()
@@ -152,7 +159,7 @@ def _vmfleet(fleet: Cluster, vm: SshdVM, n: int, stages: dict[str, list[float]]
             name = f"lat-{tag}-{r}-{i}"
             times[name] = one(name)
         wall = time.perf_counter() - start
-        _breakdown(fleet, recorder, times, stages)
+        _breakdown(fleet, times, stages)
         fleet.delete_all_commands()
         return {**latency_metrics([t1 - t0 for t0, t1, _ in times.values()]),
                 "commands_per_s": n / wall}
@@ -160,46 +167,13 @@ def _vmfleet(fleet: Cluster, vm: SshdVM, n: int, stages: dict[str, list[float]]
     return measure
 
 
-class _Recorder:
-    """A second watch over the namespace's RemoteCommands: per command, the first
-    ``results[0].heartbeatTime`` written (the worker removes it with the result)."""
-
-    def __init__(self, fleet: Cluster) -> None:
-        self.fleet = fleet
-        self.heartbeat: dict[str, str] = {}
-        threading.Thread(target=self._run, daemon=True, name="latency-recorder").start()
-
-    def _run(self) -> None:
-        from kubernetes import watch
-
-        rv = ""
-        while True:
-            try:
-                for event in watch.Watch().stream(
-                        self.fleet.kube.custom.list_namespaced_custom_object, GROUP, VERSION,
-                        NAMESPACE, COMMAND_PLURAL, resource_version=rv or None,
-                        timeout_seconds=60, allow_watch_bookmarks=True):
-                    obj = event["object"]
-                    rv = obj["metadata"].get("resourceVersion", rv)
-                    if event["type"] == "BOOKMARK":
-                        continue
-                    name = obj["metadata"]["name"]
-                    status = obj.get("status") or {}
-                    result = (status.get("results") or [{}])[0]
-                    if result.get("heartbeatTime"):
-                        self.heartbeat.setdefault(name, result["heartbeatTime"])
-            except Exception as exc:  # a 410 Gone or a dropped stream: watch again
-                if "410" in str(exc):
-                    rv = ""
-                time.sleep(0.1)
-
-
 def _ts(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() if value else None
 
 
 def _log_moments(fleet: Cluster) -> dict[str, dict[str, float]]:
-    """{command: {"dispatched log"/"received log"/"claimed log"/"finished log": wall time}}
+    """{command: {"dispatched log"/"received log"/"claimed log"/"finished log"/"written log":
+    wall time}}
     from the controller's and the workers' logs (their local-time millisecond stamps). A
     worker's "received" line names no command: it is the last one before "Claimed <name>"
     (commands run one at a time here)."""
@@ -219,6 +193,10 @@ def _log_moments(fleet: Cluster) -> dict[str, dict[str, float]]:
             if "Task remote_tasks.execute_on_vm[" in line and line.rstrip().endswith("received"):
                 received = when
                 continue
+            written = _LOG_WRITTEN.search(line)
+            if written is not None:
+                out.setdefault(written.group(1), {}).setdefault("written log", when)
+                continue
             event = _LOG_EVENT.search(line)
             if event is None:
                 continue
@@ -230,7 +208,7 @@ def _log_moments(fleet: Cluster) -> dict[str, dict[str, float]]:
     return out
 
 
-def _breakdown(fleet: Cluster, recorder: _Recorder, times: dict[str, tuple[float, float, float]],
+def _breakdown(fleet: Cluster, times: dict[str, tuple[float, float, float]],
                stages: dict[str, list[float]]) -> None:
     """The INTERVALS of each command of a round, from its status, the logs and the bench's
     times; an interval with a moment the command lacks is left out."""
@@ -250,8 +228,6 @@ def _breakdown(fleet: Cluster, recorder: _Recorder, times: dict[str, tuple[float
             "create": wall0,
             "startTime": _ts(status.get("startTime")),
             "dispatch": _ts(result.get("dispatchTime")),
-            "claim": _ts(result.get("startTime")),
-            "started": _ts(recorder.heartbeat.get(name)),
             "done": _ts(result.get("completionTime")),
             "folded": _ts(finished),
             "watch seen": wall0 + (t1 - t0),
