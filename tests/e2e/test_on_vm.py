@@ -1,0 +1,190 @@
+"""What an attempt leaves on the VM: the SSH layer against a real OpenSSH sshd, checked on
+the VM itself (``ps`` over a separate SSH connection).
+
+* a terminated attempt kills what left its process group (``setsid``, ``nohup ... &``, a
+  double fork), found by the marker in their environment;
+* a command killed by a signal reports the signal's name (``exit-signal``);
+* ``AttemptControl.terminate`` from another thread ends a running attempt at once;
+* ``become`` through sudo: NOPASSWD, a password, a wrong password.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from remote_tasks.become import Become
+from remote_tasks.shell import build_invocation
+from remote_tasks.ssh import AttemptControl, ConnectionPool, Deadline, SSHTarget
+from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.dev.proc import wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+def target_of(vm) -> SSHTarget:  # type: ignore[no-untyped-def]
+    return SSHTarget(host=vm.host, port=vm.port, user=vm.user,
+                     private_key=vm.user_private_key_pem, host_keys=tuple(vm.host_public_keys),
+                     passphrase=vm.key_passphrase)
+
+
+def processes(vm, needle: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """Live processes on the VM whose command line contains ``needle``."""
+    _, out, _ = vm.run("ps -eo stat=,args=")
+    return [line for line in out.decode().splitlines()
+            if needle in line and not line.strip().startswith("Z") and "ps -eo" not in line]
+
+
+def run(pool: ConnectionPool, vm, spec: dict, **options):  # type: ignore[no-untyped-def]
+    nonce = uuid.uuid4().hex
+    invocation = build_invocation(RemoteCommandSpec.model_validate({"vm": "x", **spec}), nonce)
+    conn = pool.get(target_of(vm))
+    return conn.run(invocation.line, invocation.stdin, 65536, nonce=nonce, **options)
+
+
+# A command whose children leave its process group in the three classic ways, each a
+# sleep of its own length so the check on the VM can tell them apart.
+ESCAPES = (
+    "setsid sleep 701 </dev/null >/dev/null 2>&1 &\n"
+    "nohup sleep 702 </dev/null >/dev/null 2>&1 &\n"
+    "( ( setsid sleep 703 </dev/null >/dev/null 2>&1 & ) & )\n"
+    "sh -c 'sleep 704 & exit' </dev/null >/dev/null 2>&1\n"
+    "echo started\n"
+    "sleep 700\n"
+)
+ESCAPED = ("sleep 700", "sleep 701", "sleep 702", "sleep 703", "sleep 704")
+
+
+@pytest.fixture
+def pool():  # type: ignore[no-untyped-def]
+    p = ConnectionPool()
+    yield p
+    p.close_all()
+
+
+def test_timeout_kills_what_left_the_process_group(make_vm, pool):  # type: ignore[no-untyped-def]
+    vm = make_vm("escapes")
+    result = run(pool, vm, {"script": ESCAPES},
+                 deadline=Deadline(time.monotonic() + 3, "Timeout"), kill_grace=1)
+    assert result.ended_by == "Timeout"
+    assert result.stdout.text() == "started\n"
+    assert result.signal in ("TERM", "KILL")
+    # the VM itself: none of the five sleeps is left, in or out of the group
+    wait_until(lambda: all(processes(vm, s) == [] for s in ESCAPED), timeout=10,
+               what="every escaped sleep to be gone")
+
+
+def test_the_group_kill_alone_leaves_the_escapees(make_vm, pool):  # type: ignore[no-untyped-def]
+    """The reason for the marker: killing only the group (the old terminate) leaves them."""
+    from remote_tasks.shell import terminate_line
+
+    vm = make_vm("groupkill")
+    nonce = uuid.uuid4().hex
+    invocation = build_invocation(RemoteCommandSpec.model_validate(
+        {"vm": "x", "script": ESCAPES}), nonce)
+    conn = pool.get(target_of(vm))
+    holder: dict = {}
+
+    def background() -> None:
+        holder["result"] = conn.run(invocation.line, invocation.stdin, 65536, nonce=nonce)
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    wait_until(lambda: processes(vm, "sleep 700"), timeout=20, what="the command to start")
+    _, out, _ = vm.run("pgrep -f -o 'sleep 700'")
+    leader_group = vm.run(f"ps -o pgid= -p {out.decode().split()[0]}")[1].decode().strip()
+    code, _, _ = vm.run(terminate_line(int(leader_group), 0.5))  # group only: no marker
+    assert code == 0
+    thread.join(timeout=20)
+    try:
+        assert processes(vm, "sleep 700") == []
+        escaped = [s for s in ESCAPED[1:] if processes(vm, s)]
+        assert escaped, "nothing escaped the group: the test shows nothing"
+    finally:
+        vm.run(terminate_line(None, 0.5, nonce))
+    wait_until(lambda: all(processes(vm, s) == [] for s in ESCAPED), timeout=10,
+               what="the marker kill to end the escapees")
+
+
+def test_a_command_killed_by_a_signal_names_it(make_vm, pool):  # type: ignore[no-untyped-def]
+    vm = make_vm("signals")
+    result = run(pool, vm, {"command": "echo before; kill -9 $$; echo after"})
+    assert (result.exit_code, result.signal, result.ended_by) == (None, "KILL", None)
+    assert result.stdout.text() == "before\n"
+    result = run(pool, vm, {"argv": ["sh", "-c", "kill -s TERM $$"]})
+    assert (result.exit_code, result.signal) == (None, "TERM")
+    result = run(pool, vm, {"command": "exit 137"})  # an exit code is not a signal
+    assert (result.exit_code, result.signal) == (137, None)
+
+
+def test_terminate_from_another_thread_ends_the_attempt_at_once(make_vm, pool):  # type: ignore[no-untyped-def]
+    vm = make_vm("cancel")
+    control = AttemptControl()
+    holder: dict = {}
+
+    def background() -> None:
+        holder["result"] = run(pool, vm, {"script": ESCAPES.replace("sleep 700", "trap '' TERM; sleep 700")},
+                               control=control, kill_grace=1)
+
+    thread = threading.Thread(target=background)
+    thread.start()
+    wait_until(lambda: all(processes(vm, s) for s in ESCAPED), timeout=20,
+               what="the command and its escapees to run")
+    started = time.monotonic()
+    assert control.terminate("Cancelled")
+    killed_in = time.monotonic() - started
+    assert not control.terminate("Cancelled")  # once
+    assert all(processes(vm, s) == [] for s in ESCAPED)
+    thread.join(timeout=20)
+    result = holder["result"]
+    assert result.ended_by == "Cancelled"
+    # TERM was ignored by the leader: the KILL after the 1 s grace ended it
+    assert result.signal == "KILL"
+    assert killed_in < 1.0 + 1.0, killed_in
+
+
+def test_terminate_before_the_go_never_starts_the_command(make_vm, pool):  # type: ignore[no-untyped-def]
+    from remote_tasks.ssh import NotStarted
+
+    vm = make_vm("early")
+    control = AttemptControl()
+    assert not control.terminate("Cancelled")  # nothing to kill yet
+    marker = "/tmp/vmfleet-early-ran"
+    with pytest.raises(NotStarted):
+        run(pool, vm, {"command": f"touch {marker}"}, control=control)
+    assert not vm.host_path(marker).exists()
+
+
+def test_cancel_latency_of_a_quick_term(make_vm, pool):  # type: ignore[no-untyped-def]
+    """A command that obeys TERM is gone well within a second of terminate()."""
+    vm = make_vm("quick")
+    latencies = []
+    for _ in range(5):
+        control = AttemptControl()
+        thread = threading.Thread(target=run, args=(pool, vm, {"argv": ["sleep", "705"]}),
+                                  kwargs={"control": control})
+        thread.start()
+        wait_until(lambda: processes(vm, "sleep 705"), timeout=20, what="sleep 705 to start")
+        started = time.monotonic()
+        control.terminate("Cancelled")
+        latencies.append(time.monotonic() - started)
+        assert processes(vm, "sleep 705") == []
+        thread.join(timeout=20)
+    assert max(latencies) < 1.0, latencies
+
+
+def test_become_from_root_runs_as_another_user(make_vm, pool):  # type: ignore[no-untyped-def]
+    from vmfleet.dev.sshd import is_root
+
+    if not is_root():
+        pytest.skip("logging in as root needs a root test run")
+    vm = make_vm("become-root")
+    for spec in ({"command": "id -un"}, {"argv": ["id", "-un"]}, {"script": "id -un\n"},
+                 {"command": "id -un; cat", "stdin": "from stdin\n"}):
+        result = run(pool, vm, {**spec, "become": {"user": "nobody"}}, become=Become("nobody"))
+        assert (result.exit_code, result.become_failed) == (0, None), result.stderr.text()
+        assert result.stdout.text().startswith("nobody\n"), spec
+    assert result.stdout.text() == "nobody\nfrom stdin\n"
