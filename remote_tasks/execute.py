@@ -30,6 +30,8 @@ from vmfleet import metrics
 from vmfleet.celeryconf import broker_url
 
 from . import claims
+from .become import PasswordInvalid, become_for, read_become_password, refusal
+from .signals import signal_outcome
 from .slots import write_turn
 from .shell import InvalidCommand, build_invocation
 from .ssh import (
@@ -84,6 +86,7 @@ class Outcome:
             "completionTime": completion_time,
         }
         if self.result is not None:
+            fields.update(signal_outcome(self.result.signal, self.exit_code))
             out, err = self.result.stdout, self.result.stderr
             fields.update(
                 stdout=out.text(),
@@ -97,6 +100,9 @@ class Outcome:
 
 def judge(result: ExecResult, success_exit_codes: list[int]) -> Outcome:
     """Succeeded or Failed, from the exit code and the spec's successExitCodes."""
+    if result.exit_code is None and result.signal is not None:
+        return Outcome(Phase.FAILED, Reason.SIGNALED, f"killed by signal {result.signal}", None,
+                       result)
     if result.exit_code is None:
         return Outcome(
             Phase.FAILED, Reason.EXIT_CODE,
@@ -455,6 +461,8 @@ class CommandExecutor:
             return Outcome(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                            f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed "
                            "before this attempt could start")
+        if (refused := refusal(envelope.vm, target.allow_become, invocation.become_user)):
+            return Outcome(Phase.FAILED, Reason.BECOME_FAILED, refused)
         lost_pgid = attempt.entry.get("lostPgid")
         prefix = f"[{envelope.ref} {envelope.vm}"
         try:
@@ -473,6 +481,7 @@ class CommandExecutor:
                 gate=attempt.claim,
                 tick=attempt.tick,
                 kill_grace=KILL_GRACE,
+                become=become_for(invocation.become_user, target.become_password),
             )
         except TransportError as exc:
             if exc.pgid is not None:
@@ -480,6 +489,8 @@ class CommandExecutor:
             return Outcome(Phase.FAILED, exc.reason, str(exc))
         except SSHError as exc:
             return Outcome(Phase.FAILED, exc.reason, str(exc))
+        if result.become_failed is not None:
+            return Outcome(Phase.FAILED, Reason.BECOME_FAILED, result.become_failed, None, result)
         if result.ended_by == Reason.TIMEOUT:
             return Outcome(Phase.FAILED, Reason.TIMEOUT,
                            f"timed out after {spec.timeout_seconds}s; the remote process group "
@@ -547,7 +558,16 @@ class CommandExecutor:
                     f"RemoteVM {vm_name} uses TrustOnFirstUse and its host key is not recorded "
                     "yet: the first health probe records it (status.hostKey); retry after that",
                 )
+        try:
+            become_password = read_become_password(
+                self.credentials_dir, lambda: self.kube.read_secret(
+                    namespace, spec.credentials_secret_ref.name)) if spec.allow_become else None
+        except (OSError, ApiException, PasswordInvalid) as exc:
+            raise AttemptFailed(Reason.CREDENTIALS_INVALID,
+                                f"cannot read the become-password of RemoteVM {vm_name}: {exc}") from exc
         return SSHTarget(
+            allow_become=spec.allow_become and bastion_of is None,
+            become_password=become_password,
             trust_on_first_use=spec.host_key_policy == c.HOST_KEY_TOFU and not host_keys,
             jump=self.resolve_bastion(namespace, vm_name, spec, bastion_of),
             host=spec.host,

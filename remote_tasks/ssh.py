@@ -204,6 +204,9 @@ class SSHTarget:
     trust_on_first_use: bool = False
     # proxyJump: reach this VM through a direct-tcpip channel of the bastion's connection.
     jump: SSHTarget | None = None
+    # spec.allowBecome of the RemoteVM, and its sudo password (become-password), if any.
+    allow_become: bool = False
+    become_password: str | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:

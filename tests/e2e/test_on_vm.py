@@ -188,3 +188,47 @@ def test_become_from_root_runs_as_another_user(make_vm, pool):  # type: ignore[n
         assert (result.exit_code, result.become_failed) == (0, None), result.stderr.text()
         assert result.stdout.text().startswith("nobody\n"), spec
     assert result.stdout.text() == "nobody\nfrom stdin\n"
+
+
+# --------------------------------------------------------------------------- the whole flow
+# RemoteCommands through the real control plane, controller and workers; results checked
+# in status and on the VM.
+
+
+def result_of(obj: dict) -> dict:
+    return obj["status"]["results"][0]
+
+
+def _t(stamp: str) -> float:
+    from vmfleet.api.envelope import parse_rfc3339
+
+    return parse_rfc3339(stamp).timestamp()
+
+
+def test_timed_out_command_leaves_nothing_running(ns, make_vm):  # type: ignore[no-untyped-def]
+    vm = make_vm("rc-escapes")
+    ns.add_vms([vm])
+    ns.run("escapes", vm=vm.name, timeoutSeconds=3, script=ESCAPES)
+    obj = ns.finished("escapes", timeout=90)
+    result = result_of(obj)
+    assert (obj["status"]["phase"], result["reason"]) == ("Failed", "Timeout")
+    assert result["stdout"] == "started\n"
+    assert result["signal"] in ("TERM", "KILL")  # recorded, but vmfleet sent it: Timeout
+    assert result["exitCode"] == {"TERM": 143, "KILL": 137}[result["signal"]]
+    assert all(processes(vm, s) == [] for s in ESCAPED), [processes(vm, s) for s in ESCAPED]
+
+
+def test_kill_9_is_signaled_kill_137(ns, make_vm):  # type: ignore[no-untyped-def]
+    vm = make_vm("rc-signal")
+    ns.add_vms([vm])
+    ns.run("nine", vm=vm.name, command="echo before; kill -9 $$")
+    obj = ns.finished("nine", timeout=90)
+    result = result_of(obj)
+    assert obj["status"]["phase"] == "Failed"
+    assert (result["reason"], result["signal"], result["exitCode"]) == ("Signaled", "KILL", 137)
+    assert result["message"] == "killed by signal KILL"
+    assert result["stdout"] == "before\n"
+    # a later attempt's plain exit clears the signal (one field per attempt)
+    ns.run("plain", vm=vm.name, command="exit 3")
+    plain = result_of(ns.finished("plain", timeout=90))
+    assert (plain["reason"], plain["exitCode"], plain.get("signal")) == ("ExitCode", 3, None)
