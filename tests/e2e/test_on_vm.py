@@ -232,3 +232,140 @@ def test_kill_9_is_signaled_kill_137(ns, make_vm):  # type: ignore[no-untyped-de
     ns.run("plain", vm=vm.name, command="exit 3")
     plain = result_of(ns.finished("plain", timeout=90))
     assert (plain["reason"], plain["exitCode"], plain.get("signal")) == ("ExitCode", 3, None)
+
+
+# --------------------------------------------------------------------------- become
+
+NOPASSWD_USER = "vmfleet-e2e-nopw"
+PASSWORD_USER = "vmfleet-e2e-pw"
+SUDOERS = "/etc/sudoers.d/vmfleet-e2e"
+
+
+@pytest.fixture(scope="module")
+def sudo_users():  # type: ignore[no-untyped-def]
+    """Two unprivileged login users: one with a NOPASSWD sudoers entry, one that sudo asks
+    for its password (a random one, set here). Removed again at the end."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from vmfleet.dev.sshd import is_root
+
+    if not is_root() or shutil.which("sudo") is None:
+        pytest.skip("needs root (to add users and a sudoers entry) and sudo "
+                    "(scripts/install-system-deps.sh installs it)")
+    password = uuid.uuid4().hex
+    for user in (NOPASSWD_USER, PASSWORD_USER):
+        if subprocess.run(["id", user], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", user], check=True)
+    # "*": no password, but not locked ("!"), which sshd would refuse even for a key
+    subprocess.run(["usermod", "-p", "*", NOPASSWD_USER], check=True)
+    subprocess.run(["chpasswd"], input=f"{PASSWORD_USER}:{password}\n", text=True, check=True)
+    Path(SUDOERS).write_text(f"{NOPASSWD_USER} ALL=(ALL) NOPASSWD: ALL\n"
+                             f"{PASSWORD_USER} ALL=(ALL) ALL\n")
+    Path(SUDOERS).chmod(0o440)
+    try:
+        yield password
+    finally:
+        Path(SUDOERS).unlink(missing_ok=True)
+        for user in (NOPASSWD_USER, PASSWORD_USER):
+            subprocess.run(["userdel", "--remove", user], capture_output=True)
+
+
+def add_vm(ns, vm, password: str | None = None, **spec) -> None:  # type: ignore[no-untyped-def]
+    from vmfleet.dev.manifests import vm_manifests
+
+    secret, remote_vm = vm_manifests(vm, str(ns), **spec)
+    if password is not None:
+        secret["stringData"]["become-password"] = password
+    ns.kubectl.apply(secret, remote_vm)
+
+
+def everything_readable(ns, controller_dir) -> str:  # type: ignore[no-untyped-def]
+    """Every log file, Event and status the test can read."""
+    from tests.e2e.fleet import logs_of
+
+    logs = logs_of(sorted(controller_dir.rglob("*.log")))
+    events = ns.k("get", "events", "-o", "json").stdout
+    commands = ns.k("get", "rcmd", "-o", "json").stdout
+    vms = ns.k("get", "rvm", "-o", "json").stdout
+    return "\n".join([logs, events, commands, vms])
+
+
+def test_become_with_nopasswd_from_an_unprivileged_login(ns, make_vm, sudo_users):  # type: ignore[no-untyped-def]
+    vm = make_vm("bnopw", user=NOPASSWD_USER)
+    add_vm(ns, vm, allowBecome=True)
+    ns.run("plain", vm=vm.name, command="id -u")
+    assert result_of(ns.finished("plain"))["stdout"].strip() != "0"
+    for name, action in (("cmd", {"command": "id -u"}), ("argv", {"argv": ["id", "-u"]}),
+                         ("script", {"script": "id -u\ncat\n"})):
+        ns.run(name, vm=vm.name, become={"user": "root"}, **action)
+    for name in ("cmd", "argv", "script"):
+        result = result_of(ns.finished(name))
+        assert (result["phase"], result["reason"], result["exitCode"]) == (
+            "Succeeded", "Completed", 0), result
+        assert result["stdout"] == "0\n"
+
+
+def test_become_with_a_password(ns, make_vm, sudo_users, controller_dir):  # type: ignore[no-untyped-def]
+    password = sudo_users
+    vm = make_vm("bpw", user=PASSWORD_USER)
+    add_vm(ns, vm, password=password, allowBecome=True)
+    ns.run("root", vm=vm.name, become={"user": "root"}, command="id -u; cat",
+           stdin="stdin after the password\n")
+    result = result_of(ns.finished("root"))
+    assert (result["phase"], result["exitCode"]) == ("Succeeded", 0), result
+    assert result["stdout"] == "0\nstdin after the password\n"
+    assert "vmfleet-become" not in result.get("stderr", "")
+    assert password not in everything_readable(ns, controller_dir)
+
+
+def test_become_with_a_wrong_password_fails_fast(ns, make_vm, sudo_users, controller_dir):  # type: ignore[no-untyped-def]
+    vm = make_vm("bwrong", user=PASSWORD_USER)
+    wrong = "wrong-" + uuid.uuid4().hex
+    add_vm(ns, vm, password=wrong, allowBecome=True)
+    ns.run("wrong", vm=vm.name, become={"user": "root"}, command="touch /root/vmfleet-never")
+    obj = ns.finished("wrong", timeout=60)
+    result = result_of(obj)
+    assert (obj["status"]["phase"], result["reason"]) == ("Failed", "BecomeFailed")
+    assert "sudo refused the password" in result["message"]
+    assert _t(result["completionTime"]) - _t(result["startTime"]) < 10
+    assert wrong not in everything_readable(ns, controller_dir)
+    # no password at all where sudo wants one: BecomeFailed too, not a hang
+    vm2 = make_vm("bnone", user=PASSWORD_USER)
+    add_vm(ns, vm2, allowBecome=True)
+    ns.run("none", vm=vm2.name, become={"user": "root"}, command="true")
+    result = result_of(ns.finished("none", timeout=60))
+    assert result["reason"] == "BecomeFailed"
+    assert "has no 'become-password' key" in result["message"]
+
+
+def test_become_nobody_from_a_root_login_and_a_vm_that_refuses(ns, make_vm):  # type: ignore[no-untyped-def]
+    from vmfleet.dev.sshd import is_root
+
+    if not is_root():
+        pytest.skip("CI logs in as root; here the login user is not root")
+    vm = make_vm("bnobody")
+    add_vm(ns, vm, allowBecome=True)
+    ns.run("nobody", vm=vm.name, become={"user": "nobody"}, argv=["id", "-un"])
+    result = result_of(ns.finished("nobody"))
+    assert (result["phase"], result["stdout"]) == ("Succeeded", "nobody\n"), result
+    refusing = make_vm("brefuse")
+    add_vm(ns, refusing)  # allowBecome defaults to false
+    marker = "/tmp/vmfleet-become-refused"
+    ns.run("refused", vm=refusing.name, become={"user": "nobody"}, command=f"touch {marker}")
+    result = result_of(ns.finished("refused"))
+    assert (result["phase"], result["reason"]) == ("Failed", "BecomeFailed")
+    assert "does not allow become (spec.allowBecome is false)" in result["message"]
+    assert not refusing.host_path(marker).exists()
+
+
+def test_become_timeout_kills_the_other_users_processes(ns, make_vm, sudo_users):  # type: ignore[no-untyped-def]
+    """An unprivileged login, the action as root: the terminate runs through sudo too."""
+    vm = make_vm("bkill", user=NOPASSWD_USER)
+    add_vm(ns, vm, allowBecome=True)
+    ns.run("stubborn", vm=vm.name, become={"user": "root"}, timeoutSeconds=2,
+           script="trap '' TERM\nsetsid sleep 706 </dev/null >/dev/null 2>&1 &\nsleep 707\n")
+    result = result_of(ns.finished("stubborn", timeout=60))
+    assert result["reason"] == "Timeout"
+    assert processes(vm, "sleep 706") == [] and processes(vm, "sleep 707") == []
