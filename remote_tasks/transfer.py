@@ -25,6 +25,7 @@ import hashlib
 import logging
 import posixpath
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,13 +35,13 @@ import paramiko
 from pydantic import ValidationError
 
 from vmfleet.api.constants import SECRET_TYPE_SSH_AUTH, Phase, Reason
-from vmfleet.api.envelope import Envelope, now_rfc3339
+from vmfleet.api.envelope import Envelope, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource, TransferSpec
 from vmfleet.kube import ApiException
 
 from . import claims
 from .execute import AttemptFailed, CommandExecutor
-from .ssh import SSHError, SSHTarget
+from .ssh import Deadline, SSHError, SSHTarget
 
 log = logging.getLogger("remote_tasks.transfer")
 
@@ -115,6 +116,31 @@ def classify(exc: BaseException, vm: str, path: str, writing: bool) -> TransferF
         return TransferFailed(Reason.PERMISSION_DENIED, f"permission denied {verb} {path} on {vm}")
     detail = str(exc) or type(exc).__name__
     return TransferFailed(Reason.TRANSPORT_ERROR, f"{vm}:{path}: {detail}")
+
+
+def transfer_deadline(spec: RemoteCommandSpec, command_start: str | None,
+                      now: float) -> Deadline | None:
+    """When this attempt must end (``now``: the executor's clock): timeoutSeconds from now,
+    activeDeadlineSeconds from the command's startTime, whichever comes first."""
+    per_attempt = Deadline(now + spec.timeout_seconds, Reason.TIMEOUT) if spec.timeout_seconds \
+        else None
+    overall = None
+    if spec.active_deadline_seconds and command_start:
+        remaining = (parse_rfc3339(command_start).timestamp() + spec.active_deadline_seconds
+                     - time.time())
+        overall = Deadline(now + remaining, Reason.DEADLINE_EXCEEDED)
+    return Deadline.earliest(per_attempt, overall)
+
+
+def _closed(sftp: paramiko.SFTPClient) -> bool:
+    channel = sftp.get_channel()
+    return channel is not None and channel.closed
+
+
+def deadline_message(spec: RemoteCommandSpec, reason: str) -> str:
+    if reason == Reason.TIMEOUT:
+        return f"the transfer did not finish within timeoutSeconds ({spec.timeout_seconds}s)"
+    return f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed"
 
 
 # --------------------------------------------------------------------------- SFTP pieces
@@ -193,6 +219,7 @@ class Destination:
     verified: bool = False
     finished_at: float = 0.0
     last_report: float = field(default_factory=time.monotonic)
+    partial_removed: bool = False  # ended early: its temporary file was removed
 
     @property
     def active(self) -> bool:
@@ -207,6 +234,7 @@ class Source:
     chunks: Callable[[], Iterator[bytes]]
     digest: Callable[[], str]
     close: Callable[[], None] = lambda: None
+    abort: Callable[[], None] = lambda: None  # from another thread: unblock a stalled read
 
 
 class TransferExecutor:
@@ -260,7 +288,8 @@ class TransferExecutor:
                 self._finish_failed(envelope, worker, index, e["vm"], e["attempt"], failure, None)
             return Phase.FAILED
         assert spec.transfer is not None
-        return self.run(envelope, worker, spec, claimed)
+        return self.run(envelope, worker, spec, claimed,
+                        command_start=(obj.get("status") or {}).get("startTime"))
 
     def _claim(
         self, envelope: Envelope, worker: str, batch: list[tuple[int, dict[str, Any]]]
@@ -281,7 +310,7 @@ class TransferExecutor:
 
     def run(
         self, envelope: Envelope, worker: str, spec: RemoteCommandSpec,
-        claimed: list[tuple[int, dict[str, Any]]],
+        claimed: list[tuple[int, dict[str, Any]]], command_start: str | None = None,
     ) -> str:
         transfer = spec.transfer
         assert transfer is not None
@@ -293,11 +322,15 @@ class TransferExecutor:
                 continue
             dests.append(Destination(e["vm"], loc.path, index, e["attempt"],
                                      temp_path(loc.path, envelope.uid, e["vm"], e["attempt"])))
-        deadline = (self.clock() + spec.timeout_seconds) if spec.timeout_seconds else None
+        deadline = transfer_deadline(spec, command_start, self.clock())
         started = self.clock()
         source: Source | None = None
         digest = ""
+        expired: list[str] = []  # the watchdog's reason, once the deadline passed
+        watchdog = self._watchdog(deadline, dests, expired, lambda: source)
         try:
+            if deadline is not None and deadline.expired(self.clock()):
+                raise TransferFailed(deadline.reason, deadline_message(spec, deadline.reason))
             source = self.open_source(envelope.namespace, transfer.from_)
             for dest in dests:
                 self.prepare(envelope, dest, transfer, source)
@@ -314,11 +347,26 @@ class TransferExecutor:
                 self.discard(dest)
             return "aborted"
         except TransferFailed as failure:  # the source: every destination fails alike
+            if expired:  # the watchdog cut a stalled read or write: that is the deadline
+                failure = TransferFailed(expired[0], deadline_message(spec, expired[0]))
+            elif failure.reason in (Reason.TIMEOUT, Reason.DEADLINE_EXCEEDED):
+                failure = TransferFailed(failure.reason, deadline_message(spec, failure.reason))
             for dest in dests:
-                dest.failure = dest.failure or failure
+                if expired or dest.failure is None:
+                    dest.failure = failure
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            if expired:  # a read or write the watchdog cut failed for the deadline's reason
+                late = TransferFailed(expired[0], deadline_message(spec, expired[0]))
+                for dest in dests:
+                    if dest.failure is not None or (dest.active and not dest.finished_at):
+                        dest.failure = late
             if source is not None:
-                source.close()
+                try:
+                    source.close()
+                except (OSError, paramiko.SSHException, EOFError):
+                    pass
             for dest in dests:
                 if dest.fh is not None or dest.failure is not None:
                     self.discard(dest)
@@ -342,7 +390,12 @@ class TransferExecutor:
             else:
                 assert dest.failure is not None
                 outcome = Phase.FAILED
-                fields.update(bytes=dest.written, totalBytes=source.size if source else None)
+                fields.update(bytes=dest.written, totalBytes=source.size if source else None,
+                              partialRemoved=dest.partial_removed or None)
+                if dest.partial_removed and "partial file" not in dest.failure.message:
+                    dest.failure = TransferFailed(
+                        dest.failure.reason, f"{dest.failure.message}; the partial file on "
+                        f"{dest.vm} was removed ({dest.path} was left as it was)")
                 if (dest.failure.reason in RETRYABLE and dest.attempt <= spec.retries.limit
                         and self.requeue is not None):
                     self._retry(envelope, worker, dest, spec, dest.failure, fields)
@@ -400,11 +453,17 @@ class TransferExecutor:
             return h.hexdigest()
 
         def close() -> None:
-            fh.close()
+            if not _closed(sftp):
+                fh.close()
             sftp.close()
 
+        def abort() -> None:
+            channel = sftp.get_channel()
+            if channel is not None:
+                channel.close()
+
         return Source(f"{vm}:{path}", size, stat.S_IMODE(attrs.st_mode or 0o644), chunks, digest,
-                      close)
+                      close, abort)
 
     def _object_source(self, namespace: str, source: TransferSource) -> Source:
         ref = source.config_map_key_ref or source.secret_key_ref
@@ -495,10 +554,13 @@ class TransferExecutor:
             dest.failure = classify(exc, dest.vm, dest.path, writing=True)
 
     def stream(self, envelope: Envelope, worker: str, source: Source, dests: list[Destination],
-               deadline: float | None, started: float) -> str:
+               deadline: Deadline | None, started: float) -> str:
         digest = hashlib.sha256()
         next_report = self.clock() + PROGRESS_SECONDS
         for chunk in source.chunks():
+            if deadline is not None and (reason := deadline.expired(self.clock())):
+                raise TransferFailed(reason, f"the transfer of {source.description} did not "
+                                     f"finish in time ({reason})")
             digest.update(chunk)
             for dest in dests:
                 if not dest.active:
@@ -512,10 +574,6 @@ class TransferExecutor:
             if not any(dest.active for dest in dests):
                 break
             now = self.clock()
-            if deadline is not None and now > deadline:
-                raise TransferFailed(Reason.TIMEOUT,
-                                     f"the transfer of {source.description} did not finish "
-                                     "within timeoutSeconds")
             if now >= next_report:
                 next_report = now + PROGRESS_SECONDS
                 self.report(envelope, worker, source, dests)
@@ -544,8 +602,7 @@ class TransferExecutor:
             if (obj or {}).get("metadata", {}).get("deletionTimestamp"):
                 # Deleted while running (a finalizer keeps it for us): stop and say so.
                 dest.failure = TransferFailed(
-                    Reason.CANCELLED, f"cancelled: the RemoteCommand was deleted; {dest.path} on "
-                    f"{dest.vm} was left as it was")
+                    Reason.CANCELLED, "cancelled: the RemoteCommand was deleted")
                 self.discard(dest)
         if lost and not any(dest.active for dest in dests):
             raise Aborted()
@@ -590,15 +647,52 @@ class TransferExecutor:
             dest.failure = classify(exc, dest.vm, dest.path, writing=True)
 
     def discard(self, dest: Destination) -> None:
-        """Close and remove this attempt's temporary file, if any."""
+        """Close and remove this attempt's temporary file, if any (over a fresh SFTP session
+        when the watchdog closed the one it was written through)."""
         if dest.fh is not None:
             try:
                 dest.fh.close()
             except (OSError, paramiko.SSHException, EOFError):
                 pass
             dest.fh = None
-        if dest.sftp is not None:
-            remove_quietly(dest.sftp, dest.temp)
+            dest.partial_removed = self._remove_temp(dest) or dest.partial_removed
+        elif dest.sftp is not None:
+            self._remove_temp(dest)
+
+    def _remove_temp(self, dest: Destination) -> bool:
+        assert dest.sftp is not None
+        if _closed(dest.sftp):
+            if dest.target is None:
+                return False
+            try:
+                dest.sftp = self.pool.get(dest.target).sftp()
+            except SSHError:
+                return False
+        return remove_quietly(dest.sftp, dest.temp)
+
+    def _watchdog(self, deadline: Deadline | None, dests: list[Destination],
+                  expired: list[str], source: Callable[[], Source | None]
+                  ) -> threading.Timer | None:
+        """A timer that, at the deadline, closes the SFTP channels a stalled read or write
+        may be blocked on (a source or destination that stopped answering): the blocked
+        call then fails and the transfer ends with the deadline's reason."""
+        if deadline is None:
+            return None
+
+        def expire() -> None:
+            expired.append(deadline.reason)
+            current = source()
+            if current is not None:
+                current.abort()
+            for dest in dests:
+                channel = dest.sftp.get_channel() if dest.sftp is not None else None
+                if channel is not None and dest.fh is not None:
+                    channel.close()
+
+        timer = threading.Timer(max(deadline.at - self.clock(), 0.0), expire)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     # ---------------------------------------------------------------- results
 

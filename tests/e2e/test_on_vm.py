@@ -369,3 +369,76 @@ def test_become_timeout_kills_the_other_users_processes(ns, make_vm, sudo_users)
     result = result_of(ns.finished("stubborn", timeout=60))
     assert result["reason"] == "Timeout"
     assert processes(vm, "sleep 706") == [] and processes(vm, "sleep 707") == []
+
+
+# --------------------------------------------------------------------------- transfers
+
+GiB = 1024 * 1024 * 1024
+
+
+def sparse_file(vm, path: str, size: int) -> None:  # type: ignore[no-untyped-def]
+    """A big source that costs no disk: reading it is bounded by SFTP, not the disk."""
+    local = vm.host_path(path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with local.open("wb") as fh:
+        fh.truncate(size)
+
+
+def test_transfer_timeout_removes_the_partial_file(ns, make_vm):  # type: ignore[no-untyped-def]
+    import os
+
+    src_vm, dst_vm = make_vm("xsrc"), make_vm("xdst")
+    ns.add_vms([src_vm, dst_vm])
+    sparse_file(src_vm, "/tmp/big/src.bin", 2 * GiB)
+    dst_vm.host_path("/tmp/in").mkdir(parents=True)
+    ns.run("slow", timeoutSeconds=1, transfer={
+        "from": {"vm": src_vm.name, "path": "/tmp/big/src.bin"},
+        "to": [{"vm": dst_vm.name, "path": "/tmp/in/dst.bin"}]})
+    obj = ns.finished("slow", timeout=90)
+    result = result_of(obj)
+    assert (obj["status"]["phase"], result["reason"]) == ("Failed", "Timeout"), result
+    assert 0 < result["transfer"]["bytes"] < 2 * GiB  # it had written part of the file
+    assert result["transfer"]["partialRemoved"] is True
+    assert "did not finish within timeoutSeconds (1s)" in result["message"]
+    assert f"the partial file on {dst_vm.name} was removed" in result["message"]
+    assert os.listdir(dst_vm.host_path("/tmp/in")) == []  # no temporary file, no target
+
+
+def test_transfer_from_a_stalled_source_ends_at_its_deadline(ns, make_vm):  # type: ignore[no-untyped-def]
+    """The source stops answering mid-copy (its sshd session stopped): the blocked read is
+    cut at the deadline, not waited on forever, and the partial file is removed."""
+    import os
+    import signal
+
+    from vmfleet.dev.sshd import _descendants
+
+    src_vm, dst_vm = make_vm("stallsrc"), make_vm("stalldst")
+    ns.add_vms([src_vm, dst_vm])
+    sparse_file(src_vm, "/tmp/big/src.bin", 2 * GiB)
+    inbox = dst_vm.host_path("/tmp/in")
+    inbox.mkdir(parents=True)
+    ns.run("stall", activeDeadlineSeconds=6, transfer={
+        "from": {"vm": src_vm.name, "path": "/tmp/big/src.bin"},
+        "to": [{"vm": dst_vm.name, "path": "/tmp/in/dst.bin"}]})
+
+    def writing() -> bool:
+        return any(inbox.joinpath(n).stat().st_size > 0 for n in os.listdir(inbox))
+
+    wait_until(writing, timeout=30, interval=0.05, what="the partial file to grow")
+    sessions = _descendants(src_vm._sshd_pid())  # type: ignore[arg-type]
+    for pid in sessions:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        obj = ns.finished("stall", timeout=60)
+    finally:
+        for pid in sessions:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    result = result_of(obj)
+    assert (obj["status"]["phase"], result["reason"]) == ("Failed", "DeadlineExceeded"), result
+    assert result["transfer"]["partialRemoved"] is True
+    assert "activeDeadlineSeconds (6s) passed" in result["message"]
+    assert _t(result["completionTime"]) - _t(obj["status"]["startTime"]) < 15
+    assert os.listdir(inbox) == []

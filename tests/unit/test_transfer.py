@@ -236,6 +236,9 @@ class FakeSFTP:
         self.broken = broken
         self.bytes_read = 0
 
+    def get_channel(self):
+        return None  # no channel: never closed under the transfer
+
     def stat(self, path):
         if path in self.dirs:
             return Attrs(_stat.S_IFDIR | 0o755, 0)
