@@ -30,7 +30,7 @@ from vmfleet import metrics
 from vmfleet.celeryconf import broker_url
 
 from . import claims
-from .become import PasswordInvalid, become_for, read_become_password, refusal
+from .become import Become, PasswordInvalid, become_for, read_become_password, refusal
 from .signals import signal_outcome
 from .slots import write_turn
 from .shell import InvalidCommand, build_invocation
@@ -464,12 +464,13 @@ class CommandExecutor:
         if (refused := refusal(envelope.vm, target.allow_become, invocation.become_user)):
             return Outcome(Phase.FAILED, Reason.BECOME_FAILED, refused)
         lost_pgid = attempt.entry.get("lostPgid")
+        become = become_for(invocation.become_user, target.become_password)
         prefix = f"[{envelope.ref} {envelope.vm}"
         try:
             if lost_pgid:
                 # The previous attempt's worker was lost: its processes end before this starts.
                 self.pool.get(target).terminate(int(lost_pgid), KILL_GRACE,
-                                                attempt.entry.get("lostMarker"))
+                                                attempt.entry.get("lostMarker"), become)
                 log.info("Terminated process group %s of the lost attempt of %s on %s",
                          lost_pgid, envelope.ref, envelope.vm)
             result = run_command(
@@ -481,11 +482,11 @@ class CommandExecutor:
                 gate=attempt.claim,
                 tick=attempt.tick,
                 kill_grace=KILL_GRACE,
-                become=become_for(invocation.become_user, target.become_password),
+                become=become,
             )
         except TransportError as exc:
             if exc.pgid is not None:
-                self.terminate(target, exc.pgid, exc.nonce)
+                self.terminate(target, exc.pgid, exc.nonce, become)
             return Outcome(Phase.FAILED, exc.reason, str(exc))
         except SSHError as exc:
             return Outcome(Phase.FAILED, exc.reason, str(exc))
@@ -511,11 +512,13 @@ class CommandExecutor:
                            "was terminated", None, result)
         return judge(result, spec.success_exit_codes)
 
-    def terminate(self, target: SSHTarget, pgid: int, nonce: str | None) -> bool:
-        """Best effort: end a remote process group over a fresh connection."""
+    def terminate(self, target: SSHTarget, pgid: int, nonce: str | None,
+                  become: Become | None = None) -> bool:
+        """Best effort: end a remote process group (and the attempt's marked processes)
+        over a fresh connection."""
         self.pool.discard(target)
         try:
-            self.pool.get(target).terminate(pgid, KILL_GRACE, nonce)
+            self.pool.get(target).terminate(pgid, KILL_GRACE, nonce, become)
         except (SSHError, OSError, paramiko.SSHException) as exc:
             log.warning("Could not terminate process group %s on %s: %s", pgid, target.address, exc)
             return False
