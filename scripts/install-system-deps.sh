@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages vmfleet's local environment and e2e tests need:
 # OpenSSH (the fake "VMs"), Redis and RabbitMQ (the brokers), util-linux (unshare),
-# procps (pgrep/ps), iproute2 (ss), prometheus (the server and promtool, for the metrics
+# procps (pgrep/ps), iproute2 (ss), sudo (the become e2e tests run sudo on the VMs), prometheus (the server and promtool, for the metrics
 # e2e tests and `promtool check rules` on the chart's alerts).
 #
 # Idempotent: does nothing when everything is present; runs `apt-get update` once, only
@@ -20,6 +20,7 @@ PACKAGES=(
     util-linux
     procps
     iproute2
+    sudo
     ca-certificates
     prometheus
 )
