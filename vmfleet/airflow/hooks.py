@@ -62,9 +62,9 @@ class VmfleetHook(BaseHook):
         from kubernetes.client import CustomObjectsApi
 
         with self.get_conn() as api_client:
-            listing: dict[str, Any] = CustomObjectsApi(api_client).list_namespaced_custom_object(
+            listing = cast(dict[str, Any], CustomObjectsApi(api_client).list_namespaced_custom_object(
                 c.GROUP, c.VERSION, self.namespace(namespace), c.COMMAND_PLURAL,
-                label_selector=label_selector)
+                label_selector=label_selector))
         return list(listing.get("items") or [])
 
     def delete_command(self, name: str, namespace: str | None = None) -> bool:
