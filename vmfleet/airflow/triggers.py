@@ -213,18 +213,21 @@ class RemoteCommandTrigger(BaseTrigger):
         return state is not None and state != "deferred"
 
     async def on_kill(self) -> None:
-        """A user acted on the deferred task (Airflow 3.3+): cancel its RemoteCommand."""
+        """A user marked, cleared or killed the deferred task: cancel its RemoteCommand.
+
+        Airflow 3.3+ calls this for a user's action only, never when a triggerer stops,
+        restarts or hands the trigger over (the task is then still deferred and its
+        command must go on). The task's state is not read here: after a clear, the next
+        try can already be deferred again by the time this runs.
+        """
         if self._fired:
-            return
-        if not await self.safe_to_cancel():
-            self.log.info("Task waiting on RemoteCommand %s/%s is still deferred: not deleting it",
-                          self.namespace, self.name)
             return
         await self.delete_command()
 
     async def cleanup(self) -> None:
-        """Before Airflow 3.3 the triggerer calls no on_kill: a cancelled trigger whose task
-        is no longer deferred was cancelled by a user, as the cncf-kubernetes pod trigger decides."""
+        """Before Airflow 3.3 the triggerer calls no on_kill: a trigger that ends without an
+        event while its task is no longer deferred was cancelled by a user (the check the
+        cncf-kubernetes pod trigger makes); one whose task is still deferred was moved."""
         if self._fired or _airflow_3_3_plus():
             return
         if await self.safe_to_cancel():
