@@ -28,9 +28,12 @@ with DAG(dag_id="vmfleet_e2e_many_deferred", schedule=None, start_date=datetime(
 
 with DAG(dag_id="vmfleet_e2e_cancel", schedule=None, start_date=datetime(2024, 5, 1),
          default_args=_ARGS, params=_PARAMS, tags=["vmfleet", "e2e"]):
-    # Each try writes the PID of its shell, then waits for the go file. One VM each: on one
-    # VM, cancelling one command also ended the other's channel (seen 2026-12-01, worker).
-    for task_id, vm in (("marked_failed", "vm1"), ("cleared", "vm2")):
+    # Each try writes the PID of its shell, then waits for the go file. One VM per try: on
+    # one VM, the worker's cancel of one command also ended the channels of the others
+    # running there (seen 2026-12-01), and a cleared task's next try starts before the
+    # cancel of the previous one.
+    for task_id, vm in (("marked_failed", "vm1"),
+                        ("cleared", "{{ 'vm2' if ti.try_number == 1 else 'vm3' }}")):
         RemoteCommandOperator(
             task_id=task_id,
             vm=vm,
