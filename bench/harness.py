@@ -34,7 +34,7 @@ SCENARIOS = (
 SYSTEMS = (
     "vmfleet", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
     "guide_send_task", "ssh_controlpersist", "asyncssh", "ansible", "parallel_ssh",
-    "airflow_sshoperator", "vmfleet_triggerer", "cncf_kubernetes_pod",
+    "airflow_sshoperator", "vmfleet_trigger", "vmfleet_triggerer", "cncf_kubernetes_pod",
 )
 METRICS = ("commands_per_s", "wall_s", "p50_ms", "p95_ms", "p99_ms", "writes_per_command",
            "rss_mb", "seconds", "api_watches", "api_connections")
