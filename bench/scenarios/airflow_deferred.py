@@ -283,6 +283,9 @@ def run(bench: Bench, wanted: list[str]) -> None:
         sample()
         states = api.states(DAG_ID, run_id)
         print(f"    {sum(s == 'deferred' for s in states.values())}/{n} deferred", flush=True)
+        failed = sorted(k for k, s in states.items() if s in ("failed", "upstream_failed"))
+        if failed:  # e.g. task processes timing out against an overloaded API server
+            raise RuntimeError(f"{len(failed)} tasks failed before deferring: {failed[:5]}")
         return len(states) == n and all(s == "deferred" for s in states.values())
 
     wait_until(all_deferred, timeout=3600, interval=10, what=f"{n} tasks deferred")
