@@ -37,6 +37,7 @@ MODULES = {
     "bench.scenarios.throughput": ("throughput",),
     "bench.scenarios.memory": ("memory",),
     "bench.scenarios.scale": ("scale_vms",),
+    "bench.scenarios.airflow_deferred": ("airflow_deferred",),
 }
 
 
