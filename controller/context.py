@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class Context:
                     service_account=os.environ.get(
                         "VMFLEET_WORKER_SERVICE_ACCOUNT", c.WORKER_SERVICE_ACCOUNT
                     ),
+                    **worker_pod_settings(),
                 ),
             )
         else:
@@ -89,3 +91,21 @@ class Context:
                 f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
             )
         return cls(kube=kube, dispatcher=Dispatcher(url), runtime=runtime)
+
+
+def worker_pod_settings() -> dict[str, Any]:
+    """The chart's ``image.pullPolicy``, ``hostNetwork`` and ``workers.extraEnv`` for the
+    worker Deployments (``VMFLEET_WORKER_IMAGE_PULL_POLICY``,
+    ``VMFLEET_WORKER_HOST_NETWORK``, ``VMFLEET_WORKER_EXTRA_ENV`` as a JSON list)."""
+    raw = os.environ.get("VMFLEET_WORKER_EXTRA_ENV", "").strip()
+    extra = json.loads(raw) if raw else []
+    if not isinstance(extra, list) or not all(isinstance(e, dict) and "name" in e for e in extra):
+        raise ValueError("VMFLEET_WORKER_EXTRA_ENV must be a JSON list of {name, value} objects")
+    policy = os.environ.get("VMFLEET_WORKER_IMAGE_PULL_POLICY", "").strip() or "IfNotPresent"
+    if policy not in ("Always", "IfNotPresent", "Never"):
+        raise ValueError(f"VMFLEET_WORKER_IMAGE_PULL_POLICY={policy!r} is not an image pull policy")
+    return {
+        "image_pull_policy": policy,
+        "host_network": os.environ.get("VMFLEET_WORKER_HOST_NETWORK", "").lower() == "true",
+        "extra_env": tuple(extra),
+    }

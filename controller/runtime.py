@@ -119,6 +119,19 @@ class DeploymentSettings:
     broker_secret_key: str = "url"
     service_account: str = c.WORKER_SERVICE_ACCOUNT
     image_pull_policy: str = "IfNotPresent"
+    # The chart's `hostNetwork` and `workers.extraEnv` (pod_extras applies them).
+    host_network: bool = False
+    extra_env: tuple[dict[str, Any], ...] = ()
+
+
+def pod_extras(settings: DeploymentSettings, pod_spec: dict[str, Any],
+               container: dict[str, Any]) -> None:
+    """Apply the settings' host network and extra environment to a worker pod."""
+    if settings.host_network:
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if settings.extra_env:
+        container["env"] = [*container["env"], *settings.extra_env]
 
 
 def worker_labels(vm_name: str) -> dict[str, str]:
@@ -165,6 +178,20 @@ def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) ->
     }
     if vm.spec.workers is not None and vm.spec.workers.resources:
         container["resources"] = vm.spec.workers.resources
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": settings.service_account,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{
+            "name": "ssh-credentials",
+            "secret": {"secretName": vm.spec.credentials_secret_ref.name,
+                       "defaultMode": 0o400},
+        }] + ([{
+            "name": "bastion-ssh-credentials",
+            "secret": {"secretName": vm.bastion_secret, "defaultMode": 0o400},
+        }] if vm.bastion_secret else []),
+    }
+    pod_extras(settings, pod_spec, container)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -186,19 +213,7 @@ def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) ->
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {
-                    "serviceAccountName": settings.service_account,
-                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "containers": [container],
-                    "volumes": [{
-                        "name": "ssh-credentials",
-                        "secret": {"secretName": vm.spec.credentials_secret_ref.name,
-                                   "defaultMode": 0o400},
-                    }] + ([{
-                        "name": "bastion-ssh-credentials",
-                        "secret": {"secretName": vm.bastion_secret, "defaultMode": 0o400},
-                    }] if vm.bastion_secret else []),
-                },
+                "spec": pod_spec,
             },
         },
     }

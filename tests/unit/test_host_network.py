@@ -1,0 +1,85 @@
+"""The chart's `hostNetwork` and the workers' extra environment (the local node's pods
+reach loopback VMs, broker and API server), rendered by the real helm and by the
+controller's worker Deployment."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from controller.context import worker_pod_settings
+from controller.runtime import DeploymentSettings, VMRef, worker_deployment
+from tests.unit.test_chart import find, render
+from vmfleet.api.models import RemoteVMSpec
+
+API_ENV = [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+           {"name": "KUBERNETES_SERVICE_PORT", "value": "6443"}]
+
+
+def vm() -> VMRef:
+    body = {"host": "127.0.10.1", "user": "rocky", "credentialsSecretRef": {"name": "vm1-ssh"},
+            "hostKeys": ["ssh-ed25519 AAAA"]}
+    return VMRef("ops", "vm1", "uid-1", RemoteVMSpec.model_validate(body))
+
+
+def test_worker_pods_on_the_host_network_with_extra_env():
+    settings = DeploymentSettings("img:1", "redis://b", host_network=True, extra_env=tuple(API_ENV))
+    pod = worker_deployment(vm(), settings, 1)["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    env = pod["containers"][0]["env"]
+    assert env[-2:] == API_ENV
+    assert env[0] == {"name": "VMFLEET_BROKER_URL", "value": "redis://b"}
+
+
+def test_worker_pods_default_to_the_pod_network():
+    pod = worker_deployment(vm(), DeploymentSettings("img:1", "redis://b"), 1)["spec"]["template"]["spec"]
+    assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+
+
+def test_worker_pod_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("VMFLEET_WORKER_HOST_NETWORK", "true")
+    monkeypatch.setenv("VMFLEET_WORKER_EXTRA_ENV", json.dumps(API_ENV))
+    monkeypatch.setenv("VMFLEET_WORKER_IMAGE_PULL_POLICY", "Never")
+    assert worker_pod_settings() == {"image_pull_policy": "Never", "host_network": True,
+                                     "extra_env": tuple(API_ENV)}
+    for name in ("VMFLEET_WORKER_HOST_NETWORK", "VMFLEET_WORKER_EXTRA_ENV",
+                 "VMFLEET_WORKER_IMAGE_PULL_POLICY"):
+        monkeypatch.delenv(name)
+    assert worker_pod_settings() == {"image_pull_policy": "IfNotPresent", "host_network": False,
+                                     "extra_env": ()}
+    monkeypatch.setenv("VMFLEET_WORKER_IMAGE_PULL_POLICY", "Sometimes")
+    with pytest.raises(ValueError, match="pull policy"):
+        worker_pod_settings()
+    monkeypatch.delenv("VMFLEET_WORKER_IMAGE_PULL_POLICY")
+    monkeypatch.setenv("VMFLEET_WORKER_EXTRA_ENV", '{"name": "X"}')
+    with pytest.raises(ValueError, match="JSON list"):
+        worker_pod_settings()
+
+
+def test_chart_host_network_reaches_every_pod_and_the_workers():
+    docs = render(None, "hostNetwork=true", "workers.extraEnv[0].name=KUBERNETES_SERVICE_HOST",
+                  "workers.extraEnv[0].value=127.0.0.1",
+                  "transferWorker.extraEnv[0].name=A", "transferWorker.extraEnv[0].value=b")
+    for name in ("rel-vmfleet-controller", "rel-vmfleet-transfer-worker"):
+        (deploy,) = find(docs, "Deployment", name)
+        pod = deploy["spec"]["template"]["spec"]
+        assert pod["hostNetwork"] is True, name
+        assert pod["dnsPolicy"] == "ClusterFirstWithHostNet", name
+    (controller,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    env = {e["name"]: e.get("value") for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VMFLEET_WORKER_HOST_NETWORK"] == "true"
+    assert env["VMFLEET_WORKER_IMAGE_PULL_POLICY"] == "IfNotPresent"
+    assert json.loads(env["VMFLEET_WORKER_EXTRA_ENV"]) == [
+        {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"}]
+    (transfer,) = find(docs, "Deployment", "rel-vmfleet-transfer-worker")
+    assert {"name": "A", "value": "b"} in transfer["spec"]["template"]["spec"]["containers"][0]["env"]
+
+
+def test_chart_default_is_the_pod_network():
+    for deploy in find(render(), "Deployment"):
+        assert "hostNetwork" not in deploy["spec"]["template"]["spec"]
+    (controller,) = find(render(), "Deployment", "rel-vmfleet-controller")
+    names = {e["name"] for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not {"VMFLEET_WORKER_HOST_NETWORK", "VMFLEET_WORKER_EXTRA_ENV"} & names
