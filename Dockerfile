@@ -6,8 +6,8 @@
 #
 # BASE_IMAGE: a Python 3.11 image with pip, groupadd and useradd. Users build on
 # python:3.11-slim; `make image` (buildah, no Docker daemon) builds on a base made from
-# Debian 12 packages by scripts/build-base-image.sh. The wheels reach the final stage
-# through a bind mount, so the image holds no copy of them and no build tools.
+# Debian 12 packages by scripts/build-base-image.sh. The dependencies' wheels reach the
+# final stage through a bind mount, so the image holds no copy of them and no build tools.
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS build
@@ -32,14 +32,18 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp
+# A build cache keys a RUN by its text, not by what it mounts: this copy of
+# pyproject.toml makes a change of the dependencies rebuild the layer below.
+COPY pyproject.toml /usr/local/share/vmfleet/pyproject.toml
 RUN --mount=type=bind,from=build,source=/wheels/deps,target=/wheels/deps \
     pip install --no-cache-dir --no-index --find-links=/wheels/deps /wheels/deps/*.whl \
  && rm -rf "$(python -c 'import kubernetes, os; print(os.path.dirname(kubernetes.__file__))')/aio" \
  && groupadd --system --gid 10001 vmfleet \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
       --shell /usr/sbin/nologin vmfleet
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --no-deps /wheels/app/*.whl
+# vmfleet itself: a small wheel, copied (so its content keys the cache) and installed.
+COPY --from=build /wheels/app /usr/local/share/vmfleet/wheels
+RUN pip install --no-cache-dir --no-index --no-deps /usr/local/share/vmfleet/wheels/*.whl
 WORKDIR /srv
 USER 10001:10001
 # 8080: kopf liveness (/healthz); 9807: controller /metrics; 9808: worker /metrics.

@@ -17,7 +17,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BASE_IMAGE="${1:-localhost/vmfleet-base:bookworm-py3.11}"
 SUITE=bookworm
-PACKAGES=python3,python3-pip,python-is-python3,ca-certificates,passwd
+PACKAGES=python3,python3-pip,python-is-python3,ca-certificates,passwd,tzdata
 
 if [ "$(id -u)" -ne 0 ]; then
     exec sudo -n "$0" "$@"
