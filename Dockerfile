@@ -18,7 +18,7 @@ COPY pyproject.toml README.md ./
 RUN mkdir -p vmfleet controller remote_tasks \
  && touch vmfleet/__init__.py controller/__init__.py remote_tasks/__init__.py \
  && pip wheel --no-cache-dir --wheel-dir /wheels/deps . \
- && rm -f /wheels/deps/vmfleet-*.whl
+ && rm -rf /wheels/deps/vmfleet-*.whl build *.egg-info vmfleet controller remote_tasks
 COPY vmfleet ./vmfleet
 COPY controller ./controller
 COPY remote_tasks ./remote_tasks

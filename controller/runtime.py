@@ -134,6 +134,10 @@ def pod_extras(settings: DeploymentSettings, pod_spec: dict[str, Any],
         container["env"] = [*container["env"], *settings.extra_env]
 
 
+#: The image's numeric user and group (Dockerfile: USER 10001:10001).
+WORKER_UID = 10001
+
+
 def worker_labels(vm_name: str) -> dict[str, str]:
     return {
         c.LABEL_NAME: "vmfleet",
@@ -180,15 +184,17 @@ def worker_deployment(vm: VMRef, settings: DeploymentSettings, replicas: int) ->
         container["resources"] = vm.spec.workers.resources
     pod_spec: dict[str, Any] = {
         "serviceAccountName": settings.service_account,
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        # The image's user (Dockerfile): the mounted key is group-readable by fsGroup.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID, "runAsGroup": WORKER_UID,
+                            "fsGroup": WORKER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": [{
             "name": "ssh-credentials",
             "secret": {"secretName": vm.spec.credentials_secret_ref.name,
-                       "defaultMode": 0o400},
+                       "defaultMode": 0o440},
         }] + ([{
             "name": "bastion-ssh-credentials",
-            "secret": {"secretName": vm.bastion_secret, "defaultMode": 0o400},
+            "secret": {"secretName": vm.bastion_secret, "defaultMode": 0o440},
         }] if vm.bastion_secret else []),
     }
     pod_extras(settings, pod_spec, container)

@@ -83,3 +83,14 @@ def test_chart_default_is_the_pod_network():
     (controller,) = find(render(), "Deployment", "rel-vmfleet-controller")
     names = {e["name"] for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert not {"VMFLEET_WORKER_HOST_NETWORK", "VMFLEET_WORKER_EXTRA_ENV"} & names
+
+
+def test_worker_runs_as_the_image_user_and_can_read_its_key():
+    """The Secret's files belong to root; the worker (user 10001) reads them through
+    fsGroup and a group-readable mode (0400 was unreadable in a real pod)."""
+    pod = worker_deployment(vm(), DeploymentSettings("img:1", "redis://b"), 1)["spec"]["template"]["spec"]
+    context = pod["securityContext"]
+    assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (10001, 10001, 10001)
+    assert context["runAsNonRoot"] is True
+    (volume,) = pod["volumes"]
+    assert volume["secret"]["defaultMode"] == 0o440

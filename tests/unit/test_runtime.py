@@ -29,7 +29,7 @@ def test_deployment_runs_the_vm_queue_with_its_secret_only():
         "--concurrency", "4", "-n", "vmfleet-worker-vm1@%h", "--without-gossip",
         "--without-mingle", "--loglevel", "INFO"]
     assert pod["volumes"] == [{"name": "ssh-credentials",
-                               "secret": {"secretName": "vm1-ssh", "defaultMode": 0o400}}]
+                               "secret": {"secretName": "vm1-ssh", "defaultMode": 0o440}}]
     assert container["volumeMounts"][0]["readOnly"] is True
     assert {"name": "VMFLEET_BROKER_URL", "value": "redis://b"} in container["env"]
     assert pod["serviceAccountName"] == "vmfleet-worker"

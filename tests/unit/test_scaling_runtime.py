@@ -31,7 +31,7 @@ def test_workers_know_the_vm_wide_concurrency_limit():
 def test_a_bastion_secret_is_mounted_beside_the_vms_own():
     _, spec = pod(vm("bastion-ssh", proxyJump={"vm": "bastion"}))
     assert spec["volumes"][1] == {"name": "bastion-ssh-credentials",
-                                  "secret": {"secretName": "bastion-ssh", "defaultMode": 0o400}}
+                                  "secret": {"secretName": "bastion-ssh", "defaultMode": 0o440}}
     assert spec["containers"][0]["volumeMounts"][1] == {
         "name": "bastion-ssh-credentials", "mountPath": "/var/run/secrets/vmfleet.io/ssh-bastion",
         "readOnly": True}
