@@ -179,6 +179,7 @@ class Node:
             self._remove_pods()
         self._stop_component("containerd", grace)
         self._kill_leftover_shims()
+        self._kill_pod_processes()
         self._unmount_all()
         self._remove_cgroups()
         self.state_file.unlink(missing_ok=True)
@@ -362,7 +363,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             hosts.write_text(f'server = "http://127.0.0.1:{NO_REGISTRY_PORT}"\n\n'
                              f'[host."http://127.0.0.1:{NO_REGISTRY_PORT}"]\n'
                              '  capabilities = ["pull", "resolve"]\n')
-        self._start("containerd", ["containerd", "--config", str(config)])
+        argv = ["containerd", "--config", str(config)]
+        if self.exit_with_parent and shutil.which("setpriv"):
+            # As the Go components do (VMFLEET_CONTROLPLANE_PARENT_PID): a killed test
+            # session leaves no containerd behind.
+            argv = ["setpriv", "--pdeathsig", "TERM", "--", *argv]
+        self._start("containerd", argv)
         self._wait(deadline, "containerd's socket",
                    lambda: self.socket.exists() and self._ctr_ok())
 
@@ -445,6 +451,25 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         """The kubelet wants its cgroup root to exist in every hierarchy."""
         for hierarchy in _cgroup_v1_hierarchies():
             (hierarchy / self.cgroup_root.lstrip("/")).mkdir(exist_ok=True)
+
+    def _kill_pod_processes(self) -> None:
+        """Whatever still runs in the node's cgroups (a containerd that died with a
+        killed test session left its containers behind): SIGKILL."""
+        for hierarchy in _cgroup_v1_hierarchies():
+            root = hierarchy / self.cgroup_root.lstrip("/")
+            if not root.is_dir():
+                continue
+            for procs in root.rglob("cgroup.procs"):
+                try:
+                    pids = procs.read_text().split()
+                except OSError:
+                    continue
+                for pid in pids:
+                    try:
+                        os.kill(int(pid), 9)
+                    except (OSError, ValueError):
+                        pass
+            return  # every process is in every hierarchy: one is enough
 
     def _remove_cgroups(self) -> None:
         for hierarchy in _cgroup_v1_hierarchies():
