@@ -66,7 +66,7 @@ image: system-deps
 # What the local environment needs (make demo, dev-up, soak); the tests need all of setup.
 setup-core: system-deps venv controlplane
 
-setup: setup-core helm $(if $(filter 1,$(WITH_AIRFLOW)),airflow-venv)
+setup: setup-core helm image $(if $(filter 1,$(WITH_AIRFLOW)),airflow-venv)
 
 crds: venv
 	$(VMFLEET) crds generate

@@ -75,6 +75,8 @@ def test_chart_host_network_reaches_every_pod_and_the_workers():
         {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"}]
     (transfer,) = find(docs, "Deployment", "rel-vmfleet-transfer-worker")
     assert {"name": "A", "value": "b"} in transfer["spec"]["template"]["spec"]["containers"][0]["env"]
+    # Its metrics port is the node's: a rolling update must not surge.
+    assert transfer["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
 
 
 def test_chart_default_is_the_pod_network():
