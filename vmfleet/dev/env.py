@@ -31,7 +31,7 @@ from vmfleet.dev.proc import ManagedProcess, port_open, stop_pid_file, wait_unti
 from vmfleet.dev.sshd import namespaces_supported, start_vms
 
 NAMESPACE = "default"
-RELEASE = "vmfleet"
+RELEASE = "vmfleet"  # the chart's fullname is then "vmfleet": vmfleet-controller
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEV_LABELS = {"fleet": "dev"}
 DEV_LABEL = "fleet=dev"
@@ -88,7 +88,7 @@ def _cluster_matches(vms: int, broker: str, node: bool) -> str | None:
     if not port_open("127.0.0.1", int(state.get("brokerPort", 0)) or 1):
         return "the broker is not running"
     if node:
-        ready = cp.kubectl_run("get", "deployment", "-n", NAMESPACE, f"{RELEASE}-vmfleet-controller",
+        ready = cp.kubectl_run("get", "deployment", "-n", NAMESPACE, f"{RELEASE}-controller",
                                "-o", "jsonpath={.status.readyReplicas}", check=False)
         if ready.stdout.strip() != "1" or not _pid_alive(dev_dir() / "node" / "kubelet.pgid"):
             return "the node or its controller pod is not running"
@@ -233,12 +233,25 @@ def up(vms: int = 3, broker: str = "redis", node: bool = False) -> int:
                  "machines": [{"name": m.name, "host": m.host, "port": m.port} for m in machines]}
         _state_path().write_text(json.dumps(state, indent=2))
     except BaseException:
+        if node:
+            _print_node_diagnostics()
         print("Starting the local environment failed; stopping what was started.", file=sys.stderr)
         down(quiet=True)
         raise
     print(f"The local environment is up in {time.monotonic() - started:.1f}s.")
     _print_usage(kubeconfig, str(kubectl))
     return 0
+
+
+def _print_node_diagnostics() -> None:
+    """What the node's pods were doing, before ``down`` stops them."""
+    cp = _running_controlplane()
+    if cp is None:
+        return
+    for args in (("get", "pods,deployments,rvm", "-n", NAMESPACE, "-o", "wide"),
+                 ("logs", "-n", NAMESPACE, f"deployment/{RELEASE}-controller", "--tail=40")):
+        result = cp.kubectl_run(*args, check=False)
+        print(f"$ kubectl {' '.join(args)}\n{result.stdout}{result.stderr}", file=sys.stderr)
 
 
 def _remove_vm_dirs(vms_dir: Path, keep: int) -> None:
