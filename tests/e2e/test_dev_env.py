@@ -80,6 +80,7 @@ def test_dev_up_converges_to_what_was_asked(tmp_path_factory: pytest.TempPathFac
     base = Path(os.environ.get("VMFLEET_TEST_DEV_ROOT", Path(__file__).resolve().parents[2] / ".vmfleet"))
     root = base / f"test-dev-{os.getpid()}"
     dev = Dev(root)
+    passed = False
     try:
         dev("up", "--vms", "4")
         dev.assert_fleet(4)
@@ -126,15 +127,18 @@ def test_dev_up_converges_to_what_was_asked(tmp_path_factory: pytest.TempPathFac
         node = json.loads(dev.kubectl("get", "node", "127.0.0.1", "-o", "json").stdout)
         assert any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
         assert not (root / "controller.pgid").exists(), "a controller process besides the pod"
+        passed = True
     finally:
-        _keep_logs(root, tmp_path_factory.mktemp("dev-logs"))
+        if not passed:
+            _keep_logs(root, tmp_path_factory.mktemp("dev-logs"))
         subprocess.run([str(VMFLEET), "dev", "down"], env=dev.env, capture_output=True, timeout=300)
         subprocess.run(["rm", "-rf", str(root)], check=False)
 
 
 def _keep_logs(root: Path, into: Path) -> None:
     """The environment's logs and the cluster's view, for a failure's diagnosis."""
-    for log in root.rglob("*.log"):
+    logs = [*root.glob("*.log"), *root.glob("*/*.log"), *(root / "node" / "pod-logs").rglob("*.log")]
+    for log in logs:
         target = into / log.relative_to(root)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(log.read_bytes()[-200_000:])
