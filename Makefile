@@ -13,12 +13,13 @@ VMS ?= 3
 # break .venv; the Airflow tests run from it.
 AIRFLOW_VENV ?= .venv-airflow
 AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
-AIRFLOW_TESTS := tests/unit/test_airflow_operators.py tests/e2e/test_airflow_dags.py
+AIRFLOW_TESTS := tests/unit/test_airflow_operators.py tests/unit/test_airflow_provider.py \
+                 tests/e2e/test_airflow_dags.py tests/e2e/test_airflow_services.py
 # `make setup WITH_AIRFLOW=0` skips the Airflow virtualenv (a cold install downloads
 # ~150 packages); `make test` then runs the Airflow tests only where it exists.
 WITH_AIRFLOW ?= 1
 
-.PHONY: help setup setup-core system-deps venv controlplane helm crds crds-check typecheck \
+.PHONY: help setup setup-core system-deps venv controlplane helm image crds crds-check typecheck \
         test test-unit test-e2e demo dev-up dev-down clean
 
 help:
@@ -26,6 +27,7 @@ help:
 	@echo "make test       unit and end-to-end tests (real kube-apiserver, sshd, Redis, RabbitMQ)"
 	@echo "make dev-down   stop the local environment"
 	@echo "make test-airflow  the Airflow operators and DAGs (from .venv-airflow, real Airflow 3)"
+	@echo "make image      build the image from the Dockerfile (buildah, no Docker daemon)"
 	@echo "make crds       regenerate crds/ from vmfleet/api/models.py"
 	@echo "make soak       10,000 commands over 20 VMs with faults injected (SOAK_ARGS=...)"
 	@echo "make bench      benchmarks side by side with Ansible, parallel-ssh, asyncssh, ssh, Airflow (QUICK=1: <10 min)"
@@ -56,10 +58,16 @@ controlplane:
 helm:
 	bash scripts/install-helm.sh
 
+# The controller's and workers' image from the Dockerfile, with buildah (no Docker
+# daemon), on a Python 3.11 base made from Debian packages; cached per machine
+# (scripts/build-image.sh). BASE_IMAGE=python:3.11-slim where that image is at hand.
+image: system-deps
+	bash scripts/build-image.sh
+
 # What the local environment needs (make demo, dev-up, soak); the tests need all of setup.
 setup-core: system-deps venv controlplane
 
-setup: setup-core helm $(if $(filter 1,$(WITH_AIRFLOW)),airflow-venv)
+setup: setup-core helm image $(if $(filter 1,$(WITH_AIRFLOW)),airflow-venv)
 
 crds: venv
 	$(VMFLEET) crds generate

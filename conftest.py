@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.e2e.plugins.vms",
     "tests.e2e.plugins.brokers",
     "tests.e2e.plugins.fleet",
+    "tests.e2e.plugins.node",
 ]

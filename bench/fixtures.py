@@ -132,8 +132,16 @@ class Cluster:
         self.cp.start()
         os.environ["KUBECONFIG"] = str(self.cp.kubeconfig)
         self.kubectl("apply", "-f", str(REPO / "crds"))
-        self.kubectl("wait", "--for=condition=Established", "crd/remotevms.vmfleet.io",
-                     "crd/remotecommands.vmfleet.io", "--timeout=60s")
+        # Right after apply, `kubectl wait` can fail before the CRDs have a status: retry it.
+        def established() -> bool:
+            try:
+                self.kubectl("wait", "--for=condition=Established", "crd/remotevms.vmfleet.io",
+                             "crd/remotecommands.vmfleet.io", "--timeout=60s")
+            except RuntimeError:
+                return False
+            return True
+
+        wait_until(established, timeout=120, interval=1, what="the CRDs to be established")
         self.redis.start()
         self.kubectl("create", "namespace", NAMESPACE)
         self.kube = Kube(load_api_client())

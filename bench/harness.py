@@ -29,16 +29,16 @@ RESULTS = REPO / "bench" / "results"
 
 SCENARIOS = (
     "one_vm_seq", "one_vm_conc8", "fanout50_cold", "fanout50_warm", "fanout200_warm",
-    "e2e_latency", "throughput", "cancel_latency", "memory", "scale_vms",
+    "e2e_latency", "throughput", "cancel_latency", "memory", "scale_vms", "airflow_deferred",
 )
 SYSTEMS = (
     "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
     "guide_send_task", "ssh_controlpersist", "asyncssh", "ansible", "parallel_ssh",
-    "airflow_sshoperator",
+    "airflow_sshoperator", "vmfleet_trigger", "vmfleet_triggerer", "cncf_kubernetes_pod",
 )
 METRICS = ("commands_per_s", "wall_s", "p50_ms", "p95_ms", "p99_ms", "writes_per_command",
            "writes_per_vm",
-           "rss_mb", "seconds")
+           "rss_mb", "seconds", "api_watches", "api_connections")
 # Lower is better for every metric but commands_per_s.
 HIGHER_IS_BETTER = {"commands_per_s"}
 # The system every other row of a scenario is compared with (ratio = value / reference).

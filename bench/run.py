@@ -38,6 +38,7 @@ MODULES = {
     "bench.scenarios.cancel": ("cancel_latency",),
     "bench.scenarios.memory": ("memory",),
     "bench.scenarios.scale": ("scale_vms",),
+    "bench.scenarios.airflow_deferred": ("airflow_deferred",),
     # Last: its 200 worker processes (per-VM mode) stay until the run ends.
     "bench.scenarios.fanout200": ("fanout200_warm",),
 }

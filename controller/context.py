@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import socket
@@ -65,6 +66,7 @@ class Context:
                     broker_secret_name=conf.broker_secret_name,
                     broker_secret_key=conf.broker_secret_key,
                     state_url=conf.state_url,
+                    **worker_pod_settings(conf),
                 ),
             )
         else:
@@ -135,3 +137,20 @@ def delete_expired(kube: Kube, uid: str, namespace: str, name: str) -> None:
             raise
         return
     log.info("Deleted RemoteCommand %s/%s: ttlSecondsAfterFinished passed", namespace, name)
+
+
+def worker_pod_settings(conf: settings.Settings) -> dict[str, Any]:
+    """The chart's ``image.pullPolicy``, ``hostNetwork`` and ``workers.extraEnv`` for the
+    worker Deployments (``VMFLEET_WORKER_EXTRA_ENV`` is a JSON list of env entries)."""
+    raw = (conf.worker_extra_env or "").strip()
+    try:
+        extra = json.loads(raw) if raw else []
+    except ValueError as exc:
+        raise ValueError(f"VMFLEET_WORKER_EXTRA_ENV is not JSON: {exc}") from exc
+    if not isinstance(extra, list) or not all(isinstance(e, dict) and "name" in e for e in extra):
+        raise ValueError("VMFLEET_WORKER_EXTRA_ENV must be a JSON list of {name, value} objects")
+    return {
+        "image_pull_policy": conf.worker_image_pull_policy,
+        "host_network": conf.worker_host_network,
+        "extra_env": tuple(extra),
+    }

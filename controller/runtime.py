@@ -181,6 +181,23 @@ class DeploymentSettings:
     broker_secret_key: str = "url"
     state_url: str | None = None
     image_pull_policy: str = "IfNotPresent"
+    # The chart's `hostNetwork` and `workers.extraEnv` (pod_extras applies them).
+    host_network: bool = False
+    extra_env: tuple[dict[str, Any], ...] = ()
+
+
+def pod_extras(settings: DeploymentSettings, pod_spec: dict[str, Any],
+               container: dict[str, Any]) -> None:
+    """Apply the settings' host network and extra environment to a worker pod."""
+    if settings.host_network:
+        pod_spec["hostNetwork"] = True
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    if settings.extra_env:
+        container["env"] = [*container["env"], *settings.extra_env]
+
+
+#: The image's numeric user and group (Dockerfile: USER 10001:10001).
+WORKER_UID = 10001
 
 
 def worker_labels(group: WorkerGroup) -> dict[str, str]:
@@ -222,7 +239,7 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
         env.append({"name": STATE_URL_ENV, "value": settings.state_url})
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
-    volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o400}}
+    volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o440}}
                for secret in group.secrets]
     container: dict[str, Any] = {
         "name": "worker",
@@ -243,10 +260,14 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     template_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        # The image's user (Dockerfile): the mounted keys are group-readable by fsGroup.
+        "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID,
+                            "runAsGroup": WORKER_UID, "fsGroup": WORKER_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
     }
+    pod_extras(settings, template_spec, container)
     body: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

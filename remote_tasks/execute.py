@@ -28,8 +28,11 @@ from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.state import CANCELLED, CLAIMED, State
 
+from .become import Become, PasswordInvalid, become_for, read_become_password, refusal
 from .shell import InvalidCommand, build_invocation
+from .signals import signal_outcome
 from .ssh import (
+    AttemptControl,
     ConnectionPool,
     CredentialsInvalid,
     Deadline,
@@ -82,6 +85,7 @@ class Outcome:
             "completionTime": completion_time,
         }
         if self.result is not None:
+            fields.update(signal_outcome(self.result.signal, self.exit_code))
             out, err = self.result.stdout, self.result.stderr
             fields.update(
                 stdout=out.text(),
@@ -95,6 +99,9 @@ class Outcome:
 
 def judge(result: ExecResult, success_exit_codes: list[int]) -> Outcome:
     """Succeeded or Failed, from the exit code and the spec's successExitCodes."""
+    if result.exit_code is None and result.signal is not None:
+        return Outcome(Phase.FAILED, Reason.SIGNALED, f"killed by signal {result.signal}", None,
+                       result)
     if result.exit_code is None:
         return Outcome(
             Phase.FAILED, Reason.EXIT_CODE,
@@ -167,6 +174,10 @@ class Cancels:
             attempts = list(self._running.get(uid, ()))
         for attempt in attempts:
             attempt.cancelled = True
+            # The kill goes out now, from a thread of its own (TERM, grace, KILL), while the
+            # attempt's thread still reads the command's channel.
+            threading.Thread(target=attempt.control.terminate, args=(Reason.CANCELLED,),
+                             name="vmfleet-cancel", daemon=True).start()
         if attempts:
             log.info("Cancelling RemoteCommand %s on %s: it was deleted",
                      attempts[0].envelope.ref, ", ".join(a.envelope.vm for a in attempts))
@@ -182,6 +193,7 @@ class Attempt:
         self.claimed = False
         self.claim_lost = False  # another delivery claimed it, or the command is gone
         self.cancelled = False
+        self.control = AttemptControl()  # ends the running attempt from another thread
         self.claimed_at = 0.0
         self._next_heartbeat = time.monotonic() + _heartbeat_seconds()
 
@@ -288,7 +300,18 @@ class CommandExecutor:
                 f"RemoteVM {target.vm} cannot be reached: proxyJump supports one bastion hop",
             )
         private_key, passphrase = self.credentials(target.secret)
+        become_password = None
+        if target.allow_become and not bastion:
+            try:
+                become_password = read_become_password(self.credentials_dir / target.secret,
+                                                       lambda: {})
+            except (OSError, PasswordInvalid) as exc:
+                raise AttemptFailed(
+                    Reason.CREDENTIALS_INVALID,
+                    f"cannot read the become-password of RemoteVM {target.vm}: {exc}") from exc
         return SSHTarget(
+            allow_become=target.allow_become and not bastion,
+            become_password=become_password,
             trust_on_first_use=target.trust_on_first_use and not target.host_keys,
             jump=self.ssh_target(target.bastion, bastion=True) if target.bastion else None,
             host=target.host,
@@ -368,11 +391,15 @@ class CommandExecutor:
             return Outcome(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                            f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed "
                            "before this attempt could start")
+        if (refused := refusal(envelope.vm, target.allow_become, invocation.become_user)):
+            return Outcome(Phase.FAILED, Reason.BECOME_FAILED, refused)
+        become = become_for(invocation.become_user, target.become_password)
         prefix = f"[{envelope.ref} {envelope.vm}"
         try:
             if envelope.lost_pgid:
                 # The previous attempt's worker was lost: its processes end before this starts.
-                self.pool.get(target).terminate(envelope.lost_pgid, _kill_grace(), envelope.lost_marker)
+                self.pool.get(target).terminate(envelope.lost_pgid, _kill_grace(),
+                                                envelope.lost_marker, become)
                 log.info("Terminated process group %s of the lost attempt of %s on %s",
                          envelope.lost_pgid, envelope.ref, envelope.vm)
             result = run_command(
@@ -384,13 +411,17 @@ class CommandExecutor:
                 gate=attempt.claim,
                 tick=attempt.tick,
                 kill_grace=_kill_grace(),
+                become=become,
+                control=attempt.control,
             )
         except TransportError as exc:
             if exc.pgid is not None:
-                self.terminate(target, exc.pgid, exc.nonce)
+                self.terminate(target, exc.pgid, exc.nonce, become, broken=True)
             return Outcome(Phase.FAILED, exc.reason, str(exc))
         except SSHError as exc:
             return Outcome(Phase.FAILED, exc.reason, str(exc))
+        if result.become_failed is not None:
+            return Outcome(Phase.FAILED, Reason.BECOME_FAILED, result.become_failed, None, result)
         if result.ended_by == Reason.TIMEOUT:
             return Outcome(Phase.FAILED, Reason.TIMEOUT,
                            f"timed out after {spec.timeout_seconds}s; the remote process group "
@@ -408,11 +439,16 @@ class CommandExecutor:
                            "was terminated", None, result)
         return judge(result, spec.success_exit_codes)
 
-    def terminate(self, target: SSHTarget, pgid: int, nonce: str | None) -> bool:
-        """Best effort: end a remote process group over a fresh connection."""
-        self.pool.discard(target)
+    def terminate(self, target: SSHTarget, pgid: int, nonce: str | None,
+                  become: Become | None = None, *, broken: bool = False) -> bool:
+        """Best effort: end a remote process group (and the attempt's marked processes).
+
+        On the pooled connection, beside the other commands running on it; ``broken``:
+        that connection just failed, so a new one is made first."""
+        if broken:
+            self.pool.discard(target)
         try:
-            self.pool.get(target).terminate(pgid, _kill_grace(), nonce)
+            self.pool.get(target).terminate(pgid, _kill_grace(), nonce, become)
         except (SSHError, OSError, paramiko.SSHException) as exc:
             log.warning("Could not terminate process group %s on %s: %s", pgid, target.address, exc)
             return False

@@ -24,6 +24,7 @@ import paramiko
 
 from vmfleet import metrics
 
+from .become import Become, Step, SudoDialogue
 from .output import StreamTail
 from .shell import GO, parse_marker, terminate_line
 
@@ -69,6 +70,89 @@ class HostKeyMismatch(SSHError):
 
 class CredentialsInvalid(SSHError):
     reason = "CredentialsInvalid"
+
+
+class SignalTransport(paramiko.Transport):
+    """A paramiko Transport that keeps the ``exit-signal`` request (RFC 4254 6.10).
+
+    paramiko handles ``exit-status`` and drops ``exit-signal`` ("Unhandled channel
+    request"), so a command killed by a signal looked like one without an exit status.
+    Here the signal's name (``KILL``, ``TERM``, ...) is kept on the channel
+    (``exit_signal(chan)``) and the channel's status event is set, as for an exit status.
+    """
+
+    _channel_handler_table = dict(paramiko.Transport._channel_handler_table)  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _handle_channel_request(chan: paramiko.Channel, m: paramiko.Message) -> None:
+        start = m.packet.tell()
+        if m.get_text() != "exit-signal":
+            m.packet.seek(start)
+            paramiko.Channel._handle_request(chan, m)  # type: ignore[attr-defined]
+            return
+        m.get_boolean()  # want_reply: always false for exit-signal
+        name = m.get_text()
+        m.get_boolean()  # core dumped
+        chan.__dict__[_EXIT_SIGNAL] = name
+        chan.status_event.set()
+
+
+SignalTransport._channel_handler_table[paramiko.common.MSG_CHANNEL_REQUEST] = (
+    SignalTransport._handle_channel_request)
+_EXIT_SIGNAL = "vmfleet_exit_signal"
+
+
+def exit_signal(chan: paramiko.Channel) -> str | None:
+    """The name of the signal that ended the channel's command (``KILL``), if one did."""
+    name = chan.__dict__.get(_EXIT_SIGNAL)
+    return name if isinstance(name, str) else None
+
+
+class AttemptControl:
+    """A handle on one running attempt that any thread may end at once (``terminate``).
+
+    ``Connection.run`` attaches the attempt once its wrapper reported the process group;
+    ``terminate(reason)`` then sends TERM to the group and to every process carrying the
+    attempt's marker from the calling thread, over a new channel of the same connection,
+    while ``run`` keeps reading the command's own channel. Called before the attempt
+    started, it makes ``run`` close the channel at the gate (the command never starts).
+    Whoever ends the attempt first (this, the deadline or ``tick``) does the kill, once.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reason: str | None = None
+        self._killed = False
+        self._conn: Connection | None = None
+        self._pgid: int | None = None
+        self._nonce: str | None = None
+        self._become: Become | None = None
+        self._grace = DEFAULT_KILL_GRACE
+
+    def attach(self, conn: Connection, pgid: int, nonce: str, become: Become | None,
+               grace: float) -> None:
+        with self._lock:
+            self._conn, self._pgid, self._nonce, self._become = conn, pgid, nonce, become
+            self._grace = grace
+
+    def _claim_kill(self, reason: str) -> bool:
+        """Record ``reason`` (the first one wins); True for the one caller that kills."""
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+            if self._killed or self._pgid is None:
+                return False
+            self._killed = True
+            return True
+
+    def terminate(self, reason: str) -> bool:
+        """End the attempt now (TERM, grace, KILL), from any thread. False when it had not
+        started (``run`` then never starts it) or another caller is already ending it."""
+        if not self._claim_kill(reason):
+            return False
+        assert self._conn is not None and self._pgid is not None
+        self._conn.terminate(self._pgid, self._grace, self._nonce, self._become)
+        return True
 
 
 # An OpenSSH host key type and the key types paramiko may negotiate to get it.
@@ -120,6 +204,9 @@ class SSHTarget:
     trust_on_first_use: bool = False
     # proxyJump: reach this VM through a direct-tcpip channel of the bastion's connection.
     jump: SSHTarget | None = None
+    # spec.allowBecome of the RemoteVM, and its sudo password (become-password), if any.
+    allow_become: bool = False
+    become_password: str | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -168,6 +255,8 @@ class ExecResult:
     finished: float
     pgid: int | None = None
     ended_by: str | None = None  # the reason the attempt was terminated, if it was
+    signal: str | None = None  # the signal that ended the command (exit-signal), e.g. KILL
+    become_failed: str | None = None  # sudo did not let the action run: why
 
 
 class Connection:
@@ -213,7 +302,7 @@ class Connection:
             raise HostKeyMismatch("no host keys are pinned for this VM: refusing to connect")
         pkey = load_private_key(target.private_key, target.passphrase)
         sock = self._socket()
-        transport = paramiko.Transport(sock)
+        transport = SignalTransport(sock)
         try:
             options = transport.get_security_options()
             wanted: list[str] = []
@@ -285,6 +374,8 @@ class Connection:
         gate: Callable[[int | None, str], bool] | None = None,
         tick: Callable[[], str | None] | None = None,
         kill_grace: float = DEFAULT_KILL_GRACE,
+        become: Become | None = None,
+        control: AttemptControl | None = None,
     ) -> ExecResult:
         """Run ``line`` on a new channel and collect its output until it exits.
 
@@ -295,7 +386,12 @@ class Connection:
         before the wrapper reported (the login shell failed, say), the gate is never
         called. The attempt is ended (process group terminated: TERM,
         grace, KILL) when ``deadline`` passes or when ``tick`` (called about twice a second)
-        returns a reason.
+        returns a reason, or at once when another thread calls ``control.terminate``.
+
+        With ``become`` (the line from ``shell.sudo_line``), sudo speaks first on stderr: the
+        password is sent at its prompt (``SudoDialogue``), and stdin only once the action
+        reported that it runs; a refused or missing password ends the attempt at once
+        (``ExecResult.become_failed``). A command killed by a signal has ``signal`` set.
         """
         assert self.transport is not None
         out = StreamTail(max_bytes, on_stdout)
@@ -312,8 +408,13 @@ class Connection:
         ended_by: str | None = None
         give_up_at: float | None = None
         next_tick = time.monotonic() + TICK_SECONDS
+        dialogue = (SudoDialogue(nonce, become.password is not None)
+                    if become is not None and nonce is not None else None)
+        become_failed: str | None = None
 
         def start() -> None:
+            if dialogue is not None and not dialogue.ready:
+                return  # stdin waits until sudo let the action run
             if stdin:
                 threading.Thread(target=_feed_stdin, args=(chan, stdin), daemon=True).start()
             elif nonce is None:
@@ -326,12 +427,32 @@ class Connection:
             nonlocal gated, refused
             assert nonce is not None
             gated = False
-            if gate is not None and not gate(pgid, nonce):
+            if (gate is not None and not gate(pgid, nonce)) or (
+                    control is not None and control.reason is not None):
                 refused = True
                 chan.close()
                 return
+            if control is not None and pgid is not None:
+                control.attach(self, pgid, nonce, become, kill_grace)
             chan.sendall(GO)
             start()
+
+        def feed_stderr(data: bytes) -> None:
+            nonlocal become_failed
+            if dialogue is None:
+                err.feed(data)
+                return
+            data, steps = dialogue.feed(data)
+            err.feed(data)
+            for step in steps:
+                if step is Step.SEND_PASSWORD:
+                    assert become is not None
+                    chan.sendall(become.password_line())
+                elif step is Step.READY:
+                    start()
+                elif step is Step.FAILED:
+                    become_failed = dialogue.failure
+                    chan.close()  # sudo reads EOF and exits: nothing ran
 
         def feed_stdout(data: bytes) -> None:
             nonlocal head, pgid
@@ -360,7 +481,9 @@ class Connection:
                 while chan.recv_ready():
                     feed_stdout(chan.recv(READ_CHUNK))
                 while chan.recv_stderr_ready():
-                    err.feed(chan.recv_stderr(READ_CHUNK))
+                    feed_stderr(chan.recv_stderr(READ_CHUNK))
+                if become_failed is not None:
+                    break
                 if chan.exit_status_ready() and chan.eof_received:
                     if not chan.recv_ready() and not chan.recv_stderr_ready():
                         break
@@ -377,11 +500,19 @@ class Connection:
                     if reason is None and tick is not None and now >= next_tick:
                         next_tick = now + TICK_SECONDS
                         reason = tick()
+                    if reason is None and control is not None:
+                        reason = control.reason
                     if reason is not None:
                         ended_by = reason
                         give_up_at = now + kill_grace + 10
-                        if pgid is not None:
-                            self.terminate(pgid, kill_grace, nonce)
+                        if control is not None:
+                            # the kill happens once: here, or it was done by another thread
+                            control.terminate(reason)
+                            ended_by = control.reason or reason
+                            if pgid is None:
+                                chan.close()
+                        elif pgid is not None:
+                            self.terminate(pgid, kill_grace, nonce, become)
                         else:
                             chan.close()
                 elif give_up_at is not None and now > give_up_at:
@@ -389,6 +520,12 @@ class Connection:
                     break
             if refused:
                 raise NotStarted(f"the command on {self.target.host} was not started (gate refused)")
+            if dialogue is not None and not dialogue.ready and become_failed is None \
+                    and ended_by is None:
+                err.feed(dialogue.flush())
+                become_failed = ("sudo did not run the action as "
+                                 f"{become.user if become else '?'}: "
+                                 f"{_last_line(err.text()) or 'it exited before the action ran'}")
             if not chan.exit_status_ready() and ended_by is None and self._settles_dead():
                 # The connection died (e.g. sshd restarted) before the command reported an
                 # exit status: a transport error, retried within the spec's limit.
@@ -397,6 +534,7 @@ class Connection:
                     pgid=pgid, nonce=nonce,
                 )
             status = chan.recv_exit_status() if chan.exit_status_ready() else -1
+            killed_by = exit_signal(chan)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise TransportError(
                 f"connection to {self.target.host} broke: {exc}", pgid=pgid, nonce=nonce
@@ -404,6 +542,8 @@ class Connection:
         finally:
             if head:
                 out.feed(bytes(head))
+            if dialogue is not None:
+                err.feed(dialogue.flush())
             out.close()
             err.close()
             chan.close()
@@ -415,6 +555,8 @@ class Connection:
             finished=time.time(),
             pgid=pgid,
             ended_by=ended_by,
+            signal=killed_by,
+            become_failed=become_failed,
         )
 
     def _settles_dead(self, within: float = 1.0) -> bool:
@@ -428,18 +570,32 @@ class Connection:
             time.sleep(0.05)
         return not self.transport.is_active()
 
-    def terminate(self, pgid: int, grace: float = DEFAULT_KILL_GRACE, nonce: str | None = None) -> None:
-        """End a remote process group: TERM, up to ``grace`` seconds, then KILL (only if
-        its leader still carries the ``nonce`` marker, when one is given)."""
+    def terminate(self, pgid: int | None, grace: float = DEFAULT_KILL_GRACE,
+                  nonce: str | None = None, become: Become | None = None) -> None:
+        """End an attempt: TERM, up to ``grace`` seconds, then KILL, sent to its process
+        group (only if its leader still carries the ``nonce``, when one is given) and to
+        every process of the remote user whose environment carries the attempt's marker.
+
+        Thread-safe: a new channel of this connection, usable while the command's own
+        channel is open. With ``become`` it runs as that user through sudo (the password,
+        if any, on stdin)."""
         assert self.transport is not None
         chan = self.transport.open_session(timeout=self.target.connect_timeout)
         try:
             chan.settimeout(grace + 15)
-            chan.exec_command(terminate_line(pgid, grace, nonce))
+            chan.exec_command(terminate_line(pgid, grace, nonce,
+                                             as_user=become.user if become else None))
+            if become is not None and become.password is not None:
+                chan.sendall(become.password_line())
             shutdown_write(chan)
             chan.recv_exit_status()
         finally:
             chan.close()
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip()[:500] if lines else ""
 
 
 def shutdown_write(chan: paramiko.Channel) -> None:

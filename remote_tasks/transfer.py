@@ -21,6 +21,13 @@ rename it over the target (``posix-rename@openssh.com``; plain ``rename``, which
 replaces, for ``overwrite: Never``). Readers see the old file or the whole new one; a
 failed or cancelled attempt removes its temporary file.
 
+Deadlines: ``timeoutSeconds`` (from this attempt's start) and ``activeDeadlineSeconds``
+(from the command's ``startTime``, ``Envelope.command_start``) are checked for every block
+copied or hashed, and a watchdog timer closes the SFTP channels a stalled source or
+destination holds the copy on at the deadline. Timeout, deadline or cancel remove the
+partial file on every destination; the ``finished`` report says so (its message and
+``transfer.partialRemoved``).
+
 Memory: the source is read in windows of ``WINDOW`` bytes (paramiko prefetch, many read
 requests in flight), each chunk hashed and written (pipelined) to every destination before
 the next window is requested, so a transfer holds at most about one window plus the SSH
@@ -54,12 +61,12 @@ from pydantic import ValidationError
 from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.constants import SECRET_TYPE_SSH_AUTH, Phase, Reason
-from vmfleet.api.envelope import Envelope, Target, now_rfc3339
+from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource, TransferSpec
 from vmfleet.state import CANCELLED, CLAIMED
 
 from .execute import Attempt, AttemptFailed, CommandExecutor, report_body
-from .ssh import SSHError, SSHTarget
+from .ssh import Deadline, SSHError, SSHTarget
 
 if TYPE_CHECKING:
     from vmfleet.kube import Kube
@@ -137,6 +144,31 @@ def classify(exc: BaseException, vm: str, path: str, writing: bool) -> TransferF
         return TransferFailed(Reason.PERMISSION_DENIED, f"permission denied {verb} {path} on {vm}")
     detail = str(exc) or type(exc).__name__
     return TransferFailed(Reason.TRANSPORT_ERROR, f"{vm}:{path}: {detail}")
+
+
+def transfer_deadline(spec: RemoteCommandSpec, command_start: str | None,
+                      now: float) -> Deadline | None:
+    """When this attempt must end (``now``: the executor's clock): timeoutSeconds from now,
+    activeDeadlineSeconds from the command's startTime, whichever comes first."""
+    per_attempt = Deadline(now + spec.timeout_seconds, Reason.TIMEOUT) if spec.timeout_seconds \
+        else None
+    overall = None
+    if spec.active_deadline_seconds and command_start:
+        remaining = (parse_rfc3339(command_start).timestamp() + spec.active_deadline_seconds
+                     - time.time())
+        overall = Deadline(now + remaining, Reason.DEADLINE_EXCEEDED)
+    return Deadline.earliest(per_attempt, overall)
+
+
+def deadline_message(spec: RemoteCommandSpec, reason: str) -> str:
+    if reason == Reason.TIMEOUT:
+        return f"the transfer did not finish within timeoutSeconds ({spec.timeout_seconds}s)"
+    return f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed"
+
+
+def _closed(sftp: paramiko.SFTPClient) -> bool:
+    channel = sftp.get_channel()
+    return channel is not None and channel.closed
 
 
 # --------------------------------------------------------------------------- SFTP pieces
@@ -218,6 +250,7 @@ class Destination:
     done: bool = False  # renamed into place
     finished_at: float = 0.0
     reported: bool = False  # its ``finished`` report is sent
+    partial_removed: bool = False  # ended early: its temporary file was removed
 
     @property
     def active(self) -> bool:
@@ -232,6 +265,7 @@ class Source:
     chunks: Callable[[], Iterator[bytes]]
     digest: Callable[[], str]
     close: Callable[[], None] = lambda: None
+    abort: Callable[[], None] = lambda: None  # from another thread: unblock a stalled read
 
 
 @dataclass
@@ -249,6 +283,11 @@ class Run:
     next_progress: float
     source: Source | None = None
     digest: str = ""
+    deadline: Deadline | None = None  # timeoutSeconds / activeDeadlineSeconds, if any
+    expired: list[str] = field(default_factory=list)  # the watchdog's reason, once it fired
+
+    def deadline_failure(self, reason: str) -> TransferFailed:
+        return TransferFailed(reason, deadline_message(self.spec, reason))
 
     @property
     def unreported(self) -> list[Destination]:
@@ -370,7 +409,9 @@ class TransferExecutor:
                  ", ".join(dest.vm for dest in dests), envelope.attempt)
         started = self.clock()
         run = Run(envelope, worker, spec, transfer, dests, cancel, started,
-                  next_beat=started + settings.current().heartbeat_seconds, next_progress=started + PROGRESS_SECONDS)
+                  next_beat=started + settings.current().heartbeat_seconds,
+                  next_progress=started + PROGRESS_SECONDS,
+                  deadline=transfer_deadline(spec, envelope.command_start, started))
         return self.run(run)
 
     def _claim(self, envelope: Envelope, vm: str, holder: str, cancel: Attempt) -> bool:
@@ -396,16 +437,48 @@ class TransferExecutor:
     # ---------------------------------------------------------------- run
 
     def run(self, run: Run) -> str:
-        envelope, transfer, dests = run.envelope, run.transfer, run.dests
-        deadline = (run.started + run.spec.timeout_seconds) if run.spec.timeout_seconds else None
+        stop = self._beat_meanwhile(run)
         try:
-            self.tick(run)  # cancelled meanwhile?
+            return self._run(run)
+        finally:
+            stop.set()
+
+    def _beat_meanwhile(self, run: Run) -> threading.Event:
+        """Heartbeats from a thread of their own while the run lasts: connecting, a slow
+        first block or the cleanup after a deadline send none from ``tick``, and a silence
+        as long as the controller's lost-worker limit would end the attempt WorkerLost."""
+        stop = threading.Event()
+        interval = settings.current().heartbeat_seconds
+        if interval <= 0:
+            return stop
+        env = run.envelope
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                for dest in run.unreported:
+                    try:
+                        if self.state.heartbeat(env.uid, dest.vm, dest.attempt, env.scope):
+                            run.cancel.cancelled = True
+                    except Exception as exc:  # noqa: BLE001 - Redis restarting: beat again later
+                        log.warning("Heartbeat of transfer %s to %s failed: %s", env.ref,
+                                    dest.vm, exc)
+
+        threading.Thread(target=beat, name="vmfleet-transfer-beat", daemon=True).start()
+        return stop
+
+    def _run(self, run: Run) -> str:
+        envelope, transfer, dests = run.envelope, run.transfer, run.dests
+        watchdog = self._watchdog(run)
+        try:
+            self.tick(run)  # cancelled, or past the deadline, meanwhile?
             run.source = self.open_source(envelope, transfer.from_, lambda: self.tick(run))
+            self.tick(run)  # the watchdog may have fired before there was a source to cut
             for dest in dests:
                 self.prepare(run, dest)
                 self.flush(run)
+                self.tick(run)
             if any(dest.active for dest in dests):
-                run.digest = self.stream(run, deadline)
+                run.digest = self.stream(run)
             elif any(dest.unchanged for dest in dests):
                 run.digest = run.source.digest()
             for dest in dests:
@@ -417,16 +490,24 @@ class TransferExecutor:
             for dest in dests:
                 if dest.active:
                     self.discard(dest)
+                    left = "" if dest.partial_removed else \
+                        f"; {dest.path} on {dest.vm} was left as it was"
                     dest.failure = TransferFailed(
-                        Reason.CANCELLED, f"cancelled: the RemoteCommand was deleted; {dest.path} "
-                        f"on {dest.vm} was left as it was")
+                        Reason.CANCELLED, f"cancelled: the RemoteCommand was deleted{left}")
         except TransferFailed as failure:  # the source or the deadline: every destination alike
+            if run.expired:  # the watchdog cut a stalled read or write: that is the deadline
+                failure = run.deadline_failure(run.expired[0])
             for dest in dests:
                 if dest.active:
                     dest.failure = failure
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             if run.source is not None:
-                run.source.close()
+                try:
+                    run.source.close()
+                except (OSError, paramiko.SSHException, EOFError):
+                    pass
             for dest in dests:
                 if dest.fh is not None or (dest.failure is not None and not dest.reported):
                     self.discard(dest)
@@ -444,7 +525,7 @@ class TransferExecutor:
         return Phase.SUCCEEDED
 
     def tick(self, run: Run) -> None:
-        """Called for every block copied or hashed: heartbeats, progress, cancels."""
+        """Called for every block copied or hashed: heartbeats, progress, cancels, deadline."""
         if run.cancel.cancelled:
             raise Aborted()
         now = self.clock()
@@ -459,6 +540,11 @@ class TransferExecutor:
                     log.warning("Heartbeat of transfer %s to %s failed: %s", env.ref, dest.vm, exc)
             if run.cancel.cancelled:
                 raise Aborted()
+        # After the beat: the cleanup that follows a deadline sends none until it reports.
+        if run.expired:  # the watchdog fired (it cut what was stalled): stop the others too
+            raise run.deadline_failure(run.expired[0])
+        if run.deadline is not None and (reason := run.deadline.expired(now)):
+            raise run.deadline_failure(reason)
         if now >= run.next_progress and run.source is not None:
             run.next_progress = now + PROGRESS_SECONDS
             self.progress(run, run.source)
@@ -542,11 +628,17 @@ class TransferExecutor:
             return h.hexdigest()
 
         def close() -> None:
-            fh.close()
+            if not _closed(sftp):
+                fh.close()
             sftp.close()
 
+        def abort() -> None:
+            channel = sftp.get_channel()
+            if channel is not None:
+                channel.close()
+
         return Source(f"{vm}:{path}", size, stat.S_IMODE(attrs.st_mode or 0o644), chunks, digest,
-                      close)
+                      close, abort)
 
     def _object_source(self, namespace: str, source: TransferSource) -> Source:
         from kubernetes.client.exceptions import ApiException
@@ -641,7 +733,7 @@ class TransferExecutor:
         except (OSError, paramiko.SSHException, EOFError, SSHError, TransferFailed) as exc:
             dest.failure = classify(exc, dest.vm, dest.path, writing=True)
 
-    def stream(self, run: Run, deadline: float | None) -> str:
+    def stream(self, run: Run) -> str:
         source = run.source
         assert source is not None
         digest = hashlib.sha256()
@@ -659,11 +751,7 @@ class TransferExecutor:
                     self.flush(run)  # its temp goes and the controller hears of it now
             if not any(dest.active for dest in run.dests):
                 break
-            if deadline is not None and self.clock() > deadline:
-                raise TransferFailed(Reason.TIMEOUT,
-                                     f"the transfer of {source.description} did not finish "
-                                     "within timeoutSeconds")
-            self.tick(run)
+            self.tick(run)  # and the deadline, checked per block
         return digest.hexdigest()
 
     def complete(self, run: Run, dest: Destination) -> None:
@@ -707,15 +795,53 @@ class TransferExecutor:
             dest.failure = classify(exc, dest.vm, dest.path, writing=True)
 
     def discard(self, dest: Destination) -> None:
-        """Close and remove this attempt's temporary file, if any."""
+        """Close and remove this attempt's temporary file, if any (over a fresh SFTP session
+        when the watchdog closed the one it was written through)."""
         if dest.fh is not None:
             try:
                 dest.fh.close()
             except (OSError, paramiko.SSHException, EOFError):
                 pass
             dest.fh = None
-        if dest.sftp is not None and dest.temp:
-            remove_quietly(dest.sftp, dest.temp)
+            dest.partial_removed = self._remove_temp(dest) or dest.partial_removed
+        elif dest.sftp is not None:
+            self._remove_temp(dest)
+
+    def _remove_temp(self, dest: Destination) -> bool:
+        if dest.sftp is None or not dest.temp:
+            return False
+        if _closed(dest.sftp):
+            if dest.target is None:
+                return False
+            try:
+                dest.sftp = self.pool.get(dest.target).sftp()
+            except SSHError:
+                return False
+        return remove_quietly(dest.sftp, dest.temp)
+
+    def _watchdog(self, run: Run) -> threading.Timer | None:
+        """A timer that, at the deadline, closes the SFTP channels a stalled read or write
+        may be blocked on (a source or destination that stopped answering): the blocked
+        call then fails and the transfer ends with the deadline's reason."""
+        deadline = run.deadline
+        if deadline is None:
+            return None
+
+        def expire() -> None:
+            run.expired.append(deadline.reason)  # before the cut: the failure it causes reads it
+            if run.source is not None:
+                run.source.abort()
+            for dest in run.dests:
+                # still copying, verifying or renaming (a finished one keeps its session)
+                channel = dest.sftp.get_channel() if dest.sftp is not None else None
+                if channel is not None and dest.active:
+                    channel.close()
+
+        timer = threading.Timer(max(deadline.at - self.clock(), 0.0), expire)
+        timer.name = f"vmfleet-transfer-deadline-{run.envelope.name}"
+        timer.daemon = True
+        timer.start()
+        return timer
 
     # ---------------------------------------------------------------- results
 
@@ -725,6 +851,8 @@ class TransferExecutor:
             if not every and dest.failure is None:
                 continue
             if dest.failure is not None:
+                if run.expired:  # the watchdog cut what it was blocked on: the deadline ended it
+                    dest.failure = run.deadline_failure(run.expired[0])
                 self.discard(dest)
             self._finish(run.envelope, run.worker, dest, self._result(run, dest))
 
@@ -741,7 +869,8 @@ class TransferExecutor:
                           bytesPerSecond=throughput(dest.written, duration),
                           verified=dest.verified or None, unchanged=dest.unchanged or None)
         else:
-            fields.update(bytes=dest.written, totalBytes=source.size if source else None)
+            fields.update(bytes=dest.written, totalBytes=source.size if source else None,
+                          partialRemoved=dest.partial_removed or None)
         return fields
 
     @staticmethod
@@ -760,6 +889,9 @@ class TransferExecutor:
                        if dest.unchanged else None)
         else:
             reason, message = dest.failure.reason, dest.failure.message
+            if dest.partial_removed and "partial file" not in message:
+                message = (f"{message}; the partial file on {dest.vm} was removed ({dest.path} "
+                           "was left as it was)")
         self._report(envelope, worker, "finished", dest.vm, {
             "phase": phase, "reason": reason, "message": message, "worker": worker,
             "completionTime": now_rfc3339(),

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Install the Debian packages vmfleet's local environment and e2e tests need:
 # OpenSSH (the fake "VMs"), Redis and RabbitMQ (the brokers), util-linux (unshare),
-# procps (pgrep/ps), iproute2 (ss), prometheus (the server and promtool, for the metrics
-# e2e tests and `promtool check rules` on the chart's alerts).
+# procps (pgrep/ps), iproute2 (ss), sudo (the become e2e tests run sudo on the VMs),
+# prometheus (the server and promtool, for the metrics e2e tests and `promtool check
+# rules` on the chart's alerts); for the image and the local node: buildah and
+# mmdebstrap (`make image`), containerd, runc and the CNI plugins (the kubelet's
+# container runtime; only the loopback plugin is used).
 #
 # Idempotent: does nothing when everything is present; runs `apt-get update` once, only
 # when something is missing. System services are neither started nor left enabled:
@@ -20,11 +23,17 @@ PACKAGES=(
     util-linux
     procps
     iproute2
+    sudo
     ca-certificates
     prometheus
+    buildah
+    mmdebstrap
+    containerd
+    runc
+    containernetworking-plugins
 )
 # Services that a package's postinst may have started or enabled.
-SERVICES=(ssh redis-server rabbitmq-server epmd prometheus)
+SERVICES=(ssh redis-server rabbitmq-server epmd prometheus containerd)
 
 if [ "$(id -u)" -eq 0 ]; then
     SUDO=()

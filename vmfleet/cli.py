@@ -72,7 +72,7 @@ def _dev(args: argparse.Namespace) -> int:
     from vmfleet.dev import env
 
     if args.action == "up":
-        return env.up(vms=args.vms, broker=args.broker)
+        return env.up(vms=args.vms, broker=args.broker, node=args.node)
     if args.action == "down":
         return env.down()
     if args.action == "demo":
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("action", choices=["up", "down", "status", "demo"])
     dev.add_argument("--vms", type=int, default=3, help="number of sshd VMs (default 3)")
     dev.add_argument("--broker", choices=["redis", "rabbitmq"], default="redis")
+    dev.add_argument("--node", action="store_true",
+                     help="add a real node (kubelet, containerd) and run the chart's pods on it "
+                          "(root; builds the image)")
     dev.set_defaults(func=_dev)
 
     from vmfleet import exec as exec_, show  # argument definitions only; light imports
@@ -134,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list[:1] == ["controller"]:
+        # Everything after `controller` is kopf's, options included (argparse's
+        # REMAINDER refuses a first argument that looks like an option).
+        return _controller(argparse.Namespace(kopf_args=args_list[1:]))
+    args = build_parser().parse_args(args_list)
     return int(args.func(args))
 
 

@@ -105,6 +105,17 @@ class Settings:
     worker_image: str = setting(
         "VMFLEET_WORKER_IMAGE", "vmfleet:0.1.0", CONTROLLER,
         "Image of the worker Deployments (the chart sets its own image).")
+    worker_image_pull_policy: str = setting(
+        "VMFLEET_WORKER_IMAGE_PULL_POLICY", "IfNotPresent", CONTROLLER,
+        "Image pull policy of the worker Deployments (chart: `image.pullPolicy`).",
+        choices=("Always", "IfNotPresent", "Never"))
+    worker_host_network: bool = setting(
+        "VMFLEET_WORKER_HOST_NETWORK", False, CONTROLLER,
+        "Worker pods on the node's network (chart: `hostNetwork`; the local node's VMs are "
+        "on its loopback).")
+    worker_extra_env: str | None = setting(
+        "VMFLEET_WORKER_EXTRA_ENV", None, CONTROLLER,
+        "Extra env entries of the worker containers, a JSON list (chart: `workers.extraEnv`).")
     broker_secret_name: str | None = setting(
         "VMFLEET_BROKER_SECRET_NAME", None, CONTROLLER,
         "Secret holding the broker URL, referenced by the worker Deployments instead of the "
@@ -198,6 +209,11 @@ def _parse(f: dataclasses.Field[Any], hint: Any, raw: str) -> Any:
     kinds = {t for t in typing.get_args(hint) if t is not type(None)} or {hint}
     (kind,) = kinds
     value: Any
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered not in ("true", "false", "1", "0", "yes", "no"):
+            raise SettingsError(f"{env}={raw!r} is not true or false")
+        return lowered in ("true", "1", "yes")
     if kind is int:
         try:
             value = int(raw)

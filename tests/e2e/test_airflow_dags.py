@@ -246,7 +246,7 @@ def _single_task_dag(airflow: AirflowEnv, dag_id: str, ns: Namespace, kubeconfig
                  default_args={{"retries": 0}}):
             remote = RemoteCommandOperator(
                 task_id="remote", vm="vm1", command={command!r},
-                config_file={str(kubeconfig)!r}, namespace={str(ns)!r},
+                config_file={str(kubeconfig)!r}, namespace={str(ns)!r}, defer_after_seconds=0,
             )
             after = RemoteCommandOperator(
                 task_id="after", vm="vm1", command="echo after >> /tmp/after-{dag_id}.txt",

@@ -97,6 +97,7 @@ TRIGGER_KWARGS = {
     "cluster_context": "prod",
     "in_cluster": False,
     "watch_timeout_seconds": 120,
+    "not_before": 1_800_000_000.5,
 }
 
 

@@ -151,3 +151,49 @@ def test_a_published_cancel_marks_the_running_attempts_of_that_command() -> None
         assert (a.cancelled, b.cancelled) == (True, False)
     cancels.cancel("uid-2")  # ended meanwhile: nothing to mark
     assert b.cancelled is False
+
+
+class _Conn:
+    def __init__(self) -> None:
+        self.terminated: list[tuple[int, str | None]] = []
+
+    def terminate(self, pgid: int, grace: float, nonce: str | None, become: Any = None) -> None:
+        self.terminated.append((pgid, nonce))
+
+
+class _Pool:
+    """The SSH pool: one shared connection per VM, counting how often it is thrown away."""
+
+    def __init__(self) -> None:
+        self.conn = _Conn()
+        self.discarded = 0
+
+    def get(self, target: Any) -> _Conn:
+        return self.conn
+
+    def discard(self, target: Any) -> None:
+        self.discarded += 1
+
+
+def _executor(tmp_path: Any) -> tuple[execute.CommandExecutor, _Pool]:
+    (tmp_path / "vm1-ssh").mkdir()
+    (tmp_path / "vm1-ssh" / "ssh-privatekey").write_text("KEY")
+    pool = _Pool()
+    return execute.CommandExecutor(FakeState(), pool, tmp_path), pool  # type: ignore[arg-type]
+
+
+def test_terminating_a_lost_attempt_keeps_the_vms_shared_connection(tmp_path: Any) -> None:
+    """Other commands run on the same pooled connection: killing one attempt's processes
+    must not close it under them (it did: they ended without an exit status)."""
+    executor, pool = _executor(tmp_path)
+    target = Target("vm1", "h", 22, "u", "vm1-ssh", host_keys=("ssh-ed25519 AAAA",))
+    assert executor.terminate_attempt(target, 4242, "marker") is True
+    assert pool.conn.terminated == [(4242, "marker")]
+    assert pool.discarded == 0
+
+
+def test_after_a_broken_connection_the_terminate_reconnects_first(tmp_path: Any) -> None:
+    executor, pool = _executor(tmp_path)
+    ssh_target = executor.ssh_target(Target("vm1", "h", 22, "u", "vm1-ssh", host_keys=("k",)))
+    assert executor.terminate(ssh_target, 7, None, broken=True) is True
+    assert pool.discarded == 1

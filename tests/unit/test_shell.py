@@ -74,10 +74,31 @@ def test_terminate_line_checks_the_marker_before_signalling():
     from remote_tasks.shell import terminate_line
 
     line = terminate_line(4242, 1.5, nonce="abc123")
-    assert "grep -q -F vmfleet-pgid:abc123 /proc/4242/cmdline" in line
-    assert "kill -s TERM -- -4242" in line and "kill -s KILL -- -4242" in line
+    script = shlex.split(line)[3]
+    assert shlex.split(line)[:3] == ["exec", "sh", "-c"]
+    assert script.startswith("g=4242; m=VMFLEET_ATTEMPT=abc123; ")
+    assert "grep -q -F abc123 /proc/$g/cmdline" in script
+    assert 'grep -q -z -x -F "$m" /proc/$g/environ' in script
+    assert 'grep -l -z -x -F "$m" /proc/[0-9]*/environ' in script
+    assert "kill -s $1 -- -$g" in script
+    assert "sig TERM; i=0; while alive && [ $i -lt 15 ]" in script
+    assert script.endswith("sig KILL; sig KILL; exit 0")
     with pytest.raises(InvalidCommand):
         terminate_line(1, 1)
+    with pytest.raises(InvalidCommand):
+        terminate_line(None, 1)
+    with pytest.raises(InvalidCommand):
+        terminate_line(4242, 1, nonce="a;b")
+
+
+def test_terminate_line_without_marker_signals_the_group_only():
+    from remote_tasks.shell import terminate_line
+
+    script = shlex.split(terminate_line(4242, 0.2))[3]
+    assert script == ("g=4242; sig() { kill -s $1 -- -$g 2>/dev/null; }; "
+                      "alive() { kill -s 0 -- -$g 2>/dev/null; }; alive || exit 0; sig TERM; "
+                      "i=0; while alive && [ $i -lt 2 ]; do sleep 0.1; i=$((i+1)); done; "
+                      "sig KILL; sig KILL; exit 0")
 
 
 def test_terminate_line_ends_a_group_that_ignores_term():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import threading
+import time
 
 import pytest
 from pydantic import ValidationError
@@ -215,6 +217,9 @@ class FakeSFTP:
         self.bytes_read = 0
         self.opened_for_writing: list[str] = []
 
+    def get_channel(self):
+        return None  # no channel: never closed under the transfer
+
     def stat(self, path):
         if path in self.dirs:
             return Attrs(_stat.S_IFDIR | 0o755, 0)
@@ -294,7 +299,11 @@ class FakePool:
     def get(self, target):
         self.keys[target.host] = target.private_key
         sftp = self.vms[target.host]
-        return type("Conn", (), {"sftp": lambda self, window_size=None: sftp})()
+
+        def session(_conn, window_size=None):
+            getattr(sftp, "reopen", lambda: None)()  # a new SFTP session (its own channel)
+            return sftp
+        return type("Conn", (), {"sftp": session})()
 
     def discard(self, target):
         self.discarded.append(target.host)
@@ -381,13 +390,15 @@ class Fleet:
         self.executor = t.TransferExecutor(self.commands, clock=self.clock, kube=kube)
 
     def envelope(self, vm="vm2", attempt=1, targets=("vm1", "vm2", "vm3"), retries=0,
-                 timeout=None, **transfer) -> Envelope:
+                 timeout=None, deadline=None, command_start=None, **transfer) -> Envelope:
         body = {"from": {"vm": "vm1", "path": SRC},
                 "to": [{"vm": "vm2", "path": DST}, {"vm": "vm3", "path": DST}]}
         body.update(transfer)
         s = RemoteCommandSpec.model_validate({"transfer": body, "timeoutSeconds": timeout,
+                                              "activeDeadlineSeconds": deadline,
                                               "retries": {"limit": retries, "backoffSeconds": 5}})
         return Envelope("ns", "copy", "uid-1", vm, attempt, "", s.wire(),
+                        command_start=command_start,
                         targets={name: target(name) for name in targets})
 
     def run(self, worker="w", **kwargs) -> str:
@@ -614,6 +625,173 @@ def test_a_timeout_fails_every_destination_and_removes_the_temporary_files(tmp_p
     results = fleet.state.finished()
     assert {r["reason"] for r in results.values()} == {"Timeout"}
     assert fleet.vms["vm2"].files == {} and fleet.vms["vm3"].files == {}
+
+
+def test_a_timeout_says_every_partial_file_was_removed(tmp_path):
+    fleet = Fleet(tmp_path, three(BIG, vm3=FakeSFTP({DST: b"old"})), clock=Clock(step=0.25))
+    assert fleet.run(timeout=5) == "Failed"
+    for vm, result in fleet.state.finished().items():
+        assert result["reason"] == "Timeout"
+        assert 0 < result["transfer"]["bytes"] < len(BIG)
+        assert result["transfer"]["partialRemoved"] is True
+        assert result["message"] == (
+            "the transfer did not finish within timeoutSeconds (5s); the partial file on "
+            f"{vm} was removed ({DST} was left as it was)")
+        assert temps(fleet.vms[vm]) == []
+    assert fleet.vms["vm3"].files == {DST: b"old"}
+
+
+def test_a_cancel_says_the_partial_file_was_removed(tmp_path):
+    fleet = Fleet(tmp_path, three(BIG), clock=Clock(step=0.25),
+                  state=FakeState(cancel_after_beats=3))
+    assert fleet.run() == "Cancelled"
+    for vm, result in fleet.state.finished().items():
+        assert result["transfer"]["partialRemoved"] is True
+        assert result["message"] == ("cancelled: the RemoteCommand was deleted; the partial "
+                                     f"file on {vm} was removed ({DST} was left as it was)")
+
+
+def test_a_failure_before_any_byte_was_written_claims_no_partial_file(tmp_path):
+    fleet = Fleet(tmp_path, three(b"x", vm2=FakeSFTP({}, broken=True)))
+    assert fleet.run() == "Failed"
+    result = fleet.state.finished()["vm2"]
+    assert "partialRemoved" not in result["transfer"]
+    assert "partial file" not in result["message"]
+
+
+def ago(seconds: float) -> str:
+    from datetime import UTC, datetime, timedelta
+
+    from vmfleet.api.times import rfc3339
+
+    return rfc3339(datetime.now(UTC) - timedelta(seconds=seconds))
+
+
+def test_active_deadline_counts_from_the_commands_start_time(tmp_path):
+    # Passed already (the command started 100 s ago): nothing is opened, nothing written.
+    fleet = Fleet(tmp_path / "a", three(BIG))
+    assert fleet.run(deadline=50, command_start=ago(100)) == "Failed"
+    for result in fleet.state.finished().values():
+        assert result["reason"] == "DeadlineExceeded"
+        assert result["message"] == "activeDeadlineSeconds (50s) passed"
+        assert "partialRemoved" not in result["transfer"]
+    assert fleet.vms["vm1"].bytes_read == 0 and fleet.vms["vm2"].opened_for_writing == []
+    # Passing mid-copy (3 s left of it; the clock moves 0.25 s per block).
+    fleet = Fleet(tmp_path / "b", three(BIG), clock=Clock(step=0.25))
+    assert fleet.run(deadline=60, command_start=ago(57)) == "Failed"
+    for vm, result in fleet.state.finished().items():
+        assert result["reason"] == "DeadlineExceeded"
+        assert result["transfer"]["partialRemoved"] is True
+        assert result["message"].startswith("activeDeadlineSeconds (60s) passed; the partial")
+        assert fleet.vms[vm].files == {}
+    # Far off: the copy succeeds; the earlier of the two deadlines (timeoutSeconds) rules.
+    fleet = Fleet(tmp_path / "c", three(b"x"))
+    assert fleet.run(deadline=3600, command_start=ago(1)) == "Succeeded"
+    both = RemoteCommandSpec.model_validate({"vm": "x", "command": "true", "timeoutSeconds": 5,
+                                             "activeDeadlineSeconds": 3600})
+    earliest = t.transfer_deadline(both, ago(1), 100.0)
+    assert earliest is not None and (earliest.at, earliest.reason) == (105.0, "Timeout")
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.closed = False
+        self.cut = threading.Event()
+
+    def close(self) -> None:
+        self.closed = True
+        self.cut.set()
+
+
+class StalledSFTP(FakeSFTP):
+    """A VM that stops answering once ``after`` bytes were read from or written to it: the
+    blocked call returns only when its channel is closed (then fails, as paramiko's does).
+    A new session (the pool's ``sftp()``) has a channel of its own and answers again."""
+
+    def __init__(self, files: dict[str, bytes], after: int) -> None:
+        super().__init__(files)
+        self.after = after
+        self.channel = FakeChannel()
+        self.stalled = 0
+
+    def get_channel(self):
+        return self.channel
+
+    def reopen(self) -> None:
+        if self.channel.closed:
+            self.channel = FakeChannel()
+
+    def _stall(self) -> None:
+        self.stalled += 1
+        if not self.channel.cut.wait(60):
+            raise AssertionError("the stalled call was never cut")
+        raise OSError("Socket is closed")
+
+    def open(self, path, mode, bufsize=-1):
+        fh = super().open(path, mode, bufsize)
+        vm = self
+        if "r" in mode:
+            read = fh.readv
+
+            def readv(chunks, max_concurrent_prefetch_requests=None):
+                for block in read(chunks):
+                    if vm.bytes_read > vm.after:
+                        vm._stall()
+                    yield block
+            fh.readv = readv
+        else:
+            write = fh.write
+
+            def stalling_write(data):
+                if len(vm.files[path]) >= vm.after:
+                    vm._stall()
+                write(data)
+            fh.write = stalling_write
+        return fh
+
+    def remove(self, path):
+        if self.channel.closed:
+            raise OSError("Socket is closed")
+        super().remove(path)
+
+
+def run_bounded(fleet: Fleet, **kwargs) -> tuple[str, float]:
+    """``fleet.run`` in a thread: a watchdog that never fires fails the test, not hangs it."""
+    outcome: list[str] = []
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: outcome.append(fleet.run(**kwargs)), daemon=True)
+    thread.start()
+    thread.join(90)
+    assert outcome, "the transfer was still blocked long after its deadline"
+    return outcome[0], time.monotonic() - started
+
+
+def test_the_watchdog_cuts_a_stalled_source_at_the_deadline(tmp_path):
+    # The clock never moves: only the watchdog's timer can end this copy.
+    # It stalls after two blocks: long before the deadline even on a loaded machine.
+    fleet = Fleet(tmp_path, three(BIG, vm1=StalledSFTP({SRC: BIG}, after=2 * t.READ_BLOCK)))
+    outcome, took = run_bounded(fleet, timeout=2)
+    assert outcome == "Failed" and took >= 2.0
+    assert fleet.vms["vm1"].stalled == 1
+    for vm, result in fleet.state.finished().items():
+        assert result["reason"] == "Timeout"  # not the TransportError of the cut channel
+        assert result["transfer"]["partialRemoved"] is True
+        assert result["message"].startswith("the transfer did not finish within timeoutSeconds")
+        assert fleet.vms[vm].files == {}
+
+
+def test_the_watchdog_cuts_a_stalled_destination_and_removes_its_file_over_a_new_session(
+        tmp_path):
+    fleet = Fleet(tmp_path, three(BIG, vm2=StalledSFTP({DST: b"old"}, after=2 * t.READ_BLOCK)))
+    outcome, took = run_bounded(fleet, deadline=3, command_start=ago(0))
+    assert outcome == "Failed" and took >= 1.0
+    vm2 = fleet.vms["vm2"]
+    assert vm2.stalled == 1 and vm2.files == {DST: b"old"}  # removed after the cut
+    results = fleet.state.finished()
+    for vm in ("vm2", "vm3"):  # the one that still answered stops at the deadline too
+        assert results[vm]["reason"] == "DeadlineExceeded"
+        assert results[vm]["transfer"]["partialRemoved"] is True
+    assert temps(fleet.vms["vm3"]) == [] and fleet.vms["vm3"].files == {}
 
 
 class FakeKube:

@@ -4,6 +4,7 @@ to RemoteCommandTrigger until it has finished, return its results to XCom."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any, cast
@@ -19,7 +20,15 @@ from .naming import ANNOTATION_SPEC_HASH, TaskIdentity, command_name, spec_hash
 from .results import failure_message, is_finished, results_of
 from .triggers import EVENT_DELETED, EVENT_FINISHED, RemoteCommandTrigger
 
-__all__ = ["RemoteCommandOperator", "RemoteFileTransferOperator"]
+__all__ = ["STALE_EVENT_GUARD_SECONDS", "RemoteCommandOperator", "RemoteFileTransferOperator"]
+
+# Airflow 3.3 fails a deferred task whose trigger fires before the scheduler has handled
+# the executor's "success" for the deferring run, once the resumed run is already running
+# (apache/airflow#71580, #72716; fix proposed in #71579). Under load that report comes
+# seconds late, so a trigger holds its event until this long after the deferral. A command
+# that ends in the first ``defer_after_seconds`` does not defer at all.
+STALE_EVENT_GUARD_SECONDS = 10.0
+_POLL_SECONDS = 0.5
 
 
 def _identity(context: Any) -> TaskIdentity:
@@ -47,9 +56,11 @@ class _RemoteCommandBase(BaseOperator):
         in_cluster: bool | None = None,
         deferrable: bool = True,
         watch_timeout_seconds: int = 300,
+        defer_after_seconds: float = 3.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.defer_after_seconds = defer_after_seconds
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
         self.config_file = config_file
@@ -110,16 +121,39 @@ class _RemoteCommandBase(BaseOperator):
         self._command_ref = (namespace, name)
         spec = self.validated_spec()
         obj = self._create_or_attach(settings, namespace, name, identity, spec)
+        if not is_finished(obj) and self.deferrable and self.defer_after_seconds > 0:
+            obj = self._wait_briefly(settings, namespace, name, obj)
         if is_finished(obj):
             return self.finish(namespace, name, obj.get("status") or {})
         trigger = RemoteCommandTrigger(
             name=name, namespace=namespace, **settings.to_kwargs(),
             watch_timeout_seconds=self.watch_timeout_seconds,
+            not_before=time.time() + STALE_EVENT_GUARD_SECONDS if self.deferrable else None,
         )
         if not self.deferrable:
             event = asyncio.run(_first_event(trigger))
             return self.execute_complete(context, event)
         self.defer(trigger=trigger, method_name="execute_complete", timeout=self.deferral_timeout())
+
+    def _wait_briefly(self, settings: KubeSettings, namespace: str, name: str,
+                      obj: dict[str, Any]) -> dict[str, Any]:
+        """Up to ``defer_after_seconds`` in the worker: a short command needs no deferral."""
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        deadline = time.monotonic() + self.defer_after_seconds
+        with settings.api_client() as api_client:
+            api = CustomObjectsApi(api_client)
+            while not is_finished(obj) and time.monotonic() < deadline:
+                time.sleep(min(_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
+                try:
+                    obj = cast(dict[str, Any], api.get_namespaced_custom_object(
+                        c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name))
+                except ApiException as exc:
+                    if exc.status == 404:
+                        return obj  # deleted: the trigger reports it
+                    raise
+        return obj
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         namespace, name = event["namespace"], event["name"]
@@ -248,6 +282,8 @@ class RemoteCommandOperator(_RemoteCommandBase):
     :param config_file / cluster_context / in_cluster / kubernetes_conn_id: how to reach
         Kubernetes, as in the cncf-kubernetes provider.
     :param deferrable: wait in the triggerer (default) or in the worker.
+    :param defer_after_seconds: wait this long in the worker first (default 3): a command
+        done by then returns without deferring.
     """
 
     template_fields: Sequence[str] = (

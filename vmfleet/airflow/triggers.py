@@ -1,10 +1,17 @@
-"""RemoteCommandTrigger: waits in the triggerer, with a Kubernetes watch on one
-RemoteCommand, until that command has finished — no worker slot held, no SSH polling."""
+"""RemoteCommandTrigger: waits in the triggerer until one RemoteCommand has finished — no
+worker slot held, no SSH polling, and one Kubernetes watch per namespace shared by every
+trigger of the triggerer (:mod:`vmfleet.airflow.watches`).
+
+A user's mark-failed, mark-success or clear of the deferred task deletes the
+RemoteCommand (which stops its remote processes); a triggerer that stops, restarts or
+hands the trigger to another triggerer deletes nothing: the task is still ``deferred``
+then, and the next triggerer picks the same RemoteCommand up again."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -13,12 +20,22 @@ from vmfleet.api import constants as c
 
 from .connection import KubeSettings
 from .results import is_finished
+from .watches import DELETED, FINISHED, Outcome, shared_watch
 
 __all__ = ["EVENT_DELETED", "EVENT_FINISHED", "RemoteCommandTrigger"]
 
-EVENT_FINISHED = "finished"
-EVENT_DELETED = "deleted"
+EVENT_FINISHED = FINISHED
+EVENT_DELETED = DELETED
 _BACKOFF_MAX = 30.0
+
+
+def _airflow_3_3_plus() -> bool:
+    """Airflow 3.3 calls ``on_kill`` for a user's action only (never on a triggerer restart)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("apache-airflow-core")).release >= (3, 3)
 
 
 class RemoteCommandTrigger(BaseTrigger):
@@ -36,6 +53,8 @@ class RemoteCommandTrigger(BaseTrigger):
     :param cluster_context: the kubeconfig context to use.
     :param in_cluster: use the pod's service account.
     :param watch_timeout_seconds: how long one watch request lasts before it is renewed.
+    :param not_before: a Unix time before which no event fires (the operator sets it a few
+        seconds after the deferral: see ``STALE_EVENT_GUARD_SECONDS`` in the operators).
     """
 
     def __init__(
@@ -47,6 +66,7 @@ class RemoteCommandTrigger(BaseTrigger):
         cluster_context: str | None = None,
         in_cluster: bool | None = None,
         watch_timeout_seconds: int = 300,
+        not_before: float | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -56,6 +76,8 @@ class RemoteCommandTrigger(BaseTrigger):
             cluster_context=cluster_context, in_cluster=in_cluster,
         )
         self.watch_timeout_seconds = watch_timeout_seconds
+        self.not_before = not_before
+        self._fired = False
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -65,6 +87,7 @@ class RemoteCommandTrigger(BaseTrigger):
                 "namespace": self.namespace,
                 **self.settings.to_kwargs(),
                 "watch_timeout_seconds": self.watch_timeout_seconds,
+                "not_before": self.not_before,
             },
         )
 
@@ -79,6 +102,24 @@ class RemoteCommandTrigger(BaseTrigger):
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        watch = shared_watch(self.settings, self.namespace, self.watch_timeout_seconds)
+        outcome = await watch.wait(self.name, self._wait_alone)
+        early = (self.not_before or 0.0) - time.time()
+        if early > 0:
+            await asyncio.sleep(early)
+        self._fired = True
+        yield self._event(outcome.kind, outcome.obj)
+
+    async def _wait_alone(self) -> Outcome:
+        events = self._run_alone()
+        try:
+            payload = (await events.__anext__()).payload
+        finally:
+            await events.aclose()
+        return Outcome(payload["event"], {"status": payload["command_status"]})
+
+    async def _run_alone(self) -> AsyncGenerator[TriggerEvent, None]:
+        """A watch of this one object (for a RemoteCommand without the operators' label)."""
         from kubernetes_asyncio import client
         from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -141,8 +182,59 @@ class RemoteCommandTrigger(BaseTrigger):
                     return self._event(EVENT_FINISHED, current)
         return None
 
+    async def task_state(self) -> str | None:
+        """The task instance's state as the API server has it now (None if unknown)."""
+        ti = getattr(self, "task_instance", None)
+        if ti is None:
+            return None
+        from asgiref.sync import sync_to_async
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
+            dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=ti.map_index,
+        )
+        key = f"{ti.task_id}_{ti.map_index}" if ti.map_index is not None and ti.map_index >= 0 \
+            else ti.task_id
+        state = (states.get(ti.run_id) or {}).get(key)
+        return None if state is None else str(getattr(state, "value", state))
+
+    async def safe_to_cancel(self) -> bool:
+        """True when the user moved the task out of ``deferred`` (mark-failed, clear, …).
+
+        A task still ``deferred`` means the trigger is only being moved (a triggerer
+        stopping or restarting): its RemoteCommand must keep running. Unknown: not safe.
+        """
+        try:
+            state = await self.task_state()
+        except Exception as exc:  # noqa: BLE001 - deleting nothing is the safe answer
+            self.log.warning("Could not read the state of the task waiting on RemoteCommand "
+                             "%s/%s (%s): keeping the command", self.namespace, self.name, exc)
+            return False
+        return state is not None and state != "deferred"
+
     async def on_kill(self) -> None:
-        """A user killed the deferred task: delete the RemoteCommand, which cancels it."""
+        """A user marked, cleared or killed the deferred task: cancel its RemoteCommand.
+
+        Airflow 3.3+ calls this for a user's action only, never when a triggerer stops,
+        restarts or hands the trigger over (the task is then still deferred and its
+        command must go on). The task's state is not read here: after a clear, the next
+        try can already be deferred again by the time this runs.
+        """
+        if self._fired:
+            return
+        await self.delete_command()
+
+    async def cleanup(self) -> None:
+        """Before Airflow 3.3 the triggerer calls no on_kill: a trigger that ends without an
+        event while its task is no longer deferred was cancelled by a user (the check the
+        cncf-kubernetes pod trigger makes); one whose task is still deferred was moved."""
+        if self._fired or _airflow_3_3_plus():
+            return
+        if await self.safe_to_cancel():
+            await self.delete_command()
+
+    async def delete_command(self) -> None:
+        """Delete the RemoteCommand, which cancels it (the controller stops its processes)."""
         from kubernetes_asyncio import client
         from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -151,7 +243,8 @@ class RemoteCommandTrigger(BaseTrigger):
             await client.CustomObjectsApi(api_client).delete_namespaced_custom_object(
                 c.GROUP, c.VERSION, self.namespace, c.COMMAND_PLURAL, self.name
             )
-            self.log.info("Deleted RemoteCommand %s/%s (task killed)", self.namespace, self.name)
+            self.log.info("Deleted RemoteCommand %s/%s (the task was killed, marked or cleared)",
+                          self.namespace, self.name)
         except ApiException as exc:
             if exc.status != 404:
                 raise

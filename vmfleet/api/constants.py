@@ -50,6 +50,12 @@ WORKER_DEPLOYMENT_PREFIX: Final = "vmfleet-worker-"
 CREDENTIALS_MOUNT_PATH: Final = "/var/run/secrets/vmfleet.io/ssh"
 SECRET_KEY_PRIVATE_KEY: Final = "ssh-privatekey"
 SECRET_KEY_PASSPHRASE: Final = "passphrase"
+# The sudo password of spec.become (optional: NOPASSWD needs none). Read by the worker
+# from the mounted Secret (a file of this name) or the Secret's data; sent to sudo on stdin.
+SECRET_KEY_BECOME_PASSWORD: Final = "become-password"
+# Every attempt's processes carry this environment variable (value: the attempt's
+# processMarker); terminating an attempt also kills what left its process group.
+ATTEMPT_MARKER_ENV: Final = "VMFLEET_ATTEMPT"
 SECRET_TYPE_SSH_AUTH: Final = "kubernetes.io/ssh-auth"
 
 # Host key policies.
@@ -91,6 +97,8 @@ class Reason:
 
     COMPLETED: Final = "Completed"
     EXIT_CODE: Final = "ExitCode"
+    SIGNALED: Final = "Signaled"  # killed by a signal vmfleet did not send (exitCode 128+N)
+    BECOME_FAILED: Final = "BecomeFailed"  # sudo refused (wrong or missing password, not allowed)
     TIMEOUT: Final = "Timeout"
     DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
     TRANSPORT_ERROR: Final = "TransportError"

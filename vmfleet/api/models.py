@@ -214,6 +214,12 @@ class RemoteVMSpec(ApiModel):
     connect_timeout_seconds: int = Field(30, ge=1, le=600, description="SSH connect timeout.")
     proxy_jump: ProxyJump | None = Field(None, description="Connect through a bastion RemoteVM.")
     paused: bool = Field(False, description="Stop dispatching; queued commands wait.")
+    allow_become: bool = Field(
+        False,
+        description="Whether RemoteCommands may run as another user here (spec.become). A sudo "
+        "password, when the VM needs one, is the credentials Secret's key become-password; "
+        "NOPASSWD sudoers entries need none.",
+    )
     description: str | None = Field(None, max_length=1024, description="Free text for people.")
 
 
@@ -398,6 +404,18 @@ class OutputSpec(ApiModel):
     )
 
 
+class BecomeSpec(ApiModel):
+    """Run the action as another user of the VM (through sudo)."""
+
+    user: str = Field(
+        "root", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+        description="The user the action runs as.",
+    )
+    method: Literal["sudo"] = Field(
+        "sudo", description="How: sudo -S (a password, if needed, reaches it on stdin).",
+    )
+
+
 _ACTIONS = "[has(self.command), has(self.argv), has(self.script), has(self.transfer)]"
 
 
@@ -417,6 +435,10 @@ class RemoteCommandSpec(ApiModel):
             "!has(self.transfer) || (!has(self.vm) && !has(self.selector))",
             "a transfer names its VMs in transfer.from and transfer.to; "
             "do not set vm or selector",
+        ),
+        cel(
+            "!has(self.transfer) || !has(self.become)",
+            "become applies to command, argv and script, not to a transfer",
         ),
     )
 
@@ -453,9 +475,17 @@ class RemoteCommandSpec(ApiModel):
         None, min_length=1, max_length=MAX_PATH, description="Directory the command starts in."
     )
     stdin: str | None = Field(None, max_length=MAX_STDIN, description="Text fed to stdin.")
+    become: BecomeSpec | None = Field(
+        None,
+        description="Run command, argv or script as another user (sudo). Only on a RemoteVM with "
+        "allowBecome: true (the worker refuses it otherwise: a CRD rule cannot read the "
+        "RemoteVM). The password comes only from the VM's credentials Secret (become-password).",
+    )
     timeout_seconds: int | None = Field(
         None, ge=1, le=7 * 86400,
-        description="Per attempt; on expiry the remote process group is terminated.",
+        description="Per attempt (commands and transfers); on expiry the remote process group "
+        "and every process carrying the attempt's marker are terminated (TERM, grace, KILL); a "
+        "transfer removes its partial files.",
     )
     active_deadline_seconds: int | None = Field(
         None, ge=1, le=30 * 86400, description="For the whole command, all attempts included."
@@ -495,6 +525,8 @@ class RemoteCommandSpec(ApiModel):
                 raise ValueError("a transfer names its VMs in transfer.from and transfer.to")
         elif (self.vm is None) == (self.selector is None):
             raise ValueError("exactly one target must be set: vm or selector")
+        if self.transfer is not None and self.become is not None:
+            raise ValueError("become applies to command, argv and script, not to a transfer")
         return self
 
     @property
@@ -530,6 +562,10 @@ class TransferResult(StatusModel):
         None, description="True when overwrite IfDifferent found the same content (not copied)."
     )
     update_time: str | None = Field(None, description="Last progress report of the worker.")
+    partial_removed: bool | None = Field(
+        None, description="True when the attempt ended early (timeout, deadline, cancel) and "
+        "the partial file it had written on this destination was removed."
+    )
 
 
 class TargetResult(StatusModel):
@@ -539,7 +575,14 @@ class TargetResult(StatusModel):
     host: str | None = Field(None, max_length=MAX_NAME)
     phase: Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Cancelled"] = Phase.PENDING
     attempt: int = Field(1, ge=0, description="Current attempt, from 1.")
-    exit_code: int | None = Field(None, description="Exit code of the last attempt.")
+    exit_code: int | None = Field(
+        None, description="Exit code of the last attempt (128+N when killed by signal N)."
+    )
+    signal: str | None = Field(
+        None, max_length=32, description="Name of the signal that ended the command (KILL, "
+        "TERM, ...), as the VM reported it; reason Signaled unless vmfleet sent it (Timeout, "
+        "DeadlineExceeded, Cancelled).",
+    )
     reason: str | None = Field(None, max_length=128, description="Named reason, e.g. ExitCode.")
     message: str | None = Field(None, max_length=MAX_MESSAGE)
     stdout: str | None = Field(None, description="Tail of stdout (output.maxBytes).")
@@ -556,8 +599,10 @@ class TargetResult(StatusModel):
         "timeout, cancellation or a lost worker)."
     )
     process_marker: str | None = Field(
-        None, max_length=64, description="Marker in the command line of the attempt's process "
-        "group leader: a terminate checks it, so a recycled process id is never signalled."
+        None, max_length=64, description="The attempt's marker: in the command line of its "
+        "process group leader and in the environment (VMFLEET_ATTEMPT) of every process it "
+        "starts. A terminate kills the group and every process of the remote user carrying it, "
+        "and never signals a recycled process group."
     )
     heartbeat_time: str | None = Field(None, description="Last sign of life of the running attempt.")
     retry_after: str | None = Field(None, description="The next attempt starts after this time.")

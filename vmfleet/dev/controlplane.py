@@ -57,6 +57,14 @@ KUBERNETES_SERVICE_IP = "10.0.0.1"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "vmfleet-admin"
 CONTROLLER_MANAGER_USER = "system:kube-controller-manager"
+SCHEDULER_USER = "system:kube-scheduler"
+#: The local node (vmfleet.dev.node) is named after its address: a kubelet takes its
+#: InternalIP from a node name that is an IP, and 127.0.0.1 is the only address it has.
+NODE_NAME = "127.0.0.1"
+NODE_USER = f"system:node:{NODE_NAME}"
+#: What kube-apiserver presents to a kubelet (logs, exec): a client certificate of the CA
+#: (no group: the local kubelet admits any client certificate of the CA, nothing else).
+KUBELET_CLIENT_CN = "kube-apiserver-kubelet-client"
 CONTEXT_NAME = "vmfleet-local"
 
 # Server components, in start order; they are stopped in reverse.
@@ -410,7 +418,12 @@ class ControlPlane:
             f"--tls-private-key-file={self.pki / 'apiserver.key'}",
             f"--client-ca-file={self.ca_file}",
             f"--token-auth-file={self.pki / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
+            # Node: a kubelet's credentials reach only what its own pods use.
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--kubelet-client-certificate={self.pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={self.pki / 'apiserver-kubelet-client.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
             f"--service-account-key-file={self.pki / 'sa.pub'}",
             f"--service-account-signing-key-file={self.pki / 'sa.key'}",
@@ -445,6 +458,12 @@ class ControlPlane:
             "--profiling=false",
             *self.extra_controller_manager_args,
         ]
+
+    def component_kubeconfig(self, user: str, path: Path) -> Path:
+        """Write a kubeconfig for a component user of this control plane (the local
+        node's scheduler and kubelet: ``SCHEDULER_USER``, ``NODE_USER``); return it."""
+        self._write_kubeconfig(path, user, self._read_tokens()[user])
+        return path
 
     def _ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -625,22 +644,43 @@ class ControlPlane:
             )
 
         tokens_json = self.pki / "tokens.json"
-        if not tokens_json.exists():
-            _write_private(
-                tokens_json,
-                json.dumps({
-                    ADMIN_USER: secrets.token_urlsafe(32),
-                    CONTROLLER_MANAGER_USER: secrets.token_urlsafe(32),
-                }) + "\n",
-            )
-        tokens = self._read_tokens()
+        tokens = self._read_tokens() if tokens_json.exists() else {}
+        users = (ADMIN_USER, CONTROLLER_MANAGER_USER, SCHEDULER_USER, NODE_USER)
+        if any(user not in tokens for user in users):  # a work directory of an older version
+            for user in users:
+                tokens.setdefault(user, secrets.token_urlsafe(32))
+            _write_private(tokens_json, json.dumps(tokens) + "\n")
         self.token = tokens[ADMIN_USER]
-        # kube-apiserver's static token file: token,user,uid,"group1,group2"
+        # kube-apiserver's static token file: token,user,uid,"group1,group2". The node's
+        # user is in system:nodes: the Node authorizer gives it its own pods' objects only.
         _write_private(
             self.pki / "tokens.csv",
             f'{tokens[ADMIN_USER]},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
-            f"{tokens[CONTROLLER_MANAGER_USER]},{CONTROLLER_MANAGER_USER},{CONTROLLER_MANAGER_USER}\n",
+            f"{tokens[CONTROLLER_MANAGER_USER]},{CONTROLLER_MANAGER_USER},{CONTROLLER_MANAGER_USER}\n"
+            f"{tokens[SCHEDULER_USER]},{SCHEDULER_USER},{SCHEDULER_USER}\n"
+            f'{tokens[NODE_USER]},{NODE_USER},{NODE_USER},"system:nodes"\n',
         )
+
+        kubelet_client_cert = self.pki / "apiserver-kubelet-client.crt"
+        kubelet_client_key = self.pki / "apiserver-kubelet-client.key"
+        if not (kubelet_client_cert.exists() and kubelet_client_key.exists()):
+            ca_key = load_key(ca_key_file)
+            ca_cert = x509.load_pem_x509_certificate(self.ca_file.read_bytes())
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, KUBELET_CLIENT_CN)]))
+                .issuer_name(ca_cert.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(not_before)
+                .not_valid_after(now + datetime.timedelta(days=3650))
+                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(ca_key, hashes.SHA256())
+            )
+            _write_private(kubelet_client_key, pem_key(key))
+            kubelet_client_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def _open(

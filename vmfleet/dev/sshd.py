@@ -224,6 +224,14 @@ class SshdVM:
             _keygen(self.user_key_path, f"{self.user}@vmfleet-{self.name}", self.key_passphrase or "")
             pub = self.user_key_path.with_name(self.user_key_path.name + ".pub")
             shutil.copyfile(pub, self.workdir / "authorized_keys")
+        if self.user != current_user():
+            # Another login user (root making a VM for an unprivileged user): sshd reads
+            # authorized_keys as that user, and the VM's private home is the user's.
+            self.workdir.chmod(0o711)
+            (self.workdir / "authorized_keys").chmod(0o644)
+            if self.root is not None:
+                entry = pwd.getpwnam(self.user)
+                os.chown(self.root / "home", entry.pw_uid, entry.pw_gid)
         existing = sorted(
             int(p.name.rsplit(".", 1)[1])
             for p in self.workdir.glob("ssh_host_ed25519_key.*")

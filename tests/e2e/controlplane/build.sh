@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Build the local control plane binary (etcd + kube-apiserver + kube-controller-manager
-# + kubectl in one executable) once per machine, and print its path on the last line
-# of stdout.
+# + kube-scheduler + kubelet + kubectl in one executable) and the local node's pause
+# binary once per machine, and print the control plane's path on the last line of stdout.
 #
 # The binary is cached under
 #   ${VMFLEET_CACHE_DIR:-$HOME/.cache/vmfleet}/controlplane/<key>/vmfleet-controlplane
-# with a `kubectl` symlink beside it. <key> is derived from go.mod, go.sum, main.go,
+# with a `kubectl` symlink and the static `pause` binary beside it. <key> is derived from go.mod, go.sum, main.go,
 # this script, `go version` and the target platform, so a change to any of them builds
 # a new binary and an unchanged tree prints the cached path without building.
 #
@@ -34,7 +34,7 @@ goos="$("$GO" env GOOS)"
 goarch="$("$GO" env GOARCH)"
 key="$(
     {
-        sha256sum go.mod go.sum main.go build.sh
+        sha256sum go.mod go.sum main.go pause/main.go build.sh
         "$GO" version
         echo "$goos/$goarch cgo=$CGO_ENABLED"
     } | sha256sum | cut -c1-16
@@ -44,7 +44,7 @@ cache_root="${VMFLEET_CACHE_DIR:-${HOME:-/tmp}/.cache/vmfleet}"
 out_dir="$cache_root/controlplane/$key"
 bin="$out_dir/vmfleet-controlplane"
 
-built() { [[ -x "$bin" && -L "$out_dir/kubectl" ]]; }
+built() { [[ -x "$bin" && -L "$out_dir/kubectl" && -x "$out_dir/pause" ]]; }
 
 if built; then
     echo "$bin"
@@ -100,6 +100,9 @@ trap 'rm -rf "$tmp_dir"' EXIT
     -ldflags "$ldflags" \
     -o "$tmp_dir/vmfleet-controlplane" \
     .
+
+# The pod sandbox of the local node (vmfleet/dev/node.py), a static binary of its own.
+"$GO" build -trimpath -buildvcs=false -ldflags "-s -w" -o "$tmp_dir/pause" ./pause
 
 # Smoke test before publishing: the binary runs and reports the stamped version.
 reported="$("$tmp_dir/vmfleet-controlplane" version)"

@@ -5,6 +5,8 @@
 //	vmfleet-controlplane etcd [flags]                     embedded etcd (go.etcd.io/etcd/server/v3/embed)
 //	vmfleet-controlplane kube-apiserver [flags]           k8s.io/kubernetes/cmd/kube-apiserver
 //	vmfleet-controlplane kube-controller-manager [flags]  k8s.io/kubernetes/cmd/kube-controller-manager
+//	vmfleet-controlplane kube-scheduler [flags]           k8s.io/kubernetes/cmd/kube-scheduler
+//	vmfleet-controlplane kubelet [flags]                  k8s.io/kubernetes/cmd/kubelet (the local node)
 //	vmfleet-controlplane kubectl [args]                   k8s.io/kubectl
 //
 // Invoked through a link whose base name is one of the program names (for instance a
@@ -37,6 +39,8 @@ import (
 	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 
 	_ "k8s.io/client-go/plugin/pkg/client/auth" // kubectl's client auth plugins
 )
@@ -47,6 +51,8 @@ Commands (one component per process):
   etcd                      embedded etcd server
   kube-apiserver            Kubernetes API server
   kube-controller-manager   Kubernetes controller manager
+  kube-scheduler            Kubernetes scheduler
+  kubelet                   Kubernetes node agent (with a CRI runtime such as containerd)
   kubectl                   kubectl of the same version as the server
   version                   print the Kubernetes version this binary was built from
 
@@ -78,6 +84,10 @@ func main() {
 		os.Exit(cli.Run(apiserver.NewAPIServerCommand()))
 	case "kube-controller-manager":
 		os.Exit(cli.Run(controllermanager.NewControllerManagerCommand()))
+	case "kube-scheduler":
+		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
+	case "kubelet":
+		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
 	case "kubectl":
 		runKubectl()
 	case "version", "--version", "-version":
@@ -126,7 +136,7 @@ func exitWithParent() {
 
 func isCommand(name string) bool {
 	switch name {
-	case "etcd", "kube-apiserver", "kube-controller-manager", "kubectl":
+	case "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl":
 		return true
 	}
 	return false

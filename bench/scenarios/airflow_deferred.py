@@ -1,0 +1,331 @@
+"""airflow_deferred: N RemoteCommand tasks deferred at once in one Airflow triggerer.
+
+Airflow 3 runs as services (``vmfleet.dev.airflow``: scheduler with the LocalExecutor and
+8 task slots, dag-processor, triggerer, API server, SQLite) from ``.venv-airflow``. One
+DAG run maps ``RemoteCommandOperator`` over N items (100, quick 20), ``defer_after_seconds=0``
+so that every task defers at once. The RemoteCommands are created in a namespace the
+controller does not serve: the bench itself writes each one's ``Succeeded`` status (as the
+controller would), so the figures are Airflow's and the trigger's side only — no SSH.
+
+Measured, with the figures of the idle triggerer (before the run) subtracted where it says:
+
+* ``rss_mb`` (system ``vmfleet_triggerer``): the triggerer's RSS (its process and the trigger
+  runner it starts) with N tasks deferred, minus the idle figure;
+* ``api_watches``: RemoteCommand watches the API server holds for the namespace (its
+  ``apiserver_longrunning_requests`` gauge, minus the idle figure);
+* ``api_connections``: TCP connections from the triggerer's processes to the API server;
+* ``p50_ms``/``p99_ms``: from the moment the bench starts writing a command's
+  ``Succeeded`` to the trigger's event (``vmfleet_trigger``) or to the task's
+  ``end_date`` with state ``success`` (``vmfleet_triggerer``).
+
+Two systems: ``vmfleet_trigger`` runs 500 RemoteCommandTriggers (the real class, its shared
+watch, a real API server) in one asyncio loop of one process, as the triggerer's trigger
+runner runs them, without a scheduler (``bench/airflow_trigger_runner.py``, from
+``.venv-airflow``; one ``Succeeded`` every 20 ms); ``vmfleet_triggerer`` is the whole
+Airflow above with fewer tasks (100, quick 20, ``VMFLEET_BENCH_AIRFLOW_TASKS``; 0 skips
+it), since every task costs two task processes of a few CPU seconds each on 2 cores.
+
+The cncf-kubernetes provider's deferrable pod wait (KubernetesPodOperator with
+``deferrable=True``) cannot run here: the local control plane has no node, so its pods
+never start, and its trigger and ``execute_complete`` read the pod's container state and
+logs, which only a kubelet provides. It is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.fixtures import REPO, cluster
+from bench.harness import Bench, percentile
+from vmfleet.airflow.naming import CREATED_BY_AIRFLOW, LABEL_CREATED_BY
+from vmfleet.api.constants import COMMAND_PLURAL, GROUP, VERSION
+from vmfleet.dev.airflow import AirflowServices, kubernetes_connection
+from vmfleet.dev.proc import wait_until
+
+SCENARIOS = ("airflow_deferred",)
+NAMESPACE = "bench-airflow"
+DAG_ID = "bench_airflow_deferred"
+AIRFLOW_BIN = REPO / ".venv-airflow" / "bin"
+
+DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from vmfleet.airflow import RemoteCommandOperator
+
+with DAG(dag_id="{dag_id}", schedule=None, start_date=datetime(2024, 5, 1),
+         max_active_tasks={n}, default_args={{"retries": 0}}):
+    RemoteCommandOperator.partial(
+        task_id="wait", vm="vm1", command="true", defer_after_seconds=0,
+        kubernetes_conn_id="kubernetes_default",
+    ).expand(env=[{{"I": str(i)}} for i in range({n})])
+'''
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def connections_to(pids: list[int], port: int) -> int:
+    """Established TCP connections of ``pids`` whose remote port is ``port``."""
+    inodes: set[str] = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            pass
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if fields[3] == "01" and remote_port == port and fields[9] in inodes:
+                count += 1
+    return count
+
+
+_GAUGE = re.compile(r'^apiserver_longrunning_requests\{(?P<labels>[^}]*)\} (?P<value>\S+)$')
+
+
+def watches(metrics: str) -> float:
+    """RemoteCommand watches the API server holds (namespaced ones)."""
+    total = 0.0
+    for line in metrics.splitlines():
+        m = _GAUGE.match(line)
+        if not m:
+            continue
+        labels = m.group("labels")
+        if ('resource="remotecommands"' in labels and 'verb="WATCH"' in labels
+                and 'scope="namespace"' in labels):
+            total += float(m.group("value"))
+    return total
+
+
+def _succeeded_status(now: str) -> dict[str, Any]:
+    return {"status": {
+        "phase": "Succeeded", "startTime": now, "completionTime": now,
+        "results": [{"vm": "vm1", "host": "127.0.0.1", "phase": "Succeeded", "exitCode": 0,
+                     "stdout": "", "stderr": "", "attempt": 1, "startTime": now,
+                     "completionTime": now}],
+    }}
+
+
+def _command(name: str) -> dict[str, Any]:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "RemoteCommand",
+            "metadata": {"name": name, "namespace": NAMESPACE,
+                         "labels": {LABEL_CREATED_BY: CREATED_BY_AIRFLOW}},
+            "spec": {"vm": "vm1", "command": "true"}}
+
+
+def run_triggers(bench: Bench, fleet: Any, n: int, gap: float) -> None:
+    """N RemoteCommandTriggers in one loop (bench/airflow_trigger_runner.py)."""
+    names = [f"trig-{i:04d}" for i in range(n)]
+    for name in names:
+        fleet.kube.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE,
+                                                          COMMAND_PLURAL, _command(name))
+    port = int(fleet.cp.server.rsplit(":", 1)[1])
+    idle_watches = watches(fleet.apiserver_metrics())
+    proc = subprocess.Popen(
+        [str(AIRFLOW_BIN / "python"), str(REPO / "bench" / "airflow_trigger_runner.py"),
+         str(fleet.cp.kubeconfig), NAMESPACE, *names],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO,
+        env={**os.environ, "AIRFLOW_HOME": str(bench.workdir / "airflow-triggers")},
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    out = proc.stdout
+
+    def expect(word: str) -> None:
+        for line in out:  # Airflow's own log lines may come first
+            if line.strip() == word:
+                return
+        raise RuntimeError(f"the trigger runner exited before {word}")
+
+    try:
+        expect("IMPORTED")
+        idle_rss = rss_mb([proc.pid])
+        t0 = time.monotonic()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        expect("SUBSCRIBED")
+        subscribed_s = time.monotonic() - t0
+        time.sleep(2)
+        peak_rss = rss_mb([proc.pid])
+        peak_conn = connections_to([proc.pid], port)
+        peak_watches = watches(fleet.apiserver_metrics()) - idle_watches
+        succeeded_at: dict[str, float] = {}
+        for i, name in enumerate(names):
+            now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            succeeded_at[name] = time.time()  # the write of Succeeded starts
+            fleet.kube.custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, NAMESPACE, COMMAND_PLURAL, name, _succeeded_status(now))
+            if i % 50 == 0:
+                peak_rss = max(peak_rss, rss_mb([proc.pid]))
+                peak_conn = max(peak_conn, connections_to([proc.pid], port))
+                peak_watches = max(peak_watches, watches(fleet.apiserver_metrics()) - idle_watches)
+            time.sleep(gap)
+        fired: dict[str, float] = {}
+        stats = ""
+        for line in proc.stdout:
+            if line.startswith("EVENT "):
+                _, name, when, kind = line.split()
+                assert kind == "finished", line
+                fired[name] = float(when)
+            elif line.startswith("STATS "):
+                stats = line[6:].strip()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert sorted(fired) == names, f"{len(fired)} events for {n} triggers"
+    latencies = [fired[name] - succeeded_at[name] for name in names]
+    note = (f"{n} triggers in one asyncio loop (the trigger runner's way), no scheduler; "
+            f"all subscribed in {subscribed_s:.1f} s; idle process {idle_rss:.0f} MiB; "
+            f"one Succeeded every {gap} s; watch stats {stats}; load {os.getloadavg()[0]:.1f}")
+    system = "vmfleet_trigger"
+    bench.record("airflow_deferred", system, "rss_mb", [peak_rss - idle_rss], note)
+    bench.record("airflow_deferred", system, "api_watches", [peak_watches], note)
+    bench.record("airflow_deferred", system, "api_connections", [float(peak_conn)], note)
+    bench.record("airflow_deferred", system, "p50_ms", [percentile(latencies, 50) * 1000], note)
+    bench.record("airflow_deferred", system, "p99_ms", [percentile(latencies, 99) * 1000], note)
+    fleet.kube.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, NAMESPACE,
+                                                                COMMAND_PLURAL)
+
+
+def run(bench: Bench, wanted: list[str]) -> None:
+    if not (AIRFLOW_BIN / "airflow").exists():
+        bench.skip("airflow_deferred", "vmfleet_triggerer", "no .venv-airflow (make airflow-venv)")
+        return
+    fleet = cluster(bench)
+    fleet.kubectl("create", "namespace", NAMESPACE)
+    run_triggers(bench, fleet, 500, 0.02)
+    bench.skip("airflow_deferred", "cncf_kubernetes_pod",
+               "the local control plane has no node: pods never start, and the pod trigger and "
+               "execute_complete need a kubelet's container state and logs")
+    # Through Airflow's services, task processes are the cost (two per task, a few CPU
+    # seconds each on 2 cores): fewer tasks than the triggers above.
+    n = int(os.environ.get("VMFLEET_BENCH_AIRFLOW_TASKS") or (20 if bench.quick else 100))
+    if n <= 0:
+        return
+    gap = 0.5
+    dags = bench.workdir / "airflow-dags"
+    dags.mkdir(parents=True, exist_ok=True)
+    (dags / f"{DAG_ID}.py").write_text(DAG.format(dag_id=DAG_ID, n=n))
+    services = AirflowServices(
+        bench.workdir / "airflow", AIRFLOW_BIN, dags, parallelism=8,
+        env={"AIRFLOW_CONN_KUBERNETES_DEFAULT": kubernetes_connection(fleet.cp.kubeconfig, NAMESPACE)},
+    )
+    bench._cleanups.append(services.stop)
+    print(f"  starting Airflow (scheduler, dag-processor, triggerer, API server); {n} tasks",
+          flush=True)
+    services.start(dag_ids=(DAG_ID,))
+    api = services.api
+    port = int(fleet.cp.server.rsplit(":", 1)[1])
+    triggerer = services.procs["triggerer"]
+    wait_until(lambda: len(_tree(triggerer.pid)) >= 2, timeout=120, what="the trigger runner")
+    idle_rss = rss_mb(_tree(triggerer.pid))
+    idle_watches = watches(fleet.apiserver_metrics())
+
+    t0 = time.monotonic()
+    run_id = api.trigger(DAG_ID, {})
+    peak = {"rss": 0.0, "connections": 0.0, "watches": 0.0}
+
+    def sample() -> None:
+        pids = _tree(triggerer.pid)
+        peak["rss"] = max(peak["rss"], rss_mb(pids))
+        peak["connections"] = max(peak["connections"], float(connections_to(pids, port)))
+        peak["watches"] = max(peak["watches"], watches(fleet.apiserver_metrics()) - idle_watches)
+
+    def all_deferred() -> bool:
+        sample()
+        states = api.states(DAG_ID, run_id)
+        print(f"    {sum(s == 'deferred' for s in states.values())}/{n} deferred", flush=True)
+        failed = sorted(k for k, s in states.items() if s in ("failed", "upstream_failed"))
+        if failed:  # e.g. task processes timing out against an overloaded API server
+            raise RuntimeError(f"{len(failed)} tasks failed before deferring: {failed[:5]}")
+        return len(states) == n and all(s == "deferred" for s in states.values())
+
+    wait_until(all_deferred, timeout=3600, interval=10, what=f"{n} tasks deferred")
+    deferred_s = time.monotonic() - t0
+    # Let the triggers subscribe (the stale-event guard holds events 10 s after deferral).
+    time.sleep(12)
+    sample()
+
+    names = [c["metadata"]["name"] for c in fleet.kube.custom.list_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, COMMAND_PLURAL)["items"]
+        if c["metadata"].get("annotations", {}).get("airflow.vmfleet.io/dag-id") == DAG_ID]
+    assert len(names) == n, f"{len(names)} RemoteCommands for {n} tasks"
+    succeeded_at: dict[str, float] = {}
+    for i, name in enumerate(names):
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        succeeded_at[name] = time.time()  # the write of Succeeded starts
+        fleet.kube.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, NAMESPACE, COMMAND_PLURAL, name, _succeeded_status(now))
+        if i % 25 == 0:
+            sample()
+        time.sleep(gap)
+    state = api.wait_run(DAG_ID, run_id, timeout=3600)
+    sample()
+    tis = api.task_instances(DAG_ID, run_id)
+    by_name = {c["metadata"]["name"]: c for c in fleet.kube.custom.list_namespaced_custom_object(
+        GROUP, VERSION, NAMESPACE, COMMAND_PLURAL)["items"]}
+    latencies = []
+    for ti in tis.values():
+        if ti["state"] != "success":
+            continue
+        name = next(n for n, c in by_name.items()
+                    if c["metadata"]["annotations"].get("airflow.vmfleet.io/map-index") == str(ti["map_index"]))
+        end = datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00")).timestamp()
+        latencies.append(end - succeeded_at[name])
+    failed = sum(ti["state"] != "success" for ti in tis.values())
+    note = (f"{n} tasks, run {state}, {failed} not success; all deferred {deferred_s:.0f} s after "
+            f"the trigger; idle triggerer {idle_rss:.0f} MiB; one Succeeded every {gap} s; "
+            f"8 task slots; load {os.getloadavg()[0]:.1f}")
+    bench.record("airflow_deferred", "vmfleet_triggerer", "rss_mb", [peak["rss"] - idle_rss], note)
+    bench.record("airflow_deferred", "vmfleet_triggerer", "api_watches", [peak["watches"]], note)
+    bench.record("airflow_deferred", "vmfleet_triggerer", "api_connections", [peak["connections"]], note)
+    bench.record("airflow_deferred", "vmfleet_triggerer", "p50_ms", [percentile(latencies, 50) * 1000], note)
+    bench.record("airflow_deferred", "vmfleet_triggerer", "p99_ms", [percentile(latencies, 99) * 1000], note)

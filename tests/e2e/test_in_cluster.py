@@ -1,0 +1,442 @@
+"""vmfleet as users install it: `helm install` of charts/vmfleet on a real node (kubelet,
+containerd, runc) with the project's image; the controller and the workers are pods.
+
+One release for the module, in order: install → workers per VM → the flows through
+pods → faults (a worker force-deleted, scale to zero and back, the controller pod
+deleted) → least privilege as deployed → `helm upgrade` → `helm uninstall` and the
+namespace deleted. Pods use the host's network: the sshd VMs, Redis and the API server
+are on loopback, and every container that talks to the API is pointed at 127.0.0.1.
+
+The contract checked is DESIGN.md's: workers hold no Kubernetes credentials
+(`automountServiceAccountToken: false`, no Role), the controller is the only writer of
+status, and no RemoteVM or RemoteCommand carries a finalizer.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.e2e.fleet import REPO, Kubectl, Namespace, unique_namespace
+from vmfleet.dev.brokers import RedisServer
+from vmfleet.dev.controlplane import ControlPlane
+from vmfleet.dev.node import Node, chart_values
+from vmfleet.dev.proc import wait_until
+from vmfleet.dev.sshd import SshdVM
+
+CHART = REPO / "charts" / "vmfleet"
+RELEASE = "rel"
+CONTROLLER = f"{RELEASE}-vmfleet-controller"
+TRANSFER_WORKER = f"{RELEASE}-vmfleet-transfer-worker"
+WORKER_SA = f"{RELEASE}-vmfleet-worker"
+UPGRADE_TAG = "0.1.0-upgrade"
+FLEET_LABELS = {"fleet": "session"}  # the session's vm1..vm3, not a test's own VM
+FAST_FAULTS = {
+    "VMFLEET_HEARTBEAT_SECONDS": "1",
+    "VMFLEET_WORKER_LOST_SECONDS": "6",
+    "VMFLEET_KILL_GRACE_SECONDS": "1",
+}
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def helm_binary() -> str:
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "install-helm.sh")],
+                          capture_output=True, text=True, timeout=900, check=True)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+class Release:
+    """The chart installed in one namespace, and what the tests measure on it."""
+
+    def __init__(self, cp: ControlPlane, kubectl: Kubectl, node: Node, image: str,
+                 ns: Namespace, redis: RedisServer, workdir: Path) -> None:
+        self.cp = cp
+        self.kubectl = kubectl
+        self.node = node
+        self.image = image
+        self.ns = ns
+        self.redis = redis
+        self.workdir = workdir
+        self.helm = helm_binary()
+        self.installed_at = 0.0
+        self.first_succeeded: float | None = None
+
+    def helm_run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        env = self.cp.env()
+        env["HELM_CACHE_HOME"] = str(self.workdir / "helm-cache")
+        env["HELM_CONFIG_HOME"] = str(self.workdir / "helm-config")
+        env["HELM_DATA_HOME"] = str(self.workdir / "helm-data")
+        proc = subprocess.run([self.helm, *args, "--namespace", self.ns.name,
+                               "--kubeconfig", str(self.cp.kubeconfig)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}\n{self.diagnostics()}")
+        return proc
+
+    def values(self) -> Path:
+        path = self.workdir / "values.yaml"
+        path.write_text(yaml.safe_dump(chart_values(self.cp, self.image, extra_env=FAST_FAULTS)))
+        return path
+
+    # -- what the cluster shows ------------------------------------------------------
+
+    def pods(self, selector: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.kubectl.get_json("-n", self.ns.name, "pods", "-l", selector)["items"]
+        return items
+
+    def ready_pods(self, selector: str) -> list[dict[str, Any]]:
+        return [p for p in self.pods(selector) if p["metadata"].get("deletionTimestamp") is None
+                and any(c["type"] == "Ready" and c["status"] == "True"
+                        for c in p.get("status", {}).get("conditions", []))]
+
+    def worker_pods(self, vm: str) -> list[dict[str, Any]]:
+        return self.pods(f"app.kubernetes.io/component=worker,vmfleet.io/vm={vm}")
+
+    def diagnostics(self) -> str:
+        out = self.kubectl("-n", self.ns.name, "get", "pods,deployments,rvm,rcmd", "-o", "wide",
+                           check=False).stdout
+        events = self.kubectl("-n", self.ns.name, "get", "events", "--sort-by=.lastTimestamp",
+                              check=False).stdout[-3000:]
+        logs = self.kubectl("-n", self.ns.name, "logs", f"deployment/{CONTROLLER}", "--tail=40",
+                            check=False)
+        return f"{out}\n{events}\n--- controller log:\n{logs.stdout}{logs.stderr}"
+
+    def finished(self, name: str, timeout: int = 120) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            obj = self.ns.get("remotecommand", name)
+            conditions = obj.get("status", {}).get("conditions", [])
+            if any(c["type"] == "Finished" and c["status"] == "True" for c in conditions):
+                return obj
+            return None
+        try:
+            obj: dict[str, Any] = wait_until(done, timeout=timeout, interval=0.3,
+                                             what=f"RemoteCommand {name} to finish")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
+        if obj["status"]["phase"] == "Succeeded" and self.first_succeeded is None:
+            self.first_succeeded = time.monotonic()
+            print(f"\nhelm install → first Succeeded: {self.first_succeeded - self.installed_at:.1f}s")
+        return obj
+
+
+@pytest.fixture(scope="module")
+def release(controlplane: ControlPlane, kubectl: Kubectl, crds: None, node: Node,
+            node_image: str, vms: list[SshdVM],
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    workdir = tmp_path_factory.mktemp("in-cluster")
+    # A broker of its own: the session's Process-runtime controller shares none of its queues.
+    redis = RedisServer(workdir / "redis").start()
+    ns = Namespace(kubectl, unique_namespace("inc")).create()
+    kubectl("-n", ns.name, "create", "secret", "generic", "broker", f"--from-literal=url={redis.url}")
+    rel = Release(controlplane, kubectl, node, node_image, ns, redis, workdir)
+    rel.installed_at = time.monotonic()
+    rel.helm_run("install", RELEASE, str(CHART), "-f", str(rel.values()), "--wait", "--timeout", "240s")
+    print(f"\nhelm install --wait: {time.monotonic() - rel.installed_at:.1f}s")
+    ns.add_vms(vms, labels=FLEET_LABELS)
+    try:
+        yield rel
+    finally:
+        subprocess.run([rel.helm, "uninstall", RELEASE, "-n", ns.name, "--kubeconfig",
+                        str(controlplane.kubeconfig), "--wait", "--timeout", "60s"],
+                       capture_output=True, timeout=120, env=controlplane.env())
+        ns.delete()
+        redis.stop()
+
+
+def results_of(obj: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["vm"]: r for r in obj.get("status", {}).get("results", [])}
+
+
+def uid() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def vm_file(vm: SshdVM, path: str) -> str:
+    code, out, _ = vm.run(f"cat {path} 2>/dev/null || true")
+    return out.decode()
+
+
+def pid_alive(vm: SshdVM, pid: int) -> bool:
+    code, _, _ = vm.run(f"kill -0 {pid} 2>/dev/null")
+    return code == 0
+
+
+# ------------------------------------------------------------------------------- install
+
+
+def test_controller_pod_ready_and_one_worker_deployment_per_vm(release: Release, vms: list[SshdVM]) -> None:
+    (controller,) = release.ready_pods("app.kubernetes.io/component=controller")
+    assert controller["spec"]["nodeName"] == release.node.name
+    assert controller["spec"]["containers"][0]["image"].endswith(release.image.rpartition("/")[2])
+
+    def workers_running() -> bool:
+        return all(any(p["status"].get("phase") == "Running" for p in release.worker_pods(vm.name))
+                   for vm in vms)
+    try:
+        wait_until(workers_running, timeout=180, interval=1, what="a Running worker pod per VM")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
+    for vm in vms:
+        deploy = release.kubectl.get_json("-n", release.ns.name, "deployment", f"vmfleet-worker-{vm.name}")
+        assert deploy["metadata"]["ownerReferences"][0]["name"] == vm.name
+        (pod,) = [p for p in release.worker_pods(vm.name) if p["status"].get("phase") == "Running"]
+        spec = pod["spec"]
+        secrets = sorted(v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v)
+        assert secrets == [f"{vm.name}-ssh"], f"{vm.name}'s worker mounts {secrets}"
+        projected = [v for v in spec.get("volumes", []) if "projected" in v]
+        assert spec.get("automountServiceAccountToken") is False and not projected, (
+            f"{vm.name}'s worker pod has Kubernetes credentials (DESIGN.md: none)")
+
+
+def test_every_container_talks_to_the_api_on_loopback_only(release: Release) -> None:
+    """The kubelet gives every container KUBERNETES_SERVICE_HOST, the Service IP of
+    `kubernetes`, which is not on this machine: each container of the release that
+    can reach the API is pointed at 127.0.0.1 instead, and all pods are on the host's
+    network with the node's loopback address."""
+    pods = release.pods("app.kubernetes.io/name=vmfleet")
+    assert pods
+    for pod in pods:
+        assert pod["spec"].get("hostNetwork") is True, pod["metadata"]["name"]
+        assert pod["status"].get("podIP") in (None, "127.0.0.1"), pod["metadata"]["name"]
+        for container in pod["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert env.get("KUBERNETES_SERVICE_HOST") == "127.0.0.1", pod["metadata"]["name"]
+
+
+# ------------------------------------------------------------------------------- flows
+
+
+def test_skeleton_flow_through_pods(release: Release, vms: list[SshdVM]) -> None:
+    release.ns.run("hello", vm=vms[0].name, command="echo hello from $(hostname)")
+    obj = release.finished("hello", timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    result = results_of(obj)[vms[0].name]
+    assert result["exitCode"] == 0
+    assert "hello from" in result["stdout"]
+    assert result["worker"].startswith(f"vmfleet-worker-{vms[0].name}@"), result["worker"]
+
+
+def test_fan_out_with_max_parallel(release: Release, vms: list[SshdVM]) -> None:
+    tag = uid()
+    path = f"/tmp/inc-fan-{tag}"
+    release.ns.run("fan", selector={"matchLabels": FLEET_LABELS}, maxParallel=1,
+                   command=f"date +%s.%N > {path}; sleep 1; date +%s.%N >> {path}")
+    obj = release.finished("fan", timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["completions"] == f"{len(vms)}/{len(vms)}"
+    spans = []
+    for vm in vms:
+        start, end = (float(x) for x in vm_file(vm, path).split())
+        spans.append((start, end))
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        assert start >= end, f"two VMs ran at once with maxParallel 1: {spans}"
+
+
+def test_timeout_kills_the_remote_process(release: Release, vms: list[SshdVM]) -> None:
+    vm = vms[1]
+    path = f"/tmp/inc-timeout-{uid()}"
+    release.ns.run("slow", vm=vm.name, timeoutSeconds=3, command=f"echo $$ > {path}; exec sleep 300")
+    obj = release.finished("slow", timeout=120)
+    result = results_of(obj)[vm.name]
+    assert (obj["status"]["phase"], result["reason"]) == ("Failed", "Timeout"), obj["status"]
+    pid = int(vm_file(vm, path))
+    wait_until(lambda: not pid_alive(vm, pid), timeout=30, interval=0.5,
+               what=f"the timed-out process {pid} to be gone from {vm.name}")
+
+
+def test_cancel_by_delete_kills_the_remote_process(release: Release, vms: list[SshdVM]) -> None:
+    vm = vms[2]
+    path = f"/tmp/inc-cancel-{uid()}"
+    release.ns.run("cancelme", vm=vm.name, command=f"echo $$ > {path}; exec sleep 300")
+    wait_until(lambda: vm_file(vm, path).strip(), timeout=120, interval=0.5,
+               what="the command to start on the VM")
+    pid = int(vm_file(vm, path))
+    started = time.monotonic()
+    release.ns.k("delete", "remotecommand", "cancelme", "--timeout=60s", timeout=90)
+    print(f"\nkubectl delete of a running RemoteCommand: {time.monotonic() - started:.1f}s")
+    wait_until(lambda: not pid_alive(vm, pid), timeout=60, interval=0.5,
+               what=f"the cancelled process {pid} to be gone from {vm.name}")
+
+
+def test_transfer_vm_to_vm_through_the_transfer_worker_pod(release: Release, vms: list[SshdVM]) -> None:
+    src, dst = vms[0], vms[1]
+    tag = uid()
+    code, _, err = src.run(f"head -c 300000 /dev/urandom > /tmp/inc-src-{tag}")
+    assert code == 0, err
+    _, digest, _ = src.run(f"sha256sum /tmp/inc-src-{tag} | cut -d' ' -f1")
+    release.ns.run("copy", transfer={"from": {"vm": src.name, "path": f"/tmp/inc-src-{tag}"},
+                                     "to": [{"vm": dst.name, "path": f"/tmp/inc-dst-{tag}"}]})
+    obj = release.finished("copy", timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    _, copied, _ = dst.run(f"sha256sum /tmp/inc-dst-{tag} | cut -d' ' -f1")
+    assert copied.strip() == digest.strip() != b""
+
+
+# ------------------------------------------------------------------------------- faults
+
+
+def test_worker_pod_force_deleted_mid_command_ends_truly_and_runs_once(
+        release: Release, vms: list[SshdVM]) -> None:
+    vm = vms[0]
+    path = f"/tmp/inc-lost-{uid()}"
+    digits = f"{uuid.uuid4().int % 10**6:06d}"
+    sleep = f"sleep 150.{digits}"  # a process line of this test only; outlives the test's waits
+    release.ns.run("lost", vm=vm.name, retries={"limit": 0},
+                   command=f"echo run >> {path}; {sleep}; echo done >> {path}")
+    wait_until(lambda: "run" in vm_file(vm, path), timeout=120, interval=0.3,
+               what="the command to start on the VM")
+    (pod,) = [p for p in release.worker_pods(vm.name) if p["status"].get("phase") == "Running"]
+    release.ns.k("delete", "pod", pod["metadata"]["name"], "--grace-period=0", "--force")
+    obj = release.finished("lost", timeout=180)
+    result = results_of(obj)[vm.name]
+    assert obj["status"]["phase"] in ("Failed", "Succeeded"), obj["status"]
+    if obj["status"]["phase"] == "Failed":
+        assert result["reason"] == "WorkerLost", result
+    runs = vm_file(vm, path).split().count("run")
+    assert runs == 1, f"ran {runs} times with retries.limit 0"
+    # The lost attempt's processes are gone: the file never gets its "done".
+    # Killed, not ended by itself: "[s]leep" does not match the shell that runs pgrep.
+    wait_until(lambda: vm.run(f"pgrep -f '[s]leep 150.{digits}' >/dev/null")[0] != 0, timeout=120,
+               interval=0.5, what="the lost attempt's processes to be killed")
+    assert "done" not in vm_file(vm, path)
+    # A new worker pod takes the VM's queue.
+    wait_until(lambda: any(p["status"].get("phase") == "Running" for p in release.worker_pods(vm.name)),
+               timeout=120, interval=1, what=f"a new worker pod for {vm.name}")
+
+
+def test_scale_to_zero_and_wake_on_dispatch(release: Release, make_vm: Any) -> None:
+    vm = make_vm("sleepy")
+    release.ns.add_vms([vm], workers={"autoscale": {"minReplicas": 0, "maxReplicas": 1,
+                                                    "scaleDownDelaySeconds": 1}})
+    deployment = f"vmfleet-worker-{vm.name}"
+
+    def at_zero() -> bool:
+        result = release.kubectl("-n", release.ns.name, "get", "deployment", deployment, "-o",
+                                 "jsonpath={.spec.replicas}", check=False)
+        return result.returncode == 0 and result.stdout == "0" and not release.worker_pods(vm.name)
+    try:
+        wait_until(at_zero, timeout=180, interval=0.5, what=f"{deployment} at zero replicas, no pod")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
+    started = time.monotonic()
+    release.ns.run("wake", vm=vm.name, command="echo awake")
+    obj = release.finished("wake", timeout=120)
+    waited = time.monotonic() - started
+    print(f"\nwake from zero: dispatch → Succeeded in {waited:.1f}s (target ≤ 10 s)")
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert waited <= 60, f"waking a VM's worker from zero took {waited:.0f}s"
+
+
+def test_controller_pod_deleted_mid_fan_out_new_pod_finishes(release: Release, vms: list[SshdVM]) -> None:
+    tag = uid()
+    path = f"/tmp/inc-restart-{tag}"
+    release.ns.run("rollout", selector={"matchLabels": FLEET_LABELS}, maxParallel=1,
+                   command=f"echo run >> {path}; sleep 6")
+
+    def one_done() -> bool:
+        obj = release.ns.get("remotecommand", "rollout")
+        return any(r.get("phase") == "Succeeded" for r in results_of(obj).values())
+    wait_until(one_done, timeout=180, interval=0.3, what="the first VM of the fan-out to succeed")
+    (old,) = release.ready_pods("app.kubernetes.io/component=controller")
+    release.ns.k("delete", "pod", old["metadata"]["name"], "--wait=false")
+    obj = release.finished("rollout", timeout=300)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert obj["status"]["completions"] == f"{len(vms)}/{len(vms)}"
+    (new,) = wait_until(lambda: release.ready_pods("app.kubernetes.io/component=controller"),
+                        timeout=120, interval=1, what="the new controller pod to be Ready")
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    # The new pod, not the old one on its way out, finished the fan-out.
+    log = release.kubectl("-n", release.ns.name, "logs", new["metadata"]["name"]).stdout
+    assert f"RemoteCommand {release.ns.name}/rollout Succeeded" in log, log[-3000:]
+    for vm in vms:
+        runs = vm_file(vm, path).split().count("run")
+        assert runs == 1, f"{vm.name} ran the command {runs} times"
+
+
+# ------------------------------------------------------------------------------- RBAC
+
+
+def can_i(release: Release, sa: str, verb: str, resource: str, namespace: str | None = None) -> bool:
+    result = release.kubectl("auth", "can-i", verb, resource, "-n", namespace or release.ns.name,
+                             f"--as=system:serviceaccount:{release.ns.name}:{sa}", check=False)
+    return result.stdout.strip() == "yes"
+
+
+def test_least_privilege_as_deployed(release: Release) -> None:
+    other = "default"
+    allowed = [
+        ("list", "remotevms.vmfleet.io"), ("watch", "remotecommands.vmfleet.io"),
+        ("patch", "remotecommands.vmfleet.io/status"), ("patch", "remotevms.vmfleet.io/status"),
+        ("create", "deployments.apps"), ("patch", "deployments.apps"),
+    ]
+    for verb, resource in allowed:
+        assert can_i(release, CONTROLLER, verb, resource), f"the controller cannot {verb} {resource}"
+    denied = [
+        ("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("create", "pods/exec"),
+        ("delete", "namespaces"), ("create", "roles.rbac.authorization.k8s.io"),
+        ("create", "rolebindings.rbac.authorization.k8s.io"), ("patch", "serviceaccounts"),
+    ]
+    for verb, resource in denied:
+        assert not can_i(release, CONTROLLER, verb, resource), f"the controller may {verb} {resource}"
+    assert not can_i(release, CONTROLLER, "list", "remotevms.vmfleet.io", other), (
+        "the controller reaches another namespace")
+    # Workers: nothing of the cluster at all (DESIGN.md).
+    for verb, resource in [("get", "secrets"), ("get", "remotecommands.vmfleet.io"),
+                           ("patch", "remotecommands.vmfleet.io/status"), ("list", "pods"),
+                           ("get", "remotevms.vmfleet.io"), ("create", "events")]:
+        assert not can_i(release, WORKER_SA, verb, resource), f"a worker may {verb} {resource}"
+
+
+# ------------------------------------------------------------------------------- upgrade, uninstall
+
+
+def test_helm_upgrade_to_a_new_tag_rolls_controller_and_workers(release: Release, vms: list[SshdVM]) -> None:
+    new_image = f"docker.io/library/vmfleet:{UPGRADE_TAG}"
+    release.node.ctr("images", "tag", "--force", release.image, new_image)
+    release.helm_run("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", f"image.tag={UPGRADE_TAG}",
+                     "--wait", "--timeout", "240s")
+    workers = [f"vmfleet-worker-{vm.name}" for vm in vms]
+
+    def rolled() -> bool:
+        for name in [CONTROLLER, TRANSFER_WORKER, *workers]:
+            deploy = release.kubectl.get_json("-n", release.ns.name, "deployment", name)
+            image = deploy["spec"]["template"]["spec"]["containers"][0]["image"]
+            status = deploy.get("status", {})
+            if not image.endswith(f":{UPGRADE_TAG}"):
+                return False
+            if status.get("updatedReplicas", 0) != deploy["spec"]["replicas"] or \
+                    status.get("readyReplicas", 0) != deploy["spec"]["replicas"]:
+                return False
+        return True
+    try:
+        wait_until(rolled, timeout=240, interval=1, what="every Deployment on the new tag")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
+    release.ns.run("after-upgrade", vm=vms[0].name, command="echo upgraded")
+    assert release.finished("after-upgrade", timeout=180)["status"]["phase"] == "Succeeded"
+
+
+def test_helm_uninstall_then_namespace_delete_completes(release: Release) -> None:
+    objects = json.loads(release.kubectl("-n", release.ns.name, "get", "rvm,rcmd", "-o", "json").stdout)
+    with_finalizers = [o["metadata"]["name"] for o in objects["items"] if o["metadata"].get("finalizers")]
+    release.helm_run("uninstall", RELEASE, "--wait", "--timeout", "120s")
+    started = time.monotonic()
+    deleted = release.kubectl("delete", "namespace", release.ns.name, "--timeout=90s", check=False,
+                              timeout=120)
+    print(f"\nkubectl delete namespace after helm uninstall: {time.monotonic() - started:.1f}s")
+    assert not with_finalizers, (
+        f"RemoteVMs/RemoteCommands with finalizers (DESIGN.md: none), so deleting the namespace "
+        f"waits on a controller that is gone: {with_finalizers}")
+    assert deleted.returncode == 0, deleted.stderr
+    assert not release.kubectl("get", "namespace", release.ns.name, check=False).stdout
