@@ -276,9 +276,17 @@ class Commands:
             return
         results = status["results"]
         for change in step.changes:
+            before = dict(results[change.index])
             results[change.index].update(change.set)
             for key in change.remove:
                 results[change.index].pop(key, None)
+            if change.vm in lost and before.get("phase") == Phase.RUNNING:
+                after = results[change.index]
+                log.warning("RemoteCommand %s on %s: worker %s lost during attempt %s; %s",
+                            tracked.ref, change.vm, before.get("worker", "?"),
+                            before.get("attempt", 1),
+                            "retrying" if after.get("phase") == Phase.PENDING
+                            else f"failed ({after.get('reason')})")
         if tracked.spec.transfer is not None and lost:
             for entry in results:  # the lost attempts' temporary files go
                 if entry["vm"] in lost:

@@ -101,7 +101,11 @@ class Context:
         writer = Writer(kube, state, commands)
         consumer = os.environ.get("POD_NAME") or socket.gethostname()
         reader = ReportReader(state, commands, consumer, fleet.on_probe)
-        loop = Loop(writer, reader, [commands.tick, fleet.tick])
+        ticks = [commands.tick, fleet.tick]
+        ensure_transfer_worker = getattr(runtime, "ensure_transfer_worker", None)
+        if ensure_transfer_worker is not None:
+            ticks.append(ensure_transfer_worker)  # Process runtime: restarted if it died
+        loop = Loop(writer, reader, ticks)
         namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n)
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)

@@ -124,6 +124,7 @@ class ReportReader:
         self.commands = commands
         self.consumer = consumer
         self.on_probe = on_probe
+        self.probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vmfleet-probe")
 
     def apply(self, report_id: str, body: dict[str, Any]) -> None:
         kind = body.get("kind")
@@ -131,13 +132,22 @@ class ReportReader:
             if self.commands.apply(body, report_id):
                 return  # acknowledged with its write
         elif kind == "probe":
-            try:
-                self.on_probe(body)
-            except Exception as exc:  # noqa: BLE001 - left pending: read again later
-                log.warning("Could not apply the probe of %s/%s: %s", body.get("namespace"),
-                            body.get("vm"), exc)
-                return
+            # Written beside the reader: command results must not queue behind VM writes.
+            self.probes.submit(self._probe, report_id, body)
+            return
         self.state.ack([report_id])
+
+    def _probe(self, report_id: str, body: dict[str, Any]) -> None:
+        try:
+            self.on_probe(body)
+        except Exception as exc:  # noqa: BLE001 - left pending: a later controller reads it
+            log.warning("Could not apply the probe of %s/%s: %s", body.get("namespace"),
+                        body.get("vm"), exc)
+            return
+        try:
+            self.state.ack([report_id])
+        except Exception as exc:  # noqa: BLE001 - redelivered and written again: harmless
+            log.warning("Could not acknowledge a probe report: %s", exc)
 
     def catch_up(self) -> int:
         """Reports a previous controller read but did not acknowledge."""

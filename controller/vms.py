@@ -68,6 +68,7 @@ class Fleet:
         self._applied: dict[str, int] = {}  # group key -> replicas applied
         self._groups_of: dict[str, str] = {}  # vm key -> group key
         self._scale_locks: dict[str, threading.Lock] = {}
+        self._changed: set[str] = set()  # groups whose members changed since the last tick
 
     # ------------------------------------------------------------------ the watch
 
@@ -196,10 +197,19 @@ class Fleet:
             if left is None:
                 self.runtime.remove(old_group)
             else:
-                self.scale(left, force=True)
+                self.mark_changed(left.key)
+        if ref.spec.worker_pool:
+            # A pool's members often arrive together (200 RemoteVMs applied at once): the
+            # loop applies the pool once per tick instead of once per member.
+            self.mark_changed(ref.group)
+            return
         group = self.group(ref.group)
         if group is not None:
             self.scale(group, force=True)
+
+    def mark_changed(self, key: str) -> None:
+        with self._lock:
+            self._changed.add(key)
 
     def decide(self, group: WorkerGroup, current: int,
                counts: dict[tuple[str, str], tuple[int, int]],
@@ -348,11 +358,13 @@ class Fleet:
         groups = self.groups()
         queues = sorted({q for g in groups if _autoscaled(g) for q in g.queues})
         depths = self._depths(queues) if queues else {}
+        with self._lock:
+            changed, self._changed = self._changed, set()
         for group in groups:
             try:
                 if depths is None and _autoscaled(group):
                     continue
-                self.scale(group, counts=counts, depths=depths or {})
+                self.scale(group, counts=counts, depths=depths or {}, force=group.key in changed)
             except Exception as exc:  # noqa: BLE001 - one group's error must not stop the rest
                 metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
                 log.warning("Could not scale the workers of %s: %s", group.key, exc)

@@ -108,10 +108,12 @@ def test_controller_restart_with_commands_in_flight(controlplane, own_ns, make_v
 def test_broker_restart_loses_no_queued_command(controlplane, own_ns, make_vm, make_redis,
                                                 make_rabbitmq, shared_log, tmp_path, broker):
     server = make_redis() if broker == "redis" else make_rabbitmq()
+    # With RabbitMQ, a Redis (not restarted here) holds the claims and reports.
+    state = server if broker == "redis" else make_redis()
     ns = own_ns()
     fleet = [make_vm(f"{broker[:3]}{i}") for i in range(2)]
     controller = start_controller(controlplane.kubeconfig, server.url, tmp_path, [str(ns)],
-                                  extra_env=FAST)
+                                  extra_env={**FAST, "VMFLEET_STATE_URL": state.url})
     try:
         ns.add_vms(fleet)
         names = [f"q{i:03d}" for i in range(40)]

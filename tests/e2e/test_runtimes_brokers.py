@@ -25,9 +25,11 @@ def own_namespace(kubectl, crds):
         ns.delete()
 
 
-def test_rabbitmq_broker(controlplane, own_namespace, rabbitmq_server, vms, tmp_path):
+def test_rabbitmq_broker(controlplane, own_namespace, rabbitmq_server, redis_server, vms, tmp_path):
+    """RabbitMQ carries the Celery queues; claims, reports and cancels still need a Redis."""
     ns = own_namespace("rmq")
-    controller = start_controller(controlplane.kubeconfig, rabbitmq_server.url, tmp_path, [ns.name])
+    controller = start_controller(controlplane.kubeconfig, rabbitmq_server.url, tmp_path, [ns.name],
+                                  extra_env={"VMFLEET_STATE_URL": redis_server.url})
     try:
         ns.add_vms(vms)
         for vm in vms:
@@ -43,11 +45,11 @@ def test_rabbitmq_broker(controlplane, own_namespace, rabbitmq_server, vms, tmp_
 
 
 def test_deployment_runtime_creates_an_owned_worker_deployment(
-    controlplane, own_namespace, vms, tmp_path
+    controlplane, own_namespace, vms, redis_server, tmp_path
 ):
     ns = own_namespace("dep")
     controller = start_controller(
-        controlplane.kubeconfig, "redis://127.0.0.1:1/0", tmp_path, [ns.name],
+        controlplane.kubeconfig, redis_server.url, tmp_path, [ns.name],
         runtime="Deployment", extra_env={"VMFLEET_WORKER_IMAGE": "vmfleet:e2e"},
     )
     try:
