@@ -106,9 +106,23 @@ class Context:
         if ensure_transfer_worker is not None:
             ticks.append(ensure_transfer_worker)  # Process runtime: restarted if it died
         loop = Loop(writer, reader, ticks)
-        namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n)
+        namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n) \
+            or kopf_namespaces()
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)
+
+
+def kopf_namespaces(argv: list[str] | None = None) -> tuple[str, ...]:
+    """The namespaces (or globs, as kopf takes them) ``kopf run`` was given: none means
+    every namespace."""
+    args = list(sys.argv if argv is None else argv)
+    found = []
+    for i, arg in enumerate(args):
+        if arg in ("-n", "--namespace") and i + 1 < len(args):
+            found.append(args[i + 1])
+        elif arg.startswith("--namespace="):
+            found.append(arg.split("=", 1)[1])
+    return tuple(found)
 
 
 def controller_scope(configured: str | None, argv: list[str] | None = None) -> str:
@@ -117,13 +131,7 @@ def controller_scope(configured: str | None, argv: list[str] | None = None) -> s
     controllers watching different namespaces)."""
     if configured:
         return configured
-    args = list(sys.argv if argv is None else argv)
-    namespaces = []
-    for i, arg in enumerate(args):
-        if arg in ("-n", "--namespace") and i + 1 < len(args):
-            namespaces.append(args[i + 1])
-        elif arg.startswith("--namespace="):
-            namespaces.append(arg.split("=", 1)[1])
+    namespaces = kopf_namespaces(argv)
     if not namespaces:
         return "cluster"
     return "ns-" + hashlib.sha256(",".join(sorted(namespaces)).encode()).hexdigest()[:12]

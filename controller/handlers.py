@@ -8,6 +8,7 @@ events keep its caches current; everything else happens in the loop.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from typing import Any, cast
 
@@ -59,13 +60,30 @@ def start(ctx: Context) -> None:
     if ensure_transfer_worker is not None:
         ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers
     for group in ctx.fleet.groups():
-        ctx.fleet.scale(group, force=True)
+        try:
+            ctx.fleet.scale(group, force=True)
+        except Exception as exc:  # noqa: BLE001 - one VM's error must not stop the controller
+            metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
+            log.warning("Could not start the workers of %s: %s (the loop tries again)",
+                        group.key, getattr(exc, "reason", exc))
     ctx.loop.start()
+
+
+def _watched(ctx: Context, namespace: str) -> bool:
+    return not ctx.namespaces or any(fnmatch.fnmatchcase(namespace, p) for p in ctx.namespaces)
+
+
+def _scopes(ctx: Context) -> tuple[str | None, ...]:
+    """Where to list: each watched namespace, or the whole cluster (then filtered) when
+    the controller watches every namespace or namespaces by glob."""
+    if ctx.namespaces and not any(ch in p for p in ctx.namespaces for ch in "*?["):
+        return ctx.namespaces
+    return (None,)
 
 
 def _list(ctx: Context, plural: str) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
-    for namespace in ctx.namespaces or (None,):
+    for namespace in _scopes(ctx):
         token = None
         while True:
             kwargs: dict[str, Any] = {"limit": 500}
@@ -77,7 +95,8 @@ def _list(ctx: Context, plural: str) -> list[dict[str, Any]]:
             else:
                 page = cast(dict[str, Any], ctx.kube.custom.list_namespaced_custom_object(
                     c.GROUP, c.VERSION, namespace, plural, **kwargs))
-            items.extend(page.get("items") or [])
+            items.extend(i for i in page.get("items") or []
+                         if _watched(ctx, i["metadata"]["namespace"]))
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 break
@@ -89,13 +108,14 @@ def _list_deployments(ctx: Context) -> list[dict[str, Any]]:
 
     apps = AppsV1Api(ctx.kube.api_client)
     selector = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
-    found = []
-    for namespace in ctx.namespaces or (None,):
+    found: list[dict[str, Any]] = []
+    for namespace in _scopes(ctx):
         if namespace is None:
             result = apps.list_deployment_for_all_namespaces(label_selector=selector)
         else:
             result = apps.list_namespaced_deployment(namespace, label_selector=selector)
-        found.extend(ctx.kube.api_client.sanitize_for_serialization(result.items))
+        found.extend(d for d in ctx.kube.api_client.sanitize_for_serialization(result.items)
+                     if _watched(ctx, d["metadata"]["namespace"]))
     return found
 
 

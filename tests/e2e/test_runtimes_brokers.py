@@ -67,11 +67,12 @@ def test_deployment_runtime_creates_an_owned_worker_deployment(
         assert args[args.index("-Q") + 1] == f"vmfleet.{ns}.vm1"
         assert args[args.index("--concurrency") + 1] == "3"
         assert args[args.index("--pool") + 1] == "threads"
-        assert pod["volumes"] == [{"name": "ssh-credentials",
-                                   "secret": {"secretName": "vm1-ssh", "defaultMode": 256}}]
-        assert container["volumeMounts"] == [{"name": "ssh-credentials",
-                                              "mountPath": "/var/run/secrets/vmfleet.io/ssh",
-                                              "readOnly": True}]
+        # Only its VM's Secret, at <mount>/<secret>; no Kubernetes token at all.
+        assert [v["secret"] for v in pod["volumes"]] == [{"secretName": "vm1-ssh",
+                                                         "defaultMode": 0o440}]
+        assert [(m["mountPath"], m["readOnly"]) for m in container["volumeMounts"]] == [
+            ("/var/run/secrets/vmfleet.io/ssh/vm1-ssh", True)]
+        assert pod["automountServiceAccountToken"] is False
         wait_until(lambda: (ns.get("rvm", "vm1").get("status") or {}).get("workers"),
                    timeout=30, what="status.workers")
         workers = ns.get("rvm", "vm1")["status"]["workers"]
