@@ -105,6 +105,9 @@ class Context:
         ensure_transfer_worker = getattr(runtime, "ensure_transfer_worker", None)
         if ensure_transfer_worker is not None:
             ticks.append(ensure_transfer_worker)  # Process runtime: restarted if it died
+        refresh = getattr(runtime, "refresh_credentials", None)
+        if refresh is not None:
+            ticks.append(refresh)  # Process runtime: Secrets created or rotated later
         loop = Loop(writer, reader, ticks)
         namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n) \
             or kopf_namespaces()

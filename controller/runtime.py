@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -422,6 +423,21 @@ class ProcessRuntime:
         self.credentials_dir = credentials_dir or log_dir.parent / "credentials"
         self._lock = threading.Lock()
         self._workers: dict[str, _LocalWorkers] = {}
+        self._secrets: dict[str, tuple[str, list[str]]] = {}  # group -> (namespace, secrets)
+        self._refreshed = 0.0
+
+    def refresh_credentials(self, every: float = 5.0) -> None:
+        """Write the running groups' Secrets again (a Secret created or rotated after its
+        workers started), at most every ``every`` seconds: what the kubelet does for a
+        pod's mounted Secrets."""
+        now = time.monotonic()
+        if now - self._refreshed < every:
+            return
+        self._refreshed = now
+        with self._lock:
+            wanted = list(self._secrets.values())
+        for namespace, secrets in wanted:
+            self.write_credentials(namespace, secrets)
 
     def _argv(self, group: WorkerGroup, index: int) -> list[str]:
         node = f"{group.deployment}-{index}.{group.namespace}@%h"
@@ -476,6 +492,10 @@ class ProcessRuntime:
         if replicas:
             self.write_credentials(group.namespace, group.secrets)
         with self._lock:
+            if replicas:
+                self._secrets[group.key] = (group.namespace, group.secrets)
+            else:
+                self._secrets.pop(group.key, None)
             current = self._workers.get(group.key)
             if current is not None and current.fingerprint != fingerprint:
                 self._stop(current)
@@ -522,6 +542,7 @@ class ProcessRuntime:
 
     def remove(self, group_key: str) -> None:
         with self._lock:
+            self._secrets.pop(group_key, None)
             current = self._workers.pop(group_key, None)
             if current is not None:
                 self._stop(current)
