@@ -391,7 +391,9 @@ def test_transfer_timeout_removes_the_partial_file(ns, make_vm):  # type: ignore
     ns.add_vms([src_vm, dst_vm])
     sparse_file(src_vm, "/tmp/big/src.bin", 2 * GiB)
     dst_vm.host_path("/tmp/in").mkdir(parents=True)
-    ns.run("slow", timeoutSeconds=1, transfer={
+    # 3 s, connecting to both VMs included: long enough to have written part of 2 GiB
+    # on a busy machine, far too short for all of it.
+    ns.run("slow", timeoutSeconds=3, transfer={
         "from": {"vm": src_vm.name, "path": "/tmp/big/src.bin"},
         "to": [{"vm": dst_vm.name, "path": "/tmp/in/dst.bin"}]})
     obj = ns.finished("slow", timeout=90)
@@ -399,7 +401,7 @@ def test_transfer_timeout_removes_the_partial_file(ns, make_vm):  # type: ignore
     assert (obj["status"]["phase"], result["reason"]) == ("Failed", "Timeout"), result
     assert 0 < result["transfer"]["bytes"] < 2 * GiB  # it had written part of the file
     assert result["transfer"]["partialRemoved"] is True
-    assert "did not finish within timeoutSeconds (1s)" in result["message"]
+    assert "did not finish within timeoutSeconds (3s)" in result["message"]
     assert f"the partial file on {dst_vm.name} was removed" in result["message"]
     assert os.listdir(dst_vm.host_path("/tmp/in")) == []  # no temporary file, no target
 
