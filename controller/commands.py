@@ -296,7 +296,9 @@ class Commands:
         for vm, pgid, marker in step.terminate:
             obj = self.get_vm(tracked.namespace, vm)
             if obj is not None:
-                self.send(TASK_TERMINATE, [self.target_of(obj).to_message(), pgid, marker],
+                become = tracked.spec.become.user if tracked.spec.become is not None else None
+                self.send(TASK_TERMINATE,
+                          [self.target_of(obj).to_message(), pgid, marker, become],
                           vm_queue(obj))
                 log.info("Asked the workers of %s to terminate process group %s of RemoteCommand "
                          "%s", vm, pgid, tracked.ref)

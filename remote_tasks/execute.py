@@ -455,15 +455,19 @@ class CommandExecutor:
         log.info("Terminated process group %s on %s", pgid, target.address)
         return True
 
-    def terminate_attempt(self, target: Target, pgid: int, nonce: str | None) -> bool:
-        """Task body: end the process group of a lost attempt on one VM."""
+    def terminate_attempt(self, target: Target, pgid: int, nonce: str | None,
+                          become_user: str | None = None) -> bool:
+        """Task body: end the process group of a lost attempt on one VM (as the user it
+        ran as, through sudo, when it used ``become``)."""
         try:
             ssh_target = self.ssh_target(target)
         except AttemptFailed as failed:
             log.warning("Could not terminate process group %s on %s: %s", pgid, target.vm,
                         failed.message)
             return False
-        return self.terminate(ssh_target, pgid, nonce)
+        become = become_for(become_user, ssh_target.become_password) \
+            if become_user and ssh_target.allow_become else None
+        return self.terminate(ssh_target, pgid, nonce, become)
 
 
 __all__ = ["AttemptFailed", "CommandExecutor", "CredentialsInvalid", "Outcome", "judge"]

@@ -59,9 +59,12 @@ def execute_on_vm(self: Task, envelope: dict[str, Any]) -> str:
 
 
 @app.task(name=TASK_TERMINATE, acks_late=True)
-def terminate_attempt(target: dict[str, Any], pgid: int, marker: str | None = None) -> bool:
-    """End the remote process group of an attempt whose worker was lost."""
-    return executor().terminate_attempt(Target.from_message(target), int(pgid), marker)
+def terminate_attempt(target: dict[str, Any], pgid: int, marker: str | None = None,
+                      become_user: str | None = None) -> bool:
+    """End the remote process group of an attempt whose worker was lost (through sudo as
+    ``become_user`` when the attempt ran as that user)."""
+    return executor().terminate_attempt(Target.from_message(target), int(pgid), marker,
+                                        become_user)
 
 
 @functools.cache

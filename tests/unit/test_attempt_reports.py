@@ -197,3 +197,17 @@ def test_after_a_broken_connection_the_terminate_reconnects_first(tmp_path: Any)
     ssh_target = executor.ssh_target(Target("vm1", "h", 22, "u", "vm1-ssh", host_keys=("k",)))
     assert executor.terminate(ssh_target, 7, None, broken=True) is True
     assert pool.discarded == 1
+
+
+def test_a_lost_become_attempt_is_terminated_through_sudo_as_its_user(tmp_path: Any) -> None:
+    """A lost attempt that ran as root from an unprivileged login: its processes are
+    root's, so the terminate must go through sudo as root too."""
+    executor, pool = _executor(tmp_path)
+    calls: list[Any] = []
+    pool.conn.terminate = lambda pgid, grace, nonce, become=None: calls.append(become)  # type: ignore[method-assign]
+    target = Target("vm1", "h", 22, "u", "vm1-ssh", host_keys=("k",), allow_become=True)
+    assert executor.terminate_attempt(target, 9, "m", "root") is True
+    assert calls[0] is not None and calls[0].user == "root"
+    plain = Target("vm1", "h", 22, "u", "vm1-ssh", host_keys=("k",))
+    assert executor.terminate_attempt(plain, 9, "m", None) is True
+    assert calls[1] is None

@@ -213,7 +213,7 @@ def test_a_lost_worker_fails_the_attempt_without_retries(state: FakeState) -> No
     assert entry["message"] == "w1 stopped reporting during attempt 1; process group 42 is terminated"
     assert tracked.status["phase"] == "Failed"
     terminate = [(args[1:], queue) for task, args, queue in fleet.sent if task == TASK_TERMINATE]
-    assert terminate == [([42, "m"], "vmfleet.ns.vm1")]
+    assert terminate == [([42, "m", None], "vmfleet.ns.vm1")]  # no become: a plain kill
     assert state.forgotten == ["c-uid/vm1/1"]
 
 
