@@ -259,7 +259,6 @@ class HealthMonitor:
         self.clock = clock
         self._lock = threading.Lock()
         self._sent: dict[str, float] = {}
-        self._vm_locks: dict[str, threading.Lock] = {}
 
     def maybe_probe(self, body: dict[str, Any], spec: RemoteVMSpec, queue: str,
                     target: Target | None = None) -> bool:
@@ -289,7 +288,6 @@ class HealthMonitor:
     def forget(self, namespace: str, name: str) -> None:
         with self._lock:
             self._sent.pop(f"{namespace}/{name}", None)
-            self._vm_locks.pop(f"{namespace}/{name}", None)
 
     def pause(self, vm: dict[str, Any], reason: str) -> None:
         meta = vm["metadata"]
