@@ -65,20 +65,6 @@ def prune(history: list[tuple[float, int]], now: float, delay: float) -> list[tu
     return kept if kept else history[-1:]
 
 
-def running_commands(commands: list[dict[str, Any]], vm: str) -> tuple[int, int]:
-    """``(queued, running)`` result entries for ``vm`` across RemoteCommands of its namespace."""
-    queued = running = 0
-    for obj in commands:
-        for entry in (obj.get("status") or {}).get("results") or []:
-            if entry.get("vm") != vm:
-                continue
-            if entry.get("phase") == Phase.RUNNING:
-                running += 1
-            elif entry.get("phase") == Phase.QUEUED:
-                queued += 1
-    return queued, running
-
-
 @dataclass(frozen=True)
 class Decision:
     replicas: int
@@ -150,5 +136,5 @@ class Autoscaler:
             self._vms.pop(key, None)
 
 
-__all__ = ["Autoscaler", "Decision", "QueueDepth", "prune", "recommend", "running_commands",
+__all__ = ["Autoscaler", "Decision", "QueueDepth", "prune", "recommend",
            "stabilize"]

@@ -33,6 +33,7 @@ from typing import Any
 from bench.fixtures import NAMESPACE, Alias, cluster, vm_pool
 from bench.harness import Bench, alternate, record_all
 from bench.scenarios.fanout import Ansible, ParallelSSH, Vmfleet
+from bench.scenarios.memory import proc_kib
 
 SCENARIOS = ("fanout200_warm",)
 N_VMS = 200
@@ -64,16 +65,6 @@ def _groups() -> dict[int, list[int]]:
     return out
 
 
-def _kib(pid: int, path: str, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def workers_rss_mb(worker_dir: Path, names: list[str], pss: bool = False) -> tuple[float, int]:
     """Summed RSS (or PSS) in MiB of the worker process groups whose pid files name these
     VMs or pools, and how many groups (one scan of /proc for all of them)."""
@@ -86,7 +77,7 @@ def workers_rss_mb(worker_dir: Path, names: list[str], pss: bool = False) -> tup
                 pgid = int(pid_file.read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 continue
-            kib = sum(_kib(pid, path, key) for pid in groups.get(pgid, []))
+            kib = sum(proc_kib(pid, path, key) for pid in groups.get(pgid, []))
             if kib:
                 total += kib / 1024
                 count += 1

@@ -66,7 +66,8 @@ def group_pids(pgid: int) -> list[int]:
     return pids
 
 
-def _kib(pid: int, path: str, key: str) -> int:
+def proc_kib(pid: int, path: str, key: str) -> int:
+    """A ``Key:  N kB`` line of /proc/<pid>/<path>, in KiB (0 for a process gone)."""
     try:
         for line in Path(f"/proc/{pid}/{path}").read_text().splitlines():
             if line.startswith(key + ":"):
@@ -77,11 +78,11 @@ def _kib(pid: int, path: str, key: str) -> int:
 
 
 def group_rss_mb(pgid: int) -> float:
-    return sum(_kib(pid, "status", "VmRSS") for pid in group_pids(pgid)) / 1024
+    return sum(proc_kib(pid, "status", "VmRSS") for pid in group_pids(pgid)) / 1024
 
 
 def group_pss_mb(pgid: int) -> float:
-    return sum(_kib(pid, "smaps_rollup", "Pss") for pid in group_pids(pgid)) / 1024
+    return sum(proc_kib(pid, "smaps_rollup", "Pss") for pid in group_pids(pgid)) / 1024
 
 
 class Sampler:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller.scaling import Autoscaler, prune, recommend, running_commands, stabilize
+from controller.scaling import Autoscaler, prune, recommend, stabilize
+from controller.vms import entry_counts
 from vmfleet.api.models import WorkersSpec
 
 
@@ -99,12 +100,20 @@ def test_fixed_replicas_ignore_the_backlog():
     assert scaler.decide("ns/vm", None, 100, 5, current=0).replicas == 1
 
 
-def test_running_commands_counts_this_vms_entries():
+def test_entry_counts_are_queued_and_running_entries_per_vm():
+    """The backlog the autoscaler sees: from the controller's own copy of the commands."""
+    from types import SimpleNamespace
+
     commands = [
-        {"status": {"results": [{"vm": "vm1", "phase": "Running"}, {"vm": "vm2", "phase": "Running"}]}},
-        {"status": {"results": [{"vm": "vm1", "phase": "Queued"}, {"vm": "vm1", "phase": "Succeeded"}]}},
-        {"status": {}},
-        {},
+        SimpleNamespace(namespace="ns", status={"results": [{"vm": "vm1", "phase": "Running"},
+                                                            {"vm": "vm2", "phase": "Running"}]}),
+        SimpleNamespace(namespace="ns", status={"results": [{"vm": "vm1", "phase": "Queued"},
+                                                            {"vm": "vm1", "phase": "Succeeded"}]}),
+        SimpleNamespace(namespace="other", status={"results": [{"vm": "vm1", "phase": "Queued"}]}),
+        SimpleNamespace(namespace="ns", status={}),
     ]
-    assert running_commands(commands, "vm1") == (1, 1)
-    assert running_commands(commands, "vm3") == (0, 0)
+    counts = entry_counts(commands)
+    assert counts[("ns", "vm1")] == (1, 1)
+    assert counts[("ns", "vm2")] == (0, 1)
+    assert counts[("other", "vm1")] == (1, 0)
+    assert ("ns", "vm3") not in counts
