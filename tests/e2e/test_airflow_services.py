@@ -218,12 +218,14 @@ def test_twenty_deferred_tasks_survive_a_triggerer_restart_and_a_sigkill_exactly
     vm1 = vms[0]
     run_id = api.trigger(dag, {"dir": workdir})
 
-    # All 20 wait at once with 4 task slots: deferred tasks hold no slot.
-    tis = wait_until(lambda: _deferred(api, dag, run_id, n), timeout=240, interval=1,
-                     what=f"{n} tasks to be deferred at once")
+    # All 20 wait at once with 4 task slots: deferred tasks hold no slot. A trigger
+    # is created with the deferral and taken by the triggerer a moment later.
+    tis = wait_until(lambda: (t := _deferred(api, dag, run_id, n)) and None not in _triggerer_ids(t)
+                     and t, timeout=240, interval=1,
+                     what=f"{n} tasks to be deferred at once, their triggers taken by a triggerer")
     assert n > PARALLELISM
     first_triggerer = _triggerer_ids(tis)
-    assert len(first_triggerer) == 1 and None not in first_triggerer
+    assert len(first_triggerer) == 1
     wait_until(lambda: all(vm1.host_path(f"{workdir}/{i}.count").exists() for i in range(n)),
                timeout=120, what="every command to start on vm1")
     names = sorted(c["metadata"]["name"] for c in airflow.commands_of(dag))
