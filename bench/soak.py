@@ -4,7 +4,8 @@ Starts everything for real on this machine (``vmfleet.dev``): a control plane, R
 sshd VMs and the controller (Process runtime). It then keeps ``--in-flight`` commands
 going until ``--commands`` were created, while a chaos loop, every ``--fault-every``
 seconds, does one of: SIGKILL a random worker, restart the controller, restart the broker,
-restart a random sshd. Each command appends its own name to a file on its VM, so that the
+restart a random VM's sshd, stop it for a while, or freeze it (SIGSTOP of sshd and its
+sessions) for a while. Each command appends its own name to a file on its VM, so that the
 executions can be counted on the VMs afterwards. Finished commands are recorded and
 deleted (etcd stays small). At the end it prints:
 
@@ -55,6 +56,7 @@ from vmfleet.kube import Kube, load_api_client  # noqa: E402
 RUNS_FILE = "/tmp/vmfleet-soak-runs"
 # Faster fault handling, as in the e2e fault tests.
 FAST = {"VMFLEET_REDISPATCH_SECONDS": "10"}
+HANG_SECONDS = 10.0  # how long a stopped or frozen VM stays away
 TERMINAL = set(Phase.TERMINAL)
 
 
@@ -71,6 +73,7 @@ class Fleet:
         self.controller: ManagedProcess | None = None
         self.lock = threading.Lock()
         self.faults: Counter[str] = Counter()
+        self.pending: list[threading.Thread] = []  # VMs stopped or frozen, coming back
 
     def start(self) -> Fleet:
         print("starting the control plane, Redis and", self.vm_count, "VMs ...", flush=True)
@@ -145,13 +148,52 @@ class Fleet:
         vm.restart()
         return f"restarted sshd of {vm.name}"
 
+    def stop_sshd(self) -> str:
+        """The VM goes away for a while (every session ends), then comes back."""
+        vm = random.choice(self.vms)
+        vm.stop()
+        self._later(HANG_SECONDS, vm.start)
+        return f"stopped sshd of {vm.name} for {HANG_SECONDS:g}s"
+
+    def hang_sshd(self) -> str:
+        """The VM freezes: sshd and every session stopped (SIGSTOP), then resumed."""
+        vm = random.choice(self.vms)
+        pids = vm.processes()
+        for pid in pids:
+            _signal(pid, signal.SIGSTOP)
+        self._later(HANG_SECONDS, lambda: [_signal(pid, signal.SIGCONT) for pid in pids])
+        return f"froze {vm.name} ({len(pids)} processes) for {HANG_SECONDS:g}s"
+
+    def _later(self, seconds: float, action: Any) -> None:
+        def run() -> None:
+            time.sleep(seconds)
+            with self.lock:
+                action()
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.pending.append(thread)
+
+    def settle(self) -> None:
+        """Wait for the VMs stopped or frozen to come back."""
+        for thread in self.pending:
+            thread.join()
+
     def inject(self, rng: random.Random) -> None:
-        kind = rng.choices(["worker", "controller", "broker", "sshd"], weights=[4, 1, 1, 3])[0]
+        faults = {"worker": self.kill_worker, "controller": self.restart_controller,
+                  "broker": self.restart_broker, "sshd-restart": self.restart_sshd,
+                  "sshd-stop": self.stop_sshd, "sshd-hang": self.hang_sshd}
+        kind = rng.choices(list(faults), weights=[4, 1, 1, 1, 1, 1])[0]
         with self.lock:
-            what = {"worker": self.kill_worker, "controller": self.restart_controller,
-                    "broker": self.restart_broker, "sshd": self.restart_sshd}[kind]()
+            what = faults[kind]()
             self.faults[kind] += 1
         print(f"  chaos: {what}", flush=True)
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def command_body(namespace: str, name: str, vm: str, sleep: float) -> dict[str, Any]:
@@ -261,6 +303,7 @@ def main() -> int:
         print("the chaos stops; draining ...", flush=True)
         stop_chaos.set()
         chaos_thread.join()
+        fleet.settle()
         with fleet.lock:
             assert fleet.controller is not None
             fleet.controller.check_running()

@@ -526,15 +526,18 @@ class Connection:
                 become_failed = ("sudo did not run the action as "
                                  f"{become.user if become else '?'}: "
                                  f"{_last_line(err.text()) or 'it exited before the action ran'}")
-            if not chan.exit_status_ready() and ended_by is None and self._settles_dead():
+            killed_by = exit_signal(chan)
+            # paramiko's exit_status stays -1 until an exit-status message arrives (and
+            # exit_status_ready() is also true once the channel merely closed).
+            reported = chan.exit_status >= 0 or killed_by is not None
+            if not reported and ended_by is None and self._settles_dead():
                 # The connection died (e.g. sshd restarted) before the command reported an
                 # exit status: a transport error, retried within the spec's limit.
                 raise TransportError(
                     f"connection to {self.target.host} broke before the command exited",
                     pgid=pgid, nonce=nonce,
                 )
-            status = chan.recv_exit_status() if chan.exit_status_ready() else -1
-            killed_by = exit_signal(chan)
+            status = chan.exit_status
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise TransportError(
                 f"connection to {self.target.host} broke: {exc}", pgid=pgid, nonce=nonce

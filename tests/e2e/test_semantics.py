@@ -138,6 +138,27 @@ def test_transport_errors_are_retried_until_the_vm_is_back(ns: Namespace, make_v
     assert vm.host_path(runs).read_text() == "ran\n"
 
 
+def test_a_vm_restarted_under_a_running_command_is_a_transport_error_and_retried(
+    ns: Namespace, make_vm
+):
+    """sshd stopped under the command: its session ends without an exit status. That is
+    the connection breaking (retried), not a command that failed (it was: Failed/ExitCode
+    with no exit code, found by the soak)."""
+    vm = make_vm("restarted")
+    ns.add_vms([vm])
+    runs = "/tmp/vmfleet-restarted-runs"
+    ns.run("interrupted", vm=vm.name, retries={"limit": 3, "backoffSeconds": 1},
+           command=f"echo started >> {runs}; sleep 4; echo finished >> {runs}")
+    wait_until(lambda: vm.host_path(runs).exists(), timeout=60, what="the command to start")
+    vm.restart()
+    obj = ns.finished("interrupted", timeout=90)
+    result = obj["status"]["results"][0]
+    assert (obj["status"]["phase"], result["reason"], result["exitCode"]) == (
+        "Succeeded", "Completed", 0)
+    assert result["attempt"] == 2
+    assert vm.host_path(runs).read_text() == "started\nstarted\nfinished\n"
+
+
 def test_exit_codes_listed_in_on_exit_codes_are_retried(ns: Namespace, make_vm):
     vm = make_vm("exitretry")
     ns.add_vms([vm])

@@ -398,6 +398,12 @@ class SshdVM:
         kids = _descendants(self._process.pid)
         return kids[0] if kids else None
 
+    def processes(self) -> list[int]:
+        """Every process of this VM (sshd and its sessions), host PIDs, parents first."""
+        if self._process is None or not self._process.running():
+            return []
+        return [self._process.pid, *_descendants(self._process.pid)]
+
     def _kill_sessions(self) -> None:
         # Without a PID namespace, session processes (sshd children call setsid) are
         # not in sshd's process group: find them through /proc.
