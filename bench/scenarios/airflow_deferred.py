@@ -18,17 +18,20 @@ Measured, with the figures of the idle triggerer (before the run) subtracted whe
   ``Succeeded`` to the trigger's event (``vmfleet_trigger``) or to the task's
   ``end_date`` with state ``success`` (``vmfleet_triggerer``).
 
-Two systems: ``vmfleet_trigger`` runs 500 RemoteCommandTriggers (the real class, its shared
+Three systems. ``vmfleet_trigger`` runs 500 RemoteCommandTriggers (the real class, its shared
 watch, a real API server) in one asyncio loop of one process, as the triggerer's trigger
 runner runs them, without a scheduler (``bench/airflow_trigger_runner.py``, from
 ``.venv-airflow``; one ``Succeeded`` every 20 ms); ``vmfleet_triggerer`` is the whole
 Airflow above with fewer tasks (100, quick 20, ``VMFLEET_BENCH_AIRFLOW_TASKS``; 0 skips
 it), since every task costs two task processes of a few CPU seconds each on 2 cores.
 
-The cncf-kubernetes provider's deferrable pod wait (KubernetesPodOperator with
-``deferrable=True``) cannot run here: the local control plane has no node, so its pods
-never start, and its trigger and ``execute_complete`` read the pod's container state and
-logs, which only a kubelet provides. It is reported as skipped.
+The third system, ``cncf_kubernetes_pod``, is the cncf-kubernetes provider's deferrable pod
+wait (``KubernetesPodOperator(deferrable=True)``, its defaults: a trigger that polls the pod
+every 2 s) through the same Airflow, on a local node (``vmfleet.dev.node``: kubelet,
+containerd, the project's image from ``make image``): 20 pods (quick 5,
+``VMFLEET_BENCH_AIRFLOW_PODS``; 0 skips it), each waiting for a file the bench creates one
+every 0.5 s; timed from the moment a watch sees the pod ``Succeeded`` to the task's
+``success``. Without root, containerd or runc it is reported as skipped.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,11 +50,13 @@ from bench.harness import Bench, percentile
 from vmfleet.airflow.naming import CREATED_BY_AIRFLOW, LABEL_CREATED_BY
 from vmfleet.api.constants import COMMAND_PLURAL, GROUP, VERSION
 from vmfleet.dev.airflow import AirflowServices, kubernetes_connection
+from vmfleet.dev.node import Node, build_image, missing_requirements
 from vmfleet.dev.proc import wait_until
 
 SCENARIOS = ("airflow_deferred",)
 NAMESPACE = "bench-airflow"
 DAG_ID = "bench_airflow_deferred"
+POD_DAG_ID = "bench_airflow_pod_deferred"
 AIRFLOW_BIN = REPO / ".venv-airflow" / "bin"
 
 DAG = '''
@@ -66,6 +72,25 @@ with DAG(dag_id="{dag_id}", schedule=None, start_date=datetime(2024, 5, 1),
     ).expand(env=[{{"I": str(i)}} for i in range({n})])
 '''
 
+
+# The cncf-kubernetes provider's deferrable pod wait, as its users write it (defaults but
+# for what this node needs: the local image, host networking). Pod i waits for a file.
+POD_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import models as k8s
+
+with DAG(dag_id="{dag_id}", schedule=None, start_date=datetime(2024, 5, 1),
+         max_active_tasks={n}, default_args={{"retries": 0}}):
+    KubernetesPodOperator.partial(
+        task_id="pod", namespace="{namespace}", image="{image}", image_pull_policy="Never",
+        hostnetwork=True, deferrable=True, kubernetes_conn_id="kubernetes_default",
+        cmds=["sh", "-c"],
+        volumes=[k8s.V1Volume(name="go", host_path=k8s.V1HostPathVolumeSource(path="{go}"))],
+        volume_mounts=[k8s.V1VolumeMount(name="go", mount_path="/go", read_only=True)],
+    ).expand(arguments=[["while [ ! -e /go/%d ]; do sleep 0.1; done" % i] for i in range({n})])
+'''
 
 def _tree(pid: int) -> list[int]:
     """``pid`` and its descendants."""
@@ -242,26 +267,61 @@ def run(bench: Bench, wanted: list[str]) -> None:
     fleet = cluster(bench)
     fleet.kubectl("create", "namespace", NAMESPACE)
     run_triggers(bench, fleet, 500, 0.02)
-    bench.skip("airflow_deferred", "cncf_kubernetes_pod",
-               "the local control plane has no node: pods never start, and the pod trigger and "
-               "execute_complete need a kubelet's container state and logs")
     # Through Airflow's services, task processes are the cost (two per task, a few CPU
     # seconds each on 2 cores): fewer tasks than the triggers above.
     n = int(os.environ.get("VMFLEET_BENCH_AIRFLOW_TASKS") or (20 if bench.quick else 100))
-    if n <= 0:
+    pods = int(os.environ.get("VMFLEET_BENCH_AIRFLOW_PODS") or (5 if bench.quick else 20))
+    node = image = None
+    if pods > 0:
+        node, image, why = _node_for_pods(bench, fleet)
+        if node is None:
+            bench.skip("airflow_deferred", "cncf_kubernetes_pod", why)
+    if n <= 0 and node is None:
         return
-    gap = 0.5
     dags = bench.workdir / "airflow-dags"
     dags.mkdir(parents=True, exist_ok=True)
-    (dags / f"{DAG_ID}.py").write_text(DAG.format(dag_id=DAG_ID, n=n))
+    dag_ids = []
+    if n > 0:
+        (dags / f"{DAG_ID}.py").write_text(DAG.format(dag_id=DAG_ID, n=n))
+        dag_ids.append(DAG_ID)
+    go_dir = bench.workdir / "pod-go"
+    if node is not None:
+        go_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        (dags / f"{POD_DAG_ID}.py").write_text(POD_DAG.format(
+            dag_id=POD_DAG_ID, n=pods, namespace=NAMESPACE, image=image, go=go_dir))
+        dag_ids.append(POD_DAG_ID)
     services = AirflowServices(
         bench.workdir / "airflow", AIRFLOW_BIN, dags, parallelism=8,
         env={"AIRFLOW_CONN_KUBERNETES_DEFAULT": kubernetes_connection(fleet.cp.kubeconfig, NAMESPACE)},
     )
     bench._cleanups.append(services.stop)
-    print(f"  starting Airflow (scheduler, dag-processor, triggerer, API server); {n} tasks",
-          flush=True)
-    services.start(dag_ids=(DAG_ID,))
+    print(f"  starting Airflow (scheduler, dag-processor, triggerer, API server); {n} tasks"
+          + (f", then {pods} pods" if node is not None else ""), flush=True)
+    services.start(dag_ids=tuple(dag_ids))
+    if n > 0:
+        run_services(bench, fleet, services, n)
+    if node is not None:
+        run_pod_waits(bench, fleet, services, pods, go_dir)
+
+
+def _node_for_pods(bench: Bench, fleet: Any) -> tuple[Node | None, str | None, str]:
+    """A kubelet for the cncf-kubernetes pods, with the project's image (``make image``)."""
+    missing = missing_requirements()
+    if missing:
+        return None, None, "no local node here: " + "; ".join(missing)
+    print("  building (or finding) the image and starting a node for the pod waits ...", flush=True)
+    try:
+        archive = build_image()
+        node = Node(bench.workdir / "node", fleet.cp, exit_with_parent=True).start()
+    except Exception as exc:  # noqa: BLE001 - reported as the skip's reason
+        return None, None, f"no local node: {exc}"
+    bench._cleanups.append(node.stop)
+    return node, node.import_image(archive), ""
+
+
+def run_services(bench: Bench, fleet: Any, services: AirflowServices, n: int) -> None:
+    """N RemoteCommand tasks through Airflow's services; the bench writes each Succeeded."""
+    gap = 0.5
     api = services.api
     port = int(fleet.cp.server.rsplit(":", 1)[1])
     triggerer = services.procs["triggerer"]
@@ -329,3 +389,98 @@ def run(bench: Bench, wanted: list[str]) -> None:
     bench.record("airflow_deferred", "vmfleet_triggerer", "api_connections", [peak["connections"]], note)
     bench.record("airflow_deferred", "vmfleet_triggerer", "p50_ms", [percentile(latencies, 50) * 1000], note)
     bench.record("airflow_deferred", "vmfleet_triggerer", "p99_ms", [percentile(latencies, 99) * 1000], note)
+
+
+def run_pod_waits(bench: Bench, fleet: Any, services: AirflowServices, n: int, go_dir: Path) -> None:
+    """The same measurement for KubernetesPodOperator(deferrable=True) on the local node:
+    from the moment a watch sees the pod ``Succeeded`` to the task's ``success``."""
+    from kubernetes import client, watch
+
+    gap = 0.5
+    api = services.api
+    core = client.CoreV1Api(fleet.kube.api_client)
+    port = int(fleet.cp.server.rsplit(":", 1)[1])
+    triggerer = services.procs["triggerer"]
+    wait_until(lambda: len(_tree(triggerer.pid)) >= 2, timeout=120, what="the trigger runner")
+    idle_rss = rss_mb(_tree(triggerer.pid))
+    succeeded_at: dict[str, float] = {}  # map index -> when the watch saw Succeeded
+    stop = threading.Event()
+
+    def watch_pods() -> None:
+        while not stop.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(core.list_namespaced_pod, NAMESPACE,
+                                           label_selector=f"dag_id={POD_DAG_ID}",
+                                           timeout_seconds=5):
+                    pod = event["object"]
+                    index = (pod.metadata.labels or {}).get("map_index")
+                    if pod.status and pod.status.phase == "Succeeded" and index is not None:
+                        succeeded_at.setdefault(index, time.time())
+                    if stop.is_set():
+                        break
+            except Exception as exc:  # noqa: BLE001 - the watch is restarted
+                print(f"    pod watch: {exc}", flush=True)
+                time.sleep(0.5)
+
+    watcher = threading.Thread(target=watch_pods, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    run_id = api.trigger(POD_DAG_ID, {})
+    peak = {"rss": 0.0, "connections": 0.0}
+
+    def sample() -> None:
+        pids = _tree(triggerer.pid)
+        peak["rss"] = max(peak["rss"], rss_mb(pids))
+        peak["connections"] = max(peak["connections"], float(connections_to(pids, port)))
+
+    def all_waiting() -> bool:
+        sample()
+        states = api.states(POD_DAG_ID, run_id)
+        running = [p for p in core.list_namespaced_pod(
+            NAMESPACE, label_selector=f"dag_id={POD_DAG_ID}").items
+            if p.status and p.status.phase == "Running"]
+        print(f"    {sum(s == 'deferred' for s in states.values())}/{n} deferred, "
+              f"{len(running)} pods running", flush=True)
+        failed = sorted(k for k, s in states.items() if s in ("failed", "upstream_failed"))
+        if failed:
+            raise RuntimeError(f"{len(failed)} pod tasks failed before their pods finished: {failed[:5]}")
+        return (len(states) == n and all(s == "deferred" for s in states.values())
+                and len(running) == n)
+
+    try:
+        wait_until(all_waiting, timeout=1800, interval=5, what=f"{n} pod tasks deferred, pods running")
+        waiting_s = time.monotonic() - t0
+        time.sleep(5)
+        sample()
+        for i in range(n):
+            (go_dir / str(i)).write_text("")
+            time.sleep(gap)
+            if i % 5 == 0:
+                sample()
+        state = api.wait_run(POD_DAG_ID, run_id, timeout=1800)
+        sample()
+    finally:
+        stop.set()
+        watcher.join(10)
+    tis = api.task_instances(POD_DAG_ID, run_id)
+    latencies = []
+    for ti in tis.values():
+        seen = succeeded_at.get(str(ti["map_index"]))
+        if ti["state"] == "success" and seen is not None:
+            end = datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00")).timestamp()
+            latencies.append(end - seen)
+    failed = sum(ti["state"] != "success" for ti in tis.values())
+    if not latencies:
+        bench.skip("airflow_deferred", "cncf_kubernetes_pod",
+                   f"no pod task succeeded (run {state}, {failed} not success)")
+        return
+    note = (f"KubernetesPodOperator(deferrable=True, poll_interval 2 s: the default), {n} pods "
+            f"on the local node, run {state}, {failed} not success, {len(latencies)} timed; all "
+            f"deferred with pods running {waiting_s:.0f} s after the trigger; idle triggerer "
+            f"{idle_rss:.0f} MiB; one pod finishing every {gap} s; load {os.getloadavg()[0]:.1f}")
+    system = "cncf_kubernetes_pod"
+    bench.record("airflow_deferred", system, "rss_mb", [peak["rss"] - idle_rss], note)
+    bench.record("airflow_deferred", system, "api_connections", [peak["connections"]], note)
+    bench.record("airflow_deferred", system, "p50_ms", [percentile(latencies, 50) * 1000], note)
+    bench.record("airflow_deferred", system, "p99_ms", [percentile(latencies, 99) * 1000], note)
