@@ -99,6 +99,10 @@ TargetOf = Callable[[dict[str, Any]], Target]
 Wake = Callable[[str, str], None]  # a dispatch to a VM that may be at zero replicas
 Delete = Callable[[str, str, str], None]  # (uid, namespace, name): ttlSecondsAfterFinished
 
+# How long a command written in an end state is remembered: the watch may still bring the
+# events of its earlier writes (a claim's `Running`), which must not start tracking again.
+FINISHED_MEMORY_SECONDS = 300.0
+
 
 class Commands:
     """Every unfinished command of the watched namespaces, and what to do with them."""
@@ -117,6 +121,7 @@ class Commands:
         self.urgency = urgency
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
+        self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
         self._expiries: list[tuple[float, str, str, str]] = []  # (wall time, uid, ns, name)
         self._expiring: set[str] = set()
         self.changed = threading.Condition()
@@ -130,8 +135,11 @@ class Commands:
         with self._lock:
             if uid in self._tracked:
                 return  # ours: the event is the echo of a write (or older than our copy)
+            finished = uid in self._finished
         status = obj.get("status") or {}
         spec_body = obj.get("spec") or {}
+        if finished and status.get("phase") not in Phase.TERMINAL:
+            return  # an earlier write's echo arriving after the last one was done
         if status.get("phase") in Phase.TERMINAL:
             self._expire_later(uid, meta["namespace"], meta["name"], spec_body, status)
             return
@@ -160,6 +168,7 @@ class Commands:
         with self._lock:
             tracked = self._tracked.pop(uid, None)
             self._expiring.discard(uid)
+            self._finished.pop(uid, None)
         if tracked is None:
             return []
         with tracked.lock:
@@ -188,9 +197,16 @@ class Commands:
 
     def forget(self, tracked: Tracked) -> None:
         """Written in an end state: no longer held."""
+        now = time.monotonic()
         with self._lock:
             if self._tracked.get(tracked.uid) is tracked:
                 del self._tracked[tracked.uid]
+            self._finished[tracked.uid] = now
+            while self._finished:  # oldest first: drop what is past remembering
+                uid, at = next(iter(self._finished.items()))
+                if now - at < FINISHED_MEMORY_SECONDS:
+                    break
+                del self._finished[uid]
         self.state.finished(tracked.uid)
         if tracked.ttl is not None:
             finished = tracked.status.get("completionTime") or now_rfc3339()

@@ -9,7 +9,9 @@ events keep its caches current; everything else happens in the loop.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
+from collections.abc import Iterator
 from typing import Any, cast
 
 import kopf
@@ -81,8 +83,9 @@ def _scopes(ctx: Context) -> tuple[str | None, ...]:
     return (None,)
 
 
-def _list(ctx: Context, plural: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
+def _list(ctx: Context, plural: str) -> Iterator[dict[str, Any]]:
+    """Every watched object, a page of 500 at a time (10,000 finished commands are never
+    held at once: the start-up's peak memory)."""
     for namespace in _scopes(ctx):
         token = None
         while True:
@@ -95,28 +98,38 @@ def _list(ctx: Context, plural: str) -> list[dict[str, Any]]:
             else:
                 page = cast(dict[str, Any], ctx.kube.custom.list_namespaced_custom_object(
                     c.GROUP, c.VERSION, namespace, plural, **kwargs))
-            items.extend(i for i in page.get("items") or []
-                         if _watched(ctx, i["metadata"]["namespace"]))
             token = (page.get("metadata") or {}).get("continue")
+            items = page.get("items") or []
+            del page
+            yield from (i for i in items if _watched(ctx, i["metadata"]["namespace"]))
             if not token:
                 break
-    return items
 
 
-def _list_deployments(ctx: Context) -> list[dict[str, Any]]:
+def _list_deployments(ctx: Context) -> Iterator[dict[str, Any]]:
+    """The worker Deployments, as plain dicts (no typed models), a page at a time."""
     from kubernetes.client import AppsV1Api
 
     apps = AppsV1Api(ctx.kube.api_client)
     selector = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
-    found: list[dict[str, Any]] = []
     for namespace in _scopes(ctx):
-        if namespace is None:
-            result = apps.list_deployment_for_all_namespaces(label_selector=selector)
-        else:
-            result = apps.list_namespaced_deployment(namespace, label_selector=selector)
-        found.extend(d for d in ctx.kube.api_client.sanitize_for_serialization(result.items)
-                     if _watched(ctx, d["metadata"]["namespace"]))
-    return found
+        token = None
+        while True:
+            kwargs: dict[str, Any] = {"label_selector": selector, "limit": 500,
+                                      "_preload_content": False}
+            if token:
+                kwargs["_continue"] = token
+            if namespace is None:
+                response: Any = apps.list_deployment_for_all_namespaces(**kwargs)
+            else:
+                response = apps.list_namespaced_deployment(namespace, **kwargs)
+            page = json.loads(response.data)  # _preload_content=False: the raw response
+            token = (page.get("metadata") or {}).get("continue")
+            items = page.get("items") or []
+            del page, response
+            yield from (d for d in items if _watched(ctx, d["metadata"]["namespace"]))
+            if not token:
+                break
 
 
 def _drop_finalizer(ctx: Context, plural: str, obj: dict[str, Any]) -> None:

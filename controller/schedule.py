@@ -76,68 +76,107 @@ def plan(
     """The next step for ``status.results``. ``queues`` maps VM names to their queue
     (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched;
     ``lost`` VMs' running attempts stopped heartbeating."""
-    out = Plan()
-    results: list[dict[str, Any]] = [dict(e) for e in status.get("results") or []]
+    step = _Step(spec, now, [dict(e) for e in status.get("results") or []])
     started = parse_rfc3339(status["startTime"]) if status.get("startTime") else now
     deadline_passed = bool(
         spec.active_deadline_seconds
         and now >= started + timedelta(seconds=spec.active_deadline_seconds)
     )
+    for index, entry in enumerate(step.results):
+        phase = entry.get("phase", Phase.PENDING)
+        if phase == Phase.RUNNING and entry["vm"] in lost:
+            _end_lost(step, index, entry, retry=not deadline_passed)
+        elif phase in (Phase.PENDING, Phase.QUEUED):
+            _end_unrunnable(step, index, entry, queues, deadline_passed)
+    _cancel_after_max_failures(step)
+    _dispatch_ready(step, queues, paused, timing)
+    return step.out
 
-    def change(index: int, entry: dict[str, Any], new: dict[str, Any], remove: tuple[str, ...] = ()) -> None:
-        out.changes.append(Change(index, entry["vm"], entry["phase"], entry.get("attempt", 1), new, remove))
+
+@dataclass
+class _Step:
+    """``plan``'s working copy of the entries, and the plan made so far."""
+
+    spec: RemoteCommandSpec
+    now: datetime
+    results: list[dict[str, Any]]
+    out: Plan = field(default_factory=Plan)
+
+    def change(self, index: int, entry: dict[str, Any], new: dict[str, Any],
+               remove: tuple[str, ...] = ()) -> None:
+        self.out.changes.append(Change(index, entry["vm"], entry["phase"], entry.get("attempt", 1),
+                                       new, remove))
         entry.update(new)
         for key in remove:
             entry.pop(key, None)
 
-    for index, entry in enumerate(results):
-        phase = entry.get("phase", Phase.PENDING)
-        attempt = int(entry.get("attempt", 1))
-        if phase == Phase.RUNNING:
-            if entry["vm"] in lost:
-                pgid = entry.get("pgid")
-                marker = entry.get("processMarker")
-                if pgid:
-                    out.terminate.append((entry["vm"], int(pgid), marker))
-                worker = entry.get("worker", "its worker")
-                message = f"{worker} stopped reporting during attempt {attempt}"
-                if pgid:
-                    message += f"; process group {pgid} is terminated"
-                remove = _present(entry, "pgid", "processMarker", "heartbeatTime")
-                if not deadline_passed and should_retry(spec, attempt, Reason.WORKER_LOST, None):
-                    delay = backoff_seconds(spec, attempt)
-                    new = {"phase": Phase.PENDING, "attempt": attempt + 1, "reason": Reason.WORKER_LOST,
-                           "message": f"{message}; next attempt after {delay:.0f}s",
-                           "retryAfter": rfc3339(now + timedelta(seconds=delay))}
-                    if pgid:
-                        new["lostPgid"] = int(pgid)
-                        if marker:
-                            new["lostMarker"] = marker
-                    change(index, entry, new, remove)
-                else:
-                    change(index, entry, _ended(entry, Phase.FAILED, Reason.WORKER_LOST, message, now), remove)
-        elif phase in (Phase.PENDING, Phase.QUEUED):
-            remove = _present(entry, "retryAfter", "lostPgid", "lostMarker")
-            if deadline_passed:
-                change(index, entry, _ended(entry, Phase.FAILED, Reason.DEADLINE_EXCEEDED,
-                                            f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) "
-                                            "passed before it ran", now), remove)
-            elif entry["vm"] in queues and queues[entry["vm"]] is None:
-                change(index, entry, _ended(entry, Phase.FAILED, Reason.VM_NOT_FOUND,
-                                            f"RemoteVM {entry['vm']} does not exist in this namespace", now),
-                       remove)
+    def count(self, *phases: str) -> int:
+        return sum(1 for e in self.results if e.get("phase") in phases)
 
-    failed = sum(1 for e in results if e.get("phase") == Phase.FAILED)
-    if spec.max_failures is not None and failed and failed >= spec.max_failures:
-        for index, entry in enumerate(results):
-            if entry.get("phase") == Phase.PENDING and int(entry.get("attempt", 1)) == 1:
-                change(index, entry, _ended(entry, Phase.CANCELLED, Reason.MAX_FAILURES,
-                                            f"not started: {failed} VMs failed "
-                                            f"(maxFailures {spec.max_failures})", now))
 
-    active = sum(1 for e in results if e.get("phase") in (Phase.QUEUED, Phase.RUNNING))
-    capacity = (spec.max_parallel - active) if spec.max_parallel else len(results)
-    for index, entry in enumerate(results):
+def _end_lost(step: _Step, index: int, entry: dict[str, Any], *, retry: bool) -> None:
+    """A running attempt whose worker stopped heartbeating: its process group is
+    terminated, and it is retried (the lost group remembered) or ends WorkerLost."""
+    spec, now = step.spec, step.now
+    attempt = int(entry.get("attempt", 1))
+    pgid = entry.get("pgid")
+    marker = entry.get("processMarker")
+    if pgid:
+        step.out.terminate.append((entry["vm"], int(pgid), marker))
+    worker = entry.get("worker", "its worker")
+    message = f"{worker} stopped reporting during attempt {attempt}"
+    if pgid:
+        message += f"; process group {pgid} is terminated"
+    remove = _present(entry, "pgid", "processMarker", "heartbeatTime")
+    if retry and should_retry(spec, attempt, Reason.WORKER_LOST, None):
+        delay = backoff_seconds(spec, attempt)
+        new = {"phase": Phase.PENDING, "attempt": attempt + 1, "reason": Reason.WORKER_LOST,
+               "message": f"{message}; next attempt after {delay:.0f}s",
+               "retryAfter": rfc3339(now + timedelta(seconds=delay))}
+        if pgid:
+            new["lostPgid"] = int(pgid)
+            if marker:
+                new["lostMarker"] = marker
+        step.change(index, entry, new, remove)
+    else:
+        step.change(index, entry, _ended(entry, Phase.FAILED, Reason.WORKER_LOST, message, now), remove)
+
+
+def _end_unrunnable(step: _Step, index: int, entry: dict[str, Any],
+                    queues: dict[str, str | None], deadline_passed: bool) -> None:
+    """An entry not yet running that never can: its deadline passed, or its VM is gone."""
+    remove = _present(entry, "retryAfter", "lostPgid", "lostMarker")
+    if deadline_passed:
+        step.change(index, entry, _ended(entry, Phase.FAILED, Reason.DEADLINE_EXCEEDED,
+                                         f"activeDeadlineSeconds ({step.spec.active_deadline_seconds}s) "
+                                         "passed before it ran", step.now), remove)
+    elif entry["vm"] in queues and queues[entry["vm"]] is None:
+        step.change(index, entry, _ended(entry, Phase.FAILED, Reason.VM_NOT_FOUND,
+                                         f"RemoteVM {entry['vm']} does not exist in this namespace",
+                                         step.now), remove)
+
+
+def _cancel_after_max_failures(step: _Step) -> None:
+    """Once ``maxFailures`` VMs failed, the first attempts not started never start."""
+    limit = step.spec.max_failures
+    failed = step.count(Phase.FAILED)
+    if limit is None or not failed or failed < limit:
+        return
+    for index, entry in enumerate(step.results):
+        if entry.get("phase") == Phase.PENDING and int(entry.get("attempt", 1)) == 1:
+            step.change(index, entry, _ended(entry, Phase.CANCELLED, Reason.MAX_FAILURES,
+                                             f"not started: {failed} VMs failed "
+                                             f"(maxFailures {limit})", step.now))
+
+
+def _dispatch_ready(step: _Step, queues: dict[str, str | None], paused: frozenset[str],
+                    timing: Timing) -> None:
+    """Send Pending entries whose retry time came, within ``maxParallel``; resend Queued
+    ones nobody claimed for ``timing.redispatch_after``."""
+    now, max_parallel = step.now, step.spec.max_parallel
+    capacity = (max_parallel - step.count(Phase.QUEUED, Phase.RUNNING)) if max_parallel \
+        else len(step.results)
+    for index, entry in enumerate(step.results):
         phase = entry.get("phase")
         vm = entry["vm"]
         attempt = int(entry.get("attempt", 1))
@@ -145,16 +184,15 @@ def plan(
             after = entry.get("retryAfter")
             if after and parse_rfc3339(after) > now:
                 continue
-            change(index, entry, {"phase": Phase.QUEUED, "dispatchTime": rfc3339(now)},
-                   _present(entry, "retryAfter"))
-            out.dispatch.append((vm, attempt))
+            step.change(index, entry, {"phase": Phase.QUEUED, "dispatchTime": rfc3339(now)},
+                        _present(entry, "retryAfter"))
+            step.out.dispatch.append((vm, attempt))
             capacity -= 1
         elif phase == Phase.QUEUED and queues.get(vm) and vm not in paused:
             sent = entry.get("dispatchTime")
             if sent and now - parse_rfc3339(sent) > timedelta(seconds=timing.redispatch_after):
-                change(index, entry, {"dispatchTime": rfc3339(now)})
-                out.dispatch.append((vm, attempt))
-    return out
+                step.change(index, entry, {"dispatchTime": rfc3339(now)})
+                step.out.dispatch.append((vm, attempt))
 
 
 def pending_vms(status: dict[str, Any]) -> set[str]:

@@ -401,165 +401,27 @@ class Connection:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ChannelOpenFailed(f"cannot open a channel to {self.target.host}: {exc}") from exc
         started = time.time()
-        pgid: int | None = None
-        head = bytearray() if nonce is not None else None
-        gated = nonce is not None  # the gate is still to be called
-        refused = False
-        ended_by: str | None = None
-        give_up_at: float | None = None
-        next_tick = time.monotonic() + TICK_SECONDS
-        dialogue = (SudoDialogue(nonce, become.password is not None)
-                    if become is not None and nonce is not None else None)
-        become_failed: str | None = None
-
-        def start() -> None:
-            if dialogue is not None and not dialogue.ready:
-                return  # stdin waits until sudo let the action run
-            if stdin:
-                threading.Thread(target=_feed_stdin, args=(chan, stdin), daemon=True).start()
-            elif nonce is None:
-                shutdown_write(chan)
-            # A wrapped command without stdin reads /dev/null (shell.wrap): no EOF is sent,
-            # which could otherwise race with the server closing the channel of a command
-            # that ended at once.
-
-        def open_gate() -> None:
-            nonlocal gated, refused
-            assert nonce is not None
-            gated = False
-            if (gate is not None and not gate(pgid, nonce)) or (
-                    control is not None and control.reason is not None):
-                refused = True
-                chan.close()
-                return
-            if control is not None and pgid is not None:
-                control.attach(self, pgid, nonce, become, kill_grace)
-            chan.sendall(GO)
-            start()
-
-        def feed_stderr(data: bytes) -> None:
-            nonlocal become_failed
-            if dialogue is None:
-                err.feed(data)
-                return
-            data, steps = dialogue.feed(data)
-            err.feed(data)
-            for step in steps:
-                if step is Step.SEND_PASSWORD:
-                    assert become is not None
-                    chan.sendall(become.password_line())
-                elif step is Step.READY:
-                    start()
-                elif step is Step.FAILED:
-                    become_failed = dialogue.failure
-                    chan.close()  # sudo reads EOF and exits: nothing ran
-
-        def feed_stdout(data: bytes) -> None:
-            nonlocal head, pgid
-            if head is None:
-                out.feed(data)
-                return
-            head += data
-            newline = head.find(b"\n")
-            if newline < 0 and len(head) < 256:
-                return
-            first, rest = bytes(head[: newline + 1]), bytes(head[newline + 1 :])
-            head = None
-            assert nonce is not None
-            pgid = parse_marker(first, nonce) if newline >= 0 else None
-            if pgid is None:
-                out.feed(first)  # not our marker: keep every byte
-            out.feed(rest)
-            open_gate()
-
+        session = _Session(self, chan, stdin, out, err, nonce=nonce, deadline=deadline, gate=gate,
+                           tick=tick, kill_grace=kill_grace, become=become, control=control)
         try:
-            chan.exec_command(line)
-            if not gated:
-                start()
-            while not refused:
-                select.select([chan], [], [], TICK_SECONDS)
-                while chan.recv_ready():
-                    feed_stdout(chan.recv(READ_CHUNK))
-                while chan.recv_stderr_ready():
-                    feed_stderr(chan.recv_stderr(READ_CHUNK))
-                if become_failed is not None:
-                    break
-                if chan.exit_status_ready() and chan.eof_received:
-                    if not chan.recv_ready() and not chan.recv_stderr_ready():
-                        break
-                if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    break
-                if not self.transport.is_active():
-                    raise TransportError(
-                        f"connection to {self.target.host} broke during the command", pgid=pgid,
-                        nonce=nonce,
-                    )
-                now = time.monotonic()
-                if ended_by is None:
-                    reason = deadline.expired(now) if deadline is not None else None
-                    if reason is None and tick is not None and now >= next_tick:
-                        next_tick = now + TICK_SECONDS
-                        reason = tick()
-                    if reason is None and control is not None:
-                        reason = control.reason
-                    if reason is not None:
-                        ended_by = reason
-                        give_up_at = now + kill_grace + 10
-                        if control is not None:
-                            # the kill happens once: here, or it was done by another thread
-                            control.terminate(reason)
-                            ended_by = control.reason or reason
-                            if pgid is None:
-                                chan.close()
-                        elif pgid is not None:
-                            self.terminate(pgid, kill_grace, nonce, become)
-                        else:
-                            chan.close()
-                elif give_up_at is not None and now > give_up_at:
-                    chan.close()
-                    break
-            if refused:
-                raise NotStarted(f"the command on {self.target.host} was not started (gate refused)")
-            if dialogue is not None and not dialogue.ready and become_failed is None \
-                    and ended_by is None:
-                err.feed(dialogue.flush())
-                become_failed = ("sudo did not run the action as "
-                                 f"{become.user if become else '?'}: "
-                                 f"{_last_line(err.text()) or 'it exited before the action ran'}")
-            killed_by = exit_signal(chan)
-            # paramiko's exit_status stays -1 until an exit-status message arrives (and
-            # exit_status_ready() is also true once the channel merely closed).
-            reported = chan.exit_status >= 0 or killed_by is not None
-            if not reported and ended_by is None and self._settles_dead():
-                # The connection died (e.g. sshd restarted) before the command reported an
-                # exit status: a transport error, retried within the spec's limit.
-                raise TransportError(
-                    f"connection to {self.target.host} broke before the command exited",
-                    pgid=pgid, nonce=nonce,
-                )
-            status = chan.exit_status
+            session.drive(line)
+            status, killed_by = session.outcome()
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise TransportError(
-                f"connection to {self.target.host} broke: {exc}", pgid=pgid, nonce=nonce
+                f"connection to {self.target.host} broke: {exc}", pgid=session.pgid, nonce=nonce
             ) from exc
         finally:
-            if head:
-                out.feed(bytes(head))
-            if dialogue is not None:
-                err.feed(dialogue.flush())
-            out.close()
-            err.close()
-            chan.close()
+            session.close()
         return ExecResult(
             exit_code=status if status >= 0 else None,
             stdout=out,
             stderr=err,
             started=started,
             finished=time.time(),
-            pgid=pgid,
-            ended_by=ended_by,
+            pgid=session.pgid,
+            ended_by=session.ended_by,
             signal=killed_by,
-            become_failed=become_failed,
+            become_failed=session.become_failed,
         )
 
     def _settles_dead(self, within: float = 1.0) -> bool:
@@ -623,6 +485,189 @@ def _feed_stdin(chan: paramiko.Channel, data: bytes) -> None:
         shutdown_write(chan)
     except (OSError, EOFError, paramiko.SSHException):
         pass  # the command exited before reading all of stdin
+
+
+class _Session:
+    """One command on one channel, driven by ``Connection.run``: the wrapper's report of
+    its process group and the gate, sudo's dialogue, the output, and the end (the
+    command's exit, or the attempt ended once by its deadline, ``tick`` or ``control``)."""
+
+    def __init__(self, conn: Connection, chan: paramiko.Channel, stdin: bytes | None,
+                 out: StreamTail, err: StreamTail, *, nonce: str | None,
+                 deadline: Deadline | None, gate: Callable[[int | None, str], bool] | None,
+                 tick: Callable[[], str | None] | None, kill_grace: float,
+                 become: Become | None, control: AttemptControl | None) -> None:
+        self.conn, self.chan, self.stdin, self.out, self.err = conn, chan, stdin, out, err
+        self.nonce, self.deadline, self.gate, self.tick = nonce, deadline, gate, tick
+        self.kill_grace, self.become, self.control = kill_grace, become, control
+        self.pgid: int | None = None
+        self.head: bytearray | None = bytearray() if nonce is not None else None
+        self.gated = nonce is not None  # the gate is still to be called
+        self.refused = False
+        self.ended_by: str | None = None
+        self.give_up_at: float | None = None
+        self.next_tick = time.monotonic() + TICK_SECONDS
+        self.dialogue = (SudoDialogue(nonce, become.password is not None)
+                         if become is not None and nonce is not None else None)
+        self.become_failed: str | None = None
+
+    @property
+    def host(self) -> str:
+        return self.conn.target.host
+
+    def drive(self, line: str) -> None:
+        """Run ``line`` and read until the channel is done; NotStarted if the gate refused."""
+        self.chan.exec_command(line)
+        if not self.gated:
+            self.start()
+        while not self.refused and self.read() and self.enforce(time.monotonic()):
+            pass
+        if self.refused:
+            raise NotStarted(f"the command on {self.host} was not started (gate refused)")
+        dialogue = self.dialogue
+        if dialogue is not None and not dialogue.ready and self.become_failed is None \
+                and self.ended_by is None:
+            self.err.feed(dialogue.flush())
+            self.become_failed = ("sudo did not run the action as "
+                                  f"{self.become.user if self.become else '?'}: "
+                                  f"{_last_line(self.err.text()) or 'it exited before the action ran'}")
+
+    def outcome(self) -> tuple[int, str | None]:
+        """The exit status (-1: none) and the signal that ended the command, if any."""
+        killed_by = exit_signal(self.chan)
+        # paramiko's exit_status stays -1 until an exit-status message arrives (and
+        # exit_status_ready() is also true once the channel merely closed).
+        reported = self.chan.exit_status >= 0 or killed_by is not None
+        if not reported and self.ended_by is None and self.conn._settles_dead():
+            # The connection died (e.g. sshd restarted) before the command reported an
+            # exit status: a transport error, retried within the spec's limit.
+            raise TransportError(f"connection to {self.host} broke before the command exited",
+                                 pgid=self.pgid, nonce=self.nonce)
+        return self.chan.exit_status, killed_by
+
+    def close(self) -> None:
+        if self.head:
+            self.out.feed(bytes(self.head))
+        if self.dialogue is not None:
+            self.err.feed(self.dialogue.flush())
+        self.out.close()
+        self.err.close()
+        self.chan.close()
+
+    # -- reading -----------------------------------------------------------------
+
+    def read(self) -> bool:
+        """Take what arrived (waiting up to a tick); False once the channel is done."""
+        chan = self.chan
+        select.select([chan], [], [], TICK_SECONDS)
+        while chan.recv_ready():
+            self.feed_stdout(chan.recv(READ_CHUNK))
+        while chan.recv_stderr_ready():
+            self.feed_stderr(chan.recv_stderr(READ_CHUNK))
+        if self.become_failed is not None:
+            return False
+        drained = not chan.recv_ready() and not chan.recv_stderr_ready()
+        if ((chan.exit_status_ready() and chan.eof_received) or chan.closed) and drained:
+            return False
+        assert self.conn.transport is not None
+        if not self.conn.transport.is_active():
+            raise TransportError(f"connection to {self.host} broke during the command",
+                                 pgid=self.pgid, nonce=self.nonce)
+        return True
+
+    def feed_stdout(self, data: bytes) -> None:
+        if self.head is None:
+            self.out.feed(data)
+            return
+        self.head += data
+        newline = self.head.find(b"\n")
+        if newline < 0 and len(self.head) < 256:
+            return
+        first, rest = bytes(self.head[: newline + 1]), bytes(self.head[newline + 1 :])
+        self.head = None
+        assert self.nonce is not None
+        self.pgid = parse_marker(first, self.nonce) if newline >= 0 else None
+        if self.pgid is None:
+            self.out.feed(first)  # not our marker: keep every byte
+        self.out.feed(rest)
+        self.open_gate()
+
+    def feed_stderr(self, data: bytes) -> None:
+        if self.dialogue is None:
+            self.err.feed(data)
+            return
+        data, steps = self.dialogue.feed(data)
+        self.err.feed(data)
+        for step in steps:
+            if step is Step.SEND_PASSWORD:
+                assert self.become is not None
+                self.chan.sendall(self.become.password_line())
+            elif step is Step.READY:
+                self.start()
+            elif step is Step.FAILED:
+                self.become_failed = self.dialogue.failure
+                self.chan.close()  # sudo reads EOF and exits: nothing ran
+
+    # -- starting ----------------------------------------------------------------
+
+    def open_gate(self) -> None:
+        assert self.nonce is not None
+        self.gated = False
+        control = self.control
+        if (self.gate is not None and not self.gate(self.pgid, self.nonce)) or (
+                control is not None and control.reason is not None):
+            self.refused = True
+            self.chan.close()
+            return
+        if control is not None and self.pgid is not None:
+            control.attach(self.conn, self.pgid, self.nonce, self.become, self.kill_grace)
+        self.chan.sendall(GO)
+        self.start()
+
+    def start(self) -> None:
+        if self.dialogue is not None and not self.dialogue.ready:
+            return  # stdin waits until sudo let the action run
+        if self.stdin:
+            threading.Thread(target=_feed_stdin, args=(self.chan, self.stdin), daemon=True).start()
+        elif self.nonce is None:
+            shutdown_write(self.chan)
+        # A wrapped command without stdin reads /dev/null (shell.wrap): no EOF is sent,
+        # which could otherwise race with the server closing the channel of a command
+        # that ended at once.
+
+    # -- ending ------------------------------------------------------------------
+
+    def enforce(self, now: float) -> bool:
+        """End the attempt once its deadline, ``tick`` or ``control`` says so; False once
+        a killed command outlived its grace (the channel is closed: stop reading)."""
+        if self.ended_by is not None:
+            if self.give_up_at is not None and now > self.give_up_at:
+                self.chan.close()
+                return False
+            return True
+        reason = self.deadline.expired(now) if self.deadline is not None else None
+        if reason is None and self.tick is not None and now >= self.next_tick:
+            self.next_tick = now + TICK_SECONDS
+            reason = self.tick()
+        if reason is None and self.control is not None:
+            reason = self.control.reason
+        if reason is not None:
+            self.end(reason, now)
+        return True
+
+    def end(self, reason: str, now: float) -> None:
+        self.ended_by = reason
+        self.give_up_at = now + self.kill_grace + 10
+        if self.control is not None:
+            # the kill happens once: here, or it was done by another thread
+            self.control.terminate(reason)
+            self.ended_by = self.control.reason or reason
+            if self.pgid is None:
+                self.chan.close()
+        elif self.pgid is not None:
+            self.conn.terminate(self.pgid, self.kill_grace, self.nonce, self.become)
+        else:
+            self.chan.close()
 
 
 class ConnectionPool:

@@ -3,6 +3,7 @@ Redis (State), the Celery sender and the RemoteVM cache."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -259,6 +260,30 @@ def test_a_finished_command_is_forgotten_and_expires_after_its_ttl(state: FakeSt
     commands.tick()
     assert fleet.deleted == [("c-uid", "ns", "c")]
     assert commands.expiring() == 0
+
+
+def test_an_earlier_write_echoed_after_the_command_finished_does_not_track_it_again(
+    state: FakeState
+) -> None:
+    """The watch may bring the claim's write (an entry Running) after the result was
+    written and the command forgotten: that must not hold it as running again (the
+    workers of its VM would count it for ever and never scale to zero)."""
+    fleet = Fleet("vm1")
+    commands = fleet.commands(state)
+    commands.observe(command(vm="vm1"))
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    claimed = copy.deepcopy(tracked.status)
+    claimed["results"][0].update(phase="Running", pgid=42)
+    commands.apply(finished("vm1"), "1-0")
+    commands.forget(tracked)
+    commands.observe({**command(vm="vm1"), "status": claimed})
+    assert commands.get("c-uid") is None and commands.tracked() == []
+    assert len(fleet.envelopes()) == 1 and state.live == set()
+    # Deleted, then created again under a new uid: a new command as any other.
+    commands.deleted(command(vm="vm1"))
+    commands.observe(command("c-uid-2", vm="vm1"))
+    assert commands.get("c-uid-2") is not None
 
 
 def test_an_invalid_spec_is_failed_once_without_dispatching(state: FakeState) -> None:
