@@ -61,13 +61,7 @@ def start(ctx: Context) -> None:
     ensure_transfer_worker = getattr(ctx.runtime, "ensure_transfer_worker", None)
     if ensure_transfer_worker is not None:
         ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers
-    for group in ctx.fleet.groups():
-        try:
-            ctx.fleet.scale(group, force=True)
-        except Exception as exc:  # noqa: BLE001 - one VM's error must not stop the controller
-            metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
-            log.warning("Could not start the workers of %s: %s (the loop tries again)",
-                        group.key, getattr(exc, "reason", exc))
+    ctx.fleet.tick(force=True)  # every group's workers applied once (unchanged: no write)
     ctx.loop.start()
 
 

@@ -358,8 +358,9 @@ class Fleet:
 
     # ------------------------------------------------------------------ the loop
 
-    def tick(self) -> None:
-        """Scale every group, send the probes that are due, fold conditions. The groups
+    def tick(self, *, force: bool = False) -> None:
+        """Scale every group (``force``: apply each one's workers, as at start; else only
+        what changed), send the probes that are due, fold conditions. The groups
         are shared among a few threads: after a restart each of 1,000 VMs may need a
         status write, and one write at a time is the API server's round trip a thousand
         times over."""
@@ -369,6 +370,8 @@ class Fleet:
         depths = self._depths(queues) if queues else {}
         with self._lock:
             changed, self._changed = self._changed, set()
+        if force:
+            changed = {group.key for group in groups}
 
         def work(chunk: list[WorkerGroup]) -> None:
             for group in chunk:
