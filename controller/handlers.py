@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import kopf
@@ -78,50 +78,51 @@ def _scopes(ctx: Context) -> tuple[str | None, ...]:
 
 
 def _list(ctx: Context, plural: str) -> Iterator[dict[str, Any]]:
-    """Every watched object, a page of 500 at a time (10,000 finished commands are never
-    held at once: the start-up's peak memory)."""
+    """Every watched RemoteVM or RemoteCommand."""
+
+    def fetch(namespace: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        if namespace is None:
+            return cast(dict[str, Any], ctx.kube.custom.list_cluster_custom_object(
+                c.GROUP, c.VERSION, plural, **kwargs))
+        return cast(dict[str, Any], ctx.kube.custom.list_namespaced_custom_object(
+            c.GROUP, c.VERSION, namespace, plural, **kwargs))
+
+    return _paged(ctx, fetch)
+
+
+def _list_deployments(ctx: Context) -> Iterator[dict[str, Any]]:
+    """The worker Deployments, as plain dicts (no typed models)."""
+    from kubernetes.client import AppsV1Api
+
+    apps = AppsV1Api(ctx.kube.api_client)
+    selector = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
+
+    def fetch(namespace: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        kwargs = {**kwargs, "label_selector": selector, "_preload_content": False}
+        if namespace is None:
+            response: Any = apps.list_deployment_for_all_namespaces(**kwargs)
+        else:
+            response = apps.list_namespaced_deployment(namespace, **kwargs)
+        return cast(dict[str, Any], json.loads(response.data))  # the raw response
+
+    return _paged(ctx, fetch)
+
+
+def _paged(ctx: Context, fetch: Callable[[str | None, dict[str, Any]], dict[str, Any]]
+           ) -> Iterator[dict[str, Any]]:
+    """The watched items of ``fetch(namespace, kwargs)`` in every scope, a page of 500 at
+    a time (10,000 finished commands are never held at once: the start-up's peak memory)."""
     for namespace in _scopes(ctx):
         token = None
         while True:
             kwargs: dict[str, Any] = {"limit": 500}
             if token:
                 kwargs["_continue"] = token
-            if namespace is None:
-                page = cast(dict[str, Any], ctx.kube.custom.list_cluster_custom_object(
-                    c.GROUP, c.VERSION, plural, **kwargs))
-            else:
-                page = cast(dict[str, Any], ctx.kube.custom.list_namespaced_custom_object(
-                    c.GROUP, c.VERSION, namespace, plural, **kwargs))
+            page = fetch(namespace, kwargs)
             token = (page.get("metadata") or {}).get("continue")
             items = page.get("items") or []
             del page
             yield from (i for i in items if _watched(ctx, i["metadata"]["namespace"]))
-            if not token:
-                break
-
-
-def _list_deployments(ctx: Context) -> Iterator[dict[str, Any]]:
-    """The worker Deployments, as plain dicts (no typed models), a page at a time."""
-    from kubernetes.client import AppsV1Api
-
-    apps = AppsV1Api(ctx.kube.api_client)
-    selector = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
-    for namespace in _scopes(ctx):
-        token = None
-        while True:
-            kwargs: dict[str, Any] = {"label_selector": selector, "limit": 500,
-                                      "_preload_content": False}
-            if token:
-                kwargs["_continue"] = token
-            if namespace is None:
-                response: Any = apps.list_deployment_for_all_namespaces(**kwargs)
-            else:
-                response = apps.list_namespaced_deployment(namespace, **kwargs)
-            page = json.loads(response.data)  # _preload_content=False: the raw response
-            token = (page.get("metadata") or {}).get("continue")
-            items = page.get("items") or []
-            del page, response
-            yield from (d for d in items if _watched(ctx, d["metadata"]["namespace"]))
             if not token:
                 break
 

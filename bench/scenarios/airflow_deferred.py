@@ -319,25 +319,39 @@ def _node_for_pods(bench: Bench, fleet: Any) -> tuple[Node | None, str | None, s
     return node, node.import_image(archive), ""
 
 
+class _TriggererPeaks:
+    """The triggerer's processes (it and its trigger runner): their idle RSS, then the
+    peaks of RSS, API connections and RemoteCommand watches over ``sample()`` calls."""
+
+    def __init__(self, fleet: Any, services: AirflowServices) -> None:
+        self.fleet = fleet
+        self.pid = services.procs["triggerer"].pid
+        self.port = int(fleet.cp.server.rsplit(":", 1)[1])
+        wait_until(lambda: len(_tree(self.pid)) >= 2, timeout=120, what="the trigger runner")
+        self.idle_rss = rss_mb(_tree(self.pid))
+        self.idle_watches = watches(fleet.apiserver_metrics())
+        self.rss = self.connections = self.watches = 0.0
+
+    def sample(self) -> None:
+        pids = _tree(self.pid)
+        self.rss = max(self.rss, rss_mb(pids))
+        self.connections = max(self.connections, float(connections_to(pids, self.port)))
+        self.watches = max(self.watches, watches(self.fleet.apiserver_metrics()) - self.idle_watches)
+
+
+def _ended_at(ti: dict[str, Any]) -> float:
+    """A task instance's ``end_date`` (from the REST API), seconds since the epoch."""
+    return datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00")).timestamp()
+
+
 def run_services(bench: Bench, fleet: Any, services: AirflowServices, n: int) -> None:
     """N RemoteCommand tasks through Airflow's services; the bench writes each Succeeded."""
     gap = 0.5
     api = services.api
-    port = int(fleet.cp.server.rsplit(":", 1)[1])
-    triggerer = services.procs["triggerer"]
-    wait_until(lambda: len(_tree(triggerer.pid)) >= 2, timeout=120, what="the trigger runner")
-    idle_rss = rss_mb(_tree(triggerer.pid))
-    idle_watches = watches(fleet.apiserver_metrics())
-
+    peak = _TriggererPeaks(fleet, services)
+    sample = peak.sample
     t0 = time.monotonic()
     run_id = api.trigger(DAG_ID, {})
-    peak = {"rss": 0.0, "connections": 0.0, "watches": 0.0}
-
-    def sample() -> None:
-        pids = _tree(triggerer.pid)
-        peak["rss"] = max(peak["rss"], rss_mb(pids))
-        peak["connections"] = max(peak["connections"], float(connections_to(pids, port)))
-        peak["watches"] = max(peak["watches"], watches(fleet.apiserver_metrics()) - idle_watches)
 
     def all_deferred() -> bool:
         sample()
@@ -378,15 +392,14 @@ def run_services(bench: Bench, fleet: Any, services: AirflowServices, n: int) ->
             continue
         name = next(n for n, c in by_name.items()
                     if c["metadata"]["annotations"].get("airflow.vmfleet.io/map-index") == str(ti["map_index"]))
-        end = datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00")).timestamp()
-        latencies.append(end - succeeded_at[name])
+        latencies.append(_ended_at(ti) - succeeded_at[name])
     failed = sum(ti["state"] != "success" for ti in tis.values())
     note = (f"{n} tasks, run {state}, {failed} not success; all deferred {deferred_s:.0f} s after "
-            f"the trigger; idle triggerer {idle_rss:.0f} MiB; one Succeeded every {gap} s; "
+            f"the trigger; idle triggerer {peak.idle_rss:.0f} MiB; one Succeeded every {gap} s; "
             f"8 task slots; load {os.getloadavg()[0]:.1f}")
-    bench.record("airflow_deferred", "vmfleet_triggerer", "rss_mb", [peak["rss"] - idle_rss], note)
-    bench.record("airflow_deferred", "vmfleet_triggerer", "api_watches", [peak["watches"]], note)
-    bench.record("airflow_deferred", "vmfleet_triggerer", "api_connections", [peak["connections"]], note)
+    bench.record("airflow_deferred", "vmfleet_triggerer", "rss_mb", [peak.rss - peak.idle_rss], note)
+    bench.record("airflow_deferred", "vmfleet_triggerer", "api_watches", [peak.watches], note)
+    bench.record("airflow_deferred", "vmfleet_triggerer", "api_connections", [peak.connections], note)
     bench.record("airflow_deferred", "vmfleet_triggerer", "p50_ms", [percentile(latencies, 50) * 1000], note)
     bench.record("airflow_deferred", "vmfleet_triggerer", "p99_ms", [percentile(latencies, 99) * 1000], note)
 
@@ -399,10 +412,8 @@ def run_pod_waits(bench: Bench, fleet: Any, services: AirflowServices, n: int, g
     gap = 0.5
     api = services.api
     core = client.CoreV1Api(fleet.kube.api_client)
-    port = int(fleet.cp.server.rsplit(":", 1)[1])
-    triggerer = services.procs["triggerer"]
-    wait_until(lambda: len(_tree(triggerer.pid)) >= 2, timeout=120, what="the trigger runner")
-    idle_rss = rss_mb(_tree(triggerer.pid))
+    peak = _TriggererPeaks(fleet, services)
+    sample = peak.sample
     succeeded_at: dict[str, float] = {}  # map index -> when the watch saw Succeeded
     stop = threading.Event()
 
@@ -427,12 +438,6 @@ def run_pod_waits(bench: Bench, fleet: Any, services: AirflowServices, n: int, g
     watcher.start()
     t0 = time.monotonic()
     run_id = api.trigger(POD_DAG_ID, {})
-    peak = {"rss": 0.0, "connections": 0.0}
-
-    def sample() -> None:
-        pids = _tree(triggerer.pid)
-        peak["rss"] = max(peak["rss"], rss_mb(pids))
-        peak["connections"] = max(peak["connections"], float(connections_to(pids, port)))
 
     def all_waiting() -> bool:
         sample()
@@ -468,8 +473,7 @@ def run_pod_waits(bench: Bench, fleet: Any, services: AirflowServices, n: int, g
     for ti in tis.values():
         seen = succeeded_at.get(str(ti["map_index"]))
         if ti["state"] == "success" and seen is not None:
-            end = datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00")).timestamp()
-            latencies.append(end - seen)
+            latencies.append(_ended_at(ti) - seen)
     failed = sum(ti["state"] != "success" for ti in tis.values())
     if not latencies:
         bench.skip("airflow_deferred", "cncf_kubernetes_pod",
@@ -478,9 +482,9 @@ def run_pod_waits(bench: Bench, fleet: Any, services: AirflowServices, n: int, g
     note = (f"KubernetesPodOperator(deferrable=True, poll_interval 2 s: the default), {n} pods "
             f"on the local node, run {state}, {failed} not success, {len(latencies)} timed; all "
             f"deferred with pods running {waiting_s:.0f} s after the trigger; idle triggerer "
-            f"{idle_rss:.0f} MiB; one pod finishing every {gap} s; load {os.getloadavg()[0]:.1f}")
+            f"{peak.idle_rss:.0f} MiB; one pod finishing every {gap} s; load {os.getloadavg()[0]:.1f}")
     system = "cncf_kubernetes_pod"
-    bench.record("airflow_deferred", system, "rss_mb", [peak["rss"] - idle_rss], note)
-    bench.record("airflow_deferred", system, "api_connections", [peak["connections"]], note)
+    bench.record("airflow_deferred", system, "rss_mb", [peak.rss - peak.idle_rss], note)
+    bench.record("airflow_deferred", system, "api_connections", [peak.connections], note)
     bench.record("airflow_deferred", system, "p50_ms", [percentile(latencies, 50) * 1000], note)
     bench.record("airflow_deferred", system, "p99_ms", [percentile(latencies, 99) * 1000], note)
