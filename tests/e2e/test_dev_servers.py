@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import subprocess
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -14,7 +18,7 @@ from kombu import Connection
 
 from vmfleet.dev.brokers import RabbitMQServer, RedisServer
 from vmfleet.dev.proc import port_open, wait_until
-from vmfleet.dev.sshd import SshdVM, namespaces_supported, wait_for_port_closed
+from vmfleet.dev.sshd import SshdVM, hidden_paths, namespaces_supported, wait_for_port_closed
 
 pytestmark = pytest.mark.e2e
 
@@ -161,6 +165,42 @@ def test_vms_have_private_tmp(vms: list[SshdVM]) -> None:
     finally:
         client.close()
     assert vm1.host_path(name + ".sftp").read_bytes() == b"via-sftp"
+
+
+@pytest.fixture(params=["/tmp", "home"])
+def clone_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A directory where people clone: under /tmp, or under the home directory."""
+    parent = "/tmp" if request.param == "/tmp" else os.path.expanduser("~")
+    path = Path(tempfile.mkdtemp(prefix="vmfleet-clone-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@needs_namespaces
+def test_a_checkout_under_a_private_directory_stays_visible_on_the_vm(
+    make_vm: Callable[..., SshdVM], clone_dir: Path,
+) -> None:
+    # As root every VM covers /tmp and the home directory with its own; a clone there
+    # (the e2e tests' shared files, the demo's) is bound back at its own path.
+    (clone_dir / "shared").mkdir()
+    (clone_dir / "shared" / "from-host").write_text("written on the host\n")
+    vm = make_vm(visible=[clone_dir])
+    assert hidden_paths([clone_dir], vm.user) == [clone_dir]
+    assert vm.run(f"cat {clone_dir}/shared/from-host") == (0, b"written on the host\n", b"")
+    assert vm.run(f"echo from-vm > {clone_dir}/shared/from-vm")[0] == 0
+    assert (clone_dir / "shared" / "from-vm").read_text() == "from-vm\n"
+    assert vm.host_path(f"{clone_dir}/shared/from-vm") == clone_dir / "shared" / "from-vm"
+    # The rest of the private directory stays the VM's own.
+    sibling = Path(tempfile.mkdtemp(prefix="vmfleet-not-kept-", dir=clone_dir.parent))
+    try:
+        assert vm.run(f"test -e {sibling}")[0] == 1
+    finally:
+        sibling.rmdir()
+    # Without it, the clone is what the VM cannot see (what failed before).
+    plain = make_vm(visible=[])
+    assert plain.run(f"test -e {clone_dir}/shared/from-host")[0] == 1
 
 
 # -- brokers ----------------------------------------------------------------------

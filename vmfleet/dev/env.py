@@ -28,7 +28,7 @@ from vmfleet.dev.controlplane import ControlPlane
 from vmfleet.dev.manifests import vm_manifests
 from vmfleet.dev import node as node_mod
 from vmfleet.procs import ManagedProcess, port_open, stop_pid_file, wait_until, write_pid_file
-from vmfleet.dev.sshd import namespaces_supported, start_vms
+from vmfleet.dev.sshd import start_vms
 
 NAMESPACE = "default"
 RELEASE = "vmfleet"  # the chart's fullname is then "vmfleet": vmfleet-controller
@@ -119,22 +119,6 @@ def _workers_ready(items: list[dict[str, Any]]) -> bool:
     return True
 
 
-def _warn_hidden_paths() -> None:
-    """As root each VM mounts a private /tmp, /var/tmp and home directory: a checkout
-    there is invisible on the VMs (their own files are bound elsewhere, but nothing of
-    the checkout can be read on them)."""
-    if not namespaces_supported():
-        return
-    hidden = [Path("/tmp"), Path("/var/tmp"), Path(os.path.expanduser("~"))]
-    for what, path in (("the checkout", REPO_ROOT), ("the local environment", dev_dir())):
-        for root in hidden:
-            if path == root or root in path.parents:
-                print(f"Note: {what} ({path}) is under {root}, which every VM hides behind a "
-                      f"private {root}: the VMs cannot read it. Set VMFLEET_DEV_DIR or clone "
-                      f"elsewhere (e.g. /srv or /work) if a VM must see it.", file=sys.stderr)
-                break
-
-
 def up(vms: int = 3, broker: str = "redis", node: bool = False) -> int:
     """Converge to the asked environment: ``vms`` VMs (``vm1``..``vmN``), ``broker``,
     and with ``node`` a real node running the chart's pods instead of the controller
@@ -153,7 +137,6 @@ def up(vms: int = 3, broker: str = "redis", node: bool = False) -> int:
         return 0
     if _state_path().exists() or _running_controlplane() is not None:
         print(f"Restarting the local environment ({why}).")
-    _warn_hidden_paths()
     down(quiet=True)
     if node:
         missing = node_mod.missing_requirements()

@@ -15,6 +15,9 @@ When running as root, each VM also gets its own namespaces (``unshare``, util-li
   is not visible on vm2 (file transfers between VMs mean something). These are
   directories under ``vm.root`` on the host: ``vm.host_path("/tmp/x")`` is where
   ``/tmp/x`` "on the VM" lives. The rest of the filesystem is shared with the host.
+  Directories that must stay visible (``visible``; by default the checkout this package
+  runs from, which tests and the demo share with the VMs) are bound back at their own
+  path, so a clone under ``/tmp`` or the home directory works like one under ``/srv``.
 
 Not root (a developer's laptop), or where namespaces are forbidden (an unprivileged
 container): plain sshd processes, no namespaces. ``hostname``
@@ -49,19 +52,39 @@ UNSHARE = "unshare"
 _NS_VMDIR = "/run/vmfleet-dev-vm"
 
 # Shell run inside the namespaces before sshd; only positional parameters, never
-# values formatted into the text. $1 name, $2 work dir, $3 home dir, $4.. sshd argv.
+# values formatted into the text. $1 name, $2 work dir, $3 home dir, $4 N, then N
+# directories that stay visible, then sshd's argv. Those directories are held aside
+# (bound under the work dir) before the private ones cover them, then bound back.
 _NS_SETUP = r"""
 set -eu
-name=$1 vmdir=$2 home=$3
-shift 3
+name=$1 vmdir=$2 home=$3 nkeep=$4
+shift 4
 hostname "$name"
-mount --bind "$vmdir" /run/vmfleet-dev-vm
-r=/run/vmfleet-dev-vm/root
-mount --bind "$r/tmp" /tmp
-mount --bind "$r/var/tmp" /var/tmp
-mount --bind "$r/home" "$home"
+v=/run/vmfleet-dev-vm
+mount --bind "$vmdir" "$v"
+i=0
+for path in "$@"; do
+  [ "$i" -lt "$nkeep" ] || break
+  mkdir -p "$v/keep/$i"
+  mount --bind "$path" "$v/keep/$i"
+  i=$((i + 1))
+done
+mount --bind "$v/root/tmp" /tmp
+mount --bind "$v/root/var/tmp" /var/tmp
+mount --bind "$v/root/home" "$home"
+i=0
+while [ "$i" -lt "$nkeep" ]; do
+  mkdir -p "$1"
+  mount --bind "$v/keep/$i" "$1"
+  umount "$v/keep/$i"
+  shift
+  i=$((i + 1))
+done
 exec "$@"
 """
+
+# The checkout this package runs from (tests and the demo put files there for the VMs).
+_CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 def is_root() -> bool:
@@ -99,6 +122,22 @@ def current_user() -> str:
 
 def _home_of(user: str) -> str:
     return pwd.getpwnam(user).pw_dir
+
+
+def _private_roots(user: str) -> list[PurePosixPath]:
+    """The directories each VM replaces with its own (see the module docstring)."""
+    return [PurePosixPath("/tmp"), PurePosixPath("/var/tmp"), PurePosixPath(_home_of(user))]
+
+
+def _under(path: PurePosixPath, root: PurePosixPath) -> bool:
+    return path == root or root in path.parents
+
+
+def hidden_paths(paths: Sequence[Path], user: str) -> list[Path]:
+    """Those of ``paths`` that a VM logged into as ``user`` would not see: they lie
+    under its private ``/tmp``, ``/var/tmp`` or home directory."""
+    roots = _private_roots(user)
+    return [p for p in paths if any(_under(PurePosixPath(p), root) for root in roots)]
 
 
 def read_ssh_banner(host: str, port: int, timeout: float = 2.0) -> str:
@@ -161,9 +200,12 @@ class SshdVM:
         user: str | None = None,
         key_passphrase: str | None = None,
         isolate: bool | None = None,
+        visible: Sequence[Path] | None = None,
     ) -> None:
         """``workdir`` is this VM's own directory (created). ``isolate`` (per-VM
-        namespaces) defaults to True when they can be made (root, ``unshare`` allowed)."""
+        namespaces) defaults to True when they can be made (root, ``unshare`` allowed).
+        ``visible``: host directories the VM sees at their own path even under its
+        private ``/tmp``, ``/var/tmp`` or home (default: the checkout)."""
         self.name = name
         self.workdir = Path(workdir).resolve()
         self.host = address
@@ -176,6 +218,12 @@ class SshdVM:
             raise ValueError("per-VM namespaces (isolate=True) need root and unshare(1)")
         self.isolated = isolate
         self.root: Path | None = self.workdir / "root" if isolate else None
+        wanted = [Path(p).resolve() for p in (visible if visible is not None else [_CHECKOUT])]
+        for path in wanted:
+            if not path.is_dir():
+                raise ValueError(f"visible: {path} is not a directory")
+        # Only what a private directory would hide needs binding back.
+        self.visible: list[Path] = hidden_paths(wanted, self.user) if isolate else []
         self._process: ManagedProcess | None = None
         self._host_key_generation = 0
         self._prepare()
@@ -280,12 +328,13 @@ class SshdVM:
         """Where the file ``path`` "on the VM" is on the host.
 
         With namespaces, ``/tmp``, ``/var/tmp`` and the user's home are private to the
-        VM and live under ``vm.root``; every other path is the host's own.
+        VM and live under ``vm.root``; every other path, and those under ``visible``,
+        is the host's own.
         """
         p = PurePosixPath(path)
         if not p.is_absolute():
             p = PurePosixPath(_home_of(self.user)) / p
-        if self.root is None:
+        if self.root is None or any(_under(p, PurePosixPath(v)) for v in self.visible):
             return Path(p)
         for remote, local in (
             (PurePosixPath("/tmp"), "tmp"),
@@ -351,6 +400,8 @@ class SshdVM:
             self.name,
             str(self.workdir),
             _home_of(self.user),
+            str(len(self.visible)),
+            *map(str, self.visible),
             *sshd,
         ]
 
