@@ -188,6 +188,48 @@ def test_deleting_a_running_command_cancels_it_and_ends_the_remote_process(ns: N
                what="the remote process to be killed")
 
 
+
+def _running_on(vm, needle: str) -> bool:
+    """A process of the VM (read from the host's /proc, no SSH round trip) runs ``needle``."""
+    for pid in vm.processes():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                args = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            with open(f"/proc/{pid}/stat", "rb") as fh:
+                state = fh.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if args == needle and state != b"Z":
+            return True
+    return False
+
+
+def test_deleting_a_running_command_with_every_slot_busy_kills_it_within_a_second(
+    ns: Namespace, make_vm,
+):
+    """The cancel does not wait for a free slot or a heartbeat: with the VM's 4 slots
+    all running, the deleted command's process is gone within 1 s of the DELETE, and the
+    other three keep running."""
+    vm = make_vm("busy")
+    ns.add_vms([vm], maxConcurrentCommands=4)
+    holders = [f"sleep 62{j}" for j in range(3)]
+    for j, needle in enumerate(holders):
+        ns.run(f"hold-{j}", vm=vm.name, argv=needle.split())
+    ns.run("victim", vm=vm.name, argv=["sleep", "629"])
+    wait_until(lambda: all(_running_on(vm, n) for n in [*holders, "sleep 629"]), timeout=60,
+               what="four commands to hold the four slots")
+    ns.k("delete", "rcmd", "victim", "--wait=false")
+    deleted = time.monotonic()  # the API answered: the object is gone (no finalizer)
+    wait_until(lambda: not _running_on(vm, "sleep 629"), timeout=10, interval=0.01,
+               what="the cancelled command's process to end")
+    killed_in = time.monotonic() - deleted
+    assert killed_in < 1.0, f"the remote process outlived the DELETE by {killed_in:.2f} s"
+    assert all(_running_on(vm, n) for n in holders)
+    ns.k("delete", "rcmd", "hold-0", "hold-1", "hold-2", "--wait=true", "--timeout=30s", timeout=60)
+    wait_until(lambda: not any(_running_on(vm, n) for n in holders), timeout=10,
+               what="the holders to end")
+
+
 def test_deleting_a_queued_command_never_runs_it(ns: Namespace, make_vm):
     vm = make_vm("paused")
     ns.add_vms([vm], paused=True)
