@@ -5,7 +5,8 @@
 # build on; this one stands in for it where no registry is reachable.
 #
 # The root filesystem comes from mmdebstrap, with this machine's own apt sources; it is
-# Debian's Essential set plus the packages below (no apt, no perl beyond perl-base),
+# Debian's Essential set plus the packages below (no apt, no perl beyond perl-base, no
+# glibc iconv modules: Python's codecs do not use them, 9 MB),
 # /usr merged by mmdebstrap's own hook (so no usrmerge, which would pull in perl), then
 # committed into buildah's local storage (containers-storage) as $BASE_IMAGE. Nothing is
 # pulled. Idempotent: an existing $BASE_IMAGE built from the same inputs is kept.
@@ -58,6 +59,7 @@ mmdebstrap --variant=essential --include="$PACKAGES" \
     --dpkgopt='path-exclude=/usr/share/man/*' \
     --dpkgopt='path-exclude=/usr/share/info/*' \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-exclude=/usr/lib/*/gconv/*' \
     --customize-hook='rm -f "$1"/usr/lib/python3.*/EXTERNALLY-MANAGED' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*' \
     --customize-hook='find "$1"/usr/lib/python3* -name __pycache__ -type d -prune -exec rm -rf {} +' \

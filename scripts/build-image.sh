@@ -11,11 +11,11 @@
 # Dockerfile, .dockerignore, pyproject.toml, README.md, the three packages' files, this
 # script, the base image's ID and buildah's version: an unchanged tree prints the cached
 # archive at once; a change of code rebuilds only the layers after the dependencies
-# (buildah --layers keeps them).
+# (buildah --layers keeps them). The three newest archives are kept.
 #
 # Environment:
 #   BASE_IMAGE     base image (default: the Debian-made localhost/vmfleet-base:bookworm-py3.11)
-#   IMAGE          name and tag of the result (default vmfleet:<version in pyproject.toml>)
+#   IMAGE          name and tag of the result (default localhost/vmfleet:<version in pyproject.toml>)
 #   VMFLEET_CACHE_DIR  cache root (default ~/.cache/vmfleet)
 set -euo pipefail
 
@@ -34,11 +34,13 @@ for tool in buildah sha256sum; do
 done
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)"
-IMAGE="${IMAGE:-vmfleet:$version}"
-# containerd and the kubelet spell a short name in full.
+IMAGE="${IMAGE:-localhost/vmfleet:$version}"
+# A short name is stored as localhost/<name>, what a local build is called: containerd
+# and the kubelet take such a name as it is (a short one they would qualify with the
+# default registry's host).
 case "$IMAGE" in
     */*) full_name="$IMAGE" ;;
-    *) full_name="docker.io/library/$IMAGE" ;;
+    *) full_name="localhost/$IMAGE" ;;
 esac
 
 cache_root="${VMFLEET_CACHE_DIR:-${HOME:-/tmp}/.cache/vmfleet}"
@@ -119,5 +121,8 @@ chmod 755 "$tmp_dir"
 rm -rf "$out_dir"
 mv "$tmp_dir" "$out_dir"
 trap - EXIT
+# Every change of the code makes a new archive: keep this one and the two before it.
+find "$cache_root/image" -mindepth 1 -maxdepth 1 -type d ! -name '.*' ! -path "$out_dir" \
+    -printf '%T@ %p\n' | sort -rn | tail -n +3 | cut -d' ' -f2- | xargs -r rm -rf
 echo "build-image: built in $((SECONDS - start))s" >&2
 report

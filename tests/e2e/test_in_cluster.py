@@ -177,7 +177,7 @@ def pid_alive(vm: SshdVM, pid: int) -> bool:
 def test_controller_pod_ready_and_one_worker_deployment_per_vm(release: Release, vms: list[SshdVM]) -> None:
     (controller,) = release.ready_pods("app.kubernetes.io/component=controller")
     assert controller["spec"]["nodeName"] == release.node.name
-    assert controller["spec"]["containers"][0]["image"].endswith(release.image.rpartition("/")[2])
+    assert controller["spec"]["containers"][0]["image"] == release.image
 
     def workers_running() -> bool:
         return all(any(p["status"].get("phase") == "Running" for p in release.worker_pods(vm.name))
@@ -402,7 +402,7 @@ def test_least_privilege_as_deployed(release: Release) -> None:
 
 
 def test_helm_upgrade_to_a_new_tag_rolls_controller_and_workers(release: Release, vms: list[SshdVM]) -> None:
-    new_image = f"docker.io/library/vmfleet:{UPGRADE_TAG}"
+    new_image = f"{release.image.rpartition(':')[0]}:{UPGRADE_TAG}"
     release.node.ctr("images", "tag", "--force", release.image, new_image)
     release.helm_run("upgrade", RELEASE, str(CHART), "--reuse-values", "--set", f"image.tag={UPGRADE_TAG}",
                      "--wait", "--timeout", "240s")

@@ -24,9 +24,9 @@ def fake_cp(tmp_path: Path) -> Any:
 
 
 def test_chart_values_point_every_container_at_loopback(tmp_path: Path) -> None:
-    values = chart_values(fake_cp(tmp_path), "docker.io/library/vmfleet:0.1.0",
+    values = chart_values(fake_cp(tmp_path), "localhost/vmfleet:0.1.0",
                           extra_env={"VMFLEET_HEARTBEAT_SECONDS": "1"})
-    assert values["image"] == {"repository": "vmfleet", "tag": "0.1.0", "pullPolicy": "Never"}
+    assert values["image"] == {"repository": "localhost/vmfleet", "tag": "0.1.0", "pullPolicy": "Never"}
     assert values["hostNetwork"] is True
     assert values["broker"]["bundled"]["enabled"] is False  # its image cannot be pulled
     for env in (values["controller"]["extraEnv"], values["workers"]["extraEnv"],

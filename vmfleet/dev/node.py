@@ -354,15 +354,14 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{self.containerd_dir / 'certs.d'}"
 """)
-        # No image is ever pulled: every registry (the default one by name, any other
-        # through _default) resolves to a closed loopback port, so a pull of an image
-        # that was not imported fails at once and contacts nothing.
-        for host in ("_default", "docker.io"):
-            hosts = self.containerd_dir / "certs.d" / host / "hosts.toml"
-            hosts.parent.mkdir(parents=True, exist_ok=True)
-            hosts.write_text(f'server = "http://127.0.0.1:{NO_REGISTRY_PORT}"\n\n'
-                             f'[host."http://127.0.0.1:{NO_REGISTRY_PORT}"]\n'
-                             '  capabilities = ["pull", "resolve"]\n')
+        # No image is ever pulled: every registry (_default: any host without a
+        # directory of its own) resolves to a closed loopback port, so a pull of an
+        # image that was not imported fails at once and contacts nothing.
+        hosts = self.containerd_dir / "certs.d" / "_default" / "hosts.toml"
+        hosts.parent.mkdir(parents=True, exist_ok=True)
+        hosts.write_text(f'server = "http://127.0.0.1:{NO_REGISTRY_PORT}"\n\n'
+                         f'[host."http://127.0.0.1:{NO_REGISTRY_PORT}"]\n'
+                         '  capabilities = ["pull", "resolve"]\n')
         argv = ["containerd", "--config", str(config)]
         if self.exit_with_parent and shutil.which("setpriv"):
             # As the Go components do (VMFLEET_CONTROLPLANE_PARENT_PID): a killed test
@@ -562,8 +561,7 @@ def chart_values(controlplane: ControlPlane, image: str, *, broker_secret: str =
     repository, _, tag = image.rpartition(":")
     small = {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}}
     return {
-        "image": {"repository": repository.removeprefix("docker.io/library/"), "tag": tag,
-                  "pullPolicy": "Never"},
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "hostNetwork": True,
         "broker": {"bundled": {"enabled": False},
                    "external": {"existingSecret": broker_secret, "secretKey": "url"}},
