@@ -28,7 +28,7 @@ import yaml
 from tests.e2e.fleet import REPO, Kubectl, Namespace, unique_namespace
 from vmfleet.dev.brokers import RedisServer
 from vmfleet.dev.controlplane import ControlPlane
-from vmfleet.dev.node import Node, chart_values
+from vmfleet.dev.node import NO_REGISTRY_PORT, Node, chart_values
 from vmfleet.dev.proc import wait_until
 from vmfleet.dev.sshd import SshdVM
 
@@ -211,6 +211,33 @@ def test_every_container_talks_to_the_api_on_loopback_only(release: Release) -> 
         for container in pod["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container.get("env", [])}
             assert env.get("KUBERNETES_SERVICE_HOST") == "127.0.0.1", pod["metadata"]["name"]
+
+
+
+def test_an_image_that_was_not_imported_is_never_pulled(release: Release) -> None:
+    """The node pulls nothing: a short image name (the kubelet qualifies it with the
+    default registry) resolves, like any registry, to a closed port on loopback."""
+    name = "never-pulled"
+    release.kubectl.apply({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": release.ns.name},
+        "spec": {"hostNetwork": True, "restartPolicy": "Never",
+                 "containers": [{"name": "c", "image": "vmfleet-not-imported:1",
+                                 "imagePullPolicy": "Always"}]}})
+    try:
+        def pull_error() -> str | None:
+            pod = release.kubectl.get_json("-n", release.ns.name, "pod", name)
+            for status in pod.get("status", {}).get("containerStatuses") or []:
+                waiting = status.get("state", {}).get("waiting") or {}
+                if waiting.get("reason") in ("ErrImagePull", "ImagePullBackOff") and waiting.get("message"):
+                    return str(waiting["message"])
+            return None
+
+        message = wait_until(pull_error, timeout=60, what="the pull to fail")
+        assert f"127.0.0.1:{NO_REGISTRY_PORT}" in message, message
+    finally:
+        release.kubectl("delete", "-n", release.ns.name, "pod", name, "--grace-period=0", "--force",
+                        "--wait=false", check=False)
 
 
 # ------------------------------------------------------------------------------- flows
