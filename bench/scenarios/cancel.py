@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 from bench.fixtures import NAMESPACE, Alias, Cluster, cluster, vm_pool
 from bench.harness import Bench, latency_metrics
 from vmfleet.api.constants import COMMAND_PLURAL, GROUP, VERSION
-from vmfleet.dev.sshd import _descendants
 
 SCENARIOS = ("cancel_latency",)
 SLOTS = 4
@@ -34,25 +32,16 @@ START_TIMEOUT = 60.0
 
 
 class VMProcesses:
-    """The processes of one local sshd VM (its sshd's descendants), by command line."""
+    """The processes of one local sshd VM, by command line."""
 
     def __init__(self, vm: Any) -> None:
-        self.root = vm._process.pid
+        self.vm = vm
 
     def matching(self, needle: str, among: list[int] | None = None, exact: bool = False
                  ) -> list[int]:
         """Processes whose command line contains ``needle`` (``exact``: is ``needle``)."""
-        found = []
-        for pid in _descendants(self.root) if among is None else among:
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-                # A zombie has exited: not running any more.
-                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except (OSError, IndexError):
-                continue
-            if (cmdline.strip() == needle if exact else needle in cmdline) and state != "Z":
-                found.append(pid)
-        return found
+        return [pid for pid, args in self.vm.commands(among).items()
+                if (args == needle if exact else needle in args)]
 
     def wait(self, needle: str, present: bool, timeout: float, interval: float = 0.005) -> float:
         """perf_counter time when the command itself runs (a process whose command line is

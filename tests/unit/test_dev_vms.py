@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from vmfleet.dev import sshd
 
@@ -16,17 +19,17 @@ def test_paths_under_the_private_directories_are_the_hidden_ones() -> None:
         Path("/tmp/clone"), Path("/tmp"), Path("/var/tmp/x"), Path("/root/src/vmfleet")]
 
 
+@pytest.fixture
+def clone() -> Iterator[Path]:
+    """A checkout cloned under /tmp: hidden on a VM."""
+    path = Path(tempfile.mkdtemp(prefix="vmfleet-clone-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
 def test_the_checkout_is_kept_visible_by_default_when_a_vm_would_hide_it(
-    tmp_path: Path, monkeypatch,
+    clone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    clone = Path(tempfile.mkdtemp(prefix="vmfleet-clone-", dir="/tmp"))  # hidden on a VM
-    try:
-        _check_default(clone, tmp_path, monkeypatch)
-    finally:
-        shutil.rmtree(clone)
-
-
-def _check_default(clone: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sshd, "_CHECKOUT", clone)
     monkeypatch.setattr(sshd, "namespaces_supported", lambda: True)
     monkeypatch.setattr(sshd, "_keygen", lambda path, *a, **k: (path.write_text("k"),

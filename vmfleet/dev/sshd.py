@@ -124,9 +124,11 @@ def _home_of(user: str) -> str:
     return pwd.getpwnam(user).pw_dir
 
 
-def _private_roots(user: str) -> list[PurePosixPath]:
-    """The directories each VM replaces with its own (see the module docstring)."""
-    return [PurePosixPath("/tmp"), PurePosixPath("/var/tmp"), PurePosixPath(_home_of(user))]
+def _private_dirs(user: str) -> list[tuple[PurePosixPath, str]]:
+    """The directories each VM replaces with its own (see the module docstring), and
+    where each lives under ``vm.root``."""
+    return [(PurePosixPath("/tmp"), "tmp"), (PurePosixPath("/var/tmp"), "var/tmp"),
+            (PurePosixPath(_home_of(user)), "home")]
 
 
 def _under(path: PurePosixPath, root: PurePosixPath) -> bool:
@@ -136,7 +138,7 @@ def _under(path: PurePosixPath, root: PurePosixPath) -> bool:
 def hidden_paths(paths: Sequence[Path], user: str) -> list[Path]:
     """Those of ``paths`` that a VM logged into as ``user`` would not see: they lie
     under its private ``/tmp``, ``/var/tmp`` or home directory."""
-    roots = _private_roots(user)
+    roots = [root for root, _ in _private_dirs(user)]
     return [p for p in paths if any(_under(PurePosixPath(p), root) for root in roots)]
 
 
@@ -336,12 +338,8 @@ class SshdVM:
             p = PurePosixPath(_home_of(self.user)) / p
         if self.root is None or any(_under(p, PurePosixPath(v)) for v in self.visible):
             return Path(p)
-        for remote, local in (
-            (PurePosixPath("/tmp"), "tmp"),
-            (PurePosixPath("/var/tmp"), "var/tmp"),
-            (PurePosixPath(_home_of(self.user)), "home"),
-        ):
-            if p == remote or remote in p.parents:
+        for remote, local in _private_dirs(self.user):
+            if _under(p, remote):
                 return self.root / local / p.relative_to(remote)
         return Path(p)
 
@@ -454,6 +452,23 @@ class SshdVM:
         if self._process is None or not self._process.running():
             return []
         return [self._process.pid, *_descendants(self._process.pid)]
+
+    def commands(self, pids: Sequence[int] | None = None) -> dict[int, str]:
+        """The command line of each live process of this VM (a zombie has exited), by
+        host PID, read from the host's /proc: no SSH round trip. ``pids``: only those."""
+        found: dict[int, str] = {}
+        for pid in self.processes() if pids is None else pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    args = fh.read()
+                with open(f"/proc/{pid}/stat", "rb") as fh:
+                    stat = fh.read()
+                state = stat[stat.rindex(b")") + 2:].split()[0]
+            except (OSError, ValueError, IndexError):
+                continue  # it ended while we looked
+            if state != b"Z":
+                found[pid] = args.replace(b"\0", b" ").decode(errors="replace").strip()
+        return found
 
     def _kill_sessions(self) -> None:
         # Without a PID namespace, session processes (sshd children call setsid) are
