@@ -180,8 +180,10 @@ def test_workers_of_a_deleted_vm_stop(ns: Namespace, make_vm, controller_dir):
 def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis_server,
                                                     controller_dir):
     """Extra copies of the dispatch message (as a broker redelivery makes) are claimed away."""
+    from controller.context import controller_scope
     from controller.dispatch import Dispatcher
     from controller.targets import vm_target
+    from tests.e2e.plugins.fleet import E2E_PREFIX
     from vmfleet.api.envelope import Envelope
 
     vm = make_vm("once")
@@ -192,7 +194,10 @@ def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis
                      ns.get("rcmd", "once"), timeout=30, what="the dispatch")
     envelope = Envelope(namespace=str(ns), name="once", uid=obj["metadata"]["uid"], vm="once",
                         attempt=1, dispatch_time="", spec=obj["spec"],
-                        target=vm_target(ns.get("rvm", "once")))
+                        target=vm_target(ns.get("rvm", "once")),
+                        # A redelivery is the very message: it names the controller's scope,
+                        # so whichever copy wins the claim reports where the controller reads.
+                        scope=controller_scope(None, ["--namespace", f"{E2E_PREFIX}-*"]))
     dispatcher = Dispatcher(redis_server.url)
     try:
         for _ in range(3):
