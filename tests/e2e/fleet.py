@@ -100,6 +100,14 @@ class Namespace:
         return self.get("remotecommand", name)
 
 
+def controller_argv(namespaces: Sequence[str]) -> list[str]:
+    """``kopf run`` of the controller for these namespaces (globs), as the tests start it."""
+    argv = [sys.executable, "-m", "kopf", "run", "-m", "controller", "--standalone"]
+    for ns in namespaces:
+        argv += ["--namespace", ns]
+    return argv
+
+
 def start_controller(
     kubeconfig: Path,
     broker_url: str,
@@ -124,10 +132,8 @@ def start_controller(
     })
     env.pop("KUBERNETES_SERVICE_HOST", None)
     env.update(extra_env or {})
-    argv = [sys.executable, "-m", "kopf", "run", "-m", "controller", "--standalone"]
-    for ns in namespaces:
-        argv += ["--namespace", ns]
-    proc = ManagedProcess("controller", argv, workdir / "controller.log", env=env, cwd=REPO)
+    proc = ManagedProcess("controller", controller_argv(namespaces), workdir / "controller.log",
+                          env=env, cwd=REPO)
     proc.start()
     return proc
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.fleet import Namespace, assert_no_tracebacks
+from tests.e2e.fleet import Namespace, assert_no_tracebacks, controller_argv
 from vmfleet.api.envelope import parse_rfc3339
 from vmfleet.dev.proc import wait_until
 
@@ -183,7 +183,7 @@ def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis
     from controller.context import controller_scope
     from controller.dispatch import Dispatcher
     from controller.targets import vm_target
-    from tests.e2e.plugins.fleet import E2E_PREFIX
+    from tests.e2e.plugins.fleet import CONTROLLER_NAMESPACES
     from vmfleet.api.envelope import Envelope
 
     vm = make_vm("once")
@@ -197,7 +197,7 @@ def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis
                         target=vm_target(ns.get("rvm", "once")),
                         # A redelivery is the very message: it names the controller's scope,
                         # so whichever copy wins the claim reports where the controller reads.
-                        scope=controller_scope(None, ["--namespace", f"{E2E_PREFIX}-*"]))
+                        scope=controller_scope(None, controller_argv(CONTROLLER_NAMESPACES)))
     dispatcher = Dispatcher(redis_server.url)
     try:
         for _ in range(3):

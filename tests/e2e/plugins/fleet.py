@@ -11,6 +11,8 @@ from tests.e2e.fleet import REPO, Kubectl, Namespace, start_controller, unique_n
 from vmfleet.dev.proc import ManagedProcess, wait_until
 
 E2E_PREFIX = "e2e"
+# The namespaces the session's controller watches (its scope in Redis derives from them).
+CONTROLLER_NAMESPACES = [f"{E2E_PREFIX}-*"]
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +41,7 @@ def controller_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def controller(controlplane, redis_server, crds, controller_dir: Path) -> Iterator[ManagedProcess]:  # type: ignore[no-untyped-def]
     """The controller with the Process runtime and Redis, for namespaces ``e2e-*``."""
     proc = start_controller(controlplane.kubeconfig, redis_server.url, controller_dir,
-                            [f"{E2E_PREFIX}-*"])
+                            CONTROLLER_NAMESPACES)
     yield proc
     proc.stop(grace=30)
 
