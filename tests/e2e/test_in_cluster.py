@@ -213,7 +213,6 @@ def test_every_container_talks_to_the_api_on_loopback_only(release: Release) -> 
             assert env.get("KUBERNETES_SERVICE_HOST") == "127.0.0.1", pod["metadata"]["name"]
 
 
-
 def test_an_image_that_was_not_imported_is_never_pulled(release: Release) -> None:
     """The node pulls nothing: a short image name (the kubelet qualifies it with the
     default registry) resolves, like any registry, to a closed port on loopback."""

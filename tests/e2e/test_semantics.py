@@ -188,7 +188,6 @@ def test_deleting_a_running_command_cancels_it_and_ends_the_remote_process(ns: N
                what="the remote process to be killed")
 
 
-
 def _running_on(vm, needle: str) -> bool:
     """A process of the VM (read from the host's /proc, no SSH round trip) runs ``needle``."""
     return needle in vm.commands().values()
