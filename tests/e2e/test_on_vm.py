@@ -389,21 +389,25 @@ def test_transfer_timeout_removes_the_partial_file(ns, make_vm):  # type: ignore
 
     src_vm, dst_vm = make_vm("xsrc"), make_vm("xdst")
     ns.add_vms([src_vm, dst_vm])
-    sparse_file(src_vm, "/tmp/big/src.bin", 2 * GiB)
-    dst_vm.host_path("/tmp/in").mkdir(parents=True)
-    # 3 s, connecting to both VMs included: long enough to have written part of 2 GiB
-    # on a busy machine, far too short for all of it.
-    ns.run("slow", timeoutSeconds=3, transfer={
+    sparse_file(src_vm, "/tmp/big/src.bin", 4 * GiB)
+    inbox = dst_vm.host_path("/tmp/in")
+    inbox.mkdir(parents=True)
+    # The clock starts at the claim, before connecting to either VM: 10 s leaves a loaded
+    # machine time to connect and write part of the file (3 s once did not: CI, stop 21),
+    # and is far too short for 4 GiB through paramiko (about 30 MiB/s here).
+    ns.run("slow", timeoutSeconds=10, transfer={
         "from": {"vm": src_vm.name, "path": "/tmp/big/src.bin"},
         "to": [{"vm": dst_vm.name, "path": "/tmp/in/dst.bin"}]})
+    wait_until(lambda: any(inbox.joinpath(n).stat().st_size > 0 for n in os.listdir(inbox)),
+               timeout=30, interval=0.05, what="the partial file to grow")
     obj = ns.finished("slow", timeout=90)
     result = result_of(obj)
     assert (obj["status"]["phase"], result["reason"]) == ("Failed", "Timeout"), result
-    assert 0 < result["transfer"]["bytes"] < 2 * GiB  # it had written part of the file
+    assert 0 < result["transfer"]["bytes"] < 4 * GiB  # it had written part of the file
     assert result["transfer"]["partialRemoved"] is True
-    assert "did not finish within timeoutSeconds (3s)" in result["message"]
+    assert "did not finish within timeoutSeconds (10s)" in result["message"]
     assert f"the partial file on {dst_vm.name} was removed" in result["message"]
-    assert os.listdir(dst_vm.host_path("/tmp/in")) == []  # no temporary file, no target
+    assert os.listdir(inbox) == []  # no temporary file, no target
 
 
 def test_transfer_from_a_stalled_source_ends_at_its_deadline(ns, make_vm):  # type: ignore[no-untyped-def]
@@ -419,7 +423,9 @@ def test_transfer_from_a_stalled_source_ends_at_its_deadline(ns, make_vm):  # ty
     sparse_file(src_vm, "/tmp/big/src.bin", 2 * GiB)
     inbox = dst_vm.host_path("/tmp/in")
     inbox.mkdir(parents=True)
-    ns.run("stall", activeDeadlineSeconds=6, transfer={
+    # The deadline counts from the command's startTime, connecting included: 12 s leaves a
+    # loaded machine time to write the first bytes before the source is stopped.
+    ns.run("stall", activeDeadlineSeconds=12, transfer={
         "from": {"vm": src_vm.name, "path": "/tmp/big/src.bin"},
         "to": [{"vm": dst_vm.name, "path": "/tmp/in/dst.bin"}]})
 
@@ -441,6 +447,6 @@ def test_transfer_from_a_stalled_source_ends_at_its_deadline(ns, make_vm):  # ty
     result = result_of(obj)
     assert (obj["status"]["phase"], result["reason"]) == ("Failed", "DeadlineExceeded"), result
     assert result["transfer"]["partialRemoved"] is True
-    assert "activeDeadlineSeconds (6s) passed" in result["message"]
-    assert _t(result["completionTime"]) - _t(obj["status"]["startTime"]) < 15
+    assert "activeDeadlineSeconds (12s) passed" in result["message"]
+    assert _t(result["completionTime"]) - _t(obj["status"]["startTime"]) < 21
     assert os.listdir(inbox) == []
