@@ -10,9 +10,11 @@ the VM itself (``ps`` over a separate SSH connection).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -384,9 +386,13 @@ def sparse_file(vm, path: str, size: int) -> None:  # type: ignore[no-untyped-de
         fh.truncate(size)
 
 
-def test_transfer_timeout_removes_the_partial_file(ns, make_vm):  # type: ignore[no-untyped-def]
-    import os
+def wait_for_the_partial_file(inbox: Path) -> None:
+    """Until the transfer has written its first bytes to a file in ``inbox``."""
+    wait_until(lambda: any(inbox.joinpath(n).stat().st_size > 0 for n in os.listdir(inbox)),
+               timeout=30, interval=0.05, what="the partial file to grow")
 
+
+def test_transfer_timeout_removes_the_partial_file(ns, make_vm):  # type: ignore[no-untyped-def]
     src_vm, dst_vm = make_vm("xsrc"), make_vm("xdst")
     ns.add_vms([src_vm, dst_vm])
     sparse_file(src_vm, "/tmp/big/src.bin", 4 * GiB)
@@ -398,8 +404,7 @@ def test_transfer_timeout_removes_the_partial_file(ns, make_vm):  # type: ignore
     ns.run("slow", timeoutSeconds=10, transfer={
         "from": {"vm": src_vm.name, "path": "/tmp/big/src.bin"},
         "to": [{"vm": dst_vm.name, "path": "/tmp/in/dst.bin"}]})
-    wait_until(lambda: any(inbox.joinpath(n).stat().st_size > 0 for n in os.listdir(inbox)),
-               timeout=30, interval=0.05, what="the partial file to grow")
+    wait_for_the_partial_file(inbox)
     obj = ns.finished("slow", timeout=90)
     result = result_of(obj)
     assert (obj["status"]["phase"], result["reason"]) == ("Failed", "Timeout"), result
@@ -413,7 +418,6 @@ def test_transfer_timeout_removes_the_partial_file(ns, make_vm):  # type: ignore
 def test_transfer_from_a_stalled_source_ends_at_its_deadline(ns, make_vm):  # type: ignore[no-untyped-def]
     """The source stops answering mid-copy (its sshd session stopped): the blocked read is
     cut at the deadline, not waited on forever, and the partial file is removed."""
-    import os
     import signal
 
     from vmfleet.dev.sshd import _descendants
@@ -428,11 +432,7 @@ def test_transfer_from_a_stalled_source_ends_at_its_deadline(ns, make_vm):  # ty
     ns.run("stall", activeDeadlineSeconds=12, transfer={
         "from": {"vm": src_vm.name, "path": "/tmp/big/src.bin"},
         "to": [{"vm": dst_vm.name, "path": "/tmp/in/dst.bin"}]})
-
-    def writing() -> bool:
-        return any(inbox.joinpath(n).stat().st_size > 0 for n in os.listdir(inbox))
-
-    wait_until(writing, timeout=30, interval=0.05, what="the partial file to grow")
+    wait_for_the_partial_file(inbox)
     sessions = _descendants(src_vm._sshd_pid())  # type: ignore[arg-type]
     for pid in sessions:
         os.kill(pid, signal.SIGSTOP)
