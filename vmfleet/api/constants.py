@@ -31,7 +31,7 @@ TASK_CHECK_VM: Final = "remote_tasks.check_vm_status"
 TASK_TERMINATE: Final = "remote_tasks.terminate_attempt"
 TASK_TRANSFER: Final = "remote_tasks.transfer_file"
 TASK_TRANSFER_CLEANUP: Final = "remote_tasks.clean_transfer"
-TRANSFER_QUEUE: Final = "vmfleet.transfers"
+TRANSFER_QUEUE: Final = "vmfleet.transfers"  # the shared transfer queue of 0.1 (being replaced)
 
 # Labels and annotations.
 LABEL_PREFIX: Final = GROUP
@@ -42,6 +42,8 @@ LABEL_MANAGED_BY: Final = "app.kubernetes.io/managed-by"
 LABEL_NAME: Final = "app.kubernetes.io/name"
 MANAGED_BY: Final = "vmfleet"
 FINALIZER: Final = f"{GROUP}/cancel-remote-processes"
+# A Secret a transfer may copy onto a VM carries this label with the value "true".
+LABEL_TRANSFERABLE: Final = f"{GROUP}/transferable"
 
 # Worker runtimes.
 RUNTIME_PROCESS: Final = "Process"
@@ -121,6 +123,12 @@ class Reason:
     PERMISSION_DENIED: Final = "PermissionDenied"
     DESTINATION_EXISTS: Final = "DestinationExists"
     CHECKSUM_MISMATCH: Final = "ChecksumMismatch"
+    # A status the controller could not write as computed (it failed validation): the
+    # command fails visibly and its processes are killed.
+    INTERNAL_ERROR: Final = "InternalError"
+    # A worker refused the message (bad or missing signature, expired, a VM or Secret it
+    # does not serve): nothing ran.
+    MESSAGE_REFUSED: Final = "MessageRefused"
 
 
 ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
@@ -138,6 +146,17 @@ def is_env_name(name: str) -> bool:
 def default_queue(namespace: str, vm: str) -> str:
     """The Celery queue of a RemoteVM when ``spec.queue`` is not set."""
     return f"vmfleet.{namespace}.{vm}"
+
+
+def queue_prefix(namespace: str) -> str:
+    """Every queue of a namespace's RemoteVMs starts with this: the broker's tenancy fence."""
+    return f"vmfleet.{namespace}."
+
+
+def transfer_queue(namespace: str) -> str:
+    """The namespace's transfer queue. A ':' never appears in a RemoteVM's queue after its
+    prefix, so no VM (not even one named ``transfers``) can collide with it."""
+    return f"vmfleet.{namespace}:transfers"
 
 
 def worker_deployment_name(vm: str) -> str:
