@@ -19,12 +19,12 @@ AIRFLOW_TESTS := tests/unit/test_airflow_operators.py tests/unit/test_airflow_pr
 # ~150 packages); `make test` then runs the Airflow tests only where it exists.
 WITH_AIRFLOW ?= 1
 
-.PHONY: help setup setup-core system-deps venv controlplane helm image crds crds-check typecheck \
+.PHONY: help setup setup-core system-deps venv controlplane helm image crds crds-check typecheck lint \
         test test-unit test-e2e demo dev-up dev-down clean
 
 help:
 	@echo "make demo       start the local environment and run the original guide's flow"
-	@echo "make test       unit and end-to-end tests (real kube-apiserver, sshd, Redis, RabbitMQ)"
+	@echo "make test       lint (ruff, mypy strict), unit and end-to-end tests (real kube-apiserver, sshd, Redis, RabbitMQ)"
 	@echo "make dev-down   stop the local environment"
 	@echo "make test-airflow  the Airflow operators and DAGs (from .venv-airflow, real Airflow 3)"
 	@echo "make image      build the image from the Dockerfile (buildah, no Docker daemon)"
@@ -78,13 +78,18 @@ crds-check: venv
 typecheck: venv
 	$(PY) -m mypy
 
+# The guards `make test` runs first: ruff (the rule set in pyproject.toml) and mypy strict.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(PY) -m mypy
+
 test-unit: venv
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
 
 test-e2e: setup
 	$(PY) -m pytest tests/e2e -q -ra $(PYTEST_ARGS)
 
-test: setup crds-check
+test: setup crds-check lint
 	$(PY) -m pytest tests -q -ra $(PYTEST_ARGS)
 	@if [ -x $(AIRFLOW_PY) ]; then set -x; $(AIRFLOW_PY) -m pytest $(AIRFLOW_TESTS) -q -ra $(PYTEST_ARGS); \
 	else echo "Airflow tests skipped: no $(AIRFLOW_VENV) (make airflow-venv)"; fi

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import threading
 import time
 import urllib.request
-import ssl
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any

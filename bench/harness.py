@@ -1,8 +1,8 @@
 """What every benchmark scenario shares: the record of a run, statistics and the outputs.
 
 A scenario is a module in ``bench/scenarios/`` with ``SCENARIOS`` (the ids it measures)
-and ``run(bench: Bench, wanted: list[str]) -> None`` (``wanted``: the ids asked for); it measures each system in alternation (round 1 of
-every system, then round 2, ...) and records one value per round with
+and ``run(bench: Bench, wanted: list[str]) -> None`` (``wanted``: the ids asked for); it
+measures each system in alternation (round 1 of every system, then round 2, ...) and records one value per round with
 ``bench.record(scenario, system, metric, values)``. The table shows the median and p95
 over the rounds, and the ratio of each system's median to the reference system of that
 scenario (vmfleet's, see ``REFERENCE``).

@@ -26,7 +26,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.harness import (  # noqa: E402
-    RESULTS, SCENARIOS, Bench, Row, collect_versions, markdown_table, write_outputs,
+    RESULTS,
+    SCENARIOS,
+    Bench,
+    Row,
+    collect_versions,
+    markdown_table,
+    write_outputs,
 )
 
 # Scenario modules, in the order they run, and the scenario ids each measures.

@@ -29,7 +29,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from vmfleet.api import constants as c
 from vmfleet.api.constants import (
     TASK_EXECUTE,
     TASK_TERMINATE,
@@ -108,8 +107,8 @@ class Commands:
     """Every unfinished command of the watched namespaces, and what to do with them."""
 
     def __init__(self, state: State, send: Sender, get_vm: VMLookup, list_vms: VMLister,
-                 target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing = schedule.Timing(),
-                 urgency: Urgency = Urgency()) -> None:
+                 target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing | None = None,
+                 urgency: Urgency | None = None) -> None:
         self.state = state
         self.send = send
         self.get_vm = get_vm
@@ -117,8 +116,8 @@ class Commands:
         self.target_of = target_of
         self.wake = wake
         self.delete = delete
-        self.timing = timing
-        self.urgency = urgency
+        self.timing = timing or schedule.Timing()
+        self.urgency = urgency or Urgency()
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)

@@ -30,9 +30,8 @@ from vmfleet.api import constants as c
 from vmfleet.api.constants import Condition, Reason
 from vmfleet.api.envelope import Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteVMSpec
-from vmfleet.kube import ApiException, Kube
-
 from vmfleet.fold import set_condition
+from vmfleet.kube import ApiException, Kube
 
 log = logging.getLogger("controller.health")
 

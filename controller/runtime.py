@@ -16,20 +16,19 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from kubernetes.client import AppsV1Api
-from kubernetes.client.exceptions import ApiException
 
 from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.models import Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
-from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, write_pid_file
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
+from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, write_pid_file
 
 log = logging.getLogger("controller.runtime")
 

@@ -21,9 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from vmfleet.api.constants import Phase
 from vmfleet.api.models import WorkersSpec
 from vmfleet.queues import QueueDepth  # re-exported: the autoscaler's backlog source
 

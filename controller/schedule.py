@@ -24,8 +24,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vmfleet.api.constants import Phase, Reason
-from vmfleet.api.times import parse_rfc3339, rfc3339
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.times import parse_rfc3339, rfc3339
 from vmfleet.policy import backoff_seconds, should_retry
 
 

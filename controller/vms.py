@@ -31,10 +31,10 @@ from vmfleet.api.envelope import Target, now_rfc3339
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.kube import ApiException, Kube
 
-from .targets import vm_target
 from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
 from .runtime import Runtime, VMRef, WorkerGroup
 from .scaling import Autoscaler, Decision
+from .targets import vm_target
 
 log = logging.getLogger("controller.vms")
 
@@ -180,7 +180,7 @@ class Fleet:
             if ref is not None:
                 by_key.setdefault(ref.group, []).append(ref)
         groups = []
-        for key, refs in sorted(by_key.items()):
+        for _key, refs in sorted(by_key.items()):
             refs.sort(key=lambda r: r.name)
             pool = refs[0].spec.worker_pool
             groups.append(WorkerGroup(refs[0].namespace, refs, pool))
@@ -245,7 +245,7 @@ class Fleet:
             with self._lock:
                 applied = self._applied.get(group.key)
             if force or applied != decision.replicas or current != decision.replicas:
-                workers = self.runtime.ensure(group, decision.replicas)
+                self.runtime.ensure(group, decision.replicas)
                 with self._lock:
                     self._applied[group.key] = decision.replicas
                 if decision.replicas != current:
@@ -290,7 +290,6 @@ class Fleet:
         obj = self.cached(vm.namespace, vm.name)
         if obj is None:
             return
-        status = obj.get("status") or {}
         workers: dict[str, Any] = {
             "runtime": self.runtime.name,
             "queue": vm.queue,

@@ -403,7 +403,7 @@ class HealthChecker:
 
 
 __all__ = [
-    "HealthChecker", 
+    "HealthChecker",
     "ProbeParseError", "Probed", "ProbeResult", "host_key_status", "parse_df", "parse_free",
     "parse_hostname", "parse_loadavg", "parse_meminfo", "parse_os_release", "parse_probe",
     "parse_uname", "parse_uptime", "probe_line", "probe_status", "probe_vm", "split_sections",

@@ -8,10 +8,11 @@ every few seconds; a worker that dies stops renewing and its slot frees itself a
 ``LEASE_SECONDS``. A command waits for a slot before it is claimed, so it stays
 ``Queued`` (not ``Running``) while the VM is at its limit.
 
-Where it works: the Redis broker (the default), or any Redis named by
-``VMFLEET_SLOTS_URL``. With RabbitMQ and no ``VMFLEET_SLOTS_URL``, the limit holds per
-worker replica only (each replica runs ``--concurrency maxConcurrentCommands``): run
-one replica, or point ``VMFLEET_SLOTS_URL`` at a Redis.
+Where it lives: ``VMFLEET_SLOTS_URL`` if set, else the Redis of the shared state
+(``VMFLEET_STATE_URL``, which the controller sets on its workers when the broker is
+RabbitMQ), else the Redis broker — the same Redis ``vmfleet.state.state_url`` picks.
+Only with RabbitMQ and no Redis named at all does the limit hold per worker replica
+(each replica runs ``--concurrency maxConcurrentCommands``).
 """
 
 from __future__ import annotations
@@ -66,8 +67,10 @@ def slots_key(namespace: str, vm: str) -> str:
 
 
 def slots_url(broker_url: str) -> str | None:
-    """The Redis that holds the semaphore, if there is one."""
-    explicit = settings.current().slots_url
+    """The Redis that holds the semaphore, if there is one: the slots URL, else the
+    state URL, else a Redis broker."""
+    conf = settings.current()
+    explicit = conf.slots_url or conf.state_url
     if explicit:
         return explicit
     if broker_url.startswith(("redis://", "rediss://", "unix://")):

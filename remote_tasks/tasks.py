@@ -25,7 +25,6 @@ from .health import HealthChecker
 from .slots import vm_slot
 from .transfer import TransferExecutor
 
-
 _stop = threading.Event()
 
 

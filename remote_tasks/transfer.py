@@ -494,9 +494,9 @@ class TransferExecutor:
                         f"; {dest.path} on {dest.vm} was left as it was"
                     dest.failure = TransferFailed(
                         Reason.CANCELLED, f"cancelled: the RemoteCommand was deleted{left}")
-        except TransferFailed as failure:  # the source or the deadline: every destination alike
-            if run.expired:  # the watchdog cut a stalled read or write: that is the deadline
-                failure = run.deadline_failure(run.expired[0])
+        except TransferFailed as exc:  # the source or the deadline: every destination alike
+            # The watchdog cut a stalled read or write: that is the deadline.
+            failure = run.deadline_failure(run.expired[0]) if run.expired else exc
             for dest in dests:
                 if dest.active:
                     dest.failure = failure

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(root; builds the image)")
     dev.set_defaults(func=_dev)
 
-    from vmfleet import exec as exec_, show  # argument definitions only; light imports
+    from vmfleet import exec as exec_  # argument definitions only; light imports
+    from vmfleet import show
 
     run = sub.add_parser(
         "exec", help="run a command on a VM (or on every VM of -l SELECTOR), like kubectl exec",

@@ -22,9 +22,9 @@ import logging
 import threading
 import time
 import weakref
-from datetime import UTC, datetime
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
 import prometheus_client

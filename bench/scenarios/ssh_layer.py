@@ -10,8 +10,8 @@ Systems (see bench/README.md for what each stands for):
 - ``vmfleet_ssh``: ``remote_tasks.ssh.run_command`` on one ``ConnectionPool``, the line
   built by ``remote_tasks.shell.build_invocation`` with a fresh nonce (the process-group
   wrapper and marker the worker sends; the worker's claim is the ``gate`` that sends the
-  wrapper its go, here always won: no API), ``tick`` as the worker passes it (a no-op). 8 threads share the pool: one channel per command
-  on one connection.
+  wrapper its go, here always won: no API), ``tick`` as the worker passes it (a no-op). 8 threads share the
+  pool: one channel per command on one connection.
 - ``guide_baseline``: the original guide's ``SSHExecutor.execute_command`` rebuilt here: a
   new ``paramiko.SSHClient`` connection per command, under a per-host ``threading.Lock``.
   One change: the VM's host key is pinned (``RejectPolicy``) instead of ``AutoAddPolicy``.

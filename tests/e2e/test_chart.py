@@ -137,7 +137,6 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
         kubectl("get", "crd", "remotevms.vmfleet.io", "remotecommands.vmfleet.io")
 
         controller = f"system:serviceaccount:{ns}:{release}-vmfleet-controller"
-        worker = f"system:serviceaccount:{ns}:{release}-vmfleet-worker"
         transfer = f"system:serviceaccount:{ns}:{release}-vmfleet-transfer-worker"
         rvm, rcmd = "remotevms.vmfleet.io", "remotecommands.vmfleet.io"
 

@@ -265,7 +265,7 @@ def test_fan_out_with_max_parallel(release: Release, vms: list[SshdVM]) -> None:
         start, end = (float(x) for x in vm_file(vm, path).split())
         spans.append((start, end))
     spans.sort()
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start >= end, f"two VMs ran at once with maxParallel 1: {spans}"
 
 

@@ -88,3 +88,36 @@ def test_deployment_runtime_creates_an_owned_worker_deployment(
         assert_no_tracebacks(tmp_path / "controller.log")
     finally:
         controller.stop(grace=30)
+
+
+def test_rabbitmq_broker_keeps_the_vm_wide_limit_across_replicas(
+    controlplane, own_namespace, rabbitmq_server, redis_server, vms, tmp_path
+):
+    """With RabbitMQ, ``maxConcurrentCommands`` holds across a VM's worker replicas: the
+    slots live in the Redis named by ``VMFLEET_STATE_URL`` (they fell back to one limit per
+    replica before, so two replicas ran two commands at once)."""
+    ns = own_namespace("rmqslots")
+    controller = start_controller(controlplane.kubeconfig, rabbitmq_server.url, tmp_path, [ns.name],
+                                  extra_env={"VMFLEET_STATE_URL": redis_server.url})
+    vm = vms[0]
+    path = f"/tmp/rmq-slots-{ns.name}"
+    try:
+        ns.add_vms([vm], maxConcurrentCommands=1, workers={"replicas": 2})
+        names = [f"slot-{i}" for i in range(4)]
+        for name in names:
+            ns.run(name, vm=vm.name,
+                   command=f"echo start $(date +%s.%N) >> {path}; sleep 1; echo end $(date +%s.%N) >> {path}")
+        for name in names:
+            assert ns.finished(name, timeout=120)["status"]["phase"] == "Succeeded"
+        events = sorted((float(t), kind) for kind, t in
+                        (line.split() for line in vm.run(f"cat {path}")[1].decode().splitlines()))
+        running = peak = 0
+        for _, kind in events:
+            running += 1 if kind == "start" else -1
+            peak = max(peak, running)
+        assert len(events) == 2 * len(names)
+        assert peak == 1, f"{peak} commands ran at once on a VM with maxConcurrentCommands 1: {events}"
+        assert_no_tracebacks(tmp_path / "workers", tmp_path / "controller.log")
+    finally:
+        controller.stop(grace=30)
+        vm.run(f"rm -f {path}")

@@ -3,11 +3,9 @@ cancellation, lost workers — checked on the VMs themselves, not from our bookk
 
 from __future__ import annotations
 
-import json
-import time
 import os
 import signal
-import subprocess
+import time
 import uuid
 from pathlib import Path
 

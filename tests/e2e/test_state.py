@@ -47,7 +47,8 @@ def test_of_workers_racing_for_one_attempt_exactly_one_wins(redis_url: str) -> N
         start = threading.Barrier(len(workers))
         answers: dict[str, str] = {}
 
-        def claim(index: int, s: State) -> None:
+        def claim(index: int, s: State, start: threading.Barrier = start, command: str = command,
+                  answers: dict[str, str] = answers) -> None:
             start.wait(timeout=10)
             answers[f"w{index}"] = s.claim(command, "vm1", 1, f"w{index}")
 

@@ -397,8 +397,8 @@ def test_queue_depth_through_kombu(broker, request):
     """The autoscaler's queue depth: the same kombu call for Redis and RabbitMQ."""
     from celery import Celery
 
-    from vmfleet.queues import QueueDepth
     from vmfleet.celeryconf import celery_config
+    from vmfleet.queues import QueueDepth
 
     url = request.getfixturevalue(broker).url
     queue = unique_namespace("vmfleet.e2e-depth")

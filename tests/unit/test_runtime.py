@@ -55,7 +55,8 @@ def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
     assert "serviceAccountName" not in pod
     assert mounts(dep) == {"vm1-ssh": f"{MOUNT}/vm1-ssh"}
     assert all(m["readOnly"] is True for m in container["volumeMounts"])
-    assert [v["secret"]["defaultMode"] for v in pod["volumes"]] == [0o440]  # group-readable: fsGroup is the image's user
+    # group-readable: fsGroup is the image's user
+    assert [v["secret"]["defaultMode"] for v in pod["volumes"]] == [0o440]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env == {"VMFLEET_BROKER_URL": "redis://b", "VMFLEET_CREDENTIALS_DIR": MOUNT}
     assert dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]

@@ -182,3 +182,25 @@ def test_the_settings_of_worker_writes_and_per_object_timers_are_gone():
             "VMFLEET_TARGET_CACHE_SECONDS", "VMFLEET_WRITE_TRIES", "VMFLEET_VM"}
     assert declared & gone == set()
     assert {"VMFLEET_STATE_URL", "VMFLEET_WATCH_NAMESPACES", "VMFLEET_CONTROLLER_ID"} <= declared
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"VMFLEET_BROKER_URL": "amqp://guest:guest@mq//"}, None),
+    # With RabbitMQ, the controller's VMFLEET_STATE_URL holds the slots too (it named only
+    # the state before, and the VM-wide limit fell back to one per replica).
+    ({"VMFLEET_BROKER_URL": "amqp://guest:guest@mq//", "VMFLEET_STATE_URL": "redis://s/2"}, "redis://s/2"),
+    ({"VMFLEET_BROKER_URL": "redis://b/0"}, "redis://b/0"),
+    ({"VMFLEET_BROKER_URL": "redis://b/0", "VMFLEET_STATE_URL": "redis://s/2",
+      "VMFLEET_SLOTS_URL": "redis://l/3"}, "redis://l/3"),
+])
+def test_the_slots_live_in_the_redis_of_the_state(env, expected):
+    from remote_tasks.slots import slots_url
+    from vmfleet.state import state_url
+
+    settings.use(settings.Settings.from_environment(env))
+    try:
+        assert slots_url(env["VMFLEET_BROKER_URL"]) == expected
+        if expected is not None and "VMFLEET_SLOTS_URL" not in env:
+            assert state_url(env["VMFLEET_BROKER_URL"]) == expected  # one Redis for both
+    finally:
+        settings.use(None)

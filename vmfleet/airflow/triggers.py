@@ -135,7 +135,7 @@ class RemoteCommandTrigger(BaseTrigger):
                         raise
                     self.log.warning("Watch on RemoteCommand %s/%s ended (%s); resuming",
                                      self.namespace, self.name, exc.status)
-                except (OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError) as exc:
                     # aiohttp's connection errors are OSErrors: the API server is away.
                     self.log.warning("Lost the API server while watching RemoteCommand %s/%s: %s; "
                                      "retrying in %.0f s", self.namespace, self.name, exc, backoff)
@@ -187,8 +187,8 @@ class RemoteCommandTrigger(BaseTrigger):
         ti = getattr(self, "task_instance", None)
         if ti is None:
             return None
-        from asgiref.sync import sync_to_async
         from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+        from asgiref.sync import sync_to_async
 
         states = await sync_to_async(RuntimeTaskInstance.get_task_states)(
             dag_id=ti.dag_id, task_ids=[ti.task_id], run_ids=[ti.run_id], map_index=ti.map_index,

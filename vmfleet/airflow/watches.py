@@ -154,7 +154,7 @@ class NamespaceWatch:
                 if exc.status != 429 and (exc.status or 0) < 500:
                     raise
                 reason: object = exc.status
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 reason = exc
             log.warning("Reading RemoteCommand %s/%s failed (%s); retrying in %.0f s",
                         self.namespace, name, reason, backoff)
@@ -204,7 +204,7 @@ class NamespaceWatch:
                     if exc.status != 410:
                         await asyncio.sleep(backoff)
                         backoff = min(backoff * 2, _BACKOFF_MAX)
-                except (OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError) as exc:
                     log.warning("Lost the API server while watching RemoteCommands in %s: %s; "
                                 "retrying in %.0f s", self.namespace, exc, backoff)
                     await asyncio.sleep(backoff)

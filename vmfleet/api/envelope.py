@@ -14,7 +14,6 @@ from typing import Any
 from .times import now_rfc3339, parse_rfc3339, rfc3339
 
 
-
 @dataclass(frozen=True)
 class Target:
     """How to reach one VM, from its RemoteVM (no secret material: the Secret's name)."""

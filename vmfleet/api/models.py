@@ -17,7 +17,6 @@ from .constants import (
     DNS_LABEL_PATTERN,
     ENV_NAME_PATTERN,
     HOST_KEY_PINNED,
-    HOST_KEY_TOFU,
     QUEUE_PATTERN,
     Phase,
     is_env_name,

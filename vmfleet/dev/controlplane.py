@@ -556,7 +556,7 @@ class ControlPlane:
         def load_key(path: Path) -> Any:
             return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         not_before = now - datetime.timedelta(hours=1)
 
         ca_key_file = self.pki / "ca.key"

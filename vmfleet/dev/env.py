@@ -23,12 +23,12 @@ from typing import Any
 import yaml
 
 from vmfleet.api import constants as c
+from vmfleet.dev import node as node_mod
 from vmfleet.dev.brokers import RabbitMQServer, RedisServer
 from vmfleet.dev.controlplane import ControlPlane
 from vmfleet.dev.manifests import vm_manifests
-from vmfleet.dev import node as node_mod
-from vmfleet.procs import ManagedProcess, port_open, stop_pid_file, wait_until, write_pid_file
 from vmfleet.dev.sshd import start_vms
+from vmfleet.procs import ManagedProcess, port_open, stop_pid_file, wait_until, write_pid_file
 
 NAMESPACE = "default"
 RELEASE = "vmfleet"  # the chart's fullname is then "vmfleet": vmfleet-controller

@@ -95,7 +95,7 @@ def _timestamp(value: str | None) -> float:
     if not value:
         return 0.0
     return datetime.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(
-        tzinfo=datetime.timezone.utc).timestamp()
+        tzinfo=datetime.UTC).timestamp()
 
 
 def _unescape(field: str) -> str:
