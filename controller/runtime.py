@@ -28,7 +28,14 @@ from vmfleet.api import constants as c
 from vmfleet.api.models import Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
-from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, write_pid_file
+from vmfleet.procs import (
+    ManagedProcess,
+    free_port,
+    read_pid_file,
+    stop_pid_file,
+    stop_recorded,
+    write_pid_file,
+)
 
 log = logging.getLogger("controller.runtime")
 
@@ -424,6 +431,28 @@ class ProcessRuntime:
         self._workers: dict[str, _LocalWorkers] = {}
         self._secrets: dict[str, tuple[str, list[str]]] = {}  # group -> (namespace, secrets)
         self._refreshed = 0.0
+        self.stop_predecessors()
+
+    def stop_predecessors(self, grace: float = 15.0) -> list[int]:
+        """Stop the workers an earlier controller left in ``log_dir`` (it was killed, so
+        they outlived it): a worker of a VM deleted meanwhile would otherwise run for ever,
+        and one of a live VM would run beside the one started now. Their PID files are
+        read and removed here, at once, so new workers never share them; the stopping
+        (warm: running tasks get ``grace`` seconds) goes on in a thread. Returns their PIDs."""
+        left = []
+        for pid_file in sorted(self.log_dir.glob("*.pgid")):
+            recorded = read_pid_file(pid_file)
+            pid_file.unlink(missing_ok=True)
+            if recorded is not None:
+                left.append(recorded)
+        if not left:
+            return []
+        log.info("Stopping %d worker process(es) an earlier controller left: %s", len(left),
+                 ", ".join(str(pid) for pid, _ in left))
+        for pid, start_time in left:
+            threading.Thread(target=stop_recorded, args=(pid, start_time, grace),
+                             name=f"vmfleet-stop-{pid}", daemon=True).start()
+        return [pid for pid, _ in left]
 
     def refresh_credentials(self, every: float = 5.0) -> None:
         """Write the running groups' Secrets again (a Secret created or rotated after its

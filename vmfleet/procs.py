@@ -170,15 +170,28 @@ def write_pid_file(process: ManagedProcess, pid_file: Path) -> None:
     pid_file.write_text(f"{process.pid}\n{_proc_start_time(process.pid) or ''}\n")
 
 
+def read_pid_file(pid_file: Path) -> tuple[int, str] | None:
+    """The (PID, start time) a ``write_pid_file`` recorded, or None."""
+    try:
+        pid_text, start_time = pid_file.read_text().splitlines()[:2]
+        return int(pid_text), start_time
+    except (OSError, ValueError):
+        return None
+
+
 def stop_pid_file(pid_file: Path, grace: float = 10.0) -> bool:
     """Stop the process group recorded by ``write_pid_file``: TERM, then KILL after
     ``grace`` seconds. Returns False if it was not running. A PID that now belongs to
     another process (reused) is left alone. The file is removed."""
-    try:
-        pid_text, start_time = pid_file.read_text().splitlines()[:2]
-        pid = int(pid_text)
-    except (OSError, ValueError):
-        return False
+    recorded = read_pid_file(pid_file)
+    was_running = stop_recorded(*recorded, grace=grace) if recorded else False
+    pid_file.unlink(missing_ok=True)
+    return was_running
+
+
+def stop_recorded(pid: int, start_time: str, grace: float = 10.0) -> bool:
+    """Stop the process group of ``pid`` if it is still the process that started at
+    ``start_time``: TERM, then KILL after ``grace`` seconds. False if it was not running."""
 
     def alive() -> bool:
         return bool(start_time) and _proc_start_time(pid) == start_time
@@ -197,5 +210,4 @@ def stop_pid_file(pid_file: Path, grace: float = 10.0) -> bool:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    pid_file.unlink(missing_ok=True)
     return was_running

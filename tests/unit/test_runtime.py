@@ -132,3 +132,32 @@ def test_label_value_is_bounded_and_distinct() -> None:
     assert len(label_value(long_a)) <= 63
     assert label_value(long_a) != label_value(long_b)
     assert label_value("vm1") == "vm1"
+
+
+def test_a_new_process_runtime_stops_the_workers_an_earlier_controller_left(tmp_path) -> None:
+    """A controller killed with -9 leaves its worker processes running; the next one stops
+    them (a deleted VM's worker would run for ever, a live VM's would run twice)."""
+    import subprocess
+    import time
+
+    from controller.runtime import ProcessRuntime
+    from vmfleet.procs import ManagedProcess, write_pid_file
+
+    logs = tmp_path / "workers"
+    logs.mkdir()
+    left = ManagedProcess("orphan", ["sleep", "300"], logs / "ns.vm1.0.log").start()
+    write_pid_file(left, logs / "ns.vm1.0.pgid")
+    unrelated = subprocess.Popen(["sleep", "300"])
+    try:
+        runtime = ProcessRuntime("redis://b", logs)
+        assert not (logs / "ns.vm1.0.pgid").exists()  # a new worker may take the name at once
+        deadline = time.monotonic() + 10
+        while left.running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not left.running()
+        assert unrelated.poll() is None
+        assert runtime.stop_predecessors() == []  # nothing left the second time
+    finally:
+        left.stop(grace=0)
+        unrelated.kill()
+        unrelated.wait()
