@@ -26,6 +26,7 @@ from typing import Any
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.times import parse_rfc3339, rfc3339
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.reports import F
 from vmfleet.policy import backoff_seconds, should_retry
 
 
@@ -56,7 +57,7 @@ class Plan:
 
 
 def _ended(entry: dict[str, Any], phase: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
-    return {"phase": phase, "reason": reason, "message": message, "completionTime": rfc3339(now)}
+    return {"phase": phase, "reason": reason, "message": message, F.COMPLETION_TIME: rfc3339(now)}
 
 
 def _present(entry: dict[str, Any], *keys: str) -> tuple[str, ...]:

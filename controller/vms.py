@@ -29,8 +29,10 @@ from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Target, now_rfc3339
 from vmfleet.api.models import RemoteVMSpec
+from vmfleet.api.reports import ProbeReport
 from vmfleet.kube import ApiException, Kube
 
+from .status import checked_vm_fields
 from .targets import vm_target
 from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
 from .runtime import Runtime, VMRef, WorkerGroup
@@ -316,6 +318,12 @@ class Fleet:
             new["conditions"] = fold_conditions(ref.spec, new, now_rfc3339(), self.health.thresholds)
         changed = {k: v for k, v in new.items() if status.get(k) != v
                    and not (k == "conditions" and not conditions_changed(status.get(k) or [], v))}
+        changed, errors = checked_vm_fields(changed)
+        if errors:  # a bug: what does not validate is never written (nor kept as written)
+            metrics.STATUS_WRITE_ERRORS.labels(c.VM_KIND).inc()
+            log.error("Not writing part of the status of RemoteVM %s/%s: %s", meta["namespace"],
+                      meta["name"], "; ".join(errors))
+            new = {**status, **changed}
         if not changed:
             return
         try:
@@ -334,12 +342,12 @@ class Fleet:
                 if reason == Reason.HOST_KEY_MISMATCH:
                     self.health.pause(obj, reason)
 
-    def on_probe(self, report: dict[str, Any]) -> bool:
+    def on_probe(self, report: ProbeReport) -> bool:
         """A worker's probe result: written with the conditions it changes."""
-        obj = self.cached(str(report.get("namespace")), str(report.get("vm")))
-        if obj is None or (report.get("uid") and obj["metadata"].get("uid") != report["uid"]):
+        obj = self.cached(report.namespace, report.vm)
+        if obj is None or (report.uid and obj["metadata"].get("uid") != report.uid):
             return False
-        fields = dict(report.get("status") or {})
+        fields = dict(report.status)
         host_key = fields.get("hostKey") or {}
         recorded = ((obj.get("status") or {}).get("hostKey") or {}).get("publicKey")
         if host_key.get("publicKey"):

@@ -17,10 +17,12 @@ from vmfleet.api.constants import (
     TASK_TRANSFER_CLEANUP,
 )
 from vmfleet.api.envelope import Envelope, Target
+from vmfleet.api.signing import Refused
 from vmfleet.celeryconf import broker_url
 
 from .app import app
 from .execute import CommandExecutor
+from .guard import Guard
 from .health import HealthChecker
 from .slots import vm_slot
 from .transfer import TransferExecutor
@@ -48,23 +50,48 @@ def _stop_listening(**_: Any) -> None:
     _stop.set()
 
 
+@functools.cache
+def guard() -> Guard:
+    """The verify key and the served VMs, read once per worker process."""
+    return Guard.from_settings()
+
+
+def _envelope(task: str, message: Any) -> Envelope:
+    """The verified envelope of a command or transfer message (raises Refused)."""
+    return Envelope.from_message(guard().open(message, task))
+
+
 @app.task(name=TASK_EXECUTE, bind=True, acks_late=True)
-def execute_on_vm(self: Task, envelope: dict[str, Any]) -> str:
+def execute_on_vm(self: Task, message: dict[str, Any]) -> str:
     worker = self.request.hostname or socket.gethostname()
-    message = Envelope.from_message(envelope)
+    try:
+        envelope = _envelope(TASK_EXECUTE, message)
+    except Refused:
+        return "refused"  # not trusted: not even its uid is reported
+    try:
+        guard().check_envelope(TASK_EXECUTE, envelope)
+    except Refused as refused:
+        return executor().refuse(envelope, worker, refused)
     # One of the VM's maxConcurrentCommands slots, across all its worker replicas.
-    limit = message.target.max_concurrent if message.target else None
-    with vm_slot(broker_url(), message.namespace, message.vm, worker, limit):
-        return executor().execute(message, worker)
+    limit = envelope.target.max_concurrent if envelope.target else None
+    with vm_slot(broker_url(), envelope.namespace, envelope.vm, worker, limit):
+        return executor().execute(envelope, worker)
 
 
 @app.task(name=TASK_TERMINATE, acks_late=True)
-def terminate_attempt(target: dict[str, Any], pgid: int, marker: str | None = None,
-                      become_user: str | None = None) -> bool:
+def terminate_attempt(message: dict[str, Any]) -> bool:
     """End the remote process group of an attempt whose worker was lost (through sudo as
     ``become_user`` when the attempt ran as that user)."""
-    return executor().terminate_attempt(Target.from_message(target), int(pgid), marker,
-                                        become_user)
+    try:
+        body = guard().open(message, TASK_TERMINATE)
+        target = Target.from_message(dict(body["target"]))
+        guard().check_target(TASK_TERMINATE, str(body["namespace"]), target)
+    except Refused:
+        return False
+    marker, become = body.get("marker"), body.get("become_user")
+    return executor().terminate_attempt(target, int(body["pgid"]),
+                                        str(marker) if marker else None,
+                                        str(become) if become else None)
 
 
 @functools.cache
@@ -76,7 +103,15 @@ def health_checker() -> HealthChecker:
 def check_vm_status(self: Task, message: dict[str, Any]) -> str:
     """Probe the VM (hard timeout) and report status.lastProbe, facts and hostKey."""
     worker = self.request.hostname or socket.gethostname()
-    return health_checker().check(message, worker)
+    try:
+        body = guard().open(message, TASK_CHECK_VM)
+        namespace = str(body["namespace"])
+        guard().check_vm(TASK_CHECK_VM, namespace, str(body["vm"]))
+        if body.get("target"):
+            guard().check_target(TASK_CHECK_VM, namespace, Target.from_message(dict(body["target"])))
+    except Refused:
+        return "refused"
+    return health_checker().check(body, worker)
 
 
 @functools.cache
@@ -86,12 +121,25 @@ def transfers() -> TransferExecutor:
 
 
 @app.task(name=TASK_TRANSFER, bind=True, acks_late=True)
-def transfer_file(self: Task, envelope: dict[str, Any]) -> str:
+def transfer_file(self: Task, message: dict[str, Any]) -> str:
     worker = self.request.hostname or socket.gethostname()
-    return transfers().execute(Envelope.from_message(envelope), worker)
+    try:
+        envelope = _envelope(TASK_TRANSFER, message)
+    except Refused:
+        return "refused"
+    try:
+        guard().check_envelope(TASK_TRANSFER, envelope)
+    except Refused as refused:
+        return executor().refuse(envelope, worker, refused)
+    return transfers().execute(envelope, worker)
 
 
 @app.task(name=TASK_TRANSFER_CLEANUP, acks_late=True)
-def clean_transfer(envelope: dict[str, Any]) -> int:
+def clean_transfer(message: dict[str, Any]) -> int:
     """Remove the temporary files a lost transfer attempt left on one destination."""
-    return transfers().clean(Envelope.from_message(envelope))
+    try:
+        envelope = _envelope(TASK_TRANSFER_CLEANUP, message)
+        guard().check_envelope(TASK_TRANSFER_CLEANUP, envelope)
+    except Refused:
+        return 0
+    return transfers().clean(envelope)
