@@ -21,6 +21,7 @@ from controller.runtime import (
 )
 from controller.vms import Fleet
 from vmfleet.api.models import RemoteVMSpec
+from vmfleet.api.reports import ProbeReport
 from vmfleet.api.times import now_rfc3339
 
 SPEC = {"host": "10.0.0.5", "user": "rocky", "credentialsSecretRef": {"name": "vm1-ssh"},
@@ -51,11 +52,11 @@ def fleet(kube: FakeKube) -> Fleet:
     return Fleet(kube, NoRuntime(), health, lambda queues: {}, lambda: {})  # type: ignore[arg-type]
 
 
-def probe(uid: str = "u1", **status: Any) -> dict[str, Any]:
+def probe(uid: str = "u1", **status: Any) -> ProbeReport:
     last = {"time": now_rfc3339(), "succeeded": True, "reason": "Completed",
             "message": "the VM answered every check", "latencySeconds": 0.1, "worker": "w1"}
-    return {"kind": "probe", "namespace": "ops", "vm": "vm1", "uid": uid,
-            "status": {"lastProbe": last, **status}}
+    return ProbeReport.from_message({"kind": "probe", "namespace": "ops", "vm": "vm1", "uid": uid,
+                                     "status": {"lastProbe": last, **status}})
 
 
 def vm_object() -> dict[str, Any]:

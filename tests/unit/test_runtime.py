@@ -16,7 +16,7 @@ from controller.runtime import (
 )
 from vmfleet.api.models import RemoteVMSpec, WorkersSpec
 
-SETTINGS = DeploymentSettings("img:1", "redis://b")
+SETTINGS = DeploymentSettings("img:1", "redis://b", verify_key="-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n")
 MOUNT = "/var/run/secrets/vmfleet.io/ssh"
 
 
@@ -57,7 +57,10 @@ def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
     assert all(m["readOnly"] is True for m in container["volumeMounts"])
     assert [v["secret"]["defaultMode"] for v in pod["volumes"]] == [0o440]  # group-readable: fsGroup is the image's user
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env == {"VMFLEET_BROKER_URL": "redis://b", "VMFLEET_CREDENTIALS_DIR": MOUNT}
+    # The public key (not a secret) and what this worker serves: its VM with its Secret.
+    assert env == {"VMFLEET_BROKER_URL": "redis://b", "VMFLEET_CREDENTIALS_DIR": MOUNT,
+                   "VMFLEET_VERIFY_KEY": SETTINGS.verify_key,
+                   "VMFLEET_SERVED_VMS": '{"ops/vm1":"vm1-ssh"}'}
     assert dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
     assert dep["metadata"]["labels"]["vmfleet.io/vm"] == "vm1"
 

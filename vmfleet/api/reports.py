@@ -109,20 +109,20 @@ class ResultFields:
 
     def wire(self) -> dict[str, Any]:
         """The fields as a result entry spells them, without the unreported ones."""
-        return {_WIRE[f.name]: value for f in dataclasses.fields(self)
+        return {WIRE_NAMES[f.name]: value for f in dataclasses.fields(self)
                 if (value := getattr(self, f.name)) is not None}
 
     @classmethod
     def from_wire(cls, body: dict[str, Any]) -> ResultFields:
         """From a report's ``fields``; names this release does not know are ignored."""
-        known = {python: body[wire] for python, wire in _WIRE.items() if body.get(wire) is not None}
+        known = {python: body[wire] for python, wire in WIRE_NAMES.items() if body.get(wire) is not None}
         return cls(**known)
 
     def replace(self, **changes: Any) -> ResultFields:
         return dataclasses.replace(self, **changes)
 
 
-_WIRE: Final = {
+WIRE_NAMES: Final = {
     "phase": F.PHASE, "reason": F.REASON, "message": F.MESSAGE, "exit_code": F.EXIT_CODE,
     "signal": F.SIGNAL, "start_time": F.START_TIME, "completion_time": F.COMPLETION_TIME,
     "worker": F.WORKER, "heartbeat_time": F.HEARTBEAT_TIME, "pgid": F.PGID,
@@ -231,5 +231,5 @@ def read_report(body: Any) -> Report:
     raise UnsupportedReport("Malformed", f"unknown report kind {kind!r}")
 
 
-__all__ = ["AttemptReport", "Event", "F", "Kind", "ProbeReport", "REPORT_VERSION", "Report",
+__all__ = ["AttemptReport", "Event", "F", "Kind", "ProbeReport", "REPORT_VERSION", "Report", "WIRE_NAMES",
            "ResultFields", "UNVERSIONED", "UnsupportedReport", "check_version", "read_report"]
