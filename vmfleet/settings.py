@@ -136,13 +136,12 @@ class Settings:
         "A queued attempt no worker claimed within this is sent again.", minimum=0)
     signing_key_file: str | None = setting(
         "VMFLEET_SIGNING_KEY_FILE", None, CONTROLLER,
-        "Ed25519 private key (PKCS#8 PEM) the controller signs every message to the workers "
-        "with; required (chart: the Secret `<release>-signing-key`, mounted by the controller "
-        "only; `vmfleet dev up` and the tests generate one).")
+        "Required: the Ed25519 private key (PEM) every message to the workers is signed with "
+        "(chart: Secret `<release>-signing-key`).")
     message_ttl_seconds: float | None = setting(
         "VMFLEET_MESSAGE_TTL_SECONDS", None, CONTROLLER,
-        "A signed message expires this long after it was sent; keep it above "
-        "`VMFLEET_REDISPATCH_SECONDS` (an unclaimed attempt is sent again, signed anew).",
+        "A signed message expires this long after it is sent (keep it above "
+        "`VMFLEET_REDISPATCH_SECONDS`: an unclaimed attempt is resent, signed anew).",
         minimum=1, default_doc="`VMFLEET_REDISPATCH_SECONDS` + 60")
     disk_pressure_ratio: float = setting(
         "VMFLEET_DISK_PRESSURE_RATIO", 0.90, CONTROLLER,
@@ -175,17 +174,15 @@ class Settings:
 
     verify_key: str | None = setting(
         "VMFLEET_VERIFY_KEY", None, WORKER,
-        "The controller's Ed25519 public key (PEM, or base64 of its 32 bytes) every message "
-        "is verified with; set by the controller on the workers it starts. Without it (or "
-        "`VMFLEET_VERIFY_KEY_FILE`) a worker runs nothing.")
+        "Set by the controller: its Ed25519 public key (PEM); without it (or the file) a "
+        "worker runs nothing.")
     verify_key_file: str | None = setting(
         "VMFLEET_VERIFY_KEY_FILE", None, WORKER,
         "A file holding that public key instead (chart: the transfer worker).")
     served_vms: str | None = setting(
         "VMFLEET_SERVED_VMS", None, WORKER,
-        "Set by the controller: the VMs this worker serves, a JSON object "
-        "`{\"<namespace>/<vm>\": \"<credentials Secret>\"}` (`<namespace>/*` or `*`: any VM, "
-        "for a transfer worker); a message for any other VM or Secret is refused.")
+        "Set by the controller: the VMs this worker serves with their Secrets, JSON "
+        "`{\"<ns>/<vm>\": \"<secret>\"}`; others are refused.")
 
     # ------------------------------------------------------------------ reading
 
