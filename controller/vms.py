@@ -312,18 +312,16 @@ class Fleet:
         """Merge ``fields`` into the VM's status, fold its conditions, and write what changed."""
         meta = obj["metadata"]
         status = dict(obj.get("status") or {})
+        fields = self._valid(obj, fields)
         new = {**status, **fields}
         ref = vm_ref(obj)
         if ref is not None:
             new["conditions"] = fold_conditions(ref.spec, new, now_rfc3339(), self.health.thresholds)
         changed = {k: v for k, v in new.items() if status.get(k) != v
                    and not (k == "conditions" and not conditions_changed(status.get(k) or [], v))}
-        changed, errors = checked_vm_fields(changed)
-        if errors:  # a bug: what does not validate is never written (nor kept as written)
-            metrics.STATUS_WRITE_ERRORS.labels(c.VM_KIND).inc()
-            log.error("Not writing part of the status of RemoteVM %s/%s: %s", meta["namespace"],
-                      meta["name"], "; ".join(errors))
-            new = {**status, **changed}
+        checked = self._valid(obj, changed)
+        if checked != changed:
+            changed, new = checked, {**status, **checked}
         if not changed:
             return
         try:
@@ -341,6 +339,17 @@ class Fleet:
                 self.health.post_warning(obj, reason, message)
                 if reason == Reason.HOST_KEY_MISMATCH:
                     self.health.pause(obj, reason)
+
+    @staticmethod
+    def _valid(obj: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        """The fields that validate against ``RemoteVMStatus``; the rest (a bug, or a
+        worker's bad report) is never written nor kept as written: logged and counted."""
+        valid, errors = checked_vm_fields(fields)
+        if errors:
+            metrics.STATUS_WRITE_ERRORS.labels(c.VM_KIND).inc()
+            log.error("Not writing part of the status of RemoteVM %s/%s: %s",
+                      obj["metadata"]["namespace"], obj["metadata"]["name"], "; ".join(errors))
+        return valid
 
     def on_probe(self, report: ProbeReport) -> bool:
         """A worker's probe result: written with the conditions it changes."""

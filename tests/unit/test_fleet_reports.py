@@ -9,6 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from controller.health import HealthMonitor
 from controller.runtime import (
     DeploymentCache,
@@ -94,6 +96,24 @@ def test_trust_on_first_use_records_the_first_key_only() -> None:
     cached = f.cached("ops", "vm1")
     assert cached is not None and cached["status"]["hostKey"]["publicKey"] == "ssh-ed25519 ONE"
     assert f.target_of(cached).host_keys == ("ssh-ed25519 ONE",)  # what workers pin now
+
+
+def test_a_vm_status_that_fails_validation_is_not_written_and_is_counted() -> None:
+    """RemoteVM status goes through RemoteVMStatus as RemoteCommand status does."""
+    kube = FakeKube()
+    f = fleet(kube)
+    f.seen(vm_object(), reconcile=False)
+    errors = REGISTRY.get_sample_value("vmfleet_status_write_errors_total",
+                                       {"kind": "RemoteVM"}) or 0
+    bad_facts = {"memoryTotalBytes": "lots"}
+    assert f.on_probe(probe(facts=bad_facts, bogus={"x": 1})) is True
+    ((_, patch),) = kube.vm_patches
+    assert "facts" not in patch["status"] and "bogus" not in patch["status"]
+    assert patch["status"]["lastProbe"]["worker"] == "w1"  # the valid part is written
+    assert REGISTRY.get_sample_value("vmfleet_status_write_errors_total",
+                                     {"kind": "RemoteVM"}) == errors + 1
+    cached = f.cached("ops", "vm1")
+    assert cached is not None and "facts" not in cached["status"]  # not kept as written
 
 
 def group(*names: str) -> WorkerGroup:
