@@ -10,13 +10,13 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions
 
 from vmfleet import settings
 from vmfleet.api import constants as c
-from vmfleet.api.signing import Signer, public_pem, read_private_key
+from vmfleet.api.signing import PUBLIC_KEY_FILE, Signer, public_pem, read_private_key
 from vmfleet.kube import ApiException, Kube
 from vmfleet.state import State, state_url
 
@@ -52,6 +52,9 @@ class Context:
         signer = signer_of(conf)
         verify_key = public_pem(signer.public_key)
         kube = Kube()
+        if conf.verify_key_configmap:
+            publish_verify_key(kube, conf.verify_key_configmap,
+                               os.environ.get("POD_NAMESPACE") or "default", verify_key)
         url = conf.broker_url
         state = State(state_url(url), scope=controller_scope(conf.controller_id))
         in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
@@ -129,6 +132,22 @@ def signer_of(conf: settings.Settings) -> Signer:
                          "`openssl genpkey -algorithm ed25519` makes one")
     ttl = conf.message_ttl_seconds or conf.redispatch_seconds + 60.0
     return Signer(read_private_key(conf.signing_key_file), ttl)
+
+
+def publish_verify_key(kube: Kube, name: str, namespace: str, pem: str) -> None:
+    """Write the public key into the ConfigMap the chart's transfer worker mounts (it is
+    no secret; the private key never leaves the controller)."""
+    data = {PUBLIC_KEY_FILE: pem}
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "data": data,
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {c.LABEL_MANAGED_BY: c.MANAGED_BY}}}
+    try:
+        kube.core.create_namespaced_config_map(namespace, cast(Any, body))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        kube.core.patch_namespaced_config_map(name, namespace, {"data": data})
+    log.info("Published the verify key in ConfigMap %s/%s", namespace, name)
 
 
 def kopf_namespaces(argv: list[str] | None = None) -> tuple[str, ...]:

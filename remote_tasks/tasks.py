@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import Task, signals
@@ -50,10 +51,19 @@ def _stop_listening(**_: Any) -> None:
     _stop.set()
 
 
-@functools.cache
+_guard: list[tuple[Guard, float]] = []
+_guard_lock = threading.Lock()
+
+
 def guard() -> Guard:
-    """The verify key and the served VMs, read once per worker process."""
-    return Guard.from_settings()
+    """The verify key and the served VMs, read once per worker process; while there is no
+    key (the chart's transfer worker mounts the one the controller publishes, which may
+    arrive later) it is read again at most every 5 seconds."""
+    with _guard_lock:
+        now = time.monotonic()
+        if not _guard or (_guard[0][0].verifier.key is None and now - _guard[0][1] > 5.0):
+            _guard[:] = [(Guard.from_settings(), now)]
+        return _guard[0][0]
 
 
 def _envelope(task: str, message: Any) -> Envelope:

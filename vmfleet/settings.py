@@ -143,6 +143,10 @@ class Settings:
         "A signed message expires this long after it is sent (keep it above "
         "`VMFLEET_REDISPATCH_SECONDS`: an unclaimed attempt is resent, signed anew).",
         minimum=1, default_doc="`VMFLEET_REDISPATCH_SECONDS` + 60")
+    verify_key_configmap: str | None = setting(
+        "VMFLEET_VERIFY_KEY_CONFIGMAP", None, CONTROLLER,
+        "ConfigMap (in `POD_NAMESPACE`) the controller writes its public key into at start, "
+        "for the chart's transfer worker.")
     disk_pressure_ratio: float = setting(
         "VMFLEET_DISK_PRESSURE_RATIO", 0.90, CONTROLLER,
         "`DiskPressure` when the VM's root filesystem is at least this full.",
