@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from celery import Task, signals
+from celery.exceptions import Reject
 
 from vmfleet.api.constants import (
     TASK_CHECK_VM,
@@ -18,7 +19,7 @@ from vmfleet.api.constants import (
     TASK_TRANSFER_CLEANUP,
 )
 from vmfleet.api.envelope import Envelope, Target
-from vmfleet.api.signing import Refused
+from vmfleet.api.signing import Refusal, Refused
 from vmfleet.celeryconf import broker_url
 
 from .app import app
@@ -66,9 +67,22 @@ def guard() -> Guard:
         return _guard[0][0]
 
 
+def _open(task: str, message: Any) -> dict[str, Any]:
+    """The verified body (raises Refused). A worker that has no key yet (the chart's
+    transfer worker before the controller's ConfigMap reached its mount) leaves the
+    message on its queue instead of dropping it."""
+    try:
+        return guard().open(message, task)
+    except Refused as refused:
+        if refused.reason == Refusal.NO_KEY:
+            time.sleep(1.0)
+            raise Reject(str(refused), requeue=True) from None
+        raise
+
+
 def _envelope(task: str, message: Any) -> Envelope:
     """The verified envelope of a command or transfer message (raises Refused)."""
-    return Envelope.from_message(guard().open(message, task))
+    return Envelope.from_message(_open(task, message))
 
 
 @app.task(name=TASK_EXECUTE, bind=True, acks_late=True)
@@ -93,7 +107,7 @@ def terminate_attempt(message: dict[str, Any]) -> bool:
     """End the remote process group of an attempt whose worker was lost (through sudo as
     ``become_user`` when the attempt ran as that user)."""
     try:
-        body = guard().open(message, TASK_TERMINATE)
+        body = _open(TASK_TERMINATE, message)
         target = Target.from_message(dict(body["target"]))
         guard().check_target(TASK_TERMINATE, str(body["namespace"]), target)
     except Refused:

@@ -155,3 +155,13 @@ def test_the_guard_reads_the_key_and_the_served_set_from_settings(tmp_path: Path
     (tmp_path / "pub").write_text(public_pem(KEY.public_key()))
     assert Guard.from_settings(settings.Settings(verify_key_file=str(tmp_path / "pub"))).verifier.key
     assert Guard.from_settings(settings.Settings()).verifier.key is None  # refuses everything
+
+
+def test_a_worker_without_its_key_yet_leaves_the_message_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery.exceptions import Reject
+
+    monkeypatch.setattr(tasks, "guard", lambda: Guard(Verifier(None), SERVED))
+    monkeypatch.setattr(tasks.time, "sleep", lambda seconds: None)
+    with pytest.raises(Reject) as rejected:
+        tasks._envelope(TASK_EXECUTE, SIGNER.sign(TASK_EXECUTE, envelope().to_message()))
+    assert rejected.value.requeue is True
