@@ -274,7 +274,7 @@ class Commands:
             found_vms = {vm["metadata"]["name"]: vm for vm in
                          self.list_vms(tracked.namespace, label_selector_string(spec.selector))}
             results = initial_results(sorted(found_vms), found_vms, now, phase=Phase.PENDING)
-        tracked.status = {"startTime": now, "results": results, "target": describe_target(spec)}
+        tracked.status = {F.START_TIME: now, "results": results, "target": describe_target(spec)}
         self.advance(tracked)
         self._refold(tracked)
         tracked.want(self.urgency.start)
@@ -335,7 +335,7 @@ class Commands:
         envelope = Envelope(
             namespace=tracked.namespace, name=tracked.name, uid=tracked.uid, vm=vm,
             attempt=attempt, dispatch_time=now_rfc3339(), spec=tracked.spec.wire(),
-            target=self.target_of(obj), command_start=tracked.status.get("startTime"),
+            target=self.target_of(obj), command_start=tracked.status.get(F.START_TIME),
             lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
             scope=self.state.scope,
         )

@@ -78,7 +78,7 @@ def plan(
     (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched;
     ``lost`` VMs' running attempts stopped heartbeating."""
     step = _Step(spec, now, [dict(e) for e in status.get("results") or []])
-    started = parse_rfc3339(status["startTime"]) if status.get("startTime") else now
+    started = parse_rfc3339(status[F.START_TIME]) if status.get(F.START_TIME) else now
     deadline_passed = bool(
         spec.active_deadline_seconds
         and now >= started + timedelta(seconds=spec.active_deadline_seconds)

@@ -63,7 +63,7 @@ def send_transfer(commands: Commands, tracked: Tracked, entry: dict[str, Any], a
     envelope = Envelope(namespace=tracked.namespace, name=tracked.name, uid=tracked.uid,
                         vm=entry["vm"], attempt=attempt, dispatch_time=now_rfc3339(),
                         spec=spec.wire(), target=targets.get(entry["vm"]),
-                        command_start=tracked.status.get("startTime"), targets=targets,
+                        command_start=tracked.status.get(F.START_TIME), targets=targets,
                         scope=commands.state.scope)
     if task == TASK_TRANSFER:
         commands.state.sent(tracked.uid)
