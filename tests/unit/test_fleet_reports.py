@@ -4,6 +4,7 @@ them, and the Deployment runtime writes nothing the watch shows as wanted alread
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 from types import SimpleNamespace
@@ -140,6 +141,16 @@ def test_local_workers_read_their_keys_from_files_only_the_owner_can_read(tmp_pa
     env = runtime._env(group("vm1"))
     assert env["VMFLEET_CREDENTIALS_DIR"] == str(root)
     assert "KUBECONFIG" not in env  # a worker holds no Kubernetes credentials
+
+
+def test_local_workers_get_the_public_key_and_their_served_vms_never_the_private_key(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("VMFLEET_SIGNING_KEY_FILE", str(tmp_path / "signing.key"))
+    runtime = ProcessRuntime("redis://b", tmp_path / "logs", verify_key="PUBLIC PEM")
+    env = runtime._env(group("vm1", "vm2"))
+    assert env["VMFLEET_VERIFY_KEY"] == "PUBLIC PEM"
+    assert json.loads(env["VMFLEET_SERVED_VMS"]) == {"ops/vm1": "vm1-ssh", "ops/vm2": "vm2-ssh"}
+    assert "VMFLEET_SIGNING_KEY_FILE" not in env
 
 
 class Applied:

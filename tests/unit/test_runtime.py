@@ -134,3 +134,12 @@ def test_label_value_is_bounded_and_distinct() -> None:
     assert len(label_value(long_a)) <= 63
     assert label_value(long_a) != label_value(long_b)
     assert label_value("vm1") == "vm1"
+
+
+def test_a_group_serves_its_vms_and_their_bastions_with_their_secrets() -> None:
+    jumping = vm("vm1", bastion_secret="gw-ssh", proxyJump={"vm": "gw"})
+    served = single(jumping).served
+    assert dict(served.vms) == {"ops/vm1": "vm1-ssh", "ops/gw": "gw-ssh"}
+    dep = worker_deployment(single(jumping), SETTINGS, 1)
+    env = {e["name"]: e.get("value") for e in pod_of(dep)["containers"][0]["env"]}
+    assert env["VMFLEET_SERVED_VMS"] == served.encode()
