@@ -30,6 +30,7 @@ RESULTS = REPO / "bench" / "results"
 SCENARIOS = (
     "one_vm_seq", "one_vm_conc8", "fanout50_cold", "fanout50_warm", "fanout200_warm",
     "e2e_latency", "throughput", "cancel_latency", "memory", "scale_vms", "airflow_deferred",
+    "signing",
 )
 SYSTEMS = (
     "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
@@ -38,7 +39,7 @@ SYSTEMS = (
 )
 METRICS = ("commands_per_s", "wall_s", "p50_ms", "p95_ms", "p99_ms", "writes_per_command",
            "writes_per_vm",
-           "rss_mb", "seconds", "api_watches", "api_connections")
+           "rss_mb", "seconds", "api_watches", "api_connections", "cpu_ms")
 # Lower is better for every metric but commands_per_s.
 HIGHER_IS_BETTER = {"commands_per_s"}
 # The system every other row of a scenario is compared with (ratio = value / reference).

@@ -37,6 +37,7 @@ from bench.harness import (  # noqa: E402
 
 # Scenario modules, in the order they run, and the scenario ids each measures.
 MODULES = {
+    "bench.scenarios.signing": ("signing",),
     "bench.scenarios.ssh_layer": ("one_vm_seq", "one_vm_conc8"),
     "bench.scenarios.fanout": ("fanout50_cold", "fanout50_warm"),
     "bench.scenarios.latency": ("e2e_latency",),

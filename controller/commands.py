@@ -36,13 +36,14 @@ from vmfleet.api.constants import (
     Phase,
     Reason,
 )
-from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
+from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
 from . import schedule
-from .reports import FINISHED, PROGRESS, apply_attempt_report
+from .reports import apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
 from .transfers import initial_transfer_results, send_transfer
 
@@ -75,6 +76,7 @@ class Tracked:
     due: float | None = None  # monotonic time by which ``status`` must be written
     acks: list[str] = field(default_factory=list)  # reports carried by the next write
     failures: int = 0
+    refusals: int = 0  # wanted statuses that failed validation (InternalError)
     lock: threading.RLock = field(default_factory=threading.RLock)
 
     @property
@@ -91,7 +93,7 @@ class Tracked:
 
 
 # The hooks the command logic needs from the rest of the controller.
-Sender = Callable[[str, list[Any], str], None]  # (task, args, queue)
+Sender = Callable[[str, dict[str, Any], str], None]  # (task, message body, queue): signed
 VMLookup = Callable[[str, str], dict[str, Any] | None]
 VMLister = Callable[[str, str], list[dict[str, Any]]]  # (namespace, label selector)
 TargetOf = Callable[[dict[str, Any]], Target]
@@ -208,40 +210,40 @@ class Commands:
                 del self._finished[uid]
         self.state.finished(tracked.uid)
         if tracked.ttl is not None:
-            finished = tracked.status.get("completionTime") or now_rfc3339()
+            finished = tracked.status.get(F.COMPLETION_TIME) or now_rfc3339()
             self._schedule_expiry(tracked.uid, tracked.namespace, tracked.name, finished, tracked.ttl)
 
     # ------------------------------------------------------------------ reports
 
-    def apply(self, report: dict[str, Any], report_id: str) -> bool:
+    def apply(self, report: AttemptReport, report_id: str) -> bool:
         """Fold a worker's report into its command; False when there is nothing to write
         (stale, or the command is gone): acknowledge it at once."""
-        tracked = self.get(str(report.get("uid")))
+        tracked = self.get(report.uid)
         if tracked is None:
-            if report.get("event") not in (FINISHED, PROGRESS) and report.get("uid"):
+            if report.event == Event.CLAIMED and report.uid:
                 # A claim for a command that no longer exists: make sure it stops.
-                self.state.cancel(str(report["uid"]))
+                self.state.cancel(report.uid)
             return False
         with tracked.lock:
             results = tracked.status.get("results") or []
-            index = next((i for i, e in enumerate(results) if e.get("vm") == report.get("vm")), None)
+            index = next((i for i, e in enumerate(results) if e.get(F.VM) == report.vm), None)
             if index is None:
                 return False
             new = apply_attempt_report(tracked.spec, results[index], report, datetime.now(UTC))
             if new is None:
                 return False
             results[index] = new
-            event = report.get("event")
-            if event == FINISHED:
+            event = report.event
+            if event == Event.FINISHED:
                 n = len(results)
                 delay = min(self.urgency.finished + self.urgency.per_target * (n - 1),
                             self.urgency.fan_out_cap) if n > 1 else self.urgency.finished
-            elif event == PROGRESS:
+            elif event == Event.PROGRESS:
                 delay = self.urgency.progress
             else:
                 delay = self.urgency.claimed
             tracked.acks.append(report_id)
-            if event == FINISHED:
+            if event == Event.FINISHED:
                 self.advance(tracked, refold=True)  # capacity freed, a retry to schedule
             self._refold(tracked)
             tracked.want(delay)
@@ -271,7 +273,7 @@ class Commands:
             found_vms = {vm["metadata"]["name"]: vm for vm in
                          self.list_vms(tracked.namespace, label_selector_string(spec.selector))}
             results = initial_results(sorted(found_vms), found_vms, now, phase=Phase.PENDING)
-        tracked.status = {"startTime": now, "results": results, "target": describe_target(spec)}
+        tracked.status = {F.START_TIME: now, "results": results, "target": describe_target(spec)}
         self.advance(tracked)
         self._refold(tracked)
         tracked.want(self.urgency.start)
@@ -312,9 +314,8 @@ class Commands:
             obj = self.get_vm(tracked.namespace, vm)
             if obj is not None:
                 become = tracked.spec.become.user if tracked.spec.become is not None else None
-                self.send(TASK_TERMINATE,
-                          [self.target_of(obj).to_message(), pgid, marker, become],
-                          vm_queue(obj))
+                self.send(TASK_TERMINATE, terminate_body(
+                    tracked.namespace, self.target_of(obj), pgid, marker, become), vm_queue(obj))
                 log.info("Asked the workers of %s to terminate process group %s of RemoteCommand "
                          "%s", vm, pgid, tracked.ref)
         for vm, attempt in step.dispatch:
@@ -333,12 +334,12 @@ class Commands:
         envelope = Envelope(
             namespace=tracked.namespace, name=tracked.name, uid=tracked.uid, vm=vm,
             attempt=attempt, dispatch_time=now_rfc3339(), spec=tracked.spec.wire(),
-            target=self.target_of(obj), command_start=tracked.status.get("startTime"),
+            target=self.target_of(obj), command_start=tracked.status.get(F.START_TIME),
             lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
             scope=self.state.scope,
         )
         self.state.sent(tracked.uid)
-        self.send(TASK_EXECUTE, [envelope.to_message()], vm_queue(obj))
+        self.send(TASK_EXECUTE, envelope.to_message(), vm_queue(obj))
         self.wake(tracked.namespace, vm)  # a VM scaled to zero gets a worker now
         log.info("Dispatched RemoteCommand %s to %s (attempt %s, queue %s)", tracked.ref, vm,
                  attempt, vm_queue(obj))
@@ -376,7 +377,7 @@ class Commands:
         ttl = spec.get("ttlSecondsAfterFinished")
         if ttl is None:
             return
-        finished = status.get("completionTime") or now_rfc3339()
+        finished = status.get(F.COMPLETION_TIME) or now_rfc3339()
         self._schedule_expiry(uid, namespace, name, finished, int(ttl))
 
     def _schedule_expiry(self, uid: str, namespace: str, name: str, finished: str, ttl: int) -> None:
@@ -415,7 +416,7 @@ class Commands:
         spec = RemoteCommandSpec.model_construct()
         tracked = Tracked(meta["namespace"], meta["name"], meta["uid"], spec,
                           {**previous, "phase": Phase.FAILED, "conditions": conditions,
-                           "completionTime": now, "startTime": previous.get("startTime") or now},
+                           F.COMPLETION_TIME: now, F.START_TIME: previous.get(F.START_TIME) or now},
                           previous or None)
         tracked.want(0.0)
         with self._lock:

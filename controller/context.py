@@ -10,12 +10,13 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions
 
 from vmfleet import settings
 from vmfleet.api import constants as c
+from vmfleet.api.signing import PUBLIC_KEY_FILE, Signer, public_pem, read_private_key
 from vmfleet.kube import ApiException, Kube
 from vmfleet.state import State, state_url
 
@@ -48,7 +49,12 @@ class Context:
     def from_environment(cls) -> Context:
         """The controller's start: its settings are read here, once (a bad value stops it)."""
         conf = settings.load()
+        signer = signer_of(conf)
+        verify_key = public_pem(signer.public_key)
         kube = Kube()
+        if conf.verify_key_configmap:
+            publish_verify_key(kube, conf.verify_key_configmap,
+                               os.environ.get("POD_NAMESPACE") or "default", verify_key)
         url = conf.broker_url
         state = State(state_url(url), scope=controller_scope(conf.controller_id))
         in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
@@ -56,7 +62,8 @@ class Context:
             c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
         runtime: Runtime
         if runtime_name == c.RUNTIME_PROCESS:
-            runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret)
+            runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret,
+                                     verify_key=verify_key)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),
@@ -66,6 +73,7 @@ class Context:
                     broker_secret_name=conf.broker_secret_name,
                     broker_secret_key=conf.broker_secret_key,
                     state_url=conf.state_url,
+                    verify_key=verify_key,
                     **worker_pod_settings(conf),
                 ),
             )
@@ -74,11 +82,11 @@ class Context:
                 f"{RUNTIME_ENV}={runtime_name!r} is not a worker runtime: "
                 f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
             )
-        dispatcher = Dispatcher(url)
+        dispatcher = Dispatcher(url, signer)
 
         def send_probe(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
             # No retries: a probe that cannot be sent now is sent at the next period.
-            dispatcher.app.send_task(task, args=[message], queue=queue, expires=expires, retry=False)
+            dispatcher.send_task(task, message, queue, expires=expires, retry=False)
 
         if url.startswith(("redis://", "rediss://", "unix://")):
             depths = redis_queue_depths(State(url).client)
@@ -113,6 +121,33 @@ class Context:
             or kopf_namespaces()
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)
+
+
+def signer_of(conf: settings.Settings) -> Signer:
+    """The signer of every message to the workers, from ``VMFLEET_SIGNING_KEY_FILE``
+    (required: a controller that cannot sign could not be obeyed)."""
+    if not conf.signing_key_file:
+        raise ValueError(f"{settings.env_of('signing_key_file')} is not set: the controller signs "
+                         "every message to the workers with an Ed25519 private key (PEM); "
+                         "`openssl genpkey -algorithm ed25519` makes one")
+    ttl = conf.message_ttl_seconds or conf.redispatch_seconds + 60.0
+    return Signer(read_private_key(conf.signing_key_file), ttl)
+
+
+def publish_verify_key(kube: Kube, name: str, namespace: str, pem: str) -> None:
+    """Write the public key into the ConfigMap the chart's transfer worker mounts (it is
+    no secret; the private key never leaves the controller)."""
+    data = {PUBLIC_KEY_FILE: pem}
+    body = {"apiVersion": "v1", "kind": "ConfigMap", "data": data,
+            "metadata": {"name": name, "namespace": namespace,
+                         "labels": {c.LABEL_MANAGED_BY: c.MANAGED_BY}}}
+    try:
+        kube.core.create_namespaced_config_map(namespace, cast(Any, body))
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+        kube.core.patch_namespaced_config_map(name, namespace, {"data": data})
+    log.info("Published the verify key in ConfigMap %s/%s", namespace, name)
 
 
 def kopf_namespaces(argv: list[str] | None = None) -> tuple[str, ...]:

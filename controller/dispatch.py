@@ -1,4 +1,6 @@
-"""Send attempts to the VMs' Celery queues, by task name (the controller never imports workers)."""
+"""Send messages to the workers' Celery queues, by task name (the controller never
+imports workers). Every message is signed (``vmfleet.api.signing``) as it is sent: a
+resend is signed anew, with a new expiry."""
 
 from __future__ import annotations
 
@@ -6,21 +8,19 @@ from typing import Any
 
 from celery import Celery
 
-from vmfleet.api.constants import TASK_EXECUTE
-from vmfleet.api.envelope import Envelope
+from vmfleet.api.signing import Signer
 from vmfleet.celeryconf import celery_config
 
 
 class Dispatcher:
-    def __init__(self, broker_url: str) -> None:
+    def __init__(self, broker_url: str, signer: Signer) -> None:
         self.app = Celery("vmfleet-controller", set_as_current=False)
         self.app.conf.update(celery_config(broker_url))
+        self.signer = signer
 
-    def send(self, envelope: Envelope, queue: str) -> None:
-        self.send_task(TASK_EXECUTE, [envelope.to_message()], queue)
-
-    def send_task(self, name: str, args: list[Any], queue: str) -> None:
-        self.app.send_task(name, args=args, queue=queue)
+    def send_task(self, name: str, body: dict[str, Any], queue: str, **options: Any) -> None:
+        """Sign ``body`` for the task ``name`` and send it as the task's one argument."""
+        self.app.send_task(name, args=[self.signer.sign(name, body)], queue=queue, **options)
 
     def close(self) -> None:
         self.app.close()

@@ -23,11 +23,13 @@ from typing import Any
 
 from vmfleet import metrics
 from vmfleet.api import constants as c
+from vmfleet.api.reports import AttemptReport, ProbeReport, UnsupportedReport, read_report
+from vmfleet.api.times import now_rfc3339
 from vmfleet.kube import ApiException, Kube
 from vmfleet.state import State
 
 from .commands import Commands, Tracked
-from .status import UnknownField, status_patch
+from .status import UnknownField, internal_error_status, status_patch
 
 log = logging.getLogger("controller.loop")
 
@@ -69,9 +71,9 @@ class Writer:
             tracked.due = None
             try:
                 patch = status_patch(tracked.written, desired)
-            except (UnknownField, ValueError) as exc:
-                log.error("Not writing RemoteCommand %s: %s", tracked.ref, exc)
-                patch = None
+            except (UnknownField, ValueError) as exc:  # pydantic's ValidationError is one
+                self.refused(tracked, exc)
+                return
         if patch is not None:
             try:
                 self.kube.patch_command_status(tracked.namespace, tracked.name, patch)
@@ -111,6 +113,32 @@ class Writer:
             log.info("RemoteCommand %s %s (%s)", tracked.ref, desired.get("phase"),
                      desired.get("completions"))
 
+    def refused(self, tracked: Tracked, exc: ValueError) -> None:
+        """The wanted status failed validation (a bug): never treated as written. The
+        command ends ``Failed``, reason ``InternalError``, its remote processes are
+        cancelled, and that status is written next; the reports it carries are
+        acknowledged only once it landed. Called with ``tracked.lock`` held."""
+        metrics.STATUS_WRITE_ERRORS.labels(c.COMMAND_KIND).inc()
+        tracked.refusals += 1
+        detail = str(exc).replace("\n", " ")[:600]
+        if tracked.refusals > 2:
+            # Not even the failure could be written: drop it rather than retry for ever.
+            log.error("Giving up on the status of RemoteCommand %s: %s", tracked.ref, detail)
+            acks, tracked.acks = tracked.acks, []
+            self.state.ack(acks)
+            self.commands.forget(tracked)
+            return
+        running = any(e.get("phase") not in c.Phase.TERMINAL
+                      for e in tracked.status.get("results") or [])
+        message = f"the controller could not write this command's status: {detail}"
+        tracked.status = internal_error_status(tracked.status, message, now_rfc3339(),
+                                               bare=tracked.refusals > 1)
+        tracked.written = None  # written whole
+        tracked.want(0.0)
+        log.error("RemoteCommand %s failed (%s): %s", tracked.ref, c.Reason.INTERNAL_ERROR, message)
+        if running:
+            self.state.cancel(tracked.uid)  # its remote processes are killed
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
@@ -119,7 +147,7 @@ class ReportReader:
     """Reads the reports stream and applies each report."""
 
     def __init__(self, state: State, commands: Commands, consumer: str,
-                 on_probe: Callable[[dict[str, Any]], bool]) -> None:
+                 on_probe: Callable[[ProbeReport], bool]) -> None:
         self.state = state
         self.commands = commands
         self.consumer = consumer
@@ -127,22 +155,29 @@ class ReportReader:
         self.probes = ThreadPoolExecutor(max_workers=4, thread_name_prefix="vmfleet-probe")
 
     def apply(self, report_id: str, body: dict[str, Any]) -> None:
-        kind = body.get("kind")
-        if kind == "attempt":
-            if self.commands.apply(body, report_id):
+        """Read one stream entry through the report contract (``vmfleet.api.reports``); one
+        it cannot read is logged, counted and acknowledged (dropped)."""
+        try:
+            report = read_report(body)
+        except UnsupportedReport as exc:
+            metrics.REPORTS_DROPPED.labels(exc.reason).inc()
+            log.error("Dropped report %s (%s): %s", report_id, exc.reason, exc)
+            self.state.ack([report_id])
+            return
+        if isinstance(report, AttemptReport):
+            if self.commands.apply(report, report_id):
                 return  # acknowledged with its write
-        elif kind == "probe":
+        else:
             # Written beside the reader: command results must not queue behind VM writes.
-            self.probes.submit(self._probe, report_id, body)
+            self.probes.submit(self._probe, report_id, report)
             return
         self.state.ack([report_id])
 
-    def _probe(self, report_id: str, body: dict[str, Any]) -> None:
+    def _probe(self, report_id: str, report: ProbeReport) -> None:
         try:
-            self.on_probe(body)
+            self.on_probe(report)
         except Exception as exc:  # noqa: BLE001 - left pending: a later controller reads it
-            log.warning("Could not apply the probe of %s/%s: %s", body.get("namespace"),
-                        body.get("vm"), exc)
+            log.warning("Could not apply the probe of %s/%s: %s", report.namespace, report.vm, exc)
             return
         try:
             self.state.ack([report_id])

@@ -14,33 +14,31 @@ from typing import Any
 from vmfleet.api.constants import Phase
 from vmfleet.api.envelope import rfc3339
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.policy import backoff_seconds, should_retry
 
-CLAIMED = "claimed"
-PROGRESS = "progress"
-FINISHED = "finished"
-
 # Fields of an entry that belong to one running attempt and go when it ends.
-ATTEMPT_FIELDS = ("pgid", "processMarker", "heartbeatTime", "lostPgid", "lostMarker", "retryAfter")
+ATTEMPT_FIELDS = (F.PGID, F.PROCESS_MARKER, F.HEARTBEAT_TIME, F.LOST_PGID, F.LOST_MARKER,
+                  F.RETRY_AFTER)
 
 
-def apply_attempt_report(spec: RemoteCommandSpec, entry: dict[str, Any], report: dict[str, Any],
+def apply_attempt_report(spec: RemoteCommandSpec, entry: dict[str, Any], report: AttemptReport,
                          now: datetime) -> dict[str, Any] | None:
     """The entry after ``report``, or None when the report is stale or already applied."""
-    if int(report.get("attempt") or 0) != int(entry.get("attempt") or 1):
+    if report.attempt != int(entry.get(F.ATTEMPT) or 1):
         return None
-    phase = entry.get("phase")
-    fields = dict(report.get("fields") or {})
-    event = report.get("event")
-    if event == CLAIMED:
+    phase = entry.get(F.PHASE)
+    fields = report.fields.wire()
+    event = report.event
+    if event == Event.CLAIMED:
         if phase not in (Phase.QUEUED, Phase.PENDING):
             return None
-        new = {k: v for k, v in entry.items() if k not in ("lostPgid", "lostMarker", "retryAfter")}
+        new = {k: v for k, v in entry.items() if k not in (F.LOST_PGID, F.LOST_MARKER, F.RETRY_AFTER)}
         new.update(fields, phase=Phase.RUNNING)
-        for key in ("reason", "message", "exitCode", "completionTime"):
+        for key in (F.REASON, F.MESSAGE, F.EXIT_CODE, F.COMPLETION_TIME):
             new.pop(key, None)  # a previous attempt's
         return new
-    if event == PROGRESS:
+    if event == Event.PROGRESS:
         if phase != Phase.RUNNING:
             return None
         new = dict(entry)
@@ -50,7 +48,7 @@ def apply_attempt_report(spec: RemoteCommandSpec, entry: dict[str, Any], report:
             else:
                 new[key] = value
         return new if new != entry else None
-    if event == FINISHED:
+    if event == Event.FINISHED:
         if phase in Phase.TERMINAL:
             return None
         return finished_entry(spec, entry, fields, now)
@@ -61,12 +59,12 @@ def finished_entry(spec: RemoteCommandSpec, entry: dict[str, Any], fields: dict[
                    now: datetime) -> dict[str, Any]:
     """The entry once its attempt ended as ``fields`` say; a retry when the spec allows."""
     new = {k: v for k, v in entry.items() if k not in ATTEMPT_FIELDS}
-    for key in ("exitCode", "signal", "message", "reason"):
+    for key in (F.EXIT_CODE, F.SIGNAL, F.MESSAGE, F.REASON):
         new.pop(key, None)
     new.update(fields)
-    attempt = int(entry.get("attempt") or 1)
-    if new.get("phase") == Phase.FAILED and should_retry(
-            spec, attempt, str(new.get("reason")), new.get("exitCode")):
+    attempt = int(entry.get(F.ATTEMPT) or 1)
+    if new.get(F.PHASE) == Phase.FAILED and should_retry(
+            spec, attempt, str(new.get(F.REASON)), new.get(F.EXIT_CODE)):
         delay = backoff_seconds(spec, attempt)
         new.update(
             phase=Phase.PENDING, attempt=attempt + 1,
@@ -74,9 +72,8 @@ def finished_entry(spec: RemoteCommandSpec, entry: dict[str, Any], fields: dict[
             message=f"attempt {attempt} failed ({new.get('reason')}): "
                     f"{new.get('message') or new.get('reason')}; next attempt after {delay:.0f}s",
         )
-        new.pop("completionTime", None)
+        new.pop(F.COMPLETION_TIME, None)
     return new
 
 
-__all__ = ["ATTEMPT_FIELDS", "CLAIMED", "FINISHED", "PROGRESS", "apply_attempt_report",
-           "finished_entry"]
+__all__ = ["ATTEMPT_FIELDS", "apply_attempt_report", "finished_entry"]

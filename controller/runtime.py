@@ -26,6 +26,7 @@ from kubernetes.client import AppsV1Api
 from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.models import Autoscale, RemoteVMSpec, WorkersSpec
+from vmfleet.api.served import ANY, Served
 from vmfleet.celeryconf import BROKER_URL_ENV
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 from vmfleet.procs import (
@@ -43,6 +44,9 @@ log = logging.getLogger("controller.runtime")
 MAX_CONCURRENT_ENV = settings.env_of("max_concurrent_commands")
 CREDENTIALS_DIR_ENV = settings.env_of("credentials_dir")
 STATE_URL_ENV = settings.env_of("state_url")
+VERIFY_KEY_ENV = settings.env_of("verify_key")
+SERVED_ENV = settings.env_of("served_vms")
+SIGNING_KEY_ENV = settings.env_of("signing_key_file")
 
 
 def desired_replicas(workers: WorkersSpec | None) -> int:
@@ -138,6 +142,15 @@ class WorkerGroup:
         return max(1, min(256, sum(vm.spec.max_concurrent_commands for vm in self.vms)))
 
     @property
+    def served(self) -> Served:
+        """What the group's workers may run: its VMs and their bastions, each with its
+        credentials Secret (``VMFLEET_SERVED_VMS``)."""
+        pairs = {(vm.name, vm.spec.credentials_secret_ref.name) for vm in self.vms}
+        pairs |= {(vm.spec.proxy_jump.vm, vm.bastion_secret) for vm in self.vms
+                  if vm.spec.proxy_jump is not None and vm.bastion_secret}
+        return Served.of(self.namespace, pairs)
+
+    @property
     def secrets(self) -> list[str]:
         names = {vm.spec.credentials_secret_ref.name for vm in self.vms}
         names |= {vm.bastion_secret for vm in self.vms if vm.bastion_secret}
@@ -191,6 +204,8 @@ class DeploymentSettings:
     # The chart's `hostNetwork` and `workers.extraEnv` (pod_extras applies them).
     host_network: bool = False
     extra_env: tuple[dict[str, Any], ...] = ()
+    # The controller's public key (not a secret): the workers verify every message with it.
+    verify_key: str = ""
 
 
 def pod_extras(settings: DeploymentSettings, pod_spec: dict[str, Any],
@@ -241,6 +256,8 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     env: list[dict[str, Any]] = [
         broker_env,
         {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
+        {"name": VERIFY_KEY_ENV, "value": settings.verify_key},
+        {"name": SERVED_ENV, "value": group.served.encode()},
     ]
     if settings.state_url:
         env.append({"name": STATE_URL_ENV, "value": settings.state_url})
@@ -421,8 +438,9 @@ class ProcessRuntime:
 
     def __init__(self, broker_url: str, log_dir: Path, python: str = sys.executable,
                  read_secret: SecretReader | None = None,
-                 credentials_dir: Path | None = None) -> None:
+                 credentials_dir: Path | None = None, verify_key: str = "") -> None:
         self.broker_url = broker_url
+        self.verify_key = verify_key
         self.log_dir = log_dir
         self.python = python
         self.read_secret = read_secret
@@ -476,8 +494,10 @@ class ProcessRuntime:
         env = dict(os.environ)
         env[BROKER_URL_ENV] = self.broker_url
         env[CREDENTIALS_DIR_ENV] = str(self.credentials_dir / group.namespace)
-        for name in ("KUBECONFIG", MAX_CONCURRENT_ENV):
-            env.pop(name, None)  # a worker holds no Kubernetes credentials
+        env[VERIFY_KEY_ENV] = self.verify_key
+        env[SERVED_ENV] = group.served.encode()
+        for name in ("KUBECONFIG", MAX_CONCURRENT_ENV, SIGNING_KEY_ENV):
+            env.pop(name, None)  # a worker holds no Kubernetes credentials, nor the private key
         # Local workers share the machine: each its own metrics port, or none if ours is off.
         metrics_on = settings.current().metrics_port != 0
         env[METRICS_PORT_ENV] = str(free_port()) if metrics_on else "0"
@@ -516,7 +536,9 @@ class ProcessRuntime:
 
     def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
         """Run ``replicas`` worker processes for the group."""
-        fingerprint = hashlib.sha256(repr((self._argv(group, 0), self.broker_url)).encode()).hexdigest()
+        # A member joining or leaving a pool changes what its workers serve: they restart.
+        fingerprint = hashlib.sha256(repr((self._argv(group, 0), self.broker_url,
+                                           group.served.encode())).encode()).hexdigest()
         if replicas:
             self.write_credentials(group.namespace, group.secrets)
         with self._lock:
@@ -561,6 +583,9 @@ class ProcessRuntime:
                 env = dict(os.environ)
                 env[BROKER_URL_ENV] = self.broker_url
                 env.pop(CREDENTIALS_DIR_ENV, None)  # it reaches every VM: keys via the API
+                env[VERIFY_KEY_ENV] = self.verify_key
+                env[SERVED_ENV] = Served({ANY: ANY}).encode()  # every VM the controller watches
+                env.pop(SIGNING_KEY_ENV, None)
                 proc = ManagedProcess("transfer worker", argv, log_path, env=env).start()
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started transfer worker process %s (queue %s)", proc.pid,

@@ -25,6 +25,7 @@ from typing import Any
 
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.reports import F
 from vmfleet.api.times import parse_rfc3339, rfc3339
 from vmfleet.policy import backoff_seconds, should_retry
 
@@ -56,7 +57,7 @@ class Plan:
 
 
 def _ended(entry: dict[str, Any], phase: str, reason: str, message: str, now: datetime) -> dict[str, Any]:
-    return {"phase": phase, "reason": reason, "message": message, "completionTime": rfc3339(now)}
+    return {"phase": phase, "reason": reason, "message": message, F.COMPLETION_TIME: rfc3339(now)}
 
 
 def _present(entry: dict[str, Any], *keys: str) -> tuple[str, ...]:
@@ -77,7 +78,7 @@ def plan(
     (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched;
     ``lost`` VMs' running attempts stopped heartbeating."""
     step = _Step(spec, now, [dict(e) for e in status.get("results") or []])
-    started = parse_rfc3339(status["startTime"]) if status.get("startTime") else now
+    started = parse_rfc3339(status[F.START_TIME]) if status.get(F.START_TIME) else now
     deadline_passed = bool(
         spec.active_deadline_seconds
         and now >= started + timedelta(seconds=spec.active_deadline_seconds)

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from vmfleet.api.models import RemoteCommandStatus, TargetResult
+from vmfleet.api.constants import Condition, Phase, Reason
+from vmfleet.api.models import RemoteCommandStatus, RemoteVMStatus, TargetResult
+from vmfleet.api.reports import F
+from vmfleet.fold import fold, set_condition
+
+from .reports import ATTEMPT_FIELDS
 
 Patch = dict[str, Any] | list[dict[str, Any]]
 
@@ -71,4 +76,53 @@ def status_patch(written: dict[str, Any] | None, desired: dict[str, Any]) -> Pat
     return ops or None
 
 
-__all__ = ["UnknownField", "checked_entry", "checked_status", "status_patch"]
+def internal_error_status(status: dict[str, Any], message: str, now: str, *,
+                          bare: bool = False) -> dict[str, Any]:
+    """The status of a command whose wanted status failed validation (pure): ``Failed``,
+    reason ``InternalError``, every unfinished entry failed with it, every entry that is
+    itself invalid cut to its VM and attempt. ``bare``: not even that could be written,
+    so no results at all."""
+    results: list[dict[str, Any]] = []
+    for entry in [] if bare else status.get("results") or []:
+        try:
+            entry = checked_entry(entry)
+        except ValueError:
+            entry = {F.VM: str(entry.get(F.VM)), F.ATTEMPT: int(entry.get(F.ATTEMPT) or 1)}
+        if entry.get(F.PHASE) not in Phase.TERMINAL:
+            entry = {k: v for k, v in entry.items() if k not in ATTEMPT_FIELDS}
+            entry.update({F.PHASE: Phase.FAILED, F.REASON: Reason.INTERNAL_ERROR,
+                          F.MESSAGE: message, F.COMPLETION_TIME: now})
+        results.append(entry)
+    new: dict[str, Any] = {F.START_TIME: status.get(F.START_TIME) or now}
+    if not bare:
+        new["results"] = results
+    new.update(fold(results, {}, now))
+    conditions = set_condition(new["conditions"], Condition.FAILED, "True", Reason.INTERNAL_ERROR,
+                               message, now)
+    new.update(phase=Phase.FAILED, conditions=set_condition(
+        conditions, Condition.FINISHED, "True", Phase.FAILED, message, now))
+    new.setdefault(F.COMPLETION_TIME, now)
+    return new
+
+
+def checked_vm_fields(fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The RemoteVM status fields that validate against ``RemoteVMStatus``, and an error
+    for each one that does not (dropped: a bug, never written)."""
+    names = {field.alias or name for name, field in RemoteVMStatus.model_fields.items()}
+    valid: dict[str, Any] = {}
+    errors: list[str] = []
+    for key, value in fields.items():
+        if key not in names:
+            errors.append(f"status has no field {key}")
+            continue
+        try:
+            RemoteVMStatus.model_validate({key: value})
+        except ValueError as exc:
+            errors.append(f"status.{key}: {exc}")
+            continue
+        valid[key] = value
+    return valid, errors
+
+
+__all__ = ["UnknownField", "checked_entry", "checked_status", "checked_vm_fields",
+           "internal_error_status", "status_patch"]

@@ -8,6 +8,7 @@ from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason, default_queue
 from vmfleet.api.envelope import Target
 from vmfleet.api.models import LabelSelector, RemoteCommandSpec
+from vmfleet.api.reports import F
 
 
 def label_selector_string(selector: LabelSelector) -> str:
@@ -54,7 +55,7 @@ def initial_results(
             results.append({
                 "vm": name, "phase": Phase.FAILED, "attempt": 1, "reason": Reason.VM_NOT_FOUND,
                 "message": f"RemoteVM {name} does not exist in this namespace",
-                "completionTime": now,
+                F.COMPLETION_TIME: now,
             })
         else:
             entry = {"vm": name, "host": vm["spec"].get("host"), "phase": phase, "attempt": 1}

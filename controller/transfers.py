@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from vmfleet.api.constants import TASK_TRANSFER, TRANSFER_QUEUE, Phase, Reason
 from vmfleet.api.envelope import Envelope, now_rfc3339
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.reports import F
 
 from .targets import initial_results
 
@@ -39,7 +40,7 @@ def initial_transfer_results(
     for entry in results:
         entry["transfer"] = {"source": source, "path": paths[entry["vm"]]}
         if missing_source and entry["phase"] == Phase.QUEUED:
-            entry.update(phase=Phase.FAILED, reason=Reason.VM_NOT_FOUND, completionTime=now,
+            entry.update({F.COMPLETION_TIME: now}, phase=Phase.FAILED, reason=Reason.VM_NOT_FOUND,
                          message=f"source RemoteVM {transfer.from_.vm} does not exist in this "
                          "namespace")
             entry.pop("dispatchTime", None)
@@ -62,11 +63,11 @@ def send_transfer(commands: Commands, tracked: Tracked, entry: dict[str, Any], a
     envelope = Envelope(namespace=tracked.namespace, name=tracked.name, uid=tracked.uid,
                         vm=entry["vm"], attempt=attempt, dispatch_time=now_rfc3339(),
                         spec=spec.wire(), target=targets.get(entry["vm"]),
-                        command_start=tracked.status.get("startTime"), targets=targets,
+                        command_start=tracked.status.get(F.START_TIME), targets=targets,
                         scope=commands.state.scope)
     if task == TASK_TRANSFER:
         commands.state.sent(tracked.uid)
-    commands.send(task, [envelope.to_message()], TRANSFER_QUEUE)
+    commands.send(task, envelope.to_message(), TRANSFER_QUEUE)
     verb = "Dispatched transfer" if task == TASK_TRANSFER else "Sent cleanup of transfer"
     log.info("%s %s to %s (attempt %s, queue %s)", verb, tracked.ref, entry["vm"], attempt,
              TRANSFER_QUEUE)

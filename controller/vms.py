@@ -29,11 +29,13 @@ from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Target, now_rfc3339
 from vmfleet.api.models import RemoteVMSpec
+from vmfleet.api.reports import ProbeReport
 from vmfleet.kube import ApiException, Kube
 
 from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
 from .runtime import Runtime, VMRef, WorkerGroup
 from .scaling import Autoscaler, Decision
+from .status import checked_vm_fields
 from .targets import vm_target
 
 log = logging.getLogger("controller.vms")
@@ -309,12 +311,16 @@ class Fleet:
         """Merge ``fields`` into the VM's status, fold its conditions, and write what changed."""
         meta = obj["metadata"]
         status = dict(obj.get("status") or {})
+        fields = self._valid(obj, fields)
         new = {**status, **fields}
         ref = vm_ref(obj)
         if ref is not None:
             new["conditions"] = fold_conditions(ref.spec, new, now_rfc3339(), self.health.thresholds)
         changed = {k: v for k, v in new.items() if status.get(k) != v
                    and not (k == "conditions" and not conditions_changed(status.get(k) or [], v))}
+        checked = self._valid(obj, changed)
+        if checked != changed:
+            changed, new = checked, {**status, **checked}
         if not changed:
             return
         try:
@@ -333,12 +339,23 @@ class Fleet:
                 if reason == Reason.HOST_KEY_MISMATCH:
                     self.health.pause(obj, reason)
 
-    def on_probe(self, report: dict[str, Any]) -> bool:
+    @staticmethod
+    def _valid(obj: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        """The fields that validate against ``RemoteVMStatus``; the rest (a bug, or a
+        worker's bad report) is never written nor kept as written: logged and counted."""
+        valid, errors = checked_vm_fields(fields)
+        if errors:
+            metrics.STATUS_WRITE_ERRORS.labels(c.VM_KIND).inc()
+            log.error("Not writing part of the status of RemoteVM %s/%s: %s",
+                      obj["metadata"]["namespace"], obj["metadata"]["name"], "; ".join(errors))
+        return valid
+
+    def on_probe(self, report: ProbeReport) -> bool:
         """A worker's probe result: written with the conditions it changes."""
-        obj = self.cached(str(report.get("namespace")), str(report.get("vm")))
-        if obj is None or (report.get("uid") and obj["metadata"].get("uid") != report["uid"]):
+        obj = self.cached(report.namespace, report.vm)
+        if obj is None or (report.uid and obj["metadata"].get("uid") != report.uid):
             return False
-        fields = dict(report.get("status") or {})
+        fields = dict(report.status)
         host_key = fields.get("hostKey") or {}
         recorded = ((obj.get("status") or {}).get("hostKey") or {}).get("publicKey")
         if host_key.get("publicKey"):

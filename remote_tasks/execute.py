@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import paramiko
 from pydantic import ValidationError
@@ -26,6 +25,8 @@ from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.reports import AttemptReport, Event, ResultFields
+from vmfleet.api.signing import Refused
 from vmfleet.state import CANCELLED, CLAIMED, State
 
 from .become import Become, PasswordInvalid, become_for, read_become_password, refusal
@@ -76,23 +77,20 @@ class Outcome:
     exit_code: int | None = None
     result: ExecResult | None = None
 
-    def fields(self, completion_time: str) -> dict[str, Any]:
-        fields: dict[str, Any] = {
-            "phase": self.phase,
-            "reason": self.reason,
-            "message": self.message,
-            "exitCode": self.exit_code,
-            "completionTime": completion_time,
-        }
+    def fields(self, completion_time: str) -> ResultFields:
+        fields = ResultFields(phase=self.phase, reason=self.reason, message=self.message,
+                              exit_code=self.exit_code, completion_time=completion_time)
         if self.result is not None:
-            fields.update(signal_outcome(self.result.signal, self.exit_code))
+            signalled = signal_outcome(self.result.signal, self.exit_code)
             out, err = self.result.stdout, self.result.stderr
-            fields.update(
+            fields = fields.replace(
+                signal=signalled.get("signal"),
+                exit_code=signalled.get("exitCode", self.exit_code),
                 stdout=out.text(),
                 stderr=err.text(),
-                stdoutBytes=out.total,
-                stderrBytes=err.total,
-                outputTruncated=out.truncated or err.truncated,
+                stdout_bytes=out.total,
+                stderr_bytes=err.total,
+                output_truncated=out.truncated or err.truncated,
             )
         return fields
 
@@ -134,16 +132,13 @@ def attempt_deadlines(spec: RemoteCommandSpec, command_start: str | None) -> Att
     return AttemptDeadlines(per_attempt, overall)
 
 
-def report_body(envelope: Envelope, worker: str, event: str, fields: dict[str, Any],
-                vm: str | None = None, attempt: int | None = None) -> dict[str, Any]:
+def attempt_report(envelope: Envelope, worker: str, event: Event, fields: ResultFields,
+                   vm: str | None = None, attempt: int | None = None) -> AttemptReport:
     """A report about one result entry (``vm``: a transfer's destination)."""
-    return {
-        "kind": "attempt", "event": event, "namespace": envelope.namespace,
-        "name": envelope.name, "uid": envelope.uid, "vm": vm or envelope.vm,
-        "attempt": envelope.attempt if attempt is None else attempt, "worker": worker,
-        "time": now_rfc3339(),
-        "fields": {key: value for key, value in fields.items() if value is not None},
-    }
+    return AttemptReport(
+        event=event, namespace=envelope.namespace, name=envelope.name, uid=envelope.uid,
+        vm=vm or envelope.vm, attempt=envelope.attempt if attempt is None else attempt,
+        worker=worker, time=now_rfc3339(), fields=fields)
 
 
 class Cancels:
@@ -212,8 +207,8 @@ class Attempt:
         log.info("Claimed RemoteCommand %s on %s (attempt %s)", env.ref, env.vm, env.attempt)
         return True
 
-    def report(self, event: str, fields: dict[str, Any]) -> None:
-        self.state.report(report_body(self.envelope, self.worker, event, fields),
+    def report(self, event: Event, fields: ResultFields) -> None:
+        self.state.report(attempt_report(self.envelope, self.worker, event, fields).to_message(),
                           self.envelope.scope)
 
     def claim(self, pgid: int | None, nonce: str) -> bool:
@@ -222,10 +217,9 @@ class Attempt:
         if not self._claim():
             return False
         now = now_rfc3339()
-        self.report("claimed", {
-            "phase": Phase.RUNNING, "startTime": now, "worker": self.worker, "heartbeatTime": now,
-            "pgid": pgid, "processMarker": nonce if pgid is not None else None,
-        })
+        self.report(Event.CLAIMED, ResultFields(
+            phase=Phase.RUNNING, start_time=now, worker=self.worker, heartbeat_time=now,
+            pgid=pgid, process_marker=nonce if pgid is not None else None))
         return not self.cancelled
 
     def tick(self) -> str | None:
@@ -245,17 +239,18 @@ class Attempt:
                 log.warning("Heartbeat of %s on %s failed: %s", env.ref, env.vm, exc)
         return Reason.CANCELLED if self.cancelled else None
 
-    def finish(self, fields: dict[str, Any]) -> bool:
+    def finish(self, fields: ResultFields) -> bool:
         """Report the outcome (claiming first if it ended before it started); False if the
         attempt was not this delivery's."""
         started = self.claimed
         if not started and not self._claim():
             return False
         env = self.envelope
-        fields = {"worker": self.worker, **fields}
-        if not started:  # ended before it could start: no claim report carried a startTime
-            fields.setdefault("startTime", fields.get("completionTime"))
-        self.report("finished", fields)
+        fields = fields.replace(worker=fields.worker or self.worker)
+        if not started and fields.start_time is None:
+            # Ended before it could start: no claim report carried a startTime.
+            fields = fields.replace(start_time=fields.completion_time)
+        self.report(Event.FINISHED, fields)
         self.state.release(env.uid, env.vm, env.attempt, env.scope)
         return True
 
@@ -370,7 +365,7 @@ class CommandExecutor:
                 outcome = Outcome(Phase.FAILED, Reason.INVALID_SPEC, f"invalid spec: {exc}")
         fields = outcome.fields(now_rfc3339())
         if envelope.target is not None:
-            fields["host"] = envelope.target.host
+            fields = fields.replace(host=envelope.target.host)
         if not attempt.finish(fields):
             return "cancelled" if attempt.cancelled else "duplicate"
         log.info("Finished RemoteCommand %s on %s attempt %s: %s (%s)", envelope.ref, envelope.vm,
@@ -378,6 +373,19 @@ class CommandExecutor:
         metrics.command_finished(envelope.namespace, envelope.vm, outcome.phase, outcome.reason,
                                  attempt.claimed_at)
         return str(outcome.phase)
+
+    def refuse(self, envelope: Envelope, worker: str, refused: Refused) -> str:
+        """A signed message this worker must not run (a VM or Secret it does not serve):
+        its attempt ends ``Failed``, reason ``MessageRefused``, so it is not sent again."""
+        attempt = Attempt(self.state, envelope, worker)
+        fields = ResultFields(phase=Phase.FAILED, reason=Reason.MESSAGE_REFUSED,
+                              message=f"the worker refused the message: {refused.detail}",
+                              completion_time=now_rfc3339())
+        if not attempt.finish(fields):
+            return "cancelled" if attempt.cancelled else "duplicate"
+        log.warning("Refused RemoteCommand %s on %s attempt %s: %s", envelope.ref, envelope.vm,
+                    envelope.attempt, refused)
+        return "refused"
 
     def run(self, envelope: Envelope, spec: RemoteCommandSpec, target: SSHTarget,
             attempt: Attempt) -> Outcome:

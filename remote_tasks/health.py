@@ -29,6 +29,7 @@ import paramiko
 from vmfleet.api.constants import Reason
 from vmfleet.api.envelope import Target
 from vmfleet.api.models import VMFacts
+from vmfleet.api.reports import ProbeReport
 from vmfleet.api.times import now_rfc3339
 
 from .execute import AttemptFailed, CommandExecutor
@@ -393,10 +394,10 @@ class HealthChecker:
                 "last_probe_time": now, "probe_latency_seconds": result.latency_seconds}).wire()
         if result.server_key is not None:
             status["hostKey"] = host_key_status(result.server_key, now, record)
-        self.executor.state.report({
-            "kind": "probe", "namespace": namespace, "vm": name, "uid": message.get("uid"),
-            "worker": worker, "time": now, "status": status,
-        }, str(message.get("scope") or "default"))
+        uid = message.get("uid")
+        report = ProbeReport(namespace=namespace, vm=name, uid=str(uid) if uid else None,
+                             worker=worker, time=now, status=status)
+        self.executor.state.report(report.to_message(), str(message.get("scope") or "default"))
         log.info("Probed RemoteVM %s/%s: %s (%s, %.3fs)", namespace, name,
                  "up" if result.succeeded else "down", result.reason, result.latency_seconds)
         return result.reason

@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import socket
 import threading
+import time
 from typing import Any
 
 from celery import Task, signals
+from celery.exceptions import Reject
 
 from vmfleet.api.constants import (
     TASK_CHECK_VM,
@@ -17,10 +19,12 @@ from vmfleet.api.constants import (
     TASK_TRANSFER_CLEANUP,
 )
 from vmfleet.api.envelope import Envelope, Target
+from vmfleet.api.signing import Refusal, Refused
 from vmfleet.celeryconf import broker_url
 
 from .app import app
 from .execute import CommandExecutor
+from .guard import Guard
 from .health import HealthChecker
 from .slots import vm_slot
 from .transfer import TransferExecutor
@@ -47,23 +51,70 @@ def _stop_listening(**_: Any) -> None:
     _stop.set()
 
 
+_guard: list[tuple[Guard, float]] = []
+_guard_lock = threading.Lock()
+
+
+def guard() -> Guard:
+    """The verify key and the served VMs, read once per worker process; while there is no
+    key (the chart's transfer worker mounts the one the controller publishes, which may
+    arrive later) it is read again at most every 5 seconds."""
+    with _guard_lock:
+        now = time.monotonic()
+        if not _guard or (_guard[0][0].verifier.key is None and now - _guard[0][1] > 5.0):
+            _guard[:] = [(Guard.from_settings(), now)]
+        return _guard[0][0]
+
+
+def _open(task: str, message: Any) -> dict[str, Any]:
+    """The verified body (raises Refused). A worker that has no key yet (the chart's
+    transfer worker before the controller's ConfigMap reached its mount) leaves the
+    message on its queue instead of dropping it."""
+    try:
+        return guard().open(message, task)
+    except Refused as refused:
+        if refused.reason == Refusal.NO_KEY:
+            time.sleep(1.0)
+            raise Reject(str(refused), requeue=True) from None
+        raise
+
+
+def _envelope(task: str, message: Any) -> Envelope:
+    """The verified envelope of a command or transfer message (raises Refused)."""
+    return Envelope.from_message(_open(task, message))
+
+
 @app.task(name=TASK_EXECUTE, bind=True, acks_late=True)
-def execute_on_vm(self: Task, envelope: dict[str, Any]) -> str:
+def execute_on_vm(self: Task, message: dict[str, Any]) -> str:
     worker = self.request.hostname or socket.gethostname()
-    message = Envelope.from_message(envelope)
+    try:
+        envelope = _envelope(TASK_EXECUTE, message)
+    except Refused:
+        return "refused"  # not trusted: not even its uid is reported
+    try:
+        guard().check_envelope(TASK_EXECUTE, envelope)
+    except Refused as refused:
+        return executor().refuse(envelope, worker, refused)
     # One of the VM's maxConcurrentCommands slots, across all its worker replicas.
-    limit = message.target.max_concurrent if message.target else None
-    with vm_slot(broker_url(), message.namespace, message.vm, worker, limit):
-        return executor().execute(message, worker)
+    limit = envelope.target.max_concurrent if envelope.target else None
+    with vm_slot(broker_url(), envelope.namespace, envelope.vm, worker, limit):
+        return executor().execute(envelope, worker)
 
 
 @app.task(name=TASK_TERMINATE, acks_late=True)
-def terminate_attempt(target: dict[str, Any], pgid: int, marker: str | None = None,
-                      become_user: str | None = None) -> bool:
+def terminate_attempt(message: dict[str, Any]) -> bool:
     """End the remote process group of an attempt whose worker was lost (through sudo as
     ``become_user`` when the attempt ran as that user)."""
-    return executor().terminate_attempt(Target.from_message(target), int(pgid), marker,
-                                        become_user)
+    try:
+        body = _open(TASK_TERMINATE, message)
+        target = Target.from_message(dict(body["target"]))
+        guard().check_target(TASK_TERMINATE, str(body["namespace"]), target)
+    except Refused:
+        return False
+    marker, become = body.get("marker"), body.get("become_user")
+    return executor().terminate_attempt(target, int(body["pgid"]),
+                                        str(marker) if marker else None,
+                                        str(become) if become else None)
 
 
 @functools.cache
@@ -75,7 +126,15 @@ def health_checker() -> HealthChecker:
 def check_vm_status(self: Task, message: dict[str, Any]) -> str:
     """Probe the VM (hard timeout) and report status.lastProbe, facts and hostKey."""
     worker = self.request.hostname or socket.gethostname()
-    return health_checker().check(message, worker)
+    try:
+        body = guard().open(message, TASK_CHECK_VM)
+        namespace = str(body["namespace"])
+        guard().check_vm(TASK_CHECK_VM, namespace, str(body["vm"]))
+        if body.get("target"):
+            guard().check_target(TASK_CHECK_VM, namespace, Target.from_message(dict(body["target"])))
+    except Refused:
+        return "refused"
+    return health_checker().check(body, worker)
 
 
 @functools.cache
@@ -85,12 +144,25 @@ def transfers() -> TransferExecutor:
 
 
 @app.task(name=TASK_TRANSFER, bind=True, acks_late=True)
-def transfer_file(self: Task, envelope: dict[str, Any]) -> str:
+def transfer_file(self: Task, message: dict[str, Any]) -> str:
     worker = self.request.hostname or socket.gethostname()
-    return transfers().execute(Envelope.from_message(envelope), worker)
+    try:
+        envelope = _envelope(TASK_TRANSFER, message)
+    except Refused:
+        return "refused"
+    try:
+        guard().check_envelope(TASK_TRANSFER, envelope)
+    except Refused as refused:
+        return executor().refuse(envelope, worker, refused)
+    return transfers().execute(envelope, worker)
 
 
 @app.task(name=TASK_TRANSFER_CLEANUP, acks_late=True)
-def clean_transfer(envelope: dict[str, Any]) -> int:
+def clean_transfer(message: dict[str, Any]) -> int:
     """Remove the temporary files a lost transfer attempt left on one destination."""
-    return transfers().clean(Envelope.from_message(envelope))
+    try:
+        envelope = _envelope(TASK_TRANSFER_CLEANUP, message)
+        guard().check_envelope(TASK_TRANSFER_CLEANUP, envelope)
+    except Refused:
+        return 0
+    return transfers().clean(envelope)

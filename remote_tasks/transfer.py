@@ -63,9 +63,10 @@ from vmfleet.api import constants as c
 from vmfleet.api.constants import SECRET_TYPE_SSH_AUTH, Phase, Reason
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource, TransferSpec
+from vmfleet.api.reports import Event, ResultFields
 from vmfleet.state import CANCELLED, CLAIMED
 
-from .execute import Attempt, AttemptFailed, CommandExecutor, report_body
+from .execute import Attempt, AttemptFailed, CommandExecutor, attempt_report
 from .ssh import Deadline, SSHError, SSHTarget
 
 if TYPE_CHECKING:
@@ -400,11 +401,10 @@ class TransferExecutor:
             dests.append(Destination(loc.vm, loc.path, envelope.attempt,
                                      temp_path(loc.path, envelope.uid, loc.vm, envelope.attempt)))
             target = self._find_target(envelope, loc.vm)
-            self._report(envelope, worker, "claimed", loc.vm, {
-                "phase": Phase.RUNNING, "startTime": now, "worker": worker, "heartbeatTime": now,
-                "host": target.host if target else None,
-                "transfer": {"source": transfer.from_.describe(), "path": loc.path},
-            })
+            self._report(envelope, worker, Event.CLAIMED, loc.vm, ResultFields(
+                phase=Phase.RUNNING, start_time=now, worker=worker, heartbeat_time=now,
+                host=target.host if target else None,
+                transfer={"source": transfer.from_.describe(), "path": loc.path}))
         log.info("Claimed transfer %s to %s (attempt %s)", envelope.ref,
                  ", ".join(dest.vm for dest in dests), envelope.attempt)
         started = self.clock()
@@ -556,11 +556,11 @@ class TransferExecutor:
             if dest.reported or not dest.active:
                 continue
             try:
-                self._report(run.envelope, run.worker, "progress", dest.vm, {
-                    "heartbeatTime": now,
-                    "transfer": {"source": source.description, "path": dest.path,
-                                 "bytes": dest.written, "totalBytes": source.size,
-                                 "updateTime": now}})
+                self._report(run.envelope, run.worker, Event.PROGRESS, dest.vm, ResultFields(
+                    heartbeat_time=now,
+                    transfer={"source": source.description, "path": dest.path,
+                              "bytes": dest.written, "totalBytes": source.size,
+                              "updateTime": now}))
             except Exception as exc:  # noqa: BLE001 - the next report carries the count
                 log.warning("Progress of transfer %s to %s not reported: %s", run.envelope.ref,
                             dest.vm, exc)
@@ -892,21 +892,19 @@ class TransferExecutor:
             if dest.partial_removed and "partial file" not in message:
                 message = (f"{message}; the partial file on {dest.vm} was removed ({dest.path} "
                            "was left as it was)")
-        self._report(envelope, worker, "finished", dest.vm, {
-            "phase": phase, "reason": reason, "message": message, "worker": worker,
-            "completionTime": now_rfc3339(),
-            "host": dest.target.host if dest.target else None,
-            "transfer": {k: v for k, v in transfer.items() if v is not None} or None,
-        })
+        self._report(envelope, worker, Event.FINISHED, dest.vm, ResultFields(
+            phase=phase, reason=reason, message=message, worker=worker,
+            completion_time=now_rfc3339(), host=dest.target.host if dest.target else None,
+            transfer={k: v for k, v in transfer.items() if v is not None} or None))
         dest.reported = True
         self.state.release(envelope.uid, dest.vm, dest.attempt, envelope.scope)
         log.info("Finished transfer %s to %s attempt %s: %s (%s)", envelope.ref, dest.vm,
                  dest.attempt, phase, reason)
 
-    def _report(self, envelope: Envelope, worker: str, event: str, vm: str,
-                fields: dict[str, Any]) -> None:
-        self.state.report(report_body(envelope, worker, event, fields, vm=vm,
-                                      attempt=envelope.attempt), envelope.scope)
+    def _report(self, envelope: Envelope, worker: str, event: Event, vm: str,
+                fields: ResultFields) -> None:
+        report = attempt_report(envelope, worker, event, fields, vm=vm, attempt=envelope.attempt)
+        self.state.report(report.to_message(), envelope.scope)
 
     # ---------------------------------------------------------------- cleanup task
 

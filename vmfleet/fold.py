@@ -12,6 +12,7 @@ from collections import Counter
 from typing import Any
 
 from vmfleet.api.constants import Condition, Phase, Reason
+from vmfleet.api.reports import F
 
 Status = dict[str, Any]
 
@@ -100,8 +101,8 @@ def fold(results: list[dict[str, Any]], previous: Status | None, now: str) -> St
         else:
             reason, message = Reason.CANCELLED, "cancelled"
         conditions = set_condition(conditions, Condition.FINISHED, "True", phase, message, now)
-        times = [entry["completionTime"] for entry in results if entry.get("completionTime")]
-        status["completionTime"] = previous.get("completionTime") or (max(times) if times else now)
+        times = [entry[F.COMPLETION_TIME] for entry in results if entry.get(F.COMPLETION_TIME)]
+        status[F.COMPLETION_TIME] = previous.get(F.COMPLETION_TIME) or (max(times) if times else now)
     status["conditions"] = conditions
     return status
 

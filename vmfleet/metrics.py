@@ -118,6 +118,24 @@ RECONCILE_ERRORS = Counter(
     "Controller handler runs that raised, by resource kind (RemoteVM, RemoteCommand).",
     ["kind"],
 )
+MESSAGES_REFUSED = Counter(
+    "vmfleet_messages_refused_total",
+    "Messages a worker refused and did not run, by reason (BadSignature, Expired, "
+    "VMNotServed, SecretMismatch, Unsigned, WrongTask, NoVerifyKey).",
+    ["reason"],
+)
+STATUS_WRITE_ERRORS = Counter(
+    "vmfleet_status_write_errors_total",
+    "Status writes the controller refused before sending (the status failed validation: a "
+    "bug), by resource kind; a RemoteCommand then ends Failed, reason InternalError.",
+    ["kind"],
+)
+REPORTS_DROPPED = Counter(
+    "vmfleet_reports_dropped_total",
+    "Worker reports the controller could not read and dropped, by reason (Version: "
+    "another major version; Malformed).",
+    ["reason"],
+)
 
 #: Every metric name of the contract, as it appears in a scrape.
 METRIC_NAMES: tuple[str, ...] = (
@@ -134,6 +152,9 @@ METRIC_NAMES: tuple[str, ...] = (
     "vmfleet_ssh_errors_total",
     "vmfleet_worker_replicas",
     "vmfleet_reconcile_errors_total",
+    "vmfleet_messages_refused_total",
+    "vmfleet_status_write_errors_total",
+    "vmfleet_reports_dropped_total",
 )
 
 

@@ -37,6 +37,7 @@ READERS: Final = (CONTROLLER, WORKER, BOTH)
 CONTROLLER_METRICS_PORT: Final = 9807
 WORKER_METRICS_PORT: Final = 9808
 DEFAULT_BROKER_URL: Final = "redis://127.0.0.1:6379/0"
+REDISPATCH_SECONDS: Final = 300.0
 
 #: Variables of the dev kit and the tests (prefixes): documented as not product settings.
 NOT_PRODUCT_SETTINGS: Final = ("VMFLEET_DEV_DIR", "VMFLEET_E2E_", "VMFLEET_CONTROLPLANE_",
@@ -131,8 +132,21 @@ class Settings:
         "A running attempt whose heartbeat is older than this is lost (retried or failed).",
         minimum=0)
     redispatch_seconds: float = setting(
-        "VMFLEET_REDISPATCH_SECONDS", 300.0, CONTROLLER,
+        "VMFLEET_REDISPATCH_SECONDS", REDISPATCH_SECONDS, CONTROLLER,
         "A queued attempt no worker claimed within this is sent again.", minimum=0)
+    signing_key_file: str | None = setting(
+        "VMFLEET_SIGNING_KEY_FILE", None, CONTROLLER,
+        "Required: the Ed25519 private key (PEM) every message to the workers is signed with "
+        "(chart: Secret `<release>-signing-key`).")
+    message_ttl_seconds: float | None = setting(
+        "VMFLEET_MESSAGE_TTL_SECONDS", None, CONTROLLER,
+        "A signed message expires this long after it is sent (keep it above "
+        "`VMFLEET_REDISPATCH_SECONDS`: an unclaimed attempt is resent, signed anew).",
+        minimum=1, default_doc="`VMFLEET_REDISPATCH_SECONDS` + 60")
+    verify_key_configmap: str | None = setting(
+        "VMFLEET_VERIFY_KEY_CONFIGMAP", None, CONTROLLER,
+        "ConfigMap (in `POD_NAMESPACE`) the controller writes its public key into at start, "
+        "for the chart's transfer worker.")
     disk_pressure_ratio: float = setting(
         "VMFLEET_DISK_PRESSURE_RATIO", 0.90, CONTROLLER,
         "`DiskPressure` when the VM's root filesystem is at least this full.",
@@ -162,6 +176,18 @@ class Settings:
         "Where the workers' VMs' credentials Secrets are mounted, one folder per Secret "
         "(set by the controller).", default_doc="`/var/run/secrets/vmfleet.io/ssh`")
 
+    verify_key: str | None = setting(
+        "VMFLEET_VERIFY_KEY", None, WORKER,
+        "Set by the controller: its Ed25519 public key (PEM); without it (or the file) a "
+        "worker runs nothing.")
+    verify_key_file: str | None = setting(
+        "VMFLEET_VERIFY_KEY_FILE", None, WORKER,
+        "A file holding that public key instead (chart: the transfer worker).")
+    served_vms: str | None = setting(
+        "VMFLEET_SERVED_VMS", None, WORKER,
+        "Set by the controller: the VMs this worker serves with their Secrets, JSON "
+        "`{\"<ns>/<vm>\": \"<secret>\"}`; others are refused.")
+
     # ------------------------------------------------------------------ reading
 
     @classmethod
@@ -186,6 +212,8 @@ class Settings:
         in_cluster = bool(environ.get("KUBERNETES_SERVICE_HOST"))
         values.setdefault("worker_runtime", RUNTIME_DEPLOYMENT if in_cluster else RUNTIME_PROCESS)
         values.setdefault("metrics_address", "0.0.0.0" if in_cluster else "127.0.0.1")
+        values.setdefault("message_ttl_seconds",
+                          values.get("redispatch_seconds", REDISPATCH_SECONDS) + 60.0)
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .api import constants as c
+from .api.reports import F
 from .api.times import parse_rfc3339
 
 KINDS = {
@@ -240,8 +241,8 @@ def describe_command(obj: dict[str, Any], events: Sequence[dict[str, Any]], now:
         ("Summary", ", ".join(f"{k} {summary[k]}" for k in
                               ("targets", "pending", "running", "succeeded", "failed", "cancelled")
                               if summary.get(k)) if summary else None),
-        ("Started", _when(status.get("startTime"), now)),
-        ("Completed", _when(status.get("completionTime"), now)),
+        ("Started", _when(status.get(F.START_TIME), now)),
+        ("Completed", _when(status.get(F.COMPLETION_TIME), now)),
         ("Deleting", _when(meta.get("deletionTimestamp"), now)),
     ])
     out += conditions_section(status.get("conditions"), now)
@@ -249,7 +250,7 @@ def describe_command(obj: dict[str, Any], events: Sequence[dict[str, Any]], now:
     if results:
         rows = [[r.get("vm", ""), r.get("phase", ""), str(r.get("attempt", "")),
                  "" if r.get("exitCode") is None else str(r["exitCode"]), r.get("reason") or "",
-                 _duration(r.get("startTime"), r.get("completionTime")),
+                 _duration(r.get(F.START_TIME), r.get(F.COMPLETION_TIME)),
                  _output_size(r), r.get("worker") or "", _one_line(r.get("message"))]
                 for r in results]
         out += "Results:\n" + table(["VM", "Phase", "Attempt", "Exit", "Reason", "Duration",

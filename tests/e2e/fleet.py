@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from vmfleet.api.signing import write_key_pair
 from vmfleet.dev.manifests import vm_manifests
 from vmfleet.dev.proc import ManagedProcess, wait_until
 
@@ -116,8 +117,12 @@ def start_controller(
     runtime: str = "Process",
     extra_env: dict[str, str] | None = None,
 ) -> ManagedProcess:
-    """Run ``kopf run -m controller`` as the user would, in the background."""
+    """Run ``kopf run -m controller`` as the user would, in the background; with a signing
+    key pair of its own in ``workdir`` (``signing.key``, ``verify.pub``) unless
+    ``extra_env`` names one: every test runs the signed path."""
     env = dict(os.environ)
+    private_key, _ = write_key_pair(workdir)
+    env["VMFLEET_SIGNING_KEY_FILE"] = str(private_key)
     env.update({
         "KUBECONFIG": str(kubeconfig),
         "VMFLEET_BROKER_URL": broker_url,

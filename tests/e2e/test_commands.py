@@ -184,7 +184,9 @@ def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis
     from controller.dispatch import Dispatcher
     from controller.targets import vm_target
     from tests.e2e.plugins.fleet import CONTROLLER_NAMESPACES
+    from vmfleet.api.constants import TASK_EXECUTE
     from vmfleet.api.envelope import Envelope
+    from vmfleet.api.signing import PRIVATE_KEY_FILE, Signer, read_private_key
 
     vm = make_vm("once")
     ns.add_vms([vm])
@@ -198,10 +200,12 @@ def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis
                         # A redelivery is the very message: it names the controller's scope,
                         # so whichever copy wins the claim reports where the controller reads.
                         scope=controller_scope(None, controller_argv(CONTROLLER_NAMESPACES)))
-    dispatcher = Dispatcher(redis_server.url)
+    # Copies as genuine as the controller's: signed with its key.
+    dispatcher = Dispatcher(redis_server.url,
+                            Signer(read_private_key(controller_dir / PRIVATE_KEY_FILE), 300))
     try:
         for _ in range(3):
-            dispatcher.send(envelope, f"vmfleet.{ns}.once")
+            dispatcher.send_task(TASK_EXECUTE, envelope.to_message(), f"vmfleet.{ns}.once")
     finally:
         dispatcher.close()
     ns.wait("remotecommand/once", "Complete")

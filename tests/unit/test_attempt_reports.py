@@ -10,6 +10,7 @@ from remote_tasks import execute
 from remote_tasks.execute import Attempt
 from vmfleet import settings
 from vmfleet.api.envelope import Envelope, Target
+from vmfleet.api.reports import ResultFields
 from vmfleet.state import CANCELLED, CLAIMED, TAKEN
 
 
@@ -88,7 +89,7 @@ def test_a_claim_taken_by_another_delivery_runs_nothing_and_reports_nothing() ->
     a = attempt(state)
     assert a.claim(4242, "n0") is False
     assert (a.claim_lost, a.claimed, a.cancelled) == (True, False, False)
-    assert a.finish({"phase": "Failed", "reason": "TransportError"}) is False
+    assert a.finish(ResultFields.from_wire({"phase": "Failed", "reason": "TransportError"})) is False
     assert state.reports == [] and state.released == []
 
 
@@ -104,8 +105,9 @@ def test_the_outcome_is_reported_and_the_heartbeat_released() -> None:
     state = FakeState()
     a = attempt(state)
     a.claim(4242, "n0")
-    assert a.finish({"phase": "Succeeded", "reason": "Completed", "exitCode": 0,
-                     "completionTime": "t9", "message": None}) is True
+    assert a.finish(ResultFields.from_wire({"phase": "Succeeded", "reason": "Completed",
+                                            "exitCode": 0, "completionTime": "t9",
+                                            "message": None})) is True
     finished = state.reports[-1]
     assert finished["event"] == "finished"
     assert finished["fields"] == {"worker": "w1", "phase": "Succeeded", "reason": "Completed",
@@ -118,7 +120,8 @@ def test_the_outcome_is_reported_and_the_heartbeat_released() -> None:
 def test_an_attempt_that_ended_before_it_started_claims_first_and_gets_a_start_time() -> None:
     state = FakeState()
     a = attempt(state)
-    assert a.finish({"phase": "Failed", "reason": "TransportError", "completionTime": "t3"}) is True
+    ended = ResultFields.from_wire({"phase": "Failed", "reason": "TransportError", "completionTime": "t3"})
+    assert a.finish(ended) is True
     assert len(state.claims) == 1
     (finished,) = state.reports  # no separate claim report
     assert finished["fields"]["startTime"] == "t3"

@@ -185,10 +185,10 @@ def test_judge_names_the_signal():
     outcome = judge(result, [0])
     assert (outcome.phase, outcome.reason, outcome.message) == (
         "Failed", "Signaled", "killed by signal KILL")
-    fields = outcome.fields("2026-01-01T00:00:00Z")
+    fields = outcome.fields("2026-01-01T00:00:00Z").wire()
     assert (fields["exitCode"], fields["signal"]) == (137, "KILL")
     plain = judge(ExecResult(2, StreamTail(10), StreamTail(10), 0.0, 1.0), [0])
-    assert plain.fields("t")["signal"] is None  # cleared when an earlier attempt had one
+    assert plain.fields("t").signal is None  # cleared when an earlier attempt had one
 
 
 def test_signal_transport_keeps_exit_signal():

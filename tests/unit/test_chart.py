@@ -3,6 +3,7 @@ template for the default values and each ci/*-values.yaml, and what the objects 
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import re
@@ -101,8 +102,11 @@ def test_default_objects():
         "Deployment/rel-vmfleet-transfer-worker",
         "Role/rel-vmfleet-controller",
         "Role/rel-vmfleet-transfer-worker",
+        "Role/rel-vmfleet-verify-key",
         "RoleBinding/rel-vmfleet-controller",
         "RoleBinding/rel-vmfleet-transfer-worker",
+        "RoleBinding/rel-vmfleet-verify-key",
+        "Secret/rel-vmfleet-signing-key",
         "Service/rel-vmfleet-broker",
         "Service/rel-vmfleet-controller",
         "Service/rel-vmfleet-transfer-worker",
@@ -113,6 +117,40 @@ def test_default_objects():
     # Off by default: prometheus-operator kinds and the dashboard.
     assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
     assert not find(docs, "ConfigMap")
+
+
+def test_only_the_controller_mounts_the_signing_key():
+    docs = render()
+    (secret,) = find(docs, "Secret", "rel-vmfleet-signing-key")
+    pem = base64.b64decode(secret["data"]["signing.key"])
+    from vmfleet.api.signing import load_private_key
+    load_private_key(pem)  # an Ed25519 key the controller can load
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    mounting = [d["metadata"]["name"] for d in find(docs, "Deployment")
+                if any((v.get("secret") or {}).get("secretName") == "rel-vmfleet-signing-key"
+                       for v in d["spec"]["template"]["spec"].get("volumes") or [])]
+    assert mounting == ["rel-vmfleet-controller"]
+    (controller,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    env = {e["name"]: e.get("value") for e in
+           controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VMFLEET_SIGNING_KEY_FILE"] == "/var/run/secrets/vmfleet.io/signing/signing.key"
+    assert env["VMFLEET_VERIFY_KEY_CONFIGMAP"] == "rel-vmfleet-verify-key"
+    (transfer,) = find(docs, "Deployment", "rel-vmfleet-transfer-worker")
+    pod = transfer["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["VMFLEET_VERIFY_KEY_FILE"] == "/var/run/vmfleet.io/verify/verify.pub"
+    assert json.loads(env["VMFLEET_SERVED_VMS"]) == {"fleet/*": "*"}
+    assert {"name": "verify-key", "configMap": {"name": "rel-vmfleet-verify-key",
+                                                "optional": True}} in pod["volumes"]
+    (role,) = find(docs, "Role", "rel-vmfleet-verify-key")
+    assert {"apiGroups": [""], "resources": ["configmaps"],
+            "resourceNames": ["rel-vmfleet-verify-key"], "verbs": ["get", "patch"]} in role["rules"]
+    # A key of the user's: nothing generated, their Secret mounted.
+    docs = render(None, "signing.existingSecret=my-key")
+    assert not find(docs, "Secret", "rel-vmfleet-signing-key")
+    (controller,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    volumes = controller["spec"]["template"]["spec"]["volumes"]
+    assert any((v.get("secret") or {}).get("secretName") == "my-key" for v in volumes)
 
 
 def test_controller_deployment():

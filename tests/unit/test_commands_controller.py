@@ -4,6 +4,7 @@ Redis (State), the Celery sender and the RemoteVM cache."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from controller.commands import Commands, Tracked
 from controller.status import status_patch
 from vmfleet.api.constants import TASK_EXECUTE, TASK_TERMINATE
 from vmfleet.api.envelope import Envelope, Target
+from vmfleet.api.reports import AttemptReport
 
 
 class FakeState:
@@ -53,7 +55,7 @@ class Fleet:
 
     def __init__(self, *names: str) -> None:
         self.vms = {name: vm(name) for name in names}
-        self.sent: list[tuple[str, list[Any], str]] = []
+        self.sent: list[tuple[str, dict[str, Any], str]] = []
         self.woken: list[str] = []
         self.deleted: list[tuple[str, str, str]] = []
 
@@ -68,11 +70,11 @@ class Fleet:
             delete=lambda uid, ns, name: self.deleted.append((uid, ns, name)),
         )
 
-    def send(self, task: str, args: list[Any], queue: str) -> None:
-        self.sent.append((task, args, queue))
+    def send(self, task: str, body: dict[str, Any], queue: str) -> None:
+        self.sent.append((task, body, queue))
 
     def envelopes(self) -> list[Envelope]:
-        return [Envelope.from_message(args[0]) for task, args, _ in self.sent if task == TASK_EXECUTE]
+        return [Envelope.from_message(body) for task, body, _ in self.sent if task == TASK_EXECUTE]
 
 
 def command(uid: str = "c-uid", **spec: Any) -> dict[str, Any]:
@@ -80,12 +82,13 @@ def command(uid: str = "c-uid", **spec: Any) -> dict[str, Any]:
             "spec": {"command": "true", **spec}}
 
 
-def report(event: str, vm: str, attempt: int = 1, uid: str = "c-uid", **fields: Any) -> dict[str, Any]:
-    return {"kind": "attempt", "event": event, "namespace": "ns", "name": "c", "uid": uid,
-            "vm": vm, "attempt": attempt, "worker": "w1", "fields": fields}
+def report(event: str, vm: str, attempt: int = 1, uid: str = "c-uid", **fields: Any) -> AttemptReport:
+    return AttemptReport.from_message({
+        "kind": "attempt", "event": event, "namespace": "ns", "name": "c", "uid": uid,
+        "vm": vm, "attempt": attempt, "worker": "w1", "fields": fields})
 
 
-def finished(vm: str, attempt: int = 1, **fields: Any) -> dict[str, Any]:
+def finished(vm: str, attempt: int = 1, **fields: Any) -> AttemptReport:
     values = {"phase": "Succeeded", "reason": "Completed", "exitCode": 0,
               "completionTime": "2026-11-23T12:00:05.000Z", **fields}
     return report("finished", vm, attempt, **values)
@@ -195,7 +198,7 @@ def test_a_claim_for_an_unknown_command_cancels_it(state: FakeState) -> None:
     commands = Fleet("vm1").commands(state)
     assert commands.apply(report("claimed", "vm1", uid="gone", phase="Running"), "1-0") is False
     assert state.cancelled == ["gone"]
-    assert commands.apply(finished("vm1") | {"uid": "gone2"}, "2-0") is False
+    assert commands.apply(dataclasses.replace(finished("vm1"), uid="gone2"), "2-0") is False
     assert state.cancelled == ["gone"]  # a result needs no cancel: nothing runs
 
 
@@ -213,8 +216,9 @@ def test_a_lost_worker_fails_the_attempt_without_retries(state: FakeState) -> No
     assert (entry["phase"], entry["reason"]) == ("Failed", "WorkerLost")
     assert entry["message"] == "w1 stopped reporting during attempt 1; process group 42 is terminated"
     assert tracked.status["phase"] == "Failed"
-    terminate = [(args[1:], queue) for task, args, queue in fleet.sent if task == TASK_TERMINATE]
-    assert terminate == [([42, "m", None], "vmfleet.ns.vm1")]  # no become: a plain kill
+    terminate = [((body["namespace"], body["pgid"], body["marker"], body["become_user"]), queue)
+                 for task, body, queue in fleet.sent if task == TASK_TERMINATE]
+    assert terminate == [(("ns", 42, "m", None), "vmfleet.ns.vm1")]  # no become: a plain kill
     assert state.forgotten == ["c-uid/vm1/1"]
 
 

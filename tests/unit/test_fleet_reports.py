@@ -4,10 +4,13 @@ them, and the Deployment runtime writes nothing the watch shows as wanted alread
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+from prometheus_client import REGISTRY
 
 from controller.health import HealthMonitor
 from controller.runtime import (
@@ -21,6 +24,7 @@ from controller.runtime import (
 )
 from controller.vms import Fleet
 from vmfleet.api.models import RemoteVMSpec
+from vmfleet.api.reports import ProbeReport
 from vmfleet.api.times import now_rfc3339
 
 SPEC = {"host": "10.0.0.5", "user": "rocky", "credentialsSecretRef": {"name": "vm1-ssh"},
@@ -51,11 +55,11 @@ def fleet(kube: FakeKube) -> Fleet:
     return Fleet(kube, NoRuntime(), health, lambda queues: {}, lambda: {})  # type: ignore[arg-type]
 
 
-def probe(uid: str = "u1", **status: Any) -> dict[str, Any]:
+def probe(uid: str = "u1", **status: Any) -> ProbeReport:
     last = {"time": now_rfc3339(), "succeeded": True, "reason": "Completed",
             "message": "the VM answered every check", "latencySeconds": 0.1, "worker": "w1"}
-    return {"kind": "probe", "namespace": "ops", "vm": "vm1", "uid": uid,
-            "status": {"lastProbe": last, **status}}
+    return ProbeReport.from_message({"kind": "probe", "namespace": "ops", "vm": "vm1", "uid": uid,
+                                     "status": {"lastProbe": last, **status}})
 
 
 def vm_object() -> dict[str, Any]:
@@ -95,6 +99,24 @@ def test_trust_on_first_use_records_the_first_key_only() -> None:
     assert f.target_of(cached).host_keys == ("ssh-ed25519 ONE",)  # what workers pin now
 
 
+def test_a_vm_status_that_fails_validation_is_not_written_and_is_counted() -> None:
+    """RemoteVM status goes through RemoteVMStatus as RemoteCommand status does."""
+    kube = FakeKube()
+    f = fleet(kube)
+    f.seen(vm_object(), reconcile=False)
+    errors = REGISTRY.get_sample_value("vmfleet_status_write_errors_total",
+                                       {"kind": "RemoteVM"}) or 0
+    bad_facts = {"memoryTotalBytes": "lots"}
+    assert f.on_probe(probe(facts=bad_facts, bogus={"x": 1})) is True
+    ((_, patch),) = kube.vm_patches
+    assert "facts" not in patch["status"] and "bogus" not in patch["status"]
+    assert patch["status"]["lastProbe"]["worker"] == "w1"  # the valid part is written
+    assert REGISTRY.get_sample_value("vmfleet_status_write_errors_total",
+                                     {"kind": "RemoteVM"}) == errors + 1
+    cached = f.cached("ops", "vm1")
+    assert cached is not None and "facts" not in cached["status"]  # not kept as written
+
+
 def group(*names: str) -> WorkerGroup:
     refs = [VMRef("ops", n, f"u-{n}", RemoteVMSpec.model_validate(
         {**SPEC, "credentialsSecretRef": {"name": f"{n}-ssh"}, "workerPool": "p"})) for n in names]
@@ -119,6 +141,16 @@ def test_local_workers_read_their_keys_from_files_only_the_owner_can_read(tmp_pa
     env = runtime._env(group("vm1"))
     assert env["VMFLEET_CREDENTIALS_DIR"] == str(root)
     assert "KUBECONFIG" not in env  # a worker holds no Kubernetes credentials
+
+
+def test_local_workers_get_the_public_key_and_their_served_vms_never_the_private_key(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    monkeypatch.setenv("VMFLEET_SIGNING_KEY_FILE", str(tmp_path / "signing.key"))
+    runtime = ProcessRuntime("redis://b", tmp_path / "logs", verify_key="PUBLIC PEM")
+    env = runtime._env(group("vm1", "vm2"))
+    assert env["VMFLEET_VERIFY_KEY"] == "PUBLIC PEM"
+    assert json.loads(env["VMFLEET_SERVED_VMS"]) == {"ops/vm1": "vm1-ssh", "ops/vm2": "vm2-ssh"}
+    assert "VMFLEET_SIGNING_KEY_FILE" not in env
 
 
 class Applied:

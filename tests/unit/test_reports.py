@@ -7,14 +7,16 @@ from typing import Any
 
 from controller.reports import apply_attempt_report
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.reports import AttemptReport
 
 NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
 SPEC = RemoteCommandSpec.model_validate({"vm": "vm1", "command": "true"})
 
 
-def report(event: str, attempt: int = 1, **fields: Any) -> dict[str, Any]:
-    return {"kind": "attempt", "event": event, "uid": "u", "vm": "vm1", "attempt": attempt,
-            "worker": "w1", "fields": fields}
+def report(event: str, attempt: int = 1, **fields: Any) -> AttemptReport:
+    return AttemptReport.from_message({
+        "kind": "attempt", "event": event, "namespace": "ns", "name": "c", "uid": "u",
+        "vm": "vm1", "attempt": attempt, "worker": "w1", "fields": fields})
 
 
 def queued(attempt: int = 1, **extra: Any) -> dict[str, Any]:

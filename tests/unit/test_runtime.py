@@ -16,7 +16,8 @@ from controller.runtime import (
 )
 from vmfleet.api.models import RemoteVMSpec, WorkersSpec
 
-SETTINGS = DeploymentSettings("img:1", "redis://b")
+SETTINGS = DeploymentSettings(
+    "img:1", "redis://b", verify_key="-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA\n-----END PUBLIC KEY-----\n")
 MOUNT = "/var/run/secrets/vmfleet.io/ssh"
 
 
@@ -58,7 +59,10 @@ def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
     # group-readable: fsGroup is the image's user
     assert [v["secret"]["defaultMode"] for v in pod["volumes"]] == [0o440]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env == {"VMFLEET_BROKER_URL": "redis://b", "VMFLEET_CREDENTIALS_DIR": MOUNT}
+    # The public key (not a secret) and what this worker serves: its VM with its Secret.
+    assert env == {"VMFLEET_BROKER_URL": "redis://b", "VMFLEET_CREDENTIALS_DIR": MOUNT,
+                   "VMFLEET_VERIFY_KEY": SETTINGS.verify_key,
+                   "VMFLEET_SERVED_VMS": '{"ops/vm1":"vm1-ssh"}'}
     assert dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
     assert dep["metadata"]["labels"]["vmfleet.io/vm"] == "vm1"
 
@@ -161,3 +165,12 @@ def test_a_new_process_runtime_stops_the_workers_an_earlier_controller_left(tmp_
         left.stop(grace=0)
         unrelated.kill()
         unrelated.wait()
+
+
+def test_a_group_serves_its_vms_and_their_bastions_with_their_secrets() -> None:
+    jumping = vm("vm1", bastion_secret="gw-ssh", proxyJump={"vm": "gw"})
+    served = single(jumping).served
+    assert dict(served.vms) == {"ops/vm1": "vm1-ssh", "ops/gw": "gw-ssh"}
+    dep = worker_deployment(single(jumping), SETTINGS, 1)
+    env = {e["name"]: e.get("value") for e in pod_of(dep)["containers"][0]["env"]}
+    assert env["VMFLEET_SERVED_VMS"] == served.encode()

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from prometheus_client import REGISTRY
+
 from controller.commands import Commands, Tracked
 from controller.loop import Writer
 from tests.unit.test_commands_controller import FakeState, Fleet, command, finished, report
@@ -115,3 +118,38 @@ def test_flush_writes_only_what_is_due() -> None:
     writer.flush(now=tracked.due)
     assert len(kube.patches) == 1 and tracked.due is None
     writer.close()
+
+
+@pytest.mark.parametrize("corrupt", [
+    {"bogusField": 1},  # a field the CRD does not have (UnknownField)
+    {"exitCode": "three"},  # a value its model refuses (pydantic's ValidationError)
+])
+def test_a_status_that_fails_validation_fails_the_command_with_internal_error(
+        corrupt: dict[str, Any]) -> None:
+    kube = FakeKube()
+    state, commands, writer, tracked = setup(kube)
+    writer.write(tracked)
+    commands.apply(report("claimed", "vm1", phase="Running", worker="w1", pgid=7), "1-0")
+    tracked.status["results"][0].update(corrupt)  # a bug somewhere in the controller
+    errors = REGISTRY.get_sample_value("vmfleet_status_write_errors_total",
+                                       {"kind": "RemoteCommand"}) or 0
+    writer.write(tracked)
+    assert len(kube.patches) == 1  # the refused status was not sent...
+    assert state.acked == [] and tracked.acks == ["1-0"]  # ...nor treated as written
+    assert state.cancelled == ["c-uid"]  # the running attempt's processes are killed
+    assert REGISTRY.get_sample_value("vmfleet_status_write_errors_total",
+                                     {"kind": "RemoteCommand"}) == errors + 1
+    assert tracked.due is not None  # the failure is written next
+    writer.write(tracked)
+    (_, _, patch) = kube.patches[-1]
+    status = patch["status"]  # written whole
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InternalError" and "bogusField" in failed["message"] \
+        or "exitCode" in failed["message"]
+    vm1, vm2 = status["results"]
+    assert (vm1["phase"], vm1["reason"]) == ("Failed", "InternalError")
+    assert "bogusField" not in vm1 and "pgid" not in vm1
+    assert (vm2["phase"], vm2["reason"]) == ("Failed", "InternalError")
+    assert state.acked == ["1-0"]  # acknowledged once the failure landed
+    assert commands.get("c-uid") is None  # finished: let go

@@ -117,10 +117,13 @@ def test_every_field_the_controller_can_write_exists_in_the_crd_schema() -> None
 def test_what_the_workers_report_passes_the_check() -> None:
     """The fields a claim and a result carry (remote_tasks.execute) are TargetResult's."""
     from remote_tasks.execute import Outcome
+    from vmfleet.api.reports import WIRE_NAMES
 
     names = _aliases(TargetResult)
     claimed = {"phase", "startTime", "worker", "heartbeatTime", "pgid", "processMarker"}
     assert claimed <= names
     fields = Outcome("Failed", "ExitCode", "exit code 3", 3).fields("t1")
-    assert set(fields) <= names
+    assert set(fields.wire()) <= names
+    # Every field a report can carry is a result entry's (vmfleet.api.reports).
+    assert set(WIRE_NAMES.values()) <= names
     assert {"stdout", "stderr", "stdoutBytes", "stderrBytes", "outputTruncated", "host"} <= names

@@ -51,6 +51,14 @@ class Target:
         )
 
 
+def terminate_body(namespace: str, target: Target, pgid: int, marker: str | None,
+                   become_user: str | None) -> dict[str, Any]:
+    """The message that ends a lost attempt's remote process group on one VM (as
+    ``become_user`` through sudo when the attempt ran as that user)."""
+    return {"namespace": namespace, "target": target.to_message(), "pgid": pgid,
+            "marker": marker, "become_user": become_user}
+
+
 @dataclass(frozen=True)
 class Envelope:
     namespace: str
@@ -99,4 +107,4 @@ class Envelope:
         return f"{self.namespace}/{self.name}"
 
 
-__all__ = ["Envelope", "Target", "now_rfc3339", "parse_rfc3339", "rfc3339"]
+__all__ = ["Envelope", "Target", "terminate_body", "now_rfc3339", "parse_rfc3339", "rfc3339"]

@@ -13,6 +13,7 @@ from typing import Any
 
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase
+from vmfleet.api.reports import F
 from vmfleet.kube import Kube
 
 
@@ -68,9 +69,9 @@ def _rows(title: str, obj: dict[str, Any]) -> list[list[str]]:
 def _duration(result: dict[str, Any]) -> str:
     from vmfleet.api.envelope import parse_rfc3339
 
-    if not (result.get("dispatchTime") and result.get("completionTime")):
+    if not (result.get(F.DISPATCH_TIME) and result.get(F.COMPLETION_TIME)):
         return "-"
-    seconds = (parse_rfc3339(result["completionTime"]) - parse_rfc3339(result["dispatchTime"]))
+    seconds = (parse_rfc3339(result[F.COMPLETION_TIME]) - parse_rfc3339(result[F.DISPATCH_TIME]))
     return f"{seconds.total_seconds() * 1000:.0f} ms"
 
 

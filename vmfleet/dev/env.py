@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from vmfleet.api import constants as c
+from vmfleet.api.signing import write_key_pair
 from vmfleet.dev import node as node_mod
 from vmfleet.dev.brokers import RabbitMQServer, RedisServer
 from vmfleet.dev.controlplane import ControlPlane
@@ -171,8 +172,10 @@ def up(vms: int = 3, broker: str = "redis", node: bool = False) -> int:
             _remove_release(cp)
             print("Starting the controller (Process runtime)...")
             env = dict(os.environ)
+            private_key, _ = write_key_pair(root)  # signs every message to the workers
             env.update({
                 "KUBECONFIG": str(kubeconfig),
+                "VMFLEET_SIGNING_KEY_FILE": str(private_key),
                 "VMFLEET_BROKER_URL": server.url,
                 "VMFLEET_WORKER_RUNTIME": c.RUNTIME_PROCESS,
                 "VMFLEET_WORKER_LOG_DIR": str(root / "workers"),
