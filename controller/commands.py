@@ -43,6 +43,7 @@ from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
 from . import schedule
+from .dryrun import dry_run_status
 from .reports import FINISHED, PROGRESS, apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
 from .transfers import initial_transfer_results, send_transfer
@@ -251,10 +252,32 @@ class Commands:
 
     # ------------------------------------------------------------------ scheduling
 
+    def resolve(self, tracked: Tracked) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """The target VMs' names (in the order they are started) and those that exist."""
+        spec = tracked.spec
+        if spec.transfer is not None:
+            names = _transfer_vms(spec)
+        elif spec.vm is not None or spec.vms is not None:
+            names = [spec.vm] if spec.vm is not None else list(spec.vms or [])
+        else:
+            assert spec.selector is not None
+            found = {vm["metadata"]["name"]: vm for vm in
+                     self.list_vms(tracked.namespace, label_selector_string(spec.selector))}
+            return sorted(found), found
+        return names, {name: vm for name in dict.fromkeys(names)
+                       if (vm := self.get_vm(tracked.namespace, name)) is not None}
+
     def start(self, tracked: Tracked) -> None:
         """The initial result entries, and the first attempts sent."""
         spec = tracked.spec
         now = now_rfc3339()
+        if spec.dry_run:
+            names, found = self.resolve(tracked)
+            tracked.status = dry_run_status(spec, names, found, describe_target(spec), now)
+            tracked.want(0.0)
+            log.info("RemoteCommand %s: %s", tracked.ref,
+                     tracked.status["conditions"][0]["message"])
+            return
         if spec.transfer is not None:
             vms = {name: vm for name in _transfer_vms(spec)
                    if (vm := self.get_vm(tracked.namespace, name)) is not None}
@@ -263,15 +286,9 @@ class Commands:
                 if entry["phase"] == Phase.QUEUED:
                     entry["phase"] = Phase.PENDING
                     entry.pop("dispatchTime", None)
-        elif spec.vm is not None:
-            found = self.get_vm(tracked.namespace, spec.vm)
-            results = initial_results([spec.vm], {spec.vm: found} if found else {}, now,
-                                      phase=Phase.PENDING)
         else:
-            assert spec.selector is not None
-            found_vms = {vm["metadata"]["name"]: vm for vm in
-                         self.list_vms(tracked.namespace, label_selector_string(spec.selector))}
-            results = initial_results(sorted(found_vms), found_vms, now, phase=Phase.PENDING)
+            names, found = self.resolve(tracked)
+            results = initial_results(names, found, now, phase=Phase.PENDING)
         tracked.status = {"startTime": now, "results": results, "target": describe_target(spec)}
         self.advance(tracked)
         self._refold(tracked)

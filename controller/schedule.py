@@ -5,7 +5,7 @@ entry's expected phase and attempt, so a worker writing at the same time wins cl
 plus the attempts to dispatch and the remote process groups to terminate:
 
 - start Pending entries (first attempts, and retries whose ``retryAfter`` passed) while
-  fewer than ``maxParallel`` run;
+  fewer than ``maxParallel`` run (a number, or a percentage of the targets);
 - stop starting new VMs once ``maxFailures`` have failed (the rest end Cancelled);
 - fail entries that did not start before ``activeDeadlineSeconds``;
 - end attempts whose worker stopped heartbeating (``lost``: their heartbeat in Redis is
@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vmfleet.api.constants import Phase, Reason
+from vmfleet.api.counts import describe_count, resolve_count
 from vmfleet.api.times import parse_rfc3339, rfc3339
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.policy import backoff_seconds, should_retry
@@ -158,24 +159,29 @@ def _end_unrunnable(step: _Step, index: int, entry: dict[str, Any],
 
 def _cancel_after_max_failures(step: _Step) -> None:
     """Once ``maxFailures`` VMs failed, the first attempts not started never start."""
-    limit = step.spec.max_failures
+    given = step.spec.max_failures
+    if given is None:
+        return
+    total = len(step.results)
+    limit = resolve_count(given, total)
     failed = step.count(Phase.FAILED)
-    if limit is None or not failed or failed < limit:
+    if not failed or failed < limit:
         return
     for index, entry in enumerate(step.results):
         if entry.get("phase") == Phase.PENDING and int(entry.get("attempt", 1)) == 1:
             step.change(index, entry, _ended(entry, Phase.CANCELLED, Reason.MAX_FAILURES,
                                              f"not started: {failed} VMs failed "
-                                             f"(maxFailures {limit})", step.now))
+                                             f"(maxFailures {describe_count(given, total)})",
+                                             step.now))
 
 
 def _dispatch_ready(step: _Step, queues: dict[str, str | None], paused: frozenset[str],
                     timing: Timing) -> None:
     """Send Pending entries whose retry time came, within ``maxParallel``; resend Queued
     ones nobody claimed for ``timing.redispatch_after``."""
-    now, max_parallel = step.now, step.spec.max_parallel
-    capacity = (max_parallel - step.count(Phase.QUEUED, Phase.RUNNING)) if max_parallel \
-        else len(step.results)
+    now, given = step.now, step.spec.max_parallel
+    capacity = (resolve_count(given, len(step.results)) - step.count(Phase.QUEUED, Phase.RUNNING)) \
+        if given is not None else len(step.results)
     for index, entry in enumerate(step.results):
         phase = entry.get("phase")
         vm = entry["vm"]

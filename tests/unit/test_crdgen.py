@@ -37,7 +37,7 @@ def test_command_crd_rules_and_defaults():
     spec = _schema(crd)["properties"]["spec"]
     rules = {rule["rule"] for rule in spec["x-kubernetes-validations"]}
     assert "self == oldSelf" in rules
-    assert any("has(self.vm) != has(self.selector)" in rule for rule in rules)
+    assert any("[has(self.vm), has(self.vms), has(self.selector)]" in rule for rule in rules)
     assert any(".filter(x, x).size() == 1" in rule for rule in rules)
     props = spec["properties"]
     assert props["successExitCodes"]["default"] == [0]

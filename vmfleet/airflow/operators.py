@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, cast
 
@@ -15,9 +16,11 @@ from airflow.sdk.exceptions import AirflowException
 from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteCommandSpec
 
+from vmfleet.rerun import ANNOTATION_RERUN_OF, LABEL_RERUN_OF, not_succeeded
+
 from .connection import KubeSettings
 from .naming import ANNOTATION_SPEC_HASH, TaskIdentity, command_name, spec_hash
-from .results import failure_message, is_finished, results_of
+from .results import failure_message, is_finished, results_of, retarget
 from .triggers import EVENT_DELETED, EVENT_FINISHED, RemoteCommandTrigger
 
 __all__ = ["STALE_EVENT_GUARD_SECONDS", "RemoteCommandOperator", "RemoteFileTransferOperator"]
@@ -78,8 +81,18 @@ class _RemoteCommandBase(BaseOperator):
     def deferral_timeout(self) -> timedelta | None:
         return self.execution_timeout
 
+    allow_dry_run: bool = False
+    only_failed: bool = False
+
     def finish(self, namespace: str, name: str, status: dict[str, Any]) -> Any:
         """Turn the finished command's status into the task's return value (or raise)."""
+        if status.get("phase") == c.Phase.DRY_RUN:
+            if not self.allow_dry_run:
+                raise AirflowException(
+                    f"RemoteCommand {namespace}/{name} was a dry run: nothing ran (pass "
+                    "allow_dry_run=True to accept one)")
+            self.log.info("RemoteCommand %s/%s: dry run, nothing ran", namespace, name)
+            return {"dry_run": status.get("dryRun") or {}}
         self.log_output(status)
         message = failure_message(namespace, name, status)
         if message:
@@ -120,7 +133,21 @@ class _RemoteCommandBase(BaseOperator):
         name = command_name(identity)
         self._command_ref = (namespace, name)
         spec = self.validated_spec()
-        obj = self._create_or_attach(settings, namespace, name, identity, spec)
+        previous = self._previous_try(settings, namespace, identity)
+        rerun_of: str | None = None
+        if previous is not None:
+            remaining = not_succeeded(previous.get("status"))
+            if remaining == []:
+                self.log.info("Every VM succeeded in the previous try (RemoteCommand %s/%s): "
+                              "nothing to run again", namespace, previous["metadata"]["name"])
+                return results_of(previous.get("status"))
+            if remaining:
+                spec = retarget(spec, remaining)
+                rerun_of = str(previous["metadata"]["name"])
+                self.log.info("only_failed: running again on the %s VMs that did not succeed "
+                              "in RemoteCommand %s/%s: %s", len(remaining), namespace, rerun_of,
+                              ", ".join(remaining))
+        obj = self._create_or_attach(settings, namespace, name, identity, spec, rerun_of)
         if not is_finished(obj) and self.deferrable and self.defer_after_seconds > 0:
             obj = self._wait_briefly(settings, namespace, name, obj)
         if is_finished(obj):
@@ -134,6 +161,28 @@ class _RemoteCommandBase(BaseOperator):
             event = asyncio.run(_first_event(trigger))
             return self.execute_complete(context, event)
         self.defer(trigger=trigger, method_name="execute_complete", timeout=self.deferral_timeout())
+
+    def _previous_try(self, settings: KubeSettings, namespace: str,
+                      identity: TaskIdentity) -> dict[str, Any] | None:
+        """``only_failed``: the finished RemoteCommand of the previous try (its name is
+        derived from the task identity), or None (first try, or it is gone)."""
+        if not self.only_failed or identity.try_number <= 1:
+            return None
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        name = command_name(replace(identity, try_number=identity.try_number - 1))
+        with settings.api_client() as api_client:
+            try:
+                obj = cast(dict[str, Any], CustomObjectsApi(api_client).get_namespaced_custom_object(
+                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name))
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                self.log.info("only_failed: the previous try's RemoteCommand %s/%s is gone; "
+                              "running on every target", namespace, name)
+                return None
+        return obj if is_finished(obj) else None
 
     def _wait_briefly(self, settings: KubeSettings, namespace: str, name: str,
                       obj: dict[str, Any]) -> dict[str, Any]:
@@ -187,20 +236,24 @@ class _RemoteCommandBase(BaseOperator):
 
     def _create_or_attach(
         self, settings: KubeSettings, namespace: str, name: str, identity: TaskIdentity,
-        spec: dict[str, Any],
+        spec: dict[str, Any], rerun_of: str | None = None,
     ) -> dict[str, Any]:
         from kubernetes.client import CustomObjectsApi
         from kubernetes.client.exceptions import ApiException
 
         digest = spec_hash(spec)
+        labels, annotations = identity.labels(), {**identity.annotations(), ANNOTATION_SPEC_HASH: digest}
+        if rerun_of is not None:
+            labels[LABEL_RERUN_OF] = rerun_of
+            annotations[ANNOTATION_RERUN_OF] = rerun_of
         body = {
             "apiVersion": c.API_VERSION,
             "kind": c.COMMAND_KIND,
             "metadata": {
                 "name": name,
                 "namespace": namespace,
-                "labels": identity.labels(),
-                "annotations": {**identity.annotations(), ANNOTATION_SPEC_HASH: digest},
+                "labels": labels,
+                "annotations": annotations,
             },
             "spec": spec,
         }
@@ -259,6 +312,8 @@ def _describe_target(spec: dict[str, Any]) -> str:
         return f"transfer {t['from']['vm']}:{t['from']['path']} -> {to}"
     if "vm" in spec:
         return f"on {spec['vm']}"
+    if "vms" in spec:
+        return f"on {', '.join(spec['vms'])}"
     return f"on VMs matching {spec.get('selector')}"
 
 
@@ -287,7 +342,8 @@ class RemoteCommandOperator(_RemoteCommandBase):
     """
 
     template_fields: Sequence[str] = (
-        "vm", "selector", "command", "argv", "script", "env", "working_dir", "stdin", "namespace",
+        "vm", "vms", "selector", "command", "argv", "script", "env", "working_dir", "stdin",
+        "namespace",
     )
     template_fields_renderers = {"script": "bash", "command": "bash", "env": "json"}
 
@@ -295,6 +351,7 @@ class RemoteCommandOperator(_RemoteCommandBase):
         self,
         *,
         vm: str | None = None,
+        vms: list[str] | None = None,
         selector: dict[str, Any] | None = None,
         command: str | None = None,
         argv: list[str] | None = None,
@@ -310,15 +367,26 @@ class RemoteCommandOperator(_RemoteCommandBase):
         max_failures: int | None = None,
         output_max_bytes: int | None = None,
         ttl_seconds_after_finished: int | None = None,
+        dry_run: bool = False,
+        allow_dry_run: bool = False,
+        only_failed: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if (vm is None) == (selector is None):
-            raise ValueError(f"{self.task_id}: set exactly one target: vm or selector")
+        if sum(t is not None for t in (vm, vms, selector)) != 1:
+            raise ValueError(f"{self.task_id}: set exactly one target: vm, vms or selector")
+        if dry_run and not allow_dry_run:
+            raise ValueError(f"{self.task_id}: dry_run=True runs nothing and never succeeds; "
+                             "pass allow_dry_run=True to make the task return the dry run's "
+                             "answer")
         if sum(x is not None for x in (command, argv, script)) != 1:
             raise ValueError(f"{self.task_id}: set exactly one of command, argv or script")
         self.vm = vm
+        self.vms = vms
         self.selector = selector
+        self.dry_run = dry_run
+        self.allow_dry_run = allow_dry_run
+        self.only_failed = only_failed
         self.command = command
         self.argv = argv
         self.script = script
@@ -337,6 +405,7 @@ class RemoteCommandOperator(_RemoteCommandBase):
     def build_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "vm": self.vm,
+            "vms": list(self.vms) if self.vms is not None else None,
             "selector": self.selector,
             "command": self.command,
             "argv": [str(a) for a in self.argv] if self.argv is not None else None,
@@ -352,6 +421,7 @@ class RemoteCommandOperator(_RemoteCommandBase):
             "maxFailures": self.max_failures,
             "output": {"maxBytes": self.output_max_bytes} if self.output_max_bytes is not None else None,
             "ttlSecondsAfterFinished": self.ttl_seconds_after_finished,
+            "dryRun": True if self.dry_run else None,
         }
         return {k: v for k, v in spec.items() if v is not None}
 

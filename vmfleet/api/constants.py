@@ -74,8 +74,10 @@ class Phase:
     SUCCEEDED: Final = "Succeeded"
     FAILED: Final = "Failed"
     CANCELLED: Final = "Cancelled"
+    # The command only: spec.dryRun resolved its targets and blockers and ran nothing.
+    DRY_RUN: Final = "DryRun"
 
-    TERMINAL: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})
+    TERMINAL: Final = frozenset({SUCCEEDED, FAILED, CANCELLED, DRY_RUN})
 
 
 class Condition:
@@ -126,6 +128,12 @@ class Reason:
     # A status the controller could not write as computed (it failed validation): the
     # command fails visibly and its processes are killed.
     INTERNAL_ERROR: Final = "InternalError"
+    # spec.dryRun: the condition Finished's reason (never Complete), and what would block
+    # a VM (status.dryRun.blocked[].reason).
+    DRY_RUN: Final = "DryRun"
+    PAUSED: Final = "Paused"
+    NOT_READY: Final = "NotReady"
+    BECOME_NOT_ALLOWED: Final = "BecomeNotAllowed"
     # A worker refused the message (bad or missing signature, expired, a VM or Secret it
     # does not serve): nothing ran.
     MESSAGE_REFUSED: Final = "MessageRefused"

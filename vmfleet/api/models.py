@@ -10,7 +10,15 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from .constants import (
@@ -22,6 +30,7 @@ from .constants import (
     Phase,
     is_env_name,
 )
+from .counts import PERCENT_PATTERN
 
 # Bounds keep every CEL rule's estimated cost inside the API server's budget and every
 # object far below etcd's size limit.
@@ -36,6 +45,7 @@ MAX_OUTPUT_BYTES = 256 * 1024
 MAX_MESSAGE = 32 * 1024
 
 K8sName = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=DNS_LABEL_PATTERN)]
+MAX_TARGETS = 10000
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> JsonValue:
@@ -55,6 +65,27 @@ def api_config(*rules: JsonValue) -> ConfigDict:
     if rules:
         config["json_schema_extra"] = {"x-kubernetes-validations": list(rules)}
     return config
+
+
+def _int_or_percent(minimum: int) -> WithJsonSchema:
+    """The CRD schema of a count given as a number (at least ``minimum``) or as a
+    percentage of the matched VMs: ``x-kubernetes-int-or-string`` with a CEL rule."""
+    rule = (f"type(self) == int ? (self >= {minimum} && self <= {MAX_TARGETS}) "
+            f": self.matches('{PERCENT_PATTERN}')")
+    return WithJsonSchema({
+        "x-kubernetes-int-or-string": True,
+        "x-kubernetes-validations": [cel(
+            rule, f"must be a number from {minimum} to {MAX_TARGETS} or a percentage from "
+            "1% to 100% (a string such as \"10%\")")],
+    })
+
+
+_Percent = Annotated[str, Field(pattern=PERCENT_PATTERN, max_length=4)]
+# A number of VMs, or a percentage of the matched VMs ("10%": rounded down, at least 1).
+CountOrPercent = Annotated[Annotated[int, Field(ge=1, le=MAX_TARGETS)] | _Percent,
+                           _int_or_percent(1)]
+CountOrPercentFromZero = Annotated[Annotated[int, Field(ge=0, le=MAX_TARGETS)] | _Percent,
+                                   _int_or_percent(0)]
 
 
 class ApiModel(BaseModel):
@@ -417,6 +448,7 @@ class BecomeSpec(ApiModel):
 
 
 _ACTIONS = "[has(self.command), has(self.argv), has(self.script), has(self.transfer)]"
+_TARGETS = "[has(self.vm), has(self.vms), has(self.selector)]"
 
 
 class RemoteCommandSpec(ApiModel):
@@ -428,13 +460,13 @@ class RemoteCommandSpec(ApiModel):
             "exactly one action must be set: command, argv, script or transfer",
         ),
         cel(
-            "has(self.transfer) || (has(self.vm) != has(self.selector))",
-            "exactly one target must be set: vm or selector",
+            f"has(self.transfer) || {_TARGETS}.filter(x, x).size() == 1",
+            "exactly one target must be set: vm, vms or selector",
         ),
         cel(
-            "!has(self.transfer) || (!has(self.vm) && !has(self.selector))",
+            "!has(self.transfer) || (!has(self.vm) && !has(self.vms) && !has(self.selector))",
             "a transfer names its VMs in transfer.from and transfer.to; "
-            "do not set vm or selector",
+            "do not set vm, vms or selector",
         ),
         cel(
             "!has(self.transfer) || !has(self.become)",
@@ -443,6 +475,11 @@ class RemoteCommandSpec(ApiModel):
     )
 
     vm: K8sName | None = Field(None, description="Target: one RemoteVM (same namespace).")
+    vms: list[K8sName] | None = Field(
+        None, min_length=1, max_length=MAX_TARGETS,
+        description="Target: these RemoteVMs (same namespace), each named once; a name with no "
+        "RemoteVM fails on that VM with VMNotFound. `vmfleet rerun --failed` writes this.",
+    )
     selector: LabelSelector | None = Field(
         None, description="Target: every RemoteVM of the namespace that matches."
     )
@@ -495,13 +532,23 @@ class RemoteCommandSpec(ApiModel):
         default_factory=lambda: [0], min_length=1, max_length=256,
         description="Exit codes that count as success.",
     )
-    max_parallel: int | None = Field(None, ge=1, le=10000, description="VMs running at once.")
-    max_failures: int | None = Field(
-        None, ge=0, le=10000, description="Stop starting new VMs after this many failed."
+    max_parallel: CountOrPercent | None = Field(
+        None, description="VMs running at once (a rolling window): a number, or a percentage "
+        "of the matched VMs such as \"10%\" (rounded down, at least 1).",
+    )
+    max_failures: CountOrPercentFromZero | None = Field(
+        None, description="Stop starting new VMs once this many have failed: a number, or a "
+        "percentage of the matched VMs such as \"20%\" (rounded down, at least 1).",
     )
     output: OutputSpec = Field(default_factory=lambda: OutputSpec(), description="Output kept in status.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=365 * 86400, description="Delete the object this long after it finished."
+    )
+    dry_run: bool | None = Field(
+        None, description="Run nothing: resolve the targets and report in status.dryRun which "
+        "VMs match and which would block (missing, not Ready, paused, become without "
+        "allowBecome, a failure budget the blocked VMs would exhaust); the command ends in "
+        "phase DryRun with condition Finished=True, reason DryRun (never Complete).",
     )
 
     @field_validator("env")
@@ -515,16 +562,26 @@ class RemoteCommandSpec(ApiModel):
                 )
         return env
 
+    @field_validator("vms")
+    @classmethod
+    def _vms_once(cls, vms: list[str] | None) -> list[str] | None:
+        seen: set[str] = set()
+        for name in vms or []:
+            if name in seen:
+                raise ValueError(f"each VM may appear once in vms ({name})")
+            seen.add(name)
+        return vms
+
     @model_validator(mode="after")
     def _one_of(self) -> RemoteCommandSpec:
         actions = [a for a in ("command", "argv", "script", "transfer") if getattr(self, a) is not None]
         if len(actions) != 1:
             raise ValueError("exactly one action must be set: command, argv, script or transfer")
         if self.transfer is not None:
-            if self.vm is not None or self.selector is not None:
+            if self.vm is not None or self.vms is not None or self.selector is not None:
                 raise ValueError("a transfer names its VMs in transfer.from and transfer.to")
-        elif (self.vm is None) == (self.selector is None):
-            raise ValueError("exactly one target must be set: vm or selector")
+        elif sum(t is not None for t in (self.vm, self.vms, self.selector)) != 1:
+            raise ValueError("exactly one target must be set: vm, vms or selector")
         if self.transfer is not None and self.become is not None:
             raise ValueError("become applies to command, argv and script, not to a transfer")
         return self
@@ -613,8 +670,36 @@ class TargetResult(StatusModel):
     transfer: TransferResult | None = Field(None, description="File transfers: what was copied.")
 
 
+class DryRunBlocker(StatusModel):
+    """A VM a dry run found would not run the command (or would fail it)."""
+
+    vm: str = Field(max_length=MAX_NAME, description="RemoteVM name.")
+    reason: str = Field(max_length=128, description="VMNotFound, NotReady, Paused or "
+                        "BecomeNotAllowed.")
+    message: str | None = Field(None, max_length=MAX_MESSAGE, description="Details.")
+
+
+class DryRunReport(StatusModel):
+    """What a dry run (spec.dryRun) found: the command itself ran nothing."""
+
+    matched: list[str] = Field(default_factory=list, max_length=MAX_TARGETS,
+                               description="Every VM the target names or matches, sorted.")
+    runnable: list[str] = Field(default_factory=list, max_length=MAX_TARGETS,
+                                description="The matched VMs nothing blocks.")
+    blocked: list[DryRunBlocker] = Field(default_factory=list, max_length=MAX_TARGETS,
+                                         description="The matched VMs that would block, and why.")
+    max_parallel: int | None = Field(None, description="maxParallel resolved against the "
+                                     "matched VMs (percentages rounded down, at least 1).")
+    max_failures: int | None = Field(None, description="maxFailures resolved likewise.")
+    budget: str | None = Field(None, max_length=MAX_MESSAGE, description="Set when the blocked "
+                               "VMs alone would reach maxFailures: the run would stop there.")
+    waves: list[list[str]] | None = Field(None, max_length=MAX_TARGETS,
+                                          description="spec.rollout: the VMs of each wave, in "
+                                          "order.")
+
+
 class RemoteCommandStatus(StatusModel):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] | None = None
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled", "DryRun"] | None = None
     target: str | None = Field(None, max_length=1024, description="What the command runs on.")
     completions: str | None = Field(None, max_length=64, description="succeeded/targets.")
     conditions: list[ObjectCondition] | None = Field(
@@ -629,3 +714,5 @@ class RemoteCommandStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["vm"]},
     )
     observed_generation: int | None = None
+    dry_run: DryRunReport | None = Field(None, description="spec.dryRun: what would run and "
+                                         "what would block; nothing ran.")
