@@ -42,7 +42,7 @@ from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
-from . import schedule
+from . import schedule, templates
 from .dryrun import dry_run_status
 from .reports import FINISHED, PROGRESS, apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
@@ -78,6 +78,7 @@ class Tracked:
     acks: list[str] = field(default_factory=list)  # reports carried by the next write
     failures: int = 0
     lock: threading.RLock = field(default_factory=threading.RLock)
+    template: dict[str, Any] | None = None  # status.template of a templateRef command
 
     @property
     def ref(self) -> str:
@@ -110,7 +111,9 @@ class Commands:
 
     def __init__(self, state: State, send: Sender, get_vm: VMLookup, list_vms: VMLister,
                  target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing = schedule.Timing(),
-                 urgency: Urgency = Urgency()) -> None:
+                 urgency: Urgency = Urgency(),
+                 get_template: templates.TemplateLookup = lambda ns, name: None,
+                 get_config_map: templates.ConfigMapLookup = lambda ns, name: None) -> None:
         self.state = state
         self.send = send
         self.get_vm = get_vm
@@ -120,6 +123,8 @@ class Commands:
         self.delete = delete
         self.timing = timing
         self.urgency = urgency
+        self.get_template = get_template
+        self.get_config_map = get_config_map
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
@@ -149,9 +154,17 @@ class Commands:
         except ValidationError as exc:
             self._reject(obj, f"the spec is invalid: {exc.errors()[0].get('msg', exc)}")
             return
+        template: dict[str, Any] | None = None
+        if spec.template_ref is not None:
+            try:
+                spec, template = templates.resolve(meta["namespace"], spec, status,
+                                                   self.get_template, self.get_config_map)
+            except templates.TemplateError as exc:
+                self._reject(obj, str(exc))
+                return
         tracked = Tracked(meta["namespace"], meta["name"], uid, spec,
                           copy.deepcopy(status), copy.deepcopy(status) if status else None,
-                          ttl=spec.ttl_seconds_after_finished)
+                          ttl=spec.ttl_seconds_after_finished, template=template)
         with self._lock:
             if uid in self._tracked:
                 return
@@ -274,6 +287,8 @@ class Commands:
         if spec.dry_run:
             names, found = self.resolve(tracked)
             tracked.status = dry_run_status(spec, names, found, describe_target(spec), now)
+            if tracked.template is not None:
+                tracked.status["template"] = tracked.template
             tracked.want(0.0)
             log.info("RemoteCommand %s: %s", tracked.ref,
                      tracked.status["conditions"][0]["message"])
@@ -290,6 +305,8 @@ class Commands:
             names, found = self.resolve(tracked)
             results = initial_results(names, found, now, phase=Phase.PENDING)
         tracked.status = {"startTime": now, "results": results, "target": describe_target(spec)}
+        if tracked.template is not None:
+            tracked.status["template"] = tracked.template
         self.advance(tracked)
         self._refold(tracked)
         tracked.want(self.urgency.start)

@@ -94,6 +94,7 @@ class Context:
             delete=lambda uid, ns, name: delete_expired(kube, uid, ns, name),
             timing=schedule.Timing(lost_after=conf.worker_lost_seconds,
                                    redispatch_after=conf.redispatch_seconds),
+            get_template=kube.get_template, get_config_map=kube.get_config_map_data,
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))

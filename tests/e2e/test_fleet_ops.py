@@ -3,6 +3,9 @@ failed, templates, schedules and waves — checked on the VMs themselves."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -71,3 +74,153 @@ def test_vms_target_runs_on_exactly_the_named_vms(ns: Namespace, vms):
         ns.command("both", vm="vm1", vms=["vm2"], command="true")))
     assert refused.returncode != 0
     assert "exactly one target must be set: vm, vms or selector" in refused.stderr
+
+
+def vmfleet_cli(kubectl, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": kubectl.kubeconfig, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "vmfleet.cli", *args], capture_output=True,
+                          text=True, timeout=120, env=env, cwd=REPO)
+
+
+def test_dry_run_runs_nothing_and_says_what_would_block(ns: Namespace, vms, shared_dir, kubectl):
+    ns.add_vms(vms[:2], labels={"role": "dry"})
+    ns.k("patch", "remotevm", "vm2", "--type=merge", "-p", '{"spec":{"paused":true}}')
+    marker = shared_dir / "ran"
+    ns.run("dry", selector={"matchLabels": {"role": "dry"}}, dryRun=True, maxFailures="50%",
+           become={"user": "root"}, command=f"touch {marker}")
+    obj = ns.finished("dry", timeout=60)
+    status = obj["status"]
+    assert status["phase"] == "DryRun"
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert set(conditions) == {"Finished"}
+    assert (conditions["Finished"]["status"], conditions["Finished"]["reason"]) == ("True", "DryRun")
+    dry = status["dryRun"]
+    assert dry["matched"] == ["vm1", "vm2"]
+    assert {b["vm"]: b["reason"] for b in dry["blocked"]} == {
+        "vm1": "BecomeNotAllowed", "vm2": "Paused"}
+    assert dry["maxFailures"] == 1
+    assert "reaching maxFailures (50% of 2 = 1)" in dry["budget"]
+    assert "results" not in status
+    assert not marker.exists()
+    # `kubectl wait --for=condition=Complete` must not mistake it for success.
+    waited = ns.k("wait", "--for=condition=Complete", "remotecommand/dry", "--timeout=2s",
+                  check=False, timeout=30)
+    assert waited.returncode != 0
+
+    ns.k("patch", "remotevm", "vm2", "--type=merge", "-p", '{"spec":{"paused":false}}')
+    cli = vmfleet_cli(kubectl, "exec", "--dry-run", "-n", str(ns), "-l", "role=dry", "--",
+                      "touch", str(marker))
+    assert cli.stdout.startswith("Dry run of RemoteCommand "), cli.stdout + cli.stderr
+    assert "Matched 2 VMs: vm1, vm2" in cli.stdout
+    assert not marker.exists()
+
+
+def test_rerun_failed_targets_exactly_the_vms_that_did_not_succeed(ns: Namespace, vms, kubectl):
+    ns.add_vms(vms)
+    # vm2 fails; maxParallel 1 and maxFailures 1 leave vm3 never started.
+    ns.run("first", vms=["vm1", "vm2", "vm3"], maxParallel=1, maxFailures=1,
+           command='test "$(hostname)" != vm2 && hostname')
+    first = ns.finished("first", timeout=90)
+    phases = {r["vm"]: r["phase"] for r in first["status"]["results"]}
+    assert phases == {"vm1": "Succeeded", "vm2": "Failed", "vm3": "Cancelled"}
+    cli = vmfleet_cli(kubectl, "rerun", "first", "--failed", "-n", str(ns))
+    assert cli.returncode == 0, cli.stderr
+    assert "on 2 VMs: vm2, vm3" in cli.stdout
+    name = cli.stdout.split(f"{ns}/", 1)[1].split()[0]
+    again = ns.finished(name, timeout=90)
+    assert again["spec"]["vms"] == ["vm2", "vm3"]
+    assert again["metadata"]["labels"]["vmfleet.io/rerun-of"] == "first"
+    assert again["metadata"]["annotations"]["vmfleet.io/rerun-of-uid"] == first["metadata"]["uid"]
+    assert {r["vm"]: r["phase"] for r in again["status"]["results"]} == {
+        "vm2": "Failed", "vm3": "Succeeded"}
+    listed = ns.k("get", "rcmd", "-l", "vmfleet.io/rerun-of=first", "-o", "name").stdout.split()
+    assert listed == [f"remotecommand.vmfleet.io/{name}"]
+
+
+def _template(ns: Namespace, name: str, **spec) -> dict:
+    return {"apiVersion": "vmfleet.io/v1alpha1", "kind": "RemoteCommandTemplate",
+            "metadata": {"name": name, "namespace": str(ns)}, "spec": spec}
+
+
+def _established(kubectl, *crds: str) -> None:
+    from vmfleet.dev.proc import wait_until
+
+    wait_until(lambda: kubectl("wait", "--for=condition=Established", *[f"crd/{c}" for c in crds],
+                               "--timeout=30s", check=False, timeout=60).returncode == 0,
+               timeout=90, interval=1, what="the new CRDs")
+
+
+def test_templates_check_parameters_and_pass_hostile_values_literally(ns: Namespace, vms, kubectl):
+    _established(kubectl, "remotecommandtemplates.vmfleet.io")
+    ns.add_vms(vms[:1])
+    ns.kubectl.apply(_template(
+        ns, "echo-args", script='printf "%s|%s|%s\\n" "$VERSION" "$HOSTILE" "$COUNT"\n',
+        parameters=[{"name": "VERSION", "pattern": "^[0-9]+\\.[0-9]+$"},
+                    {"name": "HOSTILE", "description": "anything at all"},
+                    {"name": "COUNT", "type": "integer", "minimum": 1, "default": 3}]))
+    ns.run("bad", vm="vm1", templateRef={"name": "echo-args"},
+           parameters={"VERSION": "1.2; id", "HOSTILE": "x"})
+    hostile = "; rm -rf / $(id) `id` \"' \\"
+    ns.run("good", vm="vm1", templateRef={"name": "echo-args"},
+           parameters={"VERSION": "1.25", "HOSTILE": hostile})
+    bad = ns.finished("bad", timeout=60)
+    assert bad["status"]["phase"] == "Failed"
+    failed = next(c for c in bad["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert failed["message"] == "parameter VERSION: '1.2; id' does not match the pattern ^[0-9]+\\.[0-9]+$"
+    assert not bad["status"].get("results")
+    good = ns.finished("good", timeout=90)
+    (result,) = good["status"]["results"]
+    assert good["status"]["phase"] == "Succeeded", good["status"]
+    assert result["stdout"] == f"1.25|{hostile}|3\n"
+    record = good["status"]["template"]
+    import hashlib
+
+    script = 'printf "%s|%s|%s\\n" "$VERSION" "$HOSTILE" "$COUNT"\n'
+    assert record["sha256"] == hashlib.sha256(script.encode()).hexdigest()
+    assert record["script"] == script
+    # Editing the template never changes a command already made.
+    ns.k("patch", "remotecommandtemplate", "echo-args", "--type=merge", "-p",
+         '{"spec":{"script":"echo changed\\n"}}')
+    assert ns.get("rcmd", "good")["status"]["template"]["script"] == script
+    # Names that would change the shell's behaviour are refused by the API server.
+    refused = ns.k("apply", "-f", "-", check=False, input=__import__("yaml").safe_dump(
+        ns.command("ld", vm="vm1", templateRef={"name": "echo-args"}, parameters={"LD_PRELOAD": "x"})))
+    assert refused.returncode != 0 and "LD_PRELOAD" in refused.stderr
+
+
+def test_templates_only_admission_policy(ns: Namespace, kubectl):
+    import yaml
+    from tests.unit.test_chart import helm
+    from vmfleet.dev.proc import wait_until
+
+    rendered = helm("template", "e2e-tonly", str(REPO / "charts" / "vmfleet"),
+                    "--set", "templatesOnly.enabled=true",
+                    "--set", f"templatesOnly.namespaceSelector.matchLabels.vmfleet\\.io/templates-only={ns}",
+                    "-s", "templates/templates-only-admission-policy.yaml").stdout
+    objects = [o for o in yaml.safe_load_all(rendered) if o]
+    for obj in objects:
+        obj["metadata"]["name"] = f"{obj['metadata']['name']}-{ns}"
+        if obj["kind"] == "ValidatingAdmissionPolicyBinding":
+            obj["spec"]["policyName"] = f"{obj['spec']['policyName']}-{ns}"
+    kubectl.apply(*objects)
+    try:
+        ns.kubectl("label", "namespace", str(ns), f"vmfleet.io/templates-only={ns}")
+        shell = ns.command("shell", vm="vm1", command="id")
+
+        def refused() -> bool:
+            proc = ns.k("apply", "--dry-run=server", "-f", "-", check=False,
+                        input=yaml.safe_dump(shell))
+            return proc.returncode != 0 and "runs RemoteCommandTemplates only" in proc.stderr
+
+        wait_until(refused, timeout=60, interval=1, what="the policy to refuse a shell command")
+        allowed = ns.k("apply", "--dry-run=server", "-f", "-", check=False, input=yaml.safe_dump(
+            ns.command("tpl", vm="vm1", templateRef={"name": "restart"},
+                       parameters={"SERVICE": "nginx"})))
+        assert allowed.returncode == 0, allowed.stderr
+        env = ns.k("apply", "--dry-run=server", "-f", "-", check=False, input=yaml.safe_dump(
+            ns.command("tplenv", vm="vm1", templateRef={"name": "restart"}, env={"A": "1"})))
+        assert env.returncode != 0 and "env" in env.stderr
+    finally:
+        for obj in objects:
+            kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"], check=False)

@@ -22,7 +22,8 @@ def _schema(crd):
 
 
 def test_schemas_are_structural():
-    for crd in (crdgen.remotevm_crd(), crdgen.remotecommand_crd()):
+    for crd in (crdgen.remotevm_crd(), crdgen.remotecommand_crd(),
+                crdgen.remotecommandtemplate_crd()):
         text = json.dumps(crd)
         for forbidden in ('"$ref"', '"anyOf"', '"allOf"', '"title"', '"$defs"'):
             assert forbidden not in text, forbidden
@@ -69,6 +70,7 @@ def test_check_detects_drift(tmp_path):
     assert crdgen.check(tmp_path) == [
         f"{tmp_path}/crds/vmfleet.io_remotevms.yaml is missing",
         f"{tmp_path}/crds/vmfleet.io_remotecommands.yaml is missing",
+        f"{tmp_path}/crds/vmfleet.io_remotecommandtemplates.yaml is missing",
     ]
     crdgen.generate(tmp_path)
     assert crdgen.check(tmp_path) == []

@@ -139,6 +139,22 @@ class Reason:
     MESSAGE_REFUSED: Final = "MessageRefused"
 
 
+# Kinds of the fleet operations (DESIGN.md "More kinds").
+TEMPLATE_KIND: Final = "RemoteCommandTemplate"
+TEMPLATE_PLURAL: Final = "remotecommandtemplates"
+TEMPLATE_SINGULAR: Final = "remotecommandtemplate"
+TEMPLATE_SHORT_NAMES: Final = ("rcmdt",)
+CRON_KIND: Final = "RemoteCronCommand"
+CRON_PLURAL: Final = "remotecroncommands"
+CRON_SINGULAR: Final = "remotecroncommand"
+CRON_SHORT_NAMES: Final = ("rcron",)
+
+# Template parameters reach the script as environment variables of the same name; these
+# names would change how the shell or the loader behaves, or are vmfleet's own.
+RESERVED_PARAMETER_NAMES: Final = frozenset(
+    {"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "ENV", "IFS"})
+RESERVED_PARAMETER_PREFIX: Final = "VMFLEET_"
+
 ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _ENV_NAME_RE: Final = re.compile(ENV_NAME_PATTERN)
 # Kubernetes object names that are also safe inside a queue name.
@@ -176,3 +192,8 @@ POOL_DEPLOYMENT_PREFIX: Final = "vmfleet-pool-"
 
 def pool_deployment_name(pool: str) -> str:
     return f"{POOL_DEPLOYMENT_PREFIX}{pool}"
+
+
+def reserved_parameter(name: str) -> bool:
+    """True for a name a template parameter may not have."""
+    return name in RESERVED_PARAMETER_NAMES or name.startswith(RESERVED_PARAMETER_PREFIX)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel
 
 from . import constants as c
+from .kinds import RemoteCommandTemplateSpec, RemoteCommandTemplateStatus
 from .models import RemoteCommandSpec, RemoteCommandStatus, RemoteVMSpec, RemoteVMStatus
 
 HEADER = (
@@ -217,6 +218,22 @@ def remotecommand_crd() -> dict[str, Any]:
     )
 
 
+def remotecommandtemplate_crd() -> dict[str, Any]:
+    return _crd(
+        c.TEMPLATE_KIND, c.TEMPLATE_PLURAL, c.TEMPLATE_SINGULAR, c.TEMPLATE_SHORT_NAMES,
+        "RemoteCommandTemplate is a script with typed parameters that RemoteCommands run by "
+        "name (spec.templateRef); each parameter reaches the script as an environment variable.",
+        object_schema(RemoteCommandTemplateSpec),
+        object_schema(RemoteCommandTemplateStatus),
+        [
+            {"name": "Parameters", "type": "string", "jsonPath": ".spec.parameters[*].name"},
+            {"name": "Description", "type": "string", "jsonPath": ".spec.description",
+             "priority": 1},
+            _AGE,
+        ],
+    )
+
+
 def render(crd: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(crd, sort_keys=False, width=100, allow_unicode=True)
 
@@ -226,6 +243,7 @@ def rendered() -> dict[str, str]:
     return {
         f"{c.GROUP}_{c.VM_PLURAL}.yaml": render(remotevm_crd()),
         f"{c.GROUP}_{c.COMMAND_PLURAL}.yaml": render(remotecommand_crd()),
+        f"{c.GROUP}_{c.TEMPLATE_PLURAL}.yaml": render(remotecommandtemplate_crd()),
     }
 
 

@@ -29,6 +29,7 @@ from .constants import (
     QUEUE_PATTERN,
     Phase,
     is_env_name,
+    reserved_parameter,
 )
 from .counts import PERCENT_PATTERN
 
@@ -447,7 +448,14 @@ class BecomeSpec(ApiModel):
     )
 
 
-_ACTIONS = "[has(self.command), has(self.argv), has(self.script), has(self.transfer)]"
+_ACTIONS = ("[has(self.command), has(self.argv), has(self.script), has(self.transfer), "
+            "has(self.templateRef)]")
+_RESERVED = "['PATH', 'LD_PRELOAD', 'LD_LIBRARY_PATH', 'BASH_ENV', 'ENV', 'IFS']"
+# A template parameter's value: a string, an integer or a boolean (checked against the
+# template's declared type by the controller).
+ParameterValue = Annotated[str | int | bool, WithJsonSchema(
+    {"x-kubernetes-preserve-unknown-fields": True,
+     "description": "A string, an integer or a boolean, as the template's parameter says."})]
 _TARGETS = "[has(self.vm), has(self.vms), has(self.selector)]"
 
 
@@ -457,8 +465,10 @@ class RemoteCommandSpec(ApiModel):
     model_config = api_config(
         cel(
             f"{_ACTIONS}.filter(x, x).size() == 1",
-            "exactly one action must be set: command, argv, script or transfer",
+            "exactly one action must be set: command, argv, script, transfer or templateRef",
         ),
+        cel("!has(self.parameters) || has(self.templateRef)",
+            "parameters go with templateRef", ".parameters"),
         cel(
             f"has(self.transfer) || {_TARGETS}.filter(x, x).size() == 1",
             "exactly one target must be set: vm, vms or selector",
@@ -495,6 +505,24 @@ class RemoteCommandSpec(ApiModel):
         None, min_length=1, max_length=MAX_SCRIPT, description="A script fed to sh -s on stdin."
     )
     transfer: TransferSpec | None = Field(None, description="Copy a file between VMs over SFTP.")
+    template_ref: LocalObjectReference | None = Field(
+        None, description="Run this RemoteCommandTemplate's script (same namespace). Its script "
+        "and sha256 are recorded in status.template when the command starts: editing the "
+        "template later never changes this command.",
+    )
+    parameters: dict[str, ParameterValue] | None = Field(
+        None, max_length=64,
+        description="Values of the template's parameters. Each reaches the script only as the "
+        "environment variable of the same name, never as shell text; a value that breaks the "
+        "parameter's type, pattern, enum or bounds fails the command (InvalidSpec) before "
+        "anything runs.",
+        json_schema_extra={"x-kubernetes-validations": [cel(
+            f"self.all(k, k.matches('{ENV_NAME_PATTERN}') && !(k in {_RESERVED}) "
+            "&& !k.startsWith('VMFLEET_'))",
+            "parameter names are environment variable names (letters, digits, underscores), "
+            "not PATH, LD_PRELOAD, LD_LIBRARY_PATH, BASH_ENV, ENV, IFS or VMFLEET_*",
+        )]},
+    )
     env: dict[str, Annotated[str, Field(max_length=MAX_ARG)]] | None = Field(
         None, max_length=MAX_ITEMS,
         description="Environment variables for the command; names must match "
@@ -574,9 +602,18 @@ class RemoteCommandSpec(ApiModel):
 
     @model_validator(mode="after")
     def _one_of(self) -> RemoteCommandSpec:
-        actions = [a for a in ("command", "argv", "script", "transfer") if getattr(self, a) is not None]
+        actions = [a for a in ("command", "argv", "script", "transfer", "template_ref")
+                   if getattr(self, a) is not None]
         if len(actions) != 1:
-            raise ValueError("exactly one action must be set: command, argv, script or transfer")
+            raise ValueError("exactly one action must be set: command, argv, script, transfer "
+                             "or templateRef")
+        if self.parameters is not None and self.template_ref is None:
+            raise ValueError("parameters go with templateRef")
+        for name in self.parameters or {}:
+            if not is_env_name(name) or reserved_parameter(name):
+                raise ValueError(f"parameter name {name!r} is not allowed: use an environment "
+                                 "variable name, not PATH, LD_PRELOAD, LD_LIBRARY_PATH, "
+                                 "BASH_ENV, ENV, IFS or VMFLEET_*")
         if self.transfer is not None:
             if self.vm is not None or self.vms is not None or self.selector is not None:
                 raise ValueError("a transfer names its VMs in transfer.from and transfer.to")
@@ -588,7 +625,7 @@ class RemoteCommandSpec(ApiModel):
 
     @property
     def action(self) -> str:
-        for name in ("command", "argv", "script", "transfer"):
+        for name in ("command", "argv", "script", "transfer", "template_ref"):
             if getattr(self, name) is not None:
                 return name
         raise AssertionError("validated spec has an action")
@@ -698,6 +735,20 @@ class DryRunReport(StatusModel):
                                           "order.")
 
 
+class TemplateRecord(StatusModel):
+    """The template a command runs, as it was when the command started."""
+
+    name: str = Field(max_length=MAX_NAME, description="The RemoteCommandTemplate.")
+    script: str | None = Field(None, max_length=MAX_SCRIPT, description="Its script, as "
+                               "recorded: what runs, whatever the template says later.")
+    sha256: str | None = Field(None, max_length=64, description="sha256 of that script.")
+    resource_version: str | None = Field(None, max_length=64,
+                                         description="The template's resourceVersion read.")
+    parameters: dict[str, Annotated[str, Field(max_length=MAX_ARG)]] | None = Field(
+        None, max_length=64, description="The parameters' values as the script's environment "
+        "variables (defaults included), as checked when the command started.")
+
+
 class RemoteCommandStatus(StatusModel):
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled", "DryRun"] | None = None
     target: str | None = Field(None, max_length=1024, description="What the command runs on.")
@@ -716,3 +767,5 @@ class RemoteCommandStatus(StatusModel):
     observed_generation: int | None = None
     dry_run: DryRunReport | None = Field(None, description="spec.dryRun: what would run and "
                                          "what would block; nothing ran.")
+    template: TemplateRecord | None = Field(None, description="spec.templateRef: the script "
+                                            "recorded when the command started, and its sha256.")

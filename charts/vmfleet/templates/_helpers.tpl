@@ -108,6 +108,13 @@ vmfleet.io/metrics: "true"
 - apiGroups: [vmfleet.io]
   resources: [remotevms/status, remotecommands/status]
   verbs: [get, patch, update]
+# spec.templateRef: the template, and its ConfigMap for scriptFrom
+- apiGroups: [vmfleet.io]
+  resources: [remotecommandtemplates]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get]
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, update, delete]
