@@ -197,6 +197,34 @@ class Commands:
             self.state.finished(uid)
         return acks
 
+    def cancel(self, uid: str, message: str) -> bool:
+        """Stop a command without deleting it (a RemoteCronCommand's Replace): entries not
+        started end Cancelled now; running attempts are killed by their workers, whose
+        results then report it. False when the command is not held (finished or unknown)."""
+        tracked = self.get(uid)
+        if tracked is None:
+            return False
+        with tracked.lock:
+            if tracked.finished:
+                return False
+            now = now_rfc3339()
+            running = []
+            for entry in tracked.status.get("results") or []:
+                if entry.get("phase") in (Phase.PENDING, Phase.QUEUED):
+                    entry.update({"phase": Phase.CANCELLED, "reason": Reason.CANCELLED,
+                                  "message": message, "completionTime": now})
+                    for key in ("retryAfter", "dispatchTime"):
+                        entry.pop(key, None)
+                elif entry.get("phase") == Phase.RUNNING:
+                    running.append(entry["vm"])
+            self.state.cancel(uid)
+            self._refold(tracked)
+            tracked.want(0.0)
+        log.info("Cancelled RemoteCommand %s%s: %s", tracked.ref,
+                 f" on {', '.join(running)}" if running else "", message)
+        self._notify()
+        return True
+
     def get(self, uid: str) -> Tracked | None:
         with self._lock:
             return self._tracked.get(uid)

@@ -9,7 +9,18 @@ from typing import Annotated, Literal
 from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from .constants import ENV_NAME_PATTERN, is_env_name, reserved_parameter
-from .models import MAX_SCRIPT, ApiModel, KeySelector, StatusModel, api_config, cel
+from .cronexpr import CronError, parse, zone
+from .models import (
+    MAX_NAME,
+    MAX_SCRIPT,
+    ApiModel,
+    KeySelector,
+    ObjectCondition,
+    RemoteCommandSpec,
+    StatusModel,
+    api_config,
+    cel,
+)
 
 # --------------------------------------------------------------------------- templates
 
@@ -95,6 +106,90 @@ class RemoteCommandTemplateStatus(StatusModel):
     observed_generation: int | None = None
 
 
+# --------------------------------------------------------------------------- schedules
+
+
+class CommandTemplateMetadata(ApiModel):
+    labels: dict[str, Annotated[str, Field(max_length=63)]] | None = Field(
+        None, max_length=64, description="Labels of each RemoteCommand made.")
+    annotations: dict[str, Annotated[str, Field(max_length=4096)]] | None = Field(
+        None, max_length=64, description="Annotations of each RemoteCommand made.")
+
+
+class CommandTemplate(ApiModel):
+    """What each run is: a RemoteCommand with this metadata and spec (as a CronJob's
+    jobTemplate)."""
+
+    metadata: CommandTemplateMetadata | None = Field(None, description="Labels and annotations.")
+    spec: RemoteCommandSpec = Field(description="The RemoteCommand spec of every run.")
+
+
+class RemoteCronCommandSpec(ApiModel):
+    """Run a RemoteCommand on a schedule, as a CronJob runs Jobs."""
+
+    schedule: str = Field(min_length=1, max_length=256,
+                          description="Cron schedule: minute hour day-of-month month "
+                          "day-of-week (e.g. \"0 2 * * *\", \"*/15 * * * mon-fri\"), or "
+                          "@hourly, @daily, @weekly, @monthly, @yearly.")
+    time_zone: str | None = Field(None, min_length=1, max_length=64,
+                                  description="IANA time zone of the schedule (default UTC), "
+                                  "e.g. Europe/Paris.")
+    concurrency_policy: Literal["Allow", "Forbid", "Replace"] = Field(
+        "Allow", description="When a run is due while an earlier one is still running: Allow "
+        "starts it too; Forbid skips it; Replace stops the running one (its processes are "
+        "killed on every VM), deletes it and starts the new one.")
+    starting_deadline_seconds: int | None = Field(
+        None, ge=0, le=7 * 86400,
+        description="A run that could not start within this many seconds of its scheduled "
+        "time is skipped (counted as missed). Replace also waits at most this long (default "
+        "60) for the running command's processes to be gone before starting the next.")
+    suspend: bool = Field(False, description="Start no new runs (running ones continue).")
+    successful_history_limit: int = Field(3, ge=0, le=100,
+                                          description="Finished successful runs kept.")
+    failed_history_limit: int = Field(1, ge=0, le=100, description="Finished failed runs kept.")
+    command_template: CommandTemplate = Field(description="The RemoteCommand each run creates.")
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        try:
+            parse(value)
+        except CronError as exc:
+            raise ValueError(f"schedule {value!r}: {exc}") from exc
+        return value
+
+    @field_validator("time_zone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                zone(value)
+            except CronError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
+
+
+class RunReference(StatusModel):
+    name: str = Field(max_length=MAX_NAME, description="The RemoteCommand.")
+    uid: str | None = Field(None, max_length=64)
+
+
+class RemoteCronCommandStatus(StatusModel):
+    active: list[RunReference] | None = Field(None, max_length=1000,
+                                              description="Runs that have not finished.")
+    active_count: int | None = Field(None, ge=0, description="How many runs are active (the "
+                                     "ACTIVE column).")
+    last_schedule_time: str | None = Field(None, description="When the last run was scheduled.")
+    last_successful_time: str | None = Field(None, description="When the last successful run "
+                                             "finished.")
+    conditions: list[ObjectCondition] | None = Field(
+        None, max_length=32,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = None
+
+
 __all__ = [
-    "RemoteCommandTemplateSpec", "RemoteCommandTemplateStatus", "ScriptFrom", "TemplateParameter",
+    "CommandTemplate", "RemoteCommandTemplateSpec", "RemoteCommandTemplateStatus",
+    "RemoteCronCommandSpec", "RemoteCronCommandStatus", "ScriptFrom", "TemplateParameter",
 ]

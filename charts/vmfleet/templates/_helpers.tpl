@@ -101,10 +101,17 @@ vmfleet.io/metrics: "true"
 - apiGroups: [vmfleet.io]
   resources: [remotevms]
   verbs: [get, list, watch, patch, update]
-# delete: ttlSecondsAfterFinished
+# delete: ttlSecondsAfterFinished, and a RemoteCronCommand's history and Replace;
+# create: a RemoteCronCommand's runs
 - apiGroups: [vmfleet.io]
   resources: [remotecommands]
-  verbs: [get, list, watch, patch, update, delete]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [vmfleet.io]
+  resources: [remotecroncommands]
+  verbs: [get, list, watch]
+- apiGroups: [vmfleet.io]
+  resources: [remotecroncommands/status]
+  verbs: [get, patch]
 - apiGroups: [vmfleet.io]
   resources: [remotevms/status, remotecommands/status]
   verbs: [get, patch, update]
