@@ -42,7 +42,7 @@ from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
-from . import schedule, templates
+from . import rollout, schedule, templates
 from .dryrun import dry_run_status
 from .reports import FINISHED, PROGRESS, apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
@@ -113,7 +113,8 @@ class Commands:
                  target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing = schedule.Timing(),
                  urgency: Urgency = Urgency(),
                  get_template: templates.TemplateLookup = lambda ns, name: None,
-                 get_config_map: templates.ConfigMapLookup = lambda ns, name: None) -> None:
+                 get_config_map: templates.ConfigMapLookup = lambda ns, name: None,
+                 probe: Wake = lambda ns, name: None) -> None:
         self.state = state
         self.send = send
         self.get_vm = get_vm
@@ -125,6 +126,7 @@ class Commands:
         self.urgency = urgency
         self.get_template = get_template
         self.get_config_map = get_config_map
+        self.probe = probe  # a health probe of a VM now (spec.rollout.healthGate)
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
@@ -332,6 +334,11 @@ class Commands:
         else:
             names, found = self.resolve(tracked)
             results = initial_results(names, found, now, phase=Phase.PENDING)
+            if spec.rollout is not None:
+                wave_of = {vm: i for i, wave in enumerate(rollout.assign_waves(spec.rollout, names, found))
+                           for vm in wave}
+                for entry in results:
+                    entry["wave"] = wave_of.get(entry["vm"], 0)
         tracked.status = {"startTime": now, "results": results, "target": describe_target(spec)}
         if tracked.template is not None:
             tracked.status["template"] = tracked.template
@@ -348,8 +355,9 @@ class Commands:
         vms = {vm: self.get_vm(tracked.namespace, vm) for vm in sorted(schedule.pending_vms(status))}
         queues = {vm: (vm_queue(obj) if obj is not None else None) for vm, obj in vms.items()}
         paused = frozenset(vm for vm, obj in vms.items() if obj and obj["spec"].get("paused"))
+        open_wave = self._rollout(tracked) if tracked.spec.rollout is not None else None
         step = schedule.plan(tracked.spec, status, datetime.now(UTC), queues=queues,
-                             timing=self.timing, paused=paused, lost=lost)
+                             timing=self.timing, paused=paused, lost=lost, open_wave=open_wave)
         if not step:
             return
         results = status["results"]
@@ -385,6 +393,31 @@ class Commands:
         if step.changes:
             self._refold(tracked)
             tracked.want(0.0 if not step.dispatch else self.urgency.start)
+
+    def _rollout(self, tracked: Tracked) -> int:
+        """spec.rollout: the wave that may run now; probes the VMs a health gate waits for,
+        and stops the rollout when the gate fails."""
+        assert tracked.spec.rollout is not None
+        now = datetime.now(UTC)
+        step = rollout.step(tracked.spec.rollout, tracked.status, now,
+                            lambda vm: self.get_vm(tracked.namespace, vm))
+        if step.status != tracked.status.get("rollout"):
+            if step.status.get("currentWave") != (tracked.status.get("rollout") or {}).get("currentWave"):
+                log.info("RemoteCommand %s: wave %s of %s", tracked.ref, step.status["currentWave"],
+                         step.status["waves"])
+            tracked.status["rollout"] = step.status
+            tracked.want(self.urgency.claimed)
+        for vm in step.probe:
+            self.probe(tracked.namespace, vm)
+        if step.probe:
+            log.info("RemoteCommand %s: probing %s before the next wave", tracked.ref,
+                     ", ".join(step.probe))
+        if step.stop is not None:
+            rollout.stop_entries(tracked.status.get("results") or [], step.stop, now)
+            self._refold(tracked)
+            tracked.want(0.0)
+            log.warning("RemoteCommand %s: the rollout stopped: %s", tracked.ref, step.stop)
+        return step.open_wave
 
     def _dispatch(self, tracked: Tracked, vm: str, attempt: int, obj: dict[str, Any] | None) -> None:
         if obj is None:

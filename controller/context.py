@@ -97,6 +97,7 @@ class Context:
             timing=schedule.Timing(lost_after=conf.worker_lost_seconds,
                                    redispatch_after=conf.redispatch_seconds),
             get_template=kube.get_template, get_config_map=kube.get_config_map_data,
+            probe=lambda ns, name: fleet_box[0].probe_now(ns, name),
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))

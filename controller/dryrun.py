@@ -17,6 +17,8 @@ from vmfleet.api.counts import describe_count, resolve_count
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.fold import set_condition
 
+from .rollout import assign_waves
+
 # Blockers that would make the VM's result Failed (a paused VM only waits).
 _FAILING = frozenset({Reason.VM_NOT_FOUND, Reason.BECOME_NOT_ALLOWED, Reason.NOT_READY})
 
@@ -53,6 +55,8 @@ def report(spec: RemoteCommandSpec, names: list[str],
         "runnable": sorted(n for n in names if n not in blocked_names),
         "blocked": sorted(blocked, key=lambda b: b["vm"]),
     }
+    if spec.rollout is not None:
+        out["waves"] = assign_waves(spec.rollout, names, vms)
     if spec.max_parallel is not None:
         out["maxParallel"] = resolve_count(spec.max_parallel, total)
     if spec.max_failures is not None:

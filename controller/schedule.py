@@ -73,10 +73,12 @@ def plan(
     timing: Timing = Timing(),
     paused: frozenset[str] = frozenset(),
     lost: frozenset[str] = frozenset(),
+    open_wave: int | None = None,
 ) -> Plan:
     """The next step for ``status.results``. ``queues`` maps VM names to their queue
     (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched;
-    ``lost`` VMs' running attempts stopped heartbeating."""
+    ``lost`` VMs' running attempts stopped heartbeating; with ``open_wave`` (a rollout),
+    entries of later waves are not dispatched yet."""
     step = _Step(spec, now, [dict(e) for e in status.get("results") or []])
     started = parse_rfc3339(status["startTime"]) if status.get("startTime") else now
     deadline_passed = bool(
@@ -90,7 +92,7 @@ def plan(
         elif phase in (Phase.PENDING, Phase.QUEUED):
             _end_unrunnable(step, index, entry, queues, deadline_passed)
     _cancel_after_max_failures(step)
-    _dispatch_ready(step, queues, paused, timing)
+    _dispatch_ready(step, queues, paused, timing, open_wave)
     return step.out
 
 
@@ -176,7 +178,7 @@ def _cancel_after_max_failures(step: _Step) -> None:
 
 
 def _dispatch_ready(step: _Step, queues: dict[str, str | None], paused: frozenset[str],
-                    timing: Timing) -> None:
+                    timing: Timing, open_wave: int | None = None) -> None:
     """Send Pending entries whose retry time came, within ``maxParallel``; resend Queued
     ones nobody claimed for ``timing.redispatch_after``."""
     now, given = step.now, step.spec.max_parallel
@@ -186,6 +188,8 @@ def _dispatch_ready(step: _Step, queues: dict[str, str | None], paused: frozense
         phase = entry.get("phase")
         vm = entry["vm"]
         attempt = int(entry.get("attempt", 1))
+        if open_wave is not None and int(entry.get("wave") or 0) > open_wave:
+            continue
         if phase == Phase.PENDING and capacity > 0 and vm not in paused and queues.get(vm):
             after = entry.get("retryAfter")
             if after and parse_rfc3339(after) > now:

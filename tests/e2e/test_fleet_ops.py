@@ -224,3 +224,77 @@ def test_templates_only_admission_policy(ns: Namespace, kubectl):
     finally:
         for obj in objects:
             kubectl("delete", obj["kind"].lower(), obj["metadata"]["name"], check=False)
+
+
+def _cron(ns: Namespace, name: str, policy: str, vm: str, script: str) -> dict:
+    return {"apiVersion": "vmfleet.io/v1alpha1", "kind": "RemoteCronCommand",
+            "metadata": {"name": name, "namespace": str(ns)},
+            "spec": {"schedule": "* * * * *", "concurrencyPolicy": policy,
+                     "startingDeadlineSeconds": 40,
+                     "commandTemplate": {"metadata": {"labels": {"cron-test": name}},
+                                         "spec": {"vm": vm, "script": script}}}}
+
+
+def _runs(ns: Namespace, name: str) -> list[dict]:
+    items = ns.kubectl.get_json("-n", str(ns), "rcmd", "-l", f"vmfleet.io/cron={name}")["items"]
+    return sorted(items, key=lambda o: o["metadata"]["name"])
+
+
+def _events(ns: Namespace, name: str) -> list[dict]:
+    items = ns.kubectl.get_json("-n", str(ns), "events", "--field-selector",
+                                f"involvedObject.name={name}")["items"]
+    return items
+
+
+def test_cron_runs_forbid_skips_and_replace_kills_the_previous_run(ns: Namespace, vms, kubectl,
+                                                                   shared_dir):
+    import time as _time
+
+    from vmfleet.dev.proc import wait_until
+
+    _established(kubectl, "remotecroncommands.vmfleet.io")
+    ns.add_vms(vms[:2])
+    pids = shared_dir / "pids"
+    # Created late in a minute: the first run starts within seconds, the second a minute on.
+    wait_until(lambda: 45 <= _time.time() % 60 < 55, timeout=65, interval=0.5,
+               what="a late second of the minute")
+    ns.kubectl.apply(
+        _cron(ns, "forbid", "Forbid", "vm1", "sleep 100\n"),
+        _cron(ns, "replace", "Replace", "vm2", f"echo $$ >> {pids}\nexec sleep 601\n"),
+    )
+    wait_until(lambda: len(_runs(ns, "forbid")) == 1 and len(_runs(ns, "replace")) == 1,
+               timeout=45, interval=1, what="the first run of each")
+    first_forbid, first_replace = _runs(ns, "forbid")[0], _runs(ns, "replace")[0]
+    minute = int(first_forbid["metadata"]["annotations"]["vmfleet.io/scheduled-at"][14:16])
+    assert first_forbid["metadata"]["name"].startswith("forbid-")
+    assert first_forbid["metadata"]["ownerReferences"][0]["kind"] == "RemoteCronCommand"
+    assert first_forbid["metadata"]["labels"]["cron-test"] == "forbid"
+    wait_until(lambda: pids.exists() and len(pids.read_text().split()) == 1, timeout=30,
+               interval=0.5, what="the first replace run to start on vm2")
+    (old_pid,) = pids.read_text().split()
+
+    # The next minute: Replace stops the first run on the VM, deletes it and starts the next.
+    wait_until(lambda: [r["metadata"]["name"] for r in _runs(ns, "replace")]
+               and _runs(ns, "replace")[0]["metadata"]["name"] != first_replace["metadata"]["name"],
+               timeout=100, interval=1, what="the replace run to be replaced")
+    wait_until(lambda: len(pids.read_text().split()) == 2, timeout=30, interval=0.5,
+               what="the second replace run to start on vm2")
+    new_pid = pids.read_text().split()[1]
+    vm2 = vms[1]
+    assert vm2.run(f"kill -0 {old_pid}")[0] != 0, "the replaced run's process still runs"
+    assert vm2.run(f"kill -0 {new_pid}")[0] == 0
+    assert [r["metadata"]["name"] for r in _runs(ns, "replace")] == [
+        f"replace-{int(first_replace['metadata']['name'].split('-')[1]) + 1}"]
+    assert "ReplacedRunning" not in {e["reason"] for e in _events(ns, "replace")}
+
+    # Forbid: the first run still runs, so the second minute started nothing.
+    forbid = ns.get("rcron", "forbid")
+    assert [r["metadata"]["name"] for r in _runs(ns, "forbid")] == [first_forbid["metadata"]["name"]]
+    assert forbid["status"]["active"] == [{"name": first_forbid["metadata"]["name"],
+                                           "uid": first_forbid["metadata"]["uid"]}]
+    assert int(forbid["status"]["lastScheduleTime"][14:16]) == minute
+    wait_until(lambda: "AlreadyActive" in {e["reason"] for e in _events(ns, "forbid")},
+               timeout=20, interval=1, what="the AlreadyActive event")
+    columns = ns.k("get", "rcron", "forbid").stdout.split("\n")[0].split()
+    assert columns == ["NAME", "SCHEDULE", "TIMEZONE", "SUSPEND", "ACTIVE", "LAST", "SCHEDULE", "AGE"]
+    ns.k("delete", "rcron", "forbid", "replace", "--wait=false")

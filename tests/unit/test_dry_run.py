@@ -112,3 +112,11 @@ def test_exec_dry_run_with_nothing_blocking_exits_0():
     code, out, _ = run(kube, "--dry-run", "vm1", "--", "true")
     assert code == 0
     assert "Would run on 1: vm1" in out
+
+
+def test_a_dry_run_lists_the_waves_of_a_rollout():
+    vms = {f"vm{i}": {"metadata": {"labels": {"zone": "b" if i % 2 else "a"}}, "spec": {},
+                      "status": ready()} for i in range(4)}
+    dry = report(_spec(rollout={"partitionBy": "zone", "batchSize": 1}), list(vms), vms)
+    assert dry["waves"] == [["vm0"], ["vm2"], ["vm1"], ["vm3"]]
+    RemoteCommandStatus.model_validate({"phase": "DryRun", "dryRun": dry})

@@ -134,6 +134,8 @@ class Reason:
     PAUSED: Final = "Paused"
     NOT_READY: Final = "NotReady"
     BECOME_NOT_ALLOWED: Final = "BecomeNotAllowed"
+    # spec.rollout.healthGate: a wave's VMs did not report Ready; the rest never started.
+    HEALTH_GATE_FAILED: Final = "HealthGateFailed"
     # A worker refused the message (bad or missing signature, expired, a VM or Secret it
     # does not serve): nothing ran.
     MESSAGE_REFUSED: Final = "MessageRefused"

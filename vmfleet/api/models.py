@@ -448,6 +448,34 @@ class BecomeSpec(ApiModel):
     )
 
 
+class HealthGate(ApiModel):
+    timeout_seconds: int = Field(
+        300, ge=1, le=86400,
+        description="After each wave the controller probes its VMs at once; the next wave "
+        "starts only when every VM the wave succeeded on reports Ready from a probe newer than "
+        "the wave's end. A VM reporting not Ready, or no fresh Ready within this many seconds, "
+        "stops the rollout (the VMs not started end Cancelled, reason HealthGateFailed).",
+    )
+
+
+class Rollout(ApiModel):
+    """Run in waves: the next wave starts when the previous one is complete."""
+
+    batch_size: CountOrPercent | None = Field(
+        None, description="VMs per wave: a number, or a percentage of the matched VMs such as "
+        "\"25%\" (rounded down, at least 1). Unset: one wave (per partition).",
+    )
+    batch_wait_seconds: int = Field(0, ge=0, le=86400,
+                                    description="Pause between the end of a wave and the next.")
+    partition_by: str | None = Field(
+        None, min_length=1, max_length=317,
+        description="A RemoteVM label key: one label value at a time, values in sorted order, "
+        "VMs without the label last; a wave never mixes two values.",
+    )
+    health_gate: HealthGate | None = Field(None, description="Probe each wave's VMs before "
+                                           "the next wave starts.")
+
+
 _ACTIONS = ("[has(self.command), has(self.argv), has(self.script), has(self.transfer), "
             "has(self.templateRef)]")
 _RESERVED = "['PATH', 'LD_PRELOAD', 'LD_LIBRARY_PATH', 'BASH_ENV', 'ENV', 'IFS']"
@@ -482,6 +510,8 @@ class RemoteCommandSpec(ApiModel):
             "!has(self.transfer) || !has(self.become)",
             "become applies to command, argv and script, not to a transfer",
         ),
+        cel("!has(self.transfer) || !has(self.rollout)",
+            "rollout applies to commands on VMs, not to a transfer"),
     )
 
     vm: K8sName | None = Field(None, description="Target: one RemoteVM (same namespace).")
@@ -572,6 +602,10 @@ class RemoteCommandSpec(ApiModel):
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=365 * 86400, description="Delete the object this long after it finished."
     )
+    rollout: Rollout | None = Field(
+        None, description="Run in waves (batchSize, batchWaitSeconds, partitionBy, "
+        "healthGate); maxParallel and maxFailures still hold within and across waves.",
+    )
     dry_run: bool | None = Field(
         None, description="Run nothing: resolve the targets and report in status.dryRun which "
         "VMs match and which would block (missing, not Ready, paused, become without "
@@ -621,6 +655,8 @@ class RemoteCommandSpec(ApiModel):
             raise ValueError("exactly one target must be set: vm, vms or selector")
         if self.transfer is not None and self.become is not None:
             raise ValueError("become applies to command, argv and script, not to a transfer")
+        if self.transfer is not None and self.rollout is not None:
+            raise ValueError("rollout applies to commands on VMs, not to a transfer")
         return self
 
     @property
@@ -705,6 +741,7 @@ class TargetResult(StatusModel):
     )
     lost_marker: str | None = Field(None, max_length=64, description="processMarker of that attempt.")
     transfer: TransferResult | None = Field(None, description="File transfers: what was copied.")
+    wave: int | None = Field(None, ge=0, description="spec.rollout: the wave of this VM, from 0.")
 
 
 class DryRunBlocker(StatusModel):
@@ -749,6 +786,18 @@ class TemplateRecord(StatusModel):
         "variables (defaults included), as checked when the command started.")
 
 
+class RolloutStatus(StatusModel):
+    """Where a rollout (spec.rollout) stands."""
+
+    waves: int | None = Field(None, ge=0, description="How many waves there are.")
+    current_wave: int | None = Field(None, ge=1, description="The wave running now, from 1.")
+    wave_complete_time: str | None = Field(None, description="When the current wave ended.")
+    health_gate_since: str | None = Field(None, description="When its health probes were asked.")
+    next_wave_after: str | None = Field(None, description="The next wave starts after this.")
+    stopped: str | None = Field(None, max_length=MAX_MESSAGE,
+                                description="Why the rollout stopped before its last wave.")
+
+
 class RemoteCommandStatus(StatusModel):
     phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled", "DryRun"] | None = None
     target: str | None = Field(None, max_length=1024, description="What the command runs on.")
@@ -767,5 +816,6 @@ class RemoteCommandStatus(StatusModel):
     observed_generation: int | None = None
     dry_run: DryRunReport | None = Field(None, description="spec.dryRun: what would run and "
                                          "what would block; nothing ran.")
+    rollout: RolloutStatus | None = Field(None, description="spec.rollout: the waves' progress.")
     template: TemplateRecord | None = Field(None, description="spec.templateRef: the script "
                                             "recorded when the command started, and its sha256.")
