@@ -24,6 +24,13 @@ def shared_dir():
     return path
 
 
+def capture(name: str, text: str) -> None:
+    """Keep real output for the README (.vmfleet/ is not committed)."""
+    out = REPO / ".vmfleet" / "readme-output"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(text)
+
+
 def max_overlap(intervals: list[tuple[int, int]]) -> int:
     events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
     running = peak = 0
@@ -113,6 +120,7 @@ def test_dry_run_runs_nothing_and_says_what_would_block(ns: Namespace, vms, shar
     assert cli.stdout.startswith("Dry run of RemoteCommand "), cli.stdout + cli.stderr
     assert "Matched 2 VMs: vm1, vm2" in cli.stdout
     assert not marker.exists()
+    capture("dry-run.txt", cli.stdout + "\n" + ns.k("get", "rcmd", "dry", "-o", "yaml").stdout)
 
 
 def test_rerun_failed_targets_exactly_the_vms_that_did_not_succeed(ns: Namespace, vms, kubectl):
@@ -133,6 +141,7 @@ def test_rerun_failed_targets_exactly_the_vms_that_did_not_succeed(ns: Namespace
     assert again["metadata"]["annotations"]["vmfleet.io/rerun-of-uid"] == first["metadata"]["uid"]
     assert {r["vm"]: r["phase"] for r in again["status"]["results"]} == {
         "vm2": "Failed", "vm3": "Succeeded"}
+    capture("rerun.txt", cli.stdout + "\n" + ns.k("get", "rcmd").stdout)
     listed = ns.k("get", "rcmd", "-l", "vmfleet.io/rerun-of=first", "-o", "name").stdout.split()
     assert listed == [f"remotecommand.vmfleet.io/{name}"]
 
@@ -175,6 +184,10 @@ def test_templates_check_parameters_and_pass_hostile_values_literally(ns: Namesp
     assert result["stdout"] == f"1.25|{hostile}|3\n"
     record = good["status"]["template"]
     import hashlib
+
+    capture("templates.txt", ns.k("get", "rcmd").stdout + "\n"
+            + ns.k("get", "rcmd", "bad", "-o", "jsonpath={.status.conditions}").stdout + "\n"
+            + ns.k("get", "rcmd", "good", "-o", "jsonpath={.status.results[0].stdout}").stdout)
 
     script = 'printf "%s|%s|%s\\n" "$VERSION" "$HOSTILE" "$COUNT"\n'
     assert record["sha256"] == hashlib.sha256(script.encode()).hexdigest()
@@ -295,6 +308,48 @@ def test_cron_runs_forbid_skips_and_replace_kills_the_previous_run(ns: Namespace
     assert int(forbid["status"]["lastScheduleTime"][14:16]) == minute
     wait_until(lambda: "AlreadyActive" in {e["reason"] for e in _events(ns, "forbid")},
                timeout=20, interval=1, what="the AlreadyActive event")
+    capture("cron.txt", ns.k("get", "rcron").stdout + "\n" + ns.k("get", "rcmd").stdout + "\n"
+            + ns.k("get", "events", "--field-selector", "involvedObject.kind=RemoteCronCommand").stdout)
     columns = ns.k("get", "rcron", "forbid").stdout.split("\n")[0].split()
     assert columns == ["NAME", "SCHEDULE", "TIMEZONE", "SUSPEND", "ACTIVE", "LAST", "SCHEDULE", "AGE"]
     ns.k("delete", "rcron", "forbid", "replace", "--wait=false")
+
+
+def test_rollout_goes_one_wave_and_one_label_value_at_a_time(ns: Namespace, make_vm, shared_dir):
+    fleet = [make_vm(f"wave{i}") for i in range(4)]
+    ns.add_vms(fleet[:2], labels={"role": "wave", "zone": "a"})
+    ns.add_vms(fleet[2:3], labels={"role": "wave", "zone": "b"})
+    ns.add_vms(fleet[3:], labels={"role": "wave"})
+    log = shared_dir / "waves"
+    ns.run("waves", selector={"matchLabels": {"role": "wave"}},
+           rollout={"partitionBy": "zone", "batchSize": 2, "healthGate": {"timeoutSeconds": 90}},
+           script=f"s=$(date +%s%N); sleep 1; echo \"$(hostname) $s $(date +%s%N)\" >> {log}\n")
+    obj = ns.finished("waves", timeout=240)
+    status = obj["status"]
+    assert status["phase"] == "Succeeded", status
+    assert {r["vm"]: r["wave"] for r in status["results"]} == {
+        "wave0": 0, "wave1": 0, "wave2": 1, "wave3": 2}
+    assert status["rollout"]["waves"] == 3 and "stopped" not in status["rollout"]
+    capture("rollout.txt", ns.k("get", "rcmd", "waves", "-o", "jsonpath={.status.rollout}").stdout
+            + "\n" + ns.k("get", "rcmd", "waves", "-o",
+                           "jsonpath={range .status.results[*]}{.vm} wave {.wave} {.phase}{'\\n'}{end}").stdout)
+    spans = {host: (int(s), int(e)) for host, s, e in (line.split() for line in log.read_text().splitlines())}
+    waves = [["wave0", "wave1"], ["wave2"], ["wave3"]]
+    for earlier, later in zip(waves, waves[1:]):
+        assert max(spans[h][1] for h in earlier) < min(spans[h][0] for h in later), spans
+
+
+@pytest.mark.parametrize("path", [
+    "remotecommand.spec.vms", "remotecommand.spec.maxParallel", "remotecommand.spec.dryRun",
+    "remotecommand.spec.templateRef", "remotecommand.spec.parameters",
+    "remotecommand.spec.rollout.partitionBy", "remotecommand.spec.rollout.healthGate",
+    "remotecommand.status.dryRun.blocked", "remotecommand.status.template.sha256",
+    "remotecommandtemplate.spec.parameters.pattern", "remotecommandtemplate.spec.scriptFrom",
+    "rcron.spec.concurrencyPolicy", "rcron.spec.startingDeadlineSeconds",
+    "rcron.spec.commandTemplate.spec.maxFailures", "rcron.status.lastSuccessfulTime",
+])
+def test_kubectl_explain_documents_the_new_fields(kubectl, crds, path):
+    _established(kubectl, "remotecommandtemplates.vmfleet.io", "remotecroncommands.vmfleet.io")
+    out = kubectl("explain", path).stdout
+    description = out.split("DESCRIPTION:", 1)[1].strip()
+    assert description and "<empty>" not in description, out
