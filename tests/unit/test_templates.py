@@ -157,3 +157,16 @@ def test_an_invalid_parameter_fails_the_command_before_anything_runs():
     failed = next(c for c in tracked.status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidSpec"
     assert failed["message"] == "parameter SERVICE: '$(id)' does not match the pattern [a-z]+"
+
+
+def test_parameter_values_are_int_or_string_in_the_crd():
+    """CEL needs a typed map: the API server refuses rules over an untyped one."""
+    from vmfleet.api import crdgen
+
+    spec = crdgen.remotecommand_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"][
+        "properties"]["spec"]
+    values = spec["properties"]["parameters"]["additionalProperties"]
+    assert values["x-kubernetes-int-or-string"] is True
+    with pytest.raises(ValidationError):
+        RemoteCommandSpec.model_validate({"vm": "a", "templateRef": {"name": "t"},
+                                          "parameters": {"A": True}})

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    StrictInt,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -479,11 +480,12 @@ class Rollout(ApiModel):
 _ACTIONS = ("[has(self.command), has(self.argv), has(self.script), has(self.transfer), "
             "has(self.templateRef)]")
 _RESERVED = "['PATH', 'LD_PRELOAD', 'LD_LIBRARY_PATH', 'BASH_ENV', 'ENV', 'IFS']"
-# A template parameter's value: a string, an integer or a boolean (checked against the
-# template's declared type by the controller).
-ParameterValue = Annotated[str | int | bool, WithJsonSchema(
-    {"x-kubernetes-preserve-unknown-fields": True,
-     "description": "A string, an integer or a boolean, as the template's parameter says."})]
+# A template parameter's value: a string or an integer (a boolean is written "true" or
+# "false"), checked against the template's declared type by the controller.
+ParameterValue = Annotated[StrictInt | Annotated[str, Field(max_length=MAX_ARG)], WithJsonSchema(
+    {"x-kubernetes-int-or-string": True,
+     "description": "A string or an integer, as the template's parameter says (booleans: "
+                    "\"true\" or \"false\")."})]
 _TARGETS = "[has(self.vm), has(self.vms), has(self.selector)]"
 
 
