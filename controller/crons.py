@@ -18,6 +18,7 @@ from typing import Any, cast
 from pydantic import ValidationError
 
 from vmfleet.api import constants as c
+from vmfleet.api.cronexpr import CronError
 from vmfleet.api.kinds import RemoteCronCommandSpec
 from vmfleet.api.times import now_rfc3339, parse_rfc3339, rfc3339
 from vmfleet.kube import ApiException, Kube
@@ -112,6 +113,9 @@ class Crons:
                 log.warning("Scheduling RemoteCronCommand %s/%s failed: %s %s; trying again",
                             obj["metadata"]["namespace"], obj["metadata"]["name"], exc.status,
                             exc.reason)
+            except Exception:  # noqa: BLE001 - one object never stops the others
+                log.exception("Scheduling RemoteCronCommand %s/%s failed",
+                              obj["metadata"]["namespace"], obj["metadata"]["name"])
 
     def reconcile(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
@@ -127,7 +131,11 @@ class Crons:
         created = parse_rfc3339(meta["creationTimestamp"]) if meta.get("creationTimestamp") \
             else self.clock()
         status = obj.get("status") or {}
-        step = cron.plan(meta["name"], spec, status, created, runs, self.clock())
+        try:
+            step = cron.plan(meta["name"], spec, status, created, runs, self.clock())
+        except CronError as exc:
+            self.event(obj, "Warning", c.Reason.INVALID_SPEC, f"schedule {spec.schedule!r}: {exc}")
+            return
         for run in step.cancel:
             self._cancel(meta, run)
         for run in step.delete:

@@ -126,3 +126,14 @@ def test_replace_cancels_the_running_run_through_commands():
     made.tick()
     assert kube.custom.deleted == ["nightly-29942640"]
     assert [b["metadata"]["name"] for b in kube.created] == ["nightly-29942641"]
+
+
+def test_a_schedule_that_never_comes_is_an_event_not_a_crash():
+    kube = FakeKube()
+    made = crons(kube)
+    made.seen({**CRON, "spec": {**CRON["spec"], "schedule": "0 0 30 2 *"}})  # February 30th
+    made.tick()
+    made.tick()
+    assert kube.created == []
+    assert [e["reason"] for e in kube.core.events] == ["InvalidSpec"]  # once
+    assert "never runs" in kube.core.events[0]["message"]
