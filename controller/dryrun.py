@@ -64,7 +64,8 @@ def report(spec: RemoteCommandSpec, names: list[str],
         out["maxFailures"] = limit
         failing = sum(1 for b in blocked if b["reason"] in _FAILING)
         if failing and failing >= limit:
-            out["budget"] = (f"{failing} blocked VMs would fail, reaching maxFailures "
+            out["budget"] = (f"{failing} blocked VM{'s' if failing != 1 else ''} would fail, "
+                             "reaching maxFailures "
                              f"({describe_count(spec.max_failures, total)}): the run would "
                              "stop starting VMs there")
     return out

@@ -123,14 +123,17 @@ def test_dry_run_runs_nothing_and_says_what_would_block(ns: Namespace, vms, shar
     capture("dry-run.txt", cli.stdout + "\n" + ns.k("get", "rcmd", "dry", "-o", "yaml").stdout)
 
 
-def test_rerun_failed_targets_exactly_the_vms_that_did_not_succeed(ns: Namespace, vms, kubectl):
+def test_rerun_failed_targets_exactly_the_vms_that_did_not_succeed(ns: Namespace, vms, kubectl,
+                                                                   shared_dir):
     ns.add_vms(vms)
-    # vm2 fails; maxParallel 1 and maxFailures 1 leave vm3 never started.
+    fixed = shared_dir / "fixed"
+    # vm2 fails until it is fixed; maxParallel 1 and maxFailures 1 leave vm3 never started.
     ns.run("first", vms=["vm1", "vm2", "vm3"], maxParallel=1, maxFailures=1,
-           command='test "$(hostname)" != vm2 && hostname')
+           command=f'test "$(hostname)" != vm2 || test -e {fixed}')
     first = ns.finished("first", timeout=90)
     phases = {r["vm"]: r["phase"] for r in first["status"]["results"]}
     assert phases == {"vm1": "Succeeded", "vm2": "Failed", "vm3": "Cancelled"}
+    fixed.write_text("")
     cli = vmfleet_cli(kubectl, "rerun", "first", "--failed", "-n", str(ns))
     assert cli.returncode == 0, cli.stderr
     assert "on 2 VMs: vm2, vm3" in cli.stdout
@@ -140,7 +143,7 @@ def test_rerun_failed_targets_exactly_the_vms_that_did_not_succeed(ns: Namespace
     assert again["metadata"]["labels"]["vmfleet.io/rerun-of"] == "first"
     assert again["metadata"]["annotations"]["vmfleet.io/rerun-of-uid"] == first["metadata"]["uid"]
     assert {r["vm"]: r["phase"] for r in again["status"]["results"]} == {
-        "vm2": "Failed", "vm3": "Succeeded"}
+        "vm2": "Succeeded", "vm3": "Succeeded"}
     capture("rerun.txt", cli.stdout + "\n" + ns.k("get", "rcmd").stdout)
     listed = ns.k("get", "rcmd", "-l", "vmfleet.io/rerun-of=first", "-o", "name").stdout.split()
     assert listed == [f"remotecommand.vmfleet.io/{name}"]
