@@ -122,20 +122,20 @@ def plan(name: str, spec: RemoteCronCommandSpec, status: dict[str, Any], created
         return step
     if count > MAX_MISSED:
         step.events.append(("Warning", "TooManyMissedTimes",
-                            f"too many missed start times ({count}); set or decrease "
-                            "startingDeadlineSeconds or check clock skew; considering only "
-                            f"the latest, {rfc3339(times[-1])}"))
+                            (f"too many missed start times ({count}); set or decrease "
+                             "startingDeadlineSeconds or check clock skew; considering only "
+                             f"the latest, {rfc3339(times[-1])}")))
     scheduled = times[-1]
     if deadline is not None and now > scheduled + timedelta(seconds=deadline) and not replacing:
         step.events.append(("Warning", "MissSchedule",
-                            f"missed the scheduled time {rfc3339(scheduled)}: its "
-                            f"startingDeadlineSeconds ({deadline}s) passed"))
+                            (f"missed the scheduled time {rfc3339(scheduled)}: its "
+                             f"startingDeadlineSeconds ({deadline}s) passed")))
         return step
     if active and spec.concurrency_policy == "Forbid":
         step.events.append(("Normal", "AlreadyActive",
-                            f"not starting the run of {rfc3339(scheduled)}: "
-                            f"{', '.join(r.name for r in active)} is still running "
-                            "(concurrencyPolicy Forbid)"))
+                            (f"not starting the run of {rfc3339(scheduled)}: "
+                             f"{', '.join(r.name for r in active)} is still running "
+                             "(concurrencyPolicy Forbid)")))
         return step
     if replacing:
         step.cancel = active

@@ -12,8 +12,8 @@ def format_dry_run(namespace: str, name: str, status: dict[str, Any]) -> str:
     runnable = list(dry.get("runnable") or [])
     blocked = list(dry.get("blocked") or [])
     lines = [f"Dry run of RemoteCommand {namespace}/{name}: nothing ran.",
-             f"Matched {len(matched)} VM{'s' if len(matched) != 1 else ''}: "
-             f"{', '.join(matched) or '(none)'}",
+             (f"Matched {len(matched)} VM{'s' if len(matched) != 1 else ''}: "
+              f"{', '.join(matched) or '(none)'}"),
              f"Would run on {len(runnable)}: {', '.join(runnable) or '(none)'}"]
     if blocked:
         lines.append(f"Would block on {len(blocked)}:")

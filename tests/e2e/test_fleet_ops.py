@@ -3,6 +3,7 @@ failed, templates, schedules and waves — checked on the VMs themselves."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def test_vms_target_runs_on_exactly_the_named_vms(ns: Namespace, vms):
 def vmfleet_cli(kubectl, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBECONFIG": kubectl.kubeconfig, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "vmfleet.cli", *args], capture_output=True,
-                          text=True, timeout=120, env=env, cwd=REPO)
+                          text=True, timeout=120, env=env, cwd=REPO, check=False)
 
 
 def test_dry_run_runs_nothing_and_says_what_would_block(ns: Namespace, vms, shared_dir, kubectl):
@@ -207,6 +208,7 @@ def test_templates_check_parameters_and_pass_hostile_values_literally(ns: Namesp
 
 def test_templates_only_admission_policy(ns: Namespace, kubectl):
     import yaml
+
     from tests.unit.test_chart import helm
     from vmfleet.dev.proc import wait_until
 
@@ -338,7 +340,7 @@ def test_rollout_goes_one_wave_and_one_label_value_at_a_time(ns: Namespace, make
                            "jsonpath={range .status.results[*]}{.vm} wave {.wave} {.phase}{'\\n'}{end}").stdout)
     spans = {host: (int(s), int(e)) for host, s, e in (line.split() for line in log.read_text().splitlines())}
     waves = [["wave0", "wave1"], ["wave2"], ["wave3"]]
-    for earlier, later in zip(waves, waves[1:]):
+    for earlier, later in itertools.pairwise(waves):
         assert max(spans[h][1] for h in earlier) < min(spans[h][0] for h in later), spans
 
 

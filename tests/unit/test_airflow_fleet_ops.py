@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
-from pathlib import Path
 
 import pytest
-import yaml
 
 if importlib.util.find_spec("airflow") is None:
     pytest.skip(
@@ -35,10 +29,10 @@ os.environ.setdefault("AIRFLOW_HOME", _HOME)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("AIRFLOW__CORE__HOSTNAME_CALLABLE", "socket.gethostname")
 
-from airflow.sdk.exceptions import AirflowException  # noqa: E402
+from airflow.sdk.exceptions import AirflowException
 
-from vmfleet.airflow import RemoteCommandOperator  # noqa: E402
-from vmfleet.airflow.naming import TaskIdentity, command_name  # noqa: E402
+from vmfleet.airflow import RemoteCommandOperator
+from vmfleet.airflow.naming import TaskIdentity, command_name
 
 PREVIOUS = {
     "metadata": {"name": "prev", "namespace": "ops"},

@@ -15,7 +15,6 @@ from airflow.sdk.exceptions import AirflowException
 
 from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteCommandSpec
-
 from vmfleet.rerun import ANNOTATION_RERUN_OF, LABEL_RERUN_OF, not_succeeded
 
 from .connection import KubeSettings

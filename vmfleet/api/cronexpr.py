@@ -22,8 +22,8 @@ _MACROS = {
     "@hourly": "0 * * * *",
 }
 _MONTHS = {n: i + 1 for i, n in enumerate(
-    "jan feb mar apr may jun jul aug sep oct nov dec".split())}
-_DAYS = {n: i for i, n in enumerate("sun mon tue wed thu fri sat".split())}
+    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"])}
+_DAYS = {n: i for i, n in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])}
 # (name, lowest, highest, names)
 _FIELDS: tuple[tuple[str, int, int, dict[str, int]], ...] = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
            ("month", 1, 12, _MONTHS), ("day of week", 0, 7, _DAYS))
