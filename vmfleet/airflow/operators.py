@@ -241,21 +241,8 @@ class _RemoteCommandBase(BaseOperator):
         from kubernetes.client.exceptions import ApiException
 
         digest = spec_hash(spec)
-        labels, annotations = identity.labels(), {**identity.annotations(), ANNOTATION_SPEC_HASH: digest}
-        if rerun_of is not None:
-            labels[LABEL_RERUN_OF] = rerun_of
-            annotations[ANNOTATION_RERUN_OF] = rerun_of
-        body = {
-            "apiVersion": c.API_VERSION,
-            "kind": c.COMMAND_KIND,
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": labels,
-                "annotations": annotations,
-            },
-            "spec": spec,
-        }
+        body = {"apiVersion": c.API_VERSION, "kind": c.COMMAND_KIND,
+                "metadata": _metadata(namespace, name, identity, digest, rerun_of), "spec": spec}
         with settings.api_client() as api_client:
             api = CustomObjectsApi(api_client)
             try:
@@ -294,6 +281,17 @@ class _RemoteCommandBase(BaseOperator):
             (existing.get("status") or {}).get("phase") or "Pending",
         )
         return existing
+
+
+def _metadata(namespace: str, name: str, identity: TaskIdentity, digest: str,
+              rerun_of: str | None) -> dict[str, Any]:
+    """The RemoteCommand's metadata: the task identity, the spec's hash, and for an
+    ``only_failed`` retry the previous try's command it re-runs."""
+    labels, annotations = identity.labels(), {**identity.annotations(), ANNOTATION_SPEC_HASH: digest}
+    if rerun_of is not None:
+        labels[LABEL_RERUN_OF] = rerun_of
+        annotations[ANNOTATION_RERUN_OF] = rerun_of
+    return {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations}
 
 
 async def _first_event(trigger: RemoteCommandTrigger) -> dict[str, Any]:
