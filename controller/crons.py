@@ -141,7 +141,13 @@ class Crons:
         for run in step.delete:
             self._delete(meta, run)
         if step.create is not None:
-            self._create(obj, spec, *step.create)
+            made = self._create(obj, spec, *step.create)
+            if made is not None:  # active at once (the watch brings it a moment later)
+                step.status["active"] = sorted(
+                    [*(step.status.get("active") or []),
+                     {"name": made["metadata"]["name"], "uid": made["metadata"]["uid"]}],
+                    key=lambda ref: ref["name"])
+                step.status["activeCount"] = len(step.status["active"])
         for type_, reason, message in step.events:
             self.event(obj, type_, reason, message)
         new = {**{k: v for k, v in status.items() if k != "active"}, **step.status}
@@ -152,7 +158,8 @@ class Crons:
     # ------------------------------------------------------------------ API calls
 
     def _create(self, obj: dict[str, Any], spec: RemoteCronCommandSpec, name: str,
-                scheduled: datetime) -> None:
+                scheduled: datetime) -> dict[str, Any] | None:
+        """Create the run (None when it exists already: never twice)."""
         meta = obj["metadata"]
         template = spec.command_template
         labels = {**((template.metadata.labels if template.metadata else None) or {}),
@@ -175,11 +182,12 @@ class Crons:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-            return  # made by an earlier tick (or controller): never twice
+            return None  # made by an earlier tick (or controller): never twice
         self.command_seen(made)
         log.info("Created RemoteCommand %s/%s for RemoteCronCommand %s (scheduled %s)",
                  meta["namespace"], name, meta["name"], rfc3339(scheduled))
         self.event(obj, "Normal", "SuccessfulCreate", f"Created RemoteCommand {name}")
+        return made
 
     def _cancel(self, meta: dict[str, Any], run: cron.Run) -> None:
         if not run.replaced:

@@ -84,8 +84,18 @@ def test_a_due_run_is_created_owned_named_and_recorded():
     assert body["spec"]["command"] == "sleep 600"
     ((plural, name, patch),) = kube.custom.patched
     assert (plural, name) == ("remotecroncommands", "nightly")
-    assert patch["status"]["lastScheduleTime"] == "2026-12-06T12:01:00.000Z"
+    assert patch["status"] == {"lastScheduleTime": "2026-12-06T12:01:00.000Z", "activeCount": 1,
+                               "active": [{"name": "nightly-29942641", "uid": "run-1"}]}
     assert [e["reason"] for e in kube.core.events] == ["SuccessfulCreate"]
+
+
+def test_nothing_is_written_when_nothing_changed():
+    kube = FakeKube()
+    made = crons(kube)
+    made.tick()
+    made.tick()
+    made.tick()
+    assert len(kube.created) == 1 and len(kube.custom.patched) == 1
 
 
 def test_only_the_leader_schedules():
