@@ -139,7 +139,8 @@ class _RemoteCommandBase(BaseOperator):
             if remaining == []:
                 self.log.info("Every VM succeeded in the previous try (RemoteCommand %s/%s): "
                               "nothing to run again", namespace, previous["metadata"]["name"])
-                return results_of(previous.get("status"))
+                return self._finish_try(context, namespace, previous["metadata"]["name"],
+                                        previous.get("status") or {})
             if remaining:
                 spec = retarget(spec, remaining)
                 rerun_of = str(previous["metadata"]["name"])
@@ -150,7 +151,7 @@ class _RemoteCommandBase(BaseOperator):
         if not is_finished(obj) and self.deferrable and self.defer_after_seconds > 0:
             obj = self._wait_briefly(settings, namespace, name, obj)
         if is_finished(obj):
-            return self.finish(namespace, name, obj.get("status") or {})
+            return self._finish_try(context, namespace, name, obj.get("status") or {})
         trigger = RemoteCommandTrigger(
             name=name, namespace=namespace, **settings.to_kwargs(),
             watch_timeout_seconds=self.watch_timeout_seconds,
@@ -167,20 +168,12 @@ class _RemoteCommandBase(BaseOperator):
         derived from the task identity), or None (first try, or it is gone)."""
         if not self.only_failed or identity.try_number <= 1:
             return None
-        from kubernetes.client import CustomObjectsApi
-        from kubernetes.client.exceptions import ApiException
-
         name = command_name(replace(identity, try_number=identity.try_number - 1))
-        with settings.api_client() as api_client:
-            try:
-                obj = cast(dict[str, Any], CustomObjectsApi(api_client).get_namespaced_custom_object(
-                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name))
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                self.log.info("only_failed: the previous try's RemoteCommand %s/%s is gone; "
-                              "running on every target", namespace, name)
-                return None
+        obj = self._get_command(settings, namespace, name)
+        if obj is None:
+            self.log.info("only_failed: the previous try's RemoteCommand %s/%s is gone; "
+                          "running on every target", namespace, name)
+            return None
         return obj if is_finished(obj) else None
 
     def _wait_briefly(self, settings: KubeSettings, namespace: str, name: str,
@@ -213,7 +206,38 @@ class _RemoteCommandBase(BaseOperator):
             )
         if event.get("event") != EVENT_FINISHED:
             raise AirflowException(f"Unexpected event for RemoteCommand {namespace}/{name}: {event!r}")
-        return self.finish(namespace, name, event.get("command_status") or {})
+        return self._finish_try(context, namespace, name, event.get("command_status") or {})
+
+    def _finish_try(self, context: Any, namespace: str, name: str, status: dict[str, Any]) -> Any:
+        """``finish``; with ``only_failed`` on a retry, the result also holds the VMs that
+        succeeded in earlier tries (this try's own result wins for a VM it ran)."""
+        result = self.finish(namespace, name, status)
+        if not self.only_failed or not isinstance(result, dict) or "dry_run" in result:
+            return result
+        identity = _identity(context)
+        earlier: dict[str, Any] = {}
+        for number in range(identity.try_number - 1, 0, -1):
+            obj = self._get_command(self.kube_settings, namespace,
+                                    command_name(replace(identity, try_number=number)))
+            if obj is None:
+                break
+            for vm, entry in results_of(obj.get("status")).items():
+                if entry["success"]:
+                    earlier.setdefault(vm, entry)
+        return {vm: merged for vm, merged in sorted({**earlier, **result}.items())}
+
+    def _get_command(self, settings: KubeSettings, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        with settings.api_client() as api_client:
+            try:
+                return cast(dict[str, Any], CustomObjectsApi(api_client).get_namespaced_custom_object(
+                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name))
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                return None
 
     def on_kill(self) -> None:
         """Deleting the RemoteCommand cancels it (the controller stops the remote processes)."""
@@ -333,6 +357,16 @@ class RemoteCommandOperator(_RemoteCommandBase):
         namespace, else ``"default"``).
     :param config_file / cluster_context / in_cluster / kubernetes_conn_id: how to reach
         Kubernetes, as in the cncf-kubernetes provider.
+    :param vms: a third target form, a list of RemoteVM names (exactly one of ``vm``,
+        ``vms``, ``selector``).
+    :param max_parallel / max_failures: a number or a percentage of the matched VMs
+        (``"10%"``).
+    :param only_failed: on a task retry, run only on the VMs that did not succeed in the
+        previous try's RemoteCommand (found by its name); the task returns the results
+        of every VM, earlier tries' successes included. A retry after a full success
+        runs nothing.
+    :param dry_run: create a dry run (``spec.dryRun``): nothing runs. Refused unless
+        ``allow_dry_run=True``; then the task returns ``{"dry_run": status.dryRun}``.
     :param deferrable: wait in the triggerer (default) or in the worker.
     :param defer_after_seconds: wait this long in the worker first (default 3): a command
         done by then returns without deferring.
