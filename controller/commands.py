@@ -42,7 +42,8 @@ from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
-from . import schedule
+from . import rollout, schedule, templates
+from .dryrun import dry_run_status
 from .reports import apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
 from .transfers import initial_transfer_results, send_transfer
@@ -78,6 +79,7 @@ class Tracked:
     failures: int = 0
     refusals: int = 0  # wanted statuses that failed validation (InternalError)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    template: dict[str, Any] | None = None  # status.template of a templateRef command
 
     @property
     def ref(self) -> str:
@@ -110,7 +112,10 @@ class Commands:
 
     def __init__(self, state: State, send: Sender, get_vm: VMLookup, list_vms: VMLister,
                  target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing | None = None,
-                 urgency: Urgency | None = None) -> None:
+                 urgency: Urgency | None = None,
+                 get_template: templates.TemplateLookup = lambda ns, name: None,
+                 get_config_map: templates.ConfigMapLookup = lambda ns, name: None,
+                 probe: Wake = lambda ns, name: None) -> None:
         self.state = state
         self.send = send
         self.get_vm = get_vm
@@ -120,6 +125,9 @@ class Commands:
         self.delete = delete
         self.timing = timing or schedule.Timing()
         self.urgency = urgency or Urgency()
+        self.get_template = get_template
+        self.get_config_map = get_config_map
+        self.probe = probe  # a health probe of a VM now (spec.rollout.healthGate)
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
@@ -149,9 +157,17 @@ class Commands:
         except ValidationError as exc:
             self._reject(obj, f"the spec is invalid: {exc.errors()[0].get('msg', exc)}")
             return
+        template: dict[str, Any] | None = None
+        if spec.template_ref is not None:
+            try:
+                spec, template = templates.resolve(meta["namespace"], spec, status,
+                                                   self.get_template, self.get_config_map)
+            except templates.TemplateError as exc:
+                self._reject(obj, str(exc))
+                return
         tracked = Tracked(meta["namespace"], meta["name"], uid, spec,
                           copy.deepcopy(status), copy.deepcopy(status) if status else None,
-                          ttl=spec.ttl_seconds_after_finished)
+                          ttl=spec.ttl_seconds_after_finished, template=template)
         with self._lock:
             if uid in self._tracked:
                 return
@@ -183,6 +199,34 @@ class Commands:
         else:
             self.state.finished(uid)
         return acks
+
+    def cancel(self, uid: str, message: str) -> bool:
+        """Stop a command without deleting it (a RemoteCronCommand's Replace): entries not
+        started end Cancelled now; running attempts are killed by their workers, whose
+        results then report it. False when the command is not held (finished or unknown)."""
+        tracked = self.get(uid)
+        if tracked is None:
+            return False
+        with tracked.lock:
+            if tracked.finished:
+                return False
+            now = now_rfc3339()
+            running = []
+            for entry in tracked.status.get("results") or []:
+                if entry.get("phase") in (Phase.PENDING, Phase.QUEUED):
+                    entry.update({"phase": Phase.CANCELLED, "reason": Reason.CANCELLED,
+                                  "message": message, "completionTime": now})
+                    for key in ("retryAfter", "dispatchTime"):
+                        entry.pop(key, None)
+                elif entry.get("phase") == Phase.RUNNING:
+                    running.append(entry["vm"])
+            self.state.cancel(uid)
+            self._refold(tracked)
+            tracked.want(0.0)
+        log.info("Cancelled RemoteCommand %s%s: %s", tracked.ref,
+                 f" on {', '.join(running)}" if running else "", message)
+        self._notify()
+        return True
 
     def get(self, uid: str) -> Tracked | None:
         with self._lock:
@@ -252,10 +296,34 @@ class Commands:
 
     # ------------------------------------------------------------------ scheduling
 
+    def resolve(self, tracked: Tracked) -> tuple[list[str], dict[str, dict[str, Any]]]:
+        """The target VMs' names (in the order they are started) and those that exist."""
+        spec = tracked.spec
+        if spec.transfer is not None:
+            names = _transfer_vms(spec)
+        elif spec.vm is not None or spec.vms is not None:
+            names = [spec.vm] if spec.vm is not None else list(spec.vms or [])
+        else:
+            assert spec.selector is not None
+            found = {vm["metadata"]["name"]: vm for vm in
+                     self.list_vms(tracked.namespace, label_selector_string(spec.selector))}
+            return sorted(found), found
+        return names, {name: vm for name in dict.fromkeys(names)
+                       if (vm := self.get_vm(tracked.namespace, name)) is not None}
+
     def start(self, tracked: Tracked) -> None:
         """The initial result entries, and the first attempts sent."""
         spec = tracked.spec
         now = now_rfc3339()
+        if spec.dry_run:
+            names, found = self.resolve(tracked)
+            tracked.status = dry_run_status(spec, names, found, describe_target(spec), now)
+            if tracked.template is not None:
+                tracked.status["template"] = tracked.template
+            tracked.want(0.0)
+            log.info("RemoteCommand %s: %s", tracked.ref,
+                     tracked.status["conditions"][0]["message"])
+            return
         if spec.transfer is not None:
             vms = {name: vm for name in _transfer_vms(spec)
                    if (vm := self.get_vm(tracked.namespace, name)) is not None}
@@ -264,16 +332,17 @@ class Commands:
                 if entry["phase"] == Phase.QUEUED:
                     entry["phase"] = Phase.PENDING
                     entry.pop("dispatchTime", None)
-        elif spec.vm is not None:
-            found = self.get_vm(tracked.namespace, spec.vm)
-            results = initial_results([spec.vm], {spec.vm: found} if found else {}, now,
-                                      phase=Phase.PENDING)
         else:
-            assert spec.selector is not None
-            found_vms = {vm["metadata"]["name"]: vm for vm in
-                         self.list_vms(tracked.namespace, label_selector_string(spec.selector))}
-            results = initial_results(sorted(found_vms), found_vms, now, phase=Phase.PENDING)
+            names, found = self.resolve(tracked)
+            results = initial_results(names, found, now, phase=Phase.PENDING)
+            if spec.rollout is not None:
+                wave_of = {vm: i for i, wave in enumerate(rollout.assign_waves(spec.rollout, names, found))
+                           for vm in wave}
+                for entry in results:
+                    entry["wave"] = wave_of.get(entry["vm"], 0)
         tracked.status = {F.START_TIME: now, "results": results, "target": describe_target(spec)}
+        if tracked.template is not None:
+            tracked.status["template"] = tracked.template
         self.advance(tracked)
         self._refold(tracked)
         tracked.want(self.urgency.start)
@@ -287,8 +356,9 @@ class Commands:
         vms = {vm: self.get_vm(tracked.namespace, vm) for vm in sorted(schedule.pending_vms(status))}
         queues = {vm: (vm_queue(obj) if obj is not None else None) for vm, obj in vms.items()}
         paused = frozenset(vm for vm, obj in vms.items() if obj and obj["spec"].get("paused"))
+        open_wave = self._rollout(tracked) if tracked.spec.rollout is not None else None
         step = schedule.plan(tracked.spec, status, datetime.now(UTC), queues=queues,
-                             timing=self.timing, paused=paused, lost=lost)
+                             timing=self.timing, paused=paused, lost=lost, open_wave=open_wave)
         if not step:
             return
         results = status["results"]
@@ -323,6 +393,31 @@ class Commands:
         if step.changes:
             self._refold(tracked)
             tracked.want(0.0 if not step.dispatch else self.urgency.start)
+
+    def _rollout(self, tracked: Tracked) -> int:
+        """spec.rollout: the wave that may run now; probes the VMs a health gate waits for,
+        and stops the rollout when the gate fails."""
+        assert tracked.spec.rollout is not None
+        now = datetime.now(UTC)
+        step = rollout.step(tracked.spec.rollout, tracked.status, now,
+                            lambda vm: self.get_vm(tracked.namespace, vm))
+        if step.status != tracked.status.get("rollout"):
+            if step.status.get("currentWave") != (tracked.status.get("rollout") or {}).get("currentWave"):
+                log.info("RemoteCommand %s: wave %s of %s", tracked.ref, step.status["currentWave"],
+                         step.status["waves"])
+            tracked.status["rollout"] = step.status
+            tracked.want(self.urgency.claimed)
+        for vm in step.probe:
+            self.probe(tracked.namespace, vm)
+        if step.probe:
+            log.info("RemoteCommand %s: probing %s before the next wave", tracked.ref,
+                     ", ".join(step.probe))
+        if step.stop is not None:
+            rollout.stop_entries(tracked.status.get("results") or [], step.stop, now)
+            self._refold(tracked)
+            tracked.want(0.0)
+            log.warning("RemoteCommand %s: the rollout stopped: %s", tracked.ref, step.stop)
+        return step.open_wave
 
     def _dispatch(self, tracked: Tracked, vm: str, attempt: int, obj: dict[str, Any] | None) -> None:
         if obj is None:

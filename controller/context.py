@@ -22,6 +22,7 @@ from vmfleet.state import State, state_url
 
 from . import schedule
 from .commands import Commands
+from .crons import Crons
 from .dispatch import Dispatcher
 from .health import HealthMonitor
 from .loop import Loop, ReportReader, Writer
@@ -44,6 +45,7 @@ class Context:
     fleet: Fleet
     loop: Loop
     namespaces: tuple[str, ...] = ()  # empty: every namespace
+    crons: Crons | None = None
 
     @classmethod
     def from_environment(cls) -> Context:
@@ -102,6 +104,8 @@ class Context:
             delete=lambda uid, ns, name: delete_expired(kube, uid, ns, name),
             timing=schedule.Timing(lost_after=conf.worker_lost_seconds,
                                    redispatch_after=conf.redispatch_seconds),
+            get_template=kube.get_template, get_config_map=kube.get_config_map_data,
+            probe=lambda ns, name: fleet_box[0].probe_now(ns, name),
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
@@ -109,7 +113,8 @@ class Context:
         writer = Writer(kube, state, commands)
         consumer = os.environ.get("POD_NAME") or socket.gethostname()
         reader = ReportReader(state, commands, consumer, fleet.on_probe)
-        ticks = [commands.tick, fleet.tick]
+        crons = Crons(kube, commands)  # schedules only while is_leader() (crons.py)
+        ticks = [commands.tick, fleet.tick, crons.tick]
         ensure_transfer_worker = getattr(runtime, "ensure_transfer_worker", None)
         if ensure_transfer_worker is not None:
             ticks.append(ensure_transfer_worker)  # Process runtime: restarted if it died
@@ -120,7 +125,8 @@ class Context:
         namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n) \
             or kopf_namespaces()
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
-                   commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)
+                   commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
+                   crons=crons)
 
 
 def signer_of(conf: settings.Settings) -> Signer:

@@ -27,6 +27,7 @@ log = logging.getLogger("controller")
 
 COMMANDS = (c.GROUP, c.VERSION, c.COMMAND_PLURAL)
 VMS = (c.GROUP, c.VERSION, c.VM_PLURAL)
+CRONS = (c.GROUP, c.VERSION, c.CRON_PLURAL)
 WORKER_LABELS = {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_COMPONENT: "worker"}
 
 
@@ -54,6 +55,14 @@ def start(ctx: Context) -> None:
         _drop_finalizer(ctx, c.COMMAND_PLURAL, obj)
         known.add(obj["metadata"]["uid"])
         ctx.commands.observe(obj)
+        if ctx.crons is not None:
+            ctx.crons.command_seen(obj)  # a cron's runs are known before it schedules
+    if ctx.crons is not None:
+        try:
+            for obj in _list(ctx, c.CRON_PLURAL):
+                ctx.crons.seen(obj)
+        except ApiException as exc:  # the CRD is not installed (yet): the watch brings them
+            log.warning("Could not list RemoteCronCommands: %s %s", exc.status, exc.reason)
     for uid in ctx.state.live() - known:
         ctx.state.cancel(uid)  # deleted while no controller ran
         log.info("Cancelled the attempts of RemoteCommand uid %s: it was deleted while the "
@@ -172,10 +181,28 @@ def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event.get("object")
     if not obj:
         return
+    crons = memo.ctx.crons
     if event["type"] == "DELETED":
         memo.ctx.state.ack(memo.ctx.commands.deleted(dict(obj)))
+        if crons is not None:
+            crons.command_gone(dict(obj))
         return
     memo.ctx.commands.observe(dict(obj))
+    if crons is not None:
+        crons.command_seen(dict(obj))
+
+
+@kopf.on.event(*CRONS)
+@metrics.counts_errors(c.CRON_KIND)
+def cron_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """RemoteCronCommands: cached here, scheduled by the controller's loop (crons.py)."""
+    obj = event.get("object")
+    if not obj or memo.ctx.crons is None:
+        return
+    if event["type"] == "DELETED":
+        memo.ctx.crons.gone(dict(obj))
+    else:
+        memo.ctx.crons.seen(dict(obj))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=WORKER_LABELS)

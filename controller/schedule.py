@@ -5,7 +5,7 @@ entry's expected phase and attempt, so a worker writing at the same time wins cl
 plus the attempts to dispatch and the remote process groups to terminate:
 
 - start Pending entries (first attempts, and retries whose ``retryAfter`` passed) while
-  fewer than ``maxParallel`` run;
+  fewer than ``maxParallel`` run (a number, or a percentage of the targets);
 - stop starting new VMs once ``maxFailures`` have failed (the rest end Cancelled);
 - fail entries that did not start before ``activeDeadlineSeconds``;
 - end attempts whose worker stopped heartbeating (``lost``: their heartbeat in Redis is
@@ -24,6 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vmfleet.api.constants import Phase, Reason
+from vmfleet.api.counts import describe_count, resolve_count
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.reports import F
 from vmfleet.api.times import parse_rfc3339, rfc3339
@@ -73,10 +74,12 @@ def plan(
     timing: Timing = Timing(),
     paused: frozenset[str] = frozenset(),
     lost: frozenset[str] = frozenset(),
+    open_wave: int | None = None,
 ) -> Plan:
     """The next step for ``status.results``. ``queues`` maps VM names to their queue
     (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched;
-    ``lost`` VMs' running attempts stopped heartbeating."""
+    ``lost`` VMs' running attempts stopped heartbeating; with ``open_wave`` (a rollout),
+    entries of later waves are not dispatched yet."""
     step = _Step(spec, now, [dict(e) for e in status.get("results") or []])
     started = parse_rfc3339(status[F.START_TIME]) if status.get(F.START_TIME) else now
     deadline_passed = bool(
@@ -90,7 +93,7 @@ def plan(
         elif phase in (Phase.PENDING, Phase.QUEUED):
             _end_unrunnable(step, index, entry, queues, deadline_passed)
     _cancel_after_max_failures(step)
-    _dispatch_ready(step, queues, paused, timing)
+    _dispatch_ready(step, queues, paused, timing, open_wave)
     return step.out
 
 
@@ -159,28 +162,35 @@ def _end_unrunnable(step: _Step, index: int, entry: dict[str, Any],
 
 def _cancel_after_max_failures(step: _Step) -> None:
     """Once ``maxFailures`` VMs failed, the first attempts not started never start."""
-    limit = step.spec.max_failures
+    given = step.spec.max_failures
+    if given is None:
+        return
+    total = len(step.results)
+    limit = resolve_count(given, total)
     failed = step.count(Phase.FAILED)
-    if limit is None or not failed or failed < limit:
+    if not failed or failed < limit:
         return
     for index, entry in enumerate(step.results):
         if entry.get("phase") == Phase.PENDING and int(entry.get("attempt", 1)) == 1:
             step.change(index, entry, _ended(entry, Phase.CANCELLED, Reason.MAX_FAILURES,
                                              f"not started: {failed} VMs failed "
-                                             f"(maxFailures {limit})", step.now))
+                                             f"(maxFailures {describe_count(given, total)})",
+                                             step.now))
 
 
 def _dispatch_ready(step: _Step, queues: dict[str, str | None], paused: frozenset[str],
-                    timing: Timing) -> None:
+                    timing: Timing, open_wave: int | None = None) -> None:
     """Send Pending entries whose retry time came, within ``maxParallel``; resend Queued
     ones nobody claimed for ``timing.redispatch_after``."""
-    now, max_parallel = step.now, step.spec.max_parallel
-    capacity = (max_parallel - step.count(Phase.QUEUED, Phase.RUNNING)) if max_parallel \
-        else len(step.results)
+    now, given = step.now, step.spec.max_parallel
+    capacity = (resolve_count(given, len(step.results)) - step.count(Phase.QUEUED, Phase.RUNNING)) \
+        if given is not None else len(step.results)
     for index, entry in enumerate(step.results):
         phase = entry.get("phase")
         vm = entry["vm"]
         attempt = int(entry.get("attempt", 1))
+        if open_wave is not None and int(entry.get("wave") or 0) > open_wave:
+            continue
         if phase == Phase.PENDING and capacity > 0 and vm not in paused and queues.get(vm):
             after = entry.get("retryAfter")
             if after and parse_rfc3339(after) > now:

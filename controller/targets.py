@@ -34,6 +34,9 @@ def describe_target(spec: RemoteCommandSpec) -> str:
         return f"{spec.transfer.from_.vm or spec.transfer.from_.describe()} -> {to}"
     if spec.vm is not None:
         return spec.vm
+    if spec.vms is not None:
+        return ",".join(spec.vms) if len(spec.vms) <= 5 else \
+            f"{','.join(spec.vms[:5])},... ({len(spec.vms)} VMs)"
     assert spec.selector is not None
     return label_selector_string(spec.selector) or "all VMs"
 

@@ -265,6 +265,12 @@ class Fleet:
                         ",".join(queues), exc)
             return None
 
+    def probe_now(self, namespace: str, name: str) -> None:
+        """A health probe of this VM at the next tick (a rollout's health gate), with a
+        worker woken to run it."""
+        self.health.forget(namespace, name)
+        self.wake(namespace, name)
+
     def wake(self, namespace: str, name: str) -> None:
         """A command was sent to this VM's queue: if its group has no worker, start one."""
         obj = self.get(namespace, name)

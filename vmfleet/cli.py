@@ -126,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     exec_.add_arguments(run)
     run.set_defaults(func=exec_.main)
 
+    from vmfleet import rerun
+
+    again = sub.add_parser(
+        "rerun", help="run a RemoteCommand again on the VMs that did not succeed",
+        description="Create a new RemoteCommand with NAME's spec on the VMs whose result was "
+        "not Succeeded (--failed) and/or on the VMs named with --vm, labelled "
+        "vmfleet.io/rerun-of=NAME. Example: vmfleet rerun nightly-patch --failed",
+    )
+    rerun.add_arguments(again)
+    again.set_defaults(func=rerun.main)
+
     get = sub.add_parser("get", help="list RemoteVMs or RemoteCommands (as kubectl get)")
     show.add_get_arguments(get)
     get.set_defaults(func=show.main_get)

@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from .api import constants as c
 from .api.constants import Phase, Reason
 from .api.models import MAX_ARG, MAX_ITEMS, MAX_OUTPUT_BYTES, MAX_STDIN
+from .dryrunview import dry_run_exit_code, format_dry_run
 
 # A finished exec object is deleted by exec itself; the TTL covers an exec that was killed.
 DEFAULT_TTL_SECONDS = 120
@@ -87,6 +88,9 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bytes", type=int, metavar="BYTES",
                         help="tail of stdout and of stderr kept per VM (default: as much as "
                         f"fits, up to {MAX_OUTPUT_BYTES})")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run nothing: print which VMs match and which would block "
+                        "(spec.dryRun); exit 1 when any would")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
 
 
@@ -103,6 +107,7 @@ class ExecOptions:
     stdin: bool = False
     max_bytes: int | None = None
     kubeconfig: str | None = None
+    dry_run: bool = False
 
 
 def options_from_args(args: argparse.Namespace) -> ExecOptions:
@@ -164,6 +169,7 @@ def options_from_args(args: argparse.Namespace) -> ExecOptions:
         argv=command, vm=vm, selector=args.selector, namespace=args.namespace,
         timeout=args.timeout, keep=args.keep, env=env, workdir=args.workdir, stdin=args.stdin,
         max_bytes=args.max_bytes, kubeconfig=args.kubeconfig,
+        dry_run=bool(getattr(args, "dry_run", False)),
     )
 
 
@@ -258,6 +264,8 @@ def build_command(options: ExecOptions, namespace: str, targets: int = 1,
     spec["output"] = {"maxBytes": output_max_bytes(targets, options.max_bytes)}
     if not options.keep:
         spec["ttlSecondsAfterFinished"] = DEFAULT_TTL_SECONDS
+    if options.dry_run:
+        spec["dryRun"] = True
     return {
         "apiVersion": c.API_VERSION,
         "kind": c.COMMAND_KIND,
@@ -638,6 +646,10 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
         err.write(f"vmfleet exec: kept RemoteCommand {namespace}/{name}\n")
     else:
         kube.delete_command(namespace, name)
+    if options.dry_run:
+        status = final.get("status") or {}
+        out.write(format_dry_run(namespace, name, status))
+        return dry_run_exit_code(status)
     results = (final.get("status") or {}).get("results") or []
     if not results:
         err.write(f"vmfleet exec: {command_failure(final)}\n")

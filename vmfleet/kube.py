@@ -161,6 +161,20 @@ class Kube:
             for key, value in (secret.data or {}).items()
         }
 
+    # RemoteCommandTemplate and its ConfigMap
+    def get_template(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._get(c.TEMPLATE_PLURAL, namespace, name)
+
+    def get_config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
+        """A ConfigMap's ``data`` (None when it does not exist)."""
+        try:
+            found = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(found.data or {})
+
     def _get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             return cast(dict[str, Any], self.custom.get_namespaced_custom_object(

@@ -148,12 +148,18 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
             ("create", "deployments.apps", None), ("patch", "deployments.apps", None),
             ("delete", "deployments.apps", None), ("create", "events", None),
             ("delete", rcmd, None),
+            # RemoteCronCommands create their runs; templates and their ConfigMaps are read.
+            ("create", rcmd, None), ("watch", "remotecroncommands.vmfleet.io", None),
+            ("patch", "remotecroncommands.vmfleet.io", "status"),
+            ("get", "remotecommandtemplates.vmfleet.io", None), ("get", "configmaps", None),
         ]:
             assert can_i(kubectl, controller, verb, resource, ns, sub), (verb, resource, sub)
         for verb, resource, namespace in [
             ("get", "secrets", ns), ("list", "secrets", ns), ("create", "pods", ns),
             ("create", "pods/exec", ns), ("list", rvm, other), ("create", "deployments.apps", other),
-            ("create", rcmd, ns), ("delete", "namespaces", ns), ("create", "roles.rbac.authorization.k8s.io", ns),
+            ("create", rcmd, other), ("list", "configmaps", ns),
+            ("patch", "remotecroncommands.vmfleet.io", ns),
+            ("delete", "namespaces", ns), ("create", "roles.rbac.authorization.k8s.io", ns),
         ]:
             assert not can_i(kubectl, controller, verb, resource, namespace), (verb, resource, namespace)
         assert can_i(kubectl, controller, "list", "customresourcedefinitions.apiextensions.k8s.io", ns)

@@ -134,8 +134,9 @@ def test_host_key_mismatch_refuses_and_runs_nothing(ns: Namespace, make_vm):
     ("spec", "message"),
     [
         ({"vm": "vm1", "selector": {"matchLabels": {"a": "b"}}, "command": "true"},
-         "exactly one target must be set: vm or selector"),
-        ({"vm": "vm1"}, "exactly one action must be set: command, argv, script or transfer"),
+         "exactly one target must be set: vm, vms or selector"),
+        ({"vm": "vm1"}, "exactly one action must be set: command, argv, script, transfer or "
+                        "templateRef"),
         ({"vm": "vm1", "command": "a", "argv": ["b"]}, "exactly one action must be set"),
         ({"vm": "vm1", "command": "true", "env": {"BAD-NAME": "x"}}, "env names must be"),
         ({"vm": "vm1", "argv": []}, "spec.argv: Invalid value: 0"),

@@ -22,7 +22,8 @@ def _schema(crd):
 
 
 def test_schemas_are_structural():
-    for crd in (crdgen.remotevm_crd(), crdgen.remotecommand_crd()):
+    for crd in (crdgen.remotevm_crd(), crdgen.remotecommand_crd(),
+                crdgen.remotecommandtemplate_crd(), crdgen.remotecroncommand_crd()):
         text = json.dumps(crd)
         for forbidden in ('"$ref"', '"anyOf"', '"allOf"', '"title"', '"$defs"'):
             assert forbidden not in text, forbidden
@@ -37,7 +38,7 @@ def test_command_crd_rules_and_defaults():
     spec = _schema(crd)["properties"]["spec"]
     rules = {rule["rule"] for rule in spec["x-kubernetes-validations"]}
     assert "self == oldSelf" in rules
-    assert any("has(self.vm) != has(self.selector)" in rule for rule in rules)
+    assert any("[has(self.vm), has(self.vms), has(self.selector)]" in rule for rule in rules)
     assert any(".filter(x, x).size() == 1" in rule for rule in rules)
     props = spec["properties"]
     assert props["successExitCodes"]["default"] == [0]
@@ -69,6 +70,8 @@ def test_check_detects_drift(tmp_path):
     assert crdgen.check(tmp_path) == [
         f"{tmp_path}/crds/vmfleet.io_remotevms.yaml is missing",
         f"{tmp_path}/crds/vmfleet.io_remotecommands.yaml is missing",
+        f"{tmp_path}/crds/vmfleet.io_remotecommandtemplates.yaml is missing",
+        f"{tmp_path}/crds/vmfleet.io_remotecroncommands.yaml is missing",
     ]
     crdgen.generate(tmp_path)
     assert crdgen.check(tmp_path) == []
@@ -83,3 +86,31 @@ def test_committed_crds_are_current():
         (crdgen.repo_root() / "crds" / "vmfleet.io_remotecommands.yaml").read_text()
     )
     assert crd == crdgen.remotecommand_crd()
+
+
+def test_the_cron_crd_has_cronjobs_columns_and_short_name():
+    crd = crdgen.remotecroncommand_crd()
+    columns = [col["name"] for col in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert columns == ["Schedule", "Timezone", "Suspend", "Active", "Last Schedule", "Age"]
+    assert crd["spec"]["names"]["shortNames"] == ["rcron"]
+    spec = _schema(crd)["properties"]["spec"]["properties"]
+    assert spec["concurrencyPolicy"]["enum"] == ["Allow", "Forbid", "Replace"]
+    assert spec["successfulHistoryLimit"]["default"] == 3
+    assert spec["failedHistoryLimit"]["default"] == 1
+    assert "maxParallel" in spec["commandTemplate"]["properties"]["spec"]["properties"]
+
+
+def test_every_new_field_has_a_description():
+    """`kubectl explain` shows these: every property of the new kinds and fields says what it is."""
+    for crd in (crdgen.remotecommandtemplate_crd(), crdgen.remotecroncommand_crd(),
+                crdgen.remotecommand_crd()):
+        spec = _schema(crd)["properties"]["spec"]
+        for path, node in _walk(spec):
+            for name, prop in (node.get("properties") or {}).items():
+                if name in ("vms", "dryRun", "templateRef", "parameters", "rollout", "schedule",
+                            "timeZone", "concurrencyPolicy", "startingDeadlineSeconds",
+                            "suspend", "successfulHistoryLimit", "failedHistoryLimit",
+                            "commandTemplate", "script", "scriptFrom", "pattern", "enum",
+                            "minimum", "maximum", "default", "batchSize", "batchWaitSeconds",
+                            "partitionBy", "healthGate", "maxParallel", "maxFailures"):
+                    assert prop.get("description"), f"{path}.{name} has no description"

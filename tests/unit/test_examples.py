@@ -5,10 +5,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from vmfleet.api.kinds import RemoteCommandTemplateSpec, RemoteCronCommandSpec
 from vmfleet.api.models import RemoteCommandSpec, RemoteVMSpec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
-MODELS = {"RemoteVM": RemoteVMSpec, "RemoteCommand": RemoteCommandSpec}
+MODELS = {"RemoteVM": RemoteVMSpec, "RemoteCommand": RemoteCommandSpec,
+          "RemoteCommandTemplate": RemoteCommandTemplateSpec,
+          "RemoteCronCommand": RemoteCronCommandSpec}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, cast
 
@@ -14,10 +15,11 @@ from airflow.sdk.exceptions import AirflowException
 
 from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.rerun import ANNOTATION_RERUN_OF, LABEL_RERUN_OF, not_succeeded
 
 from .connection import KubeSettings
 from .naming import ANNOTATION_SPEC_HASH, TaskIdentity, command_name, spec_hash
-from .results import failure_message, is_finished, results_of
+from .results import failure_message, is_finished, results_of, retarget
 from .triggers import EVENT_DELETED, EVENT_FINISHED, RemoteCommandTrigger
 
 __all__ = ["STALE_EVENT_GUARD_SECONDS", "RemoteCommandOperator", "RemoteFileTransferOperator"]
@@ -78,8 +80,18 @@ class _RemoteCommandBase(BaseOperator):
     def deferral_timeout(self) -> timedelta | None:
         return self.execution_timeout
 
+    allow_dry_run: bool = False
+    only_failed: bool = False
+
     def finish(self, namespace: str, name: str, status: dict[str, Any]) -> Any:
         """Turn the finished command's status into the task's return value (or raise)."""
+        if status.get("phase") == c.Phase.DRY_RUN:
+            if not self.allow_dry_run:
+                raise AirflowException(
+                    f"RemoteCommand {namespace}/{name} was a dry run: nothing ran (pass "
+                    "allow_dry_run=True to accept one)")
+            self.log.info("RemoteCommand %s/%s: dry run, nothing ran", namespace, name)
+            return {"dry_run": status.get("dryRun") or {}}
         self.log_output(status)
         message = failure_message(namespace, name, status)
         if message:
@@ -120,11 +132,26 @@ class _RemoteCommandBase(BaseOperator):
         name = command_name(identity)
         self._command_ref = (namespace, name)
         spec = self.validated_spec()
-        obj = self._create_or_attach(settings, namespace, name, identity, spec)
+        previous = self._previous_try(settings, namespace, identity)
+        rerun_of: str | None = None
+        if previous is not None:
+            remaining = not_succeeded(previous.get("status"))
+            if remaining == []:
+                self.log.info("Every VM succeeded in the previous try (RemoteCommand %s/%s): "
+                              "nothing to run again", namespace, previous["metadata"]["name"])
+                return self._finish_try(context, namespace, previous["metadata"]["name"],
+                                        previous.get("status") or {})
+            if remaining:
+                spec = retarget(spec, remaining)
+                rerun_of = str(previous["metadata"]["name"])
+                self.log.info("only_failed: running again on the %s VMs that did not succeed "
+                              "in RemoteCommand %s/%s: %s", len(remaining), namespace, rerun_of,
+                              ", ".join(remaining))
+        obj = self._create_or_attach(settings, namespace, name, identity, spec, rerun_of)
         if not is_finished(obj) and self.deferrable and self.defer_after_seconds > 0:
             obj = self._wait_briefly(settings, namespace, name, obj)
         if is_finished(obj):
-            return self.finish(namespace, name, obj.get("status") or {})
+            return self._finish_try(context, namespace, name, obj.get("status") or {})
         trigger = RemoteCommandTrigger(
             name=name, namespace=namespace, **settings.to_kwargs(),
             watch_timeout_seconds=self.watch_timeout_seconds,
@@ -134,6 +161,20 @@ class _RemoteCommandBase(BaseOperator):
             event = asyncio.run(_first_event(trigger))
             return self.execute_complete(context, event)
         self.defer(trigger=trigger, method_name="execute_complete", timeout=self.deferral_timeout())
+
+    def _previous_try(self, settings: KubeSettings, namespace: str,
+                      identity: TaskIdentity) -> dict[str, Any] | None:
+        """``only_failed``: the finished RemoteCommand of the previous try (its name is
+        derived from the task identity), or None (first try, or it is gone)."""
+        if not self.only_failed or identity.try_number <= 1:
+            return None
+        name = command_name(replace(identity, try_number=identity.try_number - 1))
+        obj = self._get_command(settings, namespace, name)
+        if obj is None:
+            self.log.info("only_failed: the previous try's RemoteCommand %s/%s is gone; "
+                          "running on every target", namespace, name)
+            return None
+        return obj if is_finished(obj) else None
 
     def _wait_briefly(self, settings: KubeSettings, namespace: str, name: str,
                       obj: dict[str, Any]) -> dict[str, Any]:
@@ -165,7 +206,38 @@ class _RemoteCommandBase(BaseOperator):
             )
         if event.get("event") != EVENT_FINISHED:
             raise AirflowException(f"Unexpected event for RemoteCommand {namespace}/{name}: {event!r}")
-        return self.finish(namespace, name, event.get("command_status") or {})
+        return self._finish_try(context, namespace, name, event.get("command_status") or {})
+
+    def _finish_try(self, context: Any, namespace: str, name: str, status: dict[str, Any]) -> Any:
+        """``finish``; with ``only_failed`` on a retry, the result also holds the VMs that
+        succeeded in earlier tries (this try's own result wins for a VM it ran)."""
+        result = self.finish(namespace, name, status)
+        if not self.only_failed or not isinstance(result, dict) or "dry_run" in result:
+            return result
+        identity = _identity(context)
+        earlier: dict[str, Any] = {}
+        for number in range(identity.try_number - 1, 0, -1):
+            obj = self._get_command(self.kube_settings, namespace,
+                                    command_name(replace(identity, try_number=number)))
+            if obj is None:
+                break
+            for vm, entry in results_of(obj.get("status")).items():
+                if entry["success"]:
+                    earlier.setdefault(vm, entry)
+        return {vm: merged for vm, merged in sorted({**earlier, **result}.items())}
+
+    def _get_command(self, settings: KubeSettings, namespace: str, name: str) -> dict[str, Any] | None:
+        from kubernetes.client import CustomObjectsApi
+        from kubernetes.client.exceptions import ApiException
+
+        with settings.api_client() as api_client:
+            try:
+                return cast(dict[str, Any], CustomObjectsApi(api_client).get_namespaced_custom_object(
+                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name))
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+                return None
 
     def on_kill(self) -> None:
         """Deleting the RemoteCommand cancels it (the controller stops the remote processes)."""
@@ -187,23 +259,14 @@ class _RemoteCommandBase(BaseOperator):
 
     def _create_or_attach(
         self, settings: KubeSettings, namespace: str, name: str, identity: TaskIdentity,
-        spec: dict[str, Any],
+        spec: dict[str, Any], rerun_of: str | None = None,
     ) -> dict[str, Any]:
         from kubernetes.client import CustomObjectsApi
         from kubernetes.client.exceptions import ApiException
 
         digest = spec_hash(spec)
-        body = {
-            "apiVersion": c.API_VERSION,
-            "kind": c.COMMAND_KIND,
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "labels": identity.labels(),
-                "annotations": {**identity.annotations(), ANNOTATION_SPEC_HASH: digest},
-            },
-            "spec": spec,
-        }
+        body = {"apiVersion": c.API_VERSION, "kind": c.COMMAND_KIND,
+                "metadata": _metadata(namespace, name, identity, digest, rerun_of), "spec": spec}
         with settings.api_client() as api_client:
             api = CustomObjectsApi(api_client)
             try:
@@ -244,6 +307,17 @@ class _RemoteCommandBase(BaseOperator):
         return existing
 
 
+def _metadata(namespace: str, name: str, identity: TaskIdentity, digest: str,
+              rerun_of: str | None) -> dict[str, Any]:
+    """The RemoteCommand's metadata: the task identity, the spec's hash, and for an
+    ``only_failed`` retry the previous try's command it re-runs."""
+    labels, annotations = identity.labels(), {**identity.annotations(), ANNOTATION_SPEC_HASH: digest}
+    if rerun_of is not None:
+        labels[LABEL_RERUN_OF] = rerun_of
+        annotations[ANNOTATION_RERUN_OF] = rerun_of
+    return {"name": name, "namespace": namespace, "labels": labels, "annotations": annotations}
+
+
 async def _first_event(trigger: RemoteCommandTrigger) -> dict[str, Any]:
     """Wait in the worker (``deferrable=False``) with the trigger's own watch."""
     async for event in trigger.run():
@@ -259,6 +333,8 @@ def _describe_target(spec: dict[str, Any]) -> str:
         return f"transfer {t['from']['vm']}:{t['from']['path']} -> {to}"
     if "vm" in spec:
         return f"on {spec['vm']}"
+    if "vms" in spec:
+        return f"on {', '.join(spec['vms'])}"
     return f"on VMs matching {spec.get('selector')}"
 
 
@@ -281,13 +357,24 @@ class RemoteCommandOperator(_RemoteCommandBase):
         namespace, else ``"default"``).
     :param config_file / cluster_context / in_cluster / kubernetes_conn_id: how to reach
         Kubernetes, as in the cncf-kubernetes provider.
+    :param vms: a third target form, a list of RemoteVM names (exactly one of ``vm``,
+        ``vms``, ``selector``).
+    :param max_parallel / max_failures: a number or a percentage of the matched VMs
+        (``"10%"``).
+    :param only_failed: on a task retry, run only on the VMs that did not succeed in the
+        previous try's RemoteCommand (found by its name); the task returns the results
+        of every VM, earlier tries' successes included. A retry after a full success
+        runs nothing.
+    :param dry_run: create a dry run (``spec.dryRun``): nothing runs. Refused unless
+        ``allow_dry_run=True``; then the task returns ``{"dry_run": status.dryRun}``.
     :param deferrable: wait in the triggerer (default) or in the worker.
     :param defer_after_seconds: wait this long in the worker first (default 3): a command
         done by then returns without deferring.
     """
 
     template_fields: Sequence[str] = (
-        "vm", "selector", "command", "argv", "script", "env", "working_dir", "stdin", "namespace",
+        "vm", "vms", "selector", "command", "argv", "script", "env", "working_dir", "stdin",
+        "namespace",
     )
     template_fields_renderers = {"script": "bash", "command": "bash", "env": "json"}
 
@@ -295,6 +382,7 @@ class RemoteCommandOperator(_RemoteCommandBase):
         self,
         *,
         vm: str | None = None,
+        vms: list[str] | None = None,
         selector: dict[str, Any] | None = None,
         command: str | None = None,
         argv: list[str] | None = None,
@@ -306,19 +394,30 @@ class RemoteCommandOperator(_RemoteCommandBase):
         active_deadline_seconds: int | None = None,
         command_retries: dict[str, Any] | None = None,
         success_exit_codes: list[int] | None = None,
-        max_parallel: int | None = None,
-        max_failures: int | None = None,
+        max_parallel: int | str | None = None,
+        max_failures: int | str | None = None,
         output_max_bytes: int | None = None,
         ttl_seconds_after_finished: int | None = None,
+        dry_run: bool = False,
+        allow_dry_run: bool = False,
+        only_failed: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if (vm is None) == (selector is None):
-            raise ValueError(f"{self.task_id}: set exactly one target: vm or selector")
+        if sum(t is not None for t in (vm, vms, selector)) != 1:
+            raise ValueError(f"{self.task_id}: set exactly one target: vm, vms or selector")
+        if dry_run and not allow_dry_run:
+            raise ValueError(f"{self.task_id}: dry_run=True runs nothing and never succeeds; "
+                             "pass allow_dry_run=True to make the task return the dry run's "
+                             "answer")
         if sum(x is not None for x in (command, argv, script)) != 1:
             raise ValueError(f"{self.task_id}: set exactly one of command, argv or script")
         self.vm = vm
+        self.vms = vms
         self.selector = selector
+        self.dry_run = dry_run
+        self.allow_dry_run = allow_dry_run
+        self.only_failed = only_failed
         self.command = command
         self.argv = argv
         self.script = script
@@ -337,6 +436,7 @@ class RemoteCommandOperator(_RemoteCommandBase):
     def build_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "vm": self.vm,
+            "vms": list(self.vms) if self.vms is not None else None,
             "selector": self.selector,
             "command": self.command,
             "argv": [str(a) for a in self.argv] if self.argv is not None else None,
@@ -352,6 +452,7 @@ class RemoteCommandOperator(_RemoteCommandBase):
             "maxFailures": self.max_failures,
             "output": {"maxBytes": self.output_max_bytes} if self.output_max_bytes is not None else None,
             "ttlSecondsAfterFinished": self.ttl_seconds_after_finished,
+            "dryRun": True if self.dry_run else None,
         }
         return {k: v for k, v in spec.items() if v is not None}
 

@@ -8,7 +8,8 @@ from vmfleet.api.constants import Phase
 from vmfleet.api.models import RemoteCommandStatus, TargetResult
 from vmfleet.api.times import parse_rfc3339
 
-__all__ = ["CommandFailed", "failure_message", "is_finished", "result_of", "results_of"]
+__all__ = ["CommandFailed", "failure_message", "is_finished", "result_of", "results_of",
+           "retarget"]
 
 _STDERR_IN_MESSAGE = 4096
 
@@ -87,3 +88,10 @@ def failure_message(namespace: str, name: str, status: dict[str, Any] | None) ->
                 stderr = "…" + stderr[-_STDERR_IN_MESSAGE:]
             lines.append(f"stderr of {entry.vm}:\n{stderr}")
     return "\n".join(lines)
+
+
+def retarget(spec: dict[str, Any], vms: list[str]) -> dict[str, Any]:
+    """``spec`` (wire form) aimed at exactly ``vms`` (``only_failed`` on a task retry)."""
+    out = {k: v for k, v in spec.items() if k not in ("vm", "vms", "selector")}
+    out["vms"] = list(vms)
+    return out

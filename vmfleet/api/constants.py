@@ -74,8 +74,10 @@ class Phase:
     SUCCEEDED: Final = "Succeeded"
     FAILED: Final = "Failed"
     CANCELLED: Final = "Cancelled"
+    # The command only: spec.dryRun resolved its targets and blockers and ran nothing.
+    DRY_RUN: Final = "DryRun"
 
-    TERMINAL: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})
+    TERMINAL: Final = frozenset({SUCCEEDED, FAILED, CANCELLED, DRY_RUN})
 
 
 class Condition:
@@ -126,10 +128,34 @@ class Reason:
     # A status the controller could not write as computed (it failed validation): the
     # command fails visibly and its processes are killed.
     INTERNAL_ERROR: Final = "InternalError"
+    # spec.dryRun: the condition Finished's reason (never Complete), and what would block
+    # a VM (status.dryRun.blocked[].reason).
+    DRY_RUN: Final = "DryRun"
+    PAUSED: Final = "Paused"
+    NOT_READY: Final = "NotReady"
+    BECOME_NOT_ALLOWED: Final = "BecomeNotAllowed"
+    # spec.rollout.healthGate: a wave's VMs did not report Ready; the rest never started.
+    HEALTH_GATE_FAILED: Final = "HealthGateFailed"
     # A worker refused the message (bad or missing signature, expired, a VM or Secret it
     # does not serve): nothing ran.
     MESSAGE_REFUSED: Final = "MessageRefused"
 
+
+# Kinds of the fleet operations (DESIGN.md "More kinds").
+TEMPLATE_KIND: Final = "RemoteCommandTemplate"
+TEMPLATE_PLURAL: Final = "remotecommandtemplates"
+TEMPLATE_SINGULAR: Final = "remotecommandtemplate"
+TEMPLATE_SHORT_NAMES: Final = ("rcmdt",)
+CRON_KIND: Final = "RemoteCronCommand"
+CRON_PLURAL: Final = "remotecroncommands"
+CRON_SINGULAR: Final = "remotecroncommand"
+CRON_SHORT_NAMES: Final = ("rcron",)
+
+# Template parameters reach the script as environment variables of the same name; these
+# names would change how the shell or the loader behaves, or are vmfleet's own.
+RESERVED_PARAMETER_NAMES: Final = frozenset(
+    {"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "BASH_ENV", "ENV", "IFS"})
+RESERVED_PARAMETER_PREFIX: Final = "VMFLEET_"
 
 ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _ENV_NAME_RE: Final = re.compile(ENV_NAME_PATTERN)
@@ -168,3 +194,8 @@ POOL_DEPLOYMENT_PREFIX: Final = "vmfleet-pool-"
 
 def pool_deployment_name(pool: str) -> str:
     return f"{POOL_DEPLOYMENT_PREFIX}{pool}"
+
+
+def reserved_parameter(name: str) -> bool:
+    """True for a name a template parameter may not have."""
+    return name in RESERVED_PARAMETER_NAMES or name.startswith(RESERVED_PARAMETER_PREFIX)

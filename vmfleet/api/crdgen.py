@@ -16,6 +16,12 @@ import yaml
 from pydantic import BaseModel
 
 from . import constants as c
+from .kinds import (
+    RemoteCommandTemplateSpec,
+    RemoteCommandTemplateStatus,
+    RemoteCronCommandSpec,
+    RemoteCronCommandStatus,
+)
 from .models import RemoteCommandSpec, RemoteCommandStatus, RemoteVMSpec, RemoteVMStatus
 
 HEADER = (
@@ -217,6 +223,40 @@ def remotecommand_crd() -> dict[str, Any]:
     )
 
 
+def remotecommandtemplate_crd() -> dict[str, Any]:
+    return _crd(
+        c.TEMPLATE_KIND, c.TEMPLATE_PLURAL, c.TEMPLATE_SINGULAR, c.TEMPLATE_SHORT_NAMES,
+        "RemoteCommandTemplate is a script with typed parameters that RemoteCommands run by "
+        "name (spec.templateRef); each parameter reaches the script as an environment variable.",
+        object_schema(RemoteCommandTemplateSpec),
+        object_schema(RemoteCommandTemplateStatus),
+        [
+            {"name": "Parameters", "type": "string", "jsonPath": ".spec.parameters[*].name"},
+            {"name": "Description", "type": "string", "jsonPath": ".spec.description",
+             "priority": 1},
+            _AGE,
+        ],
+    )
+
+
+def remotecroncommand_crd() -> dict[str, Any]:
+    return _crd(
+        c.CRON_KIND, c.CRON_PLURAL, c.CRON_SINGULAR, c.CRON_SHORT_NAMES,
+        "RemoteCronCommand runs a RemoteCommand on a schedule, as a CronJob runs Jobs; each run "
+        "is a RemoteCommand it owns, named <name>-<minutes since the epoch>.",
+        object_schema(RemoteCronCommandSpec),
+        object_schema(RemoteCronCommandStatus),
+        [
+            {"name": "Schedule", "type": "string", "jsonPath": ".spec.schedule"},
+            {"name": "Timezone", "type": "string", "jsonPath": ".spec.timeZone"},
+            {"name": "Suspend", "type": "boolean", "jsonPath": ".spec.suspend"},
+            {"name": "Active", "type": "integer", "jsonPath": ".status.activeCount"},
+            {"name": "Last Schedule", "type": "date", "jsonPath": ".status.lastScheduleTime"},
+            _AGE,
+        ],
+    )
+
+
 def render(crd: dict[str, Any]) -> str:
     return HEADER + yaml.safe_dump(crd, sort_keys=False, width=100, allow_unicode=True)
 
@@ -226,6 +266,8 @@ def rendered() -> dict[str, str]:
     return {
         f"{c.GROUP}_{c.VM_PLURAL}.yaml": render(remotevm_crd()),
         f"{c.GROUP}_{c.COMMAND_PLURAL}.yaml": render(remotecommand_crd()),
+        f"{c.GROUP}_{c.TEMPLATE_PLURAL}.yaml": render(remotecommandtemplate_crd()),
+        f"{c.GROUP}_{c.CRON_PLURAL}.yaml": render(remotecroncommand_crd()),
     }
 
 

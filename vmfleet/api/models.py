@@ -10,7 +10,16 @@ from __future__ import annotations
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StrictInt,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from .constants import (
@@ -20,7 +29,9 @@ from .constants import (
     QUEUE_PATTERN,
     Phase,
     is_env_name,
+    reserved_parameter,
 )
+from .counts import PERCENT_PATTERN
 
 # Bounds keep every CEL rule's estimated cost inside the API server's budget and every
 # object far below etcd's size limit.
@@ -35,6 +46,7 @@ MAX_OUTPUT_BYTES = 256 * 1024
 MAX_MESSAGE = 32 * 1024
 
 K8sName = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=DNS_LABEL_PATTERN)]
+MAX_TARGETS = 10000
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> JsonValue:
@@ -54,6 +66,27 @@ def api_config(*rules: JsonValue) -> ConfigDict:
     if rules:
         config["json_schema_extra"] = {"x-kubernetes-validations": list(rules)}
     return config
+
+
+def _int_or_percent(minimum: int) -> WithJsonSchema:
+    """The CRD schema of a count given as a number (at least ``minimum``) or as a
+    percentage of the matched VMs: ``x-kubernetes-int-or-string`` with a CEL rule."""
+    rule = (f"type(self) == int ? (self >= {minimum} && self <= {MAX_TARGETS}) "
+            f": self.matches('{PERCENT_PATTERN}')")
+    return WithJsonSchema({
+        "x-kubernetes-int-or-string": True,
+        "x-kubernetes-validations": [cel(
+            rule, f"must be a number from {minimum} to {MAX_TARGETS} or a percentage from "
+            "1% to 100% (a string such as \"10%\")")],
+    })
+
+
+_Percent = Annotated[str, Field(pattern=PERCENT_PATTERN, max_length=4)]
+# A number of VMs, or a percentage of the matched VMs ("10%": rounded down, at least 1).
+CountOrPercent = Annotated[Annotated[int, Field(ge=1, le=MAX_TARGETS)] | _Percent,
+                           _int_or_percent(1)]
+CountOrPercentFromZero = Annotated[Annotated[int, Field(ge=0, le=MAX_TARGETS)] | _Percent,
+                                   _int_or_percent(0)]
 
 
 class ApiModel(BaseModel):
@@ -415,7 +448,44 @@ class BecomeSpec(ApiModel):
     )
 
 
-_ACTIONS = "[has(self.command), has(self.argv), has(self.script), has(self.transfer)]"
+class HealthGate(ApiModel):
+    timeout_seconds: int = Field(
+        300, ge=1, le=86400,
+        description="After each wave the controller probes its VMs at once; the next wave "
+        "starts only when every VM the wave succeeded on reports Ready from a probe newer than "
+        "the wave's end. A VM reporting not Ready, or no fresh Ready within this many seconds, "
+        "stops the rollout (the VMs not started end Cancelled, reason HealthGateFailed).",
+    )
+
+
+class Rollout(ApiModel):
+    """Run in waves: the next wave starts when the previous one is complete."""
+
+    batch_size: CountOrPercent | None = Field(
+        None, description="VMs per wave: a number, or a percentage of the matched VMs such as "
+        "\"25%\" (rounded down, at least 1). Unset: one wave (per partition).",
+    )
+    batch_wait_seconds: int = Field(0, ge=0, le=86400,
+                                    description="Pause between the end of a wave and the next.")
+    partition_by: str | None = Field(
+        None, min_length=1, max_length=317,
+        description="A RemoteVM label key: one label value at a time, values in sorted order, "
+        "VMs without the label last; a wave never mixes two values.",
+    )
+    health_gate: HealthGate | None = Field(None, description="Probe each wave's VMs before "
+                                           "the next wave starts.")
+
+
+_ACTIONS = ("[has(self.command), has(self.argv), has(self.script), has(self.transfer), "
+            "has(self.templateRef)]")
+_RESERVED = "['PATH', 'LD_PRELOAD', 'LD_LIBRARY_PATH', 'BASH_ENV', 'ENV', 'IFS']"
+# A template parameter's value: a string or an integer (a boolean is written "true" or
+# "false"), checked against the template's declared type by the controller.
+ParameterValue = Annotated[StrictInt | Annotated[str, Field(max_length=MAX_ARG)], WithJsonSchema(
+    {"x-kubernetes-int-or-string": True,
+     "description": "A string or an integer, as the template's parameter says (booleans: "
+                    "\"true\" or \"false\")."})]
+_TARGETS = "[has(self.vm), has(self.vms), has(self.selector)]"
 
 
 class RemoteCommandSpec(ApiModel):
@@ -424,24 +494,33 @@ class RemoteCommandSpec(ApiModel):
     model_config = api_config(
         cel(
             f"{_ACTIONS}.filter(x, x).size() == 1",
-            "exactly one action must be set: command, argv, script or transfer",
+            "exactly one action must be set: command, argv, script, transfer or templateRef",
+        ),
+        cel("!has(self.parameters) || has(self.templateRef)",
+            "parameters go with templateRef", ".parameters"),
+        cel(
+            f"has(self.transfer) || {_TARGETS}.filter(x, x).size() == 1",
+            "exactly one target must be set: vm, vms or selector",
         ),
         cel(
-            "has(self.transfer) || (has(self.vm) != has(self.selector))",
-            "exactly one target must be set: vm or selector",
-        ),
-        cel(
-            "!has(self.transfer) || (!has(self.vm) && !has(self.selector))",
+            "!has(self.transfer) || (!has(self.vm) && !has(self.vms) && !has(self.selector))",
             "a transfer names its VMs in transfer.from and transfer.to; "
-            "do not set vm or selector",
+            "do not set vm, vms or selector",
         ),
         cel(
             "!has(self.transfer) || !has(self.become)",
             "become applies to command, argv and script, not to a transfer",
         ),
+        cel("!has(self.transfer) || !has(self.rollout)",
+            "rollout applies to commands on VMs, not to a transfer"),
     )
 
     vm: K8sName | None = Field(None, description="Target: one RemoteVM (same namespace).")
+    vms: list[K8sName] | None = Field(
+        None, min_length=1, max_length=MAX_TARGETS,
+        description="Target: these RemoteVMs (same namespace), each named once; a name with no "
+        "RemoteVM fails on that VM with VMNotFound. `vmfleet rerun --failed` writes this.",
+    )
     selector: LabelSelector | None = Field(
         None, description="Target: every RemoteVM of the namespace that matches."
     )
@@ -457,6 +536,24 @@ class RemoteCommandSpec(ApiModel):
         None, min_length=1, max_length=MAX_SCRIPT, description="A script fed to sh -s on stdin."
     )
     transfer: TransferSpec | None = Field(None, description="Copy a file between VMs over SFTP.")
+    template_ref: LocalObjectReference | None = Field(
+        None, description="Run this RemoteCommandTemplate's script (same namespace). Its script "
+        "and sha256 are recorded in status.template when the command starts: editing the "
+        "template later never changes this command.",
+    )
+    parameters: dict[str, ParameterValue] | None = Field(
+        None, max_length=64,
+        description="Values of the template's parameters. Each reaches the script only as the "
+        "environment variable of the same name, never as shell text; a value that breaks the "
+        "parameter's type, pattern, enum or bounds fails the command (InvalidSpec) before "
+        "anything runs.",
+        json_schema_extra={"x-kubernetes-validations": [cel(
+            f"self.all(k, k.matches('{ENV_NAME_PATTERN}') && !(k in {_RESERVED}) "
+            "&& !k.startsWith('VMFLEET_'))",
+            "parameter names are environment variable names (letters, digits, underscores), "
+            "not PATH, LD_PRELOAD, LD_LIBRARY_PATH, BASH_ENV, ENV, IFS or VMFLEET_*",
+        )]},
+    )
     env: dict[str, Annotated[str, Field(max_length=MAX_ARG)]] | None = Field(
         None, max_length=MAX_ITEMS,
         description="Environment variables for the command; names must match "
@@ -494,13 +591,27 @@ class RemoteCommandSpec(ApiModel):
         default_factory=lambda: [0], min_length=1, max_length=256,
         description="Exit codes that count as success.",
     )
-    max_parallel: int | None = Field(None, ge=1, le=10000, description="VMs running at once.")
-    max_failures: int | None = Field(
-        None, ge=0, le=10000, description="Stop starting new VMs after this many failed."
+    max_parallel: CountOrPercent | None = Field(
+        None, description="VMs running at once (a rolling window): a number, or a percentage "
+        "of the matched VMs such as \"10%\" (rounded down, at least 1).",
+    )
+    max_failures: CountOrPercentFromZero | None = Field(
+        None, description="Stop starting new VMs once this many have failed: a number, or a "
+        "percentage of the matched VMs such as \"20%\" (rounded down, at least 1).",
     )
     output: OutputSpec = Field(default_factory=lambda: OutputSpec(), description="Output kept in status.")
     ttl_seconds_after_finished: int | None = Field(
         None, ge=0, le=365 * 86400, description="Delete the object this long after it finished."
+    )
+    rollout: Rollout | None = Field(
+        None, description="Run in waves (batchSize, batchWaitSeconds, partitionBy, "
+        "healthGate); maxParallel and maxFailures still hold within and across waves.",
+    )
+    dry_run: bool | None = Field(
+        None, description="Run nothing: resolve the targets and report in status.dryRun which "
+        "VMs match and which would block (missing, not Ready, paused, become without "
+        "allowBecome, a failure budget the blocked VMs would exhaust); the command ends in "
+        "phase DryRun with condition Finished=True, reason DryRun (never Complete).",
     )
 
     @field_validator("env")
@@ -514,23 +625,44 @@ class RemoteCommandSpec(ApiModel):
                 )
         return env
 
+    @field_validator("vms")
+    @classmethod
+    def _vms_once(cls, vms: list[str] | None) -> list[str] | None:
+        seen: set[str] = set()
+        for name in vms or []:
+            if name in seen:
+                raise ValueError(f"each VM may appear once in vms ({name})")
+            seen.add(name)
+        return vms
+
     @model_validator(mode="after")
     def _one_of(self) -> RemoteCommandSpec:
-        actions = [a for a in ("command", "argv", "script", "transfer") if getattr(self, a) is not None]
+        actions = [a for a in ("command", "argv", "script", "transfer", "template_ref")
+                   if getattr(self, a) is not None]
         if len(actions) != 1:
-            raise ValueError("exactly one action must be set: command, argv, script or transfer")
+            raise ValueError("exactly one action must be set: command, argv, script, transfer "
+                             "or templateRef")
+        if self.parameters is not None and self.template_ref is None:
+            raise ValueError("parameters go with templateRef")
+        for name in self.parameters or {}:
+            if not is_env_name(name) or reserved_parameter(name):
+                raise ValueError(f"parameter name {name!r} is not allowed: use an environment "
+                                 "variable name, not PATH, LD_PRELOAD, LD_LIBRARY_PATH, "
+                                 "BASH_ENV, ENV, IFS or VMFLEET_*")
         if self.transfer is not None:
-            if self.vm is not None or self.selector is not None:
+            if self.vm is not None or self.vms is not None or self.selector is not None:
                 raise ValueError("a transfer names its VMs in transfer.from and transfer.to")
-        elif (self.vm is None) == (self.selector is None):
-            raise ValueError("exactly one target must be set: vm or selector")
+        elif sum(t is not None for t in (self.vm, self.vms, self.selector)) != 1:
+            raise ValueError("exactly one target must be set: vm, vms or selector")
         if self.transfer is not None and self.become is not None:
             raise ValueError("become applies to command, argv and script, not to a transfer")
+        if self.transfer is not None and self.rollout is not None:
+            raise ValueError("rollout applies to commands on VMs, not to a transfer")
         return self
 
     @property
     def action(self) -> str:
-        for name in ("command", "argv", "script", "transfer"):
+        for name in ("command", "argv", "script", "transfer", "template_ref"):
             if getattr(self, name) is not None:
                 return name
         raise AssertionError("validated spec has an action")
@@ -610,10 +742,65 @@ class TargetResult(StatusModel):
     )
     lost_marker: str | None = Field(None, max_length=64, description="processMarker of that attempt.")
     transfer: TransferResult | None = Field(None, description="File transfers: what was copied.")
+    wave: int | None = Field(None, ge=0, description="spec.rollout: the wave of this VM, from 0.")
+
+
+class DryRunBlocker(StatusModel):
+    """A VM a dry run found would not run the command (or would fail it)."""
+
+    vm: str = Field(max_length=MAX_NAME, description="RemoteVM name.")
+    reason: str = Field(max_length=128, description="VMNotFound, NotReady, Paused or "
+                        "BecomeNotAllowed.")
+    message: str | None = Field(None, max_length=MAX_MESSAGE, description="Details.")
+
+
+class DryRunReport(StatusModel):
+    """What a dry run (spec.dryRun) found: the command itself ran nothing."""
+
+    matched: list[str] = Field(default_factory=list, max_length=MAX_TARGETS,
+                               description="Every VM the target names or matches, sorted.")
+    runnable: list[str] = Field(default_factory=list, max_length=MAX_TARGETS,
+                                description="The matched VMs nothing blocks.")
+    blocked: list[DryRunBlocker] = Field(default_factory=list, max_length=MAX_TARGETS,
+                                         description="The matched VMs that would block, and why.")
+    max_parallel: int | None = Field(None, description="maxParallel resolved against the "
+                                     "matched VMs (percentages rounded down, at least 1).")
+    max_failures: int | None = Field(None, description="maxFailures resolved likewise.")
+    budget: str | None = Field(None, max_length=MAX_MESSAGE, description="Set when the blocked "
+                               "VMs alone would reach maxFailures: the run would stop there.")
+    waves: list[list[str]] | None = Field(None, max_length=MAX_TARGETS,
+                                          description="spec.rollout: the VMs of each wave, in "
+                                          "order.")
+
+
+class TemplateRecord(StatusModel):
+    """The template a command runs, as it was when the command started."""
+
+    name: str = Field(max_length=MAX_NAME, description="The RemoteCommandTemplate.")
+    script: str | None = Field(None, max_length=MAX_SCRIPT, description="Its script, as "
+                               "recorded: what runs, whatever the template says later.")
+    sha256: str | None = Field(None, max_length=64, description="sha256 of that script.")
+    resource_version: str | None = Field(None, max_length=64,
+                                         description="The template's resourceVersion read.")
+    parameters: dict[str, Annotated[str, Field(max_length=MAX_ARG)]] | None = Field(
+        None, max_length=64, description="The parameters' values as the script's environment "
+        "variables (defaults included), as checked when the command started.")
+
+
+class RolloutStatus(StatusModel):
+    """Where a rollout (spec.rollout) stands."""
+
+    waves: int | None = Field(None, ge=0, description="How many waves there are.")
+    current_wave: int | None = Field(None, ge=1, description="The wave running now, from 1.")
+    wave_complete_time: str | None = Field(None, description="When the current wave ended.")
+    health_gate_since: str | None = Field(None, description="When its health probes were asked.")
+    next_wave_after: str | None = Field(None, description="The next wave starts after this.")
+    stopped: str | None = Field(None, max_length=MAX_MESSAGE,
+                                description="Why the rollout stopped before its last wave.")
 
 
 class RemoteCommandStatus(StatusModel):
-    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled"] | None = None
+    phase: Literal["Pending", "Running", "Succeeded", "Failed", "Cancelled", "DryRun"] | None = None
     target: str | None = Field(None, max_length=1024, description="What the command runs on.")
     completions: str | None = Field(None, max_length=64, description="succeeded/targets.")
     conditions: list[ObjectCondition] | None = Field(
@@ -628,3 +815,8 @@ class RemoteCommandStatus(StatusModel):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["vm"]},
     )
     observed_generation: int | None = None
+    dry_run: DryRunReport | None = Field(None, description="spec.dryRun: what would run and "
+                                         "what would block; nothing ran.")
+    rollout: RolloutStatus | None = Field(None, description="spec.rollout: the waves' progress.")
+    template: TemplateRecord | None = Field(None, description="spec.templateRef: the script "
+                                            "recorded when the command started, and its sha256.")
