@@ -99,9 +99,13 @@ def test_default_objects():
         "Deployment/rel-vmfleet-broker",
         "Deployment/rel-vmfleet-controller",
         "Deployment/rel-vmfleet-transfer-worker",
+        "Lease/rel-vmfleet-controller",
+        "PodDisruptionBudget/rel-vmfleet-controller",
         "Role/rel-vmfleet-controller",
+        "Role/rel-vmfleet-controller-leader",
         "Role/rel-vmfleet-transfer-worker",
         "RoleBinding/rel-vmfleet-controller",
+        "RoleBinding/rel-vmfleet-controller-leader",
         "RoleBinding/rel-vmfleet-transfer-worker",
         "Service/rel-vmfleet-broker",
         "Service/rel-vmfleet-controller",
@@ -115,22 +119,56 @@ def test_default_objects():
     assert not find(docs, "ConfigMap")
 
 
+def test_the_lease_is_created_by_the_chart_and_the_controller_may_only_renew_it():
+    docs = render()
+    (lease,) = find(docs, "Lease", "rel-vmfleet-controller", "fleet")
+    assert lease["spec"] == {}
+    (role,) = find(docs, "Role", "rel-vmfleet-controller-leader", "fleet")
+    assert rules_of(role) == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                               "resourceNames": ["rel-vmfleet-controller"],
+                               "verbs": ["get", "update"]}]
+    (binding,) = find(docs, "RoleBinding", "rel-vmfleet-controller-leader", "fleet")
+    assert binding["subjects"][0]["name"] == "rel-vmfleet-controller"
+    for doc in find(docs, "Role") + find(docs, "ClusterRole"):  # nobody creates Leases
+        assert not any("leases" in r["resources"] and "create" in r["verbs"] for r in rules_of(doc))
+
+
+def test_the_controller_pdb_keeps_one_replica_and_only_with_several():
+    (pdb,) = find(render(), "PodDisruptionBudget", "rel-vmfleet-controller")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
+    single = render(None, "controller.replicas=1")
+    assert not find(single, "PodDisruptionBudget")
+    (deploy,) = find(single, "Deployment", "rel-vmfleet-controller")
+    assert "affinity" not in deploy["spec"]["template"]["spec"]
+
+
 def test_controller_deployment():
     docs = render()
     (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     assert pod["serviceAccountName"] == "rel-vmfleet-controller"
     assert container["command"] == ["vmfleet", "controller"]
     assert "--standalone" in container["args"]
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
     assert "--namespace=fleet" in container["args"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"metrics": 9807, "health": 8080}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert ports == {"metrics": 9807, "health": 8080, "ready": 8081}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ready"}
     env = {e["name"]: e for e in container["env"]}
+    assert env["VMFLEET_HEALTH_PORT"]["value"] == "8081"
+    assert env["VMFLEET_LEADER_ELECTION"]["value"] == "true"
+    assert env["VMFLEET_LEADER_ELECTION_NAMESPACE"]["value"] == "fleet"
+    assert env["VMFLEET_LEADER_ELECTION_NAME"]["value"] == "rel-vmfleet-controller"
+    assert [env[f"VMFLEET_{k}_SECONDS"]["value"] for k in ("LEASE_DURATION", "RENEW_DEADLINE",
+                                                            "RETRY_PERIOD")] == ["15", "10", "2"]
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert env["VMFLEET_BROKER_URL"]["value"] == "redis://rel-vmfleet-broker.fleet.svc:6379/0"
     assert env["VMFLEET_WORKER_RUNTIME"]["value"] == "Deployment"
     assert env["VMFLEET_WORKER_IMAGE"]["value"] == container["image"] == "vmfleet:0.1.0"
