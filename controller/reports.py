@@ -14,14 +14,15 @@ from typing import Any
 from vmfleet.api.constants import Phase
 from vmfleet.api.envelope import rfc3339
 from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.policy import backoff_seconds, should_retry
+from vmfleet.policy import backoff_seconds, counted_attempt, should_retry
 
 CLAIMED = "claimed"
 PROGRESS = "progress"
 FINISHED = "finished"
 
 # Fields of an entry that belong to one running attempt and go when it ends.
-ATTEMPT_FIELDS = ("pgid", "processMarker", "heartbeatTime", "lostPgid", "lostMarker", "retryAfter")
+ATTEMPT_FIELDS = ("pgid", "processMarker", "heartbeatTime", "lostPgid", "lostMarker", "retryAfter",
+                  "disruption")
 
 
 def apply_attempt_report(spec: RemoteCommandSpec, entry: dict[str, Any], report: dict[str, Any],
@@ -66,7 +67,7 @@ def finished_entry(spec: RemoteCommandSpec, entry: dict[str, Any], fields: dict[
     new.update(fields)
     attempt = int(entry.get("attempt") or 1)
     if new.get("phase") == Phase.FAILED and should_retry(
-            spec, attempt, str(new.get("reason")), new.get("exitCode")):
+            spec, counted_attempt(spec, entry), str(new.get("reason")), new.get("exitCode")):
         delay = backoff_seconds(spec, attempt)
         new.update(
             phase=Phase.PENDING, attempt=attempt + 1,

@@ -26,10 +26,12 @@ from kubernetes.client.exceptions import ApiException
 
 from vmfleet import settings
 from vmfleet.api import constants as c
-from vmfleet.api.models import Autoscale, RemoteVMSpec, WorkersSpec
+from vmfleet.api.models import DEFAULT_WORKER_GRACE_SECONDS, Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
 from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, write_pid_file
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
+
+from .budgets import Budgets
 
 log = logging.getLogger("controller.runtime")
 
@@ -130,6 +132,12 @@ class WorkerGroup:
     def concurrency(self) -> int:
         """Threads: every VM's maxConcurrentCommands (the slots hold each VM's limit)."""
         return max(1, min(256, sum(vm.spec.max_concurrent_commands for vm in self.vms)))
+
+    @property
+    def termination_grace(self) -> int:
+        """Seconds a stopping worker pod has to finish what it runs (the VMs' largest)."""
+        return max(vm.spec.workers.termination_grace_period_seconds if vm.spec.workers
+                   else DEFAULT_WORKER_GRACE_SECONDS for vm in self.vms)
 
     @property
     def secrets(self) -> list[str]:
@@ -259,6 +267,8 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     if workers is not None and workers.resources:
         container["resources"] = workers.resources
     template_spec: dict[str, Any] = {
+        # SIGTERM starts Celery's warm shutdown: no new task, the running ones finish.
+        "terminationGracePeriodSeconds": group.termination_grace,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         # The image's user (Dockerfile): the mounted keys are group-readable by fsGroup.
@@ -277,14 +287,7 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
             "namespace": group.namespace,
             "labels": labels,
             # Owned by its VMs: garbage collected with the last of them.
-            "ownerReferences": [{
-                "apiVersion": c.API_VERSION,
-                "kind": c.VM_KIND,
-                "name": vm.name,
-                "uid": vm.uid,
-                "controller": group.pool is None,
-                "blockOwnerDeletion": False,
-            } for vm in sorted(group.vms, key=lambda v: v.name)],
+            "ownerReferences": owner_references(group),
         },
         "spec": {
             "replicas": replicas,
@@ -296,6 +299,18 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
                             + repr(body["spec"]["template"]).encode()).hexdigest()[:16]
     body["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
     return body
+
+
+def owner_references(group: WorkerGroup) -> list[dict[str, Any]]:
+    """The group's RemoteVMs as owners (the controller only for a single VM's workers)."""
+    return [{
+        "apiVersion": c.API_VERSION,
+        "kind": c.VM_KIND,
+        "name": vm.name,
+        "uid": vm.uid,
+        "controller": group.pool is None,
+        "blockOwnerDeletion": False,
+    } for vm in sorted(group.vms, key=lambda v: v.name)]
 
 
 def _flatten(refs: list[dict[str, Any]]) -> list[str]:
@@ -344,10 +359,11 @@ class DeploymentRuntime:
     name = c.RUNTIME_DEPLOYMENT
 
     def __init__(self, apps: AppsV1Api, settings: DeploymentSettings,
-                 cache: DeploymentCache | None = None) -> None:
+                 cache: DeploymentCache | None = None, budgets: Budgets | None = None) -> None:
         self.apps = apps
         self.settings = settings
         self.cache = cache or DeploymentCache()
+        self.budgets = budgets or Budgets(apps.api_client)
 
     def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
         """Apply the group's Deployment with ``replicas``, unless the watch shows it as
@@ -364,6 +380,7 @@ class DeploymentRuntime:
             )
             ready = (applied.status.ready_replicas or 0) if applied.status else 0
             self.cache.seen(self.apps.api_client.sanitize_for_serialization(applied))
+        self.budgets.ensure(group, worker_labels(group))
         return {
             "runtime": self.name,
             "deployment": group.deployment,

@@ -43,6 +43,19 @@ def _start_listening(**_: Any) -> None:
     executor()  # cancels reach a worker that has not run anything yet
 
 
+@signals.worker_shutting_down.connect
+def _draining(sender: Any = None, sig: Any = None, how: Any = None, **_: Any) -> None:
+    """SIGTERM (a drain, a rollout, a scale-down): Celery's warm shutdown takes no new task
+    and lets the running ones finish. Each running attempt reports that its worker is
+    stopping, from a thread of its own (not from the signal handler)."""
+    if how != "Warm":
+        return
+    why = (f"worker {sender or socket.gethostname()} received {sig or 'SIGTERM'}: it finishes "
+           "what it runs within its termination grace period and takes nothing new")
+    threading.Thread(target=executor().cancels.draining, args=(why,), name="vmfleet-draining",
+                     daemon=True).start()
+
+
 @signals.worker_shutdown.connect
 def _stop_listening(**_: Any) -> None:
     _stop.set()

@@ -133,6 +133,13 @@ def test_the_lease_is_created_by_the_chart_and_the_controller_may_only_renew_it(
         assert not any("leases" in r["resources"] and "create" in r["verbs"] for r in rules_of(doc))
 
 
+def test_the_controller_may_apply_worker_budgets_and_nothing_more_of_policy():
+    (role,) = find(render(), "Role", "rel-vmfleet-controller", "fleet")
+    policy = [r for r in rules_of(role) if "policy" in r["apiGroups"]]
+    assert policy == [{"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
+                       "verbs": ["get", "create", "patch"]}]
+
+
 def test_the_controller_pdb_keeps_one_replica_and_only_with_several():
     (pdb,) = find(render(), "PodDisruptionBudget", "rel-vmfleet-controller")
     assert pdb["spec"]["maxUnavailable"] == 1
