@@ -416,8 +416,7 @@ def test_a_rollout_restart_of_workers_finishes_what_they_run(release: Release, m
     drained = time.monotonic() - restarted
     lost = [n for n, r in results.items() if r.get("reason") == "WorkerLost" or r["attempt"] != 1]
     runs = vm_file(vm, path).split()
-    print(f"
-rollout restart with 3 commands of 36 s running: all ended {drained:.1f}s later; "
+    print(f"\nrollout restart with 3 commands of 36 s running: all ended {drained:.1f}s later; "
           f"lost {len(lost)}, run twice {len(runs) - len(set(runs))}, retried "
           f"{sum(1 for r in results.values() if r['attempt'] != 1)}")
     assert {n: r["phase"] for n, r in results.items()} == dict.fromkeys([*names, "after"], "Succeeded")
