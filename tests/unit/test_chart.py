@@ -82,7 +82,7 @@ def test_every_object_is_named_and_labelled_from_the_helpers(values):
         assert labels["app.kubernetes.io/name"] == "vmfleet", where
         assert labels["app.kubernetes.io/instance"] == "rel", where
         assert labels["app.kubernetes.io/managed-by"] == "Helm", where
-        assert labels["helm.sh/chart"] == "vmfleet-0.1.0", where
+        assert labels["helm.sh/chart"] == "vmfleet-0.2.0", where
         assert "app.kubernetes.io/component" in labels, where
         if doc["kind"] in ("Deployment",):
             selector = doc["spec"]["selector"]["matchLabels"]
@@ -138,6 +138,26 @@ def test_the_controller_may_apply_worker_budgets_and_nothing_more_of_policy():
     policy = [r for r in rules_of(role) if "policy" in r["apiGroups"]]
     assert policy == [{"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
                        "verbs": ["get", "create", "patch"]}]
+
+
+def test_broker_persistence_is_a_statefulset_with_a_claim():
+    docs = render(None, "broker.bundled.persistence.enabled=true",
+                  "broker.bundled.persistence.storageClassName=local")
+    assert not find(docs, "Deployment", "rel-vmfleet-broker")
+    (sts,) = find(docs, "StatefulSet", "rel-vmfleet-broker", "fleet")
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] == "rel-vmfleet-broker"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "storageClassName": "local",
+                             "resources": {"requests": {"storage": "1Gi"}}}
+    pod = sts["spec"]["template"]["spec"]
+    assert not pod.get("volumes")  # /data is the claim, not an emptyDir
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "everysec"
+    (default,) = find(render(), "Deployment", "rel-vmfleet-broker")
+    assert default["spec"]["strategy"] == {"type": "Recreate"}  # no two writers
+    assert default["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
 
 
 def test_the_controller_pdb_keeps_one_replica_and_only_with_several():
