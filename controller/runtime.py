@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from kubernetes.client import AppsV1Api
 from kubernetes.client.exceptions import ApiException
 
-from vmfleet import settings
+from vmfleet import settings, workerprobes
 from vmfleet.api import constants as c
 from vmfleet.api.models import DEFAULT_WORKER_GRACE_SECONDS, Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
@@ -223,6 +223,12 @@ def worker_labels(group: WorkerGroup) -> dict[str, str]:
 
 
 SPEC_HASH_ANNOTATION = f"{c.GROUP}/spec-hash"
+PROBE_DIR_ENV = settings.env_of("probe_dir")
+#: A worker's resources when the RemoteVM sets none (it writes only probe files and logs).
+DEFAULT_WORKER_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "50m", "memory": "128Mi", "ephemeral-storage": "64Mi"},
+    "limits": {"memory": "512Mi", "ephemeral-storage": "256Mi"},
+}
 
 
 def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas: int) -> dict[str, Any]:
@@ -246,10 +252,14 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     ]
     if settings.state_url:
         env.append({"name": STATE_URL_ENV, "value": settings.state_url})
+    env.append({"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR})
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
     volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o440}}
                for secret in group.secrets]
+    # The probe files (the root filesystem is read-only): a small emptyDir in memory.
+    mounts.append({"name": "probes", "mountPath": workerprobes.PROBE_DIR})
+    volumes.append({"name": "probes", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
     container: dict[str, Any] = {
         "name": "worker",
         "image": settings.image,
@@ -263,9 +273,15 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    # Ready: the broker answers; alive: the worker's probe thread runs (not wedged).
+    container["readinessProbe"] = {"exec": {"command": list(workerprobes.READINESS_COMMAND)},
+                                   "periodSeconds": 5, "failureThreshold": 2}
+    container["livenessProbe"] = {"exec": {"command": list(workerprobes.LIVENESS_COMMAND)},
+                                  "initialDelaySeconds": 30, "periodSeconds": 30,
+                                  "timeoutSeconds": 5, "failureThreshold": 3}
     workers = group.workers
-    if workers is not None and workers.resources:
-        container["resources"] = workers.resources
+    container["resources"] = (workers.resources if workers is not None and workers.resources
+                              else DEFAULT_WORKER_RESOURCES)
     template_spec: dict[str, Any] = {
         # SIGTERM starts Celery's warm shutdown: no new task, the running ones finish.
         "terminationGracePeriodSeconds": group.termination_grace,

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 from celery import Task, signals
 
+from vmfleet import settings
 from vmfleet.api.constants import (
     TASK_CHECK_VM,
     TASK_EXECUTE,
@@ -19,6 +21,7 @@ from vmfleet.api.constants import (
 from vmfleet.api.envelope import Envelope, Target
 from vmfleet.celeryconf import broker_url
 
+from . import probes
 from .app import app
 from .execute import CommandExecutor
 from .health import HealthChecker
@@ -27,6 +30,7 @@ from .transfer import TransferExecutor
 
 
 _stop = threading.Event()
+_not_ready = threading.Event()
 
 
 @functools.cache
@@ -40,7 +44,10 @@ def executor() -> CommandExecutor:
 
 @signals.worker_ready.connect
 def _start_listening(**_: Any) -> None:
-    executor()  # cancels reach a worker that has not run anything yet
+    found = executor()  # cancels reach a worker that has not run anything yet
+    directory = settings.current().probe_dir
+    if directory:
+        probes.start(found.state.client.ping, _not_ready, Path(directory))
 
 
 @signals.worker_shutting_down.connect
@@ -48,6 +55,7 @@ def _draining(sender: Any = None, sig: Any = None, how: Any = None, **_: Any) ->
     """SIGTERM (a drain, a rollout, a scale-down): Celery's warm shutdown takes no new task
     and lets the running ones finish. Each running attempt reports that its worker is
     stopping, from a thread of its own (not from the signal handler)."""
+    _not_ready.set()  # a stopping worker takes nothing new: not Ready
     if how != "Warm":
         return
     why = (f"worker {sender or socket.gethostname()} received {sig or 'SIGTERM'}: it finishes "

@@ -185,6 +185,10 @@ class Settings:
         "VMFLEET_MAX_CONCURRENT_COMMANDS", None, WORKER,
         "Set by the controller: the VM's `maxConcurrentCommands` (no VM-wide limit if unset).",
         minimum=1)
+    probe_dir: str | None = setting(
+        "VMFLEET_PROBE_DIR", None, WORKER,
+        "Where the worker keeps its readiness and liveness files for exec probes (set by the "
+        "controller and the chart; unset: no probe files).")
     credentials_dir: str | None = setting(
         "VMFLEET_CREDENTIALS_DIR", None, WORKER,
         "Where the workers' VMs' credentials Secrets are mounted, one folder per Secret "

@@ -160,6 +160,23 @@ def test_broker_persistence_is_a_statefulset_with_a_claim():
     assert default["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
 
 
+def test_every_container_has_distinct_probes_and_bounded_memory_and_storage():
+    for deploy in find(render(), "Deployment"):
+        (container,) = deploy["spec"]["template"]["spec"]["containers"]
+        where = deploy["metadata"]["name"]
+        limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+        assert {"memory", "ephemeral-storage"} <= limits.keys(), where
+        assert {"memory", "ephemeral-storage"} <= requests.keys(), where
+        assert container["readinessProbe"] and container["livenessProbe"], where
+        if where != "rel-vmfleet-broker":  # a TCP check for both (the broker chart's own)
+            assert container["readinessProbe"] != container["livenessProbe"], where
+    (transfer,) = find(render(), "Deployment", "rel-vmfleet-transfer-worker")
+    pod = transfer["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    assert pod["containers"][0]["readinessProbe"]["exec"]["command"] == [
+        "test", "-e", "/run/vmfleet/ready"]
+
+
 def test_the_controller_pdb_keeps_one_replica_and_only_with_several():
     (pdb,) = find(render(), "PodDisruptionBudget", "rel-vmfleet-controller")
     assert pdb["spec"]["maxUnavailable"] == 1
