@@ -166,7 +166,13 @@ class Elector:
             return
         self.acquired_at = self.clock()
         log.info("Became the leader (Lease %s, holder %s)", self.name, self.identity)
-        on_started()
+        try:
+            on_started()
+        except Exception:  # noqa: BLE001 - a leader that cannot start must not hold the Lease
+            log.exception("Could not start leading; giving the Lease up")
+            self.release()
+            on_stopped()
+            return
         while not stop.wait(self.timing.retry_period):
             if self.try_acquire_or_renew():
                 continue

@@ -221,3 +221,16 @@ def test_loop_gate_is_checked_before_each_tick() -> None:
     assert ticks == []
 
 
+
+
+def test_a_leader_that_cannot_start_gives_the_lease_up() -> None:
+    clock = Clock()
+    server, _, (a,) = candidates(1, clock)
+    stopped: list[bool] = []
+
+    def broken() -> None:
+        raise RuntimeError("the API server refused the start-up list")
+
+    a.run(threading.Event(), on_started=broken, on_stopped=lambda: stopped.append(True))
+    assert stopped == [True] and not a.leading()
+    assert server.lease is not None and server.lease["spec"]["holderIdentity"] == ""
