@@ -115,8 +115,10 @@ class Commands:
                  urgency: Urgency | None = None,
                  get_template: templates.TemplateLookup = lambda ns, name: None,
                  get_config_map: templates.ConfigMapLookup = lambda ns, name: None,
-                 probe: Wake = lambda ns, name: None) -> None:
+                 probe: Wake = lambda ns, name: None, clock: Callable[[], float] = time.monotonic) -> None:
         self.state = state
+        self.clock = clock
+        self._absent_since: dict[str, float] = {}  # running attempt -> first seen without a heartbeat
         self.send = send
         self.get_vm = get_vm
         self.list_vms = list_vms
@@ -446,7 +448,7 @@ class Commands:
     def tick(self) -> None:
         """The controller loop: time-based moves (retries due, deadlines, lost workers,
         resent dispatches) and expired TTLs."""
-        stale = self._stale_heartbeats()
+        stale = self._stale_heartbeats() | self._silent_attempts()
         for tracked in self.tracked():
             with tracked.lock:
                 lost = frozenset(
@@ -457,6 +459,34 @@ class Commands:
         for member in stale:
             self.state.forget_heartbeat(member)  # declared lost now, or its command is gone
         self._expire()
+
+    def _silent_attempts(self) -> set[str]:
+        """Running attempts with no heartbeat at all for ``lost_after`` seconds, as this
+        controller saw them: if Redis lost the heartbeat set, a live worker adds its
+        attempt back at its next beat and a dead one never does. Without this, an attempt
+        whose heartbeat vanished with its worker would stay Running for ever."""
+        running: list[str] = []
+        for tracked in self.tracked():
+            with tracked.lock:
+                running.extend(attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1))
+                               for e in tracked.status.get("results") or []
+                               if e.get("phase") == Phase.RUNNING)
+        try:
+            absent = self.state.absent_heartbeats(running)
+        except Exception as exc:  # noqa: BLE001 - Redis restarting: nobody is declared lost
+            log.warning("Could not read heartbeats: %s", exc)
+            return set()
+        now = self.clock()
+        for member in list(self._absent_since):
+            if member not in absent:
+                del self._absent_since[member]
+        silent = set()
+        for member in absent:
+            since = self._absent_since.setdefault(member, now)
+            if now - since >= self.timing.lost_after:
+                silent.add(member)
+                del self._absent_since[member]
+        return silent
 
     def _stale_heartbeats(self) -> set[str]:
         try:

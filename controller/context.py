@@ -8,7 +8,9 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
+import threading
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -17,7 +19,7 @@ from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions
 from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.signing import PUBLIC_KEY_FILE, Signer, public_pem, read_private_key
-from vmfleet.kube import ApiException, Kube
+from vmfleet.kube import ApiException, Kube, context_namespace
 from vmfleet.state import State, state_url
 
 from . import schedule
@@ -25,6 +27,7 @@ from .commands import Commands
 from .crons import Crons
 from .dispatch import Dispatcher
 from .health import HealthMonitor
+from .leader import Elector, KubeLeaseStore, Leadership, Timing
 from .loop import Loop, ReportReader, Writer
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
 from .scaling import QueueDepth
@@ -46,6 +49,8 @@ class Context:
     loop: Loop
     namespaces: tuple[str, ...] = ()  # empty: every namespace
     crons: Crons | None = None
+    leadership: Leadership = field(default_factory=Leadership)
+    synced: threading.Event = field(default_factory=threading.Event)  # start-up lists done
 
     @classmethod
     def from_environment(cls) -> Context:
@@ -110,10 +115,11 @@ class Context:
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
         fleet_box.append(fleet)
-        writer = Writer(kube, state, commands)
+        leadership = Leadership(elector(conf, kube, state.scope))
+        writer = Writer(kube, state, commands, gate=leadership.leading)
         consumer = os.environ.get("POD_NAME") or socket.gethostname()
         reader = ReportReader(state, commands, consumer, fleet.on_probe)
-        crons = Crons(kube, commands)  # schedules only while is_leader() (crons.py)
+        crons = Crons(kube, commands, leading=leadership.leading)  # schedules only while leading
         ticks = [commands.tick, fleet.tick, crons.tick]
         ensure_transfer_worker = getattr(runtime, "ensure_transfer_worker", None)
         if ensure_transfer_worker is not None:
@@ -121,12 +127,12 @@ class Context:
         refresh = getattr(runtime, "refresh_credentials", None)
         if refresh is not None:
             ticks.append(refresh)  # Process runtime: Secrets created or rotated later
-        loop = Loop(writer, reader, ticks)
+        loop = Loop(writer, reader, ticks, gate=leadership.leading)
         namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n) \
             or kopf_namespaces()
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
-                   crons=crons)
+                   crons=crons, leadership=leadership)
 
 
 def signer_of(conf: settings.Settings) -> Signer:
@@ -154,6 +160,27 @@ def publish_verify_key(kube: Kube, name: str, namespace: str, pem: str) -> None:
             raise
         kube.core.patch_namespaced_config_map(name, namespace, {"data": data})
     log.info("Published the verify key in ConfigMap %s/%s", namespace, name)
+
+
+def elector(conf: settings.Settings, kube: Kube, scope: str) -> Elector | None:
+    """The Lease candidate when leader election is on (``VMFLEET_LEADER_ELECTION``):
+    identity ``<pod or host>_<random>``, as client-go makes it, so a restarted process
+    never mistakes its predecessor's Lease for its own."""
+    if not conf.leader_election:
+        return None
+    timing = Timing(conf.lease_duration_seconds, conf.renew_deadline_seconds,
+                    conf.retry_period_seconds)
+    namespace = conf.leader_election_namespace or context_namespace()
+    name = conf.leader_election_name or f"vmfleet-controller-{lease_suffix(scope)}"
+    identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    return Elector(KubeLeaseStore(kube.api_client, namespace, name), identity, timing,
+                   name=f"{namespace}/{name}")
+
+
+def lease_suffix(scope: str) -> str:
+    """A controller scope as a name segment (lower case, dashes, at most 40 characters)."""
+    cleaned = "".join(ch if ch.isalnum() else "-" for ch in scope.lower()).strip("-")
+    return cleaned[:40].strip("-") or "default"
 
 
 def kopf_namespaces(argv: list[str] | None = None) -> tuple[str, ...]:

@@ -30,11 +30,8 @@ log = logging.getLogger("controller.cron")
 
 
 def is_leader() -> bool:
-    """Whether this controller schedules (only the leading controller does).
-
-    TODO(lease): wire to the Lease-based leader election when it is merged; until then
-    every controller that runs leads (one replica, or ``--standalone`` in tests).
-    """
+    """The default gate of a ``Crons`` made without a leadership (tests, one replica): it
+    leads. The controller passes its Lease's ``Leadership.leading``."""
     return True
 
 

@@ -11,17 +11,22 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import kopf
+from kubernetes.client import VersionApi
 
 from vmfleet import metrics
 from vmfleet.api import constants as c
 from vmfleet.celeryconf import broker_url
 from vmfleet.kube import ApiException
+from vmfleet.settings import current as settings_of_process
 
 from .context import Context
+from .readiness import serve_readiness
 
 log = logging.getLogger("controller")
 
@@ -37,19 +42,35 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 270
     ctx = memo.ctx = Context.from_environment()
-    start(ctx)
+    warm(ctx)
+    ctx.leadership.start(on_started=lambda: lead(ctx), on_lost=lambda: lost(ctx))
     metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
+    start_readiness(ctx)
 
 
 def start(ctx: Context) -> None:
-    """The start-up list, then the loop."""
+    """Warm caches and lead at once (one controller, no election)."""
+    warm(ctx)
+    lead(ctx)
+
+
+def warm(ctx: Context) -> None:
+    """The caches a standby keeps too: every watched RemoteVM and worker Deployment,
+    listed once (the watches keep them current). Nothing is written."""
     for obj in _list(ctx, c.VM_PLURAL):
-        _drop_finalizer(ctx, c.VM_PLURAL, obj)
         ctx.fleet.seen(obj, reconcile=False)
     cache = getattr(ctx.runtime, "cache", None)
     if cache is not None:
         for dep in _list_deployments(ctx):
             cache.seen(dep)
+    ctx.synced.set()
+
+
+def lead(ctx: Context) -> None:
+    """The leader's start: the commands listed and taken over, then the loop."""
+    for obj in _list(ctx, c.VM_PLURAL):
+        _drop_finalizer(ctx, c.VM_PLURAL, obj)
+        ctx.fleet.seen(obj, reconcile=False)
     known = set()
     for obj in _list(ctx, c.COMMAND_PLURAL):
         _drop_finalizer(ctx, c.COMMAND_PLURAL, obj)
@@ -72,6 +93,38 @@ def start(ctx: Context) -> None:
         ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers
     ctx.fleet.tick(force=True)  # every group's workers applied once (unchanged: no write)
     ctx.loop.start()
+
+
+def lost(ctx: Context) -> None:
+    """The Lease was lost: writing stopped already (the gate); the loop halts and the
+    process ends (as controller-runtime's managers do), to start again as a standby
+    with fresh caches."""
+    ctx.loop.halt()
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def start_readiness(ctx: Context) -> None:
+    conf = settings_of_process()
+    if conf.health_port:
+        serve_readiness(conf.health_port, lambda: ready(ctx), conf.metrics_address or "127.0.0.1")
+
+
+def ready(ctx: Context) -> tuple[bool, str]:
+    """Ready = can do its work: caches synced, the broker and the API server answer.
+    Leadership does not count: a warm standby is Ready (a Service selecting the
+    controllers needs no leader-only readiness)."""
+    if not ctx.synced.is_set():
+        return False, "caches not synced yet"
+    try:
+        ctx.state.client.ping()
+    except Exception as exc:  # noqa: BLE001
+        return False, f"the broker does not answer: {exc}"
+    try:
+        VersionApi(ctx.kube.api_client).get_code(_request_timeout=3)
+    except Exception as exc:  # noqa: BLE001
+        return False, f"the API server does not answer: {exc}"
+    role = "leader" if ctx.leadership.leading() else "standby"
+    return True, f"ready ({role})"
 
 
 def _watched(ctx: Context, namespace: str) -> bool:
@@ -158,7 +211,9 @@ def _drop_finalizer(ctx: Context, plural: str, obj: dict[str, Any]) -> None:
 def shutdown(memo: kopf.Memo, **_: Any) -> None:
     ctx: Context | None = getattr(memo, "ctx", None)
     if ctx is not None:
-        ctx.loop.close()
+        ctx.leadership.stop()
+        ctx.loop.close()  # the last writes, while still leading
+        ctx.leadership.release()  # a standby takes over at its next retry
         ctx.runtime.shutdown()
         ctx.dispatcher.close()
 
@@ -169,18 +224,19 @@ def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event.get("object")
     if not obj:
         return
+    leading = memo.ctx.leadership.leading()  # a standby only keeps its cache
     if event["type"] == "DELETED":
-        memo.ctx.fleet.gone(dict(obj))
+        memo.ctx.fleet.gone(dict(obj), reconcile=leading)
     else:
-        memo.ctx.fleet.seen(dict(obj))
+        memo.ctx.fleet.seen(dict(obj), reconcile=leading)
 
 
 @kopf.on.event(*COMMANDS)
 @metrics.counts_errors(c.COMMAND_KIND)
 def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event.get("object")
-    if not obj:
-        return
+    if not obj or not memo.ctx.leadership.leading():
+        return  # a standby: the leader it replaces lists the commands when it takes over
     crons = memo.ctx.crons
     if event["type"] == "DELETED":
         memo.ctx.state.ack(memo.ctx.commands.deleted(dict(obj)))

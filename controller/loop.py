@@ -37,8 +37,10 @@ log = logging.getLogger("controller.loop")
 class Writer:
     """Writes due commands' status; the only code that writes RemoteCommand status."""
 
-    def __init__(self, kube: Kube, state: State, commands: Commands, threads: int = 8) -> None:
+    def __init__(self, kube: Kube, state: State, commands: Commands, threads: int = 8,
+                 gate: Callable[[], bool] = lambda: True) -> None:
         self.kube = kube
+        self.gate = gate  # leading: only the Lease holder writes
         self.state = state
         self.commands = commands
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmfleet-write")
@@ -74,6 +76,10 @@ class Writer:
             except (UnknownField, ValueError) as exc:  # pydantic's ValidationError is one
                 self.refused(tracked, exc)
                 return
+        if patch is not None and not self.gate():
+            with tracked.lock:
+                tracked.want(1.0)  # not leading (any more): the next leader writes it
+            return
         if patch is not None:
             try:
                 self.kube.patch_command_status(tracked.namespace, tracked.name, patch)
@@ -194,11 +200,15 @@ class ReportReader:
             log.info("Picked up %s reports a previous controller left unacknowledged", count)
         return count
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, gate: Callable[[], bool] = lambda: True) -> None:
+        """Read until ``stop`` is set or ``gate()`` (leading) no longer holds: a standby
+        reads nothing, so the reports stay pending for the leader."""
+        if not gate():
+            return
         self.state.ensure_group()
         self.catch_up()
         idle_since: float | None = None
-        while not stop.is_set():
+        while not stop.is_set() and gate():
             try:
                 reports = self.state.read_reports(self.consumer, block_ms=200)
             except Exception as exc:  # noqa: BLE001 - Redis restarting
@@ -221,11 +231,13 @@ class ReportReader:
 
 
 class Loop:
-    """The three threads, started and stopped together."""
+    """The three threads, started and stopped together; each does its work only while
+    ``gate()`` (leading) holds."""
 
     def __init__(self, writer: Writer, reader: ReportReader, ticks: list[Callable[[], None]],
-                 tick_seconds: float = 1.0) -> None:
+                 tick_seconds: float = 1.0, gate: Callable[[], bool] = lambda: True) -> None:
         self.writer = writer
+        self.gate = gate
         self.reader = reader
         self.ticks = ticks
         self.tick_seconds = tick_seconds
@@ -241,8 +253,11 @@ class Loop:
 
     def _read(self) -> None:
         while not self.stop.is_set():
+            if not self.gate():
+                self.stop.wait(0.5)
+                continue
             try:
-                self.reader.run(self.stop)
+                self.reader.run(self.stop, self.gate)
             except Exception:  # noqa: BLE001
                 log.exception("The reports reader failed; starting it again")
                 self.stop.wait(1.0)
@@ -250,6 +265,9 @@ class Loop:
     def _write(self) -> None:
         changed = self.writer.commands.changed
         while not self.stop.is_set():
+            if not self.gate():
+                self.stop.wait(0.5)
+                continue
             try:
                 soonest = self.writer.flush()
             except Exception:  # noqa: BLE001
@@ -263,19 +281,27 @@ class Loop:
     def _tick(self) -> None:
         while not self.stop.wait(self.tick_seconds):
             for tick in self.ticks:
+                if not self.gate():
+                    break
                 try:
                     tick()
                 except Exception:  # noqa: BLE001
                     log.exception("The controller loop failed in %s", getattr(tick, "__name__", tick))
 
-    def close(self) -> None:
+    def halt(self) -> None:
+        """Stop the threads (no last flush: leadership was lost)."""
         self.stop.set()
         with self.writer.commands.changed:
             self.writer.commands.changed.notify_all()
         for thread in self.threads:
-            thread.join(timeout=10)
+            if thread is not threading.current_thread():
+                thread.join(timeout=10)
+
+    def close(self) -> None:
+        self.halt()
         try:
-            self.writer.flush(now=float("inf"))  # what is still owed goes out before we stop
+            if self.gate():
+                self.writer.flush(now=float("inf"))  # what is still owed goes out before we stop
         finally:
             self.writer.close()
 

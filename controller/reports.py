@@ -15,11 +15,11 @@ from vmfleet.api.constants import Phase
 from vmfleet.api.envelope import rfc3339
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.reports import AttemptReport, Event, F
-from vmfleet.policy import backoff_seconds, should_retry
+from vmfleet.policy import backoff_seconds, counted_attempt, should_retry
 
 # Fields of an entry that belong to one running attempt and go when it ends.
 ATTEMPT_FIELDS = (F.PGID, F.PROCESS_MARKER, F.HEARTBEAT_TIME, F.LOST_PGID, F.LOST_MARKER,
-                  F.RETRY_AFTER)
+                  F.RETRY_AFTER, F.DISRUPTION)
 
 
 def apply_attempt_report(spec: RemoteCommandSpec, entry: dict[str, Any], report: AttemptReport,
@@ -64,7 +64,7 @@ def finished_entry(spec: RemoteCommandSpec, entry: dict[str, Any], fields: dict[
     new.update(fields)
     attempt = int(entry.get(F.ATTEMPT) or 1)
     if new.get(F.PHASE) == Phase.FAILED and should_retry(
-            spec, attempt, str(new.get(F.REASON)), new.get(F.EXIT_CODE)):
+            spec, counted_attempt(spec, entry), str(new.get(F.REASON)), new.get(F.EXIT_CODE)):
         delay = backoff_seconds(spec, attempt)
         new.update(
             phase=Phase.PENDING, attempt=attempt + 1,

@@ -23,9 +23,9 @@ from typing import Any, Protocol
 
 from kubernetes.client import AppsV1Api
 
-from vmfleet import settings
+from vmfleet import settings, workerprobes
 from vmfleet.api import constants as c
-from vmfleet.api.models import Autoscale, RemoteVMSpec, WorkersSpec
+from vmfleet.api.models import DEFAULT_WORKER_GRACE_SECONDS, Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.api.served import ANY, Served
 from vmfleet.celeryconf import BROKER_URL_ENV
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
@@ -37,6 +37,8 @@ from vmfleet.procs import (
     stop_recorded,
     write_pid_file,
 )
+
+from .budgets import Budgets
 
 log = logging.getLogger("controller.runtime")
 
@@ -151,6 +153,12 @@ class WorkerGroup:
         return Served.of(self.namespace, pairs)
 
     @property
+    def termination_grace(self) -> int:
+        """Seconds a stopping worker pod has to finish what it runs (the VMs' largest)."""
+        return max(vm.spec.workers.termination_grace_period_seconds if vm.spec.workers
+                   else DEFAULT_WORKER_GRACE_SECONDS for vm in self.vms)
+
+    @property
     def secrets(self) -> list[str]:
         names = {vm.spec.credentials_secret_ref.name for vm in self.vms}
         names |= {vm.bastion_secret for vm in self.vms if vm.bastion_secret}
@@ -236,6 +244,12 @@ def worker_labels(group: WorkerGroup) -> dict[str, str]:
 
 
 SPEC_HASH_ANNOTATION = f"{c.GROUP}/spec-hash"
+PROBE_DIR_ENV = settings.env_of("probe_dir")
+#: A worker's resources when the RemoteVM sets none (it writes only probe files and logs).
+DEFAULT_WORKER_RESOURCES: dict[str, Any] = {
+    "requests": {"cpu": "50m", "memory": "128Mi", "ephemeral-storage": "64Mi"},
+    "limits": {"memory": "512Mi", "ephemeral-storage": "256Mi"},
+}
 
 
 def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas: int) -> dict[str, Any]:
@@ -261,10 +275,14 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     ]
     if settings.state_url:
         env.append({"name": STATE_URL_ENV, "value": settings.state_url})
+    env.append({"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR})
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
     volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o440}}
                for secret in group.secrets]
+    # The probe files (the root filesystem is read-only): a small emptyDir in memory.
+    mounts.append({"name": "probes", "mountPath": workerprobes.PROBE_DIR})
+    volumes.append({"name": "probes", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
     container: dict[str, Any] = {
         "name": "worker",
         "image": settings.image,
@@ -278,10 +296,18 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    # Ready: the broker answers; alive: the worker's probe thread runs (not wedged).
+    container["readinessProbe"] = {"exec": {"command": list(workerprobes.READINESS_COMMAND)},
+                                   "periodSeconds": 5, "failureThreshold": 2}
+    container["livenessProbe"] = {"exec": {"command": list(workerprobes.LIVENESS_COMMAND)},
+                                  "initialDelaySeconds": 30, "periodSeconds": 30,
+                                  "timeoutSeconds": 5, "failureThreshold": 3}
     workers = group.workers
-    if workers is not None and workers.resources:
-        container["resources"] = workers.resources
+    container["resources"] = (workers.resources if workers is not None and workers.resources
+                              else DEFAULT_WORKER_RESOURCES)
     template_spec: dict[str, Any] = {
+        # SIGTERM starts Celery's warm shutdown: no new task, the running ones finish.
+        "terminationGracePeriodSeconds": group.termination_grace,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         # The image's user (Dockerfile): the mounted keys are group-readable by fsGroup.
@@ -300,14 +326,7 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
             "namespace": group.namespace,
             "labels": labels,
             # Owned by its VMs: garbage collected with the last of them.
-            "ownerReferences": [{
-                "apiVersion": c.API_VERSION,
-                "kind": c.VM_KIND,
-                "name": vm.name,
-                "uid": vm.uid,
-                "controller": group.pool is None,
-                "blockOwnerDeletion": False,
-            } for vm in sorted(group.vms, key=lambda v: v.name)],
+            "ownerReferences": owner_references(group),
         },
         "spec": {
             "replicas": replicas,
@@ -319,6 +338,18 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
                             + repr(body["spec"]["template"]).encode()).hexdigest()[:16]
     body["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
     return body
+
+
+def owner_references(group: WorkerGroup) -> list[dict[str, Any]]:
+    """The group's RemoteVMs as owners (the controller only for a single VM's workers)."""
+    return [{
+        "apiVersion": c.API_VERSION,
+        "kind": c.VM_KIND,
+        "name": vm.name,
+        "uid": vm.uid,
+        "controller": group.pool is None,
+        "blockOwnerDeletion": False,
+    } for vm in sorted(group.vms, key=lambda v: v.name)]
 
 
 def _flatten(refs: list[dict[str, Any]]) -> list[str]:
@@ -367,10 +398,11 @@ class DeploymentRuntime:
     name = c.RUNTIME_DEPLOYMENT
 
     def __init__(self, apps: AppsV1Api, settings: DeploymentSettings,
-                 cache: DeploymentCache | None = None) -> None:
+                 cache: DeploymentCache | None = None, budgets: Budgets | None = None) -> None:
         self.apps = apps
         self.settings = settings
         self.cache = cache or DeploymentCache()
+        self.budgets = budgets or Budgets(apps.api_client)
 
     def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
         """Apply the group's Deployment with ``replicas``, unless the watch shows it as
@@ -387,6 +419,7 @@ class DeploymentRuntime:
             )
             ready = (applied.status.ready_replicas or 0) if applied.status else 0
             self.cache.seen(self.apps.api_client.sanitize_for_serialization(applied))
+        self.budgets.ensure(group, worker_labels(group))
         return {
             "runtime": self.name,
             "deployment": group.deployment,

@@ -28,7 +28,7 @@ from vmfleet.api.counts import describe_count, resolve_count
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.reports import F
 from vmfleet.api.times import parse_rfc3339, rfc3339
-from vmfleet.policy import backoff_seconds, should_retry
+from vmfleet.policy import backoff_seconds, counted_attempt, should_retry
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,10 @@ class _Step:
 
 def _end_lost(step: _Step, index: int, entry: dict[str, Any], *, retry: bool) -> None:
     """A running attempt whose worker stopped heartbeating: its process group is
-    terminated, and it is retried (the lost group remembered) or ends WorkerLost."""
+    terminated, and it is retried (the lost group remembered) or ends WorkerLost. An
+    attempt whose worker said it was being stopped (``disruption``: a drain, a rollout)
+    is retried at once without counting against ``retries.limit``, unless the spec
+    counts disruptions."""
     spec, now = step.spec, step.now
     attempt = int(entry.get("attempt", 1))
     pgid = entry.get("pgid")
@@ -128,15 +131,26 @@ def _end_lost(step: _Step, index: int, entry: dict[str, Any], *, retry: bool) ->
     if pgid:
         step.out.terminate.append((entry["vm"], int(pgid), marker))
     worker = entry.get("worker", "its worker")
-    message = f"{worker} stopped reporting during attempt {attempt}"
+    disruption = entry.get("disruption")
+    if disruption:
+        message = (f"{worker} was stopped during attempt {attempt} and its grace period ran "
+                   f"out ({disruption})")
+    else:
+        message = f"{worker} stopped reporting during attempt {attempt}"
     if pgid:
         message += f"; process group {pgid} is terminated"
-    remove = _present(entry, "pgid", "processMarker", "heartbeatTime")
-    if retry and should_retry(spec, attempt, Reason.WORKER_LOST, None):
-        delay = backoff_seconds(spec, attempt)
+    remove = _present(entry, "pgid", "processMarker", "heartbeatTime", "disruption")
+    uncounted = bool(disruption) and not spec.retries.count_disruptions
+    if retry and (uncounted or should_retry(spec, counted_attempt(spec, entry),
+                                            Reason.WORKER_LOST, None)):
+        delay = 0.0 if uncounted else backoff_seconds(spec, counted_attempt(spec, entry))
         new = {"phase": Phase.PENDING, "attempt": attempt + 1, "reason": Reason.WORKER_LOST,
-               "message": f"{message}; next attempt after {delay:.0f}s",
+               "message": f"{message}; next attempt after {delay:.0f}s"
+                          + (" (a disruption: not counted against retries.limit)"
+                             if uncounted else ""),
                "retryAfter": rfc3339(now + timedelta(seconds=delay))}
+        if uncounted:
+            new["disruptions"] = int(entry.get("disruptions") or 0) + 1
         if pgid:
             new["lostPgid"] = int(pgid)
             if marker:

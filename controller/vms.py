@@ -116,13 +116,15 @@ class Fleet:
         if previous is None or old_gen != meta.get("generation"):
             self.reconcile(obj, previous)
 
-    def gone(self, obj: dict[str, Any]) -> None:
+    def gone(self, obj: dict[str, Any], *, reconcile: bool = True) -> None:
         meta = obj["metadata"]
         key = f"{meta['namespace']}/{meta['name']}"
         with self._lock:
             self._vms.pop((meta["namespace"], meta["name"]), None)
             group = self._groups_of.pop(key, None)
         metrics.observe_vm(obj, deleted=True)
+        if not reconcile:
+            return  # a standby's cache (its group is settled by the leader)
         self.autoscaler.forget(key)
         self.health.forget(meta["namespace"], meta["name"])
         if group is not None:

@@ -164,6 +164,28 @@ class Cancels:
                     if not attempts:
                         del self._running[uid]
 
+    def attempts(self) -> list[Attempt]:
+        """Every attempt this process runs now."""
+        with self._lock:
+            return [a for attempts in self._running.values() for a in attempts]
+
+    def draining(self, why: str) -> int:
+        """This worker is being stopped (SIGTERM: a drain, a rollout) and finishes what it
+        runs: each running attempt reports it (``disruption``), so that an attempt the
+        grace period cannot cover ends WorkerLost naming the disruption, retried without
+        counting against retries.limit. Returns how many were told."""
+        told = 0
+        for attempt in self.attempts():
+            if not attempt.claimed:
+                continue
+            try:
+                attempt.report(Event.PROGRESS, ResultFields(disruption=why))
+                told += 1
+            except Exception as exc:  # noqa: BLE001 - Redis away: a plain WorkerLost then
+                log.warning("Could not report the disruption of %s on %s: %s",
+                            attempt.envelope.ref, attempt.envelope.vm, exc)
+        return told
+
     def cancel(self, uid: str) -> None:
         with self._lock:
             attempts = list(self._running.get(uid, ()))

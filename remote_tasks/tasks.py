@@ -6,11 +6,13 @@ import functools
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Task, signals
 from celery.exceptions import Reject
 
+from vmfleet import settings
 from vmfleet.api.constants import (
     TASK_CHECK_VM,
     TASK_EXECUTE,
@@ -22,6 +24,7 @@ from vmfleet.api.envelope import Envelope, Target
 from vmfleet.api.signing import Refusal, Refused
 from vmfleet.celeryconf import broker_url
 
+from . import probes
 from .app import app
 from .execute import CommandExecutor
 from .guard import Guard
@@ -30,6 +33,7 @@ from .slots import vm_slot
 from .transfer import TransferExecutor
 
 _stop = threading.Event()
+_not_ready = threading.Event()
 
 
 @functools.cache
@@ -43,7 +47,24 @@ def executor() -> CommandExecutor:
 
 @signals.worker_ready.connect
 def _start_listening(**_: Any) -> None:
-    executor()  # cancels reach a worker that has not run anything yet
+    found = executor()  # cancels reach a worker that has not run anything yet
+    directory = settings.current().probe_dir
+    if directory:
+        probes.start(found.state.client.ping, _not_ready, Path(directory))
+
+
+@signals.worker_shutting_down.connect
+def _draining(sender: Any = None, sig: Any = None, how: Any = None, **_: Any) -> None:
+    """SIGTERM (a drain, a rollout, a scale-down): Celery's warm shutdown takes no new task
+    and lets the running ones finish. Each running attempt reports that its worker is
+    stopping, from a thread of its own (not from the signal handler)."""
+    _not_ready.set()  # a stopping worker takes nothing new: not Ready
+    if how != "Warm":
+        return
+    why = (f"worker {sender or socket.gethostname()} received {sig or 'SIGTERM'}: it finishes "
+           "what it runs within its termination grace period and takes nothing new")
+    threading.Thread(target=executor().cancels.draining, args=(why,), name="vmfleet-draining",
+                     daemon=True).start()
 
 
 @signals.worker_shutdown.connect

@@ -6,6 +6,8 @@ attempt whose worker was lost).
 
 from __future__ import annotations
 
+from typing import Any
+
 from vmfleet.api.constants import Reason
 from vmfleet.api.models import RemoteCommandSpec
 
@@ -26,6 +28,15 @@ def should_retry(spec: RemoteCommandSpec, attempt: int, reason: str, exit_code: 
     if reason in TRANSPORT_REASONS:
         return True
     return reason == Reason.EXIT_CODE and exit_code in spec.retries.on_exit_codes
+
+
+def counted_attempt(spec: RemoteCommandSpec, entry: dict[str, Any]) -> int:
+    """The entry's attempt number as ``retries.limit`` counts it: attempts lost to planned
+    disruptions (``disruptions``) do not count unless ``retries.countDisruptions``."""
+    attempt = int(entry.get("attempt") or 1)
+    if spec.retries.count_disruptions:
+        return attempt
+    return max(1, attempt - int(entry.get("disruptions") or 0))
 
 
 def backoff_seconds(spec: RemoteCommandSpec, attempt: int) -> float:

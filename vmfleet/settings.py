@@ -155,6 +155,34 @@ class Settings:
         "VMFLEET_MEMORY_PRESSURE_AVAILABLE_RATIO", 0.10, CONTROLLER,
         "`MemoryPressure` when less than this fraction of the VM's memory is available.",
         minimum=0, maximum=1)
+    leader_election: bool = setting(
+        "VMFLEET_LEADER_ELECTION", False, CONTROLLER,
+        "Leader election on a Lease: of several controller replicas only the holder "
+        "dispatches and writes, the others wait warm (the chart turns it on).")
+    leader_election_namespace: str | None = setting(
+        "VMFLEET_LEADER_ELECTION_NAMESPACE", None, CONTROLLER,
+        "Namespace of the Lease (the chart: the release namespace).",
+        default_doc="the kubeconfig context's namespace (in a pod: its own)")
+    leader_election_name: str | None = setting(
+        "VMFLEET_LEADER_ELECTION_NAME", None, CONTROLLER,
+        "Name of the Lease (the chart pre-creates `<fullname>-controller` and names it in "
+        "the controller's Role).", default_doc="`vmfleet-controller-<controller id>`")
+    lease_duration_seconds: float = setting(
+        "VMFLEET_LEASE_DURATION_SECONDS", 15.0, CONTROLLER,
+        "How long a candidate waits after it last saw the Lease change before it takes it.",
+        minimum=1)
+    renew_deadline_seconds: float = setting(
+        "VMFLEET_RENEW_DEADLINE_SECONDS", 10.0, CONTROLLER,
+        "The leader stops writing when no renewal landed within this (less than the lease "
+        "duration).", minimum=1)
+    retry_period_seconds: float = setting(
+        "VMFLEET_RETRY_PERIOD_SECONDS", 2.0, CONTROLLER,
+        "How often the leader renews and a candidate tries to acquire.", minimum=0.1)
+    health_port: int = setting(
+        "VMFLEET_HEALTH_PORT", 0, CONTROLLER,
+        "Port of the controller's `/readyz` (caches synced, broker and API reachable; a "
+        "standby is Ready too); `0`: off (chart: `controller.readinessPort`).",
+        minimum=0, maximum=65535)
     # ------------------------------------------------------------------ worker
     heartbeat_seconds: float = setting(
         "VMFLEET_HEARTBEAT_SECONDS", 5.0, WORKER,
@@ -171,6 +199,10 @@ class Settings:
         "VMFLEET_MAX_CONCURRENT_COMMANDS", None, WORKER,
         "Set by the controller: the VM's `maxConcurrentCommands` (no VM-wide limit if unset).",
         minimum=1)
+    probe_dir: str | None = setting(
+        "VMFLEET_PROBE_DIR", None, WORKER,
+        "Where the worker keeps its readiness and liveness files for exec probes (set by the "
+        "controller and the chart; unset: no probe files).")
     credentials_dir: str | None = setting(
         "VMFLEET_CREDENTIALS_DIR", None, WORKER,
         "Where the workers' VMs' credentials Secrets are mounted, one folder per Secret "

@@ -10,7 +10,9 @@ a worker, controller or broker restart, lives here:
   claim taken, and a command deleted before its claim is never started.
 - **Heartbeats**: the sorted set ``vmfleet:heartbeats:<scope>`` scores each running attempt
   with the Redis server's time of its last sign of life (set at the claim, renewed by
-  the worker). The controller declares an attempt lost when its score is stale.
+  the worker, added again if the set was lost). The controller declares an attempt lost
+  when its score is stale, or when a running attempt has had no score at all for as
+  long (the set was lost and its worker is gone too).
 - **Reports**: the stream ``vmfleet:reports:<scope>`` (one per controller). Workers append claims, progress and
   results; the controller reads them in the consumer group ``controller``, folds them
   into status writes, and acknowledges (and deletes) an entry only once the write that
@@ -64,9 +66,11 @@ return 'claimed'
 """
 
 # KEYS: heartbeats, cancel. ARGV: member. Returns 1 when the command was cancelled.
+# Adds the member when it is missing: a Redis that lost the set (restarted without its
+# data, a key deleted) learns again that the attempt is alive at its next beat.
 _BEAT = """
 local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], 'XX', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
 return redis.call('EXISTS', KEYS[2])
 """
 
@@ -224,6 +228,15 @@ class State:
         cutoff = self.now_ms() - int(older_than_seconds * 1000)
         return {m.decode() if isinstance(m, bytes) else str(m)
                 for m in self.client.zrangebyscore(heartbeats_key(self.scope), "-inf", cutoff)}
+
+    def absent_heartbeats(self, members: list[str]) -> set[str]:
+        """Members that have no heartbeat at all (released, or Redis lost the set)."""
+        if not members:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for member in members:
+            pipe.zscore(heartbeats_key(self.scope), member)
+        return {m for m, score in zip(members, pipe.execute(), strict=True) if score is None}
 
     def forget_heartbeat(self, member: str) -> None:
         self.client.zrem(heartbeats_key(self.scope), member)

@@ -390,6 +390,42 @@ def test_controller_pod_deleted_mid_fan_out_new_pod_finishes(release: Release, v
         assert runs == 1, f"{vm.name} ran the command {runs} times"
 
 
+def test_a_rollout_restart_of_workers_finishes_what_they_run(release: Release, make_vm: Any) -> None:
+    """A planned disruption loses nothing: commands longer than Kubernetes' default grace
+    (30 s) keep running in the stopping pod (Celery's warm shutdown within the RemoteVM's
+    terminationGracePeriodSeconds) while the new pod takes what comes next."""
+    vm = make_vm("drain")
+    release.ns.add_vms([vm], maxConcurrentCommands=4, workers={"replicas": 1})
+    deployment = f"vmfleet-worker-{vm.name}"
+    path = f"/tmp/inc-drain-{uid()}"
+    names = [f"drain{i}" for i in range(3)]
+    for name in names:
+        release.ns.run(name, vm=vm.name, command=f"sleep 36; echo {name} >> {path}")
+
+    def running() -> bool:
+        return all(results_of(release.ns.get("remotecommand", n)).get(vm.name, {}).get("phase")
+                   == "Running" for n in names)
+    wait_until(running, timeout=180, interval=0.5, what="the commands to run")
+    (old,) = [p for p in release.worker_pods(vm.name) if p["status"].get("phase") == "Running"]
+    assert old["spec"]["terminationGracePeriodSeconds"] == 300
+    restarted = time.monotonic()
+    release.ns.k("rollout", "restart", f"deployment/{deployment}")
+    release.ns.run("after", vm=vm.name, command=f"echo after >> {path}")  # for the new pod
+    results = {name: results_of(release.finished(name, timeout=150))[vm.name]
+               for name in [*names, "after"]}
+    drained = time.monotonic() - restarted
+    lost = [n for n, r in results.items() if r.get("reason") == "WorkerLost" or r["attempt"] != 1]
+    runs = vm_file(vm, path).split()
+    print(f"\nrollout restart with 3 commands of 36 s running: all ended {drained:.1f}s later; "
+          f"lost {len(lost)}, run twice {len(runs) - len(set(runs))}, retried "
+          f"{sum(1 for r in results.values() if r['attempt'] != 1)}")
+    assert {n: r["phase"] for n, r in results.items()} == dict.fromkeys([*names, "after"], "Succeeded")
+    assert lost == []
+    assert sorted(runs) == sorted([*names, "after"])  # each once
+    assert drained >= 25, "the commands ended before the default grace (30 s) could cut them"
+    assert all(p["metadata"]["uid"] != old["metadata"]["uid"] for p in release.worker_pods(vm.name))
+
+
 # ------------------------------------------------------------------------------- RBAC
 
 
@@ -406,8 +442,14 @@ def test_least_privilege_as_deployed(release: Release) -> None:
         ("patch", "remotecommands.vmfleet.io/status"), ("patch", "remotevms.vmfleet.io/status"),
         ("create", "deployments.apps"), ("patch", "deployments.apps"),
     ]
+    lease = f"leases.coordination.k8s.io/{CONTROLLER}"  # the chart's Lease, by name
+    allowed += [("get", lease), ("update", lease), ("create", "poddisruptionbudgets.policy"),
+                ("patch", "poddisruptionbudgets.policy")]
     for verb, resource in allowed:
         assert can_i(release, CONTROLLER, verb, resource), f"the controller cannot {verb} {resource}"
+    for verb, resource in [("create", "leases.coordination.k8s.io"), ("delete", lease),
+                           ("update", "leases.coordination.k8s.io/another-lease")]:
+        assert not can_i(release, CONTROLLER, verb, resource), f"the controller may {verb} {resource}"
     denied = [
         ("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("create", "pods/exec"),
         ("delete", "namespaces"), ("create", "roles.rbac.authorization.k8s.io"),

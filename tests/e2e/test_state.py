@@ -168,3 +168,15 @@ def test_controllers_sharing_one_redis_keep_their_reports_and_heartbeats_apart(r
     assert b.live() == set() and a.live() == {command}
     for s in (a, b, worker):
         s.client.close()
+
+
+def test_a_heartbeat_set_lost_in_redis_is_refilled_by_live_attempts_only(state: State) -> None:
+    live, dead = uid(), uid()
+    assert state.claim(live, "vm1", 1, "w1") == CLAIMED
+    assert state.claim(dead, "vm1", 1, "w2") == CLAIMED
+    members = [attempt_member(live, "vm1", 1), attempt_member(dead, "vm1", 1)]
+    assert state.absent_heartbeats(members) == set()
+    state.client.delete(f"vmfleet:heartbeats:{DEFAULT_SCOPE}")  # Redis lost the set
+    assert state.absent_heartbeats(members) == set(members)
+    state.heartbeat(live, "vm1", 1)  # the live worker's next beat adds it back
+    assert state.absent_heartbeats(members) == {attempt_member(dead, "vm1", 1)}

@@ -83,7 +83,7 @@ def test_every_object_is_named_and_labelled_from_the_helpers(values):
         assert labels["app.kubernetes.io/name"] == "vmfleet", where
         assert labels["app.kubernetes.io/instance"] == "rel", where
         assert labels["app.kubernetes.io/managed-by"] == "Helm", where
-        assert labels["helm.sh/chart"] == "vmfleet-0.1.0", where
+        assert labels["helm.sh/chart"] == "vmfleet-0.2.0", where
         assert "app.kubernetes.io/component" in labels, where
         if doc["kind"] in ("Deployment",):
             selector = doc["spec"]["selector"]["matchLabels"]
@@ -100,10 +100,14 @@ def test_default_objects():
         "Deployment/rel-vmfleet-broker",
         "Deployment/rel-vmfleet-controller",
         "Deployment/rel-vmfleet-transfer-worker",
+        "Lease/rel-vmfleet-controller",
+        "PodDisruptionBudget/rel-vmfleet-controller",
         "Role/rel-vmfleet-controller",
+        "Role/rel-vmfleet-controller-leader",
         "Role/rel-vmfleet-transfer-worker",
         "Role/rel-vmfleet-verify-key",
         "RoleBinding/rel-vmfleet-controller",
+        "RoleBinding/rel-vmfleet-controller-leader",
         "RoleBinding/rel-vmfleet-transfer-worker",
         "RoleBinding/rel-vmfleet-verify-key",
         "Secret/rel-vmfleet-signing-key",
@@ -153,22 +157,100 @@ def test_only_the_controller_mounts_the_signing_key():
     assert any((v.get("secret") or {}).get("secretName") == "my-key" for v in volumes)
 
 
+def test_the_lease_is_created_by_the_chart_and_the_controller_may_only_renew_it():
+    docs = render()
+    (lease,) = find(docs, "Lease", "rel-vmfleet-controller", "fleet")
+    assert lease["spec"] == {}
+    (role,) = find(docs, "Role", "rel-vmfleet-controller-leader", "fleet")
+    assert rules_of(role) == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                               "resourceNames": ["rel-vmfleet-controller"],
+                               "verbs": ["get", "update"]}]
+    (binding,) = find(docs, "RoleBinding", "rel-vmfleet-controller-leader", "fleet")
+    assert binding["subjects"][0]["name"] == "rel-vmfleet-controller"
+    for doc in find(docs, "Role") + find(docs, "ClusterRole"):  # nobody creates Leases
+        assert not any("leases" in r["resources"] and "create" in r["verbs"] for r in rules_of(doc))
+
+
+def test_the_controller_may_apply_worker_budgets_and_nothing_more_of_policy():
+    (role,) = find(render(), "Role", "rel-vmfleet-controller", "fleet")
+    policy = [r for r in rules_of(role) if "policy" in r["apiGroups"]]
+    assert policy == [{"apiGroups": ["policy"], "resources": ["poddisruptionbudgets"],
+                       "verbs": ["get", "create", "patch"]}]
+
+
+def test_broker_persistence_is_a_statefulset_with_a_claim():
+    docs = render(None, "broker.bundled.persistence.enabled=true",
+                  "broker.bundled.persistence.storageClassName=local")
+    assert not find(docs, "Deployment", "rel-vmfleet-broker")
+    (sts,) = find(docs, "StatefulSet", "rel-vmfleet-broker", "fleet")
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] == "rel-vmfleet-broker"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "storageClassName": "local",
+                             "resources": {"requests": {"storage": "1Gi"}}}
+    pod = sts["spec"]["template"]["spec"]
+    assert not pod.get("volumes")  # /data is the claim, not an emptyDir
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    assert args[args.index("--appendfsync") + 1] == "everysec"
+    (default,) = find(render(), "Deployment", "rel-vmfleet-broker")
+    assert default["spec"]["strategy"] == {"type": "Recreate"}  # no two writers
+    assert default["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+
+
+def test_every_container_has_distinct_probes_and_bounded_memory_and_storage():
+    for deploy in find(render(), "Deployment"):
+        (container,) = deploy["spec"]["template"]["spec"]["containers"]
+        where = deploy["metadata"]["name"]
+        limits, requests = container["resources"]["limits"], container["resources"]["requests"]
+        assert {"memory", "ephemeral-storage"} <= limits.keys(), where
+        assert {"memory", "ephemeral-storage"} <= requests.keys(), where
+        assert container["readinessProbe"] and container["livenessProbe"], where
+        if where != "rel-vmfleet-broker":  # a TCP check for both (the broker chart's own)
+            assert container["readinessProbe"] != container["livenessProbe"], where
+    (transfer,) = find(render(), "Deployment", "rel-vmfleet-transfer-worker")
+    pod = transfer["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    assert pod["containers"][0]["readinessProbe"]["exec"]["command"] == [
+        "test", "-e", "/run/vmfleet/ready"]
+
+
+def test_the_controller_pdb_keeps_one_replica_and_only_with_several():
+    (pdb,) = find(render(), "PodDisruptionBudget", "rel-vmfleet-controller")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "controller"
+    single = render(None, "controller.replicas=1")
+    assert not find(single, "PodDisruptionBudget")
+    (deploy,) = find(single, "Deployment", "rel-vmfleet-controller")
+    assert "affinity" not in deploy["spec"]["template"]["spec"]
+
+
 def test_controller_deployment():
     docs = render()
     (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
     pod = deploy["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["replicas"] == 2
+    assert deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     assert pod["serviceAccountName"] == "rel-vmfleet-controller"
     assert container["command"] == ["vmfleet", "controller"]
     assert "--standalone" in container["args"]
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
     assert "--namespace=fleet" in container["args"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"metrics": 9807, "health": 8080}
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert ports == {"metrics": 9807, "health": 8080, "ready": 8081}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ready"}
     env = {e["name"]: e for e in container["env"]}
+    assert env["VMFLEET_HEALTH_PORT"]["value"] == "8081"
+    assert env["VMFLEET_LEADER_ELECTION"]["value"] == "true"
+    assert env["VMFLEET_LEADER_ELECTION_NAMESPACE"]["value"] == "fleet"
+    assert env["VMFLEET_LEADER_ELECTION_NAME"]["value"] == "rel-vmfleet-controller"
+    assert [env[f"VMFLEET_{k}_SECONDS"]["value"] for k in ("LEASE_DURATION", "RENEW_DEADLINE",
+                                                            "RETRY_PERIOD")] == ["15", "10", "2"]
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
     assert env["VMFLEET_BROKER_URL"]["value"] == "redis://rel-vmfleet-broker.fleet.svc:6379/0"
     assert env["VMFLEET_WORKER_RUNTIME"]["value"] == "Deployment"
     assert env["VMFLEET_WORKER_IMAGE"]["value"] == container["image"] == "vmfleet:0.1.0"

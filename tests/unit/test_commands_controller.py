@@ -24,6 +24,7 @@ class FakeState:
         self.live: set[str] = set()
         self.cancelled: list[str] = []
         self.stale: set[str] = set()
+        self.absent: set[str] = set()  # running attempts without any heartbeat
         self.forgotten: list[str] = []
 
     def sent(self, uid: str) -> None:
@@ -38,6 +39,9 @@ class FakeState:
 
     def stale_heartbeats(self, older_than_seconds: float) -> set[str]:
         return set(self.stale)
+
+    def absent_heartbeats(self, members: list[str]) -> set[str]:
+        return set(members) & self.absent
 
     def forget_heartbeat(self, member: str) -> None:
         self.forgotten.append(member)

@@ -12,6 +12,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY
 
+from controller.budgets import Budgets
 from controller.health import HealthMonitor
 from controller.runtime import (
     DeploymentCache,
@@ -164,7 +165,12 @@ class Applied:
 class FakeApps:
     def __init__(self) -> None:
         self.applied: list[dict[str, Any]] = []
+        self.budgets: list[dict[str, Any]] = []
         self.api_client = self
+
+    def patch_namespaced_pod_disruption_budget(self, name: str, namespace: str,
+                                               body: dict[str, Any], **_: Any) -> None:
+        self.budgets.append(body)
 
     def patch_namespaced_deployment(self, name: str, namespace: str, body: dict[str, Any],
                                     **_: Any) -> Applied:
@@ -179,7 +185,7 @@ def test_the_deployment_runtime_applies_only_what_the_watch_does_not_show(tmp_pa
     settings = DeploymentSettings("img:1", "redis://b")
     cache = DeploymentCache()
     apps = FakeApps()
-    runtime = DeploymentRuntime(apps, settings, cache)  # type: ignore[arg-type]
+    runtime = DeploymentRuntime(apps, settings, cache, Budgets(policy=apps))  # type: ignore[arg-type]
     pool = group("vm1", "vm2")
     cache.seen(worker_deployment(pool, settings, 2))  # a restarted controller's start-up list
     runtime.ensure(pool, 2)
@@ -189,3 +195,6 @@ def test_the_deployment_runtime_applies_only_what_the_watch_does_not_show(tmp_pa
     runtime.ensure(group("vm1", "vm2", "vm3"), 3)  # a VM joined the pool: its Secret mounts
     assert len(apps.applied) == 2
     assert runtime.current_replicas(pool) == 3
+    # A pool's workers get one PodDisruptionBudget, applied once per content.
+    assert [(b["metadata"]["name"], b["spec"]["maxUnavailable"]) for b in apps.budgets] == [
+        (pool.deployment, 1), (pool.deployment, 1)]  # the owners changed with vm3

@@ -92,5 +92,5 @@ def test_worker_runs_as_the_image_user_and_can_read_its_key():
     context = pod["securityContext"]
     assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (10001, 10001, 10001)
     assert context["runAsNonRoot"] is True
-    (volume,) = pod["volumes"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
     assert volume["secret"]["defaultMode"] == 0o440

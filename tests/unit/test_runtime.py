@@ -35,9 +35,10 @@ def pod_of(dep: dict[str, Any]) -> dict[str, Any]:
 def mounts(dep: dict[str, Any]) -> dict[str, str]:
     """Secret name -> where the worker container sees it."""
     pod = pod_of(dep)
-    secret_of = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"]}
+    secret_of = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
     (container,) = pod["containers"]
-    return {secret_of[m["name"]]: m["mountPath"] for m in container["volumeMounts"]}
+    return {secret_of[m["name"]]: m["mountPath"] for m in container["volumeMounts"]
+            if m["name"] in secret_of}
 
 
 def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
@@ -55,14 +56,21 @@ def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
     assert pod["automountServiceAccountToken"] is False
     assert "serviceAccountName" not in pod
     assert mounts(dep) == {"vm1-ssh": f"{MOUNT}/vm1-ssh"}
-    assert all(m["readOnly"] is True for m in container["volumeMounts"])
+    assert all(m["readOnly"] is True for m in container["volumeMounts"] if m["name"] != "probes")
+    probes = next(v for v in pod["volumes"] if v["name"] == "probes")  # the probe files only
+    assert probes == {"name": "probes", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
     # group-readable: fsGroup is the image's user
-    assert [v["secret"]["defaultMode"] for v in pod["volumes"]] == [0o440]
+    assert [v["secret"]["defaultMode"] for v in pod["volumes"] if "secret" in v] == [0o440]
     env = {e["name"]: e.get("value") for e in container["env"]}
     # The public key (not a secret) and what this worker serves: its VM with its Secret.
     assert env == {"VMFLEET_BROKER_URL": "redis://b", "VMFLEET_CREDENTIALS_DIR": MOUNT,
                    "VMFLEET_VERIFY_KEY": SETTINGS.verify_key,
-                   "VMFLEET_SERVED_VMS": '{"ops/vm1":"vm1-ssh"}'}
+                   "VMFLEET_SERVED_VMS": '{"ops/vm1":"vm1-ssh"}', "VMFLEET_PROBE_DIR": "/run/vmfleet"}
+    # Ready (the broker answers) and alive (not wedged) are two probes, both without Python.
+    assert container["readinessProbe"]["exec"]["command"] == ["test", "-e", "/run/vmfleet/ready"]
+    assert container["livenessProbe"]["exec"]["command"][:2] == ["sh", "-c"]
+    assert container["resources"]["limits"].keys() == {"memory", "ephemeral-storage"}
+    assert container["resources"]["requests"]["ephemeral-storage"] == "64Mi"
     assert dep["spec"]["selector"]["matchLabels"] == dep["spec"]["template"]["metadata"]["labels"]
     assert dep["metadata"]["labels"]["vmfleet.io/vm"] == "vm1"
 

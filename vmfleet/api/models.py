@@ -44,6 +44,8 @@ MAX_PATH = 4096
 MAX_ITEMS = 256
 MAX_OUTPUT_BYTES = 256 * 1024
 MAX_MESSAGE = 32 * 1024
+#: A worker pod's default grace to finish what it runs when it is stopped (seconds).
+DEFAULT_WORKER_GRACE_SECONDS = 300
 
 K8sName = Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=DNS_LABEL_PATTERN)]
 MAX_TARGETS = 10000
@@ -175,6 +177,13 @@ class WorkersSpec(ApiModel):
         None,
         description="Resource requests and limits of worker pods (a core/v1 ResourceRequirements).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    termination_grace_period_seconds: int = Field(
+        DEFAULT_WORKER_GRACE_SECONDS, ge=0, le=86400,
+        description="Seconds a stopping worker pod (a drain, a rollout, a scale-down) has to "
+        "finish the commands it runs; it takes no new one meanwhile. An attempt still running "
+        "when it runs out ends WorkerLost and is retried without counting against "
+        "retries.limit (unless retries.countDisruptions). A pool takes its VMs' largest.",
     )
 
     @model_validator(mode="after")
@@ -422,6 +431,11 @@ class TransferSpec(ApiModel):
 
 class Retries(ApiModel):
     limit: int = Field(0, ge=0, le=100, description="Extra attempts after the first.")
+    count_disruptions: bool | None = Field(
+        None, description="Count attempts lost to a planned disruption (their worker pod was "
+        "stopped and its grace period ran out) against limit. Unset or false: they are retried "
+        "without counting, as the Job controller ignores DisruptionTarget failures.",
+    )
     backoff_seconds: int = Field(60, ge=0, le=86400, description="Wait before a retry.")
     on_exit_codes: list[Annotated[int, Field(ge=0, le=255)]] = Field(
         default_factory=list, max_length=256,
@@ -741,6 +755,14 @@ class TargetResult(StatusModel):
         None, ge=1, description="Process group of a lost attempt, terminated before the next one."
     )
     lost_marker: str | None = Field(None, max_length=64, description="processMarker of that attempt.")
+    disruption: str | None = Field(
+        None, max_length=MAX_MESSAGE, description="Set while the running attempt's worker is "
+        "stopping (a drain, a rollout): it finishes the attempt within its grace period."
+    )
+    disruptions: int | None = Field(
+        None, ge=0, description="Attempts lost to planned disruptions so far (not counted "
+        "against retries.limit unless retries.countDisruptions)."
+    )
     transfer: TransferResult | None = Field(None, description="File transfers: what was copied.")
     wave: int | None = Field(None, ge=0, description="spec.rollout: the wave of this VM, from 0.")
 

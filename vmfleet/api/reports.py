@@ -74,6 +74,10 @@ class F:
     LOST_PGID: Final = "lostPgid"
     LOST_MARKER: Final = "lostMarker"
     TRANSFER: Final = "transfer"
+    # A worker that is being stopped says so while its attempt still runs; ``disruptions``
+    # counts the attempts that ended that way (retried without counting against the limit).
+    DISRUPTION: Final = "disruption"
+    DISRUPTIONS: Final = "disruptions"
 
 
 class UnsupportedReport(ValueError):
@@ -106,6 +110,7 @@ class ResultFields:
     stderr_bytes: int | None = None
     output_truncated: bool | None = None
     transfer: dict[str, Any] | None = None  # TransferResult's wire fields
+    disruption: str | None = None  # the worker is being stopped (a progress report)
 
     def wire(self) -> dict[str, Any]:
         """The fields as a result entry spells them, without the unreported ones."""
@@ -128,7 +133,7 @@ WIRE_NAMES: Final = {
     "worker": F.WORKER, "heartbeat_time": F.HEARTBEAT_TIME, "pgid": F.PGID,
     "process_marker": F.PROCESS_MARKER, "host": F.HOST, "stdout": F.STDOUT, "stderr": F.STDERR,
     "stdout_bytes": F.STDOUT_BYTES, "stderr_bytes": F.STDERR_BYTES,
-    "output_truncated": F.OUTPUT_TRUNCATED, "transfer": F.TRANSFER,
+    "output_truncated": F.OUTPUT_TRUNCATED, "transfer": F.TRANSFER, "disruption": F.DISRUPTION,
 }
 
 

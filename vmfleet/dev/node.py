@@ -565,8 +565,9 @@ def chart_values(controlplane: ControlPlane, image: str, *, broker_secret: str =
         "hostNetwork": True,
         "broker": {"bundled": {"enabled": False},
                    "external": {"existingSecret": broker_secret, "secretKey": "url"}},
-        "controller": {"healthPort": free_port(), "extraEnv": api + extra + loopback_metrics,
-                       "resources": small},
+        # One controller replica: two on the host's network would take the same ports.
+        "controller": {"healthPort": free_port(), "readinessPort": free_port(), "replicas": 1,
+                       "extraEnv": api + extra + loopback_metrics, "resources": small},
         "metrics": {"controllerPort": free_port(), "workerPort": free_port()},
         # The workers share the node's network, so one port would not do: metrics off.
         "workers": {"extraEnv": api + extra + [{"name": "VMFLEET_METRICS_PORT", "value": "0"}]},

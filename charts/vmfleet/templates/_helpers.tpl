@@ -125,6 +125,10 @@ vmfleet.io/metrics: "true"
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, update, delete]
+# The PodDisruptionBudget beside a worker Deployment of several replicas or a pool.
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, create, patch]
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
