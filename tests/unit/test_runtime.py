@@ -131,3 +131,19 @@ def test_label_value_is_bounded_and_distinct() -> None:
     assert len(label_value(long_a)) <= 63
     assert label_value(long_a) != label_value(long_b)
     assert label_value("vm1") == "vm1"
+
+
+def test_workers_holding_only_resources_or_nothing_size_the_group_at_one_replica() -> None:
+    """``workers: {}`` and ``workers: {resources: ...}`` are valid: one worker, never a
+    crash (``max()`` of no replicas stopped the controller)."""
+    resources = {"requests": {"cpu": "100m"}}
+    for workers in ({}, {"resources": resources}):
+        refs = [vm("vm1", workerPool="p", workers=workers), vm("vm2", workerPool="p")]
+        for group in (WorkerGroup("ops", refs, pool="p"), single(refs[0])):
+            sized = group.workers
+            assert sized is not None and sized.autoscale is None
+            assert desired_replicas(sized) == 1
+    mixed = [vm("vm1", workerPool="p", workers={"resources": resources}),
+             vm("vm2", workerPool="p", workers={"replicas": 3})]
+    sized = WorkerGroup("ops", mixed, pool="p").workers
+    assert sized is not None and (sized.replicas, sized.resources) == (3, resources)
