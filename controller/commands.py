@@ -98,6 +98,11 @@ VMLister = Callable[[str, str], list[dict[str, Any]]]  # (namespace, label selec
 TargetOf = Callable[[dict[str, Any]], Target]
 Wake = Callable[[str, str], None]  # a dispatch to a VM that may be at zero replicas
 Delete = Callable[[str, str, str], None]  # (uid, namespace, name): ttlSecondsAfterFinished
+Refused = Callable[[str, str], str | None]  # (namespace, vm): why the controller refuses it
+
+
+def _serves_all(namespace: str, vm: str) -> str | None:
+    return None
 
 # How long a command written in an end state is remembered: the watch may still bring the
 # events of its earlier writes (a claim's `Running`), which must not start tracking again.
@@ -109,7 +114,7 @@ class Commands:
 
     def __init__(self, state: State, send: Sender, get_vm: VMLookup, list_vms: VMLister,
                  target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing = schedule.Timing(),
-                 urgency: Urgency = Urgency()) -> None:
+                 urgency: Urgency = Urgency(), refused: Refused = _serves_all) -> None:
         self.state = state
         self.send = send
         self.get_vm = get_vm
@@ -119,6 +124,7 @@ class Commands:
         self.delete = delete
         self.timing = timing
         self.urgency = urgency
+        self.refused = refused
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
@@ -286,8 +292,10 @@ class Commands:
         vms = {vm: self.get_vm(tracked.namespace, vm) for vm in sorted(schedule.pending_vms(status))}
         queues = {vm: (vm_queue(obj) if obj is not None else None) for vm, obj in vms.items()}
         paused = frozenset(vm for vm, obj in vms.items() if obj and obj["spec"].get("paused"))
+        refused = {vm: why for vm, obj in vms.items()
+                   if obj is not None and (why := self.refused(tracked.namespace, vm))}
         step = schedule.plan(tracked.spec, status, datetime.now(UTC), queues=queues,
-                             timing=self.timing, paused=paused, lost=lost)
+                             timing=self.timing, paused=paused, lost=lost, refused=refused)
         if not step:
             return
         results = status["results"]

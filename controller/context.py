@@ -94,6 +94,7 @@ class Context:
             delete=lambda uid, ns, name: delete_expired(kube, uid, ns, name),
             timing=schedule.Timing(lost_after=conf.worker_lost_seconds,
                                    redispatch_after=conf.redispatch_seconds),
+            refused=lambda ns, name: fleet_box[0].problem(ns, name),
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
