@@ -43,6 +43,7 @@ from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
 from . import schedule
+from .isolate import Recorder
 from .reports import FINISHED, PROGRESS, apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
 from .transfers import initial_transfer_results, send_transfer
@@ -114,7 +115,8 @@ class Commands:
 
     def __init__(self, state: State, send: Sender, get_vm: VMLookup, list_vms: VMLister,
                  target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing = schedule.Timing(),
-                 urgency: Urgency = Urgency(), refused: Refused = _serves_all) -> None:
+                 urgency: Urgency = Urgency(), refused: Refused = _serves_all,
+                 recorder: Recorder | None = None) -> None:
         self.state = state
         self.send = send
         self.get_vm = get_vm
@@ -125,6 +127,7 @@ class Commands:
         self.timing = timing
         self.urgency = urgency
         self.refused = refused
+        self.recorder = recorder or Recorder()
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
@@ -161,9 +164,9 @@ class Commands:
             if uid in self._tracked:
                 return
             self._tracked[uid] = tracked
-        with tracked.lock:
+        with tracked.lock, self.recorder.guard(c.COMMAND_KIND, obj, "start the RemoteCommand"):
             if tracked.status.get("results") is None:
-                self.start(tracked)
+                self.start(tracked)  # a start that failed is tried again by ``tick``
             else:
                 self.advance(tracked)
         self._notify()
@@ -361,7 +364,11 @@ class Commands:
         resent dispatches) and expired TTLs."""
         stale = self._stale_heartbeats()
         for tracked in self.tracked():
-            with tracked.lock:
+            with tracked.lock, self.recorder.guard(c.COMMAND_KIND, _object_of(tracked),
+                                                   "advance the RemoteCommand"):
+                if tracked.status.get("results") is None:
+                    self.start(tracked)
+                    continue
                 lost = frozenset(
                     e["vm"] for e in tracked.status.get("results") or []
                     if e.get("phase") == Phase.RUNNING
@@ -434,6 +441,11 @@ class Commands:
     def _notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
+
+
+def _object_of(tracked: Tracked) -> dict[str, Any]:
+    """What an Event about ``tracked`` names."""
+    return {"metadata": {"namespace": tracked.namespace, "name": tracked.name, "uid": tracked.uid}}
 
 
 def _transfer_vms(spec: RemoteCommandSpec) -> list[str]:

@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from . import schedule
 from .commands import Commands
 from .dispatch import Dispatcher
 from .health import HealthMonitor
+from .isolate import Recorder
 from .loop import Loop, ReportReader, Writer
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
 from .scaling import QueueDepth
@@ -43,6 +44,7 @@ class Context:
     fleet: Fleet
     loop: Loop
     namespaces: tuple[str, ...] = ()  # empty: every namespace
+    recorder: Recorder = field(default_factory=Recorder)  # per-object failures (``isolate``)
 
     @classmethod
     def from_environment(cls) -> Context:
@@ -75,6 +77,7 @@ class Context:
                 f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
             )
         dispatcher = Dispatcher(url)
+        recorder = Recorder(kube.core)
 
         def send_probe(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
             # No retries: a probe that cannot be sent now is sent at the next period.
@@ -95,6 +98,7 @@ class Context:
             timing=schedule.Timing(lost_after=conf.worker_lost_seconds,
                                    redispatch_after=conf.redispatch_seconds),
             refused=lambda ns, name: fleet_box[0].problem(ns, name),
+            recorder=recorder,
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
@@ -113,7 +117,8 @@ class Context:
         namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n) \
             or kopf_namespaces()
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
-                   commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)
+                   commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
+                   recorder=recorder)
 
 
 def kopf_namespaces(argv: list[str] | None = None) -> tuple[str, ...]:

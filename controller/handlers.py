@@ -35,25 +35,45 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 270
-    ctx = memo.ctx = Context.from_environment()
+    ctx = Context.from_environment()
     start(ctx)
+    memo.ctx = ctx  # only a started controller says it is alive (``alive``)
     metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
 
 
+@kopf.on.probe(id="controller")
+def alive(memo: kopf.Memo, **_: Any) -> str:
+    """The liveness and readiness endpoint's answer (``--liveness``; the chart probes it):
+    kopf serves it only once the start-up handlers succeeded, and this raises (HTTP 500)
+    while the controller has no started context or its loop's threads have stopped."""
+    ctx: Context | None = getattr(memo, "ctx", None)
+    if ctx is None:
+        raise RuntimeError("the controller has not started")
+    if not ctx.loop.alive():
+        raise RuntimeError("the controller loop has stopped")
+    return "serving"
+
+
 def start(ctx: Context) -> None:
-    """The start-up list, then the loop."""
+    """The start-up list, then the loop. What fails for one object is recorded on that
+    object (``isolate``) and the start goes on; only a failure to list at all (the API
+    server away) fails the start, which kopf retries while the probe says not alive."""
+    guard = ctx.recorder.guard
     for obj in _list(ctx, c.VM_PLURAL):
-        _drop_finalizer(ctx, c.VM_PLURAL, obj)
-        ctx.fleet.seen(obj, reconcile=False)
+        with guard(c.VM_KIND, obj, "read the RemoteVM at start"):
+            _drop_finalizer(ctx, c.VM_PLURAL, obj)
+            ctx.fleet.seen(obj, reconcile=False)
     cache = getattr(ctx.runtime, "cache", None)
     if cache is not None:
         for dep in _list_deployments(ctx):
-            cache.seen(dep)
+            with guard("Deployment", None, f"read Deployment {dep['metadata'].get('name')}"):
+                cache.seen(dep)
     known = set()
     for obj in _list(ctx, c.COMMAND_PLURAL):
-        _drop_finalizer(ctx, c.COMMAND_PLURAL, obj)
         known.add(obj["metadata"]["uid"])
-        ctx.commands.observe(obj)
+        with guard(c.COMMAND_KIND, obj, "read the RemoteCommand at start"):
+            _drop_finalizer(ctx, c.COMMAND_PLURAL, obj)
+            ctx.commands.observe(obj)
     for uid in ctx.state.live() - known:
         ctx.state.cancel(uid)  # deleted while no controller ran
         log.info("Cancelled the attempts of RemoteCommand uid %s: it was deleted while the "
@@ -61,7 +81,10 @@ def start(ctx: Context) -> None:
     ensure_transfer_worker = getattr(ctx.runtime, "ensure_transfer_worker", None)
     if ensure_transfer_worker is not None:
         ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers
-    ctx.fleet.tick(force=True)  # every group's workers applied once (unchanged: no write)
+    try:
+        ctx.fleet.tick(force=True)  # every group's workers applied once (unchanged: no write)
+    except Exception:  # noqa: BLE001 - the loop ticks again in a second
+        log.exception("The first tick of the fleet failed; the loop tries again")
     ctx.loop.start()
 
 
@@ -155,27 +178,29 @@ def shutdown(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(*VMS)
-@metrics.counts_errors(c.VM_KIND)
 def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event.get("object")
+    ctx: Context = memo.ctx
     if not obj:
         return
-    if event["type"] == "DELETED":
-        memo.ctx.fleet.gone(dict(obj))
-    else:
-        memo.ctx.fleet.seen(dict(obj))
+    with ctx.recorder.guard(c.VM_KIND, dict(obj), "handle a RemoteVM event"):
+        if event["type"] == "DELETED":
+            ctx.fleet.gone(dict(obj))
+        else:
+            ctx.fleet.seen(dict(obj))
 
 
 @kopf.on.event(*COMMANDS)
-@metrics.counts_errors(c.COMMAND_KIND)
 def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event.get("object")
+    ctx: Context = memo.ctx
     if not obj:
         return
-    if event["type"] == "DELETED":
-        memo.ctx.state.ack(memo.ctx.commands.deleted(dict(obj)))
-        return
-    memo.ctx.commands.observe(dict(obj))
+    with ctx.recorder.guard(c.COMMAND_KIND, dict(obj), "handle a RemoteCommand event"):
+        if event["type"] == "DELETED":
+            ctx.state.ack(ctx.commands.deleted(dict(obj)))
+            return
+        ctx.commands.observe(dict(obj))
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=WORKER_LABELS)

@@ -129,7 +129,14 @@ class ReportReader:
     def apply(self, report_id: str, body: dict[str, Any]) -> None:
         kind = body.get("kind")
         if kind == "attempt":
-            if self.commands.apply(body, report_id):
+            obj = {"metadata": {"namespace": body.get("namespace"), "name": body.get("name"),
+                                "uid": body.get("uid")}}
+            applied = False
+            # A report that cannot be applied is recorded on its command and acknowledged:
+            # read again and again, it would hold up every other command's reports.
+            with self.commands.recorder.guard(c.COMMAND_KIND, obj, "apply a worker's report"):
+                applied = self.commands.apply(body, report_id)
+            if applied:
                 return  # acknowledged with its write
         elif kind == "probe":
             # Written beside the reader: command results must not queue behind VM writes.
@@ -203,6 +210,11 @@ class Loop:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
+
+    def alive(self) -> bool:
+        """Started, not stopped, and each of its threads running."""
+        return bool(self.threads) and not self.stop.is_set() \
+            and all(thread.is_alive() for thread in self.threads)
 
     def _read(self) -> None:
         while not self.stop.is_set():
