@@ -39,6 +39,7 @@ from vmfleet.api.constants import (
 )
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, tail_bytes
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
@@ -116,7 +117,8 @@ class Commands:
     def __init__(self, state: State, send: Sender, get_vm: VMLookup, list_vms: VMLister,
                  target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing = schedule.Timing(),
                  urgency: Urgency = Urgency(), refused: Refused = _serves_all,
-                 recorder: Recorder | None = None) -> None:
+                 recorder: Recorder | None = None,
+                 output_budget: int = STATUS_OUTPUT_BUDGET) -> None:
         self.state = state
         self.send = send
         self.get_vm = get_vm
@@ -128,6 +130,7 @@ class Commands:
         self.urgency = urgency
         self.refused = refused
         self.recorder = recorder or Recorder()
+        self.output_budget = output_budget  # all tails of one status (vmfleet.api.output)
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
@@ -240,7 +243,8 @@ class Commands:
             new = apply_attempt_report(tracked.spec, results[index], report, datetime.now(UTC))
             if new is None:
                 return False
-            results[index] = new
+            results[index] = cut_entry(new, tail_bytes(
+                len(results), tracked.spec.output.max_bytes, self.output_budget))
             event = report.get("event")
             if event == FINISHED:
                 n = len(results)

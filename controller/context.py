@@ -99,6 +99,7 @@ class Context:
                                    redispatch_after=conf.redispatch_seconds),
             refused=lambda ns, name: fleet_box[0].problem(ns, name),
             recorder=recorder,
+            output_budget=conf.status_output_budget_bytes,
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))

@@ -259,7 +259,7 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     }
     workers = group.workers
     if workers is not None and workers.resources:
-        container["resources"] = workers.resources
+        container["resources"] = workers.resources.wire()
     template_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from vmfleet.api.constants import RUNTIME_DEPLOYMENT, RUNTIME_PROCESS
+from vmfleet.api.output import STATUS_OUTPUT_BUDGET
 
 Reader = Literal["controller", "worker", "both"]
 CONTROLLER: Final = "controller"
@@ -133,6 +134,11 @@ class Settings:
     redispatch_seconds: float = setting(
         "VMFLEET_REDISPATCH_SECONDS", 300.0, CONTROLLER,
         "A queued attempt no worker claimed within this is sent again.", minimum=0)
+    status_output_budget_bytes: int = setting(
+        "VMFLEET_STATUS_OUTPUT_BUDGET_BYTES", STATUS_OUTPUT_BUDGET, CONTROLLER,
+        "Output tails one RemoteCommand's status keeps over all its VMs (each: "
+        "min(output.maxBytes, budget / VMs / 2); cut: `outputTruncated`).",
+        minimum=0, maximum=8 * 1024 * 1024)
     disk_pressure_ratio: float = setting(
         "VMFLEET_DISK_PRESSURE_RATIO", 0.90, CONTROLLER,
         "`DiskPressure` when the VM's root filesystem is at least this full.",

@@ -59,6 +59,20 @@ VM_CASES = [
     ("bastion-in-other-namespace", changed(VM, proxyJump={"vm": "other/bastion"}),
      "spec.proxyJump.vm in body should match"),
     ("unknown-field", changed(VM, password="hunter2"), 'unknown field "spec.password"'),
+    ("replicas-and-autoscale", changed(VM, workers={"replicas": 1, "autoscale": {"maxReplicas": 2}}),
+     "set workers.replicas or workers.autoscale, not both"),
+    ("floor-above-ceiling", changed(VM, workers={"autoscale": {"minReplicas": 3, "maxReplicas": 2}}),
+     "workers.autoscale.minReplicas must not exceed maxReplicas"),
+    ("floor-above-default-ceiling", changed(VM, workers={"autoscale": {"minReplicas": 2}}),
+     "workers.autoscale.minReplicas must not exceed maxReplicas"),
+    ("resources-not-a-quantity", changed(VM, workers={"resources": {"requests": {"cpu": "lots"}}}),
+     "must be a resource quantity such as 100m"),
+    ("resources-negative", changed(VM, workers={"resources": {"limits": {"memory": "-1Gi"}}}),
+     "must be a resource quantity such as 100m"),
+    ("resources-negative-int", changed(VM, workers={"resources": {"limits": {"cpu": -2}}}),
+     "must be a resource quantity such as 100m"),
+    ("resources-unknown-field", changed(VM, workers={"resources": {"request": {"cpu": "1"}}}),
+     'unknown field "spec.workers.resources.request"'),
 ]
 
 CMD_CASES = [

@@ -290,3 +290,20 @@ def test_every_value_is_documented():
 def test_chart_crds_are_the_generated_ones():
     for path in sorted((REPO / "crds").glob("*.yaml")):
         assert (CHART / "crds" / path.name).read_text() == path.read_text(), path.name
+
+
+def test_the_queue_policy_refuses_a_remotevm_queue_outside_its_namespace() -> None:
+    """Rendered where the cluster serves ValidatingAdmissionPolicy (>= 1.30)."""
+    out = helm("template", "rel", str(CHART), "--namespace", "fleet", "--api-versions",
+               "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy").stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    (policy,) = find(docs, "ValidatingAdmissionPolicy", "rel-vmfleet-remotevm-queue")
+    (binding,) = find(docs, "ValidatingAdmissionPolicyBinding", "rel-vmfleet-remotevm-queue")
+    assert binding["spec"] == {"policyName": "rel-vmfleet-remotevm-queue",
+                               "validationActions": ["Deny"]}
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["remotevms"]
+    (rule,) = policy["spec"]["validations"]
+    assert "'^vmfleet[.]' + request.namespace + '[.][^:]+$'" in rule["expression"]
+    off = helm("template", "rel", str(CHART), "--set", "remoteVMQueuePolicy.enabled=false",
+               "--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy").stdout
+    assert "ValidatingAdmissionPolicy" not in off

@@ -146,4 +146,5 @@ def test_workers_holding_only_resources_or_nothing_size_the_group_at_one_replica
     mixed = [vm("vm1", workerPool="p", workers={"resources": resources}),
              vm("vm2", workerPool="p", workers={"replicas": 3})]
     sized = WorkerGroup("ops", mixed, pool="p").workers
-    assert sized is not None and (sized.replicas, sized.resources) == (3, resources)
+    assert sized is not None and sized.resources is not None
+    assert (sized.replicas, sized.resources.wire()) == (3, resources)
