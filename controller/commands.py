@@ -370,8 +370,8 @@ class Commands:
         for tracked in self.tracked():
             with tracked.lock, self.recorder.guard(c.COMMAND_KIND, _object_of(tracked),
                                                    "advance the RemoteCommand"):
-                if tracked.status.get("results") is None:
-                    self.start(tracked)
+                if tracked.status.get("results") is None and not tracked.finished:
+                    self.start(tracked)  # its first start failed
                     continue
                 lost = frozenset(
                     e["vm"] for e in tracked.status.get("results") or []
