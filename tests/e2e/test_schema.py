@@ -66,11 +66,11 @@ VM_CASES = [
     ("floor-above-default-ceiling", changed(VM, workers={"autoscale": {"minReplicas": 2}}),
      "workers.autoscale.minReplicas must not exceed maxReplicas"),
     ("resources-not-a-quantity", changed(VM, workers={"resources": {"requests": {"cpu": "lots"}}}),
-     "must be a resource quantity such as 100m"),
+     "spec.workers.resources.requests.cpu in body should match"),
     ("resources-negative", changed(VM, workers={"resources": {"limits": {"memory": "-1Gi"}}}),
-     "must be a resource quantity such as 100m"),
+     "spec.workers.resources.limits.memory in body should match"),
     ("resources-negative-int", changed(VM, workers={"resources": {"limits": {"cpu": -2}}}),
-     "must be a resource quantity such as 100m"),
+     "spec.workers.resources.limits.cpu in body should be greater than or equal to 0"),
     ("resources-unknown-field", changed(VM, workers={"resources": {"request": {"cpu": "1"}}}),
      'unknown field "spec.workers.resources.request"'),
 ]
@@ -165,5 +165,10 @@ def test_valid_objects_are_accepted_and_a_command_spec_is_immutable(
     assert "spec is immutable once created; create a new RemoteCommand instead" in output
     stored = kubectl.get_json("-n", schema_ns, "remotecommand", "c1")
     assert stored["spec"]["command"] == "uptime"
+    for name, workers in (("sized", {"resources": {"requests": {"cpu": 1, "memory": "512Mi"},
+                                                   "limits": {"cpu": "1500m", "memory": "1Gi"}}}),
+                          ("empty-workers", {}),
+                          ("autoscaled", {"autoscale": {"minReplicas": 2, "maxReplicas": 2}})):
+        assert apply_strict(kubectl, schema_ns, "RemoteVM", name, changed(VM, workers=workers))[0] == 0
     # A RemoteVM may change (a new host key, a new address): that is how keys are rotated.
     assert apply_strict(kubectl, schema_ns, "RemoteVM", "vm1", changed(VM, port=2222))[0] == 0

@@ -28,7 +28,6 @@ from controller import handlers
 from controller.context import Context
 from controller.isolate import Recorder
 from controller.loop import Writer
-from vmfleet.api.models import QUANTITY_PATTERN
 
 from tests.fakes import FakeKube, controller_parts
 
@@ -82,8 +81,8 @@ def _for_hypothesis(node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     if node.get("x-kubernetes-int-or-string"):
-        return {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 10**9},
-                          {"type": "string", "pattern": QUANTITY_PATTERN, "maxLength": 20}]}
+        return {"anyOf": [{"type": "integer", "minimum": node.get("minimum", 0), "maximum": 10**9},
+                          {"type": "string", "pattern": node["pattern"], "maxLength": 20}]}
     out = {k: _for_hypothesis(v) for k, v in node.items()
            if not k.startswith("x-kubernetes-") and k not in ("description", "default")}
     if out.get("type") == "object" and "properties" in out and "additionalProperties" not in out:

@@ -63,7 +63,8 @@ def test_vm_crd_is_mutable_and_pins_keys():
     workers = spec["properties"]["workers"]
     cpu = workers["properties"]["resources"]["properties"]["requests"]["additionalProperties"]
     assert cpu["x-kubernetes-int-or-string"] is True
-    assert "isQuantity" in cpu["x-kubernetes-validations"][0]["rule"]
+    assert "type" not in cpu and cpu["minimum"] == 0
+    assert cpu["pattern"].startswith("^[+]?")
     assert workers["x-kubernetes-validations"][0]["rule"] == \
         "!(has(self.replicas) && has(self.autoscale))"
     assert workers["properties"]["autoscale"]["x-kubernetes-validations"][0]["rule"] == \
