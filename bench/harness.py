@@ -30,6 +30,7 @@ RESULTS = REPO / "bench" / "results"
 SCENARIOS = (
     "one_vm_seq", "one_vm_conc8", "fanout50_cold", "fanout50_warm", "fanout200_warm",
     "e2e_latency", "throughput", "cancel_latency", "memory", "scale_vms", "airflow_deferred",
+    "fanout1000_loud",
 )
 SYSTEMS = (
     "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
