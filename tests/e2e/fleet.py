@@ -115,8 +115,10 @@ def start_controller(
     namespaces: Sequence[str],
     runtime: str = "Process",
     extra_env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
-    """Run ``kopf run -m controller`` as the user would, in the background."""
+    """Run ``kopf run -m controller`` as the user would, in the background (``extra_args``:
+    more of kopf's options, such as ``--liveness=...``)."""
     env = dict(os.environ)
     env.update({
         "KUBECONFIG": str(kubeconfig),
@@ -132,7 +134,8 @@ def start_controller(
     })
     env.pop("KUBERNETES_SERVICE_HOST", None)
     env.update(extra_env or {})
-    proc = ManagedProcess("controller", controller_argv(namespaces), workdir / "controller.log",
+    proc = ManagedProcess("controller", [*controller_argv(namespaces), *extra_args],
+                          workdir / "controller.log",
                           env=env, cwd=REPO)
     proc.start()
     return proc

@@ -7,6 +7,9 @@ runtime, restarted as a user would) and its Celery workers.
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +20,9 @@ import yaml
 
 from tests.e2e.fleet import Kubectl, Namespace, assert_no_tracebacks, start_controller, unique_namespace
 from vmfleet.dev.manifests import remote_vm, vm_manifests
+from vmfleet.dev.proc import wait_until
 from vmfleet.dev.sshd import SshdVM
+from vmfleet.procs import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -139,3 +144,41 @@ def test_a_fan_outs_status_keeps_to_the_output_budget(
     finally:
         controller.stop(grace=30)
 
+
+
+def probe(url: str) -> int | str:
+    """The liveness endpoint's HTTP status, or why there is none."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def test_a_controller_whose_start_failed_is_not_alive_and_a_started_one_is(
+        controlplane: Any, redis_server: Any, own_ns: Callable[[], Namespace],
+        tmp_path: Path) -> None:
+    ns = own_ns()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/healthz"
+    # A broker nobody listens on: the start-up cannot read what the workers reported.
+    broken = start_controller(controlplane.kubeconfig, "redis://127.0.0.1:9/0", tmp_path / "broken",
+                              [ns.name], extra_args=[f"--liveness={url}"])
+    try:
+        wait_until(lambda: "Handler 'configure' failed" in broken.log_tail(200), timeout=90,
+                   interval=1, what="the start-up to fail")
+        for _ in range(3):
+            assert probe(url) != 200
+        broken.check_running()  # kopf tries the start again; meanwhile it is not alive
+    finally:
+        broken.stop(grace=10)
+    started = start_controller(controlplane.kubeconfig, redis_server.url, tmp_path / "good",
+                               [ns.name], extra_args=[f"--liveness={url}"])
+    try:
+        wait_until(lambda: probe(url) == 200, timeout=90, interval=0.5, what="a live controller")
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert json.loads(response.read()) == {"controller": "serving"}
+    finally:
+        started.stop(grace=30)

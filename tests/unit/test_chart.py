@@ -128,8 +128,10 @@ def test_controller_deployment():
     assert "--namespace=fleet" in container["args"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": 9807, "health": 8080}
-    for probe in ("livenessProbe", "readinessProbe"):
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a large fleet's start
     env = {e["name"]: e for e in container["env"]}
     assert env["VMFLEET_BROKER_URL"]["value"] == "redis://rel-vmfleet-broker.fleet.svc:6379/0"
     assert env["VMFLEET_WORKER_RUNTIME"]["value"] == "Deployment"
