@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.fleet import Kubectl, Namespace, assert_no_tracebacks, start_controller, unique_namespace
+from tests.e2e.fleet import (
+    Kubectl,
+    Namespace,
+    assert_no_tracebacks,
+    start_controller,
+    unique_namespace,
+)
 from vmfleet.dev.manifests import remote_vm, vm_manifests
 from vmfleet.dev.proc import wait_until
 from vmfleet.dev.sshd import SshdVM

@@ -28,7 +28,6 @@ from controller import handlers
 from controller.context import Context
 from controller.isolate import Recorder
 from controller.loop import Writer
-
 from tests.fakes import FakeKube, controller_parts
 
 CRDS = Path(__file__).resolve().parents[2] / "crds"

@@ -13,9 +13,8 @@ from prometheus_client import REGISTRY
 from controller import handlers
 from controller.context import Context
 from controller.isolate import REASON_RECONCILE_ERROR, Recorder
-from vmfleet.api.constants import TASK_EXECUTE, Phase
-
 from tests.fakes import FakeKube, Parts, command_object, controller_parts, vm_object
+from vmfleet.api.constants import TASK_EXECUTE, Phase
 
 
 class Loop:

@@ -7,10 +7,9 @@ import json
 
 import pytest
 
+from tests.fakes import command_object, controller_parts, vm_object
 from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, tail, tail_bytes
 from vmfleet.exec import FAN_OUT_OUTPUT_BUDGET, output_max_bytes
-
-from tests.fakes import command_object, controller_parts, vm_object
 
 MiB = 1024 * 1024
 

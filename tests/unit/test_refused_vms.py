@@ -9,10 +9,9 @@ from datetime import UTC, datetime
 import pytest
 
 from controller import schedule, vmcheck
+from tests.fakes import command_object, controller_parts, vm_object
 from vmfleet.api.constants import Phase, Reason, transfer_queue
 from vmfleet.api.models import RemoteCommandSpec
-
-from tests.fakes import command_object, controller_parts, vm_object
 
 
 @pytest.mark.parametrize("queue, fragment", [
