@@ -31,6 +31,7 @@ SCENARIOS = (
     "one_vm_seq", "one_vm_conc8", "fanout50_cold", "fanout50_warm", "fanout200_warm",
     "e2e_latency", "throughput", "cancel_latency", "memory", "scale_vms", "airflow_deferred",
     "signing",
+    "fanout1000_loud",
 )
 SYSTEMS = (
     "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",

@@ -46,6 +46,7 @@ MODULES = {
     "bench.scenarios.memory": ("memory",),
     "bench.scenarios.scale": ("scale_vms",),
     "bench.scenarios.airflow_deferred": ("airflow_deferred",),
+    "bench.scenarios.fanout_loud": ("fanout1000_loud",),
     # Last: its 200 worker processes (per-VM mode) stay until the run ends.
     "bench.scenarios.fanout200": ("fanout200_warm",),
 }

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from vmfleet.api import constants as c
 from vmfleet.api.constants import (
     TASK_EXECUTE,
     TASK_TERMINATE,
@@ -38,12 +39,14 @@ from vmfleet.api.constants import (
 )
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, tail_bytes
 from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
 from . import rollout, schedule, templates
 from .dryrun import dry_run_status
+from .isolate import Recorder
 from .reports import apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
 from .transfers import initial_transfer_results, send_transfer
@@ -101,6 +104,11 @@ VMLister = Callable[[str, str], list[dict[str, Any]]]  # (namespace, label selec
 TargetOf = Callable[[dict[str, Any]], Target]
 Wake = Callable[[str, str], None]  # a dispatch to a VM that may be at zero replicas
 Delete = Callable[[str, str, str], None]  # (uid, namespace, name): ttlSecondsAfterFinished
+Refused = Callable[[str, str], str | None]  # (namespace, vm): why the controller refuses it
+
+
+def _serves_all(namespace: str, vm: str) -> str | None:
+    return None
 
 # How long a command written in an end state is remembered: the watch may still bring the
 # events of its earlier writes (a claim's `Running`), which must not start tracking again.
@@ -115,7 +123,9 @@ class Commands:
                  urgency: Urgency | None = None,
                  get_template: templates.TemplateLookup = lambda ns, name: None,
                  get_config_map: templates.ConfigMapLookup = lambda ns, name: None,
-                 probe: Wake = lambda ns, name: None, clock: Callable[[], float] = time.monotonic) -> None:
+                 probe: Wake = lambda ns, name: None, clock: Callable[[], float] = time.monotonic,
+                 refused: Refused = _serves_all, recorder: Recorder | None = None,
+                 output_budget: int = STATUS_OUTPUT_BUDGET) -> None:
         self.state = state
         self.clock = clock
         self._absent_since: dict[str, float] = {}  # running attempt -> first seen without a heartbeat
@@ -130,6 +140,9 @@ class Commands:
         self.get_template = get_template
         self.get_config_map = get_config_map
         self.probe = probe  # a health probe of a VM now (spec.rollout.healthGate)
+        self.refused = refused
+        self.recorder = recorder or Recorder()
+        self.output_budget = output_budget  # all tails of one status (vmfleet.api.output)
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
@@ -174,9 +187,9 @@ class Commands:
             if uid in self._tracked:
                 return
             self._tracked[uid] = tracked
-        with tracked.lock:
+        with tracked.lock, self.recorder.guard(c.COMMAND_KIND, obj, "start the RemoteCommand"):
             if tracked.status.get("results") is None:
-                self.start(tracked)
+                self.start(tracked)  # a start that failed is tried again by ``tick``
             else:
                 self.advance(tracked)
         self._notify()
@@ -278,7 +291,8 @@ class Commands:
             new = apply_attempt_report(tracked.spec, results[index], report, datetime.now(UTC))
             if new is None:
                 return False
-            results[index] = new
+            results[index] = cut_entry(new, tail_bytes(
+                len(results), tracked.spec.output.max_bytes, self.output_budget))
             event = report.event
             if event == Event.FINISHED:
                 n = len(results)
@@ -359,8 +373,11 @@ class Commands:
         queues = {vm: (vm_queue(obj) if obj is not None else None) for vm, obj in vms.items()}
         paused = frozenset(vm for vm, obj in vms.items() if obj and obj["spec"].get("paused"))
         open_wave = self._rollout(tracked) if tracked.spec.rollout is not None else None
+        refused = {vm: why for vm, obj in vms.items()
+                   if obj is not None and (why := self.refused(tracked.namespace, vm))}
         step = schedule.plan(tracked.spec, status, datetime.now(UTC), queues=queues,
-                             timing=self.timing, paused=paused, lost=lost, open_wave=open_wave)
+                             timing=self.timing, paused=paused, lost=lost, open_wave=open_wave,
+                             refused=refused)
         if not step:
             return
         results = status["results"]
@@ -450,7 +467,11 @@ class Commands:
         resent dispatches) and expired TTLs."""
         stale = self._stale_heartbeats() | self._silent_attempts()
         for tracked in self.tracked():
-            with tracked.lock:
+            with tracked.lock, self.recorder.guard(c.COMMAND_KIND, _object_of(tracked),
+                                                   "advance the RemoteCommand"):
+                if tracked.status.get("results") is None and not tracked.finished:
+                    self.start(tracked)  # its first start failed
+                    continue
                 lost = frozenset(
                     e["vm"] for e in tracked.status.get("results") or []
                     if e.get("phase") == Phase.RUNNING
@@ -551,6 +572,11 @@ class Commands:
     def _notify(self) -> None:
         with self.changed:
             self.changed.notify_all()
+
+
+def _object_of(tracked: Tracked) -> dict[str, Any]:
+    """What an Event about ``tracked`` names."""
+    return {"metadata": {"namespace": tracked.namespace, "name": tracked.name, "uid": tracked.uid}}
 
 
 def _transfer_vms(spec: RemoteCommandSpec) -> list[str]:

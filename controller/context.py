@@ -27,6 +27,7 @@ from .commands import Commands
 from .crons import Crons
 from .dispatch import Dispatcher
 from .health import HealthMonitor
+from .isolate import Recorder
 from .leader import Elector, KubeLeaseStore, Leadership, Timing
 from .loop import Loop, ReportReader, Writer
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
@@ -51,6 +52,7 @@ class Context:
     crons: Crons | None = None
     leadership: Leadership = field(default_factory=Leadership)
     synced: threading.Event = field(default_factory=threading.Event)  # start-up lists done
+    recorder: Recorder = field(default_factory=Recorder)  # per-object failures (``isolate``)
 
     @classmethod
     def from_environment(cls) -> Context:
@@ -90,6 +92,7 @@ class Context:
                 f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
             )
         dispatcher = Dispatcher(url, signer)
+        recorder = Recorder(kube.core)
 
         def send_probe(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
             # No retries: a probe that cannot be sent now is sent at the next period.
@@ -111,6 +114,9 @@ class Context:
                                    redispatch_after=conf.redispatch_seconds),
             get_template=kube.get_template, get_config_map=kube.get_config_map_data,
             probe=lambda ns, name: fleet_box[0].probe_now(ns, name),
+            refused=lambda ns, name: fleet_box[0].problem(ns, name),
+            recorder=recorder,
+            output_budget=conf.status_output_budget_bytes,
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
@@ -132,7 +138,7 @@ class Context:
             or kopf_namespaces()
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
-                   crons=crons, leadership=leadership)
+                   crons=crons, leadership=leadership, recorder=recorder)
 
 
 def signer_of(conf: settings.Settings) -> Signer:

@@ -41,11 +41,28 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 270
-    ctx = memo.ctx = Context.from_environment()
+    ctx = Context.from_environment()
     warm(ctx)
+    memo.ctx = ctx  # only a started controller says it is alive (``alive``)
     ctx.leadership.start(on_started=lambda: lead(ctx), on_lost=lambda: lost(ctx))
     metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
     start_readiness(ctx)
+
+
+@kopf.on.probe(id="controller")
+def alive(memo: kopf.Memo, **_: Any) -> str:
+    """The liveness and readiness endpoint's answer (``--liveness``; the chart probes it):
+    kopf serves it only once the start-up handlers succeeded, and this raises (HTTP 500)
+    while the controller has no started context or the loop it started (a leader's; a
+    standby has none yet) has stopped."""
+    ctx: Context | None = getattr(memo, "ctx", None)
+    if ctx is None:
+        raise RuntimeError("the controller has not started")
+    if not ctx.leadership.leading():
+        return "standing by"
+    if not ctx.loop.alive():
+        raise RuntimeError("the controller loop has stopped")
+    return "serving"
 
 
 def start(ctx: Context) -> None:
@@ -56,32 +73,42 @@ def start(ctx: Context) -> None:
 
 def warm(ctx: Context) -> None:
     """The caches a standby keeps too: every watched RemoteVM and worker Deployment,
-    listed once (the watches keep them current). Nothing is written."""
+    listed once (the watches keep them current). Nothing is written. What fails for one
+    object is recorded on that object (``isolate``) and the rest go on; only a failure to
+    list at all (the API server away) fails the start, which kopf retries while the probe
+    says not alive."""
+    guard = ctx.recorder.guard
     for obj in _list(ctx, c.VM_PLURAL):
-        ctx.fleet.seen(obj, reconcile=False)
+        with guard(c.VM_KIND, obj, "read the RemoteVM at start"):
+            ctx.fleet.seen(obj, reconcile=False)
     cache = getattr(ctx.runtime, "cache", None)
     if cache is not None:
         for dep in _list_deployments(ctx):
-            cache.seen(dep)
+            with guard("Deployment", None, f"read Deployment {dep['metadata'].get('name')}"):
+                cache.seen(dep)
     ctx.synced.set()
 
 
 def lead(ctx: Context) -> None:
-    """The leader's start: the commands listed and taken over, then the loop."""
-    for obj in _list(ctx, c.VM_PLURAL):
-        _drop_finalizer(ctx, c.VM_PLURAL, obj)
-        ctx.fleet.seen(obj, reconcile=False)
+    """The leader's start: the commands listed and taken over, then the loop (one odd
+    object is recorded on itself, as in ``warm``)."""
+    guard = ctx.recorder.guard
+    for obj in _list(ctx, c.VM_PLURAL):  # in the cache already (``warm`` and the watch)
+        with guard(c.VM_KIND, obj, "drop the RemoteVM's old finalizer"):
+            _drop_finalizer(ctx, c.VM_PLURAL, obj)
     known = set()
     for obj in _list(ctx, c.COMMAND_PLURAL):
-        _drop_finalizer(ctx, c.COMMAND_PLURAL, obj)
         known.add(obj["metadata"]["uid"])
-        ctx.commands.observe(obj)
-        if ctx.crons is not None:
-            ctx.crons.command_seen(obj)  # a cron's runs are known before it schedules
+        with guard(c.COMMAND_KIND, obj, "read the RemoteCommand at start"):
+            _drop_finalizer(ctx, c.COMMAND_PLURAL, obj)
+            ctx.commands.observe(obj)
+            if ctx.crons is not None:
+                ctx.crons.command_seen(obj)  # a cron's runs are known before it schedules
     if ctx.crons is not None:
         try:
             for obj in _list(ctx, c.CRON_PLURAL):
-                ctx.crons.seen(obj)
+                with guard(c.CRON_KIND, obj, "read the RemoteCronCommand at start"):
+                    ctx.crons.seen(obj)
         except ApiException as exc:  # the CRD is not installed (yet): the watch brings them
             log.warning("Could not list RemoteCronCommands: %s %s", exc.status, exc.reason)
     for uid in ctx.state.live() - known:
@@ -91,7 +118,10 @@ def lead(ctx: Context) -> None:
     ensure_transfer_worker = getattr(ctx.runtime, "ensure_transfer_worker", None)
     if ensure_transfer_worker is not None:
         ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers
-    ctx.fleet.tick(force=True)  # every group's workers applied once (unchanged: no write)
+    try:
+        ctx.fleet.tick(force=True)  # every group's workers applied once (unchanged: no write)
+    except Exception:  # noqa: BLE001 - the loop ticks again in a second
+        log.exception("The first tick of the fleet failed; the loop tries again")
     ctx.loop.start()
 
 
@@ -219,33 +249,35 @@ def shutdown(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(*VMS)
-@metrics.counts_errors(c.VM_KIND)
 def vm_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event.get("object")
+    ctx: Context = memo.ctx
     if not obj:
         return
-    leading = memo.ctx.leadership.leading()  # a standby only keeps its cache
-    if event["type"] == "DELETED":
-        memo.ctx.fleet.gone(dict(obj), reconcile=leading)
-    else:
-        memo.ctx.fleet.seen(dict(obj), reconcile=leading)
+    leading = ctx.leadership.leading()  # a standby only keeps its cache
+    with ctx.recorder.guard(c.VM_KIND, dict(obj), "handle a RemoteVM event"):
+        if event["type"] == "DELETED":
+            ctx.fleet.gone(dict(obj), reconcile=leading)
+        else:
+            ctx.fleet.seen(dict(obj), reconcile=leading)
 
 
 @kopf.on.event(*COMMANDS)
-@metrics.counts_errors(c.COMMAND_KIND)
 def command_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event.get("object")
-    if not obj or not memo.ctx.leadership.leading():
+    ctx: Context = memo.ctx
+    if not obj or not ctx.leadership.leading():
         return  # a standby: the leader it replaces lists the commands when it takes over
-    crons = memo.ctx.crons
-    if event["type"] == "DELETED":
-        memo.ctx.state.ack(memo.ctx.commands.deleted(dict(obj)))
+    crons = ctx.crons
+    with ctx.recorder.guard(c.COMMAND_KIND, dict(obj), "handle a RemoteCommand event"):
+        if event["type"] == "DELETED":
+            ctx.state.ack(ctx.commands.deleted(dict(obj)))
+            if crons is not None:
+                crons.command_gone(dict(obj))
+            return
+        ctx.commands.observe(dict(obj))
         if crons is not None:
-            crons.command_gone(dict(obj))
-        return
-    memo.ctx.commands.observe(dict(obj))
-    if crons is not None:
-        crons.command_seen(dict(obj))
+            crons.command_seen(dict(obj))
 
 
 @kopf.on.event(*CRONS)

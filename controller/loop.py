@@ -171,7 +171,14 @@ class ReportReader:
             self.state.ack([report_id])
             return
         if isinstance(report, AttemptReport):
-            if self.commands.apply(report, report_id):
+            obj = {"metadata": {"namespace": report.namespace, "name": report.name,
+                                "uid": report.uid}}
+            applied = False
+            # A report that cannot be applied is recorded on its command and acknowledged:
+            # read again and again, it would hold up every other command's reports.
+            with self.commands.recorder.guard(c.COMMAND_KIND, obj, "apply a worker's report"):
+                applied = self.commands.apply(report, report_id)
+            if applied:
                 return  # acknowledged with its write
         else:
             # Written beside the reader: command results must not queue behind VM writes.
@@ -250,6 +257,11 @@ class Loop:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
+
+    def alive(self) -> bool:
+        """Started, not stopped, and each of its threads running."""
+        return bool(self.threads) and not self.stop.is_set() \
+            and all(thread.is_alive() for thread in self.threads)
 
     def _read(self) -> None:
         while not self.stop.is_set():

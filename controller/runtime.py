@@ -170,16 +170,18 @@ class WorkerGroup:
         specs = [vm.spec.workers for vm in self.vms if vm.spec.workers is not None]
         if not specs:
             return None
+        resources = next((w.resources for w in specs if w.resources is not None), None)
         fixed = [w.replicas for w in specs if w.replicas is not None]
         autos = [w.autoscale for w in specs if w.autoscale is not None]
         if not autos:
-            return WorkersSpec(replicas=max(fixed), resources=specs[0].resources)
+            # ``workers: {}`` or only ``resources``: the default of one replica.
+            return WorkersSpec(replicas=max(fixed) if fixed else None, resources=resources)
         return WorkersSpec(autoscale=Autoscale(
             min_replicas=max([a.min_replicas for a in autos] + fixed),
             max_replicas=max([a.max_replicas for a in autos] + fixed),
             target_backlog_per_replica=min(a.target_backlog_per_replica for a in autos),
             scale_down_delay_seconds=max(a.scale_down_delay_seconds for a in autos),
-        ), resources=specs[0].resources)
+        ), resources=resources)
 
 
 def single(vm: VMRef) -> WorkerGroup:
@@ -303,7 +305,7 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
                                   "initialDelaySeconds": 30, "periodSeconds": 30,
                                   "timeoutSeconds": 5, "failureThreshold": 3}
     workers = group.workers
-    container["resources"] = (workers.resources if workers is not None and workers.resources
+    container["resources"] = (workers.resources.wire() if workers is not None and workers.resources
                               else DEFAULT_WORKER_RESOURCES)
     template_spec: dict[str, Any] = {
         # SIGTERM starts Celery's warm shutdown: no new task, the running ones finish.

@@ -75,11 +75,13 @@ def plan(
     paused: frozenset[str] = frozenset(),
     lost: frozenset[str] = frozenset(),
     open_wave: int | None = None,
+    refused: dict[str, str] | None = None,
 ) -> Plan:
     """The next step for ``status.results``. ``queues`` maps VM names to their queue
     (None: the RemoteVM no longer exists); ``paused`` VMs get nothing dispatched;
     ``lost`` VMs' running attempts stopped heartbeating; with ``open_wave`` (a rollout),
-    entries of later waves are not dispatched yet."""
+    entries of later waves are not dispatched yet; ``refused`` VMs (name -> why) are
+    RemoteVMs the controller does not serve: what waits for them fails at once."""
     step = _Step(spec, now, [dict(e) for e in status.get("results") or []])
     started = parse_rfc3339(status[F.START_TIME]) if status.get(F.START_TIME) else now
     deadline_passed = bool(
@@ -91,7 +93,7 @@ def plan(
         if phase == Phase.RUNNING and entry["vm"] in lost:
             _end_lost(step, index, entry, retry=not deadline_passed)
         elif phase in (Phase.PENDING, Phase.QUEUED):
-            _end_unrunnable(step, index, entry, queues, deadline_passed)
+            _end_unrunnable(step, index, entry, queues, deadline_passed, refused or {})
     _cancel_after_max_failures(step)
     _dispatch_ready(step, queues, paused, timing, open_wave)
     return step.out
@@ -161,8 +163,10 @@ def _end_lost(step: _Step, index: int, entry: dict[str, Any], *, retry: bool) ->
 
 
 def _end_unrunnable(step: _Step, index: int, entry: dict[str, Any],
-                    queues: dict[str, str | None], deadline_passed: bool) -> None:
-    """An entry not yet running that never can: its deadline passed, or its VM is gone."""
+                    queues: dict[str, str | None], deadline_passed: bool,
+                    refused: dict[str, str]) -> None:
+    """An entry not yet running that never can: its deadline passed, its VM is gone or
+    refused."""
     remove = _present(entry, "retryAfter", "lostPgid", "lostMarker")
     if deadline_passed:
         step.change(index, entry, _ended(entry, Phase.FAILED, Reason.DEADLINE_EXCEEDED,
@@ -171,6 +175,10 @@ def _end_unrunnable(step: _Step, index: int, entry: dict[str, Any],
     elif entry["vm"] in queues and queues[entry["vm"]] is None:
         step.change(index, entry, _ended(entry, Phase.FAILED, Reason.VM_NOT_FOUND,
                                          f"RemoteVM {entry['vm']} does not exist in this namespace",
+                                         step.now), remove)
+    elif entry["vm"] in refused:
+        step.change(index, entry, _ended(entry, Phase.FAILED, Reason.INVALID_SPEC,
+                                         f"RemoteVM {entry['vm']} is refused: {refused[entry['vm']]}",
                                          step.now), remove)
 
 

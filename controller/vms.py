@@ -30,8 +30,10 @@ from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Target, now_rfc3339
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.api.reports import ProbeReport
+from vmfleet.fold import set_condition
 from vmfleet.kube import ApiException, Kube
 
+from . import vmcheck
 from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
 from .runtime import Runtime, VMRef, WorkerGroup
 from .scaling import Autoscaler, Decision
@@ -76,6 +78,9 @@ class Fleet:
         self._scale_locks: dict[str, threading.Lock] = {}
         self._changed: set[str] = set()  # groups whose members changed since the last tick
         self._pool: ThreadPoolExecutor | None = None  # the tick's threads (a large fleet)
+        # Refused RemoteVMs (``vmcheck``): recomputed when a spec, a VM or a queue changed.
+        self._spec_problems: dict[tuple[str, str], str | None] = {}
+        self._problems: dict[tuple[str, str], str] | None = None
 
     # ------------------------------------------------------------------ the watch
 
@@ -109,6 +114,10 @@ class Fleet:
         with self._lock:
             previous = self._vms.get(key)
             self._vms[key] = obj
+            if previous is None or previous.get("spec") != obj.get("spec") \
+                    or previous["metadata"].get("uid") != meta.get("uid"):
+                self._spec_problems[key] = vmcheck.spec_problem(obj)
+                self._problems = None
         metrics.observe_vm(obj)
         if not reconcile:
             return
@@ -121,6 +130,8 @@ class Fleet:
         key = f"{meta['namespace']}/{meta['name']}"
         with self._lock:
             self._vms.pop((meta["namespace"], meta["name"]), None)
+            self._spec_problems.pop((meta["namespace"], meta["name"]), None)
+            self._problems = None
             group = self._groups_of.pop(key, None)
         metrics.observe_vm(obj, deleted=True)
         if not reconcile:
@@ -138,7 +149,20 @@ class Fleet:
 
     # ------------------------------------------------------------------ targets
 
+    def problem(self, namespace: str, name: str) -> str | None:
+        """Why the controller refuses to serve this RemoteVM (``vmcheck``); None: it serves it."""
+        return self.problems().get((namespace, name))
+
+    def problems(self) -> dict[tuple[str, str], str]:
+        with self._lock:
+            if self._problems is None:
+                self._problems = vmcheck.problems(self._vms.values(), self._spec_problems)
+            return self._problems
+
     def ref(self, obj: dict[str, Any]) -> VMRef | None:
+        """The VM as its workers serve it; None for a refused one (``problem``)."""
+        if self.problem(obj["metadata"]["namespace"], obj["metadata"]["name"]) is not None:
+            return None
         vm = vm_ref(obj)
         if vm is not None and vm.spec.proxy_jump is not None:
             bastion = self.get(vm.namespace, vm.spec.proxy_jump.vm)
@@ -180,7 +204,13 @@ class Fleet:
             objs = list(self._vms.values())
         by_key: dict[str, list[VMRef]] = {}
         for obj in objs:
-            ref = self.ref(obj)
+            try:
+                ref = self.ref(obj)
+            except Exception as exc:  # noqa: BLE001 - this VM's error stays with it
+                metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
+                log.warning("Could not read RemoteVM %s/%s: %s", obj["metadata"]["namespace"],
+                            obj["metadata"]["name"], exc)
+                continue
             if ref is not None:
                 by_key.setdefault(ref.group, []).append(ref)
         groups = []
@@ -198,6 +228,7 @@ class Fleet:
         """A new or changed RemoteVM: its group's Deployment (or processes) now."""
         ref = self.ref(obj)
         if ref is None:
+            self._leave(f"{obj['metadata']['namespace']}/{obj['metadata']['name']}")
             return
         with self._lock:
             old_group = self._groups_of.get(ref.key)
@@ -216,6 +247,20 @@ class Fleet:
         group = self.group(ref.group)
         if group is not None:
             self.scale(group, force=True)
+
+    def _leave(self, vm_key: str) -> None:
+        """A VM refused now: its workers (or its place in a pool) go."""
+        with self._lock:
+            group = self._groups_of.pop(vm_key, None)
+        if group is None:
+            return
+        left = self.group(group)
+        if left is None:
+            self.runtime.remove(group)
+            with self._lock:
+                self._applied.pop(group, None)
+        else:
+            self.mark_changed(left.key)
 
     def mark_changed(self, key: str) -> None:
         with self._lock:
@@ -321,7 +366,8 @@ class Fleet:
         status = dict(obj.get("status") or {})
         fields = self._valid(obj, fields)
         new = {**status, **fields}
-        ref = vm_ref(obj)
+        refused = self.problem(meta["namespace"], meta["name"]) is not None
+        ref = None if refused else vm_ref(obj)
         if ref is not None:
             new["conditions"] = fold_conditions(ref.spec, new, now_rfc3339(), self.health.thresholds)
         changed = {k: v for k, v in new.items() if status.get(k) != v
@@ -401,12 +447,41 @@ class Fleet:
             for group in chunk:
                 self._tick_group(group, counts, depths, changed)
 
+        self.refuse()
         if len(groups) < 2 * TICK_THREADS:
             work(groups)
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(TICK_THREADS, thread_name_prefix="vmfleet-tick")
         list(self._pool.map(work, [groups[i::TICK_THREADS] for i in range(TICK_THREADS)]))
+
+    def refuse(self) -> None:
+        """Every refused RemoteVM says why: ``Ready=False``, reason ``InvalidSpec``, and a
+        Warning Event when it turns so (each VM on its own: one failing write stops none)."""
+        for (namespace, name), problem in sorted(self.problems().items()):
+            obj = self.cached(namespace, name)
+            if obj is None:
+                continue
+            try:
+                self._refuse(obj, problem)
+            except Exception as exc:  # noqa: BLE001 - written again at the next tick
+                metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
+                log.warning("Could not write the status of RemoteVM %s/%s: %s", namespace, name, exc)
+
+    def _refuse(self, obj: dict[str, Any], problem: str) -> None:
+        meta, status = obj["metadata"], obj.get("status") or {}
+        conditions = list(status.get("conditions") or [])
+        ready: dict[str, Any] = next(
+            (x for x in conditions if x.get("type") == c.Condition.READY), {})
+        if (ready.get("status"), ready.get("reason"), ready.get("message")) == \
+                ("False", Reason.INVALID_SPEC, problem):
+            return
+        conditions = set_condition(conditions, c.Condition.READY, "False", Reason.INVALID_SPEC,
+                                   problem, now_rfc3339())
+        self.write_status(obj, {"conditions": conditions,
+                                "observedGeneration": meta.get("generation")})
+        log.warning("Refused RemoteVM %s/%s: %s", meta["namespace"], meta["name"], problem)
+        self.health.post_warning(obj, Reason.INVALID_SPEC, problem)
 
     def _tick_group(self, group: WorkerGroup, counts: dict[tuple[str, str], tuple[int, int]],
                     depths: dict[str, int] | None, changed: set[str]) -> None:
@@ -421,11 +496,12 @@ class Fleet:
             obj = self.cached(vm.namespace, vm.name)
             if obj is None:
                 continue
-            self.health.maybe_probe(obj, vm.spec, vm.queue, self.target_of(obj))
             try:
+                self.health.maybe_probe(obj, vm.spec, vm.queue, self.target_of(obj))
                 self.write_status(obj, {})
-            except Exception as exc:  # noqa: BLE001
-                log.warning("Could not write the status of RemoteVM %s: %s", vm.key, exc)
+            except Exception as exc:  # noqa: BLE001 - this VM's error stays with it
+                metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
+                log.warning("Could not probe or write the status of RemoteVM %s: %s", vm.key, exc)
 
 
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"

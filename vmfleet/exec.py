@@ -28,14 +28,15 @@ from typing import Any, TextIO
 from .api import constants as c
 from .api.constants import Phase, Reason
 from .api.models import MAX_ARG, MAX_ITEMS, MAX_OUTPUT_BYTES, MAX_STDIN
+from .api.output import STATUS_OUTPUT_BUDGET, tail_bytes
 from .dryrunview import dry_run_exit_code, format_dry_run
 
 # A finished exec object is deleted by exec itself; the TTL covers an exec that was killed.
 DEFAULT_TTL_SECONDS = 120
 # Output kept in status for a fan-out is shared out so the object stays far below etcd's
-# size limit (1.5 MiB): about 1 MiB for all VMs' stdout and stderr tails together.
-FAN_OUT_OUTPUT_BUDGET = 1024 * 1024
-MIN_FAN_OUT_MAX_BYTES = 256
+# size limit (1.5 MiB): about 1 MiB for all VMs' stdout and stderr tails together. The
+# controller cuts every status to the same rule (vmfleet.api.output).
+FAN_OUT_OUTPUT_BUDGET = STATUS_OUTPUT_BUDGET
 LABEL_CREATED_BY = "app.kubernetes.io/created-by"
 CREATED_BY = "vmfleet-exec"
 
@@ -232,12 +233,11 @@ def parse_selector(text: str) -> dict[str, Any]:
 
 def output_max_bytes(targets: int, requested: int | None = None) -> int:
     """Bytes of each stream's tail kept per VM: as much as the API allows for one VM, a
-    share of ~1 MiB for a fan-out (2 streams per VM)."""
+    share of ~1 MiB for a fan-out (2 streams per VM): ``vmfleet.api.output.tail_bytes``,
+    the rule the controller applies to every status."""
     if requested is not None:
         return requested
-    if targets <= 1:
-        return MAX_OUTPUT_BYTES
-    return max(MIN_FAN_OUT_MAX_BYTES, min(MAX_OUTPUT_BYTES, FAN_OUT_OUTPUT_BUDGET // (2 * targets)))
+    return tail_bytes(targets, MAX_OUTPUT_BYTES, FAN_OUT_OUTPUT_BUDGET)
 
 
 def generate_name(vm: str | None) -> str:

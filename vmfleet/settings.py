@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from vmfleet.api.constants import RUNTIME_DEPLOYMENT, RUNTIME_PROCESS
+from vmfleet.api.output import STATUS_OUTPUT_BUDGET
 
 Reader = Literal["controller", "worker", "both"]
 CONTROLLER: Final = "controller"
@@ -147,6 +148,11 @@ class Settings:
         "VMFLEET_VERIFY_KEY_CONFIGMAP", None, CONTROLLER,
         "ConfigMap (in `POD_NAMESPACE`) the controller writes its public key into at start, "
         "for the chart's transfer worker.")
+    status_output_budget_bytes: int = setting(
+        "VMFLEET_STATUS_OUTPUT_BUDGET_BYTES", STATUS_OUTPUT_BUDGET, CONTROLLER,
+        "Output tails one RemoteCommand's status keeps over all its VMs (each: "
+        "min(output.maxBytes, budget / VMs / 2); cut: `outputTruncated`).",
+        minimum=0, maximum=8 * 1024 * 1024)
     disk_pressure_ratio: float = setting(
         "VMFLEET_DISK_PRESSURE_RATIO", 0.90, CONTROLLER,
         "`DiskPressure` when the VM's root filesystem is at least this full.",

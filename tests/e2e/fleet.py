@@ -116,10 +116,12 @@ def start_controller(
     namespaces: Sequence[str],
     runtime: str = "Process",
     extra_env: dict[str, str] | None = None,
+    extra_args: Sequence[str] = (),
 ) -> ManagedProcess:
     """Run ``kopf run -m controller`` as the user would, in the background; with a signing
     key pair of its own in ``workdir`` (``signing.key``, ``verify.pub``) unless
-    ``extra_env`` names one: every test runs the signed path."""
+    ``extra_env`` names one: every test runs the signed path (``extra_args``: more of
+    kopf's options, such as ``--liveness=...``)."""
     env = dict(os.environ)
     private_key, _ = write_key_pair(workdir)
     env["VMFLEET_SIGNING_KEY_FILE"] = str(private_key)
@@ -137,7 +139,8 @@ def start_controller(
     })
     env.pop("KUBERNETES_SERVICE_HOST", None)
     env.update(extra_env or {})
-    proc = ManagedProcess("controller", controller_argv(namespaces), workdir / "controller.log",
+    proc = ManagedProcess("controller", [*controller_argv(namespaces), *extra_args],
+                          workdir / "controller.log",
                           env=env, cwd=REPO)
     proc.start()
     return proc

@@ -8,6 +8,8 @@ kubectl's message must name what is wrong.
 from __future__ import annotations
 
 import copy
+import functools
+import subprocess
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -15,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.fleet import Kubectl
+from tests.e2e.fleet import REPO, Kubectl
+from vmfleet.dev.proc import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -59,6 +62,20 @@ VM_CASES = [
     ("bastion-in-other-namespace", changed(VM, proxyJump={"vm": "other/bastion"}),
      "spec.proxyJump.vm in body should match"),
     ("unknown-field", changed(VM, password="hunter2"), 'unknown field "spec.password"'),
+    ("replicas-and-autoscale", changed(VM, workers={"replicas": 1, "autoscale": {"maxReplicas": 2}}),
+     "set workers.replicas or workers.autoscale, not both"),
+    ("floor-above-ceiling", changed(VM, workers={"autoscale": {"minReplicas": 3, "maxReplicas": 2}}),
+     "workers.autoscale.minReplicas must not exceed maxReplicas"),
+    ("floor-above-default-ceiling", changed(VM, workers={"autoscale": {"minReplicas": 2}}),
+     "workers.autoscale.minReplicas must not exceed maxReplicas"),
+    ("resources-not-a-quantity", changed(VM, workers={"resources": {"requests": {"cpu": "lots"}}}),
+     "spec.workers.resources.requests.cpu in body should match"),
+    ("resources-negative", changed(VM, workers={"resources": {"limits": {"memory": "-1Gi"}}}),
+     "spec.workers.resources.limits.memory in body should match"),
+    ("resources-negative-int", changed(VM, workers={"resources": {"limits": {"cpu": -2}}}),
+     "spec.workers.resources.limits.cpu in body should be greater than or equal to 0"),
+    ("resources-unknown-field", changed(VM, workers={"resources": {"request": {"cpu": "1"}}}),
+     'unknown field "spec.workers.resources.request"'),
 ]
 
 CMD_CASES = [
@@ -151,5 +168,64 @@ def test_valid_objects_are_accepted_and_a_command_spec_is_immutable(
     assert "spec is immutable once created; create a new RemoteCommand instead" in output
     stored = kubectl.get_json("-n", schema_ns, "remotecommand", "c1")
     assert stored["spec"]["command"] == "uptime"
+    for name, workers in (("sized", {"resources": {"requests": {"cpu": 1, "memory": "512Mi"},
+                                                   "limits": {"cpu": "1500m", "memory": "1Gi"}}}),
+                          ("empty-workers", {}),
+                          ("autoscaled", {"autoscale": {"minReplicas": 2, "maxReplicas": 2}})):
+        assert apply_strict(kubectl, schema_ns, "RemoteVM", name, changed(VM, workers=workers))[0] == 0
     # A RemoteVM may change (a new host key, a new address): that is how keys are rotated.
     assert apply_strict(kubectl, schema_ns, "RemoteVM", "vm1", changed(VM, port=2222))[0] == 0
+
+
+@functools.cache
+def helm_binary() -> str:
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "install-helm.sh")],
+                          capture_output=True, text=True, timeout=900, check=True)
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def queue_policy(namespace: str) -> list[dict[str, Any]]:
+    """The chart's queue policy and binding, renamed for this test and bound to
+    ``namespace`` only (the session's other tests create RemoteVMs of every kind)."""
+    out = subprocess.run(
+        [helm_binary(), "template", "rel", str(REPO / "charts" / "vmfleet"), "--api-versions",
+         "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy",
+         "--show-only", "templates/remotevm-queue-policy.yaml"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    policy, binding = (d for d in yaml.safe_load_all(out) if d)
+    name = f"queue-{namespace}"
+    policy["metadata"]["name"] = binding["metadata"]["name"] = binding["spec"]["policyName"] = name
+    binding["spec"]["matchResources"] = {"namespaceSelector": {"matchLabels": {
+        "kubernetes.io/metadata.name": namespace}}}
+    return [policy, binding]
+
+
+def dry_run(kubectl: Kubectl, namespace: str, spec: dict[str, Any]) -> tuple[int, str]:
+    obj = {"apiVersion": "vmfleet.io/v1alpha1", "kind": "RemoteVM",
+           "metadata": {"name": "q", "namespace": namespace}, "spec": spec}
+    proc = kubectl("apply", "--dry-run=server", "-f", "-", input=yaml.safe_dump(obj), check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_the_charts_policy_refuses_a_queue_outside_the_namespace_at_admission(
+    kubectl: Kubectl, schema_ns: str
+) -> None:
+    objects = queue_policy(schema_ns)
+    kubectl.apply(*objects)
+    try:
+        foreign = changed(VM, queue="vmfleet.kube-system.vm1")
+        wait_until(lambda: dry_run(kubectl, schema_ns, foreign)[0] != 0, timeout=60, interval=1,
+                   what="the ValidatingAdmissionPolicy to take effect")
+        code, output = dry_run(kubectl, schema_ns, foreign)
+        assert code != 0
+        assert (f"spec.queue vmfleet.kube-system.vm1 is outside namespace {schema_ns}: a RemoteVM "
+                f"queue must start with vmfleet.{schema_ns}.") in output, output
+        for queue in (f"vmfleet.{schema_ns}.a:b", f"vmfleet.{schema_ns}.", "celery",
+                      f"vmfleet.{schema_ns}x.vm1"):
+            assert dry_run(kubectl, schema_ns, changed(VM, queue=queue))[0] != 0, queue
+        for spec in (VM, changed(VM, queue=f"vmfleet.{schema_ns}.db.primary")):
+            code, output = dry_run(kubectl, schema_ns, spec)
+            assert code == 0, output
+    finally:
+        for obj in reversed(objects):
+            kubectl("delete", obj["kind"], obj["metadata"]["name"], "--wait=false", check=False)

@@ -242,6 +242,9 @@ def test_controller_deployment():
     assert ports == {"metrics": 9807, "health": 8080, "ready": 8081}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ready"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # a large fleet's start
     env = {e["name"]: e for e in container["env"]}
     assert env["VMFLEET_HEALTH_PORT"]["value"] == "8081"
     assert env["VMFLEET_LEADER_ELECTION"]["value"] == "true"
@@ -410,3 +413,20 @@ def test_every_value_is_documented():
 def test_chart_crds_are_the_generated_ones():
     for path in sorted((REPO / "crds").glob("*.yaml")):
         assert (CHART / "crds" / path.name).read_text() == path.read_text(), path.name
+
+
+def test_the_queue_policy_refuses_a_remotevm_queue_outside_its_namespace() -> None:
+    """Rendered where the cluster serves ValidatingAdmissionPolicy (>= 1.30)."""
+    out = helm("template", "rel", str(CHART), "--namespace", "fleet", "--api-versions",
+               "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy").stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    (policy,) = find(docs, "ValidatingAdmissionPolicy", "rel-vmfleet-remotevm-queue")
+    (binding,) = find(docs, "ValidatingAdmissionPolicyBinding", "rel-vmfleet-remotevm-queue")
+    assert binding["spec"] == {"policyName": "rel-vmfleet-remotevm-queue",
+                               "validationActions": ["Deny"]}
+    assert policy["spec"]["matchConstraints"]["resourceRules"][0]["resources"] == ["remotevms"]
+    (rule,) = policy["spec"]["validations"]
+    assert "'^vmfleet[.]' + request.namespace + '[.][^:]+$'" in rule["expression"]
+    off = helm("template", "rel", str(CHART), "--set", "remoteVMQueuePolicy.enabled=false",
+               "--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy").stdout
+    assert "ValidatingAdmissionPolicy" not in off

@@ -61,8 +61,15 @@ def test_vm_crd_is_mutable_and_pins_keys():
     assert all(rule["rule"] != "self == oldSelf" for rule in spec["x-kubernetes-validations"])
     assert spec["properties"]["hostKeyPolicy"]["enum"] == ["Pinned", "TrustOnFirstUse"]
     assert spec["properties"]["healthCheck"]["default"] == {"periodSeconds": 60, "timeoutSeconds": 10}
-    assert spec["properties"]["workers"]["properties"]["resources"][
-        "x-kubernetes-preserve-unknown-fields"] is True
+    workers = spec["properties"]["workers"]
+    cpu = workers["properties"]["resources"]["properties"]["requests"]["additionalProperties"]
+    assert cpu["x-kubernetes-int-or-string"] is True
+    assert "type" not in cpu and cpu["minimum"] == 0
+    assert cpu["pattern"].startswith("^[+]?")
+    assert workers["x-kubernetes-validations"][0]["rule"] == \
+        "!(has(self.replicas) && has(self.autoscale))"
+    assert workers["properties"]["autoscale"]["x-kubernetes-validations"][0]["rule"] == \
+        "self.minReplicas <= self.maxReplicas"
     assert crd["spec"]["names"]["shortNames"] == ["rvm"]
 
 

@@ -118,7 +118,7 @@ def test_keep_sets_no_ttl_and_fan_out_shares_the_output_budget():
 
 @pytest.mark.parametrize(("targets", "requested", "expected"), [
     (1, None, MAX_OUTPUT_BYTES), (2, None, MAX_OUTPUT_BYTES), (3, None, 174762),
-    (100000, None, ex.MIN_FAN_OUT_MAX_BYTES), (50, 100, 100), (1, 0, 0),
+    (100000, None, 5), (50, 100, 100), (1, 0, 0),
 ])
 def test_output_max_bytes(targets, requested, expected):
     assert ex.output_max_bytes(targets, requested) == expected

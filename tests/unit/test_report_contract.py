@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
+from controller.isolate import Recorder
 from controller.loop import ReportReader
 from vmfleet.api.reports import (
     REPORT_VERSION,
@@ -91,6 +92,7 @@ class _State:
 class _Commands:
     def __init__(self) -> None:
         self.applied: list[AttemptReport] = []
+        self.recorder = Recorder()
 
     def apply(self, report: AttemptReport, report_id: str) -> bool:
         self.applied.append(report)

@@ -182,3 +182,20 @@ def test_a_group_serves_its_vms_and_their_bastions_with_their_secrets() -> None:
     dep = worker_deployment(single(jumping), SETTINGS, 1)
     env = {e["name"]: e.get("value") for e in pod_of(dep)["containers"][0]["env"]}
     assert env["VMFLEET_SERVED_VMS"] == served.encode()
+
+
+def test_workers_holding_only_resources_or_nothing_size_the_group_at_one_replica() -> None:
+    """``workers: {}`` and ``workers: {resources: ...}`` are valid: one worker, never a
+    crash (``max()`` of no replicas stopped the controller)."""
+    resources = {"requests": {"cpu": "100m"}}
+    for workers in ({}, {"resources": resources}):
+        refs = [vm("vm1", workerPool="p", workers=workers), vm("vm2", workerPool="p")]
+        for group in (WorkerGroup("ops", refs, pool="p"), single(refs[0])):
+            sized = group.workers
+            assert sized is not None and sized.autoscale is None
+            assert desired_replicas(sized) == 1
+    mixed = [vm("vm1", workerPool="p", workers={"resources": resources}),
+             vm("vm2", workerPool="p", workers={"replicas": 3})]
+    sized = WorkerGroup("ops", mixed, pool="p").workers
+    assert sized is not None and sized.resources is not None
+    assert (sized.replicas, sized.resources.wire()) == (3, resources)

@@ -7,10 +7,12 @@ they drift. Field names are snake_case in Python and camelCase on the wire.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -157,7 +159,56 @@ class LabelSelector(ApiModel):
 # --------------------------------------------------------------------------- RemoteVM
 
 
+# A resource quantity as Kubernetes writes it ("100m", "1Gi", 2), not negative: the schema
+# controller-gen writes for resource.Quantity (int-or-string: an integer, or a string of
+# this grammar from k8s.io/apimachinery), which pydantic checks the same way. (A CEL isQuantity() rule per
+# map value exceeds the API server's cost budget.)
+QUANTITY_PATTERN = (r"^[+]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
+                    r"(([KMGTPE]i)|[numkMGTPE]|([eE][+-]?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$")
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+QUANTITY_MESSAGE = "must be a resource quantity such as 100m, 1, 512Mi or 2Gi (not negative)"
+
+
+def _quantity(value: int | str) -> int | str:
+    if isinstance(value, bool) or (isinstance(value, int) and value < 0):
+        raise ValueError(QUANTITY_MESSAGE)
+    if isinstance(value, str) and (len(value) > 64 or not _QUANTITY_RE.fullmatch(value)):
+        raise ValueError(QUANTITY_MESSAGE)
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_quantity),
+    WithJsonSchema({
+        "minimum": 0,
+        "pattern": QUANTITY_PATTERN,
+        "x-kubernetes-int-or-string": True,
+    }),
+]
+ResourceName = Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class ResourceClaim(ApiModel):
+    name: str = Field(min_length=1, max_length=MAX_NAME, description="A claim of the pod spec.")
+    request: str | None = Field(None, max_length=MAX_NAME)
+
+
+class ResourceRequirements(ApiModel):
+    """A core/v1 ResourceRequirements: requests and limits as quantities."""
+
+    limits: dict[ResourceName, Quantity] | None = Field(
+        None, max_length=32, description="Most of each resource a worker pod may use.")
+    requests: dict[ResourceName, Quantity] | None = Field(
+        None, max_length=32, description="Resources a worker pod is scheduled with.")
+    claims: list[ResourceClaim] | None = Field(None, max_length=16)
+
+
 class Autoscale(ApiModel):
+    model_config = api_config(cel(
+        "self.minReplicas <= self.maxReplicas",
+        "workers.autoscale.minReplicas must not exceed maxReplicas", ".minReplicas"))
+
     min_replicas: int = Field(0, ge=0, le=100, description="Fewest workers; 0 scales to zero when idle.")
     max_replicas: int = Field(1, ge=1, le=100, description="Most workers.")
     target_backlog_per_replica: int = Field(
@@ -167,16 +218,26 @@ class Autoscale(ApiModel):
         300, ge=0, le=86400, description="Idle time before workers are removed."
     )
 
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> Autoscale:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("workers.autoscale.minReplicas must not exceed maxReplicas")
+        return self
+
 
 class WorkersSpec(ApiModel):
     """How many Celery workers serve this VM's queue."""
 
+    model_config = api_config(cel(
+        "!(has(self.replicas) && has(self.autoscale))",
+        "set workers.replicas or workers.autoscale, not both"))
+
     replicas: int | None = Field(None, ge=0, le=100, description="A fixed number of workers.")
     autoscale: Autoscale | None = Field(None, description="Size the workers to the queue backlog.")
-    resources: dict[str, Any] | None = Field(
+    resources: ResourceRequirements | None = Field(
         None,
-        description="Resource requests and limits of worker pods (a core/v1 ResourceRequirements).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="Resource requests and limits of worker pods (a core/v1 "
+        "ResourceRequirements: quantities such as 100m or 1Gi).",
     )
     termination_grace_period_seconds: int = Field(
         DEFAULT_WORKER_GRACE_SECONDS, ge=0, le=86400,
