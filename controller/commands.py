@@ -92,7 +92,7 @@ class Tracked:
 
 
 # The hooks the command logic needs from the rest of the controller.
-Sender = Callable[[str, list[Any], str], None]  # (task, args, queue)
+Sender = Callable[[str, list[Any], str, str | None], None]  # (task, args, queue, namespace)
 VMLookup = Callable[[str, str], dict[str, Any] | None]
 VMLister = Callable[[str, str], list[dict[str, Any]]]  # (namespace, label selector)
 TargetOf = Callable[[dict[str, Any]], Target]
@@ -176,11 +176,11 @@ class Commands:
             running = [e["vm"] for e in tracked.status.get("results") or []
                        if e.get("phase") not in Phase.TERMINAL]
         if running:
-            self.state.cancel(uid)
+            self.state.cancel(uid, tracked.namespace)
             log.info("Cancelled RemoteCommand %s on %s: it was deleted", tracked.ref,
                      ", ".join(running))
         else:
-            self.state.finished(uid)
+            self.state.finished(uid, tracked.namespace)
         return acks
 
     def get(self, uid: str) -> Tracked | None:
@@ -207,7 +207,7 @@ class Commands:
                 if now - at < FINISHED_MEMORY_SECONDS:
                     break
                 del self._finished[uid]
-        self.state.finished(tracked.uid)
+        self.state.finished(tracked.uid, tracked.namespace)
         if tracked.ttl is not None:
             finished = tracked.status.get("completionTime") or now_rfc3339()
             self._schedule_expiry(tracked.uid, tracked.namespace, tracked.name, finished, tracked.ttl)
@@ -221,7 +221,7 @@ class Commands:
         if tracked is None:
             if report.get("event") not in (FINISHED, PROGRESS) and report.get("uid"):
                 # A claim for a command that no longer exists: make sure it stops.
-                self.state.cancel(str(report["uid"]))
+                self.state.cancel(str(report["uid"]), str(report.get("namespace") or ""))
             return False
         with tracked.lock:
             results = tracked.status.get("results") or []
@@ -315,7 +315,7 @@ class Commands:
                 become = tracked.spec.become.user if tracked.spec.become is not None else None
                 self.send(TASK_TERMINATE,
                           [self.target_of(obj).to_message(), pgid, marker, become],
-                          vm_queue(obj))
+                          vm_queue(obj), tracked.namespace)
                 log.info("Asked the workers of %s to terminate process group %s of RemoteCommand "
                          "%s", vm, pgid, tracked.ref)
         for vm, attempt in step.dispatch:
@@ -338,8 +338,8 @@ class Commands:
             lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
             scope=self.state.scope,
         )
-        self.state.sent(tracked.uid)
-        self.send(TASK_EXECUTE, [envelope.to_message()], vm_queue(obj))
+        self.state.sent(tracked.uid, tracked.namespace)
+        self.send(TASK_EXECUTE, [envelope.to_message()], vm_queue(obj), tracked.namespace)
         self.wake(tracked.namespace, vm)  # a VM scaled to zero gets a worker now
         log.info("Dispatched RemoteCommand %s to %s (attempt %s, queue %s)", tracked.ref, vm,
                  attempt, vm_queue(obj))
@@ -357,13 +357,14 @@ class Commands:
                 lost = frozenset(
                     e["vm"] for e in tracked.status.get("results") or []
                     if e.get("phase") == Phase.RUNNING
-                    and attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1)) in stale)
+                    and (tracked.namespace,
+                         attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1))) in stale)
                 self.advance(tracked, lost=lost)
-        for member in stale:
-            self.state.forget_heartbeat(member)  # declared lost now, or its command is gone
+        for namespace, member in stale:
+            self.state.forget_heartbeat(namespace, member)  # declared lost now, or its command is gone
         self._expire()
 
-    def _stale_heartbeats(self) -> set[str]:
+    def _stale_heartbeats(self) -> set[tuple[str, str]]:
         try:
             return self.state.stale_heartbeats(self.timing.lost_after)
         except Exception as exc:  # noqa: BLE001 - Redis restarting: nobody is declared lost

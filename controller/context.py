@@ -10,6 +10,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions
@@ -26,6 +27,7 @@ from .health import HealthMonitor
 from .loop import Loop, ReportReader, Writer
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
 from .scaling import QueueDepth
+from .tenants import BrokerTenants
 from .vms import Fleet, entry_counts, kombu_queue_depths, redis_queue_depths
 
 log = logging.getLogger("controller")
@@ -43,6 +45,7 @@ class Context:
     fleet: Fleet
     loop: Loop
     namespaces: tuple[str, ...] = ()  # empty: every namespace
+    queue_depths: Callable[[list[str]], dict[str, int]] | None = None
 
     @classmethod
     def from_environment(cls) -> Context:
@@ -55,8 +58,11 @@ class Context:
         runtime_name = conf.worker_runtime or (
             c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
         runtime: Runtime
+        tenants: BrokerTenants | None = None
         if runtime_name == c.RUNTIME_PROCESS:
-            runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret)
+            tenants = BrokerTenants(state, url, conf.state_url, conf.broker_users)
+            runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret,
+                                     worker_urls=tenants.ensure)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),
@@ -68,6 +74,7 @@ class Context:
                     state_url=conf.state_url,
                     **worker_pod_settings(conf),
                 ),
+                serve=state.serve,
             )
         else:
             raise ValueError(
@@ -78,10 +85,11 @@ class Context:
 
         def send_probe(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
             # No retries: a probe that cannot be sent now is sent at the next period.
-            dispatcher.app.send_task(task, args=[message], queue=queue, expires=expires, retry=False)
+            dispatcher.send_task(task, [message], queue, str(message["namespace"]),
+                                 expires=expires, retry=False)
 
         if url.startswith(("redis://", "rediss://", "unix://")):
-            depths = redis_queue_depths(State(url).client)
+            depths = redis_queue_depths(state.client if state.url == url else State(url).client)
         else:
             depths = kombu_queue_depths(QueueDepth(url))
         fleet_box: list[Fleet] = []
@@ -108,11 +116,14 @@ class Context:
         refresh = getattr(runtime, "refresh_credentials", None)
         if refresh is not None:
             ticks.append(refresh)  # Process runtime: Secrets created or rotated later
+        if tenants is not None:
+            ticks.append(tenants.refresh)  # the namespaces' broker users, after a Redis restart
         loop = Loop(writer, reader, ticks)
         namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n) \
             or kopf_namespaces()
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
-                   commands=commands, fleet=fleet, loop=loop, namespaces=namespaces)
+                   commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
+                   queue_depths=depths)
 
 
 def kopf_namespaces(argv: list[str] | None = None) -> tuple[str, ...]:

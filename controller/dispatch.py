@@ -1,7 +1,12 @@
-"""Send attempts to the VMs' Celery queues, by task name (the controller never imports workers)."""
+"""Send attempts to the VMs' Celery queues, by task name (the controller never imports workers).
+
+On Redis, each namespace's messages go under that namespace's key prefix
+(``vmfleet.tenancy``): one Celery app per namespace, made at its first message and kept.
+"""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import Celery
@@ -13,14 +18,33 @@ from vmfleet.celeryconf import celery_config
 
 class Dispatcher:
     def __init__(self, broker_url: str) -> None:
-        self.app = Celery("vmfleet-controller", set_as_current=False)
-        self.app.conf.update(celery_config(broker_url))
+        self.broker_url = broker_url
+        self._lock = threading.Lock()
+        self._apps: dict[str | None, Celery] = {}
+
+    def app(self, namespace: str | None) -> Celery:
+        """The sending app of ``namespace`` (None: the legacy shared transfer queue)."""
+        with self._lock:
+            app = self._apps.get(namespace)
+            if app is None:
+                app = Celery(f"vmfleet-controller-{namespace or 'shared'}", set_as_current=False)
+                app.conf.update(celery_config(self.broker_url, namespace))
+                self._apps[namespace] = app
+            return app
 
     def send(self, envelope: Envelope, queue: str) -> None:
-        self.send_task(TASK_EXECUTE, [envelope.to_message()], queue)
+        self.send_task(TASK_EXECUTE, [envelope.to_message()], queue, envelope.namespace)
 
-    def send_task(self, name: str, args: list[Any], queue: str) -> None:
-        self.app.send_task(name, args=args, queue=queue)
+    def send_task(self, name: str, args: list[Any], queue: str, namespace: str | None,
+                  **options: Any) -> None:
+        if not queue.startswith("vmfleet."):
+            # Under a namespace's prefix kombu and vmfleet keep keys of their own.
+            raise ValueError(f"refusing to send to queue {queue!r}: vmfleet's queues begin "
+                             "with 'vmfleet.'")
+        self.app(namespace).send_task(name, args=args, queue=queue, **options)
 
     def close(self) -> None:
-        self.app.close()
+        with self._lock:
+            apps, self._apps = list(self._apps.values()), {}
+        for app in apps:
+            app.close()

@@ -37,12 +37,15 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 270
     ctx = memo.ctx = Context.from_environment()
     start(ctx)
-    metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
+    metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE],
+                                     sizer=ctx.queue_depths,
+                                     memory_info=lambda: ctx.state.client.info("memory"))
 
 
 def start(ctx: Context) -> None:
     """The start-up list, then the loop."""
     for obj in _list(ctx, c.VM_PLURAL):
+        ctx.state.serve(obj["metadata"]["namespace"])  # its reports are read from the start
         _drop_finalizer(ctx, c.VM_PLURAL, obj)
         ctx.fleet.seen(obj, reconcile=False)
     cache = getattr(ctx.runtime, "cache", None)
@@ -53,11 +56,14 @@ def start(ctx: Context) -> None:
     for obj in _list(ctx, c.COMMAND_PLURAL):
         _drop_finalizer(ctx, c.COMMAND_PLURAL, obj)
         known.add(obj["metadata"]["uid"])
+        ctx.state.serve(obj["metadata"]["namespace"])
         ctx.commands.observe(obj)
-    for uid in ctx.state.live() - known:
-        ctx.state.cancel(uid)  # deleted while no controller ran
-        log.info("Cancelled the attempts of RemoteCommand uid %s: it was deleted while the "
-                 "controller was not running", uid)
+    for namespace, uid in ctx.state.live():
+        if uid in known:
+            continue
+        ctx.state.cancel(uid, namespace)  # deleted while no controller ran
+        log.info("Cancelled the attempts of RemoteCommand uid %s in %s: it was deleted while "
+                 "the controller was not running", uid, namespace)
     ensure_transfer_worker = getattr(ctx.runtime, "ensure_transfer_worker", None)
     if ensure_transfer_worker is not None:
         ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers

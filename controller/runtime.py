@@ -24,12 +24,14 @@ from typing import Any, Protocol
 from kubernetes.client import AppsV1Api
 from kubernetes.client.exceptions import ApiException
 
-from vmfleet import settings
+from vmfleet import settings, tenancy
 from vmfleet.api import constants as c
 from vmfleet.api.models import Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.celeryconf import BROKER_URL_ENV
 from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, write_pid_file
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
+
+from .tenants import WorkerURLs
 
 log = logging.getLogger("controller.runtime")
 
@@ -37,6 +39,8 @@ log = logging.getLogger("controller.runtime")
 MAX_CONCURRENT_ENV = settings.env_of("max_concurrent_commands")
 CREDENTIALS_DIR_ENV = settings.env_of("credentials_dir")
 STATE_URL_ENV = settings.env_of("state_url")
+SLOTS_URL_ENV = settings.env_of("slots_url")
+NAMESPACE_ENV = settings.env_of("namespace")
 
 
 def desired_replicas(workers: WorkersSpec | None) -> int:
@@ -178,7 +182,7 @@ class Runtime(Protocol):
 class DeploymentSettings:
     image: str
     broker_url: str
-    broker_secret_name: str | None = None
+    broker_secret_name: str = tenancy.BROKER_SECRET_NAME
     broker_secret_key: str = "url"
     state_url: str | None = None
     image_pull_policy: str = "IfNotPresent"
@@ -217,6 +221,23 @@ def worker_labels(group: WorkerGroup) -> dict[str, str]:
 SPEC_HASH_ANNOTATION = f"{c.GROUP}/spec-hash"
 
 
+def worker_env(namespace: str, settings: DeploymentSettings) -> list[dict[str, Any]]:
+    """A worker pod's connection strings, each from the namespace's broker Secret
+    (``secretKeyRef``: never a literal URL in a pod spec), and its namespace."""
+    if not settings.broker_secret_name:
+        raise ValueError("the Deployment runtime needs VMFLEET_BROKER_SECRET_NAME: worker pods "
+                         "take their broker URL from a Secret in their namespace, never a literal")
+    env: list[dict[str, Any]] = [
+        {"name": BROKER_URL_ENV, "valueFrom": {"secretKeyRef": {
+            "name": settings.broker_secret_name, "key": settings.broker_secret_key}}},
+        {"name": NAMESPACE_ENV, "value": namespace},
+    ]
+    if settings.state_url:
+        env.append({"name": STATE_URL_ENV, "valueFrom": {"secretKeyRef": {
+            "name": settings.broker_secret_name, "key": tenancy.STATE_SECRET_KEY}}})
+    return env
+
+
 def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas: int) -> dict[str, Any]:
     """The Deployment of one worker group (pure; applied with server-side apply).
 
@@ -224,20 +245,8 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     they mount only their VMs' credentials Secrets, each at ``<mount>/<secret name>``."""
     name = group.deployment
     labels = worker_labels(group)
-    if settings.broker_secret_name:
-        broker_env: dict[str, Any] = {
-            "name": BROKER_URL_ENV,
-            "valueFrom": {"secretKeyRef": {"name": settings.broker_secret_name,
-                                           "key": settings.broker_secret_key}},
-        }
-    else:
-        broker_env = {"name": BROKER_URL_ENV, "value": settings.broker_url}
-    env: list[dict[str, Any]] = [
-        broker_env,
-        {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
-    ]
-    if settings.state_url:
-        env.append({"name": STATE_URL_ENV, "value": settings.state_url})
+    env = [*worker_env(group.namespace, settings),
+           {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH}]
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
     volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o440}}
@@ -344,15 +353,19 @@ class DeploymentRuntime:
     name = c.RUNTIME_DEPLOYMENT
 
     def __init__(self, apps: AppsV1Api, settings: DeploymentSettings,
-                 cache: DeploymentCache | None = None) -> None:
+                 cache: DeploymentCache | None = None,
+                 serve: Callable[[str], None] | None = None) -> None:
         self.apps = apps
         self.settings = settings
         self.cache = cache or DeploymentCache()
+        self.serve = serve  # the namespace's reports are read from now on
 
     def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
         """Apply the group's Deployment with ``replicas``, unless the watch shows it as
         wanted already (a restarted controller writes nothing)."""
         body = worker_deployment(group, self.settings, replicas)
+        if self.serve is not None:
+            self.serve(group.namespace)
         seen = self.cache.get(group.namespace, group.deployment)
         wanted_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         ready = seen.ready if seen is not None else 0
@@ -415,8 +428,12 @@ class ProcessRuntime:
 
     def __init__(self, broker_url: str, log_dir: Path, python: str = sys.executable,
                  read_secret: SecretReader | None = None,
-                 credentials_dir: Path | None = None) -> None:
+                 credentials_dir: Path | None = None,
+                 worker_urls: Callable[[str], WorkerURLs] | None = None) -> None:
         self.broker_url = broker_url
+        # A namespace's URLs (its own broker user): given to its workers, never another's.
+        self.worker_urls = worker_urls or (
+            lambda _ns: WorkerURLs(broker_url, settings.current().state_url))
         self.log_dir = log_dir
         self.python = python
         self.read_secret = read_secret
@@ -444,9 +461,14 @@ class ProcessRuntime:
         argv = worker_argv(",".join(group.queues), group.concurrency, node)
         return [self.python, "-m", *argv]
 
-    def _env(self, group: WorkerGroup) -> dict[str, str]:
+    def _env(self, group: WorkerGroup, urls: WorkerURLs) -> dict[str, str]:
         env = dict(os.environ)
-        env[BROKER_URL_ENV] = self.broker_url
+        for name in (STATE_URL_ENV, SLOTS_URL_ENV):
+            env.pop(name, None)  # the controller's own: never a worker's
+        env[BROKER_URL_ENV] = urls.broker
+        if urls.state:
+            env[STATE_URL_ENV] = urls.state
+        env[NAMESPACE_ENV] = group.namespace
         env[CREDENTIALS_DIR_ENV] = str(self.credentials_dir / group.namespace)
         for name in ("KUBECONFIG", MAX_CONCURRENT_ENV):
             env.pop(name, None)  # a worker holds no Kubernetes credentials
@@ -488,7 +510,8 @@ class ProcessRuntime:
 
     def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
         """Run ``replicas`` worker processes for the group."""
-        fingerprint = hashlib.sha256(repr((self._argv(group, 0), self.broker_url)).encode()).hexdigest()
+        urls = self.worker_urls(group.namespace)
+        fingerprint = hashlib.sha256(repr((self._argv(group, 0), urls)).encode()).hexdigest()
         if replicas:
             self.write_credentials(group.namespace, group.secrets)
         with self._lock:
@@ -508,7 +531,7 @@ class ProcessRuntime:
                 who = f"pool-{group.pool}" if group.pool else group.vms[0].name
                 log_path = self.log_dir / f"{group.namespace}.{who}.{index}.log"
                 proc = ManagedProcess(f"worker {group.key}#{index}", self._argv(group, index),
-                                      log_path, env=self._env(group)).start()
+                                      log_path, env=self._env(group, urls)).start()
                 # Recorded so that `vmfleet dev down` can stop workers a killed controller left.
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started worker process %s for %s (queues %s)", proc.pid, group.key,
@@ -533,6 +556,7 @@ class ProcessRuntime:
                 env = dict(os.environ)
                 env[BROKER_URL_ENV] = self.broker_url
                 env.pop(CREDENTIALS_DIR_ENV, None)  # it reaches every VM: keys via the API
+                env.pop(NAMESPACE_ENV, None)  # every namespace's (the legacy shared queue)
                 proc = ManagedProcess("transfer worker", argv, log_path, env=env).start()
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started transfer worker process %s (queue %s)", proc.pid,

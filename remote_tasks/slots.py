@@ -1,17 +1,16 @@
 """``maxConcurrentCommands`` across all replicas of a VM's worker: a semaphore in Redis.
 
 Each running command holds a lease: a member of the sorted set
-``vmfleet:slots:<namespace>/<vm>`` scored with its expiry time (Redis server time, so
+``vmfleet.<namespace>:slots:<vm>`` (under the namespace's key prefix) scored with its expiry time (Redis server time, so
 worker clocks do not matter). Taking a slot first drops expired leases, then adds ours
 if fewer than the limit are held — one Lua script, atomic. The holder renews its lease
 every few seconds; a worker that dies stops renewing and its slot frees itself after
 ``LEASE_SECONDS``. A command waits for a slot before it is claimed, so it stays
 ``Queued`` (not ``Running``) while the VM is at its limit.
 
-Where it works: the Redis broker (the default), or any Redis named by
-``VMFLEET_SLOTS_URL``. With RabbitMQ and no ``VMFLEET_SLOTS_URL``, the limit holds per
-worker replica only (each replica runs ``--concurrency maxConcurrentCommands``): run
-one replica, or point ``VMFLEET_SLOTS_URL`` at a Redis.
+Where it works: the Redis broker (the default), or the Redis named by
+``VMFLEET_STATE_URL`` (or ``VMFLEET_SLOTS_URL``). With RabbitMQ and neither, the limit
+holds per worker replica only (each replica runs ``--concurrency maxConcurrentCommands``).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from vmfleet import settings
+from vmfleet.tenancy import is_redis, key_prefix
 
 log = logging.getLogger("remote_tasks.slots")
 
@@ -62,15 +62,16 @@ return 1
 
 
 def slots_key(namespace: str, vm: str) -> str:
-    return f"vmfleet:slots:{namespace}/{vm}"
+    return f"{key_prefix(namespace)}slots:{vm}"
 
 
 def slots_url(broker_url: str) -> str | None:
     """The Redis that holds the semaphore, if there is one."""
-    explicit = settings.current().slots_url
+    conf = settings.current()
+    explicit = conf.slots_url or conf.state_url
     if explicit:
         return explicit
-    if broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis(broker_url):
         return broker_url
     return None
 

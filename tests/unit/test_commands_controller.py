@@ -15,7 +15,8 @@ from vmfleet.api.envelope import Envelope, Target
 
 
 class FakeState:
-    """The controller's side of vmfleet.state.State."""
+    """The controller's side of vmfleet.state.State (every test command is in namespace
+    ``ns``: ``stale`` holds members, ``namespaces`` where each call went)."""
 
     def __init__(self, scope: str = "default") -> None:
         self.scope = scope
@@ -23,21 +24,26 @@ class FakeState:
         self.cancelled: list[str] = []
         self.stale: set[str] = set()
         self.forgotten: list[str] = []
+        self.namespaces: set[str] = set()
 
-    def sent(self, uid: str) -> None:
+    def sent(self, uid: str, namespace: str) -> None:
+        self.namespaces.add(namespace)
         self.live.add(uid)
 
-    def finished(self, uid: str) -> None:
+    def finished(self, uid: str, namespace: str) -> None:
+        self.namespaces.add(namespace)
         self.live.discard(uid)
 
-    def cancel(self, uid: str) -> None:
+    def cancel(self, uid: str, namespace: str) -> None:
+        self.namespaces.add(namespace)
         self.cancelled.append(uid)
         self.live.discard(uid)
 
-    def stale_heartbeats(self, older_than_seconds: float) -> set[str]:
-        return set(self.stale)
+    def stale_heartbeats(self, older_than_seconds: float) -> set[tuple[str, str]]:
+        return {("ns", member) for member in self.stale}
 
-    def forget_heartbeat(self, member: str) -> None:
+    def forget_heartbeat(self, namespace: str, member: str) -> None:
+        self.namespaces.add(namespace)
         self.forgotten.append(member)
         self.stale.discard(member)
 
@@ -68,7 +74,8 @@ class Fleet:
             delete=lambda uid, ns, name: self.deleted.append((uid, ns, name)),
         )
 
-    def send(self, task: str, args: list[Any], queue: str) -> None:
+    def send(self, task: str, args: list[Any], queue: str, namespace: str | None) -> None:
+        assert namespace == "ns" or task.endswith(("transfer_file", "clean_transfer"))
         self.sent.append((task, args, queue))
 
     def envelopes(self) -> list[Envelope]:
@@ -118,6 +125,7 @@ def test_a_new_command_gets_its_entries_queued_and_its_attempt_dispatched(state:
     assert envelope.command_start == tracked.status["startTime"]
     assert fleet.sent[0][2] == "vmfleet.ns.vm1"
     assert state.live == {"c-uid"} and fleet.woken == ["vm1"]
+    assert state.namespaces == {"ns"}  # the command's namespace's keys, no other
     # What the writer will send is accepted by the status models.
     assert status_patch(None, tracked.status) == {"status": tracked.status}
 
