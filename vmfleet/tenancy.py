@@ -175,7 +175,9 @@ def redacted(url: str) -> str:
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    return with_credentials(url, unquote(parts.username or ""), "***")
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return urlunsplit((parts.scheme, f"{name}:***@{host}", parts.path, parts.query, parts.fragment))
 
 
 def is_redis(url: str) -> bool:
