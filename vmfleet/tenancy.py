@@ -123,14 +123,19 @@ def namespace_rules(namespace: str) -> list[str]:
     return [f"~{prefix}*", f"&{prefix}*", *WORKER_COMMANDS]
 
 
+#: Every vmfleet key and channel, and the pattern of every namespace's cancel channel
+#: (``PSUBSCRIBE`` needs the very pattern among the user's channel rules).
+ALL_NAMESPACES: Final = ("~vmfleet*", "&vmfleet*", "&vmfleet.*:cancels")
+
+
 def controller_rules(provision: bool) -> list[str]:
     """The controller's user: every vmfleet key and channel (``~vmfleet*``)."""
-    return ["~vmfleet*", "&vmfleet*", *CONTROLLER_COMMANDS, *(PROVISION_COMMANDS if provision else ())]
+    return [*ALL_NAMESPACES, *CONTROLLER_COMMANDS, *(PROVISION_COMMANDS if provision else ())]
 
 
 def transfers_rules() -> list[str]:
     """The legacy shared transfer worker: every namespace's state, no INFO, no ACL."""
-    return ["~vmfleet*", "&vmfleet*", *WORKER_COMMANDS]
+    return [*ALL_NAMESPACES, *WORKER_COMMANDS]
 
 
 def password_hash(password: str) -> str:

@@ -75,7 +75,8 @@ def test_a_namespace_s_user_reaches_its_prefix_with_the_worker_commands_only() -
     for denied in ("-@admin", "-@dangerous", "-scan", "-keys", "-pubsub", "-function"):
         assert denied in rules
     assert "+info" not in rules and not [r for r in rules if r.startswith("+acl")]
-    assert tenancy.controller_rules(provision=False)[:2] == ["~vmfleet*", "&vmfleet*"]
+    assert tenancy.controller_rules(provision=False)[:3] == ["~vmfleet*", "&vmfleet*",
+                                                             "&vmfleet.*:cancels"]
     assert "+acl|setuser" in tenancy.controller_rules(provision=True)
     assert "+acl|setuser" not in tenancy.controller_rules(provision=False)
     line = tenancy.acl_line("vmfleet-ns-team-a", "pw", rules)

@@ -158,9 +158,9 @@ CONTROLLER_COMMANDS); tests/unit/test_chart.py holds them equal.
 {{- define "vmfleet.brokerAcl" -}}
 {{- $passwords := include "vmfleet.brokerPasswords" . | fromJson -}}
 user default off
-user vmfleet-controller on #{{ sha256sum $passwords.controller }} ~vmfleet* &vmfleet* {{ include "vmfleet.brokerControllerCommands" . }}
+user vmfleet-controller on #{{ sha256sum $passwords.controller }} ~vmfleet* &vmfleet* &vmfleet.*:cancels {{ include "vmfleet.brokerControllerCommands" . }}
 {{- if .Values.transferWorker.enabled }}
-user vmfleet-transfers on #{{ sha256sum $passwords.transfers }} ~vmfleet* &vmfleet* {{ include "vmfleet.brokerWorkerCommands" . }}
+user vmfleet-transfers on #{{ sha256sum $passwords.transfers }} ~vmfleet* &vmfleet* &vmfleet.*:cancels {{ include "vmfleet.brokerWorkerCommands" . }}
 {{- end }}
 {{- range $ns, $password := $passwords.namespaces }}
 user vmfleet-ns-{{ $ns }} on #{{ sha256sum $password }} ~vmfleet.{{ $ns }}:* &vmfleet.{{ $ns }}:* {{ include "vmfleet.brokerWorkerCommands" $ }}
