@@ -98,7 +98,7 @@ class Tracked:
 
 
 # The hooks the command logic needs from the rest of the controller.
-Sender = Callable[[str, dict[str, Any], str], None]  # (task, message body, queue): signed
+Sender = Callable[[str, dict[str, Any], str, str | None], None]  # (task, body, queue, namespace): signed
 VMLookup = Callable[[str, str], dict[str, Any] | None]
 VMLister = Callable[[str, str], list[dict[str, Any]]]  # (namespace, label selector)
 TargetOf = Callable[[dict[str, Any]], Target]
@@ -128,7 +128,7 @@ class Commands:
                  output_budget: int = STATUS_OUTPUT_BUDGET) -> None:
         self.state = state
         self.clock = clock
-        self._absent_since: dict[str, float] = {}  # running attempt -> first seen without a heartbeat
+        self._absent_since: dict[tuple[str, str], float] = {}  # (ns, attempt) -> first seen without a beat
         self.send = send
         self.get_vm = get_vm
         self.list_vms = list_vms
@@ -208,11 +208,11 @@ class Commands:
             running = [e["vm"] for e in tracked.status.get("results") or []
                        if e.get("phase") not in Phase.TERMINAL]
         if running:
-            self.state.cancel(uid)
+            self.state.cancel(uid, tracked.namespace)
             log.info("Cancelled RemoteCommand %s on %s: it was deleted", tracked.ref,
                      ", ".join(running))
         else:
-            self.state.finished(uid)
+            self.state.finished(uid, tracked.namespace)
         return acks
 
     def cancel(self, uid: str, message: str) -> bool:
@@ -235,7 +235,7 @@ class Commands:
                         entry.pop(key, None)
                 elif entry.get("phase") == Phase.RUNNING:
                     running.append(entry["vm"])
-            self.state.cancel(uid)
+            self.state.cancel(uid, tracked.namespace)
             self._refold(tracked)
             tracked.want(0.0)
         log.info("Cancelled RemoteCommand %s%s: %s", tracked.ref,
@@ -267,7 +267,7 @@ class Commands:
                 if now - at < FINISHED_MEMORY_SECONDS:
                     break
                 del self._finished[uid]
-        self.state.finished(tracked.uid)
+        self.state.finished(tracked.uid, tracked.namespace)
         if tracked.ttl is not None:
             finished = tracked.status.get(F.COMPLETION_TIME) or now_rfc3339()
             self._schedule_expiry(tracked.uid, tracked.namespace, tracked.name, finished, tracked.ttl)
@@ -281,7 +281,7 @@ class Commands:
         if tracked is None:
             if report.event == Event.CLAIMED and report.uid:
                 # A claim for a command that no longer exists: make sure it stops.
-                self.state.cancel(report.uid)
+                self.state.cancel(report.uid, report.namespace)
             return False
         with tracked.lock:
             results = tracked.status.get("results") or []
@@ -404,7 +404,8 @@ class Commands:
             if obj is not None:
                 become = tracked.spec.become.user if tracked.spec.become is not None else None
                 self.send(TASK_TERMINATE, terminate_body(
-                    tracked.namespace, self.target_of(obj), pgid, marker, become), vm_queue(obj))
+                    tracked.namespace, self.target_of(obj), pgid, marker, become), vm_queue(obj),
+                    tracked.namespace)
                 log.info("Asked the workers of %s to terminate process group %s of RemoteCommand "
                          "%s", vm, pgid, tracked.ref)
         for vm, attempt in step.dispatch:
@@ -452,8 +453,8 @@ class Commands:
             lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
             scope=self.state.scope,
         )
-        self.state.sent(tracked.uid)
-        self.send(TASK_EXECUTE, envelope.to_message(), vm_queue(obj))
+        self.state.sent(tracked.uid, tracked.namespace)
+        self.send(TASK_EXECUTE, envelope.to_message(), vm_queue(obj), tracked.namespace)
         self.wake(tracked.namespace, vm)  # a VM scaled to zero gets a worker now
         log.info("Dispatched RemoteCommand %s to %s (attempt %s, queue %s)", tracked.ref, vm,
                  attempt, vm_queue(obj))
@@ -475,21 +476,23 @@ class Commands:
                 lost = frozenset(
                     e["vm"] for e in tracked.status.get("results") or []
                     if e.get("phase") == Phase.RUNNING
-                    and attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1)) in stale)
+                    and (tracked.namespace,
+                         attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1))) in stale)
                 self.advance(tracked, lost=lost)
-        for member in stale:
-            self.state.forget_heartbeat(member)  # declared lost now, or its command is gone
+        for namespace, member in stale:
+            self.state.forget_heartbeat(namespace, member)  # declared lost now, or its command is gone
         self._expire()
 
-    def _silent_attempts(self) -> set[str]:
+    def _silent_attempts(self) -> set[tuple[str, str]]:
         """Running attempts with no heartbeat at all for ``lost_after`` seconds, as this
         controller saw them: if Redis lost the heartbeat set, a live worker adds its
         attempt back at its next beat and a dead one never does. Without this, an attempt
         whose heartbeat vanished with its worker would stay Running for ever."""
-        running: list[str] = []
+        running: list[tuple[str, str]] = []
         for tracked in self.tracked():
             with tracked.lock:
-                running.extend(attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1))
+                running.extend((tracked.namespace,
+                                attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1)))
                                for e in tracked.status.get("results") or []
                                if e.get("phase") == Phase.RUNNING)
         try:
@@ -509,7 +512,7 @@ class Commands:
                 del self._absent_since[member]
         return silent
 
-    def _stale_heartbeats(self) -> set[str]:
+    def _stale_heartbeats(self) -> set[tuple[str, str]]:
         try:
             return self.state.stale_heartbeats(self.timing.lost_after)
         except Exception as exc:  # noqa: BLE001 - Redis restarting: nobody is declared lost

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +33,7 @@ from .leader import Elector, KubeLeaseStore, Leadership, Timing
 from .loop import Loop, ReportReader, Writer
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
 from .scaling import QueueDepth
+from .tenants import BrokerTenants
 from .vms import Fleet, entry_counts, kombu_queue_depths, redis_queue_depths
 
 log = logging.getLogger("controller")
@@ -53,6 +55,7 @@ class Context:
     leadership: Leadership = field(default_factory=Leadership)
     synced: threading.Event = field(default_factory=threading.Event)  # start-up lists done
     recorder: Recorder = field(default_factory=Recorder)  # per-object failures (``isolate``)
+    queue_depths: Callable[[list[str]], dict[str, int]] | None = None
 
     @classmethod
     def from_environment(cls) -> Context:
@@ -70,9 +73,11 @@ class Context:
         runtime_name = conf.worker_runtime or (
             c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
         runtime: Runtime
+        tenants: BrokerTenants | None = None
         if runtime_name == c.RUNTIME_PROCESS:
+            tenants = BrokerTenants(state, url, conf.state_url, conf.broker_users)
             runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret,
-                                     verify_key=verify_key)
+                                     verify_key=verify_key, worker_urls=tenants.ensure)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),
@@ -85,6 +90,7 @@ class Context:
                     verify_key=verify_key,
                     **worker_pod_settings(conf),
                 ),
+                serve=state.serve,
             )
         else:
             raise ValueError(
@@ -96,10 +102,11 @@ class Context:
 
         def send_probe(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
             # No retries: a probe that cannot be sent now is sent at the next period.
-            dispatcher.send_task(task, message, queue, expires=expires, retry=False)
+            dispatcher.send_task(task, message, queue, str(message["namespace"]),
+                                 expires=expires, retry=False)
 
         if url.startswith(("redis://", "rediss://", "unix://")):
-            depths = redis_queue_depths(State(url).client)
+            depths = redis_queue_depths(state.client if state.url == url else State(url).client)
         else:
             depths = kombu_queue_depths(QueueDepth(url))
         fleet_box: list[Fleet] = []
@@ -133,12 +140,15 @@ class Context:
         refresh = getattr(runtime, "refresh_credentials", None)
         if refresh is not None:
             ticks.append(refresh)  # Process runtime: Secrets created or rotated later
+        if tenants is not None:
+            ticks.append(tenants.refresh)  # the namespaces' broker users, after a Redis restart
         loop = Loop(writer, reader, ticks, gate=leadership.leading)
         namespaces = tuple(n for n in (conf.watch_namespaces or "").split(",") if n) \
             or kopf_namespaces()
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
-                   crons=crons, leadership=leadership, recorder=recorder)
+                   crons=crons, leadership=leadership, recorder=recorder,
+                   queue_depths=depths)
 
 
 def signer_of(conf: settings.Settings) -> Signer:

@@ -45,7 +45,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     warm(ctx)
     memo.ctx = ctx  # only a started controller says it is alive (``alive``)
     ctx.leadership.start(on_started=lambda: lead(ctx), on_lost=lambda: lost(ctx))
-    metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
+    metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE],
+                                     sizer=ctx.queue_depths,
+                                     memory_info=lambda: ctx.state.client.info("memory"))
     start_readiness(ctx)
 
 
@@ -80,6 +82,7 @@ def warm(ctx: Context) -> None:
     guard = ctx.recorder.guard
     for obj in _list(ctx, c.VM_PLURAL):
         with guard(c.VM_KIND, obj, "read the RemoteVM at start"):
+            ctx.state.serve(obj["metadata"]["namespace"])  # its reports are read from the start
             ctx.fleet.seen(obj, reconcile=False)
     cache = getattr(ctx.runtime, "cache", None)
     if cache is not None:
@@ -101,6 +104,7 @@ def lead(ctx: Context) -> None:
         known.add(obj["metadata"]["uid"])
         with guard(c.COMMAND_KIND, obj, "read the RemoteCommand at start"):
             _drop_finalizer(ctx, c.COMMAND_PLURAL, obj)
+            ctx.state.serve(obj["metadata"]["namespace"])
             ctx.commands.observe(obj)
             if ctx.crons is not None:
                 ctx.crons.command_seen(obj)  # a cron's runs are known before it schedules
@@ -111,10 +115,12 @@ def lead(ctx: Context) -> None:
                     ctx.crons.seen(obj)
         except ApiException as exc:  # the CRD is not installed (yet): the watch brings them
             log.warning("Could not list RemoteCronCommands: %s %s", exc.status, exc.reason)
-    for uid in ctx.state.live() - known:
-        ctx.state.cancel(uid)  # deleted while no controller ran
-        log.info("Cancelled the attempts of RemoteCommand uid %s: it was deleted while the "
-                 "controller was not running", uid)
+    for namespace, uid in ctx.state.live():
+        if uid in known:
+            continue
+        ctx.state.cancel(uid, namespace)  # deleted while no controller ran
+        log.info("Cancelled the attempts of RemoteCommand uid %s in %s: it was deleted while "
+                 "the controller was not running", uid, namespace)
     ensure_transfer_worker = getattr(ctx.runtime, "ensure_transfer_worker", None)
     if ensure_transfer_worker is not None:
         ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers

@@ -143,7 +143,7 @@ class Writer:
         tracked.want(0.0)
         log.error("RemoteCommand %s failed (%s): %s", tracked.ref, c.Reason.INTERNAL_ERROR, message)
         if running:
-            self.state.cancel(tracked.uid)  # its remote processes are killed
+            self.state.cancel(tracked.uid, tracked.namespace)  # its remote processes are killed
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)

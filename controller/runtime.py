@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from kubernetes.client import AppsV1Api
 
-from vmfleet import settings, workerprobes
+from vmfleet import settings, tenancy, workerprobes
 from vmfleet.api import constants as c
 from vmfleet.api.models import DEFAULT_WORKER_GRACE_SECONDS, Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.api.served import ANY, Served
@@ -39,6 +39,7 @@ from vmfleet.procs import (
 )
 
 from .budgets import Budgets
+from .tenants import WorkerURLs
 
 log = logging.getLogger("controller.runtime")
 
@@ -49,6 +50,8 @@ STATE_URL_ENV = settings.env_of("state_url")
 VERIFY_KEY_ENV = settings.env_of("verify_key")
 SERVED_ENV = settings.env_of("served_vms")
 SIGNING_KEY_ENV = settings.env_of("signing_key_file")
+SLOTS_URL_ENV = settings.env_of("slots_url")
+NAMESPACE_ENV = settings.env_of("namespace")
 
 
 def desired_replicas(workers: WorkersSpec | None) -> int:
@@ -207,7 +210,7 @@ class Runtime(Protocol):
 class DeploymentSettings:
     image: str
     broker_url: str
-    broker_secret_name: str | None = None
+    broker_secret_name: str = tenancy.BROKER_SECRET_NAME
     broker_secret_key: str = "url"
     state_url: str | None = None
     image_pull_policy: str = "IfNotPresent"
@@ -254,6 +257,23 @@ DEFAULT_WORKER_RESOURCES: dict[str, Any] = {
 }
 
 
+def worker_env(namespace: str, settings: DeploymentSettings) -> list[dict[str, Any]]:
+    """A worker pod's connection strings, each from the namespace's broker Secret
+    (``secretKeyRef``: never a literal URL in a pod spec), and its namespace."""
+    if not settings.broker_secret_name:
+        raise ValueError("the Deployment runtime needs VMFLEET_BROKER_SECRET_NAME: worker pods "
+                         "take their broker URL from a Secret in their namespace, never a literal")
+    env: list[dict[str, Any]] = [
+        {"name": BROKER_URL_ENV, "valueFrom": {"secretKeyRef": {
+            "name": settings.broker_secret_name, "key": settings.broker_secret_key}}},
+        {"name": NAMESPACE_ENV, "value": namespace},
+    ]
+    if settings.state_url:
+        env.append({"name": STATE_URL_ENV, "valueFrom": {"secretKeyRef": {
+            "name": settings.broker_secret_name, "key": tenancy.STATE_SECRET_KEY}}})
+    return env
+
+
 def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas: int) -> dict[str, Any]:
     """The Deployment of one worker group (pure; applied with server-side apply).
 
@@ -261,23 +281,11 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     they mount only their VMs' credentials Secrets, each at ``<mount>/<secret name>``."""
     name = group.deployment
     labels = worker_labels(group)
-    if settings.broker_secret_name:
-        broker_env: dict[str, Any] = {
-            "name": BROKER_URL_ENV,
-            "valueFrom": {"secretKeyRef": {"name": settings.broker_secret_name,
-                                           "key": settings.broker_secret_key}},
-        }
-    else:
-        broker_env = {"name": BROKER_URL_ENV, "value": settings.broker_url}
-    env: list[dict[str, Any]] = [
-        broker_env,
-        {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
-        {"name": VERIFY_KEY_ENV, "value": settings.verify_key},
-        {"name": SERVED_ENV, "value": group.served.encode()},
-    ]
-    if settings.state_url:
-        env.append({"name": STATE_URL_ENV, "value": settings.state_url})
-    env.append({"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR})
+    env = [*worker_env(group.namespace, settings),
+           {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
+           {"name": VERIFY_KEY_ENV, "value": settings.verify_key},
+           {"name": SERVED_ENV, "value": group.served.encode()},
+           {"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR}]
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
     volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o440}}
@@ -400,16 +408,20 @@ class DeploymentRuntime:
     name = c.RUNTIME_DEPLOYMENT
 
     def __init__(self, apps: AppsV1Api, settings: DeploymentSettings,
-                 cache: DeploymentCache | None = None, budgets: Budgets | None = None) -> None:
+                 cache: DeploymentCache | None = None, budgets: Budgets | None = None,
+                 serve: Callable[[str], None] | None = None) -> None:
         self.apps = apps
         self.settings = settings
         self.cache = cache or DeploymentCache()
         self.budgets = budgets or Budgets(apps.api_client)
+        self.serve = serve  # the namespace's reports are read from now on
 
     def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
         """Apply the group's Deployment with ``replicas``, unless the watch shows it as
         wanted already (a restarted controller writes nothing)."""
         body = worker_deployment(group, self.settings, replicas)
+        if self.serve is not None:
+            self.serve(group.namespace)
         seen = self.cache.get(group.namespace, group.deployment)
         wanted_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         ready = seen.ready if seen is not None else 0
@@ -473,9 +485,13 @@ class ProcessRuntime:
 
     def __init__(self, broker_url: str, log_dir: Path, python: str = sys.executable,
                  read_secret: SecretReader | None = None,
-                 credentials_dir: Path | None = None, verify_key: str = "") -> None:
+                 credentials_dir: Path | None = None, verify_key: str = "",
+                 worker_urls: Callable[[str], WorkerURLs] | None = None) -> None:
         self.broker_url = broker_url
         self.verify_key = verify_key
+        # A namespace's URLs (its own broker user): given to its workers, never another's.
+        self.worker_urls = worker_urls or (
+            lambda _ns: WorkerURLs(broker_url, settings.current().state_url))
         self.log_dir = log_dir
         self.python = python
         self.read_secret = read_secret
@@ -525,9 +541,14 @@ class ProcessRuntime:
         argv = worker_argv(",".join(group.queues), group.concurrency, node)
         return [self.python, "-m", *argv]
 
-    def _env(self, group: WorkerGroup) -> dict[str, str]:
+    def _env(self, group: WorkerGroup, urls: WorkerURLs) -> dict[str, str]:
         env = dict(os.environ)
-        env[BROKER_URL_ENV] = self.broker_url
+        for name in (STATE_URL_ENV, SLOTS_URL_ENV):
+            env.pop(name, None)  # the controller's own: never a worker's
+        env[BROKER_URL_ENV] = urls.broker
+        if urls.state:
+            env[STATE_URL_ENV] = urls.state
+        env[NAMESPACE_ENV] = group.namespace
         env[CREDENTIALS_DIR_ENV] = str(self.credentials_dir / group.namespace)
         env[VERIFY_KEY_ENV] = self.verify_key
         env[SERVED_ENV] = group.served.encode()
@@ -571,8 +592,10 @@ class ProcessRuntime:
 
     def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
         """Run ``replicas`` worker processes for the group."""
-        # A member joining or leaving a pool changes what its workers serve: they restart.
-        fingerprint = hashlib.sha256(repr((self._argv(group, 0), self.broker_url,
+        # A member joining or leaving a pool changes what its workers serve: they restart;
+        # so do new broker credentials.
+        urls = self.worker_urls(group.namespace)
+        fingerprint = hashlib.sha256(repr((self._argv(group, 0), urls,
                                            group.served.encode())).encode()).hexdigest()
         if replicas:
             self.write_credentials(group.namespace, group.secrets)
@@ -593,7 +616,7 @@ class ProcessRuntime:
                 who = f"pool-{group.pool}" if group.pool else group.vms[0].name
                 log_path = self.log_dir / f"{group.namespace}.{who}.{index}.log"
                 proc = ManagedProcess(f"worker {group.key}#{index}", self._argv(group, index),
-                                      log_path, env=self._env(group)).start()
+                                      log_path, env=self._env(group, urls)).start()
                 # Recorded so that `vmfleet dev down` can stop workers a killed controller left.
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started worker process %s for %s (queues %s)", proc.pid, group.key,
@@ -621,6 +644,7 @@ class ProcessRuntime:
                 env[VERIFY_KEY_ENV] = self.verify_key
                 env[SERVED_ENV] = Served({ANY: ANY}).encode()  # every VM the controller watches
                 env.pop(SIGNING_KEY_ENV, None)
+                env.pop(NAMESPACE_ENV, None)  # every namespace's (the legacy shared queue)
                 proc = ManagedProcess("transfer worker", argv, log_path, env=env).start()
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started transfer worker process %s (queue %s)", proc.pid,

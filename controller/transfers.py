@@ -66,8 +66,9 @@ def send_transfer(commands: Commands, tracked: Tracked, entry: dict[str, Any], a
                         command_start=tracked.status.get(F.START_TIME), targets=targets,
                         scope=commands.state.scope)
     if task == TASK_TRANSFER:
-        commands.state.sent(tracked.uid)
-    commands.send(task, envelope.to_message(), TRANSFER_QUEUE)
+        commands.state.sent(tracked.uid, tracked.namespace)
+    # The legacy shared queue: outside every namespace's key prefix (namespace None).
+    commands.send(task, envelope.to_message(), TRANSFER_QUEUE, None)
     verb = "Dispatched transfer" if task == TASK_TRANSFER else "Sent cleanup of transfer"
     log.info("%s %s to %s (attempt %s, queue %s)", verb, tracked.ref, entry["vm"], attempt,
              TRANSFER_QUEUE)

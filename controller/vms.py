@@ -32,6 +32,7 @@ from vmfleet.api.models import RemoteVMSpec
 from vmfleet.api.reports import ProbeReport
 from vmfleet.fold import set_condition
 from vmfleet.kube import ApiException, Kube
+from vmfleet.tenancy import queue_key
 
 from . import vmcheck
 from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
@@ -546,8 +547,9 @@ def redis_queue_depths(client: Any) -> QueueDepthReader:
     def read(queues: list[str]) -> dict[str, int]:
         pipe = client.pipeline(transaction=False)
         for queue in queues:
+            key = queue_key(queue)  # under its namespace's key prefix
             for suffix in suffixes:
-                pipe.llen(queue + suffix)
+                pipe.llen(key + suffix)
         values = pipe.execute()
         return {queue: sum(int(v) for v in values[i * 4:(i + 1) * 4])
                 for i, queue in enumerate(queues)}

@@ -14,8 +14,9 @@ from vmfleet.celeryconf import celery_config
 log = logging.getLogger("remote_tasks")
 
 # The worker's settings, read once at start: a bad VMFLEET_* value stops it here, named.
+# Its keys are under its namespace's prefix (VMFLEET_NAMESPACE): all its broker user reaches.
 app = Celery("remote_tasks")
-app.conf.update(celery_config(settings.current().broker_url))
+app.conf.update(celery_config(settings.current().broker_url, settings.current().namespace))
 
 
 @signals.worker_ready.connect

@@ -216,7 +216,8 @@ class Attempt:
 
     def _claim(self) -> bool:
         env = self.envelope
-        result = self.state.claim(env.uid, env.vm, env.attempt, self.worker, env.scope)
+        result = self.state.claim(env.uid, env.vm, env.attempt, self.worker, env.scope,
+                                   namespace=env.namespace)
         if result != CLAIMED:
             self.claim_lost = True
             self.cancelled = result == CANCELLED
@@ -255,7 +256,8 @@ class Attempt:
             self._next_heartbeat = now + _heartbeat_seconds()
             env = self.envelope
             try:
-                if self.state.heartbeat(env.uid, env.vm, env.attempt, env.scope):
+                if self.state.heartbeat(env.uid, env.vm, env.attempt, env.scope,
+                                        namespace=env.namespace):
                     self.cancelled = True
             except Exception as exc:  # noqa: BLE001 - Redis restarting: the next beat may land
                 log.warning("Heartbeat of %s on %s failed: %s", env.ref, env.vm, exc)
@@ -273,7 +275,7 @@ class Attempt:
             # Ended before it could start: no claim report carried a startTime.
             fields = fields.replace(start_time=fields.completion_time)
         self.report(Event.FINISHED, fields)
-        self.state.release(env.uid, env.vm, env.attempt, env.scope)
+        self.state.release(env.uid, env.vm, env.attempt, env.scope, namespace=env.namespace)
         return True
 
 
@@ -295,7 +297,7 @@ class CommandExecutor:
         return cls(State(state_url(conf.broker_url)), ConnectionPool(), Path(directory))
 
     def listen_for_cancels(self, stop: threading.Event) -> None:
-        self.state.listen_cancels(self.cancels.cancel, stop)
+        self.state.listen_cancels(self.cancels.cancel, stop, settings.current().namespace)
 
     # ------------------------------------------------------------------ targets
 
@@ -462,7 +464,7 @@ class CommandExecutor:
                            "remote process group was terminated", None, result)
         if result.ended_by is None and result.exit_code is None and not attempt.cancelled:
             # Killed by a signal: a cancel may have terminated it before our tick saw it.
-            attempt.cancelled = self.state.cancelled(envelope.uid)
+            attempt.cancelled = self.state.cancelled(envelope.uid, namespace=envelope.namespace)
         if result.ended_by == Reason.CANCELLED or (result.ended_by is None and attempt.cancelled):
             return Outcome(Phase.CANCELLED, Reason.CANCELLED,
                            "cancelled: the RemoteCommand was deleted; the remote process group "

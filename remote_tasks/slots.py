@@ -1,7 +1,7 @@
 """``maxConcurrentCommands`` across all replicas of a VM's worker: a semaphore in Redis.
 
 Each running command holds a lease: a member of the sorted set
-``vmfleet:slots:<namespace>/<vm>`` scored with its expiry time (Redis server time, so
+``vmfleet.<namespace>:slots:<vm>`` (under the namespace's key prefix) scored with its expiry time (Redis server time, so
 worker clocks do not matter). Taking a slot first drops expired leases, then adds ours
 if fewer than the limit are held — one Lua script, atomic. The holder renews its lease
 every few seconds; a worker that dies stops renewing and its slot frees itself after
@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from vmfleet import settings
+from vmfleet.tenancy import is_redis, key_prefix
 
 log = logging.getLogger("remote_tasks.slots")
 
@@ -63,7 +64,7 @@ return 1
 
 
 def slots_key(namespace: str, vm: str) -> str:
-    return f"vmfleet:slots:{namespace}/{vm}"
+    return f"{key_prefix(namespace)}slots:{vm}"
 
 
 def slots_url(broker_url: str) -> str | None:
@@ -73,7 +74,7 @@ def slots_url(broker_url: str) -> str | None:
     explicit = conf.slots_url or conf.state_url
     if explicit:
         return explicit
-    if broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis(broker_url):
         return broker_url
     return None
 

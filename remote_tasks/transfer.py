@@ -415,7 +415,8 @@ class TransferExecutor:
         return self.run(run)
 
     def _claim(self, envelope: Envelope, vm: str, holder: str, cancel: Attempt) -> bool:
-        result = self.state.claim(envelope.uid, vm, envelope.attempt, holder, envelope.scope)
+        result = self.state.claim(envelope.uid, vm, envelope.attempt, holder, envelope.scope,
+                                  namespace=envelope.namespace)
         if result == CLAIMED:
             return True
         if result == CANCELLED:
@@ -457,7 +458,8 @@ class TransferExecutor:
             while not stop.wait(interval):
                 for dest in run.unreported:
                     try:
-                        if self.state.heartbeat(env.uid, dest.vm, dest.attempt, env.scope):
+                        if self.state.heartbeat(env.uid, dest.vm, dest.attempt, env.scope,
+                                                namespace=env.namespace):
                             run.cancel.cancelled = True
                     except Exception as exc:  # noqa: BLE001 - Redis restarting: beat again later
                         log.warning("Heartbeat of transfer %s to %s failed: %s", env.ref,
@@ -534,7 +536,8 @@ class TransferExecutor:
             env = run.envelope
             for dest in run.unreported:
                 try:
-                    if self.state.heartbeat(env.uid, dest.vm, dest.attempt, env.scope):
+                    if self.state.heartbeat(env.uid, dest.vm, dest.attempt, env.scope,
+                                            namespace=env.namespace):
                         run.cancel.cancelled = True
                 except Exception as exc:  # noqa: BLE001 - Redis restarting: the next beat may land
                     log.warning("Heartbeat of transfer %s to %s failed: %s", env.ref, dest.vm, exc)
@@ -897,7 +900,8 @@ class TransferExecutor:
             completion_time=now_rfc3339(), host=dest.target.host if dest.target else None,
             transfer={k: v for k, v in transfer.items() if v is not None} or None))
         dest.reported = True
-        self.state.release(envelope.uid, dest.vm, dest.attempt, envelope.scope)
+        self.state.release(envelope.uid, dest.vm, dest.attempt, envelope.scope,
+                           namespace=envelope.namespace)
         log.info("Finished transfer %s to %s attempt %s: %s (%s)", envelope.ref, dest.vm,
                  dest.attempt, phase, reason)
 

@@ -25,30 +25,37 @@ class FakeState:
 
     def __init__(self, scope: str = "default") -> None:
         self.scope = scope
-        self.live_uids: set[str] = set()
+        self.live_uids: set[tuple[str, str]] = set()  # (namespace, uid)
         self.cancelled: list[str] = []
         self.acked: list[str] = []
+        self.served: set[str] = set()
 
-    def sent(self, uid: str) -> None:
-        self.live_uids.add(uid)
+    def serve(self, namespace: str) -> None:
+        self.served.add(namespace)
 
-    def finished(self, uid: str) -> None:
-        self.live_uids.discard(uid)
+    def sent(self, uid: str, namespace: str) -> None:
+        self.live_uids.add((namespace, uid))
 
-    def cancel(self, uid: str) -> None:
+    def finished(self, uid: str, namespace: str) -> None:
+        self.live_uids.discard((namespace, uid))
+
+    def cancel(self, uid: str, namespace: str) -> None:
         self.cancelled.append(uid)
-        self.live_uids.discard(uid)
+        self.live_uids.discard((namespace, uid))
 
-    def live(self) -> set[str]:
+    def live(self) -> set[tuple[str, str]]:
         return set(self.live_uids)
 
     def ack(self, ids: list[str]) -> None:
         self.acked.extend(ids)
 
-    def stale_heartbeats(self, older_than_seconds: float) -> set[str]:
+    def stale_heartbeats(self, older_than_seconds: float) -> set[tuple[str, str]]:
         return set()
 
-    def forget_heartbeat(self, member: str) -> None:
+    def absent_heartbeats(self, members: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        return set()
+
+    def forget_heartbeat(self, namespace: str, member: str) -> None:
         pass
 
 
@@ -161,8 +168,8 @@ def controller_parts(kube: FakeKube | None = None) -> Parts:
     sent: list[tuple[str, list[Any], str]] = []
     box: list[Fleet] = []
 
-    def send(task: str, args: list[Any], queue: str) -> None:
-        sent.append((task, args, queue))
+    def send(task: str, body: dict[str, Any], queue: str, namespace: str | None) -> None:
+        sent.append((task, body, queue))
 
     commands = Commands(
         state, send,  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ from typing import Any
 
 from vmfleet import settings
 from vmfleet.settings import DEFAULT_BROKER_URL
+from vmfleet.tenancy import is_redis, transport_options
 
 BROKER_URL_ENV = settings.env_of("broker_url")
 
@@ -16,9 +17,16 @@ def broker_url() -> str:
     return settings.current().broker_url
 
 
-def celery_config(url: str | None = None) -> dict[str, Any]:
+def celery_config(url: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+    """The Celery settings of one namespace's senders and workers: on Redis, every key
+    kombu uses is under the namespace's prefix (``vmfleet.tenancy``; None: the legacy
+    shared transfer queue's), the only keys its ACL user reaches."""
+    url = url or broker_url()
+    options: dict[str, Any] = {"visibility_timeout": 3600}
+    if is_redis(url):
+        options.update(transport_options(namespace))
     return {
-        "broker_url": url or broker_url(),
+        "broker_url": url,
         "broker_connection_retry_on_startup": True,
         # Results live in the RemoteCommand's status, not in a result backend.
         "task_ignore_result": True,
@@ -32,7 +40,12 @@ def celery_config(url: str | None = None) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
         "worker_redirect_stdouts": False,
-        "broker_transport_options": {"visibility_timeout": 3600},
+        "broker_transport_options": options,
+        # No remote control (pidbox) and no events: nothing but the queues crosses the
+        # broker, and no key outside the namespace's prefix is needed.
+        "worker_enable_remote_control": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
         # AMQP: notice a dead broker connection in seconds, not minutes (default 120 s).
         "broker_heartbeat": 10,
         "task_create_missing_queues": True,

@@ -7,7 +7,8 @@ never command text, output or per-command ids. Both processes expose the same re
 - workers: ``vmfleet_commands_total``, ``vmfleet_command_duration_seconds``,
   ``vmfleet_command_queue_wait_seconds``, ``vmfleet_ssh_connect_seconds``,
   ``vmfleet_ssh_connections_open``, ``vmfleet_ssh_errors_total``;
-- the controller: ``vmfleet_queue_depth`` (read from the broker at scrape time),
+- the controller: ``vmfleet_queue_depth`` and ``vmfleet_broker_memory_used_ratio`` (read
+  from the broker at scrape time),
   ``vmfleet_vm_up`` and the VM facts (from RemoteVM status), ``vmfleet_worker_replicas``,
   ``vmfleet_reconcile_errors_total``.
 
@@ -93,6 +94,7 @@ for _kind in SSH_ERROR_KINDS:
 # ----------------------------------------------------------------------------- controller
 
 QUEUE_DEPTH_NAME = "vmfleet_queue_depth"
+BROKER_MEMORY_NAME = "vmfleet_broker_memory_used_ratio"
 VM_UP = Gauge(
     "vmfleet_vm_up",
     "1 when the RemoteVM's last probe reached it (condition Reachable), 0 when it did not.",
@@ -143,6 +145,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "vmfleet_command_duration_seconds",
     "vmfleet_command_queue_wait_seconds",
     QUEUE_DEPTH_NAME,
+    BROKER_MEMORY_NAME,
     "vmfleet_vm_up",
     "vmfleet_vm_load1",
     "vmfleet_vm_memory_available_bytes",
@@ -394,14 +397,60 @@ def register_queue_depth(sizer: QueueSizer, extra_queues: Iterable[str] = ()) ->
     prometheus_client.REGISTRY.register(_collector)
 
 
-def start_controller_metrics(broker_url: str, extra_queues: Iterable[str] = ()) -> int | None:
-    """The controller's endpoint (default port 9807) with queue depths from the broker."""
+class BrokerMemoryCollector(Collector):
+    """``vmfleet_broker_memory_used_ratio``: the state Redis' ``used_memory`` over its
+    ``maxmemory`` (``INFO memory``), at scrape time; no sample without a ``maxmemory``."""
+
+    _help = ("Used fraction of the Redis' maxmemory (claims, reports and, with the Redis "
+             "broker, queued messages); writes fail when it reaches 1 (noeviction).")
+
+    def __init__(self, info: Callable[[], Mapping[str, Any]]) -> None:
+        self.info = info
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily(BROKER_MEMORY_NAME, self._help)]
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(BROKER_MEMORY_NAME, self._help)
+        try:
+            info = self.info()
+            used, limit = float(info.get("used_memory", 0)), float(info.get("maxmemory", 0))
+        except Exception as exc:  # noqa: BLE001 - the scrape still returns the rest
+            log.warning("Could not read the broker's memory use: %s", exc)
+            limit = 0.0
+        if limit > 0:
+            family.add_metric([], used / limit)
+        yield family
+
+
+def start_controller_metrics(broker_url: str, extra_queues: Iterable[str] = (),
+                             sizer: QueueSizer | None = None,
+                             memory_info: Callable[[], Mapping[str, Any]] | None = None
+                             ) -> int | None:
+    """The controller's endpoint (default port 9807) with queue depths from the broker
+    (``sizer``, default read through kombu) and, given ``memory_info`` (Redis ``INFO
+    memory``), the broker's memory use."""
     port = metrics_port(CONTROLLER_PORT)
     if port == 0:
         log.info("Metrics are off (%s=0)", PORT_ENV)
         return None
-    register_queue_depth(broker_queue_sizer(broker_url), extra_queues)
+    register_queue_depth(sizer or broker_queue_sizer(broker_url), extra_queues)
+    if memory_info is not None:
+        register_broker_memory(memory_info)
     return start_metrics_server(port)
+
+
+_memory_collector: BrokerMemoryCollector | None = None
+
+
+def register_broker_memory(info: Callable[[], Mapping[str, Any]]) -> None:
+    """Register the broker memory collector once per process."""
+    global _memory_collector
+    with _queues_lock:
+        if _memory_collector is not None:
+            return
+        _memory_collector = BrokerMemoryCollector(info)
+    prometheus_client.REGISTRY.register(_memory_collector)
 
 
 def start_worker_metrics() -> int | None:

@@ -118,13 +118,18 @@ class Settings:
     worker_extra_env: str | None = setting(
         "VMFLEET_WORKER_EXTRA_ENV", None, CONTROLLER,
         "Extra env entries of the worker containers, a JSON list (chart: `workers.extraEnv`).")
-    broker_secret_name: str | None = setting(
-        "VMFLEET_BROKER_SECRET_NAME", None, CONTROLLER,
-        "Secret holding the broker URL, referenced by the worker Deployments instead of the "
-        "URL itself (chart: `broker.external.existingSecret`).")
+    broker_secret_name: str = setting(
+        "VMFLEET_BROKER_SECRET_NAME", "vmfleet-broker", CONTROLLER,
+        "Secret in each namespace with worker pods, holding its broker URL (and `state-url`); "
+        "the pods reference it, never a literal URL (the chart creates it).")
     broker_secret_key: str = setting(
         "VMFLEET_BROKER_SECRET_KEY", "url", CONTROLLER,
         "Key of the broker URL in that Secret (chart: `broker.external.secretKey`).")
+    broker_users: str = setting(
+        "VMFLEET_BROKER_USERS", "Derived", CONTROLLER,
+        "`Process` runtime: `Derived` makes a Redis ACL user per namespace for its workers; "
+        "`Shared` gives workers the controller's own URLs (a Redis without ACLs).",
+        choices=("Derived", "Shared"))
     worker_log_dir: str = setting(
         "VMFLEET_WORKER_LOG_DIR", ".vmfleet/workers", CONTROLLER,
         "`Process` runtime: where the worker processes' logs go.")
@@ -209,6 +214,10 @@ class Settings:
         "VMFLEET_PROBE_DIR", None, WORKER,
         "Where the worker keeps its readiness and liveness files for exec probes (set by the "
         "controller and the chart; unset: no probe files).")
+    namespace: str | None = setting(
+        "VMFLEET_NAMESPACE", None, WORKER,
+        "Set by the controller: the namespace a worker serves (its broker keys are under "
+        "`vmfleet.<namespace>:`).")
     credentials_dir: str | None = setting(
         "VMFLEET_CREDENTIALS_DIR", None, WORKER,
         "Where the workers' VMs' credentials Secrets are mounted, one folder per Secret "

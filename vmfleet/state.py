@@ -2,26 +2,32 @@
 
 The controller is the only writer of RemoteCommand status; workers hold no Kubernetes
 client. Everything they must tell the controller, and everything that must hold across
-a worker, controller or broker restart, lives here:
+a worker, controller or broker restart, lives here. Every key a worker touches is under
+its namespace's prefix ``vmfleet.<ns>:`` (``vmfleet.tenancy``), which is all its Redis
+ACL user reaches:
 
-- **Claims** (exactly once). ``vmfleet:claim:<uid>/<vm>/<attempt>`` is set once
+- **Claims** (exactly once). ``vmfleet.<ns>:claim:<uid>/<vm>/<attempt>`` is set once
   (``SET NX`` in a Lua script that also checks the cancel key): two deliveries of one
   message can never both run the attempt, a redelivery after a worker crash finds the
   claim taken, and a command deleted before its claim is never started.
-- **Heartbeats**: the sorted set ``vmfleet:heartbeats:<scope>`` scores each running attempt
-  with the Redis server's time of its last sign of life (set at the claim, renewed by
-  the worker, added again if the set was lost). The controller declares an attempt lost
-  when its score is stale, or when a running attempt has had no score at all for as
-  long (the set was lost and its worker is gone too).
-- **Reports**: the stream ``vmfleet:reports:<scope>`` (one per controller). Workers append claims, progress and
-  results; the controller reads them in the consumer group ``controller``, folds them
-  into status writes, and acknowledges (and deletes) an entry only once the write that
-  carries it has landed. Entries a dead controller had read but not acknowledged stay
-  pending and are claimed again by the next one (``XAUTOCLAIM``): nothing is lost.
-- **Cancels**: ``vmfleet:cancel:<uid>`` (read at the claim and with each heartbeat)
-  plus a message on the channel ``vmfleet:cancels``, which every worker process
-  listens to, so a deleted command's processes are killed within a second.
-- **Live commands**: the set ``vmfleet:live:<scope>`` of command uids with attempts sent. A
+- **Heartbeats**: the sorted set ``vmfleet.<ns>:heartbeats:<scope>`` scores each running
+  attempt with the Redis server's time of its last sign of life (set at the claim,
+  renewed by the worker, added again if the set was lost). The controller declares an
+  attempt lost when its score is stale, or when a running attempt has had no score at
+  all for as long (the set was lost and its worker is gone too).
+- **Reports**: the stream ``vmfleet.<ns>:reports:<scope>`` (one per namespace and
+  controller). Workers append claims, progress and results; the controller reads the
+  streams of every namespace it serves with one ``XREADGROUP`` in the consumer group
+  ``controller``, folds them into status writes, and acknowledges (and deletes) an entry
+  only once the write that carries it has landed. Entries a dead controller had read but
+  not acknowledged stay pending and are claimed again by the next one (``XAUTOCLAIM``):
+  nothing is lost. A report whose body names another namespace than its stream's is
+  dropped: a namespace's credentials write only that namespace's reports.
+- **Cancels**: ``vmfleet.<ns>:cancel:<uid>`` (read at the claim and with each heartbeat)
+  plus a message on the namespace's channel ``vmfleet.<ns>:cancels``, which its worker
+  processes listen to, so a deleted command's processes are killed within a second.
+- **Live commands** (the controller's own, no worker reaches it): the set
+  ``vmfleet:live:<scope>`` of ``<namespace>/<uid>`` of commands with attempts sent. A
   controller that starts cancels the members whose RemoteCommand no longer exists (it
   was deleted while no controller ran).
 
@@ -40,13 +46,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmfleet import settings
+from vmfleet.tenancy import is_redis, key_prefix
 
 log = logging.getLogger("vmfleet.state")
 
 STATE_URL_ENV = settings.env_of("state_url")
 GROUP = "controller"
 DEFAULT_SCOPE = "default"
-CANCELS = "vmfleet:cancels"
 CLAIM_TTL_SECONDS = 7 * 24 * 3600
 CANCEL_TTL_SECONDS = 24 * 3600
 
@@ -86,7 +92,7 @@ def state_url(broker_url: str) -> str:
     explicit = conf.state_url or conf.slots_url
     if explicit:
         return explicit
-    if broker_url.startswith(("redis://", "rediss://", "unix://")):
+    if is_redis(broker_url):
         return broker_url
     raise ValueError(
         f"the broker {broker_url.split('@')[-1]!r} is not Redis: set {STATE_URL_ENV} to a Redis "
@@ -94,15 +100,16 @@ def state_url(broker_url: str) -> str:
     )
 
 
-def reports_key(scope: str) -> str:
-    return f"vmfleet:reports:{scope}"
+def reports_key(namespace: str, scope: str) -> str:
+    return f"{key_prefix(namespace)}reports:{scope}"
 
 
-def heartbeats_key(scope: str) -> str:
-    return f"vmfleet:heartbeats:{scope}"
+def heartbeats_key(namespace: str, scope: str) -> str:
+    return f"{key_prefix(namespace)}heartbeats:{scope}"
 
 
 def live_key(scope: str) -> str:
+    """The controller's own set (``vmfleet:``, outside every namespace's prefix)."""
     return f"vmfleet:live:{scope}"
 
 
@@ -110,17 +117,31 @@ def attempt_member(uid: str, vm: str, attempt: int) -> str:
     return f"{uid}/{vm}/{attempt}"
 
 
-def claim_key(uid: str, vm: str, attempt: int) -> str:
-    return f"vmfleet:claim:{attempt_member(uid, vm, attempt)}"
+def claim_key(namespace: str, uid: str, vm: str, attempt: int) -> str:
+    return f"{key_prefix(namespace)}claim:{attempt_member(uid, vm, attempt)}"
 
 
-def cancel_key(uid: str) -> str:
-    return f"vmfleet:cancel:{uid}"
+def cancel_key(namespace: str, uid: str) -> str:
+    return f"{key_prefix(namespace)}cancel:{uid}"
+
+
+def cancels_channel(namespace: str) -> str:
+    return f"{key_prefix(namespace)}cancels"
+
+
+#: Every namespace's cancel channel (for a worker that serves several: the legacy shared
+#: transfer worker, whose user reaches every namespace).
+ALL_CANCELS = "vmfleet.*:cancels"
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True)
 class Report:
-    """One entry of the reports stream, as the controller reads it."""
+    """One entry of a reports stream, as the controller reads it. ``id`` is
+    ``<namespace>/<stream id>``: what :meth:`State.ack` takes."""
 
     id: str
     body: dict[str, Any]
@@ -130,8 +151,9 @@ class State:
     """A Redis client with the scripts above; thread-safe (redis-py pools connections).
 
     ``scope`` is the controller's: several controllers (releases watching different
-    namespaces) can share one Redis, each with its own reports stream, heartbeats and
-    live set. A worker writes into the scope its message names (``Envelope.scope``)."""
+    namespaces) can share one Redis, each with its own reports streams, heartbeats and
+    live set. A worker writes into the scope its message names (``Envelope.scope``).
+    The controller reads the streams of the namespaces it serves (:meth:`serve`)."""
 
     def __init__(self, url: str, scope: str = DEFAULT_SCOPE) -> None:
         import redis
@@ -143,50 +165,61 @@ class State:
         self._claim = self.client.register_script(_CLAIM)
         self._beat = self.client.register_script(_BEAT)
         self._now = self.client.register_script(_NOW_MS)
+        self._lock = threading.Lock()
+        self._served: dict[str, bool] = {}  # namespace -> its stream's group exists
 
     # ------------------------------------------------------------------ workers
 
     def claim(self, uid: str, vm: str, attempt: int, worker: str,
-              scope: str = DEFAULT_SCOPE) -> str:
+              scope: str = DEFAULT_SCOPE, *, namespace: str) -> str:
         """``claimed`` (ours now), ``taken`` (by any delivery before, even one of this
         worker's: a redelivery after a crash never runs the attempt again) or ``cancelled``."""
         member = attempt_member(uid, vm, attempt)
-        result = self._claim(keys=[claim_key(uid, vm, attempt), cancel_key(uid), heartbeats_key(scope)],
+        result = self._claim(keys=[claim_key(namespace, uid, vm, attempt), cancel_key(namespace, uid),
+                                   heartbeats_key(namespace, scope)],
                              args=[worker, CLAIM_TTL_SECONDS, member])
-        return result.decode() if isinstance(result, bytes) else str(result)
+        return _text(result)
 
-    def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE) -> bool:
+    def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE, *,
+                  namespace: str) -> bool:
         """Renew the attempt's heartbeat; True when its command was cancelled."""
-        return bool(self._beat(keys=[heartbeats_key(scope), cancel_key(uid)],
+        return bool(self._beat(keys=[heartbeats_key(namespace, scope), cancel_key(namespace, uid)],
                                args=[attempt_member(uid, vm, attempt)]))
 
-    def release(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE) -> None:
+    def release(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE, *,
+                namespace: str) -> None:
         """The attempt ended (its result is reported): no more heartbeats expected."""
-        self.client.zrem(heartbeats_key(scope), attempt_member(uid, vm, attempt))
+        self.client.zrem(heartbeats_key(namespace, scope), attempt_member(uid, vm, attempt))
 
-    def report(self, body: dict[str, Any], scope: str = DEFAULT_SCOPE) -> str:
-        """Append a report for the controller of ``scope``; returns its stream id."""
-        entry_id = self.client.xadd(reports_key(scope), {"r": json.dumps(body, separators=(",", ":"))})
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    def report(self, body: dict[str, Any], scope: str = DEFAULT_SCOPE,
+               namespace: str | None = None) -> str:
+        """Append a report for the controller of ``scope``, to the stream of the report's
+        namespace (``body["namespace"]`` unless given); returns its stream id."""
+        stream = reports_key(namespace or str(body.get("namespace") or ""), scope)
+        entry_id = self.client.xadd(stream, {"r": json.dumps(body, separators=(",", ":"))})
+        return _text(entry_id)
 
-    def cancelled(self, uid: str) -> bool:
-        return bool(self.client.exists(cancel_key(uid)))
+    def cancelled(self, uid: str, *, namespace: str) -> bool:
+        return bool(self.client.exists(cancel_key(namespace, uid)))
 
-    def listen_cancels(self, on_cancel: Callable[[str], None],
-                       stop: threading.Event) -> threading.Thread:
-        """Call ``on_cancel(uid)`` for every cancel published, in a daemon thread that
+    def listen_cancels(self, on_cancel: Callable[[str], None], stop: threading.Event,
+                       namespace: str | None = None) -> threading.Thread:
+        """Call ``on_cancel(uid)`` for every cancel published in ``namespace`` (None: in
+        every namespace, for a user that reaches them all), in a daemon thread that
         reconnects after errors (the heartbeat's cancel check covers the gap)."""
 
         def run() -> None:
             while not stop.is_set():
                 pubsub = self.client.pubsub(ignore_subscribe_messages=True)
                 try:
-                    pubsub.subscribe(CANCELS)
+                    if namespace:
+                        pubsub.subscribe(cancels_channel(namespace))
+                    else:
+                        pubsub.psubscribe(ALL_CANCELS)
                     while not stop.is_set():
                         message = pubsub.get_message(timeout=1.0)
-                        if message and message.get("type") == "message":
-                            data = message["data"]
-                            on_cancel(data.decode() if isinstance(data, bytes) else str(data))
+                        if message and message.get("type") in ("message", "pmessage"):
+                            on_cancel(_text(message["data"]))
                 except Exception as exc:  # noqa: BLE001 - Redis restarted: listen again
                     log.warning("Listening for cancels failed (%s); listening again in 1s", exc)
                     stop.wait(1.0)
@@ -205,90 +238,152 @@ class State:
     def now_ms(self) -> int:
         return int(self._now())
 
-    def sent(self, uid: str) -> None:
-        """An attempt of this command was sent: it is live until ``finished``."""
-        self.client.sadd(live_key(self.scope), uid)
+    def serve(self, namespace: str) -> None:
+        """Read this namespace's reports stream from now on (its group is created at the
+        next read)."""
+        key_prefix(namespace)  # a namespace name, or ValueError
+        with self._lock:
+            self._served.setdefault(namespace, False)
 
-    def finished(self, uid: str) -> None:
-        self.client.srem(live_key(self.scope), uid)
+    def served(self) -> list[str]:
+        with self._lock:
+            return sorted(self._served)
 
-    def live(self) -> set[str]:
-        return {m.decode() if isinstance(m, bytes) else str(m) for m in self.client.smembers(live_key(self.scope))}
+    def sent(self, uid: str, namespace: str) -> None:
+        """An attempt of this command was sent: it is live until ``finished`` (and its
+        namespace's reports are read)."""
+        self.serve(namespace)
+        self.client.sadd(live_key(self.scope), f"{namespace}/{uid}")
 
-    def cancel(self, uid: str) -> None:
+    def finished(self, uid: str, namespace: str) -> None:
+        self.client.srem(live_key(self.scope), f"{namespace}/{uid}")
+
+    def live(self) -> set[tuple[str, str]]:
+        """``(namespace, uid)`` of the commands with attempts sent and not finished."""
+        found = set()
+        for member in self.client.smembers(live_key(self.scope)):
+            namespace, _, uid = _text(member).rpartition("/")
+            if namespace:
+                found.add((namespace, uid))
+        return found
+
+    def cancel(self, uid: str, namespace: str) -> None:
         """The command is gone: its unclaimed attempts never start, running ones are killed."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(cancel_key(uid), "1", ex=CANCEL_TTL_SECONDS)
-        pipe.publish(CANCELS, uid)
-        pipe.srem(live_key(self.scope), uid)
+        pipe.set(cancel_key(namespace, uid), "1", ex=CANCEL_TTL_SECONDS)
+        pipe.publish(cancels_channel(namespace), uid)
+        pipe.srem(live_key(self.scope), f"{namespace}/{uid}")
         pipe.execute()
 
-    def stale_heartbeats(self, older_than_seconds: float) -> set[str]:
-        """Members (``uid/vm/attempt``) whose last heartbeat is older than that."""
+    def stale_heartbeats(self, older_than_seconds: float) -> set[tuple[str, str]]:
+        """``(namespace, uid/vm/attempt)`` whose last heartbeat is older than that, in
+        every namespace served."""
         cutoff = self.now_ms() - int(older_than_seconds * 1000)
-        return {m.decode() if isinstance(m, bytes) else str(m)
-                for m in self.client.zrangebyscore(heartbeats_key(self.scope), "-inf", cutoff)}
+        namespaces = self.served()
+        if not namespaces:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for namespace in namespaces:
+            pipe.zrangebyscore(heartbeats_key(namespace, self.scope), "-inf", cutoff)
+        return {(namespace, _text(m))
+                for namespace, members in zip(namespaces, pipe.execute(), strict=True) for m in members}
 
-    def absent_heartbeats(self, members: list[str]) -> set[str]:
-        """Members that have no heartbeat at all (released, or Redis lost the set)."""
+    def absent_heartbeats(self, members: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """``(namespace, uid/vm/attempt)`` that have no heartbeat at all (released, or
+        Redis lost the set)."""
         if not members:
             return set()
         pipe = self.client.pipeline(transaction=False)
-        for member in members:
-            pipe.zscore(heartbeats_key(self.scope), member)
+        for namespace, member in members:
+            pipe.zscore(heartbeats_key(namespace, self.scope), member)
         return {m for m, score in zip(members, pipe.execute(), strict=True) if score is None}
 
-    def forget_heartbeat(self, member: str) -> None:
-        self.client.zrem(heartbeats_key(self.scope), member)
+    def forget_heartbeat(self, namespace: str, member: str) -> None:
+        self.client.zrem(heartbeats_key(namespace, self.scope), member)
 
-    def ensure_group(self) -> None:
+    def ensure_group(self, namespaces: list[str] | None = None) -> list[str]:
+        """Create the consumer group of each namespace's stream that has none yet (all
+        served namespaces again when None: Redis may have restarted empty). Returns the
+        namespaces whose streams can be read."""
         import redis
 
-        try:
-            self.client.xgroup_create(reports_key(self.scope), GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        with self._lock:
+            if namespaces is None:
+                todo = list(self._served)
+            else:
+                todo = [ns for ns in namespaces if not self._served.get(ns)]
+        for namespace in todo:
+            try:
+                self.client.xgroup_create(reports_key(namespace, self.scope), GROUP, id="0",
+                                          mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            with self._lock:
+                self._served[namespace] = True
+        return self.served()
 
     def pending_reports(self, consumer: str, count: int = 1000) -> Iterator[Report]:
         """Reports read but never acknowledged by any controller (one that died), now ours."""
-        start = "0-0"
-        while True:
-            reply = self.client.xautoclaim(reports_key(self.scope), GROUP, consumer, min_idle_time=0,
-                                           start_id=start, count=count)
-            start, entries = reply[0], reply[1]
-            yield from _reports(entries)
-            if start in (b"0-0", "0-0") or not entries:
-                return
+        for namespace in self.ensure_group():
+            stream = reports_key(namespace, self.scope)
+            start = "0-0"
+            while True:
+                reply = self.client.xautoclaim(stream, GROUP, consumer, min_idle_time=0,
+                                               start_id=start, count=count)
+                start, entries = reply[0], reply[1]
+                yield from _reports(namespace, entries)
+                if start in (b"0-0", "0-0") or not entries:
+                    break
 
     def read_reports(self, consumer: str, block_ms: int, count: int = 1000) -> list[Report]:
-        reply = self.client.xreadgroup(GROUP, consumer, {reports_key(self.scope): ">"}, count=count,
-                                       block=block_ms)
+        """New reports of every namespace served, in one ``XREADGROUP``."""
+        namespaces = self.ensure_group(self.served())
+        if not namespaces:
+            time.sleep(block_ms / 1000)
+            return []
+        streams = {reports_key(ns, self.scope): ">" for ns in namespaces}
+        by_stream = {reports_key(ns, self.scope): ns for ns in namespaces}
+        reply = self.client.xreadgroup(GROUP, consumer, streams, count=count, block=block_ms)
         reports: list[Report] = []
-        for _stream, entries in reply or []:
-            reports.extend(_reports(entries))
+        for stream, entries in reply or []:
+            reports.extend(_reports(by_stream[_text(stream)], entries))
         return reports
 
     def ack(self, ids: list[str]) -> None:
-        """The reports' writes landed: acknowledge and drop them."""
+        """The reports' writes landed: acknowledge and drop them (``Report.id`` values)."""
         if not ids:
             return
+        by_namespace: dict[str, list[str]] = {}
+        for ident in ids:
+            namespace, _, entry_id = ident.partition("/")
+            by_namespace.setdefault(namespace, []).append(entry_id)
         pipe = self.client.pipeline(transaction=False)
-        pipe.xack(reports_key(self.scope), GROUP, *ids)
-        pipe.xdel(reports_key(self.scope), *ids)
+        for namespace, entry_ids in by_namespace.items():
+            stream = reports_key(namespace, self.scope)
+            pipe.xack(stream, GROUP, *entry_ids)
+            pipe.xdel(stream, *entry_ids)
         pipe.execute()
 
 
-def _reports(entries: Any) -> Iterator[Report]:
+def _reports(namespace: str, entries: Any) -> Iterator[Report]:
     for entry_id, fields in entries or []:
         if fields is None:  # deleted meanwhile
             continue
-        ident = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        ident = f"{namespace}/{_text(entry_id)}"
         raw = fields.get(b"r") or fields.get("r")
         try:
             body = json.loads(raw)
         except (TypeError, ValueError):
             log.warning("Dropped report %s: not JSON", ident)
+            body = {}
+        if not isinstance(body, dict):
+            log.warning("Dropped report %s: not an object", ident)
+            body = {}
+        elif body and body.get("namespace") != namespace:
+            # Written with namespace's credentials about another namespace: never applied.
+            log.warning("Dropped report %s: it names namespace %r, not its stream's", ident,
+                        body.get("namespace"))
             body = {}
         yield Report(ident, body)
 
@@ -306,4 +401,6 @@ def wait_for_redis(state: State, timeout: float = 60.0) -> None:
             time.sleep(0.5)
 
 
-__all__ = ["CANCELLED", "CLAIMED", "TAKEN", "Report", "State", "attempt_member", "state_url"]
+__all__ = ["CANCELLED", "CLAIMED", "TAKEN", "Report", "State", "attempt_member", "cancel_key",
+           "cancels_channel", "claim_key", "heartbeats_key", "live_key", "reports_key",
+           "state_url"]

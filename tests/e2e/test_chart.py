@@ -4,6 +4,7 @@ controller and the workers may do what they need and nothing more."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -124,7 +125,8 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
     try:
         helm("install", release, str(CHART), "--namespace", ns)
         manifest = [d for d in yaml.safe_load_all(helm("get", "manifest", release, "-n", ns).stdout) if d]
-        assert len(manifest) == 15  # no worker ServiceAccount, Role or RoleBinding
+        # No worker ServiceAccount, Role or RoleBinding; the broker's Secrets and NetworkPolicy.
+        assert len(manifest) == 20
         for doc in manifest:
             kind, name = doc["kind"], doc["metadata"]["name"]
             args = ["get", kind, name, "-o", "name"]
@@ -180,6 +182,17 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
         assert not can_i(kubectl, transfer, "create", "pods", ns)
         assert not can_i(kubectl, transfer, "patch", rcmd, ns, "status")  # it only reports
         assert not can_i(kubectl, transfer, "get", rcmd, ns)
+
+        # The broker's generated credentials survive `helm upgrade` (lookup), and its
+        # NetworkPolicy is accepted by the API server.
+        def broker_secrets() -> dict[str, Any]:
+            return {name: kubectl.get_json("-n", ns, "secret", f"{release}-vmfleet-{name}")["data"]
+                    for name in ("broker", "broker-controller", "broker-transfers", "broker-acl")}
+
+        before = broker_secrets()
+        helm("upgrade", release, str(CHART), "--namespace", ns)
+        assert broker_secrets() == before
+        kubectl("get", "networkpolicy", f"{release}-vmfleet-broker", "-n", ns)
     finally:
         helm("uninstall", release, "--namespace", ns, check=False)
     assert not kubectl("get", "clusterrole", "-l", f"app.kubernetes.io/instance={release}",
@@ -252,7 +265,8 @@ def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
         controller = start_controller(
             controller_kc, redis_server.url, tmp_path, [ns_name], runtime="Deployment",
             extra_env={"VMFLEET_WORKER_IMAGE": "vmfleet:0.1.0",
-                       "VMFLEET_WATCH_NAMESPACES": ns_name})
+                       "VMFLEET_WATCH_NAMESPACES": ns_name,
+                       "VMFLEET_BROKER_SECRET_NAME": f"{release}-vmfleet-broker"})
         vm = vms[0]
         kubectl.apply(*vm_manifests(vm, ns_name))
         deployment = wait_until(
@@ -277,8 +291,15 @@ def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
 
         env = {k: v for k, v in os.environ.items()
                if k not in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG")}
+        # Its broker URL is the namespace's own user, from the chart's Secret (secretKeyRef).
+        by_name = {e["name"]: e for e in pod["containers"][0]["env"]}
+        ref = by_name["VMFLEET_BROKER_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": f"{release}-vmfleet-broker", "key": "url"}
+        chart_secret = kubectl.get_json("-n", ns_name, "secret", ref["name"])["data"]
+        password = base64.b64decode(chart_secret["password"]).decode()
         env.update(KUBECONFIG=str(tmp_path / "no-such-kubeconfig"),
-                   VMFLEET_BROKER_URL=redis_server.url, HOME=str(tmp_path),
+                   VMFLEET_BROKER_URL=redis_server.namespace_url(ns_name, password),
+                   VMFLEET_NAMESPACE=by_name["VMFLEET_NAMESPACE"]["value"], HOME=str(tmp_path),
                    VMFLEET_CREDENTIALS_DIR=str(key_dir), VMFLEET_METRICS_PORT="0",
                    PYTHONUNBUFFERED="1")
         container = pod["containers"][0]

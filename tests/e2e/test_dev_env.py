@@ -84,6 +84,14 @@ def test_dev_up_converges_to_what_was_asked(tmp_path_factory: pytest.TempPathFac
     try:
         dev("up", "--vms", "4")
         dev.assert_fleet(4)
+        # The local Redis asks who is there, as the chart's does (the fleet ran through
+        # the namespace's own user, which the controller created).
+        import redis
+
+        port = json.loads((root / "state.json").read_text())["brokerPort"]
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
+        assert "Created broker user vmfleet-ns-default" in (root / "controller.log").read_text()
         ports = [(i["spec"]["host"], i["spec"]["port"]) for i in dev.vms()]
 
         dev("down")

@@ -10,6 +10,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import paramiko
 import pytest
@@ -19,6 +20,7 @@ from kombu import Connection
 from vmfleet.dev.brokers import RabbitMQServer, RedisServer
 from vmfleet.dev.proc import port_open, wait_until
 from vmfleet.dev.sshd import SshdVM, hidden_paths, namespaces_supported, wait_for_port_closed
+from vmfleet.tenancy import transport_options
 
 pytestmark = pytest.mark.e2e
 
@@ -213,7 +215,9 @@ def broker(request: pytest.FixtureRequest) -> RedisServer | RabbitMQServer:
 
 
 def test_broker_urls(redis_server: RedisServer) -> None:
-    assert redis_server.url == f"redis://127.0.0.1:{redis_server.port}/0"
+    assert redis_server.anonymous_url == f"redis://127.0.0.1:{redis_server.port}/0"
+    assert redis_server.url.startswith("redis://vmfleet-controller:")
+    assert redis_server.url.endswith(f"@127.0.0.1:{redis_server.port}/0")
     listeners = subprocess.run(["ss", "-Htln"], capture_output=True, text=True, check=True).stdout
     mine = [line.split()[3] for line in listeners.splitlines() if line.split()[3].endswith(f":{redis_server.port}")]
     assert mine == [f"127.0.0.1:{redis_server.port}"]
@@ -221,8 +225,9 @@ def test_broker_urls(redis_server: RedisServer) -> None:
 
 def test_celery_message_round_trip(broker: RedisServer | RabbitMQServer) -> None:
     queue = f"vmfleet.test.{uuid.uuid4().hex[:8]}"
-    task_id = _send_task(broker.url, queue, "hello")
-    assert _receive(broker.url, queue) == (task_id, "hello")
+    url = _url(broker)
+    task_id = _send_task(url, queue, "hello")
+    assert _receive(url, queue) == (task_id, "hello")
 
 
 def test_redis_started_elsewhere_is_stopped_through_its_pid_file(
@@ -236,20 +241,20 @@ def test_redis_started_elsewhere_is_stopped_through_its_pid_file(
 def test_redis_keeps_queued_message_across_restart(make_redis: Callable[..., RedisServer]) -> None:
     redis = make_redis()
     queue = f"vmfleet.test.{uuid.uuid4().hex[:8]}"
-    task_id = _send_task(redis.url, queue, "survives restart")
+    task_id = _send_task(_url(redis), queue, "survives restart")
     port = redis.port
     redis.restart()
     assert redis.port == port
-    assert _receive(redis.url, queue) == (task_id, "survives restart")
+    assert _receive(_url(redis), queue) == (task_id, "survives restart")
 
 
 def test_redis_keeps_queued_message_across_crash(make_redis: Callable[..., RedisServer]) -> None:
     redis = make_redis()
     queue = f"vmfleet.test.{uuid.uuid4().hex[:8]}"
-    task_id = _send_task(redis.url, queue, "survives kill")
+    task_id = _send_task(_url(redis), queue, "survives kill")
     redis.kill()
     redis.start()
-    assert _receive(redis.url, queue) == (task_id, "survives kill")
+    assert _receive(_url(redis), queue) == (task_id, "survives kill")
 
 
 def test_rabbitmq_keeps_queued_message_across_restart(
@@ -270,9 +275,19 @@ def test_rabbitmq_keeps_queued_message_across_restart(
 # -- helpers ----------------------------------------------------------------------
 
 
+def _url(broker: RedisServer | RabbitMQServer) -> str:
+    """Redis: the namespace ``test``'s own user (what a worker of it holds)."""
+    return broker.namespace_url("test") if isinstance(broker, RedisServer) else broker.url
+
+
+def _options(url: str) -> dict[str, Any]:
+    return transport_options("test") if url.startswith("redis://") else {}
+
+
 def _send_task(url: str, queue: str, payload: str) -> str:
     """Publish a real Celery task message to ``queue`` (no worker consumes it)."""
     app = Celery("vmfleet-test", broker=url)
+    app.conf.broker_transport_options = _options(url)
     try:
         result = app.send_task("vmfleet.test.echo", args=[payload], queue=queue)
         return str(result.id)
@@ -281,7 +296,7 @@ def _send_task(url: str, queue: str, payload: str) -> str:
 
 
 def _receive(url: str, queue: str, timeout: float = 15) -> tuple[str, str]:
-    with Connection(url) as conn:
+    with Connection(url, transport_options=_options(url)) as conn:
         simple = conn.SimpleQueue(queue)
         try:
             message = simple.get(block=True, timeout=timeout)

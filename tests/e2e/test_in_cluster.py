@@ -14,6 +14,7 @@ status, and no RemoteVM or RemoteCommand carries a finalizer.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import time
@@ -137,7 +138,11 @@ def release(controlplane: ControlPlane, kubectl: Kubectl, crds: None, node: Node
     # A broker of its own: the session's Process-runtime controller shares none of its queues.
     redis = RedisServer(workdir / "redis").start()
     ns = Namespace(kubectl, unique_namespace("inc")).create()
-    kubectl("-n", ns.name, "create", "secret", "generic", "broker", f"--from-literal=url={redis.url}")
+    # The namespace's workers hold its own Redis user; the controller and transfer worker theirs.
+    kubectl("-n", ns.name, "create", "secret", "generic", "broker",
+            f"--from-literal=url={redis.namespace_url(ns.name)}")
+    kubectl("-n", ns.name, "create", "secret", "generic", "broker-controller",
+            f"--from-literal=url={redis.url}")
     rel = Release(controlplane, kubectl, node, node_image, ns, redis, workdir)
     rel.installed_at = time.monotonic()
     rel.helm_run("install", RELEASE, str(CHART), "-f", str(rel.values()), "--wait", "--timeout", "240s")
@@ -196,6 +201,31 @@ def test_controller_pod_ready_and_one_worker_deployment_per_vm(release: Release,
         projected = [v for v in spec.get("volumes", []) if "projected" in v]
         assert spec.get("automountServiceAccountToken") is False and not projected, (
             f"{vm.name}'s worker pod has Kubernetes credentials (DESIGN.md: none)")
+
+
+def test_the_broker_asks_who_is_there_and_worker_pods_hold_their_namespace_s_user(
+        release: Release) -> None:
+    import redis
+
+    from vmfleet import tenancy
+
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        redis.Redis.from_url(release.redis.anonymous_url, socket_timeout=5).ping()
+    pods = release.pods("app.kubernetes.io/name=vmfleet")
+    assert pods
+    for pod in pods:
+        for container in pod["spec"]["containers"]:
+            for env in container.get("env", []):
+                assert "redis://" not in str(env.get("value", "")), pod["metadata"]["name"]
+    workers = [p for p in pods if p["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+    assert workers
+    for pod in workers:
+        env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+        assert env["VMFLEET_BROKER_URL"]["valueFrom"]["secretKeyRef"] == {"name": "broker", "key": "url"}
+        assert env["VMFLEET_NAMESPACE"]["value"] == release.ns.name
+    secret = release.kubectl.get_json("-n", release.ns.name, "secret", "broker")
+    url = base64.b64decode(secret["data"]["url"]).decode()
+    assert tenancy.url_credentials(url)[0] == tenancy.namespace_user(release.ns.name)
 
 
 def test_every_container_talks_to_the_api_on_loopback_only(release: Release) -> None:

@@ -17,21 +17,44 @@ from vmfleet.state import (
     DEFAULT_SCOPE,
     GROUP,
     TAKEN,
+    Report,
     State,
     attempt_member,
     reports_key,
 )
 
+NS = "ns1"  # the workers' namespace: they connect as its own ACL user
+
 
 @pytest.fixture
-def redis_url(make_redis: Callable[..., RedisServer]) -> str:
-    """A Redis of the test's own: the reports stream and its consumer group are global."""
-    return make_redis().url
+def server(make_redis: Callable[..., RedisServer]) -> RedisServer:
+    """A Redis of the test's own: the reports streams and their groups are global."""
+    return make_redis()
+
+
+@pytest.fixture
+def redis_url(server: RedisServer) -> str:
+    """The controller's user."""
+    return server.url
+
+
+@pytest.fixture
+def worker_url(server: RedisServer) -> str:
+    """Namespace ns1's user: what its workers hold."""
+    return server.namespace_url(NS)
 
 
 @pytest.fixture
 def state(redis_url: str) -> Iterator[State]:
     s = State(redis_url)
+    s.serve(NS)
+    yield s
+    s.client.close()
+
+
+@pytest.fixture
+def worker(worker_url: str) -> Iterator[State]:
+    s = State(worker_url)
     yield s
     s.client.close()
 
@@ -40,8 +63,8 @@ def uid() -> str:
     return f"uid-{uuid.uuid4().hex[:8]}"
 
 
-def test_of_workers_racing_for_one_attempt_exactly_one_wins(redis_url: str) -> None:
-    workers = [State(redis_url) for _ in range(8)]  # one client (and connection) each
+def test_of_workers_racing_for_one_attempt_exactly_one_wins(worker_url: str) -> None:
+    workers = [State(worker_url) for _ in range(8)]  # one client (and connection) each
     for round_ in range(10):
         command = uid()
         start = threading.Barrier(len(workers))
@@ -50,7 +73,7 @@ def test_of_workers_racing_for_one_attempt_exactly_one_wins(redis_url: str) -> N
         def claim(index: int, s: State, start: threading.Barrier = start, command: str = command,
                   answers: dict[str, str] = answers) -> None:
             start.wait(timeout=10)
-            answers[f"w{index}"] = s.claim(command, "vm1", 1, f"w{index}")
+            answers[f"w{index}"] = s.claim(command, "vm1", 1, f"w{index}", namespace=NS)
 
         threads = [threading.Thread(target=claim, args=(i, s)) for i, s in enumerate(workers)]
         for t in threads:
@@ -62,23 +85,24 @@ def test_of_workers_racing_for_one_attempt_exactly_one_wins(redis_url: str) -> N
         assert len(winners) == 1, answers
         assert sorted(answers.values()) == [CLAIMED] + [TAKEN] * (len(workers) - 1)
         # The winner is recorded and a redelivery to the winner itself never runs it again.
-        assert workers[0].claim(command, "vm1", 1, winners[0]) == TAKEN
+        assert workers[0].claim(command, "vm1", 1, winners[0], namespace=NS) == TAKEN
         # Another attempt (a retry) or another VM is a separate claim.
-        assert workers[0].claim(command, "vm1", 2, "w0") == CLAIMED
-        assert workers[0].claim(command, "vm2", 1, "w0") == CLAIMED
+        assert workers[0].claim(command, "vm1", 2, "w0", namespace=NS) == CLAIMED
+        assert workers[0].claim(command, "vm2", 1, "w0", namespace=NS) == CLAIMED
     for s in workers:
         s.client.close()
 
 
-def test_a_cancelled_command_is_never_claimed_and_running_attempts_hear_it(state: State) -> None:
+def test_a_cancelled_command_is_never_claimed_and_running_attempts_hear_it(
+        state: State, worker: State) -> None:
     command = uid()
-    assert state.claim(command, "vm1", 1, "w1") == CLAIMED
-    state.sent(command)
+    assert worker.claim(command, "vm1", 1, "w1", namespace=NS) == CLAIMED
+    state.sent(command, NS)
     heard: list[str] = []
     stop = threading.Event()
-    listener = state.listen_cancels(heard.append, stop)
+    listener = worker.listen_cancels(heard.append, stop, NS)
     def cancel_and_hear() -> bool:
-        state.cancel(command)  # published again until the listener (subscribing in its
+        state.cancel(command, NS)  # published again until the listener (subscribing in its
         return command in heard  # own thread) has heard it once
 
     try:
@@ -86,20 +110,24 @@ def test_a_cancelled_command_is_never_claimed_and_running_attempts_hear_it(state
     finally:
         stop.set()
         listener.join(timeout=5)
-    assert state.cancelled(command)
-    assert state.heartbeat(command, "vm1", 1) is True  # the running attempt ends at its tick
-    assert state.claim(command, "vm2", 1, "w2") == CANCELLED
-    assert state.claim(command, "vm1", 2, "w1") == CANCELLED  # no retry either
-    assert command not in state.live()
+    assert worker.cancelled(command, namespace=NS)
+    assert worker.heartbeat(command, "vm1", 1, namespace=NS) is True  # ends at its tick
+    assert worker.claim(command, "vm2", 1, "w2", namespace=NS) == CANCELLED
+    assert worker.claim(command, "vm1", 2, "w1", namespace=NS) == CANCELLED  # no retry either
+    assert (NS, command) not in state.live()
     other = uid()
-    assert not state.cancelled(other) and state.claim(other, "vm1", 1, "w1") == CLAIMED
+    assert not worker.cancelled(other, namespace=NS)
+    assert worker.claim(other, "vm1", 1, "w1", namespace=NS) == CLAIMED
 
 
-def test_a_report_a_dead_controller_read_is_picked_up_by_the_next_one(redis_url: str) -> None:
-    worker, first = State(redis_url), State(redis_url)
+def test_a_report_a_dead_controller_read_is_picked_up_by_the_next_one(
+        redis_url: str, worker: State) -> None:
+    first = State(redis_url)
+    first.serve(NS)
     first.ensure_group()
     first.ensure_group()  # idempotent: a restarted controller creates it again
-    ids = [worker.report({"kind": "attempt", "event": "finished", "uid": "u", "vm": f"vm{i}"})
+    ids = [f"{NS}/" + worker.report({"kind": "attempt", "event": "finished", "uid": "u",
+                                     "vm": f"vm{i}", "namespace": NS})
            for i in range(3)]
     read = first.read_reports("controller-a", block_ms=1000)
     assert [r.id for r in read] == ids
@@ -108,65 +136,87 @@ def test_a_report_a_dead_controller_read_is_picked_up_by_the_next_one(redis_url:
     first.client.close()  # ...when controller-a died
 
     second = State(redis_url)
+    second.serve(NS)
     second.ensure_group()
     assert second.read_reports("controller-b", block_ms=100) == []  # nothing new
     pending = list(second.pending_reports("controller-b"))
     assert [r.id for r in pending] == ids[1:]
     assert [r.body for r in pending] == [{"kind": "attempt", "event": "finished", "uid": "u",
-                                          "vm": f"vm{i}"} for i in (1, 2)]
+                                          "vm": f"vm{i}", "namespace": NS} for i in (1, 2)]
     second.ack([r.id for r in pending])
     assert list(second.pending_reports("controller-b")) == []
-    stream = reports_key(DEFAULT_SCOPE)
+    stream = reports_key(NS, DEFAULT_SCOPE)
     assert second.client.xlen(stream) == 0  # acknowledged reports are deleted
     assert second.client.xpending(stream, GROUP)["pending"] == 0
-    worker.client.close()
     second.client.close()
 
 
-def test_heartbeats_go_stale_unless_renewed_and_end_with_the_attempt(state: State) -> None:
+def test_one_read_takes_the_reports_of_every_namespace_served_and_drops_strays(
+        server: RedisServer, state: State, worker: State) -> None:
+    other = State(server.namespace_url("ns2"))
+    state.serve("ns2")
+    worker.report({"kind": "attempt", "uid": "a", "namespace": NS})
+    other.report({"kind": "attempt", "uid": "b", "namespace": "ns2"})
+    # A report written into ns1's stream (all ns1's credentials reach) about ns2's command:
+    worker.report({"kind": "attempt", "uid": "forged", "namespace": "ns2"}, namespace=NS)
+    read: list[Report] = []
+    wait_until(lambda: read.extend(state.read_reports("c", block_ms=200)) or len(read) >= 3,
+               timeout=10, what="the three reports")
+    assert sorted((r.id.split("/")[0], r.body.get("uid", "")) for r in read) == [
+        (NS, ""), (NS, "a"), ("ns2", "b")]  # the stray is read (to be acknowledged), empty
+    state.ack([r.id for r in read])
+    assert state.client.xlen(reports_key(NS, DEFAULT_SCOPE)) == 0
+    other.client.close()
+
+
+def test_heartbeats_go_stale_unless_renewed_and_end_with_the_attempt(
+        state: State, worker: State) -> None:
     command = uid()
-    member = attempt_member(command, "vm1", 1)
-    assert state.claim(command, "vm1", 1, "w1") == CLAIMED  # the claim is the first beat
+    member = (NS, attempt_member(command, "vm1", 1))
+    assert worker.claim(command, "vm1", 1, "w1", namespace=NS) == CLAIMED  # the first beat
     assert member not in state.stale_heartbeats(60)
     wait_until(lambda: member in state.stale_heartbeats(0.3), timeout=10,
                what="the heartbeat to be older than 0.3s")
-    assert state.heartbeat(command, "vm1", 1) is False  # renewed; not cancelled
+    assert worker.heartbeat(command, "vm1", 1, namespace=NS) is False  # renewed; not cancelled
     assert member not in state.stale_heartbeats(0.3)
-    state.release(command, "vm1", 1)
-    assert state.heartbeat(command, "vm1", 1) is False  # XX: a released attempt is not re-added
+    worker.release(command, "vm1", 1, namespace=NS)
+    # XX: a released attempt is not re-added
+    assert worker.heartbeat(command, "vm1", 1, namespace=NS) is False
     assert member not in state.stale_heartbeats(0)
     # The controller forgets a member it declared lost.
     lost = uid()
-    state.claim(lost, "vm1", 1, "w1")
-    wait_until(lambda: attempt_member(lost, "vm1", 1) in state.stale_heartbeats(0.2), timeout=10,
-               what="the second heartbeat to go stale")
-    state.forget_heartbeat(attempt_member(lost, "vm1", 1))
-    assert attempt_member(lost, "vm1", 1) not in state.stale_heartbeats(0)
+    worker.claim(lost, "vm1", 1, "w1", namespace=NS)
+    wait_until(lambda: (NS, attempt_member(lost, "vm1", 1)) in state.stale_heartbeats(0.2),
+               timeout=10, what="the second heartbeat to go stale")
+    state.forget_heartbeat(NS, attempt_member(lost, "vm1", 1))
+    assert (NS, attempt_member(lost, "vm1", 1)) not in state.stale_heartbeats(0)
 
 
 def test_live_commands_are_those_sent_and_not_finished(state: State) -> None:
     running, done = uid(), uid()
-    state.sent(running)
-    state.sent(done)
-    state.finished(done)
-    assert state.live() == {running}
+    state.sent(running, NS)
+    state.sent(done, NS)
+    state.finished(done, NS)
+    assert state.live() == {(NS, running)}
 
 
-def test_controllers_sharing_one_redis_keep_their_reports_and_heartbeats_apart(redis_url: str) -> None:
-    a, b, worker = State(redis_url, scope="a"), State(redis_url, scope="b"), State(redis_url)
-    a.ensure_group()
-    b.ensure_group()
+def test_controllers_sharing_one_redis_keep_their_reports_and_heartbeats_apart(
+        redis_url: str, worker: State) -> None:
+    a, b = State(redis_url, scope="a"), State(redis_url, scope="b")
+    for s in (a, b):
+        s.serve(NS)
+        s.ensure_group()
     command = uid()
-    assert worker.claim(command, "vm1", 1, "w1", scope="b") == CLAIMED
-    worker.report({"kind": "attempt", "uid": command}, scope="b")
+    assert worker.claim(command, "vm1", 1, "w1", scope="b", namespace=NS) == CLAIMED
+    worker.report({"kind": "attempt", "uid": command, "namespace": NS}, scope="b")
     assert a.read_reports("controller-a", block_ms=100) == []
     assert [r.body["uid"] for r in b.read_reports("controller-b", block_ms=1000)] == [command]
-    member = attempt_member(command, "vm1", 1)
+    member = (NS, attempt_member(command, "vm1", 1))
     assert member not in a.stale_heartbeats(0)  # not a's attempt: never declared lost by a
     assert member in b.stale_heartbeats(0)
-    a.sent(command)
-    assert b.live() == set() and a.live() == {command}
-    for s in (a, b, worker):
+    a.sent(command, NS)
+    assert b.live() == set() and a.live() == {(NS, command)}
+    for s in (a, b):
         s.client.close()
 
 

@@ -25,24 +25,33 @@ class FakeState:
         self.beats = 0
         self.released: list[tuple[str, str, int]] = []
         self.scopes: set[str] = set()  # where the worker wrote (the sending controller's)
+        self.namespaces: set[str | None] = set()  # ...and in which namespace's keys
 
-    def claim(self, uid: str, vm: str, attempt: int, worker: str, scope: str = "default") -> str:
+    def claim(self, uid: str, vm: str, attempt: int, worker: str, scope: str = "default", *,
+              namespace: str) -> str:
         self.scopes.add(scope)
+        self.namespaces.add(namespace)
         self.claims.append((uid, vm, attempt, worker))
         return self.answer
 
-    def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = "default") -> bool:
+    def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = "default", *,
+                  namespace: str) -> bool:
         self.scopes.add(scope)
+        self.namespaces.add(namespace)
         self.beats += 1
         return self.cancelled_at_beat
 
-    def report(self, body: dict[str, Any], scope: str = "default") -> str:
+    def report(self, body: dict[str, Any], scope: str = "default",
+               namespace: str | None = None) -> str:
         self.scopes.add(scope)
+        self.namespaces.add(namespace or body.get("namespace"))
         self.reports.append(body)
         return f"{len(self.reports)}-0"
 
-    def release(self, uid: str, vm: str, attempt: int, scope: str = "default") -> None:
+    def release(self, uid: str, vm: str, attempt: int, scope: str = "default", *,
+                namespace: str) -> None:
         self.scopes.add(scope)
+        self.namespaces.add(namespace)
         self.released.append((uid, vm, attempt))
 
 
@@ -115,6 +124,7 @@ def test_the_outcome_is_reported_and_the_heartbeat_released() -> None:
     assert state.claims == [("uid-1", "vm1", 2, "w1")]  # not claimed again
     assert state.released == [("uid-1", "vm1", 2)]
     assert state.scopes == {"release-a"}  # claim, reports and release: the sender's scope
+    assert state.namespaces == {"ns"}  # ...under the command's namespace's keys only
 
 
 def test_an_attempt_that_ended_before_it_started_claims_first_and_gets_a_start_time() -> None:

@@ -102,6 +102,7 @@ def test_default_objects():
         "Deployment/rel-vmfleet-transfer-worker",
         "Lease/rel-vmfleet-controller",
         "PodDisruptionBudget/rel-vmfleet-controller",
+        "NetworkPolicy/rel-vmfleet-broker",
         "Role/rel-vmfleet-controller",
         "Role/rel-vmfleet-controller-leader",
         "Role/rel-vmfleet-transfer-worker",
@@ -111,6 +112,10 @@ def test_default_objects():
         "RoleBinding/rel-vmfleet-transfer-worker",
         "RoleBinding/rel-vmfleet-verify-key",
         "Secret/rel-vmfleet-signing-key",
+        "Secret/rel-vmfleet-broker",  # the release namespace's own workers'
+        "Secret/rel-vmfleet-broker-acl",
+        "Secret/rel-vmfleet-broker-controller",
+        "Secret/rel-vmfleet-broker-transfers",
         "Service/rel-vmfleet-broker",
         "Service/rel-vmfleet-controller",
         "Service/rel-vmfleet-transfer-worker",
@@ -189,13 +194,13 @@ def test_broker_persistence_is_a_statefulset_with_a_claim():
     assert claim["spec"] == {"accessModes": ["ReadWriteOnce"], "storageClassName": "local",
                              "resources": {"requests": {"storage": "1Gi"}}}
     pod = sts["spec"]["template"]["spec"]
-    assert not pod.get("volumes")  # /data is the claim, not an emptyDir
+    assert [v["name"] for v in pod["volumes"]] == ["acl"]  # /data is the claim, not an emptyDir
     args = pod["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--appendfsync") + 1] == "everysec"
     (default,) = find(render(), "Deployment", "rel-vmfleet-broker")
     assert default["spec"]["strategy"] == {"type": "Recreate"}  # no two writers
-    assert default["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    assert default["spec"]["template"]["spec"]["volumes"][0] == {"name": "data", "emptyDir": {}}
 
 
 def test_every_container_has_distinct_probes_and_bounded_memory_and_storage():
@@ -254,7 +259,10 @@ def test_controller_deployment():
                                                             "RETRY_PERIOD")] == ["15", "10", "2"]
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
-    assert env["VMFLEET_BROKER_URL"]["value"] == "redis://rel-vmfleet-broker.fleet.svc:6379/0"
+    assert env["VMFLEET_BROKER_URL"] == {"name": "VMFLEET_BROKER_URL", "valueFrom": {
+        "secretKeyRef": {"name": "rel-vmfleet-broker-controller", "key": "url"}}}
+    assert env["VMFLEET_BROKER_SECRET_NAME"]["value"] == "rel-vmfleet-broker"
+    assert env["VMFLEET_BROKER_SECRET_KEY"]["value"] == "url"
     assert env["VMFLEET_WORKER_RUNTIME"]["value"] == "Deployment"
     assert env["VMFLEET_WORKER_IMAGE"]["value"] == container["image"] == "vmfleet:0.1.0"
     assert "VMFLEET_WORKER_SERVICE_ACCOUNT" not in env  # worker pods hold no API credentials
@@ -317,6 +325,112 @@ def test_external_broker_from_a_secret():
     assert env["VMFLEET_BROKER_SECRET_NAME"]["value"] == "vmfleet-broker"
     assert env["VMFLEET_BROKER_SECRET_KEY"]["value"] == "url"
     assert container["image"] == "registry.example.com/platform/vmfleet:0.1.0"
+
+
+def acl_users(docs: list[dict[str, Any]]) -> dict[str, list[str]]:
+    (acl,) = find(docs, "Secret", "rel-vmfleet-broker-acl")
+    users = {}
+    for line in acl["stringData"]["users.acl"].splitlines():
+        words = line.split()
+        users[words[1]] = words[2:]
+    return users
+
+
+def test_the_bundled_broker_asks_who_is_there_and_each_namespace_has_its_own_user():
+    from vmfleet import tenancy
+
+    docs = render(None, "watchNamespaces={team-a,team-b}")
+    users = acl_users(docs)
+    assert users["default"] == ["off"]
+    assert set(users) == {"default", "vmfleet-controller", "vmfleet-transfers",
+                          "vmfleet-ns-team-a", "vmfleet-ns-team-b"}
+    # The rules are vmfleet/tenancy.py's, word for word.
+    assert users["vmfleet-controller"][2:] == tenancy.controller_rules(provision=False)
+    assert users["vmfleet-transfers"][2:] == tenancy.transfers_rules()
+    for ns in ("team-a", "team-b"):
+        rules = users[f"vmfleet-ns-{ns}"]
+        assert rules[0] == "on" and rules[2:] == tenancy.namespace_rules(ns)
+        (secret,) = find(docs, "Secret", "rel-vmfleet-broker", ns)
+        password = secret["stringData"]["password"]
+        assert len(password) >= 32
+        assert rules[1] == tenancy.password_hash(password)  # the Secret's is the ACL's
+        assert secret["stringData"]["url"] == (
+            f"redis://vmfleet-ns-{ns}:{password}@rel-vmfleet-broker.fleet.svc:6379/0")
+        assert password not in repr(acl_users(docs))  # hashed in the ACL file
+    passwords = {find(docs, "Secret", "rel-vmfleet-broker", ns)[0]["stringData"]["password"]
+                 for ns in ("team-a", "team-b")}
+    assert len(passwords) == 2
+    (controller,) = find(docs, "Secret", "rel-vmfleet-broker-controller")
+    assert users["vmfleet-controller"][1] == tenancy.password_hash(
+        controller["stringData"]["password"])
+    # The Redis loads that file, with maxmemory and noeviction, and restarts when it changes.
+    (redis,) = find(docs, "Deployment", "rel-vmfleet-broker")
+    pod = redis["spec"]["template"]
+    args = pod["spec"]["containers"][0]["args"]
+    assert args[args.index("--aclfile") + 1] == "/etc/redis/acl/users.acl"
+    assert args[args.index("--maxmemory") + 1] == "256mb"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert {"name": "acl", "secret": {"secretName": "rel-vmfleet-broker-acl",
+                                      "defaultMode": 0o440}} in pod["spec"]["volumes"]
+    assert pod["metadata"]["annotations"]["checksum/acl"]
+    other = render(None, "watchNamespaces={team-a}")
+    (redis2,) = find(other, "Deployment", "rel-vmfleet-broker")
+    assert redis2["spec"]["template"]["metadata"]["annotations"]["checksum/acl"] != \
+        pod["metadata"]["annotations"]["checksum/acl"]
+
+
+def test_no_connection_string_is_a_literal_value_in_any_pod():
+    for values in VALUE_SETS:
+        for doc in render(values):
+            if doc["kind"] != "Deployment":
+                continue
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                for env in container.get("env", []):
+                    value = str(env.get("value", ""))
+                    assert "redis://" not in value and "amqp://" not in value, (
+                        doc["metadata"]["name"], env)
+                    if env["name"] in ("VMFLEET_BROKER_URL", "VMFLEET_STATE_URL"):
+                        assert "secretKeyRef" in env["valueFrom"], (doc["metadata"]["name"], env)
+
+
+def test_the_broker_port_admits_vmfleet_s_own_pods_only():
+    docs = render(None, "watchNamespaces={team-a,team-b}")
+    (policy,) = find(docs, "NetworkPolicy", "rel-vmfleet-broker")
+    spec = policy["spec"]
+    (redis,) = find(docs, "Deployment", "rel-vmfleet-broker")
+    assert spec["podSelector"]["matchLabels"] == redis["spec"]["selector"]["matchLabels"]
+    assert spec["policyTypes"] == ["Ingress"]
+    (rule,) = spec["ingress"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    ours, workers = rule["from"]
+    assert ours == {"podSelector": {"matchExpressions": [
+        {"key": "app.kubernetes.io/name", "operator": "In", "values": ["vmfleet"]},
+        {"key": "app.kubernetes.io/instance", "operator": "In", "values": ["rel"]},
+        {"key": "app.kubernetes.io/component", "operator": "In",
+         "values": ["controller", "transfer-worker"]}]}}
+    assert workers["namespaceSelector"] == {"matchExpressions": [{
+        "key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]}
+    # The labels the controller puts on worker pods (controller/runtime.py).
+    from controller.runtime import VMRef, single, worker_labels
+    from vmfleet.api.models import RemoteVMSpec
+
+    spec_ = RemoteVMSpec.model_validate({"host": "h", "user": "u",
+                                         "credentialsSecretRef": {"name": "s"}})
+    labels = worker_labels(single(VMRef("team-a", "vm1", "uid", spec_)))
+    assert workers["podSelector"]["matchLabels"].items() <= labels.items()
+    assert not find(render(None, "networkPolicy.enabled=false"), "NetworkPolicy")
+    cluster = find(render(CHART / "ci" / "clusterwide-values.yaml"), "NetworkPolicy")
+    assert cluster[0]["spec"]["ingress"][0]["from"][1]["namespaceSelector"] == {}
+
+
+def test_the_alert_fires_before_the_broker_is_full():
+    rules = yaml.safe_load((CHART / "files" / "alerts" / "vmfleet.rules.yaml").read_text())
+    (alert,) = [r for g in rules["groups"] for r in g["rules"]
+                if r["alert"] == "VmfleetBrokerMemoryHigh"]
+    assert alert["expr"] == "max(vmfleet_broker_memory_used_ratio) > 0.8"
+    from vmfleet.metrics import METRIC_NAMES
+
+    assert "vmfleet_broker_memory_used_ratio" in METRIC_NAMES
 
 
 def test_external_broker_needs_its_secret():

@@ -17,7 +17,8 @@ from vmfleet.api.reports import AttemptReport
 
 
 class FakeState:
-    """The controller's side of vmfleet.state.State."""
+    """The controller's side of vmfleet.state.State (every test command is in namespace
+    ``ns``: ``stale`` holds members, ``namespaces`` where each call went)."""
 
     def __init__(self, scope: str = "default") -> None:
         self.scope = scope
@@ -26,24 +27,29 @@ class FakeState:
         self.stale: set[str] = set()
         self.absent: set[str] = set()  # running attempts without any heartbeat
         self.forgotten: list[str] = []
+        self.namespaces: set[str] = set()
 
-    def sent(self, uid: str) -> None:
+    def sent(self, uid: str, namespace: str) -> None:
+        self.namespaces.add(namespace)
         self.live.add(uid)
 
-    def finished(self, uid: str) -> None:
+    def finished(self, uid: str, namespace: str) -> None:
+        self.namespaces.add(namespace)
         self.live.discard(uid)
 
-    def cancel(self, uid: str) -> None:
+    def cancel(self, uid: str, namespace: str) -> None:
+        self.namespaces.add(namespace)
         self.cancelled.append(uid)
         self.live.discard(uid)
 
-    def stale_heartbeats(self, older_than_seconds: float) -> set[str]:
-        return set(self.stale)
+    def stale_heartbeats(self, older_than_seconds: float) -> set[tuple[str, str]]:
+        return {("ns", member) for member in self.stale}
 
-    def absent_heartbeats(self, members: list[str]) -> set[str]:
-        return set(members) & self.absent
+    def absent_heartbeats(self, members: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        return {(namespace, member) for namespace, member in members if member in self.absent}
 
-    def forget_heartbeat(self, member: str) -> None:
+    def forget_heartbeat(self, namespace: str, member: str) -> None:
+        self.namespaces.add(namespace)
         self.forgotten.append(member)
         self.stale.discard(member)
 
@@ -74,7 +80,8 @@ class Fleet:
             delete=lambda uid, ns, name: self.deleted.append((uid, ns, name)),
         )
 
-    def send(self, task: str, body: dict[str, Any], queue: str) -> None:
+    def send(self, task: str, body: dict[str, Any], queue: str, namespace: str | None) -> None:
+        assert namespace == "ns" or task.endswith(("transfer_file", "clean_transfer"))
         self.sent.append((task, body, queue))
 
     def envelopes(self) -> list[Envelope]:
@@ -125,6 +132,7 @@ def test_a_new_command_gets_its_entries_queued_and_its_attempt_dispatched(state:
     assert envelope.command_start == tracked.status["startTime"]
     assert fleet.sent[0][2] == "vmfleet.ns.vm1"
     assert state.live == {"c-uid"} and fleet.woken == ["vm1"]
+    assert state.namespaces == {"ns"}  # the command's namespace's keys, no other
     # What the writer will send is accepted by the status models.
     assert status_patch(None, tracked.status) == {"status": tracked.status}
 

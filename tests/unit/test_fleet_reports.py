@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from prometheus_client import REGISTRY
 
 from controller.budgets import Budgets
@@ -139,7 +140,7 @@ def test_local_workers_read_their_keys_from_files_only_the_owner_can_read(tmp_pa
     assert stat.S_IMODE((root / "vm1-ssh" / "ssh-privatekey").stat().st_mode) == 0o600
     assert stat.S_IMODE((root / "vm1-ssh").stat().st_mode) == 0o700
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
-    env = runtime._env(group("vm1"))
+    env = runtime._env(group("vm1"), runtime.worker_urls("ops"))
     assert env["VMFLEET_CREDENTIALS_DIR"] == str(root)
     assert "KUBECONFIG" not in env  # a worker holds no Kubernetes credentials
 
@@ -148,10 +149,35 @@ def test_local_workers_get_the_public_key_and_their_served_vms_never_the_private
         tmp_path: Path, monkeypatch: Any) -> None:
     monkeypatch.setenv("VMFLEET_SIGNING_KEY_FILE", str(tmp_path / "signing.key"))
     runtime = ProcessRuntime("redis://b", tmp_path / "logs", verify_key="PUBLIC PEM")
-    env = runtime._env(group("vm1", "vm2"))
+    workers = group("vm1", "vm2")
+    env = runtime._env(workers, runtime.worker_urls(workers.namespace))
     assert env["VMFLEET_VERIFY_KEY"] == "PUBLIC PEM"
     assert json.loads(env["VMFLEET_SERVED_VMS"]) == {"ops/vm1": "vm1-ssh", "ops/vm2": "vm2-ssh"}
     assert "VMFLEET_SIGNING_KEY_FILE" not in env
+
+
+def test_local_workers_get_their_namespace_s_broker_urls_never_the_controller_s(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from controller.tenants import WorkerURLs
+
+    # The controller's own URLs are in its environment: no worker inherits them.
+    monkeypatch.setenv("VMFLEET_STATE_URL", "redis://vmfleet-controller:secret@s:6379/0")
+    monkeypatch.setenv("VMFLEET_SLOTS_URL", "redis://vmfleet-controller:secret@s:6379/0")
+    asked: list[str] = []
+
+    def urls(namespace: str) -> WorkerURLs:
+        asked.append(namespace)
+        return WorkerURLs(f"amqp://b/{namespace}", f"redis://vmfleet-ns-{namespace}:pw@s:6379/0")
+
+    runtime = ProcessRuntime("amqp://b", tmp_path / "logs", worker_urls=urls)
+    workers = group("vm1")
+    env = runtime._env(workers, runtime.worker_urls(workers.namespace))
+    assert asked == [workers.namespace]
+    assert env["VMFLEET_BROKER_URL"] == f"amqp://b/{workers.namespace}"
+    assert env["VMFLEET_STATE_URL"] == f"redis://vmfleet-ns-{workers.namespace}:pw@s:6379/0"
+    assert env["VMFLEET_NAMESPACE"] == workers.namespace
+    assert "VMFLEET_SLOTS_URL" not in env
+    assert not any("secret" in value for value in env.values())
 
 
 class Applied:

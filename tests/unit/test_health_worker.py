@@ -27,7 +27,8 @@ class FakeState:
         self.reports: list[dict[str, Any]] = []
         self.scopes: list[str] = []
 
-    def report(self, body: dict[str, Any], scope: str = "default") -> str:
+    def report(self, body: dict[str, Any], scope: str = "default",
+               namespace: str | None = None) -> str:
         self.scopes.append(scope)
         self.reports.append(body)
         return f"{len(self.reports)}-0"

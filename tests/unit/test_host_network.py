@@ -31,7 +31,8 @@ def test_worker_pods_on_the_host_network_with_extra_env():
     assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     env = pod["containers"][0]["env"]
     assert env[-2:] == API_ENV
-    assert env[0] == {"name": "VMFLEET_BROKER_URL", "value": "redis://b"}
+    assert env[0] == {"name": "VMFLEET_BROKER_URL",
+                      "valueFrom": {"secretKeyRef": {"name": "vmfleet-broker", "key": "url"}}}
 
 
 def test_worker_pods_default_to_the_pod_network():

@@ -36,11 +36,12 @@ def exported_families() -> dict[str, set[str]]:
 
 
 def test_metric_names_are_the_contracts():
-    assert len(set(metrics.METRIC_NAMES)) == 16
+    assert len(set(metrics.METRIC_NAMES)) == 17
     # The README's metrics paragraph is the contract users read: the same names, no more.
     section = README.read_text().split("**Metrics.**", 1)[1].split("\n\n", 1)[0]
     assert set(re.findall(r"vmfleet_[a-z0-9_]+", section)) == set(metrics.METRIC_NAMES)
     metrics.register_queue_depth(lambda queues: {q: 0 for q in queues})
+    metrics.register_broker_memory(lambda: {"used_memory": 1, "maxmemory": 4})
     text = generate_latest(REGISTRY).decode()
     declared = set(re.findall(r"^# TYPE (vmfleet_[a-z0-9_]+) ", text, re.M))
     assert declared == set(metrics.METRIC_NAMES)
@@ -215,3 +216,17 @@ def test_address_is_loopback_outside_a_cluster():
 
 def test_port_zero_serves_nothing():
     assert metrics.start_metrics_server(0) is None
+
+
+def test_broker_memory_is_used_over_max_and_absent_without_a_limit() -> None:
+    def scrape(info: dict[str, int]) -> list[float]:
+        collector = metrics.BrokerMemoryCollector(lambda: info)
+        return [sample.value for family in collector.collect() for sample in family.samples]
+
+    assert scrape({"used_memory": 64, "maxmemory": 256}) == [0.25]
+    assert scrape({"used_memory": 64, "maxmemory": 0}) == []  # no limit: no ratio
+
+    def broken() -> dict[str, int]:
+        raise ConnectionError("down")
+
+    assert [s for f in metrics.BrokerMemoryCollector(broken).collect() for s in f.samples] == []

@@ -29,6 +29,8 @@ def test_chart_values_point_every_container_at_loopback(tmp_path: Path) -> None:
     assert values["image"] == {"repository": "localhost/vmfleet", "tag": "0.1.0", "pullPolicy": "Never"}
     assert values["hostNetwork"] is True
     assert values["broker"]["bundled"]["enabled"] is False  # its image cannot be pulled
+    assert values["broker"]["external"] == {"existingSecret": "broker", "secretKey": "url",
+                                            "controllerSecret": "broker-controller"}
     for env in (values["controller"]["extraEnv"], values["workers"]["extraEnv"],
                 values["transferWorker"]["extraEnv"]):
         names = {e["name"]: e["value"] for e in env}

@@ -62,9 +62,10 @@ def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
     # group-readable: fsGroup is the image's user
     assert [v["secret"]["defaultMode"] for v in pod["volumes"] if "secret" in v] == [0o440]
     env = {e["name"]: e.get("value") for e in container["env"]}
-    # The public key (not a secret) and what this worker serves: its VM with its Secret.
-    assert env == {"VMFLEET_BROKER_URL": "redis://b", "VMFLEET_CREDENTIALS_DIR": MOUNT,
-                   "VMFLEET_VERIFY_KEY": SETTINGS.verify_key,
+    # The broker URL from the namespace's Secret (no literal URL), the public key (not a
+    # secret) and what this worker serves: its VM with its Secret.
+    assert env == {"VMFLEET_BROKER_URL": None, "VMFLEET_NAMESPACE": "ops",
+                   "VMFLEET_CREDENTIALS_DIR": MOUNT, "VMFLEET_VERIFY_KEY": SETTINGS.verify_key,
                    "VMFLEET_SERVED_VMS": '{"ops/vm1":"vm1-ssh"}', "VMFLEET_PROBE_DIR": "/run/vmfleet"}
     # Ready (the broker answers) and alive (not wedged) are two probes, both without Python.
     assert container["readinessProbe"]["exec"]["command"] == ["test", "-e", "/run/vmfleet/ready"]
@@ -117,10 +118,23 @@ def test_broker_url_from_secret() -> None:
     assert "ignored" not in repr(env)
 
 
-def test_a_separate_state_redis_is_passed_on() -> None:
-    settings = DeploymentSettings("img", "amqp://b", state_url="redis://state:6379/0")
+def test_a_separate_state_redis_is_passed_on_through_the_namespace_s_secret() -> None:
+    settings = DeploymentSettings("img", "amqp://b", state_url="redis://u:pw@state:6379/0")
     env = pod_of(worker_deployment(single(vm()), settings, 1))["containers"][0]["env"]
-    assert {"name": "VMFLEET_STATE_URL", "value": "redis://state:6379/0"} in env
+    assert {"name": "VMFLEET_STATE_URL", "valueFrom": {"secretKeyRef": {
+        "name": "vmfleet-broker", "key": "state-url"}}} in env
+
+
+def test_no_connection_string_is_a_literal_value_in_a_worker_pod() -> None:
+    settings = DeploymentSettings("img", "redis://vmfleet-controller:pw@b:6379/0",
+                                  state_url="redis://vmfleet-controller:pw@s:6379/0")
+    group = single(vm())
+    env = pod_of(worker_deployment(group, settings, 1))["containers"][0]["env"]
+    assert "redis://" not in repr(env) and "pw" not in repr(env)
+    by_name = {e["name"]: e for e in env}
+    assert by_name["VMFLEET_BROKER_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "vmfleet-broker", "key": "url"}
+    assert by_name["VMFLEET_NAMESPACE"] == {"name": "VMFLEET_NAMESPACE", "value": group.namespace}
 
 
 def test_desired_replicas() -> None:

@@ -51,7 +51,7 @@ def test_values_are_typed():
     assert conf.worker_runtime == "Deployment"
     assert conf.slots_url == "redis://r:6379/1"
     assert (conf.state_url, conf.watch_namespaces) == ("redis://s:6379/2", "a,b")
-    assert conf.broker_secret_name is None
+    assert conf.broker_secret_name == "vmfleet-broker"
 
 
 @pytest.mark.parametrize("env, raw, message", [
@@ -99,7 +99,7 @@ def test_the_process_reads_once_and_keeps_it(monkeypatch):
 
 def test_every_setting_is_documented_with_its_reader():
     names = [f.metadata["env"] for f in dataclasses.fields(Settings)]
-    assert len(names) == len(set(names)) == 39
+    assert len(names) == len(set(names)) == 41
     for f in dataclasses.fields(Settings):
         assert f.metadata["reader"] in settings.READERS
         doc = f.metadata["doc"]

@@ -320,26 +320,26 @@ class FakeState:
         self.released: list[tuple[str, int]] = []
         self.cancel_after_beats = cancel_after_beats
 
-    def claim(self, uid, vm, attempt, worker, scope="default"):
+    def claim(self, uid, vm, attempt, worker, scope="default", *, namespace):
         if uid in self.cancelled_uids:
             return "cancelled"
         holder = self.claims.setdefault((uid, vm, attempt), worker)
         return "claimed" if holder == worker else "taken"
 
-    def heartbeat(self, uid, vm, attempt, scope="default"):
+    def heartbeat(self, uid, vm, attempt, scope="default", *, namespace):
         self.beats.append((vm, attempt))
         if self.cancel_after_beats is not None and len(self.beats) >= self.cancel_after_beats:
             self.cancelled_uids.add(uid)
         return uid in self.cancelled_uids
 
-    def release(self, uid, vm, attempt, scope="default"):
+    def release(self, uid, vm, attempt, scope="default", *, namespace):
         self.released.append((vm, attempt))
 
-    def report(self, body, scope="default"):
+    def report(self, body, scope="default", namespace=None):
         self.reports.append(body)
         return str(len(self.reports))
 
-    def cancelled(self, uid):
+    def cancelled(self, uid, *, namespace):
         return uid in self.cancelled_uids
 
     def events(self, event: str, vm: str | None = None) -> list[dict]:

@@ -6,7 +6,13 @@ the packages' init scripts; ``scripts/install-system-deps.sh`` installs them wit
 starting anything).
 
 * ``RedisServer``: append-only file (``appendfsync everysec``) in the work directory, so
-  queued messages survive ``restart()`` (and a ``kill()`` loses at most ~1 s).
+  queued messages survive ``restart()`` (and a ``kill()`` loses at most ~1 s). It asks
+  who is there, as the chart's Redis does: the ``default`` user is off, ``url`` is the
+  controller's user (every ``vmfleet`` key, and ``ACL SETUSER`` for the namespaces'
+  users), ``admin_url`` a user that may do anything (tests), ``anonymous_url`` no user at
+  all (refused). Passwords are generated once per work directory (``redis.secrets``,
+  mode 0600). ``maxmemory`` with ``noeviction``: a full Redis refuses writes, it never
+  drops a queued message.
 * ``RabbitMQServer``: a standalone node with its own epmd (started by us on a free
   loopback port), Erlang cookie, mnesia and log directories in the work directory, no
   plugins. Durable queues and persistent messages (Celery's defaults) survive
@@ -15,12 +21,16 @@ starting anything).
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
+from vmfleet import tenancy
 from vmfleet.procs import (
     ManagedProcess,
     free_port,
@@ -46,15 +56,33 @@ def _which(program: str) -> str:
     return path
 
 
-def redis_ping(host: str, port: int, timeout: float = 1.0) -> bool:
-    """True when a Redis server answers PING with PONG (a loading server does not)."""
+def _resp(*args: str) -> bytes:
+    out = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def redis_ping(host: str, port: int, timeout: float = 1.0, user: str | None = None,
+               password: str | None = None) -> bool:
+    """True when a Redis server answers PING with PONG (a loading server does not),
+    after ``AUTH user password`` when given."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
+        if password is not None:
+            sock.sendall(_resp("AUTH", user or "default", password))
+            if not sock.recv(64).startswith(b"+OK"):
+                return False
         sock.sendall(b"PING\r\n")
         return sock.recv(64).startswith(b"+PONG")
 
 
+ADMIN_USER = "vmfleet-admin"
+DEFAULT_MAXMEMORY = "256mb"
+
+
 class RedisServer:
-    """A redis-server on 127.0.0.1 with its data in ``workdir``."""
+    """A redis-server on 127.0.0.1 with its data in ``workdir``, authenticated (``acl``)."""
 
     def __init__(
         self,
@@ -62,17 +90,74 @@ class RedisServer:
         port: int | None = None,
         persistent: bool = True,
         name: str = "redis",
+        acl: bool = True,
+        maxmemory: str = DEFAULT_MAXMEMORY,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.host = LOOPBACK
         self.port = port if port is not None else free_port(self.host)
         self.persistent = persistent
         self.name = name
+        self.acl = acl
+        self.maxmemory = maxmemory
         self._process: ManagedProcess | None = None
+        self._passwords: dict[str, str] | None = None
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.workdir / "redis.secrets"
+
+    def passwords(self) -> dict[str, str]:
+        """The users' passwords (made once per work directory, kept across restarts)."""
+        if self._passwords is None:
+            try:
+                self._passwords = dict(json.loads(self.secrets_path.read_text()))
+            except (OSError, ValueError):
+                self._passwords = {tenancy.CONTROLLER_USER: secrets.token_hex(24),
+                                   ADMIN_USER: secrets.token_hex(24)}
+                self.workdir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.secrets_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(self._passwords, fh)
+        return self._passwords
+
+    def _url_of(self, user: str | None) -> str:
+        base = f"redis://{self.host}:{self.port}/0"
+        if user is None or not self.acl:
+            return base
+        return tenancy.with_credentials(base, user, self.passwords()[user])
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """The controller's URL (every vmfleet key; it creates the namespaces' users)."""
+        return self._url_of(tenancy.CONTROLLER_USER)
+
+    @property
+    def admin_url(self) -> str:
+        """A user that may do anything (tests, diagnostics)."""
+        return self._url_of(ADMIN_USER)
+
+    @property
+    def anonymous_url(self) -> str:
+        """No credentials at all: refused when ``acl`` is on."""
+        return self._url_of(None)
+
+    def namespace_url(self, namespace: str, password: str | None = None) -> str:
+        """Create (or reset) the namespace's ACL user, as the controller or the chart
+        would, and return its URL (``password``: derived from the controller's)."""
+        import redis
+
+        if password is None:
+            password = tenancy.derive_password(self.passwords()[tenancy.CONTROLLER_USER], namespace)
+        user = tenancy.namespace_user(namespace)
+        client: Any = redis.Redis.from_url(self.admin_url)
+        try:
+            client.execute_command("ACL", "SETUSER", user, "reset", "on",
+                                   tenancy.password_hash(password),
+                                   *tenancy.namespace_rules(namespace))
+        finally:
+            client.close()
+        return tenancy.with_credentials(f"redis://{self.host}:{self.port}/0", user, password)
 
     @property
     def config_path(self) -> Path:
@@ -102,10 +187,24 @@ class RedisServer:
             "appendfsync everysec",
             'appenddirname "appendonly"',
             "databases 16",
+            f"maxmemory {self.maxmemory}",
+            "maxmemory-policy noeviction",
+            *self._acl_lines(),
             "",
         ]
         self.config_path.write_text("\n".join(lines))
         return self.config_path
+
+    def _acl_lines(self) -> list[str]:
+        if not self.acl:
+            return []
+        passwords = self.passwords()
+        return [
+            "user default off",
+            tenancy.acl_line(tenancy.CONTROLLER_USER, passwords[tenancy.CONTROLLER_USER],
+                             tenancy.controller_rules(provision=True)),
+            tenancy.acl_line(ADMIN_USER, passwords[ADMIN_USER], ["~*", "&*", "+@all"]),
+        ]
 
     def running(self) -> bool:
         return self._process is not None and self._process.running()
@@ -123,9 +222,11 @@ class RedisServer:
         write_pid_file(self._process, self.pid_file)
         process = self._process
 
+        password = self.passwords()[ADMIN_USER] if self.acl else None
+
         def ready() -> bool:
             process.check_running()
-            return redis_ping(self.host, self.port)
+            return redis_ping(self.host, self.port, user=ADMIN_USER, password=password)
 
         try:
             wait_until(ready, timeout, interval=0.05, what=f"redis on {self.host}:{self.port}")
@@ -161,7 +262,7 @@ class RedisServer:
         self.stop()
 
     def __repr__(self) -> str:
-        return f"RedisServer({self.url})"
+        return f"RedisServer({self.anonymous_url})"
 
 
 def amqp_ready(url: str, timeout: float = 2.0) -> bool:

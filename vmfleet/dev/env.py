@@ -30,6 +30,7 @@ from vmfleet.dev.controlplane import ControlPlane
 from vmfleet.dev.manifests import vm_manifests
 from vmfleet.dev.sshd import start_vms
 from vmfleet.procs import ManagedProcess, port_open, stop_pid_file, wait_until, write_pid_file
+from vmfleet.tenancy import redacted
 
 NAMESPACE = "default"
 RELEASE = "vmfleet"  # the chart's fullname is then "vmfleet": vmfleet-controller
@@ -167,7 +168,7 @@ def up(vms: int = 3, broker: str = "redis", node: bool = False) -> int:
                  f"crd/{c.VM_PLURAL}.{c.GROUP}", f"crd/{c.COMMAND_PLURAL}.{c.GROUP}")
 
         if node:
-            _start_node(cp, server.url)
+            _start_node(cp, server)
         else:
             _remove_release(cp)
             print("Starting the controller (Process runtime)...")
@@ -267,16 +268,19 @@ def _helm_run(cp: ControlPlane, *args: str, check: bool = True) -> subprocess.Co
     return result
 
 
-def _start_node(cp: ControlPlane, broker_url: str) -> None:
+def _start_node(cp: ControlPlane, server: RedisServer | RabbitMQServer) -> None:
     print("Building the image (make image; cached once built)...")
     archive = node_mod.build_image()
     print("Starting the node (containerd, kube-scheduler, kubelet)...")
     local_node = node_mod.Node(dev_dir() / "node", cp).start()
     print("Importing the image into the node's containerd...")
     image = local_node.import_image(archive)
-    secret = cp.kubectl_run("-n", NAMESPACE, "create", "secret", "generic", "broker",
-                            f"--from-literal=url={broker_url}", "--dry-run=client", "-o", "yaml").stdout
-    cp.kubectl_run("apply", "-f", "-", input=secret)
+    # The namespace's workers get its own broker user; the controller its own.
+    worker_url = server.namespace_url(NAMESPACE) if isinstance(server, RedisServer) else server.url
+    for name, url in (("broker", worker_url), ("broker-controller", server.url)):
+        secret = cp.kubectl_run("-n", NAMESPACE, "create", "secret", "generic", name,
+                                f"--from-literal=url={url}", "--dry-run=client", "-o", "yaml").stdout
+        cp.kubectl_run("apply", "-f", "-", input=secret)
     values = dev_dir() / "node" / "values.yaml"
     values.write_text(yaml.safe_dump(node_mod.chart_values(cp, image)))
     print(f"Installing the chart (helm upgrade --install {RELEASE})...")
@@ -340,7 +344,7 @@ def status() -> int:
     state = json.loads(state_path.read_text())
     alive = _cluster_matches(state["vms"], state["broker"], bool(state.get("node"))) is None
     print(f"{'up' if alive else 'DOWN (run vmfleet dev up)'}: {state['vms']} VMs, "
-          f"broker {state['broker']} ({state['brokerUrl']})")
+          f"broker {state['broker']} ({redacted(state['brokerUrl'])})")
     print(f"KUBECONFIG={state['kubeconfig']}")
     return 0 if alive else 1
 

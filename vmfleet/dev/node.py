@@ -547,12 +547,15 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
 
 def chart_values(controlplane: ControlPlane, image: str, *, broker_secret: str = "broker",
+                 controller_secret: str = "broker-controller",
                  extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Helm values of charts/vmfleet for the local node: the imported image (never
     pulled), every pod on the host's network, the API server reached on 127.0.0.1 (the
     kubelet's KUBERNETES_SERVICE_HOST is the `kubernetes` Service IP, which nothing
-    here serves), the broker URL from the Secret ``broker_secret`` (a Redis on loopback:
-    the bundled one's image cannot be pulled), and free loopback ports for the
+    here serves), the broker URLs from the Secrets ``broker_secret`` (the namespace's
+    own Redis user, for its workers) and ``controller_secret`` (the controller's and the
+    transfer worker's), of a Redis on loopback (the bundled one's image cannot be
+    pulled), and free loopback ports for the
     controller's health and metrics endpoints. ``extra_env`` goes to every container."""
     api = [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
            {"name": "KUBERNETES_SERVICE_PORT", "value": str(controlplane.apiserver_port)}]
@@ -564,7 +567,8 @@ def chart_values(controlplane: ControlPlane, image: str, *, broker_secret: str =
         "image": {"repository": repository, "tag": tag, "pullPolicy": "Never"},
         "hostNetwork": True,
         "broker": {"bundled": {"enabled": False},
-                   "external": {"existingSecret": broker_secret, "secretKey": "url"}},
+                   "external": {"existingSecret": broker_secret, "secretKey": "url",
+                                "controllerSecret": controller_secret}},
         # One controller replica: two on the host's network would take the same ports.
         "controller": {"healthPort": free_port(), "readinessPort": free_port(), "replicas": 1,
                        "extraEnv": api + extra + loopback_metrics, "resources": small},

@@ -70,18 +70,110 @@ app.kubernetes.io/part-of: vmfleet
 {{- include "vmfleet.componentName" (dict "root" . "component" "broker") -}}
 {{- end -}}
 
-{{/* The broker URL env var: a fixed URL to the bundled Redis, or from the external Secret. */}}
+{{/*
+The bundled broker's credentials, generated once per release and kept across `helm
+upgrade` (lookup of the Secrets the chart wrote before), computed once per render and
+shared by every template: {"controller": pw, "transfers": pw, "namespaces": {ns: pw}}.
+*/}}
+{{- define "vmfleet.brokerPasswords" -}}
+{{- if not (hasKey .Values "_brokerPasswords") -}}
+{{- $controller := include "vmfleet.brokerControllerSecret" . -}}
+{{- $nsSecret := include "vmfleet.brokerSecretName" . -}}
+{{- $found := lookup "v1" "Secret" .Release.Namespace $controller -}}
+{{- $passwords := dict "controller" (randAlphaNum 40) "transfers" (randAlphaNum 40) "namespaces" (dict) -}}
+{{- if and $found (hasKey $found.data "password") -}}
+{{- $_ := set $passwords "controller" (b64dec (index $found.data "password")) -}}
+{{- end -}}
+{{- $transfers := lookup "v1" "Secret" .Release.Namespace (include "vmfleet.brokerTransfersSecret" .) -}}
+{{- if and $transfers (hasKey $transfers.data "password") -}}
+{{- $_ := set $passwords "transfers" (b64dec (index $transfers.data "password")) -}}
+{{- end -}}
+{{- range $ns := include "vmfleet.brokerNamespaces" . | fromJsonArray -}}
+{{- $own := lookup "v1" "Secret" $ns $nsSecret -}}
+{{- if and $own (hasKey $own.data "password") -}}
+{{- $_ := set $passwords.namespaces $ns (b64dec (index $own.data "password")) -}}
+{{- else -}}
+{{- $_ := set $passwords.namespaces $ns (randAlphaNum 40) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set .Values "_brokerPasswords" $passwords -}}
+{{- end -}}
+{{- toJson (index .Values "_brokerPasswords") -}}
+{{- end -}}
+
+{{/* Namespaces with a broker user and Secret: the watched ones (and with clusterWide, those listed). */}}
+{{- define "vmfleet.brokerNamespaces" -}}
+{{- include "vmfleet.watchNamespaces" . -}}
+{{- end -}}
+
+{{/* The Secret, in each namespace with workers, holding that namespace's broker URL. */}}
+{{- define "vmfleet.brokerSecretName" -}}
+{{- if .Values.broker.bundled.enabled -}}
+{{- include "vmfleet.componentName" (dict "root" . "component" "broker") -}}
+{{- else -}}
+{{- required "broker.external.existingSecret is required when broker.bundled.enabled is false" .Values.broker.external.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret (release namespace) holding the controller's broker URL. */}}
+{{- define "vmfleet.brokerControllerSecret" -}}
+{{- if .Values.broker.bundled.enabled -}}
+{{- include "vmfleet.componentName" (dict "root" . "component" "broker-controller") -}}
+{{- else -}}
+{{- default (include "vmfleet.brokerSecretName" .) .Values.broker.external.controllerSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret (release namespace) holding the shared transfer worker's broker URL. */}}
+{{- define "vmfleet.brokerTransfersSecret" -}}
+{{- if .Values.broker.bundled.enabled -}}
+{{- include "vmfleet.componentName" (dict "root" . "component" "broker-transfers") -}}
+{{- else -}}
+{{- default (include "vmfleet.brokerSecretName" .) .Values.broker.external.controllerSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "vmfleet.brokerHost" -}}
+{{- printf "%s.%s.svc" (include "vmfleet.brokerServiceName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* A redis:// URL of the bundled broker: (dict "root" $ "user" u "password" p). */}}
+{{- define "vmfleet.brokerURL" -}}
+{{- printf "redis://%s:%s@%s:6379/0" .user .password (include "vmfleet.brokerHost" .root) -}}
+{{- end -}}
+
+{{/*
+The commands of the broker's users: the same lists as vmfleet/tenancy.py (WORKER_COMMANDS,
+CONTROLLER_COMMANDS); tests/unit/test_chart.py holds them equal.
+*/}}
+{{- define "vmfleet.brokerWorkerCommands" -}}
+-@all +@connection +@transaction +@list +@hash +@set +@sortedset +@string +@stream +@scripting +@pubsub +@keyspace +time -@admin -@dangerous -scan -randomkey -dbsize -keys -pubsub -function -fcall -fcall_ro -script|flush -script|kill -move
+{{- end -}}
+
+{{- define "vmfleet.brokerControllerCommands" -}}
+-@all +@connection +@transaction +@list +@hash +@set +@sortedset +@string +@stream +@scripting +@pubsub +@keyspace +time -@admin -@dangerous -scan -randomkey -dbsize -keys -pubsub -function -fcall -fcall_ro -script|flush -script|kill -move +info
+{{- end -}}
+
+{{/* The bundled Redis' ACL file: no default user, the controller, the transfer worker, one user per namespace. */}}
+{{- define "vmfleet.brokerAcl" -}}
+{{- $passwords := include "vmfleet.brokerPasswords" . | fromJson -}}
+user default off
+user vmfleet-controller on #{{ sha256sum $passwords.controller }} ~vmfleet* &vmfleet* &vmfleet.*:cancels {{ include "vmfleet.brokerControllerCommands" . }}
+{{- if .Values.transferWorker.enabled }}
+user vmfleet-transfers on #{{ sha256sum $passwords.transfers }} ~vmfleet* &vmfleet* &vmfleet.*:cancels {{ include "vmfleet.brokerWorkerCommands" . }}
+{{- end }}
+{{- range $ns, $password := $passwords.namespaces }}
+user vmfleet-ns-{{ $ns }} on #{{ sha256sum $password }} ~vmfleet.{{ $ns }}:* &vmfleet.{{ $ns }}:* {{ include "vmfleet.brokerWorkerCommands" $ }}
+{{- end }}
+{{- end -}}
+
+{{/* The controller's broker URL env var: always from a Secret, never a literal value. */}}
 {{- define "vmfleet.brokerEnv" -}}
-{{- if .Values.broker.bundled.enabled }}
-- name: VMFLEET_BROKER_URL
-  value: {{ printf "redis://%s.%s.svc:6379/0" (include "vmfleet.brokerServiceName" .) .Release.Namespace | quote }}
-{{- else }}
 - name: VMFLEET_BROKER_URL
   valueFrom:
     secretKeyRef:
-      name: {{ required "broker.external.existingSecret is required when broker.bundled.enabled is false" .Values.broker.external.existingSecret }}
-      key: {{ .Values.broker.external.secretKey }}
-{{- end }}
+      name: {{ include "vmfleet.brokerControllerSecret" . }}
+      key: {{ if .Values.broker.bundled.enabled }}url{{ else }}{{ .Values.broker.external.secretKey }}{{ end }}
 {{- end -}}
 
 {{/* Labels the controller puts on the per-VM worker pods (vmfleet/api/constants.py). */}}
