@@ -170,10 +170,11 @@ def test_a_controller_whose_start_failed_is_not_alive_and_a_started_one_is(
     port = free_port()
     url = f"http://127.0.0.1:{port}/healthz"
     # A broker nobody listens on: the start-up cannot read what the workers reported.
-    broken = start_controller(controlplane.kubeconfig, "redis://127.0.0.1:9/0", tmp_path / "broken",
+    broken = start_controller(controlplane.kubeconfig, "redis://vmfleet-controller:pw@127.0.0.1:9/0",
+                              tmp_path / "broken",
                               [ns.name], extra_args=[f"--liveness={url}"])
     try:
-        wait_until(lambda: "Handler 'configure' failed" in broken.log_tail(200), timeout=90,
+        wait_until(lambda: "'configure' failed" in broken.log_tail(200), timeout=90,
                    interval=1, what="the start-up to fail")
         for _ in range(3):
             assert probe(url) != 200

@@ -80,8 +80,8 @@ VM_CASES = [
 
 CMD_CASES = [
     ("both-targets", changed(CMD, selector={"matchLabels": {"a": "b"}}),
-     "exactly one target must be set: vm or selector"),
-    ("no-target", changed(CMD, vm=None), "exactly one target must be set: vm or selector"),
+     "exactly one target must be set: vm, vms or selector"),
+    ("no-target", changed(CMD, vm=None), "exactly one target must be set: vm, vms or selector"),
     ("no-action", changed(CMD, command=None), "exactly one action must be set"),
     ("two-actions", changed(CMD, argv=["uptime"]), "exactly one action must be set"),
     ("vm-in-other-namespace", changed(CMD, vm="other-ns/vm1"), "spec.vm in body should match"),
