@@ -98,6 +98,8 @@ VMLister = Callable[[str, str], list[dict[str, Any]]]  # (namespace, label selec
 TargetOf = Callable[[dict[str, Any]], Target]
 Wake = Callable[[str, str], None]  # a dispatch to a VM that may be at zero replicas
 Delete = Callable[[str, str, str], None]  # (uid, namespace, name): ttlSecondsAfterFinished
+SecretNames = Callable[[str], list[str]]  # namespace -> its RemoteVMs' credentials Secrets
+WakeTransfers = Callable[[str], None]  # a transfer sent: the namespace's transfer worker
 
 # How long a command written in an end state is remembered: the watch may still bring the
 # events of its earlier writes (a claim's `Running`), which must not start tracking again.
@@ -109,7 +111,9 @@ class Commands:
 
     def __init__(self, state: State, send: Sender, get_vm: VMLookup, list_vms: VMLister,
                  target_of: TargetOf, wake: Wake, delete: Delete, *, timing: schedule.Timing = schedule.Timing(),
-                 urgency: Urgency = Urgency()) -> None:
+                 urgency: Urgency = Urgency(),
+                 protected_secrets: SecretNames = lambda namespace: [],
+                 wake_transfers: WakeTransfers = lambda namespace: None) -> None:
         self.state = state
         self.send = send
         self.get_vm = get_vm
@@ -117,6 +121,8 @@ class Commands:
         self.target_of = target_of
         self.wake = wake
         self.delete = delete
+        self.protected_secrets = protected_secrets
+        self.wake_transfers = wake_transfers
         self.timing = timing
         self.urgency = urgency
         self._lock = threading.Lock()

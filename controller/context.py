@@ -26,6 +26,7 @@ from .health import HealthMonitor
 from .loop import Loop, ReportReader, Writer
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
 from .scaling import QueueDepth
+from .transfer_access import TransferAccess
 from .vms import Fleet, entry_counts, kombu_queue_depths, redis_queue_depths
 
 log = logging.getLogger("controller")
@@ -56,7 +57,10 @@ class Context:
             c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
         runtime: Runtime
         if runtime_name == c.RUNTIME_PROCESS:
-            runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret)
+            log_dir = Path(conf.worker_log_dir)
+            access = TransferAccess(kube, log_dir.parent / "transfer-access")
+            runtime = ProcessRuntime(url, log_dir, read_secret=kube.read_secret,
+                                     transfer_kubeconfig=access.kubeconfig)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),
@@ -66,6 +70,7 @@ class Context:
                     broker_secret_name=conf.broker_secret_name,
                     broker_secret_key=conf.broker_secret_key,
                     state_url=conf.state_url,
+                    transfer_service_account=conf.transfer_service_account,
                     **worker_pod_settings(conf),
                 ),
             )
@@ -94,6 +99,8 @@ class Context:
             delete=lambda uid, ns, name: delete_expired(kube, uid, ns, name),
             timing=schedule.Timing(lost_after=conf.worker_lost_seconds,
                                    redispatch_after=conf.redispatch_seconds),
+            protected_secrets=lambda ns: fleet_box[0].credentials_secrets(ns),
+            wake_transfers=lambda ns: fleet_box[0].wake_transfers(ns),
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
@@ -102,9 +109,6 @@ class Context:
         consumer = os.environ.get("POD_NAME") or socket.gethostname()
         reader = ReportReader(state, commands, consumer, fleet.on_probe)
         ticks = [commands.tick, fleet.tick]
-        ensure_transfer_worker = getattr(runtime, "ensure_transfer_worker", None)
-        if ensure_transfer_worker is not None:
-            ticks.append(ensure_transfer_worker)  # Process runtime: restarted if it died
         refresh = getattr(runtime, "refresh_credentials", None)
         if refresh is not None:
             ticks.append(refresh)  # Process runtime: Secrets created or rotated later

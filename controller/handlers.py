@@ -37,7 +37,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.server_timeout = 270
     ctx = memo.ctx = Context.from_environment()
     start(ctx)
-    metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
+    metrics.start_controller_metrics(broker_url())
 
 
 def start(ctx: Context) -> None:
@@ -58,9 +58,6 @@ def start(ctx: Context) -> None:
         ctx.state.cancel(uid)  # deleted while no controller ran
         log.info("Cancelled the attempts of RemoteCommand uid %s: it was deleted while the "
                  "controller was not running", uid)
-    ensure_transfer_worker = getattr(ctx.runtime, "ensure_transfer_worker", None)
-    if ensure_transfer_worker is not None:
-        ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers
     ctx.fleet.tick(force=True)  # every group's workers applied once (unchanged: no write)
     ctx.loop.start()
 

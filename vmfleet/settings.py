@@ -123,6 +123,10 @@ class Settings:
     broker_secret_key: str = setting(
         "VMFLEET_BROKER_SECRET_KEY", "url", CONTROLLER,
         "Key of the broker URL in that Secret (chart: `broker.external.secretKey`).")
+    transfer_service_account: str | None = setting(
+        "VMFLEET_TRANSFER_SERVICE_ACCOUNT", None, CONTROLLER,
+        "Per-namespace ServiceAccount of the transfer workers (chart: one per watched "
+        "namespace); unset: they hold no token.")
     worker_log_dir: str = setting(
         "VMFLEET_WORKER_LOG_DIR", ".vmfleet/workers", CONTROLLER,
         "`Process` runtime: where the worker processes' logs go.")
