@@ -321,7 +321,7 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
                 "kind": c.VM_KIND,
                 "name": vm.name,
                 "uid": vm.uid,
-                "controller": group.pool is None,
+                "controller": group.pool is None and not group.transfers,
                 "blockOwnerDeletion": False,
             } for vm in sorted(group.vms, key=lambda v: v.name)],
         },

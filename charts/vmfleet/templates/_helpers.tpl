@@ -96,27 +96,42 @@ app.kubernetes.io/managed-by: vmfleet
 vmfleet.io/metrics: "true"
 {{- end -}}
 
-{{/* What the controller may do with vmfleet objects, worker Deployments and Events. */}}
+{{/* What the controller may do with vmfleet objects, Events and ConfigMaps, and see of
+Deployments: every verb here is one the code uses (controller/, kopf's watches), or one a
+feature of this release line needs (`create` RemoteCommands: schedules; `get` ConfigMaps:
+command templates). With rbac.clusterWide these are cluster-wide. */}}
 {{- define "vmfleet.controllerRules" -}}
+# get: a RemoteVM the watch has not brought yet; patch: pause on a host-key mismatch, drop
+# the finalizer of older versions.
 - apiGroups: [vmfleet.io]
   resources: [remotevms]
-  verbs: [get, list, watch, patch, update]
-# delete: ttlSecondsAfterFinished
+  verbs: [get, list, watch, patch]
+# delete: ttlSecondsAfterFinished; create: schedules.
 - apiGroups: [vmfleet.io]
   resources: [remotecommands]
-  verbs: [get, list, watch, patch, update, delete]
+  verbs: [get, list, watch, patch, delete, create]
 - apiGroups: [vmfleet.io]
   resources: [remotevms/status, remotecommands/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
+# The worker Deployments' watch (its cache: the controller never reads one by name).
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, watch]
+# Events of vmfleet objects (the controller's and kopf's): created, never changed.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get]
 {{- end -}}
 
-
+{{/* Worker Deployments, applied server-side (create + patch; never update or delete: the
+RemoteVMs own them and the garbage collector removes them). Always in a Role of each
+watched namespace, never cluster-wide, and fenced further by the chart's
+ValidatingAdmissionPolicy. */}}
+{{- define "vmfleet.controllerWorkerRules" -}}
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [create, patch]
+{{- end -}}
