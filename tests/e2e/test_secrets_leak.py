@@ -184,7 +184,7 @@ def test_local_default_service_account_has_no_vmfleet_or_secret_rights(
 
 def test_a_transfer_never_copies_a_vms_ssh_key(ns: Namespace, make_vm: Callable[..., SshdVM]) -> None:
     """Who may create RemoteCommands (but not read Secrets) cannot copy a VM's key onto a VM
-    through the transfer worker, which may read the keys."""
+    through the transfer worker, which may read the namespace's Secrets."""
     vm = make_vm("keyholder")
     ns.add_vms([vm])
     ns.run("steal", transfer={"from": {"secretKeyRef": {"name": "keyholder-ssh",
@@ -192,6 +192,6 @@ def test_a_transfer_never_copies_a_vms_ssh_key(ns: Namespace, make_vm: Callable[
                               "to": [{"vm": "keyholder", "path": "/tmp/stolen-key"}]})
     (result,) = ns.finished("steal", timeout=90)["status"]["results"]
     assert (result["phase"], result["reason"]) == ("Failed", "PermissionDenied"), result
-    assert "never copies SSH credentials" in result["message"]
+    assert "of type kubernetes.io/ssh-auth: vmfleet never copies it" in result["message"]
     assert not vm.host_path("/tmp/stolen-key").exists()
     assert not [p for p in vm.host_path("/tmp").iterdir() if "stolen-key" in p.name]
