@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.e2e.fleet import Kubectl, Namespace, logs_of, start_controller, unique_namespace
 from vmfleet.dev.manifests import vm_manifests
@@ -166,6 +167,28 @@ def test_security_md_team_role_runs_commands_but_reads_no_key(kubectl: Kubectl, 
         assert not can_i(kubectl, leak_ns.name, verb, resource, *alice), (verb, resource)
     # Only in the team's namespace.
     assert not can_i(kubectl, "default", "create", rcmd, *alice)
+
+
+def test_readme_resource_quota_caps_a_teams_remote_commands(kubectl: Kubectl,
+                                                            leak_ns: Namespace) -> None:
+    """The README's team ResourceQuota, applied as written but for a cap of 2: the API
+    server refuses the third RemoteCommand, so no team can pile up objects for the
+    controller to hold."""
+    text = (REPO / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+                if "kind: ResourceQuota" in b]
+    quota = yaml.safe_load(block)
+    assert quota["spec"]["hard"]["count/remotecommands.vmfleet.io"] == "500"
+    quota["metadata"]["namespace"] = leak_ns.name
+    quota["spec"]["hard"]["count/remotecommands.vmfleet.io"] = "2"
+    kubectl.apply(quota)
+    wait_until(lambda: kubectl.get_json("-n", leak_ns.name, "resourcequota", "vmfleet")
+               .get("status", {}).get("hard"), timeout=60, what="the quota to be counted")
+    for name in ("one", "two"):
+        kubectl.apply(leak_ns.command(name, vm="vm1", command="true"))
+    proc = kubectl.apply(leak_ns.command("three", vm="vm1", command="true"), check=False)
+    assert proc.returncode != 0 and "exceeded quota" in proc.stderr, proc.stderr
+    assert "count/remotecommands.vmfleet.io" in proc.stderr
 
 
 def test_local_default_service_account_has_no_vmfleet_or_secret_rights(
