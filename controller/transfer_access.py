@@ -20,8 +20,8 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 from kubernetes.client import CoreV1Api, RbacAuthorizationV1Api

@@ -327,7 +327,13 @@ def test_the_controller_is_fenced_to_worker_deployments_by_the_admission_policy(
     image, a token, privileged, a hostPort, the node's network or PID namespace."""
     import copy
 
-    from controller.runtime import DeploymentSettings, VMRef, single, transfer_group, worker_deployment
+    from controller.runtime import (
+        DeploymentSettings,
+        VMRef,
+        single,
+        transfer_group,
+        worker_deployment,
+    )
     from vmfleet.api.models import RemoteVMSpec
     from vmfleet.dev.proc import wait_until
 
@@ -348,8 +354,6 @@ def test_the_controller_is_fenced_to_worker_deployments_by_the_admission_policy(
                        input=yaml.safe_dump(body), check=False)
 
     worker = worker_deployment(single(vm), settings, 1)
-    pod = worker["spec"]["template"]["spec"]
-    (container,) = pod["containers"]
     refused: dict[str, tuple[dict[str, Any], str]] = {}
 
     def variant(name: str, words: str, change: Any) -> None:

@@ -151,7 +151,7 @@ def test_transfer_workers_are_the_controllers_and_run_as_the_namespaces_account(
     env = {e["name"]: e.get("value") for e in
            controller["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["VMFLEET_TRANSFER_SERVICE_ACCOUNT"] == "rel-vmfleet-transfer-worker"
-    (account,) = find(docs, "ServiceAccount", "rel-vmfleet-transfer-worker", "fleet")
+    assert find(docs, "ServiceAccount", "rel-vmfleet-transfer-worker", "fleet")
     (binding,) = find(docs, "RoleBinding", "rel-vmfleet-transfer-worker", "fleet")
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-vmfleet-transfer-worker",
                                     "namespace": "fleet"}]

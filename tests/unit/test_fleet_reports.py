@@ -48,7 +48,7 @@ class NoRuntime:
 
 def fleet(kube: FakeKube) -> Fleet:
     health = HealthMonitor(kube, lambda *a: None)  # type: ignore[arg-type]
-    return Fleet(kube, NoRuntime(), health, lambda queues: {}, lambda: {})  # type: ignore[arg-type]
+    return Fleet(kube, NoRuntime(), health, lambda queues: {}, dict)  # type: ignore[arg-type]
 
 
 def probe(uid: str = "u1", **status: Any) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def test_each_namespace_gets_a_transfer_worker_at_zero_until_a_transfer_wakes_it
     kube, runtime = FakeKube(), RecordingRuntime()
     health = HealthMonitor(kube, lambda *a: None)  # type: ignore[arg-type]
     f = Fleet(kube, runtime, health, lambda queues: {q: 0 for q in queues},  # type: ignore[arg-type]
-              lambda: {})
+              dict)
     for ns, name in (("ops", "vm1"), ("ops", "vm2"), ("dev", "vm1")):
         body = vm_object()
         body["metadata"].update(namespace=ns, name=name, uid=f"{ns}-{name}")
