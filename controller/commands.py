@@ -109,6 +109,8 @@ Refused = Callable[[str, str], str | None]  # (namespace, vm): why the controlle
 
 def _serves_all(namespace: str, vm: str) -> str | None:
     return None
+SecretNames = Callable[[str], list[str]]  # namespace -> its RemoteVMs' credentials Secrets
+WakeTransfers = Callable[[str], None]  # a transfer sent: the namespace's transfer worker
 
 # How long a command written in an end state is remembered: the watch may still bring the
 # events of its earlier writes (a claim's `Running`), which must not start tracking again.
@@ -125,7 +127,9 @@ class Commands:
                  get_config_map: templates.ConfigMapLookup = lambda ns, name: None,
                  probe: Wake = lambda ns, name: None, clock: Callable[[], float] = time.monotonic,
                  refused: Refused = _serves_all, recorder: Recorder | None = None,
-                 output_budget: int = STATUS_OUTPUT_BUDGET) -> None:
+                 output_budget: int = STATUS_OUTPUT_BUDGET,
+                 protected_secrets: SecretNames = lambda namespace: [],
+                 wake_transfers: WakeTransfers = lambda namespace: None) -> None:
         self.state = state
         self.clock = clock
         self._absent_since: dict[tuple[str, str], float] = {}  # (ns, attempt) -> first seen without a beat
@@ -143,6 +147,8 @@ class Commands:
         self.refused = refused
         self.recorder = recorder or Recorder()
         self.output_budget = output_budget  # all tails of one status (vmfleet.api.output)
+        self.protected_secrets = protected_secrets
+        self.wake_transfers = wake_transfers
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)

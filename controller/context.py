@@ -34,6 +34,7 @@ from .loop import Loop, ReportReader, Writer
 from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
 from .scaling import QueueDepth
 from .tenants import BrokerTenants
+from .transfer_access import TransferAccess
 from .vms import Fleet, entry_counts, kombu_queue_depths, redis_queue_depths
 
 log = logging.getLogger("controller")
@@ -76,8 +77,11 @@ class Context:
         tenants: BrokerTenants | None = None
         if runtime_name == c.RUNTIME_PROCESS:
             tenants = BrokerTenants(state, url, conf.state_url, conf.broker_users)
-            runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret,
-                                     verify_key=verify_key, worker_urls=tenants.ensure)
+            log_dir = Path(conf.worker_log_dir)
+            access = TransferAccess(kube, log_dir.parent / "transfer-access")
+            runtime = ProcessRuntime(url, log_dir, read_secret=kube.read_secret,
+                                     verify_key=verify_key, worker_urls=tenants.ensure,
+                                     transfer_kubeconfig=access.kubeconfig)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),
@@ -88,6 +92,7 @@ class Context:
                     broker_secret_key=conf.broker_secret_key,
                     state_url=conf.state_url,
                     verify_key=verify_key,
+                    transfer_service_account=conf.transfer_service_account,
                     **worker_pod_settings(conf),
                 ),
                 serve=state.serve,
@@ -124,6 +129,8 @@ class Context:
             refused=lambda ns, name: fleet_box[0].problem(ns, name),
             recorder=recorder,
             output_budget=conf.status_output_budget_bytes,
+            protected_secrets=lambda ns: fleet_box[0].credentials_secrets(ns),
+            wake_transfers=lambda ns: fleet_box[0].wake_transfers(ns),
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
@@ -134,9 +141,6 @@ class Context:
         reader = ReportReader(state, commands, consumer, fleet.on_probe)
         crons = Crons(kube, commands, leading=leadership.leading)  # schedules only while leading
         ticks = [commands.tick, fleet.tick, crons.tick]
-        ensure_transfer_worker = getattr(runtime, "ensure_transfer_worker", None)
-        if ensure_transfer_worker is not None:
-            ticks.append(ensure_transfer_worker)  # Process runtime: restarted if it died
         refresh = getattr(runtime, "refresh_credentials", None)
         if refresh is not None:
             ticks.append(refresh)  # Process runtime: Secrets created or rotated later

@@ -45,8 +45,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     warm(ctx)
     memo.ctx = ctx  # only a started controller says it is alive (``alive``)
     ctx.leadership.start(on_started=lambda: lead(ctx), on_lost=lambda: lost(ctx))
-    metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE],
-                                     sizer=ctx.queue_depths,
+    metrics.start_controller_metrics(broker_url(), sizer=ctx.queue_depths,
                                      memory_info=lambda: ctx.state.client.info("memory"))
     start_readiness(ctx)
 
@@ -121,9 +120,6 @@ def lead(ctx: Context) -> None:
         ctx.state.cancel(uid, namespace)  # deleted while no controller ran
         log.info("Cancelled the attempts of RemoteCommand uid %s in %s: it was deleted while "
                  "the controller was not running", uid, namespace)
-    ensure_transfer_worker = getattr(ctx.runtime, "ensure_transfer_worker", None)
-    if ensure_transfer_worker is not None:
-        ensure_transfer_worker()  # Process runtime: the shared worker of vmfleet.transfers
     try:
         ctx.fleet.tick(force=True)  # every group's workers applied once (unchanged: no write)
     except Exception:  # noqa: BLE001 - the loop ticks again in a second

@@ -5,6 +5,13 @@
   credentials Secrets mounted (read-only) and no Kubernetes credentials at all.
 - ``Process``: the same worker command as local processes of the controller (one machine,
   dev and tests), the single-machine setup of the original guide without systemd.
+
+Each namespace with RemoteVMs also has a transfer worker group (``transfer_group``):
+Deployment ``vmfleet-transfers`` consuming ``vmfleet.<namespace>:transfers``, mounting
+the credentials Secrets of that namespace's VMs, scaled to zero when idle and woken by a
+dispatch. It is the one worker with a Kubernetes token: the chart's per-namespace
+ServiceAccount, allowed to ``get`` Secrets and ConfigMaps of its namespace (transfer
+sources). ``check_mounts`` refuses a worker body that would mount anything else.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from kubernetes.client import AppsV1Api
 from vmfleet import settings, tenancy, workerprobes
 from vmfleet.api import constants as c
 from vmfleet.api.models import DEFAULT_WORKER_GRACE_SECONDS, Autoscale, RemoteVMSpec, WorkersSpec
-from vmfleet.api.served import ANY, Served
+from vmfleet.api.served import Served
 from vmfleet.celeryconf import BROKER_URL_ENV
 from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 from vmfleet.procs import (
@@ -78,14 +85,18 @@ def worker_argv(queue: str, concurrency: int, node_name: str) -> list[str]:
     ]
 
 
-TRANSFER_CONCURRENCY = 4
-TRANSFER_NODE = "vmfleet-transfers"
+TRANSFER_CONCURRENCY = 4  # transfers one transfer worker runs at once
+# A namespace's transfer workers: none while idle, one (woken by a dispatch) while there
+# are transfers, stopped a minute after the last one.
+TRANSFER_WORKERS = WorkersSpec(autoscale=Autoscale(
+    min_replicas=0, max_replicas=1, target_backlog_per_replica=TRANSFER_CONCURRENCY,
+    scale_down_delay_seconds=60))
+TRANSFERS_GROUP = ":transfers"  # a group key's name part: never a VM's name nor a pool's
+LABEL_TRANSFERS = f"{c.GROUP}/transfers"
 
 
-def transfer_worker_argv(concurrency: int = TRANSFER_CONCURRENCY,
-                         node_name: str = f"{TRANSFER_NODE}@%h") -> list[str]:
-    """The shared transfer worker (queue ``vmfleet.transfers``): every VM's transfers."""
-    return worker_argv(c.TRANSFER_QUEUE, concurrency, node_name)
+def transfer_group_key(namespace: str) -> str:
+    return f"{namespace}/{TRANSFERS_GROUP}"
 
 
 def label_value(value: str) -> str:
@@ -128,22 +139,32 @@ class WorkerGroup:
     namespace: str
     vms: list[VMRef]
     pool: str | None = None
+    # The namespace's transfer worker: ``vms`` are every RemoteVM of the namespace.
+    transfers: bool = False
 
     @property
     def key(self) -> str:
+        if self.transfers:
+            return transfer_group_key(self.namespace)
         return f"{self.namespace}/pool:{self.pool}" if self.pool else self.vms[0].key
 
     @property
     def deployment(self) -> str:
+        if self.transfers:
+            return c.TRANSFER_DEPLOYMENT
         return c.pool_deployment_name(self.pool) if self.pool else c.worker_deployment_name(self.vms[0].name)
 
     @property
     def queues(self) -> list[str]:
+        if self.transfers:
+            return [c.transfer_queue(self.namespace)]
         return sorted({vm.queue for vm in self.vms})
 
     @property
     def concurrency(self) -> int:
         """Threads: every VM's maxConcurrentCommands (the slots hold each VM's limit)."""
+        if self.transfers:
+            return TRANSFER_CONCURRENCY
         return max(1, min(256, sum(vm.spec.max_concurrent_commands for vm in self.vms)))
 
     @property
@@ -170,6 +191,8 @@ class WorkerGroup:
     @property
     def workers(self) -> WorkersSpec | None:
         """The pool's sizing from its VMs' ``workers`` (the largest floor and ceiling)."""
+        if self.transfers:
+            return TRANSFER_WORKERS
         specs = [vm.spec.workers for vm in self.vms if vm.spec.workers is not None]
         if not specs:
             return None
@@ -189,6 +212,11 @@ class WorkerGroup:
 
 def single(vm: VMRef) -> WorkerGroup:
     return WorkerGroup(vm.namespace, [vm], vm.spec.worker_pool)
+
+
+def transfer_group(namespace: str, vms: list[VMRef]) -> WorkerGroup:
+    """The namespace's transfer worker: it reaches (and mounts the keys of) all its VMs."""
+    return WorkerGroup(namespace, sorted(vms, key=lambda v: v.name), transfers=True)
 
 
 class Runtime(Protocol):
@@ -219,6 +247,8 @@ class DeploymentSettings:
     extra_env: tuple[dict[str, Any], ...] = ()
     # The controller's public key (not a secret): the workers verify every message with it.
     verify_key: str = ""
+    # The chart's per-namespace ServiceAccount of the transfer workers (None: no token).
+    transfer_service_account: str | None = None
 
 
 def pod_extras(settings: DeploymentSettings, pod_spec: dict[str, Any],
@@ -241,7 +271,9 @@ def worker_labels(group: WorkerGroup) -> dict[str, str]:
         c.LABEL_COMPONENT: "worker",
         c.LABEL_MANAGED_BY: c.MANAGED_BY,
     }
-    if group.pool:
+    if group.transfers:
+        labels[LABEL_TRANSFERS] = "true"
+    elif group.pool:
         labels[c.LABEL_POOL] = label_value(group.pool)
     else:
         labels[c.LABEL_VM] = label_value(group.vms[0].name)
@@ -288,7 +320,10 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
            {"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR}]
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
-    volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o440}}
+    # A transfer worker's VMs may name a Secret not created yet: it must not stop the
+    # namespace's transfers (that VM's attempts fail CredentialsInvalid).
+    volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o440,
+                                                     **({"optional": True} if group.transfers else {})}}
                for secret in group.secrets]
     # The probe files (the root filesystem is read-only): a small emptyDir in memory.
     mounts.append({"name": "probes", "mountPath": workerprobes.PROBE_DIR})
@@ -315,10 +350,13 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
     workers = group.workers
     container["resources"] = (workers.resources.wire() if workers is not None and workers.resources
                               else DEFAULT_WORKER_RESOURCES)
+    account = settings.transfer_service_account if group.transfers else None
     template_spec: dict[str, Any] = {
         # SIGTERM starts Celery's warm shutdown: no new task, the running ones finish.
         "terminationGracePeriodSeconds": group.termination_grace,
-        "automountServiceAccountToken": False,
+        # Only a transfer worker holds a token: its namespace's Secrets and ConfigMaps.
+        **({"serviceAccountName": account} if account else {}),
+        "automountServiceAccountToken": bool(account),
         "enableServiceLinks": False,
         # The image's user (Dockerfile): the mounted keys are group-readable by fsGroup.
         "securityContext": {"runAsNonRoot": True, "runAsUser": WORKER_UID,
@@ -328,6 +366,7 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
         "volumes": volumes,
     }
     pod_extras(settings, template_spec, container)
+    check_mounts(group, template_spec)
     body: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -357,9 +396,34 @@ def owner_references(group: WorkerGroup) -> list[dict[str, Any]]:
         "kind": c.VM_KIND,
         "name": vm.name,
         "uid": vm.uid,
-        "controller": group.pool is None,
+        "controller": group.pool is None and not group.transfers,
         "blockOwnerDeletion": False,
     } for vm in sorted(group.vms, key=lambda v: v.name)]
+
+
+def allowed_secrets(group: WorkerGroup) -> set[str]:
+    """The Secrets a group's pods may mount: its VMs' credentials and their bastions'."""
+    names = {vm.spec.credentials_secret_ref.name for vm in group.vms}
+    return names | {vm.bastion_secret for vm in group.vms if vm.bastion_secret}
+
+
+def check_mounts(group: WorkerGroup, pod_spec: dict[str, Any]) -> None:
+    """Refuse a worker pod that mounts anything but its VMs' credentials Secrets (or an
+    emptyDir), or serves a VM of another namespace. The chart's admission policy checks
+    volume kinds; which Secret a worker may mount only the controller can tell."""
+    strangers = sorted(vm.key for vm in group.vms if vm.namespace != group.namespace)
+    if strangers:
+        raise ValueError(f"worker group {group.key} holds RemoteVMs of another namespace: "
+                         f"{', '.join(strangers)}")
+    allowed = allowed_secrets(group)
+    for volume in pod_spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if kinds == {"emptyDir"}:
+            continue
+        secret = (volume.get("secret") or {}).get("secretName")
+        if kinds != {"secret"} or secret not in allowed:
+            raise ValueError(f"worker group {group.key} may mount only its RemoteVMs' "
+                             f"credentials Secrets, not volume {volume.get('name')} ({volume})")
 
 
 def _flatten(refs: list[dict[str, Any]]) -> list[str]:
@@ -453,17 +517,12 @@ class DeploymentRuntime:
     def remove(self, group_key: str) -> None:
         """Nothing to do: the Deployment is owned by its RemoteVMs and garbage collected."""
 
-    def ensure_transfer_worker(self) -> None:
-        """Nothing to do: the Helm chart runs the transfer worker (``transfer_worker_argv``)."""
-
     def shutdown(self) -> None:
         """Deployments outlive the controller."""
 
 
 # --------------------------------------------------------------------------- Process
 
-
-_TRANSFERS_KEY = "*transfers"  # never a namespace/name key
 
 SecretReader = Callable[[str, str], dict[str, str]]  # (namespace, name) -> data
 
@@ -486,7 +545,8 @@ class ProcessRuntime:
     def __init__(self, broker_url: str, log_dir: Path, python: str = sys.executable,
                  read_secret: SecretReader | None = None,
                  credentials_dir: Path | None = None, verify_key: str = "",
-                 worker_urls: Callable[[str], WorkerURLs] | None = None) -> None:
+                 worker_urls: Callable[[str], WorkerURLs] | None = None,
+                 transfer_kubeconfig: Callable[[str], Path] | None = None) -> None:
         self.broker_url = broker_url
         self.verify_key = verify_key
         # A namespace's URLs (its own broker user): given to its workers, never another's.
@@ -495,6 +555,8 @@ class ProcessRuntime:
         self.log_dir = log_dir
         self.python = python
         self.read_secret = read_secret
+        # namespace -> a kubeconfig as limited as the chart's transfer ServiceAccount
+        self.transfer_kubeconfig = transfer_kubeconfig
         self.credentials_dir = credentials_dir or log_dir.parent / "credentials"
         self._lock = threading.Lock()
         self._workers: dict[str, _LocalWorkers] = {}
@@ -553,7 +615,10 @@ class ProcessRuntime:
         env[VERIFY_KEY_ENV] = self.verify_key
         env[SERVED_ENV] = group.served.encode()
         for name in ("KUBECONFIG", MAX_CONCURRENT_ENV, SIGNING_KEY_ENV):
-            env.pop(name, None)  # a worker holds no Kubernetes credentials, nor the private key
+            env.pop(name, None)  # a worker holds no Kubernetes credentials, nor the private key...
+        if group.transfers and self.transfer_kubeconfig is not None:
+            # ...but a transfer worker: its namespace's Secrets and ConfigMaps, `get` only.
+            env["KUBECONFIG"] = str(self.transfer_kubeconfig(group.namespace))
         # Local workers share the machine: each its own metrics port, or none if ours is off.
         metrics_on = settings.current().metrics_port != 0
         env[METRICS_PORT_ENV] = str(free_port()) if metrics_on else "0"
@@ -613,7 +678,8 @@ class ProcessRuntime:
             current.processes = [p for p in current.processes if p.running()]
             while len(current.processes) < replicas:
                 index = len(current.processes)
-                who = f"pool-{group.pool}" if group.pool else group.vms[0].name
+                who = "transfers" if group.transfers else \
+                    f"pool-{group.pool}" if group.pool else group.vms[0].name
                 log_path = self.log_dir / f"{group.namespace}.{who}.{index}.log"
                 proc = ManagedProcess(f"worker {group.key}#{index}", self._argv(group, index),
                                       log_path, env=self._env(group, urls)).start()
@@ -629,28 +695,6 @@ class ProcessRuntime:
             running = len(current.processes)
         return {"runtime": self.name, "queue": ",".join(group.queues), "replicas": replicas,
                 "readyReplicas": running}
-
-    def ensure_transfer_worker(self, concurrency: int = TRANSFER_CONCURRENCY) -> int:
-        """Run the shared transfer worker (restarted if it died); returns its pid."""
-        argv = [self.python, "-m", *transfer_worker_argv(concurrency, f"{TRANSFER_NODE}-0@%h")]
-        with self._lock:
-            current = self._workers.setdefault(_TRANSFERS_KEY, _LocalWorkers("transfers"))
-            current.processes = [p for p in current.processes if p.running()]
-            if not current.processes:
-                log_path = self.log_dir / "transfers.0.log"
-                env = dict(os.environ)
-                env[BROKER_URL_ENV] = self.broker_url
-                env.pop(CREDENTIALS_DIR_ENV, None)  # it reaches every VM: keys via the API
-                env[VERIFY_KEY_ENV] = self.verify_key
-                env[SERVED_ENV] = Served({ANY: ANY}).encode()  # every VM the controller watches
-                env.pop(SIGNING_KEY_ENV, None)
-                env.pop(NAMESPACE_ENV, None)  # every namespace's (the legacy shared queue)
-                proc = ManagedProcess("transfer worker", argv, log_path, env=env).start()
-                write_pid_file(proc, log_path.with_suffix(".pgid"))
-                log.info("Started transfer worker process %s (queue %s)", proc.pid,
-                         c.TRANSFER_QUEUE)
-                current.processes.append(proc)
-            return current.processes[0].pid
 
     def remove(self, group_key: str) -> None:
         with self._lock:

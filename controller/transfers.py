@@ -1,8 +1,10 @@
 """RemoteCommands with a ``transfer`` action: one result entry per destination VM.
 
 Transfers are scheduled like commands (``Commands``, ``schedule.plan``): each
-destination's attempt goes as ``remote_tasks.transfer_file`` to the shared queue
-``vmfleet.transfers``, with the targets of the source and that destination. The worker
+destination's attempt goes as ``remote_tasks.transfer_file`` to the namespace's transfer
+queue (``vmfleet.<namespace>:transfers``), with the targets of the source and that
+destination and the names of the namespace's credentials Secrets (never copied), and
+wakes the namespace's transfer worker if it is scaled to zero. The worker
 claims it in Redis, heartbeats and reports progress; a lost attempt (stale heartbeat) is
 retried or ends ``WorkerLost`` by the one retry policy, and a cleanup task removes its
 temporary file.
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from vmfleet.api.constants import TASK_TRANSFER, TRANSFER_QUEUE, Phase, Reason
+from vmfleet.api.constants import TASK_TRANSFER, Phase, Reason, transfer_queue
 from vmfleet.api.envelope import Envelope, now_rfc3339
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.reports import F
@@ -50,7 +52,7 @@ def initial_transfer_results(
 def send_transfer(commands: Commands, tracked: Tracked, entry: dict[str, Any], attempt: int,
                   task: str = TASK_TRANSFER) -> None:
     """Send one destination's attempt (or, ``TASK_TRANSFER_CLEANUP``, the removal of a lost
-    attempt's temporary file) to the shared transfer queue, with every VM it touches."""
+    attempt's temporary file) to the namespace's transfer queue, with every VM it touches."""
     spec = tracked.spec
     transfer = spec.transfer
     assert transfer is not None
@@ -64,14 +66,16 @@ def send_transfer(commands: Commands, tracked: Tracked, entry: dict[str, Any], a
                         vm=entry["vm"], attempt=attempt, dispatch_time=now_rfc3339(),
                         spec=spec.wire(), target=targets.get(entry["vm"]),
                         command_start=tracked.status.get(F.START_TIME), targets=targets,
-                        scope=commands.state.scope)
+                        scope=commands.state.scope,
+                        protected_secrets=tuple(commands.protected_secrets(tracked.namespace)))
     if task == TASK_TRANSFER:
         commands.state.sent(tracked.uid, tracked.namespace)
-    # The legacy shared queue: outside every namespace's key prefix (namespace None).
-    commands.send(task, envelope.to_message(), TRANSFER_QUEUE, None)
+    queue = transfer_queue(tracked.namespace)
+    commands.send(task, envelope.to_message(), queue, tracked.namespace)
+    commands.wake_transfers(tracked.namespace)  # a transfer worker at zero starts now
     verb = "Dispatched transfer" if task == TASK_TRANSFER else "Sent cleanup of transfer"
     log.info("%s %s to %s (attempt %s, queue %s)", verb, tracked.ref, entry["vm"], attempt,
-             TRANSFER_QUEUE)
+             queue)
 
 
 __all__ = ["initial_transfer_results", "send_transfer"]

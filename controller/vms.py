@@ -12,6 +12,11 @@ their own watch): no reads per tick. The controller loop calls ``tick`` once a s
 
 A probe's report (``on_probe``) is written at once, with the conditions it changes. A
 dispatch to a VM at zero replicas wakes its group (``wake``).
+
+Each namespace with RemoteVMs has one more group, its transfer worker
+(``runtime.transfer_group``): every VM of the namespace, sized from the namespace's
+transfer queue and its queued and running transfers, at zero when idle and woken by a
+transfer's dispatch (``wake_transfers``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from vmfleet.tenancy import queue_key
 
 from . import vmcheck
 from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
-from .runtime import Runtime, VMRef, WorkerGroup
+from .runtime import TRANSFERS_GROUP, Runtime, VMRef, WorkerGroup, transfer_group, transfer_group_key
 from .scaling import Autoscaler, Decision
 from .status import checked_vm_fields
 from .targets import vm_target
@@ -139,12 +144,14 @@ class Fleet:
             return  # a standby's cache (its group is settled by the leader)
         self.autoscaler.forget(key)
         self.health.forget(meta["namespace"], meta["name"])
-        if group is not None:
-            remaining = self.group(group)
+        for key in ([group] if group is not None else []) + [transfer_group_key(meta["namespace"])]:
+            remaining = self.group(key)
             if remaining is None:
-                self.runtime.remove(group)
+                self.runtime.remove(key)
                 with self._lock:
-                    self._applied.pop(group, None)
+                    self._applied.pop(key, None)
+            elif remaining.transfers:
+                self.mark_changed(key)  # one key fewer to mount, on the next tick
             else:
                 self.scale(remaining, force=True)
 
@@ -192,10 +199,12 @@ class Fleet:
             if obj["metadata"]["namespace"] != namespace:
                 continue
             ref = self.ref(obj)
-            if ref is not None and ref.group == key:
+            if ref is not None and (ref.group == key or rest == TRANSFERS_GROUP):
                 refs.append(ref)
         if not refs:
             return None
+        if rest == TRANSFERS_GROUP:
+            return transfer_group(namespace, refs)
         refs.sort(key=lambda r: r.name)
         pool = rest[len("pool:"):] if rest.startswith("pool:") else None
         return WorkerGroup(namespace, refs, pool)
@@ -215,11 +224,23 @@ class Fleet:
             if ref is not None:
                 by_key.setdefault(ref.group, []).append(ref)
         groups = []
+        by_namespace: dict[str, list[VMRef]] = {}
         for _key, refs in sorted(by_key.items()):
             refs.sort(key=lambda r: r.name)
             pool = refs[0].spec.worker_pool
             groups.append(WorkerGroup(refs[0].namespace, refs, pool))
+            by_namespace.setdefault(refs[0].namespace, []).extend(refs)
+        groups += [transfer_group(ns, refs) for ns, refs in sorted(by_namespace.items())]
         return groups
+
+    def credentials_secrets(self, namespace: str) -> list[str]:
+        """The Secrets the namespace's RemoteVMs name as credentials (valid or not): a
+        transfer never copies them."""
+        with self._lock:
+            objs = [o for (ns, _), o in self._vms.items() if ns == namespace]
+        names = {((o.get("spec") or {}).get("credentialsSecretRef") or {}).get("name")
+                 for o in objs}
+        return sorted(n for n in names if isinstance(n, str) and n)
 
     def _scale_lock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -234,6 +255,7 @@ class Fleet:
         with self._lock:
             old_group = self._groups_of.get(ref.key)
             self._groups_of[ref.key] = ref.group
+        self.mark_changed(transfer_group_key(ref.namespace))  # its keys, on the next tick
         if old_group is not None and old_group != ref.group:
             left = self.group(old_group)
             if left is None:
@@ -274,8 +296,9 @@ class Fleet:
         if workers is None or workers.autoscale is None:
             return self.autoscaler.decide(group.key, workers, 0, 0, current)
         depth = sum(depths.get(q, 0) for q in group.queues)
-        queued = sum(counts.get((group.namespace, vm.name), (0, 0))[0] for vm in group.vms)
-        running = sum(counts.get((group.namespace, vm.name), (0, 0))[1] for vm in group.vms)
+        names = [TRANSFERS_GROUP] if group.transfers else [vm.name for vm in group.vms]
+        queued = sum(counts.get((group.namespace, name), (0, 0))[0] for name in names)
+        running = sum(counts.get((group.namespace, name), (0, 0))[1] for name in names)
         # Messages a worker reserved but has not started are in neither count: the
         # Queued entries cover them.
         return self.autoscaler.decide(group.key, workers, max(depth, queued), running, current)
@@ -302,7 +325,9 @@ class Fleet:
                     log.info("Scaled workers of %s from %s to %s (backlog %s: %s queued, %s "
                              "running)", group.key, current, decision.replicas, decision.backlog,
                              decision.queue_depth, decision.running)
-            for vm in group.vms:
+            if group.transfers:  # no RemoteVM's status: its queue's depth is a metric
+                metrics.watch_queue(group.namespace, TRANSFERS_GROUP, group.queues[0])
+            for vm in group.vms if not group.transfers else []:
                 self.write_workers(vm, group, decision)
 
     def _depths(self, queues: list[str]) -> dict[str, int] | None:
@@ -323,9 +348,14 @@ class Fleet:
         """A command was sent to this VM's queue: if its group has no worker, start one."""
         obj = self.get(namespace, name)
         ref = self.ref(obj) if obj is not None else None
-        if ref is None:
-            return
-        group = self.group(ref.group)
+        if ref is not None:
+            self._wake(self.group(ref.group))
+
+    def wake_transfers(self, namespace: str) -> None:
+        """A transfer was sent to the namespace's queue: start its transfer worker if none runs."""
+        self._wake(self.group(transfer_group_key(namespace)))
+
+    def _wake(self, group: WorkerGroup | None) -> None:
         if group is None or not _autoscaled(group):
             return
         try:
@@ -493,7 +523,7 @@ class Fleet:
         except Exception as exc:  # noqa: BLE001 - one group's error must not stop the rest
             metrics.RECONCILE_ERRORS.labels(c.VM_KIND).inc()
             log.warning("Could not scale the workers of %s: %s", group.key, exc)
-        for vm in group.vms:
+        for vm in group.vms if not group.transfers else []:
             obj = self.cached(vm.namespace, vm.name)
             if obj is None:
                 continue
@@ -527,14 +557,18 @@ def _autoscaled(group: WorkerGroup) -> bool:
 
 
 def entry_counts(tracked: list[Any]) -> dict[tuple[str, str], tuple[int, int]]:
-    """``(queued, running)`` result entries per VM over the controller's commands."""
+    """``(queued, running)`` result entries per VM over the controller's commands; a
+    namespace's transfers count under ``(namespace, TRANSFERS_GROUP)``: they run on its
+    transfer worker, not on their VMs' workers."""
     counts: dict[tuple[str, str], list[int]] = {}
     for command in tracked:
+        transfers = getattr(command.spec, "transfer", None) is not None
         for entry in command.status.get("results") or []:
             phase = entry.get("phase")
             if phase not in (Phase.QUEUED, Phase.RUNNING):
                 continue
-            slot = counts.setdefault((command.namespace, entry["vm"]), [0, 0])
+            slot = counts.setdefault(
+                (command.namespace, TRANSFERS_GROUP if transfers else entry["vm"]), [0, 0])
             slot[0 if phase == Phase.QUEUED else 1] += 1
     return {key: (v[0], v[1]) for key, v in counts.items()}
 

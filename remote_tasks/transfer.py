@@ -1,6 +1,7 @@
 """File transfers between VMs: streamed SFTP to SFTP, atomic, verified, memory-bounded.
 
-The controller sends one message per destination VM to ``vmfleet.transfers``; it
+The controller sends one message per destination VM to its namespace's transfer queue
+(``vmfleet.<namespace>:transfers``, consumed by that namespace's transfer worker); it
 carries, in ``Envelope.targets``, how to reach the source VM and the destination (by VM
 name). The delivery claims its destination's attempt in Redis (``State.claim``). On a
 first attempt it also claims, one by one, every *other* destination named in
@@ -33,10 +34,13 @@ requests in flight), each chunk hashed and written (pipelined) to every destinat
 the next window is requested, so a transfer holds at most about one window plus the SSH
 channel windows, whatever the file size. Paths only ever travel as SFTP strings.
 
-Keys: the transfer worker reaches every VM. A VM's key is read from its Secret mounted
-at ``<credentials dir>/<secret name>/``, else through the Kubernetes API (the one
-component besides the controller that still reads Secrets; the same client reads
-ConfigMap and Secret sources). The Kubernetes client is created on first use only.
+Keys: a namespace's transfer worker reaches every VM of its namespace, and only those:
+the kubelet mounts their credentials Secrets at ``<credentials dir>/<secret name>/`` (the
+Process runtime writes the same files). Its Kubernetes token (the chart's per-namespace
+ServiceAccount: ``get`` on Secrets and ConfigMaps of its namespace) serves ConfigMap and
+Secret sources only; the client is created on first use. A Secret is copied only when it
+is labelled ``vmfleet.io/transferable: "true"``, is not of a type that holds tokens or
+registry or SSH credentials, and is no RemoteVM's credentials (``secret_refusal``).
 """
 
 from __future__ import annotations
@@ -60,7 +64,7 @@ from pydantic import ValidationError
 
 from vmfleet import settings
 from vmfleet.api import constants as c
-from vmfleet.api.constants import SECRET_TYPE_SSH_AUTH, Phase, Reason
+from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource, TransferSpec
 from vmfleet.api.reports import Event, ResultFields
@@ -165,6 +169,36 @@ def deadline_message(spec: RemoteCommandSpec, reason: str) -> str:
     if reason == Reason.TIMEOUT:
         return f"the transfer did not finish within timeoutSeconds ({spec.timeout_seconds}s)"
     return f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed"
+
+
+def protected_secrets(envelope: Envelope) -> set[str]:
+    """Secrets a transfer never copies: those the namespace's RemoteVMs name as credentials
+    (the controller lists them in the envelope) and those of the VMs the message names."""
+    names = set(envelope.protected_secrets)
+    for target in [*envelope.targets.values(), *([envelope.target] if envelope.target else [])]:
+        hop: Target | None = target
+        while hop is not None:
+            names.add(hop.secret)
+            hop = hop.bastion
+    return names
+
+
+def secret_refusal(ref: str, secret_type: str | None, labels: dict[str, str],
+                   credentials: bool) -> str | None:
+    """Why a Secret may not be a transfer's source, or None: it must carry the label
+    ``vmfleet.io/transferable: "true"``, not be of a type that holds tokens or registry
+    or SSH credentials, and not be a RemoteVM's credentials (``credentials``)."""
+    opt_in = f'{c.LABEL_TRANSFERABLE}: "true"'
+    if secret_type in c.SECRET_TYPES_NEVER_TRANSFERRED:
+        return (f"Secret {ref} is of type {secret_type}: vmfleet never copies it, even "
+                f"labelled {opt_in}")
+    if credentials:
+        return (f"Secret {ref} holds a RemoteVM's SSH credentials: vmfleet never copies it, "
+                f"even labelled {opt_in}")
+    if labels.get(c.LABEL_TRANSFERABLE) != "true":
+        return (f"Secret {ref} is not labelled {opt_in}: a transfer copies a Secret only "
+                "when its owner allows it with that label")
+    return None
 
 
 def _closed(sftp: paramiko.SFTPClient) -> bool:
@@ -295,42 +329,6 @@ class Run:
         return [dest for dest in self.dests if not dest.reported]
 
 
-class _Keys(CommandExecutor):
-    """The command executor's ``ssh_target`` (host keys, TrustOnFirstUse, one bastion hop)
-    with one difference: a Secret not mounted in this worker is read through the API.
-
-    Built per transfer for its namespace; it holds only what ``ssh_target`` and
-    ``credentials`` use (no Redis, pool or cancels of its own)."""
-
-    def __init__(self, executor: CommandExecutor, namespace: str,
-                 kube: Callable[[], Kube]) -> None:
-        # No super().__init__(): only the credentials directory is borrowed.
-        self.credentials_dir = executor.credentials_dir
-        self.namespace = namespace
-        self._kube = kube
-
-    def credentials(self, secret_name: str) -> tuple[str, str | None]:
-        if (self.credentials_dir / secret_name / c.SECRET_KEY_PRIVATE_KEY).exists():
-            return super().credentials(secret_name)
-        from kubernetes.client.exceptions import ApiException
-
-        ref = f"{self.namespace}/{secret_name}"
-        try:
-            data = self._kube().read_secret(self.namespace, secret_name)
-        except ApiException as exc:
-            reason = Reason.TRANSPORT_ERROR if (exc.status or 0) >= 500 else Reason.CREDENTIALS_INVALID
-            raise AttemptFailed(reason, f"Secret {ref} is not mounted in this worker and "
-                                f"reading it failed: {exc.reason} ({exc.status})") from exc
-        except Exception as exc:  # noqa: BLE001 - no kubeconfig, API server unreachable
-            raise AttemptFailed(Reason.TRANSPORT_ERROR, f"Secret {ref} is not mounted in this "
-                                f"worker and the Kubernetes API cannot be reached: {exc}") from exc
-        key = data.get(c.SECRET_KEY_PRIVATE_KEY, "")
-        if not key.strip():
-            raise AttemptFailed(Reason.CREDENTIALS_INVALID,
-                                f"Secret {ref} has no key {c.SECRET_KEY_PRIVATE_KEY!r}")
-        return key, (data.get(c.SECRET_KEY_PASSPHRASE) or "").strip() or None
-
-
 def _default_kube() -> Kube:
     from vmfleet.kube import Kube
 
@@ -356,7 +354,7 @@ class TransferExecutor:
 
     @property
     def kube(self) -> Kube:
-        """The Kubernetes client (Secrets not mounted, ConfigMap/Secret sources), made once."""
+        """The Kubernetes client (ConfigMap and Secret sources only), made once."""
         with self._kube_lock:
             if self._kube is None:
                 self._kube = self._make_kube()
@@ -575,7 +573,7 @@ class TransferExecutor:
         if source.vm is not None:
             assert source.path is not None
             return self._vm_source(envelope, source.vm, source.path, tick)
-        return self._object_source(envelope.namespace, source)
+        return self._object_source(envelope, source)
 
     def _find_target(self, envelope: Envelope, vm: str) -> Target | None:
         target = envelope.targets.get(vm)
@@ -590,7 +588,7 @@ class TransferExecutor:
             raise TransferFailed(Reason.VM_NOT_FOUND,
                                  f"the message does not say how to reach RemoteVM {vm}")
         try:
-            return _Keys(self.executor, envelope.namespace, lambda: self.kube).ssh_target(target)
+            return self.executor.ssh_target(target)
         except AttemptFailed as failed:
             raise TransferFailed(failed.reason, failed.message) from failed
 
@@ -643,9 +641,10 @@ class TransferExecutor:
         return Source(f"{vm}:{path}", size, stat.S_IMODE(attrs.st_mode or 0o644), chunks, digest,
                       close, abort)
 
-    def _object_source(self, namespace: str, source: TransferSource) -> Source:
+    def _object_source(self, envelope: Envelope, source: TransferSource) -> Source:
         from kubernetes.client.exceptions import ApiException
 
+        namespace = envelope.namespace
         ref = source.config_map_key_ref or source.secret_key_ref
         assert ref is not None
         kind = "ConfigMap" if source.config_map_key_ref is not None else "Secret"
@@ -661,13 +660,11 @@ class TransferExecutor:
                                          f"ConfigMap {namespace}/{ref.name} has no key {ref.key}")
             else:
                 secret = self.kube.core.read_namespaced_secret(ref.name, namespace)
-                if secret.type == SECRET_TYPE_SSH_AUTH:
-                    # The transfer worker may read VMs' keys; a user who may create commands
-                    # must not be able to copy one onto a VM and read it there.
-                    raise TransferFailed(
-                        Reason.PERMISSION_DENIED,
-                        f"Secret {namespace}/{ref.name} is of type {SECRET_TYPE_SSH_AUTH} (SSH "
-                        "credentials of a VM): vmfleet never copies SSH credentials")
+                labels = (secret.metadata.labels if secret.metadata is not None else None) or {}
+                refusal = secret_refusal(f"{namespace}/{ref.name}", secret.type, labels,
+                                         ref.name in protected_secrets(envelope))
+                if refusal is not None:
+                    raise TransferFailed(Reason.PERMISSION_DENIED, refusal)
                 if not secret.data or ref.key not in secret.data:
                     raise TransferFailed(Reason.SOURCE_NOT_FOUND,
                                          f"Secret {namespace}/{ref.name} has no key {ref.key}")

@@ -130,6 +130,10 @@ class Settings:
         "`Process` runtime: `Derived` makes a Redis ACL user per namespace for its workers; "
         "`Shared` gives workers the controller's own URLs (a Redis without ACLs).",
         choices=("Derived", "Shared"))
+    transfer_service_account: str | None = setting(
+        "VMFLEET_TRANSFER_SERVICE_ACCOUNT", None, CONTROLLER,
+        "Per-namespace ServiceAccount of the transfer workers (chart: one per watched "
+        "namespace); unset: they hold no token.")
     worker_log_dir: str = setting(
         "VMFLEET_WORKER_LOG_DIR", ".vmfleet/workers", CONTROLLER,
         "`Process` runtime: where the worker processes' logs go.")

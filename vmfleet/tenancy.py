@@ -33,8 +33,6 @@ import re
 from typing import Any, Final
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
-from vmfleet.api.constants import TRANSFER_QUEUE
-
 #: Keys outside every namespace: the legacy shared transfer queue (``vmfleet.transfers``).
 SHARED_PREFIX: Final = "vmfleet:shared:"
 #: The controller's own keys begin with this (``vmfleet:live:<scope>``); no namespace's do.
@@ -91,10 +89,7 @@ _QUEUE_RE: Final = re.compile(r"vmfleet\.([a-z0-9](?:[-a-z0-9]*[a-z0-9])?)[.:].+
 
 def queue_key(queue: str) -> str:
     """The Redis list of a Celery queue: under the prefix of the namespace its name begins
-    with (``vmfleet.<ns>.`` or ``vmfleet.<ns>:``), the legacy shared transfer queue's
-    under :data:`SHARED_PREFIX` (what the queue depth reads)."""
-    if queue == TRANSFER_QUEUE:
-        return SHARED_PREFIX + queue
+    with (``vmfleet.<ns>.`` or ``vmfleet.<ns>:``): what the queue depth reads."""
     found = _QUEUE_RE.fullmatch(queue)
     return f"{key_prefix(found.group(1))}{queue}" if found else queue
 

@@ -125,8 +125,11 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
     try:
         helm("install", release, str(CHART), "--namespace", ns)
         manifest = [d for d in yaml.safe_load_all(helm("get", "manifest", release, "-n", ns).stdout) if d]
-        # No worker ServiceAccount, Role or RoleBinding; the broker's Secrets and NetworkPolicy.
-        assert len(manifest) == 20
+        # No worker ServiceAccount, Role or RoleBinding; no transfer worker Deployment (the
+        # controller runs one per namespace); the controller's admission fence.
+        assert len(manifest) == 29  # with both admission policies (the API server serves them)
+        kinds = {d["kind"] for d in manifest}
+        assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= kinds
         for doc in manifest:
             kind, name = doc["kind"], doc["metadata"]["name"]
             args = ["get", kind, name, "-o", "name"]
@@ -148,7 +151,7 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
             ("watch", rvm, None), ("list", rcmd, None), ("patch", rcmd, None),
             ("patch", rcmd, "status"), ("patch", rvm, "status"),
             ("create", "deployments.apps", None), ("patch", "deployments.apps", None),
-            ("delete", "deployments.apps", None), ("create", "events", None),
+            ("watch", "deployments.apps", None), ("create", "events", None),
             ("delete", rcmd, None),
             # RemoteCronCommands create their runs; templates and their ConfigMaps are read.
             ("create", rcmd, None), ("watch", "remotecroncommands.vmfleet.io", None),
@@ -156,12 +159,17 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
             ("get", "remotecommandtemplates.vmfleet.io", None), ("get", "configmaps", None),
         ]:
             assert can_i(kubectl, controller, verb, resource, ns, sub), (verb, resource, sub)
+        # Verbs the code never uses are gone: Deployments are applied server-side and
+        # garbage collected with their RemoteVMs; Events are created, never changed.
         for verb, resource, namespace in [
             ("get", "secrets", ns), ("list", "secrets", ns), ("create", "pods", ns),
             ("create", "pods/exec", ns), ("list", rvm, other), ("create", "deployments.apps", other),
             ("create", rcmd, other), ("list", "configmaps", ns),
             ("patch", "remotecroncommands.vmfleet.io", ns),
             ("delete", "namespaces", ns), ("create", "roles.rbac.authorization.k8s.io", ns),
+            ("delete", "deployments.apps", ns), ("update", "deployments.apps", ns),
+            ("get", "deployments.apps", ns), ("update", rvm, ns), ("update", rcmd, ns),
+            ("patch", "events", ns), ("create", "events.events.k8s.io", ns),
         ]:
             assert not can_i(kubectl, controller, verb, resource, namespace), (verb, resource, namespace)
         assert can_i(kubectl, controller, "list", "customresourcedefinitions.apiextensions.k8s.io", ns)
@@ -174,7 +182,8 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
         roles = kubectl("get", "role", "-n", ns, "-o", "name").stdout.split()
         assert not [r for r in roles if r.endswith("-vmfleet-worker")], roles
 
-        # The transfer worker reads VMs' keys (both ends of a copy): get, never list.
+        # The namespace's transfer worker: sources from Secrets and ConfigMaps of its own
+        # namespace, get, never list (its VMs' keys are mounted by the kubelet).
         assert can_i(kubectl, transfer, "get", "secrets", ns)
         assert can_i(kubectl, transfer, "get", "configmaps", ns)
         assert not can_i(kubectl, transfer, "list", "secrets", ns)
@@ -212,19 +221,28 @@ def test_cluster_wide_controller_and_per_namespace_workers(helm, kubectl, crds, 
         helm("install", release, str(CHART), "--namespace", ns, "-f", str(values),
              "--set", f"watchNamespaces={{{','.join(spec['watchNamespaces'])}}}")
         controller = f"system:serviceaccount:{ns}:{release}-vmfleet-controller"
-        for namespace in (ns, "default", *spec["watchNamespaces"]):
+        for namespace in (ns, "default", "kube-system", *spec["watchNamespaces"]):
             assert can_i(kubectl, controller, "watch", "remotevms.vmfleet.io", namespace)
-            assert can_i(kubectl, controller, "create", "deployments.apps", namespace)
+            assert can_i(kubectl, controller, "watch", "deployments.apps", namespace)
             assert not can_i(kubectl, controller, "get", "secrets", namespace)
+            # Workers run only where the chart put the controller's Role, never kube-system.
+            writes = namespace in spec["watchNamespaces"]
+            for verb in ("create", "patch"):
+                assert can_i(kubectl, controller, verb, "deployments.apps", namespace) == writes, (
+                    verb, namespace)
+            assert not can_i(kubectl, controller, "delete", "deployments.apps", namespace)
         assert can_i(kubectl, controller, "list", "namespaces", ns)
         for namespace in spec["watchNamespaces"]:
             accounts = kubectl("get", "serviceaccount", "-n", namespace, "-o", "name").stdout.split()
             assert f"serviceaccount/{release}-vmfleet-worker" not in accounts  # workers: no token
-            transfer = f"system:serviceaccount:{ns}:{release}-vmfleet-transfer-worker"
+            # Each namespace's transfer worker has its own account, reaching that namespace only.
+            transfer = f"system:serviceaccount:{namespace}:{release}-vmfleet-transfer-worker"
             args = ["auth", "can-i", "get", "secrets/vm1-ssh", f"--as={transfer}", "-n", namespace]
             assert kubectl(*args, check=False).stdout.strip() == "yes"
             args[3] = "secrets/someone-elses"
             assert kubectl(*args, check=False).stdout.strip() == "no"
+            for elsewhere in (ns, *[n for n in spec["watchNamespaces"] if n != namespace]):
+                assert not can_i(kubectl, transfer, "get", "configmaps", elsewhere), elsewhere
     finally:
         helm("uninstall", release, "--namespace", ns, check=False)
 
@@ -323,3 +341,89 @@ def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
         if controller is not None:
             controller.stop(grace=30)
         helm("uninstall", release, "--namespace", ns_name, check=False)
+
+
+def test_the_controller_is_fenced_to_worker_deployments_by_the_admission_policy(
+        helm, kubectl, crds, namespaces):
+    """As the controller's ServiceAccount (its Role allows creating Deployments in the
+    namespace), the chart's ValidatingAdmissionPolicy admits the worker Deployments the
+    controller builds (controller/runtime.py) and refuses any other: a hostPath, another
+    image, a token, privileged, a hostPort, the node's network or PID namespace."""
+    import copy
+
+    from controller.runtime import (
+        DeploymentSettings,
+        VMRef,
+        single,
+        transfer_group,
+        worker_deployment,
+    )
+    from vmfleet.api.models import RemoteVMSpec
+    from vmfleet.dev.proc import wait_until
+
+    ns = f"chart-fence-{uuid.uuid4().hex[:6]}"
+    namespaces(ns)
+    release = f"r{uuid.uuid4().hex[:5]}"
+    controller = f"system:serviceaccount:{ns}:{release}-vmfleet-controller"
+    settings = DeploymentSettings("vmfleet:0.1.0", "redis://127.0.0.1:6379/0",
+                                  transfer_service_account=f"{release}-vmfleet-transfer-worker")
+    vm = VMRef(ns, "vm1", str(uuid.uuid4()), RemoteVMSpec.model_validate(
+        {"host": "127.0.0.1", "user": "u", "credentialsSecretRef": {"name": "vm1-ssh"},
+         "hostKeys": ["ssh-ed25519 AAAA"]}))
+
+    def create(body: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        body = copy.deepcopy(body)
+        body["metadata"].pop("ownerReferences")  # no such RemoteVM: nothing to own it
+        return kubectl("create", "--dry-run=server", f"--as={controller}", "-f", "-",
+                       input=yaml.safe_dump(body), check=False)
+
+    worker = worker_deployment(single(vm), settings, 1)
+    refused: dict[str, tuple[dict[str, Any], str]] = {}
+
+    def variant(name: str, words: str, change: Any) -> None:
+        body = copy.deepcopy(worker)
+        change(body["spec"]["template"]["spec"], body["spec"]["template"]["spec"]["containers"][0])
+        refused[name] = (body, words)
+
+    variant("hostPath", "only secret and emptyDir volumes",
+            lambda p, c: p["volumes"].append({"name": "root", "hostPath": {"path": "/"}}))
+    variant("image", "must run the vmfleet image",
+            lambda p, c: c.update(image="docker.io/library/busybox:1"))
+    variant("token", "no Kubernetes token", lambda p, c: p.update(automountServiceAccountToken=True))
+    variant("privileged", "may not be privileged",
+            lambda p, c: c["securityContext"].update(privileged=True, allowPrivilegeEscalation=True))
+    variant("hostPort", "may not use a hostPort",
+            lambda p, c: c.update(ports=[{"containerPort": 22, "hostPort": 22}]))
+    variant("hostNetwork", "may not share the node's network",
+            lambda p, c: p.update(hostNetwork=True))
+    variant("hostPID", "process or IPC namespace", lambda p, c: p.update(hostPID=True))
+    try:
+        helm("install", release, str(CHART), "--namespace", ns)
+        hostpath, words = refused["hostPath"]
+        # The policy is enforced once the API server has loaded it: wait for the first refusal.
+        wait_until(lambda: create(hostpath).returncode != 0, timeout=30, interval=0.5,
+                   what="the admission policy to refuse a hostPath worker")
+        for name, (body, words) in refused.items():
+            proc = create(body)
+            assert proc.returncode != 0, name
+            assert "ValidatingAdmissionPolicy" in proc.stderr and words in proc.stderr, (name, proc.stderr)
+        # What the controller builds is admitted: a VM's worker, and the namespace's transfer
+        # worker with the chart's transfer ServiceAccount (the one worker with a token).
+        for body in (worker, worker_deployment(transfer_group(ns, [vm]), settings, 1)):
+            proc = create(body)
+            assert proc.returncode == 0, proc.stderr
+        # Any other Deployment name, or the transfer account on a command worker: refused.
+        other = copy.deepcopy(worker)
+        other["metadata"]["name"] = "not-a-worker"
+        assert "only worker Deployments" in create(other).stderr
+        sneaky = copy.deepcopy(worker)
+        sneaky["spec"]["template"]["spec"].update(
+            automountServiceAccountToken=True, serviceAccountName=settings.transfer_service_account)
+        assert "no Kubernetes token" in create(sneaky).stderr
+        # The admin (not the controller) is not fenced: the policy matches the controller only.
+        body = copy.deepcopy(hostpath)
+        body["metadata"].pop("ownerReferences")
+        assert kubectl("create", "--dry-run=server", "-f", "-",
+                       input=yaml.safe_dump(body), check=False).returncode == 0
+    finally:
+        helm("uninstall", release, "--namespace", ns, check=False)

@@ -107,6 +107,26 @@ def test_non_utf8_and_large_output_are_kept_as_bytes(ns: Namespace, vms):
     assert result["stderr"] == "\ufffdx\n"
 
 
+def test_a_vm_that_never_stops_printing_is_cut_at_the_timeout_with_a_bounded_tail(
+        ns: Namespace, vms):
+    """A malicious or broken VM's endless output: the status keeps a tail of maxBytes (the
+    count is exact), the attempt ends Timeout and the printing process is killed."""
+    vm1 = vms[0]
+    ns.add_vms(vms[:1])
+    marker = f"flood-{ns}"
+    ns.run("flood", vm="vm1", timeoutSeconds=3, output={"maxBytes": 4096},
+           command=f"while :; do head -c 32768 /dev/zero | tr '\\0' x; echo {marker}; "
+                   "sleep 0.01; done")
+    obj = ns.finished("flood", timeout=120)
+    result = result_of(obj)
+    assert (obj["status"]["phase"], result["reason"]) == ("Failed", "Timeout"), result
+    assert result["outputTruncated"] is True
+    assert len(result["stdout"].encode()) <= 4096 and marker in result["stdout"]
+    assert result["stdoutBytes"] > 64 * 4096  # it did print far more than it kept
+    wait_until(lambda: vm1.run(f"pgrep -f '[e]cho {marker}' >/dev/null")[0] != 0, timeout=30,
+               what="the printing loop to be killed on the VM")
+
+
 def test_unknown_vm_fails_with_reason(ns: Namespace, vms):
     ns.run("ghost", vm="no-such-vm", command="true")
     obj = ns.finished("ghost")

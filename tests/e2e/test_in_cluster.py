@@ -7,8 +7,9 @@ deleted) → least privilege as deployed → `helm upgrade` → `helm uninstall`
 namespace deleted. Pods use the host's network: the sshd VMs, Redis and the API server
 are on loopback, and every container that talks to the API is pointed at 127.0.0.1.
 
-The contract checked is DESIGN.md's: workers hold no Kubernetes credentials
-(`automountServiceAccountToken: false`, no Role), the controller is the only writer of
+The contract checked is DESIGN.md's: command workers hold no Kubernetes credentials
+(`automountServiceAccountToken: false`, no Role), a namespace's transfer worker holds
+only its namespace's transfer ServiceAccount, the controller is the only writer of
 status, and no RemoteVM or RemoteCommand carries a finalizer.
 """
 
@@ -36,7 +37,8 @@ from vmfleet.dev.sshd import SshdVM
 CHART = REPO / "charts" / "vmfleet"
 RELEASE = "rel"
 CONTROLLER = f"{RELEASE}-vmfleet-controller"
-TRANSFER_WORKER = f"{RELEASE}-vmfleet-transfer-worker"
+TRANSFER_SA = f"{RELEASE}-vmfleet-transfer-worker"
+TRANSFER_DEPLOYMENT = "vmfleet-transfers"
 WORKER_SA = f"{RELEASE}-vmfleet-worker"
 UPGRADE_TAG = "0.1.0-upgrade"
 FLEET_LABELS = {"fleet": "session"}  # the session's vm1..vm3, not a test's own VM
@@ -326,6 +328,9 @@ def test_cancel_by_delete_kills_the_remote_process(release: Release, vms: list[S
 
 
 def test_transfer_vm_to_vm_through_the_transfer_worker_pod(release: Release, vms: list[SshdVM]) -> None:
+    """The namespace's transfer worker is a pod the controller started for the transfer,
+    running as the chart's transfer ServiceAccount with the namespace's VM keys mounted;
+    its token reads a labelled Secret source, and an unlabelled one is refused."""
     src, dst = vms[0], vms[1]
     tag = uid()
     code, _, err = src.run(f"head -c 300000 /dev/urandom > /tmp/inc-src-{tag}")
@@ -337,6 +342,28 @@ def test_transfer_vm_to_vm_through_the_transfer_worker_pod(release: Release, vms
     assert obj["status"]["phase"] == "Succeeded", obj["status"]
     _, copied, _ = dst.run(f"sha256sum /tmp/inc-dst-{tag} | cut -d' ' -f1")
     assert copied.strip() == digest.strip() != b""
+    (result,) = obj["status"]["results"]
+    assert result["worker"].startswith(f"{TRANSFER_DEPLOYMENT}@"), result["worker"]
+    (pod,) = [p for p in release.pods("vmfleet.io/transfers=true")
+              if p["status"].get("phase") == "Running"]
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == TRANSFER_SA
+    secrets = sorted(v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v)
+    assert secrets == sorted(f"{vm.name}-ssh" for vm in vms), secrets
+    assert all("secret" in v or "projected" in v for v in spec["volumes"])  # the token, the keys
+    for name, labels in (("shared", {"vmfleet.io/transferable": "true"}), ("private", {})):
+        release.kubectl.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {
+            "name": f"inc-{name}", "namespace": release.ns.name, "labels": labels},
+            "stringData": {"v": f"{name}-{tag}"}})
+        release.ns.run(f"from-{name}", transfer={
+            "from": {"secretKeyRef": {"name": f"inc-{name}", "key": "v"}},
+            "to": [{"vm": dst.name, "path": f"/tmp/inc-{name}-{tag}"}]})
+    obj = release.finished("from-shared", timeout=180)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    assert vm_file(dst, f"/tmp/inc-shared-{tag}") == f"shared-{tag}"
+    (result,) = release.finished("from-private", timeout=180)["status"]["results"]
+    assert result["reason"] == "PermissionDenied" and "vmfleet.io/transferable" in result["message"]
+    assert vm_file(dst, f"/tmp/inc-private-{tag}") == ""
 
 
 # ------------------------------------------------------------------------------- faults
@@ -485,10 +512,29 @@ def test_least_privilege_as_deployed(release: Release) -> None:
         ("delete", "namespaces"), ("create", "roles.rbac.authorization.k8s.io"),
         ("create", "rolebindings.rbac.authorization.k8s.io"), ("patch", "serviceaccounts"),
     ]
-    for verb, resource in denied:
+    for verb, resource in [*denied, ("delete", "deployments.apps"), ("update", "deployments.apps")]:
         assert not can_i(release, CONTROLLER, verb, resource), f"the controller may {verb} {resource}"
     assert not can_i(release, CONTROLLER, "list", "remotevms.vmfleet.io", other), (
         "the controller reaches another namespace")
+    # The namespace's transfer worker: its Secrets and ConfigMaps, get only.
+    assert can_i(release, TRANSFER_SA, "get", "secrets") and can_i(release, TRANSFER_SA, "get", "configmaps")
+    for verb, resource, namespace in [("list", "secrets", None), ("get", "secrets", other),
+                                      ("get", "remotecommands.vmfleet.io", None),
+                                      ("create", "pods", None)]:
+        assert not can_i(release, TRANSFER_SA, verb, resource, namespace), (verb, resource, namespace)
+    # The admission fence, as deployed: the controller's ServiceAccount may not create a
+    # worker with a hostPath (its Role alone would let it).
+    body = {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "vmfleet-worker-evil", "namespace": release.ns.name},
+            "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
+                "metadata": {"labels": {"a": "b"}},
+                "spec": {"automountServiceAccountToken": False,
+                         "containers": [{"name": "c", "image": release.image}],
+                         "volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}}}
+    refused = release.kubectl("create", "--dry-run=server", "-f", "-",
+                              f"--as=system:serviceaccount:{release.ns.name}:{CONTROLLER}",
+                              input=json.dumps(body), check=False)
+    assert refused.returncode != 0 and "only secret and emptyDir volumes" in refused.stderr, refused
     # Workers: nothing of the cluster at all (DESIGN.md).
     for verb, resource in [("get", "secrets"), ("get", "remotecommands.vmfleet.io"),
                            ("patch", "remotecommands.vmfleet.io/status"), ("list", "pods"),
@@ -507,7 +553,7 @@ def test_helm_upgrade_to_a_new_tag_rolls_controller_and_workers(release: Release
     workers = [f"vmfleet-worker-{vm.name}" for vm in vms]
 
     def rolled() -> bool:
-        for name in [CONTROLLER, TRANSFER_WORKER, *workers]:
+        for name in [CONTROLLER, TRANSFER_DEPLOYMENT, *workers]:
             deploy = release.kubectl.get_json("-n", release.ns.name, "deployment", name)
             image = deploy["spec"]["template"]["spec"]["containers"][0]["image"]
             status = deploy.get("status", {})

@@ -21,8 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from tests.e2e.fleet import Kubectl, Namespace, logs_of, start_controller, unique_namespace
+from tests.e2e.fleet import (
+    Kubectl,
+    Namespace,
+    logs_of,
+    start_controller,
+    unique_namespace,
+)
 from vmfleet.dev.manifests import vm_manifests
 from vmfleet.dev.proc import free_port, wait_until
 from vmfleet.dev.sshd import SshdVM
@@ -151,7 +158,7 @@ def can_i(kubectl: Kubectl, namespace: str, verb: str, resource: str, *who: str)
 def test_security_md_team_role_runs_commands_but_reads_no_key(kubectl: Kubectl, leak_ns: Namespace) -> None:
     """The Role in SECURITY.md, applied as written: commands yes, keys and VM changes no."""
     text = (REPO / "SECURITY.md").read_text()
-    (block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    (block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
     manifest = textwrap.dedent(block).replace("namespace: team-a", f"namespace: {leak_ns}")
     kubectl("apply", "-f", "-", input=manifest)
     alice = ("--as=alice", "--as-group=team-a")
@@ -166,6 +173,42 @@ def test_security_md_team_role_runs_commands_but_reads_no_key(kubectl: Kubectl, 
         assert not can_i(kubectl, leak_ns.name, verb, resource, *alice), (verb, resource)
     # Only in the team's namespace.
     assert not can_i(kubectl, "default", "create", rcmd, *alice)
+
+
+def test_readme_resource_quota_caps_a_teams_remote_commands(kubectl: Kubectl,
+                                                            leak_ns: Namespace) -> None:
+    """The README's team ResourceQuota, applied as written but for a cap of 2: the API
+    server refuses the third RemoteCommand, so no team can pile up objects for the
+    controller to hold."""
+    text = (REPO / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.DOTALL)
+                if "kind: ResourceQuota" in b]
+    quota = yaml.safe_load(block)
+    assert quota["spec"]["hard"]["count/remotecommands.vmfleet.io"] == "500"
+    quota["metadata"]["namespace"] = leak_ns.name
+    quota["spec"]["hard"]["count/remotecommands.vmfleet.io"] = "2"
+    kubectl.apply(quota)
+    counted = "count/remotecommands.vmfleet.io"
+    attempts = iter(range(1000))
+
+    def counting() -> bool:
+        used = kubectl.get_json("-n", leak_ns.name, "resourcequota", "vmfleet").get(
+            "status", {}).get("used", {})
+        if counted in used:
+            return True
+        # The quota controller learns a new CRD at its next discovery (about every 30 s)
+        # and recounts a quota when its spec changes: nudge it until it counts the kind.
+        quota["spec"]["hard"]["count/remotevms.vmfleet.io"] = str(100 + next(attempts) % 2)
+        kubectl.apply(quota)
+        return False
+
+    wait_until(counting, timeout=150, interval=3,
+               what="the quota controller to count RemoteCommands")
+    for name in ("one", "two"):
+        kubectl.apply(leak_ns.command(name, vm="vm1", command="true"))
+    proc = kubectl.apply(leak_ns.command("three", vm="vm1", command="true"), check=False)
+    assert proc.returncode != 0 and "exceeded quota" in proc.stderr, proc.stderr
+    assert "count/remotecommands.vmfleet.io" in proc.stderr
 
 
 def test_local_default_service_account_has_no_vmfleet_or_secret_rights(
@@ -184,7 +227,7 @@ def test_local_default_service_account_has_no_vmfleet_or_secret_rights(
 
 def test_a_transfer_never_copies_a_vms_ssh_key(ns: Namespace, make_vm: Callable[..., SshdVM]) -> None:
     """Who may create RemoteCommands (but not read Secrets) cannot copy a VM's key onto a VM
-    through the transfer worker, which may read the keys."""
+    through the transfer worker, which may read the namespace's Secrets."""
     vm = make_vm("keyholder")
     ns.add_vms([vm])
     ns.run("steal", transfer={"from": {"secretKeyRef": {"name": "keyholder-ssh",
@@ -192,6 +235,6 @@ def test_a_transfer_never_copies_a_vms_ssh_key(ns: Namespace, make_vm: Callable[
                               "to": [{"vm": "keyholder", "path": "/tmp/stolen-key"}]})
     (result,) = ns.finished("steal", timeout=90)["status"]["results"]
     assert (result["phase"], result["reason"]) == ("Failed", "PermissionDenied"), result
-    assert "never copies SSH credentials" in result["message"]
+    assert "of type kubernetes.io/ssh-auth: vmfleet never copies it" in result["message"]
     assert not vm.host_path("/tmp/stolen-key").exists()
     assert not [p for p in vm.host_path("/tmp").iterdir() if "stolen-key" in p.name]

@@ -1,4 +1,5 @@
-"""File transfers between VMs end to end: real sshd VMs, real controller, the shared worker.
+"""File transfers between VMs end to end: real sshd VMs, real controller, the namespace's
+transfer worker (run by the controller, woken by the first transfer).
 
 The big-file size is 64 MiB by default; ``VMFLEET_E2E_BIG=1`` runs the 1 GiB version of
 the issue (slow: about a minute on two cores).
@@ -55,16 +56,17 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-def transfer_worker_pid(controller_dir: Path) -> int:
-    pid_file = controller_dir / "workers" / "transfers.0.pgid"
+def transfer_worker_pid(controller_dir: Path, namespace: str) -> int:
+    """The pid of the namespace's transfer worker (the Process runtime's first replica)."""
+    pid_file = controller_dir / "workers" / f"{namespace}.transfers.0.pgid"
     wait_until(pid_file.exists, timeout=60, what="the transfer worker to start")
     return int(pid_file.read_text().split()[0])
 
 
-def ready_transfer_worker(controller_dir: Path) -> int:
+def ready_transfer_worker(controller_dir: Path, namespace: str) -> int:
     """The worker's pid once Celery reports it ready (its start-up memory is not growth)."""
-    pid = transfer_worker_pid(controller_dir)
-    log = controller_dir / "workers" / "transfers.0.log"
+    pid = transfer_worker_pid(controller_dir, namespace)
+    log = controller_dir / "workers" / f"{namespace}.transfers.0.log"
     wait_until(lambda: " ready." in log.read_text(errors="replace"), timeout=60,
                what="the transfer worker to be ready")
     return pid
@@ -122,15 +124,15 @@ def test_big_file_to_two_vms_is_identical_and_memory_bounded(
     ns.add_vms(vms)
     src = f"{tmpdir_on}/src.bin"
     expected = write_random(vm1.host_path(src), BIG)
-    pid = ready_transfer_worker(controller_dir)
-    # A small copy first: what the worker loads on first use (SFTP, ciphers, API client)
-    # is not memory that grows with the file.
+    # A small copy first: it wakes the namespace's transfer worker, and what the worker
+    # loads on first use (SFTP, ciphers) is not memory that grows with the file.
     write_random(vm1.host_path(f"{tmpdir_on}/warm.bin"), MiB)
     ns.run("warm-up", transfer={"from": {"vm": "vm1", "path": f"{tmpdir_on}/warm.bin"},
                                 "to": [{"vm": "vm2", "path": f"{tmpdir_on}/warm.bin"},
                                        {"vm": "vm3", "path": f"{tmpdir_on}/warm.bin"}],
                                 "createDirs": True})
     assert ns.finished("warm-up")["status"]["phase"] == "Succeeded"
+    pid = ready_transfer_worker(controller_dir, str(ns))
     dst = f"{tmpdir_on}/copy/big.bin"
     with RssSampler(pid) as rss:
         ns.run("big", transfer={
@@ -305,7 +307,8 @@ def test_source_from_a_secret_key_is_never_logged(ns: Namespace, vms, controller
     ns.add_vms(vms[1:2])
     token = "s3cr3t-" + os.urandom(8).hex()
     ns.kubectl.apply({"apiVersion": "v1", "kind": "Secret",
-                      "metadata": {"name": "api-token", "namespace": str(ns)},
+                      "metadata": {"name": "api-token", "namespace": str(ns),
+                                   "labels": {"vmfleet.io/transferable": "true"}},
                       "stringData": {"token": token}})
     ns.kubectl.apply({"apiVersion": "v1", "kind": "ConfigMap",
                       "metadata": {"name": "scripts", "namespace": str(ns)},
@@ -328,6 +331,78 @@ def test_source_from_a_secret_key_is_never_logged(ns: Namespace, vms, controller
     assert token not in str(ns.get("rcmd", "secret"))
 
 
+def test_a_secret_leaves_its_namespace_only_by_its_owners_opt_in(ns: Namespace, vms,
+                                                                  tmpdir_on: str):
+    """Who may create RemoteCommands but not read Secrets gets no Secret out through a VM:
+    an unlabelled one is refused, a token Secret even labelled, a VM's key even Opaque and
+    labelled (vm1 is not part of the copy: the controller names its Secret); the one
+    labelled vmfleet.io/transferable: "true" is copied."""
+    from vmfleet.dev.manifests import credentials_secret, remote_vm
+
+    vm1, vm2, _ = vms
+    label = {"vmfleet.io/transferable": "true"}
+    opaque_key = credentials_secret(vm1, str(ns), "vm1-opaque")
+    opaque_key.update(type="Opaque")
+    opaque_key["metadata"]["labels"] = label
+    ns.kubectl.apply(opaque_key, remote_vm(vm1, str(ns), secret_name="vm1-opaque"))
+    ns.add_vms(vms[1:2])
+    secret = "opaque-" + os.urandom(8).hex()
+    ns.kubectl.apply(
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "robot", "namespace": str(ns)}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "plain", "namespace": str(ns)},
+         "stringData": {"v": secret}},
+        {"apiVersion": "v1", "kind": "Secret",
+         "metadata": {"name": "allowed", "namespace": str(ns), "labels": label},
+         "stringData": {"v": secret}},
+        {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/service-account-token",
+         "metadata": {"name": "robot-token", "namespace": str(ns), "labels": label,
+                      "annotations": {"kubernetes.io/service-account.name": "robot"}}})
+    sources = {"plain": ("plain", "v"), "allowed": ("allowed", "v"),
+               "token": ("robot-token", "token"), "vm-key": ("vm1-opaque", "ssh-privatekey"),
+               "ssh-auth": ("vm2-ssh", "ssh-privatekey")}
+    for name, (secret_name, key_name) in sources.items():
+        ns.run(name, transfer={"from": {"secretKeyRef": {"name": secret_name, "key": key_name}},
+                               "to": [{"vm": "vm2", "path": f"{tmpdir_on}/{name}"}],
+                               "createDirs": True})
+    assert ns.finished("allowed")["status"]["phase"] == "Succeeded"
+    assert vm2.host_path(f"{tmpdir_on}/allowed").read_text() == secret
+    expected = {"plain": 'not labelled vmfleet.io/transferable: "true"',
+                "token": "of type kubernetes.io/service-account-token",
+                "vm-key": "holds a RemoteVM's SSH credentials",
+                "ssh-auth": "of type kubernetes.io/ssh-auth"}
+    for name, words in expected.items():
+        obj = ns.finished(name)
+        (entry,) = obj["status"]["results"]
+        assert (obj["status"]["phase"], entry["reason"]) == ("Failed", "PermissionDenied"), entry
+        assert words in entry["message"] and "vmfleet.io/transferable" in entry["message"]
+        assert not vm2.host_path(f"{tmpdir_on}/{name}").exists()
+    assert listing(vm2, tmpdir_on) == ["allowed"]  # no temporary file either
+
+
+def test_the_local_transfer_worker_reaches_only_its_namespaces_secrets(ns: Namespace, vms,
+                                                                        controller_dir: Path):
+    """The Process runtime's transfer worker holds a token of its namespace's ServiceAccount
+    (not the controller's kubeconfig): `get` on that namespace's Secrets and ConfigMaps only."""
+    ns.add_vms(vms[:1])
+    ns.run("wake", transfer={"from": {"configMapKeyRef": {"name": "missing", "key": "k"}},
+                             "to": [{"vm": "vm1", "path": "/tmp/never"}]})
+    (entry,) = ns.finished("wake")["status"]["results"]
+    assert entry["reason"] == "SourceNotFound", entry  # it read through its own token
+    config = (controller_dir / "transfer-access" / f"{ns}.kubeconfig").read_text()
+    assert '"token"' in config and "client-key" not in config
+    account = f"system:serviceaccount:{ns}:vmfleet-transfer-worker"
+    for verb, resource, namespace, allowed in [
+        ("get", "secrets", str(ns), True), ("get", "configmaps", str(ns), True),
+        ("list", "secrets", str(ns), False), ("watch", "secrets", str(ns), False),
+        ("get", "secrets", "default", False), ("get", "remotecommands.vmfleet.io", str(ns), False),
+        ("create", "pods", str(ns), False),
+    ]:
+        proc = ns.kubectl("auth", "can-i", verb, resource, f"--as={account}", "-n", namespace,
+                          check=False)
+        assert proc.stdout.strip() == ("yes" if allowed else "no"), (verb, resource, namespace)
+
+
 def test_invalid_transfers_are_refused(ns: Namespace):
     both = {"from": {"vm": "vm1", "path": "/a", "secretKeyRef": {"name": "s", "key": "k"}},
             "to": [{"vm": "vm2", "path": "/b"}]}
@@ -346,8 +421,8 @@ def test_invalid_transfers_are_refused(ns: Namespace):
 
 @pytest.fixture
 def lost_controller(controlplane, kubectl, crds, make_redis, tmp_path) -> Iterator[tuple]:
-    """A controller of our own (own broker: its own transfer worker is the only consumer of
-    ``vmfleet.transfers``) that declares a silent transfer worker lost after 6s."""
+    """A controller of our own (own broker: its transfer worker is the only consumer of the
+    namespace's transfer queue) that declares a silent transfer worker lost after 6s."""
     ns = Namespace(kubectl, unique_namespace("xferlost")).create()
     redis = make_redis()
     proc = start_controller(controlplane.kubeconfig, redis.url, tmp_path, [ns.name],
@@ -367,7 +442,6 @@ def test_killed_worker_leaves_no_partial_file_retried_or_worker_lost(lost_contro
     ns.add_vms([src_vm, dst_vm])
     size = 192 * MiB
     expected = write_random(src_vm.host_path("/tmp/kill.bin"), size)
-    pid = transfer_worker_pid(workdir)
     for name, limit in (("retried", 1), ("lost", 0)):
         ns.run(name, transfer={"from": {"vm": "ksrc", "path": "/tmp/kill.bin"},
                                "to": [{"vm": "kdst", "path": f"/tmp/{name}/kill.bin"}],
@@ -381,6 +455,7 @@ def test_killed_worker_leaves_no_partial_file_retried_or_worker_lost(lost_contro
 
     wait_until(lambda: copying("retried") and copying("lost"), timeout=60, interval=0.02,
                what="both copies to start")
+    pid = transfer_worker_pid(workdir, ns.name)  # woken by the first of them
     os.killpg(pid, signal.SIGKILL)
     for name in ("retried", "lost"):
         first = ns.get("rcmd", name)["status"]["results"][0]
@@ -403,7 +478,7 @@ def test_killed_worker_leaves_no_partial_file_retried_or_worker_lost(lost_contro
     log = (workdir / "controller.log").read_text()
     assert "lost during attempt 1; retrying" in log
     assert "lost during attempt 1; failed (WorkerLost)" in log
-    assert transfer_worker_pid(workdir) != pid  # the controller started a new worker
+    assert transfer_worker_pid(workdir, ns.name) != pid  # the controller started a new worker
     controller.check_running()
 
 

@@ -99,7 +99,6 @@ def test_default_objects():
         "ClusterRoleBinding/rel-vmfleet-cluster-reader",
         "Deployment/rel-vmfleet-broker",
         "Deployment/rel-vmfleet-controller",
-        "Deployment/rel-vmfleet-transfer-worker",
         "Lease/rel-vmfleet-controller",
         "PodDisruptionBudget/rel-vmfleet-controller",
         "NetworkPolicy/rel-vmfleet-broker",
@@ -118,10 +117,11 @@ def test_default_objects():
         "Secret/rel-vmfleet-broker-transfers",
         "Service/rel-vmfleet-broker",
         "Service/rel-vmfleet-controller",
-        "Service/rel-vmfleet-transfer-worker",
         "Service/rel-vmfleet-worker-metrics",
         "ServiceAccount/rel-vmfleet-controller",
         "ServiceAccount/rel-vmfleet-transfer-worker",
+        "ValidatingAdmissionPolicy/rel-vmfleet-controller-fence",
+        "ValidatingAdmissionPolicyBinding/rel-vmfleet-controller-fence",
     ])
     # Off by default: prometheus-operator kinds and the dashboard.
     assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
@@ -144,13 +144,6 @@ def test_only_the_controller_mounts_the_signing_key():
            controller["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["VMFLEET_SIGNING_KEY_FILE"] == "/var/run/secrets/vmfleet.io/signing/signing.key"
     assert env["VMFLEET_VERIFY_KEY_CONFIGMAP"] == "rel-vmfleet-verify-key"
-    (transfer,) = find(docs, "Deployment", "rel-vmfleet-transfer-worker")
-    pod = transfer["spec"]["template"]["spec"]
-    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-    assert env["VMFLEET_VERIFY_KEY_FILE"] == "/var/run/vmfleet.io/verify/verify.pub"
-    assert json.loads(env["VMFLEET_SERVED_VMS"]) == {"fleet/*": "*"}
-    assert {"name": "verify-key", "configMap": {"name": "rel-vmfleet-verify-key",
-                                                "optional": True}} in pod["volumes"]
     (role,) = find(docs, "Role", "rel-vmfleet-verify-key")
     assert {"apiGroups": [""], "resources": ["configmaps"],
             "resourceNames": ["rel-vmfleet-verify-key"], "verbs": ["get", "patch"]} in role["rules"]
@@ -213,11 +206,6 @@ def test_every_container_has_distinct_probes_and_bounded_memory_and_storage():
         assert container["readinessProbe"] and container["livenessProbe"], where
         if where != "rel-vmfleet-broker":  # a TCP check for both (the broker chart's own)
             assert container["readinessProbe"] != container["livenessProbe"], where
-    (transfer,) = find(render(), "Deployment", "rel-vmfleet-transfer-worker")
-    pod = transfer["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == 300
-    assert pod["containers"][0]["readinessProbe"]["exec"]["command"] == [
-        "test", "-e", "/run/vmfleet/ready"]
 
 
 def test_the_controller_pdb_keeps_one_replica_and_only_with_several():
@@ -272,15 +260,57 @@ def test_controller_deployment():
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
 
 
-def test_one_image_for_controller_and_workers():
+def test_transfer_workers_are_the_controllers_and_run_as_the_namespaces_account():
+    """No shared transfer worker: the controller runs one per namespace (its Deployment
+    ``vmfleet-transfers``), as the ServiceAccount the chart made in that namespace."""
     docs = render()
+    assert [d["metadata"]["name"] for d in find(docs, "Deployment")] == [
+        "rel-vmfleet-broker", "rel-vmfleet-controller"]
     (controller,) = find(docs, "Deployment", "rel-vmfleet-controller")
-    (transfer,) = find(docs, "Deployment", "rel-vmfleet-transfer-worker")
-    image = controller["spec"]["template"]["spec"]["containers"][0]["image"]
-    (worker,) = transfer["spec"]["template"]["spec"]["containers"]
-    assert worker["image"] == image
-    assert worker["args"][:4] == ["celery", "-A", "remote_tasks", "worker"]
-    assert worker["args"][worker["args"].index("-Q") + 1] == "vmfleet.transfers"
+    env = {e["name"]: e.get("value") for e in
+           controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["VMFLEET_TRANSFER_SERVICE_ACCOUNT"] == "rel-vmfleet-transfer-worker"
+    assert find(docs, "ServiceAccount", "rel-vmfleet-transfer-worker", "fleet")
+    (binding,) = find(docs, "RoleBinding", "rel-vmfleet-transfer-worker", "fleet")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "rel-vmfleet-transfer-worker",
+                                    "namespace": "fleet"}]
+    assert binding["roleRef"]["name"] == "rel-vmfleet-transfer-worker"
+    docs = render(None, "transferWorker.enabled=false")
+    assert not find(docs, "ServiceAccount", "rel-vmfleet-transfer-worker")
+    (controller,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    names = {e["name"] for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert "VMFLEET_TRANSFER_SERVICE_ACCOUNT" not in names
+
+
+CONTROLLER_RULES = {
+    ("vmfleet.io", "remotevms"): {"get", "list", "watch", "patch"},
+    ("vmfleet.io", "remotecommands"): {"get", "list", "watch", "patch", "delete", "create"},
+    ("vmfleet.io", "remotevms/status"): {"patch"},
+    ("vmfleet.io", "remotecommands/status"): {"patch"},
+    # RemoteCronCommands (schedules), RemoteCommandTemplates, worker PodDisruptionBudgets
+    ("vmfleet.io", "remotecroncommands"): {"get", "list", "watch"},
+    ("vmfleet.io", "remotecroncommands/status"): {"patch"},
+    ("vmfleet.io", "remotecommandtemplates"): {"get"},
+    ("policy", "poddisruptionbudgets"): {"get", "create", "patch"},
+    ("", "events"): {"create"},
+    ("", "configmaps"): {"get"},
+}
+
+
+def verbs(doc: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    found: dict[tuple[str, str], set[str]] = {}
+    for rule in rules_of(doc):
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                found.setdefault((group, resource), set()).update(rule["verbs"])
+    return found
+
+
+def test_the_controller_holds_only_the_verbs_its_code_uses():
+    """No Deployment update or delete (RemoteVMs own the Deployments), no Event patch, no
+    events.k8s.io: each verb left is one a call in controller/ (or kopf's watch) makes."""
+    (role,) = find(render(), "Role", "rel-vmfleet-controller")
+    assert verbs(role) == {**CONTROLLER_RULES, ("apps", "deployments"): {"list", "watch", "create", "patch"}}
 
 
 def test_vm_workers_get_no_account_or_role_and_the_controller_reads_no_secret():
@@ -291,10 +321,7 @@ def test_vm_workers_get_no_account_or_role_and_the_controller_reads_no_secret():
     assert all("secrets" not in r["resources"] and "pods" not in r["resources"]
                for r in rules_of(controller))
     (transfer,) = find(docs, "Role", "rel-vmfleet-transfer-worker")
-    secret_rules = [r for r in rules_of(transfer) if "secrets" in r["resources"]]
-    assert secret_rules == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
-    core = [r for r in rules_of(transfer) if r["apiGroups"] == [""]]
-    assert {v for r in core for v in r["verbs"]} == {"get"}
+    assert verbs(transfer) == {("", "secrets"): {"get"}, ("", "configmaps"): {"get"}}
 
 
 def test_cluster_wide_and_several_namespaces():
@@ -302,10 +329,18 @@ def test_cluster_wide_and_several_namespaces():
     (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
     args = deploy["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--all-namespaces" in args and not [a for a in args if a.startswith("--namespace")]
-    assert find(docs, "ClusterRole", "rel-vmfleet-controller")
+    (cluster_role,) = find(docs, "ClusterRole", "rel-vmfleet-controller")
     assert find(docs, "ClusterRoleBinding", "rel-vmfleet-controller")
-    assert not find(docs, "Role", "rel-vmfleet-controller")
+    # Cluster-wide it reads and watches; it writes Deployments only where workers may run.
+    assert verbs(cluster_role) == {**CONTROLLER_RULES, ("apps", "deployments"): {"list", "watch"}}
+    assert sorted(d["metadata"]["namespace"] for d in find(docs, "Role", "rel-vmfleet-controller")) \
+        == ["vmfleet-ci-a", "vmfleet-ci-b"]
     for ns in ("vmfleet-ci-a", "vmfleet-ci-b"):
+        (role,) = find(docs, "Role", "rel-vmfleet-controller", ns)
+        assert verbs(role) == {("apps", "deployments"): {"create", "patch"}}
+        (binding,) = find(docs, "RoleBinding", "rel-vmfleet-controller", ns)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": "rel-vmfleet-controller"}
         assert not find(docs, "ServiceAccount", "rel-vmfleet-worker", ns)
         assert not find(docs, "Role", "rel-vmfleet-worker", ns)
         (transfer,) = find(docs, "Role", "rel-vmfleet-transfer-worker", ns)
@@ -316,7 +351,7 @@ def test_cluster_wide_and_several_namespaces():
 def test_external_broker_from_a_secret():
     docs = render(CHART / "ci" / "external-broker-values.yaml")
     assert not find(docs, "Deployment", "rel-vmfleet-broker")
-    assert not find(docs, "Deployment", "rel-vmfleet-transfer-worker")
+    assert not find(docs, "ServiceAccount", "rel-vmfleet-transfer-worker")
     (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container["env"]}
@@ -464,7 +499,7 @@ def test_monitoring_objects():
     services = [d for d in find(docs, "Service")
                 if d["metadata"]["labels"].get("vmfleet.io/metrics") == "true"]
     assert {s["metadata"]["name"] for s in services} == {
-        "rel-vmfleet-controller", "rel-vmfleet-worker-metrics", "rel-vmfleet-transfer-worker"}
+        "rel-vmfleet-controller", "rel-vmfleet-worker-metrics"}
     for service in services:
         assert service["metadata"]["labels"].items() >= monitor["spec"]["selector"]["matchLabels"].items()
         assert [p["name"] for p in service["spec"]["ports"]] == ["metrics"]
@@ -475,14 +510,15 @@ def test_monitoring_objects():
 
 
 def test_worker_metrics_service_selects_the_controllers_worker_pods():
-    from controller.runtime import VMRef, WorkerGroup, worker_labels
+    from controller.runtime import VMRef, WorkerGroup, transfer_group, worker_labels
     from vmfleet.api.models import RemoteVMSpec
 
     spec = RemoteVMSpec.model_validate({"host": "h", "user": "u",
                                         "credentialsSecretRef": {"name": "s"}, "hostKeys": ["k"]})
     vm = VMRef("fleet", "vm1", "u1", spec)
     (service,) = find(render(), "Service", "rel-vmfleet-worker-metrics")
-    for group in (WorkerGroup("fleet", [vm]), WorkerGroup("fleet", [vm], pool="web")):
+    for group in (WorkerGroup("fleet", [vm]), WorkerGroup("fleet", [vm], pool="web"),
+                  transfer_group("fleet", [vm])):
         assert service["spec"]["selector"].items() <= worker_labels(group).items()
     assert service["spec"]["ports"][0]["targetPort"] == 9808
 
@@ -543,4 +579,4 @@ def test_the_queue_policy_refuses_a_remotevm_queue_outside_its_namespace() -> No
     assert "'^vmfleet[.]' + request.namespace + '[.][^:]+$'" in rule["expression"]
     off = helm("template", "rel", str(CHART), "--set", "remoteVMQueuePolicy.enabled=false",
                "--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy").stdout
-    assert "ValidatingAdmissionPolicy" not in off
+    assert "rel-vmfleet-remotevm-queue" not in off

@@ -17,15 +17,15 @@ def test_the_controller_may_create_runs_and_read_templates_but_no_more():
     assert verbs("remotecommandtemplates") == {"get"}
     assert verbs("configmaps") == {"get"}
     assert verbs("remotecroncommands") == {"get", "list", "watch"}
-    assert verbs("remotecroncommands/status") == {"get", "patch"}
+    assert verbs("remotecroncommands/status") == {"patch"}
     assert verbs("secrets") == set()
 
 
 def test_templates_only_policy_is_opt_in_and_forbids_every_shell_field():
-    assert not find(render(), "ValidatingAdmissionPolicy")
+    assert not find(render(), "ValidatingAdmissionPolicy", "rel-vmfleet-templates-only")
     docs = render(None, "templatesOnly.enabled=true")
-    (policy,) = find(docs, "ValidatingAdmissionPolicy")
-    (binding,) = find(docs, "ValidatingAdmissionPolicyBinding")
+    (policy,) = find(docs, "ValidatingAdmissionPolicy", "rel-vmfleet-templates-only")
+    (binding,) = find(docs, "ValidatingAdmissionPolicyBinding", "rel-vmfleet-templates-only")
     assert binding["spec"]["policyName"] == policy["metadata"]["name"]
     assert binding["spec"]["validationActions"] == ["Deny"]
     assert binding["spec"]["matchResources"]["namespaceSelector"] == {

@@ -310,3 +310,25 @@ def test_an_invalid_spec_is_failed_once_without_dispatching(state: FakeState) ->
     assert tracked is not None and tracked.status["phase"] == "Failed"
     (failed,) = [c for c in tracked.status["conditions"] if c["type"] == "Failed"]
     assert failed["reason"] == "InvalidSpec" and fleet.sent == []
+
+
+def test_a_transfer_goes_to_its_namespaces_queue_with_the_secrets_it_must_not_copy(
+        state: FakeState) -> None:
+    fleet = Fleet("vm1", "vm2")
+    woken: list[str] = []
+    commands = Commands(
+        state, fleet.send,  # type: ignore[arg-type]
+        get_vm=lambda ns, name: fleet.vms.get(name), list_vms=lambda ns, selector: [],
+        target_of=lambda obj: Target(obj["metadata"]["name"], obj["spec"]["host"], 22, "u",
+                                     obj["spec"]["credentialsSecretRef"]["name"]),
+        wake=lambda ns, name: fleet.woken.append(name), delete=lambda uid, ns, name: None,
+        protected_secrets=lambda ns: [f"{ns}-a-key", f"{ns}-b-key"], wake_transfers=woken.append)
+    body = command(transfer={"from": {"secretKeyRef": {"name": "tok", "key": "k"}},
+                             "to": [{"vm": "vm2", "path": "/tmp/tok"}]})
+    del body["spec"]["command"]
+    commands.observe(body)
+    ((task, body, queue),) = fleet.sent
+    assert (task, queue) == ("remote_tasks.transfer_file", "vmfleet.ns:transfers")
+    envelope = Envelope.from_message(body)
+    assert envelope.protected_secrets == ("ns-a-key", "ns-b-key")
+    assert woken == ["ns"] and fleet.woken == []  # the transfer worker, not vm2's

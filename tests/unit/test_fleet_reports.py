@@ -54,7 +54,7 @@ class NoRuntime:
 
 def fleet(kube: FakeKube) -> Fleet:
     health = HealthMonitor(kube, lambda *a: None)  # type: ignore[arg-type]
-    return Fleet(kube, NoRuntime(), health, lambda queues: {}, lambda: {})  # type: ignore[arg-type]
+    return Fleet(kube, NoRuntime(), health, lambda queues: {}, dict)  # type: ignore[arg-type]
 
 
 def probe(uid: str = "u1", **status: Any) -> ProbeReport:
@@ -224,3 +224,82 @@ def test_the_deployment_runtime_applies_only_what_the_watch_does_not_show(tmp_pa
     # A pool's workers get one PodDisruptionBudget, applied once per content.
     assert [(b["metadata"]["name"], b["spec"]["maxUnavailable"]) for b in apps.budgets] == [
         (pool.deployment, 1), (pool.deployment, 1)]  # the owners changed with vm3
+
+
+class RecordingRuntime:
+    """Replicas per group, as a runtime would run them."""
+
+    name = "Process"
+
+    def __init__(self) -> None:
+        self.replicas: dict[str, int] = {}
+        self.groups: dict[str, WorkerGroup] = {}
+
+    def current_replicas(self, group: WorkerGroup) -> int:
+        return self.replicas.get(group.key, 0)
+
+    ready_replicas = current_replicas
+
+    def ensure(self, group: WorkerGroup, replicas: int) -> dict[str, Any]:
+        self.replicas[group.key], self.groups[group.key] = replicas, group
+        return {}
+
+    def remove(self, key: str) -> None:
+        self.replicas.pop(key, None)
+
+
+def test_each_namespace_gets_a_transfer_worker_at_zero_until_a_transfer_wakes_it() -> None:
+    kube, runtime = FakeKube(), RecordingRuntime()
+    health = HealthMonitor(kube, lambda *a: None)  # type: ignore[arg-type]
+    f = Fleet(kube, runtime, health, lambda queues: {q: 0 for q in queues},  # type: ignore[arg-type]
+              dict)
+    for ns, name in (("ops", "vm1"), ("ops", "vm2"), ("dev", "vm1")):
+        body = vm_object()
+        body["metadata"].update(namespace=ns, name=name, uid=f"{ns}-{name}")
+        body["spec"] = {**SPEC, "hostKeyPolicy": "Pinned", "hostKeys": ["k"],
+                        "credentialsSecretRef": {"name": f"{name}-ssh"}}
+        f.seen(body)
+    broken = {"metadata": {"namespace": "ops", "name": "bad", "uid": "b", "generation": 1},
+              "spec": {"credentialsSecretRef": {"name": "bad-ssh"}}}  # invalid: no host
+    f.seen(broken)
+    f.tick(force=True)
+    transfers = {g.key: g for g in f.groups() if g.transfers}
+    assert sorted(transfers) == ["dev/:transfers", "ops/:transfers"]
+    assert transfers["ops/:transfers"].secrets == ["vm1-ssh", "vm2-ssh"]
+    assert runtime.replicas["ops/:transfers"] == 0 and runtime.replicas["dev/:transfers"] == 0
+    assert runtime.replicas["ops/vm1"] == 1  # the VMs' own workers are untouched
+    assert f.credentials_secrets("ops") == ["bad-ssh", "vm1-ssh", "vm2-ssh"]  # even invalid VMs'
+    f.wake_transfers("ops")
+    assert runtime.replicas["ops/:transfers"] == 1 and runtime.replicas["dev/:transfers"] == 0
+    assert runtime.groups["ops/:transfers"].queues == ["vmfleet.ops:transfers"]
+    f.gone({"metadata": {"namespace": "dev", "name": "vm1", "uid": "dev-vm1"}})
+    assert "dev/:transfers" not in runtime.replicas  # the namespace's last VM is gone
+
+
+def test_a_local_transfer_worker_gets_only_its_namespaces_narrow_kubeconfig(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    from controller.runtime import transfer_group
+    from controller.transfer_access import RULES, kubeconfig, objects
+
+    monkeypatch.setenv("KUBECONFIG", "/the/admin/kubeconfig")
+    asked: list[str] = []
+
+    def narrow(namespace: str) -> Path:
+        asked.append(namespace)
+        return tmp_path / f"{namespace}.kubeconfig"
+
+    runtime = ProcessRuntime("redis://b", tmp_path / "logs", transfer_kubeconfig=narrow)
+    ref = VMRef("ops", "vm1", "u1", RemoteVMSpec.model_validate(
+        {**SPEC, "hostKeyPolicy": "Pinned", "hostKeys": ["k"]}))
+    urls = runtime.worker_urls("ops")
+    assert runtime._env(transfer_group("ops", [ref]), urls)["KUBECONFIG"] == str(tmp_path / "ops.kubeconfig")
+    assert "KUBECONFIG" not in runtime._env(WorkerGroup("ops", [ref]), urls)  # command workers: none
+    assert asked == ["ops"]
+    kinds = {kind: body for kind, body in objects("ops")}
+    assert kinds["Role"]["rules"] == RULES == [
+        {"apiGroups": [""], "resources": ["secrets", "configmaps"], "verbs": ["get"]}]
+    assert kinds["RoleBinding"]["subjects"] == [
+        {"kind": "ServiceAccount", "name": "vmfleet-transfer-worker", "namespace": "ops"}]
+    conf = kubeconfig("https://127.0.0.1:6443", b"CA", "tok", "ops")
+    assert conf["users"] == [{"name": "vmfleet-transfer-worker", "user": {"token": "tok"}}]
+    assert kubeconfig("https://x", None, None, "ops")["users"][0]["user"] == {}  # fails closed

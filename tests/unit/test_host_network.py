@@ -59,23 +59,22 @@ def test_worker_pod_settings_from_the_environment():
 
 def test_chart_host_network_reaches_every_pod_and_the_workers():
     docs = render(None, "hostNetwork=true", "workers.extraEnv[0].name=KUBERNETES_SERVICE_HOST",
-                  "workers.extraEnv[0].value=127.0.0.1",
-                  "transferWorker.extraEnv[0].name=A", "transferWorker.extraEnv[0].value=b")
-    for name in ("rel-vmfleet-controller", "rel-vmfleet-transfer-worker"):
-        (deploy,) = find(docs, "Deployment", name)
-        pod = deploy["spec"]["template"]["spec"]
-        assert pod["hostNetwork"] is True, name
-        assert pod["dnsPolicy"] == "ClusterFirstWithHostNet", name
+                  "workers.extraEnv[0].value=127.0.0.1")
+    (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["dnsPolicy"] == "ClusterFirstWithHostNet"
     (controller,) = find(docs, "Deployment", "rel-vmfleet-controller")
     env = {e["name"]: e.get("value") for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["VMFLEET_WORKER_HOST_NETWORK"] == "true"
     assert env["VMFLEET_WORKER_IMAGE_PULL_POLICY"] == "IfNotPresent"
     assert json.loads(env["VMFLEET_WORKER_EXTRA_ENV"]) == [
         {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"}]
-    (transfer,) = find(docs, "Deployment", "rel-vmfleet-transfer-worker")
-    assert {"name": "A", "value": "b"} in transfer["spec"]["template"]["spec"]["containers"][0]["env"]
-    # Its metrics port is the node's: a rolling update must not surge.
-    assert transfer["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    # The controller's fence lets its workers on the node's network only when the chart says so.
+    (policy,) = find(docs, "ValidatingAdmissionPolicy")
+    assert not [v for v in policy["spec"]["validations"] if "hostNetwork" in v["expression"]]
+    (policy,) = find(render(), "ValidatingAdmissionPolicy")
+    assert [v for v in policy["spec"]["validations"] if "hostNetwork" in v["expression"]]
 
 
 def test_chart_default_is_the_pod_network():

@@ -26,7 +26,8 @@ from pydantic import ValidationError
 
 from remote_tasks.shell import GO, InvalidCommand, build_invocation, env_prefix, parse_marker, quote_argv
 from remote_tasks.transfer import TEMP_MARK, TransferExecutor, TransferFailed, temp_path
-from vmfleet.api.constants import ENV_NAME_PATTERN, SECRET_TYPE_SSH_AUTH, is_env_name
+from vmfleet.api.constants import ENV_NAME_PATTERN, LABEL_TRANSFERABLE, SECRET_TYPE_SSH_AUTH, is_env_name
+from vmfleet.api.envelope import Envelope
 from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource
 
 # Each shell example starts a process: enough examples to find a quoting slip, few enough
@@ -251,18 +252,19 @@ class _Core:
 
 
 def _source_from_secret(secret_type: str) -> Any:
-    secret = SimpleNamespace(type=secret_type, data={"ssh-privatekey": "a2V5", "token": "dG9r"})
+    secret = SimpleNamespace(type=secret_type, data={"ssh-privatekey": "a2V5", "token": "dG9r"},
+                             metadata=SimpleNamespace(labels={LABEL_TRANSFERABLE: "true"}))
     commands = SimpleNamespace(state=None, pool=None)
     executor = TransferExecutor(commands,  # type: ignore[arg-type]
                                 kube=lambda: SimpleNamespace(core=_Core(secret)))  # type: ignore[arg-type,return-value]
     key = "ssh-privatekey" if secret_type == SECRET_TYPE_SSH_AUTH else "token"
     source = TransferSource.model_validate({"secretKeyRef": {"name": "vm1-ssh", "key": key}})
-    return executor._object_source("team-a", source)
+    return executor._object_source(Envelope("team-a", "c", "u", "vm2", 1, "", {}), source)
 
 
 def test_a_vms_ssh_credentials_are_never_a_transfer_source() -> None:
     """Who may create RemoteCommands (not read Secrets) cannot copy a VM's key to a VM."""
-    with pytest.raises(TransferFailed, match="never copies SSH credentials") as caught:
+    with pytest.raises(TransferFailed, match="vmfleet never copies it") as caught:
         _source_from_secret(SECRET_TYPE_SSH_AUTH)
     assert caught.value.reason == "PermissionDenied"
     assert b"".join(_source_from_secret("Opaque").chunks()) == b"tok"

@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 from controller import handlers
 from controller.context import Context
 from controller.isolate import REASON_RECONCILE_ERROR, Recorder
+from controller.runtime import transfer_group_key
 from tests.fakes import FakeKube, Parts, command_object, controller_parts, vm_object
 from vmfleet.api.constants import TASK_EXECUTE, Phase
 
@@ -61,7 +62,8 @@ def test_a_controller_started_among_odd_objects_serves_every_other_one() -> None
     assert handlers.alive(SimpleNamespace(ctx=ctx)) == "serving"
     queues = sorted(q for task, _, q in parts.sent if task == TASK_EXECUTE)
     assert queues == ["vmfleet.ns.empty", "vmfleet.ns.vm1"]
-    assert set(parts.runtime.applied) == {"ns/empty", "ns/sized", "ns/pool:p", "ns/vm1"}
+    assert set(parts.runtime.applied) == {"ns/empty", "ns/sized", "ns/pool:p", "ns/vm1",
+                                          transfer_group_key("ns")}
     refused = parts.commands.get("uid-ns-c3")
     assert refused is not None and refused.status["phase"] == Phase.FAILED
 

@@ -31,8 +31,8 @@ def test_chart_values_point_every_container_at_loopback(tmp_path: Path) -> None:
     assert values["broker"]["bundled"]["enabled"] is False  # its image cannot be pulled
     assert values["broker"]["external"] == {"existingSecret": "broker", "secretKey": "url",
                                             "controllerSecret": "broker-controller"}
-    for env in (values["controller"]["extraEnv"], values["workers"]["extraEnv"],
-                values["transferWorker"]["extraEnv"]):
+    assert "transferWorker" not in values  # the controller runs them, with workers.extraEnv
+    for env in (values["controller"]["extraEnv"], values["workers"]["extraEnv"]):
         names = {e["name"]: e["value"] for e in env}
         assert names["KUBERNETES_SERVICE_HOST"] == "127.0.0.1"
         assert names["KUBERNETES_SERVICE_PORT"] == "6443"

@@ -67,7 +67,7 @@ def test_a_refused_vm_says_why_once_gets_no_worker_and_its_commands_fail_at_once
     (event,) = parts.kube.events  # posted once, not at every tick
     assert (event["type"], event["reason"]) == ("Warning", Reason.INVALID_SPEC)
     assert event["involvedObject"]["name"] == "vm2"
-    assert set(parts.runtime.applied) == {"ns/vm1"}  # no worker for vm2
+    assert set(parts.runtime.applied) == {"ns/vm1", "ns/:transfers"}  # no worker for vm2
     parts.commands.observe(command_object("c2", vm="vm2"))
     parts.commands.observe(command_object("c1", vm="vm1"))
     two, one = parts.commands.get("uid-ns-c2"), parts.commands.get("uid-ns-c1")

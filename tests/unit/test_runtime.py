@@ -5,13 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from controller.runtime import (
     DeploymentSettings,
     VMRef,
     WorkerGroup,
+    check_mounts,
     desired_replicas,
     label_value,
     single,
+    transfer_group,
     worker_deployment,
 )
 from vmfleet.api.models import RemoteVMSpec, WorkersSpec
@@ -213,3 +217,42 @@ def test_workers_holding_only_resources_or_nothing_size_the_group_at_one_replica
     sized = WorkerGroup("ops", mixed, pool="p").workers
     assert sized is not None and sized.resources is not None
     assert (sized.replicas, sized.resources.wire()) == (3, resources)
+# --------------------------------------------------------------------------- transfers
+
+
+def test_a_namespaces_transfer_worker_mounts_its_vms_keys_and_runs_as_its_account() -> None:
+    settings = DeploymentSettings("img:1", "redis://b", transfer_service_account="rel-transfer")
+    group = transfer_group("ops", [vm("vm2"), vm("vm1", bastion_secret="jump-ssh")])
+    dep = worker_deployment(group, settings, 0)
+    assert (dep["metadata"]["name"], dep["spec"]["replicas"]) == ("vmfleet-transfers", 0)
+    pod = pod_of(dep)
+    assert pod["serviceAccountName"] == "rel-transfer"
+    assert pod["automountServiceAccountToken"] is True  # the one worker with a token
+    assert mounts(dep) == {s: f"{MOUNT}/{s}" for s in ("jump-ssh", "vm1-ssh", "vm2-ssh")}
+    # One VM's missing Secret must not keep the pod (every transfer of the namespace) from starting.
+    assert all(v["secret"]["optional"] is True for v in pod["volumes"] if "secret" in v)
+    (container,) = pod["containers"]
+    assert container["args"][container["args"].index("-Q") + 1] == "vmfleet.ops:transfers"
+    assert dep["metadata"]["labels"]["vmfleet.io/transfers"] == "true"
+    assert {r["name"] for r in dep["metadata"]["ownerReferences"]} == {"vm1", "vm2"}
+    assert not any(r["controller"] for r in dep["metadata"]["ownerReferences"])
+    # Without the chart's account (no `transferWorker`): no token either.
+    pod = pod_of(worker_deployment(group, SETTINGS, 1))
+    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+    # A command worker never runs as the transfer account.
+    pod = pod_of(worker_deployment(single(vm()), settings, 1))
+    assert pod["automountServiceAccountToken"] is False and "serviceAccountName" not in pod
+
+
+def test_a_worker_mounts_nothing_but_its_vms_credentials() -> None:
+    group = single(vm())
+    check_mounts(group, {"volumes": [{"name": "a", "secret": {"secretName": "vm1-ssh"}},
+                                     {"name": "tmp", "emptyDir": {}}]})
+    for volume in ({"name": "b", "secret": {"secretName": "other-ssh"}},
+                   {"name": "h", "hostPath": {"path": "/"}},
+                   {"name": "p", "projected": {"sources": []}}):
+        with pytest.raises(ValueError, match="may mount only its RemoteVMs' credentials"):
+            check_mounts(group, {"volumes": [volume]})
+    stranger = VMRef("elsewhere", "vm9", "uid-9", vm().spec)
+    with pytest.raises(ValueError, match="another namespace: elsewhere/vm9"):
+        worker_deployment(WorkerGroup("ops", [vm(), stranger], pool="p"), SETTINGS, 1)

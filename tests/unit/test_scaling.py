@@ -104,16 +104,25 @@ def test_entry_counts_are_queued_and_running_entries_per_vm():
     """The backlog the autoscaler sees: from the controller's own copy of the commands."""
     from types import SimpleNamespace
 
+    run, copy = SimpleNamespace(transfer=None), SimpleNamespace(transfer=object())
     commands = [
-        SimpleNamespace(namespace="ns", status={"results": [{"vm": "vm1", "phase": "Running"},
-                                                            {"vm": "vm2", "phase": "Running"}]}),
-        SimpleNamespace(namespace="ns", status={"results": [{"vm": "vm1", "phase": "Queued"},
-                                                            {"vm": "vm1", "phase": "Succeeded"}]}),
-        SimpleNamespace(namespace="other", status={"results": [{"vm": "vm1", "phase": "Queued"}]}),
-        SimpleNamespace(namespace="ns", status={}),
+        SimpleNamespace(namespace="ns", spec=run,
+                        status={"results": [{"vm": "vm1", "phase": "Running"},
+                                            {"vm": "vm2", "phase": "Running"}]}),
+        SimpleNamespace(namespace="ns", spec=run,
+                        status={"results": [{"vm": "vm1", "phase": "Queued"},
+                                            {"vm": "vm1", "phase": "Succeeded"}]}),
+        SimpleNamespace(namespace="other", spec=run,
+                        status={"results": [{"vm": "vm1", "phase": "Queued"}]}),
+        SimpleNamespace(namespace="ns", spec=run, status={}),
+        # Transfers run on the namespace's transfer worker: its backlog, not their VMs'.
+        SimpleNamespace(namespace="ns", spec=copy,
+                        status={"results": [{"vm": "vm2", "phase": "Queued"},
+                                            {"vm": "vm3", "phase": "Running"}]}),
     ]
     counts = entry_counts(commands)
     assert counts[("ns", "vm1")] == (1, 1)
     assert counts[("ns", "vm2")] == (0, 1)
     assert counts[("other", "vm1")] == (1, 0)
+    assert counts[("ns", ":transfers")] == (1, 1)
     assert ("ns", "vm3") not in counts

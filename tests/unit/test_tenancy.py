@@ -11,7 +11,7 @@ import pytest
 from controller.tenants import DERIVED, SHARED, BrokerTenants, acl_setuser_args
 from remote_tasks.slots import slots_key
 from vmfleet import tenancy
-from vmfleet.api.constants import TRANSFER_QUEUE, default_queue, transfer_queue
+from vmfleet.api.constants import default_queue, transfer_queue
 from vmfleet.celeryconf import celery_config
 from vmfleet.state import (
     cancel_key,
@@ -65,7 +65,7 @@ def test_no_product_key_can_be_a_tenant_s_queue() -> None:
 def test_the_queue_depth_reads_each_queue_under_its_namespace_s_prefix() -> None:
     assert tenancy.queue_key("vmfleet.team-a.vm1") == "vmfleet.team-a:vmfleet.team-a.vm1"
     assert tenancy.queue_key(transfer_queue("team-a")) == "vmfleet.team-a:vmfleet.team-a:transfers"
-    assert tenancy.queue_key(TRANSFER_QUEUE) == "vmfleet:shared:vmfleet.transfers"
+    assert tenancy.queue_key(transfer_queue("ops")) == "vmfleet.ops:vmfleet.ops:transfers"
 
 
 def test_a_namespace_s_user_reaches_its_prefix_with_the_worker_commands_only() -> None:

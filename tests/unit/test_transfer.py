@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 from pydantic import ValidationError
 
-from controller.runtime import transfer_worker_argv
+from controller.runtime import VMRef, transfer_group, worker_argv
 from controller.status import checked_entry
 from controller.transfers import initial_transfer_results
 from remote_tasks import transfer as t
 from remote_tasks.ssh import AuthFailed
-from vmfleet.api.constants import TASK_TRANSFER, TRANSFER_QUEUE
-from vmfleet.api.models import RemoteCommandSpec, TransferSource
+from vmfleet.api.constants import TASK_TRANSFER, transfer_queue
+from vmfleet.api.models import RemoteCommandSpec, RemoteVMSpec, TransferSource
 
 
 def spec(**transfer) -> RemoteCommandSpec:
@@ -65,10 +67,18 @@ def test_defaults():
         "Always", False, False, None)
 
 
-def test_the_shared_worker_serves_the_transfer_queue():
-    argv = transfer_worker_argv()
-    assert argv[argv.index("-Q") + 1] == TRANSFER_QUEUE == "vmfleet.transfers"
+def test_each_namespace_has_its_transfer_worker_on_its_own_queue():
+    vms = [VMRef("team-a", name, f"uid-{name}", RemoteVMSpec.model_validate(
+        {"host": "h", "user": "u", "credentialsSecretRef": {"name": f"{name}-key"}}))
+        for name in ("vm2", "vm1")]
+    group = transfer_group("team-a", vms)
+    argv = worker_argv(",".join(group.queues), group.concurrency, "n")
+    assert argv[argv.index("-Q") + 1] == transfer_queue("team-a") == "vmfleet.team-a:transfers"
     assert argv[argv.index("--pool") + 1] == "threads"
+    assert (group.deployment, group.key) == ("vmfleet-transfers", "team-a/:transfers")
+    assert group.secrets == ["vm1-key", "vm2-key"]  # every VM of its namespace, no other
+    assert group.workers is not None and group.workers.autoscale is not None
+    assert group.workers.autoscale.min_replicas == 0  # at zero when idle
     assert TASK_TRANSFER == "remote_tasks.transfer_file"
 
 
@@ -820,39 +830,77 @@ class FakeKube:
         return self.config_maps[name]
 
 
-def test_a_key_not_mounted_is_read_from_its_secret_through_the_api(tmp_path):
-    kube = FakeKube(secrets={"vm2-key": {"ssh-privatekey": "api key of vm2"}})
-    fleet = Fleet(tmp_path, three(b"x"), kube=lambda: kube, mounted=("vm1", "vm3"))
-    assert fleet.run() == "Succeeded"
-    assert kube.read == [("ns", "vm2-key")]
-    assert fleet.pool.keys["vm2"] == "api key of vm2"
-    assert fleet.pool.keys["vm3"] == "key of vm3"
-
-
-def test_a_key_that_cannot_be_read_fails_that_destination(tmp_path):
-    kube = FakeKube()
-    fleet = Fleet(tmp_path, three(b"x"), kube=lambda: kube, mounted=("vm1", "vm3"))
+def test_a_key_not_mounted_fails_that_destination_and_is_never_read_through_the_api(tmp_path):
+    fleet = Fleet(tmp_path, three(b"x"), mounted=("vm1", "vm3"))  # no_kube: the API is unused
     assert fleet.run() == "Failed"
     result = fleet.state.finished()["vm2"]
     assert result["reason"] == "CredentialsInvalid"
-    assert "ns/vm2-key" in result["message"] and "Forbidden" in result["message"]
+    assert "vm2-key" in result["message"]
     assert fleet.state.finished()["vm3"]["phase"] == "Succeeded"
 
 
-def test_config_map_sources_and_ssh_credentials_are_never_copied(tmp_path):
+LABELLED = {"vmfleet.io/transferable": "true"}
+
+
+def a_secret(secret_type="Opaque", labels=None, value=b"secret"):
+    return SimpleNamespace(type=secret_type, metadata=SimpleNamespace(labels=labels),
+                           data={"k": base64.b64encode(value).decode()})
+
+
+def test_config_map_sources_are_copied(tmp_path):
     kube = FakeKube(
-        config_maps={"scripts": SimpleNamespace(data={"run.sh": "echo hi\n"}, binary_data=None)},
-        secrets={"vm-key": SimpleNamespace(type="kubernetes.io/ssh-auth",
-                                           data={"k": "c2VjcmV0"})})
-    fleet = Fleet(tmp_path / "a", three(b""), kube=lambda: kube)
+        config_maps={"scripts": SimpleNamespace(data={"run.sh": "echo hi\n"}, binary_data=None)})
+    fleet = Fleet(tmp_path, three(b""), kube=lambda: kube)
     source = {"configMapKeyRef": {"name": "scripts", "key": "run.sh"}}
     assert fleet.run(targets=("vm2", "vm3"), **{"from": source}) == "Succeeded"
     assert fleet.vms["vm2"].files == {DST: b"echo hi\n"}
+
+
+@pytest.mark.parametrize(
+    ("secret", "protected", "words"),
+    [
+        (a_secret(), (), 'not labelled vmfleet.io/transferable: "true"'),
+        (a_secret(labels={"vmfleet.io/transferable": "yes"}), (), "not labelled"),
+        (a_secret("kubernetes.io/service-account-token", LABELLED), (),
+         "of type kubernetes.io/service-account-token"),
+        (a_secret("kubernetes.io/dockerconfigjson", LABELLED), (), "dockerconfigjson"),
+        (a_secret("kubernetes.io/dockercfg", LABELLED), (), "dockercfg"),
+        (a_secret("kubernetes.io/ssh-auth", LABELLED), (), "ssh-auth"),
+        (a_secret(labels=LABELLED), ("src",), "holds a RemoteVM's SSH credentials"),
+    ],
+)
+def test_a_secret_is_copied_only_by_its_owners_opt_in(tmp_path, secret, protected, words):
+    kube = FakeKube(secrets={"src": secret})
+    fleet = Fleet(tmp_path, three(b""), kube=lambda: kube)
+    envelope = replace(fleet.envelope(targets=("vm2", "vm3"),
+                                      **{"from": {"secretKeyRef": {"name": "src", "key": "k"}}}),
+                       protected_secrets=protected)
+    assert fleet.executor.execute(envelope, "w") == "Failed"
+    results = fleet.state.finished()
+    assert {r["reason"] for r in results.values()} == {"PermissionDenied"}
+    assert all(words in r["message"] and "vmfleet.io/transferable" in r["message"]
+               for r in results.values())
+    assert fleet.vms["vm2"].files == {} and fleet.vms["vm3"].files == {}
+
+
+def test_a_labelled_opaque_secret_is_copied_but_never_a_key_of_the_vms_the_message_names(tmp_path):
+    kube = FakeKube(secrets={"src": a_secret(labels=LABELLED, value=b"tok"),
+                             "vm2-key": a_secret(labels=LABELLED)})
+    fleet = Fleet(tmp_path / "a", three(b""), kube=lambda: kube)
+    source = {"secretKeyRef": {"name": "src", "key": "k"}}
+    assert fleet.run(targets=("vm2", "vm3"), **{"from": source}) == "Succeeded"
+    assert fleet.vms["vm2"].files == {DST: b"tok"}
     fleet = Fleet(tmp_path / "b", three(b""), kube=lambda: kube)
-    source = {"secretKeyRef": {"name": "vm-key", "key": "k"}}
+    source = {"secretKeyRef": {"name": "vm2-key", "key": "k"}}  # vm2's own, even Opaque
     assert fleet.run(targets=("vm2", "vm3"), **{"from": source}) == "Failed"
     assert {r["reason"] for r in fleet.state.finished().values()} == {"PermissionDenied"}
-    assert fleet.vms["vm2"].files == {}
+
+
+def test_the_envelope_carries_the_protected_secrets():
+    envelope = Envelope("ns", "c", "u", "vm2", 1, "", {}, protected_secrets=("a", "b"))
+    assert Envelope.from_message(envelope.to_message()).protected_secrets == ("a", "b")
+    assert Envelope.from_message({**envelope.to_message(), "protected_secrets": None}
+                                 ).protected_secrets == ()
 
 
 def test_cleanup_removes_every_attempts_temporary_file_on_one_destination(tmp_path):

@@ -31,7 +31,6 @@ TASK_CHECK_VM: Final = "remote_tasks.check_vm_status"
 TASK_TERMINATE: Final = "remote_tasks.terminate_attempt"
 TASK_TRANSFER: Final = "remote_tasks.transfer_file"
 TASK_TRANSFER_CLEANUP: Final = "remote_tasks.clean_transfer"
-TRANSFER_QUEUE: Final = "vmfleet.transfers"  # the shared transfer queue of 0.1 (being replaced)
 
 # Labels and annotations.
 LABEL_PREFIX: Final = GROUP
@@ -44,6 +43,13 @@ MANAGED_BY: Final = "vmfleet"
 FINALIZER: Final = f"{GROUP}/cancel-remote-processes"
 # A Secret a transfer may copy onto a VM carries this label with the value "true".
 LABEL_TRANSFERABLE: Final = f"{GROUP}/transferable"
+# Secrets a transfer never copies, labelled or not: tokens, registry and SSH credentials.
+SECRET_TYPES_NEVER_TRANSFERRED: Final = frozenset({
+    "kubernetes.io/service-account-token",
+    "kubernetes.io/dockerconfigjson",
+    "kubernetes.io/dockercfg",
+    "kubernetes.io/ssh-auth",
+})
 
 # Worker runtimes.
 RUNTIME_PROCESS: Final = "Process"
@@ -183,6 +189,11 @@ def transfer_queue(namespace: str) -> str:
     """The namespace's transfer queue. A ':' never appears in a RemoteVM's queue after its
     prefix, so no VM (not even one named ``transfers``) can collide with it."""
     return f"vmfleet.{namespace}:transfers"
+
+
+# The namespace's transfer worker: a Deployment (or local processes) the controller runs
+# like the VM workers, consuming ``transfer_queue(namespace)``.
+TRANSFER_DEPLOYMENT: Final = "vmfleet-transfers"
 
 
 def worker_deployment_name(vm: str) -> str:

@@ -78,11 +78,15 @@ class Envelope:
     targets: dict[str, Target] = field(default_factory=dict)
     # The sending controller's scope: where the worker reports (vmfleet.state).
     scope: str = "default"
+    # Transfers: the credentials Secrets the namespace's RemoteVMs name, which a transfer
+    # never copies (the transfer worker cannot list RemoteVMs itself).
+    protected_secrets: tuple[str, ...] = ()
 
     def to_message(self) -> dict[str, Any]:
         message = asdict(self)
         message["target"] = self.target.to_message() if self.target else None
         message["targets"] = {k: v.to_message() for k, v in self.targets.items()}
+        message["protected_secrets"] = list(self.protected_secrets)
         return message
 
     @classmethod
@@ -100,6 +104,7 @@ class Envelope:
             lost_marker=message.get("lost_marker"),
             targets={k: Target.from_message(v) for k, v in (message.get("targets") or {}).items()},
             scope=str(message.get("scope") or "default"),
+            protected_secrets=tuple(str(s) for s in message.get("protected_secrets") or ()),
         )
 
     @property

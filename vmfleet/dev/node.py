@@ -574,6 +574,6 @@ def chart_values(controlplane: ControlPlane, image: str, *, broker_secret: str =
                        "extraEnv": api + extra + loopback_metrics, "resources": small},
         "metrics": {"controllerPort": free_port(), "workerPort": free_port()},
         # The workers share the node's network, so one port would not do: metrics off.
+        # The transfer workers are workers too: the API server on loopback, for sources.
         "workers": {"extraEnv": api + extra + [{"name": "VMFLEET_METRICS_PORT", "value": "0"}]},
-        "transferWorker": {"extraEnv": api + extra + loopback_metrics, "resources": small},
     }

@@ -188,45 +188,54 @@ app.kubernetes.io/managed-by: vmfleet
 vmfleet.io/metrics: "true"
 {{- end -}}
 
-{{/* What the controller may do with vmfleet objects, worker Deployments and Events. */}}
+{{/* What the controller may do with vmfleet objects, Events and ConfigMaps, and see of
+Deployments: every verb here is one the code uses (controller/, kopf's watches), or one a
+feature of this release line needs (`create` RemoteCommands: schedules; `get` ConfigMaps:
+command templates). With rbac.clusterWide these are cluster-wide. */}}
 {{- define "vmfleet.controllerRules" -}}
+# get: a RemoteVM the watch has not brought yet; patch: pause on a host-key mismatch, drop
+# the finalizer of older versions.
 - apiGroups: [vmfleet.io]
   resources: [remotevms]
-  verbs: [get, list, watch, patch, update]
-# delete: ttlSecondsAfterFinished, and a RemoteCronCommand's history and Replace;
-# create: a RemoteCronCommand's runs
+  verbs: [get, list, watch, patch]
+# delete: ttlSecondsAfterFinished, a RemoteCronCommand's history and Replace; create: a
+# RemoteCronCommand's runs.
 - apiGroups: [vmfleet.io]
   resources: [remotecommands]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [get, list, watch, patch, delete, create]
 - apiGroups: [vmfleet.io]
   resources: [remotecroncommands]
   verbs: [get, list, watch]
 - apiGroups: [vmfleet.io]
-  resources: [remotecroncommands/status]
-  verbs: [get, patch]
-- apiGroups: [vmfleet.io]
-  resources: [remotevms/status, remotecommands/status]
-  verbs: [get, patch, update]
-# spec.templateRef: the template, and its ConfigMap for scriptFrom
+  resources: [remotevms/status, remotecommands/status, remotecroncommands/status]
+  verbs: [patch]
+# spec.templateRef: the template (and, below, its ConfigMap for scriptFrom).
 - apiGroups: [vmfleet.io]
   resources: [remotecommandtemplates]
   verbs: [get]
-- apiGroups: [""]
-  resources: [configmaps]
-  verbs: [get]
+# The worker Deployments' watch (its cache: the controller never reads one by name).
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, watch]
 # The PodDisruptionBudget beside a worker Deployment of several replicas or a pool.
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, create, patch]
+# Events of vmfleet objects (the controller's and kopf's): created, never changed.
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
+  verbs: [create]
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get]
 {{- end -}}
 
-
+{{/* Worker Deployments, applied server-side (create + patch; never update or delete: the
+RemoteVMs own them and the garbage collector removes them). Always in a Role of each
+watched namespace, never cluster-wide, and fenced further by the chart's
+ValidatingAdmissionPolicy. */}}
+{{- define "vmfleet.controllerWorkerRules" -}}
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [create, patch]
+{{- end -}}
