@@ -17,13 +17,18 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e.fleet import REPO, Kubectl, Namespace, unique_namespace
+from tests.e2e.test_in_cluster import RELEASE, helm_binary
 from vmfleet.dev import netns
 from vmfleet.dev.cluster import Cluster
+from vmfleet.dev.manifests import vm_manifests
 from vmfleet.dev.podnet import node_name
+from vmfleet.dev.proc import wait_until
 from vmfleet.dev.sshd import SshdVM
 
 pytestmark = pytest.mark.timeout(600)
@@ -172,4 +177,128 @@ def test_pods_reach_the_vms_by_routing(cluster: Cluster, cluster_vms: list[SshdV
     # The host reaches them only from inside the namespace (as the tests' SSH does).
     code, out, _ = cluster_vms[0].run("hostname")
     assert (code, out.strip()) == (0, b"vm1")
-    assert time.time() > 0
+
+
+# ------------------------------------------------------------------ the chart, default values
+
+
+class DefaultRelease:
+    """charts/vmfleet installed with its default values but the images' names."""
+
+    def __init__(self, cluster: Cluster, kubectl: Kubectl, ns: Namespace, workdir: Path) -> None:
+        self.cluster = cluster
+        self.kubectl = kubectl
+        self.ns = ns
+        self.workdir = workdir
+        self.helm = helm_binary()
+
+    def helm_run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        env = self.cluster.cp.env()
+        for part in ("CACHE", "CONFIG", "DATA"):
+            env[f"HELM_{part}_HOME"] = str(self.workdir / f"helm-{part.lower()}")
+        proc = subprocess.run([self.helm, *args, "--namespace", self.ns.name,
+                               "--kubeconfig", str(self.cluster.cp.kubeconfig)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}:\n"
+                                 f"{proc.stdout}\n{proc.stderr}\n{self.diagnostics()}")
+        return proc
+
+    def diagnostics(self) -> str:
+        out = self.ns.k("get", "pods,deployments,rvm,rcmd", "-o", "wide", check=False).stdout
+        events = self.ns.k("get", "events", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]
+        logs = self.ns.k("logs", f"deployment/{RELEASE}-vmfleet-controller", "--tail=40", check=False)
+        return f"{out}\n{events}\n--- controller log:\n{logs.stdout}{logs.stderr}"
+
+    def pods(self, selector: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = self.kubectl.get_json("-n", self.ns.name, "pods", "-l", selector)["items"]
+        return [p for p in items if p["metadata"].get("deletionTimestamp") is None]
+
+    def finished(self, name: str, timeout: int = 180) -> dict[str, Any]:
+        try:
+            return self.ns.finished(name, timeout=timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
+
+
+def image_values(image: str) -> dict[str, Any]:
+    repository, _, tag = image.rpartition(":")
+    return {"repository": repository, "tag": tag, "pullPolicy": "Never"}
+
+
+@pytest.fixture(scope="module")
+def release(cluster: Cluster, cluster_image: str, cluster_redis_image: str,
+            cluster_vms: list[SshdVM], tmp_path_factory: pytest.TempPathFactory) -> Iterator[DefaultRelease]:
+    kubectl = Kubectl(cluster.cp.kubectl, cluster.cp.kubeconfig)
+    kubectl("apply", "-f", str(REPO / "crds"))
+    wait_until(lambda: kubectl("wait", "--for=condition=Established", "crd/remotevms.vmfleet.io",
+                               "crd/remotecommands.vmfleet.io", "--timeout=60s", check=False,
+                               timeout=90).returncode == 0,
+               timeout=120, interval=1, what="the CRDs to be established")
+    ns = Namespace(kubectl, unique_namespace("prod")).create()
+    rel = DefaultRelease(cluster, kubectl, ns, tmp_path_factory.mktemp("release"))
+    # The images are the only values given: everything else is the chart's default.
+    values = {"image": image_values(cluster_image),
+              "broker": {"bundled": {"image": image_values(cluster_redis_image)}}}
+    values_file = rel.workdir / "values.yaml"
+    values_file.write_text(json.dumps(values))
+    started = time.monotonic()
+    rel.helm_run("install", RELEASE, str(REPO / "charts" / "vmfleet"), "-f", str(values_file),
+                 "--wait", "--timeout", "300s", timeout=400)
+    print(f"\nhelm install --wait (default values, pod network): {time.monotonic() - started:.1f}s")
+    ns.add_vms(cluster_vms, labels={"fleet": "prod"})
+    try:
+        yield rel
+    finally:
+        rel.helm_run("uninstall", RELEASE, "--wait", "--timeout", "60s", timeout=120)
+        ns.delete()
+
+
+def test_the_chart_with_default_values_runs_on_the_pod_network(release: DefaultRelease) -> None:
+    pods = release.pods("app.kubernetes.io/name=vmfleet")
+    components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
+    assert {"controller", "broker"} <= components, components
+    for pod in pods:
+        assert not pod["spec"].get("hostNetwork"), pod["metadata"]["name"]
+        assert ipaddress.ip_address(pod["status"]["podIP"]) in netns.POD_CIDR, pod["metadata"]["name"]
+        for container in pod["spec"]["containers"]:
+            names = {e["name"] for e in container.get("env", [])}
+            assert "KUBERNETES_SERVICE_HOST" not in names  # the kubelet's, the `kubernetes` Service
+    # The broker URL handed to pods names the bundled broker's Service, resolved by DNS.
+    (controller,) = release.pods("app.kubernetes.io/component=controller")
+    env = {e["name"]: e for e in controller["spec"]["containers"][0].get("env", [])}
+    assert f"{RELEASE}-vmfleet-broker" in json.dumps(env.get("VMFLEET_BROKER_URL", {}))
+
+
+def test_commands_run_on_every_vm_through_pods(release: DefaultRelease, cluster_vms: list[SshdVM]) -> None:
+    release.ns.run("hello", selector={"matchLabels": {"fleet": "prod"}},
+                   command="echo hello from $(hostname)")
+    obj = release.finished("hello", timeout=240)
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    results = {r["vm"]: r for r in obj["status"]["results"]}
+    for vm in cluster_vms:
+        assert results[vm.name]["exitCode"] == 0
+        assert results[vm.name]["stdout"].strip() == f"hello from {vm.name}"
+
+
+def test_workers_of_a_vm_with_several_replicas_land_on_both_nodes(
+        release: DefaultRelease, cluster_vms: list[SshdVM]) -> None:
+    vm = cluster_vms[0]
+    objects = [{**obj, "metadata": {**obj["metadata"], "name": "wide"}} if obj["kind"] == "RemoteVM"
+               else obj for obj in vm_manifests(vm, release.ns.name, workers={"replicas": 4})]
+    release.kubectl.apply(*objects)
+
+    def spread() -> set[str] | None:
+        pods = [p for p in release.pods("app.kubernetes.io/component=worker,vmfleet.io/vm=wide")
+                if p["status"].get("phase") == "Running"]
+        nodes = {p["spec"]["nodeName"] for p in pods}
+        return nodes if len(pods) == 4 else None
+
+    try:
+        nodes = wait_until(spread, timeout=180, interval=1, what="4 Running workers of RemoteVM wide")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
+    assert nodes == {node_name(1), node_name(2)}
+    release.ns.run("wide-hello", vm="wide", command="hostname")
+    obj = release.finished("wide-hello")
+    assert obj["status"]["phase"] == "Succeeded", obj["status"]

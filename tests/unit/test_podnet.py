@@ -43,7 +43,6 @@ def test_kubelet_uses_the_cluster_dns_and_no_resolver_of_the_host() -> None:
     assert config["clusterDNS"] == [netns.DNS_SERVICE_IP]
     assert config["clusterDomain"] == "cluster.local"
     assert config["resolvConf"] == ""  # dnsPolicy Default pods get no host resolver
-    assert config["podCIDR"] == netns.node_pod_cidr(2)
 
 
 def test_namespace_names_are_the_projects_own(tmp_path: Path) -> None:

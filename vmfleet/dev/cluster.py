@@ -42,12 +42,14 @@ from vmfleet.dev.netns import (
     NetNamespace,
     name_for,
     node_ip,
+    node_pod_cidr,
 )
 from vmfleet.dev.node import Node, NodeError
 from vmfleet.dev.podnet import node_name
 from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, wait_until, write_pid_file
 
 COREDNS_BUILD_SCRIPT = BUILD_SCRIPT.parent / "build-coredns.sh"
+REDIS_IMAGE_SCRIPT = BUILD_SCRIPT.parents[3] / "scripts" / "build-redis-image.sh"
 #: Use this binary instead of building one (a vmfleet-coredns build).
 COREDNS_BINARY_ENV = "VMFLEET_COREDNS_BINARY"
 DNS_PORT = 53
@@ -115,6 +117,18 @@ def ensure_coredns_built() -> Path:
     return Path(lines[-1])
 
 
+def build_redis_image() -> Path:
+    """The chart's bundled broker image made from Debian's redis-server
+    (``scripts/build-redis-image.sh``, cached); its docker-archive (``image.txt``
+    beside it names the image)."""
+    result = subprocess.run(["bash", str(REDIS_IMAGE_SCRIPT)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, text=True, check=False)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        raise RuntimeError(f"{REDIS_IMAGE_SCRIPT} failed with exit code {result.returncode}")
+    return Path(lines[-1])
+
+
 class Cluster:
     """The namespace, the control plane, ``node_count`` nodes, kube-proxy and CoreDNS."""
 
@@ -143,6 +157,7 @@ class Cluster:
             self.cp.start(timeout=max(30.0, deadline - time.monotonic()))
             for node in self.nodes:
                 node.start(timeout=max(30.0, deadline - time.monotonic()))
+                self._record_pod_cidr(node)
             self._start_kube_proxy()
             self._start_coredns(coredns)
             wait_until(self._dns_ready, max(10.0, deadline - time.monotonic()), interval=0.3,
@@ -198,6 +213,18 @@ class Cluster:
         self.processes[name] = process
         write_pid_file(process, self.workdir / f"{name}.pgid")
         return process
+
+    def _record_pod_cidr(self, node: Node) -> None:
+        """Write the node's pod range (its CNI configuration's) into its spec, as a
+        cluster's IPAM controller would: it is set once, and the same on every start."""
+        cidr = node_pod_cidr(node.index)
+        current = self.cp.kubectl_run("get", "node", node.name, "-o", "jsonpath={.spec.podCIDR}").stdout
+        if current == cidr:
+            return
+        if current:
+            raise NodeError(f"Node {node.name} has pod range {current}, its CNI configuration {cidr}")
+        patch = {"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}}
+        self.cp.kubectl_run("patch", "node", node.name, "--type=merge", "-p", json.dumps(patch))
 
     def _start_kube_proxy(self) -> None:
         """kube-proxy, iptables mode, for the whole namespace. It leaves the
@@ -256,4 +283,4 @@ class Cluster:
             return False
 
 
-__all__ = ["Cluster", "NodeError", "ensure_coredns_built"]
+__all__ = ["Cluster", "NodeError", "build_redis_image", "ensure_coredns_built"]

@@ -78,5 +78,4 @@ def kubelet_config(index: int) -> dict[str, Any]:
         "clusterDNS": [DNS_SERVICE_IP],
         "clusterDomain": CLUSTER_DOMAIN,
         "resolvConf": "",
-        "podCIDR": node_pod_cidr(index),
     }

@@ -9,6 +9,8 @@ Fixtures:
   ``vmfleet-node-2`` Ready), stopped with its namespace at the end of the session.
 * ``cluster_image`` (session): the project's image (``make image``) imported into both
   nodes' containerd; its full name.
+* ``cluster_redis_image`` (session): the chart's bundled broker image made from
+  Debian's redis-server (``scripts/build-redis-image.sh``), imported into both nodes.
 * ``cluster_vms`` (session): ``vm1``..``vm3``, sshd VMs inside the cluster's namespace on
   10.251.0.11..13 port 22, which pods reach by routing.
 
@@ -24,13 +26,14 @@ from pathlib import Path
 import pytest
 
 from vmfleet.dev import netns
-from vmfleet.dev.cluster import Cluster, ensure_coredns_built
+from vmfleet.dev.cluster import Cluster, build_redis_image, ensure_coredns_built
 from vmfleet.dev.controlplane import ensure_built
 from vmfleet.dev.node import build_image, image_name, missing_requirements
 from vmfleet.dev.sshd import SshdVM, stop_vms
 
-_FIXTURES = {"cluster", "cluster_image", "cluster_vms"}
+_FIXTURES = {"cluster", "cluster_image", "cluster_redis_image", "cluster_vms"}
 _archive: Path | None = None
+_redis_archive: Path | None = None
 _build_error: BaseException | None = None
 
 
@@ -41,7 +44,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    global _archive, _build_error
+    global _archive, _redis_archive, _build_error
     if session.config.option.collectonly:
         return
     if not any(_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
@@ -52,6 +55,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         ensure_built()
         ensure_coredns_built()
         _archive = build_image()
+        if any("cluster_redis_image" in getattr(item, "fixturenames", ()) for item in session.items):
+            _redis_archive = build_redis_image()
     except Exception as exc:  # noqa: BLE001 - reported by the fixture, per test
         _build_error = exc
 
@@ -73,6 +78,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def cluster_image(cluster: Cluster) -> str:
     archive = _archive or build_image()
+    for node in cluster.nodes:
+        node.import_image(archive)
+    return image_name(archive)
+
+
+@pytest.fixture(scope="session")
+def cluster_redis_image(cluster: Cluster) -> str:
+    archive = _redis_archive or build_redis_image()
     for node in cluster.nodes:
         node.import_image(archive)
     return image_name(archive)
