@@ -7,6 +7,10 @@
 # The root filesystem comes from mmdebstrap (Debian's Essential set plus redis-server,
 # this machine's own apt sources), committed with buildah: no Entrypoint, so the chart's
 # `args: [redis-server, ...]` is the command; user redis (Debian's package makes it).
+# As the official redis image is built, protected mode is off (Debian's build keeps it
+# on, which refuses every client but loopback's, i.e. every other pod): a wrapper
+# /usr/local/bin/redis-server (first on PATH) starts Debian's with a config file
+# holding `protected-mode no`, then the chart's own options.
 # Cached under ${VMFLEET_CACHE_DIR:-~/.cache/vmfleet}/redis-image/<key>/, where <key>
 # hashes this script and the redis-server version apt offers.
 #
@@ -69,6 +73,9 @@ mmdebstrap --variant=essential --include=redis-server,passwd \
     --dpkgopt='path-exclude=/usr/share/locale/*' \
     --customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/* "$1"/var/log/*' \
     --customize-hook='mkdir -p "$1"/data && chroot "$1" chown redis:redis /data' \
+    --customize-hook='printf "protected-mode no\n" >"$1"/usr/local/etc/redis-container.conf' \
+    --customize-hook='printf "#!/bin/sh\nexec /usr/bin/redis-server /usr/local/etc/redis-container.conf \"\$@\"\n" >"$1"/usr/local/bin/redis-server' \
+    --customize-hook='chmod 755 "$1"/usr/local/bin/redis-server && chmod 644 "$1"/usr/local/etc/redis-container.conf' \
     "$SUITE" "$tmp_dir/rootfs.tar" "$sources" >&2
 redis_uid="$(tar -xOf "$tmp_dir/rootfs.tar" ./etc/passwd | awk -F: '$1 == "redis" {print $3":"$4}')"
 if [ -z "$redis_uid" ]; then

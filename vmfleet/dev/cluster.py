@@ -45,7 +45,7 @@ from vmfleet.dev.netns import (
     node_pod_cidr,
 )
 from vmfleet.dev.node import Node, NodeError
-from vmfleet.dev.podnet import node_name
+from vmfleet.dev.podnet import node_name, pod_netns_paths, remove_pod_netns
 from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, wait_until, write_pid_file
 
 COREDNS_BUILD_SCRIPT = BUILD_SCRIPT.parent / "build-coredns.sh"
@@ -176,7 +176,9 @@ class Cluster:
                 process.stop(5)
             stop_pid_file(self.workdir / f"{name}.pgid", 5)
         for node in reversed(self.nodes):
+            leftovers = self._pod_netns(node)
             node.stop()
+            remove_pod_netns(leftovers)
         self.cp.stop()
         self.network.delete()
         self.state_file.unlink(missing_ok=True)
@@ -185,7 +187,10 @@ class Cluster:
     def from_state(cls, workdir: Path) -> Cluster:
         """The cluster another process left running in ``workdir``, to ``stop()`` it."""
         cluster = cls(workdir)
-        cluster.cp = ControlPlane.from_state(cluster.workdir / "controlplane")
+        try:
+            cluster.cp = ControlPlane.from_state(cluster.workdir / "controlplane")
+        except FileNotFoundError:  # it never came up: its processes have pid files only
+            pass
         cluster.nodes = [Node.from_state(path) for path in sorted(cluster.workdir.glob("node*"))
                          if path.is_dir()]
         return cluster
@@ -196,6 +201,18 @@ class Cluster:
             node.check_running()
         for process in self.processes.values():
             process.check_running()
+
+    @staticmethod
+    def _pod_netns(node: Node) -> list[Path]:
+        """The network namespaces of the node's pods, while its containerd answers."""
+        if not node.socket.exists():
+            return []
+        try:
+            ids = node.ctr("containers", "list", "--quiet").split()
+            infos = [json.loads(node.ctr("containers", "info", cid)) for cid in ids]
+        except (NodeError, ValueError):
+            return []
+        return pod_netns_paths(infos)
 
     # -- kube-proxy and CoreDNS ------------------------------------------------------
 

@@ -79,3 +79,26 @@ def kubelet_config(index: int) -> dict[str, Any]:
         "clusterDomain": CLUSTER_DOMAIN,
         "resolvConf": "",
     }
+
+
+def pod_netns_paths(containers_info: list[dict[str, Any]]) -> list[Path]:
+    """The pods' network namespaces (``/run/netns/cni-…``) named by the OCI specs of a
+    node's containers (``ctr containers info``): what containerd would remove with the
+    pod sandboxes, which a stopped node leaves behind."""
+    found = set()
+    for info in containers_info:
+        for ns in info.get("Spec", {}).get("linux", {}).get("namespaces", []) or []:
+            path = ns.get("path") or ""
+            if ns.get("type") == "network" and path.startswith(("/run/netns/cni-", "/var/run/netns/cni-")):
+                found.add(Path(path))
+    return sorted(found)
+
+
+def remove_pod_netns(paths: list[Path]) -> None:
+    """Unmount and remove the pods' network namespace files (their interfaces went with
+    the cluster's namespace or go with the last process inside)."""
+    import subprocess
+
+    for path in paths:
+        subprocess.run(["umount", "--lazy", str(path)], capture_output=True, check=False)
+        path.unlink(missing_ok=True)
