@@ -255,7 +255,14 @@ def release(cluster: Cluster, cluster_image: str, cluster_redis_image: str,
 
 
 def test_the_chart_with_default_values_runs_on_the_pod_network(release: DefaultRelease) -> None:
-    pods = release.pods("app.kubernetes.io/name=vmfleet")
+    def all_running() -> list[dict[str, Any]] | None:
+        pods = release.pods("app.kubernetes.io/name=vmfleet")
+        return pods if all(p["status"].get("phase") == "Running" for p in pods) else None
+
+    try:  # the workers of the VMs just added start now
+        pods = wait_until(all_running, timeout=180, interval=1, what="every pod of the release Running")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
     components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
     assert {"controller", "broker"} <= components, components
     for pod in pods:

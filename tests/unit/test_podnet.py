@@ -61,3 +61,14 @@ def test_addresses_outside_the_namespace_ranges_are_refused() -> None:
         ns.add_address("192.168.1.10")
     with pytest.raises(ValueError, match="not in"):
         ns.add_address(netns.vm_ip(1), netns.NODES_BRIDGE)
+
+
+def test_only_the_pods_cni_namespaces_are_collected_for_removal() -> None:
+    infos = [
+        {"Spec": {"linux": {"namespaces": [{"type": "pid"},
+                                           {"type": "network", "path": "/var/run/netns/cni-1"}]}}},
+        {"Spec": {"linux": {"namespaces": [{"type": "network", "path": "/proc/42/ns/net"}]}}},
+        {"Spec": {"linux": {"namespaces": [{"type": "network", "path": "/run/netns/vmfleet-x"}]}}},
+        {"Spec": {}},
+    ]
+    assert podnet.pod_netns_paths(infos) == [Path("/var/run/netns/cni-1")]

@@ -5,13 +5,14 @@ loopback relay.
 
 Fixtures:
 
-* ``cluster`` (session): a started ``Cluster`` (nodes ``vmfleet-node-1`` and
-  ``vmfleet-node-2`` Ready), stopped with its namespace at the end of the session.
-* ``cluster_image`` (session): the project's image (``make image``) imported into both
+* ``cluster`` (module): a started ``Cluster`` (nodes ``vmfleet-node-1`` and
+  ``vmfleet-node-2`` Ready), stopped with its namespace after the module that used it
+  (its two nodes do not outlive it).
+* ``cluster_image`` (module): the project's image (``make image``) imported into both
   nodes' containerd; its full name.
-* ``cluster_redis_image`` (session): the chart's bundled broker image made from
+* ``cluster_redis_image`` (module): the chart's bundled broker image made from
   Debian's redis-server (``scripts/build-redis-image.sh``), imported into both nodes.
-* ``cluster_vms`` (session): ``vm1``..``vm3``, sshd VMs inside the cluster's namespace on
+* ``cluster_vms`` (module): ``vm1``..``vm3``, sshd VMs inside the cluster's namespace on
   10.251.0.11..13 port 22, which pods reach by routing.
 
 Skipped, with the reason, where the cluster cannot run (not root, no socat...). The
@@ -61,7 +62,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _build_error = exc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     missing = missing_requirements() + netns.missing_requirements()
     if missing:
@@ -75,7 +76,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         started.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster_image(cluster: Cluster) -> str:
     archive = _archive or build_image()
     for node in cluster.nodes:
@@ -83,7 +84,7 @@ def cluster_image(cluster: Cluster) -> str:
     return image_name(archive)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster_redis_image(cluster: Cluster) -> str:
     archive = _redis_archive or build_redis_image()
     for node in cluster.nodes:
@@ -91,7 +92,7 @@ def cluster_redis_image(cluster: Cluster) -> str:
     return image_name(archive)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster_vms(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[SshdVM]]:
     root = tmp_path_factory.mktemp("cluster-vms")
     vms: list[SshdVM] = []
