@@ -198,7 +198,7 @@ class DefaultRelease:
             env[f"HELM_{part}_HOME"] = str(self.workdir / f"helm-{part.lower()}")
         proc = subprocess.run([self.helm, *args, "--namespace", self.ns.name,
                                "--kubeconfig", str(self.cluster.cp.kubeconfig)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+                              capture_output=True, text=True, timeout=timeout, env=env, check=False)
         if proc.returncode != 0:
             raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}:\n"
                                  f"{proc.stdout}\n{proc.stderr}\n{self.diagnostics()}")

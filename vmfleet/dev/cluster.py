@@ -34,7 +34,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from vmfleet.dev.controlplane import DNS_USER, PROXY_USER, BUILD_SCRIPT, ControlPlane
+from vmfleet.dev.controlplane import BUILD_SCRIPT, DNS_USER, PROXY_USER, ControlPlane
 from vmfleet.dev.netns import (
     CLUSTER_DOMAIN,
     DNS_SERVICE_IP,
@@ -46,7 +46,13 @@ from vmfleet.dev.netns import (
 )
 from vmfleet.dev.node import Node, NodeError
 from vmfleet.dev.podnet import node_name, pod_netns_paths, remove_pod_netns
-from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, wait_until, write_pid_file
+from vmfleet.procs import (
+    ManagedProcess,
+    free_port,
+    stop_pid_file,
+    wait_until,
+    write_pid_file,
+)
 
 COREDNS_BUILD_SCRIPT = BUILD_SCRIPT.parent / "build-coredns.sh"
 REDIS_IMAGE_SCRIPT = BUILD_SCRIPT.parents[3] / "scripts" / "build-redis-image.sh"

@@ -34,7 +34,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, wait_until, write_pid_file
+from vmfleet.procs import (
+    ManagedProcess,
+    free_port,
+    stop_pid_file,
+    wait_until,
+    write_pid_file,
+)
 
 NETNS_DIR = Path("/run/netns")
 NODES_BRIDGE = "vmf-nodes"
@@ -202,7 +208,7 @@ def _enter(path: Path) -> None:
         want = os.fstat(fd).st_ino
     finally:
         os.close(fd)
-    if os.stat(f"/proc/thread-self/ns/net").st_ino != want:
+    if os.stat("/proc/thread-self/ns/net").st_ino != want:
         raise NetnsError(f"this thread did not enter {path}")
 
 
