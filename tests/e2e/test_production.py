@@ -288,24 +288,36 @@ def test_commands_run_on_every_vm_through_pods(release: DefaultRelease, cluster_
         assert results[vm.name]["stdout"].strip() == f"hello from {vm.name}"
 
 
-def test_workers_of_a_vm_with_several_replicas_land_on_both_nodes(
+def test_workers_of_a_vm_with_several_replicas_and_of_a_pool_land_on_both_nodes(
         release: DefaultRelease, cluster_vms: list[SshdVM]) -> None:
-    vm = cluster_vms[0]
-    objects = [{**obj, "metadata": {**obj["metadata"], "name": "wide"}} if obj["kind"] == "RemoteVM"
-               else obj for obj in vm_manifests(vm, release.ns.name, workers={"replicas": 4})]
-    release.kubectl.apply(*objects)
+    """RemoteVM ``wide`` (vm1) with 4 workers, and pool ``spread`` (``pa`` on vm2, ``pb``
+    on vm3) with 4: each group's pods run on both nodes, and commands run through them."""
+    def renamed(vm: SshdVM, name: str, **spec: Any) -> list[dict[str, Any]]:
+        objects = vm_manifests(vm, release.ns.name, **spec)
+        for obj in objects:
+            if obj["kind"] == "RemoteVM":
+                obj["metadata"]["name"] = name
+        return objects
 
-    def spread() -> set[str] | None:
-        pods = [p for p in release.pods("app.kubernetes.io/component=worker,vmfleet.io/vm=wide")
+    release.kubectl.apply(*renamed(cluster_vms[0], "wide", workers={"replicas": 4}),
+                          *renamed(cluster_vms[1], "pa", workerPool="spread", workers={"replicas": 4}),
+                          *renamed(cluster_vms[2], "pb", workerPool="spread", workers={"replicas": 4}))
+
+    def spread(selector: str) -> set[str] | None:
+        pods = [p for p in release.pods(f"app.kubernetes.io/component=worker,{selector}")
                 if p["status"].get("phase") == "Running"]
-        nodes = {p["spec"]["nodeName"] for p in pods}
-        return nodes if len(pods) == 4 else None
+        return {p["spec"]["nodeName"] for p in pods} if len(pods) == 4 else None
 
-    try:
-        nodes = wait_until(spread, timeout=180, interval=1, what="4 Running workers of RemoteVM wide")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
-    assert nodes == {node_name(1), node_name(2)}
-    release.ns.run("wide-hello", vm="wide", command="hostname")
-    obj = release.finished("wide-hello")
-    assert obj["status"]["phase"] == "Succeeded", obj["status"]
+    for selector in ("vmfleet.io/vm=wide", "vmfleet.io/pool=spread"):
+        try:
+            nodes = wait_until(lambda: spread(selector), timeout=180, interval=1,
+                               what=f"4 Running workers of {selector}")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
+        assert nodes == {node_name(1), node_name(2)}, selector
+    for name in ("wide", "pa", "pb"):
+        release.ns.run(f"{name}-hello", vm=name, command="hostname")
+    for name, vm in (("wide", "vm1"), ("pa", "vm2"), ("pb", "vm3")):
+        obj = release.finished(f"{name}-hello")
+        assert obj["status"]["phase"] == "Succeeded", obj["status"]
+        assert obj["status"]["results"][0]["stdout"].strip() == vm

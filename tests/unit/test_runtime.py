@@ -131,3 +131,14 @@ def test_label_value_is_bounded_and_distinct() -> None:
     assert len(label_value(long_a)) <= 63
     assert label_value(long_a) != label_value(long_b)
     assert label_value("vm1") == "vm1"
+
+
+def test_workers_of_one_group_spread_over_the_nodes() -> None:
+    """Several replicas of one VM's workers, or of a pool's, prefer distinct nodes (a
+    node lost takes only its share); never a hard rule, so one node still runs them all."""
+    for group in (single(vm()), WorkerGroup("ops", [vm("vm1", workerPool="web")], pool="web")):
+        dep = worker_deployment(group, SETTINGS, 3)
+        (spread,) = pod_of(dep)["topologySpreadConstraints"]
+        assert spread == {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                          "whenUnsatisfiable": "ScheduleAnyway",
+                          "labelSelector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}
