@@ -310,7 +310,7 @@ def test_workers_of_a_vm_with_several_replicas_and_of_a_pool_land_on_both_nodes(
 
     for selector in ("vmfleet.io/vm=wide", "vmfleet.io/pool=spread"):
         try:
-            nodes = wait_until(lambda: spread(selector), timeout=180, interval=1,
+            nodes = wait_until(lambda s=selector: spread(s), timeout=180, interval=1,
                                what=f"4 Running workers of {selector}")
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
