@@ -20,7 +20,7 @@ AIRFLOW_TESTS := tests/unit/test_airflow_operators.py tests/unit/test_airflow_pr
 # ~150 packages); `make test` then runs the Airflow tests only where it exists.
 WITH_AIRFLOW ?= 1
 
-.PHONY: help setup setup-core system-deps venv controlplane helm image crds crds-check typecheck lint \
+.PHONY: help setup setup-core system-deps venv controlplane coredns redis-image helm image crds crds-check typecheck lint \
         test test-unit test-e2e demo dev-up dev-down clean
 
 help:
@@ -56,6 +56,10 @@ system-deps:
 controlplane:
 	bash tests/e2e/controlplane/build.sh
 
+# The pod-network cluster's DNS (CoreDNS from its Go module; cached per machine).
+coredns:
+	bash tests/e2e/controlplane/build-coredns.sh
+
 helm:
 	bash scripts/install-helm.sh
 
@@ -65,10 +69,14 @@ helm:
 image: system-deps
 	bash scripts/build-image.sh
 
+# The chart's bundled broker image for clusters that pull nothing (Debian's redis-server).
+redis-image: system-deps
+	bash scripts/build-redis-image.sh
+
 # What the local environment needs (make demo, dev-up, soak); the tests need all of setup.
 setup-core: system-deps venv controlplane
 
-setup: setup-core helm image $(if $(filter 1,$(WITH_AIRFLOW)),airflow-venv)
+setup: setup-core coredns helm image redis-image $(if $(filter 1,$(WITH_AIRFLOW)),airflow-venv)
 
 crds: venv
 	$(VMFLEET) crds generate

@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.e2e.plugins.brokers",
     "tests.e2e.plugins.fleet",
     "tests.e2e.plugins.node",
+    "tests.e2e.plugins.cluster",
 ]

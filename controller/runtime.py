@@ -364,6 +364,12 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
                             "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [container],
         "volumes": volumes,
+        # Replicas prefer distinct nodes (a lost node takes only its share); a preference,
+        # so a one-node cluster still runs them all.
+        "topologySpreadConstraints": [{
+            "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": dict(labels)},
+        }],
     }
     pod_extras(settings, template_spec, container)
     check_mounts(group, template_spec)

@@ -5,7 +5,9 @@
 # prometheus (the server and promtool, for the metrics e2e tests and `promtool check
 # rules` on the chart's alerts); for the image and the local node: buildah and
 # mmdebstrap (`make image`), containerd, runc and the CNI plugins (the kubelet's
-# container runtime; only the loopback plugin is used).
+# container runtime: loopback for the host-network node, bridge and host-local for the
+# pod-network cluster), socat (its loopback relay into the cluster's network namespace)
+# and iptables (kube-proxy's rules, inside that namespace only).
 #
 # Idempotent: does nothing when everything is present; runs `apt-get update` once, only
 # when something is missing. System services are neither started nor left enabled:
@@ -31,6 +33,8 @@ PACKAGES=(
     containerd
     runc
     containernetworking-plugins
+    socat
+    iptables
 )
 # Services that a package's postinst may have started or enabled.
 SERVICES=(ssh redis-server rabbitmq-server epmd prometheus containerd)

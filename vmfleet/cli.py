@@ -72,7 +72,7 @@ def _dev(args: argparse.Namespace) -> int:
     from vmfleet.dev import env
 
     if args.action == "up":
-        return env.up(vms=args.vms, broker=args.broker, node=args.node)
+        return env.up(vms=args.vms, broker=args.broker, node=args.node, pod_network=args.pod_network)
     if args.action == "down":
         return env.down()
     if args.action == "demo":
@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--node", action="store_true",
                      help="add a real node (kubelet, containerd) and run the chart's pods on it "
                           "(root; builds the image)")
+    dev.add_argument("--pod-network", action="store_true",
+                     help="with --node: a cluster shaped like a user's instead (2 nodes, pod "
+                          "network, Services, DNS, in a network namespace of its own; the chart "
+                          "with its default values)")
     dev.set_defaults(func=_dev)
 
     from vmfleet import exec as exec_  # argument definitions only; light imports

@@ -256,3 +256,14 @@ def test_a_worker_mounts_nothing_but_its_vms_credentials() -> None:
     stranger = VMRef("elsewhere", "vm9", "uid-9", vm().spec)
     with pytest.raises(ValueError, match="another namespace: elsewhere/vm9"):
         worker_deployment(WorkerGroup("ops", [vm(), stranger], pool="p"), SETTINGS, 1)
+
+
+def test_workers_of_one_group_spread_over_the_nodes() -> None:
+    """Several replicas of one VM's workers, or of a pool's, prefer distinct nodes (a
+    node lost takes only its share); never a hard rule, so one node still runs them all."""
+    for group in (single(vm()), WorkerGroup("ops", [vm("vm1", workerPool="web")], pool="web")):
+        dep = worker_deployment(group, SETTINGS, 3)
+        (spread,) = pod_of(dep)["topologySpreadConstraints"]
+        assert spread == {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                          "whenUnsatisfiable": "ScheduleAnyway",
+                          "labelSelector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}

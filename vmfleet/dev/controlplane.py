@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from vmfleet.dev.netns import APISERVER_PORT, NetNamespace, Relay, node_ip
 from vmfleet.procs import ManagedProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -58,6 +59,10 @@ SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 ADMIN_USER = "vmfleet-admin"
 CONTROLLER_MANAGER_USER = "system:kube-controller-manager"
 SCHEDULER_USER = "system:kube-scheduler"
+#: kube-proxy's user: bound to ClusterRole system:node-proxier by the default policy.
+PROXY_USER = "system:kube-proxy"
+#: The cluster DNS's user (read-only RBAC of its own, see vmfleet.dev.cluster).
+DNS_USER = "vmfleet:coredns"
 #: The local node (vmfleet.dev.node) is named after its address: a kubelet takes its
 #: InternalIP from a node name that is an IP, and 127.0.0.1 is the only address it has.
 NODE_NAME = "127.0.0.1"
@@ -136,17 +141,26 @@ class ControlPlane:
         etcd_unsafe_no_fsync: bool = True,
         extra_apiserver_args: Sequence[str] = (),
         extra_controller_manager_args: Sequence[str] = (),
+        network: NetNamespace | None = None,
+        node_names: Sequence[str] = (NODE_NAME,),
     ) -> None:
         """``exit_with_parent``: the components stop by themselves once this Python
         process is gone (for test sessions; a dev environment that outlives its
         launcher leaves it off). ``etcd_unsafe_no_fsync``: the data is throwaway, so
-        etcd skips fsync (much faster on slow disks)."""
+        etcd skips fsync (much faster on slow disks). ``network``: run every
+        component inside that network namespace (the pod-network cluster of
+        ``vmfleet.dev.cluster``; kube-apiserver on node 1's address, reached from the
+        host through a loopback ``Relay``). ``node_names``: the kubelets that get a
+        token of their own (``system:node:NAME``)."""
         self.workdir = Path(workdir).resolve()
         self._binary = Path(binary) if binary is not None else None
         self.exit_with_parent = exit_with_parent
         self.etcd_unsafe_no_fsync = etcd_unsafe_no_fsync
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.extra_controller_manager_args = list(extra_controller_manager_args)
+        self.network = network
+        self.node_names = list(node_names)
+        self.relay: Relay | None = None
 
         self.pki = self.workdir / "pki"
         self.kubeconfig = self.workdir / "kubeconfig"
@@ -183,9 +197,19 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
+        """The API server's URL for the host's clients (on loopback; through the relay
+        when the control plane runs in a network namespace)."""
         if not self.apiserver_port:
             raise RuntimeError("the control plane has not been started")
         return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @property
+    def internal_server(self) -> str:
+        """The API server's URL for components in the cluster's network namespace
+        (the same as ``server`` without one)."""
+        if self.network is None:
+            return self.server
+        return f"https://{node_ip(1)}:{APISERVER_PORT}"
 
     @property
     def etcd_url(self) -> str:
@@ -224,13 +248,19 @@ class ControlPlane:
         self.controller_manager_port = _unique_port(ports)
         self._write_kubeconfig(self.kubeconfig, ADMIN_USER, self.token)
         kcm_kubeconfig = self.workdir / "kube-controller-manager.kubeconfig"
-        self._write_kubeconfig(kcm_kubeconfig, CONTROLLER_MANAGER_USER, self._kcm_token)
+        self._write_kubeconfig(kcm_kubeconfig, CONTROLLER_MANAGER_USER, self._kcm_token, self.internal_server)
 
         try:
             etcd = self._start("etcd", self._etcd_args(binary))
-            self._wait(deadline, "etcd /health", self._etcd_healthy, etcd)
 
+            if self.network is None:
+                self._wait(deadline, "etcd /health", self._etcd_healthy, etcd)
             apiserver = self._start("kube-apiserver", self._apiserver_args(binary))
+            if self.network is not None:
+                # etcd's health is part of /readyz; the host reaches only the relay.
+                self.relay = Relay(self.network, "kube-apiserver", (node_ip(1), APISERVER_PORT),
+                                   self.workdir, port=self.apiserver_port,
+                                   exit_with_parent=self.exit_with_parent).start()
             self._wait(deadline, "kube-apiserver /readyz", lambda: self._api_ok("/readyz"), apiserver)
             self._wait(
                 deadline,
@@ -240,7 +270,8 @@ class ControlPlane:
             )
 
             kcm = self._start("kube-controller-manager", self._controller_manager_args(binary, kcm_kubeconfig))
-            self._wait(deadline, "kube-controller-manager /healthz", self._kcm_healthy, kcm)
+            if self.network is None:  # inside, its health shows in the ServiceAccount below
+                self._wait(deadline, "kube-controller-manager /healthz", self._kcm_healthy, kcm)
             self._wait(
                 deadline,
                 "ServiceAccount default/default (service account controller)",
@@ -262,6 +293,9 @@ class ControlPlane:
             pid = self._recorded_pids.pop(name, None)
             if pid is not None:
                 _stop_recorded_pid(pid, self.binary, grace)
+        if self.relay is not None:
+            self.relay.stop()
+            self.relay = None
         self.state_file.unlink(missing_ok=True)
 
     def running(self) -> bool:
@@ -293,6 +327,11 @@ class ControlPlane:
         cp.controller_manager_port = int(state["controllerManagerPort"])
         cp.token = cp._read_tokens()[ADMIN_USER]
         cp._recorded_pids = {name: int(pid) for name, pid in state["pids"].items()}
+        if state.get("netns"):
+            cp.network = NetNamespace(state["netns"])
+            # No processes: stop() ends the relay's by their pid files.
+            cp.relay = Relay(cp.network, "kube-apiserver", (node_ip(1), APISERVER_PORT), workdir,
+                             port=cp.apiserver_port)
         return cp
 
     def __enter__(self) -> ControlPlane:
@@ -361,6 +400,8 @@ class ControlPlane:
         log = self.log_path(name)
         with open(log, "ab") as fh:
             fh.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+        if self.network is not None:
+            argv = [*self.network.exec_prefix(), *argv]
         process = ManagedProcess(name, argv, log, env=env, cwd=self.workdir).start()
         self.processes[name] = process
         return process
@@ -407,12 +448,19 @@ class ControlPlane:
         return args
 
     def _apiserver_args(self, binary: Path) -> list[str]:
+        if self.network is not None:
+            # Node 1's address in the namespace: the `kubernetes` Service's endpoint,
+            # kept by the default (lease) endpoint reconciler.
+            where = [f"--bind-address={node_ip(1)}", f"--advertise-address={node_ip(1)}",
+                     f"--secure-port={APISERVER_PORT}"]
+        else:
+            # 127.0.0.1 is not a valid Endpoints address, and no pod could use it.
+            where = ["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                     f"--secure-port={self.apiserver_port}", "--endpoint-reconciler-type=none"]
         return [
             str(binary), "kube-apiserver",
             f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={self.apiserver_port}",
+            *where,
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
             f"--tls-cert-file={self.pki / 'apiserver.crt'}",
             f"--tls-private-key-file={self.pki / 'apiserver.key'}",
@@ -428,8 +476,6 @@ class ControlPlane:
             f"--service-account-key-file={self.pki / 'sa.pub'}",
             f"--service-account-signing-key-file={self.pki / 'sa.key'}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-            # 127.0.0.1 is not a valid Endpoints address, and no pod could use it.
-            "--endpoint-reconciler-type=none",
             "--allow-privileged=true",
             "--profiling=false",
             *self.extra_apiserver_args,
@@ -462,7 +508,7 @@ class ControlPlane:
     def component_kubeconfig(self, user: str, path: Path) -> Path:
         """Write a kubeconfig for a component user of this control plane (the local
         node's scheduler and kubelet: ``SCHEDULER_USER``, ``NODE_USER``); return it."""
-        self._write_kubeconfig(path, user, self._read_tokens()[user])
+        self._write_kubeconfig(path, user, self._read_tokens()[user], self.internal_server)
         return path
 
     def _ssl_context(self) -> ssl.SSLContext:
@@ -493,14 +539,14 @@ class ControlPlane:
         except urllib.error.HTTPError:
             return False
 
-    def _write_kubeconfig(self, path: Path, user: str, token: str) -> None:
+    def _write_kubeconfig(self, path: Path, user: str, token: str, server: str | None = None) -> None:
         ca_data = base64.b64encode(self.ca_file.read_bytes()).decode()
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{
                 "name": CONTEXT_NAME,
-                "cluster": {"server": self.server, "certificate-authority-data": ca_data},
+                "cluster": {"server": server or self.server, "certificate-authority-data": ca_data},
             }],
             "users": [{"name": user, "user": {"token": token}}],
             "contexts": [{
@@ -522,6 +568,7 @@ class ControlPlane:
             "apiserverPort": self.apiserver_port,
             "controllerManagerPort": self.controller_manager_port,
             "pids": {name: p.pid for name, p in self.processes.items()},
+            "netns": self.network.name if self.network is not None else None,
         }
         _write_private(self.state_file, json.dumps(state, indent=2) + "\n")
 
@@ -597,7 +644,9 @@ class ControlPlane:
                 "localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                 "kubernetes.default.svc.cluster.local",
             ]
-            ips = ["127.0.0.1", "::1", KUBERNETES_SERVICE_IP]
+            # Node 1's address in the cluster's namespace too: one certificate serves
+            # both kinds of control plane, and a work directory may be started as either.
+            ips = ["127.0.0.1", "::1", KUBERNETES_SERVICE_IP, node_ip(1)]
             cert = (
                 x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
@@ -645,7 +694,8 @@ class ControlPlane:
 
         tokens_json = self.pki / "tokens.json"
         tokens = self._read_tokens() if tokens_json.exists() else {}
-        users = (ADMIN_USER, CONTROLLER_MANAGER_USER, SCHEDULER_USER, NODE_USER)
+        node_users = [f"system:node:{name}" for name in self.node_names]
+        users = (ADMIN_USER, CONTROLLER_MANAGER_USER, SCHEDULER_USER, PROXY_USER, DNS_USER, *node_users)
         if any(user not in tokens for user in users):  # a work directory of an older version
             for user in users:
                 tokens.setdefault(user, secrets.token_urlsafe(32))
@@ -658,7 +708,9 @@ class ControlPlane:
             f'{tokens[ADMIN_USER]},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
             f"{tokens[CONTROLLER_MANAGER_USER]},{CONTROLLER_MANAGER_USER},{CONTROLLER_MANAGER_USER}\n"
             f"{tokens[SCHEDULER_USER]},{SCHEDULER_USER},{SCHEDULER_USER}\n"
-            f'{tokens[NODE_USER]},{NODE_USER},{NODE_USER},"system:nodes"\n',
+            f"{tokens[PROXY_USER]},{PROXY_USER},{PROXY_USER}\n"
+            f"{tokens[DNS_USER]},{DNS_USER},{DNS_USER}\n"
+            + "".join(f'{tokens[user]},{user},{user},"system:nodes"\n' for user in node_users),
         )
 
         kubelet_client_cert = self.pki / "apiserver-kubelet-client.crt"

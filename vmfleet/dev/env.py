@@ -24,6 +24,7 @@ import yaml
 
 from vmfleet.api import constants as c
 from vmfleet.api.signing import write_key_pair
+from vmfleet.dev import env_cluster
 from vmfleet.dev import node as node_mod
 from vmfleet.dev.brokers import RabbitMQServer, RedisServer
 from vmfleet.dev.controlplane import ControlPlane
@@ -121,14 +122,18 @@ def _workers_ready(items: list[dict[str, Any]]) -> bool:
     return True
 
 
-def up(vms: int = 3, broker: str = "redis", node: bool = False) -> int:
+def up(vms: int = 3, broker: str = "redis", node: bool = False, pod_network: bool = False) -> int:
     """Converge to the asked environment: ``vms`` VMs (``vm1``..``vmN``), ``broker``,
     and with ``node`` a real node running the chart's pods instead of the controller
     process. What already matches (asked of the cluster) is kept; anything else is
-    stopped and started again, and the RemoteVMs are made exactly ``vm1``..``vmN``."""
+    stopped and started again, and the RemoteVMs are made exactly ``vm1``..``vmN``.
+    ``pod_network`` (with ``node``): the cluster shaped like a user's instead
+    (``vmfleet.dev.env_cluster``), started afresh each time."""
     if vms < 1:
         print("--vms must be at least 1", file=sys.stderr)
         return 2
+    if pod_network:
+        return _up_pod_network(vms, node, broker)
     root = dev_dir()
     why = _cluster_matches(vms, broker, node)
     if why is None:
@@ -230,6 +235,29 @@ def up(vms: int = 3, broker: str = "redis", node: bool = False) -> int:
     return 0
 
 
+def _up_pod_network(vms: int, node: bool, broker: str) -> int:
+    if not node or broker != "redis":
+        print("--pod-network goes with --node and the chart's bundled Redis (--broker redis)",
+              file=sys.stderr)
+        return 2
+    down(quiet=True)
+    root = dev_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        state = env_cluster.up(root, vms, NAMESPACE, RELEASE, DEV_LABELS, _helm(),
+                               REPO_ROOT / "charts" / "vmfleet", REPO_ROOT / "crds")
+    except BaseException:
+        print("Starting the pod-network cluster failed; stopping what was started.", file=sys.stderr)
+        down(quiet=True)
+        raise
+    _state_path().write_text(json.dumps(state, indent=2))
+    print(f"The local cluster is up in {time.monotonic() - started:.1f}s "
+          f"(network namespace {state['netns']}).")
+    _print_usage(Path(state["kubeconfig"]), state["kubectl"])
+    return 0
+
+
 def _print_node_diagnostics() -> None:
     """What the node's pods were doing, before ``down`` stops them."""
     cp = _running_controlplane()
@@ -318,6 +346,8 @@ def down(quiet: bool = False) -> int:
         return 0
     # The controller first: it stops its worker processes itself on a clean shutdown.
     stop_pid_file(root / "controller.pgid", grace=30)
+    # A pod-network cluster as a whole (VMs, nodes, control plane, then its namespace).
+    env_cluster.down(root)
     # The node next (its pods' containers with it), while the API still answers.
     node_dir = root / "node"
     if any(node_dir.glob("*.pgid")):
@@ -342,7 +372,10 @@ def status() -> int:
         print("The local environment is not running: `vmfleet dev up` starts it.")
         return 1
     state = json.loads(state_path.read_text())
-    alive = _cluster_matches(state["vms"], state["broker"], bool(state.get("node"))) is None
+    if state.get("podNetwork"):
+        alive = env_cluster.alive(dev_dir())
+    else:
+        alive = _cluster_matches(state["vms"], state["broker"], bool(state.get("node"))) is None
     print(f"{'up' if alive else 'DOWN (run vmfleet dev up)'}: {state['vms']} VMs, "
           f"broker {state['broker']} ({redacted(state['brokerUrl'])})")
     print(f"KUBECONFIG={state['kubeconfig']}")

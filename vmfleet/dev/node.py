@@ -39,7 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vmfleet.dev.controlplane import NODE_NAME, NODE_USER, SCHEDULER_USER, ControlPlane
+from vmfleet.dev import podnet
+from vmfleet.dev.controlplane import NODE_NAME, SCHEDULER_USER, ControlPlane
+from vmfleet.dev.netns import NetNamespace
 from vmfleet.dev.proc import ManagedProcess, free_port, stop_pid_file, write_pid_file
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -116,13 +118,21 @@ class Node:
     """containerd + kube-scheduler + kubelet for one control plane and work directory."""
 
     def __init__(self, workdir: Path, controlplane: ControlPlane | None, *,
-                 exit_with_parent: bool = False) -> None:
+                 exit_with_parent: bool = False, network: NetNamespace | None = None,
+                 index: int = 1, scheduler: bool = True) -> None:
         """``controlplane`` None: a node another process started, only to ``stop()``
-        (``from_state``)."""
+        (``from_state``). ``network``: a node of the pod-network cluster
+        (``vmfleet.dev.cluster``): its components run in that namespace, it is
+        ``vmfleet-node-INDEX`` on ``podnet``'s addresses, its pods get addresses of
+        their own. ``scheduler``: this node runs the cluster's kube-scheduler (one
+        node of a cluster does)."""
         self.workdir = Path(workdir).resolve()
         self._cp = controlplane
         self.exit_with_parent = exit_with_parent
-        self.name = NODE_NAME
+        self.network = network
+        self.index = index
+        self.run_scheduler = scheduler
+        self.name = podnet.node_name(index) if network is not None else NODE_NAME
         # A cgroup root of this work directory's own: its pods' cgroups go there.
         self.cgroup_root = "/vmfleet-" + hashlib.sha256(str(self.workdir).encode()).hexdigest()[:10]
         self.containerd_dir = self.workdir / "containerd"
@@ -158,9 +168,12 @@ class Node:
         self._started_at = time.time()
         self.workdir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.network is not None:
+                podnet.prepare_node(self.network, self.index)
             self._start_containerd(deadline)
             self._import(self._pause_archive(pause))
-            self._start("kube-scheduler", self._scheduler_args(binary))
+            if self.run_scheduler:
+                self._start("kube-scheduler", self._scheduler_args(binary))
             self._prepare_cgroups()
             self._start("kubelet", self._kubelet_args(binary))
             self._wait(deadline, f"Node {self.name} Ready", self.ready)
@@ -280,6 +293,8 @@ class Node:
         log = self.workdir / f"{name}.log"
         with open(log, "ab") as fh:
             fh.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
+        if self.network is not None:
+            argv = [*self.network.exec_prefix(), *argv]
         process = ManagedProcess(name, argv, log, env=env, cwd=self.workdir).start()
         self.processes[name] = process
         write_pid_file(process, self.workdir / f"{name}.pgid")
@@ -306,10 +321,14 @@ class Node:
         cni_bin = next(d for d in CNI_BIN_DIRS if (Path(d) / "loopback").exists())
         net_d = self.workdir / "cni" / "net.d"
         net_d.mkdir(parents=True, exist_ok=True)
-        # Only the loopback plugin: a pod without hostNetwork gets `lo`, nothing else.
-        (net_d / "10-loopback.conflist").write_text(json.dumps({
-            "cniVersion": "1.0.0", "name": "vmfleet-loopback", "plugins": [{"type": "loopback"}],
-        }, indent=2) + "\n")
+        if self.network is not None:
+            conflist = podnet.cni_config(self.index, self.workdir / "cni" / "ipam")
+            (net_d / "10-vmfleet-pods.conflist").write_text(json.dumps(conflist, indent=2) + "\n")
+        else:
+            # Only the loopback plugin: a pod without hostNetwork gets `lo`, nothing else.
+            (net_d / "10-loopback.conflist").write_text(json.dumps({
+                "cniVersion": "1.0.0", "name": "vmfleet-loopback", "plugins": [{"type": "loopback"}],
+            }, indent=2) + "\n")
         self.containerd_dir.mkdir(parents=True, exist_ok=True)
         config = self.containerd_dir / "config.toml"
         config.write_text(f"""\
@@ -394,8 +413,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         ]
 
     def _kubelet_args(self, binary: Path) -> list[str]:
-        kubeconfig = self.cp.component_kubeconfig(NODE_USER, self.workdir / "kubelet.kubeconfig")
-        self.kubelet_port = free_port()
+        kubeconfig = self.cp.component_kubeconfig(f"system:node:{self.name}",
+                                                  self.workdir / "kubelet.kubeconfig")
+        self.kubelet_port = free_port() if self.network is None else podnet.KUBELET_PORT
         config: dict[str, Any] = {
             "apiVersion": "kubelet.config.k8s.io/v1beta1",
             "kind": "KubeletConfiguration",
@@ -432,6 +452,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "shutdownGracePeriod": "0s",
             "maxPods": 110,
         }
+        extra: list[str] = []
+        if self.network is not None:
+            config.update(podnet.kubelet_config(self.index))
+            extra = [f"--node-ip={config['address']}"]
         config_path = self.workdir / "kubelet-config.json"
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         return [
@@ -441,6 +465,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             f"--hostname-override={self.name}",
             f"--root-dir={self.workdir / 'kubelet'}",
             f"--cert-dir={self.workdir / 'kubelet' / 'pki'}",
+            *extra,
             "--v=1",
         ]
 

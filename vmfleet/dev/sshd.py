@@ -43,6 +43,8 @@ from vmfleet.procs import ManagedProcess, free_port, stop_pid_file, wait_until, 
 if TYPE_CHECKING:  # paramiko is imported lazily: only the helpers need it
     import paramiko
 
+    from vmfleet.dev.netns import NetNamespace
+
 SSHD = "/usr/sbin/sshd"
 SSH_KEYGEN = "ssh-keygen"
 UNSHARE = "unshare"
@@ -142,9 +144,13 @@ def hidden_paths(paths: Sequence[Path], user: str) -> list[Path]:
     return [p for p in paths if any(_under(PurePosixPath(p), root) for root in roots)]
 
 
-def read_ssh_banner(host: str, port: int, timeout: float = 2.0) -> str:
-    """Return the server's identification line (``SSH-2.0-...``)."""
-    with socket.create_connection((host, port), timeout=timeout) as sock:
+def read_ssh_banner(host: str, port: int, timeout: float = 2.0,
+                    network: NetNamespace | None = None) -> str:
+    """Return the server's identification line (``SSH-2.0-...``); ``network``: connect
+    inside that namespace."""
+    sock = (socket.create_connection((host, port), timeout=timeout) if network is None
+            else network.connect(host, port, timeout))
+    with sock:
         data = b""
         while b"\n" not in data and len(data) < 512:
             chunk = sock.recv(256)
@@ -203,14 +209,22 @@ class SshdVM:
         key_passphrase: str | None = None,
         isolate: bool | None = None,
         visible: Sequence[Path] | None = None,
+        network: NetNamespace | None = None,
     ) -> None:
         """``workdir`` is this VM's own directory (created). ``isolate`` (per-VM
         namespaces) defaults to True when they can be made (root, ``unshare`` allowed).
         ``visible``: host directories the VM sees at their own path even under its
-        private ``/tmp``, ``/var/tmp`` or home (default: the checkout)."""
+        private ``/tmp``, ``/var/tmp`` or home (default: the checkout). ``network``:
+        sshd runs inside that namespace (the pod-network cluster's, ``vmfleet.dev.netns``),
+        on ``address`` (one of its VM addresses, added to its VMs' bridge), port 22 by
+        default; the host reaches it only from inside (``ssh_client`` does)."""
         self.name = name
         self.workdir = Path(workdir).resolve()
         self.host = address
+        self.network = network
+        if network is not None:
+            network.add_address(address)
+            port = 22 if port is None else port
         self.port = port if port is not None else free_port(address)
         self.user = user or current_user()
         self.key_passphrase = key_passphrase
@@ -386,9 +400,11 @@ class SshdVM:
     def _argv(self) -> list[str]:
         base = _NS_VMDIR if self.isolated else str(self.workdir)
         sshd = [SSHD, "-D", "-e", "-f", f"{base}/{self.config_path.name}"]
+        inside = self.network.exec_prefix() if self.network is not None else []
         if not self.isolated:
-            return sshd
+            return [*inside, *sshd]
         return [
+            *inside,
             UNSHARE,
             *_UNSHARE_FLAGS,
             "sh",
@@ -429,7 +445,8 @@ class SshdVM:
 
         def ready() -> bool:
             process.check_running()
-            return read_ssh_banner(self.host, self.port, timeout=1.0).startswith("SSH-2.0")
+            banner = read_ssh_banner(self.host, self.port, timeout=1.0, network=self.network)
+            return banner.startswith("SSH-2.0")
 
         try:
             wait_until(ready, timeout, interval=0.05, what=f"sshd {self.name} on {self.host}:{self.port}")
@@ -535,10 +552,12 @@ class SshdVM:
         pkey = paramiko.Ed25519Key.from_private_key(
             io.StringIO(self.user_private_key_pem), password=self.key_passphrase
         )
+        sock = self.network.connect(self.host, self.port, timeout) if self.network is not None else None
         try:
             client.connect(
                 self.host,
                 port=self.port,
+                sock=sock,
                 username=self.user,
                 pkey=pkey,
                 timeout=timeout,

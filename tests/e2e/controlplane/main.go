@@ -1,5 +1,5 @@
 // Command vmfleet-controlplane is the local Kubernetes control plane used by vmfleet's
-// end-to-end tests and `vmfleet dev up`. One binary holds four programs, chosen by the
+// end-to-end tests and `vmfleet dev up`. One binary holds several programs, chosen by the
 // first argument (one component per process):
 //
 //	vmfleet-controlplane etcd [flags]                     embedded etcd (go.etcd.io/etcd/server/v3/embed)
@@ -7,6 +7,7 @@
 //	vmfleet-controlplane kube-controller-manager [flags]  k8s.io/kubernetes/cmd/kube-controller-manager
 //	vmfleet-controlplane kube-scheduler [flags]           k8s.io/kubernetes/cmd/kube-scheduler
 //	vmfleet-controlplane kubelet [flags]                  k8s.io/kubernetes/cmd/kubelet (the local node)
+//	vmfleet-controlplane kube-proxy [flags]               k8s.io/kubernetes/cmd/kube-proxy (Services of the local node's pod network)
 //	vmfleet-controlplane kubectl [args]                   k8s.io/kubectl
 //
 // Invoked through a link whose base name is one of the program names (for instance a
@@ -40,6 +41,7 @@ import (
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
+	kubeproxy "k8s.io/kubernetes/cmd/kube-proxy/app"
 	kubelet "k8s.io/kubernetes/cmd/kubelet/app"
 
 	_ "k8s.io/client-go/plugin/pkg/client/auth" // kubectl's client auth plugins
@@ -53,6 +55,7 @@ Commands (one component per process):
   kube-controller-manager   Kubernetes controller manager
   kube-scheduler            Kubernetes scheduler
   kubelet                   Kubernetes node agent (with a CRI runtime such as containerd)
+  kube-proxy                Kubernetes network proxy (Services; iptables mode)
   kubectl                   kubectl of the same version as the server
   version                   print the Kubernetes version this binary was built from
 
@@ -88,6 +91,8 @@ func main() {
 		os.Exit(cli.Run(scheduler.NewSchedulerCommand()))
 	case "kubelet":
 		os.Exit(cli.Run(kubelet.NewKubeletCommand(context.Background())))
+	case "kube-proxy":
+		os.Exit(cli.Run(kubeproxy.NewProxyCommand()))
 	case "kubectl":
 		runKubectl()
 	case "version", "--version", "-version":
@@ -136,7 +141,7 @@ func exitWithParent() {
 
 func isCommand(name string) bool {
 	switch name {
-	case "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl":
+	case "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy", "kubectl":
 		return true
 	}
 	return false
