@@ -39,7 +39,7 @@ from vmfleet.api.constants import (
 )
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, tail_bytes
+from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit
 from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
@@ -297,7 +297,7 @@ class Commands:
             new = apply_attempt_report(tracked.spec, results[index], report, datetime.now(UTC))
             if new is None:
                 return False
-            results[index] = cut_entry(new, tail_bytes(
+            results[index] = cut_entry(new, status_limit(
                 len(results), tracked.spec.output.max_bytes, self.output_budget))
             event = report.event
             if event == Event.FINISHED:

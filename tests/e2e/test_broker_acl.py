@@ -20,7 +20,9 @@ from kombu import Connection
 from controller.dispatch import Dispatcher
 from tests.e2e.fleet import Namespace
 from vmfleet import tenancy
+from vmfleet.api.constants import TASK_EXECUTE
 from vmfleet.api.envelope import Envelope
+from vmfleet.api.signing import Signer, generate_private_key
 from vmfleet.dev.brokers import RedisServer
 from vmfleet.state import State, cancels_channel, claim_key, reports_key
 
@@ -47,9 +49,10 @@ def test_a_namespace_s_user_reaches_none_of_another_namespace_s_keys(
     queue = f"vmfleet.{b}.db"
     envelope = Envelope(namespace=b, name="c", uid="uid-b", vm="db", attempt=1, dispatch_time="",
                         spec={"command": "id"}, scope="s")
-    dispatcher = Dispatcher(redis_server.url)
+    dispatcher = Dispatcher(redis_server.url, Signer(generate_private_key(), 300))
     try:
-        dispatcher.send(envelope, queue)  # as the controller sends: under b's prefix
+        # As the controller sends: signed, under b's prefix.
+        dispatcher.send_task(TASK_EXECUTE, envelope.to_message(), queue, b)
     finally:
         dispatcher.close()
     queued = tenancy.key_prefix(b) + queue

@@ -226,7 +226,7 @@ def test_duplicate_deliveries_run_the_command_once(ns: Namespace, make_vm, redis
                             Signer(read_private_key(controller_dir / PRIVATE_KEY_FILE), 300))
     try:
         for _ in range(3):
-            dispatcher.send_task(TASK_EXECUTE, envelope.to_message(), f"vmfleet.{ns}.once")
+            dispatcher.send_task(TASK_EXECUTE, envelope.to_message(), f"vmfleet.{ns}.once", str(ns))
     finally:
         dispatcher.close()
     ns.wait("remotecommand/once", "Complete")

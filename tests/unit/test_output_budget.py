@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.fakes import command_object, controller_parts, vm_object
-from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, tail, tail_bytes
+from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit, tail, tail_bytes
 from vmfleet.api.reports import read_report
 from vmfleet.exec import FAN_OUT_OUTPUT_BUDGET, output_max_bytes
 
@@ -75,3 +75,13 @@ def test_the_controller_keeps_a_fan_outs_status_within_its_budget() -> None:
     assert all(e["outputTruncated"] is True for e in results)
     assert all(e["stdoutBytes"] == 256 * 1024 for e in results)  # the exact size is kept
     assert len(json.dumps(tracked.status, ensure_ascii=False).encode()) < 64 * 1024 + 50 * 600
+
+
+def test_a_tail_within_its_own_max_bytes_keeps_its_replacement_characters() -> None:
+    # 1,024 raw bytes kept by the worker, two of them undecodable: 1,028 bytes as text.
+    text = "a" * 1020 + "z\ufffd\ufffd\n"
+    limit = status_limit(1, 1024)
+    assert cut_entry({"stdout": text, "outputTruncated": False}, limit)["stdout"] == text
+    # Past its share of the budget the controller still cuts.
+    assert status_limit(50, 256 * 1024, 64 * 1024) == tail_bytes(50, 256 * 1024, 64 * 1024)
+    assert status_limit(1, 256 * 1024) == 512 * 1024  # 3 x 256 KiB capped at the share

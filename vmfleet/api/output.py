@@ -24,6 +24,18 @@ def tail_bytes(targets: int, max_bytes: int, budget: int = STATUS_OUTPUT_BUDGET)
     return max(0, min(max_bytes, share))
 
 
+def status_limit(targets: int, max_bytes: int, budget: int = STATUS_OUTPUT_BUDGET) -> int:
+    """What the controller cuts a reported tail to (``cut_entry``). The worker kept at most
+    ``tail_bytes`` raw bytes; as text that can be longer (an undecodable byte becomes a
+    3-byte replacement character), so where the tail already fits the command's own
+    ``maxBytes`` it is cut only past the VM's share of the budget."""
+    limit = tail_bytes(targets, max_bytes, budget)
+    if limit < max_bytes:
+        return limit
+    share = max(0, budget) // (2 * max(1, targets))
+    return max(limit, min(3 * limit, share))
+
+
 def tail(text: str, limit: int) -> str:
     """The last ``limit`` bytes of ``text`` as UTF-8 (a character cut in two is dropped)."""
     data = text.encode("utf-8", errors="replace")
@@ -45,4 +57,4 @@ def cut_entry(entry: dict[str, Any], limit: int) -> dict[str, Any]:
     return {**entry, **cut, "outputTruncated": True}
 
 
-__all__ = ["STATUS_OUTPUT_BUDGET", "cut_entry", "tail", "tail_bytes"]
+__all__ = ["STATUS_OUTPUT_BUDGET", "cut_entry", "status_limit", "tail", "tail_bytes"]
