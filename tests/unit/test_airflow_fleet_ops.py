@@ -177,3 +177,29 @@ def test_only_failed_after_a_full_success_runs_nothing(monkeypatch):
     created, result = _execute(op, monkeypatch, 3, done)
     assert created == []
     assert result["vm1"]["success"] is True
+
+
+def test_the_hook_creates_or_attaches_through_the_one_kube_layer():
+    from kubernetes.client.exceptions import ApiException
+
+    from vmfleet.airflow.hooks import VmfleetHook
+
+    class Kube:
+        def __init__(self, status: int) -> None:
+            self.status, self.stored = status, {"metadata": {"name": "c"}, "status": {}}
+
+        def create_command(self, namespace, body):
+            raise ApiException(status=self.status, reason="Conflict" if self.status == 409
+                               else "Forbidden")
+
+        def get_command(self, namespace, name):
+            return self.stored if (namespace, name) == ("ops", "c") else None
+
+    body = {"metadata": {"namespace": "ops", "name": "c"}, "spec": {}}
+    hook = VmfleetHook(kubernetes_conn_id=None)
+    hook.__dict__["kube"] = Kube(409)
+    assert hook.create_or_get_command(body) == (hook.kube.stored, False)
+    assert hook.get_command("gone", "ops") is None
+    hook.__dict__["kube"] = Kube(403)
+    with pytest.raises(AirflowException, match="Creating RemoteCommand ops/c failed: 403 Forbidden"):
+        hook.create_or_get_command(body)
