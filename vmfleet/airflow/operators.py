@@ -1,5 +1,12 @@
 """RemoteCommandOperator and RemoteFileTransferOperator: create a RemoteCommand, defer
-to RemoteCommandTrigger until it has finished, return its results to XCom."""
+to RemoteCommandTrigger until it has finished, return its results to XCom.
+
+Every synchronous API call goes through the operator's :attr:`~_RemoteCommandBase.hook`
+(a :class:`~vmfleet.airflow.hooks.VmfleetHook` built from the connection arguments, as
+``SSHOperator`` works through ``ssh_hook``): create-or-attach, the brief wait, the
+``only_failed`` look-up of earlier tries and the delete in ``on_kill``. What the operator
+adds is Airflow's: names from the task identity, the attach checks, results to XCom.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import timedelta
-from typing import Any, cast
+from functools import cached_property
+from typing import Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
@@ -17,7 +25,7 @@ from vmfleet.api import constants as c
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.rerun import ANNOTATION_RERUN_OF, LABEL_RERUN_OF, not_succeeded
 
-from .connection import KubeSettings
+from .hooks import VmfleetHook
 from .naming import ANNOTATION_SPEC_HASH, TaskIdentity, command_name, spec_hash
 from .results import failure_message, is_finished, results_of, retarget
 from .triggers import EVENT_DELETED, EVENT_FINISHED, RemoteCommandTrigger
@@ -100,9 +108,10 @@ class _RemoteCommandBase(BaseOperator):
         return results_of(status)
 
     # ------------------------------------------------------------------ shared
-    @property
-    def kube_settings(self) -> KubeSettings:
-        return KubeSettings(
+    @cached_property
+    def hook(self) -> VmfleetHook:
+        """The hook every API call of this task goes through (made at first use)."""
+        return VmfleetHook(
             kubernetes_conn_id=self.kubernetes_conn_id, config_file=self.config_file,
             cluster_context=self.cluster_context, in_cluster=self.in_cluster,
         )
@@ -126,13 +135,12 @@ class _RemoteCommandBase(BaseOperator):
                     self.log.info("%s %s:\n%s", vm, stream, result[stream].rstrip("\n"))
 
     def execute(self, context: Any) -> Any:
-        settings = self.kube_settings
-        namespace = settings.namespace(self.namespace)
+        namespace = self.hook.namespace(self.namespace)
         identity = _identity(context)
         name = command_name(identity)
         self._command_ref = (namespace, name)
         spec = self.validated_spec()
-        previous = self._previous_try(settings, namespace, identity)
+        previous = self._previous_try(namespace, identity)
         rerun_of: str | None = None
         if previous is not None:
             remaining = not_succeeded(previous.get("status"))
@@ -147,13 +155,13 @@ class _RemoteCommandBase(BaseOperator):
                 self.log.info("only_failed: running again on the %s VMs that did not succeed "
                               "in RemoteCommand %s/%s: %s", len(remaining), namespace, rerun_of,
                               ", ".join(remaining))
-        obj = self._create_or_attach(settings, namespace, name, identity, spec, rerun_of)
+        obj = self._create_or_attach(namespace, name, identity, spec, rerun_of)
         if not is_finished(obj) and self.deferrable and self.defer_after_seconds > 0:
-            obj = self._wait_briefly(settings, namespace, name, obj)
+            obj = self._wait_briefly(namespace, name, obj)
         if is_finished(obj):
             return self._finish_try(context, namespace, name, obj.get("status") or {})
         trigger = RemoteCommandTrigger(
-            name=name, namespace=namespace, **settings.to_kwargs(),
+            name=name, namespace=namespace, **self.hook.settings.to_kwargs(),
             watch_timeout_seconds=self.watch_timeout_seconds,
             not_before=time.time() + STALE_EVENT_GUARD_SECONDS if self.deferrable else None,
         )
@@ -162,38 +170,28 @@ class _RemoteCommandBase(BaseOperator):
             return self.execute_complete(context, event)
         self.defer(trigger=trigger, method_name="execute_complete", timeout=self.deferral_timeout())
 
-    def _previous_try(self, settings: KubeSettings, namespace: str,
-                      identity: TaskIdentity) -> dict[str, Any] | None:
+    def _previous_try(self, namespace: str, identity: TaskIdentity) -> dict[str, Any] | None:
         """``only_failed``: the finished RemoteCommand of the previous try (its name is
         derived from the task identity), or None (first try, or it is gone)."""
         if not self.only_failed or identity.try_number <= 1:
             return None
         name = command_name(replace(identity, try_number=identity.try_number - 1))
-        obj = self._get_command(settings, namespace, name)
+        obj = self.hook.get_command(name, namespace)
         if obj is None:
             self.log.info("only_failed: the previous try's RemoteCommand %s/%s is gone; "
                           "running on every target", namespace, name)
             return None
         return obj if is_finished(obj) else None
 
-    def _wait_briefly(self, settings: KubeSettings, namespace: str, name: str,
-                      obj: dict[str, Any]) -> dict[str, Any]:
+    def _wait_briefly(self, namespace: str, name: str, obj: dict[str, Any]) -> dict[str, Any]:
         """Up to ``defer_after_seconds`` in the worker: a short command needs no deferral."""
-        from kubernetes.client import CustomObjectsApi
-        from kubernetes.client.exceptions import ApiException
-
         deadline = time.monotonic() + self.defer_after_seconds
-        with settings.api_client() as api_client:
-            api = CustomObjectsApi(api_client)
-            while not is_finished(obj) and time.monotonic() < deadline:
-                time.sleep(min(_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
-                try:
-                    obj = cast(dict[str, Any], api.get_namespaced_custom_object(
-                        c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name))
-                except ApiException as exc:
-                    if exc.status == 404:
-                        return obj  # deleted: the trigger reports it
-                    raise
+        while not is_finished(obj) and time.monotonic() < deadline:
+            time.sleep(min(_POLL_SECONDS, max(deadline - time.monotonic(), 0)))
+            current = self.hook.get_command(name, namespace)
+            if current is None:
+                return obj  # deleted: the trigger reports it
+            obj = current
         return obj
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
@@ -217,8 +215,8 @@ class _RemoteCommandBase(BaseOperator):
         identity = _identity(context)
         earlier: dict[str, Any] = {}
         for number in range(identity.try_number - 1, 0, -1):
-            obj = self._get_command(self.kube_settings, namespace,
-                                    command_name(replace(identity, try_number=number)))
+            obj = self.hook.get_command(command_name(replace(identity, try_number=number)),
+                                        namespace)
             if obj is None:
                 break
             for vm, entry in results_of(obj.get("status")).items():
@@ -226,66 +224,26 @@ class _RemoteCommandBase(BaseOperator):
                     earlier.setdefault(vm, entry)
         return {vm: merged for vm, merged in sorted({**earlier, **result}.items())}
 
-    def _get_command(self, settings: KubeSettings, namespace: str, name: str) -> dict[str, Any] | None:
-        from kubernetes.client import CustomObjectsApi
-        from kubernetes.client.exceptions import ApiException
-
-        with settings.api_client() as api_client:
-            try:
-                return cast(dict[str, Any], CustomObjectsApi(api_client).get_namespaced_custom_object(
-                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name))
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
-                return None
-
     def on_kill(self) -> None:
         """Deleting the RemoteCommand cancels it (the controller stops the remote processes)."""
         if self._command_ref is None:
             return
-        from kubernetes.client import CustomObjectsApi
-        from kubernetes.client.exceptions import ApiException
-
         namespace, name = self._command_ref
-        try:
-            with self.kube_settings.api_client() as api_client:
-                CustomObjectsApi(api_client).delete_namespaced_custom_object(
-                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name
-                )
+        if self.hook.delete_command(name, namespace):
             self.log.info("Deleted RemoteCommand %s/%s (task killed)", namespace, name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
 
     def _create_or_attach(
-        self, settings: KubeSettings, namespace: str, name: str, identity: TaskIdentity,
+        self, namespace: str, name: str, identity: TaskIdentity,
         spec: dict[str, Any], rerun_of: str | None = None,
     ) -> dict[str, Any]:
-        from kubernetes.client import CustomObjectsApi
-        from kubernetes.client.exceptions import ApiException
-
         digest = spec_hash(spec)
         body = {"apiVersion": c.API_VERSION, "kind": c.COMMAND_KIND,
                 "metadata": _metadata(namespace, name, identity, digest, rerun_of), "spec": spec}
-        with settings.api_client() as api_client:
-            api = CustomObjectsApi(api_client)
-            try:
-                created = cast(dict[str, Any], api.create_namespaced_custom_object(
-                    c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, body
-                ))
-            except ApiException as exc:
-                if exc.status != 409:
-                    raise AirflowException(
-                        f"Creating RemoteCommand {namespace}/{name} failed: "
-                        f"{exc.status} {exc.reason}: {exc.body}"
-                    ) from exc
-            else:
-                self.log.info("Created RemoteCommand %s/%s (%s)", namespace, name,
-                              _describe_target(spec))
-                return created
-            existing = cast(dict[str, Any], api.get_namespaced_custom_object(
-                c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name
-            ))
+        existing, created = self.hook.create_or_get_command(body)
+        if created:
+            self.log.info("Created RemoteCommand %s/%s (%s)", namespace, name,
+                          _describe_target(spec))
+            return existing
         annotations = existing.get("metadata", {}).get("annotations") or {}
         if not identity.matches(annotations):
             raise AirflowException(
