@@ -295,7 +295,8 @@ def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
         assert "serviceAccountName" not in pod
         mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         secret = vm_manifests(vm, ns_name)[0]["metadata"]["name"]
-        assert mounts == {f"/var/run/secrets/vmfleet.io/ssh/{secret}"}
+        # Its VM's key, and the probe files' in-memory directory; nothing else.
+        assert mounts == {f"/var/run/secrets/vmfleet.io/ssh/{secret}", "/run/vmfleet"}
 
         # The worker as its Deployment would run it: the Secret's files mounted, no
         # kubeconfig, no token, no API server address.
@@ -318,6 +319,9 @@ def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
         env.update(KUBECONFIG=str(tmp_path / "no-such-kubeconfig"),
                    VMFLEET_BROKER_URL=redis_server.namespace_url(ns_name, password),
                    VMFLEET_NAMESPACE=by_name["VMFLEET_NAMESPACE"]["value"], HOME=str(tmp_path),
+                   # The controller's public key and what this worker serves, as set on the pod.
+                   VMFLEET_VERIFY_KEY=by_name["VMFLEET_VERIFY_KEY"]["value"],
+                   VMFLEET_SERVED_VMS=by_name["VMFLEET_SERVED_VMS"]["value"],
                    VMFLEET_CREDENTIALS_DIR=str(key_dir), VMFLEET_METRICS_PORT="0",
                    PYTHONUNBUFFERED="1")
         container = pod["containers"][0]
