@@ -350,7 +350,8 @@ def test_transfer_vm_to_vm_through_the_transfer_worker_pod(release: Release, vms
     assert spec["serviceAccountName"] == TRANSFER_SA
     secrets = sorted(v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v)
     assert secrets == sorted(f"{vm.name}-ssh" for vm in vms), secrets
-    assert all("secret" in v or "projected" in v for v in spec["volumes"])  # the token, the keys
+    # The token, the keys, and the probe files' in-memory directory.
+    assert all("secret" in v or "projected" in v or v.get("name") == "probes" for v in spec["volumes"])
     for name, labels in (("shared", {"vmfleet.io/transferable": "true"}), ("private", {})):
         release.kubectl.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {
             "name": f"inc-{name}", "namespace": release.ns.name, "labels": labels},
@@ -375,7 +376,9 @@ def test_worker_pod_force_deleted_mid_command_ends_truly_and_runs_once(
     path = f"/tmp/inc-lost-{uid()}"
     digits = f"{uuid.uuid4().int % 10**6:06d}"
     sleep = f"sleep 150.{digits}"  # a process line of this test only; outlives the test's waits
-    release.ns.run("lost", vm=vm.name, retries={"limit": 0},
+    # A forced deletion still sends SIGTERM: the worker reports a disruption, which is
+    # retried without counting unless the spec says countDisruptions (as here: once).
+    release.ns.run("lost", vm=vm.name, retries={"limit": 0, "countDisruptions": True},
                    command=f"echo run >> {path}; {sleep}; echo done >> {path}")
     wait_until(lambda: "run" in vm_file(vm, path), timeout=120, interval=0.3,
                what="the command to start on the VM")
