@@ -54,33 +54,7 @@ class Context:
         kube = Kube()
         url = conf.broker_url
         state = State(state_url(url), scope=controller_scope(conf.controller_id))
-        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        runtime_name = conf.worker_runtime or (
-            c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
-        runtime: Runtime
-        tenants: BrokerTenants | None = None
-        if runtime_name == c.RUNTIME_PROCESS:
-            tenants = BrokerTenants(state, url, conf.state_url, conf.broker_users)
-            runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret,
-                                     worker_urls=tenants.ensure)
-        elif runtime_name == c.RUNTIME_DEPLOYMENT:
-            runtime = DeploymentRuntime(
-                AppsV1Api(kube.api_client),
-                DeploymentSettings(
-                    image=conf.worker_image,
-                    broker_url=url,
-                    broker_secret_name=conf.broker_secret_name,
-                    broker_secret_key=conf.broker_secret_key,
-                    state_url=conf.state_url,
-                    **worker_pod_settings(conf),
-                ),
-                serve=state.serve,
-            )
-        else:
-            raise ValueError(
-                f"{RUNTIME_ENV}={runtime_name!r} is not a worker runtime: "
-                f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
-            )
+        runtime, tenants = worker_runtime(conf, kube, state)
         dispatcher = Dispatcher(url)
 
         def send_probe(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
@@ -124,6 +98,40 @@ class Context:
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
                    queue_depths=depths)
+
+
+def worker_runtime(conf: settings.Settings, kube: Kube,
+                   state: State) -> tuple[Runtime, BrokerTenants | None]:
+    """The worker runtime of the settings, and (``Process``) the namespaces' broker users."""
+    url = conf.broker_url
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    runtime_name = conf.worker_runtime or (
+        c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
+    runtime: Runtime
+    tenants: BrokerTenants | None = None
+    if runtime_name == c.RUNTIME_PROCESS:
+        tenants = BrokerTenants(state, url, conf.state_url, conf.broker_users)
+        runtime = ProcessRuntime(url, Path(conf.worker_log_dir), read_secret=kube.read_secret,
+                                 worker_urls=tenants.ensure)
+    elif runtime_name == c.RUNTIME_DEPLOYMENT:
+        runtime = DeploymentRuntime(
+            AppsV1Api(kube.api_client),
+            DeploymentSettings(
+                image=conf.worker_image,
+                broker_url=url,
+                broker_secret_name=conf.broker_secret_name,
+                broker_secret_key=conf.broker_secret_key,
+                state_url=conf.state_url,
+                **worker_pod_settings(conf),
+            ),
+            serve=state.serve,
+        )
+    else:
+        raise ValueError(
+            f"{RUNTIME_ENV}={runtime_name!r} is not a worker runtime: "
+            f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
+        )
+    return runtime, tenants
 
 
 def kopf_namespaces(argv: list[str] | None = None) -> tuple[str, ...]:
