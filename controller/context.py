@@ -8,9 +8,9 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions

@@ -56,7 +56,7 @@ class BrokerTenants:
         self._applied: dict[str, float] = {}  # namespace -> when its user was last applied
         self._save_failed = False
         if mode == DERIVED:
-            user, password = tenancy.url_credentials(state.url)
+            _user, password = tenancy.url_credentials(state.url)
             if not password:
                 raise ValueError(
                     f"VMFLEET_BROKER_USERS={DERIVED} needs a Redis URL with a user and password "
