@@ -5,7 +5,8 @@ Two ways, one per worker runtime:
 - ``Process`` runtime (one machine, ``vmfleet dev up``, the tests), ``VMFLEET_BROKER_USERS``
   ``Derived`` (the default): the controller creates a Redis ACL user per namespace
   (``ACL SETUSER vmfleet-ns-<ns>``, reaching only ``vmfleet.<ns>:*``) with a password
-  derived from its own (``vmfleet.tenancy.derive_password``), and hands the worker
+  derived from its own (``vmfleet.tenancy.derive_password``), saves them in the Redis' ACL
+  file (``ACL SAVE``: a restarted Redis knows them at once), and hands the worker
   processes of that namespace, and only them, URLs with those credentials. The users are
   applied again every few seconds, so a Redis that restarted without them has them back.
   ``Shared``: workers get the controller's own URLs (a Redis without ACLs; no fence).
@@ -53,8 +54,9 @@ class BrokerTenants:
         self.mode = mode
         self._lock = threading.Lock()
         self._applied: dict[str, float] = {}  # namespace -> when its user was last applied
+        self._save_failed = False
         if mode == DERIVED:
-            user, password = tenancy.url_credentials(state.url)
+            _user, password = tenancy.url_credentials(state.url)
             if not password:
                 raise ValueError(
                     f"VMFLEET_BROKER_USERS={DERIVED} needs a Redis URL with a user and password "
@@ -103,6 +105,7 @@ class BrokerTenants:
                 for namespace in namespaces:
                     self._applied.setdefault(namespace, float("-inf"))
             return
+        self._save()
         now = time.monotonic()
         with self._lock:
             for namespace in namespaces:
@@ -110,6 +113,18 @@ class BrokerTenants:
                     log.info("Created broker user %s for namespace %s",
                              tenancy.namespace_user(namespace), namespace)
                 self._applied[namespace] = now
+
+
+    def _save(self) -> None:
+        """``ACL SAVE``: a Redis with an ACL file keeps the users across a restart (without
+        one, the next refresh creates them again: workers reconnect meanwhile)."""
+        try:
+            self.state.client.execute_command("ACL", "SAVE")
+        except Exception as exc:  # noqa: BLE001 - no ACL file, or not allowed: refresh covers it
+            if not self._save_failed:
+                log.info("Could not save the broker users in Redis' ACL file (%s); they are "
+                         "created again after a Redis restart", exc)
+            self._save_failed = True
 
 
 def acl_setuser_args(secret: str, namespace: str) -> list[str]:

@@ -60,8 +60,9 @@ WORKER_COMMANDS: Final = (
 )
 #: The controller also reads ``INFO memory`` (``vmfleet_broker_memory_used_ratio``).
 CONTROLLER_COMMANDS: Final = (*WORKER_COMMANDS, "+info")
-#: ...and, when it creates the namespaces' users itself, ``ACL SETUSER``.
-PROVISION_COMMANDS: Final = ("+acl|setuser", "+acl|whoami")
+#: ...and, when it creates the namespaces' users itself, ``ACL SETUSER`` and ``ACL SAVE``
+#: (into the Redis' ACL file, when it has one: a restarted Redis knows them at once).
+PROVISION_COMMANDS: Final = ("+acl|setuser", "+acl|save", "+acl|whoami")
 
 _NAMESPACE_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 

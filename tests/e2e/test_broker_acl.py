@@ -98,9 +98,9 @@ def test_a_namespace_s_user_reaches_none_of_another_namespace_s_keys(
     assert allowed == []
 
     # Through kombu as a worker would consume, with b's key prefix: refused as well.
-    with Connection(tenant_url, transport_options=tenancy.transport_options(b)) as conn:
-        with pytest.raises(redis.exceptions.NoPermissionError):
-            conn.SimpleQueue(queue).get(block=True, timeout=2)
+    with (Connection(tenant_url, transport_options=tenancy.transport_options(b)) as conn,
+          pytest.raises(redis.exceptions.NoPermissionError)):
+        conn.SimpleQueue(queue).get(block=True, timeout=2)
     # With its own prefix, a's worker consuming b's queue name sees a queue of its own: empty.
     with Connection(tenant_url, transport_options=tenancy.transport_options(a)) as conn:
         simple = conn.SimpleQueue(queue)

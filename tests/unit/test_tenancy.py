@@ -123,6 +123,11 @@ class FakeState:
     def pipeline(self, transaction: bool = False) -> FakePipe:
         return FakePipe(self)
 
+    def execute_command(self, *args: Any) -> None:
+        if self.down:
+            raise ConnectionError("down")
+        self.saves = getattr(self, "saves", 0) + 1  # ACL SAVE
+
     def serve(self, namespace: str) -> None:
         self.served.append(namespace)
 
@@ -135,6 +140,7 @@ def test_the_controller_makes_each_namespace_s_user_and_hands_out_only_its_urls(
     assert urls.broker == f"redis://vmfleet-ns-team-a:{password}@r:6379/0" and urls.state is None
     assert state.applied == [("ACL", "SETUSER", *acl_setuser_args("s3cret", "team-a"))]
     assert state.served == ["team-a"]
+    assert state.saves == 1  # kept in the ACL file: a restarted Redis knows the user at once
     tenants.ensure("team-a")
     assert len(state.applied) == 1  # once, then by refresh
     tenants.refresh(every=0)

@@ -11,7 +11,8 @@ starting anything).
   controller's user (every ``vmfleet`` key, and ``ACL SETUSER`` for the namespaces'
   users), ``admin_url`` a user that may do anything (tests), ``anonymous_url`` no user at
   all (refused). Passwords are generated once per work directory (``redis.secrets``,
-  mode 0600). ``maxmemory`` with ``noeviction``: a full Redis refuses writes, it never
+  mode 0600); the users live in its ACL file (``users.acl``), where the controller saves
+  the namespaces' users it creates, so a restarted Redis knows them at once. ``maxmemory`` with ``noeviction``: a full Redis refuses writes, it never
   drops a queued message.
 * ``RabbitMQServer``: a standalone node with its own epmd (started by us on a free
   loopback port), Erlang cookie, mnesia and log directories in the work directory, no
@@ -189,15 +190,32 @@ class RedisServer:
             "databases 16",
             f"maxmemory {self.maxmemory}",
             "maxmemory-policy noeviction",
-            *self._acl_lines(),
+            *([f'aclfile "{self._write_acl_file()}"'] if self.acl else []),
             "",
         ]
         self.config_path.write_text("\n".join(lines))
         return self.config_path
 
+    @property
+    def acl_path(self) -> Path:
+        return self.workdir / "users.acl"
+
+    def _write_acl_file(self) -> Path:
+        """The ACL file: ours (default off, the controller, the admin), then the users the
+        controller created and saved (``ACL SAVE``), kept across restarts."""
+        ours = self._acl_lines()
+        names = {line.split()[1] for line in ours}
+        try:
+            saved = [line for line in self.acl_path.read_text().splitlines()
+                     if line.startswith("user ") and line.split()[1] not in names]
+        except OSError:
+            saved = []
+        fd = os.open(self.acl_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write("\n".join([*ours, *saved, ""]))
+        return self.acl_path
+
     def _acl_lines(self) -> list[str]:
-        if not self.acl:
-            return []
         passwords = self.passwords()
         return [
             "user default off",
