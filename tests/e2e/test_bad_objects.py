@@ -169,12 +169,13 @@ def test_a_controller_whose_start_failed_is_not_alive_and_a_started_one_is(
     ns = own_ns()
     port = free_port()
     url = f"http://127.0.0.1:{port}/healthz"
-    # A broker nobody listens on: the start-up cannot read what the workers reported.
-    broken = start_controller(controlplane.kubeconfig, "redis://127.0.0.1:9/0", tmp_path / "broken",
-                              [ns.name], extra_args=[f"--liveness={url}"])
+    # A setting it cannot use: the start-up handler fails (kopf tries it again and again).
+    broken = start_controller(controlplane.kubeconfig, redis_server.url, tmp_path / "broken",
+                              [ns.name], runtime="Nonsense", extra_args=[f"--liveness={url}"])
     try:
         wait_until(lambda: "Handler 'configure' failed" in broken.log_tail(200), timeout=90,
                    interval=1, what="the start-up to fail")
+        assert "VMFLEET_WORKER_RUNTIME='Nonsense'" in broken.log_tail(200)
         for _ in range(3):
             assert probe(url) != 200
         broken.check_running()  # kopf tries the start again; meanwhile it is not alive
