@@ -173,8 +173,9 @@ def test_a_controller_whose_start_failed_is_not_alive_and_a_started_one_is(
     broken = start_controller(controlplane.kubeconfig, redis_server.url, tmp_path / "broken",
                               [ns.name], runtime="Nonsense", extra_args=[f"--liveness={url}"])
     try:
-        wait_until(lambda: "Handler 'configure' failed" in broken.log_tail(200), timeout=90,
-                   interval=1, what="the start-up to fail")
+        # kopf: "Activity 'configure' failed with an exception and will try again in ...".
+        wait_until(lambda: "'configure' failed with an exception" in broken.log_tail(200),
+                   timeout=90, interval=1, what="the start-up to fail")
         assert "VMFLEET_WORKER_RUNTIME='Nonsense'" in broken.log_tail(200)
         for _ in range(3):
             assert probe(url) != 200
