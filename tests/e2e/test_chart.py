@@ -124,7 +124,7 @@ def test_helm_install_creates_every_object_and_rbac_is_least_privilege(
     try:
         helm("install", release, str(CHART), "--namespace", ns)
         manifest = [d for d in yaml.safe_load_all(helm("get", "manifest", release, "-n", ns).stdout) if d]
-        assert len(manifest) == 15  # no worker ServiceAccount, Role or RoleBinding
+        assert len(manifest) == 19  # no worker ServiceAccount, Role or RoleBinding
         for doc in manifest:
             kind, name = doc["kind"], doc["metadata"]["name"]
             args = ["get", kind, name, "-o", "name"]
