@@ -1,9 +1,11 @@
 """kopf handlers: watches only. No timer, no finalizer, no per-object handler state.
 
-At start the controller lists what it watches once (commands, VMs, worker Deployments),
-removes the finalizer older versions put on every object, cancels the commands deleted
-while no controller ran, and starts its loop (``controller.loop``). After that, watch
-events keep its caches current; everything else happens in the loop.
+At start the controller lists the VMs and worker Deployments it watches into its caches
+(``warm``). Once it leads (at once without leader election, else when it holds the Lease:
+``controller.leader``) it lists the commands, removes the finalizer older versions put on
+every object, cancels the commands deleted while no controller ran, and starts its loop
+(``lead``, ``controller.loop``). Watch events keep the caches current; a standby's only
+fill them. Everything else happens in the leader's loop.
 """
 
 from __future__ import annotations
@@ -45,12 +47,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     ctx.leadership.start(on_started=lambda: lead(ctx), on_lost=lambda: lost(ctx))
     metrics.start_controller_metrics(broker_url(), extra_queues=[c.TRANSFER_QUEUE])
     start_readiness(ctx)
-
-
-def start(ctx: Context) -> None:
-    """Warm caches and lead at once (one controller, no election)."""
-    warm(ctx)
-    lead(ctx)
 
 
 def warm(ctx: Context) -> None:
