@@ -1,9 +1,11 @@
 """kopf handlers: watches only. No timer, no finalizer, no per-object handler state.
 
-At start the controller lists what it watches once (commands, VMs, worker Deployments),
-removes the finalizer older versions put on every object, cancels the commands deleted
-while no controller ran, and starts its loop (``controller.loop``). After that, watch
-events keep its caches current; everything else happens in the loop.
+At start the controller lists the VMs and worker Deployments it watches into its caches
+(``warm``). Once it leads (at once without leader election, else when it holds the Lease:
+``controller.leader``) it lists the commands, removes the finalizer older versions put on
+every object, cancels the commands deleted while no controller ran, and starts its loop
+(``lead``, ``controller.loop``). Watch events keep the caches current; a standby's only
+fill them. Everything else happens in the leader's loop.
 """
 
 from __future__ import annotations

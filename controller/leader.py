@@ -145,7 +145,7 @@ class Elector:
         transitions = int(previous.get("leaseTransitions") or 0)
         return {
             "holderIdentity": self.identity,
-            "leaseDurationSeconds": int(round(self.timing.lease_duration)),
+            "leaseDurationSeconds": round(self.timing.lease_duration),
             "acquireTime": now if taking else previous.get("acquireTime") or now,
             "renewTime": now,
             "leaseTransitions": transitions + 1 if taking and previous else transitions,
@@ -168,7 +168,7 @@ class Elector:
         log.info("Became the leader (Lease %s, holder %s)", self.name, self.identity)
         try:
             on_started()
-        except Exception:  # noqa: BLE001 - a leader that cannot start must not hold the Lease
+        except Exception:
             log.exception("Could not start leading; giving the Lease up")
             self.release()
             on_stopped()
@@ -295,5 +295,12 @@ class KubeLeaseStore:
         return cast(dict[str, Any], json.loads(response.data))
 
 
-__all__ = ["Conflict", "Elector", "KubeLeaseStore", "LeaseStore", "Leadership", "Timing",
-           "micro_time"]
+__all__ = [
+    "Conflict",
+    "Elector",
+    "KubeLeaseStore",
+    "Leadership",
+    "LeaseStore",
+    "Timing",
+    "micro_time",
+]

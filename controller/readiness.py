@@ -49,7 +49,7 @@ def serve_readiness(port: int, check: Check, address: str = "0.0.0.0") -> Thread
     cached = CachedCheck(check)
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+        def do_GET(self) -> None:
             if self.path.split("?")[0] != "/readyz":
                 self.send_error(404)
                 return
@@ -61,7 +61,7 @@ def serve_readiness(port: int, check: Check, address: str = "0.0.0.0") -> Thread
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             return  # probes every few seconds: no access log
 
     server = ThreadingHTTPServer((address, port), Handler)

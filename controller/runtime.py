@@ -282,11 +282,6 @@ def worker_labels(group: WorkerGroup) -> dict[str, str]:
 
 SPEC_HASH_ANNOTATION = f"{c.GROUP}/spec-hash"
 PROBE_DIR_ENV = settings.env_of("probe_dir")
-#: A worker's resources when the RemoteVM sets none (it writes only probe files and logs).
-DEFAULT_WORKER_RESOURCES: dict[str, Any] = {
-    "requests": {"cpu": "50m", "memory": "128Mi", "ephemeral-storage": "64Mi"},
-    "limits": {"memory": "512Mi", "ephemeral-storage": "256Mi"},
-}
 
 
 def worker_env(namespace: str, settings: DeploymentSettings) -> list[dict[str, Any]]:
@@ -341,15 +336,9 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
             "capabilities": {"drop": ["ALL"]},
         },
     }
-    # Ready: the broker answers; alive: the worker's probe thread runs (not wedged).
-    container["readinessProbe"] = {"exec": {"command": list(workerprobes.READINESS_COMMAND)},
-                                   "periodSeconds": 5, "failureThreshold": 2}
-    container["livenessProbe"] = {"exec": {"command": list(workerprobes.LIVENESS_COMMAND)},
-                                  "initialDelaySeconds": 30, "periodSeconds": 30,
-                                  "timeoutSeconds": 5, "failureThreshold": 3}
     workers = group.workers
-    container["resources"] = (workers.resources.wire() if workers is not None and workers.resources
-                              else DEFAULT_WORKER_RESOURCES)
+    container.update(workerprobes.probes_and_resources(
+        workers.resources.wire() if workers is not None and workers.resources else None))
     account = settings.transfer_service_account if group.transfers else None
     template_spec: dict[str, Any] = {
         # SIGTERM starts Celery's warm shutdown: no new task, the running ones finish.

@@ -71,12 +71,17 @@ redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 
 return 'claimed'
 """
 
-# KEYS: heartbeats, cancel. ARGV: member. Returns 1 when the command was cancelled.
-# Adds the member when it is missing: a Redis that lost the set (restarted without its
-# data, a key deleted) learns again that the attempt is alive at its next beat.
+# KEYS: heartbeats, cancel, claim. ARGV: member. Returns 1 when the command was cancelled.
+# Renews the member; one that is missing is added back unless its claim says the attempt
+# was released (ended): a Redis that lost the set (restarted without its data, a key
+# deleted) learns again at the next beat which attempts are alive, and a beat racing the
+# release never brings an ended attempt back.
 _BEAT = """
 local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('GET', KEYS[3]) ~= 'released' then
+  redis.call('ZADD', KEYS[1], now, ARGV[1])
+end
 return redis.call('EXISTS', KEYS[2])
 """
 
@@ -183,13 +188,18 @@ class State:
     def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE, *,
                   namespace: str) -> bool:
         """Renew the attempt's heartbeat; True when its command was cancelled."""
-        return bool(self._beat(keys=[heartbeats_key(namespace, scope), cancel_key(namespace, uid)],
+        return bool(self._beat(keys=[heartbeats_key(namespace, scope), cancel_key(namespace, uid),
+                                     claim_key(namespace, uid, vm, attempt)],
                                args=[attempt_member(uid, vm, attempt)]))
 
     def release(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE, *,
                 namespace: str) -> None:
-        """The attempt ended (its result is reported): no more heartbeats expected."""
-        self.client.zrem(heartbeats_key(namespace, scope), attempt_member(uid, vm, attempt))
+        """The attempt ended (its result is reported): no more heartbeats expected. The
+        claim stays (a redelivery still finds it taken) and says ``released``."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(heartbeats_key(namespace, scope), attempt_member(uid, vm, attempt))
+        pipe.set(claim_key(namespace, uid, vm, attempt), "released", xx=True, keepttl=True)
+        pipe.execute()
 
     def report(self, body: dict[str, Any], scope: str = DEFAULT_SCOPE,
                namespace: str | None = None) -> str:

@@ -295,8 +295,11 @@ def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
         assert "serviceAccountName" not in pod
         mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
         secret = vm_manifests(vm, ns_name)[0]["metadata"]["name"]
-        # Its VM's key, and the probe files' in-memory directory; nothing else.
+        # Its VM's Secret, and the probe files' memory emptyDir: nothing else.
         assert mounts == {f"/var/run/secrets/vmfleet.io/ssh/{secret}", "/run/vmfleet"}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["probes"] == {"name": "probes",
+                                     "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
 
         # The worker as its Deployment would run it: the Secret's files mounted, no
         # kubeconfig, no token, no API server address.

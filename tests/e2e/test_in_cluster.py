@@ -450,40 +450,78 @@ def test_controller_pod_deleted_mid_fan_out_new_pod_finishes(release: Release, v
         assert runs == 1, f"{vm.name} ran the command {runs} times"
 
 
-def test_a_rollout_restart_of_workers_finishes_what_they_run(release: Release, make_vm: Any) -> None:
-    """A planned disruption loses nothing: commands longer than Kubernetes' default grace
-    (30 s) keep running in the stopping pod (Celery's warm shutdown within the RemoteVM's
-    terminationGracePeriodSeconds) while the new pod takes what comes next."""
-    vm = make_vm("drain")
-    release.ns.add_vms([vm], maxConcurrentCommands=4, workers={"replicas": 1})
-    deployment = f"vmfleet-worker-{vm.name}"
-    path = f"/tmp/inc-drain-{uid()}"
-    names = [f"drain{i}" for i in range(3)]
-    for name in names:
-        release.ns.run(name, vm=vm.name, command=f"sleep 36; echo {name} >> {path}")
-
+def restart_while_running(release: Release, vm: SshdVM, names: list[str]) -> dict[str, Any]:
+    """``kubectl rollout restart`` of the VM's workers once ``names`` all run; returns the
+    old pod and when it got its SIGTERM (its deletionTimestamp appeared)."""
     def running() -> bool:
         return all(results_of(release.ns.get("remotecommand", n)).get(vm.name, {}).get("phase")
                    == "Running" for n in names)
     wait_until(running, timeout=180, interval=0.5, what="the commands to run")
     (old,) = [p for p in release.worker_pods(vm.name) if p["status"].get("phase") == "Running"]
-    assert old["spec"]["terminationGracePeriodSeconds"] == 300
-    restarted = time.monotonic()
-    release.ns.k("rollout", "restart", f"deployment/{deployment}")
+    release.ns.k("rollout", "restart", f"deployment/vmfleet-worker-{vm.name}")
+
+    def terminating() -> bool:
+        pods = [p for p in release.worker_pods(vm.name)
+                if p["metadata"]["uid"] == old["metadata"]["uid"]]
+        return bool(pods and pods[0]["metadata"].get("deletionTimestamp"))
+    wait_until(terminating, timeout=120, interval=0.2, what="the old worker pod to be stopped")
+    return {"pod": old, "sigterm": time.monotonic()}
+
+
+def test_a_rollout_restart_of_workers_finishes_what_they_run(release: Release, make_vm: Any) -> None:
+    """A planned disruption loses nothing: commands that still need more than Kubernetes'
+    default grace (30 s) after SIGTERM keep running in the stopping pod (Celery's warm
+    shutdown within the RemoteVM's terminationGracePeriodSeconds, default 300) while the
+    new pod takes what comes next."""
+    vm = make_vm("drain")
+    release.ns.add_vms([vm], maxConcurrentCommands=4, workers={"replicas": 1})
+    path = f"/tmp/inc-drain-{uid()}"
+    names = [f"drain{i}" for i in range(3)]
+    for name in names:
+        release.ns.run(name, vm=vm.name, command=f"sleep 50; echo {name} >> {path}")
+    old = restart_while_running(release, vm, names)
+    assert old["pod"]["spec"]["terminationGracePeriodSeconds"] == 300
     release.ns.run("after", vm=vm.name, command=f"echo after >> {path}")  # for the new pod
     results = {name: results_of(release.finished(name, timeout=150))[vm.name]
                for name in [*names, "after"]}
-    drained = time.monotonic() - restarted
+    drained = time.monotonic() - old["sigterm"]
     lost = [n for n, r in results.items() if r.get("reason") == "WorkerLost" or r["attempt"] != 1]
     runs = vm_file(vm, path).split()
-    print(f"\nrollout restart with 3 commands of 36 s running: all ended {drained:.1f}s later; "
-          f"lost {len(lost)}, run twice {len(runs) - len(set(runs))}, retried "
-          f"{sum(1 for r in results.values() if r['attempt'] != 1)}")
+    print(f"\nrollout restart with 3 commands of 50 s running: the stopping pod ran them "
+          f"{drained:.1f}s past its SIGTERM; lost {len(lost)}, run twice "
+          f"{len(runs) - len(set(runs))}, retried {sum(1 for r in results.values() if r['attempt'] != 1)}")
     assert {n: r["phase"] for n, r in results.items()} == dict.fromkeys([*names, "after"], "Succeeded")
     assert lost == []
     assert sorted(runs) == sorted([*names, "after"])  # each once
-    assert drained >= 25, "the commands ended before the default grace (30 s) could cut them"
-    assert all(p["metadata"]["uid"] != old["metadata"]["uid"] for p in release.worker_pods(vm.name))
+    assert drained > 30, "the commands ended within the default grace: this shows nothing"
+    assert all(p["metadata"]["uid"] != old["pod"]["metadata"]["uid"]
+               for p in release.worker_pods(vm.name))
+
+
+def test_a_grace_too_short_ends_worker_lost_and_retries_without_counting(
+        release: Release, make_vm: Any) -> None:
+    """When the grace runs out first (10 s here), the attempts end WorkerLost naming the
+    disruption and run again although retries.limit is 0."""
+    vm = make_vm("short")
+    release.ns.add_vms([vm], maxConcurrentCommands=4,
+                       workers={"replicas": 1, "terminationGracePeriodSeconds": 10})
+    path = f"/tmp/inc-short-{uid()}"
+    names = [f"short{i}" for i in range(2)]
+    for name in names:  # attempt 1 sleeps past the grace; attempt 2 (a flag file) ends at once
+        release.ns.run(name, vm=vm.name, command=(
+            f"if [ -e {path}.{name} ]; then echo {name} >> {path}; "
+            f"else touch {path}.{name}; sleep 90; echo {name} >> {path}; fi"))
+    old = restart_while_running(release, vm, names)
+    results = {n: results_of(release.finished(n, timeout=180))[vm.name] for n in names}
+    print(f"\nrollout restart, grace 10 s, commands of 90 s: all Succeeded "
+          f"{time.monotonic() - old['sigterm']:.1f}s after the SIGTERM, "
+          f"{sum(r.get('disruptions', 0) for r in results.values())} attempts lost to the "
+          f"disruption and retried without counting (retries.limit 0)")
+    assert {n: (r["phase"], r["attempt"], r.get("disruptions")) for n, r in results.items()} == \
+        dict.fromkeys(names, ("Succeeded", 2, 1))
+    assert sorted(vm_file(vm, path).split()) == sorted(names)  # the first attempts never ended
+    log = release.kubectl("-n", release.ns.name, "logs", f"deployment/{CONTROLLER}").stdout
+    assert "lost during attempt 1; retrying" in log
 
 
 # ------------------------------------------------------------------------------- RBAC

@@ -90,7 +90,7 @@ def stop_workers(*dirs: Path) -> None:
 
 
 def test_the_standby_takes_over_when_the_leader_is_killed_or_stops(
-        controlplane, own_ns, make_vm, redis_server, shared_log, tmp_path):
+        controlplane, own_ns, make_vm, redis_server, shared_log, tmp_path):  # noqa: F811
     ns = own_ns()
     fleet = [make_vm(f"le{i}") for i in range(2)]
     vms = [vm.name for vm in fleet]

@@ -180,7 +180,7 @@ def test_heartbeats_go_stale_unless_renewed_and_end_with_the_attempt(
     assert worker.heartbeat(command, "vm1", 1, namespace=NS) is False  # renewed; not cancelled
     assert member not in state.stale_heartbeats(0.3)
     worker.release(command, "vm1", 1, namespace=NS)
-    # XX: a released attempt is not re-added
+    # A released attempt is not re-added.
     assert worker.heartbeat(command, "vm1", 1, namespace=NS) is False
     assert member not in state.stale_heartbeats(0)
     # The controller forgets a member it declared lost.
@@ -230,3 +230,7 @@ def test_a_heartbeat_set_lost_in_redis_is_refilled_by_live_attempts_only(state: 
     assert state.absent_heartbeats(members) == set(members)
     state.heartbeat(live, "vm1", 1)  # the live worker's next beat adds it back
     assert state.absent_heartbeats(members) == {attempt_member(dead, "vm1", 1)}
+    state.release(live, "vm1", 1)
+    assert state.claim(live, "vm1", 1, "w3") == TAKEN  # the claim still holds after release
+    state.heartbeat(live, "vm1", 1)  # a beat racing the release
+    assert state.absent_heartbeats([attempt_member(live, "vm1", 1)]) == {attempt_member(live, "vm1", 1)}

@@ -12,8 +12,9 @@ starting anything).
   users), ``admin_url`` a user that may do anything (tests), ``anonymous_url`` no user at
   all (refused). Passwords are generated once per work directory (``redis.secrets``,
   mode 0600); the users live in its ACL file (``users.acl``), where the controller saves
-  the namespaces' users it creates, so a restarted Redis knows them at once. ``maxmemory`` with ``noeviction``: a full Redis refuses writes, it never
-  drops a queued message.
+  the namespaces' users it creates, so a restarted Redis knows them at once.
+  ``maxmemory`` with ``noeviction``: a full Redis refuses writes, it never drops a queued
+  message.
 * ``RabbitMQServer``: a standalone node with its own epmd (started by us on a free
   loopback port), Erlang cookie, mnesia and log directories in the work directory, no
   plugins. Durable queues and persistent messages (Celery's defaults) survive
