@@ -68,10 +68,11 @@ def test_deployment_runtime_creates_an_owned_worker_deployment(
         assert args[args.index("--concurrency") + 1] == "3"
         assert args[args.index("--pool") + 1] == "threads"
         # Only its VM's Secret, at <mount>/<secret>; no Kubernetes token at all.
-        assert [v["secret"] for v in pod["volumes"]] == [{"secretName": "vm1-ssh",
-                                                         "defaultMode": 0o440}]
-        assert [(m["mountPath"], m["readOnly"]) for m in container["volumeMounts"]] == [
-            ("/var/run/secrets/vmfleet.io/ssh/vm1-ssh", True)]
+        # Only its VM's Secret (and the probe files' in-memory directory).
+        assert [v["secret"] for v in pod["volumes"] if "secret" in v] == [
+            {"secretName": "vm1-ssh", "defaultMode": 0o440}]
+        assert [(m["mountPath"], m.get("readOnly")) for m in container["volumeMounts"]] == [
+            ("/var/run/secrets/vmfleet.io/ssh/vm1-ssh", True), ("/run/vmfleet", None)]
         assert pod["automountServiceAccountToken"] is False
         wait_until(lambda: (ns.get("rvm", "vm1").get("status") or {}).get("workers"),
                    timeout=30, what="status.workers")
