@@ -97,6 +97,9 @@ def lead(ctx: Context) -> None:
     """The leader's start: the commands listed and taken over, then the loop (one odd
     object is recorded on itself, as in ``warm``)."""
     guard = ctx.recorder.guard
+    stop_predecessors = getattr(ctx.runtime, "stop_predecessors", None)
+    if stop_predecessors is not None:
+        stop_predecessors()  # Process runtime: the workers a killed leader left behind
     for obj in _list(ctx, c.VM_PLURAL):  # in the cache already (``warm`` and the watch)
         with guard(c.VM_KIND, obj, "drop the RemoteVM's old finalizer"):
             _drop_finalizer(ctx, c.VM_PLURAL, obj)

@@ -557,12 +557,12 @@ class ProcessRuntime:
         self._workers: dict[str, _LocalWorkers] = {}
         self._secrets: dict[str, tuple[str, list[str]]] = {}  # group -> (namespace, secrets)
         self._refreshed = 0.0
-        self.stop_predecessors()
 
     def stop_predecessors(self, grace: float = 15.0) -> list[int]:
         """Stop the workers an earlier controller left in ``log_dir`` (it was killed, so
         they outlived it): a worker of a VM deleted meanwhile would otherwise run for ever,
-        and one of a live VM would run beside the one started now. Their PID files are
+        and one of a live VM would run beside the one started now. Called when this
+        controller starts to lead (a standby must leave the leader's workers alone). Their PID files are
         read and removed here, at once, so new workers never share them; the stopping
         (warm: running tasks get ``grace`` seconds) goes on in a thread. Returns their PIDs."""
         left = []

@@ -144,7 +144,8 @@ def test_the_standby_takes_over_when_the_leader_is_killed_or_stops(
         written = time.monotonic() - stopped_at
         print(f"Leader stopped gracefully: Lease taken after {handed_over:.1f}s, first status "
               f"write by the new leader after {written:.1f}s")
-        assert handed_over <= 5
+        # 2.3-2.5 s measured on a quiet machine (README); a generous bound for a loaded one.
+        assert handed_over <= 15
         total += 2
         assert wait_all_finished(ns, total, timeout=120) == Counter({"Succeeded": total})
         assert_each_ran_once(shared_log, warm + running_now + ["n0", "n1", "g0", "g1"])

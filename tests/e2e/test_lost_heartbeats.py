@@ -14,6 +14,7 @@ import redis
 from tests.e2e.fleet import assert_no_tracebacks, start_controller
 from tests.e2e.test_faults import own_ns, shared_log  # noqa: F401 - fixtures
 from vmfleet.procs import stop_pid_file, wait_until
+from vmfleet.state import heartbeats_key
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +36,7 @@ def test_an_attempt_whose_heartbeat_set_is_gone_and_whose_worker_died_is_retried
         wait_until(lambda: (ns.get("remotecommand", "hb").get("status") or {}).get("phase")
                    == "Running", timeout=90, interval=0.2, what="attempt 1 running")
         client = redis.Redis.from_url(redis_server.url)
-        assert client.delete(f"vmfleet:heartbeats:{SCOPE}") == 1  # Redis lost the set
+        assert client.delete(heartbeats_key(str(ns), SCOPE)) == 1  # Redis lost the set
         client.close()
         for pid_file in (tmp_path / "workers").glob(f"{ns}.*.pgid"):
             try:  # the worker dies too: nobody beats for attempt 1 again

@@ -180,6 +180,8 @@ def test_a_new_process_runtime_stops_the_workers_an_earlier_controller_left(tmp_
     unrelated = subprocess.Popen(["sleep", "300"])
     try:
         runtime = ProcessRuntime("redis://b", logs)
+        assert (logs / "ns.vm1.0.pgid").exists()  # a standby leaves the leader's workers alone
+        assert runtime.stop_predecessors() == [left.pid]  # it stops them when it leads
         assert not (logs / "ns.vm1.0.pgid").exists()  # a new worker may take the name at once
         deadline = time.monotonic() + 10
         while left.running() and time.monotonic() < deadline:
