@@ -41,5 +41,17 @@ def _quiet_prefetch_failures(args: threading.ExceptHookArgs) -> None:
     _default_excepthook(args)
 
 
+class _TransportTracebacks(logging.Filter):
+    """paramiko's transport thread logs a failed connection as one line ("Exception
+    (client): ...") and then its traceback, a record per line, at ERROR. The attempt or
+    probe reports that error itself (TransportError), so the line stays and the
+    traceback goes: a worker's log holds no Traceback for a VM that reset a connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or record.getMessage().startswith("Exception")
+
+
+logging.getLogger("paramiko.transport").addFilter(_TransportTracebacks())
+
 _default_excepthook = threading.excepthook
 threading.excepthook = _quiet_prefetch_failures

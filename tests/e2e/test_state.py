@@ -20,6 +20,7 @@ from vmfleet.state import (
     Report,
     State,
     attempt_member,
+    heartbeats_key,
     reports_key,
 )
 
@@ -222,15 +223,16 @@ def test_controllers_sharing_one_redis_keep_their_reports_and_heartbeats_apart(
 
 def test_a_heartbeat_set_lost_in_redis_is_refilled_by_live_attempts_only(state: State) -> None:
     live, dead = uid(), uid()
-    assert state.claim(live, "vm1", 1, "w1") == CLAIMED
-    assert state.claim(dead, "vm1", 1, "w2") == CLAIMED
-    members = [attempt_member(live, "vm1", 1), attempt_member(dead, "vm1", 1)]
+    assert state.claim(live, "vm1", 1, "w1", namespace=NS) == CLAIMED
+    assert state.claim(dead, "vm1", 1, "w2", namespace=NS) == CLAIMED
+    members = [(NS, attempt_member(live, "vm1", 1)), (NS, attempt_member(dead, "vm1", 1))]
     assert state.absent_heartbeats(members) == set()
-    state.client.delete(f"vmfleet:heartbeats:{DEFAULT_SCOPE}")  # Redis lost the set
+    state.client.delete(heartbeats_key(NS, DEFAULT_SCOPE))  # Redis lost the set
     assert state.absent_heartbeats(members) == set(members)
-    state.heartbeat(live, "vm1", 1)  # the live worker's next beat adds it back
-    assert state.absent_heartbeats(members) == {attempt_member(dead, "vm1", 1)}
-    state.release(live, "vm1", 1)
-    assert state.claim(live, "vm1", 1, "w3") == TAKEN  # the claim still holds after release
-    state.heartbeat(live, "vm1", 1)  # a beat racing the release
-    assert state.absent_heartbeats([attempt_member(live, "vm1", 1)]) == {attempt_member(live, "vm1", 1)}
+    state.heartbeat(live, "vm1", 1, namespace=NS)  # the live worker's next beat adds it back
+    assert state.absent_heartbeats(members) == {(NS, attempt_member(dead, "vm1", 1))}
+    state.release(live, "vm1", 1, namespace=NS)
+    assert state.claim(live, "vm1", 1, "w3", namespace=NS) == TAKEN  # the claim holds after release
+    state.heartbeat(live, "vm1", 1, namespace=NS)  # a beat racing the release
+    assert state.absent_heartbeats([(NS, attempt_member(live, "vm1", 1))]) == {
+        (NS, attempt_member(live, "vm1", 1))}

@@ -35,3 +35,20 @@ def test_other_thread_exceptions_keep_their_traceback(caplog, monkeypatch):
 
 def test_the_hook_is_installed():
     assert threading.excepthook is worker_app._quiet_prefetch_failures
+
+
+def test_paramikos_transport_tracebacks_stay_out_of_the_workers_log(caplog) -> None:
+    """A VM resetting a connection: paramiko's one-line error stays, its traceback goes."""
+    import logging
+
+    import remote_tasks.app  # noqa: F401 - installs the filter
+
+    transport = logging.getLogger("paramiko.transport")
+    with caplog.at_level(logging.DEBUG, logger="paramiko.transport"):
+        transport.error("Exception (client): Error reading SSH protocol banner")
+        transport.error("Traceback (most recent call last):")
+        transport.error('  File "paramiko/transport.py", line 2227, in _check_banner')
+        transport.info("Connected (version 2.0, client OpenSSH_9.2p1)")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Exception (client): Error reading SSH protocol banner",
+        "Connected (version 2.0, client OpenSSH_9.2p1)"]
