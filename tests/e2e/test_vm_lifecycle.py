@@ -400,7 +400,9 @@ def test_queue_depth_through_kombu(broker, request):
     from vmfleet.celeryconf import celery_config
     from vmfleet.queues import QueueDepth
 
-    url = request.getfixturevalue(broker).url
+    server = request.getfixturevalue(broker)
+    # Redis: kombu's unprefixed keys need a user beyond the controller's (vmfleet* only).
+    url = getattr(server, "admin_url", server.url)
     queue = unique_namespace("vmfleet.e2e-depth")
     depth = QueueDepth(url)
     app = Celery("e2e-depth", set_as_current=False)
