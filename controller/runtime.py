@@ -41,7 +41,6 @@ from vmfleet.procs import (
     free_port,
     read_pid_file,
     stop_pid_file,
-    stop_recorded,
     write_pid_file,
 )
 
@@ -562,21 +561,29 @@ class ProcessRuntime:
         """Stop the workers an earlier controller left in ``log_dir`` (it was killed, so
         they outlived it): a worker of a VM deleted meanwhile would otherwise run for ever,
         and one of a live VM would run beside the one started now. Called when this
-        controller starts to lead (a standby must leave the leader's workers alone). Their PID files are
-        read and removed here, at once, so new workers never share them; the stopping
-        (warm: running tasks get ``grace`` seconds) goes on in a thread. Returns their PIDs."""
-        left = []
+        controller starts to lead (a standby must leave the leader's workers alone).
+
+        Each PID file is renamed at once (``<name>.orphan-<pid>.pgid``), so a new worker
+        never takes its name, and is removed only once its process is gone: if this
+        controller dies too before the stop ends, the next one, ``vmfleet dev down`` or a
+        test still find it. The stopping (warm: running tasks get ``grace`` seconds) goes
+        on in a thread. Returns the PIDs."""
+        left: list[tuple[int, Path]] = []
         for pid_file in sorted(self.log_dir.glob("*.pgid")):
             recorded = read_pid_file(pid_file)
-            pid_file.unlink(missing_ok=True)
-            if recorded is not None:
-                left.append(recorded)
+            if recorded is None:
+                pid_file.unlink(missing_ok=True)
+                continue
+            stem = pid_file.name.removesuffix(".pgid").split(".orphan-")[0]
+            orphan = pid_file.with_name(f"{stem}.orphan-{recorded[0]}.pgid")
+            pid_file.rename(orphan)
+            left.append((recorded[0], orphan))
         if not left:
             return []
         log.info("Stopping %d worker process(es) an earlier controller left: %s", len(left),
                  ", ".join(str(pid) for pid, _ in left))
-        for pid, start_time in left:
-            threading.Thread(target=stop_recorded, args=(pid, start_time, grace),
+        for pid, orphan in left:
+            threading.Thread(target=stop_pid_file, args=(orphan, grace),
                              name=f"vmfleet-stop-{pid}", daemon=True).start()
         return [pid for pid, _ in left]
 

@@ -183,10 +183,11 @@ def test_a_new_process_runtime_stops_the_workers_an_earlier_controller_left(tmp_
         assert (logs / "ns.vm1.0.pgid").exists()  # a standby leaves the leader's workers alone
         assert runtime.stop_predecessors() == [left.pid]  # it stops them when it leads
         assert not (logs / "ns.vm1.0.pgid").exists()  # a new worker may take the name at once
+        orphan = logs / f"ns.vm1.0.orphan-{left.pid}.pgid"  # found by dev down until it is gone
         deadline = time.monotonic() + 10
-        while left.running() and time.monotonic() < deadline:
+        while (left.running() or orphan.exists()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not left.running()
+        assert not left.running() and not orphan.exists()
         assert unrelated.poll() is None
         assert runtime.stop_predecessors() == []  # nothing left the second time
     finally:
