@@ -402,7 +402,7 @@ def test_the_bundled_broker_asks_who_is_there_and_each_namespace_has_its_own_use
     (redis,) = find(docs, "Deployment", "rel-vmfleet-broker")
     pod = redis["spec"]["template"]
     args = pod["spec"]["containers"][0]["args"]
-    assert args[args.index("--aclfile") + 1] == "/etc/redis/acl/users.acl"
+    assert args[args.index("--aclfile") + 1] == "/var/run/vmfleet.io/broker-acl/users.acl"
     assert args[args.index("--maxmemory") + 1] == "256mb"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     assert {"name": "acl", "secret": {"secretName": "rel-vmfleet-broker-acl",
