@@ -105,6 +105,16 @@ def _envelope(task: str, message: Any) -> Envelope:
     return Envelope.from_message(_open(task, message))
 
 
+def _refuse(envelope: Envelope, worker: str, refused: Refused) -> str:
+    """End a refused attempt ``Failed`` (``MessageRefused``) so it is not sent again, when
+    it is one of this worker's namespaces; another namespace's attempt is not this worker's
+    to report (its broker user cannot reach those keys): it is dropped, logged and counted
+    by the guard, and stays ``Queued`` for its own worker."""
+    if not guard().served.serves_namespace(envelope.namespace):
+        return "refused"
+    return executor().refuse(envelope, worker, refused)
+
+
 @app.task(name=TASK_EXECUTE, bind=True, acks_late=True)
 def execute_on_vm(self: Task, message: dict[str, Any]) -> str:
     worker = self.request.hostname or socket.gethostname()
@@ -115,7 +125,7 @@ def execute_on_vm(self: Task, message: dict[str, Any]) -> str:
     try:
         guard().check_envelope(TASK_EXECUTE, envelope)
     except Refused as refused:
-        return executor().refuse(envelope, worker, refused)
+        return _refuse(envelope, worker, refused)
     # One of the VM's maxConcurrentCommands slots, across all its worker replicas.
     limit = envelope.target.max_concurrent if envelope.target else None
     with vm_slot(broker_url(), envelope.namespace, envelope.vm, worker, limit):
@@ -174,7 +184,7 @@ def transfer_file(self: Task, message: dict[str, Any]) -> str:
     try:
         guard().check_envelope(TASK_TRANSFER, envelope)
     except Refused as refused:
-        return executor().refuse(envelope, worker, refused)
+        return _refuse(envelope, worker, refused)
     return transfers().execute(envelope, worker)
 
 

@@ -206,6 +206,20 @@ def _closed(sftp: paramiko.SFTPClient) -> bool:
     return channel is not None and channel.closed
 
 
+def close_file(fh: paramiko.SFTPFile, *, session_gone: bool = False) -> None:
+    """Close an SFTP file without raising (with no I/O when its session is gone). paramiko
+    marks a file closed only once its close succeeded; one left open is closed again by
+    its ``__del__`` at garbage collection, which fails on the dead session and prints an
+    ignored ``ValueError`` Traceback into the worker's log. So it is marked closed anyway."""
+    try:
+        if not session_gone:
+            fh.close()
+    except (OSError, paramiko.SSHException, EOFError, ValueError):
+        pass
+    finally:
+        fh._closed = True  # type: ignore[attr-defined]  # BufferedFile._closed, not in the stubs
+
+
 # --------------------------------------------------------------------------- SFTP pieces
 
 
@@ -629,8 +643,7 @@ class TransferExecutor:
             return h.hexdigest()
 
         def close() -> None:
-            if not _closed(sftp):
-                fh.close()
+            close_file(fh, session_gone=_closed(sftp))
             sftp.close()
 
         def abort() -> None:
@@ -798,10 +811,7 @@ class TransferExecutor:
         """Close and remove this attempt's temporary file, if any (over a fresh SFTP session
         when the watchdog closed the one it was written through)."""
         if dest.fh is not None:
-            try:
-                dest.fh.close()
-            except (OSError, paramiko.SSHException, EOFError):
-                pass
+            close_file(dest.fh)
             dest.fh = None
             dest.partial_removed = self._remove_temp(dest) or dest.partial_removed
         elif dest.sftp is not None:

@@ -169,6 +169,7 @@ def test_a_message_moved_to_another_namespaces_worker_is_refused(
                timeout=60, what="A's worker to refuse B's message")
     log = log_text(worker_log(controller_dir, ns, "mine"))
     assert "echo ran" not in log
+    assert "Traceback" not in log  # it does not even try to write B's keys
     assert not mine.host_path(marker).exists() and not theirs.host_path(marker).exists()
     (entry,) = other_ns.get("rcmd", "moved")["status"]["results"]
     assert entry["phase"] == "Queued", entry

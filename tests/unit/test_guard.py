@@ -107,8 +107,18 @@ def test_an_expired_message_is_dropped_without_a_report(worker: Recorder) -> Non
     assert refused(Refusal.EXPIRED) == before + 1
 
 
+def test_another_namespaces_message_is_dropped_without_a_claim_or_report(worker: Recorder) -> None:
+    """Team B's genuine message on this worker's queue: refused and counted, but not
+    reported (this worker's broker user reaches none of B's keys); B's attempt stays for
+    B's own worker."""
+    before = refused(Refusal.NOT_SERVED)
+    message = SIGNER.sign(TASK_EXECUTE, envelope(namespace="team-b").to_message())
+    assert run_task(tasks.execute_on_vm, message) == "refused"
+    assert worker.ran == [] and worker.state.claims == [] and worker.state.reports == []
+    assert refused(Refusal.NOT_SERVED) == before + 1
+
+
 @pytest.mark.parametrize("env, reason", [
-    (envelope(namespace="team-b"), Refusal.NOT_SERVED),  # another namespace's vm1
     (envelope(vm="vm2", secret="vm2-ssh"), Refusal.NOT_SERVED),
     (envelope(secret="db-admin-ssh"), Refusal.WRONG_SECRET),
 ])

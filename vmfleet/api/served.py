@@ -61,6 +61,11 @@ class Served:
                 return self.vms[key]
         return None
 
+    def serves_namespace(self, namespace: str) -> bool:
+        """Whether any VM of ``namespace`` is served: only then may this worker report on
+        that namespace's attempts (its broker user reaches no other namespace's keys)."""
+        return any(key == ANY or key.split("/", 1)[0] == namespace for key in self.vms)
+
     def check_vm(self, namespace: str, vm: str) -> None:
         if self.secret_of(namespace, vm) is None:
             raise Refused(Refusal.NOT_SERVED,
