@@ -579,6 +579,11 @@ class SshdVM:
             out = stdout.read()
             err = stderr.read()
             return stdout.channel.recv_exit_status(), out, err
+        except TimeoutError as exc:  # say what the VM's sshd saw
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-30:]) \
+                if self.log_path.exists() else "(no log)"
+            raise TimeoutError(f"{command!r} on {self.name} ({self.host}:{self.port}) did not end "
+                               f"within {timeout}s; the end of its sshd log:\n{tail}") from exc
         finally:
             client.close()
 
