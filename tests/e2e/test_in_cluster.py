@@ -285,6 +285,16 @@ def test_skeleton_flow_through_pods(release: Release, vms: list[SshdVM]) -> None
     pods = {p["metadata"]["name"] for p in release.pods(f"vmfleet.io/vm={vms[0].name}")}
     assert result["worker"].startswith(f"vmfleet-worker-{vms[0].name}-"), result["worker"]
     assert result["worker"] in pods, (result["worker"], pods)
+    # Its Event, created by the controller pod with the chart's RBAC (create only).
+    def attempt_events() -> list[dict[str, Any]]:
+        items = release.kubectl.get_json("-n", release.ns.name, "events", "--field-selector",
+                                         "involvedObject.name=hello")["items"]
+        return [e for e in items if e["reason"] == "AttemptSucceeded"]
+    wait_until(lambda: bool(attempt_events()), timeout=30, what="the attempt's Event")
+    (event,) = attempt_events()
+    record = json.loads(event["metadata"]["annotations"]["vmfleet.io/attempt"])
+    assert (record["worker"], record["exitCode"], record["vm"]) == (result["worker"], 0, vms[0].name)
+    assert event["reportingInstance"].startswith(f"{CONTROLLER}-"), event["reportingInstance"]
 
 
 def test_fan_out_with_max_parallel(release: Release, vms: list[SshdVM]) -> None:
