@@ -45,6 +45,7 @@ from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
 from . import rollout, schedule, templates
+from .audit import Pending, RunRecords, layout_of, record_of_entry, record_of_report
 from .dryrun import dry_run_status
 from .isolate import Recorder
 from .reports import apply_attempt_report
@@ -83,6 +84,9 @@ class Tracked:
     refusals: int = 0  # wanted statuses that failed validation (InternalError)
     lock: threading.RLock = field(default_factory=threading.RLock)
     template: dict[str, Any] | None = None  # status.template of a templateRef command
+    # Ended attempts whose records (Event, audit line) go out once the write carrying
+    # their end landed (``controller.audit``).
+    records: list[Pending] = field(default_factory=list)
 
     @property
     def ref(self) -> str:
@@ -155,6 +159,7 @@ class Commands:
         self._expiries: list[tuple[float, str, str, str]] = []  # (wall time, uid, ns, name)
         self._expiring: set[str] = set()
         self.changed = threading.Condition()
+        self.records: RunRecords | None = None  # the Events and audit lines of ended attempts
 
     # ------------------------------------------------------------------ the watch
 
@@ -207,6 +212,8 @@ class Commands:
             tracked = self._tracked.pop(uid, None)
             self._expiring.discard(uid)
             self._finished.pop(uid, None)
+        if self.records is not None:
+            self.records.gone(uid)
         if tracked is None:
             return []
         with tracked.lock:
@@ -288,15 +295,20 @@ class Commands:
             if report.event == Event.CLAIMED and report.uid:
                 # A claim for a command that no longer exists: make sure it stops.
                 self.state.cancel(report.uid, report.namespace)
-            return False
+            return self._record_again(report, report_id, None)
         with tracked.lock:
             results = tracked.status.get("results") or []
             index = next((i for i, e in enumerate(results) if e.get(F.VM) == report.vm), None)
             if index is None:
                 return False
-            new = apply_attempt_report(tracked.spec, results[index], report, datetime.now(UTC))
+            before = results[index]
+            new = apply_attempt_report(tracked.spec, before, report, datetime.now(UTC))
             if new is None:
+                if report.attempt <= int(before.get(F.ATTEMPT) or 1):
+                    return self._record_again(report, report_id, layout_of(tracked.written))
                 return False
+            if report.event == Event.FINISHED and self.records is not None:
+                tracked.records.append(Pending(record_of_report(report, before), [report_id]))
             results[index] = cut_entry(new, status_limit(
                 len(results), tracked.spec.output.max_bytes, self.output_budget))
             event = report.event
@@ -314,6 +326,17 @@ class Commands:
             self._refold(tracked)
             tracked.want(delay)
         self._notify()
+        return True
+
+    def _record_again(self, report: AttemptReport, report_id: str,
+                      layout: tuple[tuple[str, str, int], ...] | None) -> bool:
+        """An attempt's end read again (its write landed before a restart or a change of
+        leader, but maybe not its Event): recorded again, which writes its Event or finds
+        it written (``controller.audit``). True: the report is acknowledged by that."""
+        if report.event != Event.FINISHED or self.records is None:
+            return False
+        self.records.submit(report.uid, layout or None,
+                            [Pending(record_of_report(report, {}), [report_id])])
         return True
 
     # ------------------------------------------------------------------ scheduling
@@ -394,6 +417,9 @@ class Commands:
                 results[change.index].pop(key, None)
             if change.vm in lost and before.get("phase") == Phase.RUNNING:
                 after = results[change.index]
+                if self.records is not None:
+                    tracked.records.append(Pending(record_of_entry(
+                        tracked.namespace, tracked.name, tracked.uid, before, after, now_rfc3339())))
                 log.warning("RemoteCommand %s on %s: worker %s lost during attempt %s; %s",
                             tracked.ref, change.vm, before.get("worker", "?"),
                             before.get("attempt", 1),

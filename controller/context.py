@@ -24,6 +24,7 @@ from vmfleet.kube import ApiException, Kube, context_namespace
 from vmfleet.state import State, state_url
 
 from . import schedule
+from .audit import Layout, RunRecords, layout_of
 from .commands import Commands
 from .crons import Crons
 from .dispatch import Dispatcher
@@ -136,8 +137,10 @@ class Context:
                       counts=lambda: entry_counts(commands.tracked()))
         fleet_box.append(fleet)
         leadership = Leadership(elector(conf, kube, state.scope))
-        writer = Writer(kube, state, commands, gate=leadership.leading)
         consumer = os.environ.get("POD_NAME") or socket.gethostname()
+        commands.records = RunRecords(kube.core, state.ack, consumer,
+                                      lookup=lambda ns, name, uid: command_layout(kube, ns, name, uid))
+        writer = Writer(kube, state, commands, gate=leadership.leading)
         reader = ReportReader(state, commands, consumer, fleet.on_probe)
         crons = Crons(kube, commands, leading=leadership.leading)  # schedules only while leading
         ticks = [commands.tick, fleet.tick, crons.tick]
@@ -153,6 +156,15 @@ class Context:
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
                    crons=crons, leadership=leadership, recorder=recorder,
                    queue_depths=depths)
+
+
+def command_layout(kube: Kube, namespace: str, name: str, uid: str) -> Layout | None:
+    """A RemoteCommand's result entries as stored (None: it is gone, or another object
+    of that name): where a record read again after a restart belongs."""
+    obj = kube.get_command(namespace, name)
+    if obj is None or obj["metadata"].get("uid") != uid:
+        return None
+    return layout_of(obj.get("status"))
 
 
 def signer_of(conf: settings.Settings) -> Signer:

@@ -28,6 +28,7 @@ from vmfleet.api.times import now_rfc3339
 from vmfleet.kube import ApiException, Kube
 from vmfleet.state import State
 
+from .audit import Pending, RunRecords, layout_of
 from .commands import Commands, Tracked
 from .status import UnknownField, internal_error_status, status_patch
 
@@ -70,6 +71,7 @@ class Writer:
         with tracked.lock:
             desired = copy.deepcopy(tracked.status)
             acks = list(tracked.acks)
+            records = list(tracked.records)
             tracked.due = None
             try:
                 patch = status_patch(tracked.written, desired)
@@ -87,7 +89,7 @@ class Writer:
             except ApiException as exc:
                 if exc.status == 404:
                     self.commands.deleted({"metadata": {"uid": tracked.uid}})
-                    self.state.ack(acks)
+                    self.state.ack(self._recorded(tracked, None, records, acks))
                     return
                 tracked.failures += 1
                 delay = min(0.2 * 2 ** tracked.failures, 10.0)
@@ -109,7 +111,10 @@ class Writer:
             tracked.failures = 0
             tracked.written = desired
             tracked.acks = tracked.acks[len(acks):]
-            done = tracked.status == desired and tracked.finished and not tracked.acks
+            tracked.records = tracked.records[len(records):]
+            done = tracked.status == desired and tracked.finished and not tracked.acks \
+                and not tracked.records
+        acks = self._recorded(tracked, layout_of(desired), records, acks)
         try:
             self.state.ack(acks)
         except Exception as exc:  # noqa: BLE001 - redelivered later and applied as a no-op
@@ -118,6 +123,18 @@ class Writer:
             self.commands.forget(tracked)
             log.info("RemoteCommand %s %s (%s)", tracked.ref, desired.get("phase"),
                      desired.get("completions"))
+
+    def _recorded(self, tracked: Tracked, layout: tuple[tuple[str, str, int], ...] | None,
+                  records: list[Pending], acks: list[str]) -> list[str]:
+        """Hand the attempts whose end just landed to the run records (never waited on);
+        returns the reports to acknowledge now: not those, which are acknowledged once
+        their Event is written."""
+        runs: RunRecords | None = self.commands.records
+        if runs is None:
+            return acks
+        runs.submit(tracked.uid, layout, records)
+        held = {rid for pending in records for rid in pending.report_ids}
+        return [a for a in acks if a not in held]
 
     def refused(self, tracked: Tracked, exc: ValueError) -> None:
         """The wanted status failed validation (a bug): never treated as written. The
@@ -243,6 +260,7 @@ class Loop:
 
     def __init__(self, writer: Writer, reader: ReportReader, ticks: list[Callable[[], None]],
                  tick_seconds: float = 1.0, gate: Callable[[], bool] = lambda: True) -> None:
+        self.records = writer.commands.records  # the Events and audit lines of ended attempts
         self.writer = writer
         self.gate = gate
         self.reader = reader
@@ -252,8 +270,11 @@ class Loop:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        for name, target in (("vmfleet-reports", self._read), ("vmfleet-writer", self._write),
-                             ("vmfleet-loop", self._tick)):
+        threads = [("vmfleet-reports", self._read), ("vmfleet-writer", self._write),
+                   ("vmfleet-loop", self._tick)]
+        if self.records is not None:
+            threads.append(("vmfleet-records", self._record))
+        for name, target in threads:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self.threads.append(thread)
@@ -290,6 +311,10 @@ class Loop:
                 with changed:
                     changed.wait(min(wait, 0.5))
 
+    def _record(self) -> None:
+        assert self.records is not None
+        self.records.run(self.stop, self.gate)
+
     def _tick(self) -> None:
         while not self.stop.wait(self.tick_seconds):
             for tick in self.ticks:
@@ -314,6 +339,8 @@ class Loop:
         try:
             if self.gate():
                 self.writer.flush(now=float("inf"))  # what is still owed goes out before we stop
+                if self.records is not None:
+                    self.records.flush()  # and the Events of what it carried
         finally:
             self.writer.close()
 

@@ -58,6 +58,13 @@ SERVED_ENV = settings.env_of("served_vms")
 SIGNING_KEY_ENV = settings.env_of("signing_key_file")
 SLOTS_URL_ENV = settings.env_of("slots_url")
 NAMESPACE_ENV = settings.env_of("namespace")
+POD_NAME_ENV = settings.env_of("pod_name")
+
+
+def local_worker_name(group: WorkerGroup, index: int) -> str:
+    """The Process runtime's stand-in for a pod name: which worker process of which group
+    (its log is ``<namespace>.<vm|pool-…|transfers>.<index>.log``)."""
+    return f"local/{group.deployment}-{index}.{group.namespace}"
 
 
 def desired_replicas(workers: WorkersSpec | None) -> int:
@@ -311,7 +318,9 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
            {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
            {"name": VERIFY_KEY_ENV, "value": settings.verify_key},
            {"name": SERVED_ENV, "value": group.served.encode()},
-           {"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR}]
+           {"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR},
+           # The pod that runs an attempt is named in its result, Event and audit line.
+           {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
     # A transfer worker's VMs may name a Secret not created yet: it must not stop the
@@ -605,8 +614,9 @@ class ProcessRuntime:
         argv = worker_argv(",".join(group.queues), group.concurrency, node)
         return [self.python, "-m", *argv]
 
-    def _env(self, group: WorkerGroup, urls: WorkerURLs) -> dict[str, str]:
+    def _env(self, group: WorkerGroup, urls: WorkerURLs, index: int = 0) -> dict[str, str]:
         env = dict(os.environ)
+        env[POD_NAME_ENV] = local_worker_name(group, index)
         for name in (STATE_URL_ENV, SLOTS_URL_ENV):
             env.pop(name, None)  # the controller's own: never a worker's
         env[BROKER_URL_ENV] = urls.broker
@@ -684,7 +694,7 @@ class ProcessRuntime:
                     f"pool-{group.pool}" if group.pool else group.vms[0].name
                 log_path = self.log_dir / f"{group.namespace}.{who}.{index}.log"
                 proc = ManagedProcess(f"worker {group.key}#{index}", self._argv(group, index),
-                                      log_path, env=self._env(group, urls)).start()
+                                      log_path, env=self._env(group, urls, index)).start()
                 # Recorded so that `vmfleet dev down` can stop workers a killed controller left.
                 write_pid_file(proc, log_path.with_suffix(".pgid"))
                 log.info("Started worker process %s for %s (queues %s)", proc.pid, group.key,

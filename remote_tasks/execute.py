@@ -90,6 +90,9 @@ class Outcome:
                 stderr=err.text(),
                 stdout_bytes=out.total,
                 stderr_bytes=err.total,
+                stdout_sha256=out.sha256,
+                stderr_sha256=err.sha256,
+                host_key_fingerprint=self.result.host_key,
                 output_truncated=out.truncated or err.truncated,
             )
         return fields
@@ -212,6 +215,7 @@ class Attempt:
         self.cancelled = False
         self.control = AttemptControl()  # ends the running attempt from another thread
         self.claimed_at = 0.0
+        self.start_time: str | None = None  # when the claim report said it started
         self._next_heartbeat = time.monotonic() + _heartbeat_seconds()
 
     def _claim(self) -> bool:
@@ -239,7 +243,7 @@ class Attempt:
         False if it is not ours to run."""
         if not self._claim():
             return False
-        now = now_rfc3339()
+        now = self.start_time = now_rfc3339()
         self.report(Event.CLAIMED, ResultFields(
             phase=Phase.RUNNING, start_time=now, worker=self.worker, heartbeat_time=now,
             pgid=pgid, process_marker=nonce if pgid is not None else None))
@@ -274,6 +278,9 @@ class Attempt:
         if not started and fields.start_time is None:
             # Ended before it could start: no claim report carried a startTime.
             fields = fields.replace(start_time=fields.completion_time)
+        elif fields.start_time is None and self.start_time is not None:
+            # The outcome carries its start too: its record is whole without the claim.
+            fields = fields.replace(start_time=self.start_time)
         self.report(Event.FINISHED, fields)
         self.state.release(env.uid, env.vm, env.attempt, env.scope, namespace=env.namespace)
         return True

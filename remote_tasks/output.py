@@ -2,11 +2,14 @@
 
 The status keeps the tail of each stream (``output.maxBytes``) with exact byte counts; the
 worker's log gets every line, prefixed, so ``kubectl logs`` shows the full output.
-Non-UTF-8 bytes become replacement characters in the tail, never an exception.
+Non-UTF-8 bytes become replacement characters in the tail, never an exception. Each
+stream is hashed as it is read (SHA-256, incrementally: no copy of the whole output is
+kept), so the attempt's record names the exact output with ``total`` and ``sha256``.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 
@@ -16,6 +19,7 @@ class StreamTail:
     def __init__(self, max_bytes: int, on_line: Callable[[str], None] | None = None) -> None:
         self.max_bytes = max_bytes
         self.total = 0
+        self._hash = hashlib.sha256()
         self._tail = bytearray()
         self._partial = bytearray()
         self._on_line = on_line
@@ -24,6 +28,7 @@ class StreamTail:
         if not data:
             return
         self.total += len(data)
+        self._hash.update(data)
         self._tail += data
         if len(self._tail) > self.max_bytes:
             del self._tail[: len(self._tail) - self.max_bytes]
@@ -38,6 +43,11 @@ class StreamTail:
         if self._on_line is not None and self._partial:
             self._on_line(self._partial.decode("utf-8", errors="replace"))
             self._partial = bytearray()
+
+    @property
+    def sha256(self) -> str:
+        """SHA-256 (hex) of every byte fed so far."""
+        return self._hash.hexdigest()
 
     @property
     def truncated(self) -> bool:

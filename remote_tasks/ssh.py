@@ -257,6 +257,7 @@ class ExecResult:
     ended_by: str | None = None  # the reason the attempt was terminated, if it was
     signal: str | None = None  # the signal that ended the command (exit-signal), e.g. KILL
     become_failed: str | None = None  # sudo did not let the action run: why
+    host_key: str | None = None  # fingerprint of the key the VM showed (SHA256:...)
 
 
 class Connection:
@@ -418,6 +419,7 @@ class Connection:
             stderr=err,
             started=started,
             finished=time.time(),
+            host_key=fingerprint(self.server_key) if self.server_key is not None else None,
             pgid=session.pgid,
             ended_by=session.ended_by,
             signal=killed_by,

@@ -115,9 +115,15 @@ def _refuse(envelope: Envelope, worker: str, refused: Refused) -> str:
     return executor().refuse(envelope, worker, refused)
 
 
+def worker_name(hostname: str | None) -> str:
+    """Who runs an attempt, as its result, Event and audit line name it: the worker's pod
+    (``VMFLEET_POD_NAME``, from the downward API), else Celery's node name."""
+    return settings.current().pod_name or hostname or socket.gethostname()
+
+
 @app.task(name=TASK_EXECUTE, bind=True, acks_late=True)
 def execute_on_vm(self: Task, message: dict[str, Any]) -> str:
-    worker = self.request.hostname or socket.gethostname()
+    worker = worker_name(self.request.hostname)
     try:
         envelope = _envelope(TASK_EXECUTE, message)
     except Refused:
@@ -156,7 +162,7 @@ def health_checker() -> HealthChecker:
 @app.task(name=TASK_CHECK_VM, bind=True, acks_late=False, ignore_result=True)
 def check_vm_status(self: Task, message: dict[str, Any]) -> str:
     """Probe the VM (hard timeout) and report status.lastProbe, facts and hostKey."""
-    worker = self.request.hostname or socket.gethostname()
+    worker = worker_name(self.request.hostname)
     try:
         body = guard().open(message, TASK_CHECK_VM)
         namespace = str(body["namespace"])
@@ -176,7 +182,7 @@ def transfers() -> TransferExecutor:
 
 @app.task(name=TASK_TRANSFER, bind=True, acks_late=True)
 def transfer_file(self: Task, message: dict[str, Any]) -> str:
-    worker = self.request.hostname or socket.gethostname()
+    worker = worker_name(self.request.hostname)
     try:
         envelope = _envelope(TASK_TRANSFER, message)
     except Refused:

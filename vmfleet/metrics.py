@@ -132,6 +132,17 @@ STATUS_WRITE_ERRORS = Counter(
     "bug), by resource kind; a RemoteCommand then ends Failed, reason InternalError.",
     ["kind"],
 )
+RUN_EVENTS = Counter(
+    "vmfleet_run_events_total",
+    "Events recording the end of attempts (one per attempt, one per 50 on a fan-out over 50 "
+    "VMs), by result: Created; Exists (another controller, or this one before a restart, "
+    "wrote it: no second audit line); Failed (an API error, tried again); GaveUp (dropped "
+    "after the last try; the audit line is still logged).",
+    ["result"],
+)
+for _result in ("Created", "Exists", "Failed", "GaveUp"):
+    RUN_EVENTS.labels(_result)  # exported at 0 from the start
+
 REPORTS_DROPPED = Counter(
     "vmfleet_reports_dropped_total",
     "Worker reports the controller could not read and dropped, by reason (Version: "
@@ -158,6 +169,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "vmfleet_messages_refused_total",
     "vmfleet_status_write_errors_total",
     "vmfleet_reports_dropped_total",
+    "vmfleet_run_events_total",
 )
 
 

@@ -218,6 +218,11 @@ class Settings:
         "VMFLEET_PROBE_DIR", None, WORKER,
         "Where the worker keeps its readiness and liveness files for exec probes (set by the "
         "controller and the chart; unset: no probe files).")
+    pod_name: str | None = setting(
+        "VMFLEET_POD_NAME", None, WORKER,
+        "Set by the controller: the worker's pod (downward API), named as the worker that ran "
+        "an attempt in its result, Event and audit line.",
+        default_doc="unset: Celery's node name")
     namespace: str | None = setting(
         "VMFLEET_NAMESPACE", None, WORKER,
         "Set by the controller: the namespace a worker serves (its broker keys are under "

@@ -46,7 +46,7 @@ def test_a_command_per_vm_completes_with_real_output(ns: Namespace, vms, control
     assert result["stdoutBytes"] == len(expected_hostname.encode())
     assert result["outputTruncated"] is False
     assert result["host"] == vms[0].host
-    assert result["worker"].startswith("vmfleet-worker-vm1-0.")
+    assert result["worker"] == f"local/vmfleet-worker-vm1-0.{ns}"  # the Process runtime's "pod"
     times = [parse_rfc3339(result[k]) for k in ("dispatchTime", "startTime", "completionTime")]
     assert times == sorted(times)
 

@@ -281,7 +281,20 @@ def test_skeleton_flow_through_pods(release: Release, vms: list[SshdVM]) -> None
     result = results_of(obj)[vms[0].name]
     assert result["exitCode"] == 0
     assert "hello from" in result["stdout"]
-    assert result["worker"].startswith(f"vmfleet-worker-{vms[0].name}@"), result["worker"]
+    # The worker pod that ran it, by its name (the downward API), not Celery's node name.
+    pods = {p["metadata"]["name"] for p in release.pods(f"vmfleet.io/vm={vms[0].name}")}
+    assert result["worker"].startswith(f"vmfleet-worker-{vms[0].name}-"), result["worker"]
+    assert result["worker"] in pods, (result["worker"], pods)
+    # Its Event, created by the controller pod with the chart's RBAC (create only).
+    def attempt_events() -> list[dict[str, Any]]:
+        items = release.kubectl.get_json("-n", release.ns.name, "events", "--field-selector",
+                                         "involvedObject.name=hello")["items"]
+        return [e for e in items if e["reason"] == "AttemptSucceeded"]
+    wait_until(lambda: bool(attempt_events()), timeout=30, what="the attempt's Event")
+    (event,) = attempt_events()
+    record = json.loads(event["metadata"]["annotations"]["vmfleet.io/attempt"])
+    assert (record["worker"], record["exitCode"], record["vm"]) == (result["worker"], 0, vms[0].name)
+    assert event["reportingInstance"].startswith(f"{CONTROLLER}-"), event["reportingInstance"]
 
 
 def test_fan_out_with_max_parallel(release: Release, vms: list[SshdVM]) -> None:
@@ -343,9 +356,9 @@ def test_transfer_vm_to_vm_through_the_transfer_worker_pod(release: Release, vms
     _, copied, _ = dst.run(f"sha256sum /tmp/inc-dst-{tag} | cut -d' ' -f1")
     assert copied.strip() == digest.strip() != b""
     (result,) = obj["status"]["results"]
-    assert result["worker"].startswith(f"{TRANSFER_DEPLOYMENT}@"), result["worker"]
     (pod,) = [p for p in release.pods("vmfleet.io/transfers=true")
               if p["status"].get("phase") == "Running"]
+    assert result["worker"] == pod["metadata"]["name"], result["worker"]  # the pod, by name
     spec = pod["spec"]
     assert spec["serviceAccountName"] == TRANSFER_SA
     secrets = sorted(v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v)

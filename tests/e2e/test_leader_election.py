@@ -82,6 +82,13 @@ def readyz(port: int) -> tuple[int, str]:
         return 0, str(exc)
 
 
+def audit_lines_of(logs: list[Path]) -> list[dict[str, Any]]:
+    """The attempts' audit lines (``vmfleet.audit``) in these controllers' logs."""
+    return [json.loads(line) for log in logs if log.exists()
+            for line in log.read_text(errors="replace").splitlines()
+            if line.startswith('{"') and '"kind":"RemoteCommandAttempt"' in line]
+
+
 def stop_workers(*dirs: Path) -> None:
     """Worker processes outlive a killed controller (as worker pods do): stop them."""
     for directory in dirs:
@@ -149,6 +156,21 @@ def test_the_standby_takes_over_when_the_leader_is_killed_or_stops(
         total += 2
         assert wait_all_finished(ns, total, timeout=120) == Counter({"Succeeded": total})
         assert_each_ran_once(shared_log, warm + running_now + ["n0", "n1", "g0", "g1"])
+        # A record of each run, once across the changes of leader: one Event and one
+        # audit line per attempt, whichever controller wrote them.
+        names = warm + running_now + ["n0", "n1", "g0", "g1"]
+        logs = [dirs[name] / "controller.log" for name in ("a", "b", "c")]
+        wait_until(lambda: len(audit_lines_of(logs)) >= len(names), timeout=30,
+                   what="an audit line per command")
+        time.sleep(1.0)  # none comes twice
+        lines = audit_lines_of(logs)
+        assert Counter(line["name"] for line in lines) == Counter(names)
+        events = ns.kubectl.get_json("-n", str(ns), "events")["items"]
+        recorded = Counter(e["involvedObject"]["name"] for e in events
+                           if e["reason"] == "AttemptSucceeded")
+        assert recorded == Counter(names)
+        assert {line["event"] for line in lines} == {e["metadata"]["name"] for e in events
+                                                       if e["reason"] == "AttemptSucceeded"}
         for name in ("a", "b", "c"):
             assert_no_tracebacks(dirs[name] / "controller.log")
     finally:

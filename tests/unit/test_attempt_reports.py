@@ -117,10 +117,12 @@ def test_the_outcome_is_reported_and_the_heartbeat_released() -> None:
     assert a.finish(ResultFields.from_wire({"phase": "Succeeded", "reason": "Completed",
                                             "exitCode": 0, "completionTime": "t9",
                                             "message": None})) is True
-    finished = state.reports[-1]
+    claimed, finished = state.reports[-2:]
     assert finished["event"] == "finished"
+    # The outcome repeats the claim's start: a record of the attempt needs no other report.
     assert finished["fields"] == {"worker": "w1", "phase": "Succeeded", "reason": "Completed",
-                                  "exitCode": 0, "completionTime": "t9"}  # no nulls
+                                  "exitCode": 0, "completionTime": "t9",
+                                  "startTime": claimed["fields"]["startTime"]}  # no nulls
     assert state.claims == [("uid-1", "vm1", 2, "w1")]  # not claimed again
     assert state.released == [("uid-1", "vm1", 2)]
     assert state.scopes == {"release-a"}  # claim, reports and release: the sender's scope

@@ -70,7 +70,11 @@ def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
     # secret) and what this worker serves: its VM with its Secret.
     assert env == {"VMFLEET_BROKER_URL": None, "VMFLEET_NAMESPACE": "ops",
                    "VMFLEET_CREDENTIALS_DIR": MOUNT, "VMFLEET_VERIFY_KEY": SETTINGS.verify_key,
-                   "VMFLEET_SERVED_VMS": '{"ops/vm1":"vm1-ssh"}', "VMFLEET_PROBE_DIR": "/run/vmfleet"}
+                   "VMFLEET_SERVED_VMS": '{"ops/vm1":"vm1-ssh"}', "VMFLEET_PROBE_DIR": "/run/vmfleet",
+                   "VMFLEET_POD_NAME": None}
+    # The pod's own name, from the downward API: results, Events and audit lines name it.
+    assert {"name": "VMFLEET_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} \
+        in container["env"]
     # Ready (the broker answers) and alive (not wedged) are two probes, both without Python.
     assert container["readinessProbe"]["exec"]["command"] == ["test", "-e", "/run/vmfleet/ready"]
     assert container["livenessProbe"]["exec"]["command"][:2] == ["sh", "-c"]

@@ -28,7 +28,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 REPORT_MAJOR: Final = 1
-REPORT_MINOR: Final = 1
+REPORT_MINOR: Final = 2  # 1.2: stdoutSha256, stderrSha256, hostKeyFingerprint
 REPORT_VERSION: Final = f"{REPORT_MAJOR}.{REPORT_MINOR}"
 UNVERSIONED: Final = "1.0"  # reports of the release before versions
 
@@ -62,6 +62,9 @@ class F:
     STDERR: Final = "stderr"
     STDOUT_BYTES: Final = "stdoutBytes"
     STDERR_BYTES: Final = "stderrBytes"
+    STDOUT_SHA256: Final = "stdoutSha256"
+    STDERR_SHA256: Final = "stderrSha256"
+    HOST_KEY_FINGERPRINT: Final = "hostKeyFingerprint"
     OUTPUT_TRUNCATED: Final = "outputTruncated"
     DISPATCH_TIME: Final = "dispatchTime"
     START_TIME: Final = "startTime"
@@ -109,6 +112,9 @@ class ResultFields:
     stdout_bytes: int | None = None
     stderr_bytes: int | None = None
     output_truncated: bool | None = None
+    stdout_sha256: str | None = None  # of the whole stream the worker read (1.2)
+    stderr_sha256: str | None = None
+    host_key_fingerprint: str | None = None  # the key the VM showed for this attempt (1.2)
     transfer: dict[str, Any] | None = None  # TransferResult's wire fields
     disruption: str | None = None  # the worker is being stopped (a progress report)
 
@@ -133,7 +139,9 @@ WIRE_NAMES: Final = {
     "worker": F.WORKER, "heartbeat_time": F.HEARTBEAT_TIME, "pgid": F.PGID,
     "process_marker": F.PROCESS_MARKER, "host": F.HOST, "stdout": F.STDOUT, "stderr": F.STDERR,
     "stdout_bytes": F.STDOUT_BYTES, "stderr_bytes": F.STDERR_BYTES,
-    "output_truncated": F.OUTPUT_TRUNCATED, "transfer": F.TRANSFER, "disruption": F.DISRUPTION,
+    "output_truncated": F.OUTPUT_TRUNCATED, "stdout_sha256": F.STDOUT_SHA256,
+    "stderr_sha256": F.STDERR_SHA256, "host_key_fingerprint": F.HOST_KEY_FINGERPRINT,
+    "transfer": F.TRANSFER, "disruption": F.DISRUPTION,
 }
 
 
