@@ -40,6 +40,7 @@ from vmfleet.api.constants import (
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit
+from vmfleet.api.plan import plan_of
 from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
@@ -455,7 +456,7 @@ class Commands:
         envelope = Envelope(
             namespace=tracked.namespace, name=tracked.name, uid=tracked.uid, vm=vm,
             attempt=attempt, dispatch_time=now_rfc3339(), spec=tracked.spec.wire(),
-            target=self.target_of(obj), command_start=tracked.status.get(F.START_TIME),
+            plan=plan_of(tracked.spec), target=self.target_of(obj), command_start=tracked.status.get(F.START_TIME),
             lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
             scope=self.state.scope,
         )
