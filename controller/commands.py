@@ -37,11 +37,12 @@ from vmfleet.api.constants import (
     Phase,
     Reason,
 )
-from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339, terminate_body
+from vmfleet.api.envelope import Envelope, Target, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit
 from vmfleet.api.plan import plan_of
 from vmfleet.api.reports import AttemptReport, Event, F
+from vmfleet.api.times import now_rfc3339, parse_rfc3339
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 

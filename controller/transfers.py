@@ -16,10 +16,11 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from vmfleet.api.constants import TASK_TRANSFER, Phase, Reason, transfer_queue
-from vmfleet.api.envelope import Envelope, now_rfc3339
+from vmfleet.api.envelope import Envelope
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.plan import plan_of
 from vmfleet.api.reports import F
+from vmfleet.api.times import now_rfc3339
 
 from .targets import initial_results
 

@@ -204,7 +204,7 @@ def result_of(obj: dict) -> dict:
 
 
 def _t(stamp: str) -> float:
-    from vmfleet.api.envelope import parse_rfc3339
+    from vmfleet.api.times import parse_rfc3339
 
     return parse_rfc3339(stamp).timestamp()
 
