@@ -163,7 +163,8 @@ def _worker_python(code: str, envelope: Envelope) -> subprocess.CompletedProcess
 
 def test_a_command_worker_imports_no_pydantic() -> None:
     """What ``celery -A remote_tasks worker`` imports, then a command message read and its
-    command line built, then a health probe's facts: pydantic is never loaded."""
+    command line built, then a health probe's facts: pydantic is never loaded, nor the
+    kubernetes client."""
     code = """
 import json, sys
 import remote_tasks  # what `celery -A remote_tasks worker` imports: the app and every task
@@ -174,7 +175,8 @@ from vmfleet.api.envelope import Envelope
 envelope = Envelope.from_message(json.loads(sys.argv[1]))
 build_invocation(envelope.work(), "abc123")
 parse_probe("@@vmfleet-probe:hostname@@\\nvm1\\n@@vmfleet-probe:end@@\\n").facts.wire()
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("pydantic", "pydantic_core")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("pydantic", "pydantic_core",
+                                                            "kubernetes")
                 or m == "vmfleet.api.models")
 print(json.dumps(loaded))
 """

@@ -210,7 +210,9 @@ def _int(value: Any) -> int | None:
     return int(value) if value is not None else None
 
 
-def _source_of(source: TransferSource) -> Source:
+def source_of(source: TransferSource) -> Source:
+    """The plan's form of a spec's ``transfer.from``."""
+
     def ref(selector: Any) -> KeyRef | None:
         return KeyRef(selector.name, selector.key) if selector is not None else None
 
@@ -224,7 +226,7 @@ def plan_of(spec: RemoteCommandSpec) -> Plan:
     transfer = None
     if spec.transfer is not None:
         t = spec.transfer
-        transfer = Transfer(source=_source_of(t.from_),
+        transfer = Transfer(source=source_of(t.from_),
                             to=tuple(Location(loc.vm, loc.path) for loc in t.to),
                             mode=t.mode, create_dirs=t.create_dirs, overwrite=t.overwrite,
                             verify=t.verify)
@@ -257,4 +259,4 @@ def plan_from_spec_wire(spec: Mapping[str, Any]) -> Plan:
 
 
 __all__ = ["DEFAULT_OUTPUT_MAX_BYTES", "InvalidPlan", "KeyRef", "Location", "Plan", "Source",
-           "Transfer", "plan_from_spec_wire", "plan_of"]
+           "Transfer", "plan_from_spec_wire", "plan_of", "source_of"]
