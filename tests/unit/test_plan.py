@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from controller.commands import Tracked
 from controller.transfers import send_transfer
 from vmfleet.api.constants import TASK_EXECUTE
 from vmfleet.api.envelope import Envelope, Target
@@ -138,10 +139,11 @@ def test_the_controller_sends_the_plan_and_the_spec_for_the_previous_release() -
         def wake_transfers(self, namespace: str) -> None:
             pass
 
-    tracked = type("T", (), {"spec": s, "namespace": "ns", "name": "copy", "uid": "u",
-                             "ref": "ns/copy", "status": {}})()
+    tracked = Tracked("ns", "copy", "u", s, {}, None)
     send_transfer(Commands(), tracked, {"vm": "vm2"}, 1)  # type: ignore[arg-type]
-    (message,) = sent
+    send_transfer(Commands(), tracked, {"vm": "vm3"}, 1)  # type: ignore[arg-type]
+    assert tracked.plan is tracked.plan  # made once per command, not per dispatch
+    message = sent[0]
     assert message["spec"] == s.wire()
     assert Plan.from_message(message["plan"]) == plan_of(s)
 
