@@ -18,6 +18,7 @@ it at start (``vmfleet.state`` keeps the set of live commands).
 from __future__ import annotations
 
 import copy
+import functools
 import heapq
 import logging
 import threading
@@ -37,10 +38,12 @@ from vmfleet.api.constants import (
     Phase,
     Reason,
 )
-from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339, terminate_body
+from vmfleet.api.envelope import Envelope, Target, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit
+from vmfleet.api.plan import Plan, plan_of
 from vmfleet.api.reports import AttemptReport, Event, F
+from vmfleet.api.times import now_rfc3339, parse_rfc3339
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
@@ -95,6 +98,16 @@ class Tracked:
     @property
     def finished(self) -> bool:
         return self.status.get("phase") in Phase.TERMINAL
+
+    @functools.cached_property
+    def plan(self) -> Plan:
+        """What a worker runs (the spec is immutable: made once, sent with every dispatch)."""
+        return plan_of(self.spec)
+
+    @functools.cached_property
+    def spec_wire(self) -> dict[str, Any]:
+        """The spec as the previous release's workers read it (sent beside the plan)."""
+        return self.spec.wire()
 
     def want(self, delay: float, now: float | None = None) -> None:
         at = (time.monotonic() if now is None else now) + delay
@@ -480,8 +493,8 @@ class Commands:
             return
         envelope = Envelope(
             namespace=tracked.namespace, name=tracked.name, uid=tracked.uid, vm=vm,
-            attempt=attempt, dispatch_time=now_rfc3339(), spec=tracked.spec.wire(),
-            target=self.target_of(obj), command_start=tracked.status.get(F.START_TIME),
+            attempt=attempt, dispatch_time=now_rfc3339(), spec=tracked.spec_wire,
+            plan=tracked.plan, target=self.target_of(obj), command_start=tracked.status.get(F.START_TIME),
             lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
             scope=self.state.scope,
         )

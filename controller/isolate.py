@@ -18,7 +18,7 @@ from typing import Any, Protocol, cast
 
 from vmfleet import metrics
 from vmfleet.api import constants as c
-from vmfleet.api.envelope import now_rfc3339
+from vmfleet.api.times import now_rfc3339
 
 log = logging.getLogger("controller")
 

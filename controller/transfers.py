@@ -16,9 +16,10 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from vmfleet.api.constants import TASK_TRANSFER, Phase, Reason, transfer_queue
-from vmfleet.api.envelope import Envelope, now_rfc3339
+from vmfleet.api.envelope import Envelope
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.reports import F
+from vmfleet.api.times import now_rfc3339
 
 from .targets import initial_results
 
@@ -64,7 +65,7 @@ def send_transfer(commands: Commands, tracked: Tracked, entry: dict[str, Any], a
             targets[name] = commands.target_of(obj)
     envelope = Envelope(namespace=tracked.namespace, name=tracked.name, uid=tracked.uid,
                         vm=entry["vm"], attempt=attempt, dispatch_time=now_rfc3339(),
-                        spec=spec.wire(), target=targets.get(entry["vm"]),
+                        spec=tracked.spec_wire, plan=tracked.plan, target=targets.get(entry["vm"]),
                         command_start=tracked.status.get(F.START_TIME), targets=targets,
                         scope=commands.state.scope,
                         protected_secrets=tuple(commands.protected_secrets(tracked.namespace)))

@@ -32,9 +32,10 @@ from pydantic import ValidationError
 from vmfleet import metrics
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason
-from vmfleet.api.envelope import Target, now_rfc3339
+from vmfleet.api.envelope import Target
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.api.reports import ProbeReport
+from vmfleet.api.times import now_rfc3339
 from vmfleet.fold import set_condition
 from vmfleet.kube import ApiException, Kube
 from vmfleet.tenancy import queue_key

@@ -1,9 +1,10 @@
 """Run one attempt of a RemoteCommand on one VM and report what happened.
 
-Plain code behind the Celery task. The worker holds no Kubernetes client: the envelope
-says how to reach the VM, the key comes from the VM's mounted credentials Secret, the
-claim is taken in Redis (``vmfleet.state``), and the claim, heartbeats and the outcome
-are reported to the controller, which alone writes the RemoteCommand's status.
+Plain code behind the Celery task. The worker holds no Kubernetes client and no API
+models: the envelope carries what to run (its ``Plan``) and how to reach the VM, the key
+comes from the VM's mounted credentials Secret, and the attempt protocol (``.attempt``:
+the claim in Redis, heartbeats, reports to the controller, which alone writes the
+RemoteCommand's status) is the one transfers use too.
 """
 
 from __future__ import annotations
@@ -12,28 +13,27 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import paramiko
-from pydantic import ValidationError
 
 from vmfleet import metrics, settings
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason
-from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
-from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.api.reports import AttemptReport, Event, ResultFields
+from vmfleet.api.envelope import Envelope, Target
+from vmfleet.api.plan import InvalidPlan, Plan
+from vmfleet.api.reports import ResultFields
 from vmfleet.api.signing import Refused
-from vmfleet.state import CANCELLED, CLAIMED, State
+from vmfleet.api.times import now_rfc3339
+from vmfleet.state import State
 
+from .attempt import Attempt, AttemptDeadlines, Cancels, attempt_deadlines, attempt_report
 from .become import Become, PasswordInvalid, become_for, read_become_password, refusal
 from .shell import InvalidCommand, build_invocation
 from .signals import signal_outcome
 from .ssh import (
-    AttemptControl,
     ConnectionPool,
     CredentialsInvalid,
     Deadline,
@@ -47,11 +47,6 @@ from .ssh import (
 
 log = logging.getLogger("remote_tasks")
 output_log = logging.getLogger("remote_tasks.output")
-
-
-
-def _heartbeat_seconds() -> float:
-    return settings.current().heartbeat_seconds
 
 
 def _kill_grace() -> float:
@@ -98,7 +93,7 @@ class Outcome:
         return fields
 
 
-def judge(result: ExecResult, success_exit_codes: list[int]) -> Outcome:
+def judge(result: ExecResult, success_exit_codes: Sequence[int]) -> Outcome:
     """Succeeded or Failed, from the exit code and the spec's successExitCodes."""
     if result.exit_code is None and result.signal is not None:
         return Outcome(Phase.FAILED, Reason.SIGNALED, f"killed by signal {result.signal}", None,
@@ -113,177 +108,6 @@ def judge(result: ExecResult, success_exit_codes: list[int]) -> Outcome:
     return Outcome(
         Phase.FAILED, Reason.EXIT_CODE, f"exit code {result.exit_code}", result.exit_code, result
     )
-
-
-@dataclass(frozen=True)
-class AttemptDeadlines:
-    attempt: Deadline | None
-    overall: Deadline | None
-
-
-def attempt_deadlines(spec: RemoteCommandSpec, command_start: str | None) -> AttemptDeadlines:
-    """timeoutSeconds from now, and activeDeadlineSeconds from the command's startTime."""
-    now = time.monotonic()
-    per_attempt = (
-        Deadline(now + spec.timeout_seconds, Reason.TIMEOUT) if spec.timeout_seconds else None
-    )
-    overall = None
-    if spec.active_deadline_seconds and command_start:
-        started = parse_rfc3339(command_start).timestamp()
-        remaining = started + spec.active_deadline_seconds - time.time()
-        overall = Deadline(now + remaining, Reason.DEADLINE_EXCEEDED)
-    return AttemptDeadlines(per_attempt, overall)
-
-
-def attempt_report(envelope: Envelope, worker: str, event: Event, fields: ResultFields,
-                   vm: str | None = None, attempt: int | None = None) -> AttemptReport:
-    """A report about one result entry (``vm``: a transfer's destination)."""
-    return AttemptReport(
-        event=event, namespace=envelope.namespace, name=envelope.name, uid=envelope.uid,
-        vm=vm or envelope.vm, attempt=envelope.attempt if attempt is None else attempt,
-        worker=worker, time=now_rfc3339(), fields=fields)
-
-
-class Cancels:
-    """The attempts this process runs, by command uid: a published cancel marks them at
-    once (their next tick, within half a second, ends them)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._running: dict[str, set[Attempt]] = {}
-
-    @contextmanager
-    def running(self, attempt: Attempt) -> Iterator[None]:
-        uid = attempt.envelope.uid
-        with self._lock:
-            self._running.setdefault(uid, set()).add(attempt)
-        try:
-            yield
-        finally:
-            with self._lock:
-                attempts = self._running.get(uid)
-                if attempts is not None:
-                    attempts.discard(attempt)
-                    if not attempts:
-                        del self._running[uid]
-
-    def attempts(self) -> list[Attempt]:
-        """Every attempt this process runs now."""
-        with self._lock:
-            return [a for attempts in self._running.values() for a in attempts]
-
-    def draining(self, why: str) -> int:
-        """This worker is being stopped (SIGTERM: a drain, a rollout) and finishes what it
-        runs: each running attempt reports it (``disruption``), so that an attempt the
-        grace period cannot cover ends WorkerLost naming the disruption, retried without
-        counting against retries.limit. Returns how many were told."""
-        told = 0
-        for attempt in self.attempts():
-            if not attempt.claimed:
-                continue
-            try:
-                attempt.report(Event.PROGRESS, ResultFields(disruption=why))
-                told += 1
-            except Exception as exc:  # noqa: BLE001 - Redis away: a plain WorkerLost then
-                log.warning("Could not report the disruption of %s on %s: %s",
-                            attempt.envelope.ref, attempt.envelope.vm, exc)
-        return told
-
-    def cancel(self, uid: str) -> None:
-        with self._lock:
-            attempts = list(self._running.get(uid, ()))
-        for attempt in attempts:
-            attempt.cancelled = True
-            # The kill goes out now, from a thread of its own (TERM, grace, KILL), while the
-            # attempt's thread still reads the command's channel.
-            threading.Thread(target=attempt.control.terminate, args=(Reason.CANCELLED,),
-                             name="vmfleet-cancel", daemon=True).start()
-        if attempts:
-            log.info("Cancelling RemoteCommand %s on %s: it was deleted",
-                     attempts[0].envelope.ref, ", ".join(a.envelope.vm for a in attempts))
-
-
-class Attempt:
-    """One delivery's attempt: it claims in Redis, then reports only what it owns."""
-
-    def __init__(self, state: State, envelope: Envelope, worker: str) -> None:
-        self.state = state
-        self.envelope = envelope
-        self.worker = worker
-        self.claimed = False
-        self.claim_lost = False  # another delivery claimed it, or the command is gone
-        self.cancelled = False
-        self.control = AttemptControl()  # ends the running attempt from another thread
-        self.claimed_at = 0.0
-        self.start_time: str | None = None  # when the claim report said it started
-        self._next_heartbeat = time.monotonic() + _heartbeat_seconds()
-
-    def _claim(self) -> bool:
-        env = self.envelope
-        result = self.state.claim(env.uid, env.vm, env.attempt, self.worker, env.scope,
-                                   namespace=env.namespace)
-        if result != CLAIMED:
-            self.claim_lost = True
-            self.cancelled = result == CANCELLED
-            log.info("Skipped RemoteCommand %s on %s attempt %s: %s", env.ref, env.vm, env.attempt,
-                     "it was deleted" if result == CANCELLED else "claimed by another delivery")
-            return False
-        self.claimed = True
-        self.claimed_at = metrics.command_claimed(env.dispatch_time)
-        self._next_heartbeat = time.monotonic() + _heartbeat_seconds()
-        log.info("Claimed RemoteCommand %s on %s (attempt %s)", env.ref, env.vm, env.attempt)
-        return True
-
-    def report(self, event: Event, fields: ResultFields) -> None:
-        self.state.report(attempt_report(self.envelope, self.worker, event, fields).to_message(),
-                          self.envelope.scope)
-
-    def claim(self, pgid: int | None, nonce: str) -> bool:
-        """The gate: claim the attempt once the remote wrapper reported its process group;
-        False if it is not ours to run."""
-        if not self._claim():
-            return False
-        now = self.start_time = now_rfc3339()
-        self.report(Event.CLAIMED, ResultFields(
-            phase=Phase.RUNNING, start_time=now, worker=self.worker, heartbeat_time=now,
-            pgid=pgid, process_marker=nonce if pgid is not None else None))
-        return not self.cancelled
-
-    def tick(self) -> str | None:
-        """Called about twice a second while the command runs: the reason to end it now."""
-        if not self.claimed:
-            return None
-        if self.cancelled:
-            return Reason.CANCELLED
-        now = time.monotonic()
-        if now >= self._next_heartbeat:
-            self._next_heartbeat = now + _heartbeat_seconds()
-            env = self.envelope
-            try:
-                if self.state.heartbeat(env.uid, env.vm, env.attempt, env.scope,
-                                        namespace=env.namespace):
-                    self.cancelled = True
-            except Exception as exc:  # noqa: BLE001 - Redis restarting: the next beat may land
-                log.warning("Heartbeat of %s on %s failed: %s", env.ref, env.vm, exc)
-        return Reason.CANCELLED if self.cancelled else None
-
-    def finish(self, fields: ResultFields) -> bool:
-        """Report the outcome (claiming first if it ended before it started); False if the
-        attempt was not this delivery's."""
-        started = self.claimed
-        if not started and not self._claim():
-            return False
-        env = self.envelope
-        fields = fields.replace(worker=fields.worker or self.worker)
-        if not started and fields.start_time is None:
-            # Ended before it could start: no claim report carried a startTime.
-            fields = fields.replace(start_time=fields.completion_time)
-        elif fields.start_time is None and self.start_time is not None:
-            # The outcome carries its start too: its record is whole without the claim.
-            fields = fields.replace(start_time=self.start_time)
-        self.report(Event.FINISHED, fields)
-        self.state.release(env.uid, env.vm, env.attempt, env.scope, namespace=env.namespace)
-        return True
 
 
 class CommandExecutor:
@@ -379,12 +203,11 @@ class CommandExecutor:
                       "by an older controller?)", envelope.ref, envelope.vm)
             return "invalid"
         attempt = Attempt(self.state, envelope, worker)
-        spec: RemoteCommandSpec | None = None
         with self.cancels.running(attempt):
             try:
-                spec = RemoteCommandSpec.model_validate(envelope.spec)
+                plan = envelope.work()
                 target = self.ssh_target(envelope.target)
-                outcome = self.run(envelope, spec, target, attempt)
+                outcome = self.run(envelope, plan, target, attempt)
             except NotStarted:
                 if not attempt.claimed:
                     return "cancelled" if attempt.cancelled else "duplicate"
@@ -392,8 +215,8 @@ class CommandExecutor:
                                   "cancelled before it started: the RemoteCommand was deleted")
             except AttemptFailed as failed:
                 outcome = Outcome(Phase.FAILED, failed.reason, failed.message)
-            except ValidationError as exc:
-                outcome = Outcome(Phase.FAILED, Reason.INVALID_SPEC, f"invalid spec: {exc}")
+            except InvalidPlan as exc:
+                outcome = Outcome(Phase.FAILED, Reason.INVALID_SPEC, str(exc))
         fields = outcome.fields(now_rfc3339())
         if envelope.target is not None:
             fields = fields.replace(host=envelope.target.host)
@@ -418,14 +241,14 @@ class CommandExecutor:
                     envelope.attempt, refused)
         return "refused"
 
-    def run(self, envelope: Envelope, spec: RemoteCommandSpec, target: SSHTarget,
+    def run(self, envelope: Envelope, spec: Plan, target: SSHTarget,
             attempt: Attempt) -> Outcome:
         nonce = uuid.uuid4().hex
         try:
             invocation = build_invocation(spec, nonce)
         except InvalidCommand as exc:
             return Outcome(Phase.FAILED, Reason.INVALID_SPEC, str(exc))
-        deadlines = attempt_deadlines(spec, envelope.command_start)
+        deadlines = attempt_deadlines(spec, envelope.command_start, time.monotonic())
         if deadlines.overall is not None and deadlines.overall.expired(time.monotonic()):
             return Outcome(Phase.FAILED, Reason.DEADLINE_EXCEEDED,
                            f"activeDeadlineSeconds ({spec.active_deadline_seconds}s) passed "
@@ -442,7 +265,7 @@ class CommandExecutor:
                 log.info("Terminated process group %s of the lost attempt of %s on %s",
                          envelope.lost_pgid, envelope.ref, envelope.vm)
             result = run_command(
-                self.pool, target, invocation.line, invocation.stdin, spec.output.max_bytes,
+                self.pool, target, invocation.line, invocation.stdin, spec.output_max_bytes,
                 on_stdout=lambda line: output_log.info("%s stdout] %s", prefix, line),
                 on_stderr=lambda line: output_log.info("%s stderr] %s", prefix, line),
                 nonce=nonce,
@@ -509,4 +332,6 @@ class CommandExecutor:
         return self.terminate(ssh_target, pgid, nonce, become)
 
 
-__all__ = ["AttemptFailed", "CommandExecutor", "CredentialsInvalid", "Outcome", "judge"]
+# Importable from here too: the attempt protocol lives in .attempt, shared with transfers.
+__all__ = ["Attempt", "AttemptDeadlines", "AttemptFailed", "Cancels", "CommandExecutor",
+           "CredentialsInvalid", "Outcome", "attempt_deadlines", "attempt_report", "judge"]

@@ -28,7 +28,7 @@ import paramiko
 
 from vmfleet.api.constants import Reason
 from vmfleet.api.envelope import Target
-from vmfleet.api.models import VMFacts
+from vmfleet.api.facts import Facts
 from vmfleet.api.reports import ProbeReport
 from vmfleet.api.times import now_rfc3339
 
@@ -194,7 +194,7 @@ class Probed(NamedTuple):
     """What the VM answered: the facts of ``status.facts`` and each section it could not
     answer (empty: every check answered)."""
 
-    facts: VMFacts
+    facts: Facts
     problems: list[str]
 
 
@@ -235,7 +235,7 @@ def parse_probe(text: str) -> Probed:
     section("df", disk)
     section("os-release", lambda body: {"os": parse_os_release(body)})
     section("uname", lambda body: {"kernel": parse_uname(body)})
-    return Probed(VMFacts(**values), problems)
+    return Probed(Facts(**values), problems)
 
 
 # --------------------------------------------------------------------------- probing
@@ -247,7 +247,7 @@ class ProbeResult:
     reason: str
     message: str
     latency_seconds: float
-    facts: VMFacts | None = None
+    facts: Facts | None = None
     server_key: paramiko.PKey | None = None
 
 
@@ -390,8 +390,8 @@ class HealthChecker:
         now = now_rfc3339()
         status: dict[str, Any] = {"lastProbe": probe_status(result, now, worker)}
         if result.facts is not None:
-            status["facts"] = result.facts.model_copy(update={
-                "last_probe_time": now, "probe_latency_seconds": result.latency_seconds}).wire()
+            status["facts"] = result.facts.replace(
+                last_probe_time=now, probe_latency_seconds=result.latency_seconds).wire()
         if result.server_key is not None:
             status["hostKey"] = host_key_status(result.server_key, now, record)
         uid = message.get("uid")

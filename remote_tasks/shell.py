@@ -1,7 +1,7 @@
-"""Pure builders for the remote command line: everything from the spec is quoted.
+"""Pure builders for the remote command line: everything from the plan is quoted.
 
-The only text that reaches the remote shell unquoted is ``spec.command``, which is the
-user's own shell line. Paths, argv items and env values are quoted with ``shlex.quote``;
+The only text that reaches the remote shell unquoted is ``plan.command`` (the spec's
+``command``), which is the user's own shell line. Paths, argv items and env values are quoted with ``shlex.quote``;
 env names are validated.
 """
 
@@ -13,11 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from vmfleet.api.constants import ATTEMPT_MARKER_ENV, is_env_name
-from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.plan import Plan
 
 
 class InvalidCommand(ValueError):
-    """The spec cannot be turned into a remote command line."""
+    """The plan cannot be turned into a remote command line."""
 
 
 @dataclass(frozen=True)
@@ -205,50 +205,50 @@ def env_prefix(env: Mapping[str, str] | None) -> str:
     return " ".join(parts) + " " if parts else ""
 
 
-def build_invocation(spec: RemoteCommandSpec, nonce: str | None = None) -> RemoteInvocation:
-    """Turn a command, argv or script spec into the exec line and stdin.
+def build_invocation(plan: Plan, nonce: str | None = None) -> RemoteInvocation:
+    """Turn a command, argv or script plan into the exec line and stdin.
 
     With ``nonce``, the line is wrapped (``wrap``) so that its first stdout line reports
     the remote process group.
     """
-    if spec.command is not None:
-        program = "sh -c " + shlex.quote(spec.command)
-        stdin = spec.stdin
-    elif spec.argv is not None:
-        program = quote_argv(spec.argv)
-        stdin = spec.stdin
-    elif spec.script is not None:
-        if spec.stdin is not None:
+    if plan.command is not None:
+        program = "sh -c " + shlex.quote(plan.command)
+        stdin = plan.stdin
+    elif plan.argv is not None:
+        program = quote_argv(plan.argv)
+        stdin = plan.stdin
+    elif plan.script is not None:
+        if plan.stdin is not None:
             raise InvalidCommand("stdin cannot be combined with script: the script is stdin")
         program = "sh -s"
-        stdin = spec.script
+        stdin = plan.script
     else:
-        raise InvalidCommand(f"action {spec.action!r} is not a command")
-    for what, text in [("command", spec.command), ("workingDir", spec.working_dir),
-                       *(("argv", a) for a in spec.argv or ()),
-                       *((f"env {k}", v) for k, v in (spec.env or {}).items())]:
+        raise InvalidCommand(f"action {plan.action!r} is not a command")
+    for what, text in [("command", plan.command), ("workingDir", plan.working_dir),
+                       *(("argv", a) for a in plan.argv or ()),
+                       *((f"env {k}", v) for k, v in (plan.env or {}).items())]:
         if text is not None and "\0" in text:
             # An SSH exec request is a C string on the server: a NUL would cut the line.
             raise InvalidCommand(f"{what} contains a NUL character, which no remote program can receive")
     wd = None
-    if spec.working_dir is not None:
+    if plan.working_dir is not None:
         # "./" keeps a relative directory literal: cd treats "-" as $OLDPWD and searches CDPATH.
-        wd = spec.working_dir if spec.working_dir.startswith("/") else "./" + spec.working_dir
+        wd = plan.working_dir if plan.working_dir.startswith("/") else "./" + plan.working_dir
     data = stdin.encode() if stdin is not None else None
     if nonce is None:
-        if spec.become is not None:
+        if plan.become_user is not None:
             raise InvalidCommand("become needs the wrapped line (a nonce)")
-        line = env_prefix(spec.env) + program
+        line = env_prefix(plan.env) + program
         if wd is not None:
             line = f"cd -- {shlex.quote(wd)} && {line}"
         return RemoteInvocation(line=line, stdin=data)
     # Wrapped: the program replaces the shell (exec), so a signal that kills it is what sshd
     # reports (exit-signal), and the session's process is the command's.
-    body = exec_body(program, spec.env, wd)
-    if spec.become is None:
+    body = exec_body(program, plan.env, wd)
+    if plan.become_user is None:
         return RemoteInvocation(line=wrap(body, nonce, stdin=stdin is not None), stdin=data)
-    line = wrap(sudo_line(body, spec.become.user, nonce, stdin=stdin is not None), nonce)
-    return RemoteInvocation(line=line, stdin=data, become_user=spec.become.user)
+    line = wrap(sudo_line(body, plan.become_user, nonce, stdin=stdin is not None), nonce)
+    return RemoteInvocation(line=line, stdin=data, become_user=plan.become_user)
 
 
 def exec_body(program: str, env: Mapping[str, str] | None, working_dir: str | None) -> str:

@@ -398,19 +398,6 @@ def _reports(namespace: str, entries: Any) -> Iterator[Report]:
         yield Report(ident, body)
 
 
-def wait_for_redis(state: State, timeout: float = 60.0) -> None:
-    """Block until Redis answers (a worker or controller starting before its Redis)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            state.client.ping()
-            return
-        except Exception as exc:  # noqa: BLE001
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Redis at {state.url.split('@')[-1]} did not answer: {exc}") from exc
-            time.sleep(0.5)
-
-
 __all__ = ["CANCELLED", "CLAIMED", "TAKEN", "Report", "State", "attempt_member", "cancel_key",
            "cancels_channel", "claim_key", "heartbeats_key", "live_key", "reports_key",
            "state_url"]

@@ -85,7 +85,7 @@ def vmfleet_run(pool: Any, target: Any, spec: Any, system: str = "vmfleet_ssh") 
         return True
 
     result = run_command(
-        pool, target, invocation.line, invocation.stdin, spec.output.max_bytes,
+        pool, target, invocation.line, invocation.stdin, spec.output_max_bytes,
         on_stdout=lambda line: None, on_stderr=lambda line: None,
         nonce=nonce, deadline=None, gate=gate, tick=lambda: None, kill_grace=3.0,
     )
@@ -95,9 +95,11 @@ def vmfleet_run(pool: Any, target: Any, spec: Any, system: str = "vmfleet_ssh") 
 
 
 def true_spec(vm_name: str) -> Any:
+    """The plan the controller sends a worker for ``command: true`` on the VM."""
     from vmfleet.api.models import RemoteCommandSpec
+    from vmfleet.api.plan import plan_of
 
-    return RemoteCommandSpec.model_validate({"vm": vm_name, "command": COMMAND})
+    return plan_of(RemoteCommandSpec.model_validate({"vm": vm_name, "command": COMMAND}))
 
 
 class VmfleetSSH:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.fleet import Namespace, assert_no_tracebacks, controller_argv
-from vmfleet.api.envelope import parse_rfc3339
+from vmfleet.api.times import parse_rfc3339
 from vmfleet.dev.proc import wait_until
 
 pytestmark = pytest.mark.e2e

@@ -22,6 +22,7 @@ from remote_tasks.become import Become
 from remote_tasks.shell import build_invocation
 from remote_tasks.ssh import AttemptControl, ConnectionPool, Deadline, SSHTarget
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.plan import plan_of
 from vmfleet.dev.proc import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +43,8 @@ def processes(vm, needle: str) -> list[str]:  # type: ignore[no-untyped-def]
 
 def run(pool: ConnectionPool, vm, spec: dict, **options):  # type: ignore[no-untyped-def]
     nonce = uuid.uuid4().hex
-    invocation = build_invocation(RemoteCommandSpec.model_validate({"vm": "x", **spec}), nonce)
+    invocation = build_invocation(plan_of(RemoteCommandSpec.model_validate({"vm": "x", **spec})),
+                                  nonce)
     conn = pool.get(target_of(vm))
     return conn.run(invocation.line, invocation.stdin, 65536, nonce=nonce, **options)
 
@@ -85,8 +87,8 @@ def test_the_group_kill_alone_leaves_the_escapees(make_vm, pool):  # type: ignor
 
     vm = make_vm("groupkill")
     nonce = uuid.uuid4().hex
-    invocation = build_invocation(RemoteCommandSpec.model_validate(
-        {"vm": "x", "script": ESCAPES}), nonce)
+    invocation = build_invocation(plan_of(RemoteCommandSpec.model_validate(
+        {"vm": "x", "script": ESCAPES})), nonce)
     conn = pool.get(target_of(vm))
     holder: dict = {}
 
@@ -202,7 +204,7 @@ def result_of(obj: dict) -> dict:
 
 
 def _t(stamp: str) -> float:
-    from vmfleet.api.envelope import parse_rfc3339
+    from vmfleet.api.times import parse_rfc3339
 
     return parse_rfc3339(stamp).timestamp()
 

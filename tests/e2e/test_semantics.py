@@ -100,7 +100,7 @@ def test_timeout_terminates_the_remote_process_group(ns: Namespace, make_vm, kin
 
 
 def _t(stamp: str) -> float:
-    from vmfleet.api.envelope import parse_rfc3339
+    from vmfleet.api.times import parse_rfc3339
 
     return parse_rfc3339(stamp).timestamp()
 

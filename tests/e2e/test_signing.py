@@ -91,7 +91,7 @@ def test_a_message_altered_in_the_broker_never_runs(ns: Namespace, make_vm, brok
     queue = f"vmfleet.{ns}.held"
     message = take(broker, queue)
     signed = signed_arg(message)
-    signed["body"]["spec"]["command"] = f"echo pwned-$(id -un) >> {altered}"
+    signed["body"]["plan"]["command"] = f"echo pwned-$(id -un) >> {altered}"  # what runs
     put(broker, queue, with_signed_arg(message, signed))
     start_workers(ns, "held")
     log = worker_log(controller_dir, ns, "held")

@@ -26,6 +26,7 @@ from remote_tasks.shell import (
 )
 from remote_tasks.signals import signal_exit_code, signal_outcome
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.plan import plan_of
 
 NONCE = "abc123"
 PROMPT = become_prompt(NONCE).encode()
@@ -36,9 +37,14 @@ def spec(**fields):
     return RemoteCommandSpec.model_validate({"vm": "vm1", **fields})
 
 
+def plan(**fields):
+    """What the controller sends the worker for that spec."""
+    return plan_of(spec(**fields))
+
+
 def test_marker_env_and_the_wrapper_exports_it():
     assert marker_env(NONCE) == "VMFLEET_ATTEMPT=abc123"
-    line = build_invocation(spec(command="sleep 1"), nonce=NONCE).line
+    line = build_invocation(plan(command="sleep 1"), nonce=NONCE).line
     script = shlex.split(line)[3]
     assert "; export VMFLEET_ATTEMPT=abc123; exec </dev/null; exec sh -c 'sleep 1'" in script
     with pytest.raises(InvalidCommand):
@@ -69,7 +75,7 @@ def test_sudo_line():
 
 
 def test_become_invocation_wraps_sudo_and_keeps_stdin_for_it():
-    invocation = build_invocation(spec(argv=["id", "-u"], become={"user": "root"}), nonce=NONCE)
+    invocation = build_invocation(plan(argv=["id", "-u"], become={"user": "root"}), nonce=NONCE)
     assert invocation.become_user == "root"
     assert invocation.stdin is None
     script = shlex.split(invocation.line)[3]
@@ -77,7 +83,7 @@ def test_become_invocation_wraps_sudo_and_keeps_stdin_for_it():
     assert script.endswith("; export VMFLEET_ATTEMPT=abc123; " + sudo_line(
         "exec id -u", "root", NONCE, stdin=False))
     with pytest.raises(InvalidCommand, match="become needs the wrapped line"):
-        build_invocation(spec(argv=["id"], become={"user": "root"}))
+        build_invocation(plan(argv=["id"], become={"user": "root"}))
 
 
 def test_become_is_refused_for_a_transfer_and_defaults_to_root_sudo():

@@ -15,8 +15,10 @@ from controller.budgets import wants_budget, worker_budget
 from controller.reports import apply_attempt_report
 from controller.runtime import DeploymentSettings, VMRef, WorkerGroup, worker_deployment
 from controller.schedule import plan
-from remote_tasks.execute import Cancels
+from remote_tasks.attempt import TRANSFER, Attempt, Cancels
+from tests.unit.test_attempt_reports import ENVELOPE, FakeState
 from tests.unit.test_schedule import NOW, entries, queues, spec, status
+from vmfleet.api.envelope import Envelope
 from vmfleet.api.models import DEFAULT_WORKER_GRACE_SECONDS, RemoteVMSpec
 from vmfleet.api.reports import AttemptReport, Event, ResultFields
 
@@ -81,23 +83,23 @@ def test_the_disruption_report_marks_the_running_entry_and_goes_with_the_attempt
     assert done is not None and "disruption" not in done and done["phase"] == "Succeeded"
 
 
-class Reporting:
-    def __init__(self, claimed: bool) -> None:
-        self.claimed = claimed
-        self.reports: list[tuple[Event, ResultFields]] = []
-        self.envelope = type("E", (), {"uid": "u1", "ref": "ns/c", "vm": "vm1"})()
-
-    def report(self, event: Event, fields: ResultFields) -> None:
-        self.reports.append((event, fields))
-
-
 def test_a_stopping_worker_tells_each_claimed_attempt():
+    """Commands and transfers alike (one attempt protocol): every entry a running attempt
+    claimed reports the disruption; an attempt that has claimed nothing reports nothing."""
+    state = FakeState()
     cancels = Cancels()
-    running, waiting = Reporting(claimed=True), Reporting(claimed=False)
-    with cancels.running(running), cancels.running(waiting):  # type: ignore[arg-type]
-        assert cancels.draining(DISRUPTION) == 1
-    assert running.reports == [(Event.PROGRESS, ResultFields(disruption=DISRUPTION))]
-    assert waiting.reports == []
+    running = Attempt(state, ENVELOPE, "w1")  # type: ignore[arg-type]
+    waiting = Attempt(state, Envelope("ns", "d", "uid-2", "vm1", 1, "", {}), "w1")  # type: ignore[arg-type]
+    copying = Attempt(state, Envelope("ns", "copy", "uid-3", "vm2", 1, "", {}), "w1",  # type: ignore[arg-type]
+                      words=TRANSFER)
+    assert running.take() and copying.take() and copying.take("vm3")
+    with cancels.running(running), cancels.running(waiting), cancels.running(copying):
+        assert cancels.draining(DISRUPTION) == 3
+    assert [(r["uid"], r["vm"], r["event"], r["fields"]) for r in state.reports] == [
+        ("uid-1", "vm1", "progress", {"disruption": DISRUPTION}),
+        ("uid-3", "vm2", "progress", {"disruption": DISRUPTION}),
+        ("uid-3", "vm3", "progress", {"disruption": DISRUPTION}),
+    ]
 
 
 def ref(name: str, **spec_fields: Any) -> VMRef:

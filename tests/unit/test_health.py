@@ -27,7 +27,8 @@ from remote_tasks.health import (
     split_sections,
 )
 from remote_tasks.ssh import SSHTarget
-from vmfleet.api.models import RemoteVMSpec, VMFacts
+from vmfleet.api.facts import Facts
+from vmfleet.api.models import RemoteVMSpec
 
 DF = """\
 Filesystem     1024-blocks     Used Available Capacity Mounted on
@@ -113,7 +114,7 @@ def test_parse_probe_whole_output():
                         uname="Linux 6.1.0\n", end="")
     facts, problems = parse_probe(text)
     assert problems == []
-    assert isinstance(facts, VMFacts)
+    assert isinstance(facts, Facts)  # a plain dataclass: the worker needs no pydantic
     assert facts.wire() == {
         "hostname": "vm1", "os": "Debian 12", "kernel": "Linux 6.1.0", "uptimeSeconds": 100.5,
         "load1": 0.5, "load5": 0.25, "load15": 0.125,

@@ -15,6 +15,7 @@ from remote_tasks.execute import AttemptFailed, CommandExecutor
 from remote_tasks.health import HealthChecker
 from remote_tasks.ssh import ConnectionPool
 from vmfleet.api.envelope import Target
+from vmfleet.api.facts import Facts
 from vmfleet.api.models import VMFacts
 
 VM = Target("vm1", "10.0.0.5", 22, "rocky", "vm1-ssh", host_keys=("ssh-ed25519 AAAA",))
@@ -131,11 +132,11 @@ def test_tofu_without_a_recorded_key_trusts_the_first_one_then_pins_it(tmp_path:
         assert (later.trust_on_first_use, later.host_keys) == (False, ("ssh-ed25519 CCCC",))
 
 
-def test_facts_are_reported_from_the_api_model(tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_facts_are_reported_as_the_api_model_reads_them(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     state = FakeState()
     checker = HealthChecker(executor(secrets(tmp_path, **{"vm1-ssh": "k1"}), state))
-    facts = VMFacts(hostname="vm1", load1=0.5, memory_total_bytes=1024)
+    facts = Facts(hostname="vm1", load1=0.5, memory_total_bytes=1024)
     monkeypatch.setattr(health, "probe_vm", lambda *a: health.ProbeResult(
         True, "Completed", "the VM answered every check", 0.25, facts))
     assert checker.check(probe(VM), "w1") == "Completed"

@@ -28,7 +28,8 @@ from remote_tasks.shell import GO, InvalidCommand, build_invocation, env_prefix,
 from remote_tasks.transfer import TEMP_MARK, TransferExecutor, TransferFailed, temp_path
 from vmfleet.api.constants import ENV_NAME_PATTERN, LABEL_TRANSFERABLE, SECRET_TYPE_SSH_AUTH, is_env_name
 from vmfleet.api.envelope import Envelope
-from vmfleet.api.models import FileLocation, RemoteCommandSpec, TransferSource
+from vmfleet.api.models import FileLocation, RemoteCommandSpec
+from vmfleet.api.plan import Plan, plan_of
 
 # Each shell example starts a process: enough examples to find a quoting slip, few enough
 # for the unit suite to stay fast.
@@ -67,6 +68,11 @@ def spec(**fields: Any) -> RemoteCommandSpec:
     return RemoteCommandSpec.model_validate({"vm": "vm1", **fields})
 
 
+def plan(**fields: Any) -> Plan:
+    """What the controller sends the worker for that spec."""
+    return plan_of(spec(**fields))
+
+
 # --------------------------------------------------------------------------- argv
 
 
@@ -76,7 +82,7 @@ def spec(**fields: Any) -> RemoteCommandSpec:
 def test_argv_items_arrive_literally_as_one_argument_each(items: list[str]) -> None:
     with scratch() as tmp:
         cwd = Path(tmp)
-        line = build_invocation(spec(argv=["printf", "%s\\0", *items])).line
+        line = build_invocation(plan(argv=["printf", "%s\\0", *items])).line
         out = run_sh(line, cwd)
         assert out.split(b"\0")[:-1] == [item.encode() for item in items]
         assert list(cwd.iterdir()) == []
@@ -88,7 +94,7 @@ def test_wrapped_argv_reports_its_group_and_nothing_else_leaks(items: list[str])
     """The line a worker really sends (wrapped with the pgid marker) keeps items literal."""
     with scratch() as tmp:
         cwd = Path(tmp)
-        line = build_invocation(spec(argv=["printf", "%s\\0", *items]), nonce="abc123").line
+        line = build_invocation(plan(argv=["printf", "%s\\0", *items]), nonce="abc123").line
         first, _, rest = run_sh(line, cwd, stdin=GO).partition(b"\n")
         assert parse_marker(first + b"\n", "abc123") is not None
         assert rest.split(b"\0")[:-1] == [item.encode() for item in items]
@@ -105,7 +111,7 @@ def test_a_hostile_program_name_is_looked_up_literally(program: str) -> None:
     """
     with scratch() as tmp:
         cwd = Path(tmp)
-        line = build_invocation(spec(argv=[program, "x"]), nonce="n0").line
+        line = build_invocation(plan(argv=[program, "x"]), nonce="n0").line
         proc = subprocess.run(["/bin/sh", "-c", line], input=GO, capture_output=True, cwd=cwd,
                               env={"PATH": "/nonexistent"}, timeout=20)
         assert proc.returncode in (126, 127), (program, proc.stderr)
@@ -119,7 +125,7 @@ def test_nul_in_the_exec_line_is_refused_with_a_clear_error() -> None:
     ]
     for fields in cases:
         with pytest.raises(InvalidCommand, match="NUL character"):
-            build_invocation(spec(**fields))
+            build_invocation(plan(**fields))
 
 
 def test_empty_argv_is_refused() -> None:
@@ -157,7 +163,7 @@ def test_env_values_arrive_literally(suffix: str, value: str) -> None:
     name = f"VMFLEET_T_{suffix}"
     with scratch() as tmp:
         cwd = Path(tmp)
-        line = build_invocation(spec(command=f'printf "%s\\0" "${name}"', env={name: value})).line
+        line = build_invocation(plan(command=f'printf "%s\\0" "${name}"', env={name: value})).line
         assert run_sh(line, cwd) == value.encode() + b"\0"
         assert list(cwd.iterdir()) == []
 
@@ -180,7 +186,7 @@ def test_working_dir_is_entered_literally(name: str, relative: bool) -> None:
         (home / name).mkdir()
         before = sorted(home.iterdir())
         working_dir = name if relative else str(home / name)
-        line = build_invocation(spec(argv=["pwd", "-P"], workingDir=working_dir)).line
+        line = build_invocation(plan(argv=["pwd", "-P"], workingDir=working_dir)).line
         out = run_sh(line, home)  # relative directories start from the login directory
         assert out == (str(home / name) + "\n").encode()
         assert sorted(home.iterdir()) == before
@@ -189,7 +195,7 @@ def test_working_dir_is_entered_literally(name: str, relative: bool) -> None:
 
 def test_a_missing_working_dir_fails_before_the_program_runs() -> None:
     with scratch() as tmp:
-        line = build_invocation(spec(argv=["touch", "ran"], workingDir="/nonexistent/x")).line
+        line = build_invocation(plan(argv=["touch", "ran"], workingDir="/nonexistent/x")).line
         proc = subprocess.run(["sh", "-c", line], capture_output=True, cwd=tmp, timeout=20)
         assert proc.returncode != 0
         assert list(Path(tmp).iterdir()) == []
@@ -258,8 +264,11 @@ def _source_from_secret(secret_type: str) -> Any:
     executor = TransferExecutor(commands,  # type: ignore[arg-type]
                                 kube=lambda: SimpleNamespace(core=_Core(secret)))  # type: ignore[arg-type,return-value]
     key = "ssh-privatekey" if secret_type == SECRET_TYPE_SSH_AUTH else "token"
-    source = TransferSource.model_validate({"secretKeyRef": {"name": "vm1-ssh", "key": key}})
-    return executor._object_source(Envelope("team-a", "c", "u", "vm2", 1, "", {}), source)
+    source = plan_of(RemoteCommandSpec.model_validate({"transfer": {
+        "from": {"secretKeyRef": {"name": "vm1-ssh", "key": key}},
+        "to": [{"vm": "vm2", "path": "/x"}]}})).transfer
+    assert source is not None
+    return executor.open_source(Envelope("team-a", "c", "u", "vm2", 1, "", {}), source.source)
 
 
 def test_a_vms_ssh_credentials_are_never_a_transfer_source() -> None:

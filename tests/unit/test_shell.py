@@ -7,10 +7,16 @@ import pytest
 
 from remote_tasks.shell import GO, InvalidCommand, build_invocation, env_prefix, quote_argv
 from vmfleet.api.models import RemoteCommandSpec
+from vmfleet.api.plan import plan_of
 
 
 def spec(**fields):
     return RemoteCommandSpec.model_validate({"vm": "vm1", **fields})
+
+
+def plan(**fields):
+    """What the controller sends the worker for that spec."""
+    return plan_of(spec(**fields))
 
 
 @pytest.mark.parametrize(
@@ -29,14 +35,14 @@ def spec(**fields):
     ],
 )
 def test_build_invocation(fields, line, stdin):
-    invocation = build_invocation(spec(**fields))
+    invocation = build_invocation(plan(**fields))
     assert invocation.line == line
     assert invocation.stdin == stdin
 
 
 def test_script_with_stdin_is_refused():
     with pytest.raises(InvalidCommand, match="stdin cannot be combined with script"):
-        build_invocation(spec(script="cat", stdin="x"))
+        build_invocation(plan(script="cat", stdin="x"))
 
 
 def test_bad_env_name_is_refused():
@@ -59,7 +65,7 @@ def test_quoted_argv_reaches_the_program_literally(hostile):
 def test_wrapped_line_reports_its_process_group_first():
     from remote_tasks.shell import parse_marker
 
-    invocation = build_invocation(spec(command="echo hi", workingDir="/"), nonce="abc123")
+    invocation = build_invocation(plan(command="echo hi", workingDir="/"), nonce="abc123")
     proc = subprocess.run(["setsid", "sh", "-c", invocation.line], input=GO + b"stdin follows\n",
                           capture_output=True, check=True)
     first, rest = proc.stdout.split(b"\n", 1)
@@ -135,7 +141,7 @@ def test_the_wrapped_command_runs_only_after_the_go(tmp_path, told):
     """A delivery that loses the claim closes the channel (EOF): nothing of the command runs."""
     from remote_tasks.shell import parse_marker
 
-    invocation = build_invocation(spec(command="touch ran"), nonce="abc123")
+    invocation = build_invocation(plan(command="touch ran"), nonce="abc123")
     proc = subprocess.run(["sh", "-c", invocation.line], input=told, capture_output=True,
                           cwd=tmp_path, check=True)
     assert parse_marker(proc.stdout, "abc123") is not None
@@ -143,7 +149,7 @@ def test_the_wrapped_command_runs_only_after_the_go(tmp_path, told):
 
 
 def test_the_go_line_is_not_part_of_the_commands_stdin(tmp_path):
-    invocation = build_invocation(spec(command="cat", stdin="hello\nworld\n"), nonce="abc123")
+    invocation = build_invocation(plan(command="cat", stdin="hello\nworld\n"), nonce="abc123")
     assert invocation.stdin is not None
     proc = subprocess.run(["sh", "-c", invocation.line], input=GO + invocation.stdin,
                           capture_output=True, cwd=tmp_path, check=True)
@@ -170,7 +176,7 @@ def test_connections_to_vms_disable_nagle():
 
 def test_a_wrapped_command_without_stdin_reads_dev_null_so_no_eof_is_needed(tmp_path):
     """The worker sends only the go: an EOF after it could race the server's close."""
-    invocation = build_invocation(spec(command="cat; echo done"), nonce="abc123")
+    invocation = build_invocation(plan(command="cat; echo done"), nonce="abc123")
     assert invocation.stdin is None
     proc = subprocess.Popen(["sh", "-c", invocation.line], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, cwd=tmp_path)

@@ -19,6 +19,7 @@ from remote_tasks import transfer as t
 from remote_tasks.ssh import AuthFailed
 from vmfleet.api.constants import TASK_TRANSFER, transfer_queue
 from vmfleet.api.models import RemoteCommandSpec, RemoteVMSpec, TransferSource
+from vmfleet.api.plan import plan_of
 
 
 def spec(**transfer) -> RemoteCommandSpec:
@@ -407,7 +408,7 @@ class Fleet:
         s = RemoteCommandSpec.model_validate({"transfer": body, "timeoutSeconds": timeout,
                                               "activeDeadlineSeconds": deadline,
                                               "retries": {"limit": retries, "backoffSeconds": 5}})
-        return Envelope("ns", "copy", "uid-1", vm, attempt, "", s.wire(),
+        return Envelope("ns", "copy", "uid-1", vm, attempt, "", s.wire(), plan=plan_of(s),
                         command_start=command_start,
                         targets={name: target(name) for name in targets})
 
@@ -699,7 +700,7 @@ def test_active_deadline_counts_from_the_commands_start_time(tmp_path):
     assert fleet.run(deadline=3600, command_start=ago(1)) == "Succeeded"
     both = RemoteCommandSpec.model_validate({"vm": "x", "command": "true", "timeoutSeconds": 5,
                                              "activeDeadlineSeconds": 3600})
-    earliest = t.transfer_deadline(both, ago(1), 100.0)
+    earliest = t.transfer_deadline(plan_of(both), ago(1), 100.0)
     assert earliest is not None and (earliest.at, earliest.reason) == (105.0, "Timeout")
 
 

@@ -1,16 +1,20 @@
 """The small message the controller sends to a VM's queue for one attempt on one VM.
 
-The worker reads nothing of the cluster: the envelope carries how to reach the VM
-(``Target``, built by the controller from the RemoteVM) and the worker reads the key
-from the VM's credentials Secret, mounted at ``<credentials dir>/<secret name>/``.
+The worker reads nothing of the cluster: the envelope carries what to run (``Plan``, see
+``vmfleet.api.plan``) and how to reach the VM (``Target``, built by the controller from
+the RemoteVM), and the worker reads the key from the VM's credentials Secret, mounted at
+``<credentials dir>/<secret name>/``. Plain dataclasses: a worker needs no pydantic.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-# The status time helpers live in .times; importable from here too (older imports).
+from .plan import Plan, plan_from_spec_wire
+
+# The status time helpers live in .times. Still importable from here for
+# controller/reports.py; drop this line once it imports them from .times.
 from .times import now_rfc3339, parse_rfc3339, rfc3339
 
 
@@ -67,6 +71,8 @@ class Envelope:
     vm: str
     attempt: int
     dispatch_time: str
+    # The RemoteCommand spec's wire form: what the previous release's workers read. Sent
+    # beside ``plan`` until the next minor version (vmfleet.api.plan: version skew).
     spec: dict[str, Any]
     target: Target | None = None
     # activeDeadlineSeconds counts from the command's startTime.
@@ -81,13 +87,24 @@ class Envelope:
     # Transfers: the credentials Secrets the namespace's RemoteVMs name, which a transfer
     # never copies (the transfer worker cannot list RemoteVMs itself).
     protected_secrets: tuple[str, ...] = ()
+    # What the worker runs (None in a message of the release before plans: ``spec`` only).
+    plan: Plan | None = None
 
     def to_message(self) -> dict[str, Any]:
-        message = asdict(self)
+        message = {f.name: getattr(self, f.name) for f in fields(self)}
         message["target"] = self.target.to_message() if self.target else None
         message["targets"] = {k: v.to_message() for k, v in self.targets.items()}
         message["protected_secrets"] = list(self.protected_secrets)
+        if self.plan is None:
+            del message["plan"]
+        else:
+            message["plan"] = self.plan.to_message()
         return message
+
+    def work(self) -> Plan:
+        """What to run: the plan, or, in a message of the previous release (``spec``
+        only), the plan read from the spec with the API models (raises ``InvalidPlan``)."""
+        return self.plan if self.plan is not None else plan_from_spec_wire(self.spec)
 
     @classmethod
     def from_message(cls, message: dict[str, Any]) -> Envelope:
@@ -105,6 +122,7 @@ class Envelope:
             targets={k: Target.from_message(v) for k, v in (message.get("targets") or {}).items()},
             scope=str(message.get("scope") or "default"),
             protected_secrets=tuple(str(s) for s in message.get("protected_secrets") or ()),
+            plan=Plan.from_message(message["plan"]) if message.get("plan") is not None else None,
         )
 
     @property

@@ -456,12 +456,10 @@ class TransferSource(ApiModel):
         return self
 
     def describe(self) -> str:
-        """``vm1:/path``, ``configMap/name/key`` or ``secret/name/key``."""
-        if self.config_map_key_ref is not None:
-            return f"configMap/{self.config_map_key_ref.name}/{self.config_map_key_ref.key}"
-        if self.secret_key_ref is not None:
-            return f"secret/{self.secret_key_ref.name}/{self.secret_key_ref.key}"
-        return f"{self.vm}:{self.path}"
+        """``vm1:/path``, ``configMap/name/key`` or ``secret/name/key`` (as the plan says it)."""
+        from .plan import source_of
+
+        return source_of(self).describe()
 
 
 class TransferSpec(ApiModel):

@@ -67,7 +67,7 @@ def _rows(title: str, obj: dict[str, Any]) -> list[list[str]]:
 
 
 def _duration(result: dict[str, Any]) -> str:
-    from vmfleet.api.envelope import parse_rfc3339
+    from vmfleet.api.times import parse_rfc3339
 
     if not (result.get(F.DISPATCH_TIME) and result.get(F.COMPLETION_TIME)):
         return "-"
