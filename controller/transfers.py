@@ -20,6 +20,7 @@ from vmfleet.api.envelope import Envelope
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.reports import F
 from vmfleet.api.times import now_rfc3339
+from vmfleet.kube import ApiException
 
 from .targets import initial_results
 
@@ -58,6 +59,15 @@ def send_transfer(commands: Commands, tracked: Tracked, entry: dict[str, Any], a
     transfer = spec.transfer
     assert transfer is not None
     names = [entry["vm"]] + ([transfer.from_.vm] if transfer.from_.vm else [])
+    if transfer.from_.secret_key_ref is not None and task == TASK_TRANSFER:
+        # The namespace's RemoteVMs read from the API, not only those the watch has brought
+        # so far: the key of a VM created just before this transfer is protected too.
+        try:
+            commands.list_vms(tracked.namespace, "")
+        except ApiException as exc:
+            log.warning("Could not list the RemoteVMs of %s (%s): the transfer of %s protects "
+                        "the credentials Secrets the watch has seen", tracked.namespace,
+                        exc.reason, tracked.ref)
     targets = {}
     for name in names:
         obj = commands.get_vm(tracked.namespace, name)

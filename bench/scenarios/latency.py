@@ -243,7 +243,7 @@ def _breakdown(fleet: Cluster, times: dict[str, tuple[float, float, float]],
 
 
 def _guide(bench: Bench, fleet: Cluster, vm: SshdVM, n: int) -> Callable[[], dict[str, float]]:
-    broker = fleet.redis.url.rsplit("/", 1)[0] + "/1"
+    broker = fleet.redis.admin_url.rsplit("/", 1)[0] + "/1"  # the guide: no ACL of ours
     targets = {"vm1": {"host": vm.host, "port": vm.port, "username": vm.user,
                        "ssh_key": str(vm.user_key_path), "known_hosts": str(vm.known_hosts_path),
                        "queue": "vm1_queue"}}

@@ -206,7 +206,7 @@ def guide_row(bench: Bench) -> None:
     workdir = bench.workdir / "guide-worker"
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "guide_tasks.py").write_text(GUIDE_TASKS)
-    env = {**os.environ, "GUIDE_BROKER_URL": cl.redis.url, "PYTHONPATH": str(workdir)}
+    env = {**os.environ, "GUIDE_BROKER_URL": cl.redis.admin_url, "PYTHONPATH": str(workdir)}
     argv = [sys.executable, "-m", "celery", "-A", "guide_tasks", "worker",
             "--queues", "vm1_queue,default", "--hostname", "vm1_worker@%h", "--concurrency", "2",
             "--without-gossip", "--without-mingle", "--loglevel", "INFO"]

@@ -332,3 +332,33 @@ def test_a_transfer_goes_to_its_namespaces_queue_with_the_secrets_it_must_not_co
     envelope = Envelope.from_message(body)
     assert envelope.protected_secrets == ("ns-a-key", "ns-b-key")
     assert woken == ["ns"] and fleet.woken == []  # the transfer worker, not vm2's
+
+
+def test_a_secret_transfer_reads_the_namespaces_vms_from_the_api_before_it_protects_keys(
+        state: FakeState) -> None:
+    """A RemoteVM created just before the transfer, not yet brought by the watch: the
+    controller lists the namespace's RemoteVMs (its cache learns them) before it names the
+    Secrets the transfer must not copy, so that VM's key is among them."""
+    fleet = Fleet("vm1", "vm2")
+    known = {"ns-a-key"}
+    listed: list[tuple[str, str]] = []
+
+    def list_vms(ns: str, selector: str) -> list[dict[str, object]]:
+        listed.append((ns, selector))
+        known.add("ns-late-key")  # what the API held and the watch had not brought yet
+        return []
+
+    commands = Commands(
+        state, fleet.send,  # type: ignore[arg-type]
+        get_vm=lambda ns, name: fleet.vms.get(name), list_vms=list_vms,
+        target_of=lambda obj: Target(obj["metadata"]["name"], obj["spec"]["host"], 22, "u",
+                                     obj["spec"]["credentialsSecretRef"]["name"]),
+        wake=lambda ns, name: None, delete=lambda uid, ns, name: None,
+        protected_secrets=lambda ns: sorted(known), wake_transfers=lambda ns: None)
+    body = command(transfer={"from": {"secretKeyRef": {"name": "tok", "key": "k"}},
+                             "to": [{"vm": "vm2", "path": "/tmp/tok"}]})
+    del body["spec"]["command"]
+    commands.observe(body)
+    ((_, message, _),) = fleet.sent
+    assert listed == [("ns", "")]
+    assert "ns-late-key" in Envelope.from_message(message).protected_secrets
