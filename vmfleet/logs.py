@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 from .api.logs import CONTENT_TYPE, LogRecord, log_path
 
-__all__ = ["LogRecord", "LogsUnavailable", "query", "read_log", "records"]
+__all__ = ["LogRecord", "iter_records", "open_log", "query", "read_log",
+           "records"]
 
 #: Read timeout of one request while following: the server sends a heartbeat-free stream,
 #: so this must outlast the quietest command; None waits for ever (the server ends it).
@@ -27,11 +28,6 @@ CONNECT_TIMEOUT = 10.0
 
 class _HasApiClient(Protocol):
     api_client: Any
-
-
-class LogsUnavailable(RuntimeError):
-    """The output API is not served (no APIService ``v1alpha1.logs.vmfleet.io``, or the
-    controller behind it is down)."""
 
 
 def query(*, vm: str | None = None, attempt: int | None = None, follow: bool = False,
@@ -79,8 +75,21 @@ def read_log(kube: _HasApiClient, namespace: str, name: str, *, vm: str | None =
     ended and its output was read. Raises ``kubernetes.client.ApiException`` as the API
     server answers (403: no ``get`` on the RemoteCommand; 404: no such command, or the
     output API is not installed)."""
-    api_client = kube.api_client
-    response = api_client.call_api(
+    raw = open_log(kube, namespace, name, vm=vm, attempt=attempt, follow=follow,
+                   since_seconds=since_seconds, tail_lines=tail_lines, after=after)
+    try:
+        yield from records(_chunks(raw))
+    finally:
+        raw.release_conn()
+
+
+def open_log(kube: _HasApiClient, namespace: str, name: str, *, vm: str | None = None,
+             attempt: int | None = None, follow: bool = False, since_seconds: int | None = None,
+             tail_lines: int | None = None, after: str | None = None) -> Any:
+    """The request of :func:`read_log`, answered (an ``ApiException`` if not 2xx): the
+    raw response, whose body :func:`iter_records` reads. For a caller that must know
+    the API answered before the first record (``vmfleet exec``)."""
+    response = kube.api_client.call_api(
         log_path(namespace, name), "GET",
         query_params=query(vm=vm, attempt=attempt, follow=follow, since_seconds=since_seconds,
                            tail_lines=tail_lines, after=after),
@@ -89,7 +98,11 @@ def read_log(kube: _HasApiClient, namespace: str, name: str, *, vm: str | None =
         _preload_content=False,
         _request_timeout=(CONNECT_TIMEOUT, FOLLOW_READ_TIMEOUT) if follow else (CONNECT_TIMEOUT, 60.0),
     )
-    raw = response[0] if isinstance(response, tuple) else response
+    return response[0] if isinstance(response, tuple) else response
+
+
+def iter_records(raw: Any) -> Iterator[LogRecord]:
+    """The records of a response from :func:`open_log` (its connection released after)."""
     try:
         yield from records(_chunks(raw))
     finally:

@@ -87,9 +87,8 @@ class Settings:
         "the broker, which must then be Redis).")
     output_url: str | None = setting(
         "VMFLEET_OUTPUT_URL", None, BOTH,
-        "Redis of its own keeping every attempt's whole output (`vmfleet logs`), with its own "
-        "`maxmemory` and an evicting policy, never the broker; unset: only the status tails "
-        "are kept (chart: `outputStore.*`).")
+        "A Redis of its own (never the broker) keeping each attempt's whole output for "
+        "`vmfleet logs`; unset: only the status tails (chart: `outputStore`).")
     api_connections: int = setting(
         "VMFLEET_API_CONNECTIONS", 32, BOTH,
         "Pooled HTTP connections to the Kubernetes API server per process.", minimum=1)
@@ -213,8 +212,8 @@ class Settings:
         default_doc="`0.0.0.0` in a cluster, else `127.0.0.1`")
     logs_api_cert_file: str | None = setting(
         "VMFLEET_LOGS_API_CERT_FILE", None, CONTROLLER,
-        "Serving certificate (PEM) of the output API, valid for `<service>.<namespace>.svc` "
-        "(the APIService's caBundle signs it; chart: generated into a Secret).")
+        "Serving certificate (PEM) of the output API for `<service>.<namespace>.svc`, signed "
+        "by the APIService's caBundle.")
     logs_api_key_file: str | None = setting(
         "VMFLEET_LOGS_API_KEY_FILE", None, CONTROLLER,
         "Its private key (PEM).")
@@ -250,15 +249,15 @@ class Settings:
     output_max_bytes: int = setting(
         "VMFLEET_OUTPUT_MAX_BYTES", 16 * 1024 * 1024, WORKER,
         "Output kept per attempt in the output store (both streams); past it the rest is "
-        "cut and the cut marked.", minimum=0, maximum=1024 * 1024 * 1024)
+        "cut, the cut marked.", minimum=0, maximum=1024 * 1024 * 1024)
     output_retention_seconds: float = setting(
         "VMFLEET_OUTPUT_RETENTION_SECONDS", 86400.0, WORKER,
-        "How long an attempt's output is kept after its last line (the command's "
-        "`ttlSecondsAfterFinished`, if shorter, wins).", minimum=60)
+        "How long an attempt's output is kept after its last line (a shorter "
+        "`ttlSecondsAfterFinished` wins).", minimum=60)
     output_namespace_quota_bytes: int = setting(
         "VMFLEET_OUTPUT_NAMESPACE_QUOTA_BYTES", 256 * 1024 * 1024, WORKER,
-        "Output one namespace may store within a retention period; past it, attempts' "
-        "output is cut (marked); `0`: no quota.", minimum=0)
+        "Output one namespace may store within a retention period; past it, output is "
+        "cut (marked); `0`: no quota.", minimum=0)
 
     verify_key: str | None = setting(
         "VMFLEET_VERIFY_KEY", None, WORKER,
