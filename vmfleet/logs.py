@@ -89,16 +89,23 @@ def open_log(kube: _HasApiClient, namespace: str, name: str, *, vm: str | None =
     """The request of :func:`read_log`, answered (an ``ApiException`` if not 2xx): the
     raw response, whose body :func:`iter_records` reads. For a caller that must know
     the API answered before the first record (``vmfleet exec``)."""
-    response = kube.api_client.call_api(
-        log_path(namespace, name), "GET",
+    from kubernetes.client.exceptions import ApiException
+
+    api_client = kube.api_client
+    method, url, headers, _body, _post = api_client.param_serialize(
+        "GET", log_path(namespace, name),
         query_params=query(vm=vm, attempt=attempt, follow=follow, since_seconds=since_seconds,
                            tail_lines=tail_lines, after=after),
-        header_params={"Accept": CONTENT_TYPE},
-        auth_settings=["BearerToken"],
-        _preload_content=False,
-        _request_timeout=(CONNECT_TIMEOUT, FOLLOW_READ_TIMEOUT) if follow else (CONNECT_TIMEOUT, 60.0),
-    )
-    return response[0] if isinstance(response, tuple) else response
+        header_params={"Accept": CONTENT_TYPE}, auth_settings=["BearerToken"])
+    timeout = (CONNECT_TIMEOUT, FOLLOW_READ_TIMEOUT if follow else 60.0)
+    response = api_client.call_api(method, url, header_params=headers, _request_timeout=timeout)
+    raw = response.response  # urllib3's, not read yet
+    if not 200 <= raw.status <= 299:
+        try:
+            raise ApiException(http_resp=raw)
+        finally:
+            raw.release_conn()
+    return raw
 
 
 def iter_records(raw: Any) -> Iterator[LogRecord]:
