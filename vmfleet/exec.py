@@ -424,6 +424,7 @@ class Printer:
         self.progress = progress
         self.printed: set[str] = set()
         self.live = False
+        self.live_vms: set[str] = set()  # VMs whose output was printed live
         self.held = False  # the live output may still come: print nothing yet
 
     def show(self, results: Sequence[dict[str, Any]]) -> None:
@@ -439,7 +440,7 @@ class Printer:
         self.progress.update(results)
 
     def write(self, result: dict[str, Any]) -> None:
-        if self.live:
+        if self.live and str(result.get("vm")) in self.live_vms:
             message = failure_message(result)
             if message:
                 write(self.err, message + "\n")
@@ -514,6 +515,8 @@ class LiveOutput:
         live = self.answered.is_set() and self.done.is_set() and not self.failed
         self.printer.held = False
         self.printer.live = live
+        # A VM with no live output at all (its worker keeps none): its tails, as before.
+        self.printer.live_vms = set(self.lines.printed)
         return live
 
 
