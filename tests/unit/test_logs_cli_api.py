@@ -129,3 +129,50 @@ def test_the_review_asks_get_on_the_remotecommand_itself():
         "user": "alice", "groups": ["dev"], "extra": {},
         "resourceAttributes": {"namespace": "ops", "verb": "get", "group": "vmfleet.io",
                                "resource": "remotecommands", "name": "patch"}}
+
+
+def test_worker_pods_take_their_output_store_url_from_their_broker_secret():
+    from controller.runtime import DeploymentSettings, worker_env
+
+    base = DeploymentSettings(image="vmfleet:1", broker_url="redis://b/0")
+    assert "VMFLEET_OUTPUT_URL" not in {e["name"] for e in worker_env("ops", base)}
+    env = {e["name"]: e for e in worker_env("ops", DeploymentSettings(
+        image="vmfleet:1", broker_url="redis://b/0", output_url="redis://o/0"))}
+    assert env["VMFLEET_OUTPUT_URL"] == {"name": "VMFLEET_OUTPUT_URL", "valueFrom": {
+        "secretKeyRef": {"name": "vmfleet-broker", "key": "output-url"}}}
+
+
+def test_local_workers_get_their_namespaces_own_output_store_user():
+    from controller.tenants import DERIVED, BrokerTenants
+
+    class State:
+        url = "redis://vmfleet-controller:s3cret@r:6379/0"
+        client = None
+
+        def serve(self, namespace: str) -> None:
+            pass
+
+    class Client:
+        def __init__(self) -> None:
+            self.calls: list[tuple[object, ...]] = []
+
+        def pipeline(self, transaction: bool = False) -> Client:
+            return self
+
+        def execute_command(self, *args: object) -> None:
+            self.calls.append(args)
+
+        def execute(self) -> list[object]:
+            return []
+
+    state = State()
+    state.client = Client()  # type: ignore[assignment]
+    output = Client()
+    tenants = BrokerTenants(state, State.url, None, DERIVED,  # type: ignore[arg-type]
+                            output_url="redis://vmfleet-controller:other@o:6379/0",
+                            output_client=output)
+    urls = tenants.ensure("ops")
+    assert urls.output is not None and urls.output.startswith("redis://vmfleet-ns-ops:")
+    assert urls.output.endswith("@o:6379/0") and urls.output != urls.broker.replace("@r:", "@o:")
+    (setuser,) = output.calls
+    assert setuser[:3] == ("ACL", "SETUSER", "vmfleet-ns-ops") and "~vmfleet.ops:*" in setuser
