@@ -460,8 +460,13 @@ class CommandExecutor:
                          envelope.lost_pgid, envelope.ref, envelope.vm)
             result = run_command(
                 self.pool, target, invocation.line, invocation.stdin, spec.output.max_bytes,
-                on_stdout=lambda line: output_log.info("%s stdout] %s", prefix, line),
-                on_stderr=lambda line: output_log.info("%s stderr] %s", prefix, line),
+                # Without an output store the worker's log is where the whole output is;
+                # with one, the store has it (a line per log record would cost the worker
+                # more than the command's own output does).
+                on_stdout=None if output is not None else
+                lambda line: output_log.info("%s stdout] %s", prefix, line),
+                on_stderr=None if output is not None else
+                lambda line: output_log.info("%s stderr] %s", prefix, line),
                 nonce=nonce,
                 deadline=Deadline.earliest(deadlines.attempt, deadlines.overall),
                 gate=attempt.claim,

@@ -125,19 +125,6 @@ def test_default_objects():
         "ServiceAccount/rel-vmfleet-transfer-worker",
         "ValidatingAdmissionPolicy/rel-vmfleet-controller-fence",
         "ValidatingAdmissionPolicyBinding/rel-vmfleet-controller-fence",
-        # The output store and the output API (logs.vmfleet.io).
-        "Deployment/rel-vmfleet-output-store",
-        "Service/rel-vmfleet-output-store",
-        "NetworkPolicy/rel-vmfleet-output-store",
-        "Secret/rel-vmfleet-logs-api",
-        "Service/rel-vmfleet-logs-api",
-        "APIService/v1alpha1.logs.vmfleet.io",
-        "ClusterRole/rel-vmfleet-logs-api-fleet",
-        "ClusterRoleBinding/rel-vmfleet-logs-api-fleet",
-        "RoleBinding/rel-vmfleet-logs-api-fleet",
-        "ClusterRole/rel-vmfleet-logs-api-fleet-view",
-        "ClusterRole/rel-vmfleet-logs-api-fleet-edit",
-        "ClusterRole/rel-vmfleet-logs-api-fleet-admin",
     ])
     # Off by default: prometheus-operator kinds and the dashboard.
     assert not find(docs, "ServiceMonitor") and not find(docs, "PrometheusRule")
@@ -248,7 +235,7 @@ def test_controller_deployment():
     assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
     assert "--namespace=fleet" in container["args"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"metrics": 9807, "health": 8080, "ready": 8081, "logs-api": 8443}
+    assert ports == {"metrics": 9807, "health": 8080, "ready": 8081}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "ready"}
     assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
@@ -281,7 +268,7 @@ def test_transfer_workers_are_the_controllers_and_run_as_the_namespaces_account(
     ``vmfleet-transfers``), as the ServiceAccount the chart made in that namespace."""
     docs = render()
     assert [d["metadata"]["name"] for d in find(docs, "Deployment")] == [
-        "rel-vmfleet-broker", "rel-vmfleet-controller", "rel-vmfleet-output-store"]
+        "rel-vmfleet-broker", "rel-vmfleet-controller"]
     (controller,) = find(docs, "Deployment", "rel-vmfleet-controller")
     env = {e["name"]: e.get("value") for e in
            controller["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -605,7 +592,17 @@ def test_output_store_and_output_api():
     may ask for remotecommands/log."""
     from cryptography import x509
 
-    docs = render()
+    docs = render(CHART / "ci" / "logs-values.yaml")
+    assert not find(render(), "APIService")  # off by default: cluster-wide, one release
+    kinds = {f"{d['kind']}/{d['metadata']['name']}" for d in docs} - {
+        f"{d['kind']}/{d['metadata']['name']}" for d in render()}
+    assert kinds == {
+        "Deployment/rel-vmfleet-output-store", "Service/rel-vmfleet-output-store",
+        "NetworkPolicy/rel-vmfleet-output-store", "Secret/rel-vmfleet-logs-api",
+        "Service/rel-vmfleet-logs-api", "APIService/v1alpha1.logs.vmfleet.io",
+        "ClusterRole/rel-vmfleet-logs-api-fleet", "ClusterRoleBinding/rel-vmfleet-logs-api-fleet",
+        "RoleBinding/rel-vmfleet-logs-api-fleet", "ClusterRole/rel-vmfleet-logs-api-fleet-view",
+        "ClusterRole/rel-vmfleet-logs-api-fleet-edit", "ClusterRole/rel-vmfleet-logs-api-fleet-admin"}
     (store,) = find(docs, "Deployment", "rel-vmfleet-output-store")
     (redis,) = store["spec"]["template"]["spec"]["containers"]
     args = redis["args"]
@@ -650,7 +647,7 @@ def test_output_store_and_output_api():
         assert rules_of(aggregated) == [{"apiGroups": ["logs.vmfleet.io"],
                                          "resources": ["remotecommands/log"], "verbs": ["get"]}]
 
-    off = render(None, "outputStore.enabled=false", "logsApi.enabled=false")
+    off = render()
     assert not find(off, "APIService") and not find(off, "Deployment", "rel-vmfleet-output-store")
     (deploy,) = find(off, "Deployment", "rel-vmfleet-controller")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]

@@ -180,6 +180,10 @@ def up(vms: int = 3, broker: str = "redis", node: bool = False, pod_network: boo
                  f"crd/{c.VM_PLURAL}.{c.GROUP}", f"crd/{c.COMMAND_PLURAL}.{c.GROUP}")
 
         if node:
+            # The Process runtime's output API (an ExternalName Service to a controller
+            # process) is not the node's: an APIService nobody serves would hold up every
+            # namespace's deletion.
+            logsapi.unregister(cp.kubectl_run)
             _start_node(cp, server)
         else:
             _remove_release(cp)
