@@ -475,6 +475,7 @@ class CommandExecutor:
                 become=become,
                 control=attempt.control,
                 output=output,
+                read_rate=settings.current().output_read_rate_bytes,
             )
         except TransportError as exc:
             if exc.pgid is not None:

@@ -3,14 +3,16 @@
 Its own control plane, broker, output store and controller with the output API (the
 shared cluster of the other scenarios has none), on the shared sshd VMs.
 
-* ``live_latency``: the VM prints a line with its own clock (``date +%s.%N``) every
-  0.2 s; the reader takes its clock when the line arrives on its stdout (one machine,
+* ``live_latency``: after 2 s (the reader is connected by then) the VM prints a line
+  with its own clock (``date +%s.%N``) every 0.2 s; the reader takes its clock when the line arrives on its stdout (one machine,
   one clock). ``vmfleet_logs``: ``vmfleet logs -f`` (a process, as a user runs it:
   through the API server's aggregation layer to the controller, which follows the output
   store); ``ssh``: ``ssh host cmd`` (OpenSSH, pinned host key), the floor. p50/p99 ms.
 * ``output_1gb``: one RemoteCommand prints 1 GiB (1 KiB lines, ``yes | head -c``) at
   full speed while ``vmfleet logs -f`` follows it. ``vmfleet``: wall seconds and MB/s of
   the noisy command (the worker reads every byte; the store keeps the first 16 MiB);
+  the worker reads a command's output at most ``VMFLEET_OUTPUT_READ_RATE_BYTES`` (16
+  MiB/s) fast, so SSH flow control holds this one back: its MB/s is that limit.
   ``rss_mb`` of each component: its peak during the run minus its idle RSS before
   (worker, controller, output store, broker, the ``vmfleet logs`` reader);
   ``slowdown_pct``: how much longer ``seq 1 100000`` (a second command on the same
@@ -91,7 +93,7 @@ def _arrivals(argv: list[str], env: dict[str, str] | None, n: int) -> list[float
     delays = []
     pending = b""
     while len(delays) < n:
-        chunk = proc.stdout.read1(65536)  # type: ignore[attr-defined]
+        chunk = os.read(proc.stdout.fileno(), 65536)
         if not chunk:
             break
         now = time.time()
@@ -104,8 +106,26 @@ def _arrivals(argv: list[str], env: dict[str, str] | None, n: int) -> list[float
     return delays
 
 
+def _ssh_argv(vm: SshdVM) -> list[str]:
+    """``ssh host`` as a person runs it (a connection of its own, pinned host key)."""
+    argv = openssh_argv(vm, Path("/nonexistent"))
+    keep: list[str] = []
+    skip = False
+    for index, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "-o" and argv[index + 1].startswith("Control"):
+            skip = True
+            continue
+        keep.append(arg)
+    return keep
+
+
 def _ticker(n: int) -> str:
-    return f"for i in $(seq 1 {n}); do date +%s.%N; sleep 0.2; done"
+    # The first second is quiet: the reader (a process that starts, reaches the API
+    # server and follows) is there before the first line, so each line is seen live.
+    return f"sleep 2; for i in $(seq 1 {n}); do date +%s.%N; sleep 0.2; done"
 
 
 def live_latency(bench: Bench, fleet: LiveCluster, vm: SshdVM) -> None:
@@ -113,16 +133,12 @@ def live_latency(bench: Bench, fleet: LiveCluster, vm: SshdVM) -> None:
     rounds = bench.rounds(full=3, quick=1)
     ours: list[float] = []
     floor: list[float] = []
-    control = fleet.workdir / "ssh-control"
-    control.mkdir(exist_ok=True)
     for _ in range(rounds):
         name = f"tick-{uuid.uuid4().hex[:6]}"
         fleet.create(name, vm=vm.name, command=_ticker(n))
         ours += _arrivals([VMFLEET, "logs", "-f", "-n", NAMESPACE, name], fleet.env(), n)
         fleet.finished(name)
-        argv = [a for a in openssh_argv(vm, control) if not a.startswith("Control")]
-        argv = [a for i, a in enumerate(argv) if not (a == "-o" and argv[i + 1].startswith("Control"))]
-        floor += _arrivals([*argv, _ticker(n)], None, n)
+        floor += _arrivals([*_ssh_argv(vm), _ticker(n)], None, n)
     for system, delays in (("vmfleet_logs", ours), ("ssh", floor)):
         ms = [d * 1000 for d in delays]
         bench.record("live_latency", system, "p50_ms", [percentile(ms, 50)],

@@ -282,3 +282,16 @@ def test_follow_reads_what_comes_until_the_command_ended():
 def test_bad_queries_are_refused_naming_the_parameter(query):
     with pytest.raises(BadRequest):
         LogQuery.parse(query)
+
+
+def test_follow_ends_after_the_command_ended_even_when_a_worker_was_lost_mid_output():
+    redis = MemoryStreams()
+    lost = writer(redis)
+    lost.stdout(b"half a job\n")
+    lost.flush()  # ... and its worker died: no end mark
+    reader = OutputReader(redis, block_ms=10, lost_end_grace=0.3)
+    started = time.monotonic()
+    got = [r.data for batch in reader.read("ops", "uid-1", LogQuery.parse("follow=true"),
+                                           lambda: True) for r in batch]
+    assert got == ["half a job\n"]
+    assert time.monotonic() - started < 5
