@@ -4,10 +4,11 @@ Its own control plane, broker, output store and controller with the output API (
 shared cluster of the other scenarios has none), on the shared sshd VMs.
 
 * ``live_latency``: after 2 s (the reader is connected by then) the VM prints a line
-  with its own clock (``date +%s.%N``) every 0.2 s; the reader takes its clock when the line arrives on its stdout (one machine,
-  one clock). ``vmfleet_logs``: ``vmfleet logs -f`` (a process, as a user runs it:
-  through the API server's aggregation layer to the controller, which follows the output
-  store); ``ssh``: ``ssh host cmd`` (OpenSSH, pinned host key), the floor. p50/p99 ms.
+  with its own clock (``date +%s.%N``) every 0.2 s; the reader takes its clock when
+  the line arrives on its stdout (one machine, one clock). ``vmfleet_logs``:
+  ``vmfleet logs -f`` (a process, as a user runs it: through the API server's
+  aggregation layer to the controller, which follows the output store); ``ssh``:
+  ``ssh host cmd`` (OpenSSH, pinned host key), the floor. p50/p99 ms.
 * ``output_1gb``: one RemoteCommand prints 1 GiB (1 KiB lines, ``yes | head -c``) at
   full speed while ``vmfleet logs -f`` follows it. ``vmfleet``: wall seconds and MB/s of
   the noisy command (the worker reads every byte; the store keeps the first 16 MiB);
