@@ -305,6 +305,14 @@ class CommandExecutor:
                                          socket_connect_timeout=5, health_check_interval=30)
         return cls(State(state_url(conf.broker_url)), ConnectionPool(), Path(directory), store)
 
+    def read_rate(self) -> float:
+        """How fast an attempt's output is read now: the limit while this worker runs other
+        attempts too (a loud command must not take their share of the worker), none while
+        it runs alone."""
+        if len(self.cancels.attempts()) < 2:
+            return 0
+        return float(settings.current().output_read_rate_bytes)
+
     def attempt_output(self, envelope: Envelope, spec: RemoteCommandSpec
                        ) -> outputstore.AttemptOutput | None:
         """The writer of this attempt's whole output, when an output store is set."""
@@ -475,7 +483,7 @@ class CommandExecutor:
                 become=become,
                 control=attempt.control,
                 output=output,
-                read_rate=settings.current().output_read_rate_bytes,
+                read_rate=self.read_rate,
             )
         except TransportError as exc:
             if exc.pgid is not None:

@@ -385,7 +385,7 @@ class Connection:
         become: Become | None = None,
         control: AttemptControl | None = None,
         output: OutputSink | None = None,
-        read_rate: float = 0,
+        read_rate: float | Callable[[], float] = 0,
     ) -> ExecResult:
         """Run ``line`` on a new channel and collect its output until it exits.
 
@@ -403,9 +403,10 @@ class Connection:
         reported that it runs; a refused or missing password ends the attempt at once
         (``ExecResult.become_failed``). A command killed by a signal has ``signal`` set.
         ``output`` gets every byte of each stream as it is read (the output store).
-        ``read_rate`` (bytes/s, 0: none): the command's output is read no faster than
-        this; SSH flow control then holds a command that prints faster back, so that it
-        cannot take the worker from the other commands it runs.
+        ``read_rate`` (bytes/s, 0: none; or a function giving it now): the command's
+        output is read no faster than this; SSH flow control then holds a command that
+        prints faster back, so that it cannot take the worker from the other commands
+        it runs.
         """
         assert self.transport is not None
         out = StreamTail(max_bytes, on_stdout, output.stdout if output is not None else None)
@@ -512,7 +513,7 @@ class _Session:
                  deadline: Deadline | None, gate: Callable[[int | None, str], bool] | None,
                  tick: Callable[[], str | None] | None, kill_grace: float,
                  become: Become | None, control: AttemptControl | None,
-                 read_rate: float = 0) -> None:
+                 read_rate: float | Callable[[], float] = 0) -> None:
         self.conn, self.chan, self.stdin, self.out, self.err = conn, chan, stdin, out, err
         self.nonce, self.deadline, self.gate, self.tick = nonce, deadline, gate, tick
         self.kill_grace, self.become, self.control = kill_grace, become, control
@@ -602,10 +603,12 @@ class _Session:
     def hold_back(self) -> None:
         """Past ``read_rate``, wait (at most a tick) before reading more: the channel's
         window fills and the remote command waits on its output."""
-        if not self.read_rate:
-            return
+        rate = self.read_rate() if callable(self.read_rate) else self.read_rate
         now = time.monotonic()
-        ahead = self._read_since + self._read / self.read_rate - now
+        if not rate:
+            self._read, self._read_since = 0, now  # unlimited now: no debt later
+            return
+        ahead = self._read_since + self._read / rate - now
         if ahead > 0:
             time.sleep(min(ahead, TICK_SECONDS))
         elif now - self._read_since > 10:  # a fresh window: a quiet spell earns no burst
