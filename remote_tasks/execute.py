@@ -306,11 +306,9 @@ class CommandExecutor:
         return cls(State(state_url(conf.broker_url)), ConnectionPool(), Path(directory), store)
 
     def read_rate(self) -> float:
-        """How fast an attempt's output is read now: the limit while this worker runs other
-        attempts too (a loud command must not take their share of the worker), none while
-        it runs alone."""
-        if len(self.cancels.attempts()) < 2:
-            return 0
+        """How fast an attempt's output is read (bytes/s, 0: no limit): a loud command is
+        held back by SSH flow control so that it cannot take the worker (its CPU, its
+        GIL) from the other attempts it runs or is about to start."""
         return float(settings.current().output_read_rate_bytes)
 
     def attempt_output(self, envelope: Envelope, spec: RemoteCommandSpec
