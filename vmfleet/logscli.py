@@ -169,7 +169,13 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except ApiException as exc:
-        err.write(f"vmfleet logs: {_api_message(exc)}\n")
+        hint = ""
+        if exc.status == 404:
+            hint = (" (the RemoteCommand exists: is the output API installed? "
+                    "kubectl get apiservice v1alpha1.logs.vmfleet.io)")
+        elif exc.status == 503:
+            hint = " (the controller serving the output API is not reachable or keeps no output)"
+        err.write(f"vmfleet logs: {_api_message(exc)}{hint}\n")
         return 1 if exc.status in (403, 404) else EXIT_TRANSPORT
     except (kubernetes.config.ConfigException, OSError, urllib3.exceptions.HTTPError) as exc:
         err.write(f"vmfleet logs: cannot reach the Kubernetes API: {exc} "

@@ -282,3 +282,17 @@ def test_output_past_the_cap_is_cut_and_marked(lns: Namespace, vms, controlplane
     other: Any = redis.Redis.from_url(output.namespace_url(f"{PREFIX}-other"))
     with pytest.raises(redis.exceptions.NoPermissionError):
         other.xlen(stream)
+
+
+def test_a_partial_line_shows_while_the_command_still_runs(lns: Namespace, vms, controlplane):
+    lns.add_vms(vms[:1])
+    lns.run("prompt", vm="vm1", command="printf 'Continue? '; sleep 5; echo yes")
+    kube = admin(controlplane)
+    wait_until(lambda: lns.get("remotecommand", "prompt").get("metadata", {}).get("uid"),
+               timeout=30, what="the command")
+    records = read_log(kube, str(lns), "prompt", follow=True)
+    first = next(records)
+    status = lns.get("remotecommand", "prompt").get("status") or {}
+    assert first.data == "Continue? " and first.stream == "stdout"
+    assert status.get("phase") not in ("Succeeded", "Failed")  # shown before the newline came
+    assert [r.data for r in records] == ["yes\n"]
