@@ -148,6 +148,8 @@ class Plan:
     active_deadline_seconds: int | None = None
     success_exit_codes: tuple[int, ...] = (0,)
     output_max_bytes: int = DEFAULT_OUTPUT_MAX_BYTES
+    # spec.ttlSecondsAfterFinished: bounds how long the whole output is kept.
+    ttl_seconds_after_finished: int | None = None
 
     @property
     def action(self) -> str | None:
@@ -168,6 +170,7 @@ class Plan:
             "become_user": self.become_user,
             "timeout_seconds": self.timeout_seconds,
             "active_deadline_seconds": self.active_deadline_seconds,
+            "ttl_seconds_after_finished": self.ttl_seconds_after_finished,
         }
         message = {k: v for k, v in message.items() if v is not None}
         if self.success_exit_codes != (0,):
@@ -197,6 +200,7 @@ class Plan:
                 active_deadline_seconds=_int(body.get("active_deadline_seconds")),
                 success_exit_codes=tuple(int(c) for c in codes) if codes else (0,),
                 output_max_bytes=int(body.get("output_max_bytes", DEFAULT_OUTPUT_MAX_BYTES)),
+                ttl_seconds_after_finished=_int(body.get("ttl_seconds_after_finished")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise InvalidPlan(f"the plan cannot be read: {exc!r}") from exc
@@ -243,6 +247,7 @@ def plan_of(spec: RemoteCommandSpec) -> Plan:
         active_deadline_seconds=spec.active_deadline_seconds,
         success_exit_codes=tuple(spec.success_exit_codes),
         output_max_bytes=spec.output.max_bytes,
+        ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
     )
 
 
