@@ -521,15 +521,26 @@ def read_auth(kube: Any) -> RequestHeaderAuth:
     return RequestHeaderAuth.from_configmap(data)
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (no client certificate, a TLS error, a reset): one
+        line, no traceback."""
+        import sys
+
+        exc = sys.exc_info()[1]
+        log.warning("Refused a connection to the output API from %s: %s",
+                    client_address[0] if client_address else "?", exc)
+
+
 def serve_logs_api(kube: Any, store: Any, port: int, address: str, cert_file: str,
                    key_file: str) -> ThreadingHTTPServer:
     """Serve the output API over HTTPS in daemon threads."""
     auth = read_auth(kube)
     context = server_context(cert_file, key_file, auth.client_ca)
     reader = OutputReader(store) if store is not None else None
-    server = ThreadingHTTPServer((address, port), _handler(LogsApi(kube, reader), auth),
-                                 bind_and_activate=True)
-    server.daemon_threads = True
+    server = _Server((address, port), _handler(LogsApi(kube, reader), auth))
     server.socket = context.wrap_socket(server.socket, server_side=True,
                                         do_handshake_on_connect=False)
     threading.Thread(target=server.serve_forever, name="vmfleet-logs-api", daemon=True).start()

@@ -59,6 +59,7 @@ def logs_controller(controlplane, redis_server, crds, output: RedisServer,  # ty
                                 "VMFLEET_LOGS_API_KEY_FILE": str(serving.key),
                             })
     logsapi.register(controlplane.kubectl_run, port, ca.cert.read_bytes())
+    proc.logs_api = (port, ca.cert)  # type: ignore[attr-defined]
     try:
         logsapi.wait_available(controlplane.kubectl_run, timeout=90)
         yield proc
@@ -296,3 +297,45 @@ def test_a_partial_line_shows_while_the_command_still_runs(lns: Namespace, vms, 
     assert first.data == "Continue? " and first.stream == "stdout"
     assert status.get("phase") not in ("Succeeded", "Failed")  # shown before the newline came
     assert [r.data for r in records] == ["yes\n"]
+
+
+def test_the_output_api_answers_only_the_api_servers_front_proxy(logs_controller, controlplane,
+                                                                  tmp_path):
+    import http.client
+    import ssl
+    import urllib.request
+
+    from vmfleet.dev.certs import Pair, ensure_leaf
+
+    port, ca = logs_controller.logs_api
+    url = f"https://127.0.0.1:{port}/apis/logs.vmfleet.io/v1alpha1"
+    headers = {"X-Remote-User": "system:admin", "X-Remote-Group": "system:masters"}
+
+    def call(context: ssl.SSLContext) -> None:
+        request = urllib.request.Request(url, headers=headers)
+        with urllib.request.urlopen(request, context=context, timeout=10) as response:
+            response.read()
+
+    # No client certificate: refused in the TLS handshake, whatever headers it sends.
+    bare = ssl.create_default_context(cafile=str(ca))
+    bare.check_hostname = False
+    with pytest.raises((OSError, http.client.HTTPException)):
+        call(bare)
+    # A certificate of the cluster's CA named like the proxy (what a user could hold) is
+    # not the front proxy's: refused too.
+    cluster_ca = Pair(controlplane.pki / "ca.crt", controlplane.pki / "ca.key")
+    forged = ensure_leaf(Pair(tmp_path / "forged.crt", tmp_path / "forged.key"), cluster_ca,
+                         "front-proxy-client", server=False)
+    impostor = ssl.create_default_context(cafile=str(ca))
+    impostor.check_hostname = False
+    impostor.load_cert_chain(str(forged.cert), str(forged.key))
+    with pytest.raises((OSError, http.client.HTTPException)):
+        call(impostor)
+    # The API server's own front-proxy certificate gets the answer.
+    _, client = controlplane.front_proxy_pki()
+    proxy = ssl.create_default_context(cafile=str(ca))
+    proxy.check_hostname = False
+    proxy.load_cert_chain(str(client.cert), str(client.key))
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, context=proxy, timeout=10) as response:
+        assert json.loads(response.read())["groupVersion"] == "logs.vmfleet.io/v1alpha1"
