@@ -76,7 +76,13 @@ class Context:
         runtime: Runtime
         tenants: BrokerTenants | None = None
         if runtime_name == c.RUNTIME_PROCESS:
-            tenants = BrokerTenants(state, url, conf.state_url, conf.broker_users)
+            output_client = None
+            if conf.output_url and conf.broker_users == "Derived":
+                import redis
+
+                output_client = redis.Redis.from_url(conf.output_url, socket_timeout=10)
+            tenants = BrokerTenants(state, url, conf.state_url, conf.broker_users,
+                                    output_url=conf.output_url, output_client=output_client)
             log_dir = Path(conf.worker_log_dir)
             access = TransferAccess(kube, log_dir.parent / "transfer-access")
             runtime = ProcessRuntime(url, log_dir, read_secret=kube.read_secret,
@@ -91,6 +97,7 @@ class Context:
                     broker_secret_name=conf.broker_secret_name,
                     broker_secret_key=conf.broker_secret_key,
                     state_url=conf.state_url,
+                    output_url=conf.output_url,
                     verify_key=verify_key,
                     transfer_service_account=conf.transfer_service_account,
                     **worker_pod_settings(conf),

@@ -28,6 +28,7 @@ from vmfleet.kube import ApiException
 from vmfleet.settings import current as settings_of_process
 
 from .context import Context
+from .logsapi import serve_logs_api
 from .readiness import serve_readiness
 
 log = logging.getLogger("controller")
@@ -50,6 +51,26 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     metrics.start_controller_metrics(broker_url(), sizer=ctx.queue_depths,
                                      memory_info=lambda: ctx.state.client.info("memory"))
     start_readiness(ctx)
+    start_logs_api(ctx)
+
+
+def start_logs_api(ctx: Context) -> None:
+    """The output API (``logs.vmfleet.io``), on every replica, when a port is set."""
+    conf = settings_of_process()
+    if not conf.logs_api_port:
+        return
+    if not (conf.logs_api_cert_file and conf.logs_api_key_file):
+        raise ValueError("VMFLEET_LOGS_API_PORT needs VMFLEET_LOGS_API_CERT_FILE and "
+                         "VMFLEET_LOGS_API_KEY_FILE (the serving certificate the APIService "
+                         "v1alpha1.logs.vmfleet.io trusts)")
+    store = None
+    if conf.output_url:
+        import redis
+
+        store = redis.Redis.from_url(conf.output_url, socket_timeout=30,
+                                     socket_connect_timeout=5, health_check_interval=30)
+    serve_logs_api(ctx.kube, store, conf.logs_api_port, conf.logs_api_address or "127.0.0.1",
+                   conf.logs_api_cert_file, conf.logs_api_key_file)
 
 
 @kopf.on.probe(id="controller")

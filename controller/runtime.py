@@ -57,6 +57,9 @@ VERIFY_KEY_ENV = settings.env_of("verify_key")
 SERVED_ENV = settings.env_of("served_vms")
 SIGNING_KEY_ENV = settings.env_of("signing_key_file")
 SLOTS_URL_ENV = settings.env_of("slots_url")
+OUTPUT_URL_ENV = settings.env_of("output_url")
+#: The key of a namespace's output store URL in its broker Secret (chart: `outputStore`).
+OUTPUT_SECRET_KEY = "output-url"
 NAMESPACE_ENV = settings.env_of("namespace")
 
 
@@ -240,6 +243,8 @@ class DeploymentSettings:
     broker_secret_name: str = tenancy.BROKER_SECRET_NAME
     broker_secret_key: str = "url"
     state_url: str | None = None
+    # The output store: each namespace's URL is in its broker Secret (`output-url`).
+    output_url: str | None = None
     image_pull_policy: str = "IfNotPresent"
     # The chart's `hostNetwork` and `workers.extraEnv` (pod_extras applies them).
     host_network: bool = False
@@ -297,6 +302,9 @@ def worker_env(namespace: str, settings: DeploymentSettings) -> list[dict[str, A
     if settings.state_url:
         env.append({"name": STATE_URL_ENV, "valueFrom": {"secretKeyRef": {
             "name": settings.broker_secret_name, "key": tenancy.STATE_SECRET_KEY}}})
+    if settings.output_url:
+        env.append({"name": OUTPUT_URL_ENV, "valueFrom": {"secretKeyRef": {
+            "name": settings.broker_secret_name, "key": OUTPUT_SECRET_KEY}}})
     return env
 
 
@@ -545,7 +553,8 @@ class ProcessRuntime:
         self.verify_key = verify_key
         # A namespace's URLs (its own broker user): given to its workers, never another's.
         self.worker_urls = worker_urls or (
-            lambda _ns: WorkerURLs(broker_url, settings.current().state_url))
+            lambda _ns: WorkerURLs(broker_url, settings.current().state_url,
+                                   settings.current().output_url))
         self.log_dir = log_dir
         self.python = python
         self.read_secret = read_secret
@@ -607,11 +616,13 @@ class ProcessRuntime:
 
     def _env(self, group: WorkerGroup, urls: WorkerURLs) -> dict[str, str]:
         env = dict(os.environ)
-        for name in (STATE_URL_ENV, SLOTS_URL_ENV):
+        for name in (STATE_URL_ENV, SLOTS_URL_ENV, OUTPUT_URL_ENV):
             env.pop(name, None)  # the controller's own: never a worker's
         env[BROKER_URL_ENV] = urls.broker
         if urls.state:
             env[STATE_URL_ENV] = urls.state
+        if urls.output:
+            env[OUTPUT_URL_ENV] = urls.output
         env[NAMESPACE_ENV] = group.namespace
         env[CREDENTIALS_DIR_ENV] = str(self.credentials_dir / group.namespace)
         env[VERIFY_KEY_ENV] = self.verify_key

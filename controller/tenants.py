@@ -43,15 +43,21 @@ class WorkerURLs:
 
     broker: str
     state: str | None
+    output: str | None = None  # the output store, when one is set
 
 
 class BrokerTenants:
     def __init__(self, state: State, broker_url: str, state_url: str | None,
-                 mode: str = DERIVED) -> None:
+                 mode: str = DERIVED, output_url: str | None = None,
+                 output_client: Any = None) -> None:
         self.state = state
         self.broker_url = broker_url
         self.state_url = state_url
         self.mode = mode
+        # The output store (a Redis of its own): the same users, derived from its password.
+        self.output_url = output_url
+        self.output_client = output_client
+        self._output_secret: str | None = None
         self._lock = threading.Lock()
         self._applied: dict[str, float] = {}  # namespace -> when its user was last applied
         self._save_failed = False
@@ -63,6 +69,13 @@ class BrokerTenants:
                     f"that may run ACL SETUSER (got {tenancy.redacted(state.url)}); set "
                     f"VMFLEET_BROKER_USERS={SHARED} for a Redis without ACLs")
             self._secret = password
+            if output_url:
+                _user, self._output_secret = tenancy.url_credentials(output_url)
+                if not self._output_secret:
+                    raise ValueError(
+                        f"VMFLEET_BROKER_USERS={DERIVED} needs an output store URL with a user "
+                        "and password that may run ACL SETUSER (got "
+                        f"{tenancy.redacted(output_url)})")
         elif mode != SHARED:
             raise ValueError(f"VMFLEET_BROKER_USERS={mode!r} is not one of {DERIVED}, {SHARED}")
 
@@ -70,7 +83,7 @@ class BrokerTenants:
         """The namespace's URLs, its ACL user created first (Derived)."""
         self.state.serve(namespace)
         if self.mode == SHARED:
-            return WorkerURLs(self.broker_url, self.state_url)
+            return WorkerURLs(self.broker_url, self.state_url, self.output_url)
         with self._lock:
             known = namespace in self._applied
         if not known:
@@ -80,7 +93,11 @@ class BrokerTenants:
         broker = (tenancy.with_credentials(self.broker_url, user, password)
                   if tenancy.is_redis(self.broker_url) else self.broker_url)
         state = tenancy.with_credentials(self.state_url, user, password) if self.state_url else None
-        return WorkerURLs(broker, state)
+        output = None
+        if self.output_url and self._output_secret:
+            output = tenancy.with_credentials(
+                self.output_url, user, tenancy.derive_password(self._output_secret, namespace))
+        return WorkerURLs(broker, state, output)
 
     def refresh(self, every: float = REFRESH_SECONDS) -> None:
         """Apply the namespaces' users again (a Redis restarted without them), at most
@@ -99,6 +116,12 @@ class BrokerTenants:
             pipe.execute_command("ACL", "SETUSER", *acl_setuser_args(self._secret, namespace))
         try:
             pipe.execute()
+            if self.output_client is not None and self._output_secret:
+                out: Any = self.output_client.pipeline(transaction=False)
+                for namespace in namespaces:
+                    out.execute_command("ACL", "SETUSER",
+                                        *acl_setuser_args(self._output_secret, namespace))
+                out.execute()
         except Exception as exc:  # noqa: BLE001 - Redis away: the next refresh applies them
             log.warning("Could not create the broker users of %s: %s", ", ".join(namespaces), exc)
             with self._lock:

@@ -16,11 +16,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import paramiko
 from pydantic import ValidationError
 
-from vmfleet import metrics, settings
+from vmfleet import metrics, outputstore, settings
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Envelope, Target, now_rfc3339, parse_rfc3339
@@ -282,11 +283,13 @@ class Attempt:
 class CommandExecutor:
     """Everything one worker process needs to run attempts: Redis and the SSH pool."""
 
-    def __init__(self, state: State, pool: ConnectionPool, credentials_dir: Path) -> None:
+    def __init__(self, state: State, pool: ConnectionPool, credentials_dir: Path,
+                 output_store: Any = None) -> None:
         self.state = state
         self.pool = pool
         self.credentials_dir = credentials_dir
         self.cancels = Cancels()
+        self.output_store = output_store  # a Redis client of the output store, or None
 
     @classmethod
     def from_environment(cls) -> CommandExecutor:
@@ -294,7 +297,27 @@ class CommandExecutor:
 
         conf = settings.current()
         directory = conf.credentials_dir or c.CREDENTIALS_MOUNT_PATH
-        return cls(State(state_url(conf.broker_url)), ConnectionPool(), Path(directory))
+        store = None
+        if conf.output_url:
+            import redis
+
+            store = redis.Redis.from_url(conf.output_url, socket_timeout=10,
+                                         socket_connect_timeout=5, health_check_interval=30)
+        return cls(State(state_url(conf.broker_url)), ConnectionPool(), Path(directory), store)
+
+    def attempt_output(self, envelope: Envelope, spec: RemoteCommandSpec
+                       ) -> outputstore.AttemptOutput | None:
+        """The writer of this attempt's whole output, when an output store is set."""
+        if self.output_store is None:
+            return None
+        conf = settings.current()
+        limits = outputstore.Limits(
+            max_bytes=conf.output_max_bytes,
+            retention=outputstore.retention_seconds(spec.ttl_seconds_after_finished,
+                                                    conf.output_retention_seconds),
+            namespace_quota=conf.output_namespace_quota_bytes)
+        return outputstore.AttemptOutput(self.output_store, envelope.namespace, envelope.uid,
+                                         envelope.vm, envelope.attempt, limits)
 
     def listen_for_cancels(self, stop: threading.Event) -> None:
         self.state.listen_cancels(self.cancels.cancel, stop, settings.current().namespace)
@@ -427,6 +450,7 @@ class CommandExecutor:
             return Outcome(Phase.FAILED, Reason.BECOME_FAILED, refused)
         become = become_for(invocation.become_user, target.become_password)
         prefix = f"[{envelope.ref} {envelope.vm}"
+        output = self.attempt_output(envelope, spec)
         try:
             if envelope.lost_pgid:
                 # The previous attempt's worker was lost: its processes end before this starts.
@@ -445,6 +469,7 @@ class CommandExecutor:
                 kill_grace=_kill_grace(),
                 become=become,
                 control=attempt.control,
+                output=output,
             )
         except TransportError as exc:
             if exc.pgid is not None:
@@ -452,6 +477,11 @@ class CommandExecutor:
             return Outcome(Phase.FAILED, exc.reason, str(exc))
         except SSHError as exc:
             return Outcome(Phase.FAILED, exc.reason, str(exc))
+        finally:
+            if output is not None:
+                # Written, with its end mark, before the attempt reports its end: a reader
+                # that sees the command finished finds every attempt's output complete.
+                output.close(mark_end=attempt.claimed)
         if result.become_failed is not None:
             return Outcome(Phase.FAILED, Reason.BECOME_FAILED, result.become_failed, None, result)
         if result.ended_by == Reason.TIMEOUT:

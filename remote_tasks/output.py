@@ -13,8 +13,10 @@ from collections.abc import Callable
 class StreamTail:
     """Counts every byte of a stream, keeps the last ``max_bytes`` and emits whole lines."""
 
-    def __init__(self, max_bytes: int, on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(self, max_bytes: int, on_line: Callable[[str], None] | None = None,
+                 on_data: Callable[[bytes], None] | None = None) -> None:
         self.max_bytes = max_bytes
+        self._on_data = on_data  # every byte as read (the output store's writer)
         self.total = 0
         self._tail = bytearray()
         self._partial = bytearray()
@@ -24,6 +26,8 @@ class StreamTail:
         if not data:
             return
         self.total += len(data)
+        if self._on_data is not None:
+            self._on_data(data)
         self._tail += data
         if len(self._tail) > self.max_bytes:
             del self._tail[: len(self._tail) - self.max_bytes]

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import paramiko
 
@@ -106,6 +106,14 @@ def exit_signal(chan: paramiko.Channel) -> str | None:
     """The name of the signal that ended the channel's command (``KILL``), if one did."""
     name = chan.__dict__.get(_EXIT_SIGNAL)
     return name if isinstance(name, str) else None
+
+
+class OutputSink(Protocol):
+    """Where a command's output goes as it is read, besides the status tails."""
+
+    def stdout(self, data: bytes) -> None: ...
+
+    def stderr(self, data: bytes) -> None: ...
 
 
 class AttemptControl:
@@ -376,6 +384,7 @@ class Connection:
         kill_grace: float = DEFAULT_KILL_GRACE,
         become: Become | None = None,
         control: AttemptControl | None = None,
+        output: OutputSink | None = None,
     ) -> ExecResult:
         """Run ``line`` on a new channel and collect its output until it exits.
 
@@ -392,10 +401,11 @@ class Connection:
         password is sent at its prompt (``SudoDialogue``), and stdin only once the action
         reported that it runs; a refused or missing password ends the attempt at once
         (``ExecResult.become_failed``). A command killed by a signal has ``signal`` set.
+        ``output`` gets every byte of each stream as it is read (the output store).
         """
         assert self.transport is not None
-        out = StreamTail(max_bytes, on_stdout)
-        err = StreamTail(max_bytes, on_stderr)
+        out = StreamTail(max_bytes, on_stdout, output.stdout if output is not None else None)
+        err = StreamTail(max_bytes, on_stderr, output.stderr if output is not None else None)
         try:
             chan = self.transport.open_session(timeout=self.target.connect_timeout)
         except (paramiko.SSHException, OSError, EOFError) as exc:

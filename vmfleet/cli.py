@@ -130,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     exec_.add_arguments(run)
     run.set_defaults(func=exec_.main)
 
+    from vmfleet import logscli
+
+    logs = sub.add_parser(
+        "logs", help="print a RemoteCommand's output, as it runs (-f) or after, like kubectl logs",
+        description="Print each VM's output of RemoteCommand NAME ([vm]-prefixed on a fan-out; "
+        "stderr to stderr) and exit as vmfleet exec would. Examples: vmfleet logs -f patch; "
+        "vmfleet logs patch --vm vm2 --tail 20")
+    logscli.add_arguments(logs)
+    logs.set_defaults(func=logscli.main)
+
     from vmfleet import rerun
 
     again = sub.add_parser(

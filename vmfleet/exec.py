@@ -109,6 +109,7 @@ class ExecOptions:
     max_bytes: int | None = None
     kubeconfig: str | None = None
     dry_run: bool = False
+    live: bool = True  # print the output as it comes (the output API), not at the end
 
 
 def options_from_args(args: argparse.Namespace) -> ExecOptions:
@@ -171,6 +172,7 @@ def options_from_args(args: argparse.Namespace) -> ExecOptions:
         timeout=args.timeout, keep=args.keep, env=env, workdir=args.workdir, stdin=args.stdin,
         max_bytes=args.max_bytes, kubeconfig=args.kubeconfig,
         dry_run=bool(getattr(args, "dry_run", False)),
+        live=not getattr(args, "dry_run", False),
     )
 
 
@@ -413,15 +415,22 @@ def write(stream: TextIO, text: str) -> None:
 
 
 class Printer:
-    """Writes each VM's output once, when its result is final."""
+    """Writes each VM's output once, when its result is final (``live``: the output
+    was printed as it came, so only what went wrong)."""
 
     def __init__(self, out: TextIO, err: TextIO, prefixed: bool, progress: Progress) -> None:
         self.out, self.err = out, err
         self.prefixed = prefixed
         self.progress = progress
         self.printed: set[str] = set()
+        self.live = False
+        self.live_vms: set[str] = set()  # VMs whose output was printed live
+        self.held = False  # the live output may still come: print nothing yet
 
     def show(self, results: Sequence[dict[str, Any]]) -> None:
+        if self.held:
+            self.progress.update(results)
+            return
         fresh = [r for r in results if is_final(r) and r.get("vm") not in self.printed]
         if fresh:
             self.progress.clear()
@@ -431,6 +440,12 @@ class Printer:
         self.progress.update(results)
 
     def write(self, result: dict[str, Any]) -> None:
+        if self.live and str(result.get("vm")) in self.live_vms:
+            message = failure_message(result)
+            if message:
+                write(self.err, message + "\n")
+                self.err.flush()
+            return
         stdout, stderr = result.get("stdout") or "", result.get("stderr") or ""
         if self.prefixed:
             prefix = f"[{result.get('vm')}] "
@@ -444,6 +459,65 @@ class Printer:
         if message:
             write(self.err, message + "\n")
         self.err.flush()
+
+
+class LiveOutput:
+    """Prints the command's output as the VMs print it, from the output API
+    (:func:`vmfleet.logs.read_log`, followed in a thread of its own). When the API is not
+    there (no APIService, a controller keeping no output) the output is printed from
+    the status at the end, as before (``failed``)."""
+
+    def __init__(self, kube: Any, namespace: str, name: str, printer: Printer) -> None:
+        from .logscli import LinePrinter
+
+        self.kube, self.namespace, self.name = kube, namespace, name
+        self.printer = printer
+        self.lines = LinePrinter(printer.out, printer.err, printer.prefixed)
+        self.answered = threading.Event()  # the API answered (or refused)
+        self.failed = False
+        self.error: str | None = None
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="vmfleet-exec-logs",
+                                        daemon=True)
+
+    def start(self) -> LiveOutput:
+        self.printer.held = True
+        self._thread.start()
+        return self
+
+    def _follow(self) -> None:
+        from .logs import iter_records, open_log
+
+        try:
+            raw = open_log(self.kube, self.namespace, self.name, follow=True)
+        except Exception as exc:  # noqa: BLE001 - no live output: the tails at the end
+            self.failed, self.error = True, str(getattr(exc, "status", exc))
+            self.answered.set()
+            self.done.set()
+            return
+        self.answered.set()
+        try:
+            for record in iter_records(raw):
+                self.printer.progress.clear()
+                self.lines.write([record])
+        except BrokenPipeError:
+            self.error = "broken pipe"
+        except Exception as exc:  # noqa: BLE001 - the connection broke: the tails at the end
+            self.failed, self.error = True, str(exc)
+        finally:
+            self.done.set()
+
+    def finish(self, wait: float = 30.0) -> bool:
+        """Wait for the rest of the output; True when it was all printed live."""
+        self.answered.wait(wait)
+        self.done.wait(wait)
+        self.lines.end()
+        live = self.answered.is_set() and self.done.is_set() and not self.failed
+        self.printer.held = False
+        self.printer.live = live
+        # A VM with no live output at all (its worker keeps none): its tails, as before.
+        self.printer.live_vms = set(self.lines.printed)
+        return live
 
 
 # --------------------------------------------------------------------------- running
@@ -602,6 +676,7 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
         return EXIT_TRANSPORT
     name = created["metadata"]["name"]
     printer = Printer(out, err, prefixed=bool(options.selector), progress=Progress(err, progress))
+    live = LiveOutput(kube, namespace, name, printer).start() if options.live else None
 
     started = time.monotonic()
     latest: dict[str, Any] = created
@@ -610,6 +685,8 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
     def on_update(obj: dict[str, Any]) -> bool:
         nonlocal latest
         latest = obj
+        if live is not None and printer.held and live.failed:
+            printer.held = False  # no live output: each VM's tails when it ends
         printer.show((obj.get("status") or {}).get("results") or [])
         return done(obj)
 
@@ -639,6 +716,13 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
         return EXIT_BROKEN_PIPE
     finally:
         printer.progress.clear()
+    if live is not None:
+        live.finish()
+        if live.error == "broken pipe":
+            kube.delete_command(namespace, name)
+            return EXIT_BROKEN_PIPE
+        if final is not None:
+            printer.show((final.get("status") or {}).get("results") or [])
     if final is None:
         err.write(f"vmfleet exec: RemoteCommand {namespace}/{name} was deleted before it finished\n")
         return EXIT_CANCELLED

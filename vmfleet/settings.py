@@ -85,6 +85,10 @@ class Settings:
         "VMFLEET_STATE_URL", None, BOTH,
         "Redis holding claims, heartbeats, reports, cancels and the VMs' slots (default: "
         "the broker, which must then be Redis).")
+    output_url: str | None = setting(
+        "VMFLEET_OUTPUT_URL", None, BOTH,
+        "A Redis of its own (never the broker) keeping each attempt's whole output for "
+        "`vmfleet logs`; unset: only the status tails (chart: `outputStore`).")
     api_connections: int = setting(
         "VMFLEET_API_CONNECTIONS", 32, BOTH,
         "Pooled HTTP connections to the Kubernetes API server per process.", minimum=1)
@@ -198,6 +202,21 @@ class Settings:
         "Port of the controller's `/readyz` (caches synced, broker and API reachable; a "
         "standby is Ready too); `0`: off (chart: `controller.readinessPort`).",
         minimum=0, maximum=65535)
+    logs_api_port: int = setting(
+        "VMFLEET_LOGS_API_PORT", 0, CONTROLLER,
+        "HTTPS port of the output API (`logs.vmfleet.io`, behind the API server's "
+        "aggregation layer); `0`: off (chart: `logsApi.port`).", minimum=0, maximum=65535)
+    logs_api_address: str | None = setting(
+        "VMFLEET_LOGS_API_ADDRESS", None, CONTROLLER,
+        "Address the output API listens on.",
+        default_doc="`0.0.0.0` in a cluster, else `127.0.0.1`")
+    logs_api_cert_file: str | None = setting(
+        "VMFLEET_LOGS_API_CERT_FILE", None, CONTROLLER,
+        "Serving certificate (PEM) of the output API for `<service>.<namespace>.svc`, signed "
+        "by the APIService's caBundle.")
+    logs_api_key_file: str | None = setting(
+        "VMFLEET_LOGS_API_KEY_FILE", None, CONTROLLER,
+        "Its private key (PEM).")
     # ------------------------------------------------------------------ worker
     heartbeat_seconds: float = setting(
         "VMFLEET_HEARTBEAT_SECONDS", 5.0, WORKER,
@@ -226,6 +245,19 @@ class Settings:
         "VMFLEET_CREDENTIALS_DIR", None, WORKER,
         "Where the workers' VMs' credentials Secrets are mounted, one folder per Secret "
         "(set by the controller).", default_doc="`/var/run/secrets/vmfleet.io/ssh`")
+
+    output_max_bytes: int = setting(
+        "VMFLEET_OUTPUT_MAX_BYTES", 16 * 1024 * 1024, WORKER,
+        "Output kept per attempt in the output store (both streams); past it the rest is "
+        "cut, the cut marked.", minimum=0, maximum=1024 * 1024 * 1024)
+    output_retention_seconds: float = setting(
+        "VMFLEET_OUTPUT_RETENTION_SECONDS", 86400.0, WORKER,
+        "How long an attempt's output is kept after its last line (a shorter "
+        "`ttlSecondsAfterFinished` wins).", minimum=60)
+    output_namespace_quota_bytes: int = setting(
+        "VMFLEET_OUTPUT_NAMESPACE_QUOTA_BYTES", 256 * 1024 * 1024, WORKER,
+        "Output one namespace may store within a retention period; past it, output is "
+        "cut (marked); `0`: no quota.", minimum=0)
 
     verify_key: str | None = setting(
         "VMFLEET_VERIFY_KEY", None, WORKER,
@@ -263,6 +295,7 @@ class Settings:
         in_cluster = bool(environ.get("KUBERNETES_SERVICE_HOST"))
         values.setdefault("worker_runtime", RUNTIME_DEPLOYMENT if in_cluster else RUNTIME_PROCESS)
         values.setdefault("metrics_address", "0.0.0.0" if in_cluster else "127.0.0.1")
+        values.setdefault("logs_api_address", "0.0.0.0" if in_cluster else "127.0.0.1")
         values.setdefault("message_ttl_seconds",
                           values.get("redispatch_seconds", REDISPATCH_SECONDS) + 60.0)
         return cls(**values)

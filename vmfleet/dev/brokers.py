@@ -94,7 +94,10 @@ class RedisServer:
         name: str = "redis",
         acl: bool = True,
         maxmemory: str = DEFAULT_MAXMEMORY,
+        eviction: str = "noeviction",
     ) -> None:
+        """``eviction``: the ``maxmemory-policy`` (the broker's is ``noeviction``; the
+        output store's, :func:`output_store`, evicts)."""
         self.workdir = Path(workdir).resolve()
         self.host = LOOPBACK
         self.port = port if port is not None else free_port(self.host)
@@ -102,6 +105,7 @@ class RedisServer:
         self.name = name
         self.acl = acl
         self.maxmemory = maxmemory
+        self.eviction = eviction
         self._process: ManagedProcess | None = None
         self._passwords: dict[str, str] | None = None
 
@@ -190,7 +194,7 @@ class RedisServer:
             'appenddirname "appendonly"',
             "databases 16",
             f"maxmemory {self.maxmemory}",
-            "maxmemory-policy noeviction",
+            f"maxmemory-policy {self.eviction}",
             *([f'aclfile "{self._write_acl_file()}"'] if self.acl else []),
             "",
         ]
@@ -282,6 +286,18 @@ class RedisServer:
 
     def __repr__(self) -> str:
         return f"RedisServer({self.anonymous_url})"
+
+
+OUTPUT_MAXMEMORY = "256mb"
+
+
+def output_store(workdir: Path, maxmemory: str = OUTPUT_MAXMEMORY) -> RedisServer:
+    """The output store (``VMFLEET_OUTPUT_URL``): a Redis of its own, never the broker, in
+    memory only, that evicts the least recently used output (every output key has a TTL:
+    ``volatile-lru``) rather than refuse a write. The same users as the broker's Redis:
+    the controller's creates each namespace's, confined to ``vmfleet.<ns>:*``."""
+    return RedisServer(workdir, name="output", persistent=False, maxmemory=maxmemory,
+                       eviction="volatile-lru")
 
 
 def amqp_ready(url: str, timeout: float = 2.0) -> bool:
@@ -471,4 +487,4 @@ class RabbitMQServer:
         return f"RabbitMQServer({self.url}, node={self.nodename})"
 
 
-__all__ = ["RabbitMQServer", "RedisServer", "amqp_ready", "redis_ping"]
+__all__ = ["RabbitMQServer", "RedisServer", "amqp_ready", "output_store", "redis_ping"]

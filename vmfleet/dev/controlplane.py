@@ -41,6 +41,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from vmfleet.dev.certs import Pair, ensure_ca, ensure_leaf
 from vmfleet.dev.netns import APISERVER_PORT, NetNamespace, Relay, node_ip
 from vmfleet.procs import ManagedProcess, free_port
 
@@ -70,6 +71,7 @@ NODE_USER = f"system:node:{NODE_NAME}"
 #: What kube-apiserver presents to a kubelet (logs, exec): a client certificate of the CA
 #: (no group: the local kubelet admits any client certificate of the CA, nothing else).
 KUBELET_CLIENT_CN = "kube-apiserver-kubelet-client"
+FRONT_PROXY_CN = "front-proxy-client"
 CONTEXT_NAME = "vmfleet-local"
 
 # Server components, in start order; they are stopped in reverse.
@@ -478,8 +480,35 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--allow-privileged=true",
             "--profiling=false",
+            *self._front_proxy_args(),
             *self.extra_apiserver_args,
         ]
+
+    def _front_proxy_args(self) -> list[str]:
+        """The aggregation layer: the API server proxies aggregated APIs (the output API,
+        ``logs.vmfleet.io``) with this client certificate and the caller in
+        ``X-Remote-*`` headers; it publishes the CA and names in ConfigMap
+        ``kube-system/extension-apiserver-authentication`` for the servers behind it."""
+        ca, client = self.front_proxy_pki()
+        return [
+            f"--requestheader-client-ca-file={ca.cert}",
+            f"--requestheader-allowed-names={FRONT_PROXY_CN}",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={client.cert}",
+            f"--proxy-client-key-file={client.key}",
+        ]
+
+    def front_proxy_pki(self) -> tuple[Pair, Pair]:
+        """The front proxy's CA (its own, not the cluster's: a user's client certificate
+        must never pass as the proxy) and client certificate, made once."""
+        ca = ensure_ca(Pair(self.pki / "front-proxy-ca.crt", self.pki / "front-proxy-ca.key"),
+                       "vmfleet-front-proxy-ca")
+        client = ensure_leaf(Pair(self.pki / "front-proxy-client.crt",
+                                  self.pki / "front-proxy-client.key"), ca, FRONT_PROXY_CN,
+                             server=False)
+        return ca, client
 
     def _controller_manager_args(self, binary: Path, kubeconfig: Path) -> list[str]:
         return [
