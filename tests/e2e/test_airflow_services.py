@@ -8,7 +8,9 @@ compare what Airflow says with the RemoteCommands and the VMs.
 
 ``kubernetes_default`` (type ``kubernetes``) points at one namespace of the local control
 plane for the whole module. Parallelism is 4 task slots: 20 tasks deferred at once hold
-none of them.
+none of them. The module runs a controller of its own (namespaces ``af-*``) with the output
+store and the output API (``logs.vmfleet.io`` behind its APIService), so that deferred
+tasks show their commands' output in the task log, as shipped.
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.fleet import REPO, Kubectl, Namespace, assert_no_tracebacks, unique_namespace
+from tests.e2e.fleet import REPO, Kubectl, Namespace, assert_no_tracebacks, start_controller, unique_namespace
 from vmfleet.airflow.naming import ANNOTATION_OUTPUT_POSITION
+from vmfleet.dev import logsapi
 from vmfleet.dev.airflow import AirflowApi, AirflowServices, kubernetes_connection
+from vmfleet.dev.brokers import RedisServer, output_store
 from vmfleet.dev.proc import ManagedProcess, wait_until
+from vmfleet.procs import free_port
 
 pytestmark = [
     pytest.mark.e2e,
@@ -80,9 +85,49 @@ class Airflow:
                 if c["metadata"].get("annotations", {}).get("airflow.vmfleet.io/dag-id") == dag_id]
 
 
+PREFIX = "af"
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = output_store(tmp_path_factory.mktemp("af-output"), maxmemory="64mb").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def controller_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("af-controller")
+
+
+@pytest.fixture(scope="module")
+def controller(controlplane, redis_server, crds, output: RedisServer,  # type: ignore[no-untyped-def]
+               controller_dir: Path) -> Iterator[ManagedProcess]:
+    """This module's controller: namespaces ``af-*``, the output store and the output API."""
+    ca, serving = logsapi.serving_pki(controller_dir)
+    port = free_port()
+    proc = start_controller(controlplane.kubeconfig, redis_server.url, controller_dir, [f"{PREFIX}-*"],
+                            extra_env={
+                                "VMFLEET_CONTROLLER_ID": "e2e-airflow",
+                                "VMFLEET_OUTPUT_URL": output.url,
+                                "VMFLEET_LOGS_API_PORT": str(port),
+                                "VMFLEET_LOGS_API_CERT_FILE": str(serving.cert),
+                                "VMFLEET_LOGS_API_KEY_FILE": str(serving.key),
+                            })
+    logsapi.register(controlplane.kubectl_run, port, ca.cert.read_bytes())
+    try:
+        logsapi.wait_available(controlplane.kubectl_run, timeout=90)
+        yield proc
+    finally:
+        logsapi.unregister(controlplane.kubectl_run)
+        proc.stop(grace=30)
+
+
 @pytest.fixture(scope="module")
 def airflow_ns(kubectl: Kubectl, controller: ManagedProcess, vms) -> Iterator[Namespace]:  # type: ignore[no-untyped-def]
-    namespace = Namespace(kubectl, unique_namespace("e2e")).create()
+    namespace = Namespace(kubectl, unique_namespace(PREFIX)).create()
     # 20 commands wait on vm1 at once (the restart test): room for all of them.
     namespace.add_vms(vms, maxConcurrentCommands=32)
     yield namespace
