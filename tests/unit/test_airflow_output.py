@@ -267,6 +267,22 @@ async def test_a_restarted_trigger_loses_no_line_and_marks_every_line_shown_twic
     assert any("(repeat)" in x for x in second.lines)  # the crashed batch is shown again
 
 
+async def test_a_trigger_stopped_gracefully_leaves_a_position_that_repeats_nothing(api):
+    first, second = Shown(), Shown()
+    async with _client(api.url) as c:
+        follower = asyncio.ensure_future(_follower(api, c, first).run())
+        await _printing(api, 6, 0.05)
+        await asyncio.wait_for(_until(lambda: len(first.lines) == 6), 5)
+        follower.cancel()  # the triggerer stops: the trigger is cancelled
+        with pytest.raises(asyncio.CancelledError):
+            await follower
+        await _printing(api, 2, 0.01, start=7)
+        api.end()
+        assert await asyncio.wait_for(_follower(api, c, second).run(), 10) is True
+    assert first.lines == [f"[vm1] line {i}" for i in range(1, 7)]
+    assert second.lines == ["[vm1] line 7", "[vm1] line 8"]  # nothing lost, nothing repeated
+
+
 async def test_refused_position_writes_stop_the_output_with_what_to_grant(api):
     api.print_lines("vm1", "one\n")
     api.fail_next = [403]  # the position GET

@@ -384,11 +384,28 @@ class OutputFollower:
                     break
             reader.result()  # the reader's error, if it ended with one
             return self.complete
+        except asyncio.CancelledError:
+            await self._leave()
+            raise
         finally:
             if not reader.done():
                 reader.cancel()
                 with suppress(asyncio.CancelledError):
                     await reader
+
+    async def _leave(self) -> None:
+        """Cancelled (a triggerer that stops gracefully, a trigger moved): record exactly how
+        far the task log got, so that the next trigger repeats nothing. Best effort: after a
+        SIGKILL the last checkpoint stands, and its batch is shown again, marked."""
+        position = Position(after=self._logged, upto={
+            k: s for k, s in self._position.upto.items() if s > self._logged_seq.get(k, 0)})
+        if self.checkpoints == 0 or position == self._position:
+            return
+        try:
+            await asyncio.wait_for(self._store.save(position), 2.0)
+        except Exception as exc:  # noqa: BLE001 - the last checkpoint still holds: repeats are marked
+            self.log.info("Could not record the final output position of RemoteCommand %s (%s): "
+                          "the next trigger marks its last lines as repeats", self._describe, exc)
 
     async def _read(self) -> None:
         backoff = self._backoff_start
