@@ -46,7 +46,7 @@ class FakeLogApi:
     annotations: dict[str, str] = field(default_factory=dict)
     requests: list[Request] = field(default_factory=list)
     patches: list[tuple[float, dict[str, Any], str]] = field(default_factory=list)  # (time, body, type)
-    fail_next: list[int] = field(default_factory=list)
+    fail_next: list[int | tuple[int, str]] = field(default_factory=list)  # status, or (status, message)
     drop_after: int | None = None  # records sent before the next log stream is cut
     log_status: int | None = None  # the log path answers this status (404: not served)
     ended: bool = False
@@ -110,8 +110,9 @@ class FakeLogApi:
         self.requests.append(Request(request.method, request.path, dict(request.query),
                                      dict(request.headers), time.monotonic()))
         if self.fail_next:
-            status = self.fail_next.pop(0)
-            return web.Response(status=status, text=json.dumps({"kind": "Status", "code": status}))
+            status, message = (lambda f: f if isinstance(f, tuple) else (f, ""))(self.fail_next.pop(0))
+            return web.Response(status=status, text=json.dumps(
+                {"kind": "Status", "code": status, "message": message}))
         if self.gone:
             return web.Response(status=404, text="not found")
         return None

@@ -141,11 +141,14 @@ async def test_the_reader_follows_the_aggregated_api_path_and_resumes_after_a_cu
 async def test_a_refusal_says_what_to_grant_and_a_busy_server_is_an_api_error(api):
     from kubernetes_asyncio.client.exceptions import ApiException
 
-    api.fail_next = [403, 404, 503]
+    api.fail_next = [403, 404, (503, "this controller keeps no output (VMFLEET_OUTPUT_URL is not set)"), 503]
     async with _client(api.url) as c:
-        with pytest.raises(OutputUnavailable, match=r"\(403\).*needs get on remotecommands"):
+        with pytest.raises(OutputUnavailable, match=r"\(403\).*needs get on remotecommands in vmfleet.io "
+                                                     r"and on remotecommands/log in logs.vmfleet.io"):
             [r async for r in read_records(c, "ops", "c")]
         with pytest.raises(OutputUnavailable, match=r"\(404\).*APIService v1alpha1.logs.vmfleet.io"):
+            [r async for r in read_records(c, "ops", "c")]
+        with pytest.raises(OutputUnavailable, match=r"\(503\).*keeps no output"):  # for good
             [r async for r in read_records(c, "ops", "c")]
         with pytest.raises(ApiException) as busy:
             [r async for r in read_records(c, "ops", "c")]
@@ -181,6 +184,7 @@ async def test_lines_are_shown_while_the_command_runs_and_a_dropped_stream_loses
     shown = Shown()
     api.print_lines("vm1", "line 1\n", "line 2\n", "line 3\n")
     api.drop_after = 2  # the first stream is cut after two records, mid-output
+    api.fail_next = [503]  # and the API server is busy at first (the position's GET)
     async with _client(api.url) as c:
         follower = asyncio.ensure_future(_follower(api, c, shown).run())
         await asyncio.wait_for(_until(lambda: len(shown.lines) == 3), 5)
@@ -192,6 +196,7 @@ async def test_lines_are_shown_while_the_command_runs_and_a_dropped_stream_loses
     assert shown.lines == [f"[vm1] line {i}" for i in range(1, 7)]
     # Resumed after the last record received, not from the start.
     assert [r.query.get("after") for r in api.log_requests()] == [None, "c2"]
+    assert [r.method for r in api.requests[:2]] == ["GET", "GET"]  # the busy answer retried
 
 
 async def _until(condition) -> None:

@@ -37,7 +37,7 @@ annotation, resumes after ``after`` and marks the records up to ``upto`` with
 did not get to log is marked too).
 
 What it costs, per deferred task that shows its output: one request held open to the API
-server (which holds one to the controller), one GET when the trigger starts, one PATCH per
+server (which holds one to the controller, and a thread there), one GET when the trigger starts, one PATCH per
 ``checkpoint_seconds`` while lines arrive (each one a watch event for the controller and the
 triggerers' shared watch of the namespace). Lines reach the task log within
 ``checkpoint_seconds`` plus the API round trips. At most ``MAX_PENDING_BYTES`` wait for a
@@ -215,7 +215,8 @@ async def read_records(api_client: Any, namespace: str, name: str,
     try:
         if response.status != 200:
             body = (await response.text(errors="replace"))[:500]
-            if response.status == 429 or response.status >= 500:
+            # A controller without an output store answers 503 for good: not worth retrying.
+            if (response.status == 429 or response.status >= 500) and "keeps no output" not in body:
                 exc = ApiException(status=response.status, reason=response.reason)
                 exc.body = body
                 raise exc
@@ -238,7 +239,7 @@ def _refusal(status: int, namespace: str, name: str, body: str) -> str:
     what = f"the output of RemoteCommand {namespace}/{name}"
     if status in (401, 403):
         return (f"Not allowed to read {what} ({status}): the triggerer's Kubernetes identity "
-                f"needs get on remotecommands and on remotecommands/log in {c.GROUP} and "
+                f"needs get on remotecommands in {c.GROUP} and on remotecommands/log in "
                 f"logs.{c.GROUP}; {body.strip()}")
     if status == 404:
         return (f"Cannot read {what} (404): the output API (APIService v1alpha1.logs.{c.GROUP}) "
