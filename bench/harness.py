@@ -36,10 +36,11 @@ SCENARIOS = (
 SYSTEMS = (
     "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
     "guide_send_task", "ssh_controlpersist", "asyncssh", "ansible", "parallel_ssh",
-    "airflow_sshoperator", "vmfleet_trigger", "vmfleet_triggerer", "cncf_kubernetes_pod",
+    "airflow_sshoperator", "vmfleet_trigger", "vmfleet_triggerer", "vmfleet_task_log",
+    "cncf_kubernetes_pod",
 )
 METRICS = ("commands_per_s", "wall_s", "p50_ms", "p95_ms", "p99_ms", "writes_per_command",
-           "writes_per_vm",
+           "writes_per_vm", "writes_per_s",
            "rss_mb", "seconds", "api_watches", "api_connections", "cpu_ms")
 # Lower is better for every metric but commands_per_s.
 HIGHER_IS_BETTER = {"commands_per_s"}

@@ -52,6 +52,7 @@ from vmfleet.airflow.output import (  # noqa: E402
     OutputFollower,
     OutputUnavailable,
     Position,
+    as_repeat,
     read_records,
 )
 from vmfleet.airflow.watches import FINISHED, Outcome  # noqa: E402
@@ -90,6 +91,12 @@ def test_a_line_printed_in_pieces_is_joined_within_a_batch_and_marked_across_bat
     # The last piece of the output, with no newline ever: shown as it is.
     assert [*f.feed(rec("vm1", 7, "no newline at the end"), False), *f.flush(final=True)] == [
         "[vm1] no newline at the end"]
+
+
+def test_a_line_shown_again_is_marked_once():
+    assert as_repeat("[vm1] text") == "[vm1] (repeat) text"
+    assert as_repeat("[vm1 stderr] (repeat) text") == "[vm1 stderr] (repeat) text"
+    assert as_repeat("[vm1] ] x") == "[vm1] (repeat) ] x"
 
 
 def test_the_position_annotation_round_trips_and_garbage_is_refused():
@@ -381,15 +388,22 @@ async def test_the_trigger_shows_the_lines_in_its_log_while_it_waits(api, tmp_pa
         await events.aclose()
     assert logged() == ["[vm1] line 1", "[vm1 stderr] failing", "[vm1] line 2"]
     assert event.payload["output_streamed"] is True and event.payload["phase"] == "Succeeded"
+    # The lines of the trigger's last seconds travel with the event (the triggerer may
+    # not have written them to the task's log before it heard that the trigger ended).
+    assert event.payload["output_last_lines"] == ["[vm1] line 1", "[vm1 stderr] failing", "[vm1] line 2"]
 
-    # The task then logs each VM's outcome, not the output a second time.
+    # The task then logs those again, marked, and each VM's outcome; not the tails.
     op = RemoteCommandOperator(task_id="t", vm="vm1", command="x")
     with structlog.testing.capture_logs() as logs:
         op.execute_complete({}, event.payload)
+    assert _messages(logs)[:5] == [
+        "The output's last lines again (the triggerer may not have written them to this log "
+        "before the task resumed):",
+        "[vm1] (repeat) line 1", "[vm1 stderr] (repeat) failing", "[vm1] (repeat) line 2",
+        "The output is above, shown while the task was deferred"]
     text = "\n".join(_messages(logs))
-    assert "The output is above, shown while the task was deferred" in text
     assert "vm1 (?): Succeeded, exit code 0" in text
-    assert "line 1" not in text
+    assert "vm1 stdout:" not in text
 
 
 async def test_without_stream_output_the_trigger_opens_no_stream_and_the_task_logs_the_tails(

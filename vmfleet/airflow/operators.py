@@ -27,7 +27,7 @@ from vmfleet.rerun import ANNOTATION_RERUN_OF, LABEL_RERUN_OF, not_succeeded
 
 from .hooks import VmfleetHook
 from .naming import ANNOTATION_SPEC_HASH, TaskIdentity, command_name, spec_hash
-from .output import CHECKPOINT_SECONDS
+from .output import CHECKPOINT_SECONDS, as_repeat
 from .results import failure_message, is_finished, results_of, retarget
 from .triggers import EVENT_DELETED, EVENT_FINISHED, RemoteCommandTrigger
 
@@ -77,6 +77,7 @@ class _RemoteCommandBase(BaseOperator):
         self.stream_output = stream_output
         self.output_checkpoint_seconds = output_checkpoint_seconds
         self._output_streamed = False
+        self._output_last_lines: list[str] = []
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
         self.config_file = config_file
@@ -131,6 +132,11 @@ class _RemoteCommandBase(BaseOperator):
     def log_output(self, status: dict[str, Any]) -> None:
         """Each VM's outcome, and its output unless the trigger already showed all of it."""
         if self._output_streamed:
+            if self._output_last_lines:
+                self.log.info("The output's last lines again (the triggerer may not have written "
+                              "them to this log before the task resumed):")
+                for line in self._output_last_lines:
+                    self.log.info("%s", as_repeat(line))
             self.log.info("The output is above, shown while the task was deferred")
         for vm, result in results_of(status).items():
             duration = result["duration_seconds"]
@@ -216,6 +222,7 @@ class _RemoteCommandBase(BaseOperator):
         if event.get("event") != EVENT_FINISHED:
             raise AirflowException(f"Unexpected event for RemoteCommand {namespace}/{name}: {event!r}")
         self._output_streamed = bool(event.get("output_streamed"))
+        self._output_last_lines = [str(x) for x in event.get("output_last_lines") or []]
         return self._finish_try(context, namespace, name, event.get("command_status") or {})
 
     def _finish_try(self, context: Any, namespace: str, name: str, status: dict[str, Any]) -> Any:

@@ -52,6 +52,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ from .naming import ANNOTATION_OUTPUT_POSITION
 
 __all__ = [
     "CHECKPOINT_SECONDS",
+    "as_repeat",
     "AnnotationStore",
     "LineFormatter",
     "OutputFollower",
@@ -77,6 +79,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SECONDS = 2.0
 MAX_PENDING_BYTES = 4 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
+# The last lines the trigger hands to the task with its event (see the trigger's docstring).
+RECENT_LINES, RECENT_BYTES = 200, 16 * 1024
 _BACKOFF_MAX = 30.0
 
 
@@ -115,6 +119,14 @@ class Position:
 
     def may_have_shown(self, record: LogRecord) -> bool:
         return record.seq <= self.upto.get(record_key(record), 0)
+
+
+def as_repeat(line: str) -> str:
+    """A task-log line shown again: ``[vm1] text`` -> ``[vm1] (repeat) text``."""
+    head, sep, rest = line.partition("] ")
+    if not sep or rest.startswith("(repeat) "):
+        return line
+    return f"{head}] (repeat) {rest}"
 
 
 def tag(record: LogRecord) -> str:
@@ -351,6 +363,7 @@ class OutputFollower:
         self._room = asyncio.Event()
         self._ended = False
         self.complete = False  # the server ended the stream after the command finished
+        self._recent: deque[tuple[float, str]] = deque(maxlen=RECENT_LINES)
         self.shown = 0  # records logged by this follower
         self.repeats = 0  # of which marked as repeats
         self.checkpoints = 0  # position writes
@@ -457,13 +470,29 @@ class OutputFollower:
         for record in batch:
             repeat = self._shown_before.may_have_shown(record)
             for line in self._lines.feed(record, repeat):
-                self._emit(line)
+                self._show_line(line)
             self._logged_seq[record_key(record)] = record.seq
             self.shown += 1
             self.repeats += repeat
         for line in self._lines.flush(final=final):
-            self._emit(line)
+            self._show_line(line)
         self._logged = batch[-1].cursor
+
+    def _show_line(self, line: str) -> None:
+        self._emit(line)
+        self._recent.append((time.monotonic(), line))
+
+    def recent(self, seconds: float, max_bytes: int = RECENT_BYTES) -> list[str]:
+        """The lines shown in the last ``seconds`` (the newest, at most ``max_bytes``)."""
+        since = time.monotonic() - seconds
+        out: list[str] = []
+        size = 0
+        for at, line in reversed(self._recent):
+            size += len(line) + 1
+            if at < since or size > max_bytes:
+                break
+            out.append(line)
+        return out[::-1]
 
     async def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
         backoff = self._backoff_start

@@ -39,6 +39,13 @@ EVENT_DELETED = DELETED
 _BACKOFF_MAX = 30.0
 # After the command finished, how long the trigger waits for the rest of its output.
 OUTPUT_DRAIN_SECONDS = 15.0
+# Airflow's triggerer writes a trigger's log records to the task's log only until it hears
+# that the trigger ended; records still queued then go to the triggerer's own log (seen
+# with 100 tasks on a loaded machine: the last batch of a few tasks). So the trigger waits
+# a moment after its last line, and hands the lines of its last seconds to the task, which
+# logs them again, marked (repeat).
+OUTPUT_SETTLE_SECONDS = 1.0
+OUTPUT_RESHOW_SECONDS = 5.0
 
 
 def _airflow_3_3_plus() -> bool:
@@ -69,7 +76,10 @@ class RemoteCommandTrigger(BaseTrigger):
         seconds after the deferral: see ``STALE_EVENT_GUARD_SECONDS`` in the operators).
     :param stream_output: show the command's output in the task log while waiting (one
         request held open per trigger; see :mod:`vmfleet.airflow.output`). The event then
-        says ``"output_streamed": True`` when all of it was shown.
+        says ``"output_streamed": True`` when all of it was shown, and
+        ``"output_last_lines"`` holds the lines of its last seconds, for the task to log
+        again marked ``(repeat)`` (the triggerer may not have written them to the task's
+        log before it heard that the trigger ended).
     :param output_checkpoint_seconds: at most one write of the read position (an
         annotation on the RemoteCommand) per this many seconds; lines reach the task log
         in batches this far apart.
@@ -101,6 +111,7 @@ class RemoteCommandTrigger(BaseTrigger):
         self.output_checkpoint_seconds = output_checkpoint_seconds
         self._fired = False
         self._command_done = False
+        self._follower: OutputFollower | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -116,7 +127,8 @@ class RemoteCommandTrigger(BaseTrigger):
             },
         )
 
-    def _event(self, kind: str, obj: dict[str, Any] | None, output_streamed: bool = False) -> TriggerEvent:
+    def _event(self, kind: str, obj: dict[str, Any] | None, output_streamed: bool = False,
+               output_last_lines: list[str] | None = None) -> TriggerEvent:
         status = (obj or {}).get("status") or {}
         return TriggerEvent({
             "event": kind,
@@ -125,6 +137,7 @@ class RemoteCommandTrigger(BaseTrigger):
             "phase": status.get("phase"),
             "command_status": status,
             "output_streamed": output_streamed,
+            "output_last_lines": output_last_lines or [],
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -137,6 +150,7 @@ class RemoteCommandTrigger(BaseTrigger):
             self._command_done = True
             early = (self.not_before or 0.0) - time.time()
             streamed = False
+            last_lines: list[str] = []
             if follower is not None:
                 drain = max(early, OUTPUT_DRAIN_SECONDS if outcome.kind == EVENT_FINISHED else 0.0)
                 done, _ = await asyncio.wait({follower}, timeout=drain)
@@ -145,11 +159,15 @@ class RemoteCommandTrigger(BaseTrigger):
                     self.log.warning("The output of RemoteCommand %s/%s did not end within %.0f s of "
                                      "the command: the task shows its output as the status has it",
                                      self.namespace, self.name, drain)
+                if streamed and self._follower is not None:
+                    await asyncio.sleep(OUTPUT_SETTLE_SECONDS)
+                    last_lines = self._follower.recent(OUTPUT_SETTLE_SECONDS + OUTPUT_RESHOW_SECONDS)
             early = (self.not_before or 0.0) - time.time()
             if early > 0:
                 await asyncio.sleep(early)
             self._fired = True
-            yield self._event(outcome.kind, outcome.obj, output_streamed=streamed)
+            yield self._event(outcome.kind, outcome.obj, output_streamed=streamed,
+                              output_last_lines=last_lines)
         finally:
             if follower is not None and not follower.done():
                 follower.cancel()
@@ -168,14 +186,14 @@ class RemoteCommandTrigger(BaseTrigger):
             self.log.warning("Not showing the output of RemoteCommand %s: %s", describe, exc)
             return False
         try:
-            follower = OutputFollower(
+            self._follower = OutputFollower(
                 partial(read_records, api_client, self.namespace, self.name),
                 AnnotationStore(api_client, self.namespace, self.name),
                 lambda line: self.log.info("%s", line),
                 describe=describe, checkpoint_seconds=self.output_checkpoint_seconds,
                 finished=lambda: self._command_done, logger=self.log,
             )
-            return await follower.run()
+            return await self._follower.run()
         except OutputUnavailable as exc:
             self.log.warning("Not showing the output in the task log: %s", exc)
         except Exception as exc:  # noqa: BLE001 - as above; the event still comes
