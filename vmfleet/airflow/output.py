@@ -86,7 +86,13 @@ _BACKOFF_MAX = 30.0
 
 class OutputUnavailable(RuntimeError):
     """The output cannot be shown for a reason retrying does not cure (forbidden, the
-    output API not served, the RemoteCommand gone); the message says which."""
+    output API not served, the RemoteCommand gone); the message says which.
+    ``not_served``: the cluster has no output API or store (the chart's default), not an
+    error of this task."""
+
+    def __init__(self, message: str, not_served: bool = False) -> None:
+        super().__init__(message)
+        self.not_served = not_served
 
 
 def record_key(record: LogRecord) -> str:
@@ -232,7 +238,8 @@ async def read_records(api_client: Any, namespace: str, name: str,
                 exc = ApiException(status=response.status, reason=response.reason)
                 exc.body = body
                 raise exc
-            raise OutputUnavailable(_refusal(response.status, namespace, name, body))
+            raise OutputUnavailable(_refusal(response.status, namespace, name, body),
+                                    not_served=response.status in (404, 503))
         pending = bytearray()
         async for chunk in response.content.iter_any():
             pending += chunk

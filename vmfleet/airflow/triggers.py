@@ -195,7 +195,8 @@ class RemoteCommandTrigger(BaseTrigger):
             )
             return await self._follower.run()
         except OutputUnavailable as exc:
-            self.log.warning("Not showing the output in the task log: %s", exc)
+            (self.log.info if exc.not_served else self.log.warning)(
+                "Not showing the output in the task log: %s", exc)
         except Exception as exc:  # noqa: BLE001 - as above; the event still comes
             self.log.warning("Stopped showing the output of RemoteCommand %s in the task log: %s: %s",
                              describe, type(exc).__name__, exc)
