@@ -470,9 +470,10 @@ class OutputFollower:
             key = record_key(record)
             upto[key] = max(upto.get(key, 0), record.seq)
         position = Position(after=self._logged, upto=upto)
+        started = time.monotonic()  # one write per interval, start to start
         await self._retrying("write the output position of", lambda: self._store.save(position))
         self.checkpoints += 1
-        self._next_write = time.monotonic() + self._checkpoint_seconds
+        self._next_write = started + self._checkpoint_seconds
         self._position = position
         for record in batch:
             repeat = self._shown_before.may_have_shown(record)
