@@ -31,24 +31,26 @@ SCENARIOS = (
     "one_vm_seq", "one_vm_conc8", "fanout50_cold", "fanout50_warm", "fanout200_warm",
     "e2e_latency", "throughput", "cancel_latency", "memory", "scale_vms", "airflow_deferred",
     "signing",
-    "fanout1000_loud",
+    "fanout1000_loud", "live_latency", "output_1gb",
 )
 SYSTEMS = (
     "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
     "guide_send_task", "ssh_controlpersist", "asyncssh", "ansible", "parallel_ssh",
     "airflow_sshoperator", "vmfleet_trigger", "vmfleet_triggerer", "vmfleet_task_log",
     "cncf_kubernetes_pod",
+    "vmfleet_logs", "ssh", "vmfleet_output_store", "vmfleet_broker",
 )
 METRICS = ("commands_per_s", "wall_s", "p50_ms", "p95_ms", "p99_ms", "writes_per_command",
            "writes_per_vm", "writes_per_s",
-           "rss_mb", "seconds", "api_watches", "api_connections", "cpu_ms")
-# Lower is better for every metric but commands_per_s.
-HIGHER_IS_BETTER = {"commands_per_s"}
+           "rss_mb", "seconds", "api_watches", "api_connections", "cpu_ms", "mb_per_s",
+           "slowdown_pct")
+# Lower is better for every metric but these.
+HIGHER_IS_BETTER = {"commands_per_s", "mb_per_s"}
 # The system every other row of a scenario is compared with (ratio = value / reference).
 REFERENCE = {
     "one_vm_seq": "vmfleet_ssh", "one_vm_conc8": "vmfleet_ssh",
     "fanout50_cold": "vmfleet", "fanout50_warm": "vmfleet", "fanout200_warm": "vmfleet",
-    "e2e_latency": "vmfleet", "throughput": "vmfleet",
+    "e2e_latency": "vmfleet", "throughput": "vmfleet", "live_latency": "ssh",
 }
 
 

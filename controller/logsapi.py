@@ -53,7 +53,10 @@ FOLLOW_BLOCK_MS = 1000
 #: After the command finished, an attempt with no end mark (its worker was lost) is
 #: waited for this long before the response ends.
 LOST_END_GRACE = 5.0
-PAGE = 500
+#: Entries read per Redis call (each at most the worker's 64 KiB batch): a reader holds
+#: about PAGE * 64 KiB of one command's output at a time, whatever its size.
+PAGE = 16
+BATCH_BYTES = 1024 * 1024
 
 
 class BadRequest(ValueError):
@@ -219,10 +222,12 @@ class OutputReader:
     """Reads one command's output from the store, as records."""
 
     def __init__(self, client: Any, block_ms: int = FOLLOW_BLOCK_MS,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 lost_end_grace: float = LOST_END_GRACE) -> None:
         self.client = client
         self.block_ms = block_ms
         self.clock = clock
+        self.lost_end_grace = lost_end_grace
 
     def _selected(self, namespace: str, uid: str, q: LogQuery) -> list[StreamRef]:
         return [r for r in attempts_of(self.client, namespace, uid)
@@ -302,9 +307,7 @@ class OutputReader:
         known: dict[str, StreamRef] = {}
         for ref in self._selected(namespace, uid, q):
             known[ref.field] = ref
-            batch = list(self.history(ref, q, positions, ended))
-            if batch:
-                yield batch
+            yield from _batched(self.history(ref, q, positions, ended))
         if not q.follow:
             return
         finished_at: float | None = None
@@ -318,12 +321,11 @@ class OutputReader:
                 continue  # list the attempts once more: all wrote before it finished
             if finished_at is not None and not open_refs:
                 return
-            if finished_at is not None and time.monotonic() - finished_at > LOST_END_GRACE:
+            if finished_at is not None and time.monotonic() - finished_at > self.lost_end_grace:
                 # An attempt without its end mark (its worker was lost): what it wrote.
                 for ref in open_refs:
-                    batch = list(self.history(ref, self._resumed(q, positions), positions, ended))
-                    if batch:
-                        yield batch
+                    yield from _batched(self.history(ref, self._resumed(q, positions), positions,
+                                                     ended))
                 return
             if not open_refs:
                 time.sleep(self.block_ms / 1000)
@@ -349,6 +351,20 @@ class OutputReader:
         """``q`` resuming after ``positions`` (whole entries read)."""
         return LogQuery(vm=q.vm, attempt=q.attempt, after={
             k: (entry_id, 1 << 30) for k, (entry_id, _) in positions.items()})
+
+
+def _batched(records: Iterator[LogRecord], limit: int = BATCH_BYTES) -> Iterator[list[LogRecord]]:
+    """Records in lists of about ``limit`` bytes of data (one response chunk each)."""
+    batch: list[LogRecord] = []
+    size = 0
+    for record in records:
+        batch.append(record)
+        size += len(record.data)
+        if size >= limit:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 # --------------------------------------------------------------------------- serving

@@ -305,6 +305,14 @@ class CommandExecutor:
                                          socket_connect_timeout=5, health_check_interval=30)
         return cls(State(state_url(conf.broker_url)), ConnectionPool(), Path(directory), store)
 
+    def read_rate(self) -> float:
+        """How fast an attempt's output is read now: the limit while this worker runs other
+        attempts too (a loud command must not take their share of the worker), none while
+        it runs alone."""
+        if len(self.cancels.attempts()) < 2:
+            return 0
+        return float(settings.current().output_read_rate_bytes)
+
     def attempt_output(self, envelope: Envelope, spec: RemoteCommandSpec
                        ) -> outputstore.AttemptOutput | None:
         """The writer of this attempt's whole output, when an output store is set."""
@@ -460,8 +468,13 @@ class CommandExecutor:
                          envelope.lost_pgid, envelope.ref, envelope.vm)
             result = run_command(
                 self.pool, target, invocation.line, invocation.stdin, spec.output.max_bytes,
-                on_stdout=lambda line: output_log.info("%s stdout] %s", prefix, line),
-                on_stderr=lambda line: output_log.info("%s stderr] %s", prefix, line),
+                # Without an output store the worker's log is where the whole output is;
+                # with one, the store has it (a line per log record would cost the worker
+                # more than the command's own output does).
+                on_stdout=None if output is not None else
+                lambda line: output_log.info("%s stdout] %s", prefix, line),
+                on_stderr=None if output is not None else
+                lambda line: output_log.info("%s stderr] %s", prefix, line),
                 nonce=nonce,
                 deadline=Deadline.earliest(deadlines.attempt, deadlines.overall),
                 gate=attempt.claim,
@@ -470,6 +483,7 @@ class CommandExecutor:
                 become=become,
                 control=attempt.control,
                 output=output,
+                read_rate=self.read_rate,
             )
         except TransportError as exc:
             if exc.pgid is not None:

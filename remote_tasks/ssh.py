@@ -385,6 +385,7 @@ class Connection:
         become: Become | None = None,
         control: AttemptControl | None = None,
         output: OutputSink | None = None,
+        read_rate: float | Callable[[], float] = 0,
     ) -> ExecResult:
         """Run ``line`` on a new channel and collect its output until it exits.
 
@@ -402,6 +403,10 @@ class Connection:
         reported that it runs; a refused or missing password ends the attempt at once
         (``ExecResult.become_failed``). A command killed by a signal has ``signal`` set.
         ``output`` gets every byte of each stream as it is read (the output store).
+        ``read_rate`` (bytes/s, 0: none; or a function giving it now): the command's
+        output is read no faster than this; SSH flow control then holds a command that
+        prints faster back, so that it cannot take the worker from the other commands
+        it runs.
         """
         assert self.transport is not None
         out = StreamTail(max_bytes, on_stdout, output.stdout if output is not None else None)
@@ -412,7 +417,8 @@ class Connection:
             raise ChannelOpenFailed(f"cannot open a channel to {self.target.host}: {exc}") from exc
         started = time.time()
         session = _Session(self, chan, stdin, out, err, nonce=nonce, deadline=deadline, gate=gate,
-                           tick=tick, kill_grace=kill_grace, become=become, control=control)
+                           tick=tick, kill_grace=kill_grace, become=become, control=control,
+                           read_rate=read_rate)
         try:
             session.drive(line)
             status, killed_by = session.outcome()
@@ -506,7 +512,8 @@ class _Session:
                  out: StreamTail, err: StreamTail, *, nonce: str | None,
                  deadline: Deadline | None, gate: Callable[[int | None, str], bool] | None,
                  tick: Callable[[], str | None] | None, kill_grace: float,
-                 become: Become | None, control: AttemptControl | None) -> None:
+                 become: Become | None, control: AttemptControl | None,
+                 read_rate: float | Callable[[], float] = 0) -> None:
         self.conn, self.chan, self.stdin, self.out, self.err = conn, chan, stdin, out, err
         self.nonce, self.deadline, self.gate, self.tick = nonce, deadline, gate, tick
         self.kill_grace, self.become, self.control = kill_grace, become, control
@@ -520,6 +527,9 @@ class _Session:
         self.dialogue = (SudoDialogue(nonce, become.password is not None)
                          if become is not None and nonce is not None else None)
         self.become_failed: str | None = None
+        self.read_rate = read_rate
+        self._read = 0  # bytes read since _read_since
+        self._read_since = time.monotonic()
 
     @property
     def host(self) -> str:
@@ -569,11 +579,12 @@ class _Session:
     def read(self) -> bool:
         """Take what arrived (waiting up to a tick); False once the channel is done."""
         chan = self.chan
+        self.hold_back()
         select.select([chan], [], [], TICK_SECONDS)
         while chan.recv_ready():
-            self.feed_stdout(chan.recv(READ_CHUNK))
+            self.feed_stdout(self.counted(chan.recv(READ_CHUNK)))
         while chan.recv_stderr_ready():
-            self.feed_stderr(chan.recv_stderr(READ_CHUNK))
+            self.feed_stderr(self.counted(chan.recv_stderr(READ_CHUNK)))
         if self.become_failed is not None:
             return False
         drained = not chan.recv_ready() and not chan.recv_stderr_ready()
@@ -584,6 +595,24 @@ class _Session:
             raise TransportError(f"connection to {self.host} broke during the command",
                                  pgid=self.pgid, nonce=self.nonce)
         return True
+
+    def counted(self, data: bytes) -> bytes:
+        self._read += len(data)
+        return data
+
+    def hold_back(self) -> None:
+        """Past ``read_rate``, wait (at most a tick) before reading more: the channel's
+        window fills and the remote command waits on its output."""
+        rate = self.read_rate() if callable(self.read_rate) else self.read_rate
+        now = time.monotonic()
+        if not rate:
+            self._read, self._read_since = 0, now  # unlimited now: no debt later
+            return
+        ahead = self._read_since + self._read / rate - now
+        if ahead > 0:
+            time.sleep(min(ahead, TICK_SECONDS))
+        elif now - self._read_since > 10:  # a fresh window: a quiet spell earns no burst
+            self._read, self._read_since = 0, now
 
     def feed_stdout(self, data: bytes) -> None:
         if self.head is None:

@@ -48,7 +48,6 @@ class LinePrinter:
         self.printed: set[str] = set()  # VMs with output shown
 
     def write(self, records: Iterable[LogRecord]) -> None:
-        flushed: set[int] = set()
         for record in records:
             stream = self.out if record.stream == "stdout" else self.err
             seen = self._attempts.get(record.vm)
@@ -69,8 +68,6 @@ class LinePrinter:
             else:
                 self._mid_line.add(key)
             self.printed.add(record.vm)
-            if id(stream) not in flushed:
-                flushed.add(id(stream))
         self.out.flush()
         self.err.flush()
 
@@ -160,12 +157,9 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
             return 1
         printer = LinePrinter(out, err, prefixed=args.vm is None and is_fan_out(obj),
                               timestamps=args.timestamps)
-        batch: list[LogRecord] = []
         for record in read_log(kube, namespace, args.name, vm=args.vm, attempt=args.attempt,
                                follow=args.follow, since_seconds=since, tail_lines=args.tail):
-            batch.append(record)
-            printer.write(batch)
-            batch.clear()
+            printer.write([record])
         printer.end()
         return exit_code(kube.get_command(namespace, args.name), args.vm)
     except KeyboardInterrupt:

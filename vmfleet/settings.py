@@ -254,6 +254,10 @@ class Settings:
         "VMFLEET_OUTPUT_RETENTION_SECONDS", 86400.0, WORKER,
         "How long an attempt's output is kept after its last line (a shorter "
         "`ttlSecondsAfterFinished` wins).", minimum=60)
+    output_read_rate_bytes: int = setting(
+        "VMFLEET_OUTPUT_READ_RATE_BYTES", 4 * 1024 * 1024, WORKER,
+        "While a worker runs several commands, each one's output is read at most this fast "
+        "(bytes/s; SSH flow control holds a louder one back); `0`: no limit.", minimum=0)
     output_namespace_quota_bytes: int = setting(
         "VMFLEET_OUTPUT_NAMESPACE_QUOTA_BYTES", 256 * 1024 * 1024, WORKER,
         "Output one namespace may store within a retention period; past it, output is "

@@ -92,6 +92,16 @@ def test_dev_up_converges_to_what_was_asked(tmp_path_factory: pytest.TempPathFac
         with pytest.raises(redis.exceptions.AuthenticationError):
             redis.Redis(host="127.0.0.1", port=port, socket_timeout=5).ping()
         assert "Created broker user vmfleet-ns-default" in (root / "controller.log").read_text()
+        # Watching commands: exec prints live and keeps the whole output for vmfleet logs.
+        client = {**dev.env, "KUBECONFIG": dev.state()["kubeconfig"]}
+        ran = subprocess.run([str(VMFLEET), "exec", "--keep", "vm1", "--", "sh", "-c",
+                              "echo one; echo two >&2"], capture_output=True, text=True,
+                             env=client, timeout=120)
+        assert (ran.returncode, ran.stdout) == (0, "one\n"), ran.stderr
+        name = ran.stderr.split("kept RemoteCommand default/")[1].split()[0]
+        logs = subprocess.run([str(VMFLEET), "logs", name], capture_output=True, text=True,
+                              env=client, timeout=120)
+        assert (logs.returncode, logs.stdout, logs.stderr) == (0, "one\n", "two\n")
         ports = [(i["spec"]["host"], i["spec"]["port"]) for i in dev.vms()]
 
         dev("down")

@@ -253,8 +253,8 @@ def test_only_who_may_get_the_command_reads_its_output(lns: Namespace, vms, cont
     assert refused.value.status == 403
     body = json.loads(refused.value.body)
     assert body["reason"] == "Forbidden"
-    assert ('User "system:serviceaccount:%s:log-only" cannot get resource "remotecommands" in '
-            'API group "vmfleet.io"' % ns) in body["message"]
+    assert (f'User "system:serviceaccount:{ns}:log-only" cannot get resource "remotecommands" '
+            'in API group "vmfleet.io"') in body["message"]
     assert [r.data for r in read_log(reader, ns, "secret-out")] == ["the-output\n"]
 
 

@@ -78,7 +78,10 @@ def test_every_object_is_named_and_labelled_from_the_helpers(values):
     for doc in docs:
         meta = doc["metadata"]
         where = f"{doc['kind']}/{meta['name']}"
-        assert meta["name"].startswith("rel-vmfleet"), where
+        if doc["kind"] == "APIService":  # Kubernetes fixes its name: <version>.<group>
+            assert meta["name"] == "v1alpha1.logs.vmfleet.io", where
+        else:
+            assert meta["name"].startswith("rel-vmfleet"), where
         labels = meta["labels"]
         assert labels["app.kubernetes.io/name"] == "vmfleet", where
         assert labels["app.kubernetes.io/instance"] == "rel", where
@@ -204,7 +207,7 @@ def test_every_container_has_distinct_probes_and_bounded_memory_and_storage():
         assert {"memory", "ephemeral-storage"} <= limits.keys(), where
         assert {"memory", "ephemeral-storage"} <= requests.keys(), where
         assert container["readinessProbe"] and container["livenessProbe"], where
-        if where != "rel-vmfleet-broker":  # a TCP check for both (the broker chart's own)
+        if where not in ("rel-vmfleet-broker", "rel-vmfleet-output-store"):  # TCP checks (Redis)
             assert container["readinessProbe"] != container["livenessProbe"], where
 
 
@@ -580,3 +583,72 @@ def test_the_queue_policy_refuses_a_remotevm_queue_outside_its_namespace() -> No
     off = helm("template", "rel", str(CHART), "--set", "remoteVMQueuePolicy.enabled=false",
                "--api-versions", "admissionregistration.k8s.io/v1/ValidatingAdmissionPolicy").stdout
     assert "rel-vmfleet-remotevm-queue" not in off
+
+
+def test_output_store_and_output_api():
+    """The output store is a Redis of its own that evicts (never the broker), reached with
+    the broker's users; the output API is an APIService to the controller with a serving
+    certificate its caBundle verifies, the controller may review access, and view/edit/admin
+    may ask for remotecommands/log."""
+    from cryptography import x509
+
+    docs = render(CHART / "ci" / "logs-values.yaml")
+    assert not find(render(), "APIService")  # off by default: cluster-wide, one release
+    kinds = {f"{d['kind']}/{d['metadata']['name']}" for d in docs} - {
+        f"{d['kind']}/{d['metadata']['name']}" for d in render()}
+    assert kinds == {
+        "Deployment/rel-vmfleet-output-store", "Service/rel-vmfleet-output-store",
+        "NetworkPolicy/rel-vmfleet-output-store", "Secret/rel-vmfleet-logs-api",
+        "Service/rel-vmfleet-logs-api", "APIService/v1alpha1.logs.vmfleet.io",
+        "ClusterRole/rel-vmfleet-logs-api-fleet", "ClusterRoleBinding/rel-vmfleet-logs-api-fleet",
+        "RoleBinding/rel-vmfleet-logs-api-fleet", "ClusterRole/rel-vmfleet-logs-api-fleet-view",
+        "ClusterRole/rel-vmfleet-logs-api-fleet-edit", "ClusterRole/rel-vmfleet-logs-api-fleet-admin"}
+    (store,) = find(docs, "Deployment", "rel-vmfleet-output-store")
+    (redis,) = store["spec"]["template"]["spec"]["containers"]
+    args = redis["args"]
+    assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru"
+    assert args[args.index("--maxmemory") + 1] == "256mb"
+    assert args[args.index("--aclfile") + 1] == "/var/run/vmfleet.io/broker-acl/users.acl"
+    (broker,) = find(docs, "Deployment", "rel-vmfleet-broker")
+    (broker_redis,) = broker["spec"]["template"]["spec"]["containers"]
+    assert broker_redis["args"][broker_redis["args"].index("--maxmemory-policy") + 1] == "noeviction"
+    (ns_secret,) = find(docs, "Secret", "rel-vmfleet-broker", "fleet")
+    assert ns_secret["stringData"]["output-url"].startswith(
+        "redis://vmfleet-ns-fleet:") and "@rel-vmfleet-output-store.fleet.svc:6379/0" in \
+        ns_secret["stringData"]["output-url"]
+    (policy,) = find(docs, "NetworkPolicy", "rel-vmfleet-output-store")
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "output-store"
+
+    (deploy,) = find(docs, "Deployment", "rel-vmfleet-controller")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["VMFLEET_OUTPUT_URL"]["valueFrom"]["secretKeyRef"] == {
+        "name": "rel-vmfleet-broker-controller", "key": "output-url"}
+    assert env["VMFLEET_LOGS_API_PORT"]["value"] == "8443"
+    (api,) = find(docs, "APIService", "v1alpha1.logs.vmfleet.io")
+    assert api["spec"]["service"] == {"name": "rel-vmfleet-logs-api", "namespace": "fleet",
+                                      "port": 443}
+    (secret,) = find(docs, "Secret", "rel-vmfleet-logs-api")
+    ca = x509.load_pem_x509_certificate(base64.b64decode(api["spec"]["caBundle"]))
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    assert cert.issuer == ca.subject
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "rel-vmfleet-logs-api.fleet.svc" in names.get_values_for_type(x509.DNSName)
+    (service,) = find(docs, "Service", "rel-vmfleet-logs-api")
+    assert service["spec"]["selector"]["app.kubernetes.io/component"] == "controller"
+    (review,) = find(docs, "ClusterRole", "rel-vmfleet-logs-api-fleet")
+    assert rules_of(review) == [{"apiGroups": ["authorization.k8s.io"],
+                                 "resources": ["subjectaccessreviews"], "verbs": ["create"]}]
+    (reader,) = find(docs, "RoleBinding", "rel-vmfleet-logs-api-fleet", "kube-system")
+    assert reader["roleRef"]["name"] == "extension-apiserver-authentication-reader"
+    for role in ("view", "edit", "admin"):
+        (aggregated,) = find(docs, "ClusterRole", f"rel-vmfleet-logs-api-fleet-{role}")
+        assert aggregated["metadata"]["labels"][f"rbac.authorization.k8s.io/aggregate-to-{role}"] == "true"
+        assert rules_of(aggregated) == [{"apiGroups": ["logs.vmfleet.io"],
+                                         "resources": ["remotecommands/log"], "verbs": ["get"]}]
+
+    off = render()
+    assert not find(off, "APIService") and not find(off, "Deployment", "rel-vmfleet-output-store")
+    (deploy,) = find(off, "Deployment", "rel-vmfleet-controller")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    assert not {"VMFLEET_OUTPUT_URL", "VMFLEET_LOGS_API_PORT"} & {e["name"] for e in container["env"]}

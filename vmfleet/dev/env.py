@@ -24,13 +24,20 @@ import yaml
 
 from vmfleet.api import constants as c
 from vmfleet.api.signing import write_key_pair
-from vmfleet.dev import env_cluster
+from vmfleet.dev import env_cluster, logsapi
 from vmfleet.dev import node as node_mod
-from vmfleet.dev.brokers import RabbitMQServer, RedisServer
+from vmfleet.dev.brokers import RabbitMQServer, RedisServer, output_store
 from vmfleet.dev.controlplane import ControlPlane
 from vmfleet.dev.manifests import vm_manifests
 from vmfleet.dev.sshd import start_vms
-from vmfleet.procs import ManagedProcess, port_open, stop_pid_file, wait_until, write_pid_file
+from vmfleet.procs import (
+    ManagedProcess,
+    free_port,
+    port_open,
+    stop_pid_file,
+    wait_until,
+    write_pid_file,
+)
 from vmfleet.tenancy import redacted
 
 NAMESPACE = "default"
@@ -173,13 +180,27 @@ def up(vms: int = 3, broker: str = "redis", node: bool = False, pod_network: boo
                  f"crd/{c.VM_PLURAL}.{c.GROUP}", f"crd/{c.COMMAND_PLURAL}.{c.GROUP}")
 
         if node:
+            # The Process runtime's output API (an ExternalName Service to a controller
+            # process) is not the node's: an APIService nobody serves would hold up every
+            # namespace's deletion.
+            logsapi.unregister(cp.kubectl_run)
             _start_node(cp, server)
         else:
             _remove_release(cp)
+            print("Starting the output store (a Redis of its own)...")
+            store = output_store(root / "output").start()
+            ca, serving = logsapi.serving_pki(root / "logs-api")
+            logs_port = free_port()
             print("Starting the controller (Process runtime)...")
             env = dict(os.environ)
             private_key, _ = write_key_pair(root)  # signs every message to the workers
             env.update({
+                # The whole output of each attempt (vmfleet logs), and the output API
+                # behind the API server's aggregation layer.
+                "VMFLEET_OUTPUT_URL": store.url,
+                "VMFLEET_LOGS_API_PORT": str(logs_port),
+                "VMFLEET_LOGS_API_CERT_FILE": str(serving.cert),
+                "VMFLEET_LOGS_API_KEY_FILE": str(serving.key),
                 "KUBECONFIG": str(kubeconfig),
                 "VMFLEET_SIGNING_KEY_FILE": str(private_key),
                 "VMFLEET_BROKER_URL": server.url,
@@ -194,6 +215,8 @@ def up(vms: int = 3, broker: str = "redis", node: bool = False, pod_network: boo
                 root / "controller.log", env=env,
             ).start()
             write_pid_file(controller, root / "controller.pgid")
+            logsapi.register(cp.kubectl_run, logs_port, ca.cert.read_bytes())
+            logsapi.wait_available(cp.kubectl_run, timeout=90)
 
         # Exactly vm1..vmN, each as dev up writes it (server-side apply, forced: what
         # dev up owns is reset; a field someone else set stays theirs). The controller

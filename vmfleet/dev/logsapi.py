@@ -19,7 +19,7 @@ from typing import Any
 from vmfleet.api.logs import GROUP, RESOURCE, SUBRESOURCE, VERSION
 from vmfleet.dev.certs import Pair, ensure_ca, ensure_leaf
 
-SERVICE_NAME = "vmfleet-logs-api"
+SERVICE_NAME = "vmfleet-dev-logs-api"  # not the chart's (<release>-logs-api)
 SERVICE_NAMESPACE = "default"
 APISERVICE_NAME = f"{VERSION}.{GROUP}"
 LOOPBACK = "127.0.0.1"

@@ -239,3 +239,21 @@ ValidatingAdmissionPolicy. */}}
   resources: [deployments]
   verbs: [create, patch]
 {{- end -}}
+
+{{/* The output store (a Redis of its own beside the bundled broker): on when both are. */}}
+{{- define "vmfleet.outputStoreEnabled" -}}
+{{- if and .Values.outputStore.enabled .Values.broker.bundled.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{- define "vmfleet.outputStoreName" -}}
+{{- include "vmfleet.componentName" (dict "root" . "component" "output-store") -}}
+{{- end -}}
+
+{{/* A redis:// URL of the output store: (dict "root" $ "user" u "password" p). */}}
+{{- define "vmfleet.outputURL" -}}
+{{- printf "redis://%s:%s@%s.%s.svc:6379/0" .user .password (include "vmfleet.outputStoreName" .root) .root.Release.Namespace -}}
+{{- end -}}
+
+{{- define "vmfleet.logsApiName" -}}
+{{- include "vmfleet.componentName" (dict "root" . "component" "logs-api") -}}
+{{- end -}}
