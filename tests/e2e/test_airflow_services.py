@@ -16,6 +16,7 @@ tasks show their commands' output in the task log, as shipped.
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import sys
 import uuid
@@ -389,6 +390,9 @@ def test_a_deferred_tasks_log_shows_the_output_as_it_comes_and_loses_none_over_a
     assert api.wait_run(dag, run_id) == "success", api.states(dag, run_id)
 
     shown = _output_lines(api, dag, run_id, "print")
+    if os.environ.get("VMFLEET_TEST_DAG_LOGS"):  # the task log as the UI shows it
+        for entry in api.task_log(dag, run_id, "print"):
+            print(entry.get("timestamp"), entry.get("event"))
     expected = [f"[vm1] line {i}" for i in range(1, 16)] + ["[vm1 stderr] warning after 5"]
     plain = [line for line in shown if "(repeat) " not in line]
     repeats = [line.replace("(repeat) ", "") for line in shown if "(repeat) " in line]
