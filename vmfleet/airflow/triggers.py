@@ -45,7 +45,7 @@ OUTPUT_DRAIN_SECONDS = 15.0
 # a moment after its last line, and hands the lines of its last seconds to the task, which
 # logs them again, marked (repeat).
 OUTPUT_SETTLE_SECONDS = 1.0
-OUTPUT_RESHOW_SECONDS = 5.0
+OUTPUT_RESHOW_SECONDS = 2.0  # before the settling: the last batch or two
 
 
 def _airflow_3_3_plus() -> bool:
