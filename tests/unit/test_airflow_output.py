@@ -444,3 +444,30 @@ async def test_an_output_api_that_is_not_served_leaves_the_task_as_it_was(
                "ops/c (404)" in m for m in said), said
     assert _messages(logs, "warning") == []
     assert len(api.log_requests()) == 1  # not retried: retrying cannot change a 404
+
+
+async def test_output_that_does_not_end_in_time_is_cut_and_the_task_logs_the_tails_said_again(
+        api, tmp_path, monkeypatch):
+    monkeypatch.setattr(triggers_module, "OUTPUT_DRAIN_SECONDS", 0.3)
+    watch = _Watch()
+    trigger = RemoteCommandTrigger(name="c", namespace="ops", in_cluster=False,
+                                   config_file=str(_kubeconfig(tmp_path / "kc", api.url)),
+                                   stream_output=True, output_checkpoint_seconds=0.1)
+    with structlog.testing.capture_logs() as logs:
+        first, events = await _run_trigger(trigger, watch, api, monkeypatch)
+        api.print_lines("vm1", "line 1\n")
+        await asyncio.wait_for(_until(lambda: "[vm1] line 1" in _messages(logs)), 5)
+        watch.done.set()  # finished, but the server never ends the stream
+        event = await asyncio.wait_for(first, 10)
+        api.print_lines("vm1", "line 2\n")
+        await asyncio.sleep(0.5)
+        await events.aclose()
+    assert "[vm1] line 2" not in _messages(logs)  # nothing shown after the event
+    assert event.payload["output_streamed"] is False and event.payload["output_shown"] == 1
+    assert any("did not end within 0 s of the command" in m for m in _messages(logs, "warning"))
+
+    op = RemoteCommandOperator(task_id="t", vm="vm1", command="x")
+    with structlog.testing.capture_logs() as logs:
+        op.execute_complete({}, event.payload)
+    assert ("vm1 stdout (again: part of it is above, shown while the task was deferred):\n"
+            "line 1\nline 2") in "\n".join(_messages(logs))

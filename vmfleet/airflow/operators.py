@@ -78,6 +78,7 @@ class _RemoteCommandBase(BaseOperator):
         self.output_checkpoint_seconds = output_checkpoint_seconds
         self._output_streamed = False
         self._output_last_lines: list[str] = []
+        self._output_shown = 0
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
         self.config_file = config_file
@@ -145,9 +146,11 @@ class _RemoteCommandBase(BaseOperator):
                 result["reason"] or result["phase"], result["exit_code"],
                 f", {duration} s" if duration is not None else "",
             )
+            again = " (again: part of it is above, shown while the task was deferred)" \
+                if self._output_shown else ""
             for stream in ("stdout", "stderr"):
                 if result[stream] and not self._output_streamed:
-                    self.log.info("%s %s:\n%s", vm, stream, result[stream].rstrip("\n"))
+                    self.log.info("%s %s%s:\n%s", vm, stream, again, result[stream].rstrip("\n"))
 
     def execute(self, context: Any) -> Any:
         namespace = self.hook.namespace(self.namespace)
@@ -223,6 +226,7 @@ class _RemoteCommandBase(BaseOperator):
             raise AirflowException(f"Unexpected event for RemoteCommand {namespace}/{name}: {event!r}")
         self._output_streamed = bool(event.get("output_streamed"))
         self._output_last_lines = [str(x) for x in event.get("output_last_lines") or []]
+        self._output_shown = int(event.get("output_shown") or 0)
         return self._finish_try(context, namespace, name, event.get("command_status") or {})
 
     def _finish_try(self, context: Any, namespace: str, name: str, status: dict[str, Any]) -> Any:

@@ -76,7 +76,8 @@ class RemoteCommandTrigger(BaseTrigger):
         seconds after the deferral: see ``STALE_EVENT_GUARD_SECONDS`` in the operators).
     :param stream_output: show the command's output in the task log while waiting (one
         request held open per trigger; see :mod:`vmfleet.airflow.output`). The event then
-        says ``"output_streamed": True`` when all of it was shown, and
+        says ``"output_streamed": True`` when all of it was shown (``"output_shown"``: how
+        many records were), and
         ``"output_last_lines"`` holds the lines of its last seconds, for the task to log
         again marked ``(repeat)`` (the triggerer may not have written them to the task's
         log before it heard that the trigger ended).
@@ -128,7 +129,7 @@ class RemoteCommandTrigger(BaseTrigger):
         )
 
     def _event(self, kind: str, obj: dict[str, Any] | None, output_streamed: bool = False,
-               output_last_lines: list[str] | None = None) -> TriggerEvent:
+               output_last_lines: list[str] | None = None, output_shown: int = 0) -> TriggerEvent:
         status = (obj or {}).get("status") or {}
         return TriggerEvent({
             "event": kind,
@@ -138,6 +139,7 @@ class RemoteCommandTrigger(BaseTrigger):
             "command_status": status,
             "output_streamed": output_streamed,
             "output_last_lines": output_last_lines or [],
+            "output_shown": output_shown,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
@@ -159,6 +161,9 @@ class RemoteCommandTrigger(BaseTrigger):
                     self.log.warning("The output of RemoteCommand %s/%s did not end within %.0f s of "
                                      "the command: the task shows its output as the status has it",
                                      self.namespace, self.name, drain)
+                    follower.cancel()  # no line after this one: the task logs the tails
+                    with suppress(asyncio.CancelledError):
+                        await follower
                 if streamed and self._follower is not None:
                     await asyncio.sleep(OUTPUT_SETTLE_SECONDS)
                     last_lines = self._follower.recent(OUTPUT_SETTLE_SECONDS + OUTPUT_RESHOW_SECONDS)
@@ -167,7 +172,8 @@ class RemoteCommandTrigger(BaseTrigger):
                 await asyncio.sleep(early)
             self._fired = True
             yield self._event(outcome.kind, outcome.obj, output_streamed=streamed,
-                              output_last_lines=last_lines)
+                              output_last_lines=last_lines,
+                              output_shown=self._follower.shown if self._follower is not None else 0)
         finally:
             if follower is not None and not follower.done():
                 follower.cancel()
