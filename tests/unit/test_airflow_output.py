@@ -279,7 +279,8 @@ async def test_a_restarted_trigger_loses_no_line_and_marks_every_line_shown_twic
     assert any("(repeat)" in x for x in second.lines)  # the crashed batch is shown again
 
 
-async def test_a_trigger_stopped_gracefully_leaves_a_position_that_repeats_nothing(api):
+async def test_a_trigger_stopped_gracefully_leaves_a_position_that_repeats_nothing(api, caplog):
+    caplog.set_level("INFO", logger="vmfleet.airflow.output")
     first, second = Shown(), Shown()
     async with _client(api.url) as c:
         follower = asyncio.ensure_future(_follower(api, c, first).run())
@@ -293,6 +294,8 @@ async def test_a_trigger_stopped_gracefully_leaves_a_position_that_repeats_nothi
         assert await asyncio.wait_for(_follower(api, c, second).run(), 10) is True
     assert first.lines == [f"[vm1] line {i}" for i in range(1, 7)]
     assert second.lines == ["[vm1] line 7", "[vm1] line 8"]  # nothing lost, nothing repeated
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("Resuming")] == [
+        "Resuming the output of RemoteCommand ops/c in the task log where an earlier trigger left it"]
 
 
 async def test_refused_position_writes_stop_the_output_with_what_to_grant(api):

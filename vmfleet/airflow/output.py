@@ -388,7 +388,8 @@ class OutputFollower:
         self._logged = self._cursor = self._position.after
         if loaded is not None:
             self.log.info("Resuming the output of RemoteCommand %s in the task log where an earlier "
-                          "trigger left it; lines it may have shown are marked (repeat)", self._describe)
+                          "trigger left it%s", self._describe,
+                          "; lines it may have shown are marked (repeat)" if loaded.upto else "")
         reader = asyncio.ensure_future(self._read())
         try:
             while True:
