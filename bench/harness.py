@@ -36,11 +36,12 @@ SCENARIOS = (
 SYSTEMS = (
     "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
     "guide_send_task", "ssh_controlpersist", "asyncssh", "ansible", "parallel_ssh",
-    "airflow_sshoperator", "vmfleet_trigger", "vmfleet_triggerer", "cncf_kubernetes_pod",
+    "airflow_sshoperator", "vmfleet_trigger", "vmfleet_triggerer", "vmfleet_task_log",
+    "cncf_kubernetes_pod",
     "vmfleet_logs", "ssh", "vmfleet_output_store", "vmfleet_broker",
 )
 METRICS = ("commands_per_s", "wall_s", "p50_ms", "p95_ms", "p99_ms", "writes_per_command",
-           "writes_per_vm",
+           "writes_per_vm", "writes_per_s",
            "rss_mb", "seconds", "api_watches", "api_connections", "cpu_ms", "mb_per_s",
            "slowdown_pct")
 # Lower is better for every metric but these.

@@ -36,6 +36,7 @@ every 0.5 s; timed from the moment a watch sees the pod ``Succeeded`` to the tas
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -45,16 +46,26 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.fixtures import REPO, cluster
+from bench.fixtures import PRODUCTION, REPO, cluster, vm_pool
 from bench.harness import Bench, percentile
+from tests.e2e.fleet import start_controller
 from vmfleet.airflow.naming import CREATED_BY_AIRFLOW, LABEL_CREATED_BY
 from vmfleet.api.constants import COMMAND_PLURAL, GROUP, VERSION
+from vmfleet.dev import logsapi
 from vmfleet.dev.airflow import AirflowServices, kubernetes_connection
+from vmfleet.dev.brokers import output_store
+from vmfleet.dev.manifests import vm_manifests
 from vmfleet.dev.node import Node, build_image, missing_requirements
 from vmfleet.dev.proc import wait_until
+from vmfleet.procs import free_port
 
 SCENARIOS = ("airflow_deferred",)
 NAMESPACE = "bench-airflow"
+OUTPUT_NAMESPACE = "bench-airflow-output"
+OUTPUT_DAG_ID = "bench_airflow_output"
+OUTPUT_VMS = 4
+OUTPUT_LINES, OUTPUT_EVERY = 20, 0.5
+OUTPUT_GO = "/tmp/bench-airflow-output.go"
 DAG_ID = "bench_airflow_deferred"
 POD_DAG_ID = "bench_airflow_pod_deferred"
 AIRFLOW_BIN = REPO / ".venv-airflow" / "bin"
@@ -68,8 +79,25 @@ with DAG(dag_id="{dag_id}", schedule=None, start_date=datetime(2024, 5, 1),
          max_active_tasks={n}, default_args={{"retries": 0}}):
     RemoteCommandOperator.partial(
         task_id="wait", vm="vm1", command="true", defer_after_seconds=0,
-        kubernetes_conn_id="kubernetes_default",
+        kubernetes_conn_id="kubernetes_default", stream_output=False,  # the wait alone
     ).expand(env=[{{"I": str(i)}} for i in range({n})])
+'''
+
+# The output in the task log: each task's command waits for the go file, then prints a
+# timestamp every EVERY seconds; its lines reach the task log through the trigger.
+OUTPUT_DAG = '''
+from datetime import datetime
+from airflow.sdk import DAG
+from vmfleet.airflow import RemoteCommandOperator
+
+with DAG(dag_id="{dag_id}", schedule=None, start_date=datetime(2024, 5, 1),
+         max_active_tasks={n}, default_args={{"retries": 0}}):
+    RemoteCommandOperator.partial(
+        task_id="print", namespace="{namespace}", defer_after_seconds=0,
+        kubernetes_conn_id="kubernetes_default",
+        command='while [ ! -e {go} ]; do sleep 0.2; done; '
+                'for i in $(seq 1 {lines}); do echo "printed $(date +%s.%N)"; sleep {every}; done',
+    ).expand(vm={vms!r})
 '''
 
 
@@ -276,11 +304,20 @@ def run(bench: Bench, wanted: list[str]) -> None:
         node, image, why = _node_for_pods(bench, fleet)
         if node is None:
             bench.skip("airflow_deferred", "cncf_kubernetes_pod", why)
-    if n <= 0 and node is None:
+    out_n = int(os.environ.get("VMFLEET_BENCH_AIRFLOW_OUTPUT_TASKS") or (20 if bench.quick else 100))
+    if n <= 0 and node is None and out_n <= 0:
         return
     dags = bench.workdir / "airflow-dags"
     dags.mkdir(parents=True, exist_ok=True)
     dag_ids = []
+    out_vms: list[Any] = []
+    if out_n > 0:
+        out_vms = _output_fleet(bench, fleet, out_n)
+        (dags / f"{OUTPUT_DAG_ID}.py").write_text(OUTPUT_DAG.format(
+            dag_id=OUTPUT_DAG_ID, n=out_n, namespace=OUTPUT_NAMESPACE, go=OUTPUT_GO,
+            lines=OUTPUT_LINES, every=OUTPUT_EVERY,
+            vms=[out_vms[i % len(out_vms)].name for i in range(out_n)]))
+        dag_ids.append(OUTPUT_DAG_ID)
     if n > 0:
         (dags / f"{DAG_ID}.py").write_text(DAG.format(dag_id=DAG_ID, n=n))
         dag_ids.append(DAG_ID)
@@ -300,6 +337,8 @@ def run(bench: Bench, wanted: list[str]) -> None:
     services.start(dag_ids=tuple(dag_ids))
     if n > 0:
         run_services(bench, fleet, services, n)
+    if out_n > 0:
+        run_output(bench, fleet, services, out_n, out_vms)
     if node is not None:
         run_pod_waits(bench, fleet, services, pods, go_dir)
 
@@ -488,3 +527,111 @@ def run_pod_waits(bench: Bench, fleet: Any, services: AirflowServices, n: int, g
     bench.record("airflow_deferred", system, "api_connections", [peak.connections], note)
     bench.record("airflow_deferred", system, "p50_ms", [percentile(latencies, 50) * 1000], note)
     bench.record("airflow_deferred", system, "p99_ms", [percentile(latencies, 99) * 1000], note)
+
+
+def _output_fleet(bench: Bench, fleet: Any, n: int) -> list[Any]:
+    """A controller of its own for OUTPUT_NAMESPACE with the output store and the output
+    API behind its APIService (as shipped), and OUTPUT_VMS VMs of the pool there."""
+    workdir = bench.workdir / "output-controller"
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = output_store(workdir / "store", maxmemory="256mb").start()
+    bench._cleanups.append(store.stop)
+    ca, serving = logsapi.serving_pki(workdir)
+    port = free_port()
+    fleet.kubectl("create", "namespace", OUTPUT_NAMESPACE)
+    controller = start_controller(fleet.cp.kubeconfig, fleet.redis.url, workdir, [OUTPUT_NAMESPACE],
+                                  extra_env={**PRODUCTION, "VMFLEET_CONTROLLER_ID": "bench-output",
+                                             "VMFLEET_OUTPUT_URL": store.url,
+                                             "VMFLEET_LOGS_API_PORT": str(port),
+                                             "VMFLEET_LOGS_API_CERT_FILE": str(serving.cert),
+                                             "VMFLEET_LOGS_API_KEY_FILE": str(serving.key)})
+    bench._cleanups.append(lambda: controller.stop(grace=60))
+    logsapi.register(fleet.cp.kubectl_run, port, ca.cert.read_bytes())
+    bench._cleanups.append(lambda: logsapi.unregister(fleet.cp.kubectl_run))
+    logsapi.wait_available(fleet.cp.kubectl_run, timeout=120)
+    vms = vm_pool(bench, OUTPUT_VMS)
+    per_vm = -(-n // len(vms)) + 2
+    objects = [o for vm in vms for o in vm_manifests(vm, OUTPUT_NAMESPACE, maxConcurrentCommands=per_vm)]
+    fleet.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+
+    def ready() -> bool:
+        items = fleet.kube.custom.list_namespaced_custom_object(GROUP, VERSION, OUTPUT_NAMESPACE,
+                                                                "remotevms")["items"]
+        return len(items) == len(vms) and all(
+            ((i.get("status") or {}).get("workers") or {}).get("readyReplicas", 0) >= 1 for i in items)
+
+    wait_until(ready, timeout=300, interval=1, what="the output VMs' workers")
+    return vms
+
+
+def _log_time(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).replace(tzinfo=UTC).timestamp()
+
+
+def run_output(bench: Bench, fleet: Any, services: AirflowServices, n: int, vms: list[Any]) -> None:
+    """N deferred tasks whose commands print a timestamp every OUTPUT_EVERY s: from the
+    moment a line is printed on the VM to the moment the triggerer logged it in the task log."""
+    api = services.api
+    peak = _TriggererPeaks(fleet, services)
+    for vm in vms:
+        vm.host_path(OUTPUT_GO).unlink(missing_ok=True)
+    run_id = api.trigger(OUTPUT_DAG_ID, {})
+
+    def all_deferred() -> bool:
+        peak.sample()
+        states = api.states(OUTPUT_DAG_ID, run_id)
+        print(f"    {sum(s == 'deferred' for s in states.values())}/{n} output tasks deferred", flush=True)
+        failed = sorted(k for k, s in states.items() if s in ("failed", "upstream_failed"))
+        if failed:
+            raise RuntimeError(f"{len(failed)} tasks failed before deferring: {failed[:5]}")
+        return len(states) == n and all(s == "deferred" for s in states.values())
+
+    wait_until(all_deferred, timeout=3600, interval=10, what=f"{n} output tasks deferred")
+    time.sleep(15)  # every trigger started and follows its command's (still empty) output
+    peak.sample()
+    writes_before = fleet.write_requests().get("remotecommands", 0.0)
+    started = time.monotonic()
+    for vm in vms:
+        vm.host_path(OUTPUT_GO).write_text("")
+    while time.monotonic() - started < OUTPUT_LINES * OUTPUT_EVERY + 2:
+        peak.sample()
+        time.sleep(2)
+    printing_s = time.monotonic() - started
+    writes = fleet.write_requests().get("remotecommands", 0.0) - writes_before
+    state = api.wait_run(OUTPUT_DAG_ID, run_id, timeout=3600)
+    latencies: list[float] = []
+    tasks_with_all = in_time = 0
+    for task_dir in (services.home / "logs" / f"dag_id={OUTPUT_DAG_ID}").glob("run_id=*/task_id=print/*"):
+        seen: set[str] = set()
+        for path in task_dir.glob("attempt=1.log*"):  # the worker's log and the triggers'
+            for raw in path.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(raw)
+                except ValueError:
+                    continue
+                event = str(entry.get("event", ""))
+                if not (event.startswith("[vm") and " printed " in event):
+                    continue
+                printed = event.rsplit(" ", 1)[1]
+                seen.add(printed)
+                if ".trigger." in path.name and "(repeat)" not in event:
+                    latencies.append(_log_time(str(entry["timestamp"])) - float(printed))
+        tasks_with_all += len(seen) >= OUTPUT_LINES
+        in_time += len(seen)
+    expected = n * OUTPUT_LINES
+    note = (f"{n} tasks deferred at once (run {state}), each command printing a line every "
+            f"{OUTPUT_EVERY} s for {OUTPUT_LINES * OUTPUT_EVERY:.0f} s on {len(vms)} VMs; "
+            f"{len(latencies)}/{expected} lines logged by the triggerer while deferred, {in_time}/{expected} "
+            f"in the task logs in all ({tasks_with_all}/{n} tasks with all theirs); "
+            f"output_checkpoint_seconds 2 (the default); {writes:.0f} position writes in "
+            f"{printing_s:.0f} s; idle triggerer {peak.idle_rss:.0f} MiB; load {os.getloadavg()[0]:.1f}")
+    print("    " + note, flush=True)
+    system = "vmfleet_task_log"
+    if not latencies:
+        bench.skip("airflow_deferred", system, "no output line reached the task logs: " + note)
+        return
+    bench.record("airflow_deferred", system, "p50_ms", [percentile(latencies, 50) * 1000], note)
+    bench.record("airflow_deferred", system, "p99_ms", [percentile(latencies, 99) * 1000], note)
+    bench.record("airflow_deferred", system, "writes_per_s", [writes / printing_s], note)
+    bench.record("airflow_deferred", system, "rss_mb", [peak.rss - peak.idle_rss], note)
+    bench.record("airflow_deferred", system, "api_connections", [peak.connections], note)

@@ -8,12 +8,15 @@ compare what Airflow says with the RemoteCommands and the VMs.
 
 ``kubernetes_default`` (type ``kubernetes``) points at one namespace of the local control
 plane for the whole module. Parallelism is 4 task slots: 20 tasks deferred at once hold
-none of them.
+none of them. The module runs a controller of its own (namespaces ``af-*``) with the output
+store and the output API (``logs.vmfleet.io`` behind its APIService), so that deferred
+tasks show their commands' output in the task log, as shipped.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import signal
 import sys
 import uuid
@@ -24,9 +27,13 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.fleet import REPO, Kubectl, Namespace, assert_no_tracebacks, unique_namespace
+from tests.e2e.fleet import REPO, Kubectl, Namespace, assert_no_tracebacks, start_controller, unique_namespace
+from vmfleet.airflow.naming import ANNOTATION_OUTPUT_POSITION
+from vmfleet.dev import logsapi
 from vmfleet.dev.airflow import AirflowApi, AirflowServices, kubernetes_connection
+from vmfleet.dev.brokers import RedisServer, output_store
 from vmfleet.dev.proc import ManagedProcess, wait_until
+from vmfleet.procs import free_port
 
 pytestmark = [
     pytest.mark.e2e,
@@ -79,9 +86,49 @@ class Airflow:
                 if c["metadata"].get("annotations", {}).get("airflow.vmfleet.io/dag-id") == dag_id]
 
 
+PREFIX = "af"
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = output_store(tmp_path_factory.mktemp("af-output"), maxmemory="64mb").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def controller_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("af-controller")
+
+
+@pytest.fixture(scope="module")
+def controller(controlplane, redis_server, crds, output: RedisServer,  # type: ignore[no-untyped-def]
+               controller_dir: Path) -> Iterator[ManagedProcess]:
+    """This module's controller: namespaces ``af-*``, the output store and the output API."""
+    ca, serving = logsapi.serving_pki(controller_dir)
+    port = free_port()
+    proc = start_controller(controlplane.kubeconfig, redis_server.url, controller_dir, [f"{PREFIX}-*"],
+                            extra_env={
+                                "VMFLEET_CONTROLLER_ID": "e2e-airflow",
+                                "VMFLEET_OUTPUT_URL": output.url,
+                                "VMFLEET_LOGS_API_PORT": str(port),
+                                "VMFLEET_LOGS_API_CERT_FILE": str(serving.cert),
+                                "VMFLEET_LOGS_API_KEY_FILE": str(serving.key),
+                            })
+    logsapi.register(controlplane.kubectl_run, port, ca.cert.read_bytes())
+    try:
+        logsapi.wait_available(controlplane.kubectl_run, timeout=90)
+        yield proc
+    finally:
+        logsapi.unregister(controlplane.kubectl_run)
+        proc.stop(grace=30)
+
+
 @pytest.fixture(scope="module")
 def airflow_ns(kubectl: Kubectl, controller: ManagedProcess, vms) -> Iterator[Namespace]:  # type: ignore[no-untyped-def]
-    namespace = Namespace(kubectl, unique_namespace("e2e")).create()
+    namespace = Namespace(kubectl, unique_namespace(PREFIX)).create()
     # 20 commands wait on vm1 at once (the restart test): room for all of them.
     namespace.add_vms(vms, maxConcurrentCommands=32)
     yield namespace
@@ -99,7 +146,8 @@ def airflow(tmp_path_factory: pytest.TempPathFactory, airflow_ns: Namespace,
     )
     try:
         services.start(dag_ids=("remote_vm_execution", "remote_ftp_processing",
-                                "vmfleet_e2e_many_deferred", "vmfleet_e2e_cancel"))
+                                "vmfleet_e2e_many_deferred", "vmfleet_e2e_cancel",
+                                "vmfleet_e2e_output"))
         yield Airflow(services, airflow_ns)
     finally:
         services.stop()
@@ -305,5 +353,61 @@ def test_marking_a_deferred_task_failed_or_clearing_it_deletes_its_command_and_r
     assert not on["marked_failed"].host_path(f"{workdir}/marked_failed-2.pid").exists()
     remaining = {c["metadata"]["name"] for c in airflow.commands_of(dag)}
     assert remaining.isdisjoint(objs.values()) and len(remaining) == 1
+    airflow.check_running()
+    assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")
+
+
+def _output_lines(api: AirflowApi, dag: str, run_id: str, task: str) -> list[str]:
+    """The task log's lines that show the command's output (``[vm1] …``), in order."""
+    return [str(e.get("event")) for e in api.task_log(dag, run_id, task)
+            if str(e.get("event", "")).startswith("[vm")]
+
+
+def test_a_deferred_tasks_log_shows_the_output_as_it_comes_and_loses_none_over_a_triggerer_kill(
+    airflow: Airflow, vms, workdir: str, controller_dir: Path
+):
+    api, dag, vm1 = airflow.api, "vmfleet_e2e_output", vms[0]
+    run_id = api.trigger(dag, {"dir": workdir})
+    wait_until(lambda: (t := _deferred(api, dag, run_id, 1)) and None not in _triggerer_ids(t),
+               timeout=240, interval=1, what="the task to be deferred, its trigger taken by a triggerer")
+    first_part = [f"[vm1] line {i}" for i in range(1, 6)] + ["[vm1 stderr] warning after 5"]
+
+    # While the task is deferred (no worker slot), its log already holds the first lines.
+    wait_until(lambda: set(first_part) <= set(_output_lines(api, dag, run_id, "print")),
+               timeout=60, interval=0.5, what="the first lines in the deferred task's log")
+    assert api.states(dag, run_id) == {"print[-1]": "deferred"}
+    assert _output_lines(api, dag, run_id, "print")[:6] == first_part  # in order, once each
+    (obj,) = airflow.commands_of(dag)
+    assert ANNOTATION_OUTPUT_POSITION in obj["metadata"]["annotations"]  # the read position
+
+    # SIGKILL: no cleanup at all; the next part prints while no triggerer runs.
+    airflow.restart_triggerer(signal.SIGKILL)
+    vm1.host_path(f"{workdir}/go1").write_text("")
+    airflow.start_triggerer()
+    wait_until(lambda: "[vm1] line 10" in _output_lines(api, dag, run_id, "print"), timeout=180,
+               interval=1, what="the lines printed while no triggerer ran to reach the task log")
+    vm1.host_path(f"{workdir}/go2").write_text("")
+    assert api.wait_run(dag, run_id) == "success", api.states(dag, run_id)
+
+    shown = _output_lines(api, dag, run_id, "print")
+    if os.environ.get("VMFLEET_TEST_DAG_LOGS"):  # the task log as the UI shows it
+        for entry in api.task_log(dag, run_id, "print"):
+            print(entry.get("timestamp"), entry.get("event"))
+    expected = [f"[vm1] line {i}" for i in range(1, 16)] + ["[vm1 stderr] warning after 5"]
+    plain = [line for line in shown if "(repeat) " not in line]
+    repeats = [line.replace("(repeat) ", "") for line in shown if "(repeat) " in line]
+    # No line lost, none shown twice without the mark; the restarted trigger showed
+    # again, marked, what the killed one may have shown; the task showed the last lines
+    # again, marked (the triggerer may not have written them before the task resumed).
+    assert sorted(set(plain) | set(repeats)) == sorted(expected), shown
+    assert sorted(plain) == sorted(set(plain)), shown
+    assert set(repeats) & set(first_part), shown
+    assert shown[-1] == "[vm1] (repeat) line 15", shown
+    assert [x for x in plain if x.startswith("[vm1] ")] == [  # in order
+        x for x in expected if x.startswith("[vm1] ") and x in plain]
+    events = [str(e.get("event")) for e in api.task_log(dag, run_id, "print")]
+    assert "The output is above, shown while the task was deferred" in events
+    assert not any(e.startswith("vm1 stdout:") for e in events)  # not logged a second time
+    assert api.xcom(dag, run_id, "print")["vm1"]["stdout"].endswith("line 15\n")
     airflow.check_running()
     assert_no_tracebacks(controller_dir / "workers", controller_dir / "controller.log")

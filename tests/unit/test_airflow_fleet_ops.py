@@ -138,6 +138,8 @@ def test_the_operator_makes_its_api_calls_through_its_hook(monkeypatch):
     assert hook.calls[:2] == [("get", _name(1)), ("create", _name(2))]
     assert set(hook.calls[2:]) == {("get", _name(2))}
     assert deferred[0]["trigger"].settings.kubernetes_conn_id == "fleet"
+    # The trigger shows the output in the task log unless the task says not to.
+    assert deferred[0]["trigger"].serialize()[1]["stream_output"] is True
     assert hook.objects[_name(2)]["spec"]["vms"] == ["vm2", "vm3"]
     # A second run of the same try attaches to the command instead of creating another.
     assert op._create_or_attach("ops", _name(2), TaskIdentity("d", "t", "manual__1", -1, 2),

@@ -98,6 +98,8 @@ TRIGGER_KWARGS = {
     "in_cluster": False,
     "watch_timeout_seconds": 120,
     "not_before": 1_800_000_000.5,
+    "stream_output": True,
+    "output_checkpoint_seconds": 5.0,
 }
 
 

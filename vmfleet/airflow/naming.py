@@ -28,6 +28,9 @@ ANNOTATION_RUN_ID: Final = f"{ANNOTATION_PREFIX}/run-id"
 ANNOTATION_MAP_INDEX: Final = f"{ANNOTATION_PREFIX}/map-index"
 ANNOTATION_TRY_NUMBER: Final = f"{ANNOTATION_PREFIX}/try-number"
 ANNOTATION_SPEC_HASH: Final = f"{ANNOTATION_PREFIX}/spec-hash"
+# Where the trigger keeps how far it has shown the command's output in the task log
+# (vmfleet.airflow.output.Position): JSON, written at most every few seconds.
+ANNOTATION_OUTPUT_POSITION: Final = f"{ANNOTATION_PREFIX}/output-position"
 LABEL_CREATED_BY: Final = f"{GROUP}/created-by"
 LABEL_DAG_ID: Final = f"{ANNOTATION_PREFIX}/dag-id"
 LABEL_TASK_ID: Final = f"{ANNOTATION_PREFIX}/task-id"

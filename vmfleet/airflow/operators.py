@@ -27,6 +27,7 @@ from vmfleet.rerun import ANNOTATION_RERUN_OF, LABEL_RERUN_OF, not_succeeded
 
 from .hooks import VmfleetHook
 from .naming import ANNOTATION_SPEC_HASH, TaskIdentity, command_name, spec_hash
+from .output import CHECKPOINT_SECONDS, as_repeat
 from .results import failure_message, is_finished, results_of, retarget
 from .triggers import EVENT_DELETED, EVENT_FINISHED, RemoteCommandTrigger
 
@@ -67,10 +68,17 @@ class _RemoteCommandBase(BaseOperator):
         deferrable: bool = True,
         watch_timeout_seconds: int = 300,
         defer_after_seconds: float = 3.0,
+        stream_output: bool = True,
+        output_checkpoint_seconds: float = CHECKPOINT_SECONDS,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.defer_after_seconds = defer_after_seconds
+        self.stream_output = stream_output
+        self.output_checkpoint_seconds = output_checkpoint_seconds
+        self._output_streamed = False
+        self._output_last_lines: list[str] = []
+        self._output_shown = 0
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id
         self.config_file = config_file
@@ -123,6 +131,14 @@ class _RemoteCommandBase(BaseOperator):
             raise AirflowException(f"Task {self.task_id} builds an invalid RemoteCommand: {exc}") from exc
 
     def log_output(self, status: dict[str, Any]) -> None:
+        """Each VM's outcome, and its output unless the trigger already showed all of it."""
+        if self._output_streamed:
+            if self._output_last_lines:
+                self.log.info("The output's last lines again (the triggerer may not have written "
+                              "them to this log before the task resumed):")
+                for line in self._output_last_lines:
+                    self.log.info("%s", as_repeat(line))
+            self.log.info("The output is above, shown while the task was deferred")
         for vm, result in results_of(status).items():
             duration = result["duration_seconds"]
             self.log.info(
@@ -130,9 +146,11 @@ class _RemoteCommandBase(BaseOperator):
                 result["reason"] or result["phase"], result["exit_code"],
                 f", {duration} s" if duration is not None else "",
             )
+            again = " (again: part of it is above, shown while the task was deferred)" \
+                if self._output_shown else ""
             for stream in ("stdout", "stderr"):
-                if result[stream]:
-                    self.log.info("%s %s:\n%s", vm, stream, result[stream].rstrip("\n"))
+                if result[stream] and not self._output_streamed:
+                    self.log.info("%s %s%s:\n%s", vm, stream, again, result[stream].rstrip("\n"))
 
     def execute(self, context: Any) -> Any:
         namespace = self.hook.namespace(self.namespace)
@@ -164,6 +182,8 @@ class _RemoteCommandBase(BaseOperator):
             name=name, namespace=namespace, **self.hook.settings.to_kwargs(),
             watch_timeout_seconds=self.watch_timeout_seconds,
             not_before=time.time() + STALE_EVENT_GUARD_SECONDS if self.deferrable else None,
+            stream_output=self.stream_output,
+            output_checkpoint_seconds=self.output_checkpoint_seconds,
         )
         if not self.deferrable:
             event = asyncio.run(_first_event(trigger))
@@ -204,6 +224,9 @@ class _RemoteCommandBase(BaseOperator):
             )
         if event.get("event") != EVENT_FINISHED:
             raise AirflowException(f"Unexpected event for RemoteCommand {namespace}/{name}: {event!r}")
+        self._output_streamed = bool(event.get("output_streamed"))
+        self._output_last_lines = [str(x) for x in event.get("output_last_lines") or []]
+        self._output_shown = int(event.get("output_shown") or 0)
         return self._finish_try(context, namespace, name, event.get("command_status") or {})
 
     def _finish_try(self, context: Any, namespace: str, name: str, status: dict[str, Any]) -> Any:
@@ -328,6 +351,12 @@ class RemoteCommandOperator(_RemoteCommandBase):
     :param deferrable: wait in the triggerer (default) or in the worker.
     :param defer_after_seconds: wait this long in the worker first (default 3): a command
         done by then returns without deferring.
+    :param stream_output: show the command's output in the task log while the task is
+        deferred (default True): ``[vm] line``, stderr as ``[vm stderr] line``. It costs
+        one request held open to the API server per deferred task, and a write of the read
+        position (an annotation on the RemoteCommand) at most every
+        ``output_checkpoint_seconds`` (default 2) while lines come; False saves both, and
+        the task log shows the output tails when the command ends, as before.
     """
 
     template_fields: Sequence[str] = (

@@ -5,13 +5,22 @@ trigger of the triggerer (:mod:`vmfleet.airflow.watches`).
 A user's mark-failed, mark-success or clear of the deferred task deletes the
 RemoteCommand (which stops its remote processes); a triggerer that stops, restarts or
 hands the trigger to another triggerer deletes nothing: the task is still ``deferred``
-then, and the next triggerer picks the same RemoteCommand up again."""
+then, and the next triggerer picks the same RemoteCommand up again.
+
+With ``stream_output`` the trigger also shows the command's output in the task log while
+it waits (:mod:`vmfleet.airflow.output`: read through the API server's aggregated
+``logs.vmfleet.io`` API, the read position kept in the RemoteCommand's
+``airflow.vmfleet.io/output-position`` annotation). The triggerer routes a trigger's log
+records to that task's log (``<task log>.trigger.<triggerer job id>.log``, shown by the UI
+and the REST API with the task's own) by the ``trigger_id`` it binds in the trigger's
+asyncio task; the reader runs in a task the trigger starts, which inherits it."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import suppress
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -19,6 +28,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from vmfleet.api import constants as c
 
 from .connection import KubeSettings
+from .output import CHECKPOINT_SECONDS, AnnotationStore, OutputFollower, OutputUnavailable, read_records
 from .results import is_finished
 from .watches import DELETED, FINISHED, Outcome, shared_watch
 
@@ -27,6 +37,15 @@ __all__ = ["EVENT_DELETED", "EVENT_FINISHED", "RemoteCommandTrigger"]
 EVENT_FINISHED = FINISHED
 EVENT_DELETED = DELETED
 _BACKOFF_MAX = 30.0
+# After the command finished, how long the trigger waits for the rest of its output.
+OUTPUT_DRAIN_SECONDS = 15.0
+# Airflow's triggerer writes a trigger's log records to the task's log only until it hears
+# that the trigger ended; records still queued then go to the triggerer's own log (seen
+# with 100 tasks on a loaded machine: the last batch of a few tasks). So the trigger waits
+# a moment after its last line, and hands the lines of its last seconds to the task, which
+# logs them again, marked (repeat).
+OUTPUT_SETTLE_SECONDS = 1.0
+OUTPUT_RESHOW_SECONDS = 2.0  # before the settling: the last batch or two
 
 
 def _airflow_3_3_plus() -> bool:
@@ -55,6 +74,16 @@ class RemoteCommandTrigger(BaseTrigger):
     :param watch_timeout_seconds: how long one watch request lasts before it is renewed.
     :param not_before: a Unix time before which no event fires (the operator sets it a few
         seconds after the deferral: see ``STALE_EVENT_GUARD_SECONDS`` in the operators).
+    :param stream_output: show the command's output in the task log while waiting (one
+        request held open per trigger; see :mod:`vmfleet.airflow.output`). The event then
+        says ``"output_streamed": True`` when all of it was shown (``"output_shown"``: how
+        many records were), and
+        ``"output_last_lines"`` holds the lines of its last seconds, for the task to log
+        again marked ``(repeat)`` (the triggerer may not have written them to the task's
+        log before it heard that the trigger ended).
+    :param output_checkpoint_seconds: at most one write of the read position (an
+        annotation on the RemoteCommand) per this many seconds; lines reach the task log
+        in batches this far apart.
     """
 
     def __init__(
@@ -67,6 +96,8 @@ class RemoteCommandTrigger(BaseTrigger):
         in_cluster: bool | None = None,
         watch_timeout_seconds: int = 300,
         not_before: float | None = None,
+        stream_output: bool = False,
+        output_checkpoint_seconds: float = CHECKPOINT_SECONDS,
     ) -> None:
         super().__init__()
         self.name = name
@@ -77,7 +108,11 @@ class RemoteCommandTrigger(BaseTrigger):
         )
         self.watch_timeout_seconds = watch_timeout_seconds
         self.not_before = not_before
+        self.stream_output = stream_output
+        self.output_checkpoint_seconds = output_checkpoint_seconds
         self._fired = False
+        self._command_done = False
+        self._follower: OutputFollower | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -88,10 +123,13 @@ class RemoteCommandTrigger(BaseTrigger):
                 **self.settings.to_kwargs(),
                 "watch_timeout_seconds": self.watch_timeout_seconds,
                 "not_before": self.not_before,
+                "stream_output": self.stream_output,
+                "output_checkpoint_seconds": self.output_checkpoint_seconds,
             },
         )
 
-    def _event(self, kind: str, obj: dict[str, Any] | None) -> TriggerEvent:
+    def _event(self, kind: str, obj: dict[str, Any] | None, output_streamed: bool = False,
+               output_last_lines: list[str] | None = None, output_shown: int = 0) -> TriggerEvent:
         status = (obj or {}).get("status") or {}
         return TriggerEvent({
             "event": kind,
@@ -99,16 +137,78 @@ class RemoteCommandTrigger(BaseTrigger):
             "namespace": self.namespace,
             "phase": status.get("phase"),
             "command_status": status,
+            "output_streamed": output_streamed,
+            "output_last_lines": output_last_lines or [],
+            "output_shown": output_shown,
         })
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        watch = shared_watch(self.settings, self.namespace, self.watch_timeout_seconds)
-        outcome = await watch.wait(self.name, self._wait_alone)
-        early = (self.not_before or 0.0) - time.time()
-        if early > 0:
-            await asyncio.sleep(early)
-        self._fired = True
-        yield self._event(outcome.kind, outcome.obj)
+        # Started from this task, the reader inherits the trigger_id the triggerer bound
+        # for its log records: its lines go to this task's log.
+        follower = asyncio.ensure_future(self.show_output()) if self.stream_output else None
+        try:
+            watch = shared_watch(self.settings, self.namespace, self.watch_timeout_seconds)
+            outcome = await watch.wait(self.name, self._wait_alone)
+            self._command_done = True
+            early = (self.not_before or 0.0) - time.time()
+            streamed = False
+            last_lines: list[str] = []
+            if follower is not None:
+                drain = max(early, OUTPUT_DRAIN_SECONDS if outcome.kind == EVENT_FINISHED else 0.0)
+                done, _ = await asyncio.wait({follower}, timeout=drain)
+                streamed = bool(done) and follower.result()
+                if not done:
+                    self.log.warning("The output of RemoteCommand %s/%s did not end within %.0f s of "
+                                     "the command: the task shows its output as the status has it",
+                                     self.namespace, self.name, drain)
+                    follower.cancel()  # no line after this one: the task logs the tails
+                    with suppress(asyncio.CancelledError):
+                        await follower
+                if streamed and self._follower is not None:
+                    await asyncio.sleep(OUTPUT_SETTLE_SECONDS)
+                    last_lines = self._follower.recent(OUTPUT_SETTLE_SECONDS + OUTPUT_RESHOW_SECONDS)
+            early = (self.not_before or 0.0) - time.time()
+            if early > 0:
+                await asyncio.sleep(early)
+            self._fired = True
+            yield self._event(outcome.kind, outcome.obj, output_streamed=streamed,
+                              output_last_lines=last_lines,
+                              output_shown=self._follower.shown if self._follower is not None else 0)
+        finally:
+            if follower is not None and not follower.done():
+                follower.cancel()
+                with suppress(asyncio.CancelledError):
+                    await follower
+
+    async def show_output(self) -> bool:
+        """Show the command's output in the task log until it ended; True when all of it
+        was shown. Never raises: the output is a view, the event is what the task needs."""
+        from functools import partial
+
+        describe = f"{self.namespace}/{self.name}"
+        try:
+            api_client = await self.settings.async_api_client()
+        except Exception as exc:  # noqa: BLE001 - the event does not depend on it
+            self.log.warning("Not showing the output of RemoteCommand %s: %s", describe, exc)
+            return False
+        try:
+            self._follower = OutputFollower(
+                partial(read_records, api_client, self.namespace, self.name),
+                AnnotationStore(api_client, self.namespace, self.name),
+                lambda line: self.log.info("%s", line),
+                describe=describe, checkpoint_seconds=self.output_checkpoint_seconds,
+                finished=lambda: self._command_done, logger=self.log,
+            )
+            return await self._follower.run()
+        except OutputUnavailable as exc:
+            (self.log.info if exc.not_served else self.log.warning)(
+                "Not showing the output in the task log: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - as above; the event still comes
+            self.log.warning("Stopped showing the output of RemoteCommand %s in the task log: %s: %s",
+                             describe, type(exc).__name__, exc)
+        finally:
+            await api_client.close()
+        return False
 
     async def _wait_alone(self) -> Outcome:
         events = self._run_alone()

@@ -105,6 +105,15 @@ class AirflowApi:
     def states(self, dag_id: str, run_id: str) -> dict[str, str]:
         return {k: str(ti["state"]) for k, ti in self.task_instances(dag_id, run_id).items()}
 
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1,
+                 map_index: int = -1) -> list[dict[str, Any]]:
+        """The task try's log as the UI shows it (the worker's and the triggerer's lines):
+        one ``{"timestamp", "event", "level", …}`` per line."""
+        page = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/logs/{try_number}",
+                        map_index=map_index, full_content="true")
+        content: list[dict[str, Any]] = [e for e in page["content"] if isinstance(e, dict)]
+        return content
+
     def xcom(self, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> Any:
         entry = self.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/"
                          "return_value", map_index=map_index)

@@ -40,3 +40,22 @@ with DAG(dag_id="vmfleet_e2e_cancel", schedule=None, start_date=datetime(2024, 5
             command='echo $$ > "{{ params.dir }}/{{ ti.task_id }}-{{ ti.try_number }}.pid"; '
                     + WAIT_FOR_GO + '; echo "try {{ ti.try_number }} done"',
         )
+
+with DAG(dag_id="vmfleet_e2e_output", schedule=None, start_date=datetime(2024, 5, 1),
+         default_args=_ARGS, params=_PARAMS, tags=["vmfleet", "e2e"]):
+    # Prints lines over a few seconds in three parts; the test says when the next part
+    # may start (go1, go2), so it can restart the triggerer in between.
+    _PART = 'for i in {}; do echo "line $i"; sleep 0.3; done'
+    RemoteCommandOperator(
+        task_id="print",
+        vm="vm1",
+        defer_after_seconds=0,
+        output_checkpoint_seconds=1,
+        command=" ; ".join((
+            _PART.format("1 2 3 4 5"), 'echo "warning after 5" >&2',
+            'while [ ! -e "{{ params.dir }}/go1" ]; do sleep 0.2; done',
+            _PART.format("6 7 8 9 10"),
+            'while [ ! -e "{{ params.dir }}/go2" ]; do sleep 0.2; done',
+            _PART.format("11 12 13 14 15"),
+        )),
+    )
