@@ -369,19 +369,8 @@ class ProbeStatus(StatusModel):
     message: str | None = Field(None, max_length=MAX_MESSAGE)
     latency_seconds: float | None = Field(None, description="How long the probe took.")
     worker: str | None = Field(
-        None, max_length=MAX_NAME, description="The worker pod that ran the attempt (the "
+        None, max_length=MAX_NAME, description="The worker pod that ran the probe (the "
         "downward API's metadata.name; the Process runtime: local/<deployment>-<index>.<namespace>)."
-    )
-    stdout_sha256: str | None = Field(
-        None, max_length=64, description="SHA-256 (hex) of the attempt's whole stdout as the "
-        "worker read it (not only the tail); stdoutBytes is its size."
-    )
-    stderr_sha256: str | None = Field(
-        None, max_length=64, description="SHA-256 (hex) of the attempt's whole stderr."
-    )
-    host_key_fingerprint: str | None = Field(
-        None, max_length=128, description="SHA256 fingerprint of the host key the VM showed "
-        "for this attempt (as ssh-keygen -l prints it)."
     )
 
 
