@@ -87,6 +87,10 @@ def logs_release(cluster: Cluster, cluster_image: str, cluster_redis_image: str,
         print(f"APIService Available: {time.monotonic() - started:.1f}s")
         ns.add_vms(cluster_vms[:1])
         yield rel
+        # Every request reached the controllers as the front proxy's: nothing refused, no traceback.
+        logs = ns.k("logs", "-l", "app.kubernetes.io/component=controller", "--prefix",
+                    "--tail=-1", check=False).stdout
+        assert "Traceback" not in logs and "Refused a connection" not in logs, logs[-4000:]
     finally:
         if installed:
             rel.helm_run("uninstall", RELEASE, "--wait", "--timeout", "90s", timeout=150)
