@@ -15,7 +15,9 @@ containerd, a kubelet, pods on bridge ``cni(N-1)``; node 1 also runs kube-schedu
 kube-proxy in iptables mode (one for the namespace: the nodes share its iptables); and
 CoreDNS (``build-coredns.sh``) on port 53 of the namespace's addresses, behind the ``kube-dns`` Service
 ``10.0.0.10`` of ``kube-system`` — a Service without selector whose EndpointSlice names
-that address, so pods' queries go through kube-proxy like any Service's.
+that address, so pods' queries go through kube-proxy like any Service's. The Service
+range is routed on the nodes' link, as a node's default route carries it, so that the
+API server reaches an APIService's ClusterIP (the output API) through kube-proxy too.
 
 Work directory layout::
 
