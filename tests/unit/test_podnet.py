@@ -72,3 +72,17 @@ def test_only_the_pods_cni_namespaces_are_collected_for_removal() -> None:
         {"Spec": {}},
     ]
     assert podnet.pod_netns_paths(infos) == [Path("/var/run/netns/cni-1")]
+
+
+def test_the_service_range_is_routed_inside_the_namespace_from_node_1(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API server (host network of the namespace) connects to an APIService's
+    ClusterIP: the Service range needs a route there, or the connect fails before
+    kube-proxy's rules ("network is unreachable"). Only inside the namespace."""
+    from vmfleet.dev.cluster import Cluster
+
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(NetNamespace, "ip", lambda self, *args: calls.append(args) or "")
+    Cluster(tmp_path)._route_services()
+    assert calls == [("route", "replace", str(netns.SERVICE_CIDR), "dev", netns.NODES_BRIDGE,
+                      "src", netns.node_ip(1))]

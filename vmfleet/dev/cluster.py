@@ -15,7 +15,9 @@ containerd, a kubelet, pods on bridge ``cni(N-1)``; node 1 also runs kube-schedu
 kube-proxy in iptables mode (one for the namespace: the nodes share its iptables); and
 CoreDNS (``build-coredns.sh``) on port 53 of the namespace's addresses, behind the ``kube-dns`` Service
 ``10.0.0.10`` of ``kube-system`` — a Service without selector whose EndpointSlice names
-that address, so pods' queries go through kube-proxy like any Service's.
+that address, so pods' queries go through kube-proxy like any Service's. The Service
+range is routed on the nodes' link, as a node's default route carries it, so that the
+API server reaches an APIService's ClusterIP (the output API) through kube-proxy too.
 
 Work directory layout::
 
@@ -38,7 +40,9 @@ from vmfleet.dev.controlplane import BUILD_SCRIPT, DNS_USER, PROXY_USER, Control
 from vmfleet.dev.netns import (
     CLUSTER_DOMAIN,
     DNS_SERVICE_IP,
+    NODES_BRIDGE,
     POD_CIDR,
+    SERVICE_CIDR,
     NetNamespace,
     name_for,
     node_ip,
@@ -160,6 +164,7 @@ class Cluster:
         self.state_file.write_text(json.dumps({"netns": self.network.name}) + "\n")
         try:
             self.network.create()
+            self._route_services()
             self.cp.start(timeout=max(30.0, deadline - time.monotonic()))
             for node in self.nodes:
                 node.start(timeout=max(30.0, deadline - time.monotonic()))
@@ -248,6 +253,14 @@ class Cluster:
             raise NodeError(f"Node {node.name} has pod range {current}, its CNI configuration {cidr}")
         patch = {"spec": {"podCIDR": cidr, "podCIDRs": [cidr]}}
         self.cp.kubectl_run("patch", "node", node.name, "--type=merge", "-p", json.dumps(patch))
+
+    def _route_services(self) -> None:
+        """Route the Service range on the nodes' link, as a node's default route carries
+        it: the API server and host-network processes connect to a ClusterIP (an
+        APIService's, a webhook's) and kube-proxy's OUTPUT rules rewrite it to a pod.
+        Without a route the connect fails before any rule is seen ("network is
+        unreachable"); pods, whose default route is their node's bridge, never need it."""
+        self.network.ip("route", "replace", str(SERVICE_CIDR), "dev", NODES_BRIDGE, "src", node_ip(1))
 
     def _start_kube_proxy(self) -> None:
         """kube-proxy, iptables mode, for the whole namespace. It leaves the
