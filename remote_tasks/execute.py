@@ -212,12 +212,14 @@ class Attempt:
         self.cancelled = False
         self.control = AttemptControl()  # ends the running attempt from another thread
         self.claimed_at = 0.0
+        # This delivery's token in the claim: claiming again after a lost reply is ours.
+        self.delivery = uuid.uuid4().hex[:16]
         self._next_heartbeat = time.monotonic() + _heartbeat_seconds()
 
     def _claim(self) -> bool:
         env = self.envelope
         result = self.state.claim(env.uid, env.vm, env.attempt, self.worker, env.scope,
-                                   namespace=env.namespace)
+                                   namespace=env.namespace, delivery=self.delivery)
         if result != CLAIMED:
             self.claim_lost = True
             self.cancelled = result == CANCELLED

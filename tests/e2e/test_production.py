@@ -631,6 +631,10 @@ def test_a_node_lost_its_workers_commands_are_retried_on_the_other_node(
                                   workers={"replicas": 2}))
     pods = {p["metadata"]["name"]: p["spec"]["nodeName"] for p in running_workers(release, "nl", 2)}
     assert set(pods.values()) == {node_name(1), node_name(2)}, pods
+    # The controller's two replicas are spread too (after the upgrade's rollout as well):
+    # node 2 takes one of them, leader or standby.
+    controllers = {p["spec"]["nodeName"] for p in release.pods("app.kubernetes.io/component=controller")}
+    assert controllers == {node_name(1), node_name(2)}, controllers
     label = f"lost-{uid()}"
     path = f"/tmp/{label}"
     names = [f"{label}-{i}" for i in range(8)]
