@@ -34,6 +34,7 @@ from vmfleet.dev.sshd import SshdVM
 
 pytestmark = pytest.mark.timeout(600)
 
+CHART = REPO / "charts" / "vmfleet"
 CLUSTER_RANGES = [netns.NODES_SUBNET, netns.VMS_SUBNET, netns.POD_CIDR, netns.SERVICE_CIDR]
 WEB_PORT = 8080
 
@@ -227,6 +228,109 @@ def image_values(image: str) -> dict[str, Any]:
     return {"repository": repository, "tag": tag, "pullPolicy": "Never"}
 
 
+OLD_COMMIT = "d088c06"  # chart 0.1.0 and its image: where issue 23 started
+OLD_TAG = f"0.1.0-{OLD_COMMIT}"
+
+
+def old_chart_and_image(workdir: Path) -> tuple[Path, Path]:
+    """Chart 0.1.0 (``helm package`` of the chart at OLD_COMMIT) and that commit's image
+    (its own ``scripts/build-image.sh``, cached per machine like ``make image``)."""
+    source = workdir / "src"
+    source.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", OLD_COMMIT], capture_output=True,
+                             check=False)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {OLD_COMMIT} (chart 0.1.0) is not in this clone (a shallow one?): "
+                    f"{archive.stderr.decode().strip()}")
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    started = time.monotonic()
+    built = subprocess.run(["bash", "scripts/build-image.sh"], cwd=source, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, text=True, check=False, timeout=1200,
+                           env={**os.environ, "IMAGE": f"localhost/vmfleet:{OLD_TAG}"})
+    assert built.returncode == 0, f"building {OLD_COMMIT}'s image failed:\n{built.stdout[-2000:]}"
+    print(f"\nthe image of {OLD_COMMIT} (chart 0.1.0): {time.monotonic() - started:.1f}s (cached after the first)")
+    subprocess.run([helm_binary(), "package", str(source / "charts" / "vmfleet"), "-d", str(workdir)],
+                   capture_output=True, check=True, timeout=120)
+    return workdir / "vmfleet-0.1.0.tgz", Path(built.stdout.strip().splitlines()[-1])
+
+
+def ended(release: DefaultRelease, name: str, timeout: float = 180) -> dict[str, Any]:
+    """The RemoteCommand once its phase is final (0.1.0's status has no Finished condition
+    to wait for, perhaps)."""
+    def done() -> dict[str, Any] | None:
+        obj = release.ns.get("remotecommand", name)
+        return obj if obj.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+    try:
+        obj: dict[str, Any] = wait_until(done, timeout=timeout, interval=1, what=f"{name} to end")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{release.diagnostics()}") from None
+    return obj
+
+
+def test_helm_upgrade_from_chart_0_1_0_with_the_upgrade_notes(
+        cluster: Cluster, cluster_image: str, cluster_redis_image: str, cluster_vms: list[SshdVM],
+        tmp_path: Path) -> None:
+    """Chart 0.1.0 with its image, installed with its CRDs (first in the module: the
+    cluster has no CRDs yet) and running a command; then the CHANGELOG's notes for
+    0.2.0: the new CRDs applied server-side, no command Queued or Running, ``helm upgrade
+    --reset-then-reuse-values`` to the current chart and image. The old release's
+    objects still read, its workers roll to the new image, commands run again."""
+    chart, archive = old_chart_and_image(tmp_path)
+    for node in cluster.nodes:
+        node.import_image(archive)
+    kubectl = Kubectl(cluster.cp.kubectl, cluster.cp.kubeconfig)
+    ns = Namespace(kubectl, unique_namespace("old")).create()
+    old = DefaultRelease(cluster, kubectl, ns, tmp_path)
+    name = "old"
+    values = tmp_path / "values.yaml"
+    values.write_text(json.dumps({"image": {**image_values(cluster_image), "tag": OLD_TAG},
+                                  "broker": {"bundled": {"image": image_values(cluster_redis_image)}}}))
+    started = time.monotonic()
+    try:
+        old.helm_run("install", name, str(chart), "-f", str(values), "--wait", "--timeout", "240s",
+                     timeout=300)
+        ns.add_vms(cluster_vms[:1])
+        ns.run("before", vm=cluster_vms[0].name, command="echo under 0.1.0")
+        before = ended(old, "before")
+        assert before["status"]["phase"] == "Succeeded", before["status"]
+        # Note 1: the CRDs first (Helm never upgrades crds/).
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+        # Note 2: nothing Queued or Running (0.1.0 signs nothing; 0.2.0's workers refuse that).
+        phases = {o["status"].get("phase") for o in kubectl.get_json("-n", ns.name, "remotecommands")["items"]}
+        assert not phases & {"Queued", "Running", "Pending"}, phases
+        upgraded_at = time.monotonic()
+        old.helm_run("upgrade", name, str(CHART), "--reset-then-reuse-values",
+                     "--set", f"image.tag={cluster_image.rpartition(':')[2]}",
+                     "--wait", "--timeout", "240s", timeout=300)
+        kept = ns.get("remotecommand", "before")  # written by 0.1.0, read under the new schema
+        assert kept["status"]["phase"] == "Succeeded"
+        assert only_result(kept)["stdout"] == only_result(before)["stdout"] == "under 0.1.0\n"
+
+        def rolled() -> bool:
+            deploy = kubectl.get_json("-n", ns.name, "deployment", f"vmfleet-worker-{cluster_vms[0].name}")
+            image = deploy["spec"]["template"]["spec"]["containers"][0]["image"]
+            status = deploy.get("status", {})
+            return image == cluster_image and status.get("updatedReplicas") == status.get("readyReplicas") == 1
+        try:
+            wait_until(rolled, timeout=180, interval=1, what="the VM's worker on the new image")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n{old.diagnostics()}") from None
+        ns.run("after", vm=cluster_vms[0].name, command="echo under 0.2.0")
+        after = ended(old, "after")
+        assert after["status"]["phase"] == "Succeeded", after["status"]
+        controllers = old.pods("app.kubernetes.io/component=controller")
+        assert len(controllers) == 2 and {p["spec"]["containers"][0]["image"] for p in controllers} == {
+            cluster_image}
+        print(f"\n[figures] helm upgrade 0.1.0 → current: upgraded and a command Succeeded "
+              f"{time.monotonic() - upgraded_at:.1f}s after the upgrade began "
+              f"({upgraded_at - started:.1f}s for 0.1.0's install and its command)")
+    finally:
+        subprocess.run([old.helm, "uninstall", name, "-n", ns.name, "--kubeconfig",
+                        str(cluster.cp.kubeconfig), "--wait", "--timeout", "60s"],
+                       capture_output=True, timeout=120, env=cluster.cp.env(), check=False)
+        ns.delete()
+
+
 @pytest.fixture(scope="module")
 def release(cluster: Cluster, cluster_image: str, cluster_redis_image: str,
             cluster_vms: list[SshdVM], tmp_path_factory: pytest.TempPathFactory) -> Iterator[DefaultRelease]:
@@ -335,7 +439,6 @@ def test_workers_of_a_vm_with_several_replicas_and_of_a_pool_land_on_both_nodes(
 # 100 commands, a drain of node 2, a `helm upgrade` to a new image tag, node 2 lost. Every
 # command appends its name to a file on its VM: how often each ran is counted there.
 
-CHART = REPO / "charts" / "vmfleet"
 BROKER = f"{RELEASE}-vmfleet-broker"
 CONTROLLER = f"{RELEASE}-vmfleet-controller"
 LOCAL_STORAGE_CLASS = "vmfleet-local"
@@ -519,8 +622,9 @@ def test_the_broker_pod_deleted_under_100_commands_loses_none(
     objects = finished(release, label, len(names), timeout=300)
     counts = tally(objects, runs_on(cluster_vms, path))
     figures("broker pod deleted with 100 commands queued or running", counts,
-            f"; {before} had run when it was deleted, the new pod Ready after {outage:.1f}s, "
-            f"all 100 finished {time.monotonic() - started:.1f}s after they started")
+            f"; {before} had run when it was deleted {deleted - started:.1f}s after they were "
+            f"created, the new pod Ready after {outage:.1f}s, the other {len(names) - before} "
+            f"finished {time.monotonic() - deleted:.1f}s after the deletion")
     release.ns.k("delete", "remotecommands", "-l", f"prod-test={label}", "--wait=false")
     assert 0 < before < len(names), "the broker was not deleted while commands were queued"
     assert counts["lost"] == [] and counts["twice"] == [] and counts["missing"] == [], counts
