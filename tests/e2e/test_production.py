@@ -246,7 +246,10 @@ def old_chart_and_image(workdir: Path) -> tuple[Path, Path]:
     started = time.monotonic()
     built = subprocess.run(["bash", "scripts/build-image.sh"], cwd=source, stdin=subprocess.DEVNULL,
                            stdout=subprocess.PIPE, text=True, check=False, timeout=1200,
-                           env={**os.environ, "IMAGE": f"localhost/vmfleet:{OLD_TAG}"})
+                           # The base `make image` built (the same build-base-image.sh): from
+                           # another directory that script would build and re-tag it again.
+                           env={**os.environ, "IMAGE": f"localhost/vmfleet:{OLD_TAG}",
+                                "BASE_IMAGE": "localhost/vmfleet-base:bookworm-py3.11"})
     assert built.returncode == 0, f"building {OLD_COMMIT}'s image failed:\n{built.stdout[-2000:]}"
     print(f"\nthe image of {OLD_COMMIT} (chart 0.1.0): {time.monotonic() - started:.1f}s (cached after the first)")
     subprocess.run([helm_binary(), "package", str(source / "charts" / "vmfleet"), "-d", str(workdir)],
