@@ -297,7 +297,7 @@ def test_helm_upgrade_from_chart_0_1_0_with_the_upgrade_notes(
         before = ended(old, "before")
         assert before["status"]["phase"] == "Succeeded", before["status"]
         # Note 1: the CRDs first (Helm never upgrades crds/).
-        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"))
+        kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CHART / "crds"))
         # Note 2: nothing Queued or Running (0.1.0 signs nothing; 0.2.0's workers refuse that).
         phases = {o["status"].get("phase") for o in kubectl.get_json("-n", ns.name, "remotecommands")["items"]}
         assert not phases & {"Queued", "Running", "Pending"}, phases
@@ -328,10 +328,19 @@ def test_helm_upgrade_from_chart_0_1_0_with_the_upgrade_notes(
               f"{time.monotonic() - upgraded_at:.1f}s after the upgrade began "
               f"({upgraded_at - started:.1f}s for 0.1.0's install and its command)")
     finally:
-        subprocess.run([old.helm, "uninstall", name, "-n", ns.name, "--kubeconfig",
-                        str(cluster.cp.kubeconfig), "--wait", "--timeout", "60s"],
-                       capture_output=True, timeout=120, env=cluster.cp.env(), check=False)
-        ns.delete()
+        # The RemoteVMs (their workers) first, while the bundled broker still answers: a
+        # worker stopping without a broker waits out its grace (300 s). Then the release.
+        ended_at = time.monotonic()
+        ns.k("delete", "remotevms", "--all", "--wait=true", "--timeout=120s", check=False, timeout=150)
+        try:
+            wait_until(lambda: not old.pods("app.kubernetes.io/component=worker"), timeout=120,
+                       interval=1, what="the old release's workers to go")
+        finally:
+            subprocess.run([old.helm, "uninstall", name, "-n", ns.name, "--kubeconfig",
+                            str(cluster.cp.kubeconfig), "--wait", "--timeout", "60s"],
+                           capture_output=True, timeout=120, env=cluster.cp.env(), check=False)
+            kubectl("delete", "namespace", ns.name, "--timeout=120s", check=False, timeout=150)
+            print(f"\nthe old release removed in {time.monotonic() - ended_at:.1f}s")
 
 
 @pytest.fixture(scope="module")
@@ -559,7 +568,7 @@ def broker_pod(release: DefaultRelease) -> dict[str, Any] | None:
 
 
 @pytest.fixture(scope="module")
-def persistent_broker(cluster: Cluster, release: DefaultRelease) -> dict[str, Any]:
+def persistent_broker(cluster: Cluster, release: DefaultRelease, cluster_vms: list[SshdVM]) -> dict[str, Any]:
     """The bundled broker switched to ``broker.bundled.persistence`` by ``helm upgrade``:
     a StatefulSet whose claim binds a static local PersistentVolume on node 1 (a storage
     class without provisioner, as a cluster with local disks has). The volume's node
@@ -579,6 +588,7 @@ def persistent_broker(cluster: Cluster, release: DefaultRelease) -> dict[str, An
                   "local": {"path": str(path)},
                   "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
                       {"key": "kubernetes.io/hostname", "operator": "In", "values": [node_name(1)]}]}]}}}})
+    release.ns.add_vms(cluster_vms, labels={"fleet": "prod"}, maxConcurrentCommands=10)
     started = time.monotonic()
     release.helm_run("upgrade", RELEASE, str(CHART), "--reuse-values",
                      "--set", "broker.bundled.persistence.enabled=true",
@@ -604,11 +614,16 @@ def test_the_broker_pod_deleted_under_100_commands_loses_none(
     label = f"redis-{uid()}"
     path = f"/tmp/{label}"
     names = [f"{label}-{i:03d}" for i in range(100)]
-    submit(release, label, [(name, cluster_vms[i % 3].name,
-                             {"command": f"echo {name} >> {path}; sleep 1"})
+    vms = [vm.name for vm in cluster_vms]
+    # Paused while the 100 are created (one request each): all of them wait, none ran yet.
+    for vm in vms:
+        release.ns.k("patch", "remotevm", vm, "--type=merge", "-p", '{"spec":{"paused":true}}')
+    submit(release, label, [(name, vms[i % 3], {"command": f"echo {name} >> {path}"})
                             for i, name in enumerate(names)])
     started = time.monotonic()
-    wait_until(lambda: len(running_results(release, label)) >= 3, timeout=120, interval=0.5,
+    for vm in vms:
+        release.ns.k("patch", "remotevm", vm, "--type=merge", "-p", '{"spec":{"paused":false}}')
+    wait_until(lambda: len(running_results(release, label)) >= 3, timeout=120, interval=0.2,
                what="the first commands to run")
     old = broker_pod(release)
     assert old is not None
@@ -625,8 +640,8 @@ def test_the_broker_pod_deleted_under_100_commands_loses_none(
     objects = finished(release, label, len(names), timeout=300)
     counts = tally(objects, runs_on(cluster_vms, path))
     figures("broker pod deleted with 100 commands queued or running", counts,
-            f"; {before} had run when it was deleted {deleted - started:.1f}s after they were "
-            f"created, the new pod Ready after {outage:.1f}s, the other {len(names) - before} "
+            f"; {before} had run when it was deleted {deleted - started:.1f}s after the VMs were "
+            f"resumed, the new pod Ready after {outage:.1f}s, the other {len(names) - before} "
             f"finished {time.monotonic() - deleted:.1f}s after the deletion")
     release.ns.k("delete", "remotecommands", "-l", f"prod-test={label}", "--wait=false")
     assert 0 < before < len(names), "the broker was not deleted while commands were queued"
@@ -670,6 +685,8 @@ def test_a_drain_of_a_node_holding_workers_loses_nothing(
     evicted = sorted(n for n, o in objects.items() if worker_pod_of(only_result(o)) in on_node2)
     figures(f"kubectl drain of node 2 with 12 commands of 8 s ({len(evicted)} on its worker)", counts,
             f"; the drain took {drained:.1f}s")
+    if drained > 60:
+        print(f"the drain's output:\n{drain.stdout}{drain.stderr}")
     release.kubectl("-n", release.ns.name, "delete", "remotevm", "dr", "--wait=false")
     release.ns.k("delete", "remotecommands", "-l", f"prod-test={label}", "--wait=false")
     assert evicted, "no command ran on the drained node's worker: this shows nothing"
