@@ -445,8 +445,6 @@ def test_workers_of_a_vm_with_several_replicas_and_of_a_pool_land_on_both_nodes(
         obj = release.finished(f"{name}-hello")
         assert obj["status"]["phase"] == "Succeeded", obj["status"]
         assert obj["status"]["results"][0]["stdout"].strip() == vm
-    # Their 8 worker pods would only slow the disruption tests below down.
-    release.kubectl("-n", release.ns.name, "delete", "remotevm", "wide", "pa", "pb", "--wait=false")
 
 
 # ------------------------------------------------------------------ disruptions, on the pod network
@@ -788,9 +786,8 @@ def test_a_node_lost_its_workers_commands_are_retried_on_the_other_node(
     on_node2 = sorted(n for n, r in running.items() if pods.get(worker_pod_of(r)) == node_name(2))
     assert on_node2, f"no command runs on node 2's worker: {running}"
     killed = time.time()
-    node2 = cluster.nodes[1]
     try:
-        node2.kill()
+        cluster.kill_node(2)
         objects = finished(release, label, len(names), timeout=180)
     finally:
         release.kubectl("delete", "node", node_name(2), "--wait=false", check=False)
