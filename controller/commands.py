@@ -423,8 +423,12 @@ class Commands:
         if not step:
             return
         results = status["results"]
+        # A dispatch's change, to undo if its message cannot be sent (Redis restarting).
+        undo: dict[str, tuple[int, dict[str, Any]]] = {}
         for change in step.changes:
             before = dict(results[change.index])
+            if "dispatchTime" in change.set:
+                undo[change.vm] = (change.index, before)
             results[change.index].update(change.set)
             for key in change.remove:
                 results[change.index].pop(key, None)
@@ -453,11 +457,23 @@ class Commands:
                     tracked.namespace)
                 log.info("Asked the workers of %s to terminate process group %s of RemoteCommand "
                          "%s", vm, pgid, tracked.ref)
+        unsent: Exception | None = None
         for vm, attempt in step.dispatch:
-            self._dispatch(tracked, vm, attempt, vms.get(vm))
+            try:
+                self._dispatch(tracked, vm, attempt, vms.get(vm))
+            except Exception as exc:  # noqa: BLE001 - raised below, once the others went
+                # Not sent: the entry is as it was (Pending, or Queued and due again), so
+                # the next tick sends it; left Queued it would wait for the redispatch.
+                if vm in undo:
+                    index, before = undo[vm]
+                    results[index].clear()
+                    results[index].update(before)
+                unsent = unsent or exc
         if step.changes:
             self._refold(tracked)
             tracked.want(0.0 if not step.dispatch else self.urgency.start)
+        if unsent is not None:
+            raise unsent
 
     def _rollout(self, tracked: Tracked) -> int:
         """spec.rollout: the wave that may run now; probes the VMs a health gate waits for,

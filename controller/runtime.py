@@ -371,9 +371,12 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
         "volumes": volumes,
         # Replicas prefer distinct nodes (a lost node takes only its share); a preference,
         # so a one-node cluster still runs them all.
+        # Counted per revision (pod-template-hash): during a rollout the old pods would
+        # otherwise push the new ones together.
         "topologySpreadConstraints": [{
             "maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
             "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": dict(labels)},
+            "matchLabelKeys": ["pod-template-hash"],
         }],
     }
     pod_extras(settings, template_spec, container)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class Attempt:
         self.cancelled = False
         self.control = AttemptControl()  # ends the running command from another thread
         self.claimed_at = 0.0
+        # This delivery's token in the claim: claiming again after a lost reply is ours.
+        self.delivery = uuid.uuid4().hex[:16]
         self.start_time: str | None = None  # when the claim report said it started
         self.interval = settings.current().heartbeat_seconds
         self._next_beat = clock() + self.interval
@@ -121,7 +124,7 @@ class Attempt:
         env = self.envelope
         vm = vm or env.vm
         result = self.state.claim(env.uid, vm, env.attempt, self.holder, env.scope,
-                                  namespace=env.namespace)
+                                  namespace=env.namespace, delivery=self.delivery)
         if result != CLAIMED:
             self.claim_lost = self.claim_lost or vm == env.vm
             self.cancelled = self.cancelled or result == CANCELLED

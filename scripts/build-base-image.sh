@@ -25,9 +25,11 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # The base's inputs: this script and the suite's package versions as apt sees them now.
+# The script's content, not its path: checkouts in other directories share one base
+# (with the path in the key, two checkouts rebuilt and re-tagged it in turn).
 key="$(
     {
-        sha256sum "$here/build-base-image.sh"
+        sha256sum <"$here/build-base-image.sh"
         apt-cache policy python3 python3-pip 2>/dev/null | grep -E 'Candidate' || true
     } | sha256sum | cut -c1-16
 )"

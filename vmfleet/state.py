@@ -9,7 +9,13 @@ ACL user reaches:
 - **Claims** (exactly once). ``vmfleet.<ns>:claim:<uid>/<vm>/<attempt>`` is set once
   (``SET NX`` in a Lua script that also checks the cancel key): two deliveries of one
   message can never both run the attempt, a redelivery after a worker crash finds the
-  claim taken, and a command deleted before its claim is never started.
+  claim taken, and a command deleted before its claim is never started. The claim holds
+  the delivery's own token, so the same delivery claiming again (its first try's reply
+  was lost to a Redis restart) is told ``claimed`` again.
+- **A Redis restarting** (the broker pod deleted, a rolling update): a worker's claim,
+  reports and release are retried for ``WRITE_RETRY_SECONDS`` while Redis refuses
+  connections or loads its append-only file, so an attempt that ends during the restart
+  still reports its result (heartbeats are not retried: the next one lands).
 - **Heartbeats**: the sorted set ``vmfleet.<ns>:heartbeats:<scope>`` scores each running
   attempt with the Redis server's time of its last sign of life (set at the claim,
   renewed by the worker, added again if the set was lost). The controller declares an
@@ -54,17 +60,21 @@ STATE_URL_ENV = settings.env_of("state_url")
 GROUP = "controller"
 DEFAULT_SCOPE = "default"
 CLAIM_TTL_SECONDS = 7 * 24 * 3600
+#: How long a worker's claim, report or release is retried while Redis is away (a
+#: restart takes seconds; past this the write fails and the attempt ends lost).
+WRITE_RETRY_SECONDS = 60.0
 CANCEL_TTL_SECONDS = 24 * 3600
 
 CLAIMED = "claimed"
 TAKEN = "taken"
 CANCELLED = "cancelled"
 
-# KEYS: claim, cancel, heartbeats. ARGV: worker, ttl seconds, member.
+# KEYS: claim, cancel, heartbeats. ARGV: holder (worker and delivery token), ttl seconds,
+# member, '1' when the holder names a delivery (then the same holder claiming again wins).
 _CLAIM = """
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'cancelled' end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
-  return 'taken'
+  if ARGV[4] ~= '1' or redis.call('GET', KEYS[1]) ~= ARGV[1] then return 'taken' end
 end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[3])
@@ -172,17 +182,22 @@ class State:
         self._now = self.client.register_script(_NOW_MS)
         self._lock = threading.Lock()
         self._served: dict[str, bool] = {}  # namespace -> its stream's group exists
+        self.write_retry_seconds = WRITE_RETRY_SECONDS
 
     # ------------------------------------------------------------------ workers
 
     def claim(self, uid: str, vm: str, attempt: int, worker: str,
-              scope: str = DEFAULT_SCOPE, *, namespace: str) -> str:
+              scope: str = DEFAULT_SCOPE, *, namespace: str, delivery: str = "") -> str:
         """``claimed`` (ours now), ``taken`` (by any delivery before, even one of this
-        worker's: a redelivery after a crash never runs the attempt again) or ``cancelled``."""
+        worker's: a redelivery after a crash never runs the attempt again) or ``cancelled``.
+        ``delivery``: this delivery's token; the same delivery claiming again (retried
+        across a Redis restart) is ``claimed`` again."""
         member = attempt_member(uid, vm, attempt)
-        result = self._claim(keys=[claim_key(namespace, uid, vm, attempt), cancel_key(namespace, uid),
-                                   heartbeats_key(namespace, scope)],
-                             args=[worker, CLAIM_TTL_SECONDS, member])
+        holder = f"{worker} {delivery}" if delivery else worker
+        result = self._retrying("claim", lambda: self._claim(
+            keys=[claim_key(namespace, uid, vm, attempt), cancel_key(namespace, uid),
+                  heartbeats_key(namespace, scope)],
+            args=[holder, CLAIM_TTL_SECONDS, member, "1" if delivery else "0"]))
         return _text(result)
 
     def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = DEFAULT_SCOPE, *,
@@ -196,18 +211,39 @@ class State:
                 namespace: str) -> None:
         """The attempt ended (its result is reported): no more heartbeats expected. The
         claim stays (a redelivery still finds it taken) and says ``released``."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zrem(heartbeats_key(namespace, scope), attempt_member(uid, vm, attempt))
-        pipe.set(claim_key(namespace, uid, vm, attempt), "released", xx=True, keepttl=True)
-        pipe.execute()
+        def release() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrem(heartbeats_key(namespace, scope), attempt_member(uid, vm, attempt))
+            pipe.set(claim_key(namespace, uid, vm, attempt), "released", xx=True, keepttl=True)
+            pipe.execute()
+        self._retrying("release", release)
 
     def report(self, body: dict[str, Any], scope: str = DEFAULT_SCOPE,
                namespace: str | None = None) -> str:
         """Append a report for the controller of ``scope``, to the stream of the report's
         namespace (``body["namespace"]`` unless given); returns its stream id."""
         stream = reports_key(namespace or str(body.get("namespace") or ""), scope)
-        entry_id = self.client.xadd(stream, {"r": json.dumps(body, separators=(",", ":"))})
-        return _text(entry_id)
+        fields = {"r": json.dumps(body, separators=(",", ":"))}
+        # Retried, a report may land twice (its first reply lost): the controller applies
+        # a report it already applied as stale.
+        return _text(self._retrying("report", lambda: self.client.xadd(stream, fields)))
+
+    def _retrying(self, what: str, call: Callable[[], Any]) -> Any:
+        """``call()``, again while Redis is away (refusing connections, restarting,
+        loading its append-only file), for up to ``write_retry_seconds``."""
+        import redis
+
+        deadline = time.monotonic() + self.write_retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:  # BusyLoadingError too
+                if isinstance(exc, redis.AuthenticationError) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning("Redis %s failed (%s); retrying in %.1fs", what, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     def cancelled(self, uid: str, *, namespace: str) -> bool:
         return bool(self.client.exists(cancel_key(namespace, uid)))

@@ -507,8 +507,10 @@ def test_a_rollout_restart_of_workers_finishes_what_they_run(release: Release, m
     assert lost == []
     assert sorted(runs) == sorted([*names, "after"])  # each once
     assert drained > 30, "the commands ended within the default grace: this shows nothing"
-    assert all(p["metadata"]["uid"] != old["pod"]["metadata"]["uid"]
-               for p in release.worker_pods(vm.name))
+    # The stopping pod exits once its commands ended (the kubelet needs a moment to remove it).
+    wait_until(lambda: all(p["metadata"]["uid"] != old["pod"]["metadata"]["uid"]
+                           for p in release.worker_pods(vm.name)),
+               timeout=60, interval=0.5, what="the stopped worker pod to be gone")
 
 
 def test_a_grace_too_short_ends_worker_lost_and_retries_without_counting(

@@ -236,3 +236,39 @@ def test_a_heartbeat_set_lost_in_redis_is_refilled_by_live_attempts_only(state: 
     state.heartbeat(live, "vm1", 1, namespace=NS)  # a beat racing the release
     assert state.absent_heartbeats([(NS, attempt_member(live, "vm1", 1))]) == {
         (NS, attempt_member(live, "vm1", 1))}
+
+
+def test_the_same_delivery_claiming_again_wins_again_and_no_other_delivery_does(worker: State) -> None:
+    """A claim retried across a Redis restart (its first reply lost) must not lose the
+    attempt to itself; a redelivery (another token) still finds it taken."""
+    command = uid()
+    assert worker.claim(command, "vm1", 1, "w1", namespace=NS, delivery="d1") == CLAIMED
+    assert worker.claim(command, "vm1", 1, "w1", namespace=NS, delivery="d1") == CLAIMED
+    assert worker.claim(command, "vm1", 1, "w1", namespace=NS, delivery="d2") == TAKEN
+    assert worker.claim(command, "vm1", 1, "w1 d1", namespace=NS) == TAKEN  # no token: no retry
+    worker.release(command, "vm1", 1, namespace=NS)
+    assert worker.claim(command, "vm1", 1, "w1", namespace=NS, delivery="d1") == TAKEN
+
+
+def test_a_worker_s_claim_report_and_release_wait_for_a_restarting_redis(
+        server: RedisServer, state: State, worker: State) -> None:
+    """Redis stopped (its append-only file kept) and started again 2 s later: the
+    worker's writes made meanwhile land once it is back, none is lost."""
+    import redis
+
+    command = uid()
+    admin = redis.Redis.from_url(server.admin_url)
+    admin.execute_command("ACL", "SAVE")  # the namespace's user, as the chart's ACL file has it
+    admin.close()
+    server.stop()
+    restart = threading.Timer(2.0, server.start)
+    restart.start()
+    try:
+        assert worker.claim(command, "vm1", 1, "w1", namespace=NS, delivery="d1") == CLAIMED
+        worker.report({"uid": command, "namespace": NS, "vm": "vm1", "attempt": 1, "event": "finished"})
+        worker.release(command, "vm1", 1, namespace=NS)
+    finally:
+        restart.join(timeout=60)
+    reports = state.read_reports("c1", block_ms=1000)
+    assert [r.body["uid"] for r in reports] == [command]
+    assert worker.claim(command, "vm1", 1, "w2", namespace=NS, delivery="d2") == TAKEN

@@ -28,7 +28,7 @@ class FakeState:
         self.namespaces: set[str | None] = set()  # ...and in which namespace's keys
 
     def claim(self, uid: str, vm: str, attempt: int, worker: str, scope: str = "default", *,
-              namespace: str) -> str:
+              namespace: str, delivery: str = "") -> str:
         self.scopes.add(scope)
         self.namespaces.add(namespace)
         self.claims.append((uid, vm, attempt, worker))

@@ -250,6 +250,8 @@ def test_controller_deployment():
                                                             "RETRY_PERIOD")] == ["15", "10", "2"]
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    # The new revision's pods avoid each other, not the old ones (a rollout would stack them).
+    assert anti[0]["podAffinityTerm"]["matchLabelKeys"] == ["pod-template-hash"]
     assert env["VMFLEET_BROKER_URL"] == {"name": "VMFLEET_BROKER_URL", "valueFrom": {
         "secretKeyRef": {"name": "rel-vmfleet-broker-controller", "key": "url"}}}
     assert env["VMFLEET_BROKER_SECRET_NAME"]["value"] == "rel-vmfleet-broker"

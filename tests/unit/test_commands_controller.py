@@ -362,3 +362,27 @@ def test_a_secret_transfer_reads_the_namespaces_vms_from_the_api_before_it_prote
     ((_, message, _),) = fleet.sent
     assert listed == [("ns", "")]
     assert "ns-late-key" in Envelope.from_message(message).protected_secrets
+def test_a_dispatch_that_could_not_be_sent_is_sent_again_at_the_next_tick(state: FakeState) -> None:
+    """The broker restarting while the controller dispatches: the send fails, the entry
+    stays Pending (not Queued, which would wait VMFLEET_REDISPATCH_SECONDS), and the
+    next tick sends it; the other VM's dispatch is not held up by the failure."""
+    fleet = Fleet("vm1", "vm2")
+    failures = [ConnectionError("Error 111 connecting to the broker")]
+
+    def send(task: str, body: dict[str, Any], queue: str, namespace: str | None) -> None:
+        if task == TASK_EXECUTE and Envelope.from_message(body).vm == "vm1" and failures:
+            raise failures.pop()
+        fleet.send(task, body, queue, namespace)
+
+    base = fleet.commands(state)
+    commands = Commands(state, send, base.get_vm, base.list_vms, base.target_of,  # type: ignore[arg-type]
+                        base.wake, base.delete)
+    commands.observe(command(selector={"matchLabels": {}}))  # the error is logged
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    assert phases(tracked) == {"vm1": "Pending", "vm2": "Queued"}
+    assert "dispatchTime" not in tracked.status["results"][0]
+    assert [e.vm for e in fleet.envelopes()] == ["vm2"]
+    commands.tick()
+    assert phases(tracked) == {"vm1": "Queued", "vm2": "Queued"}
+    assert sorted(e.vm for e in fleet.envelopes()) == ["vm1", "vm2"]

@@ -267,10 +267,13 @@ def test_a_worker_mounts_nothing_but_its_vms_credentials() -> None:
 
 def test_workers_of_one_group_spread_over_the_nodes() -> None:
     """Several replicas of one VM's workers, or of a pool's, prefer distinct nodes (a
-    node lost takes only its share); never a hard rule, so one node still runs them all."""
+    node lost takes only its share); never a hard rule, so one node still runs them all.
+    Counted per revision: during a rollout the old pods do not push the new ones onto
+    one node."""
     for group in (single(vm()), WorkerGroup("ops", [vm("vm1", workerPool="web")], pool="web")):
         dep = worker_deployment(group, SETTINGS, 3)
         (spread,) = pod_of(dep)["topologySpreadConstraints"]
         assert spread == {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                           "whenUnsatisfiable": "ScheduleAnyway",
-                          "labelSelector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]}}
+                          "labelSelector": {"matchLabels": dep["spec"]["selector"]["matchLabels"]},
+                          "matchLabelKeys": ["pod-template-hash"]}

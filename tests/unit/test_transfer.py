@@ -331,7 +331,7 @@ class FakeState:
         self.released: list[tuple[str, int]] = []
         self.cancel_after_beats = cancel_after_beats
 
-    def claim(self, uid, vm, attempt, worker, scope="default", *, namespace):
+    def claim(self, uid, vm, attempt, worker, scope="default", *, namespace, delivery=""):
         if uid in self.cancelled_uids:
             return "cancelled"
         holder = self.claims.setdefault((uid, vm, attempt), worker)

@@ -155,6 +155,7 @@ class Cluster:
                       for i in range(1, node_count + 1)]
         self.processes: dict[str, ManagedProcess] = {}
         self.state_file = self.workdir / "cluster.json"
+        self._lost_netns: list[Path] = []  # the pods' namespaces of killed nodes
 
     def start(self, timeout: float = 240) -> Cluster:
         coredns = ensure_coredns_built()  # may build: not counted in the timeout
@@ -190,9 +191,19 @@ class Cluster:
             leftovers = self._pod_netns(node)
             node.stop()
             remove_pod_netns(leftovers)
+        remove_pod_netns(self._lost_netns)
+        self._lost_netns = []
         self.cp.stop()
         self.network.delete()
         self.state_file.unlink(missing_ok=True)
+
+    def kill_node(self, index: int) -> None:
+        """Lose node ``index`` (1-based) as a machine that dies (``Node.kill``); its pods'
+        network namespaces, which its dead containerd can no longer name, are noted
+        first and removed by ``stop()``."""
+        node = self.nodes[index - 1]
+        self._lost_netns += self._pod_netns(node)
+        node.kill()
 
     @classmethod
     def from_state(cls, workdir: Path) -> Cluster:

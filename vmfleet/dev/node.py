@@ -32,6 +32,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -196,6 +197,19 @@ class Node:
         self._unmount_all()
         self._remove_cgroups()
         self.state_file.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """Lose the node, as a machine that dies: SIGKILL to its kubelet (and scheduler),
+        its containerd, the containers' shims and every process of its pods, in that
+        order, so nothing restarts them. Nothing is cleaned up and nothing tells the API
+        server: the Node object turns NotReady when its heartbeats stop, and its pods
+        stay bound to it until the eviction. ``stop()`` cleans up afterwards."""
+        for name in ("kubelet", "kube-scheduler", "containerd"):
+            process = self.processes.get(name)
+            if process is not None:
+                process.signal(signal.SIGKILL)
+        self._kill_leftover_shims()
+        self._kill_pod_processes()
 
     def _stop_component(self, name: str, grace: float) -> None:
         process = self.processes.pop(name, None)
