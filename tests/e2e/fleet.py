@@ -6,8 +6,9 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,15 @@ def assert_no_tracebacks(*paths: Path) -> None:
 
 __all__ = ["Kubectl", "Namespace", "assert_no_tracebacks", "start_controller", "unique_namespace",
            "wait_until"]
+
+
+def holds_for(predicate: Callable[[], bool], seconds: float, interval: float = 0.2,
+              what: str = "condition") -> None:
+    """``predicate`` stays true for ``seconds`` (checked every ``interval``): the counterpart
+    of ``wait_until`` for "and nothing more comes"; fails the moment it turns false."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert predicate(), f"{what} stopped holding"
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(interval)

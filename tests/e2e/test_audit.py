@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.fleet import Namespace, assert_no_tracebacks
+from tests.e2e.fleet import Namespace, assert_no_tracebacks, holds_for
 from vmfleet.dev.manifests import credentials_secret, remote_vm
 from vmfleet.dev.proc import wait_until
 
@@ -77,7 +76,7 @@ def test_each_attempt_of_a_retried_command_has_an_event_and_an_audit_line(
     # One Event per attempt, once both ends are written (the Events follow the status).
     wait_until(lambda: len(attempt_events(ns, "retried")) >= 2, timeout=30,
                what="an Event for each attempt")
-    time.sleep(1.0)  # nothing more comes
+    holds_for(lambda: len(attempt_events(ns, "retried")) == 2, 1.0, what="two Events, no third")
     first, second = sorted(attempt_events(ns, "retried"), key=lambda e: e["metadata"]["name"])
     records = [json.loads(e["metadata"]["annotations"]["vmfleet.io/attempt"]) for e in (first, second)]
     assert [(e["type"], e["reason"], e["count"]) for e in (first, second)] == [
@@ -128,7 +127,7 @@ def test_a_fan_out_over_50_vms_gets_one_event_per_50_attempts(
     assert obj["status"]["completions"] == "60/60", obj["status"]
     uid = obj["metadata"]["uid"]
     wait_until(lambda: len(attempt_events(ns, "fan")) >= 2, timeout=30, what="two block Events")
-    time.sleep(1.0)
+    holds_for(lambda: len(attempt_events(ns, "fan")) == 2, 1.0, what="two block Events, no third")
     events = attempt_events(ns, "fan")
     assert [(e["metadata"]["name"].split(".")[1], e["count"], e["reason"], e["type"]) for e in events] == [
         ("a1-b0", 50, "AttemptsEnded", "Normal"), ("a1-b1", 10, "AttemptsEnded", "Normal")]

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.fleet import Namespace, assert_no_tracebacks, start_controller
+from tests.e2e.fleet import Namespace, assert_no_tracebacks, holds_for, start_controller
 from tests.e2e.test_faults import (  # noqa: F401 - fixtures
     assert_each_ran_once,
     create_commands,
@@ -162,7 +162,8 @@ def test_the_standby_takes_over_when_the_leader_is_killed_or_stops(
         logs = [dirs[name] / "controller.log" for name in ("a", "b", "c")]
         wait_until(lambda: len(audit_lines_of(logs)) >= len(names), timeout=30,
                    what="an audit line per command")
-        time.sleep(1.0)  # none comes twice
+        holds_for(lambda: len(audit_lines_of(logs)) == len(names), 1.0,
+                  what="one audit line per command, none twice")
         lines = audit_lines_of(logs)
         assert Counter(line["name"] for line in lines) == Counter(names)
         events = ns.kubectl.get_json("-n", str(ns), "events")["items"]
