@@ -9,18 +9,16 @@ runs a controller of its own (namespaces ``lg-*``) with the output store and the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kubernetes
 import pytest
 
 from tests.e2e.fleet import Kubectl, Namespace, assert_no_tracebacks, start_controller, unique_namespace
+from tests.e2e.test_exec import VMFLEET, client_env, vmfleet
 from vmfleet.dev import logsapi
 from vmfleet.dev.brokers import RedisServer, output_store
 from vmfleet.dev.proc import ManagedProcess, wait_until
@@ -30,8 +28,6 @@ from vmfleet.procs import free_port
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
-VMFLEET = str(BIN / "vmfleet")
 PREFIX = "lg"
 
 
@@ -83,16 +79,6 @@ def admin(controlplane) -> Kube:  # type: ignore[no-untyped-def]
                                        client_configuration=config)
     return Kube(kubernetes.client.ApiClient(config))
 
-
-def client_env(controlplane) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    env = controlplane.env()
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def vmfleet(controlplane, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run([VMFLEET, *args], capture_output=True, text=True, timeout=timeout,
-                          env=client_env(controlplane), stdin=subprocess.DEVNULL)
 
 
 def test_read_log_follows_a_fan_out_live_in_order_then_reads_it_whole(lns: Namespace, vms,
