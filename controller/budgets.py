@@ -14,12 +14,11 @@ import hashlib
 import json
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-if TYPE_CHECKING:
-    from .runtime import WorkerGroup
+from .runtime import WorkerGroup, owner_references
 
 log = logging.getLogger("controller.budgets")
 
@@ -63,8 +62,6 @@ class Budgets:
     def ensure(self, group: WorkerGroup, labels: dict[str, str]) -> None:
         if not wants_budget(group):
             return
-        from .runtime import owner_references
-
         body = worker_budget(group, labels, owner_references(group))
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         key = (group.namespace, group.deployment)

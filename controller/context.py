@@ -27,12 +27,14 @@ from . import schedule
 from .audit import Layout, RunRecords, layout_of
 from .commands import Commands
 from .crons import Crons
+from .deployment_runtime import DeploymentRuntime, DeploymentSettings
 from .dispatch import Dispatcher
 from .health import HealthMonitor
 from .isolate import Recorder
 from .leader import Elector, KubeLeaseStore, Leadership, Timing
 from .loop import Loop, ReportReader, Writer
-from .runtime import DeploymentRuntime, DeploymentSettings, ProcessRuntime, Runtime
+from .process_runtime import ProcessRuntime
+from .runtime import Runtime
 from .scaling import QueueDepth
 from .tenants import BrokerTenants
 from .transfer_access import TransferAccess

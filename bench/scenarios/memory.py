@@ -2,7 +2,7 @@
 
 - **vmfleet_worker**: the Celery worker the Process runtime starts for one RemoteVM
   (``python -m celery -A remote_tasks worker -Q <queue> --pool threads --concurrency 8``,
-  ``controller/runtime.py``), summed over its process group. *idle*: its log says
+  ``controller/process_runtime.py``), summed over its process group. *idle*: its log says
   ``ready`` and no command has run (a health probe may have); *under load*: the peak,
   sampled every 100 ms, while 500 RemoteCommands (``true``; quick: 200) go through the
   local cluster (``bench.fixtures.cluster``), 8 at once. The RemoteVM is ``membench``, an

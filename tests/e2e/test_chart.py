@@ -354,17 +354,12 @@ def test_the_controller_is_fenced_to_worker_deployments_by_the_admission_policy(
         helm, kubectl, crds, namespaces):
     """As the controller's ServiceAccount (its Role allows creating Deployments in the
     namespace), the chart's ValidatingAdmissionPolicy admits the worker Deployments the
-    controller builds (controller/runtime.py) and refuses any other: a hostPath, another
+    controller builds (controller/deployment_runtime.py) and refuses any other: a hostPath, another
     image, a token, privileged, a hostPort, the node's network or PID namespace."""
     import copy
 
-    from controller.runtime import (
-        DeploymentSettings,
-        VMRef,
-        single,
-        transfer_group,
-        worker_deployment,
-    )
+    from controller.deployment_runtime import DeploymentSettings, worker_deployment
+    from controller.runtime import VMRef, single, transfer_group
     from vmfleet.api.models import RemoteVMSpec
     from vmfleet.dev.proc import wait_until
 

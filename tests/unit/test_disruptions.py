@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from controller.budgets import wants_budget, worker_budget
+from controller.deployment_runtime import DeploymentSettings, worker_deployment
 from controller.reports import apply_attempt_report
-from controller.runtime import DeploymentSettings, VMRef, WorkerGroup, worker_deployment
+from controller.runtime import VMRef, WorkerGroup
 from controller.schedule import plan
 from remote_tasks.attempt import TRANSFER, Attempt, Cancels
 from tests.unit.test_attempt_reports import ENVELOPE, FakeState

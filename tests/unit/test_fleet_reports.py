@@ -14,16 +14,15 @@ import pytest
 from prometheus_client import REGISTRY
 
 from controller.budgets import Budgets
-from controller.health import HealthMonitor
-from controller.runtime import (
+from controller.deployment_runtime import (
     DeploymentCache,
     DeploymentRuntime,
     DeploymentSettings,
-    ProcessRuntime,
-    VMRef,
-    WorkerGroup,
     worker_deployment,
 )
+from controller.health import HealthMonitor
+from controller.process_runtime import ProcessRuntime
+from controller.runtime import VMRef, WorkerGroup
 from controller.vms import Fleet
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.api.reports import ProbeReport

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from controller.context import worker_pod_settings
-from controller.runtime import DeploymentSettings, VMRef, WorkerGroup, single, worker_deployment
+from controller.deployment_runtime import DeploymentSettings, worker_deployment
+from controller.runtime import VMRef, WorkerGroup, single
 from tests.unit.test_chart import find, render
 from vmfleet import settings as vmfleet_settings
 from vmfleet.api.models import RemoteVMSpec

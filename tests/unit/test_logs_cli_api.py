@@ -132,7 +132,7 @@ def test_the_review_asks_get_on_the_remotecommand_itself():
 
 
 def test_worker_pods_take_their_output_store_url_from_their_broker_secret():
-    from controller.runtime import DeploymentSettings, worker_env
+    from controller.deployment_runtime import DeploymentSettings, worker_env
 
     base = DeploymentSettings(image="vmfleet:1", broker_url="redis://b/0")
     assert "VMFLEET_OUTPUT_URL" not in {e["name"] for e in worker_env("ops", base)}

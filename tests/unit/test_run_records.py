@@ -26,7 +26,8 @@ from controller.audit import (
 )
 from controller.commands import Commands, Tracked
 from controller.loop import Writer
-from controller.runtime import ProcessRuntime, VMRef, WorkerGroup, local_worker_name
+from controller.process_runtime import ProcessRuntime, local_worker_name
+from controller.runtime import VMRef, WorkerGroup
 from remote_tasks.output import StreamTail
 from tests.unit.test_commands_controller import FakeState, Fleet, command, finished, report
 from vmfleet.api.models import RemoteVMSpec

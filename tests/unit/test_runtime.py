@@ -7,16 +7,14 @@ from typing import Any
 
 import pytest
 
+from controller.deployment_runtime import DeploymentSettings, check_mounts, worker_deployment
 from controller.runtime import (
-    DeploymentSettings,
     VMRef,
     WorkerGroup,
-    check_mounts,
     desired_replicas,
     label_value,
     single,
     transfer_group,
-    worker_deployment,
 )
 from vmfleet.api.models import RemoteVMSpec, WorkersSpec
 
@@ -174,7 +172,7 @@ def test_a_new_process_runtime_stops_the_workers_an_earlier_controller_left(tmp_
     import subprocess
     import time
 
-    from controller.runtime import ProcessRuntime
+    from controller.process_runtime import ProcessRuntime
     from vmfleet.procs import ManagedProcess, write_pid_file
 
     logs = tmp_path / "workers"

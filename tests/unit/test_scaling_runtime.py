@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from controller.runtime import DeploymentSettings, VMRef, single, worker_deployment
+from controller.deployment_runtime import DeploymentSettings, worker_deployment
+from controller.runtime import VMRef, single
 from vmfleet.api.models import RemoteVMSpec
 
 MOUNT = "/var/run/secrets/vmfleet.io/ssh"
