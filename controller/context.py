@@ -25,6 +25,7 @@ from vmfleet.state import State, state_url
 
 from . import schedule
 from .audit import Layout, RunRecords, layout_of
+from .backlog import entry_counts, kombu_queue_depths, redis_queue_depths
 from .commands import Commands
 from .crons import Crons
 from .deployment_runtime import DeploymentRuntime, DeploymentSettings
@@ -38,7 +39,7 @@ from .runtime import Runtime
 from .scaling import QueueDepth
 from .tenants import BrokerTenants
 from .transfer_access import TransferAccess
-from .vms import Fleet, entry_counts, kombu_queue_depths, redis_queue_depths
+from .vms import Fleet
 
 log = logging.getLogger("controller")
 

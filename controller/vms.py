@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,16 +30,16 @@ from pydantic import ValidationError
 
 from vmfleet import metrics
 from vmfleet.api import constants as c
-from vmfleet.api.constants import Phase, Reason
+from vmfleet.api.constants import Reason
 from vmfleet.api.envelope import Target
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.api.reports import ProbeReport
 from vmfleet.api.times import now_rfc3339
 from vmfleet.fold import set_condition
 from vmfleet.kube import ApiException, Kube
-from vmfleet.tenancy import queue_key
 
 from . import vmcheck
+from .backlog import Counts, QueueDepthReader
 from .health import HealthMonitor, conditions_changed, fold_conditions, transitions
 from .runtime import TRANSFERS_GROUP, Runtime, VMRef, WorkerGroup, transfer_group, transfer_group_key
 from .scaling import Autoscaler, Decision
@@ -48,9 +47,6 @@ from .status import checked_vm_fields
 from .targets import vm_target
 
 log = logging.getLogger("controller.vms")
-
-QueueDepthReader = Callable[[list[str]], dict[str, int]]
-Counts = Callable[[], dict[tuple[str, str], tuple[int, int]]]  # (ns, vm) -> (queued, running)
 
 
 def vm_ref(body: dict[str, Any]) -> VMRef | None:
@@ -557,46 +553,4 @@ def _autoscaled(group: WorkerGroup) -> bool:
     return workers is not None and workers.autoscale is not None
 
 
-def entry_counts(tracked: list[Any]) -> dict[tuple[str, str], tuple[int, int]]:
-    """``(queued, running)`` result entries per VM over the controller's commands; a
-    namespace's transfers count under ``(namespace, TRANSFERS_GROUP)``: they run on its
-    transfer worker, not on their VMs' workers."""
-    counts: dict[tuple[str, str], list[int]] = {}
-    for command in tracked:
-        transfers = getattr(command.spec, "transfer", None) is not None
-        for entry in command.status.get("results") or []:
-            phase = entry.get("phase")
-            if phase not in (Phase.QUEUED, Phase.RUNNING):
-                continue
-            slot = counts.setdefault(
-                (command.namespace, TRANSFERS_GROUP if transfers else entry["vm"]), [0, 0])
-            slot[0 if phase == Phase.QUEUED else 1] += 1
-    return {key: (v[0], v[1]) for key, v in counts.items()}
-
-
-def redis_queue_depths(client: Any) -> QueueDepthReader:
-    """Queue depth of Celery's Redis transport: the list and its priority lists, one
-    round trip for every queue (a kombu call per queue costs a thousand calls a tick)."""
-    suffixes = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-
-    def read(queues: list[str]) -> dict[str, int]:
-        pipe = client.pipeline(transaction=False)
-        for queue in queues:
-            key = queue_key(queue)  # under its namespace's key prefix
-            for suffix in suffixes:
-                pipe.llen(key + suffix)
-        values = pipe.execute()
-        return {queue: sum(int(v) for v in values[i * 4:(i + 1) * 4])
-                for i, queue in enumerate(queues)}
-
-    return read
-
-
-def kombu_queue_depths(depth: Callable[[str], int]) -> QueueDepthReader:
-    def read(queues: list[str]) -> dict[str, int]:
-        return {queue: depth(queue) for queue in queues}
-
-    return read
-
-
-__all__ = ["Fleet", "entry_counts", "kombu_queue_depths", "redis_queue_depths", "vm_ref"]
+__all__ = ["Fleet", "vm_ref"]

@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from controller.backlog import entry_counts
 from controller.commands import Commands
 from controller.health import HealthMonitor
 from controller.runtime import WorkerGroup
 from controller.targets import vm_target
-from controller.vms import Fleet, entry_counts
+from controller.vms import Fleet
 
 
 class FakeState:

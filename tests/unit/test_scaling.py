@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from controller.backlog import entry_counts
 from controller.scaling import Autoscaler, prune, recommend, stabilize
-from controller.vms import entry_counts
 from vmfleet.api.models import WorkersSpec
 
 
