@@ -18,13 +18,10 @@ it at start (``vmfleet.state`` keeps the set of live commands).
 from __future__ import annotations
 
 import copy
-import functools
-import heapq
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,77 +38,22 @@ from vmfleet.api.constants import (
 from vmfleet.api.envelope import Envelope, Target, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit
-from vmfleet.api.plan import Plan, plan_of
 from vmfleet.api.reports import AttemptReport, Event, F
-from vmfleet.api.times import now_rfc3339, parse_rfc3339
+from vmfleet.api.times import now_rfc3339
 from vmfleet.fold import fold, set_condition
 from vmfleet.state import State, attempt_member
 
 from . import rollout, schedule, templates
 from .audit import Pending, RunRecords, layout_of, record_of_entry, record_of_report
 from .dryrun import dry_run_status
+from .expiry import Delete, Expiries
 from .isolate import Recorder
 from .reports import apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
+from .tracked import Tracked, Urgency
 from .transfers import initial_transfer_results, send_transfer
 
 log = logging.getLogger("controller.commands")
-
-
-@dataclass(frozen=True)
-class Urgency:
-    """How soon a change must be written (seconds)."""
-
-    start: float = 0.05  # initial entries: a quick command's claim and result join them
-    claimed: float = 0.1
-    progress: float = 2.0
-    finished: float = 0.0
-    per_target: float = 0.002  # a fan-out's results wait this much longer per VM (capped)
-    fan_out_cap: float = 0.25
-
-
-@dataclass
-class Tracked:
-    """One unfinished RemoteCommand: its status as wanted now and as last written."""
-
-    namespace: str
-    name: str
-    uid: str
-    spec: RemoteCommandSpec
-    status: dict[str, Any]
-    written: dict[str, Any] | None
-    ttl: int | None = None
-    due: float | None = None  # monotonic time by which ``status`` must be written
-    acks: list[str] = field(default_factory=list)  # reports carried by the next write
-    failures: int = 0
-    refusals: int = 0  # wanted statuses that failed validation (InternalError)
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    template: dict[str, Any] | None = None  # status.template of a templateRef command
-    # Ended attempts whose records (Event, audit line) go out once the write carrying
-    # their end landed (``controller.audit``).
-    records: list[Pending] = field(default_factory=list)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.namespace}/{self.name}"
-
-    @property
-    def finished(self) -> bool:
-        return self.status.get("phase") in Phase.TERMINAL
-
-    @functools.cached_property
-    def plan(self) -> Plan:
-        """What a worker runs (the spec is immutable: made once, sent with every dispatch)."""
-        return plan_of(self.spec)
-
-    @functools.cached_property
-    def spec_wire(self) -> dict[str, Any]:
-        """The spec as the previous release's workers read it (sent beside the plan)."""
-        return self.spec.wire()
-
-    def want(self, delay: float, now: float | None = None) -> None:
-        at = (time.monotonic() if now is None else now) + delay
-        self.due = at if self.due is None else min(self.due, at)
 
 
 # The hooks the command logic needs from the rest of the controller.
@@ -120,14 +62,14 @@ VMLookup = Callable[[str, str], dict[str, Any] | None]
 VMLister = Callable[[str, str], list[dict[str, Any]]]  # (namespace, label selector)
 TargetOf = Callable[[dict[str, Any]], Target]
 Wake = Callable[[str, str], None]  # a dispatch to a VM that may be at zero replicas
-Delete = Callable[[str, str, str], None]  # (uid, namespace, name): ttlSecondsAfterFinished
 Refused = Callable[[str, str], str | None]  # (namespace, vm): why the controller refuses it
+SecretNames = Callable[[str], list[str]]  # namespace -> its RemoteVMs' credentials Secrets
+WakeTransfers = Callable[[str], None]  # a transfer sent: the namespace's transfer worker
 
 
 def _serves_all(namespace: str, vm: str) -> str | None:
     return None
-SecretNames = Callable[[str], list[str]]  # namespace -> its RemoteVMs' credentials Secrets
-WakeTransfers = Callable[[str], None]  # a transfer sent: the namespace's transfer worker
+
 
 # How long a command written in an end state is remembered: the watch may still bring the
 # events of its earlier writes (a claim's `Running`), which must not start tracking again.
@@ -155,7 +97,7 @@ class Commands:
         self.list_vms = list_vms
         self.target_of = target_of
         self.wake = wake
-        self.delete = delete
+        self.expiries = Expiries(delete)
         self.timing = timing or schedule.Timing()
         self.urgency = urgency or Urgency()
         self.get_template = get_template
@@ -169,8 +111,6 @@ class Commands:
         self._lock = threading.Lock()
         self._tracked: dict[str, Tracked] = {}
         self._finished: dict[str, float] = {}  # uid -> when forgotten (oldest first)
-        self._expiries: list[tuple[float, str, str, str]] = []  # (wall time, uid, ns, name)
-        self._expiring: set[str] = set()
         self.changed = threading.Condition()
         self.records: RunRecords | None = None  # the Events and audit lines of ended attempts
 
@@ -189,7 +129,7 @@ class Commands:
         if finished and status.get("phase") not in Phase.TERMINAL:
             return  # an earlier write's echo arriving after the last one was done
         if status.get("phase") in Phase.TERMINAL:
-            self._expire_later(uid, meta["namespace"], meta["name"], spec_body, status)
+            self.expiries.later(uid, meta["namespace"], meta["name"], spec_body, status)
             return
         try:
             spec = RemoteCommandSpec.model_validate(spec_body)
@@ -223,8 +163,8 @@ class Commands:
         uid = obj["metadata"]["uid"]
         with self._lock:
             tracked = self._tracked.pop(uid, None)
-            self._expiring.discard(uid)
             self._finished.pop(uid, None)
+        self.expiries.discard(uid)
         if self.records is not None:
             self.records.gone(uid)
         if tracked is None:
@@ -296,7 +236,7 @@ class Commands:
         self.state.finished(tracked.uid, tracked.namespace)
         if tracked.ttl is not None:
             finished = tracked.status.get(F.COMPLETION_TIME) or now_rfc3339()
-            self._schedule_expiry(tracked.uid, tracked.namespace, tracked.name, finished, tracked.ttl)
+            self.expiries.schedule(tracked.uid, tracked.namespace, tracked.name, finished, tracked.ttl)
 
     # ------------------------------------------------------------------ reports
 
@@ -542,7 +482,11 @@ class Commands:
                 self.advance(tracked, lost=lost)
         for namespace, member in stale:
             self.state.forget_heartbeat(namespace, member)  # declared lost now, or its command is gone
-        self._expire()
+        self.expiries.expire()
+
+    def expiring(self) -> int:
+        """Finished commands waiting for their ``ttlSecondsAfterFinished``."""
+        return self.expiries.count()
 
     def _silent_attempts(self) -> set[tuple[str, str]]:
         """Running attempts with no heartbeat at all for ``lost_after`` seconds, as this
@@ -579,39 +523,6 @@ class Commands:
         except Exception as exc:  # noqa: BLE001 - Redis restarting: nobody is declared lost
             log.warning("Could not read heartbeats: %s", exc)
             return set()
-
-    # ------------------------------------------------------------------ TTL
-
-    def _expire_later(self, uid: str, namespace: str, name: str, spec: dict[str, Any],
-                      status: dict[str, Any]) -> None:
-        ttl = spec.get("ttlSecondsAfterFinished")
-        if ttl is None:
-            return
-        finished = status.get(F.COMPLETION_TIME) or now_rfc3339()
-        self._schedule_expiry(uid, namespace, name, finished, int(ttl))
-
-    def _schedule_expiry(self, uid: str, namespace: str, name: str, finished: str, ttl: int) -> None:
-        at = parse_rfc3339(finished).timestamp() + ttl
-        with self._lock:
-            if uid in self._expiring:
-                return
-            self._expiring.add(uid)
-            heapq.heappush(self._expiries, (at, uid, namespace, name))
-
-    def expiring(self) -> int:
-        with self._lock:
-            return len(self._expiries)
-
-    def _expire(self) -> None:
-        now = time.time()
-        due: list[tuple[float, str, str, str]] = []
-        with self._lock:
-            while self._expiries and self._expiries[0][0] <= now:
-                item = heapq.heappop(self._expiries)
-                self._expiring.discard(item[1])
-                due.append(item)
-        for _, uid, namespace, name in due:
-            self.delete(uid, namespace, name)
 
     # ------------------------------------------------------------------ misc
 
@@ -651,4 +562,4 @@ def _transfer_vms(spec: RemoteCommandSpec) -> list[str]:
     return names
 
 
-__all__ = ["Commands", "Tracked", "Urgency"]
+__all__ = ["Commands"]

@@ -29,8 +29,9 @@ from vmfleet.kube import ApiException, Kube
 from vmfleet.state import State
 
 from .audit import Pending, RunRecords, layout_of
-from .commands import Commands, Tracked
+from .commands import Commands
 from .status import UnknownField, internal_error_status, status_patch
+from .tracked import Tracked
 
 log = logging.getLogger("controller.loop")
 

@@ -25,7 +25,8 @@ from vmfleet.kube import ApiException
 from .targets import initial_results
 
 if TYPE_CHECKING:
-    from .commands import Commands, Tracked
+    from .commands import Commands
+    from .tracked import Tracked
 
 log = logging.getLogger("controller.transfers")
 

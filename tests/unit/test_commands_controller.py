@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from controller.commands import Commands, Tracked
+from controller.commands import Commands
 from controller.status import status_patch
+from controller.tracked import Tracked
 from vmfleet.api.constants import TASK_EXECUTE, TASK_TERMINATE
 from vmfleet.api.envelope import Envelope, Target
 from vmfleet.api.reports import AttemptReport
@@ -376,7 +377,7 @@ def test_a_dispatch_that_could_not_be_sent_is_sent_again_at_the_next_tick(state:
 
     base = fleet.commands(state)
     commands = Commands(state, send, base.get_vm, base.list_vms, base.target_of,  # type: ignore[arg-type]
-                        base.wake, base.delete)
+                        base.wake, base.expiries.delete)
     commands.observe(command(selector={"matchLabels": {}}))  # the error is logged
     tracked = commands.get("c-uid")
     assert tracked is not None

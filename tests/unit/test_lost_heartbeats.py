@@ -22,7 +22,7 @@ def running(state: FakeState, clock: Clock, **spec: object) -> tuple[Commands, F
     fleet = Fleet("vm1")
     base = fleet.commands(state)
     commands = Commands(state, base.send, base.get_vm, base.list_vms, base.target_of, base.wake,
-                        base.delete, timing=schedule.Timing(lost_after=30), clock=clock)
+                        base.expiries.delete, timing=schedule.Timing(lost_after=30), clock=clock)
     commands.observe(command(vm="vm1", **spec))
     commands.apply(report("claimed", "vm1", phase="Running", worker="w1", pgid=42,
                           processMarker="m"), "1-0")

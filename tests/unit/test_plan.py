@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from controller.commands import Tracked
+from controller.tracked import Tracked
 from controller.transfers import send_transfer
 from vmfleet.api.constants import TASK_EXECUTE
 from vmfleet.api.envelope import Envelope, Target

@@ -24,10 +24,11 @@ from controller.audit import (
     layout_of,
     record_of_report,
 )
-from controller.commands import Commands, Tracked
+from controller.commands import Commands
 from controller.loop import Writer
 from controller.process_runtime import ProcessRuntime, local_worker_name
 from controller.runtime import VMRef, WorkerGroup
+from controller.tracked import Tracked
 from remote_tasks.output import StreamTail
 from tests.unit.test_commands_controller import FakeState, Fleet, command, finished, report
 from vmfleet.api.models import RemoteVMSpec

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from controller.commands import Commands, Tracked
+from controller.commands import Commands
 from controller.loop import Writer
+from controller.tracked import Tracked
 from tests.unit.test_commands_controller import FakeState, Fleet, command, finished, report
 from vmfleet.kube import ApiException
 
