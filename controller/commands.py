@@ -31,9 +31,11 @@ from vmfleet.api import constants as c
 from vmfleet.api.constants import (
     TASK_EXECUTE,
     TASK_TERMINATE,
+    TASK_TRANSFER,
     TASK_TRANSFER_CLEANUP,
     Phase,
     Reason,
+    transfer_queue,
 )
 from vmfleet.api.envelope import Envelope, Target, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
@@ -41,9 +43,10 @@ from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit
 from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.api.times import now_rfc3339
 from vmfleet.fold import fold, set_condition
+from vmfleet.kube import ApiException
 from vmfleet.state import State, attempt_member
 
-from . import rollout, schedule, templates
+from . import rollout, schedule, templates, transfers
 from .audit import Pending, RunRecords, layout_of, record_of_entry, record_of_report
 from .dryrun import dry_run_status
 from .expiry import Delete, Expiries
@@ -51,7 +54,6 @@ from .isolate import Recorder
 from .reports import apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
 from .tracked import Tracked, Urgency
-from .transfers import initial_transfer_results, send_transfer
 
 log = logging.getLogger("controller.commands")
 
@@ -70,6 +72,10 @@ WakeTransfers = Callable[[str], None]  # a transfer sent: the namespace's transf
 def _serves_all(namespace: str, vm: str) -> str | None:
     return None
 
+
+# How each message is named in the log (e2e tests and operators read these lines).
+_SENT = {TASK_EXECUTE: "Dispatched RemoteCommand", TASK_TRANSFER: "Dispatched transfer",
+         TASK_TRANSFER_CLEANUP: "Sent cleanup of transfer"}
 
 # How long a command written in an end state is remembered: the watch may still bring the
 # events of its earlier writes (a claim's `Running`), which must not start tracking again.
@@ -298,7 +304,7 @@ class Commands:
         """The target VMs' names (in the order they are started) and those that exist."""
         spec = tracked.spec
         if spec.transfer is not None:
-            names = _transfer_vms(spec)
+            names = transfers.transfer_vms(spec)
         elif spec.vm is not None or spec.vms is not None:
             names = [spec.vm] if spec.vm is not None else list(spec.vms or [])
         else:
@@ -323,13 +329,9 @@ class Commands:
                      tracked.status["conditions"][0]["message"])
             return
         if spec.transfer is not None:
-            vms = {name: vm for name in _transfer_vms(spec)
+            vms = {name: vm for name in transfers.transfer_vms(spec)
                    if (vm := self.get_vm(tracked.namespace, name)) is not None}
-            results = initial_transfer_results(spec, vms, now)
-            for entry in results:
-                if entry["phase"] == Phase.QUEUED:
-                    entry["phase"] = Phase.PENDING
-                    entry.pop("dispatchTime", None)
+            results = transfers.initial_transfer_results(spec, vms, now, phase=Phase.PENDING)
         else:
             names, found = self.resolve(tracked)
             results = initial_results(names, found, now, phase=Phase.PENDING)
@@ -383,11 +385,8 @@ class Commands:
                             "retrying" if after.get("phase") == Phase.PENDING
                             else f"failed ({after.get('reason')})")
         if tracked.spec.transfer is not None and lost:
-            for entry in results:  # the lost attempts' temporary files go
-                if entry["vm"] in lost:
-                    attempt = int(entry.get("attempt") or 1)
-                    lost_attempt = attempt - 1 if entry.get("phase") == Phase.PENDING else attempt
-                    send_transfer(self, tracked, entry, lost_attempt, task=TASK_TRANSFER_CLEANUP)
+            for vm, attempt in transfers.lost_attempts(results, lost):  # their temporary files go
+                self._send_transfer(tracked, vm, attempt, TASK_TRANSFER_CLEANUP)
         for vm, pgid, marker in step.terminate:
             obj = self.get_vm(tracked.namespace, vm)
             if obj is not None:
@@ -443,22 +442,52 @@ class Commands:
     def _dispatch(self, tracked: Tracked, vm: str, attempt: int, obj: dict[str, Any] | None) -> None:
         if obj is None:
             return
-        entry = next(e for e in tracked.status["results"] if e.get("vm") == vm)
         if tracked.spec.transfer is not None:
-            send_transfer(self, tracked, entry, attempt)
+            self._send_transfer(tracked, vm, attempt, TASK_TRANSFER)
             return
+        entry = next(e for e in tracked.status["results"] if e.get("vm") == vm)
+        self._send(tracked, TASK_EXECUTE, vm, attempt, vm_queue(obj), self.target_of(obj),
+                   lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"))
+
+    def _send_transfer(self, tracked: Tracked, vm: str, attempt: int, task: str) -> None:
+        """A transfer's attempt to destination ``vm`` (or, ``TASK_TRANSFER_CLEANUP``, the
+        removal of a lost attempt's temporary file), with every VM it touches."""
+        if transfers.protects_unseen_keys(tracked.spec, task):
+            try:  # the namespace's RemoteVMs from the API, not only those the watch brought
+                self.list_vms(tracked.namespace, "")
+            except ApiException as exc:
+                log.warning("Could not list the RemoteVMs of %s (%s): the transfer of %s "
+                            "protects the credentials Secrets the watch has seen",
+                            tracked.namespace, exc.reason, tracked.ref)
+        targets = {name: self.target_of(obj) for name in transfers.attempt_vms(tracked.spec, vm)
+                   if (obj := self.get_vm(tracked.namespace, name)) is not None}
+        self._send(tracked, task, vm, attempt, transfer_queue(tracked.namespace), targets.get(vm),
+                   targets=targets,
+                   protected_secrets=tuple(self.protected_secrets(tracked.namespace)))
+
+    def _send(self, tracked: Tracked, task: str, vm: str, attempt: int, queue: str,
+              target: Target | None, *, lost_pgid: int | None = None,
+              lost_marker: str | None = None, targets: dict[str, Target] | None = None,
+              protected_secrets: tuple[str, ...] = ()) -> None:
+        """The one way an attempt leaves the controller, command or transfer: its envelope,
+        the command marked live in Redis (not for a cleanup), the message signed and sent,
+        and the workers that take it woken if they are scaled to zero."""
         envelope = Envelope(
             namespace=tracked.namespace, name=tracked.name, uid=tracked.uid, vm=vm,
             attempt=attempt, dispatch_time=now_rfc3339(), spec=tracked.spec_wire,
-            plan=tracked.plan, target=self.target_of(obj), command_start=tracked.status.get(F.START_TIME),
-            lost_pgid=entry.get("lostPgid"), lost_marker=entry.get("lostMarker"),
-            scope=self.state.scope,
+            plan=tracked.plan, target=target, command_start=tracked.status.get(F.START_TIME),
+            lost_pgid=lost_pgid, lost_marker=lost_marker, targets=targets or {},
+            scope=self.state.scope, protected_secrets=protected_secrets,
         )
-        self.state.sent(tracked.uid, tracked.namespace)
-        self.send(TASK_EXECUTE, envelope.to_message(), vm_queue(obj), tracked.namespace)
-        self.wake(tracked.namespace, vm)  # a VM scaled to zero gets a worker now
-        log.info("Dispatched RemoteCommand %s to %s (attempt %s, queue %s)", tracked.ref, vm,
-                 attempt, vm_queue(obj))
+        if task != TASK_TRANSFER_CLEANUP:
+            self.state.sent(tracked.uid, tracked.namespace)
+        self.send(task, envelope.to_message(), queue, tracked.namespace)
+        if task == TASK_EXECUTE:
+            self.wake(tracked.namespace, vm)
+        else:
+            self.wake_transfers(tracked.namespace)
+        log.info("%s %s to %s (attempt %s, queue %s)", _SENT[task], tracked.ref, vm, attempt,
+                 queue)
 
     def _refold(self, tracked: Tracked) -> None:
         results = tracked.status.get("results") or []
@@ -552,14 +581,6 @@ class Commands:
 def _object_of(tracked: Tracked) -> dict[str, Any]:
     """What an Event about ``tracked`` names."""
     return {"metadata": {"namespace": tracked.namespace, "name": tracked.name, "uid": tracked.uid}}
-
-
-def _transfer_vms(spec: RemoteCommandSpec) -> list[str]:
-    assert spec.transfer is not None
-    names = [loc.vm for loc in spec.transfer.to]
-    if spec.transfer.from_.vm:
-        names.append(spec.transfer.from_.vm)
-    return names
 
 
 __all__ = ["Commands"]

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from controller.tracked import Tracked
-from controller.transfers import send_transfer
-from vmfleet.api.constants import TASK_EXECUTE
+from controller.commands import Commands
+from tests.fakes import FakeState, vm_object
+from vmfleet.api.constants import TASK_EXECUTE, TASK_TRANSFER, transfer_queue
 from vmfleet.api.envelope import Envelope, Target
 from vmfleet.api.facts import WIRE_NAMES, Facts
 from vmfleet.api.models import RemoteCommandSpec, VMFacts
@@ -117,35 +117,28 @@ def test_a_message_of_the_previous_release_carries_only_the_spec_and_still_runs(
 
 def test_the_controller_sends_the_plan_and_the_spec_for_the_previous_release() -> None:
     """A worker of the previous release, still running during a rolling upgrade, reads
-    ``spec``; this release's reads ``plan``."""
-    sent: list[dict[str, Any]] = []
+    ``spec``; this release's reads ``plan``. Transfers go by the commands' sending path."""
+    sent: list[tuple[str, dict[str, Any], str]] = []
     s = spec(SPECS[4])
 
-    class Commands:
-        state = type("S", (), {"scope": "default", "sent": lambda *a: None})()
+    def send(task: str, message: dict[str, Any], queue: str, namespace: str | None) -> None:
+        sent.append((task, message, queue))
 
-        def get_vm(self, namespace: str, name: str) -> dict[str, Any]:
-            return {"metadata": {"name": name}}
-
-        def target_of(self, obj: dict[str, Any]) -> Target:
-            return Target(obj["metadata"]["name"], "h", 22, "u", "s")
-
-        def protected_secrets(self, namespace: str) -> list[str]:
-            return []
-
-        def send(self, task: str, message: dict[str, Any], queue: str, namespace: str) -> None:
-            sent.append(message)
-
-        def wake_transfers(self, namespace: str) -> None:
-            pass
-
-    tracked = Tracked("ns", "copy", "u", s, {}, None)
-    send_transfer(Commands(), tracked, {"vm": "vm2"}, 1)  # type: ignore[arg-type]
-    send_transfer(Commands(), tracked, {"vm": "vm3"}, 1)  # type: ignore[arg-type]
+    commands = Commands(
+        FakeState(), send, lambda ns, name: vm_object(name, ns),
+        lambda ns, selector: [], lambda obj: Target(obj["metadata"]["name"], "h", 22, "u", "s"),
+        lambda ns, name: None, lambda uid, ns, name: None)  # type: ignore[arg-type]
+    commands.observe({"metadata": {"namespace": "ns", "name": "copy", "uid": "copy-uid"},
+                      "spec": SPECS[4]})
+    tracked = commands.get("copy-uid")
+    assert tracked is not None
     assert tracked.plan is tracked.plan  # made once per command, not per dispatch
-    message = sent[0]
+    assert [(task, message["vm"], queue) for task, message, queue in sent] == [
+        (TASK_TRANSFER, "vm2", transfer_queue("ns")), (TASK_TRANSFER, "vm3", transfer_queue("ns"))]
+    message = sent[0][1]
     assert message["spec"] == s.wire()
     assert Plan.from_message(message["plan"]) == plan_of(s)
+    assert sorted(message["targets"]) == ["vm1", "vm2"]  # the source and this destination
 
 
 def test_facts_are_spelled_as_the_remotevm_status_model_spells_them() -> None:
