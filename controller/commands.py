@@ -365,37 +365,12 @@ class Commands:
         if not step:
             return
         results = status["results"]
-        # A dispatch's change, to undo if its message cannot be sent (Redis restarting).
-        undo: dict[str, tuple[int, dict[str, Any]]] = {}
-        for change in step.changes:
-            before = dict(results[change.index])
-            if "dispatchTime" in change.set:
-                undo[change.vm] = (change.index, before)
-            results[change.index].update(change.set)
-            for key in change.remove:
-                results[change.index].pop(key, None)
-            if change.vm in lost and before.get("phase") == Phase.RUNNING:
-                after = results[change.index]
-                if self.records is not None:
-                    tracked.records.append(Pending(record_of_entry(
-                        tracked.namespace, tracked.name, tracked.uid, before, after, now_rfc3339())))
-                log.warning("RemoteCommand %s on %s: worker %s lost during attempt %s; %s",
-                            tracked.ref, change.vm, before.get("worker", "?"),
-                            before.get("attempt", 1),
-                            "retrying" if after.get("phase") == Phase.PENDING
-                            else f"failed ({after.get('reason')})")
+        undo = self._change(tracked, step.changes, lost)
         if tracked.spec.transfer is not None and lost:
             for vm, attempt in transfers.lost_attempts(results, lost):  # their temporary files go
                 self._send_transfer(tracked, vm, attempt, TASK_TRANSFER_CLEANUP)
         for vm, pgid, marker in step.terminate:
-            obj = self.get_vm(tracked.namespace, vm)
-            if obj is not None:
-                become = tracked.spec.become.user if tracked.spec.become is not None else None
-                self.send(TASK_TERMINATE, terminate_body(
-                    tracked.namespace, self.target_of(obj), pgid, marker, become), vm_queue(obj),
-                    tracked.namespace)
-                log.info("Asked the workers of %s to terminate process group %s of RemoteCommand "
-                         "%s", vm, pgid, tracked.ref)
+            self._terminate(tracked, vm, pgid, marker)
         unsent: Exception | None = None
         for vm, attempt in step.dispatch:
             try:
@@ -413,6 +388,44 @@ class Commands:
             tracked.want(0.0 if not step.dispatch else self.urgency.start)
         if unsent is not None:
             raise unsent
+
+    def _change(self, tracked: Tracked, changes: list[schedule.Change],
+                lost: frozenset[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+        """Apply the plan's changes to the result entries; an attempt declared lost is
+        recorded and logged. Returns each dispatch's entry as it was, to put back if its
+        message cannot be sent (Redis restarting)."""
+        results = tracked.status["results"]
+        undo: dict[str, tuple[int, dict[str, Any]]] = {}
+        for change in changes:
+            before = dict(results[change.index])
+            if "dispatchTime" in change.set:
+                undo[change.vm] = (change.index, before)
+            results[change.index].update(change.set)
+            for key in change.remove:
+                results[change.index].pop(key, None)
+            if change.vm in lost and before.get("phase") == Phase.RUNNING:
+                after = results[change.index]
+                if self.records is not None:
+                    tracked.records.append(Pending(record_of_entry(
+                        tracked.namespace, tracked.name, tracked.uid, before, after, now_rfc3339())))
+                log.warning("RemoteCommand %s on %s: worker %s lost during attempt %s; %s",
+                            tracked.ref, change.vm, before.get("worker", "?"),
+                            before.get("attempt", 1),
+                            "retrying" if after.get("phase") == Phase.PENDING
+                            else f"failed ({after.get('reason')})")
+        return undo
+
+    def _terminate(self, tracked: Tracked, vm: str, pgid: int, marker: str | None) -> None:
+        """Ask the workers of ``vm`` to kill a process group an attempt left running."""
+        obj = self.get_vm(tracked.namespace, vm)
+        if obj is None:
+            return
+        become = tracked.spec.become.user if tracked.spec.become is not None else None
+        self.send(TASK_TERMINATE, terminate_body(
+            tracked.namespace, self.target_of(obj), pgid, marker, become), vm_queue(obj),
+            tracked.namespace)
+        log.info("Asked the workers of %s to terminate process group %s of RemoteCommand "
+                 "%s", vm, pgid, tracked.ref)
 
     def _rollout(self, tracked: Tracked) -> int:
         """spec.rollout: the wave that may run now; probes the VMs a health gate waits for,

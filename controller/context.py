@@ -64,7 +64,10 @@ class Context:
 
     @classmethod
     def from_environment(cls) -> Context:
-        """The controller's start: its settings are read here, once (a bad value stops it)."""
+        """The controller's start: its settings are read here, once (a bad value stops it).
+
+        Long on purpose: the composition root, where every part is built and wired to
+        the others in one place."""
         conf = settings.load()
         signer = signer_of(conf)
         verify_key = public_pem(signer.public_key)

@@ -98,47 +98,46 @@ def worker_env(namespace: str, settings: DeploymentSettings) -> list[dict[str, A
 
 
 def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas: int) -> dict[str, Any]:
-    """The Deployment of one worker group (pure; applied with server-side apply).
-
-    The pods hold no Kubernetes credentials (``automountServiceAccountToken: false``):
-    they mount only their VMs' credentials Secrets, each at ``<mount>/<secret name>``."""
-    name = group.deployment
+    """The Deployment of one worker group (pure; applied with server-side apply), with
+    the hash of what its pods run (``SPEC_HASH_ANNOTATION``)."""
     labels = worker_labels(group)
-    env = [*worker_env(group.namespace, settings),
-           {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
-           {"name": VERIFY_KEY_ENV, "value": settings.verify_key},
-           {"name": SERVED_ENV, "value": group.served.encode()},
-           {"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR},
-           # The pod that runs an attempt is named in its result, Event and audit line.
-           {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
-    mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
-               "readOnly": True} for secret in group.secrets]
+    body: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": group.deployment,
+            "namespace": group.namespace,
+            "labels": labels,
+            # Owned by its VMs: garbage collected with the last of them.
+            "ownerReferences": owner_references(group),
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels},
+                         "spec": worker_pod_spec(group, settings, labels)},
+        },
+    }
+    digest = hashlib.sha256(repr(sorted(_flatten(body["metadata"]["ownerReferences"]))).encode()
+                            + repr(body["spec"]["template"]).encode()).hexdigest()[:16]
+    body["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
+    return body
+
+
+def worker_pod_spec(group: WorkerGroup, settings: DeploymentSettings,
+                    labels: dict[str, str]) -> dict[str, Any]:
+    """A worker pod (pure). It holds no Kubernetes credentials
+    (``automountServiceAccountToken: false``) but a transfer worker's, and mounts only its
+    VMs' credentials Secrets, each at ``<mount>/<secret name>`` (``check_mounts``)."""
+    container = _worker_container(group, settings)
     # A transfer worker's VMs may name a Secret not created yet: it must not stop the
     # namespace's transfers (that VM's attempts fail CredentialsInvalid).
     volumes = [{"name": _volume(secret), "secret": {"secretName": secret, "defaultMode": 0o440,
                                                      **({"optional": True} if group.transfers else {})}}
                for secret in group.secrets]
-    # The probe files (the root filesystem is read-only): a small emptyDir in memory.
-    mounts.append({"name": "probes", "mountPath": workerprobes.PROBE_DIR})
     volumes.append({"name": "probes", "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}})
-    container: dict[str, Any] = {
-        "name": "worker",
-        "image": settings.image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "args": worker_argv(",".join(group.queues), group.concurrency, f"{name}@%h"),
-        "env": env,
-        "volumeMounts": mounts,
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
-    }
-    workers = group.workers
-    container.update(workerprobes.probes_and_resources(
-        workers.resources.wire() if workers is not None and workers.resources else None))
     account = settings.transfer_service_account if group.transfers else None
-    template_spec: dict[str, Any] = {
+    pod_spec: dict[str, Any] = {
         # SIGTERM starts Celery's warm shutdown: no new task, the running ones finish.
         "terminationGracePeriodSeconds": group.termination_grace,
         # Only a transfer worker holds a token: its namespace's Secrets and ConfigMaps.
@@ -161,28 +160,42 @@ def worker_deployment(group: WorkerGroup, settings: DeploymentSettings, replicas
             "matchLabelKeys": ["pod-template-hash"],
         }],
     }
-    pod_extras(settings, template_spec, container)
-    check_mounts(group, template_spec)
-    body: dict[str, Any] = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": name,
-            "namespace": group.namespace,
-            "labels": labels,
-            # Owned by its VMs: garbage collected with the last of them.
-            "ownerReferences": owner_references(group),
-        },
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": labels},
-            "template": {"metadata": {"labels": labels}, "spec": template_spec},
+    pod_extras(settings, pod_spec, container)
+    check_mounts(group, pod_spec)
+    return pod_spec
+
+
+def _worker_container(group: WorkerGroup, settings: DeploymentSettings) -> dict[str, Any]:
+    """The worker container: the worker command on the group's queues, its environment,
+    its VMs' keys read-only and the probe files (the root filesystem is read-only)."""
+    env = [*worker_env(group.namespace, settings),
+           {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
+           {"name": VERIFY_KEY_ENV, "value": settings.verify_key},
+           {"name": SERVED_ENV, "value": group.served.encode()},
+           {"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR},
+           # The pod that runs an attempt is named in its result, Event and audit line.
+           {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
+               "readOnly": True} for secret in group.secrets]
+    # The probe files: a small emptyDir in memory.
+    mounts.append({"name": "probes", "mountPath": workerprobes.PROBE_DIR})
+    container: dict[str, Any] = {
+        "name": "worker",
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": worker_argv(",".join(group.queues), group.concurrency, f"{group.deployment}@%h"),
+        "env": env,
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
         },
     }
-    digest = hashlib.sha256(repr(sorted(_flatten(body["metadata"]["ownerReferences"]))).encode()
-                            + repr(body["spec"]["template"]).encode()).hexdigest()[:16]
-    body["metadata"]["annotations"] = {SPEC_HASH_ANNOTATION: digest}
-    return body
+    workers = group.workers
+    container.update(workerprobes.probes_and_resources(
+        workers.resources.wire() if workers is not None and workers.resources else None))
+    return container
 
 
 def allowed_secrets(group: WorkerGroup) -> set[str]:

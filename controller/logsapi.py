@@ -392,111 +392,117 @@ class LogsApi:
         return bool(result.status and result.status.allowed)
 
 
-def _handler(api: LogsApi, auth: RequestHeaderAuth) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class _LogHandler(BaseHTTPRequestHandler):
+    """One request to the aggregated API (``_handler`` binds the API and its
+    authentication to a subclass: the server makes a handler per request)."""
 
-        def setup(self) -> None:
-            self.request.settimeout(30)
-            try:
-                self.request.do_handshake()
-            finally:
-                self.request.settimeout(None)
-            super().setup()
+    api: LogsApi
+    auth: RequestHeaderAuth
+    protocol_version = "HTTP/1.1"
 
-        def send_json(self, code: int, body: dict[str, Any]) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+    def setup(self) -> None:
+        self.request.settimeout(30)
+        try:
+            self.request.do_handshake()
+        finally:
+            self.request.settimeout(None)
+        super().setup()
 
-        def fail(self, code: int, reason: str, message: str) -> None:
-            self.send_json(code, status(code, reason, message))
+    def send_json(self, code: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        def do_GET(self) -> None:
-            if not auth.proxy_allowed(self.connection.getpeercert()):
-                self.fail(401, "Unauthorized", "only the API server's front proxy may call")
-                return
-            caller = auth.caller(self.headers)
-            if caller is None:
-                self.fail(401, "Unauthorized", "no authenticated user in the request headers")
-                return
-            path, _, query = self.path.partition("?")
-            if path.rstrip("/") == "/apis":
-                self.send_json(200, group_list())
-                return
-            if path.rstrip("/") == f"/apis/{GROUP}/{VERSION}":
-                self.send_json(200, resource_list())
-                return
-            target = parse_path(path)
-            if target is None:
-                self.fail(404, "NotFound", f"the server could not find {path}")
-                return
-            self.serve_log(caller, *target, query)
+    def fail(self, code: int, reason: str, message: str) -> None:
+        self.send_json(code, status(code, reason, message))
 
-        def serve_log(self, caller: Caller, namespace: str, name: str, query: str) -> None:
-            try:
-                q = LogQuery.parse(query)
-            except BadRequest as exc:
-                self.fail(400, "BadRequest", str(exc))
-                return
-            try:
-                allowed = api.allowed(caller, namespace, name)
-            except Exception as exc:  # noqa: BLE001 - no answer: no output
-                log.warning("Could not review access of %s to RemoteCommand %s/%s: %s",
-                            caller.user, namespace, name, exc)
-                self.fail(503, "ServiceUnavailable", "could not check access; try again")
-                return
-            if not allowed:
-                self.fail(403, "Forbidden",
-                          f'remotecommands.{c.GROUP} "{name}" is forbidden: User '
-                          f'"{caller.user}" cannot get resource "remotecommands" in API group '
-                          f'"{c.GROUP}" in the namespace "{namespace}"')
-                return
-            obj = api.kube.get_command(namespace, name)
-            if obj is None:
-                self.fail(404, "NotFound", f'remotecommands.{c.GROUP} "{name}" not found')
-                return
-            if api.reader is None:
-                self.fail(503, "ServiceUnavailable",
-                          "this controller keeps no output (VMFLEET_OUTPUT_URL is not set)")
-                return
-            uid = obj["metadata"]["uid"]
-            seen: dict[str, Any] = {"at": 0.0, "done": finished_phase(obj)}
+    def do_GET(self) -> None:
+        if not self.auth.proxy_allowed(self.connection.getpeercert()):
+            self.fail(401, "Unauthorized", "only the API server's front proxy may call")
+            return
+        caller = self.auth.caller(self.headers)
+        if caller is None:
+            self.fail(401, "Unauthorized", "no authenticated user in the request headers")
+            return
+        path, _, query = self.path.partition("?")
+        if path.rstrip("/") == "/apis":
+            self.send_json(200, group_list())
+            return
+        if path.rstrip("/") == f"/apis/{GROUP}/{VERSION}":
+            self.send_json(200, resource_list())
+            return
+        target = parse_path(path)
+        if target is None:
+            self.fail(404, "NotFound", f"the server could not find {path}")
+            return
+        self.serve_log(caller, *target, query)
 
-            def finished() -> bool:
-                if not seen["done"] and time.monotonic() - seen["at"] >= 1.0:
-                    seen["at"] = time.monotonic()
-                    fresh = api.kube.get_command(namespace, name)
-                    seen["done"] = finished_phase(fresh) or (
-                        fresh is not None and fresh["metadata"]["uid"] != uid)
-                return bool(seen["done"])
+    def serve_log(self, caller: Caller, namespace: str, name: str, query: str) -> None:
+        try:
+            q = LogQuery.parse(query)
+        except BadRequest as exc:
+            self.fail(400, "BadRequest", str(exc))
+            return
+        try:
+            allowed = self.api.allowed(caller, namespace, name)
+        except Exception as exc:  # noqa: BLE001 - no answer: no output
+            log.warning("Could not review access of %s to RemoteCommand %s/%s: %s",
+                        caller.user, namespace, name, exc)
+            self.fail(503, "ServiceUnavailable", "could not check access; try again")
+            return
+        if not allowed:
+            self.fail(403, "Forbidden",
+                      f'remotecommands.{c.GROUP} "{name}" is forbidden: User '
+                      f'"{caller.user}" cannot get resource "remotecommands" in API group '
+                      f'"{c.GROUP}" in the namespace "{namespace}"')
+            return
+        obj = self.api.kube.get_command(namespace, name)
+        if obj is None:
+            self.fail(404, "NotFound", f'remotecommands.{c.GROUP} "{name}" not found')
+            return
+        if self.api.reader is None:
+            self.fail(503, "ServiceUnavailable",
+                      "this controller keeps no output (VMFLEET_OUTPUT_URL is not set)")
+            return
+        uid = obj["metadata"]["uid"]
+        seen: dict[str, Any] = {"at": 0.0, "done": finished_phase(obj)}
 
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPE)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            self.wfile.flush()
-            try:
-                for batch in api.reader.read(namespace, uid, q, finished):
-                    data = "".join(r.to_json() + "\n" for r in batch).encode()
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
+        def finished() -> bool:
+            if not seen["done"] and time.monotonic() - seen["at"] >= 1.0:
+                seen["at"] = time.monotonic()
+                fresh = self.api.kube.get_command(namespace, name)
+                seen["done"] = finished_phase(fresh) or (
+                    fresh is not None and fresh["metadata"]["uid"] != uid)
+            return bool(seen["done"])
+
+        self.send_response(200)
+        self.send_header("Content-Type", CONTENT_TYPE)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.flush()
+        try:
+            for batch in self.api.reader.read(namespace, uid, q, finished):
+                data = "".join(r.to_json() + "\n" for r in batch).encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
-            except (OSError, ssl.SSLError):
-                self.close_connection = True  # the reader went away
-            except Exception:
-                log.exception("Reading the output of RemoteCommand %s/%s failed", namespace, name)
-                self.close_connection = True
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+        except (OSError, ssl.SSLError):
+            self.close_connection = True  # the reader went away
+        except Exception:
+            log.exception("Reading the output of RemoteCommand %s/%s failed", namespace, name)
+            self.close_connection = True
 
-        def log_message(self, format: str, *args: object) -> None:
-            log.debug("%s %s", self.address_string(), format % args)
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
 
-    return Handler
+
+def _handler(api: LogsApi, auth: RequestHeaderAuth) -> type[BaseHTTPRequestHandler]:
+    return type("Handler", (_LogHandler,), {"api": api, "auth": auth})
 
 
 def server_context(cert_file: str, key_file: str, client_ca: str) -> ssl.SSLContext:
