@@ -94,7 +94,8 @@ class Context:
             access = TransferAccess(kube, log_dir.parent / "transfer-access")
             runtime = ProcessRuntime(url, log_dir, read_secret=kube.read_secret,
                                      verify_key=verify_key, worker_urls=tenants.ensure,
-                                     transfer_kubeconfig=access.kubeconfig)
+                                     transfer_kubeconfig=access.kubeconfig,
+                                     metrics=conf.metrics_port != 0)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
                 AppsV1Api(kube.api_client),

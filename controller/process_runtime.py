@@ -83,13 +83,14 @@ class ProcessRuntime:
                  read_secret: SecretReader | None = None,
                  credentials_dir: Path | None = None, verify_key: str = "",
                  worker_urls: Callable[[str], WorkerURLs] | None = None,
-                 transfer_kubeconfig: Callable[[str], Path] | None = None) -> None:
+                 transfer_kubeconfig: Callable[[str], Path] | None = None, *,
+                 metrics: bool = True) -> None:
         self.broker_url = broker_url
         self.verify_key = verify_key
         # A namespace's URLs (its own broker user): given to its workers, never another's.
-        self.worker_urls = worker_urls or (
-            lambda _ns: WorkerURLs(broker_url, settings.current().state_url,
-                                   settings.current().output_url))
+        # None: every namespace's workers get the broker alone (no state, no output store).
+        self.worker_urls = worker_urls or (lambda _ns: WorkerURLs(broker_url, None, None))
+        self.metrics = metrics  # the controller's metrics are on: each worker gets a port
         self.log_dir = log_dir
         self.python = python
         self.read_secret = read_secret
@@ -169,8 +170,7 @@ class ProcessRuntime:
             # ...but a transfer worker: its namespace's Secrets and ConfigMaps, `get` only.
             env["KUBECONFIG"] = str(self.transfer_kubeconfig(group.namespace))
         # Local workers share the machine: each its own metrics port, or none if ours is off.
-        metrics_on = settings.current().metrics_port != 0
-        env[METRICS_PORT_ENV] = str(free_port()) if metrics_on else "0"
+        env[METRICS_PORT_ENV] = str(free_port()) if self.metrics else "0"
         return env
 
     def write_credentials(self, namespace: str, secrets: list[str]) -> None:

@@ -155,6 +155,15 @@ def test_local_workers_get_the_public_key_and_their_served_vms_never_the_private
     assert "VMFLEET_SIGNING_KEY_FILE" not in env
 
 
+def test_local_workers_each_get_a_metrics_port_unless_the_controller_s_metrics_are_off(
+        tmp_path: Path) -> None:
+    ports = []
+    for metrics in (True, False):
+        runtime = ProcessRuntime("redis://b", tmp_path / "logs", metrics=metrics)
+        ports.append(runtime._env(group("vm1"), runtime.worker_urls("ops"))["VMFLEET_METRICS_PORT"])
+    assert int(ports[0]) > 0 and ports[1] == "0"  # a free port of its own; off with ours
+
+
 def test_local_workers_get_their_namespace_s_broker_urls_never_the_controller_s(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from controller.tenants import WorkerURLs
