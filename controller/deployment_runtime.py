@@ -17,24 +17,11 @@ from typing import Any
 
 from kubernetes.client import AppsV1Api
 
-from vmfleet import settings, tenancy, workerprobes
+from vmfleet import tenancy, workerprobes
 from vmfleet.api import constants as c
-from vmfleet.celeryconf import BROKER_URL_ENV
 
 from .budgets import Budgets
-from .runtime import (
-    CREDENTIALS_DIR_ENV,
-    NAMESPACE_ENV,
-    OUTPUT_URL_ENV,
-    POD_NAME_ENV,
-    SERVED_ENV,
-    STATE_URL_ENV,
-    VERIFY_KEY_ENV,
-    WorkerGroup,
-    owner_references,
-    worker_argv,
-    worker_labels,
-)
+from .runtime import Env, WorkerGroup, owner_references, worker_argv, worker_labels
 
 #: The key of a namespace's output store URL in its broker Secret (chart: `outputStore`).
 OUTPUT_SECRET_KEY = "output-url"
@@ -74,7 +61,6 @@ WORKER_UID = 10001
 
 
 SPEC_HASH_ANNOTATION = f"{c.GROUP}/spec-hash"
-PROBE_DIR_ENV = settings.env_of("probe_dir")
 
 
 def worker_env(namespace: str, settings: DeploymentSettings) -> list[dict[str, Any]]:
@@ -84,15 +70,15 @@ def worker_env(namespace: str, settings: DeploymentSettings) -> list[dict[str, A
         raise ValueError("the Deployment runtime needs VMFLEET_BROKER_SECRET_NAME: worker pods "
                          "take their broker URL from a Secret in their namespace, never a literal")
     env: list[dict[str, Any]] = [
-        {"name": BROKER_URL_ENV, "valueFrom": {"secretKeyRef": {
+        {"name": Env.BROKER_URL, "valueFrom": {"secretKeyRef": {
             "name": settings.broker_secret_name, "key": settings.broker_secret_key}}},
-        {"name": NAMESPACE_ENV, "value": namespace},
+        {"name": Env.NAMESPACE, "value": namespace},
     ]
     if settings.state_url:
-        env.append({"name": STATE_URL_ENV, "valueFrom": {"secretKeyRef": {
+        env.append({"name": Env.STATE_URL, "valueFrom": {"secretKeyRef": {
             "name": settings.broker_secret_name, "key": tenancy.STATE_SECRET_KEY}}})
     if settings.output_url:
-        env.append({"name": OUTPUT_URL_ENV, "valueFrom": {"secretKeyRef": {
+        env.append({"name": Env.OUTPUT_URL, "valueFrom": {"secretKeyRef": {
             "name": settings.broker_secret_name, "key": OUTPUT_SECRET_KEY}}})
     return env
 
@@ -169,12 +155,12 @@ def _worker_container(group: WorkerGroup, settings: DeploymentSettings) -> dict[
     """The worker container: the worker command on the group's queues, its environment,
     its VMs' keys read-only and the probe files (the root filesystem is read-only)."""
     env = [*worker_env(group.namespace, settings),
-           {"name": CREDENTIALS_DIR_ENV, "value": c.CREDENTIALS_MOUNT_PATH},
-           {"name": VERIFY_KEY_ENV, "value": settings.verify_key},
-           {"name": SERVED_ENV, "value": group.served.encode()},
-           {"name": PROBE_DIR_ENV, "value": workerprobes.PROBE_DIR},
+           {"name": Env.CREDENTIALS_DIR, "value": c.CREDENTIALS_MOUNT_PATH},
+           {"name": Env.VERIFY_KEY, "value": settings.verify_key},
+           {"name": Env.SERVED, "value": group.served.encode()},
+           {"name": Env.PROBE_DIR, "value": workerprobes.PROBE_DIR},
            # The pod that runs an attempt is named in its result, Event and audit line.
-           {"name": POD_NAME_ENV, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+           {"name": Env.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     mounts = [{"name": _volume(secret), "mountPath": f"{c.CREDENTIALS_MOUNT_PATH}/{secret}",
                "readOnly": True} for secret in group.secrets]
     # The probe files: a small emptyDir in memory.

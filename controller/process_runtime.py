@@ -21,10 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vmfleet import settings
 from vmfleet.api import constants as c
-from vmfleet.celeryconf import BROKER_URL_ENV
-from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 from vmfleet.procs import (
     ManagedProcess,
     free_port,
@@ -33,25 +30,11 @@ from vmfleet.procs import (
     write_pid_file,
 )
 
-from .runtime import (
-    CREDENTIALS_DIR_ENV,
-    NAMESPACE_ENV,
-    OUTPUT_URL_ENV,
-    POD_NAME_ENV,
-    SERVED_ENV,
-    STATE_URL_ENV,
-    VERIFY_KEY_ENV,
-    WorkerGroup,
-    worker_argv,
-)
+from .runtime import Env, WorkerGroup, worker_argv
 from .tenants import WorkerURLs
 
 log = logging.getLogger("controller.runtime")
 
-# The VM's maxConcurrentCommands, shared by all its workers (a semaphore in the broker).
-MAX_CONCURRENT_ENV = settings.env_of("max_concurrent_commands")
-SIGNING_KEY_ENV = settings.env_of("signing_key_file")
-SLOTS_URL_ENV = settings.env_of("slots_url")
 
 
 def local_worker_name(group: WorkerGroup, index: int) -> str:
@@ -152,25 +135,25 @@ class ProcessRuntime:
 
     def _env(self, group: WorkerGroup, urls: WorkerURLs, index: int = 0) -> dict[str, str]:
         env = dict(os.environ)
-        env[POD_NAME_ENV] = local_worker_name(group, index)
-        for name in (STATE_URL_ENV, SLOTS_URL_ENV, OUTPUT_URL_ENV):
+        env[Env.POD_NAME] = local_worker_name(group, index)
+        for name in (Env.STATE_URL, Env.SLOTS_URL, Env.OUTPUT_URL):
             env.pop(name, None)  # the controller's own: never a worker's
-        env[BROKER_URL_ENV] = urls.broker
+        env[Env.BROKER_URL] = urls.broker
         if urls.state:
-            env[STATE_URL_ENV] = urls.state
+            env[Env.STATE_URL] = urls.state
         if urls.output:
-            env[OUTPUT_URL_ENV] = urls.output
-        env[NAMESPACE_ENV] = group.namespace
-        env[CREDENTIALS_DIR_ENV] = str(self.credentials_dir / group.namespace)
-        env[VERIFY_KEY_ENV] = self.verify_key
-        env[SERVED_ENV] = group.served.encode()
-        for name in ("KUBECONFIG", MAX_CONCURRENT_ENV, SIGNING_KEY_ENV):
+            env[Env.OUTPUT_URL] = urls.output
+        env[Env.NAMESPACE] = group.namespace
+        env[Env.CREDENTIALS_DIR] = str(self.credentials_dir / group.namespace)
+        env[Env.VERIFY_KEY] = self.verify_key
+        env[Env.SERVED] = group.served.encode()
+        for name in ("KUBECONFIG", Env.MAX_CONCURRENT, Env.SIGNING_KEY):
             env.pop(name, None)  # a worker holds no Kubernetes credentials, nor the private key...
         if group.transfers and self.transfer_kubeconfig is not None:
             # ...but a transfer worker: its namespace's Secrets and ConfigMaps, `get` only.
             env["KUBECONFIG"] = str(self.transfer_kubeconfig(group.namespace))
         # Local workers share the machine: each its own metrics port, or none if ours is off.
-        env[METRICS_PORT_ENV] = str(free_port()) if self.metrics else "0"
+        env[Env.METRICS_PORT] = str(free_port()) if self.metrics else "0"
         return env
 
     def write_credentials(self, namespace: str, secrets: list[str]) -> None:

@@ -30,15 +30,29 @@ from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.models import DEFAULT_WORKER_GRACE_SECONDS, Autoscale, RemoteVMSpec, WorkersSpec
 from vmfleet.api.served import Served
+from vmfleet.celeryconf import BROKER_URL_ENV
+from vmfleet.metrics import PORT_ENV as METRICS_PORT_ENV
 
-# What a worker reads from its environment (both runtimes set them).
-CREDENTIALS_DIR_ENV = settings.env_of("credentials_dir")
-STATE_URL_ENV = settings.env_of("state_url")
-VERIFY_KEY_ENV = settings.env_of("verify_key")
-SERVED_ENV = settings.env_of("served_vms")
-OUTPUT_URL_ENV = settings.env_of("output_url")
-NAMESPACE_ENV = settings.env_of("namespace")
-POD_NAME_ENV = settings.env_of("pod_name")
+
+class Env:
+    """The environment a worker reads (both runtimes set it), and the controller's own
+    that a local worker must not inherit."""
+
+    BROKER_URL = BROKER_URL_ENV
+    STATE_URL = settings.env_of("state_url")
+    SLOTS_URL = settings.env_of("slots_url")
+    OUTPUT_URL = settings.env_of("output_url")
+    NAMESPACE = settings.env_of("namespace")
+    POD_NAME = settings.env_of("pod_name")
+    CREDENTIALS_DIR = settings.env_of("credentials_dir")
+    VERIFY_KEY = settings.env_of("verify_key")
+    SERVED = settings.env_of("served_vms")
+    PROBE_DIR = settings.env_of("probe_dir")
+    METRICS_PORT = METRICS_PORT_ENV
+    # The controller's: the VM's maxConcurrentCommands (a semaphore in the broker), and
+    # the private key that signs messages.
+    MAX_CONCURRENT = settings.env_of("max_concurrent_commands")
+    SIGNING_KEY = settings.env_of("signing_key_file")
 
 
 def desired_replicas(workers: WorkersSpec | None) -> int:
