@@ -50,6 +50,7 @@ from . import rollout, schedule, templates, transfers
 from .audit import Pending, RunRecords, layout_of, record_of_entry, record_of_report
 from .dryrun import dry_run_status
 from .expiry import Delete, Expiries
+from .heartbeats import LostAttempts, running_attempts
 from .isolate import Recorder
 from .reports import apply_attempt_report
 from .targets import describe_target, initial_results, label_selector_string, vm_queue
@@ -96,8 +97,6 @@ class Commands:
                  protected_secrets: SecretNames = lambda namespace: [],
                  wake_transfers: WakeTransfers = lambda namespace: None) -> None:
         self.state = state
-        self.clock = clock
-        self._absent_since: dict[tuple[str, str], float] = {}  # (ns, attempt) -> first seen without a beat
         self.send = send
         self.get_vm = get_vm
         self.list_vms = list_vms
@@ -105,6 +104,7 @@ class Commands:
         self.wake = wake
         self.expiries = Expiries(delete)
         self.timing = timing or schedule.Timing()
+        self.lost = LostAttempts(state, self.timing, clock)
         self.urgency = urgency or Urgency()
         self.get_template = get_template
         self.get_config_map = get_config_map
@@ -509,7 +509,7 @@ class Commands:
     def tick(self) -> None:
         """The controller loop: time-based moves (retries due, deadlines, lost workers,
         resent dispatches) and expired TTLs."""
-        stale = self._stale_heartbeats() | self._silent_attempts()
+        stale = self.lost.find(running_attempts(self.tracked()))
         for tracked in self.tracked():
             with tracked.lock, self.recorder.guard(c.COMMAND_KIND, _object_of(tracked),
                                                    "advance the RemoteCommand"):
@@ -529,42 +529,6 @@ class Commands:
     def expiring(self) -> int:
         """Finished commands waiting for their ``ttlSecondsAfterFinished``."""
         return self.expiries.count()
-
-    def _silent_attempts(self) -> set[tuple[str, str]]:
-        """Running attempts with no heartbeat at all for ``lost_after`` seconds, as this
-        controller saw them: if Redis lost the heartbeat set, a live worker adds its
-        attempt back at its next beat and a dead one never does. Without this, an attempt
-        whose heartbeat vanished with its worker would stay Running for ever."""
-        running: list[tuple[str, str]] = []
-        for tracked in self.tracked():
-            with tracked.lock:
-                running.extend((tracked.namespace,
-                                attempt_member(tracked.uid, e["vm"], int(e.get("attempt") or 1)))
-                               for e in tracked.status.get("results") or []
-                               if e.get("phase") == Phase.RUNNING)
-        try:
-            absent = self.state.absent_heartbeats(running)
-        except Exception as exc:  # noqa: BLE001 - Redis restarting: nobody is declared lost
-            log.warning("Could not read heartbeats: %s", exc)
-            return set()
-        now = self.clock()
-        for member in list(self._absent_since):
-            if member not in absent:
-                del self._absent_since[member]
-        silent = set()
-        for member in absent:
-            since = self._absent_since.setdefault(member, now)
-            if now - since >= self.timing.lost_after:
-                silent.add(member)
-                del self._absent_since[member]
-        return silent
-
-    def _stale_heartbeats(self) -> set[tuple[str, str]]:
-        try:
-            return self.state.stale_heartbeats(self.timing.lost_after)
-        except Exception as exc:  # noqa: BLE001 - Redis restarting: nobody is declared lost
-            log.warning("Could not read heartbeats: %s", exc)
-            return set()
 
     # ------------------------------------------------------------------ misc
 
