@@ -41,7 +41,8 @@ from vmfleet.api.constants import (
 from vmfleet.api.envelope import Envelope, Target, terminate_body
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit
-from vmfleet.api.plan import Plan, plan_of
+from vmfleet.api.plan import Plan
+from vmfleet.api.planning import plan_of
 from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.api.times import now_rfc3339, parse_rfc3339
 from vmfleet.fold import fold, set_condition
