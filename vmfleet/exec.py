@@ -7,8 +7,9 @@ remote exit code. Transport failures (the command never ran or its connection br
 exit 255 with a message saying what went wrong. Ctrl-C deletes the RemoteCommand, which
 cancels it on the VMs.
 
-The pure parts (argument handling, the object built, exit codes, line prefixes, the
-progress line) are functions here and are tested without a cluster.
+The pure parts (argument handling, the object built, waiting hints) are functions here,
+exit codes and failure lines in :mod:`vmfleet.outcome`, the printing in
+:mod:`vmfleet.execprint`; all are tested without a cluster.
 """
 
 from __future__ import annotations
@@ -20,16 +21,28 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
 
 from .api import constants as c
-from .api.constants import Phase, Reason
+from .api.constants import Phase
 from .api.models import MAX_ARG, MAX_ITEMS, MAX_OUTPUT_BYTES, MAX_STDIN
 from .api.output import STATUS_OUTPUT_BUDGET, tail_bytes
 from .dryrunview import dry_run_exit_code, format_dry_run
+from .execprint import LiveOutput, Printer, Progress
+from .outcome import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CANCELLED,
+    EXIT_TRANSPORT,
+    EXIT_USAGE,
+    api_message,
+    command_failure,
+    exit_code_for,
+    fan_out_exit_code,
+    is_final,
+)
 
 # A finished exec object is deleted by exec itself; the TTL covers an exec that was killed.
 DEFAULT_TTL_SECONDS = 120
@@ -39,21 +52,7 @@ DEFAULT_TTL_SECONDS = 120
 FAN_OUT_OUTPUT_BUDGET = STATUS_OUTPUT_BUDGET
 LABEL_CREATED_BY = "app.kubernetes.io/created-by"
 CREATED_BY = "vmfleet-exec"
-
-# Exit codes that are not a remote exit status.
-EXIT_TRANSPORT = 255  # the command did not run or its connection broke (as ssh does)
-EXIT_TIMEOUT = 124  # timeoutSeconds or activeDeadlineSeconds expired (as timeout(1) does)
-EXIT_CANCELLED = 130  # cancelled (Ctrl-C, or someone deleted the RemoteCommand)
-EXIT_USAGE = 2
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
 WATCH_WINDOW_SECONDS = 15  # each watch request; between two, exec may print a waiting hint
-
-TRANSPORT_REASONS = frozenset({
-    Reason.TRANSPORT_ERROR, Reason.AUTH_FAILED, Reason.HOST_KEY_MISMATCH, Reason.VM_NOT_FOUND,
-    Reason.CREDENTIALS_INVALID, Reason.WORKER_LOST, Reason.INVALID_SPEC, Reason.NO_TARGETS,
-})
-TIMEOUT_REASONS = frozenset({Reason.TIMEOUT, Reason.DEADLINE_EXCEEDED})
-
 
 class UsageError(ValueError):
     """The command line cannot be turned into a RemoteCommand."""
@@ -280,246 +279,6 @@ def build_command(options: ExecOptions, namespace: str, targets: int = 1,
     }
 
 
-# --------------------------------------------------------------------------- results
-
-
-def exit_code_for(result: dict[str, Any]) -> int:
-    """The exit code ``vmfleet exec`` reports for one VM's final result."""
-    phase, reason, code = result.get("phase"), result.get("reason"), result.get("exitCode")
-    if phase == Phase.SUCCEEDED:
-        return int(code or 0)
-    if phase == Phase.CANCELLED or reason == Reason.CANCELLED:
-        return EXIT_CANCELLED
-    if reason in TIMEOUT_REASONS:
-        return EXIT_TIMEOUT
-    if code is not None and reason not in TRANSPORT_REASONS:
-        return int(code) if int(code) != 0 else 1
-    return EXIT_TRANSPORT
-
-
-def fan_out_exit_code(results: Sequence[dict[str, Any]]) -> int:
-    """0 when every VM succeeded; else the largest of the VMs' exit codes (at least 1)."""
-    failed = [exit_code_for(r) for r in results if r.get("phase") != Phase.SUCCEEDED]
-    return max([1, *failed]) if failed else 0
-
-
-def failure_message(result: dict[str, Any]) -> str | None:
-    """A line for stderr when a VM's result is not just the command's own exit status."""
-    phase, reason = result.get("phase"), result.get("reason")
-    if phase == Phase.SUCCEEDED or reason == Reason.EXIT_CODE:
-        return None
-    vm = result.get("vm", "?")
-    detail = result.get("message") or ""
-    if reason in TRANSPORT_REASONS or (reason is None and result.get("exitCode") is None):
-        what = "the command did not run or its connection broke"
-        if reason == Reason.WORKER_LOST:
-            what = "the worker running the command was lost"
-        return f"vmfleet: {vm}: {reason or 'Failed'}: {detail or what}"
-    if reason in TIMEOUT_REASONS:
-        return f"vmfleet: {vm}: {reason}: {detail or 'the command took too long and was ended'}"
-    if phase == Phase.CANCELLED or reason == Reason.CANCELLED:
-        return f"vmfleet: {vm}: cancelled{': ' + detail if detail else ''}"
-    if reason == Reason.EXIT_CODE or result.get("exitCode") is not None:
-        return None
-    return f"vmfleet: {vm}: {reason}: {detail}" if detail else f"vmfleet: {vm}: {reason}"
-
-
-def truncation_notices(result: dict[str, Any]) -> list[str]:
-    """Say which streams were cut to their tail in status (the worker's log has all)."""
-    if not result.get("outputTruncated"):
-        return []
-    notes = []
-    vm = result.get("vm", "?")
-    for stream in ("stdout", "stderr"):
-        total = result.get(f"{stream}Bytes")
-        kept = len((result.get(stream) or "").encode())
-        if total is not None and total > kept:
-            notes.append(f"vmfleet: {vm}: {stream} was truncated: showing the last {kept} of "
-                         f"{total} bytes (the full output is in the worker's log)")
-    if not notes:
-        notes.append(f"vmfleet: {vm}: output was truncated (the full output is in the worker's log)")
-    return notes
-
-
-def prefix_lines(prefix: str, text: str) -> str:
-    """Every line of ``text`` with ``prefix`` in front; the last line always ends in \\n."""
-    if not text:
-        return ""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return "".join(f"{prefix}{line}\n" for line in lines)
-
-
-def is_final(result: dict[str, Any]) -> bool:
-    return result.get("phase") in Phase.TERMINAL
-
-
-def command_failure(obj: dict[str, Any]) -> str:
-    """Why a command ended without any per-VM result (e.g. no VM matched, invalid spec)."""
-    status = obj.get("status") or {}
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("message"):
-            return str(condition["message"])
-    return f"the RemoteCommand ended {status.get('phase', 'without a result')}"
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One status line on stderr while a fan-out runs; silent when stderr is not a terminal."""
-
-    def __init__(self, stream: TextIO, enabled: bool | None = None) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
-        self.shown = ""
-
-    @staticmethod
-    def text(results: Sequence[dict[str, Any]]) -> str:
-        total = len(results)
-        done = sum(1 for r in results if is_final(r))
-        failed = sum(1 for r in results if is_final(r) and r.get("phase") != Phase.SUCCEEDED)
-        running = sum(1 for r in results if r.get("phase") == Phase.RUNNING)
-        text = f"vmfleet: {done}/{total} done, {failed} failed"
-        if running:
-            text += f", {running} running"
-        return text
-
-    def update(self, results: Sequence[dict[str, Any]]) -> None:
-        if not self.enabled or len(results) < 2:
-            return
-        text = self.text(results)
-        if text != self.shown:
-            self.stream.write(f"\r\033[K{text}")
-            self.stream.flush()
-            self.shown = text
-
-    def clear(self) -> None:
-        if self.enabled and self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = ""
-
-
-# --------------------------------------------------------------------------- printing
-
-
-def write(stream: TextIO, text: str) -> None:
-    """Write output text; characters the terminal's encoding lacks become '?', never a crash."""
-    try:
-        stream.write(text)
-    except UnicodeEncodeError:
-        encoding = stream.encoding or "utf-8"
-        stream.write(text.encode(encoding, errors="replace").decode(encoding))
-
-
-class Printer:
-    """Writes each VM's output once, when its result is final (``live``: the output
-    was printed as it came, so only what went wrong)."""
-
-    def __init__(self, out: TextIO, err: TextIO, prefixed: bool, progress: Progress) -> None:
-        self.out, self.err = out, err
-        self.prefixed = prefixed
-        self.progress = progress
-        self.printed: set[str] = set()
-        self.live = False
-        self.live_vms: set[str] = set()  # VMs whose output was printed live
-        self.held = False  # the live output may still come: print nothing yet
-
-    def show(self, results: Sequence[dict[str, Any]]) -> None:
-        if self.held:
-            self.progress.update(results)
-            return
-        fresh = [r for r in results if is_final(r) and r.get("vm") not in self.printed]
-        if fresh:
-            self.progress.clear()
-        for result in sorted(fresh, key=lambda r: str(r.get("vm"))):
-            self.printed.add(str(result.get("vm")))
-            self.write(result)
-        self.progress.update(results)
-
-    def write(self, result: dict[str, Any]) -> None:
-        if self.live and str(result.get("vm")) in self.live_vms:
-            message = failure_message(result)
-            if message:
-                write(self.err, message + "\n")
-                self.err.flush()
-            return
-        stdout, stderr = result.get("stdout") or "", result.get("stderr") or ""
-        if self.prefixed:
-            prefix = f"[{result.get('vm')}] "
-            stdout, stderr = prefix_lines(prefix, stdout), prefix_lines(prefix, stderr)
-        write(self.out, stdout)
-        self.out.flush()
-        write(self.err, stderr)
-        for line in truncation_notices(result):
-            write(self.err, line + "\n")
-        message = failure_message(result)
-        if message:
-            write(self.err, message + "\n")
-        self.err.flush()
-
-
-class LiveOutput:
-    """Prints the command's output as the VMs print it, from the output API
-    (:func:`vmfleet.logs.read_log`, followed in a thread of its own). When the API is not
-    there (no APIService, a controller keeping no output) the output is printed from
-    the status at the end, as before (``failed``)."""
-
-    def __init__(self, kube: Any, namespace: str, name: str, printer: Printer) -> None:
-        from .logscli import LinePrinter
-
-        self.kube, self.namespace, self.name = kube, namespace, name
-        self.printer = printer
-        self.lines = LinePrinter(printer.out, printer.err, printer.prefixed)
-        self.answered = threading.Event()  # the API answered (or refused)
-        self.failed = False
-        self.error: str | None = None
-        self.done = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="vmfleet-exec-logs",
-                                        daemon=True)
-
-    def start(self) -> LiveOutput:
-        self.printer.held = True
-        self._thread.start()
-        return self
-
-    def _follow(self) -> None:
-        from .logs import iter_records, open_log
-
-        try:
-            raw = open_log(self.kube, self.namespace, self.name, follow=True)
-        except Exception as exc:  # noqa: BLE001 - no live output: the tails at the end
-            self.failed, self.error = True, str(getattr(exc, "status", exc))
-            self.answered.set()
-            self.done.set()
-            return
-        self.answered.set()
-        try:
-            for record in iter_records(raw):
-                self.printer.progress.clear()
-                self.lines.write([record])
-        except BrokenPipeError:
-            self.error = "broken pipe"
-        except Exception as exc:  # noqa: BLE001 - the connection broke: the tails at the end
-            self.failed, self.error = True, str(exc)
-        finally:
-            self.done.set()
-
-    def finish(self, wait: float = 30.0) -> bool:
-        """Wait for the rest of the output; True when it was all printed live."""
-        self.answered.wait(wait)
-        self.done.wait(wait)
-        self.lines.end()
-        live = self.answered.is_set() and self.done.is_set() and not self.failed
-        self.printer.held = False
-        self.printer.live = live
-        # A VM with no live output at all (its worker keeps none): its tails, as before.
-        self.printer.live_vms = set(self.lines.printed)
-        return live
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -672,7 +431,7 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
         created = kube.create_command(namespace, body)
     except ApiException as exc:
         err.write(f"vmfleet exec: cannot create the RemoteCommand in namespace {namespace}: "
-                  f"{_api_message(exc)}\n")
+                  f"{api_message(exc)}\n")
         return EXIT_TRANSPORT
     name = created["metadata"]["name"]
     printer = Printer(out, err, prefixed=bool(options.selector), progress=Progress(err, progress))
@@ -747,15 +506,6 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
     return exit_code_for(results[0])
 
 
-def _api_message(exc: Any) -> str:
-    import json
-
-    try:
-        return str(json.loads(exc.body).get("message") or exc.reason)
-    except (TypeError, ValueError, AttributeError):
-        return f"{exc.status} {exc.reason}"
-
-
 def main(args: argparse.Namespace) -> int:
     """``vmfleet exec`` (wired in vmfleet.cli)."""
     try:
@@ -774,7 +524,7 @@ def main(args: argparse.Namespace) -> int:
         print("vmfleet exec: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
     except ApiException as exc:
-        print(f"vmfleet exec: the Kubernetes API refused a request: {_api_message(exc)}",
+        print(f"vmfleet exec: the Kubernetes API refused a request: {api_message(exc)}",
               file=sys.stderr)
         return EXIT_TRANSPORT
     except (kubernetes.config.ConfigException, OSError, urllib3.exceptions.HTTPError) as exc:
