@@ -321,6 +321,12 @@ class CommandExecutor:
                 # Written, with its end mark, before the attempt reports its end: a reader
                 # that sees the command finished finds every attempt's output complete.
                 output.close(mark_end=attempt.claimed)
+        return self.outcome_of(result, envelope, spec, attempt)
+
+    def outcome_of(self, result: ExecResult, envelope: Envelope, spec: Plan,
+                   attempt: Attempt) -> Outcome:
+        """What a command that ran ended as: become refused, timed out, past its
+        deadline, cancelled, else judged by its exit code."""
         if result.become_failed is not None:
             return Outcome(Phase.FAILED, Reason.BECOME_FAILED, result.become_failed, None, result)
         if result.ended_by == Reason.TIMEOUT:

@@ -81,6 +81,9 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``vmfleet`` command line. Long on purpose: one flat declaration per subcommand,
+    read top to bottom as the CLI's whole surface (each subcommand's options live in its
+    own module's ``add_arguments``)."""
     parser = argparse.ArgumentParser(prog="vmfleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

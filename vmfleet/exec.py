@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, TextIO
@@ -147,6 +147,26 @@ def options_from_args(args: argparse.Namespace) -> ExecOptions:
         parse_selector(args.selector)  # refused here, before anything is created
     if not args.selector and not vm:
         raise UsageError("name a RemoteVM (vmfleet exec VM -- COMMAND) or a selector (-l)")
+    _check_command(command)
+    if args.timeout is not None and args.timeout < 1:
+        raise UsageError("--timeout must be at least 1 second")
+    if args.max_bytes is not None and not 0 <= args.max_bytes <= MAX_OUTPUT_BYTES:
+        raise UsageError(f"--max-bytes must be between 0 and {MAX_OUTPUT_BYTES}")
+    return ExecOptions(
+        argv=command, vm=vm, selector=args.selector, namespace=args.namespace,
+        timeout=args.timeout, keep=args.keep, env=env_of(args.env or []), workdir=args.workdir,
+        stdin=args.stdin,
+        max_bytes=args.max_bytes, kubeconfig=args.kubeconfig,
+        dry_run=bool(getattr(args, "dry_run", False)),
+        live=not getattr(args, "dry_run", False),
+    )
+
+
+# --------------------------------------------------------------------------- the object
+
+
+def _check_command(command: Sequence[str]) -> None:
+    """Refuse an empty command or one the API would refuse (too many or too long items)."""
     if not command:
         raise UsageError("no command: put it after --, e.g. vmfleet exec vm1 -- df -h /")
     if len(command) > MAX_ITEMS:
@@ -155,27 +175,18 @@ def options_from_args(args: argparse.Namespace) -> ExecOptions:
         if len(arg) > MAX_ARG:
             raise UsageError(f"an argument is {len(arg)} characters long; at most {MAX_ARG} are "
                              "allowed (use a script RemoteCommand for long text)")
-    if args.timeout is not None and args.timeout < 1:
-        raise UsageError("--timeout must be at least 1 second")
-    if args.max_bytes is not None and not 0 <= args.max_bytes <= MAX_OUTPUT_BYTES:
-        raise UsageError(f"--max-bytes must be between 0 and {MAX_OUTPUT_BYTES}")
+
+
+def env_of(items: Sequence[str]) -> dict[str, str]:
+    """``--env NAME=VALUE`` options as the command's env (a bad name refused)."""
     env = {}
-    for item in args.env or []:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or not c.is_env_name(name):
             raise UsageError(f"--env {item!r}: use NAME=VALUE with a name of letters, digits "
                              "and underscores, not starting with a digit")
         env[name] = value
-    return ExecOptions(
-        argv=command, vm=vm, selector=args.selector, namespace=args.namespace,
-        timeout=args.timeout, keep=args.keep, env=env, workdir=args.workdir, stdin=args.stdin,
-        max_bytes=args.max_bytes, kubeconfig=args.kubeconfig,
-        dry_run=bool(getattr(args, "dry_run", False)),
-        live=not getattr(args, "dry_run", False),
-    )
-
-
-# --------------------------------------------------------------------------- the object
+    return env
 
 
 def parse_selector(text: str) -> dict[str, Any]:
@@ -408,60 +419,22 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
     err = err or sys.stderr
     if options.kubeconfig:
         os.environ["KUBECONFIG"] = options.kubeconfig
-    from .kube import ApiException, Kube, context_namespace
+    from .kube import Kube, context_namespace
 
     namespace = options.namespace or context_namespace()
-    try:
-        kube = kube or Kube()
-        targets = count_targets(kube, namespace, options)
-    except UsageError as exc:
-        err.write(f"vmfleet exec: {exc}\n")
-        return EXIT_USAGE
-    if options.selector and targets == 0:
-        err.write(f"vmfleet exec: no RemoteVM in namespace {namespace} matches {options.selector!r}\n")
-        return 1
-    text_in = None
-    if options.stdin:
-        text_in = (stdin or sys.stdin).read(MAX_STDIN + 1)
-        if len(text_in.encode()) > MAX_STDIN:
-            err.write(f"vmfleet exec: stdin is larger than {MAX_STDIN} bytes\n")
-            return EXIT_USAGE
-    body = build_command(options, namespace, targets, text_in)
-    try:
-        created = kube.create_command(namespace, body)
-    except ApiException as exc:
-        err.write(f"vmfleet exec: cannot create the RemoteCommand in namespace {namespace}: "
-                  f"{api_message(exc)}\n")
-        return EXIT_TRANSPORT
+    kube = kube or Kube()
+    created = create(kube, namespace, options, err, stdin or sys.stdin)
+    if isinstance(created, int):
+        return created
     name = created["metadata"]["name"]
     printer = Printer(out, err, prefixed=bool(options.selector), progress=Progress(err, progress))
     live = LiveOutput(kube, namespace, name, printer).start() if options.live else None
 
-    started = time.monotonic()
-    latest: dict[str, Any] = created
-    hinted: set[str] = set()
-
-    def on_update(obj: dict[str, Any]) -> bool:
-        nonlocal latest
-        latest = obj
-        if live is not None and printer.held and live.failed:
-            printer.held = False  # no live output: each VM's tails when it ends
-        printer.show((obj.get("status") or {}).get("results") or [])
-        return done(obj)
-
-    def on_idle() -> None:
-        # Only for a person at a terminal: scripts get stderr as the command wrote it.
-        hint = waiting_hint(latest, namespace, time.monotonic() - started)
-        if printer.progress.enabled and hint and hint[0] not in hinted:
-            hinted.add(hint[0])
-            printer.progress.clear()
-            err.write(hint[1] + "\n")
-            err.flush()
-
+    follow = Follower(created, namespace, printer, live, err)
     try:
         with interrupts_raise():
             final = watch_until_done(kube, namespace, name, created["metadata"]["resourceVersion"],
-                                     on_update, on_idle)
+                                     follow.on_update, follow.on_idle)
     except Interrupted:
         printer.progress.clear()
         with interrupts_raise():
@@ -482,6 +455,70 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
             return EXIT_BROKEN_PIPE
         if final is not None:
             printer.show((final.get("status") or {}).get("results") or [])
+    return conclude(kube, options, namespace, name, final, out, err)
+
+
+class Follower:
+    """What ``run`` does with each version of the command the watch brings (print the
+    VMs' results as they end) and between two (a waiting hint, once per kind)."""
+
+    def __init__(self, created: dict[str, Any], namespace: str, printer: Printer,
+                 live: LiveOutput | None, err: TextIO) -> None:
+        self.latest, self.namespace = created, namespace
+        self.printer, self.live, self.err = printer, live, err
+        self.started = time.monotonic()
+        self.hinted: set[str] = set()
+
+    def on_update(self, obj: dict[str, Any]) -> bool:
+        self.latest = obj
+        if self.live is not None and self.printer.held and self.live.failed:
+            self.printer.held = False  # no live output: each VM's tails when it ends
+        self.printer.show((obj.get("status") or {}).get("results") or [])
+        return done(obj)
+
+    def on_idle(self) -> None:
+        # Only for a person at a terminal: scripts get stderr as the command wrote it.
+        hint = waiting_hint(self.latest, self.namespace, time.monotonic() - self.started)
+        if self.printer.progress.enabled and hint and hint[0] not in self.hinted:
+            self.hinted.add(hint[0])
+            self.printer.progress.clear()
+            self.err.write(hint[1] + "\n")
+            self.err.flush()
+
+
+def create(kube: Any, namespace: str, options: ExecOptions, err: TextIO,
+           stdin: TextIO) -> dict[str, Any] | int:
+    """Create the RemoteCommand: the object the API server returned, or the exit code
+    when it was not created (a bad selector, no VM matched, stdin too large, refused)."""
+    from .kube import ApiException
+
+    try:
+        targets = count_targets(kube, namespace, options)
+    except UsageError as exc:
+        err.write(f"vmfleet exec: {exc}\n")
+        return EXIT_USAGE
+    if options.selector and targets == 0:
+        err.write(f"vmfleet exec: no RemoteVM in namespace {namespace} matches {options.selector!r}\n")
+        return 1
+    text_in = None
+    if options.stdin:
+        text_in = stdin.read(MAX_STDIN + 1)
+        if len(text_in.encode()) > MAX_STDIN:
+            err.write(f"vmfleet exec: stdin is larger than {MAX_STDIN} bytes\n")
+            return EXIT_USAGE
+    body = build_command(options, namespace, targets, text_in)
+    try:
+        return dict(kube.create_command(namespace, body))
+    except ApiException as exc:
+        err.write(f"vmfleet exec: cannot create the RemoteCommand in namespace {namespace}: "
+                  f"{api_message(exc)}\n")
+        return EXIT_TRANSPORT
+
+
+def conclude(kube: Any, options: ExecOptions, namespace: str, name: str,
+             final: dict[str, Any] | None, out: TextIO, err: TextIO) -> int:
+    """After the command ended (``final``; None: deleted): delete it unless ``--keep``,
+    and the exit code (a dry run's report printed; a fan-out's failed VMs named)."""
     if final is None:
         err.write(f"vmfleet exec: RemoteCommand {namespace}/{name} was deleted before it finished\n")
         return EXIT_CANCELLED

@@ -1,11 +1,15 @@
 """vmfleet's settings: every ``VMFLEET_*`` environment variable the product reads, once.
 
 Each setting is one field of :class:`Settings`, with its variable, type, default, who
-reads it (the controller, the workers, or both) and a one-line description. The
-controller and the workers read the environment once at start
-(:func:`load`); code asks :func:`current` instead of ``os.environ``. A bad value stops
-the process at start with an error that names the variable ("VMFLEET_HEARTBEAT_SECONDS='x'
-is not a number"), not at the first command.
+reads it (the controller, the workers, or both) and a one-line description. Each
+composition root reads the environment once at start (:func:`load`: the controller in
+``controller.context.Context.from_environment``, which keeps them as ``Context.settings``;
+a worker in ``remote_tasks.app``) and hands the :class:`Settings` to what needs them;
+deep code takes them as an argument, never from ``os.environ`` or a global. A bad value
+stops the process at start with an error that names the variable
+("VMFLEET_HEARTBEAT_SECONDS='x' is not a number"), not at the first command.
+
+"Where am I running?" has one answer, :func:`in_cluster`.
 
 The README's settings table and the chart's notes on them are generated from here
 (:mod:`vmfleet.settingsdoc`: ``vmfleet settings --write``; ``vmfleet settings --check``
