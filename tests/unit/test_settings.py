@@ -168,6 +168,10 @@ def test_cli_shows_the_values_or_names_the_bad_one(monkeypatch, capsys):
     monkeypatch.setenv("VMFLEET_KILL_GRACE_SECONDS", "1")
     assert cli.main(["settings"]) == 0
     assert "VMFLEET_KILL_GRACE_SECONDS=1.0  # worker\n" in capsys.readouterr().out
+    monkeypatch.setenv("VMFLEET_WORKER_EXTRA_ENV", '[{"name": "A", "value": "1"}]')
+    assert cli.main(["settings"]) == 0  # shown as it is set, not as Python
+    assert 'VMFLEET_WORKER_EXTRA_ENV=[{"name": "A", "value": "1"}]  # controller\n' in \
+        capsys.readouterr().out
     monkeypatch.setenv("VMFLEET_KILL_GRACE_SECONDS", "soon")
     assert cli.main(["settings"]) == 1
     assert "VMFLEET_KILL_GRACE_SECONDS='soon' is not a number" in capsys.readouterr().err
