@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -20,7 +19,8 @@ from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions
 from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.signing import PUBLIC_KEY_FILE, Signer, public_pem, read_private_key
-from vmfleet.kube import ApiException, Kube, context_namespace
+from vmfleet.kube import ApiException, Kube, context_namespace, load_api_client
+from vmfleet.settings import Settings
 from vmfleet.state import State, state_url
 
 from . import schedule
@@ -30,7 +30,7 @@ from .commands import Commands
 from .crons import Crons
 from .deployment_runtime import DeploymentRuntime, DeploymentSettings
 from .dispatch import Dispatcher
-from .health import HealthMonitor
+from .health import HealthMonitor, Thresholds
 from .isolate import Recorder
 from .leader import Elector, KubeLeaseStore, Leadership, Timing
 from .loop import Loop, ReportReader, Writer
@@ -61,6 +61,8 @@ class Context:
     synced: threading.Event = field(default_factory=threading.Event)  # start-up lists done
     recorder: Recorder = field(default_factory=Recorder)  # per-object failures (``isolate``)
     queue_depths: Callable[[list[str]], dict[str, int]] | None = None
+    # The controller's settings, read once at start; its parts get them from here.
+    settings: Settings = field(default_factory=Settings)
 
     @classmethod
     def from_environment(cls) -> Context:
@@ -71,15 +73,14 @@ class Context:
         conf = settings.load()
         signer = signer_of(conf)
         verify_key = public_pem(signer.public_key)
-        kube = Kube()
+        kube = Kube(load_api_client(conf.api_connections))
         if conf.verify_key_configmap:
             publish_verify_key(kube, conf.verify_key_configmap,
                                os.environ.get("POD_NAMESPACE") or "default", verify_key)
         url = conf.broker_url
-        state = State(state_url(url), scope=controller_scope(conf.controller_id))
-        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        runtime_name = conf.worker_runtime or (
-            c.RUNTIME_DEPLOYMENT if in_cluster else c.RUNTIME_PROCESS)
+        state = State(state_url(conf), scope=controller_scope(conf.controller_id))
+        # Unset in the environment: settings.in_cluster() picked it (Deployment in a pod).
+        runtime_name = conf.worker_runtime
         runtime: Runtime
         tenants: BrokerTenants | None = None
         if runtime_name == c.RUNTIME_PROCESS:
@@ -147,7 +148,8 @@ class Context:
             protected_secrets=lambda ns: fleet_box[0].credentials_secrets(ns),
             wake_transfers=lambda ns: fleet_box[0].wake_transfers(ns),
         )
-        fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
+        health = HealthMonitor(kube, send_probe, Thresholds.from_settings(conf), scope=state.scope)
+        fleet = Fleet(kube, runtime, health, depths,
                       counts=lambda: entry_counts(commands.tracked()))
         fleet_box.append(fleet)
         leadership = Leadership(elector(conf, kube, state.scope))
@@ -169,7 +171,7 @@ class Context:
         return cls(kube=kube, dispatcher=dispatcher, runtime=runtime, state=state,
                    commands=commands, fleet=fleet, loop=loop, namespaces=namespaces,
                    crons=crons, leadership=leadership, recorder=recorder,
-                   queue_depths=depths)
+                   queue_depths=depths, settings=conf)
 
 
 def command_layout(kube: Kube, namespace: str, name: str, uid: str) -> Layout | None:
@@ -270,16 +272,9 @@ def delete_expired(kube: Kube, uid: str, namespace: str, name: str) -> None:
 
 def worker_pod_settings(conf: settings.Settings) -> dict[str, Any]:
     """The chart's ``image.pullPolicy``, ``hostNetwork`` and ``workers.extraEnv`` for the
-    worker Deployments (``VMFLEET_WORKER_EXTRA_ENV`` is a JSON list of env entries)."""
-    raw = (conf.worker_extra_env or "").strip()
-    try:
-        extra = json.loads(raw) if raw else []
-    except ValueError as exc:
-        raise ValueError(f"VMFLEET_WORKER_EXTRA_ENV is not JSON: {exc}") from exc
-    if not isinstance(extra, list) or not all(isinstance(e, dict) and "name" in e for e in extra):
-        raise ValueError("VMFLEET_WORKER_EXTRA_ENV must be a JSON list of {name, value} objects")
+    worker Deployments (``VMFLEET_WORKER_EXTRA_ENV``, read by the settings parser)."""
     return {
         "image_pull_policy": conf.worker_image_pull_policy,
         "host_network": conf.worker_host_network,
-        "extra_env": tuple(extra),
+        "extra_env": conf.worker_extra_env,
     }

@@ -23,9 +23,7 @@ from kubernetes.client import VersionApi
 
 from vmfleet import metrics
 from vmfleet.api import constants as c
-from vmfleet.celeryconf import broker_url
 from vmfleet.kube import ApiException
-from vmfleet.settings import current as settings_of_process
 
 from .context import Context
 from .logsapi import serve_logs_api
@@ -48,7 +46,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     warm(ctx)
     memo.ctx = ctx  # only a started controller says it is alive (``alive``)
     ctx.leadership.start(on_started=lambda: lead(ctx), on_lost=lambda: lost(ctx))
-    metrics.start_controller_metrics(broker_url(), sizer=ctx.queue_depths,
+    metrics.start_controller_metrics(ctx.settings, sizer=ctx.queue_depths,
                                      memory_info=lambda: ctx.state.client.info("memory"))
     start_readiness(ctx)
     start_logs_api(ctx)
@@ -56,7 +54,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 def start_logs_api(ctx: Context) -> None:
     """The output API (``logs.vmfleet.io``), on every replica, when a port is set."""
-    conf = settings_of_process()
+    conf = ctx.settings
     if not conf.logs_api_port:
         return
     if not (conf.logs_api_cert_file and conf.logs_api_key_file):
@@ -162,7 +160,7 @@ def lost(ctx: Context) -> None:
 
 
 def start_readiness(ctx: Context) -> None:
-    conf = settings_of_process()
+    conf = ctx.settings
     if conf.health_port:
         serve_readiness(conf.health_port, lambda: ready(ctx), conf.metrics_address or "127.0.0.1")
 

@@ -46,14 +46,14 @@ Conditions = list[dict[str, Any]]
 
 @dataclass(frozen=True)
 class Thresholds:
-    """When a VM is under pressure (controller settings, from the environment)."""
+    """When a VM is under pressure (the controller's ``VMFLEET_DISK_PRESSURE_RATIO`` and
+    ``VMFLEET_MEMORY_PRESSURE_AVAILABLE_RATIO``; defaults here for tests)."""
 
     disk_used_ratio: float = 0.90  # DiskPressure when the root filesystem is this full
     memory_available_ratio: float = 0.10  # MemoryPressure when less than this is available
 
     @classmethod
-    def from_environment(cls) -> Thresholds:
-        conf = settings.current()
+    def from_settings(cls, conf: settings.Settings) -> Thresholds:
         return cls(disk_used_ratio=conf.disk_pressure_ratio,
                    memory_available_ratio=conf.memory_pressure_available_ratio)
 
@@ -255,7 +255,7 @@ class HealthMonitor:
         self.kube = kube
         self.scope = scope
         self.send = send
-        self.thresholds = thresholds or Thresholds.from_environment()
+        self.thresholds = thresholds or Thresholds()
         self.clock = clock
         self._lock = threading.Lock()
         self._sent: dict[str, float] = {}

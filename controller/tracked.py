@@ -13,7 +13,8 @@ from typing import Any
 
 from vmfleet.api.constants import Phase
 from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.api.plan import Plan, plan_of
+from vmfleet.api.plan import Plan
+from vmfleet.api.planning import plan_of
 
 from .audit import Pending
 

@@ -13,17 +13,19 @@ from vmfleet.celeryconf import celery_config
 
 log = logging.getLogger("remote_tasks")
 
-# The worker's settings, read once at start: a bad VMFLEET_* value stops it here, named.
+# The worker's settings, read once at start (a bad VMFLEET_* value stops it here, named)
+# and handed to what needs them (remote_tasks.tasks builds the executor and guard from it).
 # Its keys are under its namespace's prefix (VMFLEET_NAMESPACE): all its broker user reaches.
+worker_settings = settings.load()
 app = Celery("remote_tasks")
-app.conf.update(celery_config(settings.current().broker_url, settings.current().namespace))
+app.conf.update(celery_config(worker_settings.broker_url, worker_settings.namespace))
 
 
 @signals.worker_ready.connect
 def serve_metrics(**_: Any) -> None:
     """The worker's /metrics (VMFLEET_METRICS_PORT, default 9808, 0 = off), once its
     logging is set up (worker_init comes before it, and the log line would be lost)."""
-    metrics.start_worker_metrics()
+    metrics.start_worker_metrics(worker_settings)
 
 
 def _quiet_prefetch_failures(args: threading.ExceptHookArgs) -> None:

@@ -22,12 +22,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from vmfleet import metrics, settings
+from vmfleet import metrics
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.envelope import Envelope
 from vmfleet.api.plan import Plan
 from vmfleet.api.reports import AttemptReport, Event, ResultFields
 from vmfleet.api.times import now_rfc3339, parse_rfc3339
+from vmfleet.settings import Settings
 from vmfleet.state import CANCELLED, CLAIMED, State
 
 from .ssh import AttemptControl, Deadline
@@ -79,15 +80,21 @@ def attempt_report(envelope: Envelope, worker: str, event: Event, fields: Result
         worker=worker, time=now_rfc3339(), fields=fields)
 
 
+#: Seconds between heartbeats when the worker's settings do not say (their default).
+HEARTBEAT_SECONDS = Settings.heartbeat_seconds
+
+
 class Attempt:
     """One delivery's attempt: the entries it claimed in Redis and what it reports of them.
 
     ``holder`` names the claim's owner in Redis (default: the worker); ``clock`` is the
-    monotonic clock heartbeats are timed on (a transfer's executor passes its own)."""
+    monotonic clock heartbeats are timed on (a transfer's executor passes its own);
+    ``interval``: seconds between heartbeats (the worker's ``VMFLEET_HEARTBEAT_SECONDS``)."""
 
     def __init__(self, state: State, envelope: Envelope, worker: str, *,
                  holder: str | None = None, words: Words = COMMAND,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 interval: float = HEARTBEAT_SECONDS) -> None:
         self.state = state
         self.envelope = envelope
         self.worker = worker
@@ -103,7 +110,7 @@ class Attempt:
         # This delivery's token in the claim: claiming again after a lost reply is ours.
         self.delivery = uuid.uuid4().hex[:16]
         self.start_time: str | None = None  # when the claim report said it started
-        self.interval = settings.current().heartbeat_seconds
+        self.interval = interval
         self._next_beat = clock() + self.interval
 
     @property

@@ -50,10 +50,6 @@ log = logging.getLogger("remote_tasks")
 output_log = logging.getLogger("remote_tasks.output")
 
 
-def _kill_grace() -> float:
-    return settings.current().kill_grace_seconds
-
-
 class AttemptFailed(Exception):
     """The attempt ended before the command could run."""
 
@@ -112,10 +108,12 @@ def judge(result: ExecResult, success_exit_codes: Sequence[int]) -> Outcome:
 
 
 class CommandExecutor:
-    """Everything one worker process needs to run attempts: Redis and the SSH pool."""
+    """Everything one worker process needs to run attempts: Redis, the SSH pool and the
+    worker's settings (``conf``; default: every setting at its default)."""
 
     def __init__(self, state: State, pool: ConnectionPool, credentials_dir: Path,
-                 output_store: Any = None) -> None:
+                 output_store: Any = None, conf: settings.Settings | None = None) -> None:
+        self.conf = conf or settings.Settings()
         self.state = state
         self.pool = pool
         self.credentials_dir = credentials_dir
@@ -123,10 +121,9 @@ class CommandExecutor:
         self.output_store = output_store  # a Redis client of the output store, or None
 
     @classmethod
-    def from_environment(cls) -> CommandExecutor:
+    def from_settings(cls, conf: settings.Settings) -> CommandExecutor:
         from vmfleet.state import state_url
 
-        conf = settings.current()
         directory = conf.credentials_dir or c.CREDENTIALS_MOUNT_PATH
         store = None
         if conf.output_url:
@@ -134,20 +131,20 @@ class CommandExecutor:
 
             store = redis.Redis.from_url(conf.output_url, socket_timeout=10,
                                          socket_connect_timeout=5, health_check_interval=30)
-        return cls(State(state_url(conf.broker_url)), ConnectionPool(), Path(directory), store)
+        return cls(State(state_url(conf)), ConnectionPool(), Path(directory), store, conf)
 
     def read_rate(self) -> float:
         """How fast an attempt's output is read (bytes/s, 0: no limit): a loud command is
         held back by SSH flow control so that it cannot take the worker (its CPU, its
         GIL) from the other attempts it runs or is about to start."""
-        return float(settings.current().output_read_rate_bytes)
+        return float(self.conf.output_read_rate_bytes)
 
     def attempt_output(self, envelope: Envelope, spec: Plan
                        ) -> outputstore.AttemptOutput | None:
         """The writer of this attempt's whole output, when an output store is set."""
         if self.output_store is None:
             return None
-        conf = settings.current()
+        conf = self.conf
         limits = outputstore.Limits(
             max_bytes=conf.output_max_bytes,
             retention=outputstore.retention_seconds(spec.ttl_seconds_after_finished,
@@ -157,7 +154,7 @@ class CommandExecutor:
                                          envelope.vm, envelope.attempt, limits)
 
     def listen_for_cancels(self, stop: threading.Event) -> None:
-        self.state.listen_cancels(self.cancels.cancel, stop, settings.current().namespace)
+        self.state.listen_cancels(self.cancels.cancel, stop, self.conf.namespace)
 
     # ------------------------------------------------------------------ targets
 
@@ -231,7 +228,7 @@ class CommandExecutor:
             log.error("Dropped a message for RemoteCommand %s on %s: it names no target (sent "
                       "by an older controller?)", envelope.ref, envelope.vm)
             return "invalid"
-        attempt = Attempt(self.state, envelope, worker)
+        attempt = Attempt(self.state, envelope, worker, interval=self.conf.heartbeat_seconds)
         with self.cancels.running(attempt):
             try:
                 plan = envelope.work()
@@ -260,7 +257,7 @@ class CommandExecutor:
     def refuse(self, envelope: Envelope, worker: str, refused: Refused) -> str:
         """A signed message this worker must not run (a VM or Secret it does not serve):
         its attempt ends ``Failed``, reason ``MessageRefused``, so it is not sent again."""
-        attempt = Attempt(self.state, envelope, worker)
+        attempt = Attempt(self.state, envelope, worker, interval=self.conf.heartbeat_seconds)
         fields = ResultFields(phase=Phase.FAILED, reason=Reason.MESSAGE_REFUSED,
                               message=f"the worker refused the message: {refused.detail}",
                               completion_time=now_rfc3339())
@@ -290,7 +287,7 @@ class CommandExecutor:
         try:
             if envelope.lost_pgid:
                 # The previous attempt's worker was lost: its processes end before this starts.
-                self.pool.get(target).terminate(envelope.lost_pgid, _kill_grace(),
+                self.pool.get(target).terminate(envelope.lost_pgid, self.conf.kill_grace_seconds,
                                                 envelope.lost_marker, become)
                 log.info("Terminated process group %s of the lost attempt of %s on %s",
                          envelope.lost_pgid, envelope.ref, envelope.vm)
@@ -307,7 +304,7 @@ class CommandExecutor:
                 deadline=Deadline.earliest(deadlines.attempt, deadlines.overall),
                 gate=attempt.claim,
                 tick=attempt.tick,
-                kill_grace=_kill_grace(),
+                kill_grace=self.conf.kill_grace_seconds,
                 become=become,
                 control=attempt.control,
                 output=output,
@@ -324,6 +321,12 @@ class CommandExecutor:
                 # Written, with its end mark, before the attempt reports its end: a reader
                 # that sees the command finished finds every attempt's output complete.
                 output.close(mark_end=attempt.claimed)
+        return self.outcome_of(result, envelope, spec, attempt)
+
+    def outcome_of(self, result: ExecResult, envelope: Envelope, spec: Plan,
+                   attempt: Attempt) -> Outcome:
+        """What a command that ran ended as: become refused, timed out, past its
+        deadline, cancelled, else judged by its exit code."""
         if result.become_failed is not None:
             return Outcome(Phase.FAILED, Reason.BECOME_FAILED, result.become_failed, None, result)
         if result.ended_by == Reason.TIMEOUT:
@@ -352,7 +355,7 @@ class CommandExecutor:
         if broken:
             self.pool.discard(target)
         try:
-            self.pool.get(target).terminate(pgid, _kill_grace(), nonce, become)
+            self.pool.get(target).terminate(pgid, self.conf.kill_grace_seconds, nonce, become)
         except (SSHError, OSError, paramiko.SSHException) as exc:
             log.warning("Could not terminate process group %s on %s: %s", pgid, target.address, exc)
             return False

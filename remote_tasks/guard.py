@@ -38,10 +38,9 @@ class Guard:
     served: Served = field(default_factory=Served)
 
     @classmethod
-    def from_settings(cls, conf: settings.Settings | None = None) -> Guard:
+    def from_settings(cls, conf: settings.Settings) -> Guard:
         """From ``VMFLEET_VERIFY_KEY`` (or ``_FILE``) and ``VMFLEET_SERVED_VMS``; a missing or
         bad key is logged and the worker refuses everything."""
-        conf = conf or settings.current()
         text = conf.verify_key
         try:
             if not text and conf.verify_key_file:

@@ -8,11 +8,11 @@ every few seconds; a worker that dies stops renewing and its slot frees itself a
 ``LEASE_SECONDS``. A command waits for a slot before it is claimed, so it stays
 ``Queued`` (not ``Running``) while the VM is at its limit.
 
-Where it lives: ``VMFLEET_SLOTS_URL`` if set, else the Redis of the shared state
-(``VMFLEET_STATE_URL``, which the controller sets on its workers when the broker is
-RabbitMQ), else the Redis broker — the same Redis ``vmfleet.state.state_url`` picks.
-Only with RabbitMQ and no Redis named at all does the limit hold per worker replica
-(each replica runs ``--concurrency maxConcurrentCommands``).
+Where it lives (:meth:`vmfleet.settings.Settings.slots_redis_url`): ``VMFLEET_SLOTS_URL``
+if set, else the Redis of the shared state (``VMFLEET_STATE_URL``, which the controller
+sets on its workers when the broker is RabbitMQ), else the Redis broker — the same Redis
+``vmfleet.state.state_url`` picks. Only with RabbitMQ and no Redis named at all does the
+limit hold per worker replica (each replica runs ``--concurrency maxConcurrentCommands``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from vmfleet import settings
-from vmfleet.tenancy import is_redis, key_prefix
+from vmfleet.tenancy import key_prefix
 
 log = logging.getLogger("remote_tasks.slots")
 
@@ -65,18 +65,6 @@ return 1
 
 def slots_key(namespace: str, vm: str) -> str:
     return f"{key_prefix(namespace)}slots:{vm}"
-
-
-def slots_url(broker_url: str) -> str | None:
-    """The Redis that holds the semaphore, if there is one: the slots URL, else the
-    state URL, else a Redis broker."""
-    conf = settings.current()
-    explicit = conf.slots_url or conf.state_url
-    if explicit:
-        return explicit
-    if is_redis(broker_url):
-        return broker_url
-    return None
 
 
 class VMSlots:
@@ -142,9 +130,10 @@ _slots: VMSlots | None = None
 _slots_lock = threading.Lock()
 
 
-def from_environment(broker_url: str) -> VMSlots | None:
+def shared_slots(conf: settings.Settings) -> VMSlots | None:
+    """The worker process's slots on the Redis its settings name (None: no Redis)."""
     global _slots
-    url = slots_url(broker_url)
+    url = conf.slots_redis_url()
     if url is None:
         return None
     with _slots_lock:
@@ -154,14 +143,14 @@ def from_environment(broker_url: str) -> VMSlots | None:
 
 
 @contextmanager
-def vm_slot(broker_url: str, namespace: str, vm: str, worker: str,
+def vm_slot(conf: settings.Settings, namespace: str, vm: str, worker: str,
             limit: int | None = None) -> Iterator[None]:
     """Hold one of the VM's ``maxConcurrentCommands`` slots (no-op without a limit or Redis).
 
     ``limit`` comes with the message (a pool's worker serves VMs with different limits);
-    else the worker's ``VMFLEET_MAX_CONCURRENT_COMMANDS``."""
-    limit = limit or settings.current().max_concurrent_commands
-    slots = from_environment(broker_url) if limit else None
+    else the worker's ``VMFLEET_MAX_CONCURRENT_COMMANDS`` (``conf``)."""
+    limit = limit or conf.max_concurrent_commands
+    slots = shared_slots(conf) if limit else None
     if slots is None or not limit:
         yield
         return
@@ -182,4 +171,4 @@ def vm_slot(broker_url: str, namespace: str, vm: str, worker: str,
         context.__exit__(None, None, None)
 
 
-__all__ = ["VMSlots", "slots_key", "slots_url", "vm_slot"]
+__all__ = ["VMSlots", "shared_slots", "slots_key", "vm_slot"]

@@ -12,7 +12,6 @@ from typing import Any
 from celery import Task, signals
 from celery.exceptions import Reject
 
-from vmfleet import settings
 from vmfleet.api.constants import (
     TASK_CHECK_VM,
     TASK_EXECUTE,
@@ -22,10 +21,9 @@ from vmfleet.api.constants import (
 )
 from vmfleet.api.envelope import Envelope, Target
 from vmfleet.api.signing import Refusal, Refused
-from vmfleet.celeryconf import broker_url
 
 from . import probes
-from .app import app
+from .app import app, worker_settings
 from .execute import CommandExecutor
 from .guard import Guard
 from .health import HealthChecker
@@ -40,7 +38,7 @@ _not_ready = threading.Event()
 def executor() -> CommandExecutor:
     """One executor (Redis and the SSH pool) per worker process, shared by its threads;
     it listens for cancels from the start."""
-    found = CommandExecutor.from_environment()
+    found = CommandExecutor.from_settings(worker_settings)
     found.listen_for_cancels(_stop)
     return found
 
@@ -48,7 +46,7 @@ def executor() -> CommandExecutor:
 @signals.worker_ready.connect
 def _start_listening(**_: Any) -> None:
     found = executor()  # cancels reach a worker that has not run anything yet
-    directory = settings.current().probe_dir
+    directory = worker_settings.probe_dir
     if directory:
         probes.start(found.state.client.ping, _not_ready, Path(directory))
 
@@ -83,7 +81,7 @@ def guard() -> Guard:
     with _guard_lock:
         now = time.monotonic()
         if not _guard or (_guard[0][0].verifier.key is None and now - _guard[0][1] > 5.0):
-            _guard[:] = [(Guard.from_settings(), now)]
+            _guard[:] = [(Guard.from_settings(worker_settings), now)]
         return _guard[0][0]
 
 
@@ -118,7 +116,7 @@ def _refuse(envelope: Envelope, worker: str, refused: Refused) -> str:
 def worker_name(hostname: str | None) -> str:
     """Who runs an attempt, as its result, Event and audit line name it: the worker's pod
     (``VMFLEET_POD_NAME``, from the downward API), else Celery's node name."""
-    return settings.current().pod_name or hostname or socket.gethostname()
+    return worker_settings.pod_name or hostname or socket.gethostname()
 
 
 @app.task(name=TASK_EXECUTE, bind=True, acks_late=True)
@@ -134,7 +132,7 @@ def execute_on_vm(self: Task, message: dict[str, Any]) -> str:
         return _refuse(envelope, worker, refused)
     # One of the VM's maxConcurrentCommands slots, across all its worker replicas.
     limit = envelope.target.max_concurrent if envelope.target else None
-    with vm_slot(broker_url(), envelope.namespace, envelope.vm, worker, limit):
+    with vm_slot(worker_settings, envelope.namespace, envelope.vm, worker, limit):
         return executor().execute(envelope, worker)
 
 

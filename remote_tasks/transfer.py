@@ -97,10 +97,10 @@ def transfer_deadline(plan: Plan, command_start: str | None, now: float) -> Dead
     return attempt_deadlines(plan, command_start, now).earliest
 
 
-def _default_kube() -> Kube:
-    from vmfleet.kube import Kube
+def _kube_of(api_connections: int) -> Kube:
+    from vmfleet.kube import Kube, load_api_client
 
-    return Kube()
+    return Kube(load_api_client(api_connections))
 
 
 class TransferExecutor:
@@ -110,13 +110,13 @@ class TransferExecutor:
         self,
         executor: CommandExecutor,
         clock: Callable[[], float] = time.monotonic,
-        kube: Callable[[], Kube] = _default_kube,
+        kube: Callable[[], Kube] | None = None,
     ) -> None:
         self.executor = executor
         self.state = executor.state
         self.pool = executor.pool
         self.clock = clock
-        self._make_kube = kube
+        self._make_kube = kube or (lambda: _kube_of(executor.conf.api_connections))
         self._kube: Kube | None = None
         self._kube_lock = threading.Lock()
 
@@ -136,7 +136,8 @@ class TransferExecutor:
         # The claim's holder is this delivery, not just this worker: a worker's threads
         # (or a redelivery to it) must not win a claim another of its deliveries holds.
         attempt = Attempt(self.state, envelope, worker, holder=f"{worker}/{uuid.uuid4().hex[:12]}",
-                          words=TRANSFER, clock=self.clock)
+                          words=TRANSFER, clock=self.clock,
+                          interval=self.executor.conf.heartbeat_seconds)
         with self.executor.cancels.running(attempt):
             return self._execute(attempt)
 

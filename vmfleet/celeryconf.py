@@ -10,18 +10,13 @@ from vmfleet.tenancy import is_redis, transport_options
 
 BROKER_URL_ENV = settings.env_of("broker_url")
 
-__all__ = ["BROKER_URL_ENV", "DEFAULT_BROKER_URL", "broker_url", "celery_config"]
+__all__ = ["BROKER_URL_ENV", "DEFAULT_BROKER_URL", "celery_config"]
 
 
-def broker_url() -> str:
-    return settings.current().broker_url
-
-
-def celery_config(url: str | None = None, namespace: str | None = None) -> dict[str, Any]:
+def celery_config(url: str, namespace: str | None = None) -> dict[str, Any]:
     """The Celery settings of one namespace's senders and workers: on Redis, every key
     kombu uses is under the namespace's prefix (``vmfleet.tenancy``; None: the legacy
     shared transfer queue's), the only keys its ACL user reaches."""
-    url = url or broker_url()
     options: dict[str, Any] = {"visibility_timeout": 3600}
     if is_redis(url):
         options.update(transport_options(namespace))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -55,7 +56,8 @@ def _settings(args: argparse.Namespace) -> int:
         return 1
     for doc in settings.documented():
         value = getattr(current, doc.name)
-        print(f"{doc.env}={'' if value is None else value}  # {doc.reader}")
+        shown = json.dumps(list(value)) if isinstance(value, tuple) else value  # as it is set
+        print(f"{doc.env}={'' if value is None or value == () else shown}  # {doc.reader}")
     return 0
 
 
@@ -81,6 +83,9 @@ def _dev(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``vmfleet`` command line. Long on purpose: one flat declaration per subcommand,
+    read top to bottom as the CLI's whole surface (each subcommand's options live in its
+    own module's ``add_arguments``)."""
     parser = argparse.ArgumentParser(prog="vmfleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

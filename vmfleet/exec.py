@@ -7,8 +7,9 @@ remote exit code. Transport failures (the command never ran or its connection br
 exit 255 with a message saying what went wrong. Ctrl-C deletes the RemoteCommand, which
 cancels it on the VMs.
 
-The pure parts (argument handling, the object built, exit codes, line prefixes, the
-progress line) are functions here and are tested without a cluster.
+The pure parts (argument handling, the object built, waiting hints) are functions here,
+exit codes and failure lines in :mod:`vmfleet.outcome`, the printing in
+:mod:`vmfleet.execprint`; all are tested without a cluster.
 """
 
 from __future__ import annotations
@@ -26,10 +27,22 @@ from types import FrameType
 from typing import Any, TextIO
 
 from .api import constants as c
-from .api.constants import Phase, Reason
+from .api.constants import Phase
 from .api.models import MAX_ARG, MAX_ITEMS, MAX_OUTPUT_BYTES, MAX_STDIN
 from .api.output import STATUS_OUTPUT_BUDGET, tail_bytes
 from .dryrunview import dry_run_exit_code, format_dry_run
+from .execprint import LiveOutput, Printer, Progress
+from .outcome import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CANCELLED,
+    EXIT_TRANSPORT,
+    EXIT_USAGE,
+    api_message,
+    command_failure,
+    exit_code_for,
+    fan_out_exit_code,
+    is_final,
+)
 
 # A finished exec object is deleted by exec itself; the TTL covers an exec that was killed.
 DEFAULT_TTL_SECONDS = 120
@@ -39,21 +52,7 @@ DEFAULT_TTL_SECONDS = 120
 FAN_OUT_OUTPUT_BUDGET = STATUS_OUTPUT_BUDGET
 LABEL_CREATED_BY = "app.kubernetes.io/created-by"
 CREATED_BY = "vmfleet-exec"
-
-# Exit codes that are not a remote exit status.
-EXIT_TRANSPORT = 255  # the command did not run or its connection broke (as ssh does)
-EXIT_TIMEOUT = 124  # timeoutSeconds or activeDeadlineSeconds expired (as timeout(1) does)
-EXIT_CANCELLED = 130  # cancelled (Ctrl-C, or someone deleted the RemoteCommand)
-EXIT_USAGE = 2
-EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a command whose reader went away
 WATCH_WINDOW_SECONDS = 15  # each watch request; between two, exec may print a waiting hint
-
-TRANSPORT_REASONS = frozenset({
-    Reason.TRANSPORT_ERROR, Reason.AUTH_FAILED, Reason.HOST_KEY_MISMATCH, Reason.VM_NOT_FOUND,
-    Reason.CREDENTIALS_INVALID, Reason.WORKER_LOST, Reason.INVALID_SPEC, Reason.NO_TARGETS,
-})
-TIMEOUT_REASONS = frozenset({Reason.TIMEOUT, Reason.DEADLINE_EXCEEDED})
-
 
 class UsageError(ValueError):
     """The command line cannot be turned into a RemoteCommand."""
@@ -148,6 +147,26 @@ def options_from_args(args: argparse.Namespace) -> ExecOptions:
         parse_selector(args.selector)  # refused here, before anything is created
     if not args.selector and not vm:
         raise UsageError("name a RemoteVM (vmfleet exec VM -- COMMAND) or a selector (-l)")
+    _check_command(command)
+    if args.timeout is not None and args.timeout < 1:
+        raise UsageError("--timeout must be at least 1 second")
+    if args.max_bytes is not None and not 0 <= args.max_bytes <= MAX_OUTPUT_BYTES:
+        raise UsageError(f"--max-bytes must be between 0 and {MAX_OUTPUT_BYTES}")
+    return ExecOptions(
+        argv=command, vm=vm, selector=args.selector, namespace=args.namespace,
+        timeout=args.timeout, keep=args.keep, env=env_of(args.env or []), workdir=args.workdir,
+        stdin=args.stdin,
+        max_bytes=args.max_bytes, kubeconfig=args.kubeconfig,
+        dry_run=bool(getattr(args, "dry_run", False)),
+        live=not getattr(args, "dry_run", False),
+    )
+
+
+# --------------------------------------------------------------------------- the object
+
+
+def _check_command(command: Sequence[str]) -> None:
+    """Refuse an empty command or one the API would refuse (too many or too long items)."""
     if not command:
         raise UsageError("no command: put it after --, e.g. vmfleet exec vm1 -- df -h /")
     if len(command) > MAX_ITEMS:
@@ -156,27 +175,18 @@ def options_from_args(args: argparse.Namespace) -> ExecOptions:
         if len(arg) > MAX_ARG:
             raise UsageError(f"an argument is {len(arg)} characters long; at most {MAX_ARG} are "
                              "allowed (use a script RemoteCommand for long text)")
-    if args.timeout is not None and args.timeout < 1:
-        raise UsageError("--timeout must be at least 1 second")
-    if args.max_bytes is not None and not 0 <= args.max_bytes <= MAX_OUTPUT_BYTES:
-        raise UsageError(f"--max-bytes must be between 0 and {MAX_OUTPUT_BYTES}")
+
+
+def env_of(items: Sequence[str]) -> dict[str, str]:
+    """``--env NAME=VALUE`` options as the command's env (a bad name refused)."""
     env = {}
-    for item in args.env or []:
+    for item in items:
         name, sep, value = item.partition("=")
         if not sep or not c.is_env_name(name):
             raise UsageError(f"--env {item!r}: use NAME=VALUE with a name of letters, digits "
                              "and underscores, not starting with a digit")
         env[name] = value
-    return ExecOptions(
-        argv=command, vm=vm, selector=args.selector, namespace=args.namespace,
-        timeout=args.timeout, keep=args.keep, env=env, workdir=args.workdir, stdin=args.stdin,
-        max_bytes=args.max_bytes, kubeconfig=args.kubeconfig,
-        dry_run=bool(getattr(args, "dry_run", False)),
-        live=not getattr(args, "dry_run", False),
-    )
-
-
-# --------------------------------------------------------------------------- the object
+    return env
 
 
 def parse_selector(text: str) -> dict[str, Any]:
@@ -278,246 +288,6 @@ def build_command(options: ExecOptions, namespace: str, targets: int = 1,
         },
         "spec": spec,
     }
-
-
-# --------------------------------------------------------------------------- results
-
-
-def exit_code_for(result: dict[str, Any]) -> int:
-    """The exit code ``vmfleet exec`` reports for one VM's final result."""
-    phase, reason, code = result.get("phase"), result.get("reason"), result.get("exitCode")
-    if phase == Phase.SUCCEEDED:
-        return int(code or 0)
-    if phase == Phase.CANCELLED or reason == Reason.CANCELLED:
-        return EXIT_CANCELLED
-    if reason in TIMEOUT_REASONS:
-        return EXIT_TIMEOUT
-    if code is not None and reason not in TRANSPORT_REASONS:
-        return int(code) if int(code) != 0 else 1
-    return EXIT_TRANSPORT
-
-
-def fan_out_exit_code(results: Sequence[dict[str, Any]]) -> int:
-    """0 when every VM succeeded; else the largest of the VMs' exit codes (at least 1)."""
-    failed = [exit_code_for(r) for r in results if r.get("phase") != Phase.SUCCEEDED]
-    return max([1, *failed]) if failed else 0
-
-
-def failure_message(result: dict[str, Any]) -> str | None:
-    """A line for stderr when a VM's result is not just the command's own exit status."""
-    phase, reason = result.get("phase"), result.get("reason")
-    if phase == Phase.SUCCEEDED or reason == Reason.EXIT_CODE:
-        return None
-    vm = result.get("vm", "?")
-    detail = result.get("message") or ""
-    if reason in TRANSPORT_REASONS or (reason is None and result.get("exitCode") is None):
-        what = "the command did not run or its connection broke"
-        if reason == Reason.WORKER_LOST:
-            what = "the worker running the command was lost"
-        return f"vmfleet: {vm}: {reason or 'Failed'}: {detail or what}"
-    if reason in TIMEOUT_REASONS:
-        return f"vmfleet: {vm}: {reason}: {detail or 'the command took too long and was ended'}"
-    if phase == Phase.CANCELLED or reason == Reason.CANCELLED:
-        return f"vmfleet: {vm}: cancelled{': ' + detail if detail else ''}"
-    if reason == Reason.EXIT_CODE or result.get("exitCode") is not None:
-        return None
-    return f"vmfleet: {vm}: {reason}: {detail}" if detail else f"vmfleet: {vm}: {reason}"
-
-
-def truncation_notices(result: dict[str, Any]) -> list[str]:
-    """Say which streams were cut to their tail in status (the worker's log has all)."""
-    if not result.get("outputTruncated"):
-        return []
-    notes = []
-    vm = result.get("vm", "?")
-    for stream in ("stdout", "stderr"):
-        total = result.get(f"{stream}Bytes")
-        kept = len((result.get(stream) or "").encode())
-        if total is not None and total > kept:
-            notes.append(f"vmfleet: {vm}: {stream} was truncated: showing the last {kept} of "
-                         f"{total} bytes (the full output is in the worker's log)")
-    if not notes:
-        notes.append(f"vmfleet: {vm}: output was truncated (the full output is in the worker's log)")
-    return notes
-
-
-def prefix_lines(prefix: str, text: str) -> str:
-    """Every line of ``text`` with ``prefix`` in front; the last line always ends in \\n."""
-    if not text:
-        return ""
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return "".join(f"{prefix}{line}\n" for line in lines)
-
-
-def is_final(result: dict[str, Any]) -> bool:
-    return result.get("phase") in Phase.TERMINAL
-
-
-def command_failure(obj: dict[str, Any]) -> str:
-    """Why a command ended without any per-VM result (e.g. no VM matched, invalid spec)."""
-    status = obj.get("status") or {}
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == "Failed" and condition.get("message"):
-            return str(condition["message"])
-    return f"the RemoteCommand ended {status.get('phase', 'without a result')}"
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """One status line on stderr while a fan-out runs; silent when stderr is not a terminal."""
-
-    def __init__(self, stream: TextIO, enabled: bool | None = None) -> None:
-        self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
-        self.shown = ""
-
-    @staticmethod
-    def text(results: Sequence[dict[str, Any]]) -> str:
-        total = len(results)
-        done = sum(1 for r in results if is_final(r))
-        failed = sum(1 for r in results if is_final(r) and r.get("phase") != Phase.SUCCEEDED)
-        running = sum(1 for r in results if r.get("phase") == Phase.RUNNING)
-        text = f"vmfleet: {done}/{total} done, {failed} failed"
-        if running:
-            text += f", {running} running"
-        return text
-
-    def update(self, results: Sequence[dict[str, Any]]) -> None:
-        if not self.enabled or len(results) < 2:
-            return
-        text = self.text(results)
-        if text != self.shown:
-            self.stream.write(f"\r\033[K{text}")
-            self.stream.flush()
-            self.shown = text
-
-    def clear(self) -> None:
-        if self.enabled and self.shown:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-            self.shown = ""
-
-
-# --------------------------------------------------------------------------- printing
-
-
-def write(stream: TextIO, text: str) -> None:
-    """Write output text; characters the terminal's encoding lacks become '?', never a crash."""
-    try:
-        stream.write(text)
-    except UnicodeEncodeError:
-        encoding = stream.encoding or "utf-8"
-        stream.write(text.encode(encoding, errors="replace").decode(encoding))
-
-
-class Printer:
-    """Writes each VM's output once, when its result is final (``live``: the output
-    was printed as it came, so only what went wrong)."""
-
-    def __init__(self, out: TextIO, err: TextIO, prefixed: bool, progress: Progress) -> None:
-        self.out, self.err = out, err
-        self.prefixed = prefixed
-        self.progress = progress
-        self.printed: set[str] = set()
-        self.live = False
-        self.live_vms: set[str] = set()  # VMs whose output was printed live
-        self.held = False  # the live output may still come: print nothing yet
-
-    def show(self, results: Sequence[dict[str, Any]]) -> None:
-        if self.held:
-            self.progress.update(results)
-            return
-        fresh = [r for r in results if is_final(r) and r.get("vm") not in self.printed]
-        if fresh:
-            self.progress.clear()
-        for result in sorted(fresh, key=lambda r: str(r.get("vm"))):
-            self.printed.add(str(result.get("vm")))
-            self.write(result)
-        self.progress.update(results)
-
-    def write(self, result: dict[str, Any]) -> None:
-        if self.live and str(result.get("vm")) in self.live_vms:
-            message = failure_message(result)
-            if message:
-                write(self.err, message + "\n")
-                self.err.flush()
-            return
-        stdout, stderr = result.get("stdout") or "", result.get("stderr") or ""
-        if self.prefixed:
-            prefix = f"[{result.get('vm')}] "
-            stdout, stderr = prefix_lines(prefix, stdout), prefix_lines(prefix, stderr)
-        write(self.out, stdout)
-        self.out.flush()
-        write(self.err, stderr)
-        for line in truncation_notices(result):
-            write(self.err, line + "\n")
-        message = failure_message(result)
-        if message:
-            write(self.err, message + "\n")
-        self.err.flush()
-
-
-class LiveOutput:
-    """Prints the command's output as the VMs print it, from the output API
-    (:func:`vmfleet.logs.read_log`, followed in a thread of its own). When the API is not
-    there (no APIService, a controller keeping no output) the output is printed from
-    the status at the end, as before (``failed``)."""
-
-    def __init__(self, kube: Any, namespace: str, name: str, printer: Printer) -> None:
-        from .logscli import LinePrinter
-
-        self.kube, self.namespace, self.name = kube, namespace, name
-        self.printer = printer
-        self.lines = LinePrinter(printer.out, printer.err, printer.prefixed)
-        self.answered = threading.Event()  # the API answered (or refused)
-        self.failed = False
-        self.error: str | None = None
-        self.done = threading.Event()
-        self._thread = threading.Thread(target=self._follow, name="vmfleet-exec-logs",
-                                        daemon=True)
-
-    def start(self) -> LiveOutput:
-        self.printer.held = True
-        self._thread.start()
-        return self
-
-    def _follow(self) -> None:
-        from .logs import iter_records, open_log
-
-        try:
-            raw = open_log(self.kube, self.namespace, self.name, follow=True)
-        except Exception as exc:  # noqa: BLE001 - no live output: the tails at the end
-            self.failed, self.error = True, str(getattr(exc, "status", exc))
-            self.answered.set()
-            self.done.set()
-            return
-        self.answered.set()
-        try:
-            for record in iter_records(raw):
-                self.printer.progress.clear()
-                self.lines.write([record])
-        except BrokenPipeError:
-            self.error = "broken pipe"
-        except Exception as exc:  # noqa: BLE001 - the connection broke: the tails at the end
-            self.failed, self.error = True, str(exc)
-        finally:
-            self.done.set()
-
-    def finish(self, wait: float = 30.0) -> bool:
-        """Wait for the rest of the output; True when it was all printed live."""
-        self.answered.wait(wait)
-        self.done.wait(wait)
-        self.lines.end()
-        live = self.answered.is_set() and self.done.is_set() and not self.failed
-        self.printer.held = False
-        self.printer.live = live
-        # A VM with no live output at all (its worker keeps none): its tails, as before.
-        self.printer.live_vms = set(self.lines.printed)
-        return live
 
 
 # --------------------------------------------------------------------------- running
@@ -649,60 +419,22 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
     err = err or sys.stderr
     if options.kubeconfig:
         os.environ["KUBECONFIG"] = options.kubeconfig
-    from .kube import ApiException, Kube, context_namespace
+    from .kube import Kube, context_namespace
 
     namespace = options.namespace or context_namespace()
-    try:
-        kube = kube or Kube()
-        targets = count_targets(kube, namespace, options)
-    except UsageError as exc:
-        err.write(f"vmfleet exec: {exc}\n")
-        return EXIT_USAGE
-    if options.selector and targets == 0:
-        err.write(f"vmfleet exec: no RemoteVM in namespace {namespace} matches {options.selector!r}\n")
-        return 1
-    text_in = None
-    if options.stdin:
-        text_in = (stdin or sys.stdin).read(MAX_STDIN + 1)
-        if len(text_in.encode()) > MAX_STDIN:
-            err.write(f"vmfleet exec: stdin is larger than {MAX_STDIN} bytes\n")
-            return EXIT_USAGE
-    body = build_command(options, namespace, targets, text_in)
-    try:
-        created = kube.create_command(namespace, body)
-    except ApiException as exc:
-        err.write(f"vmfleet exec: cannot create the RemoteCommand in namespace {namespace}: "
-                  f"{_api_message(exc)}\n")
-        return EXIT_TRANSPORT
+    kube = kube or Kube()
+    created = create(kube, namespace, options, err, stdin or sys.stdin)
+    if isinstance(created, int):
+        return created
     name = created["metadata"]["name"]
     printer = Printer(out, err, prefixed=bool(options.selector), progress=Progress(err, progress))
     live = LiveOutput(kube, namespace, name, printer).start() if options.live else None
 
-    started = time.monotonic()
-    latest: dict[str, Any] = created
-    hinted: set[str] = set()
-
-    def on_update(obj: dict[str, Any]) -> bool:
-        nonlocal latest
-        latest = obj
-        if live is not None and printer.held and live.failed:
-            printer.held = False  # no live output: each VM's tails when it ends
-        printer.show((obj.get("status") or {}).get("results") or [])
-        return done(obj)
-
-    def on_idle() -> None:
-        # Only for a person at a terminal: scripts get stderr as the command wrote it.
-        hint = waiting_hint(latest, namespace, time.monotonic() - started)
-        if printer.progress.enabled and hint and hint[0] not in hinted:
-            hinted.add(hint[0])
-            printer.progress.clear()
-            err.write(hint[1] + "\n")
-            err.flush()
-
+    follow = Follower(created, namespace, printer, live, err)
     try:
         with interrupts_raise():
             final = watch_until_done(kube, namespace, name, created["metadata"]["resourceVersion"],
-                                     on_update, on_idle)
+                                     follow.on_update, follow.on_idle)
     except Interrupted:
         printer.progress.clear()
         with interrupts_raise():
@@ -723,6 +455,70 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
             return EXIT_BROKEN_PIPE
         if final is not None:
             printer.show((final.get("status") or {}).get("results") or [])
+    return conclude(kube, options, namespace, name, final, out, err)
+
+
+class Follower:
+    """What ``run`` does with each version of the command the watch brings (print the
+    VMs' results as they end) and between two (a waiting hint, once per kind)."""
+
+    def __init__(self, created: dict[str, Any], namespace: str, printer: Printer,
+                 live: LiveOutput | None, err: TextIO) -> None:
+        self.latest, self.namespace = created, namespace
+        self.printer, self.live, self.err = printer, live, err
+        self.started = time.monotonic()
+        self.hinted: set[str] = set()
+
+    def on_update(self, obj: dict[str, Any]) -> bool:
+        self.latest = obj
+        if self.live is not None and self.printer.held and self.live.failed:
+            self.printer.held = False  # no live output: each VM's tails when it ends
+        self.printer.show((obj.get("status") or {}).get("results") or [])
+        return done(obj)
+
+    def on_idle(self) -> None:
+        # Only for a person at a terminal: scripts get stderr as the command wrote it.
+        hint = waiting_hint(self.latest, self.namespace, time.monotonic() - self.started)
+        if self.printer.progress.enabled and hint and hint[0] not in self.hinted:
+            self.hinted.add(hint[0])
+            self.printer.progress.clear()
+            self.err.write(hint[1] + "\n")
+            self.err.flush()
+
+
+def create(kube: Any, namespace: str, options: ExecOptions, err: TextIO,
+           stdin: TextIO) -> dict[str, Any] | int:
+    """Create the RemoteCommand: the object the API server returned, or the exit code
+    when it was not created (a bad selector, no VM matched, stdin too large, refused)."""
+    from .kube import ApiException
+
+    try:
+        targets = count_targets(kube, namespace, options)
+    except UsageError as exc:
+        err.write(f"vmfleet exec: {exc}\n")
+        return EXIT_USAGE
+    if options.selector and targets == 0:
+        err.write(f"vmfleet exec: no RemoteVM in namespace {namespace} matches {options.selector!r}\n")
+        return 1
+    text_in = None
+    if options.stdin:
+        text_in = stdin.read(MAX_STDIN + 1)
+        if len(text_in.encode()) > MAX_STDIN:
+            err.write(f"vmfleet exec: stdin is larger than {MAX_STDIN} bytes\n")
+            return EXIT_USAGE
+    body = build_command(options, namespace, targets, text_in)
+    try:
+        return dict(kube.create_command(namespace, body))
+    except ApiException as exc:
+        err.write(f"vmfleet exec: cannot create the RemoteCommand in namespace {namespace}: "
+                  f"{api_message(exc)}\n")
+        return EXIT_TRANSPORT
+
+
+def conclude(kube: Any, options: ExecOptions, namespace: str, name: str,
+             final: dict[str, Any] | None, out: TextIO, err: TextIO) -> int:
+    """After the command ended (``final``; None: deleted): delete it unless ``--keep``,
+    and the exit code (a dry run's report printed; a fan-out's failed VMs named)."""
     if final is None:
         err.write(f"vmfleet exec: RemoteCommand {namespace}/{name} was deleted before it finished\n")
         return EXIT_CANCELLED
@@ -747,15 +543,6 @@ def run(options: ExecOptions, kube: Any | None = None, out: TextIO | None = None
     return exit_code_for(results[0])
 
 
-def _api_message(exc: Any) -> str:
-    import json
-
-    try:
-        return str(json.loads(exc.body).get("message") or exc.reason)
-    except (TypeError, ValueError, AttributeError):
-        return f"{exc.status} {exc.reason}"
-
-
 def main(args: argparse.Namespace) -> int:
     """``vmfleet exec`` (wired in vmfleet.cli)."""
     try:
@@ -774,7 +561,7 @@ def main(args: argparse.Namespace) -> int:
         print("vmfleet exec: interrupted", file=sys.stderr)
         return EXIT_CANCELLED
     except ApiException as exc:
-        print(f"vmfleet exec: the Kubernetes API refused a request: {_api_message(exc)}",
+        print(f"vmfleet exec: the Kubernetes API refused a request: {api_message(exc)}",
               file=sys.stderr)
         return EXIT_TRANSPORT
     except (kubernetes.config.ConfigException, OSError, urllib3.exceptions.HTTPError) as exc:

@@ -10,16 +10,18 @@ import kubernetes
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 
-from . import settings
 from .api import constants as c
+from .settings import DEFAULT_API_CONNECTIONS, in_cluster
 
 __all__ = ["ApiException", "Kube", "context_namespace", "load_api_client"]
 
 
-def load_api_client() -> ApiClient:
-    """In-cluster config when running in a pod, else ``$KUBECONFIG`` / ``~/.kube/config``."""
+def load_api_client(api_connections: int = DEFAULT_API_CONNECTIONS) -> ApiClient:
+    """In-cluster config when running in a pod (:func:`vmfleet.settings.in_cluster`), else
+    ``$KUBECONFIG`` / ``~/.kube/config``; ``api_connections``: ``VMFLEET_API_CONNECTIONS``
+    of the controller's or worker's settings."""
     configuration = kubernetes.client.Configuration()
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+    if in_cluster():
         kubernetes.config.load_incluster_config(client_configuration=configuration)
     else:
         # $KUBECONFIG is read now, not when the kubernetes package was imported.
@@ -28,7 +30,7 @@ def load_api_client() -> ApiClient:
         )
     # Controllers call from many threads (kopf's sync handlers, Celery worker threads):
     # a pool smaller than that discards connections and makes a TLS handshake per request.
-    configuration.connection_pool_maxsize = settings.current().api_connections
+    configuration.connection_pool_maxsize = api_connections
     return ApiClient(configuration)
 
 
@@ -37,7 +39,7 @@ SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/names
 
 def context_namespace() -> str:
     """The namespace of the kubeconfig's current context (in a pod: the pod's), else default."""
-    if os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+    if in_cluster():
         try:
             with open(SERVICE_ACCOUNT_NAMESPACE) as f:
                 return f.read().strip() or "default"

@@ -18,9 +18,17 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from .api.logs import LogRecord
-
-EXIT_USAGE = 2
-EXIT_TRANSPORT = 255
+from .outcome import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CANCELLED,
+    EXIT_TRANSPORT,
+    EXIT_USAGE,
+    api_message,
+    exit_code_for,
+    fan_out_exit_code,
+    is_final,
+    write,
+)
 
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
@@ -62,7 +70,7 @@ class LinePrinter:
                     head += record.time + " "
                 if self.prefixed:
                     head += f"[{record.vm}] "
-            _write(stream, head + record.data)
+            write(stream, head + record.data)
             if record.data.endswith("\n"):
                 self._mid_line.discard(key)
             else:
@@ -81,14 +89,6 @@ class LinePrinter:
             self.err.flush()
 
 
-def _write(stream: TextIO, text: str) -> None:
-    try:
-        stream.write(text)
-    except UnicodeEncodeError:
-        encoding = stream.encoding or "utf-8"
-        stream.write(text.encode(encoding, errors="replace").decode(encoding))
-
-
 def is_fan_out(obj: dict[str, Any]) -> bool:
     spec = obj.get("spec") or {}
     if spec.get("vm"):
@@ -99,8 +99,6 @@ def is_fan_out(obj: dict[str, Any]) -> bool:
 
 def exit_code(obj: dict[str, Any] | None, vm: str | None) -> int:
     """``vmfleet exec``'s rule on the command's results (0 while it runs)."""
-    from .exec import EXIT_CANCELLED, exit_code_for, fan_out_exit_code, is_final
-
     if obj is None:
         return EXIT_CANCELLED
     results = (obj.get("status") or {}).get("results") or []
@@ -144,7 +142,6 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
     import kubernetes
     import urllib3
 
-    from .exec import _api_message
     from .kube import ApiException, Kube, context_namespace
     from .logs import read_log
 
@@ -163,11 +160,11 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
         printer.end()
         return exit_code(kube.get_command(namespace, args.name), args.vm)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_CANCELLED
     except BrokenPipeError:
         if out is sys.stdout:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return EXIT_BROKEN_PIPE
     except ApiException as exc:
         hint = ""
         if exc.status == 404:
@@ -175,7 +172,7 @@ def main(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None
                     "kubectl get apiservice v1alpha1.logs.vmfleet.io)")
         elif exc.status == 503:
             hint = " (the controller serving the output API is not reachable or keeps no output)"
-        err.write(f"vmfleet logs: {_api_message(exc)}{hint}\n")
+        err.write(f"vmfleet logs: {api_message(exc)}{hint}\n")
         return 1 if exc.status in (403, 404) else EXIT_TRANSPORT
     except (kubernetes.config.ConfigException, OSError, urllib3.exceptions.HTTPError) as exc:
         err.write(f"vmfleet logs: cannot reach the Kubernetes API: {exc} "

@@ -176,22 +176,22 @@ METRIC_NAMES: tuple[str, ...] = (
 # ----------------------------------------------------------------------------- HTTP
 
 
-def metrics_port(default: int, settings: Settings | None = None) -> int:
+def metrics_port(default: int, settings: Settings) -> int:
     """The port from ``VMFLEET_METRICS_PORT`` (``0`` turns the endpoint off), else ``default``."""
-    return (settings or settings_.current()).metrics_port_or(default)
+    return settings.metrics_port_or(default)
 
 
-def metrics_address(settings: Settings | None = None) -> str:
+def metrics_address(settings: Settings) -> str:
     """``VMFLEET_METRICS_ADDRESS``: by default all interfaces in a cluster (Prometheus
     scrapes the pod IP), loopback elsewhere."""
-    return (settings or settings_.current()).metrics_address or "127.0.0.1"
+    return settings.metrics_address or "127.0.0.1"
 
 
 _server_lock = threading.Lock()
 _server_port: int | None = None
 
 
-def start_metrics_server(port: int, address: str | None = None) -> int | None:
+def start_metrics_server(port: int, address: str = "127.0.0.1") -> int | None:
     """Serve ``/metrics`` on ``address:port`` in a daemon thread; once per process.
 
     Returns the port, or None when ``port`` is 0 or the port cannot be bound (logged: a
@@ -201,7 +201,6 @@ def start_metrics_server(port: int, address: str | None = None) -> int | None:
     if port == 0:
         log.info("Metrics are off (%s=0)", PORT_ENV)
         return None
-    address = address or metrics_address()
     with _server_lock:
         if _server_port is not None:
             return _server_port
@@ -214,10 +213,6 @@ def start_metrics_server(port: int, address: str | None = None) -> int | None:
         _server_port = port
     log.info("Serving metrics on http://%s:%s/metrics", address, port)
     return port
-
-
-def start_from_environment(default_port: int) -> int | None:
-    return start_metrics_server(metrics_port(default_port))
 
 
 # ----------------------------------------------------------------------------- workers
@@ -435,21 +430,21 @@ class BrokerMemoryCollector(Collector):
         yield family
 
 
-def start_controller_metrics(broker_url: str, extra_queues: Iterable[str] = (),
+def start_controller_metrics(conf: Settings, extra_queues: Iterable[str] = (),
                              sizer: QueueSizer | None = None,
                              memory_info: Callable[[], Mapping[str, Any]] | None = None
                              ) -> int | None:
     """The controller's endpoint (default port 9807) with queue depths from the broker
     (``sizer``, default read through kombu) and, given ``memory_info`` (Redis ``INFO
     memory``), the broker's memory use."""
-    port = metrics_port(CONTROLLER_PORT)
+    port = metrics_port(CONTROLLER_PORT, conf)
     if port == 0:
         log.info("Metrics are off (%s=0)", PORT_ENV)
         return None
-    register_queue_depth(sizer or broker_queue_sizer(broker_url), extra_queues)
+    register_queue_depth(sizer or broker_queue_sizer(conf.broker_url), extra_queues)
     if memory_info is not None:
         register_broker_memory(memory_info)
-    return start_metrics_server(port)
+    return start_metrics_server(port, metrics_address(conf))
 
 
 _memory_collector: BrokerMemoryCollector | None = None
@@ -465,9 +460,9 @@ def register_broker_memory(info: Callable[[], Mapping[str, Any]]) -> None:
     prometheus_client.REGISTRY.register(_memory_collector)
 
 
-def start_worker_metrics() -> int | None:
+def start_worker_metrics(conf: Settings) -> int | None:
     """A worker's endpoint (default port 9808)."""
-    return start_from_environment(WORKER_PORT)
+    return start_metrics_server(metrics_port(WORKER_PORT, conf), metrics_address(conf))
 
 
 __all__ = [

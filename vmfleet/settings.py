@@ -1,11 +1,15 @@
 """vmfleet's settings: every ``VMFLEET_*`` environment variable the product reads, once.
 
 Each setting is one field of :class:`Settings`, with its variable, type, default, who
-reads it (the controller, the workers, or both) and a one-line description. The
-controller and the workers read the environment once at start
-(:func:`load`); code asks :func:`current` instead of ``os.environ``. A bad value stops
-the process at start with an error that names the variable ("VMFLEET_HEARTBEAT_SECONDS='x'
-is not a number"), not at the first command.
+reads it (the controller, the workers, or both) and a one-line description. Each
+composition root reads the environment once at start (:func:`load`: the controller in
+``controller.context.Context.from_environment``, which keeps them as ``Context.settings``;
+a worker in ``remote_tasks.app``) and hands the :class:`Settings` to what needs them;
+deep code takes them as an argument, never from ``os.environ`` or a global. A bad value
+stops the process at start with an error that names the variable
+("VMFLEET_HEARTBEAT_SECONDS='x' is not a number"), not at the first command.
+
+"Where am I running?" has one answer, :func:`in_cluster`.
 
 The README's settings table and the chart's notes on them are generated from here
 (:mod:`vmfleet.settingsdoc`: ``vmfleet settings --write``; ``vmfleet settings --check``
@@ -19,15 +23,17 @@ Not product settings: the local environment's and the tests' variables
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from vmfleet.api.constants import RUNTIME_DEPLOYMENT, RUNTIME_PROCESS
 from vmfleet.api.output import STATUS_OUTPUT_BUDGET
+from vmfleet.tenancy import is_redis
 
 Reader = Literal["controller", "worker", "both"]
 CONTROLLER: Final = "controller"
@@ -39,6 +45,7 @@ CONTROLLER_METRICS_PORT: Final = 9807
 WORKER_METRICS_PORT: Final = 9808
 DEFAULT_BROKER_URL: Final = "redis://127.0.0.1:6379/0"
 REDISPATCH_SECONDS: Final = 300.0
+DEFAULT_API_CONNECTIONS: Final = 32
 
 #: Variables of the dev kit and the tests (prefixes): documented as not product settings.
 NOT_PRODUCT_SETTINGS: Final = ("VMFLEET_DEV_DIR", "VMFLEET_E2E_", "VMFLEET_CONTROLPLANE_",
@@ -52,17 +59,40 @@ class SettingsError(ValueError):
 def setting(env: str, default: Any, reader: Reader, doc: str, *,
             minimum: float | None = None, maximum: float | None = None,
             choices: tuple[str, ...] = (), default_doc: str | None = None,
-            hint: str = "") -> Any:
+            hint: str = "", parse: Callable[[str, str], Any] | None = None) -> Any:
     """A field of :class:`Settings` read from ``env``.
 
     ``default_doc`` describes a default that depends on where the process runs (the
     field's default is then None and :meth:`Settings.from_environment` fills it in);
-    ``hint`` ends the error about a bad value (what to do).
+    ``hint`` ends the error about a bad value (what to do); ``parse(env, raw)`` reads a
+    value that is not a plain bool, number or string (raising :class:`SettingsError`).
     """
-    return field(default=default, metadata={
+    return field(default=default, hash=False if parse is not None else None, metadata={
         "env": env, "reader": reader, "doc": doc, "minimum": minimum, "maximum": maximum,
-        "choices": choices, "default_doc": default_doc, "hint": hint,
+        "choices": choices, "default_doc": default_doc, "hint": hint, "parse": parse,
     })
+
+
+def in_cluster(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process runs in a Kubernetes pod and reaches the API server with the
+    pod's service account: ``KUBERNETES_SERVICE_HOST`` is set (the kubelet sets it in every
+    pod) and no ``KUBECONFIG`` names another way in. The one rule for "where am I
+    running?": it picks the defaults below (worker runtime, listen addresses) and how
+    :mod:`vmfleet.kube` and the Airflow hook load their client configuration."""
+    environ = os.environ if environ is None else environ
+    return bool(environ.get("KUBERNETES_SERVICE_HOST")) and not environ.get("KUBECONFIG")
+
+
+def env_entries(env: str, raw: str) -> tuple[dict[str, Any], ...]:
+    """A JSON list of container env entries (``{"name": …, "value": …}`` objects)."""
+    try:
+        entries = json.loads(raw)
+    except ValueError as exc:
+        raise SettingsError(f"{env} is not JSON: {exc}") from None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and "name" in e
+                                                for e in entries):
+        raise SettingsError(f"{env} must be a JSON list of {{name, value}} objects")
+    return tuple(entries)
 
 
 @dataclass(frozen=True)
@@ -83,14 +113,14 @@ class Settings:
         default_doc="`0.0.0.0` in a cluster, else `127.0.0.1`")
     state_url: str | None = setting(
         "VMFLEET_STATE_URL", None, BOTH,
-        "Redis holding claims, heartbeats, reports, cancels and the VMs' slots (default: "
-        "the broker, which must then be Redis).")
+        "Redis of claims, heartbeats, reports, cancels and the VM slots (default: "
+        "`VMFLEET_SLOTS_URL`, else the broker, which must then be Redis).")
     output_url: str | None = setting(
         "VMFLEET_OUTPUT_URL", None, BOTH,
         "A Redis of its own (never the broker) keeping each attempt's whole output for "
         "`vmfleet logs`; unset: only the status tails (chart: `outputStore`).")
     api_connections: int = setting(
-        "VMFLEET_API_CONNECTIONS", 32, BOTH,
+        "VMFLEET_API_CONNECTIONS", DEFAULT_API_CONNECTIONS, BOTH,
         "Pooled HTTP connections to the Kubernetes API server per process.", minimum=1)
     # ------------------------------------------------------------------ controller
     worker_runtime: str | None = setting(
@@ -119,9 +149,10 @@ class Settings:
         "VMFLEET_WORKER_HOST_NETWORK", False, CONTROLLER,
         "Worker pods on the node's network (chart: `hostNetwork`; the local node's VMs are "
         "on its loopback).")
-    worker_extra_env: str | None = setting(
-        "VMFLEET_WORKER_EXTRA_ENV", None, CONTROLLER,
-        "Extra env entries of the worker containers, a JSON list (chart: `workers.extraEnv`).")
+    worker_extra_env: tuple[dict[str, Any], ...] = setting(
+        "VMFLEET_WORKER_EXTRA_ENV", (), CONTROLLER,
+        "Extra env entries of the worker containers, a JSON list of `{name, value}` objects "
+        "(chart: `workers.extraEnv`).", parse=env_entries, default_doc="unset")
     broker_secret_name: str = setting(
         "VMFLEET_BROKER_SECRET_NAME", "vmfleet-broker", CONTROLLER,
         "Secret in each namespace with worker pods, holding its broker URL (and `state-url`); "
@@ -227,8 +258,8 @@ class Settings:
         minimum=0)
     slots_url: str | None = setting(
         "VMFLEET_SLOTS_URL", None, WORKER,
-        "Redis holding the VM-wide `maxConcurrentCommands` semaphore (default: the broker, "
-        "if it is Redis).")
+        "Redis holding the VM-wide `maxConcurrentCommands` slots (default: the state's "
+        "Redis, `VMFLEET_STATE_URL`, else the broker if it is Redis).")
     max_concurrent_commands: int | None = setting(
         "VMFLEET_MAX_CONCURRENT_COMMANDS", None, WORKER,
         "Set by the controller: the VM's `maxConcurrentCommands` (no VM-wide limit if unset).",
@@ -295,22 +326,39 @@ class Settings:
             if not raw:
                 continue
             try:
-                values[f.name] = _parse(f, hints[f.name], raw)
+                parse = f.metadata["parse"]
+                values[f.name] = (parse(f.metadata["env"], raw) if parse is not None
+                                  else _parse(f, hints[f.name], raw))
             except SettingsError as exc:
                 hint = f.metadata["hint"]
                 problems.append(f"{exc} ({hint})" if hint else str(exc))
         if problems:
             raise SettingsError("; ".join(problems))
-        in_cluster = bool(environ.get("KUBERNETES_SERVICE_HOST"))
-        values.setdefault("worker_runtime", RUNTIME_DEPLOYMENT if in_cluster else RUNTIME_PROCESS)
-        values.setdefault("metrics_address", "0.0.0.0" if in_cluster else "127.0.0.1")
-        values.setdefault("logs_api_address", "0.0.0.0" if in_cluster else "127.0.0.1")
+        pod = in_cluster(environ)
+        values.setdefault("worker_runtime", RUNTIME_DEPLOYMENT if pod else RUNTIME_PROCESS)
+        values.setdefault("metrics_address", "0.0.0.0" if pod else "127.0.0.1")
+        values.setdefault("logs_api_address", "0.0.0.0" if pod else "127.0.0.1")
         values.setdefault("message_ttl_seconds",
                           values.get("redispatch_seconds", REDISPATCH_SECONDS) + 60.0)
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+    def state_redis_url(self) -> str | None:
+        """The Redis of the shared state (``vmfleet.state``): ``VMFLEET_STATE_URL``, else
+        ``VMFLEET_SLOTS_URL``, else a Redis broker; None with another broker and neither."""
+        explicit = self.state_url or self.slots_url
+        if explicit:
+            return explicit
+        return self.broker_url if is_redis(self.broker_url) else None
+
+    def slots_redis_url(self) -> str | None:
+        """The Redis of the VMs' ``maxConcurrentCommands`` slots: ``VMFLEET_SLOTS_URL``,
+        else the state's (:meth:`state_redis_url`). So with RabbitMQ the controller's
+        ``VMFLEET_STATE_URL`` holds the slots too and the limit holds across a VM's worker
+        replicas; None (the limit holds per replica) only when no Redis is named at all."""
+        return self.slots_url or self.state_redis_url()
 
     def metrics_port_or(self, default: int) -> int:
         """The metrics port, or the role's ``default`` when ``VMFLEET_METRICS_PORT`` is unset."""
@@ -419,4 +467,4 @@ def documented() -> list[Doc]:
 
 
 __all__ = ["BOTH", "CONTROLLER", "WORKER", "Doc", "Settings", "SettingsError", "current",
-           "documented", "env_of", "load", "use"]
+           "documented", "env_entries", "env_of", "in_cluster", "load", "use"]

@@ -319,27 +319,7 @@ def describe_vm(obj: dict[str, Any], events: Sequence[dict[str, Any]],
     ])
     out += conditions_section(status.get("conditions"), now)
     if facts:
-        load = [facts.get(k) for k in ("load1", "load5", "load15")]
-        memory = (f"{_bytes(facts.get('memoryAvailableBytes'))} available of "
-                  f"{_bytes(facts.get('memoryTotalBytes'))}"
-                  if facts.get("memoryTotalBytes") is not None else None)
-        disk = (f"{_bytes(facts.get('rootDiskUsedBytes'))} used of "
-                f"{_bytes(facts.get('rootDiskTotalBytes'))}"
-                if facts.get("rootDiskTotalBytes") is not None else None)
-        out += "Facts:\n" + _fields([
-            ("Hostname", facts.get("hostname")),
-            ("OS", facts.get("os")),
-            ("Kernel", facts.get("kernel")),
-            ("Uptime", human_duration(facts["uptimeSeconds"])
-             if facts.get("uptimeSeconds") is not None else None),
-            ("Load", " ".join("" if v is None else str(v) for v in load) if any(
-                v is not None for v in load) else None),
-            ("Memory", memory),
-            ("Root disk", disk),
-            ("Last probe", _when(facts.get("lastProbeTime"), now)),
-            ("Probe latency", f"{facts['probeLatencySeconds']:.3f}s"
-             if facts.get("probeLatencySeconds") is not None else None),
-        ], "  ")
+        out += "Facts:\n" + facts_fields(facts, now)
     recent = recent_commands(commands, meta["name"])
     if recent:
         rows = [[item["metadata"]["name"], result.get("phase", ""),
@@ -349,6 +329,31 @@ def describe_vm(obj: dict[str, Any], events: Sequence[dict[str, Any]],
         out += "Recent commands:\n" + table(["Name", "Phase", "Exit", "Reason", "Age"], rows, "  ")
     out += events_section(events, now)
     return out
+
+
+def facts_fields(facts: dict[str, Any], now: datetime) -> str:
+    """A RemoteVM's ``status.facts`` as ``describe`` shows them (indented fields)."""
+    load = [facts.get(k) for k in ("load1", "load5", "load15")]
+    memory = (f"{_bytes(facts.get('memoryAvailableBytes'))} available of "
+              f"{_bytes(facts.get('memoryTotalBytes'))}"
+              if facts.get("memoryTotalBytes") is not None else None)
+    disk = (f"{_bytes(facts.get('rootDiskUsedBytes'))} used of "
+            f"{_bytes(facts.get('rootDiskTotalBytes'))}"
+            if facts.get("rootDiskTotalBytes") is not None else None)
+    return _fields([
+        ("Hostname", facts.get("hostname")),
+        ("OS", facts.get("os")),
+        ("Kernel", facts.get("kernel")),
+        ("Uptime", human_duration(facts["uptimeSeconds"])
+         if facts.get("uptimeSeconds") is not None else None),
+        ("Load", " ".join("" if v is None else str(v) for v in load) if any(
+            v is not None for v in load) else None),
+        ("Memory", memory),
+        ("Root disk", disk),
+        ("Last probe", _when(facts.get("lastProbeTime"), now)),
+        ("Probe latency", f"{facts['probeLatencySeconds']:.3f}s"
+         if facts.get("probeLatencySeconds") is not None else None),
+    ], "  ")
 
 
 def recent_commands(commands: Sequence[dict[str, Any]], vm: str

@@ -38,7 +38,9 @@ ACL user reaches:
   was deleted while no controller ran).
 
 Redis is the broker by default; with RabbitMQ as the broker, ``VMFLEET_STATE_URL``
-names the Redis (it also holds the VMs' ``maxConcurrentCommands`` slots).
+names the Redis. The rule is :meth:`vmfleet.settings.Settings.state_redis_url`; the VMs'
+``maxConcurrentCommands`` slots live in the same Redis unless ``VMFLEET_SLOTS_URL`` names
+another (:meth:`~vmfleet.settings.Settings.slots_redis_url`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmfleet import settings
-from vmfleet.tenancy import is_redis, key_prefix
+from vmfleet.tenancy import key_prefix
 
 log = logging.getLogger("vmfleet.state")
 
@@ -101,18 +103,15 @@ return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 
-def state_url(broker_url: str) -> str:
-    """The Redis of the shared state: ``VMFLEET_STATE_URL``, else a Redis broker's URL."""
-    conf = settings.current()
-    explicit = conf.state_url or conf.slots_url
-    if explicit:
-        return explicit
-    if is_redis(broker_url):
-        return broker_url
-    raise ValueError(
-        f"the broker {broker_url.split('@')[-1]!r} is not Redis: set {STATE_URL_ENV} to a Redis "
-        "URL (claims, heartbeats, reports and cancels live in Redis)"
-    )
+def state_url(conf: settings.Settings) -> str:
+    """The Redis of the shared state (:meth:`~vmfleet.settings.Settings.state_redis_url`);
+    raises ValueError, saying what to set, when there is none."""
+    url = conf.state_redis_url()
+    if url is None:
+        raise ValueError(
+            f"the broker {conf.broker_url.split('@')[-1]!r} is not Redis: set {STATE_URL_ENV} to "
+            "a Redis URL (claims, heartbeats, reports and cancels live in Redis)")
+    return url
 
 
 def reports_key(namespace: str, scope: str) -> str:

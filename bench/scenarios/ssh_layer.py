@@ -97,7 +97,7 @@ def vmfleet_run(pool: Any, target: Any, spec: Any, system: str = "vmfleet_ssh") 
 def true_spec(vm_name: str) -> Any:
     """The plan the controller sends a worker for ``command: true`` on the VM."""
     from vmfleet.api.models import RemoteCommandSpec
-    from vmfleet.api.plan import plan_of
+    from vmfleet.api.planning import plan_of
 
     return plan_of(RemoteCommandSpec.model_validate({"vm": vm_name, "command": COMMAND}))
 

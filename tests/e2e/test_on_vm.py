@@ -22,7 +22,7 @@ from remote_tasks.become import Become
 from remote_tasks.shell import build_invocation
 from remote_tasks.ssh import AttemptControl, ConnectionPool, Deadline, SSHTarget
 from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.api.plan import plan_of
+from vmfleet.api.planning import plan_of
 from vmfleet.dev.proc import wait_until
 
 pytestmark = pytest.mark.e2e

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from remote_tasks import execute
 from remote_tasks.execute import Attempt
 from vmfleet import settings
@@ -59,15 +57,11 @@ ENVELOPE = Envelope("ns", "c", "uid-1", "vm1", 2, "", {"command": "true"},
                     target=Target("vm1", "h", 22, "u", "vm1-ssh"), scope="release-a")
 
 
-@pytest.fixture(autouse=True)
-def fast_heartbeats() -> Any:
-    settings.use(settings.Settings(heartbeat_seconds=0))
-    yield
-    settings.use(None)
+FAST_HEARTBEATS = settings.Settings(heartbeat_seconds=0)
 
 
 def attempt(state: FakeState) -> Attempt:
-    return Attempt(state, ENVELOPE, "w1")  # type: ignore[arg-type]
+    return Attempt(state, ENVELOPE, "w1", interval=0)  # type: ignore[arg-type]
 
 
 def test_the_claim_is_taken_once_in_redis_and_reported_with_the_process_group() -> None:
@@ -194,7 +188,8 @@ def _executor(tmp_path: Any) -> tuple[execute.CommandExecutor, _Pool]:
     (tmp_path / "vm1-ssh").mkdir()
     (tmp_path / "vm1-ssh" / "ssh-privatekey").write_text("KEY")
     pool = _Pool()
-    return execute.CommandExecutor(FakeState(), pool, tmp_path), pool  # type: ignore[arg-type]
+    return execute.CommandExecutor(FakeState(), pool, tmp_path,  # type: ignore[arg-type]
+                                   conf=FAST_HEARTBEATS), pool
 
 
 def test_terminating_a_lost_attempt_keeps_the_vms_shared_connection(tmp_path: Any) -> None:

@@ -26,7 +26,7 @@ from remote_tasks.shell import (
 )
 from remote_tasks.signals import signal_exit_code, signal_outcome
 from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.api.plan import plan_of
+from vmfleet.api.planning import plan_of
 
 NONCE = "abc123"
 PROMPT = become_prompt(NONCE).encode()

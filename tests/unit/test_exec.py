@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from vmfleet import exec as ex
+from vmfleet import execprint, outcome
 from vmfleet.api.models import MAX_OUTPUT_BYTES, RemoteCommandSpec
 from vmfleet.cli import build_parser
 from vmfleet.kube import ApiException
@@ -153,14 +154,14 @@ def result(vm: str = "vm1", phase: str = "Failed", **fields: Any) -> dict[str, A
     ],
 )
 def test_exit_code_for(entry, code):
-    assert ex.exit_code_for(entry) == code
+    assert outcome.exit_code_for(entry) == code
 
 
 def test_fan_out_exit_code():
     ok = result(phase="Succeeded", exitCode=0)
-    assert ex.fan_out_exit_code([ok, ok]) == 0
-    assert ex.fan_out_exit_code([ok, result(exitCode=3, reason="ExitCode")]) == 3
-    assert ex.fan_out_exit_code([result(exitCode=3, reason="ExitCode"),
+    assert outcome.fan_out_exit_code([ok, ok]) == 0
+    assert outcome.fan_out_exit_code([ok, result(exitCode=3, reason="ExitCode")]) == 3
+    assert outcome.fan_out_exit_code([result(exitCode=3, reason="ExitCode"),
                                  result("vm2", reason="AuthFailed")]) == 255
 
 
@@ -179,14 +180,14 @@ def test_fan_out_exit_code():
     ],
 )
 def test_failure_message(entry, message):
-    assert ex.failure_message(entry) == message
+    assert outcome.failure_message(entry) == message
 
 
 def test_truncation_notices():
-    assert ex.truncation_notices(result(outputTruncated=False)) == []
+    assert outcome.truncation_notices(result(outputTruncated=False)) == []
     entry = result(outputTruncated=True, stdout="x" * 10, stdoutBytes=5000, stderr="e\n",
                    stderrBytes=2)
-    assert ex.truncation_notices(entry) == [
+    assert outcome.truncation_notices(entry) == [
         "vmfleet: vm1: stdout was truncated: showing the last 10 of 5000 bytes "
         "(the full output is in the worker's log)"]
 
@@ -204,7 +205,7 @@ def test_truncation_notices():
     ],
 )
 def test_prefix_lines(text, expected):
-    assert ex.prefix_lines("[vm1] ", text) == expected
+    assert execprint.prefix_lines("[vm1] ", text) == expected
 
 
 class Tty(io.StringIO):
@@ -214,7 +215,7 @@ class Tty(io.StringIO):
 
 def test_printer_prints_each_vm_once_prefixed_and_in_order():
     out, err = io.StringIO(), io.StringIO()
-    printer = ex.Printer(out, err, prefixed=True, progress=ex.Progress(err))
+    printer = execprint.Printer(out, err, prefixed=True, progress=execprint.Progress(err))
     running = [result("vm2", phase="Running"), result("vm1", phase="Queued")]
     printer.show(running)
     assert out.getvalue() == err.getvalue() == ""
@@ -229,7 +230,7 @@ def test_printer_prints_each_vm_once_prefixed_and_in_order():
 
 def test_single_vm_output_is_written_as_it_was():
     out, err = io.StringIO(), io.StringIO()
-    printer = ex.Printer(out, err, prefixed=False, progress=ex.Progress(err))
+    printer = execprint.Printer(out, err, prefixed=False, progress=execprint.Progress(err))
     printer.show([result(reason="ExitCode", exitCode=4, stdout="out\nno newline",
                          stderr="err\n\ufffd\n")])
     assert out.getvalue() == "out\nno newline"
@@ -239,12 +240,12 @@ def test_single_vm_output_is_written_as_it_was():
 def test_progress_line_only_on_a_terminal():
     results = [result("vm1", phase="Succeeded"), result("vm2", phase="Failed"),
                result("vm3", phase="Running"), result("vm4", phase="Queued")]
-    assert ex.Progress.text(results) == "vmfleet: 2/4 done, 1 failed, 1 running"
+    assert execprint.Progress.text(results) == "vmfleet: 2/4 done, 1 failed, 1 running"
     quiet = io.StringIO()
-    ex.Progress(quiet).update(results)
+    execprint.Progress(quiet).update(results)
     assert quiet.getvalue() == ""
     tty = Tty()
-    progress = ex.Progress(tty)
+    progress = execprint.Progress(tty)
     progress.update(results)
     progress.update(results)  # unchanged: not written again
     progress.update(results[:1])  # a single VM: no progress line
@@ -439,7 +440,7 @@ def test_a_closed_output_pipe_deletes_the_command():
 def test_output_the_terminal_cannot_encode_is_replaced_not_a_crash():
     raw = io.BytesIO()
     latin1 = io.TextIOWrapper(raw, encoding="latin-1")
-    printer = ex.Printer(latin1, io.StringIO(), prefixed=False, progress=ex.Progress(io.StringIO()))
+    printer = execprint.Printer(latin1, io.StringIO(), prefixed=False, progress=execprint.Progress(io.StringIO()))
     printer.show([result(phase="Succeeded", exitCode=0, stdout="caf\u00e9 \ufffd\n")])
     latin1.flush()
     assert raw.getvalue() == b"caf\xe9 ?\n"

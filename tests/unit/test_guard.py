@@ -44,7 +44,8 @@ class Recorder:
         self.state = FakeState()
         self.ran: list[Envelope] = []
         self.terminated: list[int] = []
-        self.real = CommandExecutor(self.state, None, Path("/nonexistent"))  # type: ignore[arg-type]
+        self.real = CommandExecutor(self.state, None, Path("/nonexistent"),  # type: ignore[arg-type]
+                                    conf=settings.Settings(heartbeat_seconds=0))
 
     def execute(self, env: Envelope, worker: str) -> str:
         self.ran.append(env)
@@ -64,9 +65,7 @@ def worker(monkeypatch: pytest.MonkeyPatch) -> Recorder:
     monkeypatch.setattr(tasks, "guard", lambda: GUARD)
     monkeypatch.setattr(tasks, "executor", lambda: recorder)
     monkeypatch.setattr(tasks, "vm_slot", _no_slot)
-    settings.use(settings.Settings(heartbeat_seconds=0))
-    yield recorder
-    settings.use(None)
+    return recorder
 
 
 class _no_slot:

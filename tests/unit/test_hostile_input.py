@@ -29,7 +29,8 @@ from remote_tasks.transfer import TEMP_MARK, TransferExecutor, TransferFailed, t
 from vmfleet.api.constants import ENV_NAME_PATTERN, LABEL_TRANSFERABLE, SECRET_TYPE_SSH_AUTH, is_env_name
 from vmfleet.api.envelope import Envelope
 from vmfleet.api.models import FileLocation, RemoteCommandSpec
-from vmfleet.api.plan import Plan, plan_of
+from vmfleet.api.plan import Plan
+from vmfleet.api.planning import plan_of
 
 # Each shell example starts a process: enough examples to find a quoting slip, few enough
 # for the unit suite to stay fast.

@@ -21,7 +21,8 @@ from vmfleet.api.constants import TASK_EXECUTE, TASK_TRANSFER, transfer_queue
 from vmfleet.api.envelope import Envelope, Target
 from vmfleet.api.facts import WIRE_NAMES, Facts
 from vmfleet.api.models import RemoteCommandSpec, VMFacts
-from vmfleet.api.plan import InvalidPlan, Plan, plan_from_spec_wire, plan_of
+from vmfleet.api.plan import InvalidPlan, Plan
+from vmfleet.api.planning import plan_from_spec_wire, plan_of
 from vmfleet.api.signing import Refusal, Refused, Signer, Verifier, generate_private_key
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -168,6 +168,10 @@ def test_cli_shows_the_values_or_names_the_bad_one(monkeypatch, capsys):
     monkeypatch.setenv("VMFLEET_KILL_GRACE_SECONDS", "1")
     assert cli.main(["settings"]) == 0
     assert "VMFLEET_KILL_GRACE_SECONDS=1.0  # worker\n" in capsys.readouterr().out
+    monkeypatch.setenv("VMFLEET_WORKER_EXTRA_ENV", '[{"name": "A", "value": "1"}]')
+    assert cli.main(["settings"]) == 0  # shown as it is set, not as Python
+    assert 'VMFLEET_WORKER_EXTRA_ENV=[{"name": "A", "value": "1"}]  # controller\n' in \
+        capsys.readouterr().out
     monkeypatch.setenv("VMFLEET_KILL_GRACE_SECONDS", "soon")
     assert cli.main(["settings"]) == 1
     assert "VMFLEET_KILL_GRACE_SECONDS='soon' is not a number" in capsys.readouterr().err
@@ -184,23 +188,70 @@ def test_the_settings_of_worker_writes_and_per_object_timers_are_gone():
     assert {"VMFLEET_STATE_URL", "VMFLEET_WATCH_NAMESPACES", "VMFLEET_CONTROLLER_ID"} <= declared
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"VMFLEET_BROKER_URL": "amqp://guest:guest@mq//"}, None),
+@pytest.mark.parametrize("env, state, slots", [
+    # RabbitMQ and no Redis named: no state (the controller refuses to start), no VM-wide
+    # slots (the limit holds per worker replica).
+    ({"VMFLEET_BROKER_URL": "amqp://guest:guest@mq//"}, None, None),
     # With RabbitMQ, the controller's VMFLEET_STATE_URL holds the slots too (it named only
     # the state before, and the VM-wide limit fell back to one per replica).
-    ({"VMFLEET_BROKER_URL": "amqp://guest:guest@mq//", "VMFLEET_STATE_URL": "redis://s/2"}, "redis://s/2"),
-    ({"VMFLEET_BROKER_URL": "redis://b/0"}, "redis://b/0"),
+    ({"VMFLEET_BROKER_URL": "amqp://guest:guest@mq//", "VMFLEET_STATE_URL": "redis://s/2"},
+     "redis://s/2", "redis://s/2"),
+    ({"VMFLEET_BROKER_URL": "amqp://guest:guest@mq//", "VMFLEET_SLOTS_URL": "redis://l/3"},
+     "redis://l/3", "redis://l/3"),
+    ({"VMFLEET_BROKER_URL": "redis://b/0"}, "redis://b/0", "redis://b/0"),
+    ({"VMFLEET_BROKER_URL": "redis://b/0", "VMFLEET_STATE_URL": "redis://s/2"},
+     "redis://s/2", "redis://s/2"),
+    # Each named URL wins for its own part.
     ({"VMFLEET_BROKER_URL": "redis://b/0", "VMFLEET_STATE_URL": "redis://s/2",
-      "VMFLEET_SLOTS_URL": "redis://l/3"}, "redis://l/3"),
+      "VMFLEET_SLOTS_URL": "redis://l/3"}, "redis://s/2", "redis://l/3"),
 ])
-def test_the_slots_live_in_the_redis_of_the_state(env, expected):
-    from remote_tasks.slots import slots_url
+def test_one_rule_names_the_redis_of_the_state_and_of_the_slots(env, state, slots):
     from vmfleet.state import state_url
 
-    settings.use(settings.Settings.from_environment(env))
-    try:
-        assert slots_url(env["VMFLEET_BROKER_URL"]) == expected
-        if expected is not None and "VMFLEET_SLOTS_URL" not in env:
-            assert state_url(env["VMFLEET_BROKER_URL"]) == expected  # one Redis for both
-    finally:
-        settings.use(None)
+    conf = settings.Settings.from_environment(env)
+    assert (conf.state_redis_url(), conf.slots_redis_url()) == (state, slots)
+    if state is None:
+        with pytest.raises(ValueError, match="VMFLEET_STATE_URL"):
+            state_url(conf)
+    else:
+        assert state_url(conf) == state
+
+
+@pytest.mark.parametrize("environ, expected", [
+    ({}, False),
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, True),
+    # A KUBECONFIG names another way in: not the pod's service account, not "in a cluster".
+    ({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBECONFIG": "/tmp/kc"}, False),
+    ({"KUBECONFIG": "/tmp/kc"}, False),
+])
+def test_one_in_cluster_rule_for_the_defaults_and_the_api_client(environ, expected, monkeypatch):
+    import vmfleet.kube
+
+    assert settings.in_cluster(environ) is expected
+    conf = settings.Settings.from_environment(environ)
+    assert conf.worker_runtime == ("Deployment" if expected else "Process")
+    assert conf.metrics_address == ("0.0.0.0" if expected else "127.0.0.1")
+    for name in ("KUBERNETES_SERVICE_HOST", "KUBECONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    loaded = []
+    monkeypatch.setattr(vmfleet.kube.kubernetes.config, "load_incluster_config",
+                        lambda **_: loaded.append("pod"))
+    monkeypatch.setattr(vmfleet.kube.kubernetes.config, "load_kube_config",
+                        lambda **_: loaded.append("kubeconfig"))
+    vmfleet.kube.load_api_client(3)
+    assert loaded == ["pod" if expected else "kubeconfig"]
+
+
+def test_worker_extra_env_is_read_by_the_settings_parser():
+    entries = [{"name": "A", "value": "1"}]
+    import json
+
+    assert settings.Settings.from_environment(
+        {"VMFLEET_WORKER_EXTRA_ENV": json.dumps(entries)}).worker_extra_env == tuple(entries)
+    assert settings.Settings.from_environment({}).worker_extra_env == ()
+    with pytest.raises(settings.SettingsError, match="VMFLEET_WORKER_EXTRA_ENV is not JSON"):
+        settings.Settings.from_environment({"VMFLEET_WORKER_EXTRA_ENV": "[{"})
+    with pytest.raises(settings.SettingsError, match="JSON list of"):
+        settings.Settings.from_environment({"VMFLEET_WORKER_EXTRA_ENV": '{"name": "X"}'})

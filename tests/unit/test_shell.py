@@ -7,7 +7,7 @@ import pytest
 
 from remote_tasks.shell import GO, InvalidCommand, build_invocation, env_prefix, quote_argv
 from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.api.plan import plan_of
+from vmfleet.api.planning import plan_of
 
 
 def spec(**fields):

@@ -19,7 +19,7 @@ from remote_tasks import transfer as t
 from remote_tasks.ssh import AuthFailed
 from vmfleet.api.constants import TASK_TRANSFER, transfer_queue
 from vmfleet.api.models import RemoteCommandSpec, RemoteVMSpec, TransferSource
-from vmfleet.api.plan import plan_of
+from vmfleet.api.planning import plan_of
 
 
 def spec(**transfer) -> RemoteCommandSpec:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from vmfleet.settings import in_cluster
+
 if TYPE_CHECKING:
     import kubernetes.client
     import kubernetes_asyncio.client
@@ -85,7 +87,7 @@ class KubeSettings:
             return self.in_cluster
         if self.config_file or config_dict is not None:
             return False
-        return bool(os.environ.get("KUBERNETES_SERVICE_HOST")) and not os.environ.get("KUBECONFIG")
+        return in_cluster()
 
     def connection_extras(self) -> dict[str, Any]:
         """The Airflow connection's extras (empty without a connection id)."""

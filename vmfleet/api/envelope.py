@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .plan import Plan, plan_from_spec_wire
+from .plan import Plan
+from .planning import plan_from_spec_wire
 
 # The status time helpers live in .times. Still importable from here for
 # controller/reports.py; drop this line once it imports them from .times.

@@ -34,6 +34,7 @@ from .constants import (
     reserved_parameter,
 )
 from .counts import PERCENT_PATTERN
+from .plan import KeyRef, Source
 
 # Bounds keep every CEL rule's estimated cost inside the API server's budget and every
 # object far below etcd's size limit.
@@ -444,11 +445,19 @@ class TransferSource(ApiModel):
             raise ValueError("transfer.from.vm and transfer.from.path go together")
         return self
 
+    def plan_source(self) -> Source:
+        """The plan's form of this ``transfer.from`` (what the transfer worker reads)."""
+
+        def ref(selector: KeySelector | None) -> KeyRef | None:
+            return KeyRef(selector.name, selector.key) if selector is not None else None
+
+        return Source(vm=self.vm, path=self.path,
+                      config_map_key_ref=ref(self.config_map_key_ref),
+                      secret_key_ref=ref(self.secret_key_ref))
+
     def describe(self) -> str:
         """``vm1:/path``, ``configMap/name/key`` or ``secret/name/key`` (as the plan says it)."""
-        from .plan import source_of
-
-        return source_of(self).describe()
+        return self.plan_source().describe()
 
 
 class TransferSpec(ApiModel):

@@ -2,9 +2,9 @@
 
 The controller validates a RemoteCommand's spec (the pydantic models of
 ``vmfleet.api.models``, templates resolved) and turns it into a :class:`Plan` with
-:func:`plan_of`; the dispatch envelope carries it (``Envelope.plan``), signed with the
-rest of the message. The worker reads it with plain frozen dataclasses: a command
-worker imports no pydantic (nor the API models).
+:func:`vmfleet.api.planning.plan_of`; the dispatch envelope carries it (``Envelope.plan``),
+signed with the rest of the message. The worker reads it with plain frozen dataclasses: a
+command worker imports no pydantic (nor the API models); this module imports neither.
 
 Wire form (``to_message``/``from_message``): a JSON object with snake_case keys; a field
 at its default is left out. Reading ignores keys this release does not know and gives a
@@ -12,9 +12,9 @@ missing key its default, so a plan of the next minor version still reads here.
 
 Version skew (the chart's rule: workers accept the previous minor version's messages):
 a message of the release before plans carries only ``spec``, the RemoteCommand spec's
-wire form. A worker reads it with :func:`plan_from_spec_wire`, which imports the API
-models then, and only then: the worker pays pydantic's import the first time such a
-message reaches it. Until the next minor version the controller sends ``spec`` beside
+wire form. A worker reads it with :func:`vmfleet.api.planning.plan_from_spec_wire`,
+which imports the API models then, and only then: the worker pays pydantic's import the
+first time such a message reaches it. Until the next minor version the controller sends ``spec`` beside
 ``plan``, so that the previous release's workers, still running during a rolling
 upgrade, find what they read.
 """
@@ -23,10 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
-
-if TYPE_CHECKING:
-    from .models import RemoteCommandSpec, TransferSource
+from typing import Any, Final
 
 DEFAULT_OUTPUT_MAX_BYTES: Final = 16384  # output.maxBytes's default (models.OutputSpec)
 
@@ -214,54 +211,5 @@ def _int(value: Any) -> int | None:
     return int(value) if value is not None else None
 
 
-def source_of(source: TransferSource) -> Source:
-    """The plan's form of a spec's ``transfer.from``."""
-
-    def ref(selector: Any) -> KeyRef | None:
-        return KeyRef(selector.name, selector.key) if selector is not None else None
-
-    return Source(vm=source.vm, path=source.path,
-                  config_map_key_ref=ref(source.config_map_key_ref),
-                  secret_key_ref=ref(source.secret_key_ref))
-
-
-def plan_of(spec: RemoteCommandSpec) -> Plan:
-    """The plan of a validated spec (a templateRef command: its resolved spec)."""
-    transfer = None
-    if spec.transfer is not None:
-        t = spec.transfer
-        transfer = Transfer(source=source_of(t.from_),
-                            to=tuple(Location(loc.vm, loc.path) for loc in t.to),
-                            mode=t.mode, create_dirs=t.create_dirs, overwrite=t.overwrite,
-                            verify=t.verify)
-    return Plan(
-        command=spec.command,
-        argv=tuple(spec.argv) if spec.argv is not None else None,
-        script=spec.script,
-        transfer=transfer,
-        env=dict(spec.env) if spec.env else None,
-        working_dir=spec.working_dir,
-        stdin=spec.stdin,
-        become_user=spec.become.user if spec.become is not None else None,
-        timeout_seconds=spec.timeout_seconds,
-        active_deadline_seconds=spec.active_deadline_seconds,
-        success_exit_codes=tuple(spec.success_exit_codes),
-        output_max_bytes=spec.output.max_bytes,
-        ttl_seconds_after_finished=spec.ttl_seconds_after_finished,
-    )
-
-
-def plan_from_spec_wire(spec: Mapping[str, Any]) -> Plan:
-    """The plan of a message in the previous release's form (``spec`` only): validated
-    with the API models, imported here (pydantic is loaded on the first such message).
-    Raises :class:`InvalidPlan` with the validation error."""
-    from .models import RemoteCommandSpec
-
-    try:
-        return plan_of(RemoteCommandSpec.model_validate(dict(spec)))
-    except ValueError as exc:  # pydantic's ValidationError is a ValueError
-        raise InvalidPlan(f"invalid spec: {exc}") from exc
-
-
 __all__ = ["DEFAULT_OUTPUT_MAX_BYTES", "InvalidPlan", "KeyRef", "Location", "Plan", "Source",
-           "Transfer", "plan_from_spec_wire", "plan_of", "source_of"]
+           "Transfer"]
