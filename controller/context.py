@@ -139,6 +139,7 @@ class Context:
             output_budget=conf.status_output_budget_bytes,
             protected_secrets=lambda ns: fleet_box[0].credentials_secrets(ns),
             wake_transfers=lambda ns: fleet_box[0].wake_transfers(ns),
+            batch=dispatcher.batch,
         )
         fleet = Fleet(kube, runtime, HealthMonitor(kube, send_probe, scope=state.scope), depths,
                       counts=lambda: entry_counts(commands.tracked()))
