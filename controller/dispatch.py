@@ -7,8 +7,8 @@ prefix (``vmfleet.tenancy``): one Celery app per namespace, made at its first me
 and kept.
 
 A fan-out's messages go out together (``batch``): on Redis one pipelined round trip for
-all of them instead of one per VM, which on a loaded controller (its threads wait for the
-GIL after each round trip) was most of a 200-VM fan-out's time.
+all of them instead of one per VM (200 signed sends: 0.27-0.77 s one by one, 0.17-0.21 s
+batched, on a loaded machine; bench/README.md).
 """
 
 from __future__ import annotations
