@@ -16,7 +16,7 @@ warm (a fan-out just ran, untimed):
   host keys checked, ControlPersist (aliases of one sshd share its master).
 
 Metrics: ``wall_s``; for vmfleet also ``writes_per_vm`` (mutating requests on
-RemoteCommands over VMs) and ``cpu_s``: CPU seconds of the whole of vmfleet (controller,
+RemoteCommands over VMs) and ``cpu_ms``: CPU milliseconds of the whole of vmfleet (controller,
 pool worker, Redis, API server with etcd; sshd and the bench client apart, in the note)
 per round. Targets (issue 26): vmfleet's wall ≤ 3× parallel-ssh's and ≤ 0.1× Ansible's.
 """
@@ -56,7 +56,7 @@ class PoolFleet(Vmfleet):
         after = cpu_seconds()
         spent = {k: after[k] - before.get(k, 0.0) for k in after}
         self.cpu.append(spent)
-        got["cpu_s"] = sum(spent.get(k, 0.0) for k in VMFLEET)
+        got["cpu_ms"] = 1000 * sum(spent.get(k, 0.0) for k in VMFLEET)
         print(f"    vmfleet_pool: {got['wall_s']:.2f} s wall, CPU s "
               + ", ".join(f"{k} {v:.2f}" for k, v in sorted(spent.items(), key=lambda kv: -kv[1])
                           if v >= 0.005)
