@@ -1,9 +1,10 @@
 """Servers the scenarios share within one run: sshd VMs and a whole vmfleet.
 
 ``vm_pool(bench, n)`` gives the first ``n`` of one pool of local sshd VMs (loopback
-addresses 127.0.30.x, started once, grown on demand). ``cluster(bench)`` starts the local
-control plane, Redis and the controller (Process runtime, production timings) once, and
-registers VMs from the pool as RemoteVMs on demand. Everything stops at the end of the run.
+addresses 127.0.30.x, or 127.<VMFLEET_E2E_LOOPBACK_B>.30.x, started once, grown on
+demand). ``cluster(bench)`` starts the local control plane, Redis and the controller
+(Process runtime, production timings) once, and registers VMs from the pool as RemoteVMs
+on demand. Everything stops at the end of the run.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from vmfleet.dev.sshd import SshdVM, start_vms, stop_vms
 from vmfleet.kube import Kube, load_api_client
 
 REPO = Path(__file__).resolve().parents[1]
-SUBNET = "127.0.30"
+# VMFLEET_E2E_LOOPBACK_B, as the e2e suite reads it: runs side by side on one machine keep
+# their sshds on addresses of their own (127.<B>.30.x).
+SUBNET = f"127.{int(os.environ.get('VMFLEET_E2E_LOOPBACK_B', '0'))}.30"
 NAMESPACE = "bench"
 TERMINAL = frozenset(Phase.TERMINAL)
 # What the controller runs with in production (tests/e2e/fleet.py shortens them for faults).

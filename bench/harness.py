@@ -31,7 +31,7 @@ SCENARIOS = (
     "one_vm_seq", "one_vm_conc8", "fanout50_cold", "fanout50_warm", "fanout200_warm",
     "e2e_latency", "throughput", "cancel_latency", "memory", "scale_vms", "airflow_deferred",
     "signing",
-    "fanout1000_loud", "live_latency", "output_1gb",
+    "fanout1000_loud", "fanout1000_warm", "live_latency", "output_1gb",
 )
 SYSTEMS = (
     "vmfleet", "vmfleet_pool", "vmfleet_ssh", "vmfleet_worker", "vmfleet_controller", "guide_baseline",
@@ -50,6 +50,7 @@ HIGHER_IS_BETTER = {"commands_per_s", "mb_per_s"}
 REFERENCE = {
     "one_vm_seq": "vmfleet_ssh", "one_vm_conc8": "vmfleet_ssh",
     "fanout50_cold": "vmfleet", "fanout50_warm": "vmfleet", "fanout200_warm": "vmfleet",
+    "fanout1000_warm": "vmfleet_pool",
     "e2e_latency": "vmfleet", "throughput": "vmfleet", "live_latency": "ssh",
 }
 

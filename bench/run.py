@@ -47,6 +47,7 @@ MODULES = {
     "bench.scenarios.scale": ("scale_vms",),
     "bench.scenarios.airflow_deferred": ("airflow_deferred",),
     "bench.scenarios.fanout_loud": ("fanout1000_loud",),
+    "bench.scenarios.fanout1000": ("fanout1000_warm",),
     "bench.scenarios.live_output": ("live_latency", "output_1gb"),
     # Last: its 200 worker processes (per-VM mode) stay until the run ends.
     "bench.scenarios.fanout200": ("fanout200_warm",),

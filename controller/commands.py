@@ -17,11 +17,13 @@ it at start (``vmfleet.state`` keeps the set of live commands).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,6 +79,7 @@ def _serves_all(namespace: str, vm: str) -> str | None:
 # How each message is named in the log (e2e tests and operators read these lines).
 _SENT = {TASK_EXECUTE: "Dispatched RemoteCommand", TASK_TRANSFER: "Dispatched transfer",
          TASK_TRANSFER_CLEANUP: "Sent cleanup of transfer"}
+Batch = Callable[[str], AbstractContextManager[None]]  # sends within go out together
 
 # How long a command written in an end state is remembered: the watch may still bring the
 # events of its earlier writes (a claim's `Running`), which must not start tracking again.
@@ -95,8 +98,10 @@ class Commands:
                  refused: Refused = _serves_all, recorder: Recorder | None = None,
                  output_budget: int = STATUS_OUTPUT_BUDGET,
                  protected_secrets: SecretNames = lambda namespace: [],
-                 wake_transfers: WakeTransfers = lambda namespace: None) -> None:
+                 wake_transfers: WakeTransfers = lambda namespace: None,
+                 batch: Batch = lambda namespace: contextlib.nullcontext()) -> None:
         self.state = state
+        self.batch = batch  # a fan-out's dispatches leave together (``Dispatcher.batch``)
         self.send = send
         self.get_vm = get_vm
         self.list_vms = list_vms
@@ -280,8 +285,10 @@ class Commands:
             else:
                 delay = self.urgency.claimed
             tracked.acks.append(report_id)
-            if event == Event.FINISHED:
-                self.advance(tracked, refold=True)  # capacity freed, a retry to schedule
+            # Capacity freed, a retry to schedule: only a Pending entry can be sent now (the
+            # loop's tick resends Queued ones); a fan-out's reports skip the O(VMs) plan.
+            if event == Event.FINISHED and any(e.get(F.PHASE) == Phase.PENDING for e in results):
+                self.advance(tracked, refold=True)
             self._refold(tracked)
             tracked.want(delay)
         self._notify()
@@ -372,17 +379,32 @@ class Commands:
         for vm, pgid, marker in step.terminate:
             self._terminate(tracked, vm, pgid, marker)
         unsent: Exception | None = None
-        for vm, attempt in step.dispatch:
-            try:
-                self._dispatch(tracked, vm, attempt, vms.get(vm))
-            except Exception as exc:  # noqa: BLE001 - raised below, once the others went
-                # Not sent: the entry is as it was (Pending, or Queued and due again), so
-                # the next tick sends it; left Queued it would wait for the redispatch.
-                if vm in undo:
-                    index, before = undo[vm]
-                    results[index].clear()
-                    results[index].update(before)
-                unsent = unsent or exc
+
+        def not_sent(vm: str) -> None:
+            # Not sent: the entry is as it was (Pending, or Queued and due again), so the
+            # next tick sends it; left Queued it would wait for the redispatch.
+            if vm in undo:
+                index, before = undo[vm]
+                results[index].clear()
+                results[index].update(before)
+
+        batched: list[str] = []
+        try:
+            with self.batch(tracked.namespace):
+                if step.dispatch and tracked.spec.transfer is None:
+                    # Live until finished: once per step, not per VM (transfers say it themselves).
+                    self.state.sent(tracked.uid, tracked.namespace)
+                for vm, attempt in step.dispatch:
+                    try:
+                        self._dispatch(tracked, vm, attempt, vms.get(vm))
+                        batched.append(vm)
+                    except Exception as exc:  # noqa: BLE001 - raised below, once the others went
+                        not_sent(vm)
+                        unsent = unsent or exc
+        except Exception as exc:  # noqa: BLE001 - the live set or the batch's flush failed
+            for vm in batched or [vm for vm, _ in step.dispatch]:  # none counts as sent
+                not_sent(vm)
+            unsent = unsent or exc
         if step.changes:
             self._refold(tracked)
             tracked.want(0.0 if not step.dispatch else self.urgency.start)
@@ -492,7 +514,7 @@ class Commands:
             lost_pgid=lost_pgid, lost_marker=lost_marker, targets=targets or {},
             scope=self.state.scope, protected_secrets=protected_secrets,
         )
-        if task != TASK_TRANSFER_CLEANUP:
+        if task == TASK_TRANSFER:  # commands say it once per step, in advance
             self.state.sent(tracked.uid, tracked.namespace)
         self.send(task, envelope.to_message(), queue, tracked.namespace)
         if task == TASK_EXECUTE:

@@ -147,6 +147,7 @@ class Context:
             output_budget=conf.status_output_budget_bytes,
             protected_secrets=lambda ns: fleet_box[0].credentials_secrets(ns),
             wake_transfers=lambda ns: fleet_box[0].wake_transfers(ns),
+            batch=dispatcher.batch,
         )
         health = HealthMonitor(kube, send_probe, Thresholds.from_settings(conf), scope=state.scope)
         fleet = Fleet(kube, runtime, health, depths,

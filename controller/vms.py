@@ -84,6 +84,10 @@ class Fleet:
         # Refused RemoteVMs (``vmcheck``): recomputed when a spec, a VM or a queue changed.
         self._spec_problems: dict[tuple[str, str], str | None] = {}
         self._problems: dict[tuple[str, str], str] | None = None
+        # ``group()``'s answers until a VM, a spec or a queue changes (when ``_problems``
+        # goes): a fan-out wakes each target's group, which in a pool of N VMs was N
+        # RemoteVMSpec validations per target.
+        self._groups: dict[str, WorkerGroup | None] = {}
 
     # ------------------------------------------------------------------ the watch
 
@@ -120,7 +124,7 @@ class Fleet:
             if previous is None or previous.get("spec") != obj.get("spec") \
                     or previous["metadata"].get("uid") != meta.get("uid"):
                 self._spec_problems[key] = vmcheck.spec_problem(obj)
-                self._problems = None
+                self._problems, self._groups = None, {}
         metrics.observe_vm(obj)
         if not reconcile:
             return
@@ -134,7 +138,7 @@ class Fleet:
         with self._lock:
             self._vms.pop((meta["namespace"], meta["name"]), None)
             self._spec_problems.pop((meta["namespace"], meta["name"]), None)
-            self._problems = None
+            self._problems, self._groups = None, {}
             group = self._groups_of.pop(key, None)
         metrics.observe_vm(obj, deleted=True)
         if not reconcile:
@@ -187,7 +191,18 @@ class Fleet:
     # ------------------------------------------------------------------ groups
 
     def group(self, key: str) -> WorkerGroup | None:
-        """The worker group ``key`` (a VM key, or ``<namespace>/pool:<name>``)."""
+        """The worker group ``key`` (a VM key, or ``<namespace>/pool:<name>``); shared with
+        the other callers until the fleet changes: not to be modified."""
+        with self._lock:
+            cache = self._groups
+            if key in cache:
+                return cache[key]
+        found = self._group(key)
+        with self._lock:
+            cache[key] = found  # a cache replaced meanwhile (a change) is dropped with it
+        return found
+
+    def _group(self, key: str) -> WorkerGroup | None:
         namespace, _, rest = key.partition("/")
         with self._lock:
             objs = list(self._vms.values())

@@ -20,6 +20,11 @@ def celery_config(url: str, namespace: str | None = None) -> dict[str, Any]:
     options: dict[str, Any] = {"visibility_timeout": 3600}
     if is_redis(url):
         options.update(transport_options(namespace))
+        # vmfleet sends no message priority, so every message is on the queue's own list;
+        # kombu's default steps (0, 3, 6, 9) make a worker's BRPOP name four lists per
+        # queue, one BRPOP per message: a pool worker of 1,000 VMs named 4,000 keys for
+        # each message it took, most of its consumer's time.
+        options["priority_steps"] = [0]
     return {
         "broker_url": url,
         "broker_connection_retry_on_startup": True,

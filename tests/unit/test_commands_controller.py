@@ -387,3 +387,53 @@ def test_a_dispatch_that_could_not_be_sent_is_sent_again_at_the_next_tick(state:
     commands.tick()
     assert phases(tracked) == {"vm1": "Queued", "vm2": "Queued"}
     assert sorted(e.vm for e in fleet.envelopes()) == ["vm1", "vm2"]
+
+
+def test_a_fan_outs_dispatches_leave_in_one_batch_and_a_failed_batch_is_sent_again(
+        state: FakeState) -> None:
+    """The controller sends a fan-out's messages together (one round trip to Redis), and
+    says the command is live once, not once per VM. When the batch cannot be sent (the
+    broker restarting), no entry of it counts as sent: all stay Pending and the next tick
+    sends them again."""
+    import contextlib
+    from collections.abc import Iterator
+
+    fleet = Fleet("vm1", "vm2", "vm3")
+    flushed: list[list[str]] = []
+    pending: list[str] = []
+    failures = [ConnectionError("Error 111 connecting to the broker")]
+
+    def send(task: str, body: dict[str, Any], queue: str, namespace: str | None) -> None:
+        pending.append(Envelope.from_message(body).vm)
+        fleet.send(task, body, queue, namespace)
+
+    @contextlib.contextmanager
+    def batch(namespace: str) -> Iterator[None]:
+        assert namespace == "ns" and not pending
+        yield
+        if failures:
+            pending.clear()
+            raise failures.pop()
+        flushed.append(list(pending))
+        pending.clear()
+
+    sent_calls: list[str] = []
+    original = state.sent
+
+    def sent(uid: str, namespace: str) -> None:
+        sent_calls.append(uid)
+        original(uid, namespace)
+
+    state.sent = sent  # type: ignore[method-assign]
+    base = fleet.commands(state)
+    commands = Commands(state, send, base.get_vm, base.list_vms, base.target_of,  # type: ignore[arg-type]
+                        base.wake, base.delete, batch=batch)
+    commands.observe(command(selector={"matchLabels": {}}))  # the error is logged
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    assert phases(tracked) == {"vm1": "Pending", "vm2": "Pending", "vm3": "Pending"}
+    assert not any("dispatchTime" in e for e in tracked.status["results"])
+    commands.tick()
+    assert phases(tracked) == {"vm1": "Queued", "vm2": "Queued", "vm3": "Queued"}
+    assert flushed == [["vm1", "vm2", "vm3"]]
+    assert sent_calls == ["c-uid", "c-uid"]  # once per step (the failed one and the resend)

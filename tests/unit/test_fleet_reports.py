@@ -311,3 +311,41 @@ def test_a_local_transfer_worker_gets_only_its_namespaces_narrow_kubeconfig(
     conf = kubeconfig("https://127.0.0.1:6443", b"CA", "tok", "ops")
     assert conf["users"] == [{"name": "vmfleet-transfer-worker", "user": {"token": "tok"}}]
     assert kubeconfig("https://x", None, None, "ops")["users"][0]["user"] == {}  # fails closed
+
+
+def test_a_pools_group_is_read_once_until_a_member_changes_and_a_dispatch_wakes_it() -> None:
+    """A fan-out wakes the group of each VM it dispatches to: the pool's group is made
+    once, not once per member (each a validation of every member's spec); a member
+    joining, changing or leaving makes it anew, and an autoscaled pool at zero wakes."""
+    kube, runtime = FakeKube(), RecordingRuntime()
+    health = HealthMonitor(kube, lambda *a: None)  # type: ignore[arg-type]
+    f = Fleet(kube, runtime, health, lambda queues: {q: 0 for q in queues},  # type: ignore[arg-type]
+              dict)
+
+    def member(name: str, **spec: Any) -> dict[str, Any]:
+        body = vm_object()
+        body["metadata"].update(name=name, uid=f"u-{name}")
+        body["spec"] = {**SPEC, "hostKeyPolicy": "Pinned", "hostKeys": ["k"], "workerPool": "p",
+                        "credentialsSecretRef": {"name": f"{name}-ssh"},
+                        "workers": {"autoscale": {"minReplicas": 0, "maxReplicas": 2}}, **spec}
+        return body
+
+    for name in ("vm1", "vm2", "vm3"):
+        f.seen(member(name), reconcile=False)
+    first = f.group("ops/pool:p")
+    assert first is not None and [vm.name for vm in first.vms] == ["vm1", "vm2", "vm3"]
+    assert f.group("ops/pool:p") is first  # from the cache: no member changed
+    for name in ("vm1", "vm2", "vm3"):
+        f.wake("ops", name)
+    assert runtime.replicas["ops/pool:p"] == 1 and runtime.groups["ops/pool:p"] is first
+    f.seen(member("vm2"), reconcile=False)  # the watch again, nothing changed
+    assert f.group("ops/pool:p") is first
+    f.seen(member("vm4"), reconcile=False)
+    joined = f.group("ops/pool:p")
+    assert joined is not None and [vm.name for vm in joined.vms] == ["vm1", "vm2", "vm3", "vm4"]
+    f.seen(member("vm4", port=2222), reconcile=False)
+    changed = f.group("ops/pool:p")
+    assert changed is not joined and changed is not None and changed.vms[3].spec.port == 2222
+    f.gone({"metadata": {"namespace": "ops", "name": "vm4", "uid": "u-vm4"}}, reconcile=False)
+    left = f.group("ops/pool:p")
+    assert left is not None and [vm.name for vm in left.vms] == ["vm1", "vm2", "vm3"]
