@@ -427,7 +427,8 @@ def test_a_fan_outs_dispatches_leave_in_one_batch_and_a_failed_batch_is_sent_aga
     state.sent = sent  # type: ignore[method-assign]
     base = fleet.commands(state)
     commands = Commands(state, send, base.get_vm, base.list_vms, base.target_of,  # type: ignore[arg-type]
-                        base.wake, base.delete, batch=batch)
+                        base.wake, lambda uid, ns, name: fleet.deleted.append((uid, ns, name)),
+                        batch=batch)
     commands.observe(command(selector={"matchLabels": {}}))  # the error is logged
     tracked = commands.get("c-uid")
     assert tracked is not None
