@@ -288,7 +288,7 @@ class Commands:
             # Capacity freed, a retry to schedule: only a Pending entry can be sent now (the
             # loop's tick resends Queued ones); a fan-out's reports skip the O(VMs) plan.
             if event == Event.FINISHED and any(e.get(F.PHASE) == Phase.PENDING for e in results):
-                self.advance(tracked, refold=True)
+                self.advance(tracked)
             self._refold(tracked)
             tracked.want(delay)
         self._notify()
@@ -354,8 +354,7 @@ class Commands:
         self._refold(tracked)
         tracked.want(self.urgency.start)
 
-    def advance(self, tracked: Tracked, *, lost: frozenset[str] = frozenset(),
-                refold: bool = False) -> None:
+    def advance(self, tracked: Tracked, *, lost: frozenset[str] = frozenset()) -> None:
         """Apply ``schedule.plan`` to the copy and send what it dispatches."""
         status = tracked.status
         if status.get("phase") in Phase.TERMINAL:
