@@ -393,8 +393,8 @@ def count_targets(kube: Any, namespace: str, options: ExecOptions) -> int:
 
 
 def cancel(kube: Any, namespace: str, name: str, err: TextIO, wait: float = 60.0) -> None:
-    """Delete the RemoteCommand (its finalizer stops the remote processes) and wait a
-    little for that to finish; a second Ctrl-C stops waiting."""
+    """Delete the RemoteCommand (the controller sees the deletion and has the workers stop
+    its remote processes) and wait a little for it to go; a second Ctrl-C stops waiting."""
     err.write(f"vmfleet: interrupted: deleting RemoteCommand {namespace}/{name}, "
               "which cancels it on the VMs\n")
     err.flush()

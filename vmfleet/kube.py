@@ -1,4 +1,5 @@
-"""A thin layer over the Kubernetes API for vmfleet objects (used by controller and workers)."""
+"""A thin layer over the Kubernetes API for vmfleet objects: the controller, the CLI, the Airflow
+hook and the transfer worker (ConfigMap and Secret sources) use it; command workers do not."""
 
 from __future__ import annotations
 
