@@ -209,7 +209,7 @@ def test_templates_check_parameters_and_pass_hostile_values_literally(ns: Namesp
 def test_templates_only_admission_policy(ns: Namespace, kubectl):
     import yaml
 
-    from tests.unit.test_chart import helm
+    from tests.chart import helm
     from vmfleet.dev.proc import wait_until
 
     rendered = helm("template", "e2e-tonly", str(REPO / "charts" / "vmfleet"),

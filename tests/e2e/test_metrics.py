@@ -138,7 +138,7 @@ def test_promtool_checks_the_chart_rules(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"SUCCESS: {sum(1 for _ in rule_exprs())} rules found" in out.stdout
     # The PrometheusRule that the chart renders carries the same groups.
-    from tests.unit.test_chart import render
+    from tests.chart import render
 
     (rule,) = [d for d in render(CHART / "ci" / "monitoring-values.yaml") if d["kind"] == "PrometheusRule"]
     rendered = tmp_path / "rendered.rules.yaml"

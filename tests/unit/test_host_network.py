@@ -10,7 +10,7 @@ import pytest
 
 from controller.context import worker_pod_settings
 from controller.runtime import DeploymentSettings, VMRef, WorkerGroup, single, worker_deployment
-from tests.unit.test_chart import find, render
+from tests.chart import find, render
 from vmfleet import settings as vmfleet_settings
 from vmfleet.api.models import RemoteVMSpec
 

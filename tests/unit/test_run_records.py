@@ -28,7 +28,7 @@ from controller.commands import Commands, Tracked
 from controller.loop import Writer
 from controller.runtime import ProcessRuntime, VMRef, WorkerGroup, local_worker_name
 from remote_tasks.output import StreamTail
-from tests.unit.test_commands_controller import FakeState, Fleet, command, finished, report
+from tests.fakes import FakeState, Fleet, command, finished, report
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.kube import ApiException
 
@@ -86,20 +86,11 @@ class Kube:
         return {}
 
 
-class AckingState(FakeState):
-    def __init__(self) -> None:
-        super().__init__()
-        self.acked: list[str] = []
-
-    def ack(self, ids: list[str]) -> None:
-        self.acked.extend(ids)
-
-
 class Controller:
     """One controller's commands, status writer and run records (no threads)."""
 
     def __init__(self, name: str, fleet: Fleet, kube: Kube, events: Events) -> None:
-        self.state = AckingState()
+        self.state = FakeState()
         self.lines = Lines()
         logger = logging.getLogger(f"test.audit.{name}.{id(self)}")
         logger.propagate = False
@@ -254,7 +245,7 @@ def test_an_api_error_is_logged_counted_and_given_up_after_three_tries() -> None
     err = ApiException(status=500, reason="Internal Server Error")
     events = Events(err, err, err)
     now = [0.0]
-    state = AckingState()
+    state = FakeState()
     lines = Lines()
     logger = logging.getLogger("test.audit.errors")
     logger.propagate = False
