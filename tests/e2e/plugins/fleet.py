@@ -4,7 +4,7 @@ session's); namespaces of a test's own, a directory every VM sees, an output sto
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -51,13 +51,14 @@ def ns(kubectl: Kubectl, controller: ManagedProcess) -> Iterator[Namespace]:
 
 
 @pytest.fixture
-def own_ns(kubectl, crds):  # type: ignore[no-untyped-def]
-    """Namespaces made on demand (``own_ns()``, ``flt-…``) for a test that runs a controller
-    of its own; deleted at the end."""
+def own_ns(request: pytest.FixtureRequest, kubectl: Kubectl, crds: None) -> Iterator[Callable[[], Namespace]]:
+    """Namespaces made on demand (``own_ns()``) for a test that runs a controller of its own,
+    named ``<OWN_NS_PREFIX of the test module, else "flt">-…``; deleted at the end."""
+    prefix = getattr(request.module, "OWN_NS_PREFIX", "flt")
     namespaces: list[Namespace] = []
 
     def make() -> Namespace:
-        ns = Namespace(kubectl, unique_namespace("flt")).create()
+        ns = Namespace(kubectl, unique_namespace(prefix)).create()
         namespaces.append(ns)
         return ns
 
