@@ -1,22 +1,30 @@
-"""Helpers for e2e tests: a namespace of RemoteVMs and RemoteCommands driven through kubectl."""
+"""Helpers for e2e tests: a namespace of RemoteVMs and RemoteCommands driven through kubectl,
+controllers as the tests start them, the vmfleet CLI as a person runs it, and what many
+commands at once leave behind. (Fixtures are in tests/e2e/plugins/.)"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import kubernetes
 import yaml
 
 from vmfleet.api.signing import write_key_pair
+from vmfleet.dev import logsapi
 from vmfleet.dev.manifests import vm_manifests
 from vmfleet.dev.proc import ManagedProcess, wait_until
+from vmfleet.kube import Kube
+from vmfleet.procs import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,3 +179,140 @@ def holds_for(predicate: Callable[[], bool], seconds: float, interval: float = 0
         if time.monotonic() >= deadline:
             return
         time.sleep(interval)
+
+
+def apply_crds(kubectl: Kubectl) -> None:
+    """The project's CRDs applied and Established."""
+    kubectl("apply", "-f", str(REPO / "crds"))
+    # Right after apply, `kubectl wait` can fail before the CRDs have a status: retry it.
+    wait_until(
+        lambda: kubectl("wait", "--for=condition=Established", "crd/remotevms.vmfleet.io",
+                        "crd/remotecommands.vmfleet.io", "--timeout=60s", check=False,
+                        timeout=90).returncode == 0,
+        timeout=120, interval=1, what="the CRDs to be established",
+    )
+
+
+# --------------------------------------------------------------------------- the CLI
+
+BIN = Path(sys.executable).parent  # .venv/bin: vmfleet and kubectl-vmfleet
+VMFLEET = str(BIN / "vmfleet")
+
+
+def client_env(controlplane) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    env = controlplane.env()
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def vmfleet(controlplane, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
+    return subprocess.run([VMFLEET, *args], capture_output=True, text=True, timeout=timeout,
+                          env=client_env(controlplane), stdin=subprocess.DEVNULL)
+
+
+def admin(controlplane) -> Kube:  # type: ignore[no-untyped-def]
+    """vmfleet.kube.Kube with the control plane's admin kubeconfig."""
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=str(controlplane.kubeconfig),
+                                       client_configuration=config)
+    return Kube(kubernetes.client.ApiClient(config))
+
+
+@contextlib.contextmanager
+def logs_api_controller(controlplane, broker_url: str, output_url: str,  # type: ignore[no-untyped-def]
+                        workdir: Path, namespaces: Sequence[str],
+                        controller_id: str) -> Iterator[ManagedProcess]:
+    """A controller of its own with the output store and the output API on, registered
+    behind the APIService; unregistered and stopped at the end. ``proc.logs_api`` is the
+    API's (port, CA certificate)."""
+    ca, serving = logsapi.serving_pki(workdir)
+    port = free_port()
+    proc = start_controller(controlplane.kubeconfig, broker_url, workdir, namespaces,
+                            extra_env={
+                                "VMFLEET_CONTROLLER_ID": controller_id,
+                                "VMFLEET_OUTPUT_URL": output_url,
+                                "VMFLEET_LOGS_API_PORT": str(port),
+                                "VMFLEET_LOGS_API_CERT_FILE": str(serving.cert),
+                                "VMFLEET_LOGS_API_KEY_FILE": str(serving.key),
+                            })
+    logsapi.register(controlplane.kubectl_run, port, ca.cert.read_bytes())
+    proc.logs_api = (port, ca.cert)  # type: ignore[attr-defined]
+    try:
+        logsapi.wait_available(controlplane.kubectl_run, timeout=90)
+        yield proc
+    finally:
+        logsapi.unregister(controlplane.kubectl_run)
+        proc.stop(grace=30)
+
+
+def role_granting(namespace: str, name: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Role ``name`` granting ``rules`` in ``namespace``, bound to the ServiceAccount ``name``."""
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": namespace}, "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": namespace},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+    ]
+
+
+def token_kube(controlplane, namespace: str, name: str) -> Kube:  # type: ignore[no-untyped-def]
+    """vmfleet.kube.Kube with a new token of the ServiceAccount ``namespace/name``."""
+    token = controlplane.kubectl_run("create", "token", "-n", namespace, name).stdout.strip()
+    config = kubernetes.client.Configuration(host=controlplane.server,
+                                             api_key={"BearerToken": token},
+                                             api_key_prefix={"BearerToken": "Bearer"})
+    config.ssl_ca_cert = str(controlplane.ca_file)
+    return Kube(kubernetes.client.ApiClient(config))
+
+
+# --------------------------------------------------------------------------- on the VMs
+
+
+def remote_processes(vm, needle: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """Processes on the VM whose command line contains ``needle`` (not zombies)."""
+    _, out, _ = vm.run("ps -eo stat=,args=")
+    return [line for line in out.decode().splitlines()
+            if needle in line and not line.strip().startswith("Z") and "ps -eo" not in line]
+
+
+def max_overlap(intervals: list[tuple[int, int]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    running = peak = 0
+    for _, delta in events:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+# --------------------------------------------------------------------------- many commands at once
+
+
+def create_commands(ns: Namespace, names: list[str], vms: list[str], log: Path, sleep: float) -> None:
+    docs = [ns.command(name, vm=vms[i % len(vms)],
+                       command=f"sleep {sleep}; echo {name} >> {log}")
+            for i, name in enumerate(names)]
+    for start in range(0, len(docs), 100):
+        ns.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs[start:start + 100]), timeout=300)
+
+
+def phases(ns: Namespace) -> Counter[str]:
+    items = ns.kubectl.get_json("-n", str(ns), "rcmd")["items"]
+    return Counter((item.get("status") or {}).get("phase", "New") for item in items)
+
+
+def wait_all_finished(ns: Namespace, total: int, timeout: float) -> Counter[str]:
+    def done() -> Counter[str] | None:
+        counts = phases(ns)
+        finished = sum(counts[p] for p in ("Succeeded", "Failed", "Cancelled"))
+        return counts if finished == total else None
+
+    return wait_until(done, timeout=timeout, interval=1, what=f"{total} commands to finish")
+
+
+def assert_each_ran_once(log: Path, names: list[str]) -> None:
+    runs = Counter(log.read_text().split())
+    assert set(runs) == set(names), f"missing: {sorted(set(names) - set(runs))[:10]}"
+    duplicated = {name: n for name, n in runs.items() if n > 1}
+    assert duplicated == {}

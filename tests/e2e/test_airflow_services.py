@@ -27,13 +27,11 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.fleet import REPO, Kubectl, Namespace, assert_no_tracebacks, start_controller, unique_namespace
+from tests.e2e.fleet import REPO, Kubectl, Namespace, assert_no_tracebacks, logs_api_controller, unique_namespace
 from vmfleet.airflow.naming import ANNOTATION_OUTPUT_POSITION
-from vmfleet.dev import logsapi
 from vmfleet.dev.airflow import AirflowApi, AirflowServices, kubernetes_connection
-from vmfleet.dev.brokers import RedisServer, output_store
+from vmfleet.dev.brokers import RedisServer
 from vmfleet.dev.proc import ManagedProcess, wait_until
-from vmfleet.procs import free_port
 
 pytestmark = [
     pytest.mark.e2e,
@@ -90,15 +88,6 @@ PREFIX = "af"
 
 
 @pytest.fixture(scope="module")
-def output(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = output_store(tmp_path_factory.mktemp("af-output"), maxmemory="64mb").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def controller_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("af-controller")
 
@@ -107,23 +96,9 @@ def controller_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def controller(controlplane, redis_server, crds, output: RedisServer,  # type: ignore[no-untyped-def]
                controller_dir: Path) -> Iterator[ManagedProcess]:
     """This module's controller: namespaces ``af-*``, the output store and the output API."""
-    ca, serving = logsapi.serving_pki(controller_dir)
-    port = free_port()
-    proc = start_controller(controlplane.kubeconfig, redis_server.url, controller_dir, [f"{PREFIX}-*"],
-                            extra_env={
-                                "VMFLEET_CONTROLLER_ID": "e2e-airflow",
-                                "VMFLEET_OUTPUT_URL": output.url,
-                                "VMFLEET_LOGS_API_PORT": str(port),
-                                "VMFLEET_LOGS_API_CERT_FILE": str(serving.cert),
-                                "VMFLEET_LOGS_API_KEY_FILE": str(serving.key),
-                            })
-    logsapi.register(controlplane.kubectl_run, port, ca.cert.read_bytes())
-    try:
-        logsapi.wait_available(controlplane.kubectl_run, timeout=90)
+    with logs_api_controller(controlplane, redis_server.url, output.url, controller_dir, [f"{PREFIX}-*"],
+                             "e2e-airflow") as proc:
         yield proc
-    finally:
-        logsapi.unregister(controlplane.kubectl_run)
-        proc.stop(grace=30)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from tests.e2e.fleet import (
     Namespace,
     assert_no_tracebacks,
     start_controller,
-    unique_namespace,
 )
 from vmfleet.dev.manifests import remote_vm, vm_manifests
 from vmfleet.dev.proc import wait_until
@@ -32,19 +31,7 @@ from vmfleet.procs import free_port
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture
-def own_ns(kubectl: Kubectl, crds: None) -> Iterator[Callable[[], Namespace]]:
-    namespaces: list[Namespace] = []
-
-    def make() -> Namespace:
-        ns = Namespace(kubectl, unique_namespace("bad")).create()
-        namespaces.append(ns)
-        return ns
-
-    yield make
-    for ns in namespaces:
-        ns.delete()
+OWN_NS_PREFIX = "bad"  # the namespaces of own_ns
 
 
 def alias(vm: SshdVM, ns: Namespace, name: str, **spec: Any) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.chart import CHART, CI_VALUES, IDS, VALUE_SETS, helm_binary
 from tests.e2e.fleet import Kubectl
-from tests.unit.test_chart import CHART, CI_VALUES, IDS, VALUE_SETS, helm_binary
 
 pytestmark = pytest.mark.e2e
 

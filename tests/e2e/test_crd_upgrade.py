@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.fleet import REPO, Kubectl, Namespace
-from tests.e2e.test_faults import own_ns  # noqa: F401 - fixture
 from vmfleet.api.models import RemoteCommandSpec, RemoteVMSpec
 from vmfleet.procs import wait_until
 

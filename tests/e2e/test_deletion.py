@@ -14,8 +14,7 @@ import time
 
 import pytest
 
-from tests.e2e.fleet import Namespace, assert_no_tracebacks, start_controller, unique_namespace
-from tests.e2e.test_semantics import remote_processes
+from tests.e2e.fleet import Namespace, assert_no_tracebacks, remote_processes, start_controller, unique_namespace
 from vmfleet.dev.proc import stop_pid_file, wait_until
 
 pytestmark = pytest.mark.e2e

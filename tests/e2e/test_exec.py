@@ -11,31 +11,14 @@ import pty
 import re
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.e2e.fleet import Namespace, assert_no_tracebacks
+from tests.e2e.fleet import VMFLEET, Namespace, assert_no_tracebacks, client_env, vmfleet
 from vmfleet.cli import main
 from vmfleet.dev.proc import wait_until
 
 pytestmark = pytest.mark.e2e
-
-BIN = Path(sys.executable).parent  # .venv/bin: vmfleet and kubectl-vmfleet
-VMFLEET = str(BIN / "vmfleet")
-
-
-def client_env(controlplane) -> dict[str, str]:  # type: ignore[no-untyped-def]
-    env = controlplane.env()
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def vmfleet(controlplane, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:  # type: ignore[no-untyped-def]
-    return subprocess.run([VMFLEET, *args], capture_output=True, text=True, timeout=timeout,
-                          env=client_env(controlplane), stdin=subprocess.DEVNULL)
-
 
 def no_commands_left(ns: Namespace) -> bool:
     return ns.k("get", "rcmd", "-o", "name").stdout.strip() == ""

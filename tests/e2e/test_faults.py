@@ -10,70 +10,22 @@ from __future__ import annotations
 
 import os
 import time
-import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.e2e.fleet import REPO, Namespace, assert_no_tracebacks, start_controller, unique_namespace
+from tests.e2e.fleet import (
+    assert_each_ran_once,
+    assert_no_tracebacks,
+    create_commands,
+    start_controller,
+    wait_all_finished,
+)
 from vmfleet.dev.proc import wait_until
 
 pytestmark = pytest.mark.e2e
 
 FAST = {"VMFLEET_REDISPATCH_SECONDS": "10"}
-
-
-@pytest.fixture
-def shared_log():
-    path = REPO / ".vmfleet" / "e2e-shared" / uuid.uuid4().hex[:8]
-    path.mkdir(parents=True)
-    path.chmod(0o777)
-    return path / "runs"
-
-
-@pytest.fixture
-def own_ns(kubectl, crds):
-    namespaces: list[Namespace] = []
-
-    def make() -> Namespace:
-        ns = Namespace(kubectl, unique_namespace("flt")).create()
-        namespaces.append(ns)
-        return ns
-
-    yield make
-    for ns in namespaces:
-        ns.delete()
-
-
-def create_commands(ns: Namespace, names: list[str], vms: list[str], log: Path, sleep: float) -> None:
-    docs = [ns.command(name, vm=vms[i % len(vms)],
-                       command=f"sleep {sleep}; echo {name} >> {log}")
-            for i, name in enumerate(names)]
-    for start in range(0, len(docs), 100):
-        ns.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs[start:start + 100]), timeout=300)
-
-
-def phases(ns: Namespace) -> Counter[str]:
-    items = ns.kubectl.get_json("-n", str(ns), "rcmd")["items"]
-    return Counter((item.get("status") or {}).get("phase", "New") for item in items)
-
-
-def wait_all_finished(ns: Namespace, total: int, timeout: float) -> Counter[str]:
-    def done() -> Counter[str] | None:
-        counts = phases(ns)
-        finished = sum(counts[p] for p in ("Succeeded", "Failed", "Cancelled"))
-        return counts if finished == total else None
-
-    return wait_until(done, timeout=timeout, interval=1, what=f"{total} commands to finish")
-
-
-def assert_each_ran_once(log: Path, names: list[str]) -> None:
-    runs = Counter(log.read_text().split())
-    assert set(runs) == set(names), f"missing: {sorted(set(names) - set(runs))[:10]}"
-    duplicated = {name: n for name, n in runs.items() if n > 1}
-    assert duplicated == {}
 
 
 def test_controller_restart_with_commands_in_flight(controlplane, own_ns, make_vm, redis_server,

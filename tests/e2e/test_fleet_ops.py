@@ -7,22 +7,12 @@ import itertools
 import os
 import subprocess
 import sys
-import uuid
 
 import pytest
 
-from tests.e2e.fleet import REPO, Namespace, assert_no_tracebacks
+from tests.e2e.fleet import REPO, Namespace, assert_no_tracebacks, max_overlap
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def shared_dir():
-    """A directory every VM sees at the same path (outside the VMs' private /tmp)."""
-    path = REPO / ".vmfleet" / "e2e-shared" / uuid.uuid4().hex[:8]
-    path.mkdir(parents=True)
-    path.chmod(0o777)
-    return path
 
 
 def capture(name: str, text: str) -> None:
@@ -30,15 +20,6 @@ def capture(name: str, text: str) -> None:
     out = REPO / ".vmfleet" / "readme-output"
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(text)
-
-
-def max_overlap(intervals: list[tuple[int, int]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
 
 
 def test_percentages_of_ten_vms(ns: Namespace, make_vm, shared_dir, controller_dir):
@@ -209,7 +190,7 @@ def test_templates_check_parameters_and_pass_hostile_values_literally(ns: Namesp
 def test_templates_only_admission_policy(ns: Namespace, kubectl):
     import yaml
 
-    from tests.unit.test_chart import helm
+    from tests.chart import helm
     from vmfleet.dev.proc import wait_until
 
     rendered = helm("template", "e2e-tonly", str(REPO / "charts" / "vmfleet"),

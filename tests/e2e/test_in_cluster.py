@@ -27,15 +27,15 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e.fleet import REPO, Kubectl, Namespace, unique_namespace
+from tests.chart import CHART, helm_binary
+from tests.e2e.fleet import Kubectl, Namespace, unique_namespace
+from tests.e2e.release import RELEASE
 from vmfleet.dev.brokers import RedisServer
 from vmfleet.dev.controlplane import ControlPlane
 from vmfleet.dev.node import NO_REGISTRY_PORT, Node, chart_values
 from vmfleet.dev.proc import wait_until
 from vmfleet.dev.sshd import SshdVM
 
-CHART = REPO / "charts" / "vmfleet"
-RELEASE = "rel"
 CONTROLLER = f"{RELEASE}-vmfleet-controller"
 TRANSFER_SA = f"{RELEASE}-vmfleet-transfer-worker"
 TRANSFER_DEPLOYMENT = "vmfleet-transfers"
@@ -49,12 +49,6 @@ FAST_FAULTS = {
 }
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def helm_binary() -> str:
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "install-helm.sh")],
-                          capture_output=True, text=True, timeout=900, check=True)
-    return proc.stdout.strip().splitlines()[-1]
 
 
 class Release:

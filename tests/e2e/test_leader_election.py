@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.fleet import Namespace, assert_no_tracebacks, holds_for, start_controller
-from tests.e2e.test_faults import (  # noqa: F401 - fixtures
+from tests.e2e.fleet import (
+    Namespace,
     assert_each_ran_once,
+    assert_no_tracebacks,
     create_commands,
-    own_ns,
+    holds_for,
     phases,
-    shared_log,
+    start_controller,
     wait_all_finished,
 )
 from vmfleet.dev.proc import wait_until

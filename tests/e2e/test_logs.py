@@ -14,17 +14,25 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import kubernetes
 import pytest
 
-from tests.e2e.fleet import Kubectl, Namespace, assert_no_tracebacks, start_controller, unique_namespace
-from tests.e2e.test_exec import VMFLEET, client_env, vmfleet
-from vmfleet.dev import logsapi
-from vmfleet.dev.brokers import RedisServer, output_store
+from tests.e2e.fleet import (
+    VMFLEET,
+    Kubectl,
+    Namespace,
+    admin,
+    assert_no_tracebacks,
+    client_env,
+    logs_api_controller,
+    role_granting,
+    token_kube,
+    unique_namespace,
+    vmfleet,
+)
+from vmfleet.dev.brokers import RedisServer
 from vmfleet.dev.proc import ManagedProcess, wait_until
 from vmfleet.kube import ApiException, Kube
 from vmfleet.logs import LogRecord, read_log
-from vmfleet.procs import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -32,36 +40,14 @@ PREFIX = "lg"
 
 
 @pytest.fixture(scope="module")
-def output(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = output_store(tmp_path_factory.mktemp("output"), maxmemory="64mb").start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
 def logs_controller(controlplane, redis_server, crds, output: RedisServer,  # type: ignore[no-untyped-def]
                     tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagedProcess]:
     workdir = tmp_path_factory.mktemp("logs-controller")
-    ca, serving = logsapi.serving_pki(workdir)
-    port = free_port()
-    proc = start_controller(controlplane.kubeconfig, redis_server.url, workdir, [f"{PREFIX}-*"],
-                            extra_env={
-                                "VMFLEET_CONTROLLER_ID": "e2e-logs",
-                                "VMFLEET_OUTPUT_URL": output.url,
-                                "VMFLEET_LOGS_API_PORT": str(port),
-                                "VMFLEET_LOGS_API_CERT_FILE": str(serving.cert),
-                                "VMFLEET_LOGS_API_KEY_FILE": str(serving.key),
-                            })
-    logsapi.register(controlplane.kubectl_run, port, ca.cert.read_bytes())
-    proc.logs_api = (port, ca.cert)  # type: ignore[attr-defined]
     try:
-        logsapi.wait_available(controlplane.kubectl_run, timeout=90)
-        yield proc
+        with logs_api_controller(controlplane, redis_server.url, output.url, workdir, [f"{PREFIX}-*"],
+                                 "e2e-logs") as proc:
+            yield proc
     finally:
-        logsapi.unregister(controlplane.kubectl_run)
-        proc.stop(grace=30)
         assert_no_tracebacks(workdir / "controller.log", workdir / "workers")
 
 
@@ -71,14 +57,6 @@ def lns(kubectl: Kubectl, logs_controller: ManagedProcess) -> Iterator[Namespace
     yield namespace
     logs_controller.check_running()
     namespace.delete()
-
-
-def admin(controlplane) -> Kube:  # type: ignore[no-untyped-def]
-    config = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(config_file=str(controlplane.kubeconfig),
-                                       client_configuration=config)
-    return Kube(kubernetes.client.ApiClient(config))
-
 
 
 def test_read_log_follows_a_fan_out_live_in_order_then_reads_it_whole(lns: Namespace, vms,
@@ -181,23 +159,11 @@ def test_exec_prints_output_live(lns: Namespace, vms, controlplane):
 
 def service_account_kube(controlplane, namespace: str, name: str) -> Kube:  # type: ignore[no-untyped-def]
     controlplane.kubectl_run("create", "serviceaccount", "-n", namespace, name)
-    token = controlplane.kubectl_run("create", "token", "-n", namespace, name).stdout.strip()
-    config = kubernetes.client.Configuration(host=controlplane.server,
-                                             api_key={"BearerToken": token},
-                                             api_key_prefix={"BearerToken": "Bearer"})
-    config.ssl_ca_cert = str(controlplane.ca_file)
-    return Kube(kubernetes.client.ApiClient(config))
+    return token_kube(controlplane, namespace, name)
 
 
 def grant(controlplane, namespace: str, name: str, rules: list[dict[str, Any]]) -> None:  # type: ignore[no-untyped-def]
-    body = {"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-         "metadata": {"name": name, "namespace": namespace}, "rules": rules},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": {"name": name, "namespace": namespace},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
-    ]}
+    body = {"apiVersion": "v1", "kind": "List", "items": role_granting(namespace, name, rules)}
     controlplane.kubectl_run("apply", "-f", "-", input=json.dumps(body))
 
 

@@ -12,7 +12,6 @@ import pytest
 import redis
 
 from tests.e2e.fleet import assert_no_tracebacks, start_controller
-from tests.e2e.test_faults import own_ns, shared_log  # noqa: F401 - fixtures
 from vmfleet.procs import stop_pid_file, wait_until
 from vmfleet.state import heartbeats_key
 

@@ -18,14 +18,13 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.chart import CHART, render
 from tests.e2e.fleet import Namespace, assert_no_tracebacks, start_controller, unique_namespace
 from vmfleet.dev.proc import ManagedProcess, free_port, wait_until
 from vmfleet.metrics import METRIC_NAMES
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "vmfleet"
 RULES = CHART / "files" / "alerts" / "vmfleet.rules.yaml"
 DASHBOARD = CHART / "files" / "dashboards" / "vmfleet.json"
 SERVING = re.compile(r"Serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
@@ -138,8 +137,6 @@ def test_promtool_checks_the_chart_rules(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"SUCCESS: {sum(1 for _ in rule_exprs())} rules found" in out.stdout
     # The PrometheusRule that the chart renders carries the same groups.
-    from tests.unit.test_chart import render
-
     (rule,) = [d for d in render(CHART / "ci" / "monitoring-values.yaml") if d["kind"] == "PrometheusRule"]
     rendered = tmp_path / "rendered.rules.yaml"
     rendered.write_text(yaml.safe_dump(rule["spec"]))

@@ -25,8 +25,9 @@ from typing import Any
 
 import pytest
 
+from tests.chart import CHART, helm_binary
 from tests.e2e.fleet import REPO, Kubectl, Namespace, unique_namespace
-from tests.e2e.test_in_cluster import RELEASE, helm_binary
+from tests.e2e.release import RELEASE, DefaultRelease, image_values, install, new_release
 from vmfleet.dev import netns
 from vmfleet.dev.cluster import Cluster
 from vmfleet.dev.manifests import vm_manifests
@@ -36,7 +37,6 @@ from vmfleet.dev.sshd import SshdVM
 
 pytestmark = pytest.mark.timeout(600)
 
-CHART = REPO / "charts" / "vmfleet"
 CLUSTER_RANGES = [netns.NODES_SUBNET, netns.VMS_SUBNET, netns.POD_CIDR, netns.SERVICE_CIDR]
 WEB_PORT = 8080
 
@@ -186,50 +186,6 @@ def test_pods_reach_the_vms_by_routing(cluster: Cluster, cluster_vms: list[SshdV
 # ------------------------------------------------------------------ the chart, default values
 
 
-class DefaultRelease:
-    """charts/vmfleet installed with its default values but the images' names."""
-
-    def __init__(self, cluster: Cluster, kubectl: Kubectl, ns: Namespace, workdir: Path) -> None:
-        self.cluster = cluster
-        self.kubectl = kubectl
-        self.ns = ns
-        self.workdir = workdir
-        self.helm = helm_binary()
-
-    def helm_run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        env = self.cluster.cp.env()
-        for part in ("CACHE", "CONFIG", "DATA"):
-            env[f"HELM_{part}_HOME"] = str(self.workdir / f"helm-{part.lower()}")
-        proc = subprocess.run([self.helm, *args, "--namespace", self.ns.name,
-                               "--kubeconfig", str(self.cluster.cp.kubeconfig)],
-                              capture_output=True, text=True, timeout=timeout, env=env, check=False)
-        if proc.returncode != 0:
-            raise AssertionError(f"helm {' '.join(args)} exited {proc.returncode}:\n"
-                                 f"{proc.stdout}\n{proc.stderr}\n{self.diagnostics()}")
-        return proc
-
-    def diagnostics(self) -> str:
-        out = self.ns.k("get", "pods,deployments,rvm,rcmd", "-o", "wide", check=False).stdout
-        events = self.ns.k("get", "events", "--sort-by=.lastTimestamp", check=False).stdout[-3000:]
-        logs = self.ns.k("logs", f"deployment/{RELEASE}-vmfleet-controller", "--tail=40", check=False)
-        return f"{out}\n{events}\n--- controller log:\n{logs.stdout}{logs.stderr}"
-
-    def pods(self, selector: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = self.kubectl.get_json("-n", self.ns.name, "pods", "-l", selector)["items"]
-        return [p for p in items if p["metadata"].get("deletionTimestamp") is None]
-
-    def finished(self, name: str, timeout: int = 180) -> dict[str, Any]:
-        try:
-            return self.ns.finished(name, timeout=timeout)
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
-
-
-def image_values(image: str) -> dict[str, Any]:
-    repository, _, tag = image.rpartition(":")
-    return {"repository": repository, "tag": tag, "pullPolicy": "Never"}
-
-
 OLD_COMMIT = "d088c06"  # chart 0.1.0 and its image: where issue 23 started
 OLD_TAG = f"0.1.0-{OLD_COMMIT}"
 
@@ -351,22 +307,11 @@ def test_helm_upgrade_from_chart_0_1_0_with_the_upgrade_notes(
 @pytest.fixture(scope="module")
 def release(cluster: Cluster, cluster_image: str, cluster_redis_image: str,
             cluster_vms: list[SshdVM], tmp_path_factory: pytest.TempPathFactory) -> Iterator[DefaultRelease]:
-    kubectl = Kubectl(cluster.cp.kubectl, cluster.cp.kubeconfig)
-    kubectl("apply", "-f", str(REPO / "crds"))
-    wait_until(lambda: kubectl("wait", "--for=condition=Established", "crd/remotevms.vmfleet.io",
-                               "crd/remotecommands.vmfleet.io", "--timeout=60s", check=False,
-                               timeout=90).returncode == 0,
-               timeout=120, interval=1, what="the CRDs to be established")
-    ns = Namespace(kubectl, unique_namespace("prod")).create()
-    rel = DefaultRelease(cluster, kubectl, ns, tmp_path_factory.mktemp("release"))
     # The images are the only values given: everything else is the chart's default.
-    values = {"image": image_values(cluster_image),
-              "broker": {"bundled": {"image": image_values(cluster_redis_image)}}}
-    values_file = rel.workdir / "values.yaml"
-    values_file.write_text(json.dumps(values))
+    rel = new_release(cluster, "prod", tmp_path_factory.mktemp("release"), cluster_image, cluster_redis_image)
+    ns = rel.ns
     started = time.monotonic()
-    rel.helm_run("install", RELEASE, str(REPO / "charts" / "vmfleet"), "-f", str(values_file),
-                 "--wait", "--timeout", "300s", timeout=400)
+    install(rel)
     print(f"\nhelm install --wait (default values, pod network): {time.monotonic() - started:.1f}s")
     ns.add_vms(cluster_vms, labels={"fleet": "prod"})
     try:

@@ -14,20 +14,15 @@ APIService is gone, so namespace deletions cluster-wide are not held up.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import kubernetes
 import pytest
 
-from tests.e2e.fleet import REPO, Kubectl, Namespace, unique_namespace
-from tests.e2e.test_in_cluster import RELEASE
-from tests.e2e.test_production import DefaultRelease, image_values
+from tests.e2e.fleet import VMFLEET, Kubectl, Namespace, admin, client_env, role_granting, token_kube, unique_namespace
+from tests.e2e.release import RELEASE, DefaultRelease, install, new_release
 from vmfleet.dev.cluster import Cluster
 from vmfleet.dev.proc import wait_until
 from vmfleet.dev.sshd import SshdVM
@@ -36,7 +31,6 @@ from vmfleet.logs import read_log
 
 pytestmark = pytest.mark.timeout(600)
 
-VMFLEET = str(Path(sys.executable).parent / "vmfleet")
 APISERVICE = "v1alpha1.logs.vmfleet.io"
 LOG_RULE = {"apiGroups": ["logs.vmfleet.io"], "resources": ["remotecommands/log"], "verbs": ["get"]}
 GET_RULE = {"apiGroups": ["vmfleet.io"], "resources": ["remotecommands"], "verbs": ["get"]}
@@ -54,25 +48,13 @@ def apiservice_condition(kubectl: Kubectl) -> dict[str, Any]:
 def logs_release(cluster: Cluster, cluster_image: str, cluster_redis_image: str,
                  cluster_vms: list[SshdVM], tmp_path_factory: pytest.TempPathFactory) -> Iterator[DefaultRelease]:
     started = time.monotonic()
-    kubectl = Kubectl(cluster.cp.kubectl, cluster.cp.kubeconfig)
-    kubectl("apply", "-f", str(REPO / "crds"))
-    wait_until(lambda: kubectl("wait", "--for=condition=Established", "crd/remotevms.vmfleet.io",
-                               "crd/remotecommands.vmfleet.io", "--timeout=60s", check=False,
-                               timeout=90).returncode == 0,
-               timeout=120, interval=1, what="the CRDs to be established")
-    ns = Namespace(kubectl, unique_namespace("prodlogs")).create()
-    rel = DefaultRelease(cluster, kubectl, ns, tmp_path_factory.mktemp("logs-release"))
     # The images' names and the two switches: everything else is the chart's default.
-    values = {"image": image_values(cluster_image),
-              "broker": {"bundled": {"image": image_values(cluster_redis_image)}},
-              "outputStore": {"enabled": True},
-              "logsApi": {"enabled": True}}
-    values_file = rel.workdir / "values.yaml"
-    values_file.write_text(json.dumps(values))
+    rel = new_release(cluster, "prodlogs", tmp_path_factory.mktemp("logs-release"), cluster_image,
+                      cluster_redis_image, outputStore={"enabled": True}, logsApi={"enabled": True})
+    ns, kubectl = rel.ns, rel.kubectl
     installed = False
     try:
-        rel.helm_run("install", RELEASE, str(REPO / "charts" / "vmfleet"), "-f", str(values_file),
-                     "--wait", "--timeout", "300s", timeout=400)
+        install(rel)
         installed = True
         print(f"\nhelm install --wait (output store and API on, pod network): "
               f"{time.monotonic() - started:.1f}s")
@@ -102,39 +84,16 @@ def logs_release(cluster: Cluster, cluster_image: str, cluster_redis_image: str,
     kubectl("delete", "namespace", scratch.name, "--wait=true", "--timeout=60s", timeout=90)
 
 
-def client_env(cluster: Cluster) -> dict[str, str]:
-    env = cluster.cp.env()
-    env["PATH"] = f"{Path(VMFLEET).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def admin(cluster: Cluster) -> Kube:
-    config = kubernetes.client.Configuration()
-    kubernetes.config.load_kube_config(config_file=str(cluster.cp.kubeconfig), client_configuration=config)
-    return Kube(kubernetes.client.ApiClient(config))
-
-
 def service_account(cluster: Cluster, namespace: str, name: str,
                     rules: list[dict[str, Any]]) -> Kube:
     """A client with the token of a new ServiceAccount, granted ``rules`` in ``namespace``."""
     items: list[dict[str, Any]] = [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": namespace}}]
     if rules:
-        items += [
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
-             "metadata": {"name": name, "namespace": namespace}, "rules": rules},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-             "metadata": {"name": name, "namespace": namespace},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
-        ]
+        items += role_granting(namespace, name, rules)
     cluster.cp.kubectl_run("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                  "items": items}))
-    token = cluster.cp.kubectl_run("create", "token", "-n", namespace, name).stdout.strip()
-    config = kubernetes.client.Configuration(host=cluster.cp.server, api_key={"BearerToken": token},
-                                             api_key_prefix={"BearerToken": "Bearer"})
-    config.ssl_ca_cert = str(cluster.cp.ca_file)
-    return Kube(kubernetes.client.ApiClient(config))
+    return token_kube(cluster.cp, namespace, name)
 
 
 def test_vmfleet_logs_follows_a_command_through_the_aggregated_api(
@@ -144,7 +103,7 @@ def test_vmfleet_logs_follows_a_command_through_the_aggregated_api(
     ns.run("ticker", vm="vm1", command="for i in $(seq 1 8); do echo line-$i; sleep 0.5; done")
     follow = subprocess.Popen([VMFLEET, "logs", "-f", "-n", ns.name, "ticker"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=client_env(cluster), stdin=subprocess.DEVNULL)
+                              env=client_env(cluster.cp), stdin=subprocess.DEVNULL)
     try:
         assert follow.stdout is not None and follow.stderr is not None
         first = follow.stdout.readline()
@@ -166,9 +125,9 @@ def test_vmfleet_logs_follows_a_command_through_the_aggregated_api(
     assert logs_release.finished("ticker")["status"]["phase"] == "Succeeded"
     # After the end, the whole output: from the CLI and from the client library.
     whole = subprocess.run([VMFLEET, "logs", "-n", ns.name, "ticker"], capture_output=True, text=True,
-                           timeout=60, env=client_env(cluster), stdin=subprocess.DEVNULL)
+                           timeout=60, env=client_env(cluster.cp), stdin=subprocess.DEVNULL)
     assert (whole.returncode, whole.stdout, whole.stderr) == (0, "".join(lines), "")
-    records = list(read_log(admin(cluster), ns.name, "ticker"))
+    records = list(read_log(admin(cluster.cp), ns.name, "ticker"))
     assert [(r.vm, r.attempt, r.stream) for r in records] == [("vm1", 1, "stdout")] * len(records)
     assert "".join(r.data for r in records) == "".join(lines)
 

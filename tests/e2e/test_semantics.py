@@ -6,45 +6,19 @@ from __future__ import annotations
 import os
 import signal
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.fleet import REPO, Namespace, assert_no_tracebacks
+from tests.e2e.fleet import Namespace, assert_no_tracebacks, max_overlap, remote_processes
 from vmfleet.dev.proc import wait_until
 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def shared_dir():
-    """A directory every VM sees at the same path (outside the VMs' private /tmp)."""
-    path = REPO / ".vmfleet" / "e2e-shared" / uuid.uuid4().hex[:8]
-    path.mkdir(parents=True)
-    path.chmod(0o777)
-    return path
-
-
-def remote_processes(vm, needle: str) -> list[str]:
-    """Processes on the VM whose command line contains ``needle`` (not zombies)."""
-    _, out, _ = vm.run("ps -eo stat=,args=")
-    return [line for line in out.decode().splitlines()
-            if needle in line and not line.strip().startswith("Z") and "ps -eo" not in line]
-
-
 def entry(ns: Namespace, name: str, vm: str | None = None) -> dict:
     results = (ns.get("rcmd", name).get("status") or {}).get("results") or []
     return next((r for r in results if vm is None or r["vm"] == vm), {})
-
-
-def max_overlap(intervals: list[tuple[int, int]]) -> int:
-    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    running = peak = 0
-    for _, delta in events:
-        running += delta
-        peak = max(peak, running)
-    return peak
 
 
 def test_fan_out_respects_max_parallel_on_the_vms(ns: Namespace, make_vm, shared_dir):

@@ -6,28 +6,11 @@ Airflow lives in its own virtualenv (``make airflow-venv``); elsewhere this modu
 
 from __future__ import annotations
 
-import atexit
-import importlib.util
-import os
-import shutil
-import tempfile
-
 import pytest
 
-if importlib.util.find_spec("airflow") is None:
-    pytest.skip(
-        "Apache Airflow is not installed in this interpreter: run `make airflow-venv`, then "
-        "`.venv-airflow/bin/python -m pytest tests/unit/test_airflow_operators.py` "
-        "(`make test` runs it from .venv-airflow)",
-        allow_module_level=True,
-    )
+from tests.airflow_env import use_airflow
 
-# Airflow reads its home when first imported: a throwaway one, never ~/airflow.
-_HOME = tempfile.mkdtemp(prefix="vmfleet-airflow-unit-")
-atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
-os.environ.setdefault("AIRFLOW_HOME", _HOME)
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("AIRFLOW__CORE__HOSTNAME_CALLABLE", "socket.gethostname")
+use_airflow(__file__)  # skips this module without Airflow; a throwaway AIRFLOW_HOME
 
 from airflow.sdk.exceptions import AirflowException  # noqa: E402 - after AIRFLOW_HOME is set
 

@@ -13,11 +13,6 @@ Airflow lives in its own virtualenv (``make airflow-venv``); elsewhere this modu
 from __future__ import annotations
 
 import asyncio
-import atexit
-import importlib.util
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,19 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-if importlib.util.find_spec("airflow") is None or importlib.util.find_spec("kubernetes_asyncio") is None:
-    pytest.skip(
-        "Apache Airflow is not installed in this interpreter: run `make airflow-venv`, then "
-        "`.venv-airflow/bin/python -m pytest tests/unit/test_airflow_output.py` "
-        "(`make test` runs it from .venv-airflow)",
-        allow_module_level=True,
-    )
+from tests.airflow_env import use_airflow
 
-_HOME = tempfile.mkdtemp(prefix="vmfleet-airflow-unit-")
-atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
-os.environ.setdefault("AIRFLOW_HOME", _HOME)
-os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
-os.environ.setdefault("AIRFLOW__CORE__HOSTNAME_CALLABLE", "socket.gethostname")
+use_airflow(__file__, "kubernetes_asyncio")  # skips this module without Airflow; a throwaway AIRFLOW_HOME
 
 import structlog  # noqa: E402
 from kubernetes_asyncio import client  # noqa: E402

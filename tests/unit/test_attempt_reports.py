@@ -6,66 +6,21 @@ from typing import Any
 
 from remote_tasks import execute
 from remote_tasks.execute import Attempt
+from tests.fakes import ENVELOPE, AttemptState
 from vmfleet import settings
 from vmfleet.api.envelope import Envelope, Target
 from vmfleet.api.reports import ResultFields
-from vmfleet.state import CANCELLED, CLAIMED, TAKEN
-
-
-class FakeState:
-    """vmfleet.state.State as one attempt sees it: a scripted claim answer, collected reports."""
-
-    def __init__(self, claim: str = CLAIMED, cancelled_at_beat: bool = False) -> None:
-        self.answer = claim
-        self.cancelled_at_beat = cancelled_at_beat
-        self.claims: list[tuple[str, str, int, str]] = []
-        self.reports: list[dict[str, Any]] = []
-        self.beats = 0
-        self.released: list[tuple[str, str, int]] = []
-        self.scopes: set[str] = set()  # where the worker wrote (the sending controller's)
-        self.namespaces: set[str | None] = set()  # ...and in which namespace's keys
-
-    def claim(self, uid: str, vm: str, attempt: int, worker: str, scope: str = "default", *,
-              namespace: str, delivery: str = "") -> str:
-        self.scopes.add(scope)
-        self.namespaces.add(namespace)
-        self.claims.append((uid, vm, attempt, worker))
-        return self.answer
-
-    def heartbeat(self, uid: str, vm: str, attempt: int, scope: str = "default", *,
-                  namespace: str) -> bool:
-        self.scopes.add(scope)
-        self.namespaces.add(namespace)
-        self.beats += 1
-        return self.cancelled_at_beat
-
-    def report(self, body: dict[str, Any], scope: str = "default",
-               namespace: str | None = None) -> str:
-        self.scopes.add(scope)
-        self.namespaces.add(namespace or body.get("namespace"))
-        self.reports.append(body)
-        return f"{len(self.reports)}-0"
-
-    def release(self, uid: str, vm: str, attempt: int, scope: str = "default", *,
-                namespace: str) -> None:
-        self.scopes.add(scope)
-        self.namespaces.add(namespace)
-        self.released.append((uid, vm, attempt))
-
-
-ENVELOPE = Envelope("ns", "c", "uid-1", "vm1", 2, "", {"command": "true"},
-                    target=Target("vm1", "h", 22, "u", "vm1-ssh"), scope="release-a")
-
+from vmfleet.state import CANCELLED, TAKEN
 
 FAST_HEARTBEATS = settings.Settings(heartbeat_seconds=0)
 
 
-def attempt(state: FakeState) -> Attempt:
+def attempt(state: AttemptState) -> Attempt:
     return Attempt(state, ENVELOPE, "w1", interval=0)  # type: ignore[arg-type]
 
 
 def test_the_claim_is_taken_once_in_redis_and_reported_with_the_process_group() -> None:
-    state = FakeState()
+    state = AttemptState()
     a = attempt(state)
     assert a.claim(4242, "n0") is True
     assert state.claims == [("uid-1", "vm1", 2, "w1")]
@@ -81,14 +36,14 @@ def test_the_claim_is_taken_once_in_redis_and_reported_with_the_process_group() 
 
 
 def test_no_process_group_means_no_marker_in_the_report() -> None:
-    state = FakeState()
+    state = AttemptState()
     attempt(state).claim(None, "n0")
     assert "pgid" not in state.reports[0]["fields"]
     assert "processMarker" not in state.reports[0]["fields"]
 
 
 def test_a_claim_taken_by_another_delivery_runs_nothing_and_reports_nothing() -> None:
-    state = FakeState(claim=TAKEN)
+    state = AttemptState(claim=TAKEN)
     a = attempt(state)
     assert a.claim(4242, "n0") is False
     assert (a.claim_lost, a.claimed, a.cancelled) == (True, False, False)
@@ -97,7 +52,7 @@ def test_a_claim_taken_by_another_delivery_runs_nothing_and_reports_nothing() ->
 
 
 def test_a_deleted_command_is_never_started() -> None:
-    state = FakeState(claim=CANCELLED)
+    state = AttemptState(claim=CANCELLED)
     a = attempt(state)
     assert a.claim(4242, "n0") is False
     assert (a.claim_lost, a.cancelled) == (True, True)
@@ -105,7 +60,7 @@ def test_a_deleted_command_is_never_started() -> None:
 
 
 def test_the_outcome_is_reported_and_the_heartbeat_released() -> None:
-    state = FakeState()
+    state = AttemptState()
     a = attempt(state)
     a.claim(4242, "n0")
     assert a.finish(ResultFields.from_wire({"phase": "Succeeded", "reason": "Completed",
@@ -124,7 +79,7 @@ def test_the_outcome_is_reported_and_the_heartbeat_released() -> None:
 
 
 def test_an_attempt_that_ended_before_it_started_claims_first_and_gets_a_start_time() -> None:
-    state = FakeState()
+    state = AttemptState()
     a = attempt(state)
     ended = ResultFields.from_wire({"phase": "Failed", "reason": "TransportError", "completionTime": "t3"})
     assert a.finish(ended) is True
@@ -134,7 +89,7 @@ def test_an_attempt_that_ended_before_it_started_claims_first_and_gets_a_start_t
 
 
 def test_a_heartbeat_that_finds_the_command_cancelled_ends_the_attempt() -> None:
-    state = FakeState(cancelled_at_beat=True)
+    state = AttemptState(cancelled_at_beat=True)
     a = attempt(state)
     assert a.tick() is None  # not claimed yet: nothing to renew
     assert state.beats == 0
@@ -144,7 +99,7 @@ def test_a_heartbeat_that_finds_the_command_cancelled_ends_the_attempt() -> None
 
 
 def test_a_live_command_keeps_beating() -> None:
-    state = FakeState()
+    state = AttemptState()
     a = attempt(state)
     a.claim(4242, "n0")
     assert [a.tick(), a.tick()] == [None, None]
@@ -153,7 +108,7 @@ def test_a_live_command_keeps_beating() -> None:
 
 def test_a_published_cancel_marks_the_running_attempts_of_that_command() -> None:
     cancels = execute.Cancels()
-    a, b = attempt(FakeState()), Attempt(FakeState(), Envelope(  # type: ignore[arg-type]
+    a, b = attempt(AttemptState()), Attempt(AttemptState(), Envelope(  # type: ignore[arg-type]
         "ns", "d", "uid-2", "vm1", 1, "", {}), "w1")
     with cancels.running(a), cancels.running(b):
         cancels.cancel("uid-1")
@@ -188,7 +143,7 @@ def _executor(tmp_path: Any) -> tuple[execute.CommandExecutor, _Pool]:
     (tmp_path / "vm1-ssh").mkdir()
     (tmp_path / "vm1-ssh" / "ssh-privatekey").write_text("KEY")
     pool = _Pool()
-    return execute.CommandExecutor(FakeState(), pool, tmp_path,  # type: ignore[arg-type]
+    return execute.CommandExecutor(AttemptState(), pool, tmp_path,  # type: ignore[arg-type]
                                    conf=FAST_HEARTBEATS), pool
 
 

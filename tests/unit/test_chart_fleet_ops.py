@@ -3,7 +3,7 @@ opt-in templates-only ValidatingAdmissionPolicy."""
 
 from __future__ import annotations
 
-from tests.unit.test_chart import find, render, rules_of
+from tests.chart import find, render, rules_of
 
 
 def test_the_controller_may_create_runs_and_read_templates_but_no_more():

@@ -12,98 +12,9 @@ import pytest
 from controller.commands import Commands
 from controller.status import status_patch
 from controller.tracked import Tracked
+from tests.fakes import FakeState, Fleet, command, finished, report
 from vmfleet.api.constants import TASK_EXECUTE, TASK_TERMINATE
 from vmfleet.api.envelope import Envelope, Target
-from vmfleet.api.reports import AttemptReport
-
-
-class FakeState:
-    """The controller's side of vmfleet.state.State (every test command is in namespace
-    ``ns``: ``stale`` holds members, ``namespaces`` where each call went)."""
-
-    def __init__(self, scope: str = "default") -> None:
-        self.scope = scope
-        self.live: set[str] = set()
-        self.cancelled: list[str] = []
-        self.stale: set[str] = set()
-        self.absent: set[str] = set()  # running attempts without any heartbeat
-        self.forgotten: list[str] = []
-        self.namespaces: set[str] = set()
-
-    def sent(self, uid: str, namespace: str) -> None:
-        self.namespaces.add(namespace)
-        self.live.add(uid)
-
-    def finished(self, uid: str, namespace: str) -> None:
-        self.namespaces.add(namespace)
-        self.live.discard(uid)
-
-    def cancel(self, uid: str, namespace: str) -> None:
-        self.namespaces.add(namespace)
-        self.cancelled.append(uid)
-        self.live.discard(uid)
-
-    def stale_heartbeats(self, older_than_seconds: float) -> set[tuple[str, str]]:
-        return {("ns", member) for member in self.stale}
-
-    def absent_heartbeats(self, members: list[tuple[str, str]]) -> set[tuple[str, str]]:
-        return {(namespace, member) for namespace, member in members if member in self.absent}
-
-    def forget_heartbeat(self, namespace: str, member: str) -> None:
-        self.namespaces.add(namespace)
-        self.forgotten.append(member)
-        self.stale.discard(member)
-
-
-def vm(name: str, **spec: Any) -> dict[str, Any]:
-    return {"metadata": {"namespace": "ns", "name": name, "uid": f"uid-{name}"},
-            "spec": {"host": f"10.0.0.{name[-1]}", "user": "u",
-                     "credentialsSecretRef": {"name": f"{name}-ssh"}, **spec}}
-
-
-class Fleet:
-    """Records what the commands send, and answers VM lookups from a dict."""
-
-    def __init__(self, *names: str) -> None:
-        self.vms = {name: vm(name) for name in names}
-        self.sent: list[tuple[str, dict[str, Any], str]] = []
-        self.woken: list[str] = []
-        self.deleted: list[tuple[str, str, str]] = []
-
-    def commands(self, state: FakeState) -> Commands:
-        return Commands(
-            state, self.send,  # type: ignore[arg-type]
-            get_vm=lambda ns, name: self.vms.get(name),
-            list_vms=lambda ns, selector: [self.vms[n] for n in sorted(self.vms)],
-            target_of=lambda obj: Target(obj["metadata"]["name"], obj["spec"]["host"], 22, "u",
-                                         obj["spec"]["credentialsSecretRef"]["name"]),
-            wake=lambda ns, name: self.woken.append(name),
-            delete=lambda uid, ns, name: self.deleted.append((uid, ns, name)),
-        )
-
-    def send(self, task: str, body: dict[str, Any], queue: str, namespace: str | None) -> None:
-        assert namespace == "ns" or task.endswith(("transfer_file", "clean_transfer"))
-        self.sent.append((task, body, queue))
-
-    def envelopes(self) -> list[Envelope]:
-        return [Envelope.from_message(body) for task, body, _ in self.sent if task == TASK_EXECUTE]
-
-
-def command(uid: str = "c-uid", **spec: Any) -> dict[str, Any]:
-    return {"metadata": {"namespace": "ns", "name": "c", "uid": uid},
-            "spec": {"command": "true", **spec}}
-
-
-def report(event: str, vm: str, attempt: int = 1, uid: str = "c-uid", **fields: Any) -> AttemptReport:
-    return AttemptReport.from_message({
-        "kind": "attempt", "event": event, "namespace": "ns", "name": "c", "uid": uid,
-        "vm": vm, "attempt": attempt, "worker": "w1", "fields": fields})
-
-
-def finished(vm: str, attempt: int = 1, **fields: Any) -> AttemptReport:
-    values = {"phase": "Succeeded", "reason": "Completed", "exitCode": 0,
-              "completionTime": "2026-11-23T12:00:05.000Z", **fields}
-    return report("finished", vm, attempt, **values)
 
 
 def phases(tracked: Tracked) -> dict[str, str]:
@@ -132,7 +43,7 @@ def test_a_new_command_gets_its_entries_queued_and_its_attempt_dispatched(state:
     assert envelope.target is not None and envelope.target.secret == "vm1-ssh"
     assert envelope.command_start == tracked.status["startTime"]
     assert fleet.sent[0][2] == "vmfleet.ns.vm1"
-    assert state.live == {"c-uid"} and fleet.woken == ["vm1"]
+    assert state.live() == {("ns", "c-uid")} and fleet.woken == ["vm1"]
     assert state.namespaces == {"ns"}  # the command's namespace's keys, no other
     # What the writer will send is accepted by the status models.
     assert status_patch(None, tracked.status) == {"status": tracked.status}
@@ -203,7 +114,7 @@ def test_deleting_a_finished_command_cancels_nothing(state: FakeState) -> None:
     commands.observe(command(vm="vm1"))
     commands.apply(finished("vm1"), "1-0")
     commands.deleted(command())
-    assert state.cancelled == [] and state.live == set()
+    assert state.cancelled == [] and state.live() == set()
     assert commands.deleted(command()) == []  # a second DELETED event: nothing held
 
 
@@ -272,7 +183,7 @@ def test_a_finished_command_is_forgotten_and_expires_after_its_ttl(state: FakeSt
     tracked = commands.get("c-uid")
     assert tracked is not None and tracked.finished
     commands.forget(tracked)
-    assert commands.get("c-uid") is None and state.live == set()
+    assert commands.get("c-uid") is None and state.live() == set()
     assert commands.expiring() == 1
     commands.tick()
     assert fleet.deleted == [("c-uid", "ns", "c")]
@@ -296,7 +207,7 @@ def test_an_earlier_write_echoed_after_the_command_finished_does_not_track_it_ag
     commands.forget(tracked)
     commands.observe({**command(vm="vm1"), "status": claimed})
     assert commands.get("c-uid") is None and commands.tracked() == []
-    assert len(fleet.envelopes()) == 1 and state.live == set()
+    assert len(fleet.envelopes()) == 1 and state.live() == set()
     # Deleted, then created again under a new uid: a new command as any other.
     commands.deleted(command(vm="vm1"))
     commands.observe(command("c-uid-2", vm="vm1"))

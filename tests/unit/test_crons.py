@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controller.crons import Crons
-from tests.unit.test_commands_controller import FakeState, Fleet, command
+from tests.fakes import FakeState, Fleet, command
 from vmfleet.kube import ApiException
 
 NOW = datetime(2026, 12, 6, 12, 1, 5, tzinfo=UTC)

@@ -17,8 +17,7 @@ from controller.reports import apply_attempt_report
 from controller.runtime import VMRef, WorkerGroup
 from controller.schedule import plan
 from remote_tasks.attempt import TRANSFER, Attempt, Cancels
-from tests.unit.test_attempt_reports import ENVELOPE, FakeState
-from tests.unit.test_schedule import NOW, entries, queues, spec, status
+from tests.fakes import ENVELOPE, NOW, AttemptState, entries, queues, spec, status
 from vmfleet.api.envelope import Envelope
 from vmfleet.api.models import DEFAULT_WORKER_GRACE_SECONDS, RemoteVMSpec
 from vmfleet.api.reports import AttemptReport, Event, ResultFields
@@ -87,7 +86,7 @@ def test_the_disruption_report_marks_the_running_entry_and_goes_with_the_attempt
 def test_a_stopping_worker_tells_each_claimed_attempt():
     """Commands and transfers alike (one attempt protocol): every entry a running attempt
     claimed reports the disruption; an attempt that has claimed nothing reports nothing."""
-    state = FakeState()
+    state = AttemptState()
     cancels = Cancels()
     running = Attempt(state, ENVELOPE, "w1")  # type: ignore[arg-type]
     waiting = Attempt(state, Envelope("ns", "d", "uid-2", "vm1", 1, "", {}), "w1")  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from controller.dryrun import blocker, report
-from tests.unit.test_commands_controller import FakeState, Fleet, command
+from tests.fakes import FakeState, Fleet, command
 from vmfleet.api.models import RemoteCommandSpec, RemoteCommandStatus
 
 
@@ -84,11 +84,11 @@ def test_a_finished_dry_run_is_not_started_again():
 
 
 def test_exec_dry_run_creates_a_dry_run_and_prints_the_answer():
-    from tests.unit.test_exec import FakeKube, obj_with, run
+    from tests.fakes import ExecKube, obj_with, run
 
     dry = {"matched": ["vm1", "vm2"], "runnable": ["vm1"], "maxParallel": 1,
            "blocked": [{"vm": "vm2", "reason": "Paused", "message": "spec.paused is true"}]}
-    kube = FakeKube([[("MODIFIED", obj_with(12, None, phase="DryRun", dryRun=dry))]], vms=2)
+    kube = ExecKube([[("MODIFIED", obj_with(12, None, phase="DryRun", dryRun=dry))]], vms=2)
     code, out, err = run(kube, "--dry-run", "-l", "role=web", "--", "systemctl", "restart", "x")
     assert kube.created[0]["spec"]["dryRun"] is True
     assert code == 1
@@ -105,10 +105,10 @@ def test_exec_dry_run_creates_a_dry_run_and_prints_the_answer():
 
 
 def test_exec_dry_run_with_nothing_blocking_exits_0():
-    from tests.unit.test_exec import FakeKube, obj_with, run
+    from tests.fakes import ExecKube, obj_with, run
 
     dry = {"matched": ["vm1"], "runnable": ["vm1"], "blocked": []}
-    kube = FakeKube([[("MODIFIED", obj_with(12, None, phase="DryRun", dryRun=dry))]])
+    kube = ExecKube([[("MODIFIED", obj_with(12, None, phase="DryRun", dryRun=dry))]])
     code, out, _ = run(kube, "--dry-run", "vm1", "--", "true")
     assert code == 0
     assert "Would run on 1: vm1" in out

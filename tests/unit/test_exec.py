@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import io
-from typing import Any
 
 import pytest
 
+from tests.fakes import ExecKube, obj_with, options, result, run
 from vmfleet import exec as ex
 from vmfleet import execprint, outcome
 from vmfleet.api.models import MAX_OUTPUT_BYTES, RemoteCommandSpec
-from vmfleet.cli import build_parser
-from vmfleet.kube import ApiException
-
-
-def options(*argv: str) -> ex.ExecOptions:
-    return ex.options_from_args(build_parser().parse_args(["exec", *argv]))
-
 
 # --------------------------------------------------------------------------- arguments
 
@@ -130,10 +123,6 @@ def test_generate_name_stays_short():
 
 
 # --------------------------------------------------------------------------- exit codes
-
-
-def result(vm: str = "vm1", phase: str = "Failed", **fields: Any) -> dict[str, Any]:
-    return {"vm": vm, "phase": phase, **fields}
 
 
 @pytest.mark.parametrize(
@@ -256,58 +245,9 @@ def test_progress_line_only_on_a_terminal():
 # --------------------------------------------------------------------------- the flow
 
 
-class FakeKube:
-    """The Kube calls exec makes, recorded; watch events scripted."""
-
-    def __init__(self, events: list[list[tuple[str, dict[str, Any]]]], vms: int = 1) -> None:
-        self.events = events  # one list per watch request
-        self.vms = vms
-        self.created: list[dict[str, Any]] = []
-        self.deleted: list[str] = []
-        self.watched_from: list[str | None] = []
-        self.gone = False
-
-    def list_vms(self, namespace: str, selector: str | None) -> list[dict[str, Any]]:
-        return [{"metadata": {"name": f"vm{i}"}} for i in range(1, self.vms + 1)]
-
-    def create_command(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        self.created.append(body)
-        return {"metadata": {"name": "exec-vm1-abcde", "resourceVersion": "10"}}
-
-    def watch_command(self, namespace: str, name: str, rv: str | None, timeout: int):  # type: ignore[no-untyped-def]
-        self.watched_from.append(rv)
-        batch = self.events.pop(0)
-        for kind, obj in batch:
-            if kind == "ERROR410":
-                raise ApiException(status=410, reason="Expired")
-            yield kind, obj
-
-    def get_command(self, namespace: str, name: str) -> dict[str, Any] | None:
-        return None if self.gone else obj_with(11, [result(phase="Running")])
-
-    def delete_command(self, namespace: str, name: str) -> bool:
-        self.deleted.append(name)
-        self.gone = True
-        return True
-
-
-def obj_with(rv: int, results: list[dict[str, Any]] | None, **status: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"metadata": {"name": "exec-vm1-abcde", "resourceVersion": str(rv)},
-                            "status": dict(status)}
-    if results is not None:
-        body["status"]["results"] = results
-    return body
-
-
-def run(kube: FakeKube, *argv: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = ex.run(options(*argv), kube=kube, out=out, err=err, progress=False)
-    return code, out.getvalue(), err.getvalue()
-
-
 def test_run_resumes_the_watch_and_deletes_the_object_afterwards():
     final = result(exitCode=4, reason="ExitCode", stdout="out\n", stderr="err\n")
-    kube = FakeKube([
+    kube = ExecKube([
         [("ADDED", obj_with(11, None))],  # the server ended this watch
         [("MODIFIED", obj_with(12, [result(phase="Queued")])), ("ERROR410", {})],
         [("MODIFIED", obj_with(20, [final], phase="Failed"))],
@@ -320,7 +260,7 @@ def test_run_resumes_the_watch_and_deletes_the_object_afterwards():
 
 def test_run_keep_leaves_the_object_and_says_so():
     final = result(phase="Succeeded", exitCode=0, reason="Completed", stdout="ok\n")
-    kube = FakeKube([[("MODIFIED", obj_with(12, [final]))]])
+    kube = ExecKube([[("MODIFIED", obj_with(12, [final]))]])
     code, out, err = run(kube, "--keep", "vm1", "--", "true")
     assert (code, out, kube.deleted) == (0, "ok\n", [])
     assert "kept RemoteCommand default/exec-vm1-abcde" in err
@@ -328,7 +268,7 @@ def test_run_keep_leaves_the_object_and_says_so():
 
 def test_run_transport_error_exits_255_with_a_message():
     final = result(reason="AuthFailed", message="the VM refused the key for user root")
-    kube = FakeKube([[("MODIFIED", obj_with(12, [final]))]])
+    kube = ExecKube([[("MODIFIED", obj_with(12, [final]))]])
     code, out, err = run(kube, "vm1", "--", "true")
     assert (code, out) == (255, "")
     assert err == "vmfleet: vm1: AuthFailed: the VM refused the key for user root\n"
@@ -337,7 +277,7 @@ def test_run_transport_error_exits_255_with_a_message():
 def test_run_fan_out_prefixes_and_summarises_failures():
     results = [result("vm1", phase="Succeeded", exitCode=0, stdout="a\n"),
                result("vm2", exitCode=3, reason="ExitCode", stdout="b\n", stderr="oops\n")]
-    kube = FakeKube([[("MODIFIED", obj_with(12, results))]], vms=2)
+    kube = ExecKube([[("MODIFIED", obj_with(12, results))]], vms=2)
     code, out, err = run(kube, "-l", "role=web", "--", "sh", "-c", "x")
     assert code == 3
     assert out == "[vm1] a\n[vm2] b\n"
@@ -346,7 +286,7 @@ def test_run_fan_out_prefixes_and_summarises_failures():
 
 
 def test_run_with_a_selector_matching_nothing_creates_nothing():
-    kube = FakeKube([], vms=0)
+    kube = ExecKube([], vms=0)
     code, _, err = run(kube, "-l", "role=none", "--", "true")
     assert code == 1 and kube.created == []
     assert "no RemoteVM in namespace default matches 'role=none'" in err
@@ -355,13 +295,13 @@ def test_run_with_a_selector_matching_nothing_creates_nothing():
 def test_run_command_that_ended_without_results():
     failed = obj_with(12, None, phase="Failed", conditions=[
         {"type": "Failed", "status": "True", "message": "the spec is invalid: bad"}])
-    kube = FakeKube([[("MODIFIED", failed)]])
+    kube = ExecKube([[("MODIFIED", failed)]])
     code, _, err = run(kube, "vm1", "--", "true")
     assert code == 255 and err == "vmfleet exec: the spec is invalid: bad\n"
 
 
 def test_run_deleted_by_someone_else():
-    kube = FakeKube([[("DELETED", obj_with(12, None))]])
+    kube = ExecKube([[("DELETED", obj_with(12, None))]])
     code, _, err = run(kube, "vm1", "--", "sleep", "600")
     assert code == 130 and "was deleted before it finished" in err
 
@@ -371,7 +311,7 @@ def test_interrupt_deletes_the_command():
         yield "ADDED", obj_with(11, [result(phase="Running")])
         raise ex.Interrupted("SIGINT")
 
-    kube = FakeKube([])
+    kube = ExecKube([])
     kube.watch_command = lambda *a: interrupted()  # type: ignore[method-assign]
     code, _, err = run(kube, "vm1", "--", "sleep", "600")
     assert code == 130
@@ -395,7 +335,7 @@ def test_a_hint_is_printed_once_and_only_on_a_terminal():
     final = result(phase="Succeeded", exitCode=0, reason="Completed")
     windows = [[], [], [("MODIFIED", obj_with(12, [final]))]]  # two idle watch windows
     for tty, expected in ((False, 0), (True, 1)):
-        kube = FakeKube([list(w) for w in windows])
+        kube = ExecKube([list(w) for w in windows])
         err = Tty() if tty else io.StringIO()
         code = ex.run(options("vm1", "--", "true"), kube=kube, out=io.StringIO(), err=err)
         assert code == 0
@@ -432,7 +372,7 @@ def test_a_closed_output_pipe_deletes_the_command():
             raise BrokenPipeError(32, "Broken pipe")
 
     final = result(phase="Succeeded", exitCode=0, reason="Completed", stdout="lots\n")
-    kube = FakeKube([[("MODIFIED", obj_with(12, [final]))]])
+    kube = ExecKube([[("MODIFIED", obj_with(12, [final]))]])
     code = ex.run(options("vm1", "--", "yes"), kube=kube, out=ClosedPipe(), err=io.StringIO())
     assert code == 141 and kube.deleted == ["exec-vm1-abcde"]
 

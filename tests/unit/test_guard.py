@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY
 from remote_tasks import tasks
 from remote_tasks.execute import CommandExecutor
 from remote_tasks.guard import Guard
-from tests.unit.test_attempt_reports import FakeState
+from tests.fakes import AttemptState
 from vmfleet import settings
 from vmfleet.api.constants import TASK_CHECK_VM, TASK_EXECUTE, TASK_TERMINATE, TASK_TRANSFER
 from vmfleet.api.envelope import Envelope, Target, terminate_body
@@ -41,7 +41,7 @@ class Recorder:
     """The executor as the task bodies see it: records what would run."""
 
     def __init__(self) -> None:
-        self.state = FakeState()
+        self.state = AttemptState()
         self.ran: list[Envelope] = []
         self.terminated: list[int] = []
         self.real = CommandExecutor(self.state, None, Path("/nonexistent"),  # type: ignore[arg-type]

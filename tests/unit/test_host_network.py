@@ -11,7 +11,7 @@ import pytest
 from controller.context import worker_pod_settings
 from controller.deployment_runtime import DeploymentSettings, worker_deployment
 from controller.runtime import VMRef, WorkerGroup, single
-from tests.unit.test_chart import find, render
+from tests.chart import find, render
 from vmfleet import settings as vmfleet_settings
 from vmfleet.api.models import RemoteVMSpec
 

@@ -14,7 +14,7 @@ import pytest
 
 from controller.leader import Conflict, Elector, Leadership, Timing
 from controller.loop import ReportReader, Writer
-from tests.unit.test_status_writer import FakeKube, setup
+from tests.fakes import FakeKube, writer_parts
 
 
 class Clock:
@@ -185,7 +185,7 @@ def test_leadership_without_an_elector_leads_at_once() -> None:
 
 def test_the_writer_does_not_write_while_not_leading() -> None:
     kube = FakeKube()
-    state, commands, _, tracked = setup(kube)
+    state, commands, _, tracked = writer_parts(kube)
     leading = [False]
     writer = Writer(kube, state, commands, threads=1, gate=lambda: leading[0])  # type: ignore[arg-type]
     writer.write(tracked)
@@ -209,7 +209,7 @@ def test_loop_gate_is_checked_before_each_tick() -> None:
 
     ticks: list[str] = []
     kube = FakeKube()
-    state, commands, writer, _ = setup(kube)
+    state, commands, writer, _ = writer_parts(kube)
     reader = ReportReader(state, commands, "x", lambda _: True)  # type: ignore[arg-type]
     loop = Loop(writer, reader, [lambda: ticks.append("tick")], tick_seconds=0.01,
                 gate=lambda: False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from controller import schedule
 from controller.commands import Commands
-from tests.unit.test_commands_controller import FakeState, Fleet, command, report
+from tests.fakes import FakeState, Fleet, command, report
 
 
 class Clock:

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from controller.rollout import assign_waves, step
-from tests.unit.test_commands_controller import FakeState, Fleet, command
+from tests.fakes import FakeState, Fleet, command
 from vmfleet.api.models import RemoteCommandSpec, Rollout
 
 NOW = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)

@@ -30,7 +30,7 @@ from controller.process_runtime import ProcessRuntime, local_worker_name
 from controller.runtime import VMRef, WorkerGroup
 from controller.tracked import Tracked
 from remote_tasks.output import StreamTail
-from tests.unit.test_commands_controller import FakeState, Fleet, command, finished, report
+from tests.fakes import FakeState, Fleet, command, finished, report
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.kube import ApiException
 
@@ -88,20 +88,11 @@ class Kube:
         return {}
 
 
-class AckingState(FakeState):
-    def __init__(self) -> None:
-        super().__init__()
-        self.acked: list[str] = []
-
-    def ack(self, ids: list[str]) -> None:
-        self.acked.extend(ids)
-
-
 class Controller:
     """One controller's commands, status writer and run records (no threads)."""
 
     def __init__(self, name: str, fleet: Fleet, kube: Kube, events: Events) -> None:
-        self.state = AckingState()
+        self.state = FakeState()
         self.lines = Lines()
         logger = logging.getLogger(f"test.audit.{name}.{id(self)}")
         logger.propagate = False
@@ -256,7 +247,7 @@ def test_an_api_error_is_logged_counted_and_given_up_after_three_tries() -> None
     err = ApiException(status=500, reason="Internal Server Error")
     events = Events(err, err, err)
     now = [0.0]
-    state = AckingState()
+    state = FakeState()
     lines = Lines()
     logger = logging.getLogger("test.audit.errors")
     logger.propagate = False

@@ -1,34 +1,10 @@
 """The controller's scheduling of attempts (pure) and the retry policy."""
 
-from datetime import UTC, datetime, timedelta
-
 import pytest
 
 from controller.schedule import Timing, plan
-from vmfleet.api.models import RemoteCommandSpec
+from tests.fakes import NOW, entries, queues, spec, status, ts
 from vmfleet.policy import backoff_seconds, should_retry
-
-NOW = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)
-
-
-def ts(seconds_ago: float) -> str:
-    return (NOW - timedelta(seconds=seconds_ago)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def spec(**fields):
-    return RemoteCommandSpec.model_validate({"selector": {}, "command": "true", **fields})
-
-
-def entries(*phases, **extra):
-    return [{"vm": f"vm{i}", "phase": p, "attempt": 1, **extra} for i, p in enumerate(phases)]
-
-
-def status(results, started=0):
-    return {"startTime": ts(started), "results": results}
-
-
-def queues(n):
-    return {f"vm{i}": f"q{i}" for i in range(n)}
 
 
 def test_first_attempts_start_up_to_max_parallel():

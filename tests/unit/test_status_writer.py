@@ -9,49 +9,13 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from controller.commands import Commands
-from controller.loop import Writer
-from controller.tracked import Tracked
-from tests.unit.test_commands_controller import FakeState, Fleet, command, finished, report
+from tests.fakes import FakeKube, finished, report, writer_parts
 from vmfleet.kube import ApiException
-
-
-class AckingState(FakeState):
-    def __init__(self) -> None:
-        super().__init__()
-        self.acked: list[str] = []
-
-    def ack(self, ids: list[str]) -> None:
-        self.acked.extend(ids)
-
-
-class FakeKube:
-    """patch_command_status answers from a script: an exception to raise, or success."""
-
-    def __init__(self, *answers: Exception | None) -> None:
-        self.answers = list(answers)
-        self.patches: list[tuple[str, str, Any]] = []
-
-    def patch_command_status(self, namespace: str, name: str, patch: Any) -> dict[str, Any]:
-        answer = self.answers.pop(0) if self.answers else None
-        if answer is not None:
-            raise answer
-        self.patches.append((namespace, name, patch))
-        return {}
-
-
-def setup(kube: FakeKube) -> tuple[AckingState, Commands, Writer, Tracked]:
-    state = AckingState()
-    commands = Fleet("vm1", "vm2").commands(state)
-    commands.observe(command(selector={}))
-    tracked = commands.get("c-uid")
-    assert tracked is not None
-    return state, commands, Writer(kube, state, commands, threads=1), tracked  # type: ignore[arg-type]
 
 
 def test_the_first_write_is_whole_and_the_next_carries_only_what_changed() -> None:
     kube = FakeKube()
-    state, commands, writer, tracked = setup(kube)
+    state, commands, writer, tracked = writer_parts(kube)
     writer.write(tracked)
     ((ns, name, first),) = kube.patches
     assert (ns, name) == ("ns", "c") and first == {"status": tracked.status}
@@ -66,7 +30,7 @@ def test_the_first_write_is_whole_and_the_next_carries_only_what_changed() -> No
 
 def test_reports_are_acknowledged_only_after_the_write_landed() -> None:
     kube = FakeKube(None, ApiException(status=500, reason="Internal Server Error"))
-    state, commands, writer, tracked = setup(kube)
+    state, commands, writer, tracked = writer_parts(kube)
     writer.write(tracked)
     commands.apply(report("claimed", "vm1", phase="Running", worker="w1"), "1-0")
     writer.write(tracked)  # the 500
@@ -80,7 +44,7 @@ def test_reports_are_acknowledged_only_after_the_write_landed() -> None:
 
 def test_an_unreachable_api_server_keeps_the_acks_too() -> None:
     kube = FakeKube(ConnectionRefusedError("connection refused"))
-    state, commands, writer, tracked = setup(kube)
+    state, commands, writer, tracked = writer_parts(kube)
     commands.apply(report("claimed", "vm1", phase="Running"), "1-0")
     writer.write(tracked)
     assert state.acked == [] and tracked.acks == ["1-0"] and tracked.written is None
@@ -89,7 +53,7 @@ def test_an_unreachable_api_server_keeps_the_acks_too() -> None:
 
 def test_a_command_deleted_meanwhile_acks_and_is_forgotten() -> None:
     kube = FakeKube(ApiException(status=404, reason="Not Found"))
-    state, commands, writer, tracked = setup(kube)
+    state, commands, writer, tracked = writer_parts(kube)
     commands.apply(report("claimed", "vm1", phase="Running"), "1-0")
     writer.write(tracked)
     assert state.acked == ["1-0"]
@@ -99,7 +63,7 @@ def test_a_command_deleted_meanwhile_acks_and_is_forgotten() -> None:
 
 def test_a_command_written_in_its_end_state_is_let_go() -> None:
     kube = FakeKube()
-    state, commands, writer, tracked = setup(kube)
+    state, commands, writer, tracked = writer_parts(kube)
     commands.apply(finished("vm1"), "1-0")
     writer.write(tracked)
     assert commands.get("c-uid") is tracked  # vm2 still runs
@@ -108,12 +72,12 @@ def test_a_command_written_in_its_end_state_is_let_go() -> None:
     assert {"op": "add", "path": "/status/phase", "value": "Succeeded"} in kube.patches[-1][2]
     assert tracked.written is not None and tracked.written["phase"] == "Succeeded"
     assert state.acked == ["1-0", "2-0"]
-    assert commands.get("c-uid") is None and state.live == set()
+    assert commands.get("c-uid") is None and state.live() == set()
 
 
 def test_flush_writes_only_what_is_due() -> None:
     kube = FakeKube()
-    _, commands, writer, tracked = setup(kube)
+    _, commands, writer, tracked = writer_parts(kube)
     assert tracked.due is not None
     assert writer.flush(now=tracked.due - 1) == tracked.due and kube.patches == []
     writer.flush(now=tracked.due)
@@ -128,7 +92,7 @@ def test_flush_writes_only_what_is_due() -> None:
 def test_a_status_that_fails_validation_fails_the_command_with_internal_error(
         corrupt: dict[str, Any]) -> None:
     kube = FakeKube()
-    state, commands, writer, tracked = setup(kube)
+    state, commands, writer, tracked = writer_parts(kube)
     writer.write(tracked)
     commands.apply(report("claimed", "vm1", phase="Running", worker="w1", pgid=7), "1-0")
     tracked.status["results"][0].update(corrupt)  # a bug somewhere in the controller

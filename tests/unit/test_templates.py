@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from controller.templates import TemplateError, parameter_env, resolve
-from tests.unit.test_commands_controller import FakeState, Fleet, command
+from tests.fakes import FakeState, Fleet, command
 from vmfleet.api.envelope import Envelope
 from vmfleet.api.kinds import RemoteCommandTemplateSpec, TemplateParameter
 from vmfleet.api.models import RemoteCommandSpec, RemoteCommandStatus
