@@ -37,6 +37,7 @@ from .scaling import QueueDepth
 from .tenants import BrokerTenants
 from .transfer_access import TransferAccess
 from .vms import Fleet, entry_counts, kombu_queue_depths, redis_queue_depths
+from .watch import CommandWatch
 
 log = logging.getLogger("controller")
 
@@ -58,6 +59,9 @@ class Context:
     synced: threading.Event = field(default_factory=threading.Event)  # start-up lists done
     recorder: Recorder = field(default_factory=Recorder)  # per-object failures (``isolate``)
     queue_depths: Callable[[list[str]], dict[str, int]] | None = None
+    # The leader's list and watch of RemoteCommands (``controller.watch``); None: the
+    # caller lists them (tests drive ``handlers.command_event`` themselves).
+    command_watch: CommandWatch | None = None
 
     @classmethod
     def from_environment(cls) -> Context:
