@@ -40,6 +40,7 @@ from .scaling import QueueDepth
 from .tenants import BrokerTenants
 from .transfer_access import TransferAccess
 from .vms import Fleet
+from .watch import CommandWatch
 
 log = logging.getLogger("controller")
 
@@ -63,6 +64,9 @@ class Context:
     queue_depths: Callable[[list[str]], dict[str, int]] | None = None
     # The controller's settings, read once at start; its parts get them from here.
     settings: Settings = field(default_factory=Settings)
+    # The leader's list and watch of RemoteCommands (``controller.watch``); None: the
+    # caller lists them (tests drive ``handlers.command_event`` themselves).
+    command_watch: CommandWatch | None = None
 
     @classmethod
     def from_environment(cls) -> Context:

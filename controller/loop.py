@@ -310,7 +310,13 @@ class Loop:
             wait = 0.5 if soonest is None else max(0.0, soonest - time.monotonic())
             if wait > 0:
                 with changed:
-                    changed.wait(min(wait, 0.5))
+                    # Looked at again under the lock: a change made (``Tracked.want``, then a
+                    # notify) after ``flush`` and before this wait would otherwise be missed
+                    # and wait out the timeout — the half-second stall of the latency tail.
+                    ready, soonest = self.writer.due(time.monotonic())
+                    if not ready:
+                        wait = 0.5 if soonest is None else max(0.0, soonest - time.monotonic())
+                        changed.wait(min(wait, 0.5))
 
     def _record(self) -> None:
         assert self.records is not None

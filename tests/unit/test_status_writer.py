@@ -118,3 +118,43 @@ def test_a_status_that_fails_validation_fails_the_command_with_internal_error(
     assert (vm2["phase"], vm2["reason"]) == ("Failed", "InternalError")
     assert state.acked == ["1-0"]  # acknowledged once the failure landed
     assert commands.get("c-uid") is None  # finished: let go
+
+
+def test_a_change_made_while_the_writer_goes_to_sleep_is_written_at_once() -> None:
+    """The writer's thread flushes, then waits to be told of a change: a change made (and
+    told) between the two is still seen, not left for the wait's half-second timeout."""
+    import threading
+    import time
+
+    from controller.loop import Loop
+
+    kube = FakeKube()
+    _, commands, writer, tracked = setup(kube)
+    writer.flush(now=float("inf"))  # the first write: nothing is due now
+    assert len(kube.patches) == 1 and tracked.due is None
+    flush = writer.flush
+    changed_at: list[float] = []
+
+    def flush_then_change(now: float | None = None) -> float | None:
+        soonest = flush(now)
+        if not changed_at:  # a report lands right after the flush, before the wait
+            commands.apply(report("claimed", "vm1", phase="Running", worker="w1"), "1-0")
+            with commands.changed:
+                commands.changed.notify_all()
+            changed_at.append(time.monotonic())
+        return soonest
+
+    writer.flush = flush_then_change  # type: ignore[method-assign]
+    loop = Loop(writer, None, [], tick_seconds=60)  # type: ignore[arg-type]
+    thread = threading.Thread(target=loop._write, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 5
+        while len(kube.patches) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(kube.patches) == 2
+        assert time.monotonic() - changed_at[0] < 0.3  # not the 0.5 s timeout
+    finally:
+        loop.stop.set()
+        thread.join(timeout=5)
+        writer.close()
