@@ -129,7 +129,7 @@ def test_a_change_made_while_the_writer_goes_to_sleep_is_written_at_once() -> No
     from controller.loop import Loop
 
     kube = FakeKube()
-    _, commands, writer, tracked = setup(kube)
+    _, commands, writer, tracked = writer_parts(kube)
     writer.flush(now=float("inf"))  # the first write: nothing is due now
     assert len(kube.patches) == 1 and tracked.due is None
     flush = writer.flush
