@@ -25,13 +25,16 @@ import paramiko
 from vmfleet import metrics
 
 from .become import Become, Step, SudoDialogue
-from .output import StreamTail
+from .output import ReadBudget, StreamTail
 from .shell import GO, parse_marker, terminate_line
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 30
 READ_CHUNK = 64 * 1024
+# Held back by the read rate, a channel is read again once this much may be read: a few
+# wakeups a second for a loud command, each taking a few chunks.
+READ_QUANTUM = 4 * READ_CHUNK
 TICK_SECONDS = 0.5
 DEFAULT_KILL_GRACE = 3.0
 SFTP_WINDOW = 8 * 1024 * 1024
@@ -404,10 +407,10 @@ class Connection:
         reported that it runs; a refused or missing password ends the attempt at once
         (``ExecResult.become_failed``). A command killed by a signal has ``signal`` set.
         ``output`` gets every byte of each stream as it is read (the output store).
-        ``read_rate`` (bytes/s, 0: none; or a function giving it now): the command's
-        output is read no faster than this; SSH flow control then holds a command that
-        prints faster back, so that it cannot take the worker from the other commands
-        it runs.
+        ``read_rate`` (bytes/s, 0: none; or a function giving it now): past a burst of a
+        second's worth (``ReadBudget``), the command's output is read no faster than
+        this; SSH flow control then holds a command that keeps printing faster back, so
+        that it cannot take the worker from the other commands it runs.
         """
         assert self.transport is not None
         out = StreamTail(max_bytes, on_stdout, output.stdout if output is not None else None)
@@ -529,9 +532,7 @@ class _Session:
         self.dialogue = (SudoDialogue(nonce, become.password is not None)
                          if become is not None and nonce is not None else None)
         self.become_failed: str | None = None
-        self.read_rate = read_rate
-        self._read = 0  # bytes read since _read_since
-        self._read_since = time.monotonic()
+        self.budget = ReadBudget(read_rate)
 
     @property
     def host(self) -> str:
@@ -581,11 +582,14 @@ class _Session:
     def read(self) -> bool:
         """Take what arrived (waiting up to a tick); False once the channel is done."""
         chan = self.chan
+        budget = self.budget
         self.hold_back()
         select.select([chan], [], [], TICK_SECONDS)
-        while chan.recv_ready():
+        # Each read lets the VM send more (paramiko adjusts the window), so a loud channel
+        # is never drained: reading stops once the budget is spent.
+        while chan.recv_ready() and budget.available():
             self.feed_stdout(self.counted(chan.recv(READ_CHUNK)))
-        while chan.recv_stderr_ready():
+        while chan.recv_stderr_ready() and budget.available():
             self.feed_stderr(self.counted(chan.recv_stderr(READ_CHUNK)))
         if self.become_failed is not None:
             return False
@@ -599,22 +603,16 @@ class _Session:
         return True
 
     def counted(self, data: bytes) -> bytes:
-        self._read += len(data)
+        self.budget.spend(len(data))
         return data
 
     def hold_back(self) -> None:
-        """Past ``read_rate``, wait (at most a tick) before reading more: the channel's
+        """Once the read budget is spent (``ReadBudget``: the read rate, past a burst),
+        wait until a quantum may be read again (at most a tick): meanwhile the channel's
         window fills and the remote command waits on its output."""
-        rate = self.read_rate() if callable(self.read_rate) else self.read_rate
-        now = time.monotonic()
-        if not rate:
-            self._read, self._read_since = 0, now  # unlimited now: no debt later
-            return
-        ahead = self._read_since + self._read / rate - now
-        if ahead > 0:
-            time.sleep(min(ahead, TICK_SECONDS))
-        elif now - self._read_since > 10:  # a fresh window: a quiet spell earns no burst
-            self._read, self._read_since = 0, now
+        wait = self.budget.delay(READ_QUANTUM)
+        if wait > 0:
+            time.sleep(min(wait, TICK_SECONDS))
 
     def feed_stdout(self, data: bytes) -> None:
         if self.head is None:
