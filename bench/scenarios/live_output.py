@@ -12,12 +12,16 @@ shared cluster of the other scenarios has none), on the shared sshd VMs.
 * ``output_1gb``: one RemoteCommand prints 1 GiB (1 KiB lines, ``yes | head -c``) at
   full speed while ``vmfleet logs -f`` follows it. ``vmfleet``: wall seconds and MB/s of
   the noisy command (the worker reads every byte; the store keeps the first 16 MiB);
-  the worker reads a command's output at most ``VMFLEET_OUTPUT_READ_RATE_BYTES`` (4
-  MiB/s) fast and SSH flow control holds it back: its MB/s is about that limit.
-  ``rss_mb`` of each component: its peak during the run minus its idle RSS before
-  (worker, controller, output store, broker, the ``vmfleet logs`` reader);
-  ``slowdown_pct``: how much longer ``seq 1 300000`` (a second command on the same
-  worker) takes during the run than alone (median of 5 each).
+  past a burst of a second's worth, the worker reads a command's output at most
+  ``VMFLEET_OUTPUT_READ_RATE_BYTES`` (4 MiB/s) fast and SSH flow control holds it back:
+  its MB/s is about that limit. ``rss_mb`` of each component: its peak during the run
+  minus its idle RSS before (worker, controller, output store, broker, the ``vmfleet
+  logs`` reader); ``slowdown_pct``: how much longer ``seq 1 300000`` (a second command on
+  the same worker, 1.9 MB of output) takes, created to ``Succeeded``, while the loud one
+  prints than alone. Alone: the median of 5 runs before the loud command and 5 after (the
+  machine's load drifts over a run of minutes); during: the median of up to 10 runs, one
+  every 0.5 s from 1 s after the loud command started. The end is polled every 10 ms (at
+  50 ms the poll's step was most of a 60 ms command).
 """
 
 from __future__ import annotations
@@ -31,12 +35,13 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.fixtures import NAMESPACE, Cluster, vm_pool
 from bench.harness import Bench, percentile
-from bench.scenarios.memory import Sampler, group_rss_mb
+from bench.scenarios.memory import Sampler, group_pids, group_rss_mb
 from bench.scenarios.ssh_layer import openssh_argv
+from vmfleet.api.times import parse_rfc3339
 from vmfleet.dev import logsapi
 from vmfleet.dev.brokers import RedisServer, output_store
 from vmfleet.dev.sshd import SshdVM
@@ -74,7 +79,8 @@ class LiveCluster(Cluster):
         env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
         return env
 
-    def finished(self, name: str, timeout: float = 600) -> dict[str, Any]:
+    def finished(self, name: str, timeout: float = 600, interval: float = 0.05
+                 ) -> dict[str, Any]:
         found: dict[str, Any] = {}
 
         def done() -> bool:
@@ -82,7 +88,7 @@ class LiveCluster(Cluster):
             found.update(obj)
             return (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed", "Cancelled")
 
-        wait_until(done, timeout=timeout, interval=0.05, what=f"RemoteCommand {name}")
+        wait_until(done, timeout=timeout, interval=interval, what=f"RemoteCommand {name}")
         return found
 
 
@@ -152,18 +158,54 @@ def _pgid(path: Path) -> int | None:
     return recorded[0] if recorded else None
 
 
-def _timed_command(fleet: LiveCluster, vm: SshdVM, command: str) -> float:
+class Timed(NamedTuple):
+    """One run of the second command, s: created to ``Succeeded`` seen, and its parts from
+    the result's times: to the worker's claim (``startTime``: the controller's dispatch,
+    the broker, the worker taking it), the worker's run (claim to ``completionTime``), and
+    from there to the status read (the report, the controller's write, the poll)."""
+
+    total: float
+    dispatch: float
+    run: float
+    report: float
+
+
+def _timed_command(fleet: LiveCluster, vm: SshdVM, command: str) -> Timed:
     name = f"probe-{uuid.uuid4().hex[:6]}"
-    started = time.perf_counter()
+    started, wall = time.perf_counter(), time.time()
     fleet.create(name, vm=vm.name, command=command)
-    fleet.finished(name)
-    return time.perf_counter() - started
+    obj = fleet.finished(name, interval=0.01)
+    total = time.perf_counter() - started
+    result = ((obj.get("status") or {}).get("results") or [{}])[0]
+    assert result.get("phase") == "Succeeded", f"the timed command {command!r}: {result}"
+    claimed = parse_rfc3339(result["startTime"]).timestamp() - wall
+    ended = parse_rfc3339(result["completionTime"]).timestamp() - wall
+    return Timed(total, claimed, ended - claimed, total - ended)
+
+
+def _ms(seconds: list[float]) -> str:
+    return "/".join(f"{s * 1000:.0f}" for s in seconds)
+
+
+def _parts(runs: list[Timed]) -> str:
+    return ", ".join(f"{part} {statistics.median(getattr(r, part) for r in runs) * 1000:.0f}"
+                     for part in ("dispatch", "run", "report"))
+
+
+def _cpu_s(pgid: int) -> float:
+    """CPU seconds of a process group's processes (and the children they waited for)."""
+    total = 0
+    for pid in group_pids(pgid):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def output_1gb(bench: Bench, fleet: LiveCluster, vm: SshdVM) -> None:
     size = ONE_GIB // 4 if bench.quick else ONE_GIB
     second = "seq 1 300000"
-    alone = statistics.median(_timed_command(fleet, vm, second) for _ in range(5))
+    alone = [_timed_command(fleet, vm, second) for _ in range(5)]
     groups: dict[str, int] = {}
     workers = sorted(fleet.worker_dir.glob("*.pgid"))
     if workers and (pgid := _pgid(workers[0])) is not None:
@@ -179,37 +221,54 @@ def output_1gb(bench: Bench, fleet: LiveCluster, vm: SshdVM) -> None:
 
     name = f"loud-{uuid.uuid4().hex[:6]}"
     line = "x" * 1023
+    load_before = os.getloadavg()[0]
+    cpu_before = {system: _cpu_s(pgid) for system, pgid in groups.items()}
     started = time.perf_counter()
     fleet.create(name, vm=vm.name, command=f"yes {line} | head -c {size}")
     reader = subprocess.Popen([VMFLEET, "logs", "-f", "-n", NAMESPACE, name],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env=fleet.env(), start_new_session=True)
     reader_sampler = Sampler(reader.pid, interval=0.2)
-    during: list[float] = []
+    during: list[Timed] = []
     stop = threading.Event()
 
     def probe() -> None:
-        time.sleep(0.5)
-        while not stop.is_set() and len(during) < 5:
+        time.sleep(1.0)  # the loud command prints by then
+        while not stop.is_set() and len(during) < 10:
             during.append(_timed_command(fleet, vm, second))
+            stop.wait(0.5)
 
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()
-    obj = fleet.finished(name, timeout=1800)
+    obj = fleet.finished(name, timeout=3600)
     wall = time.perf_counter() - started
+    cpu = {system: _cpu_s(pgid) - cpu_before[system] for system, pgid in groups.items()}
     stop.set()
     prober.join(timeout=120)
     reader.wait(timeout=120)
+    alone += [_timed_command(fleet, vm, second) for _ in range(5)]
     result = ((obj.get("status") or {}).get("results") or [{}])[0]
     printed = int(result.get("stdoutBytes") or 0)
     note = f"{printed / 2**20:.0f} MiB printed, {result.get('phase')}"
     bench.record("output_1gb", "vmfleet", "wall_s", [wall], note)
     bench.record("output_1gb", "vmfleet", "mb_per_s", [printed / 2**20 / wall])
     if during:
-        slow = (statistics.median(during) / alone - 1) * 100
-        bench.record("output_1gb", "vmfleet", "slowdown_pct", [slow],
-                     f"`{second}` on the same worker: {alone:.2f} s alone, "
-                     f"{statistics.median(during):.2f} s during ({len(during)} runs)")
+        base = statistics.median(r.total for r in alone)
+        loaded = statistics.median(r.total for r in during)
+        bench.record("output_1gb", "vmfleet", "slowdown_pct", [(loaded / base - 1) * 100],
+                     f"`{second}` on the same worker: {base * 1000:.0f} ms alone "
+                     f"({len(alone)} runs, before and after), {loaded * 1000:.0f} ms during "
+                     f"({len(during)} runs); ms alone {_ms([r.total for r in alone])}, "
+                     f"during {_ms([r.total for r in during])}; median ms alone: "
+                     f"{_parts(alone)}; during: {_parts(during)}; load average "
+                     f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+        worker_run = statistics.median(r.run for r in during) / statistics.median(
+            r.run for r in alone)
+        bench.record("output_1gb", "vmfleet_worker", "slowdown_pct", [(worker_run - 1) * 100],
+                     "the same runs, the worker's part only (claim to completionTime)")
+    for system, seconds in cpu.items():
+        bench.record("output_1gb", system, "cpu_ms", [seconds / wall * 1000],
+                     "CPU ms per second while the loud command ran (10: 1 % of a core)")
     for system, sampler in samplers.items():
         sampler.stop()
         bench.record("output_1gb", system, "rss_mb", [sampler.peak() - idle[system]],
