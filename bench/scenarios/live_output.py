@@ -16,24 +16,31 @@ shared cluster of the other scenarios has none), on the shared sshd VMs.
   ``VMFLEET_OUTPUT_READ_RATE_BYTES`` (4 MiB/s) fast and SSH flow control holds it back:
   its MB/s is about that limit. ``rss_mb`` of each component: its peak during the run
   minus its idle RSS before (worker, controller, output store, broker, the ``vmfleet
-  logs`` reader); ``slowdown_pct``: how much longer ``seq 1 300000`` (a second command on
-  the same worker, 1.9 MB of output) takes, created to ``Succeeded``, while the loud one
-  prints than alone. Alone: the median of 5 runs before the loud command and 5 after (the
-  machine's load drifts over a run of minutes); during: the median of up to 10 runs, one
-  every 0.5 s from 1 s after the loud command started. The end is polled every 10 ms (at
-  50 ms the poll's step was most of a 60 ms command).
+  logs`` reader); ``slowdown_pct``: how much longer ``seq 1 300000`` (a second command on the
+  same worker, 1.9 MB of output) takes, created to ``Succeeded``, while the loud one
+  prints than while it is paused: ``PAIRS`` (6) pairs of runs a second apart, one with the loud
+  command's ``yes`` stopped on the VM (SIGSTOP; its channel drained), one printing again,
+  from 1 s after it started. Pairs, because the machine's load (other work on it) drifts
+  over minutes far more than 10 %; the runs alone before and after the loud command (5
+  each) are in the note, with each run's parts (to the worker's claim, the worker's run,
+  to the status read) and the load average; ``vmfleet_worker`` ``slowdown_pct``: the
+  worker's part alone. The end is polled every 10 ms (at 50 ms the poll's step was most
+  of a 60 ms command). ``cpu_ms``: CPU of each component while the loud command ran, ms
+  per second.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -50,6 +57,9 @@ from vmfleet.procs import free_port, read_pid_file, wait_until
 SCENARIOS = ("live_latency", "output_1gb")
 VMFLEET = str(Path(sys.executable).with_name("vmfleet"))
 ONE_GIB = 1024 * 1024 * 1024
+# Each run of the second command prints 1.9 MB, which the output store keeps too: its RSS
+# over idle holds the pairs' output (6 pairs: 23 MB) beside the loud command's 16 MiB.
+PAIRS = 6
 
 
 class LiveCluster(Cluster):
@@ -202,6 +212,21 @@ def _cpu_s(pgid: int) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def _paused(vm: SshdVM, line: str) -> Iterator[None]:
+    """The loud command's ``yes`` stopped on the VM (SIGSTOP) for the block, if it runs."""
+    pids = [pid for pid, argv in vm.commands().items() if argv.startswith(f"yes {line}")]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
 def output_1gb(bench: Bench, fleet: LiveCluster, vm: SshdVM) -> None:
     size = ONE_GIB // 4 if bench.quick else ONE_GIB
     second = "seq 1 300000"
@@ -230,13 +255,21 @@ def output_1gb(bench: Bench, fleet: LiveCluster, vm: SshdVM) -> None:
                               env=fleet.env(), start_new_session=True)
     reader_sampler = Sampler(reader.pid, interval=0.2)
     during: list[Timed] = []
+    paused: list[Timed] = []
     stop = threading.Event()
 
     def probe() -> None:
         time.sleep(1.0)  # the loud command prints by then
-        while not stop.is_set() and len(during) < 10:
-            during.append(_timed_command(fleet, vm, second))
+        while not stop.is_set() and len(during) < PAIRS:
+            # A pair, a second apart: the loud command paused (its `yes` stopped on the VM;
+            # its channel drains in 0.5 s at the read rate), then printing again.
+            with _paused(vm, line):
+                stop.wait(1.0)
+                if not stop.is_set():
+                    paused.append(_timed_command(fleet, vm, second))
             stop.wait(0.5)
+            if not stop.is_set():
+                during.append(_timed_command(fleet, vm, second))
 
     prober = threading.Thread(target=probe, daemon=True)
     prober.start()
@@ -246,34 +279,36 @@ def output_1gb(bench: Bench, fleet: LiveCluster, vm: SshdVM) -> None:
     stop.set()
     prober.join(timeout=120)
     reader.wait(timeout=120)
+    for sampler in (*samplers.values(), reader_sampler):
+        sampler.stop()
     alone += [_timed_command(fleet, vm, second) for _ in range(5)]
     result = ((obj.get("status") or {}).get("results") or [{}])[0]
     printed = int(result.get("stdoutBytes") or 0)
     note = f"{printed / 2**20:.0f} MiB printed, {result.get('phase')}"
     bench.record("output_1gb", "vmfleet", "wall_s", [wall], note)
     bench.record("output_1gb", "vmfleet", "mb_per_s", [printed / 2**20 / wall])
-    if during:
-        base = statistics.median(r.total for r in alone)
+    if during and paused:
+        quiet = statistics.median(r.total for r in paused)
         loaded = statistics.median(r.total for r in during)
-        bench.record("output_1gb", "vmfleet", "slowdown_pct", [(loaded / base - 1) * 100],
-                     f"`{second}` on the same worker: {base * 1000:.0f} ms alone "
-                     f"({len(alone)} runs, before and after), {loaded * 1000:.0f} ms during "
-                     f"({len(during)} runs); ms alone {_ms([r.total for r in alone])}, "
-                     f"during {_ms([r.total for r in during])}; median ms alone: "
-                     f"{_parts(alone)}; during: {_parts(during)}; load average "
+        apart = statistics.median(r.total for r in alone)
+        bench.record("output_1gb", "vmfleet", "slowdown_pct", [(loaded / quiet - 1) * 100],
+                     f"`{second}` on the same worker, {len(during)} pairs a second apart: "
+                     f"{quiet * 1000:.0f} ms with the loud command paused, {loaded * 1000:.0f} "
+                     f"ms while it prints (ms paused {_ms([r.total for r in paused])}, printing "
+                     f"{_ms([r.total for r in during])}; median ms paused: {_parts(paused)}; "
+                     f"printing: {_parts(during)}); before and after it, alone: "
+                     f"{apart * 1000:.0f} ms ({_ms([r.total for r in alone])}); load average "
                      f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
         worker_run = statistics.median(r.run for r in during) / statistics.median(
-            r.run for r in alone)
+            r.run for r in paused)
         bench.record("output_1gb", "vmfleet_worker", "slowdown_pct", [(worker_run - 1) * 100],
-                     "the same runs, the worker's part only (claim to completionTime)")
+                     "the same pairs, the worker's part only (claim to completionTime)")
     for system, seconds in cpu.items():
         bench.record("output_1gb", system, "cpu_ms", [seconds / wall * 1000],
                      "CPU ms per second while the loud command ran (10: 1 % of a core)")
     for system, sampler in samplers.items():
-        sampler.stop()
         bench.record("output_1gb", system, "rss_mb", [sampler.peak() - idle[system]],
                      f"peak over idle ({idle[system]:.0f} MiB idle)")
-    reader_sampler.stop()
     bench.record("output_1gb", "vmfleet_logs", "rss_mb", [reader_sampler.peak()],
                  "the `vmfleet logs -f` process, peak")
 
