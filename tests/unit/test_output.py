@@ -3,7 +3,7 @@
 import pytest
 
 from remote_tasks.output import ReadBudget, StreamTail
-from remote_tasks.ssh import READ_QUANTUM
+from remote_tasks.session import READ_QUANTUM
 
 
 def test_tail_keeps_last_bytes_and_counts_all():

@@ -299,9 +299,9 @@ def test_follow_ends_after_the_command_ended_even_when_a_worker_was_lost_mid_out
 
 def _reading_session(chan, rate):
     from remote_tasks.output import ReadBudget, StreamTail
-    from remote_tasks.ssh import _Session
+    from remote_tasks.session import Session
 
-    session = _Session.__new__(_Session)
+    session = Session.__new__(Session)
     session.chan, session.head, session.become_failed = chan, None, None
     session.out, session.err = StreamTail(1024), StreamTail(1024)
     session.budget = ReadBudget(rate)
@@ -352,10 +352,10 @@ def test_a_loud_channel_is_read_no_faster_than_the_rate():
 
 
 def test_a_short_loud_command_is_not_held_back_and_no_rate_means_no_wait():
-    from remote_tasks.ssh import _Session
+    from remote_tasks.session import Session
 
     rate = {"now": 4 * 2**20}
-    session = _Session.__new__(_Session)
+    session = Session.__new__(Session)
     from remote_tasks.output import ReadBudget
 
     session.budget = ReadBudget(lambda: rate["now"])
