@@ -30,7 +30,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from remote_tasks.ssh import ConnectionPool, SSHTarget  # noqa: E402
+from remote_tasks.ssh import ConnectionPool  # noqa: E402
+from remote_tasks.sshtarget import SSHTarget  # noqa: E402
 from remote_tasks.transfer import TransferExecutor  # noqa: E402
 from vmfleet.api.envelope import Envelope  # noqa: E402
 from vmfleet.api.models import RemoteCommandSpec  # noqa: E402

@@ -31,7 +31,7 @@ from vmfleet.api.times import now_rfc3339, parse_rfc3339
 from vmfleet.settings import Settings
 from vmfleet.state import CANCELLED, CLAIMED, State
 
-from .ssh import AttemptControl, Deadline
+from .session import AttemptControl, Deadline
 
 log = logging.getLogger("remote_tasks")
 

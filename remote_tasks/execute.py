@@ -32,18 +32,16 @@ from vmfleet.state import State
 
 from .attempt import Attempt, AttemptDeadlines, Cancels, attempt_deadlines, attempt_report
 from .become import Become, PasswordInvalid, become_for, read_become_password, refusal
+from .session import Deadline, ExecResult
 from .shell import InvalidCommand, build_invocation
 from .signals import signal_outcome
-from .ssh import (
-    ConnectionPool,
+from .ssh import ConnectionPool, run_command
+from .sshtarget import (
     CredentialsInvalid,
-    Deadline,
-    ExecResult,
     NotStarted,
     SSHError,
     SSHTarget,
     TransportError,
-    run_command,
 )
 
 log = logging.getLogger("remote_tasks")

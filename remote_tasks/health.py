@@ -33,7 +33,9 @@ from vmfleet.api.reports import ProbeReport
 from vmfleet.api.times import now_rfc3339
 
 from .execute import AttemptFailed, CommandExecutor
-from .ssh import ConnectionPool, HostKeyMismatch, SSHError, SSHTarget, fingerprint, shutdown_write
+from .session import shutdown_write
+from .ssh import ConnectionPool
+from .sshtarget import HostKeyMismatch, SSHError, SSHTarget, fingerprint
 
 log = logging.getLogger("remote_tasks.health")
 

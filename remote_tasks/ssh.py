@@ -3,73 +3,53 @@
 There is no per-host lock around commands: paramiko multiplexes channels over one
 transport, so commands on one VM run side by side (the VM's ``maxConcurrentCommands`` is
 the worker's concurrency). Host keys are always verified against the pinned keys; a key
-that does not match is refused and never added anywhere.
+that does not match is refused and never added anywhere. What a VM's target is and the
+errors: ``.sshtarget``; one command on its channel: ``.session``.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
 import logging
-import select
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import paramiko
 
 from vmfleet import metrics
 
-from .become import Become, Step, SudoDialogue
+from .become import Become
 from .output import StreamTail
-from .shell import GO, parse_marker, terminate_line
+from .session import (
+    DEFAULT_KILL_GRACE,
+    EXIT_SIGNAL_KEY,
+    AttemptControl,
+    Deadline,
+    ExecResult,
+    OutputSink,
+    Session,
+    shutdown_write,
+)
+from .shell import terminate_line
+from .sshtarget import (
+    NEGOTIATED_TYPES,
+    AuthFailed,
+    ChannelOpenFailed,
+    HostKeyMismatch,
+    PinnedKey,
+    SSHError,
+    SSHTarget,
+    TransportError,
+    fingerprint,
+    load_private_key,
+)
 
 log = logging.getLogger(__name__)
 
 KEEPALIVE_SECONDS = 30
-READ_CHUNK = 64 * 1024
-TICK_SECONDS = 0.5
-DEFAULT_KILL_GRACE = 3.0
 SFTP_WINDOW = 8 * 1024 * 1024
-
-
-class SSHError(Exception):
-    """Base of the errors that end an attempt before or while the command runs."""
-
-    reason = "TransportError"
-
-
-class TransportError(SSHError):
-    reason = "TransportError"
-
-    def __init__(self, message: str, pgid: int | None = None, nonce: str | None = None) -> None:
-        super().__init__(message)
-        self.pgid = pgid  # the remote process group, if the command had started
-        self.nonce = nonce
-
-
-class NotStarted(Exception):
-    """The gate refused: the wrapper was told nothing and exited without running the command."""
-
-
-class ChannelOpenFailed(TransportError):
-    """No channel could be opened: the command never started, so trying again is safe."""
-
-
-class AuthFailed(SSHError):
-    reason = "AuthFailed"
-
-
-class HostKeyMismatch(SSHError):
-    reason = "HostKeyMismatch"
-
-
-class CredentialsInvalid(SSHError):
-    reason = "CredentialsInvalid"
 
 
 class SignalTransport(paramiko.Transport):
@@ -93,179 +73,12 @@ class SignalTransport(paramiko.Transport):
         m.get_boolean()  # want_reply: always false for exit-signal
         name = m.get_text()
         m.get_boolean()  # core dumped
-        chan.__dict__[_EXIT_SIGNAL] = name
+        chan.__dict__[EXIT_SIGNAL_KEY] = name
         chan.status_event.set()
 
 
 SignalTransport._channel_handler_table[paramiko.common.MSG_CHANNEL_REQUEST] = (
     SignalTransport._handle_channel_request)
-_EXIT_SIGNAL = "vmfleet_exit_signal"
-
-
-def exit_signal(chan: paramiko.Channel) -> str | None:
-    """The name of the signal that ended the channel's command (``KILL``), if one did."""
-    name = chan.__dict__.get(_EXIT_SIGNAL)
-    return name if isinstance(name, str) else None
-
-
-class OutputSink(Protocol):
-    """Where a command's output goes as it is read, besides the status tails."""
-
-    def stdout(self, data: bytes) -> None: ...
-
-    def stderr(self, data: bytes) -> None: ...
-
-
-class AttemptControl:
-    """A handle on one running attempt that any thread may end at once (``terminate``).
-
-    ``Connection.run`` attaches the attempt once its wrapper reported the process group;
-    ``terminate(reason)`` then sends TERM to the group and to every process carrying the
-    attempt's marker from the calling thread, over a new channel of the same connection,
-    while ``run`` keeps reading the command's own channel. Called before the attempt
-    started, it makes ``run`` close the channel at the gate (the command never starts).
-    Whoever ends the attempt first (this, the deadline or ``tick``) does the kill, once.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.reason: str | None = None
-        self._killed = False
-        self._conn: Connection | None = None
-        self._pgid: int | None = None
-        self._nonce: str | None = None
-        self._become: Become | None = None
-        self._grace = DEFAULT_KILL_GRACE
-
-    def attach(self, conn: Connection, pgid: int, nonce: str, become: Become | None,
-               grace: float) -> None:
-        with self._lock:
-            self._conn, self._pgid, self._nonce, self._become = conn, pgid, nonce, become
-            self._grace = grace
-
-    def _claim_kill(self, reason: str) -> bool:
-        """Record ``reason`` (the first one wins); True for the one caller that kills."""
-        with self._lock:
-            if self.reason is None:
-                self.reason = reason
-            if self._killed or self._pgid is None:
-                return False
-            self._killed = True
-            return True
-
-    def terminate(self, reason: str) -> bool:
-        """End the attempt now (TERM, grace, KILL), from any thread. False when it had not
-        started (``run`` then never starts it) or another caller is already ending it."""
-        if not self._claim_kill(reason):
-            return False
-        assert self._conn is not None and self._pgid is not None
-        self._conn.terminate(self._pgid, self._grace, self._nonce, self._become)
-        return True
-
-
-# An OpenSSH host key type and the key types paramiko may negotiate to get it.
-_NEGOTIATED_TYPES = {
-    "ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa"),
-}
-
-
-def fingerprint(key: paramiko.PKey) -> str:
-    """``SHA256:...`` as ``ssh-keygen -l`` prints it."""
-    digest = hashlib.sha256(key.asbytes()).digest()
-    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
-
-
-@dataclass(frozen=True)
-class PinnedKey:
-    key_type: str
-    blob: bytes
-
-    @classmethod
-    def parse(cls, line: str) -> PinnedKey:
-        """Parse an OpenSSH public key line (``type base64 [comment]``, or known_hosts style)."""
-        fields = line.split()
-        # known_hosts lines start with the host pattern(s); skip to the key type.
-        while fields and not (fields[0].startswith(("ssh-", "ecdsa-", "sk-"))):
-            fields = fields[1:]
-        if len(fields) < 2:
-            raise CredentialsInvalid(f"host key {line[:40]!r}... is not an OpenSSH public key line")
-        try:
-            blob = base64.b64decode(fields[1], validate=True)
-        except ValueError as exc:
-            raise CredentialsInvalid(f"host key of type {fields[0]} is not valid base64") from exc
-        return cls(fields[0], blob)
-
-
-@dataclass(frozen=True)
-class SSHTarget:
-    """Everything needed to reach one VM. ``key`` identifies a pooled connection."""
-
-    host: str
-    port: int
-    user: str
-    private_key: str = field(repr=False)
-    host_keys: tuple[str, ...]
-    passphrase: str | None = field(default=None, repr=False)
-    connect_timeout: float = 30.0
-    # TrustOnFirstUse with no key recorded yet: accept the key the VM offers (the caller
-    # records it in status.hostKey; once recorded it is pinned like any other).
-    trust_on_first_use: bool = False
-    # proxyJump: reach this VM through a direct-tcpip channel of the bastion's connection.
-    jump: SSHTarget | None = None
-    # spec.allowBecome of the RemoteVM, and its sudo password (become-password), if any.
-    allow_become: bool = False
-    become_password: str | None = field(default=None, repr=False)
-
-    @property
-    def address(self) -> str:
-        return f"{self.user}@{self.host}:{self.port}"
-
-
-def load_private_key(text: str, passphrase: str | None) -> paramiko.PKey:
-    """Load an OpenSSH or PEM private key of any type paramiko supports."""
-    errors = []
-    for key_class in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
-        try:
-            return key_class.from_private_key(io.StringIO(text), password=passphrase)
-        except paramiko.PasswordRequiredException as exc:
-            raise CredentialsInvalid(
-                "the private key is encrypted: add its passphrase to the Secret (key 'passphrase')"
-            ) from exc
-        except (paramiko.SSHException, ValueError) as exc:
-            errors.append(f"{key_class.__name__}: {exc}")
-    raise CredentialsInvalid(
-        "ssh-privatekey is not a private key paramiko can read (or the passphrase is wrong)"
-    )
-
-
-@dataclass(frozen=True)
-class Deadline:
-    """When an attempt must end, and the reason it then ends with."""
-
-    at: float  # time.monotonic()
-    reason: str
-
-    def expired(self, now: float) -> str | None:
-        return self.reason if now >= self.at else None
-
-    @classmethod
-    def earliest(cls, *deadlines: Deadline | None) -> Deadline | None:
-        present = [d for d in deadlines if d is not None]
-        return min(present, key=lambda d: d.at) if present else None
-
-
-@dataclass
-class ExecResult:
-    exit_code: int | None
-    stdout: StreamTail
-    stderr: StreamTail
-    started: float
-    finished: float
-    pgid: int | None = None
-    ended_by: str | None = None  # the reason the attempt was terminated, if it was
-    signal: str | None = None  # the signal that ended the command (exit-signal), e.g. KILL
-    become_failed: str | None = None  # sudo did not let the action run: why
-    host_key: str | None = None  # fingerprint of the key the VM showed (SHA256:...)
 
 
 class Connection:
@@ -316,7 +129,7 @@ class Connection:
             options = transport.get_security_options()
             wanted: list[str] = []
             for key in pinned:
-                for name in _NEGOTIATED_TYPES.get(key.key_type, (key.key_type,)):
+                for name in NEGOTIATED_TYPES.get(key.key_type, (key.key_type,)):
                     if name in options.key_types and name not in wanted:
                         wanted.append(name)
             if wanted:
@@ -404,10 +217,10 @@ class Connection:
         reported that it runs; a refused or missing password ends the attempt at once
         (``ExecResult.become_failed``). A command killed by a signal has ``signal`` set.
         ``output`` gets every byte of each stream as it is read (the output store).
-        ``read_rate`` (bytes/s, 0: none; or a function giving it now): the command's
-        output is read no faster than this; SSH flow control then holds a command that
-        prints faster back, so that it cannot take the worker from the other commands
-        it runs.
+        ``read_rate`` (bytes/s, 0: none; or a function giving it now): past a burst of a
+        second's worth (``ReadBudget``), the command's output is read no faster than
+        this; SSH flow control then holds a command that keeps printing faster back, so
+        that it cannot take the worker from the other commands it runs.
         """
         assert self.transport is not None
         out = StreamTail(max_bytes, on_stdout, output.stdout if output is not None else None)
@@ -417,7 +230,7 @@ class Connection:
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise ChannelOpenFailed(f"cannot open a channel to {self.target.host}: {exc}") from exc
         started = time.time()
-        session = _Session(self, chan, stdin, out, err, nonce=nonce, deadline=deadline, gate=gate,
+        session = Session(self, chan, stdin, out, err, nonce=nonce, deadline=deadline, gate=gate,
                            tick=tick, kill_grace=kill_grace, become=become, control=control,
                            read_rate=read_rate)
         try:
@@ -474,241 +287,6 @@ class Connection:
             chan.recv_exit_status()
         finally:
             chan.close()
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip()[:500] if lines else ""
-
-
-def shutdown_write(chan: paramiko.Channel) -> None:
-    """Send EOF on ``chan`` unless it is already closed.
-
-    ``Channel.shutdown_write`` checks nothing: an EOF sent after the server closed the
-    channel makes OpenSSH drop the whole connection, every channel on it. The check here
-    narrows that race to the moment between it and the send (paramiko sends outside the
-    channel's lock); the wrapped commands without stdin need no EOF at all.
-    """
-    with chan.lock:
-        if chan.closed or chan.eof_sent or chan.transport is None:
-            return
-        message = chan._send_eof()  # type: ignore[attr-defined]
-    if message is not None:
-        chan.transport._send_user_message(message)  # type: ignore[attr-defined]
-
-
-def _feed_stdin(chan: paramiko.Channel, data: bytes) -> None:
-    try:
-        chan.sendall(data)
-        shutdown_write(chan)
-    except (OSError, EOFError, paramiko.SSHException):
-        pass  # the command exited before reading all of stdin
-
-
-class _Session:
-    """One command on one channel, driven by ``Connection.run``: the wrapper's report of
-    its process group and the gate, sudo's dialogue, the output, and the end (the
-    command's exit, or the attempt ended once by its deadline, ``tick`` or ``control``)."""
-
-    def __init__(self, conn: Connection, chan: paramiko.Channel, stdin: bytes | None,
-                 out: StreamTail, err: StreamTail, *, nonce: str | None,
-                 deadline: Deadline | None, gate: Callable[[int | None, str], bool] | None,
-                 tick: Callable[[], str | None] | None, kill_grace: float,
-                 become: Become | None, control: AttemptControl | None,
-                 read_rate: float | Callable[[], float] = 0) -> None:
-        self.conn, self.chan, self.stdin, self.out, self.err = conn, chan, stdin, out, err
-        self.nonce, self.deadline, self.gate, self.tick = nonce, deadline, gate, tick
-        self.kill_grace, self.become, self.control = kill_grace, become, control
-        self.pgid: int | None = None
-        self.head: bytearray | None = bytearray() if nonce is not None else None
-        self.gated = nonce is not None  # the gate is still to be called
-        self.refused = False
-        self.ended_by: str | None = None
-        self.give_up_at: float | None = None
-        self.next_tick = time.monotonic() + TICK_SECONDS
-        self.dialogue = (SudoDialogue(nonce, become.password is not None)
-                         if become is not None and nonce is not None else None)
-        self.become_failed: str | None = None
-        self.read_rate = read_rate
-        self._read = 0  # bytes read since _read_since
-        self._read_since = time.monotonic()
-
-    @property
-    def host(self) -> str:
-        return self.conn.target.host
-
-    def drive(self, line: str) -> None:
-        """Run ``line`` and read until the channel is done; NotStarted if the gate refused."""
-        self.chan.exec_command(line)
-        if not self.gated:
-            self.start()
-        while not self.refused and self.read() and self.enforce(time.monotonic()):
-            pass
-        if self.refused:
-            raise NotStarted(f"the command on {self.host} was not started (gate refused)")
-        dialogue = self.dialogue
-        if dialogue is not None and not dialogue.ready and self.become_failed is None \
-                and self.ended_by is None:
-            self.err.feed(dialogue.flush())
-            self.become_failed = ("sudo did not run the action as "
-                                  f"{self.become.user if self.become else '?'}: "
-                                  f"{_last_line(self.err.text()) or 'it exited before the action ran'}")
-
-    def outcome(self) -> tuple[int, str | None]:
-        """The exit status (-1: none) and the signal that ended the command, if any."""
-        killed_by = exit_signal(self.chan)
-        # paramiko's exit_status stays -1 until an exit-status message arrives (and
-        # exit_status_ready() is also true once the channel merely closed).
-        reported = self.chan.exit_status >= 0 or killed_by is not None
-        if not reported and self.ended_by is None and self.conn._settles_dead():
-            # The connection died (e.g. sshd restarted) before the command reported an
-            # exit status: a transport error, retried within the spec's limit.
-            raise TransportError(f"connection to {self.host} broke before the command exited",
-                                 pgid=self.pgid, nonce=self.nonce)
-        return self.chan.exit_status, killed_by
-
-    def close(self) -> None:
-        if self.head:
-            self.out.feed(bytes(self.head))
-        if self.dialogue is not None:
-            self.err.feed(self.dialogue.flush())
-        self.out.close()
-        self.err.close()
-        self.chan.close()
-
-    # -- reading -----------------------------------------------------------------
-
-    def read(self) -> bool:
-        """Take what arrived (waiting up to a tick); False once the channel is done."""
-        chan = self.chan
-        self.hold_back()
-        select.select([chan], [], [], TICK_SECONDS)
-        while chan.recv_ready():
-            self.feed_stdout(self.counted(chan.recv(READ_CHUNK)))
-        while chan.recv_stderr_ready():
-            self.feed_stderr(self.counted(chan.recv_stderr(READ_CHUNK)))
-        if self.become_failed is not None:
-            return False
-        drained = not chan.recv_ready() and not chan.recv_stderr_ready()
-        if ((chan.exit_status_ready() and chan.eof_received) or chan.closed) and drained:
-            return False
-        assert self.conn.transport is not None
-        if not self.conn.transport.is_active():
-            raise TransportError(f"connection to {self.host} broke during the command",
-                                 pgid=self.pgid, nonce=self.nonce)
-        return True
-
-    def counted(self, data: bytes) -> bytes:
-        self._read += len(data)
-        return data
-
-    def hold_back(self) -> None:
-        """Past ``read_rate``, wait (at most a tick) before reading more: the channel's
-        window fills and the remote command waits on its output."""
-        rate = self.read_rate() if callable(self.read_rate) else self.read_rate
-        now = time.monotonic()
-        if not rate:
-            self._read, self._read_since = 0, now  # unlimited now: no debt later
-            return
-        ahead = self._read_since + self._read / rate - now
-        if ahead > 0:
-            time.sleep(min(ahead, TICK_SECONDS))
-        elif now - self._read_since > 10:  # a fresh window: a quiet spell earns no burst
-            self._read, self._read_since = 0, now
-
-    def feed_stdout(self, data: bytes) -> None:
-        if self.head is None:
-            self.out.feed(data)
-            return
-        self.head += data
-        newline = self.head.find(b"\n")
-        if newline < 0 and len(self.head) < 256:
-            return
-        first, rest = bytes(self.head[: newline + 1]), bytes(self.head[newline + 1 :])
-        self.head = None
-        assert self.nonce is not None
-        self.pgid = parse_marker(first, self.nonce) if newline >= 0 else None
-        if self.pgid is None:
-            self.out.feed(first)  # not our marker: keep every byte
-        self.out.feed(rest)
-        self.open_gate()
-
-    def feed_stderr(self, data: bytes) -> None:
-        if self.dialogue is None:
-            self.err.feed(data)
-            return
-        data, steps = self.dialogue.feed(data)
-        self.err.feed(data)
-        for step in steps:
-            if step is Step.SEND_PASSWORD:
-                assert self.become is not None
-                self.chan.sendall(self.become.password_line())
-            elif step is Step.READY:
-                self.start()
-            elif step is Step.FAILED:
-                self.become_failed = self.dialogue.failure
-                self.chan.close()  # sudo reads EOF and exits: nothing ran
-
-    # -- starting ----------------------------------------------------------------
-
-    def open_gate(self) -> None:
-        assert self.nonce is not None
-        self.gated = False
-        control = self.control
-        if (self.gate is not None and not self.gate(self.pgid, self.nonce)) or (
-                control is not None and control.reason is not None):
-            self.refused = True
-            self.chan.close()
-            return
-        if control is not None and self.pgid is not None:
-            control.attach(self.conn, self.pgid, self.nonce, self.become, self.kill_grace)
-        self.chan.sendall(GO)
-        self.start()
-
-    def start(self) -> None:
-        if self.dialogue is not None and not self.dialogue.ready:
-            return  # stdin waits until sudo let the action run
-        if self.stdin:
-            threading.Thread(target=_feed_stdin, args=(self.chan, self.stdin), daemon=True).start()
-        elif self.nonce is None:
-            shutdown_write(self.chan)
-        # A wrapped command without stdin reads /dev/null (shell.wrap): no EOF is sent,
-        # which could otherwise race with the server closing the channel of a command
-        # that ended at once.
-
-    # -- ending ------------------------------------------------------------------
-
-    def enforce(self, now: float) -> bool:
-        """End the attempt once its deadline, ``tick`` or ``control`` says so; False once
-        a killed command outlived its grace (the channel is closed: stop reading)."""
-        if self.ended_by is not None:
-            if self.give_up_at is not None and now > self.give_up_at:
-                self.chan.close()
-                return False
-            return True
-        reason = self.deadline.expired(now) if self.deadline is not None else None
-        if reason is None and self.tick is not None and now >= self.next_tick:
-            self.next_tick = now + TICK_SECONDS
-            reason = self.tick()
-        if reason is None and self.control is not None:
-            reason = self.control.reason
-        if reason is not None:
-            self.end(reason, now)
-        return True
-
-    def end(self, reason: str, now: float) -> None:
-        self.ended_by = reason
-        self.give_up_at = now + self.kill_grace + 10
-        if self.control is not None:
-            # the kill happens once: here, or it was done by another thread
-            self.control.terminate(reason)
-            self.ended_by = self.control.reason or reason
-            if self.pgid is None:
-                self.chan.close()
-        elif self.pgid is not None:
-            self.conn.terminate(self.pgid, self.kill_grace, self.nonce, self.become)
-        else:
-            self.chan.close()
 
 
 class ConnectionPool:

@@ -63,7 +63,8 @@ from vmfleet.api.times import now_rfc3339
 
 from .attempt import TRANSFER, Attempt, attempt_deadlines
 from .execute import AttemptFailed, CommandExecutor
-from .ssh import Deadline, SSHTarget
+from .session import Deadline
+from .sshtarget import SSHTarget
 from .transfer_dests import Destination, Run, complete, deadline_message, discard, prepare, watchdog
 from .transfer_files import (
     READ_BLOCK,

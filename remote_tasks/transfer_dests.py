@@ -25,7 +25,9 @@ from vmfleet.api.envelope import Envelope
 from vmfleet.api.plan import Plan, Transfer
 
 from .attempt import Attempt
-from .ssh import ConnectionPool, Deadline, SSHError, SSHTarget
+from .session import Deadline
+from .ssh import ConnectionPool
+from .sshtarget import SSHError, SSHTarget
 from .transfer_files import (
     WRITE_BUFFER,
     TransferFailed,

@@ -19,7 +19,7 @@ import paramiko
 
 from vmfleet.api.constants import Reason
 
-from .ssh import SSHError
+from .sshtarget import SSHError
 
 # Bytes requested from the source at once, and the source channel's SSH window: together
 # they bound what a transfer buffers (measured: ~35 MiB of Python objects at 8 MiB each).

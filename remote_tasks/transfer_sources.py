@@ -24,7 +24,8 @@ from vmfleet.api.constants import Reason
 from vmfleet.api.envelope import Envelope, Target
 from vmfleet.api.plan import Source as SourceSpec
 
-from .ssh import ConnectionPool, SSHError, SSHTarget
+from .ssh import ConnectionPool
+from .sshtarget import SSHError, SSHTarget
 from .transfer_files import (
     READ_BLOCK,
     SOURCE_CHANNEL_WINDOW,

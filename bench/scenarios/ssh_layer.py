@@ -63,7 +63,7 @@ def check_exit(system: str, code: int | None, detail: object = "") -> None:
 
 def vmfleet_target(vm: SshdVM) -> Any:
     """The ``SSHTarget`` the worker resolves for this VM (its host key pinned)."""
-    from remote_tasks.ssh import SSHTarget
+    from remote_tasks.sshtarget import SSHTarget
 
     return SSHTarget(host=vm.host, port=vm.port, user=vm.user, private_key=vm.user_private_key_pem,
                      host_keys=tuple(vm.host_public_keys))

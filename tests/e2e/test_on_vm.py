@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 from remote_tasks.become import Become
+from remote_tasks.session import AttemptControl, Deadline
 from remote_tasks.shell import build_invocation
-from remote_tasks.ssh import AttemptControl, ConnectionPool, Deadline, SSHTarget
+from remote_tasks.ssh import ConnectionPool
+from remote_tasks.sshtarget import SSHTarget
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.planning import plan_of
 from vmfleet.dev.proc import wait_until
@@ -151,7 +153,7 @@ def test_terminate_from_another_thread_ends_the_attempt_at_once(make_vm, pool): 
 
 
 def test_terminate_before_the_go_never_starts_the_command(make_vm, pool):  # type: ignore[no-untyped-def]
-    from remote_tasks.ssh import NotStarted
+    from remote_tasks.sshtarget import NotStarted
 
     vm = make_vm("early")
     control = AttemptControl()

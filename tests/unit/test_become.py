@@ -185,7 +185,7 @@ def test_signal_exit_codes():
 def test_judge_names_the_signal():
     from remote_tasks.execute import judge
     from remote_tasks.output import StreamTail
-    from remote_tasks.ssh import ExecResult
+    from remote_tasks.session import ExecResult
 
     result = ExecResult(None, StreamTail(10), StreamTail(10), 0.0, 1.0, signal="KILL")
     outcome = judge(result, [0])
@@ -198,7 +198,8 @@ def test_judge_names_the_signal():
 
 
 def test_signal_transport_keeps_exit_signal():
-    from remote_tasks.ssh import SignalTransport, exit_signal
+    from remote_tasks.session import exit_signal
+    from remote_tasks.ssh import SignalTransport
 
     class FakeChannel:
         def __init__(self) -> None:

@@ -26,7 +26,7 @@ from remote_tasks.health import (
     probe_vm,
     split_sections,
 )
-from remote_tasks.ssh import SSHTarget
+from remote_tasks.sshtarget import SSHTarget
 from vmfleet.api.facts import Facts
 from vmfleet.api.models import RemoteVMSpec
 

@@ -297,19 +297,80 @@ def test_follow_ends_after_the_command_ended_even_when_a_worker_was_lost_mid_out
     assert time.monotonic() - started < 5
 
 
-def test_a_loud_commands_output_is_read_no_faster_than_the_rate():
-    from remote_tasks.ssh import _Session
+def _reading_session(chan, rate):
+    from remote_tasks.output import ReadBudget, StreamTail
+    from remote_tasks.session import Session
 
-    rate = {"now": 1000.0}
-    session = _Session.__new__(_Session)
-    session.read_rate = lambda: rate["now"]
-    session._read, session._read_since = 0, time.monotonic()
-    session.counted(b"x" * 400)
+    session = Session.__new__(Session)
+    session.chan, session.head, session.become_failed = chan, None, None
+    session.out, session.err = StreamTail(1024), StreamTail(1024)
+    session.budget = ReadBudget(rate)
+    session.conn = type("Conn", (), {"transport": type("T", (), {"is_active": lambda s: True})()})()
+    return session
+
+
+class EndlessChannel:
+    """A channel of a command that prints as fast as it is read: each read lets the VM
+    send more (paramiko's window adjust), so there is always more to read."""
+
+    def __init__(self):
+        import socket
+
+        self._ready, self._other = socket.socketpair()
+        self._other.send(b"x")  # select() finds it readable
+        self.read = 0
+        self.closed = False
+
+    def fileno(self):
+        return self._ready.fileno()
+
+    def recv_ready(self):
+        assert self.read < 64 * 2**20, "drained a loud channel past its read budget"
+        return True
+
+    def recv(self, size):
+        self.read += size
+        return b"x" * size
+
+    def recv_stderr_ready(self):
+        return False
+
+    def exit_status_ready(self):
+        return False
+
+
+def test_a_loud_channel_is_read_no_faster_than_the_rate():
+    chan = EndlessChannel()
+    session = _reading_session(chan, 1_000_000)  # a burst of 1 MB, then 1 MB/s
     started = time.monotonic()
-    session.hold_back()  # 400 bytes at 1000 B/s: 0.4 s
-    assert 0.3 < time.monotonic() - started < 0.6
+    assert session.read()  # the burst, at once
+    assert 1_000_000 <= chan.read <= 1_000_000 + 65536
+    assert time.monotonic() - started < 0.3
+    while time.monotonic() - started < 1.5:
+        assert session.read()
+    assert 2_000_000 <= chan.read <= 2_700_000  # the burst and ~1.5 s at the rate
+
+
+def test_a_short_loud_command_is_not_held_back_and_no_rate_means_no_wait():
+    from remote_tasks.session import Session
+
+    rate = {"now": 4 * 2**20}
+    session = Session.__new__(Session)
+    from remote_tasks.output import ReadBudget
+
+    session.budget = ReadBudget(lambda: rate["now"])
+    started = time.monotonic()
+    for _ in range(30):  # 1.9 MB, as `seq 1 300000` prints, read in 30 pieces
+        session.hold_back()
+        session.counted(b"x" * 65536)
+    session.hold_back()
+    assert time.monotonic() - started < 0.1
+    session.counted(b"x" * 4 * 2**20)  # past the burst: held back
+    started = time.monotonic()
+    session.hold_back()
+    assert 0.3 < time.monotonic() - started < 0.7  # at most a tick
     rate["now"] = 0  # no limit: no wait, and no debt carried over
-    session.counted(b"x" * 10_000)
+    session.counted(b"x" * 10_000_000)
     started = time.monotonic()
     session.hold_back()
     assert time.monotonic() - started < 0.05

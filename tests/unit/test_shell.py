@@ -160,7 +160,8 @@ def test_connections_to_vms_disable_nagle():
     """Without TCP_NODELAY every channel open waited ~40 ms for a delayed ACK."""
     import socket
 
-    from remote_tasks.ssh import Connection, SSHTarget
+    from remote_tasks.ssh import Connection
+    from remote_tasks.sshtarget import SSHTarget
 
     with socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]

@@ -16,7 +16,7 @@ from controller.runtime import VMRef, transfer_group, worker_argv
 from controller.status import checked_entry
 from controller.transfers import initial_transfer_results
 from remote_tasks import transfer as t
-from remote_tasks.ssh import AuthFailed
+from remote_tasks.sshtarget import AuthFailed
 from vmfleet.api.constants import TASK_TRANSFER, transfer_queue
 from vmfleet.api.models import RemoteCommandSpec, RemoteVMSpec, TransferSource
 from vmfleet.api.planning import plan_of
