@@ -9,6 +9,7 @@ from vmfleet.settings import DEFAULT_BROKER_URL
 from vmfleet.tenancy import is_redis, transport_options
 
 BROKER_URL_ENV = settings.env_of("broker_url")
+BRPOP_SECONDS = 10
 
 __all__ = ["BROKER_URL_ENV", "DEFAULT_BROKER_URL", "broker_url", "celery_config"]
 
@@ -25,6 +26,10 @@ def celery_config(url: str | None = None, namespace: str | None = None) -> dict[
     options: dict[str, Any] = {"visibility_timeout": 3600}
     if is_redis(url):
         options.update(transport_options(namespace))
+        # An idle worker's BRPOP waits this long on the server before it is sent again
+        # (kombu's default: 1 s, a round trip a second per idle worker); a message still
+        # arrives at once.
+        options["polling_interval"] = BRPOP_SECONDS
     return {
         "broker_url": url,
         "broker_connection_retry_on_startup": True,
