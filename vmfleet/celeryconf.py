@@ -9,7 +9,6 @@ from vmfleet.settings import DEFAULT_BROKER_URL
 from vmfleet.tenancy import is_redis, transport_options
 
 BROKER_URL_ENV = settings.env_of("broker_url")
-BRPOP_SECONDS = 10
 
 __all__ = ["BROKER_URL_ENV", "DEFAULT_BROKER_URL", "broker_url", "celery_config"]
 
@@ -26,10 +25,9 @@ def celery_config(url: str | None = None, namespace: str | None = None) -> dict[
     options: dict[str, Any] = {"visibility_timeout": 3600}
     if is_redis(url):
         options.update(transport_options(namespace))
-        # An idle worker's BRPOP waits this long on the server before it is sent again
-        # (kombu's default: 1 s, a round trip a second per idle worker); a message still
-        # arrives at once.
-        options["polling_interval"] = BRPOP_SECONDS
+        # kombu's BRPOP timeout stays 1 s (a round trip a second per idle worker): a warm
+        # shutdown waits for the pending BRPOP's reply, so 10 s made a SIGTERM take 8 s
+        # instead of 2.5.
     return {
         "broker_url": url,
         "broker_connection_retry_on_startup": True,

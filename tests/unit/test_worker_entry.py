@@ -81,11 +81,3 @@ print(json.dumps([loaded, deferred, type(sys.modules["invoke"]).__name__]))
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.splitlines()[-1]) == [[], "_LazyModule", "module"]
 
-
-def test_an_idle_worker_asks_redis_every_10_seconds_not_every_second():
-    """kombu's BRPOP timeout (``polling_interval``): a message still arrives at once."""
-    from vmfleet.celeryconf import celery_config
-
-    assert celery_config("redis://r:6379/0", "ops")["broker_transport_options"][
-        "polling_interval"] == 10
-    assert "polling_interval" not in celery_config("amqp://b//", "ops")["broker_transport_options"]
