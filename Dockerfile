@@ -1,7 +1,7 @@
 # One image for the vmfleet controller and its workers.
 #   docker build -t vmfleet:0.1.0 .
 # The controller runs `vmfleet controller` (the default command); the controller starts
-# workers from the same image with `celery -A remote_tasks worker ...` as their args.
+# workers from the same image with `python -m remote_tasks.worker ...` as their args.
 # Runs as the numeric non-root user 10001 (pods set runAsNonRoot: true).
 #
 # BASE_IMAGE: a Python 3.11 image with pip, groupadd and useradd. Users build on

@@ -131,7 +131,7 @@ class ProcessRuntime:
     def _argv(self, group: WorkerGroup, index: int) -> list[str]:
         node = f"{group.deployment}-{index}.{group.namespace}@%h"
         argv = worker_argv(",".join(group.queues), group.concurrency, node)
-        return [self.python, "-m", *argv]
+        return [self.python, *argv[1:]]
 
     def _env(self, group: WorkerGroup, urls: WorkerURLs, index: int = 0) -> dict[str, str]:
         env = dict(os.environ)

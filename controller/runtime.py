@@ -67,14 +67,16 @@ def desired_replicas(workers: WorkersSpec | None) -> int:
 
 
 def worker_argv(queue: str, concurrency: int, node_name: str) -> list[str]:
-    """The worker command, the same in both runtimes."""
+    """The worker command, the same in both runtimes (the Process runtime runs it with its
+    own interpreter): ``remote_tasks.worker``, Celery's worker without Celery's command
+    line; no worker-heartbeat events (events are off) nor gossip and mingle."""
     return [
-        "celery", "-A", "remote_tasks", "worker",
+        "python", "-m", "remote_tasks.worker",
         "-Q", queue,
         "--pool", "threads",
         "--concurrency", str(concurrency),
         "-n", node_name,
-        "--without-gossip", "--without-mingle",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
         "--loglevel", "INFO",
     ]
 

@@ -1,4 +1,5 @@
-"""The Celery app of the workers: ``celery -A remote_tasks worker -Q <queue> --pool threads``."""
+"""The Celery app of the workers (``python -m remote_tasks.worker -Q <queue>``, or
+``celery -A remote_tasks worker -Q <queue> --pool threads``)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Task, signals
 from celery.exceptions import Reject
@@ -28,7 +28,9 @@ from .execute import CommandExecutor
 from .guard import Guard
 from .health import HealthChecker
 from .slots import vm_slot
-from .transfer import TransferExecutor
+
+if TYPE_CHECKING:
+    from .transfer import TransferExecutor
 
 _stop = threading.Event()
 _not_ready = threading.Event()
@@ -174,7 +176,10 @@ def check_vm_status(self: Task, message: dict[str, Any]) -> str:
 
 @functools.cache
 def transfers() -> TransferExecutor:
-    """Transfers share the executor's Redis and SSH pool; the controller sends retries."""
+    """Transfers share the executor's Redis and SSH pool; the controller sends retries.
+    Imported on the first transfer: a VM's worker (commands only) never loads them."""
+    from .transfer import TransferExecutor
+
     return TransferExecutor(executor())
 
 

@@ -25,6 +25,9 @@ def celery_config(url: str, namespace: str | None = None) -> dict[str, Any]:
         # queue, one BRPOP per message: a pool worker of 1,000 VMs named 4,000 keys for
         # each message it took, most of its consumer's time.
         options["priority_steps"] = [0]
+        # kombu's BRPOP timeout stays 1 s (a round trip a second per idle worker): a warm
+        # shutdown waits for the pending BRPOP's reply, so 10 s made a SIGTERM take 8 s
+        # instead of 2.5.
     return {
         "broker_url": url,
         "broker_connection_retry_on_startup": True,

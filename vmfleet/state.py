@@ -262,7 +262,9 @@ class State:
                     else:
                         pubsub.psubscribe(ALL_CANCELS)
                     while not stop.is_set():
-                        message = pubsub.get_message(timeout=1.0)
+                        # Blocks until a cancel comes (5 s at most: an idle worker's
+                        # thread wakes rarely; `stop` is only read between waits).
+                        message = pubsub.get_message(timeout=5.0)
                         if message and message.get("type") in ("message", "pmessage"):
                             on_cancel(_text(message["data"]))
                 except Exception as exc:  # noqa: BLE001 - Redis restarted: listen again

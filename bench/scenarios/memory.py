@@ -1,7 +1,7 @@
 """memory: resident memory (RSS, MiB) of a vmfleet worker and of the controller.
 
 - **vmfleet_worker**: the Celery worker the Process runtime starts for one RemoteVM
-  (``python -m celery -A remote_tasks worker -Q <queue> --pool threads --concurrency 8``,
+  (``python -m remote_tasks.worker -Q <queue> --pool threads --concurrency 8``,
   ``controller/process_runtime.py``), summed over its process group. *idle*: its log says
   ``ready`` and no command has run (a health probe may have); *under load*: the peak,
   sampled every 100 ms, while 500 RemoteCommands (``true``; quick: 200) go through the

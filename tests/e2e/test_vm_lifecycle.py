@@ -60,7 +60,8 @@ def fingerprint(public_key_line: str) -> str:
 
 
 def worker_pids(queue: str) -> list[int]:
-    """Celery worker processes serving ``queue``, as the machine's process table shows them."""
+    """Worker processes (``python -m remote_tasks.worker``) serving ``queue``, as the
+    machine's process table shows them."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -69,7 +70,7 @@ def worker_pids(queue: str) -> list[int]:
             argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"worker" in argv and queue.encode() in argv:
+        if b"remote_tasks.worker" in argv and queue.encode() in argv:
             pids.append(int(entry))
     return pids
 

@@ -52,9 +52,9 @@ def test_deployment_runs_the_vm_queue_with_its_secret_and_no_token() -> None:
     pod = pod_of(dep)
     (container,) = pod["containers"]
     assert container["args"] == [
-        "celery", "-A", "remote_tasks", "worker", "-Q", "vmfleet.ops.vm1", "--pool", "threads",
+        "python", "-m", "remote_tasks.worker", "-Q", "vmfleet.ops.vm1", "--pool", "threads",
         "--concurrency", "4", "-n", "vmfleet-worker-vm1@%h", "--without-gossip",
-        "--without-mingle", "--loglevel", "INFO"]
+        "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]
     assert pod["automountServiceAccountToken"] is False
     assert "serviceAccountName" not in pod
     assert mounts(dep) == {"vm1-ssh": f"{MOUNT}/vm1-ssh"}
