@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from controller.fold import fold, set_condition
 from vmfleet.api import constants as c
 from vmfleet.api.constants import (
     TASK_EXECUTE,
@@ -44,7 +45,6 @@ from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.output import STATUS_OUTPUT_BUDGET, cut_entry, status_limit
 from vmfleet.api.reports import AttemptReport, Event, F
 from vmfleet.api.times import now_rfc3339
-from vmfleet.fold import fold, set_condition
 from vmfleet.kube import ApiException
 from vmfleet.state import State, attempt_member
 

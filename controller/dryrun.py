@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from controller.fold import set_condition
 from vmfleet.api.constants import Condition, Phase, Reason
 from vmfleet.api.counts import describe_count, resolve_count
 from vmfleet.api.models import RemoteCommandSpec
-from vmfleet.fold import set_condition
 
 from .rollout import assign_waves
 

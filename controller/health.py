@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+from controller.fold import set_condition
 from vmfleet import settings
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Condition, Reason
 from vmfleet.api.envelope import Target
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.api.times import now_rfc3339, parse_rfc3339
-from vmfleet.fold import set_condition
 from vmfleet.kube import ApiException, Kube
 
 log = logging.getLogger("controller.health")

@@ -3,7 +3,7 @@
 Reports may arrive twice (a redelivery after a controller restart) and out of order (a
 claim after its own result): each applies only to the entry's current attempt and only
 moves it forward — Queued → Running → an end state (or Pending for the next attempt, the
-one retry policy of ``vmfleet.policy``) — so applying one again changes nothing.
+one retry policy of ``controller.policy``) — so applying one again changes nothing.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from controller.policy import backoff_seconds, counted_attempt, should_retry
 from vmfleet.api.constants import Phase
 from vmfleet.api.envelope import rfc3339
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.reports import AttemptReport, Event, F
-from vmfleet.policy import backoff_seconds, counted_attempt, should_retry
 
 # Fields of an entry that belong to one running attempt and go when it ends.
 ATTEMPT_FIELDS = (F.PGID, F.PROCESS_MARKER, F.HEARTBEAT_TIME, F.LOST_PGID, F.LOST_MARKER,

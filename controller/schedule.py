@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from controller.policy import backoff_seconds, counted_attempt, should_retry
 from vmfleet.api.constants import Phase, Reason
 from vmfleet.api.counts import describe_count, resolve_count
 from vmfleet.api.models import RemoteCommandSpec
 from vmfleet.api.reports import F
 from vmfleet.api.times import parse_rfc3339, rfc3339
-from vmfleet.policy import backoff_seconds, counted_attempt, should_retry
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,6 @@ class Timing:
 class Change:
     index: int
     vm: str
-    expect_phase: str
-    expect_attempt: int
     set: dict[str, Any]
     remove: tuple[str, ...] = ()
 
@@ -110,8 +108,7 @@ class _Step:
 
     def change(self, index: int, entry: dict[str, Any], new: dict[str, Any],
                remove: tuple[str, ...] = ()) -> None:
-        self.out.changes.append(Change(index, entry["vm"], entry["phase"], entry.get("attempt", 1),
-                                       new, remove))
+        self.out.changes.append(Change(index, entry["vm"], new, remove))
         entry.update(new)
         for key in remove:
             entry.pop(key, None)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from controller.fold import fold, set_condition
 from vmfleet.api.constants import Condition, Phase, Reason
 from vmfleet.api.models import RemoteCommandStatus, RemoteVMStatus, TargetResult
 from vmfleet.api.reports import F
-from vmfleet.fold import fold, set_condition
 
 from .reports import ATTEMPT_FIELDS
 

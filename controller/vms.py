@@ -28,6 +28,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from controller.fold import set_condition
 from vmfleet import metrics
 from vmfleet.api import constants as c
 from vmfleet.api.constants import Reason
@@ -35,7 +36,6 @@ from vmfleet.api.envelope import Target
 from vmfleet.api.models import RemoteVMSpec
 from vmfleet.api.reports import ProbeReport
 from vmfleet.api.times import now_rfc3339
-from vmfleet.fold import set_condition
 from vmfleet.kube import ApiException, Kube
 
 from . import vmcheck

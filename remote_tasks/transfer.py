@@ -14,7 +14,7 @@ The worker writes no status: it reports ``claimed``, ``progress`` (bytes copied,
 ``PROGRESS_SECONDS``) and ``finished`` per destination to the controller's report stream,
 renews each destination's heartbeat, and stops when its command is cancelled (deleted):
 the attempt protocol commands use too (``remote_tasks.attempt``). Which failures run
-again is the controller's decision (``vmfleet.policy``).
+again is the controller's decision (``controller.policy``).
 
 The parts: the source (``transfer_sources``: a VM's file, a ConfigMap or Secret key), the
 destinations (``transfer_dests``: a temporary file beside the target, renamed over it

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -410,32 +409,11 @@ def _parse(f: dataclasses.Field[Any], hint: Any, raw: str) -> Any:
 # ---------------------------------------------------------------------- the process's
 
 
-_lock = threading.Lock()
-_current: Settings | None = None
-
-
 def load(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the environment (at start) and keep the result for :func:`current`."""
-    global _current
-    loaded = Settings.from_environment(environ)
-    with _lock:
-        _current = loaded
-    return loaded
-
-
-def current() -> Settings:
-    """The settings read at start (read now if nothing loaded them yet)."""
-    with _lock:
-        if _current is not None:
-            return _current
-    return load()
-
-
-def use(settings: Settings | None) -> None:
-    """Replace the process's settings (tests); None: read the environment again on next use."""
-    global _current
-    with _lock:
-        _current = settings
+    """Read the environment once, at a composition root (``controller.context.Context``,
+    the worker's ``remote_tasks.app``, the CLI), which passes the result down: nothing
+    reads the environment again later."""
+    return Settings.from_environment(environ)
 
 
 # ---------------------------------------------------------------------- documentation
@@ -466,5 +444,5 @@ def documented() -> list[Doc]:
     return sorted(docs, key=lambda d: order[d.reader])
 
 
-__all__ = ["BOTH", "CONTROLLER", "WORKER", "Doc", "Settings", "SettingsError", "current",
-           "documented", "env_entries", "env_of", "in_cluster", "load", "use"]
+__all__ = ["BOTH", "CONTROLLER", "WORKER", "Doc", "Settings", "SettingsError",
+           "documented", "env_entries", "env_of", "in_cluster", "load"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vmfleet.fold import changed, fold
+from controller.fold import changed, fold
 
 NOW = "2026-11-23T10:00:00.000Z"
 

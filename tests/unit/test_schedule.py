@@ -2,9 +2,9 @@
 
 import pytest
 
+from controller.policy import backoff_seconds, should_retry
 from controller.schedule import Timing, plan
 from tests.fakes import NOW, entries, queues, spec, status, ts
-from vmfleet.policy import backoff_seconds, should_retry
 
 
 def test_first_attempts_start_up_to_max_parallel():

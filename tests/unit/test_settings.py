@@ -83,18 +83,15 @@ def test_every_bad_value_is_named_at_once():
                                  "VMFLEET_HEARTBEAT_SECONDS='x' is not a number")
 
 
-def test_the_process_reads_once_and_keeps_it(monkeypatch):
+def test_the_environment_is_read_at_the_composition_root_only(monkeypatch):
+    """What the controller and the worker got at start stays theirs: the environment
+    changing later changes nothing they hold (no module reads it again)."""
     monkeypatch.setenv("VMFLEET_HEARTBEAT_SECONDS", "7")
-    try:
-        assert settings.load().heartbeat_seconds == 7
-        monkeypatch.setenv("VMFLEET_HEARTBEAT_SECONDS", "9")
-        assert settings.current().heartbeat_seconds == 7  # read at start, not per use
-        settings.use(Settings(heartbeat_seconds=2))
-        assert settings.current().heartbeat_seconds == 2
-        settings.use(None)
-        assert settings.current().heartbeat_seconds == 9
-    finally:
-        settings.use(None)
+    conf = settings.load()
+    monkeypatch.setenv("VMFLEET_HEARTBEAT_SECONDS", "9")
+    assert conf.heartbeat_seconds == 7
+    assert settings.load().heartbeat_seconds == 9
+    assert not hasattr(settings, "current")  # no process-wide settings to fetch from anywhere
 
 
 def test_every_setting_is_documented_with_its_reader():

@@ -1,9 +1,9 @@
 """Fold the per-VM results of a RemoteCommand into its phase, summary and conditions.
 
 Pure: ``fold(results, previous_status, now)`` returns the command-level status fields.
-The controller writes them; a worker writes them too, in the same JSON Patch as its
-result entry, when that entry is the command's only one (a single-VM command): the
-controller's fold then finds nothing to change, which saves a write and a round trip.
+Only the controller writes them (the one writer of status): workers report through
+Redis, ``controller.reports`` applies each report to the command's results, and this fold
+turns the results into the command-level fields of the same status write.
 """
 
 from __future__ import annotations

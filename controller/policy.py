@@ -1,7 +1,8 @@
 """Retry policy of RemoteCommands: which ended attempts run again, and when.
 
-Pure functions shared by the workers (an attempt that ended) and the controller (an
-attempt whose worker was lost).
+Pure functions of the controller, which alone decides whether an attempt runs again: an
+attempt a worker reported ended (``controller.reports``) or one whose worker was lost
+(``controller.schedule``). Workers only report.
 """
 
 from __future__ import annotations
