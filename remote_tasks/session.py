@@ -10,17 +10,27 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import paramiko
 
 from .become import Become, Step, SudoDialogue
 from .output import ReadBudget, StreamTail
 from .shell import GO, parse_marker
-from .sshtarget import NotStarted, TransportError
+from .sshtarget import NotStarted, SSHTarget, TransportError
 
-if TYPE_CHECKING:
-    from .ssh import Connection
+
+class Connection(Protocol):
+    """What a session needs of the connection it runs on (``ssh.Connection``): its target,
+    its transport, whether that transport turned out dead, and killing a process group."""
+
+    target: SSHTarget
+    transport: paramiko.Transport | None
+
+    def settles_dead(self, within: float = 1.0) -> bool: ...
+
+    def terminate(self, pgid: int | None, grace: float = ..., nonce: str | None = None,
+                  become: Become | None = None) -> None: ...
 
 READ_CHUNK = 64 * 1024
 # Held back by the read rate, a channel is read again once this much may be read: a few
@@ -205,7 +215,7 @@ class Session:
         # paramiko's exit_status stays -1 until an exit-status message arrives (and
         # exit_status_ready() is also true once the channel merely closed).
         reported = self.chan.exit_status >= 0 or killed_by is not None
-        if not reported and self.ended_by is None and self.conn._settles_dead():
+        if not reported and self.ended_by is None and self.conn.settles_dead():
             # The connection died (e.g. sshd restarted) before the command reported an
             # exit status: a transport error, retried within the spec's limit.
             raise TransportError(f"connection to {self.host} broke before the command exited",

@@ -255,7 +255,7 @@ class Connection:
             become_failed=session.become_failed,
         )
 
-    def _settles_dead(self, within: float = 1.0) -> bool:
+    def settles_dead(self, within: float = 1.0) -> bool:
         """Whether the transport turns out dead. paramiko closes a dead transport's
         channels before it marks the transport inactive, so a channel that closed without
         an exit status waits a moment: a dead connection (sshd gone) is a transport error,
