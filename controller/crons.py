@@ -95,6 +95,17 @@ class Crons:
             with self._lock:
                 self._runs.get(owner, {}).pop(obj["metadata"]["uid"], None)
 
+    def commands_listed(self, scope: str | None, listed: set[str]) -> None:
+        """The RemoteCommands were listed again (``scope``: a namespace, None: all): a run
+        the list lacks was deleted while the watch was down (finished runs too, which
+        the controller no longer tracks)."""
+        with self._lock:
+            for runs in self._runs.values():
+                for uid, obj in list(runs.items()):
+                    if (scope is None or obj["metadata"].get("namespace") == scope) \
+                            and uid not in listed:
+                        del runs[uid]
+
     # ------------------------------------------------------------------ the loop
 
     def tick(self) -> None:

@@ -350,6 +350,8 @@ def commands_gone(ctx: Context, scope: str | None, listed: set[str]) -> None:
         if (scope is None or tracked.namespace == scope) and tracked.uid not in listed:
             on_command(ctx, "DELETED", {"metadata": {
                 "namespace": tracked.namespace, "name": tracked.name, "uid": tracked.uid}})
+    if ctx.crons is not None:  # finished runs are not tracked: their crons let them go here
+        ctx.crons.commands_listed(scope, listed)
 
 
 @kopf.on.event(*CRONS)

@@ -147,3 +147,27 @@ def test_a_schedule_that_never_comes_is_an_event_not_a_crash():
     assert kube.created == []
     assert [e["reason"] for e in kube.core.events] == ["InvalidSpec"]  # once
     assert "never runs" in kube.core.events[0]["message"]
+
+
+def test_a_run_deleted_while_the_watch_was_down_no_longer_holds_back_a_forbid_schedule():
+    """The controller's command watch expired and listed again: a run the list lacks was
+    deleted meanwhile — even one the cron last saw Running, whose deletion event was
+    never seen — so concurrencyPolicy Forbid starts the next run instead of waiting for
+    a run that no longer exists."""
+    kube = FakeKube()
+    made = crons(kube)
+    made.seen({**CRON, "spec": {**CRON["spec"], "concurrencyPolicy": "Forbid"}})
+    running = command(uid="old-uid", selector={}, command="sleep 600")
+    running["metadata"].update(name="nightly-29942640", ownerReferences=[
+        {"kind": "RemoteCronCommand", "uid": "cron-uid", "controller": True}],
+        annotations={"vmfleet.io/scheduled-at": "2026-12-06T12:00:00.000Z"})
+    running["status"] = {"phase": "Running"}
+    made.command_seen(running)
+    made.tick()
+    assert kube.created == []  # Forbid: the running run holds the next one back
+    made.commands_listed("other-ns", set())  # another namespace's list: not this run's
+    made.tick()
+    assert kube.created == []
+    made.commands_listed("ns", {"some-other-uid"})
+    made.tick()
+    assert [b["metadata"]["name"] for b in kube.created] == ["nightly-29942641"]
