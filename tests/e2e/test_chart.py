@@ -328,7 +328,9 @@ def test_controller_and_worker_run_a_command_with_nothing_but_the_charts_rbac(
                    VMFLEET_CREDENTIALS_DIR=str(key_dir), VMFLEET_METRICS_PORT="0",
                    PYTHONUNBUFFERED="1")
         container = pod["containers"][0]
-        worker = ManagedProcess("worker", [sys.executable, "-m", *container["args"]],
+        # The pod runs `python -m remote_tasks.worker ...` (its args): here this interpreter.
+        assert container["args"][:3] == ["python", "-m", "remote_tasks.worker"]
+        worker = ManagedProcess("worker", [sys.executable, *container["args"][1:]],
                                 tmp_path / "worker.log", env=env, cwd=REPO).start()
 
         ns.run("hello", vm="vm1", argv=["echo", "via the chart's RBAC"])
