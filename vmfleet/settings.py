@@ -291,8 +291,8 @@ class Settings:
         "`ttlSecondsAfterFinished` wins).", minimum=60)
     output_read_rate_bytes: int = setting(
         "VMFLEET_OUTPUT_READ_RATE_BYTES", 4 * 1024 * 1024, WORKER,
-        "A command's output is read at most this fast (bytes/s; SSH flow control holds a "
-        "louder one back, sparing the worker's other commands); `0`: no limit.", minimum=0)
+        "Past a first second's worth, a command's output is read at most this fast "
+        "(bytes/s; SSH flow control holds a louder one back); `0`: no limit.", minimum=0)
     output_namespace_quota_bytes: int = setting(
         "VMFLEET_OUTPUT_NAMESPACE_QUOTA_BYTES", 256 * 1024 * 1024, WORKER,
         "Output one namespace may store within a retention period; past it, output is "
