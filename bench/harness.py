@@ -153,6 +153,34 @@ def alternate(rounds: int, systems: dict[str, Callable[[], dict[str, float]]],
     return out
 
 
+def start_systems(bench: Bench, scenario: str, makers: dict[str, Callable[[], Any]],
+                  systems: dict[str, Any]) -> None:
+    """Make each system into ``systems`` and warm it up (its connections open); one that
+    fails either is skipped with the reason, and the others go on."""
+    for name, make in makers.items():
+        try:
+            systems[name] = make()
+        except Exception as exc:
+            print(f"  {name}: setup failed: {exc!r}", file=sys.stderr, flush=True)
+            bench.skip(scenario, name, f"setup failed: {exc!r}"[:500])
+    for name, system in list(systems.items()):
+        try:
+            system.warm_up()
+        except Exception as exc:
+            print(f"  {name}: warm-up failed: {exc!r}", file=sys.stderr, flush=True)
+            bench.skip(scenario, name, f"warm-up failed: {exc!r}"[:500])
+            del systems[name]
+
+
+def close_systems(systems: dict[str, Any]) -> None:
+    """Close every system, whatever the others do."""
+    for system in systems.values():
+        try:
+            system.close()
+        except Exception as exc:
+            print(f"  cleanup: {exc!r}", flush=True)
+
+
 def record_all(bench: Bench, scenario: str, measured: dict[str, dict[str, list[float]]],
                notes: dict[str, str] | None = None) -> None:
     for system, metrics in measured.items():

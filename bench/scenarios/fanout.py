@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fixtures import NAMESPACE, Cluster, cluster, vm_pool
-from bench.harness import Bench, alternate, record_all
+from bench.harness import Bench, alternate, close_systems, record_all
 from bench.scenarios.ssh_layer import COMMAND, CommandFailed, true_spec, vmfleet_run, vmfleet_target
 from vmfleet.api.constants import COMMAND_PLURAL, GROUP, VERSION
 from vmfleet.dev.sshd import SshdVM
@@ -394,8 +394,4 @@ def run(bench: Bench, wanted: list[str]) -> None:
                                      f"reconnected {systems['vmfleet'].reconnects} times")
             record_all(bench, scenario, measured, notes)
     finally:
-        for system in systems.values():
-            try:
-                system.close()
-            except Exception as exc:
-                print(f"  cleanup: {exc!r}", flush=True)
+        close_systems(systems)

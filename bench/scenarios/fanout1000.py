@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 from bench.fixtures import Alias, cluster, vm_pool
-from bench.harness import Bench, alternate, record_all
+from bench.harness import Bench, alternate, close_systems, record_all, start_systems
 from bench.scenarios.fanout import Ansible, ParallelSSH, Vmfleet
 from bench.scenarios.throughput import cpu_seconds
 
@@ -101,20 +100,8 @@ def run(bench: Bench, wanted: list[str]) -> None:
         "ansible": ansible,
     }
     systems: dict[str, Any] = {}
-    for name, make in makers.items():
-        try:
-            systems[name] = make()
-        except Exception as exc:
-            print(f"  {name}: setup failed: {exc!r}", file=sys.stderr, flush=True)
-            bench.skip(scenario, name, f"setup failed: {exc!r}"[:500])
     try:
-        for name, system in list(systems.items()):
-            try:
-                system.warm_up()
-            except Exception as exc:
-                print(f"  {name}: warm-up failed: {exc!r}", file=sys.stderr, flush=True)
-                bench.skip(scenario, name, f"warm-up failed: {exc!r}"[:500])
-                del systems[name]
+        start_systems(bench, scenario, makers, systems)
 
         def measure(system: Any) -> Callable[[], dict[str, float]]:
             return lambda: system.round(False)
@@ -140,8 +127,4 @@ def run(bench: Bench, wanted: list[str]) -> None:
         notes["vmfleet_pool"] += f"; load average {os.getloadavg()[0]:.1f} at the end"
         record_all(bench, scenario, measured, notes)
     finally:
-        for system in systems.values():
-            try:
-                system.close()
-            except Exception as exc:
-                print(f"  cleanup: {exc!r}", flush=True)
+        close_systems(systems)

@@ -34,7 +34,7 @@ from typing import Any
 
 from bench.fixtures import vm_pool
 from bench.guide_app import SSHExecutor
-from bench.harness import Bench, alternate, latency_metrics, record_all
+from bench.harness import Bench, alternate, close_systems, latency_metrics, record_all
 from vmfleet.dev.sshd import SshdVM
 
 SCENARIOS = ("one_vm_seq", "one_vm_conc8")
@@ -305,8 +305,4 @@ def run(bench: Bench, wanted: list[str]) -> None:
             measured = alternate(n_rounds, {name: measure(s) for name, s in systems.items()})
             record_all(bench, scenario, measured, NOTES)
     finally:
-        for system in systems.values():
-            try:
-                system.close()
-            except Exception as exc:
-                print(f"  cleanup: {exc!r}", flush=True)
+        close_systems(systems)
