@@ -123,7 +123,7 @@ class Context:
                 f"use {c.RUNTIME_PROCESS} or {c.RUNTIME_DEPLOYMENT}"
             )
         dispatcher = Dispatcher(url, signer)
-        recorder = Recorder(kube.core)
+        recorder = Recorder(kube.raw)
 
         def send_probe(task: str, message: dict[str, Any], queue: str, expires: float) -> None:
             # No retries: a probe that cannot be sent now is sent at the next period.
@@ -159,7 +159,7 @@ class Context:
         fleet_box.append(fleet)
         leadership = Leadership(elector(conf, kube, state.scope))
         consumer = os.environ.get("POD_NAME") or socket.gethostname()
-        commands.records = RunRecords(kube.core, state.ack, consumer,
+        commands.records = RunRecords(kube.raw, state.ack, consumer,
                                       lookup=lambda ns, name, uid: command_layout(kube, ns, name, uid))
         writer = Writer(kube, state, commands, gate=leadership.leading)
         reader = ReportReader(state, commands, consumer, fleet.on_probe)
@@ -207,11 +207,11 @@ def publish_verify_key(kube: Kube, name: str, namespace: str, pem: str) -> None:
             "metadata": {"name": name, "namespace": namespace,
                          "labels": {c.LABEL_MANAGED_BY: c.MANAGED_BY}}}
     try:
-        kube.core.create_namespaced_config_map(namespace, cast(Any, body))
+        kube.raw.create_namespaced_config_map(namespace, cast(Any, body))
     except ApiException as exc:
         if exc.status != 409:
             raise
-        kube.core.patch_namespaced_config_map(name, namespace, {"data": data})
+        kube.raw.patch_namespaced_config_map(name, namespace, {"data": data})
     log.info("Published the verify key in ConfigMap %s/%s", namespace, name)
 
 

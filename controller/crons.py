@@ -259,7 +259,7 @@ class Crons:
             "reportingComponent": "vmfleet-controller",
         }
         try:
-            self.kube.core.create_namespaced_event(meta["namespace"], cast(Any, body))
+            self.kube.raw.create_namespaced_event(meta["namespace"], cast(Any, body))
         except ApiException as exc:
             log.warning("Could not post Event %s for RemoteCronCommand %s/%s: %s", reason,
                         meta["namespace"], meta["name"], exc.reason)

@@ -321,7 +321,7 @@ class HealthMonitor:
             "reportingComponent": "vmfleet-controller",
         }
         try:
-            self.kube.core.create_namespaced_event(meta["namespace"], cast(Any, event))
+            self.kube.raw.create_namespaced_event(meta["namespace"], cast(Any, event))
         except ApiException as exc:
             log.warning("Could not post Event %s for RemoteVM %s/%s: %s", reason,
                         meta["namespace"], meta["name"], exc.reason)

@@ -24,8 +24,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from kubernetes.client import CoreV1Api, RbacAuthorizationV1Api
-
 from vmfleet.kube import ApiException, Kube
 
 log = logging.getLogger("controller.transfer_access")
@@ -95,6 +93,10 @@ class TransferAccess:
         return path
 
     def _token(self, namespace: str) -> str | None:
+        # Imported here: the typed core/v1 and RBAC modules cost ~22 MiB of the
+        # controller's memory; only the Process runtime's transfer worker needs them.
+        from kubernetes.client import CoreV1Api, RbacAuthorizationV1Api
+
         core = CoreV1Api(self.kube.api_client)
         rbac = RbacAuthorizationV1Api(self.kube.api_client)
         create: dict[str, Callable[..., Any]] = {"ServiceAccount": core.create_namespaced_service_account,

@@ -144,7 +144,7 @@ class FakeKube:
         self.vm_patches: list[tuple[str, dict[str, Any]]] = []
         self.object_patches: list[Any] = []
         self.events: list[dict[str, Any]] = []
-        self.core = _Core(self.events)
+        self.raw = _Core(self.events)
         self.custom = _Custom(self)
 
     def items(self, plural: str) -> list[dict[str, Any]]:

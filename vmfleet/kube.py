@@ -3,18 +3,24 @@ hook and the transfer worker (ConfigMap and Secret sources) use it; command work
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
-from typing import Any, cast
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote
 
 import kubernetes
-from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
+from kubernetes.client import ApiClient, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
+
+if TYPE_CHECKING:
+    from kubernetes.client import CoreV1Api
 
 from .api import constants as c
 from .settings import DEFAULT_API_CONNECTIONS, in_cluster
 
-__all__ = ["ApiException", "Kube", "context_namespace", "load_api_client"]
+__all__ = ["ApiException", "Kube", "RawCore", "context_namespace", "load_api_client"]
 
 
 def load_api_client(api_connections: int = DEFAULT_API_CONNECTIONS) -> ApiClient:
@@ -55,13 +61,69 @@ def context_namespace() -> str:
     return str(((current or {}).get("context") or {}).get("namespace") or "default")
 
 
+class RawCore:
+    """The few core/v1 calls the controller makes (Events, ConfigMaps, Secret reads), as
+    plain JSON through the ``ApiClient``: importing the typed ``CoreV1Api`` loads a pydantic
+    model for every core type (~20 MiB resident, the largest import of the controller),
+    and builds a ``validate_call`` wrapper per method used. Same names and arguments as
+    ``CoreV1Api``'s methods; answers are dicts."""
+
+    def __init__(self, api_client: ApiClient) -> None:
+        self.api_client = api_client
+
+    def request(self, method: str, path: str, body: Any = None,
+                content_type: str = "application/json") -> dict[str, Any]:
+        """One call; a non-2xx answer raises ``ApiException`` (as the typed methods do)."""
+        client = self.api_client
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, _ = client.param_serialize(
+            method=method, resource_path=path, header_params=headers, body=body,
+            auth_settings=["BearerToken"])
+        response = client.call_api(method, url, headers, body)
+        data = response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=data.decode(errors="replace"),
+                                             data=None)
+        return cast(dict[str, Any], json.loads(data)) if data else {}
+
+    @staticmethod
+    def _path(namespace: str, plural: str, name: str | None = None) -> str:
+        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/{plural}"
+        return path if name is None else f"{path}/{quote(name, safe='')}"
+
+    def create_namespaced_event(self, namespace: str, body: Any) -> dict[str, Any]:
+        return self.request("POST", self._path(namespace, "events"), body)
+
+    def create_namespaced_config_map(self, namespace: str, body: Any) -> dict[str, Any]:
+        return self.request("POST", self._path(namespace, "configmaps"), body)
+
+    def patch_namespaced_config_map(self, name: str, namespace: str, body: Any) -> dict[str, Any]:
+        return self.request("PATCH", self._path(namespace, "configmaps", name), body,
+                            "application/merge-patch+json")
+
+    def read_namespaced_secret(self, name: str, namespace: str) -> dict[str, Any]:
+        return self.request("GET", self._path(namespace, "secrets", name))
+
+    def read_namespaced_config_map(self, name: str, namespace: str) -> dict[str, Any]:
+        return self.request("GET", self._path(namespace, "configmaps", name))
+
+
 class Kube:
     """The calls vmfleet makes, named for what they do."""
 
     def __init__(self, api_client: ApiClient | None = None) -> None:
         self.api_client = api_client or load_api_client()
         self.custom = CustomObjectsApi(self.api_client)
-        self.core = CoreV1Api(self.api_client)
+        self.raw = RawCore(self.api_client)  # what the controller uses of core/v1
+
+    @cached_property
+    def core(self) -> CoreV1Api:
+        """The typed core/v1 API, imported on first use (the controller never uses it)."""
+        from kubernetes.client import CoreV1Api
+
+        return CoreV1Api(self.api_client)
 
     # RemoteCommand
     def get_command(self, namespace: str, name: str) -> dict[str, Any] | None:
@@ -158,10 +220,10 @@ class Kube:
         """The Secret's data, base64-decoded to text."""
         import base64
 
-        secret = self.core.read_namespaced_secret(name, namespace)
+        secret = self.raw.read_namespaced_secret(name, namespace)
         return {
             key: base64.b64decode(value).decode("utf-8", errors="replace")
-            for key, value in (secret.data or {}).items()
+            for key, value in (secret.get("data") or {}).items()
         }
 
     # RemoteCommandTemplate and its ConfigMap
@@ -171,12 +233,12 @@ class Kube:
     def get_config_map_data(self, namespace: str, name: str) -> dict[str, str] | None:
         """A ConfigMap's ``data`` (None when it does not exist)."""
         try:
-            found = self.core.read_namespaced_config_map(name, namespace)
+            found = self.raw.read_namespaced_config_map(name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return dict(found.data or {})
+        return dict(found.get("data") or {})
 
     def _get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:

@@ -42,7 +42,7 @@ class FakeCore:
 class FakeKube:
     def __init__(self) -> None:
         self.custom = FakeCustom()
-        self.core = FakeCore()
+        self.raw = FakeCore()
         self.created: list[dict[str, Any]] = []
         self.conflict = False
 
@@ -86,7 +86,7 @@ def test_a_due_run_is_created_owned_named_and_recorded():
     assert (plural, name) == ("remotecroncommands", "nightly")
     assert patch["status"] == {"lastScheduleTime": "2026-12-06T12:01:00.000Z", "activeCount": 1,
                                "active": [{"name": "nightly-29942641", "uid": "run-1"}]}
-    assert [e["reason"] for e in kube.core.events] == ["SuccessfulCreate"]
+    assert [e["reason"] for e in kube.raw.events] == ["SuccessfulCreate"]
 
 
 def test_nothing_is_written_when_nothing_changed():
@@ -145,8 +145,8 @@ def test_a_schedule_that_never_comes_is_an_event_not_a_crash():
     made.tick()
     made.tick()
     assert kube.created == []
-    assert [e["reason"] for e in kube.core.events] == ["InvalidSpec"]  # once
-    assert "never runs" in kube.core.events[0]["message"]
+    assert [e["reason"] for e in kube.raw.events] == ["InvalidSpec"]  # once
+    assert "never runs" in kube.raw.events[0]["message"]
 
 
 def test_a_run_deleted_while_the_watch_was_down_no_longer_holds_back_a_forbid_schedule():

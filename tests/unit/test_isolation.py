@@ -73,7 +73,7 @@ def test_one_object_failing_at_start_is_recorded_on_it_and_the_rest_are_served(
     kube = FakeKube(vms=[vm_object("bad"), vm_object("vm1")],
                     commands=[command_object("poison", vm="vm1"), command_object("c1", vm="vm1")])
     parts = controller_parts(kube)
-    parts.commands.recorder = Recorder(kube.core)
+    parts.commands.recorder = Recorder(kube.raw)
     ctx = context(parts)
     seen, observe = parts.fleet.seen, parts.commands.observe
 
