@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from kubernetes.client import AppsV1Api, V1DeleteOptions, V1Preconditions
+from kubernetes.client import V1DeleteOptions, V1Preconditions
 
 from vmfleet import settings
 from vmfleet.api import constants as c
@@ -103,7 +103,7 @@ class Context:
                                      metrics=conf.metrics_port != 0)
         elif runtime_name == c.RUNTIME_DEPLOYMENT:
             runtime = DeploymentRuntime(
-                AppsV1Api(kube.api_client),
+                kube.raw,
                 DeploymentSettings(
                     image=conf.worker_image,
                     broker_url=url,

@@ -15,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes.client import AppsV1Api
-
 from vmfleet import tenancy, workerprobes
 from vmfleet.api import constants as c
+from vmfleet.kube import RawApi
 
 from .budgets import Budgets
 from .runtime import Env, WorkerGroup, owner_references, worker_argv, worker_labels
@@ -254,7 +253,7 @@ class DeploymentCache:
 class DeploymentRuntime:
     name = c.RUNTIME_DEPLOYMENT
 
-    def __init__(self, apps: AppsV1Api, settings: DeploymentSettings,
+    def __init__(self, apps: RawApi, settings: DeploymentSettings,
                  cache: DeploymentCache | None = None, budgets: Budgets | None = None,
                  serve: Callable[[str], None] | None = None) -> None:
         self.apps = apps
@@ -273,13 +272,10 @@ class DeploymentRuntime:
         wanted_hash = body["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
         ready = seen.ready if seen is not None else 0
         if seen is None or seen.replicas != replicas or seen.spec_hash != wanted_hash:
-            applied = self.apps.patch_namespaced_deployment(
-                group.deployment, group.namespace, body,
-                field_manager="vmfleet-controller", force=True,
-                _content_type="application/apply-patch+yaml",
-            )
-            ready = (applied.status.ready_replicas or 0) if applied.status else 0
-            self.cache.seen(self.apps.api_client.sanitize_for_serialization(applied))
+            applied = self.apps.apply_deployment(group.namespace, group.deployment, body,
+                                                 field_manager="vmfleet-controller")
+            ready = int((applied.get("status") or {}).get("readyReplicas") or 0)
+            self.cache.seen(applied)
         self.budgets.ensure(group, worker_labels(group))
         return {
             "runtime": self.name,

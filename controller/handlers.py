@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import fnmatch
 import gc
-import json
 import logging
 import os
 import signal
@@ -239,18 +238,11 @@ def _list(ctx: Context, plural: str) -> Iterator[dict[str, Any]]:
 
 def _list_deployments(ctx: Context) -> Iterator[dict[str, Any]]:
     """The worker Deployments, as plain dicts (no typed models)."""
-    from kubernetes.client import AppsV1Api
-
-    apps = AppsV1Api(ctx.kube.api_client)
     selector = ",".join(f"{k}={v}" for k, v in WORKER_LABELS.items())
 
     def fetch(namespace: str | None, kwargs: dict[str, Any]) -> dict[str, Any]:
-        kwargs = {**kwargs, "label_selector": selector, "_preload_content": False}
-        if namespace is None:
-            response: Any = apps.list_deployment_for_all_namespaces(**kwargs)
-        else:
-            response = apps.list_namespaced_deployment(namespace, **kwargs)
-        return cast(dict[str, Any], json.loads(response.data))  # the raw response
+        return ctx.kube.raw.list_deployments(namespace, selector, kwargs["limit"],
+                                             kwargs.get("_continue"))
 
     return _paged(ctx, fetch)
 

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 from .api import constants as c
 from .settings import DEFAULT_API_CONNECTIONS, in_cluster
 
-__all__ = ["ApiException", "Kube", "RawCore", "context_namespace", "load_api_client"]
+__all__ = ["ApiException", "Kube", "RawApi", "context_namespace", "load_api_client"]
 
 
 def load_api_client(api_connections: int = DEFAULT_API_CONNECTIONS) -> ApiClient:
@@ -61,26 +61,31 @@ def context_namespace() -> str:
     return str(((current or {}).get("context") or {}).get("namespace") or "default")
 
 
-class RawCore:
-    """The few core/v1 calls the controller makes (Events, ConfigMaps, Secret reads), as
-    plain JSON through the ``ApiClient``: importing the typed ``CoreV1Api`` loads a pydantic
-    model for every core type (~20 MiB resident, the largest import of the controller),
-    and builds a ``validate_call`` wrapper per method used. Same names and arguments as
-    ``CoreV1Api``'s methods; answers are dicts."""
+APPS = "/apis/apps/v1"
+
+
+class RawApi:
+    """The built-in API calls the controller makes (core/v1 Events, ConfigMaps and Secret
+    reads; apps/v1 worker Deployments), as plain JSON through the ``ApiClient``: importing
+    the typed ``CoreV1Api`` loads a pydantic model for every core type (~20 MiB resident,
+    the largest import of the controller; ``AppsV1Api`` ~11 MiB more), and each typed
+    call validates its arguments and builds models of the answer. The core/v1 methods
+    have ``CoreV1Api``'s names and arguments; answers are dicts."""
 
     def __init__(self, api_client: ApiClient) -> None:
         self.api_client = api_client
 
     def request(self, method: str, path: str, body: Any = None,
-                content_type: str = "application/json") -> dict[str, Any]:
+                content_type: str = "application/json",
+                query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
         """One call; a non-2xx answer raises ``ApiException`` (as the typed methods do)."""
         client = self.api_client
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
         method, url, headers, body, _ = client.param_serialize(
-            method=method, resource_path=path, header_params=headers, body=body,
-            auth_settings=["BearerToken"])
+            method=method, resource_path=path, query_params=query or None,
+            header_params=headers, body=body, auth_settings=["BearerToken"])
         response = client.call_api(method, url, headers, body)
         data = response.read()
         if not 200 <= response.status <= 299:
@@ -89,9 +94,27 @@ class RawCore:
         return cast(dict[str, Any], json.loads(data)) if data else {}
 
     @staticmethod
-    def _path(namespace: str, plural: str, name: str | None = None) -> str:
-        path = f"/api/v1/namespaces/{quote(namespace, safe='')}/{plural}"
+    def _path(namespace: str | None, plural: str, name: str | None = None,
+              group: str = "/api/v1") -> str:
+        path = f"{group}/{plural}" if namespace is None else \
+            f"{group}/namespaces/{quote(namespace, safe='')}/{plural}"
         return path if name is None else f"{path}/{quote(name, safe='')}"
+
+    def apply_deployment(self, namespace: str, name: str, body: dict[str, Any],
+                         field_manager: str) -> dict[str, Any]:
+        """Server-side apply of a Deployment (forced: the controller owns its fields)."""
+        return self.request("PATCH", self._path(namespace, "deployments", name, APPS), body,
+                            "application/apply-patch+yaml",
+                            [("fieldManager", field_manager), ("force", "true")])
+
+    def list_deployments(self, namespace: str | None, label_selector: str, limit: int,
+                         token: str | None = None) -> dict[str, Any]:
+        """One page of the Deployments of a namespace (None: every namespace)."""
+        query: list[tuple[str, Any]] = [("labelSelector", label_selector), ("limit", limit)]
+        if token:
+            query.append(("continue", token))
+        return self.request("GET", self._path(namespace, "deployments", group=APPS),
+                            query=query)
 
     def create_namespaced_event(self, namespace: str, body: Any) -> dict[str, Any]:
         return self.request("POST", self._path(namespace, "events"), body)
@@ -116,7 +139,7 @@ class Kube:
     def __init__(self, api_client: ApiClient | None = None) -> None:
         self.api_client = api_client or load_api_client()
         self.custom = CustomObjectsApi(self.api_client)
-        self.raw = RawCore(self.api_client)  # what the controller uses of core/v1
+        self.raw = RawApi(self.api_client)  # what the controller uses of core/v1
 
     @cached_property
     def core(self) -> CoreV1Api:

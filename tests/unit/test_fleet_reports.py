@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import stat
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -188,14 +187,6 @@ def test_local_workers_get_their_namespace_s_broker_urls_never_the_controller_s(
     assert not any("secret" in value for value in env.values())
 
 
-class Applied:
-    """What the API server answers to an apply (the client's model, by its attributes)."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-        self.status = SimpleNamespace(ready_replicas=0)
-
-
 class FakeApps:
     def __init__(self) -> None:
         self.applied: list[dict[str, Any]] = []
@@ -206,13 +197,10 @@ class FakeApps:
                                                body: dict[str, Any], **_: Any) -> None:
         self.budgets.append(body)
 
-    def patch_namespaced_deployment(self, name: str, namespace: str, body: dict[str, Any],
-                                    **_: Any) -> Applied:
+    def apply_deployment(self, namespace: str, name: str, body: dict[str, Any],
+                         **_: Any) -> dict[str, Any]:
         self.applied.append(body)
-        return Applied(body)
-
-    def sanitize_for_serialization(self, obj: Applied) -> dict[str, Any]:
-        return obj.body
+        return body
 
 
 def test_the_deployment_runtime_applies_only_what_the_watch_does_not_show(tmp_path: Path) -> None:
