@@ -100,6 +100,10 @@ class RawApi:
             f"{group}/namespaces/{quote(namespace, safe='')}/{plural}"
         return path if name is None else f"{path}/{quote(name, safe='')}"
 
+    def status_path(self, namespace: str, plural: str, name: str) -> str:
+        """The status subresource of one vmfleet object."""
+        return self._path(namespace, plural, name, f"/apis/{c.GROUP}/{c.VERSION}") + "/status"
+
     def apply_deployment(self, namespace: str, name: str, body: dict[str, Any],
                          field_manager: str) -> dict[str, Any]:
         """Server-side apply of a Deployment (forced: the controller owns its fields)."""
@@ -159,10 +163,10 @@ class Kube:
         content_type = (
             "application/json-patch+json" if isinstance(patch, list) else "application/merge-patch+json"
         )
-        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object_status(
-            c.GROUP, c.VERSION, namespace, c.COMMAND_PLURAL, name, patch,
-            _content_type=content_type,
-        ))
+        # The controller's write per command: plain JSON (RawApi), not the typed method's
+        # argument validation and answer deserialization.
+        return self.raw.request("PATCH", self.raw.status_path(namespace, c.COMMAND_PLURAL, name),
+                                patch, content_type)
 
     def create_command(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
         return cast(dict[str, Any], self.custom.create_namespaced_custom_object(
@@ -234,10 +238,8 @@ class Kube:
         return list(result.get("items", []))
 
     def patch_vm_status(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return cast(dict[str, Any], self.custom.patch_namespaced_custom_object_status(
-            c.GROUP, c.VERSION, namespace, c.VM_PLURAL, name, patch,
-            _content_type="application/merge-patch+json",
-        ))
+        return self.raw.request("PATCH", self.raw.status_path(namespace, c.VM_PLURAL, name),
+                                patch, "application/merge-patch+json")
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's data, base64-decoded to text."""

@@ -110,3 +110,18 @@ def test_the_controller_imports_no_typed_core_or_apps_api() -> None:
     assert "kubernetes.client.api.core_v1_api" not in loaded
     assert "kubernetes.client.api.apps_v1_api" not in loaded
     assert "kubernetes.client.api.custom_objects_api" in loaded  # the check can fail
+
+
+def test_status_writes_go_to_the_status_subresource_as_json_or_merge_patches(raw: RawApi) -> None:
+    kube = Kube(raw.api_client)
+    ops = [{"op": "test", "path": "/status/phase", "value": "Running"},
+           {"op": "replace", "path": "/status/phase", "value": "Succeeded"}]
+    kube.patch_command_status("ns", "cmd", ops)
+    kube.patch_vm_status("ns", "vm1", {"status": {"phase": "Ready"}})
+    command, vm = Recorder.seen
+    assert (command["method"], command["path"], command["type"], command["body"]) == (
+        "PATCH", "/apis/vmfleet.io/v1alpha1/namespaces/ns/remotecommands/cmd/status",
+        "application/json-patch+json", ops)
+    assert (vm["path"], vm["type"], vm["body"]) == (
+        "/apis/vmfleet.io/v1alpha1/namespaces/ns/remotevms/vm1/status",
+        "application/merge-patch+json", {"status": {"phase": "Ready"}})
