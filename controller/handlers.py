@@ -18,10 +18,10 @@ the stalls of tens of milliseconds in the latency tail.
 from __future__ import annotations
 
 import fnmatch
-import gc
 import logging
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
@@ -32,6 +32,7 @@ from vmfleet import metrics
 from vmfleet.api import constants as c
 from vmfleet.kube import ApiException
 
+from . import heap
 from .context import Context
 from .logsapi import serve_logs_api
 from .readiness import serve_readiness
@@ -42,6 +43,9 @@ log = logging.getLogger("controller")
 VMS = (c.GROUP, c.VERSION, c.VM_PLURAL)
 CRONS = (c.GROUP, c.VERSION, c.CRON_PLURAL)
 WORKER_LABELS = {c.LABEL_MANAGED_BY: c.MANAGED_BY, c.LABEL_COMPONENT: "worker"}
+
+heap.limit_arenas()  # before kopf starts its threads (``controller.heap``)
+TRIMMING = threading.Event()  # set: the heap-trimming thread ends
 
 
 @kopf.on.startup()
@@ -64,14 +68,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     start_readiness(ctx)
     start_logs_api(ctx)
     freeze_heap()
+    heap.start_trimming(TRIMMING)
 
 
 def freeze_heap() -> None:
-    """Collect once, then move every object alive into the collector's permanent
-    generation: the start's objects (modules, caches) are never scanned again, so a full
-    collection walks only what was made since (short, and rare)."""
-    gc.collect()
-    gc.freeze()
+    """``controller.heap.freeze``: the start's objects frozen, the free heap trimmed."""
+    heap.freeze()
 
 
 def start_logs_api(ctx: Context) -> None:
@@ -286,6 +288,7 @@ def _drop_finalizer(ctx: Context, plural: str, obj: dict[str, Any]) -> None:
 
 @kopf.on.cleanup()
 def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    TRIMMING.set()
     ctx: Context | None = getattr(memo, "ctx", None)
     if ctx is not None:
         if ctx.command_watch is not None:
