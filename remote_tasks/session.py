@@ -238,7 +238,13 @@ class Session:
         chan = self.chan
         budget = self.budget
         self.hold_back()
-        select.select([chan], [], [], TICK_SECONDS)
+        if chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
+            # Once the VM sent EOF paramiko keeps the channel readable for good: select()
+            # would return at once, again and again, until the exit status comes (sshd
+            # sends it after reaping the command), a busy loop of the worker's CPU.
+            chan.status_event.wait(TICK_SECONDS)
+        else:
+            select.select([chan], [], [], TICK_SECONDS)
         # Each read lets the VM send more (paramiko adjusts the window), so a loud channel
         # is never drained: reading stops once the budget is spent.
         while chan.recv_ready() and budget.available():

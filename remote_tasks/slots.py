@@ -77,6 +77,12 @@ class VMSlots:
         self.lease_ms = int(lease_seconds * 1000)
         self._acquire = self.client.register_script(_ACQUIRE)
         self._renew = self.client.register_script(_RENEW)
+        # The leases held now (lease: key), renewed every RENEW_SECONDS by one thread of
+        # the process (started with the first lease): a thread per command cost the
+        # worker a thread start (and its stack) per command.
+        self._held: dict[str, str] = {}
+        self._held_changed = threading.Condition()
+        self._renewer: threading.Thread | None = None
 
     def try_acquire(self, key: str, lease: str, limit: int) -> bool:
         return bool(self._acquire(keys=[key], args=[lease, limit, self.lease_ms]))
@@ -104,26 +110,43 @@ class VMSlots:
                 log.info("Waiting for a free slot on %s (maxConcurrentCommands %s)", key, limit)
                 logged = True
             time.sleep(POLL_SECONDS * (0.5 + random.random()))
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(RENEW_SECONDS):
-                try:
-                    if not self.renew(key, lease):
-                        log.warning("The slot lease %s on %s expired while held", lease, key)
-                except Exception as exc:  # noqa: BLE001 - try again at the next renewal
-                    log.warning("Could not renew slot lease on %s: %s", key, exc)
-
-        renewer = threading.Thread(target=renew, name="vmfleet-slot-renew", daemon=True)
-        renewer.start()
+        self._hold(lease, key)
         try:
             yield
         finally:
-            stop.set()
+            with self._held_changed:
+                del self._held[lease]
             try:
                 self.release(key, lease)
             except Exception as exc:  # noqa: BLE001 - the lease expires by itself
                 log.warning("Could not release slot lease on %s: %s", key, exc)
+
+    def _hold(self, lease: str, key: str) -> None:
+        with self._held_changed:
+            self._held[lease] = key
+            if self._renewer is None:
+                self._renewer = threading.Thread(target=self._renew_held, daemon=True,
+                                                 name="vmfleet-slot-renew")
+                self._renewer.start()
+            self._held_changed.notify()
+
+    def _renew_held(self) -> None:
+        """Every RENEW_SECONDS while a lease is held, renew each one still held; idle (no
+        lease) it waits without waking up. A lease is at most RENEW_SECONDS old at its
+        first renewal, as with a renewal thread of its own."""
+        while True:
+            with self._held_changed:
+                while not self._held:
+                    self._held_changed.wait()
+            time.sleep(RENEW_SECONDS)
+            with self._held_changed:
+                held = list(self._held.items())
+            for lease, key in held:
+                try:
+                    if not self.renew(key, lease) and lease in self._held:
+                        log.warning("The slot lease %s on %s expired while held", lease, key)
+                except Exception as exc:  # noqa: BLE001 - try again at the next renewal
+                    log.warning("Could not renew slot lease on %s: %s", key, exc)
 
 
 _slots: VMSlots | None = None

@@ -89,6 +89,7 @@ class Connection:
         self.pool = pool  # where a bastion's connection comes from (proxyJump)
         self.transport: paramiko.Transport | None = None
         self.server_key: paramiko.PKey | None = None
+        self.host_key: str | None = None  # the server key's fingerprint, for each result
 
     def _socket(self) -> socket.socket | paramiko.Channel:
         """A TCP connection to the VM, or a direct-tcpip channel through its bastion."""
@@ -144,6 +145,7 @@ class Connection:
                     f"{target.host}:{target.port} does not match the pinned keys; not connecting"
                 )
             self.server_key = server_key
+            self.host_key = fingerprint(server_key)
             try:
                 transport.auth_publickey(target.user, pkey)
             except paramiko.AuthenticationException as exc:
@@ -248,7 +250,7 @@ class Connection:
             stderr=err,
             started=started,
             finished=time.time(),
-            host_key=fingerprint(self.server_key) if self.server_key is not None else None,
+            host_key=self.host_key,
             pgid=session.pgid,
             ended_by=session.ended_by,
             signal=killed_by,

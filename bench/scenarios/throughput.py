@@ -62,9 +62,10 @@ def run(bench: Bench, wanted: list[str]) -> None:
                      if metric == "writes_per_command" else f"{total} commands")
 
 
-# Which process a CPU second belongs to, by its command line (first match wins).
+# Which process a CPU second belongs to, by its command line (first match wins; a worker is
+# `python -m remote_tasks.worker ...`, or `celery -A remote_tasks worker ...`).
 COMPONENTS = (
-    ("worker", "remote_tasks worker"), ("controller", "kopf"), ("apiserver+etcd", "controlplane"),
+    ("worker", "remote_tasks"), ("controller", "kopf"), ("apiserver+etcd", "controlplane"),
     ("sshd (VMs)", "sshd"), ("redis", "redis-server"),
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")

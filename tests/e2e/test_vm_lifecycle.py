@@ -393,6 +393,29 @@ def test_a_dead_workers_slot_expires(redis_server):
     assert slots.held(key) == 0
 
 
+def test_held_slots_are_renewed_by_one_thread(redis_server, monkeypatch):
+    """Leases held past their lease time stay held (renewed), all by one renewal thread
+    of the process, and are freed when their commands end."""
+    import threading
+
+    import remote_tasks.slots as slots_module
+    from remote_tasks.slots import VMSlots, slots_key
+
+    monkeypatch.setattr(slots_module, "RENEW_SECONDS", 0.3)
+    slots = VMSlots(redis_server.url, lease_seconds=1.0)
+    key = slots_key("e2e-slots", "vm2")
+    slots.client.delete(key)
+    with slots.slot(key, 2, "w"), slots.slot(key, 2, "w"):
+        time.sleep(2.5)  # two and a half lease times
+        assert slots.held(key) == 2
+        assert not slots.try_acquire(key, "waiting", 2)
+        renewers = [t for t in threading.enumerate() if t.name == "vmfleet-slot-renew"]
+        assert len(renewers) == 1, renewers
+    assert slots.held(key) == 0
+    assert slots.try_acquire(key, "waiting", 2)
+    slots.release(key, "waiting")
+
+
 @pytest.mark.parametrize("broker", ["redis_server", "rabbitmq_server"])
 def test_queue_depth_through_kombu(broker, request):
     """The autoscaler's queue depth: the same kombu call for Redis and RabbitMQ."""

@@ -320,6 +320,7 @@ class EndlessChannel:
         self._other.send(b"x")  # select() finds it readable
         self.read = 0
         self.closed = False
+        self.eof_received = False
 
     def fileno(self):
         return self._ready.fileno()
@@ -349,6 +350,37 @@ def test_a_loud_channel_is_read_no_faster_than_the_rate():
     while time.monotonic() - started < 1.5:
         assert session.read()
     assert 2_000_000 <= chan.read <= 2_700_000  # the burst and ~1.5 s at the rate
+
+
+class EndedChannel(EndlessChannel):
+    """A command's channel after the VM's EOF, before its exit status: paramiko keeps
+    its pipe readable from EOF on (select returns at once), with nothing to read."""
+
+    def __init__(self):
+        import threading
+
+        super().__init__()
+        self.eof_received = True
+        self.status_event = threading.Event()
+
+    def recv_ready(self):
+        return False
+
+    def exit_status_ready(self):
+        return self.status_event.is_set()
+
+
+def test_after_eof_the_worker_waits_for_the_exit_status_without_spinning():
+    import threading
+
+    chan = EndedChannel()
+    session = _reading_session(chan, 0)
+    threading.Timer(0.3, chan.status_event.set).start()  # sshd reaps the command
+    reads, started = 1, time.monotonic()
+    while session.read():
+        reads += 1
+    assert 0.25 < time.monotonic() - started < 1.0
+    assert reads <= 3, f"{reads} reads while waiting 0.3 s for the exit status"
 
 
 def test_a_short_loud_command_is_not_held_back_and_no_rate_means_no_wait():
