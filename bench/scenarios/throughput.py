@@ -64,7 +64,7 @@ def run(bench: Bench, wanted: list[str]) -> None:
 
 # Which process a CPU second belongs to, by its command line (first match wins).
 COMPONENTS = (
-    ("worker", "remote_tasks worker"), ("controller", "kopf"), ("apiserver+etcd", "controlplane"),
+    ("worker", "remote_tasks"), ("controller", "kopf"), ("apiserver+etcd", "controlplane"),
     ("sshd (VMs)", "sshd"), ("redis", "redis-server"),
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
