@@ -35,30 +35,50 @@ from .tracked import Tracked
 
 log = logging.getLogger("controller.loop")
 
+#: A command with this many targets or more is a big fan-out: its writes before the end
+#: are spaced (``Writer.spacing`` times its last write's duration apart).
+SPACED_TARGETS = 50
+
 
 class Writer:
     """Writes due commands' status; the only code that writes RemoteCommand status."""
 
     def __init__(self, kube: Kube, state: State, commands: Commands, threads: int = 8,
-                 gate: Callable[[], bool] = lambda: True) -> None:
+                 gate: Callable[[], bool] = lambda: True, spacing: float = 2.0) -> None:
         self.kube = kube
         self.gate = gate  # leading: only the Lease holder writes
         self.state = state
         self.commands = commands
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vmfleet-write")
         self.writes = 0
+        # Each status write of a big fan-out costs the API server the whole object (every
+        # result entry decoded, validated, stored, sent to each watch): on a busy one a
+        # 200-result write took seconds, and its claims and results, due a tenth of a
+        # second apart, kept a write in flight, so the write that ends it waited for it.
+        # Until it ends, such a command is written again no sooner than ``spacing`` times
+        # its last write's duration after that write (uid: when).
+        self.spacing = spacing
+        self.spaced: dict[str, float] = {}
 
     def due(self, now: float) -> tuple[list[Tracked], float | None]:
         """Commands due now, and when the next one is."""
         ready, soonest = [], None
+        seen: set[str] = set()
         for tracked in self.commands.tracked():
             due = tracked.due
             if due is None:
                 continue
+            held = self.spaced.get(tracked.uid)
+            if held is not None and due < held and not tracked.finished:
+                due = held
+            seen.add(tracked.uid)
             if due <= now:
                 ready.append(tracked)
             elif soonest is None or due < soonest:
                 soonest = due
+        if len(self.spaced) > len(seen):  # deleted meanwhile: let them go
+            for uid in [uid for uid in self.spaced if uid not in seen]:
+                self.spaced.pop(uid, None)
         return ready, soonest
 
     def flush(self, now: float | None = None) -> float | None:
@@ -85,8 +105,10 @@ class Writer:
             return
         if patch is not None:
             try:
+                started = time.monotonic()
                 self.kube.patch_command_status(tracked.namespace, tracked.name, patch)
                 self.writes += 1
+                self._space(tracked, desired, started)
             except ApiException as exc:
                 if exc.status == 404:
                     self.commands.deleted({"metadata": {"uid": tracked.uid}})
@@ -121,9 +143,18 @@ class Writer:
         except Exception as exc:  # noqa: BLE001 - redelivered later and applied as a no-op
             log.warning("Could not acknowledge %s reports: %s", len(acks), exc)
         if done:
+            self.spaced.pop(tracked.uid, None)
             self.commands.forget(tracked)
             log.info("RemoteCommand %s %s (%s)", tracked.ref, desired.get("phase"),
                      desired.get("completions"))
+
+    def _space(self, tracked: Tracked, written: dict[str, Any], started: float) -> None:
+        """After a write of a big fan-out that did not end it: when the next may go."""
+        if len(written.get("results") or []) < SPACED_TARGETS or written.get("phase") in c.Phase.TERMINAL:
+            self.spaced.pop(tracked.uid, None)
+            return
+        ended = time.monotonic()
+        self.spaced[tracked.uid] = ended + self.spacing * (ended - started)
 
     def _recorded(self, tracked: Tracked, layout: tuple[tuple[str, str, int], ...] | None,
                   records: list[Pending], acks: list[str]) -> list[str]:

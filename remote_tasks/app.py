@@ -14,12 +14,19 @@ from vmfleet.celeryconf import celery_config
 
 log = logging.getLogger("remote_tasks")
 
+INTAKE_TRANSPORT = "remote_tasks.intake:Transport"
+
 # The worker's settings, read once at start (a bad VMFLEET_* value stops it here, named)
 # and handed to what needs them (remote_tasks.tasks builds the executor and guard from it).
 # Its keys are under its namespace's prefix (VMFLEET_NAMESPACE): all its broker user reaches.
 worker_settings = settings.load()
 app = Celery("remote_tasks")
 app.conf.update(celery_config(worker_settings.broker_url, worker_settings.namespace))
+if worker_settings.broker_url.startswith("redis://"):
+    # All the messages waiting on the worker's queues per broker round trip, not one
+    # (remote_tasks.intake). rediss:// keeps kombu's transport: kombu derives its TLS
+    # defaults from the scheme only when the transport is not named.
+    app.conf.broker_transport = INTAKE_TRANSPORT
 
 
 @signals.worker_ready.connect

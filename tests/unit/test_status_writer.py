@@ -4,12 +4,14 @@ landed; a failed write keeps them and is tried again; a command written in an en
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
 
-from tests.fakes import FakeKube, finished, report, writer_parts
+from controller.loop import SPACED_TARGETS, Writer
+from tests.fakes import FakeKube, FakeState, Fleet, command, finished, report, writer_parts
 from vmfleet.kube import ApiException
 
 
@@ -158,3 +160,48 @@ def test_a_change_made_while_the_writer_goes_to_sleep_is_written_at_once() -> No
         loop.stop.set()
         thread.join(timeout=5)
         writer.close()
+
+
+class SlowKube(FakeKube):
+    """An API server whose status writes take ``seconds`` each (a loaded one)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def patch_command_status(self, namespace: str, name: str, patch: Any) -> dict[str, Any]:
+        time.sleep(self.seconds)
+        return super().patch_command_status(namespace, name, patch)
+
+
+@pytest.mark.parametrize("targets", [60, 10])
+def test_a_big_fan_out_is_written_again_only_after_twice_its_last_write_took_until_it_ends(
+        targets: int) -> None:
+    kube = SlowKube(0.2)
+    state = FakeState()
+    names = [f"vm{i}" for i in range(targets)]
+    commands = Fleet(*names).commands(state)
+    commands.observe(command(selector={}))
+    tracked = commands.get("c-uid")
+    assert tracked is not None
+    writer = Writer(kube, state, commands, threads=1)  # type: ignore[arg-type]
+    writer.flush(now=float("inf"))  # the first write: every entry Queued
+    commands.apply(report("claimed", "vm0", phase="Running", worker="w1"), "1-0")
+    assert tracked.due is not None
+    ready, soonest = writer.due(tracked.due)
+    if targets < SPACED_TARGETS:  # a small command: due as before
+        assert ready == [tracked]
+        return
+    # A big one: held for twice the 0.2 s its last write took (its claim wanted 0.1 s).
+    assert ready == [] and soonest is not None and soonest - tracked.due >= 0.25
+    time.sleep(0.45)
+    assert writer.due(time.monotonic())[0] == [tracked]
+    # The report that ends it is written at once, held or not.
+    writer.flush(now=float("inf"))
+    for i, name in enumerate(names):
+        commands.apply(finished(name), f"{i + 2}-0")
+    assert tracked.finished
+    assert writer.due(tracked.due or 0.0)[0] == [tracked]
+    writer.flush(now=float("inf"))
+    assert kube.patches[-1][2] and tracked.uid not in writer.spaced
+    writer.close()
