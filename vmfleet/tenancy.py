@@ -47,6 +47,14 @@ CONTROLLER_USER: Final = "vmfleet-controller"
 TRANSFERS_USER: Final = "vmfleet-transfers"
 NAMESPACE_USER_PREFIX: Final = "vmfleet-ns-"
 
+#: The ``default`` user of a Redis that asks who is there: off, so no connection is ever
+#: it (with ``default`` off a new connection is unauthenticated until AUTH, and ``off``
+#: refuses AUTH as it), yet with every permission. Redis 7 replays its append-only file as
+#: ``default`` and re-checks each MULTI/EXEC in it (what every script's writes become:
+#: claims, reports) against that user's rules; a bare ``user default off`` drops them all
+#: at a restart, with a CRITICAL line in its log (an upstream bug: redis/redis#14541).
+DEFAULT_USER_ACL: Final = "user default off resetpass ~* &* +@all"
+
 # What a worker needs (kombu's Redis transport and vmfleet.state): lists, hashes, sets,
 # sorted sets, strings, streams, scripts, transactions, pub/sub and its own connection.
 # Nothing that lists or reaches beyond the user's keys (SCAN, KEYS, RANDOMKEY, DBSIZE,

@@ -20,6 +20,7 @@ from kombu import Connection
 from vmfleet.dev.brokers import RabbitMQServer, RedisServer
 from vmfleet.dev.proc import port_open, wait_until
 from vmfleet.dev.sshd import SshdVM, hidden_paths, namespaces_supported, wait_for_port_closed
+from vmfleet.state import State
 from vmfleet.tenancy import transport_options
 
 pytestmark = pytest.mark.e2e
@@ -246,6 +247,25 @@ def test_redis_keeps_queued_message_across_restart(make_redis: Callable[..., Red
     redis.restart()
     assert redis.port == port
     assert _receive(_url(redis), queue) == (task_id, "survives restart")
+
+
+def test_redis_keeps_a_namespace_s_claims_across_restart(
+        make_redis: Callable[..., RedisServer]) -> None:
+    """A claim is a script's write, in the append-only file as a MULTI/EXEC: after a clean
+    restart the attempt is still taken, so its redelivery does not run it again (with a bare
+    ``user default off`` Redis 7 refused every such EXEC when replaying the file)."""
+    import redis as redis_py
+
+    server = make_redis()
+    ns = f"keep-{uuid.uuid4().hex[:6]}"
+    url = server.namespace_url(ns)
+    admin: Any = redis_py.Redis.from_url(server.admin_url)
+    admin.execute_command("ACL", "SAVE")  # as the controller does after creating a user
+    admin.close()
+    assert State(url).claim("uid-1", "vm1", 1, "w1", namespace=ns, delivery="first") == "claimed"
+    server.restart()
+    assert State(url).claim("uid-1", "vm1", 1, "w1", namespace=ns, delivery="again") == "taken"
+    assert "CRITICAL" not in server.log_path.read_text()
 
 
 def test_redis_keeps_queued_message_across_crash(make_redis: Callable[..., RedisServer]) -> None:

@@ -223,7 +223,7 @@ class RedisServer:
     def _acl_lines(self) -> list[str]:
         passwords = self.passwords()
         return [
-            "user default off",
+            tenancy.DEFAULT_USER_ACL,
             tenancy.acl_line(tenancy.CONTROLLER_USER, passwords[tenancy.CONTROLLER_USER],
                              tenancy.controller_rules(provision=True)),
             tenancy.acl_line(ADMIN_USER, passwords[ADMIN_USER], ["~*", "&*", "+@all"]),

@@ -154,10 +154,14 @@ CONTROLLER_COMMANDS); tests/unit/test_chart.py holds them equal.
 -@all +@connection +@transaction +@list +@hash +@set +@sortedset +@string +@stream +@scripting +@pubsub +@keyspace +time -@admin -@dangerous -scan -randomkey -dbsize -keys -pubsub -function -fcall -fcall_ro -script|flush -script|kill -move +info
 {{- end -}}
 
-{{/* The bundled Redis' ACL file: no default user, the controller, the transfer worker, one user per namespace. */}}
+{{/* The bundled Redis' ACL file: no default user, the controller, the transfer worker, one user per namespace.
+The default user is off (no connection is ever it) but keeps every permission: Redis 7 replays its
+append-only file as that user and re-checks each MULTI/EXEC (what every script's writes become)
+against it, so a default user without them loses every script's writes (claims, reports) at a
+restart (vmfleet.tenancy.DEFAULT_USER_ACL). */}}
 {{- define "vmfleet.brokerAcl" -}}
 {{- $passwords := include "vmfleet.brokerPasswords" . | fromJson -}}
-user default off
+user default off resetpass ~* &* +@all
 user vmfleet-controller on #{{ sha256sum $passwords.controller }} ~vmfleet* &vmfleet* &vmfleet.*:cancels {{ include "vmfleet.brokerControllerCommands" . }}
 {{- if .Values.transferWorker.enabled }}
 user vmfleet-transfers on #{{ sha256sum $passwords.transfers }} ~vmfleet* &vmfleet* &vmfleet.*:cancels {{ include "vmfleet.brokerWorkerCommands" . }}
