@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import select
 import shlex
 import threading
 import time
@@ -33,7 +32,7 @@ from vmfleet.api.reports import ProbeReport
 from vmfleet.api.times import now_rfc3339
 
 from .execute import AttemptFailed, CommandExecutor
-from .session import shutdown_write
+from .session import shutdown_write, wait_readable
 from .ssh import ConnectionPool
 from .sshtarget import HostKeyMismatch, SSHError, SSHTarget, fingerprint
 
@@ -272,7 +271,7 @@ def _exec_with_deadline(transport: paramiko.Transport, line: str, deadline: floa
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise ProbeTimeout()
-            select.select([chan], [], [], min(0.5, remaining))
+            wait_readable(chan, min(0.5, remaining))
             while chan.recv_ready():
                 data = chan.recv(65536)
                 if len(out) < MAX_PROBE_OUTPUT:

@@ -20,6 +20,16 @@ from .shell import GO, parse_marker
 from .sshtarget import NotStarted, SSHTarget, TransportError
 
 
+def wait_readable(chan: paramiko.Channel, timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds for ``chan`` to have something to read; True if it
+    has. ``poll()``, not ``select()``: a pool worker holds hundreds of connections and a
+    pipe per open channel, and ``select()`` refuses any descriptor past 1,023 (the task
+    failed with "filedescriptor out of range in select()" at 200 VMs)."""
+    poller = select.poll()
+    poller.register(chan, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
 class Connection(Protocol):
     """What a session needs of the connection it runs on (``ssh.Connection``): its target,
     its transport, whether that transport turned out dead, and killing a process group."""
@@ -244,7 +254,7 @@ class Session:
             # sends it after reaping the command), a busy loop of the worker's CPU.
             chan.status_event.wait(TICK_SECONDS)
         else:
-            select.select([chan], [], [], TICK_SECONDS)
+            wait_readable(chan, TICK_SECONDS)
         # Each read lets the VM send more (paramiko adjusts the window), so a loud channel
         # is never drained: reading stops once the budget is spent.
         while chan.recv_ready() and budget.available():

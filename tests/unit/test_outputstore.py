@@ -406,3 +406,44 @@ def test_a_short_loud_command_is_not_held_back_and_no_rate_means_no_wait():
     started = time.monotonic()
     session.hold_back()
     assert time.monotonic() - started < 0.05
+
+
+class HighChannel(EndlessChannel):
+    """A channel whose descriptor is past 1,023, as in a pool worker with hundreds of
+    connections and a pipe per open channel."""
+
+    def __init__(self):
+        import os
+
+        super().__init__()
+        self.fd = os.dup2(self._ready.fileno(), 1500)
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        import os
+
+        os.close(self.fd)
+        self._ready.close()
+        self._other.close()
+
+
+def test_a_channel_past_descriptor_1023_is_read():
+    import select
+
+    from remote_tasks.session import wait_readable
+
+    chan = HighChannel()
+    try:
+        with pytest.raises(ValueError):
+            select.select([chan], [], [], 0)  # what the read loop used, and failed with
+        assert wait_readable(chan, 0.1)  # the byte the channel holds
+        session = _reading_session(chan, 1_000_000)
+        assert session.read() and chan.read >= 65536
+        chan._ready.recv(1)
+        started = time.monotonic()
+        assert not wait_readable(chan, 0.2)
+        assert time.monotonic() - started >= 0.15
+    finally:
+        chan.close()
