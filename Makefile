@@ -15,6 +15,7 @@ AIRFLOW_VENV ?= .venv-airflow
 AIRFLOW_PY := $(AIRFLOW_VENV)/bin/python
 AIRFLOW_TESTS := tests/unit/test_airflow_operators.py tests/unit/test_airflow_provider.py \
                  tests/unit/test_airflow_fleet_ops.py tests/unit/test_airflow_output.py \
+                 tests/unit/test_raw_api.py \
                  tests/e2e/test_airflow_dags.py tests/e2e/test_airflow_services.py
 # `make setup WITH_AIRFLOW=0` skips the Airflow virtualenv (a cold install downloads
 # ~150 packages); `make test` then runs the Airflow tests only where it exists.

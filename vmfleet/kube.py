@@ -79,10 +79,18 @@ class RawApi:
                 content_type: str = "application/json",
                 query: list[tuple[str, Any]] | None = None) -> dict[str, Any]:
         """One call; a non-2xx answer raises ``ApiException`` (as the typed methods do)."""
-        client = self.api_client
+        client: Any = self.api_client
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
+        if not hasattr(client, "param_serialize"):
+            # kubernetes < 37 (what Airflow's cncf-kubernetes provider may hold): the older
+            # generator's call_api, which raises ApiException itself on a non-2xx answer.
+            raw = client.call_api(path, method, query_params=query or None,
+                                  header_params=headers, body=body,
+                                  auth_settings=["BearerToken"], _preload_content=False)
+            data = raw.data
+            return cast(dict[str, Any], json.loads(data)) if data else {}
         method, url, headers, body, _ = client.param_serialize(
             method=method, resource_path=path, query_params=query or None,
             header_params=headers, body=body, auth_settings=["BearerToken"])
