@@ -65,20 +65,19 @@ class Writer:
         ready, soonest = [], None
         seen: set[str] = set()
         for tracked in self.commands.tracked():
+            seen.add(tracked.uid)
             due = tracked.due
             if due is None:
                 continue
             held = self.spaced.get(tracked.uid)
             if held is not None and due < held and not tracked.finished:
                 due = held
-            seen.add(tracked.uid)
             if due <= now:
                 ready.append(tracked)
             elif soonest is None or due < soonest:
                 soonest = due
-        if len(self.spaced) > len(seen):  # deleted meanwhile: let them go
-            for uid in [uid for uid in self.spaced if uid not in seen]:
-                self.spaced.pop(uid, None)
+        for uid in self.spaced.keys() - seen:  # deleted meanwhile: let them go
+            self.spaced.pop(uid, None)
         return ready, soonest
 
     def flush(self, now: float | None = None) -> float | None:

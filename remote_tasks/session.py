@@ -249,8 +249,8 @@ class Session:
         budget = self.budget
         self.hold_back()
         if chan.eof_received and not chan.recv_ready() and not chan.recv_stderr_ready():
-            # Once the VM sent EOF paramiko keeps the channel readable for good: select()
-            # would return at once, again and again, until the exit status comes (sshd
+            # Once the VM sent EOF paramiko keeps the channel readable for good: waiting
+            # for it would return at once, again and again, until the exit status comes (sshd
             # sends it after reaping the command), a busy loop of the worker's CPU.
             chan.status_event.wait(TICK_SECONDS)
         else:

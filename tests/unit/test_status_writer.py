@@ -186,6 +186,7 @@ def test_a_big_fan_out_is_written_again_only_after_twice_its_last_write_took_unt
     assert tracked is not None
     writer = Writer(kube, state, commands, threads=1)  # type: ignore[arg-type]
     writer.flush(now=float("inf"))  # the first write: every entry Queued
+    assert writer.due(time.monotonic()) == ([], None)  # nothing due: its spacing is kept
     commands.apply(report("claimed", "vm0", phase="Running", worker="w1"), "1-0")
     assert tracked.due is not None
     ready, soonest = writer.due(tracked.due)
